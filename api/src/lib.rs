@@ -1,0 +1,92 @@
+//! Kame's wire contracts, shared by server and agent: our own `.proto` files compiled with
+//! tonic/prost ([`pb`]), the SPIFFE ID type ([`spiffe_id`]), public keys ([`keys`]), the
+//! X509-SVID and JWT-SVID profile rules used by issuers and validators alike ([`x509svid`],
+//! [`jwtsvid`]), CSRs ([`csr`]) and the bundle codec ([`bundle`]). This crate does no I/O.
+
+pub mod bundle;
+pub mod csr;
+pub mod jwtsvid;
+pub mod keys;
+pub mod spiffe_id;
+pub mod x509svid;
+
+pub use spiffe_id::{IdError, SpiffeId, TrustDomain};
+
+/// Generated protobuf and gRPC code, in modules that mirror the proto packages, with short
+/// aliases (`pb::types`, `pb::entry`, ...).
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    pub mod spire {
+        pub mod api {
+            pub mod types {
+                tonic::include_proto!("spire.api.types");
+            }
+            pub mod server {
+                pub mod entry {
+                    pub mod v1 {
+                        tonic::include_proto!("spire.api.server.entry.v1");
+                    }
+                }
+                pub mod bundle {
+                    pub mod v1 {
+                        tonic::include_proto!("spire.api.server.bundle.v1");
+                    }
+                }
+                pub mod svid {
+                    pub mod v1 {
+                        tonic::include_proto!("spire.api.server.svid.v1");
+                    }
+                }
+                pub mod agent {
+                    pub mod v1 {
+                        tonic::include_proto!("spire.api.server.agent.v1");
+                    }
+                }
+            }
+        }
+    }
+    /// The SPIFFE Workload API (no proto package).
+    pub mod workload {
+        tonic::include_proto!("_");
+    }
+    pub use spire::api::server::agent::v1 as agent;
+    pub use spire::api::server::bundle::v1 as bundle;
+    pub use spire::api::server::entry::v1 as entry;
+    pub use spire::api::server::svid::v1 as svid;
+    pub use spire::api::types;
+}
+
+/// Errors of the wire-contract checks, one variant per kind of failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid SPIFFE ID: {0}")]
+    Id(#[from] IdError),
+    #[error("bad public key: {0}")]
+    BadPublicKey(String),
+    #[error("bad distinguished name {0}")]
+    BadName(String),
+    #[error("encoding failed: {0}")]
+    Encode(String),
+    #[error("notAfter must be later than notBefore")]
+    BadValidity,
+    #[error("bad certificate: {0}")]
+    BadCertificate(String),
+    #[error("not a valid X509-SVID: {0}")]
+    BadSvid(String),
+    #[error("certificate {0} of the chain is not valid yet")]
+    NotYetValid(usize),
+    #[error("certificate {0} of the chain has expired")]
+    Expired(usize),
+    #[error("untrusted chain: {0}")]
+    UntrustedChain(String),
+    #[error("signature does not verify")]
+    BadSignature,
+    #[error("unsupported signature algorithm {0}")]
+    UnsupportedSignatureAlgorithm(String),
+    #[error("bad CSR: {0}")]
+    BadCsr(String),
+    #[error("bad bundle: {0}")]
+    BadBundle(String),
+    #[error("invalid JWT-SVID: {0}")]
+    BadJwt(String),
+}

@@ -1,0 +1,552 @@
+//! The X509-SVID profile (X509-SVID.md, rules X509-01..X509-14) in one place: the issuer builds
+//! certificates with [`ca_tbs`] / [`leaf_tbs`] and [`assemble`], and validators check them with
+//! [`check_leaf`] and [`verify_chain`]. Building returns the TBS bytes so the caller can have them
+//! signed wherever the key lives (a KeyManager); nothing here signs, reads files or keeps state.
+
+use crate::Error;
+use crate::keys::{KeyInfo, der_tlv, verify_x509_signature};
+use crate::spiffe_id::{SpiffeId, TrustDomain};
+use const_oid::ObjectIdentifier;
+use const_oid::db::rfc5280::{ID_KP_CLIENT_AUTH, ID_KP_SERVER_AUTH};
+use der::asn1::{BitString, Ia5String, OctetString, UintRef};
+use der::{Decode, Encode};
+use sha1::Digest;
+use spki::AlgorithmIdentifierOwned;
+use std::str::FromStr;
+use std::time::Duration;
+use x509_cert::Certificate;
+use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::{
+    AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
+    SubjectAltName, SubjectKeyIdentifier,
+};
+use x509_cert::ext::Extension;
+use const_oid::AssociatedOid;
+use x509_cert::name::Name;
+use x509_cert::time::Time;
+
+/// SVID `notBefore` is this far in the past, to absorb clock skew (SPIRE does the same).
+pub const BACKDATE: Duration = Duration::from_secs(10);
+
+/// Subject Key Identifier as RFC 5280 method 1: SHA-1 of the subjectPublicKey bits. Lower-case
+/// hex of this is an X.509 authority's ID (as in SPIRE).
+pub fn subject_key_id(spki_der: &[u8]) -> Result<Vec<u8>, Error> {
+    let spki = spki::SubjectPublicKeyInfoRef::from_der(spki_der)
+        .map_err(|e| Error::BadPublicKey(e.to_string()))?;
+    Ok(sha1::Sha1::digest(spki.subject_public_key.raw_bytes()).to_vec())
+}
+
+/// Parses a distinguished name such as `C=US, O=SPIFFE` (RFC 4514 order, as SPIRE's ca_subject).
+pub fn parse_name(s: &str) -> Result<Name, Error> {
+    // RFC 4514 strings list the most specific RDN first; `ca_subject` lists it like openssl
+    // (`C=US, O=SPIFFE`), so reverse the parts before handing them to the RFC 4514 parser.
+    let parts: Vec<&str> = s.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+    let rfc4514 = parts.iter().rev().copied().collect::<Vec<_>>().join(",");
+    Name::from_str(&rfc4514).map_err(|e| Error::BadName(format!("{s:?}: {e}")))
+}
+
+/// The signing certificate that issues a certificate.
+#[derive(Clone, Debug)]
+pub struct IssuerInfo {
+    /// DER of the issuer's subject Name.
+    pub subject_der: Vec<u8>,
+    /// The issuer's Subject Key Identifier (becomes the AKI).
+    pub key_id: Vec<u8>,
+    /// Signature algorithm of the issuer's key.
+    pub signature_algorithm: AlgorithmIdentifierOwned,
+    /// The issuer's notAfter (unix seconds): nothing it signs may outlive it.
+    pub not_after: u64,
+}
+
+impl IssuerInfo {
+    pub fn from_cert_der(der: &[u8]) -> Result<Self, Error> {
+        let p = ParsedCert::parse(der)?;
+        let key = KeyInfo::from_spki_der(&p.spki_der()?)?;
+        Ok(IssuerInfo {
+            subject_der: p
+                .cert
+                .tbs_certificate()
+                .subject()
+                .to_der()
+                .map_err(|e| Error::Encode(e.to_string()))?,
+            key_id: match p.subject_key_id()? {
+                Some(k) => k,
+                None => subject_key_id(&p.spki_der()?)?,
+            },
+            signature_algorithm: key.x509_signature_algorithm(),
+            not_after: p.not_after(),
+        })
+    }
+}
+
+/// What a CA certificate says.
+pub struct CaParams<'a> {
+    pub trust_domain: &'a TrustDomain,
+    pub subject: &'a Name,
+    pub spki_der: &'a [u8],
+    pub serial: &'a [u8],
+    pub not_before: u64,
+    pub not_after: u64,
+}
+
+/// What an X509-SVID says. The SPIFFE ID comes from the registration entry, never from a CSR.
+pub struct LeafParams<'a> {
+    pub id: &'a SpiffeId,
+    pub dns_names: &'a [String],
+    pub spki_der: &'a [u8],
+    pub serial: &'a [u8],
+    pub not_before: u64,
+    pub not_after: u64,
+}
+
+fn enc_err(e: der::Error) -> Error {
+    Error::Encode(e.to_string())
+}
+
+fn time_der(secs: u64) -> Result<Vec<u8>, Error> {
+    let dt = der::DateTime::from_unix_duration(Duration::from_secs(secs)).map_err(enc_err)?;
+    Time::from(dt).to_der().map_err(enc_err)
+}
+
+fn ext_der(oid: ObjectIdentifier, critical: bool, value: &impl Encode) -> Result<Vec<u8>, Error> {
+    Extension {
+        extn_id: oid,
+        critical,
+        extn_value: OctetString::new(value.to_der().map_err(enc_err)?).map_err(enc_err)?,
+    }
+    .to_der()
+    .map_err(enc_err)
+}
+
+fn san_der(
+    uri: &str,
+    dns_names: &[String],
+    critical: bool,
+) -> Result<Vec<u8>, Error> {
+    let mut names = vec![GeneralName::UniformResourceIdentifier(
+        Ia5String::new(uri).map_err(enc_err)?,
+    )];
+    for d in dns_names {
+        names.push(GeneralName::DnsName(
+            Ia5String::new(d).map_err(|_| Error::BadName(format!("DNS name {d:?} is not ASCII")))?,
+        ));
+    }
+    ext_der(
+        SubjectAltName::OID,
+        critical,
+        &SubjectAltName(names),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn tbs(
+    serial: &[u8],
+    alg: &AlgorithmIdentifierOwned,
+    issuer_der: &[u8],
+    not_before: u64,
+    not_after: u64,
+    subject_der: &[u8],
+    spki_der: &[u8],
+    extensions: &[Vec<u8>],
+) -> Result<Vec<u8>, Error> {
+    if not_after <= not_before {
+        return Err(Error::BadValidity);
+    }
+    let mut body = Vec::with_capacity(512 + spki_der.len());
+    body.extend_from_slice(&[0xa0, 0x03, 0x02, 0x01, 0x02]); // [0] EXPLICIT version v3
+    body.extend(UintRef::new(serial).map_err(enc_err)?.to_der().map_err(enc_err)?);
+    body.extend(alg.to_der().map_err(enc_err)?);
+    body.extend_from_slice(issuer_der);
+    body.extend(der_tlv(
+        0x30,
+        &[time_der(not_before)?, time_der(not_after)?].concat(),
+    ));
+    body.extend_from_slice(subject_der);
+    body.extend_from_slice(spki_der);
+    body.extend(der_tlv(0xa3, &der_tlv(0x30, &extensions.concat())));
+    Ok(der_tlv(0x30, &body))
+}
+
+/// TBS of a self-signed (issuer = None) or subordinate signing certificate: cA=true, critical
+/// KU keyCertSign+cRLSign, URI SAN = the trust domain ID (no path, X509-11), SKI, AKI.
+pub fn ca_tbs(p: &CaParams<'_>, issuer: Option<&IssuerInfo>) -> Result<Vec<u8>, Error> {
+    let key = KeyInfo::from_spki_der(p.spki_der)?;
+    let subject_der = p.subject.to_der().map_err(enc_err)?;
+    let ski = subject_key_id(p.spki_der)?;
+    let (issuer_der, aki, alg) = match issuer {
+        Some(i) => (i.subject_der.clone(), i.key_id.clone(), i.signature_algorithm.clone()),
+        None => (subject_der.clone(), ski.clone(), key.x509_signature_algorithm()),
+    };
+    let exts = vec![
+        ext_der(
+            BasicConstraints::OID,
+            true,
+            &BasicConstraints {
+                ca: true,
+                path_len_constraint: None,
+            },
+        )?,
+        ext_der(
+            KeyUsage::OID,
+            true,
+            &KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign),
+        )?,
+        ext_der(
+            SubjectKeyIdentifier::OID,
+            false,
+            &SubjectKeyIdentifier(OctetString::new(ski).map_err(enc_err)?),
+        )?,
+        ext_der(
+            AuthorityKeyIdentifier::OID,
+            false,
+            &AuthorityKeyIdentifier {
+                key_identifier: Some(OctetString::new(aki).map_err(enc_err)?),
+                authority_cert_issuer: None,
+                authority_cert_serial_number: None,
+            },
+        )?,
+        san_der(&p.trust_domain.id_string(), &[], subject_der.len() <= 2)?,
+    ];
+    tbs(
+        p.serial,
+        &alg,
+        &issuer_der,
+        p.not_before,
+        p.not_after,
+        &subject_der,
+        p.spki_der,
+        &exts,
+    )
+}
+
+/// TBS of an X509-SVID leaf: exactly one URI SAN (X509-01) plus DNS names, cA=false (X509-05),
+/// critical KU digitalSignature (+keyEncipherment, keyAgreement as SPIRE) and never
+/// keyCertSign/cRLSign (X509-07..09), EKU serverAuth+clientAuth (X509-12), SKI, AKI. Subject is
+/// `C=US, O=SPIRE` plus CN = the first DNS name, as SPIRE's. notAfter is capped at the issuer's.
+pub fn leaf_tbs(p: &LeafParams<'_>, issuer: &IssuerInfo) -> Result<Vec<u8>, Error> {
+    if p.id.is_root() {
+        return Err(Error::BadSvid("an X509-SVID needs a SPIFFE ID with a path (X509-03)".into()));
+    }
+    p.id.check_issuable()?;
+    KeyInfo::from_spki_der(p.spki_der)?;
+    let mut subject = String::from("C=US, O=SPIRE");
+    if let Some(cn) = p.dns_names.first() {
+        if cn.contains(',') || cn.contains('=') || cn.contains('+') {
+            return Err(Error::BadName(format!("DNS name {cn:?}")));
+        }
+        subject.push_str(", CN=");
+        subject.push_str(cn);
+    }
+    let subject_der = parse_name(&subject)?.to_der().map_err(enc_err)?;
+    let not_after = p.not_after.min(issuer.not_after);
+    let exts = vec![
+        ext_der(
+            BasicConstraints::OID,
+            true,
+            &BasicConstraints {
+                ca: false,
+                path_len_constraint: None,
+            },
+        )?,
+        ext_der(
+            KeyUsage::OID,
+            true,
+            &KeyUsage(
+                KeyUsages::DigitalSignature | KeyUsages::KeyEncipherment | KeyUsages::KeyAgreement,
+            ),
+        )?,
+        ext_der(
+            ExtendedKeyUsage::OID,
+            false,
+            &ExtendedKeyUsage(vec![ID_KP_SERVER_AUTH, ID_KP_CLIENT_AUTH]),
+        )?,
+        ext_der(
+            SubjectKeyIdentifier::OID,
+            false,
+            &SubjectKeyIdentifier(
+                OctetString::new(subject_key_id(p.spki_der)?).map_err(enc_err)?,
+            ),
+        )?,
+        ext_der(
+            AuthorityKeyIdentifier::OID,
+            false,
+            &AuthorityKeyIdentifier {
+                key_identifier: Some(OctetString::new(issuer.key_id.clone()).map_err(enc_err)?),
+                authority_cert_issuer: None,
+                authority_cert_serial_number: None,
+            },
+        )?,
+        san_der(&p.id.to_string(), p.dns_names, false)?,
+    ];
+    tbs(
+        p.serial,
+        &issuer.signature_algorithm,
+        &issuer.subject_der,
+        p.not_before,
+        not_after,
+        &subject_der,
+        p.spki_der,
+        &exts,
+    )
+}
+
+/// Certificate DER from TBS bytes and the issuer's signature over them.
+pub fn assemble(
+    tbs: &[u8],
+    alg: &AlgorithmIdentifierOwned,
+    signature: &[u8],
+) -> Result<Vec<u8>, Error> {
+    let alg = alg.to_der().map_err(enc_err)?;
+    let sig = BitString::from_bytes(signature)
+        .map_err(enc_err)?
+        .to_der()
+        .map_err(enc_err)?;
+    Ok(der_tlv(0x30, &[tbs, &alg, &sig].concat()))
+}
+
+/// A parsed certificate with the raw TBS bytes kept for signature checks.
+pub struct ParsedCert {
+    pub cert: Certificate,
+    tbs_raw: Vec<u8>,
+}
+
+impl ParsedCert {
+    pub fn parse(der: &[u8]) -> Result<Self, Error> {
+        let cert = Certificate::from_der(der)
+            .map_err(|e| Error::BadCertificate(format!("cannot parse certificate: {e}")))?;
+        let tbs_raw = cert
+            .tbs_certificate()
+            .to_der()
+            .map_err(|e| Error::BadCertificate(e.to_string()))?;
+        Ok(ParsedCert { cert, tbs_raw })
+    }
+
+    pub fn spki_der(&self) -> Result<Vec<u8>, Error> {
+        self.cert
+            .tbs_certificate()
+            .subject_public_key_info()
+            .to_der()
+            .map_err(enc_err)
+    }
+
+    pub fn not_before(&self) -> u64 {
+        self.cert
+            .tbs_certificate()
+            .validity()
+            .not_before
+            .to_unix_duration()
+            .as_secs()
+    }
+
+    pub fn not_after(&self) -> u64 {
+        self.cert
+            .tbs_certificate()
+            .validity()
+            .not_after
+            .to_unix_duration()
+            .as_secs()
+    }
+
+    /// Lower-case hex of the serial number.
+    pub fn serial_hex(&self) -> String {
+        hex::encode(self.cert.tbs_certificate().serial_number().as_bytes())
+    }
+
+    fn ext<'a, T: Decode<'a> + const_oid::AssociatedOid>(&'a self) -> Result<Option<(bool, T)>, Error> {
+        self.cert
+            .tbs_certificate()
+            .get_extension::<T>()
+            .map_err(|_| Error::BadCertificate(format!("malformed or repeated extension {}", T::OID)))
+    }
+
+    pub fn subject_key_id(&self) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self
+            .ext::<SubjectKeyIdentifier>()?
+            .map(|(_, s)| s.0.as_bytes().to_vec()))
+    }
+
+    pub fn authority_key_id(&self) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self
+            .ext::<AuthorityKeyIdentifier>()?
+            .and_then(|(_, a)| a.key_identifier.map(|k| k.as_bytes().to_vec())))
+    }
+
+    /// (critical, URIs, DNS names) of the SAN extension, if present.
+    pub fn sans(&self) -> Result<Option<(bool, Vec<String>, Vec<String>)>, Error> {
+        Ok(self.ext::<SubjectAltName>()?.map(|(critical, san)| {
+            let mut uris = vec![];
+            let mut dns = vec![];
+            for n in san.0 {
+                match n {
+                    GeneralName::UniformResourceIdentifier(u) => uris.push(u.to_string()),
+                    GeneralName::DnsName(d) => dns.push(d.to_string()),
+                    _ => {}
+                }
+            }
+            (critical, uris, dns)
+        }))
+    }
+
+    pub fn basic_constraints(&self) -> Result<Option<(bool, BasicConstraints)>, Error> {
+        self.ext::<BasicConstraints>()
+    }
+
+    pub fn key_usage(&self) -> Result<Option<(bool, KeyUsage)>, Error> {
+        self.ext::<KeyUsage>()
+    }
+
+    pub fn extended_key_usage(&self) -> Result<Option<ExtendedKeyUsage>, Error> {
+        Ok(self.ext::<ExtendedKeyUsage>()?.map(|(_, e)| e))
+    }
+
+    fn is_ca(&self) -> Result<bool, Error> {
+        Ok(self.basic_constraints()?.is_some_and(|(_, bc)| bc.ca))
+    }
+
+    /// The SPIFFE ID of this certificate's single URI SAN (X509-01/02).
+    pub fn spiffe_id(&self) -> Result<SpiffeId, Error> {
+        let (_, uris, _) = self
+            .sans()?
+            .ok_or_else(|| Error::BadSvid("certificate has no URI SAN (X509-01)".into()))?;
+        match uris.as_slice() {
+            [one] => SpiffeId::parse(one)
+                .map_err(|e| Error::BadSvid(format!("URI SAN is not a SPIFFE ID: {e} (X509-02)"))),
+            [] => Err(Error::BadSvid("certificate has no URI SAN (X509-01)".into())),
+            _ => Err(Error::BadSvid(
+                "certificate has more than one URI SAN (X509-01)".into(),
+            )),
+        }
+    }
+
+    /// Checks that `self` was signed by the key of `issuer`.
+    pub fn check_signed_by(&self, issuer_spki_der: &[u8]) -> Result<(), Error> {
+        let alg = self.cert.signature_algorithm();
+        let sig = self
+            .cert
+            .signature()
+            .as_bytes()
+            .ok_or(Error::BadSignature)?;
+        verify_x509_signature(
+            issuer_spki_der,
+            &alg.oid,
+            alg.parameters.as_ref().map(|p| p.into()),
+            &self.tbs_raw,
+            sig,
+        )
+    }
+}
+
+/// Checks a leaf against the X509-SVID rules a validator enforces (X509-01, 02, 03, 05, 07, 08,
+/// 09) and returns its SPIFFE ID. No time or signature checks (X509-16).
+pub fn check_leaf(leaf: &ParsedCert) -> Result<SpiffeId, Error> {
+    let id = leaf.spiffe_id()?;
+    if id.is_root() {
+        return Err(Error::BadSvid("leaf SPIFFE ID has no path (X509-03)".into()));
+    }
+    if leaf.is_ca()? {
+        return Err(Error::BadSvid("leaf has cA=true (X509-05)".into()));
+    }
+    let (_, ku) = leaf
+        .key_usage()?
+        .ok_or_else(|| Error::BadSvid("leaf has no key usage extension (X509-07)".into()))?;
+    if !ku.digital_signature() {
+        return Err(Error::BadSvid("leaf key usage lacks digitalSignature (X509-08)".into()));
+    }
+    if ku.key_cert_sign() {
+        return Err(Error::BadSvid("leaf key usage has keyCertSign (X509-09)".into()));
+    }
+    if ku.crl_sign() {
+        return Err(Error::BadSvid("leaf key usage has cRLSign (X509-09)".into()));
+    }
+    Ok(id)
+}
+
+/// Checks a signing certificate (intermediate or root): cA=true and keyCertSign (X509-06).
+pub fn check_signing_cert(cert: &ParsedCert) -> Result<(), Error> {
+    if !cert.is_ca()? {
+        return Err(Error::BadSvid("signing certificate is not a CA (X509-06)".into()));
+    }
+    match cert.key_usage()? {
+        Some((_, ku)) if ku.key_cert_sign() => Ok(()),
+        _ => Err(Error::BadSvid(
+            "signing certificate lacks keyCertSign (X509-06)".into(),
+        )),
+    }
+}
+
+/// The outcome of [`verify_chain`].
+#[derive(Debug, Clone)]
+pub struct VerifiedChain {
+    pub id: SpiffeId,
+    /// Index into `roots` of the root the chain ends at.
+    pub root_index: usize,
+    pub leaf_not_after: u64,
+    pub leaf_serial_hex: String,
+}
+
+/// RFC 5280 path validation of an X509-SVID chain (leaf first, then intermediates) against the
+/// X.509 authorities of the leaf's own trust domain (X509-14): profile checks, names, signatures,
+/// validity periods at `now` (unix seconds), cA/keyCertSign on every signer.
+pub fn verify_chain(chain: &[Vec<u8>], roots: &[Vec<u8>], now: u64) -> Result<VerifiedChain, Error> {
+    let parsed: Vec<ParsedCert> = chain
+        .iter()
+        .map(|c| ParsedCert::parse(c))
+        .collect::<Result<_, _>>()?;
+    let leaf = parsed
+        .first()
+        .ok_or_else(|| Error::BadSvid("empty certificate chain".into()))?;
+    let id = check_leaf(leaf)?;
+    for (i, c) in parsed.iter().enumerate() {
+        if now < c.not_before() {
+            return Err(Error::NotYetValid(i));
+        }
+        if now > c.not_after() {
+            return Err(Error::Expired(i));
+        }
+        if i > 0 {
+            check_signing_cert(c)?;
+            let child = &parsed[i - 1];
+            if child.cert.tbs_certificate().issuer() != c.cert.tbs_certificate().subject() {
+                return Err(Error::UntrustedChain(format!(
+                    "certificate {} was not issued by certificate {i}",
+                    i - 1
+                )));
+            }
+            child.check_signed_by(&c.spki_der()?)?;
+        }
+    }
+    let last = parsed.last().ok_or(Error::BadSignature)?;
+    let last_issuer = last.cert.tbs_certificate().issuer();
+    for (ri, root_der) in roots.iter().enumerate() {
+        let Ok(root) = ParsedCert::parse(root_der) else {
+            continue;
+        };
+        // The chain may end with the root itself.
+        if parsed.len() > 1 && chain.last() == Some(root_der) {
+            return Ok(VerifiedChain {
+                id,
+                root_index: ri,
+                leaf_not_after: leaf.not_after(),
+                leaf_serial_hex: leaf.serial_hex(),
+            });
+        }
+        if root.cert.tbs_certificate().subject() != last_issuer {
+            continue;
+        }
+        if check_signing_cert(&root).is_err() || now > root.not_after() || now < root.not_before() {
+            continue;
+        }
+        let Ok(spki) = root.spki_der() else { continue };
+        if last.check_signed_by(&spki).is_ok() {
+            return Ok(VerifiedChain {
+                id,
+                root_index: ri,
+                leaf_not_after: leaf.not_after(),
+                leaf_serial_hex: leaf.serial_hex(),
+            });
+        }
+    }
+    Err(Error::UntrustedChain(
+        "chain does not end at an authority of its trust domain's bundle".into(),
+    ))
+}

@@ -1,0 +1,134 @@
+//! The KeyManager conformance suite: every backend runs [`run_all`] in its tests (the remote
+//! backends against their real services). It checks the contract of the trait, not a backend's
+//! internals: generation per key type, lookup, NotFound, replacement with a new fingerprint,
+//! signatures that verify against the reported SPKI, fingerprint on every signature, and refusal
+//! of unsupported signing options. It panics on the first violation (it is test code).
+
+use crate::{Error, HashAlgorithm, KeyManager, KeyType, SignOpts, fingerprint};
+use aws_lc_rs::signature::{self, UnparsedPublicKey, VerificationAlgorithm};
+
+fn verify_alg(kt: KeyType, opts: SignOpts) -> &'static dyn VerificationAlgorithm {
+    match (kt, opts.hash, opts.pss) {
+        (KeyType::EcP256, _, _) => &signature::ECDSA_P256_SHA256_ASN1,
+        (KeyType::EcP384, _, _) => &signature::ECDSA_P384_SHA384_ASN1,
+        (_, HashAlgorithm::Sha256, false) => &signature::RSA_PKCS1_2048_8192_SHA256,
+        (_, HashAlgorithm::Sha384, false) => &signature::RSA_PKCS1_2048_8192_SHA384,
+        (_, HashAlgorithm::Sha512, false) => &signature::RSA_PKCS1_2048_8192_SHA512,
+        (_, HashAlgorithm::Sha256, true) => &signature::RSA_PSS_2048_8192_SHA256,
+        (_, HashAlgorithm::Sha384, true) => &signature::RSA_PSS_2048_8192_SHA384,
+        (_, HashAlgorithm::Sha512, true) => &signature::RSA_PSS_2048_8192_SHA512,
+    }
+}
+
+/// Runs every conformance check against `km`. Key ids used start with `conformance-`.
+pub async fn run_all(km: &dyn KeyManager) {
+    generate_sign_verify_every_key_type(km).await;
+    unknown_key_is_not_found(km).await;
+    regenerate_replaces_key(km).await;
+    rejects_unsupported_sign_opts(km).await;
+    rejects_invalid_key_ids(km).await;
+    large_message_signs(km).await;
+}
+
+pub async fn generate_sign_verify_every_key_type(km: &dyn KeyManager) {
+    for kt in KeyType::ALL {
+        let id = format!("conformance-{kt}");
+        let pk = km.generate_key(&id, kt).await.expect("generate_key");
+        assert_eq!(pk.id, id);
+        assert_eq!(pk.key_type, kt);
+        assert_eq!(pk.fingerprint, fingerprint(&pk.spki_der), "fingerprint is SHA-256 of SPKI");
+        assert_eq!(km.public_key(&id).await.expect("public_key"), pk);
+        let all = km.public_keys().await.expect("public_keys");
+        assert!(all.contains(&pk), "public_keys lists {id}");
+        let mut variants = vec![SignOpts::for_key(kt)];
+        if kt.is_rsa() {
+            variants.push(SignOpts { hash: HashAlgorithm::Sha384, pss: false });
+            variants.push(SignOpts { hash: HashAlgorithm::Sha256, pss: true });
+        }
+        for opts in variants {
+            let msg = format!("message for {id} {opts:?}");
+            let sig = km.sign(&id, msg.as_bytes(), opts).await.expect("sign");
+            assert_eq!(sig.fingerprint, pk.fingerprint);
+            UnparsedPublicKey::new(verify_alg(kt, opts), &pk.spki_der)
+                .verify(msg.as_bytes(), &sig.bytes)
+                .unwrap_or_else(|_| panic!("signature by {id} with {opts:?} verifies"));
+            assert!(
+                UnparsedPublicKey::new(verify_alg(kt, opts), &pk.spki_der)
+                    .verify(b"another message", &sig.bytes)
+                    .is_err(),
+                "signature must not verify for another message"
+            );
+        }
+    }
+}
+
+pub async fn unknown_key_is_not_found(km: &dyn KeyManager) {
+    let id = "conformance-absent";
+    assert!(matches!(km.public_key(id).await, Err(Error::NotFound(_))));
+    assert!(matches!(
+        km.sign(id, b"m", SignOpts::for_key(KeyType::EcP256)).await,
+        Err(Error::NotFound(_))
+    ));
+}
+
+pub async fn regenerate_replaces_key(km: &dyn KeyManager) {
+    let id = "conformance-rotate";
+    let first = km.generate_key(id, KeyType::EcP256).await.expect("first");
+    let second = km.generate_key(id, KeyType::EcP384).await.expect("second");
+    assert_ne!(first.fingerprint, second.fingerprint);
+    assert_eq!(km.public_key(id).await.expect("get").fingerprint, second.fingerprint);
+    let sig = km
+        .sign(id, b"m", SignOpts::for_key(KeyType::EcP384))
+        .await
+        .expect("sign after replace");
+    assert_eq!(sig.fingerprint, second.fingerprint);
+    let same_id: Vec<_> = km
+        .public_keys()
+        .await
+        .expect("list")
+        .into_iter()
+        .filter(|k| k.id == id)
+        .collect();
+    assert_eq!(same_id.len(), 1, "one key per id after replacement");
+    // The checked helper refuses a signature from a key instance other than the expected one.
+    let err = crate::sign_checked(km, &first, b"m", SignOpts::for_key(KeyType::EcP384))
+        .await
+        .expect_err("stale key instance must be refused");
+    assert!(matches!(err, Error::FingerprintMismatch { .. }), "{err}");
+}
+
+pub async fn rejects_unsupported_sign_opts(km: &dyn KeyManager) {
+    let id = "conformance-opts";
+    km.generate_key(id, KeyType::EcP256).await.expect("gen");
+    for opts in [
+        SignOpts { hash: HashAlgorithm::Sha384, pss: false },
+        SignOpts { hash: HashAlgorithm::Sha256, pss: true },
+    ] {
+        assert!(
+            matches!(km.sign(id, b"m", opts).await, Err(Error::UnsupportedSignOpts { .. })),
+            "P-256 key must refuse {opts:?}"
+        );
+    }
+}
+
+pub async fn rejects_invalid_key_ids(km: &dyn KeyManager) {
+    for id in ["", "has space", "new\nline"] {
+        assert!(
+            matches!(km.generate_key(id, KeyType::EcP256).await, Err(Error::InvalidKeyId(_))),
+            "id {id:?} must be refused"
+        );
+    }
+}
+
+pub async fn large_message_signs(km: &dyn KeyManager) {
+    let id = "conformance-large";
+    let pk = km.generate_key(id, KeyType::EcP256).await.expect("gen");
+    let msg = vec![0x5au8; 64 * 1024];
+    let sig = km
+        .sign(id, &msg, SignOpts::for_key(KeyType::EcP256))
+        .await
+        .expect("sign 64 KiB");
+    UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, &pk.spki_der)
+        .verify(&msg, &sig.bytes)
+        .expect("large message signature verifies");
+}
