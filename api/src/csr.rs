@@ -82,3 +82,41 @@ pub fn parse(der: &[u8]) -> Result<Csr, Error> {
         dns_names,
     })
 }
+
+/// DER of a CertificationRequestInfo with an empty subject, `spki_der`, and a SAN extension
+/// request holding `uris` and `dns_names`. Sign it and finish with
+/// [`crate::x509svid::assemble`].
+pub fn request_info(spki_der: &[u8], uris: &[String], dns_names: &[String]) -> Result<Vec<u8>, Error> {
+    use crate::keys::der_tlv;
+    use der::asn1::{Ia5String, OctetString};
+    let enc = |e: der::Error| Error::Encode(e.to_string());
+    let mut names = vec![];
+    for u in uris {
+        names.push(GeneralName::UniformResourceIdentifier(Ia5String::new(u).map_err(enc)?));
+    }
+    for d in dns_names {
+        names.push(GeneralName::DnsName(Ia5String::new(d).map_err(enc)?));
+    }
+    let mut attrs = vec![];
+    if !names.is_empty() {
+        let ext = x509_cert::ext::Extension {
+            extn_id: <SubjectAltName as const_oid::AssociatedOid>::OID,
+            critical: false,
+            extn_value: OctetString::new(SubjectAltName(names).to_der().map_err(enc)?).map_err(enc)?,
+        };
+        let exts = der_tlv(0x30, &ext.to_der().map_err(enc)?);
+        let attr = der_tlv(
+            0x30,
+            &[ID_EXTENSION_REQ.to_der().map_err(enc)?, der_tlv(0x31, &exts)].concat(),
+        );
+        attrs.extend(attr);
+    }
+    let body = [
+        vec![0x02, 0x01, 0x00],  // version 0
+        vec![0x30, 0x00],        // empty subject
+        spki_der.to_vec(),
+        der_tlv(0xa0, &attrs),   // [0] IMPLICIT SET OF Attribute
+    ]
+    .concat();
+    Ok(der_tlv(0x30, &body))
+}

@@ -8,6 +8,7 @@ pub mod csr;
 pub mod jwtsvid;
 pub mod keys;
 pub mod spiffe_id;
+pub mod tls;
 pub mod x509svid;
 
 pub use spiffe_id::{IdError, SpiffeId, TrustDomain};

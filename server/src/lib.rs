@@ -1,1 +1,14 @@
-//! stub
+//! kame-server: the signing authority of a SPIFFE trust domain, in the shape of SPIRE's server.
+//! Modules: [`config`] (HCL), [`datastore`] (sqlx), [`ca`] (slots, rotation, journal, minting),
+//! [`service`] (SPIRE-compatible gRPC APIs and their authorization), [`attestation`] (node
+//! attestors), [`run`] (wiring and listeners) and [`cli`]. It must not link libtss2: TPM
+//! evidence is verified with the pure-Rust half of the tpm crate.
+
+pub mod attestation;
+pub mod ca;
+pub mod cli;
+pub mod config;
+pub mod datastore;
+pub mod run;
+pub mod service;
+pub mod tls;

@@ -1,0 +1,25 @@
+//! Server halves of node attestors. Each turns attestation data from an agent into an agent
+//! SPIFFE ID and selectors, or a precise refusal. Only `join_token` exists so far.
+
+pub mod join_token;
+
+use crate::datastore::Selector;
+use kame_api::SpiffeId;
+
+/// What a successful attestation establishes.
+#[derive(Debug, Clone)]
+pub struct Attested {
+    pub agent_id: SpiffeId,
+    pub selectors: Vec<Selector>,
+    pub can_reattest: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AttestError {
+    #[error("{0}")]
+    BadInput(String),
+    #[error("{0}")]
+    Denied(String),
+    #[error("{0}")]
+    Unavailable(String),
+}

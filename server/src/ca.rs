@@ -1,0 +1,751 @@
+//! The trust domain's signing authority: two slots (A/B) per kind (X.509 CA, JWT key) with
+//! automatic rotation, a CA journal in the datastore keyed by this server's id, and minting of
+//! X509-SVIDs and JWT-SVIDs. Every signature goes through the KeyManager trait; this module never
+//! holds a private key.
+//!
+//! Timing is SPIRE's (`keys_rotation.md` §2.2): with lifetime `L = notAfter - issuedAt`, the next
+//! authority is prepared (and published in the bundle) when `now > notAfter - min(L/2, 30d)` and
+//! activated when `now > notAfter - min(L/6, 7d)`. The old authority stays in the bundle until
+//! it expires. Locks are never held across KeyManager or datastore calls; the rotation lock only
+//! serializes rotations with each other.
+
+use crate::datastore::{DataStore, DsError};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use kame_api::keys::KeyInfo;
+use kame_api::pb::types::{Bundle, JwtKey, X509Certificate};
+use kame_api::x509svid::{self, IssuerInfo};
+use kame_api::{SpiffeId, TrustDomain, jwtsvid};
+use kame_keymanager::{KeyManager, KeyType, PublicKey, SignOpts, sign_checked};
+use serde::{Deserialize, Serialize};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tracing::{info, warn};
+
+const MAX_PREPARE_LEAD: Duration = Duration::from_secs(30 * 86400);
+const MAX_ACTIVATE_LEAD: Duration = Duration::from_secs(7 * 86400);
+const JOURNAL_MAX_PER_KIND: usize = 10;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("no active {0} authority yet (server is initializing)")]
+    NotReady(&'static str),
+    #[error("key manager: {0}")]
+    KeyManager(#[from] kame_keymanager::Error),
+    #[error("datastore: {0}")]
+    Datastore(#[from] DsError),
+    #[error("{0}")]
+    Profile(#[from] kame_api::Error),
+    #[error("invalid TTL: {0}")]
+    InvalidTtl(String),
+    #[error("CA journal: {0}")]
+    Journal(String),
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+pub fn now_secs() -> u64 {
+    now_ms() / 1000
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum SlotStatus {
+    Prepared,
+    Active,
+    Old,
+}
+
+/// An X.509 signing authority in a slot.
+#[derive(Debug)]
+pub struct X509Authority {
+    pub slot: String,
+    pub status: SlotStatus,
+    pub key: PublicKey,
+    pub cert_der: Vec<u8>,
+    pub issuer: IssuerInfo,
+    /// Lower-case hex SKI, the authority ID.
+    pub authority_id: String,
+    pub issued_at_ms: u64,
+    pub not_after: u64,
+}
+
+/// A JWT signing key in a slot.
+#[derive(Debug)]
+pub struct JwtAuthority {
+    pub slot: String,
+    pub status: SlotStatus,
+    pub key: PublicKey,
+    pub key_info: KeyInfo,
+    pub kid: String,
+    pub issued_at_ms: u64,
+    pub not_after: u64,
+}
+
+trait Lifetime {
+    fn issued_at_ms(&self) -> u64;
+    fn not_after(&self) -> u64;
+    fn slot(&self) -> &str;
+    fn should(&self, lead_cap: Duration, div: u64, now_ms: u64) -> bool {
+        let end = self.not_after() * 1000;
+        let life = end.saturating_sub(self.issued_at_ms());
+        let lead = (life / div).min(lead_cap.as_millis() as u64);
+        now_ms > end.saturating_sub(lead)
+    }
+    fn should_prepare_next(&self, now_ms: u64) -> bool {
+        self.should(MAX_PREPARE_LEAD, 2, now_ms)
+    }
+    fn should_activate_next(&self, now_ms: u64) -> bool {
+        self.should(MAX_ACTIVATE_LEAD, 6, now_ms)
+    }
+}
+
+impl Lifetime for X509Authority {
+    fn issued_at_ms(&self) -> u64 {
+        self.issued_at_ms
+    }
+    fn not_after(&self) -> u64 {
+        self.not_after
+    }
+    fn slot(&self) -> &str {
+        &self.slot
+    }
+}
+impl Lifetime for JwtAuthority {
+    fn issued_at_ms(&self) -> u64 {
+        self.issued_at_ms
+    }
+    fn not_after(&self) -> u64 {
+        self.not_after
+    }
+    fn slot(&self) -> &str {
+        &self.slot
+    }
+}
+
+#[derive(Debug)]
+struct Slots<T> {
+    current: Option<Arc<T>>,
+    next: Option<Arc<T>>,
+}
+
+impl<T> Default for Slots<T> {
+    fn default() -> Self {
+        Slots {
+            current: None,
+            next: None,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    x509: Slots<X509Authority>,
+    jwt: Slots<JwtAuthority>,
+}
+
+/// Static CA settings.
+#[derive(Debug, Clone)]
+pub struct CaSettings {
+    pub trust_domain: TrustDomain,
+    pub server_id: String,
+    pub ca_ttl: Duration,
+    pub ca_key_type: KeyType,
+    pub jwt_key_type: KeyType,
+    pub ca_subject_dn: String,
+    pub jwt_issuer: Option<String>,
+}
+
+#[derive(Debug)]
+pub struct Ca {
+    settings: CaSettings,
+    km: Arc<dyn KeyManager>,
+    ds: Arc<dyn DataStore>,
+    state: RwLock<State>,
+    rotation: tokio::sync::Mutex<()>,
+    /// The trust domain's bundle as last read or written (used by TLS verification).
+    bundle: RwLock<Arc<Bundle>>,
+}
+
+#[derive(Serialize, Deserialize, Default)]
+struct Journal {
+    x509: Vec<JournalX509>,
+    jwt: Vec<JournalJwt>,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct JournalX509 {
+    slot: String,
+    status: SlotStatus,
+    cert: String,
+    key_fingerprint: String,
+    issued_at_ms: u64,
+    not_after: u64,
+}
+
+#[derive(Serialize, Deserialize, Clone)]
+struct JournalJwt {
+    slot: String,
+    status: SlotStatus,
+    kid: String,
+    public_key: String,
+    key_fingerprint: String,
+    issued_at_ms: u64,
+    not_after: u64,
+}
+
+fn x509_key_id(slot: &str) -> String {
+    format!("x509-CA-{slot}")
+}
+
+fn jwt_key_id(slot: &str) -> String {
+    format!("JWT-Signer-{slot}")
+}
+
+fn other_slot(slot: &str) -> &'static str {
+    if slot == "A" { "B" } else { "A" }
+}
+
+fn random_bytes(n: usize) -> Vec<u8> {
+    let mut b = vec![0u8; n];
+    // aws-lc's RNG only fails if the OS RNG is broken; fall back to a time-derived value then.
+    if aws_lc_rs::rand::fill(&mut b).is_err() {
+        let t = now_ms().to_be_bytes();
+        for (i, x) in b.iter_mut().enumerate() {
+            *x = t[i % 8] ^ (i as u8);
+        }
+    }
+    b
+}
+
+/// A positive, non-zero 128-bit certificate serial number.
+pub fn random_serial() -> Vec<u8> {
+    let mut s = random_bytes(16);
+    s[0] &= 0x7f;
+    if s[0] == 0 {
+        s[0] = 1;
+    }
+    s
+}
+
+/// A JWT key ID: 32 characters of `[a-zA-Z0-9]`, unbiased.
+pub fn random_kid() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    let mut out = String::with_capacity(32);
+    while out.len() < 32 {
+        for b in random_bytes(64) {
+            // 248 = 4 * 62: reject the tail to avoid modulo bias.
+            if b < 248 && out.len() < 32 {
+                out.push(ALPHABET[(b % 62) as usize] as char);
+            }
+        }
+    }
+    out
+}
+
+impl Ca {
+    /// Loads the journal (keeping only authorities that are unexpired, in the bundle and whose
+    /// key the KeyManager still holds) and runs one rotation so that an authority is active.
+    pub async fn start(
+        settings: CaSettings,
+        km: Arc<dyn KeyManager>,
+        ds: Arc<dyn DataStore>,
+    ) -> Result<Arc<Self>, CaError> {
+        let bundle = ds
+            .fetch_bundle(settings.trust_domain.as_str())
+            .await?
+            .unwrap_or_else(|| Bundle {
+                trust_domain: settings.trust_domain.as_str().to_string(),
+                ..Default::default()
+            });
+        let ca = Arc::new(Ca {
+            settings,
+            km,
+            ds,
+            state: RwLock::new(State::default()),
+            rotation: tokio::sync::Mutex::new(()),
+            bundle: RwLock::new(Arc::new(bundle)),
+        });
+        ca.load_journal().await?;
+        ca.rotate().await?;
+        Ok(ca)
+    }
+
+    pub fn settings(&self) -> &CaSettings {
+        &self.settings
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.settings.trust_domain
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn current_x509(&self) -> Option<Arc<X509Authority>> {
+        self.read().x509.current.clone()
+    }
+
+    pub fn next_x509(&self) -> Option<Arc<X509Authority>> {
+        self.read().x509.next.clone()
+    }
+
+    pub fn current_jwt(&self) -> Option<Arc<JwtAuthority>> {
+        self.read().jwt.current.clone()
+    }
+
+    /// The cached bundle of this trust domain.
+    pub fn bundle(&self) -> Arc<Bundle> {
+        self.bundle.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Re-reads the bundle from the datastore into the cache.
+    pub async fn refresh_bundle(&self) -> Result<Arc<Bundle>, CaError> {
+        if let Some(b) = self.ds.fetch_bundle(self.settings.trust_domain.as_str()).await? {
+            let b = Arc::new(b);
+            *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = b.clone();
+            return Ok(b);
+        }
+        Ok(self.bundle())
+    }
+
+    async fn load_journal(&self) -> Result<(), CaError> {
+        let Some(data) = self.ds.fetch_ca_journal(&self.settings.server_id).await? else {
+            return Ok(());
+        };
+        let journal: Journal =
+            serde_json::from_slice(&data).map_err(|e| CaError::Journal(e.to_string()))?;
+        let bundle = self.bundle();
+        let now = now_secs();
+        let mut x509: Vec<Arc<X509Authority>> = vec![];
+        for e in journal.x509 {
+            let Ok(cert_der) = STANDARD.decode(&e.cert) else { continue };
+            if e.not_after <= now || !bundle.x509_authorities.iter().any(|c| c.asn1 == cert_der) {
+                continue;
+            }
+            let Ok(key) = self.km.public_key(&x509_key_id(&e.slot)).await else {
+                continue;
+            };
+            if key.fingerprint != e.key_fingerprint {
+                continue;
+            }
+            let Ok(p) = x509svid::ParsedCert::parse(&cert_der) else { continue };
+            if p.spki_der().ok().as_deref() != Some(key.spki_der.as_slice()) {
+                continue;
+            }
+            let issuer = IssuerInfo::from_cert_der(&cert_der)?;
+            x509.push(Arc::new(X509Authority {
+                authority_id: hex::encode(&issuer.key_id),
+                slot: e.slot,
+                status: e.status,
+                key,
+                cert_der,
+                issuer,
+                issued_at_ms: e.issued_at_ms,
+                not_after: e.not_after,
+            }));
+        }
+        let mut jwt: Vec<Arc<JwtAuthority>> = vec![];
+        for e in journal.jwt {
+            if e.not_after <= now || !bundle.jwt_authorities.iter().any(|k| k.key_id == e.kid) {
+                continue;
+            }
+            let Ok(key) = self.km.public_key(&jwt_key_id(&e.slot)).await else {
+                continue;
+            };
+            if key.fingerprint != e.key_fingerprint {
+                continue;
+            }
+            let key_info = KeyInfo::from_spki_der(&key.spki_der)?;
+            jwt.push(Arc::new(JwtAuthority {
+                slot: e.slot,
+                status: e.status,
+                key,
+                key_info,
+                kid: e.kid,
+                issued_at_ms: e.issued_at_ms,
+                not_after: e.not_after,
+            }));
+        }
+        let mut st = self.write();
+        st.x509 = pick_slots(x509);
+        st.jwt = pick_slots(jwt);
+        if let Some(c) = &st.x509.current {
+            info!(authority_id = %c.authority_id, slot = %c.slot, "loaded X.509 authority from journal");
+        }
+        Ok(())
+    }
+
+    async fn save_journal(&self) {
+        let journal = {
+            let st = self.read();
+            let mut j = Journal::default();
+            for a in [&st.x509.current, &st.x509.next].into_iter().flatten() {
+                j.x509.push(JournalX509 {
+                    slot: a.slot.clone(),
+                    status: a.status,
+                    cert: STANDARD.encode(&a.cert_der),
+                    key_fingerprint: a.key.fingerprint.clone(),
+                    issued_at_ms: a.issued_at_ms,
+                    not_after: a.not_after,
+                });
+            }
+            for a in [&st.jwt.current, &st.jwt.next].into_iter().flatten() {
+                j.jwt.push(JournalJwt {
+                    slot: a.slot.clone(),
+                    status: a.status,
+                    kid: a.kid.clone(),
+                    public_key: STANDARD.encode(&a.key.spki_der),
+                    key_fingerprint: a.key.fingerprint.clone(),
+                    issued_at_ms: a.issued_at_ms,
+                    not_after: a.not_after,
+                });
+            }
+            j.x509.truncate(JOURNAL_MAX_PER_KIND);
+            j.jwt.truncate(JOURNAL_MAX_PER_KIND);
+            j
+        };
+        match serde_json::to_vec(&journal) {
+            Ok(data) => {
+                if let Err(e) = self.ds.set_ca_journal(&self.settings.server_id, &data).await {
+                    // In-memory state stays authoritative; the next save retries.
+                    warn!(error = %e, "failed to save CA journal");
+                }
+            }
+            Err(e) => warn!(error = %e, "failed to encode CA journal"),
+        }
+    }
+
+    /// One rotation step for both kinds (run at start-up and on every tick).
+    pub async fn rotate(&self) -> Result<(), CaError> {
+        let _g = self.rotation.lock().await;
+        let now = now_ms();
+        let mut changed = false;
+
+        // X.509
+        let (cur, next) = {
+            let st = self.read();
+            (st.x509.current.clone(), st.x509.next.clone())
+        };
+        let cur_ok = cur.as_ref().is_some_and(|c| c.not_after * 1000 > now);
+        if !cur_ok {
+            let slot = cur.as_ref().map(|c| other_slot(&c.slot)).unwrap_or("A");
+            let a = self.prepare_x509(slot, SlotStatus::Active).await?;
+            info!(authority_id = %a.authority_id, slot, "X.509 authority activated");
+            let mut st = self.write();
+            st.x509.current = Some(a);
+            st.x509.next = None;
+            changed = true;
+        } else if let Some(c) = cur {
+            let next_free = next.as_ref().is_none_or(|n| n.status == SlotStatus::Old);
+            if next_free && c.should_prepare_next(now) {
+                let a = self.prepare_x509(other_slot(&c.slot), SlotStatus::Prepared).await?;
+                info!(authority_id = %a.authority_id, slot = %a.slot, "X.509 authority prepared");
+                self.write().x509.next = Some(a);
+                changed = true;
+            }
+            let next = self.read().x509.next.clone();
+            if let Some(n) = next
+                && n.status == SlotStatus::Prepared
+                && c.should_activate_next(now)
+            {
+                let mut st = self.write();
+                st.x509.current = Some(Arc::new(X509Authority { status: SlotStatus::Active, ..clone_x509(&n) }));
+                st.x509.next = Some(Arc::new(X509Authority { status: SlotStatus::Old, ..clone_x509(&c) }));
+                info!(authority_id = %n.authority_id, slot = %n.slot, "X.509 authority activated");
+                changed = true;
+            }
+        }
+
+        // JWT
+        let (cur, next) = {
+            let st = self.read();
+            (st.jwt.current.clone(), st.jwt.next.clone())
+        };
+        let cur_ok = cur.as_ref().is_some_and(|c| c.not_after * 1000 > now);
+        if !cur_ok {
+            let slot = cur.as_ref().map(|c| other_slot(&c.slot)).unwrap_or("A");
+            let a = self.prepare_jwt(slot, SlotStatus::Active).await?;
+            info!(kid = %a.kid, slot, "JWT authority activated");
+            let mut st = self.write();
+            st.jwt.current = Some(a);
+            st.jwt.next = None;
+            changed = true;
+        } else if let Some(c) = cur {
+            let next_free = next.as_ref().is_none_or(|n| n.status == SlotStatus::Old);
+            if next_free && c.should_prepare_next(now) {
+                let a = self.prepare_jwt(other_slot(&c.slot), SlotStatus::Prepared).await?;
+                info!(kid = %a.kid, slot = %a.slot, "JWT authority prepared");
+                self.write().jwt.next = Some(a);
+                changed = true;
+            }
+            let next = self.read().jwt.next.clone();
+            if let Some(n) = next
+                && n.status == SlotStatus::Prepared
+                && c.should_activate_next(now)
+            {
+                let mut st = self.write();
+                st.jwt.current = Some(Arc::new(JwtAuthority { status: SlotStatus::Active, ..clone_jwt(&n) }));
+                st.jwt.next = Some(Arc::new(JwtAuthority { status: SlotStatus::Old, ..clone_jwt(&c) }));
+                info!(kid = %n.kid, slot = %n.slot, "JWT authority activated");
+                changed = true;
+            }
+        }
+        if changed {
+            self.save_journal().await;
+        }
+        Ok(())
+    }
+
+    async fn prepare_x509(&self, slot: &str, status: SlotStatus) -> Result<Arc<X509Authority>, CaError> {
+        let key = self
+            .km
+            .generate_key(&x509_key_id(slot), self.settings.ca_key_type)
+            .await?;
+        let issued_at_ms = now_ms();
+        let now = issued_at_ms / 1000;
+        let not_after = now + self.settings.ca_ttl.as_secs().max(1);
+        let subject = x509svid::parse_name(&self.settings.ca_subject_dn)?;
+        let serial = random_serial();
+        let tbs = x509svid::ca_tbs(
+            &x509svid::CaParams {
+                trust_domain: &self.settings.trust_domain,
+                subject: &subject,
+                spki_der: &key.spki_der,
+                serial: &serial,
+                not_before: now.saturating_sub(x509svid::BACKDATE.as_secs()),
+                not_after,
+            },
+            None,
+        )?;
+        let info = KeyInfo::from_spki_der(&key.spki_der)?;
+        let sig = sign_checked(
+            self.km.as_ref(),
+            &key,
+            &tbs,
+            SignOpts::for_key(self.settings.ca_key_type),
+        )
+        .await?;
+        let cert_der = x509svid::assemble(&tbs, &info.x509_signature_algorithm(), &sig)?;
+        // Self-check: the new certificate verifies with its own key before anyone trusts it.
+        x509svid::ParsedCert::parse(&cert_der)?.check_signed_by(&key.spki_der)?;
+        let issuer = IssuerInfo::from_cert_der(&cert_der)?;
+        let bundle = self
+            .ds
+            .append_bundle(&Bundle {
+                trust_domain: self.settings.trust_domain.as_str().to_string(),
+                x509_authorities: vec![X509Certificate {
+                    asn1: cert_der.clone(),
+                    tainted: false,
+                }],
+                ..Default::default()
+            })
+            .await?;
+        *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(bundle);
+        Ok(Arc::new(X509Authority {
+            slot: slot.to_string(),
+            status,
+            authority_id: hex::encode(&issuer.key_id),
+            key,
+            cert_der,
+            issuer,
+            issued_at_ms,
+            not_after,
+        }))
+    }
+
+    async fn prepare_jwt(&self, slot: &str, status: SlotStatus) -> Result<Arc<JwtAuthority>, CaError> {
+        let key = self
+            .km
+            .generate_key(&jwt_key_id(slot), self.settings.jwt_key_type)
+            .await?;
+        let key_info = KeyInfo::from_spki_der(&key.spki_der)?;
+        let issued_at_ms = now_ms();
+        let not_after = issued_at_ms / 1000 + self.settings.ca_ttl.as_secs().max(1);
+        let kid = random_kid();
+        let bundle = self
+            .ds
+            .append_bundle(&Bundle {
+                trust_domain: self.settings.trust_domain.as_str().to_string(),
+                jwt_authorities: vec![JwtKey {
+                    public_key: key.spki_der.clone(),
+                    key_id: kid.clone(),
+                    expires_at: not_after as i64,
+                    tainted: false,
+                }],
+                ..Default::default()
+            })
+            .await?;
+        *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(bundle);
+        Ok(Arc::new(JwtAuthority {
+            slot: slot.to_string(),
+            status,
+            key,
+            key_info,
+            kid,
+            issued_at_ms,
+            not_after,
+        }))
+    }
+
+    /// How often the rotator should tick for this CA TTL (10 s, faster for short TTLs).
+    pub fn tick_interval(&self) -> Duration {
+        (self.settings.ca_ttl / 24).clamp(Duration::from_millis(100), Duration::from_secs(10))
+    }
+
+    /// Mints an X509-SVID for `spki_der` with the given identity. `ttl` is capped at the CA's
+    /// notAfter. Returns the chain, leaf first.
+    pub async fn sign_x509_svid(
+        &self,
+        spki_der: &[u8],
+        id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<Vec<Vec<u8>>, CaError> {
+        if !id.is_member_of(&self.settings.trust_domain) {
+            return Err(CaError::Profile(kame_api::Error::BadSvid(format!(
+                "{id} is not in trust domain {}",
+                self.settings.trust_domain
+            ))));
+        }
+        if ttl.is_zero() {
+            return Err(CaError::InvalidTtl("TTL must be positive".into()));
+        }
+        let ca = self.current_x509().ok_or(CaError::NotReady("X.509"))?;
+        let now = now_secs();
+        let serial = random_serial();
+        let tbs = x509svid::leaf_tbs(
+            &x509svid::LeafParams {
+                id,
+                dns_names,
+                spki_der,
+                serial: &serial,
+                not_before: now.saturating_sub(x509svid::BACKDATE.as_secs()),
+                not_after: now.saturating_add(ttl.as_secs().max(1)),
+            },
+            &ca.issuer,
+        )?;
+        let sig = sign_checked(
+            self.km.as_ref(),
+            &ca.key,
+            &tbs,
+            SignOpts::for_key(ca.key.key_type),
+        )
+        .await?;
+        Ok(vec![x509svid::assemble(&tbs, &ca.issuer.signature_algorithm, &sig)?])
+    }
+
+    /// Mints a JWT-SVID. Returns (token, issued_at, expires_at); expiry is capped at the key's.
+    pub async fn sign_jwt_svid(
+        &self,
+        id: &SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+    ) -> Result<(String, u64, u64), CaError> {
+        if !id.is_member_of(&self.settings.trust_domain) {
+            return Err(CaError::Profile(kame_api::Error::BadSvid(format!(
+                "{id} is not in trust domain {}",
+                self.settings.trust_domain
+            ))));
+        }
+        if ttl.is_zero() {
+            return Err(CaError::InvalidTtl("TTL must be positive".into()));
+        }
+        let key = self.current_jwt().ok_or(CaError::NotReady("JWT"))?;
+        let iat = now_secs();
+        let exp = iat.saturating_add(ttl.as_secs().max(1)).min(key.not_after);
+        let input = jwtsvid::signing_input(
+            &key.key_info,
+            &key.kid,
+            &jwtsvid::Claims {
+                sub: id,
+                aud: audience,
+                exp,
+                iat,
+                iss: self.settings.jwt_issuer.as_deref(),
+            },
+        )?;
+        let sig = sign_checked(
+            self.km.as_ref(),
+            &key.key,
+            input.as_bytes(),
+            SignOpts::for_key(key.key.key_type),
+        )
+        .await?;
+        Ok((jwtsvid::assemble(&key.key_info, &input, &sig)?, iat, exp))
+    }
+}
+
+fn clone_x509(a: &X509Authority) -> X509Authority {
+    X509Authority {
+        slot: a.slot.clone(),
+        status: a.status,
+        key: a.key.clone(),
+        cert_der: a.cert_der.clone(),
+        issuer: a.issuer.clone(),
+        authority_id: a.authority_id.clone(),
+        issued_at_ms: a.issued_at_ms,
+        not_after: a.not_after,
+    }
+}
+
+fn clone_jwt(a: &JwtAuthority) -> JwtAuthority {
+    JwtAuthority {
+        slot: a.slot.clone(),
+        status: a.status,
+        key: a.key.clone(),
+        key_info: a.key_info.clone(),
+        kid: a.kid.clone(),
+        issued_at_ms: a.issued_at_ms,
+        not_after: a.not_after,
+    }
+}
+
+trait HasStatus {
+    fn status(&self) -> SlotStatus;
+}
+impl HasStatus for X509Authority {
+    fn status(&self) -> SlotStatus {
+        self.status
+    }
+}
+impl HasStatus for JwtAuthority {
+    fn status(&self) -> SlotStatus {
+        self.status
+    }
+}
+
+/// Newest ACTIVE becomes current; the newest other entry in the other slot becomes next. If only
+/// a prepared/old one exists, it is promoted to current.
+fn pick_slots<T: Lifetime + HasStatus>(mut all: Vec<Arc<T>>) -> Slots<T> {
+    all.sort_by_key(|a| std::cmp::Reverse(a.issued_at_ms()));
+    let current = all.iter().find(|a| a.status() == SlotStatus::Active).cloned();
+    match current {
+        Some(c) => {
+            let next = all
+                .iter()
+                .find(|a| a.slot() != c.slot() && a.status() != SlotStatus::Active)
+                .cloned();
+            Slots {
+                current: Some(c),
+                next,
+            }
+        }
+        None => Slots {
+            // A prepared key with no active one is left for rotation to replace: the rotator
+            // prepares and activates a fresh authority.
+            current: None,
+            next: None,
+        },
+    }
+}

@@ -1,0 +1,162 @@
+//! The server's persistent state behind one trait: registration entries, attested nodes and
+//! their selectors, join tokens, bundles (one versioned document per trust domain; every change
+//! bumps its sequence number) and the CA journal keyed by server id. Implementations: SQLite
+//! ([`sqlite`]). Private keys are never stored here; they live in the KeyManager.
+//!
+//! Every mutation is one transaction, so a failed call persists nothing.
+
+use async_trait::async_trait;
+use kame_api::pb::types::Bundle;
+use serde::{Deserialize, Serialize};
+
+pub mod sqlite;
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Selector {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub value: String,
+}
+
+impl Selector {
+    pub fn new(kind: impl Into<String>, value: impl Into<String>) -> Self {
+        Selector {
+            kind: kind.into(),
+            value: value.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Selector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.kind, self.value)
+    }
+}
+
+/// A registration entry. IDs are stored as canonical SPIFFE ID strings.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RegistrationEntry {
+    pub id: String,
+    pub spiffe_id: String,
+    pub parent_id: String,
+    pub selectors: Vec<Selector>,
+    pub x509_svid_ttl: i32,
+    pub jwt_svid_ttl: i32,
+    pub federates_with: Vec<String>,
+    pub admin: bool,
+    pub downstream: bool,
+    pub expires_at: i64,
+    pub dns_names: Vec<String>,
+    pub revision_number: i64,
+    pub store_svid: bool,
+    pub hint: String,
+    pub created_at: i64,
+}
+
+/// An attested agent. It is banned when both serial numbers are empty.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AttestedNode {
+    pub spiffe_id: String,
+    pub attestation_type: String,
+    pub serial_number: String,
+    pub expires_at: i64,
+    pub new_serial_number: String,
+    pub new_expires_at: i64,
+    pub can_reattest: bool,
+    pub selectors: Vec<Selector>,
+    pub agent_version: String,
+}
+
+impl AttestedNode {
+    pub fn banned(&self) -> bool {
+        self.serial_number.is_empty() && self.new_serial_number.is_empty()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DsError {
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("datastore error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("datastore migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+pub type DsResult<T> = Result<T, DsError>;
+
+/// What `list_entries` filters on (all given conditions must hold).
+#[derive(Debug, Clone, Default)]
+pub struct EntryFilter {
+    pub spiffe_id: Option<String>,
+    pub parent_id: Option<String>,
+    pub hint: Option<String>,
+    pub downstream: Option<bool>,
+}
+
+#[async_trait]
+pub trait DataStore: Send + Sync + std::fmt::Debug {
+    // registration entries
+    /// Creates an entry; AlreadyExists when an entry with the same SPIFFE ID, parent ID and
+    /// selector set exists.
+    async fn create_entry(&self, entry: &RegistrationEntry) -> DsResult<RegistrationEntry>;
+    async fn fetch_entry(&self, id: &str) -> DsResult<Option<RegistrationEntry>>;
+    async fn list_entries(&self, filter: &EntryFilter) -> DsResult<Vec<RegistrationEntry>>;
+    /// Replaces an entry (revision bumped); NotFound / AlreadyExists as for create.
+    async fn update_entry(&self, entry: &RegistrationEntry) -> DsResult<RegistrationEntry>;
+    async fn delete_entry(&self, id: &str) -> DsResult<RegistrationEntry>;
+    async fn count_entries(&self) -> DsResult<i64>;
+
+    // attested nodes
+    async fn create_node(&self, node: &AttestedNode) -> DsResult<()>;
+    async fn fetch_node(&self, spiffe_id: &str) -> DsResult<Option<AttestedNode>>;
+    async fn list_nodes(&self) -> DsResult<Vec<AttestedNode>>;
+    async fn update_node(&self, node: &AttestedNode) -> DsResult<()>;
+    async fn delete_node(&self, spiffe_id: &str) -> DsResult<AttestedNode>;
+
+    // join tokens
+    async fn create_join_token(&self, token: &str, expires_at: i64) -> DsResult<()>;
+    /// Removes the token and returns its expiry: a token can be taken once.
+    async fn take_join_token(&self, token: &str) -> DsResult<Option<i64>>;
+    async fn join_token_exists(&self, token: &str) -> DsResult<bool>;
+
+    // bundles
+    async fn fetch_bundle(&self, trust_domain: &str) -> DsResult<Option<Bundle>>;
+    async fn list_bundles(&self) -> DsResult<Vec<Bundle>>;
+    /// Creates the bundle; AlreadyExists if present. The stored sequence number starts at 1.
+    async fn create_bundle(&self, bundle: &Bundle) -> DsResult<Bundle>;
+    /// Replaces the bundle's content, bumping its sequence number; NotFound if absent.
+    async fn update_bundle(&self, bundle: &Bundle) -> DsResult<Bundle>;
+    /// Merges X.509 and JWT authorities into the bundle (creating it if absent). The sequence
+    /// number is bumped only when something was added.
+    async fn append_bundle(&self, bundle: &Bundle) -> DsResult<Bundle>;
+    async fn delete_bundle(&self, trust_domain: &str) -> DsResult<()>;
+
+    // CA journal
+    async fn fetch_ca_journal(&self, server_id: &str) -> DsResult<Option<Vec<u8>>>;
+    async fn set_ca_journal(&self, server_id: &str, data: &[u8]) -> DsResult<()>;
+}
+
+/// Merges `add` into `base` (by content), returning whether anything changed.
+pub fn merge_bundle(base: &mut Bundle, add: &Bundle) -> bool {
+    let mut changed = false;
+    for c in &add.x509_authorities {
+        if !base.x509_authorities.iter().any(|x| x.asn1 == c.asn1) {
+            base.x509_authorities.push(c.clone());
+            changed = true;
+        }
+    }
+    for k in &add.jwt_authorities {
+        if !base.jwt_authorities.iter().any(|x| x.key_id == k.key_id) {
+            base.jwt_authorities.push(k.clone());
+            changed = true;
+        }
+    }
+    changed
+}

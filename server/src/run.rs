@@ -1,0 +1,297 @@
+//! Wiring: builds the KeyManager, datastore, CA and services from a [`Config`], serves the
+//! admin API on the Unix socket (local callers are admins; directory 0770) and the agent/admin
+//! API on TCP with TLS, runs the rotation loop, and shuts down cleanly on SIGINT/SIGTERM.
+
+use crate::ca::{Ca, CaError, CaSettings};
+use crate::config::{Config, KeyManagerConfig};
+use crate::datastore::DataStore;
+use crate::datastore::sqlite::SqliteStore;
+use crate::service::{Context, agent::AgentService, bundle::BundleService, entry::EntryService, svid::SvidService};
+use crate::tls::ServerSvid;
+use kame_api::pb;
+use kame_keymanager::KeyManager;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::wrappers::UnixListenerStream;
+
+/// Largest gRPC message accepted (bytes).
+pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("key manager: {0}")]
+    KeyManager(#[from] kame_keymanager::Error),
+    #[error("datastore: {0}")]
+    Datastore(#[from] crate::datastore::DsError),
+    #[error("CA: {0}")]
+    Ca(#[from] CaError),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("gRPC server: {0}")]
+    Serve(#[from] tonic::transport::Error),
+    #[error("server id file {0} is corrupt (expected a UUID)")]
+    BadServerId(String),
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RunError + 'a {
+    move |source| RunError::Io {
+        what,
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// This server's id, kept in `data_dir/server_id` (created on first start, 0600, atomic).
+pub fn load_server_id(data_dir: &Path) -> Result<String, RunError> {
+    let path = data_dir.join("server_id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) => {
+            let s = s.trim().to_string();
+            uuid::Uuid::parse_str(&s).map_err(|_| RunError::BadServerId(path.display().to_string()))?;
+            Ok(s)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let id = uuid::Uuid::new_v4().to_string();
+            kame_keymanager::disk::write_secret_file(&path, id.as_bytes())?;
+            Ok(id)
+        }
+        Err(e) => Err(io("cannot read", &path)(e)),
+    }
+}
+
+/// A running server (for tests and `run`): its context and the tasks serving it.
+pub struct Running {
+    pub ctx: Arc<Context>,
+    pub socket_path: PathBuf,
+    pub tcp_addr: std::net::SocketAddr,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    /// Stops serving and waits for the listeners to close.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        let _ = std::fs::remove_file(&self.socket_path);
+    }
+}
+
+fn build_key_manager(cfg: &Config) -> Result<Arc<dyn KeyManager>, RunError> {
+    Ok(match &cfg.key_manager {
+        KeyManagerConfig::Memory => Arc::new(kame_keymanager::memory::MemoryKeyManager::new()),
+        KeyManagerConfig::Disk { keys_path } => Arc::new(kame_keymanager::disk::DiskKeyManager::open(keys_path)?),
+    })
+}
+
+fn prepare_socket(path: &Path) -> Result<UnixListener, RunError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io("cannot create socket directory", dir))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o770))
+            .map_err(io("cannot set permissions on", dir))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("cannot remove stale socket", path)(e)),
+    }
+    let l = UnixListener::bind(path).map_err(io("cannot bind admin socket", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770))
+        .map_err(io("cannot set permissions on", path))?;
+    Ok(l)
+}
+
+/// Starts everything and returns once the listeners accept connections.
+pub async fn start(cfg: Config) -> Result<Running, RunError> {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    std::fs::create_dir_all(&cfg.data_dir).map_err(io("cannot create data_dir", &cfg.data_dir))?;
+    let server_id = load_server_id(&cfg.data_dir)?;
+    let km = build_key_manager(&cfg)?;
+    let ds: Arc<dyn DataStore> = Arc::new(SqliteStore::open(&cfg.datastore.connection_string).await?);
+    for w in cfg.warnings() {
+        tracing::warn!("{w}");
+    }
+    let ca = Ca::start(
+        CaSettings {
+            trust_domain: cfg.trust_domain.clone(),
+            server_id: server_id.clone(),
+            ca_ttl: cfg.ca_ttl,
+            ca_key_type: cfg.ca_key_type,
+            jwt_key_type: cfg.jwt_key_type,
+            ca_subject_dn: cfg.ca_subject.to_dn_string(),
+            jwt_issuer: cfg.jwt_issuer.clone(),
+        },
+        km,
+        ds.clone(),
+    )
+    .await?;
+    let server_spiffe_id = cfg
+        .trust_domain
+        .id_from_segments(&["spire", "server"])
+        .map_err(|e| CaError::Profile(e.into()))?;
+    let ctx = Arc::new(Context {
+        td: cfg.trust_domain.clone(),
+        ca: ca.clone(),
+        ds: ds.clone(),
+        default_x509_svid_ttl: cfg.default_x509_svid_ttl,
+        default_jwt_svid_ttl: cfg.default_jwt_svid_ttl,
+        agent_ttl: cfg.agent_ttl.unwrap_or(cfg.default_x509_svid_ttl),
+        join_token_enabled: cfg.join_token_attestor,
+        server_spiffe_id: server_spiffe_id.clone(),
+    });
+    let svid = ServerSvid::new(ca.clone(), server_spiffe_id, cfg.default_x509_svid_ttl, provider.clone());
+    svid.rotate_if_needed().await?;
+    let tls = Arc::new(crate::tls::server_config(svid.clone(), ca.clone(), provider)?);
+
+    let uds = prepare_socket(&cfg.socket_path)?;
+    let tcp_addr = std::net::SocketAddr::new(cfg.bind_address, cfg.bind_port);
+    let tcp = TcpListener::bind(tcp_addr)
+        .await
+        .map_err(io("cannot listen on", Path::new(&tcp_addr.to_string())))?;
+    let tcp_addr = tcp
+        .local_addr()
+        .map_err(io("cannot read address of", Path::new(&tcp_addr.to_string())))?;
+
+    let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = vec![];
+
+    let router = || {
+        let m = MAX_MESSAGE_SIZE;
+        tonic::transport::Server::builder()
+            .add_service(
+                pb::entry::entry_server::EntryServer::new(EntryService { ctx: ctx.clone() })
+                    .max_decoding_message_size(m),
+            )
+            .add_service(
+                pb::bundle::bundle_server::BundleServer::new(BundleService { ctx: ctx.clone() })
+                    .max_decoding_message_size(m),
+            )
+            .add_service(
+                pb::svid::svid_server::SvidServer::new(SvidService { ctx: ctx.clone() })
+                    .max_decoding_message_size(m),
+            )
+            .add_service(
+                pb::agent::agent_server::AgentServer::new(AgentService { ctx: ctx.clone() })
+                    .max_decoding_message_size(m),
+            )
+    };
+
+    let stop_signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+
+    // Admin socket.
+    let uds_router = router();
+    let rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = uds_router
+            .serve_with_incoming_shutdown(UnixListenerStream::new(uds), stop_signal(rx))
+            .await
+        {
+            tracing::error!(error = %e, "admin socket server failed");
+        }
+    }));
+
+    // TCP with TLS: handshakes run in their own tasks so a slow client cannot stall accepts.
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
+    let mut rx_accept = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = stopped(&mut rx_accept) => break,
+                r = tcp.accept() => {
+                    let Ok((stream, peer)) = r else { continue };
+                    let acceptor = acceptor.clone();
+                    let tx = conn_tx.clone();
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
+                            Ok(Ok(tls)) => {
+                                let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
+                            }
+                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    });
+                }
+            }
+        }
+    }));
+    let tcp_router = router();
+    let rx = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = tcp_router
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), stop_signal(rx))
+            .await
+        {
+            tracing::error!(error = %e, "TCP server failed");
+        }
+    }));
+
+    // Rotation loop.
+    let interval = ca.tick_interval();
+    let mut rx_rot = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut t = tokio::time::interval(interval);
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stopped(&mut rx_rot) => break,
+                _ = t.tick() => {
+                    if let Err(e) = ca.rotate().await {
+                        tracing::error!(error = %e, "CA rotation failed");
+                    }
+                    if let Err(e) = svid.rotate_if_needed().await {
+                        tracing::error!(error = %e, "server SVID rotation failed");
+                    }
+                    if let Err(e) = ca.refresh_bundle().await {
+                        tracing::warn!(error = %e, "bundle refresh failed");
+                    }
+                }
+            }
+        }
+    }));
+
+    tracing::info!(
+        trust_domain = %cfg.trust_domain,
+        socket_path = %cfg.socket_path.display(),
+        address = %tcp_addr,
+        "kame-server started"
+    );
+    Ok(Running {
+        ctx,
+        socket_path: cfg.socket_path.clone(),
+        tcp_addr,
+        shutdown,
+        tasks,
+    })
+}
+
+async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
+/// Runs until SIGINT or SIGTERM.
+pub async fn run(cfg: Config) -> Result<(), RunError> {
+    let running = start(cfg).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(io("cannot install signal handler", Path::new("SIGTERM")))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+    running.stop().await;
+    Ok(())
+}

@@ -1,0 +1,313 @@
+//! `spire.api.server.agent.v1.Agent`: agent administration (list, show, evict, ban, join tokens)
+//! and the agent-facing AttestAgent and RenewAgent.
+
+use super::authz::{require_admin, require_agent};
+use super::svid::{parse_csr, x509_svid_proto};
+use super::*;
+use crate::attestation::{AttestError, join_token};
+use kame_api::pb::agent as pb;
+use kame_api::pb::agent::agent_server::Agent;
+use kame_api::x509svid::ParsedCert;
+use std::pin::Pin;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Streaming};
+
+/// Longest join token TTL accepted (SPIRE has none; ten years keeps expiry arithmetic sane).
+pub const MAX_JOIN_TOKEN_TTL: i64 = 10 * 365 * 86400;
+
+#[derive(Debug, Clone)]
+pub struct AgentService {
+    pub ctx: Arc<Context>,
+}
+
+fn attest_status(e: AttestError) -> Status {
+    match e {
+        AttestError::BadInput(m) => Status::invalid_argument(m),
+        AttestError::Denied(m) => Status::permission_denied(m),
+        AttestError::Unavailable(m) => Status::unavailable(m),
+    }
+}
+
+async fn filtered_agents(ctx: &Context, f: Option<&pb::AgentFilter>) -> Result<Vec<AttestedNode>, Status> {
+    let all = ctx.ds.list_nodes().await.map_err(ds_status)?;
+    let Some(f) = f else { return Ok(all) };
+    let sel = match &f.by_selector_match {
+        Some(m) => Some((
+            m.selectors.iter().map(selector_from_proto).collect::<Result<Vec<_>, _>>()?,
+            types::selector_match::MatchBehavior::try_from(m.r#match)
+                .map_err(|_| Status::invalid_argument("filter.by_selector_match: unknown match behavior"))?,
+        )),
+        None => None,
+    };
+    let expires_before = if f.by_expires_before.is_empty() {
+        None
+    } else {
+        Some(
+            f.by_expires_before
+                .parse::<i64>()
+                .map_err(|_| Status::invalid_argument("filter.by_expires_before: expected unix seconds"))?,
+        )
+    };
+    Ok(all
+        .into_iter()
+        .filter(|n| f.by_attestation_type.is_empty() || n.attestation_type == f.by_attestation_type)
+        .filter(|n| f.by_banned.is_none_or(|b| n.banned() == b))
+        .filter(|n| f.by_can_reattest.is_none_or(|b| n.can_reattest == b))
+        .filter(|n| expires_before.is_none_or(|t| n.expires_at < t))
+        .filter(|n| {
+            sel.as_ref().is_none_or(|(s, m)| {
+                use types::selector_match::MatchBehavior as M;
+                let have: HashSet<&Selector> = n.selectors.iter().collect();
+                let want: HashSet<&Selector> = s.iter().collect();
+                match m {
+                    M::MatchExact => have == want,
+                    M::MatchSubset => have.is_subset(&want),
+                    M::MatchSuperset => have.is_superset(&want),
+                    M::MatchAny => !have.is_disjoint(&want),
+                }
+            })
+        })
+        .collect())
+}
+
+fn agent_id_arg(ctx: &Context, id: Option<&types::Spiffeid>) -> Result<SpiffeId, Status> {
+    let id = local_id_from_proto(ctx, "id", id)?;
+    if !id.path().starts_with("/spire/agent/") {
+        return Err(Status::invalid_argument(format!("id: {id} is not an agent ID")));
+    }
+    Ok(id)
+}
+
+impl AgentService {
+    async fn sign_agent_svid(&self, id: &SpiffeId, csr: &kame_api::csr::Csr) -> Result<(types::X509svid, String, i64), Status> {
+        let chain = self
+            .ctx
+            .ca
+            .sign_x509_svid(&csr.spki_der, id, &[], self.ctx.agent_ttl)
+            .await
+            .map_err(ca_status)?;
+        let leaf = ParsedCert::parse(&chain[0]).map_err(|e| Status::internal(e.to_string()))?;
+        let serial = leaf.serial_hex();
+        let exp = leaf.not_after() as i64;
+        Ok((x509_svid_proto(id, chain, "")?, serial, exp))
+    }
+}
+
+type AttestStream = Pin<Box<dyn Stream<Item = Result<pb::AttestAgentResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    async fn count_agents(&self, req: Request<pb::CountAgentsRequest>) -> Result<Response<pb::CountAgentsResponse>, Status> {
+        require_admin(&self.ctx, &req).await?;
+        let n = filtered_agents(&self.ctx, req.get_ref().filter.as_ref()).await?.len();
+        Ok(Response::new(pb::CountAgentsResponse { count: n as i32 }))
+    }
+
+    async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> Result<Response<pb::ListAgentsResponse>, Status> {
+        require_admin(&self.ctx, &req).await?;
+        let r = req.get_ref();
+        if r.page_size < 0 {
+            return Err(Status::invalid_argument("page_size: must not be negative"));
+        }
+        let all = filtered_agents(&self.ctx, r.filter.as_ref()).await?;
+        let start: usize = if r.page_token.is_empty() {
+            0
+        } else {
+            r.page_token.parse().map_err(|_| Status::invalid_argument("page_token: invalid"))?
+        };
+        let size = if r.page_size == 0 { all.len().max(1) } else { r.page_size as usize };
+        let end = (start + size).min(all.len());
+        let page = all.get(start.min(all.len())..end).unwrap_or_default();
+        Ok(Response::new(pb::ListAgentsResponse {
+            agents: page.iter().map(|n| agent_to_proto(n, r.output_mask.as_ref())).collect(),
+            next_page_token: if r.page_size > 0 && end < all.len() { end.to_string() } else { String::new() },
+        }))
+    }
+
+    async fn get_agent(&self, req: Request<pb::GetAgentRequest>) -> Result<Response<types::Agent>, Status> {
+        require_admin(&self.ctx, &req).await?;
+        let r = req.get_ref();
+        let id = agent_id_arg(&self.ctx, r.id.as_ref())?;
+        let n = self
+            .ctx
+            .ds
+            .fetch_node(&id.to_string())
+            .await
+            .map_err(ds_status)?
+            .ok_or_else(|| Status::not_found("agent not found"))?;
+        Ok(Response::new(agent_to_proto(&n, r.output_mask.as_ref())))
+    }
+
+    async fn delete_agent(&self, req: Request<pb::DeleteAgentRequest>) -> Result<Response<()>, Status> {
+        require_admin(&self.ctx, &req).await?;
+        let id = agent_id_arg(&self.ctx, req.get_ref().id.as_ref())?;
+        self.ctx.ds.delete_node(&id.to_string()).await.map_err(ds_status)?;
+        tracing::info!(agent_id = %id, "agent evicted");
+        Ok(Response::new(()))
+    }
+
+    async fn ban_agent(&self, req: Request<pb::BanAgentRequest>) -> Result<Response<()>, Status> {
+        require_admin(&self.ctx, &req).await?;
+        let id = agent_id_arg(&self.ctx, req.get_ref().id.as_ref())?;
+        let mut n = self
+            .ctx
+            .ds
+            .fetch_node(&id.to_string())
+            .await
+            .map_err(ds_status)?
+            .ok_or_else(|| Status::not_found("agent not found"))?;
+        n.serial_number.clear();
+        n.new_serial_number.clear();
+        self.ctx.ds.update_node(&n).await.map_err(ds_status)?;
+        tracing::info!(agent_id = %id, "agent banned");
+        Ok(Response::new(()))
+    }
+
+    type AttestAgentStream = AttestStream;
+
+    async fn attest_agent(
+        &self,
+        req: Request<Streaming<pb::AttestAgentRequest>>,
+    ) -> Result<Response<AttestStream>, Status> {
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream closed before attestation parameters"))?;
+        let params = match first.step {
+            Some(pb::attest_agent_request::Step::Params(p)) => p,
+            _ => return Err(Status::invalid_argument("the first message must carry params")),
+        };
+        let data = params
+            .data
+            .ok_or_else(|| Status::invalid_argument("params.data: missing attestation data"))?;
+        let csr_bytes = params
+            .params
+            .map(|p| p.csr)
+            .ok_or_else(|| Status::invalid_argument("params.params: missing CSR"))?;
+        // Validate everything before consuming single-use evidence.
+        let csr = parse_csr(&csr_bytes)?;
+        let attested = match data.r#type.as_str() {
+            join_token::TYPE if self.ctx.join_token_enabled => {
+                let id = join_token::agent_id(&self.ctx.td, &data.payload).map_err(attest_status)?;
+                let prior = self.ctx.ds.fetch_node(&id.to_string()).await.map_err(ds_status)?;
+                if prior.is_some_and(|n| n.banned()) {
+                    return Err(Status::permission_denied("agent is banned"));
+                }
+                join_token::attest(self.ctx.ds.as_ref(), &self.ctx.td, &data.payload, crate::ca::now_secs() as i64)
+                    .await
+                    .map_err(attest_status)?
+            }
+            "" => return Err(Status::invalid_argument("params.data.type: missing attestor type")),
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "params.data.type: node attestor {other:?} is not configured"
+                )));
+            }
+        };
+        let id_s = attested.agent_id.to_string();
+        let existing = self.ctx.ds.fetch_node(&id_s).await.map_err(ds_status)?;
+        if existing.as_ref().is_some_and(|n| n.banned()) {
+            return Err(Status::permission_denied("agent is banned"));
+        }
+        let (svid, serial, exp) = self.sign_agent_svid(&attested.agent_id, &csr).await?;
+        let node = AttestedNode {
+            spiffe_id: id_s.clone(),
+            attestation_type: data.r#type.clone(),
+            serial_number: serial,
+            expires_at: exp,
+            new_serial_number: String::new(),
+            new_expires_at: 0,
+            can_reattest: attested.can_reattest,
+            selectors: attested.selectors.clone(),
+            agent_version: existing.as_ref().map(|n| n.agent_version.clone()).unwrap_or_default(),
+        };
+        if existing.is_some() {
+            self.ctx.ds.update_node(&node).await.map_err(ds_status)?;
+        } else {
+            self.ctx.ds.create_node(&node).await.map_err(ds_status)?;
+        }
+        tracing::info!(agent_id = %id_s, attestor = %data.r#type, "agent attested");
+        let resp = pb::AttestAgentResponse {
+            step: Some(pb::attest_agent_response::Step::Result(pb::attest_agent_response::Result {
+                svid: Some(svid),
+                reattestable: attested.can_reattest,
+            })),
+        };
+        Ok(Response::new(Box::pin(tokio_stream::once(Ok(resp)))))
+    }
+
+    async fn renew_agent(&self, req: Request<pb::RenewAgentRequest>) -> Result<Response<pb::RenewAgentResponse>, Status> {
+        let mut node = require_agent(&self.ctx, &req).await?;
+        let csr_bytes = req
+            .get_ref()
+            .params
+            .as_ref()
+            .map(|p| p.csr.clone())
+            .ok_or_else(|| Status::invalid_argument("params: missing CSR"))?;
+        let csr = parse_csr(&csr_bytes)?;
+        let id = SpiffeId::parse(&node.spiffe_id).map_err(|e| Status::internal(e.to_string()))?;
+        let (svid, serial, exp) = self.sign_agent_svid(&id, &csr).await?;
+        node.new_serial_number = serial;
+        node.new_expires_at = exp;
+        self.ctx.ds.update_node(&node).await.map_err(ds_status)?;
+        Ok(Response::new(pb::RenewAgentResponse { svid: Some(svid) }))
+    }
+
+    async fn create_join_token(&self, req: Request<pb::CreateJoinTokenRequest>) -> Result<Response<types::JoinToken>, Status> {
+        require_admin(&self.ctx, &req).await?;
+        let r = req.get_ref();
+        if r.ttl < 1 {
+            return Err(Status::invalid_argument("ttl: a positive TTL is required"));
+        }
+        if r.ttl as i64 > MAX_JOIN_TOKEN_TTL {
+            return Err(Status::invalid_argument(format!("ttl: at most {MAX_JOIN_TOKEN_TTL} seconds")));
+        }
+        let alias = match &r.agent_id {
+            None => None,
+            Some(id) => {
+                let id = local_id_from_proto(&self.ctx, "agent_id", Some(id))?;
+                if id.is_root() {
+                    return Err(Status::invalid_argument("agent_id: needs a path"));
+                }
+                Some(id)
+            }
+        };
+        let token = if r.token.is_empty() {
+            uuid::Uuid::new_v4().to_string()
+        } else {
+            r.token.clone()
+        };
+        let agent_id = join_token::agent_id(&self.ctx.td, token.as_bytes()).map_err(attest_status)?;
+        let expires_at = crate::ca::now_secs() as i64 + r.ttl as i64;
+        self.ctx.ds.create_join_token(&token, expires_at).await.map_err(ds_status)?;
+        if let Some(alias) = alias {
+            let entry = RegistrationEntry {
+                id: uuid::Uuid::new_v4().to_string(),
+                spiffe_id: alias.to_string(),
+                parent_id: agent_id.to_string(),
+                selectors: vec![Selector::new("spiffe_id", agent_id.to_string())],
+                created_at: crate::ca::now_secs() as i64,
+                ..Default::default()
+            };
+            if let Err(e) = self.ctx.ds.create_entry(&entry).await {
+                // Leave nothing half-done: the token goes if its entry could not be created.
+                let _ = self.ctx.ds.take_join_token(&token).await;
+                return Err(ds_status(e));
+            }
+        }
+        tracing::info!(expires_at, "join token created");
+        Ok(Response::new(types::JoinToken { value: token, expires_at }))
+    }
+
+    async fn post_status(&self, req: Request<pb::PostStatusRequest>) -> Result<Response<pb::PostStatusResponse>, Status> {
+        let mut node = require_agent(&self.ctx, &req).await?;
+        let v = &req.get_ref().agent_version;
+        if v.len() > 256 {
+            return Err(Status::invalid_argument("agent_version: too long"));
+        }
+        node.agent_version = v.clone();
+        self.ctx.ds.update_node(&node).await.map_err(ds_status)?;
+        Ok(Response::new(pb::PostStatusResponse {}))
+    }
+}

@@ -1,0 +1,355 @@
+//! SPIRE-compatible gRPC services (`spire.api.server.{entry,bundle,svid,agent}.v1`) and what they
+//! share: the [`Context`], caller identification and authorization ([`authz`]), conversions between
+//! wire messages and datastore records, and the mapping of failures to gRPC codes (InvalidArgument
+//! for bad input, NotFound, AlreadyExists, FailedPrecondition for wrong state, PermissionDenied,
+//! Unavailable while the CA initializes; Internal only for our own bugs and storage faults).
+
+pub mod agent;
+pub mod authz;
+pub mod bundle;
+pub mod entry;
+pub mod svid;
+
+use crate::ca::{Ca, CaError};
+use crate::datastore::{AttestedNode, DataStore, DsError, RegistrationEntry, Selector};
+use kame_api::pb::types;
+use kame_api::{SpiffeId, TrustDomain};
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+use tonic::{Code, Status};
+
+/// Everything the services need.
+#[derive(Debug)]
+pub struct Context {
+    pub td: TrustDomain,
+    pub ca: Arc<Ca>,
+    pub ds: Arc<dyn DataStore>,
+    pub default_x509_svid_ttl: Duration,
+    pub default_jwt_svid_ttl: Duration,
+    pub agent_ttl: Duration,
+    pub join_token_enabled: bool,
+    /// `spiffe://<td>/spire/server`.
+    pub server_spiffe_id: SpiffeId,
+}
+
+/// Maps datastore failures to gRPC statuses.
+pub fn ds_status(e: DsError) -> Status {
+    match e {
+        DsError::AlreadyExists(m) => Status::already_exists(format!("{m} already exists")),
+        DsError::NotFound(m) => Status::not_found(format!("{m} not found")),
+        DsError::FailedPrecondition(m) => Status::failed_precondition(m),
+        other => {
+            tracing::error!(error = %other, "datastore failure");
+            Status::internal(format!("datastore failure: {other}"))
+        }
+    }
+}
+
+/// Maps CA failures to gRPC statuses.
+pub fn ca_status(e: CaError) -> Status {
+    match e {
+        CaError::NotReady(_) => Status::unavailable(e.to_string()),
+        CaError::InvalidTtl(m) => Status::invalid_argument(m),
+        CaError::Profile(p) => Status::invalid_argument(p.to_string()),
+        CaError::Datastore(d) => ds_status(d),
+        other => {
+            tracing::error!(error = %other, "CA failure");
+            Status::internal(other.to_string())
+        }
+    }
+}
+
+/// A per-item status for batch responses.
+pub fn item_status(code: Code, message: impl Into<String>) -> types::Status {
+    types::Status {
+        code: code as i32,
+        message: message.into(),
+    }
+}
+
+pub fn ok_status() -> types::Status {
+    item_status(Code::Ok, "OK")
+}
+
+pub fn status_of(s: &Status) -> types::Status {
+    item_status(s.code(), s.message())
+}
+
+pub fn id_to_proto(id: &str) -> Option<types::Spiffeid> {
+    let id = SpiffeId::parse(id).ok()?;
+    Some(types::Spiffeid {
+        trust_domain: id.trust_domain().as_str().to_string(),
+        path: id.path().to_string(),
+    })
+}
+
+/// Parses a `SPIFFEID` message, which must be present and valid.
+pub fn id_from_proto(field: &str, id: Option<&types::Spiffeid>) -> Result<SpiffeId, Status> {
+    let id = id.ok_or_else(|| Status::invalid_argument(format!("{field}: missing SPIFFE ID")))?;
+    SpiffeId::from_parts(&id.trust_domain, &id.path)
+        .map_err(|e| Status::invalid_argument(format!("{field}: invalid SPIFFE ID: {e}")))
+}
+
+/// Parses a `SPIFFEID` that must be in the server's trust domain.
+pub fn local_id_from_proto(
+    ctx: &Context,
+    field: &str,
+    id: Option<&types::Spiffeid>,
+) -> Result<SpiffeId, Status> {
+    let id = id_from_proto(field, id)?;
+    if !id.is_member_of(&ctx.td) {
+        return Err(Status::invalid_argument(format!(
+            "{field}: {id} is not a member of trust domain {}",
+            ctx.td
+        )));
+    }
+    Ok(id)
+}
+
+pub fn selector_to_proto(s: &Selector) -> types::Selector {
+    types::Selector {
+        r#type: s.kind.clone(),
+        value: s.value.clone(),
+    }
+}
+
+pub fn selector_from_proto(s: &types::Selector) -> Result<Selector, Status> {
+    if s.r#type.is_empty() {
+        return Err(Status::invalid_argument("selector type is empty"));
+    }
+    if s.r#type.contains(':') {
+        return Err(Status::invalid_argument(format!(
+            "selector type {:?} contains ':'",
+            s.r#type
+        )));
+    }
+    if s.value.is_empty() {
+        return Err(Status::invalid_argument(format!(
+            "selector {:?} has an empty value",
+            s.r#type
+        )));
+    }
+    Ok(Selector::new(&s.r#type, &s.value))
+}
+
+pub fn entry_to_proto(e: &RegistrationEntry, mask: Option<&types::EntryMask>) -> types::Entry {
+    let all = types::EntryMask {
+        spiffe_id: true,
+        parent_id: true,
+        selectors: true,
+        x509_svid_ttl: true,
+        federates_with: true,
+        admin: true,
+        downstream: true,
+        expires_at: true,
+        dns_names: true,
+        revision_number: true,
+        store_svid: true,
+        jwt_svid_ttl: true,
+        hint: true,
+        created_at: true,
+        additional_attributes: true,
+    };
+    let m = mask.unwrap_or(&all);
+    types::Entry {
+        id: e.id.clone(),
+        spiffe_id: if m.spiffe_id { id_to_proto(&e.spiffe_id) } else { None },
+        parent_id: if m.parent_id { id_to_proto(&e.parent_id) } else { None },
+        selectors: if m.selectors {
+            e.selectors.iter().map(selector_to_proto).collect()
+        } else {
+            vec![]
+        },
+        x509_svid_ttl: if m.x509_svid_ttl { e.x509_svid_ttl } else { 0 },
+        federates_with: if m.federates_with {
+            e.federates_with.clone()
+        } else {
+            vec![]
+        },
+        admin: m.admin && e.admin,
+        downstream: m.downstream && e.downstream,
+        expires_at: if m.expires_at { e.expires_at } else { 0 },
+        dns_names: if m.dns_names { e.dns_names.clone() } else { vec![] },
+        revision_number: if m.revision_number { e.revision_number } else { 0 },
+        store_svid: m.store_svid && e.store_svid,
+        jwt_svid_ttl: if m.jwt_svid_ttl { e.jwt_svid_ttl } else { 0 },
+        hint: if m.hint { e.hint.clone() } else { String::new() },
+        created_at: if m.created_at { e.created_at } else { 0 },
+        additional_attributes: None,
+    }
+}
+
+const MAX_HINT_LEN: usize = 1024;
+
+/// Validates a DNS name for an SVID (RFC 1123 labels, optional leading `*.`).
+pub fn validate_dns_name(d: &str) -> Result<(), String> {
+    let name = d.strip_prefix("*.").unwrap_or(d);
+    if name.is_empty() || name.len() > 253 {
+        return Err(format!("DNS name {d:?} is empty or too long"));
+    }
+    for label in name.split('.') {
+        if label.is_empty()
+            || label.len() > 63
+            || label.starts_with('-')
+            || label.ends_with('-')
+            || !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        {
+            return Err(format!("DNS name {d:?} is not valid"));
+        }
+    }
+    Ok(())
+}
+
+/// Checks and converts an entry from the wire. `id` and `created_at` are left to the caller.
+pub fn entry_from_proto(ctx: &Context, e: &types::Entry) -> Result<RegistrationEntry, Status> {
+    let spiffe_id = local_id_from_proto(ctx, "spiffe_id", e.spiffe_id.as_ref())?;
+    if spiffe_id.is_root() {
+        return Err(Status::invalid_argument(
+            "spiffe_id: the trust domain's own ID cannot be registered (an SVID needs a path)",
+        ));
+    }
+    spiffe_id
+        .check_issuable()
+        .map_err(|err| Status::invalid_argument(format!("spiffe_id: {err}")))?;
+    let parent_id = local_id_from_proto(ctx, "parent_id", e.parent_id.as_ref())?;
+    if e.selectors.is_empty() {
+        return Err(Status::invalid_argument("selectors: an entry needs at least one selector"));
+    }
+    let mut selectors = BTreeSet::new();
+    for s in &e.selectors {
+        selectors.insert(selector_from_proto(s)?);
+    }
+    if e.x509_svid_ttl < 0 {
+        return Err(Status::invalid_argument("x509_svid_ttl: must not be negative"));
+    }
+    if e.jwt_svid_ttl < 0 {
+        return Err(Status::invalid_argument("jwt_svid_ttl: must not be negative"));
+    }
+    if e.expires_at < 0 {
+        return Err(Status::invalid_argument("expires_at: must not be negative"));
+    }
+    for d in &e.dns_names {
+        validate_dns_name(d).map_err(|m| Status::invalid_argument(format!("dns_names: {m}")))?;
+    }
+    let mut federates_with = vec![];
+    for f in &e.federates_with {
+        let td = TrustDomain::parse(f)
+            .map_err(|err| Status::invalid_argument(format!("federates_with: {f:?}: {err}")))?;
+        if td == ctx.td {
+            return Err(Status::invalid_argument(
+                "federates_with: an entry cannot federate with its own trust domain",
+            ));
+        }
+        let s = td.id_string();
+        if !federates_with.contains(&s) {
+            federates_with.push(s);
+        }
+    }
+    if e.hint.len() > MAX_HINT_LEN {
+        return Err(Status::invalid_argument(format!(
+            "hint: longer than {MAX_HINT_LEN} bytes"
+        )));
+    }
+    Ok(RegistrationEntry {
+        id: e.id.clone(),
+        spiffe_id: spiffe_id.to_string(),
+        parent_id: parent_id.to_string(),
+        selectors: selectors.into_iter().collect(),
+        x509_svid_ttl: e.x509_svid_ttl,
+        jwt_svid_ttl: e.jwt_svid_ttl,
+        federates_with,
+        admin: e.admin,
+        downstream: e.downstream,
+        expires_at: e.expires_at,
+        dns_names: e.dns_names.clone(),
+        revision_number: 0,
+        store_svid: e.store_svid,
+        hint: e.hint.clone(),
+        created_at: 0,
+    })
+}
+
+/// Checks that every federated trust domain of an entry has a bundle.
+pub async fn check_federated_bundles(ctx: &Context, e: &RegistrationEntry) -> Result<(), Status> {
+    for f in &e.federates_with {
+        let name = f.trim_start_matches("spiffe://");
+        if ctx.ds.fetch_bundle(name).await.map_err(ds_status)?.is_none() {
+            return Err(Status::failed_precondition(format!(
+                "federates_with: no bundle for trust domain {name:?} (create it first)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub fn agent_to_proto(n: &AttestedNode, mask: Option<&types::AgentMask>) -> types::Agent {
+    let all = types::AgentMask {
+        attestation_type: true,
+        x509svid_serial_number: true,
+        x509svid_expires_at: true,
+        selectors: true,
+        banned: true,
+        can_reattest: true,
+        agent_version: true,
+    };
+    let m = mask.unwrap_or(&all);
+    types::Agent {
+        id: id_to_proto(&n.spiffe_id),
+        attestation_type: if m.attestation_type { n.attestation_type.clone() } else { String::new() },
+        x509svid_serial_number: if m.x509svid_serial_number { n.serial_number.clone() } else { String::new() },
+        x509svid_expires_at: if m.x509svid_expires_at { n.expires_at } else { 0 },
+        selectors: if m.selectors { n.selectors.iter().map(selector_to_proto).collect() } else { vec![] },
+        banned: m.banned && n.banned(),
+        can_reattest: m.can_reattest && n.can_reattest,
+        agent_version: if m.agent_version { n.agent_version.clone() } else { String::new() },
+    }
+}
+
+/// The entries an agent may obtain SVIDs for: those parented to the agent, to node entries
+/// (parented to the server) whose selectors are a subset of the agent's, and, recursively, to
+/// any entry already authorized.
+pub async fn authorized_entries(ctx: &Context, agent: &AttestedNode) -> Result<Vec<RegistrationEntry>, Status> {
+    let all = ctx
+        .ds
+        .list_entries(&Default::default())
+        .await
+        .map_err(ds_status)?;
+    let server_id = ctx.server_spiffe_id.to_string();
+    let now = crate::ca::now_secs() as i64;
+    let mut agent_selectors: HashSet<&Selector> = agent.selectors.iter().collect();
+    let spiffe_sel = Selector::new("spiffe_id", agent.spiffe_id.clone());
+    agent_selectors.insert(&spiffe_sel);
+    let mut parents: HashSet<String> = HashSet::new();
+    parents.insert(agent.spiffe_id.clone());
+    for e in &all {
+        if e.parent_id == server_id && e.selectors.iter().all(|s| agent_selectors.contains(s)) {
+            parents.insert(e.spiffe_id.clone());
+        }
+    }
+    let mut out: Vec<RegistrationEntry> = vec![];
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut frontier: Vec<String> = parents.into_iter().collect();
+    while let Some(p) = frontier.pop() {
+        for e in all.iter().filter(|e| e.parent_id == p) {
+            if e.expires_at != 0 && e.expires_at < now {
+                continue;
+            }
+            if seen.insert(e.id.clone()) {
+                frontier.push(e.spiffe_id.clone());
+                out.push(e.clone());
+            }
+        }
+    }
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// A TTL from the wire: negative is an error, 0 means the default.
+pub fn ttl_or_default(field: &str, ttl: i32, default: Duration) -> Result<Duration, Status> {
+    match ttl {
+        t if t < 0 => Err(Status::invalid_argument(format!("{field}: must not be negative"))),
+        0 => Ok(default),
+        t => Ok(Duration::from_secs(t as u64)),
+    }
+}

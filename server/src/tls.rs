@@ -1,0 +1,112 @@
+//! The server's own X509-SVID (`spiffe://<td>/spire/server`) for its TCP listener: a P-256 key
+//! held in memory, signed by the active CA, rotated at half-life; plus the rustls configuration
+//! that serves it and verifies optional client SVIDs against the live bundle.
+
+use crate::ca::{Ca, CaError, now_secs};
+use aws_lc_rs::encoding::AsDer;
+use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+use kame_api::SpiffeId;
+use kame_api::tls::{RootsFn, SpiffeClientVerifier};
+use kame_api::x509svid::ParsedCert;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+#[derive(Debug)]
+struct Current {
+    key: Arc<CertifiedKey>,
+    not_before: u64,
+    not_after: u64,
+}
+
+#[derive(Debug)]
+pub struct ServerSvid {
+    ca: Arc<Ca>,
+    id: SpiffeId,
+    ttl: Duration,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: RwLock<Option<Current>>,
+}
+
+impl ServerSvid {
+    pub fn new(ca: Arc<Ca>, id: SpiffeId, ttl: Duration, provider: Arc<rustls::crypto::CryptoProvider>) -> Arc<Self> {
+        Arc::new(ServerSvid {
+            ca,
+            id,
+            ttl,
+            provider,
+            current: RwLock::new(None),
+        })
+    }
+
+    /// Mints a new SVID if there is none or half of its life has passed.
+    pub async fn rotate_if_needed(&self) -> Result<(), CaError> {
+        let now = now_secs();
+        let due = match &*self.current.read().unwrap_or_else(|p| p.into_inner()) {
+            None => true,
+            Some(c) => now >= c.not_before + (c.not_after.saturating_sub(c.not_before)) / 2,
+        };
+        if !due {
+            return Ok(());
+        }
+        let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
+            .map_err(|_| CaError::Journal("cannot generate server SVID key".into()))?;
+        let spki = kp
+            .public_key()
+            .as_der()
+            .map_err(|_| CaError::Journal("cannot encode server SVID key".into()))?;
+        let chain = self.ca.sign_x509_svid(spki.as_ref(), &self.id, &[], self.ttl).await?;
+        let leaf = ParsedCert::parse(&chain[0])?;
+        let pkcs8 = kp
+            .to_pkcs8v1()
+            .map_err(|_| CaError::Journal("cannot encode server SVID key".into()))?;
+        let signing_key = self
+            .provider
+            .key_provider
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_ref().to_vec())))
+            .map_err(|e| CaError::Journal(format!("server SVID key: {e}")))?;
+        let certs = chain.into_iter().map(CertificateDer::from).collect();
+        let cur = Current {
+            key: Arc::new(CertifiedKey::new(certs, signing_key)),
+            not_before: leaf.not_before(),
+            not_after: leaf.not_after(),
+        };
+        tracing::info!(spiffe_id = %self.id, expires_at = cur.not_after, "server SVID rotated");
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(cur);
+        Ok(())
+    }
+}
+
+impl ResolvesServerCert for ServerSvid {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|c| c.key.clone())
+    }
+}
+
+/// rustls server configuration: our SVID, optional client SVIDs of the trust domain, ALPN h2.
+pub fn server_config(
+    svid: Arc<ServerSvid>,
+    ca: Arc<Ca>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<rustls::ServerConfig, rustls::Error> {
+    let roots: RootsFn = Arc::new(move || {
+        ca.bundle()
+            .x509_authorities
+            .iter()
+            .map(|c| c.asn1.clone())
+            .collect()
+    });
+    let verifier = Arc::new(SpiffeClientVerifier::new(roots, provider.clone()));
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(svid);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
