@@ -112,6 +112,21 @@ fn prepare_socket(path: &Path) -> Result<UnixListener, RunError> {
     Ok(l)
 }
 
+/// tonic reports a request over the size limit as OutOfRange; gRPC (and grpc-go) use
+/// RESOURCE_EXHAUSTED for that, which is what clients retry-classify on.
+fn oversized_is_resource_exhausted<B>(mut resp: tonic::codegen::http::Response<B>) -> tonic::codegen::http::Response<B> {
+    let h = resp.headers();
+    let too_large = h.get("grpc-status").is_some_and(|v| v.as_bytes() == b"11")
+        && h
+            .get("grpc-message")
+            .is_some_and(|v| String::from_utf8_lossy(v.as_bytes()).replace("%20", " ").contains("message length too large"));
+    if too_large {
+        resp.headers_mut()
+            .insert("grpc-status", tonic::codegen::http::HeaderValue::from_static("8"));
+    }
+    resp
+}
+
 /// Starts everything and returns once the listeners accept connections.
 pub async fn start(cfg: Config) -> Result<Running, RunError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -169,6 +184,7 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
     let router = || {
         let m = MAX_MESSAGE_SIZE;
         tonic::transport::Server::builder()
+            .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
             .add_service(
                 pb::entry::entry_server::EntryServer::new(EntryService { ctx: ctx.clone() })
                     .max_decoding_message_size(m),
