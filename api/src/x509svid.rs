@@ -8,7 +8,7 @@ use crate::keys::{KeyInfo, der_tlv, verify_x509_signature};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
 use const_oid::ObjectIdentifier;
 use const_oid::db::rfc5280::{ID_KP_CLIENT_AUTH, ID_KP_SERVER_AUTH};
-use der::asn1::{BitString, Ia5String, OctetString, UintRef};
+use der::asn1::{Ia5String, OctetString, UintRef};
 use der::{Decode, Encode};
 use sha1::Digest;
 use spki::AlgorithmIdentifierOwned;
@@ -23,7 +23,6 @@ use x509_cert::ext::pkix::{
 use x509_cert::ext::Extension;
 use const_oid::AssociatedOid;
 use x509_cert::name::Name;
-use x509_cert::time::Time;
 
 /// SVID `notBefore` is this far in the past, to absorb clock skew (SPIRE does the same).
 pub const BACKDATE: Duration = Duration::from_secs(10);
@@ -56,13 +55,17 @@ pub struct IssuerInfo {
     pub signature_algorithm: AlgorithmIdentifierOwned,
     /// The issuer's notAfter (unix seconds): nothing it signs may outlive it.
     pub not_after: u64,
+    /// The AuthorityKeyIdentifier extension its certificates carry (pre-encoded).
+    pub aki_ext_der: Vec<u8>,
+    /// `signature_algorithm`, DER (pre-encoded).
+    pub signature_algorithm_der: Vec<u8>,
 }
 
 impl IssuerInfo {
     pub fn from_cert_der(der: &[u8]) -> Result<Self, Error> {
         let p = ParsedCert::parse(der)?;
         let key = KeyInfo::from_spki_der(&p.spki_der()?)?;
-        Ok(IssuerInfo {
+        IssuerInfo {
             subject_der: p
                 .cert
                 .tbs_certificate()
@@ -75,8 +78,89 @@ impl IssuerInfo {
             },
             signature_algorithm: key.x509_signature_algorithm(),
             not_after: p.not_after(),
-        })
+            aki_ext_der: Vec::new(),
+            signature_algorithm_der: Vec::new(),
+        }
+        .with_aki()
     }
+
+    fn with_aki(mut self) -> Result<Self, Error> {
+        self.aki_ext_der = aki_ext(&self.key_id)?;
+        self.signature_algorithm_der = self.signature_algorithm.to_der().map_err(enc_err)?;
+        Ok(self)
+    }
+}
+
+fn aki_ext(key_id: &[u8]) -> Result<Vec<u8>, Error> {
+    ext_der(
+        AuthorityKeyIdentifier::OID,
+        false,
+        &AuthorityKeyIdentifier {
+            key_identifier: Some(OctetString::new(key_id.to_vec()).map_err(enc_err)?),
+            authority_cert_issuer: None,
+            authority_cert_serial_number: None,
+        },
+    )
+}
+
+/// Extensions every leaf carries, encoded once: cA=false, critical KU, EKU.
+fn static_leaf_exts() -> Result<&'static [u8], Error> {
+    static EXTS: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    if let Some(e) = EXTS.get() {
+        return Ok(e);
+    }
+    let e = [
+        ext_der(
+            BasicConstraints::OID,
+            true,
+            &BasicConstraints {
+                ca: false,
+                path_len_constraint: None,
+            },
+        )?,
+        ext_der(
+            KeyUsage::OID,
+            true,
+            &KeyUsage(
+                KeyUsages::DigitalSignature | KeyUsages::KeyEncipherment | KeyUsages::KeyAgreement,
+            ),
+        )?,
+        ext_der(
+            ExtendedKeyUsage::OID,
+            false,
+            &ExtendedKeyUsage(vec![ID_KP_SERVER_AUTH, ID_KP_CLIENT_AUTH]),
+        )?,
+    ]
+    .concat();
+    Ok(EXTS.get_or_init(|| e))
+}
+
+/// SubjectKeyIdentifier extension, built directly (hot path).
+fn ski_ext(spki_der: &[u8]) -> Result<Vec<u8>, Error> {
+    // SEQ { OID 2.5.29.14, OCTET STRING { OCTET STRING ski } }
+    let ski = subject_key_id(spki_der)?;
+    let oid = [0x06, 0x03, 0x55, 0x1d, 0x0e];
+    Ok(der_tlv(0x30, &[&oid[..], &der_tlv(0x04, &der_tlv(0x04, &ski))].concat()))
+}
+
+/// SubjectAltName extension with one URI and DNS names, built directly (hot path).
+fn san_ext_fast(uri: &str, dns_names: &[String], critical: bool) -> Result<Vec<u8>, Error> {
+    let mut names = der_tlv(0x86, uri.as_bytes());
+    for d in dns_names {
+        if !d.is_ascii() {
+            return Err(Error::BadName(format!("DNS name {d:?} is not ASCII")));
+        }
+        names.extend(der_tlv(0x82, d.as_bytes()));
+    }
+    if !uri.is_ascii() {
+        return Err(Error::BadName(format!("URI {uri:?} is not ASCII")));
+    }
+    let oid = [0x06, 0x03, 0x55, 0x1d, 0x11];
+    let crit: &[u8] = if critical { &[0x01, 0x01, 0xff] } else { &[] };
+    Ok(der_tlv(
+        0x30,
+        &[&oid[..], crit, &der_tlv(0x04, &der_tlv(0x30, &names))].concat(),
+    ))
 }
 
 /// What a CA certificate says.
@@ -103,9 +187,40 @@ fn enc_err(e: der::Error) -> Error {
     Error::Encode(e.to_string())
 }
 
+/// RFC 5280 time: UTCTime through 2049, GeneralizedTime from 2050 (built directly: hot path).
 fn time_der(secs: u64) -> Result<Vec<u8>, Error> {
-    let dt = der::DateTime::from_unix_duration(Duration::from_secs(secs)).map_err(enc_err)?;
-    Time::from(dt).to_der().map_err(enc_err)
+    let days = (secs / 86400) as i64;
+    let rem = secs % 86400;
+    // civil_from_days (H. Hinnant)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    if !(1950..=9999).contains(&y) {
+        return Err(Error::BadValidity);
+    }
+    let (h, mi, se) = (rem / 3600, rem % 3600 / 60, rem % 60);
+    let mut out = Vec::with_capacity(17);
+    let two = |out: &mut Vec<u8>, v: i64| {
+        out.push(b'0' + (v / 10 % 10) as u8);
+        out.push(b'0' + (v % 10) as u8);
+    };
+    if y < 2050 {
+        out.extend_from_slice(&[0x17, 13]);
+    } else {
+        out.extend_from_slice(&[0x18, 15]);
+        two(&mut out, y / 100);
+    }
+    for v in [y % 100, m, d, h as i64, mi as i64, se as i64] {
+        two(&mut out, v);
+    }
+    out.push(b'Z');
+    Ok(out)
 }
 
 fn ext_der(oid: ObjectIdentifier, critical: bool, value: &impl Encode) -> Result<Vec<u8>, Error> {
@@ -141,7 +256,7 @@ fn san_der(
 #[allow(clippy::too_many_arguments)]
 fn tbs(
     serial: &[u8],
-    alg: &AlgorithmIdentifierOwned,
+    alg_der: &[u8],
     issuer_der: &[u8],
     not_before: u64,
     not_after: u64,
@@ -154,8 +269,11 @@ fn tbs(
     }
     let mut body = Vec::with_capacity(512 + spki_der.len());
     body.extend_from_slice(&[0xa0, 0x03, 0x02, 0x01, 0x02]); // [0] EXPLICIT version v3
+    if serial.is_empty() || serial.len() > 20 {
+        return Err(Error::Encode("serial number must be 1 to 20 bytes".into()));
+    }
     body.extend(UintRef::new(serial).map_err(enc_err)?.to_der().map_err(enc_err)?);
-    body.extend(alg.to_der().map_err(enc_err)?);
+    body.extend_from_slice(alg_der);
     body.extend_from_slice(issuer_der);
     body.extend(der_tlv(
         0x30,
@@ -209,7 +327,7 @@ pub fn ca_tbs(p: &CaParams<'_>, issuer: Option<&IssuerInfo>) -> Result<Vec<u8>, 
     ];
     tbs(
         p.serial,
-        &alg,
+        &alg.to_der().map_err(enc_err)?,
         &issuer_der,
         p.not_before,
         p.not_after,
@@ -217,6 +335,17 @@ pub fn ca_tbs(p: &CaParams<'_>, issuer: Option<&IssuerInfo>) -> Result<Vec<u8>, 
         p.spki_der,
         &exts,
     )
+}
+
+const LEAF_SUBJECT: &str = "C=US, O=SPIRE";
+
+fn default_leaf_subject() -> Result<&'static [u8], Error> {
+    static SUBJECT: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+    if let Some(s) = SUBJECT.get() {
+        return Ok(s);
+    }
+    let der = parse_name(LEAF_SUBJECT)?.to_der().map_err(enc_err)?;
+    Ok(SUBJECT.get_or_init(|| der))
 }
 
 /// TBS of an X509-SVID leaf: exactly one URI SAN (X509-01) plus DNS names, cA=false (X509-05),
@@ -228,59 +357,39 @@ pub fn leaf_tbs(p: &LeafParams<'_>, issuer: &IssuerInfo) -> Result<Vec<u8>, Erro
         return Err(Error::BadSvid("an X509-SVID needs a SPIFFE ID with a path (X509-03)".into()));
     }
     p.id.check_issuable()?;
-    KeyInfo::from_spki_der(p.spki_der)?;
-    let mut subject = String::from("C=US, O=SPIRE");
-    if let Some(cn) = p.dns_names.first() {
-        if cn.contains(',') || cn.contains('=') || cn.contains('+') {
-            return Err(Error::BadName(format!("DNS name {cn:?}")));
+    // The key was validated where it came in (CSR signature check); its encoding is checked
+    // when the SKI is computed below.
+    let subject_der = match p.dns_names.first() {
+        None => default_leaf_subject()?.to_vec(),
+        Some(cn) => {
+            if cn.contains(',') || cn.contains('=') || cn.contains('+') {
+                return Err(Error::BadName(format!("DNS name {cn:?}")));
+            }
+            parse_name(&format!("{LEAF_SUBJECT}, CN={cn}"))?
+                .to_der()
+                .map_err(enc_err)?
         }
-        subject.push_str(", CN=");
-        subject.push_str(cn);
-    }
-    let subject_der = parse_name(&subject)?.to_der().map_err(enc_err)?;
+    };
     let not_after = p.not_after.min(issuer.not_after);
+    let aki = if issuer.aki_ext_der.is_empty() {
+        aki_ext(&issuer.key_id)?
+    } else {
+        issuer.aki_ext_der.clone()
+    };
     let exts = vec![
-        ext_der(
-            BasicConstraints::OID,
-            true,
-            &BasicConstraints {
-                ca: false,
-                path_len_constraint: None,
-            },
-        )?,
-        ext_der(
-            KeyUsage::OID,
-            true,
-            &KeyUsage(
-                KeyUsages::DigitalSignature | KeyUsages::KeyEncipherment | KeyUsages::KeyAgreement,
-            ),
-        )?,
-        ext_der(
-            ExtendedKeyUsage::OID,
-            false,
-            &ExtendedKeyUsage(vec![ID_KP_SERVER_AUTH, ID_KP_CLIENT_AUTH]),
-        )?,
-        ext_der(
-            SubjectKeyIdentifier::OID,
-            false,
-            &SubjectKeyIdentifier(
-                OctetString::new(subject_key_id(p.spki_der)?).map_err(enc_err)?,
-            ),
-        )?,
-        ext_der(
-            AuthorityKeyIdentifier::OID,
-            false,
-            &AuthorityKeyIdentifier {
-                key_identifier: Some(OctetString::new(issuer.key_id.clone()).map_err(enc_err)?),
-                authority_cert_issuer: None,
-                authority_cert_serial_number: None,
-            },
-        )?,
-        san_der(&p.id.to_string(), p.dns_names, false)?,
+        static_leaf_exts()?.to_vec(),
+        ski_ext(p.spki_der)?,
+        aki,
+        san_ext_fast(&p.id.to_string(), p.dns_names, false)?,
     ];
+    let alg_der = if issuer.signature_algorithm_der.is_empty() {
+        issuer.signature_algorithm.to_der().map_err(enc_err)?
+    } else {
+        issuer.signature_algorithm_der.clone()
+    };
     tbs(
         p.serial,
-        &issuer.signature_algorithm,
+        &alg_der,
         &issuer.subject_der,
         p.not_before,
         not_after,
@@ -296,12 +405,16 @@ pub fn assemble(
     alg: &AlgorithmIdentifierOwned,
     signature: &[u8],
 ) -> Result<Vec<u8>, Error> {
-    let alg = alg.to_der().map_err(enc_err)?;
-    let sig = BitString::from_bytes(signature)
-        .map_err(enc_err)?
-        .to_der()
-        .map_err(enc_err)?;
-    Ok(der_tlv(0x30, &[tbs, &alg, &sig].concat()))
+    assemble_der(tbs, &alg.to_der().map_err(enc_err)?, signature)
+}
+
+/// [`assemble`] with the signature algorithm already DER-encoded.
+pub fn assemble_der(tbs: &[u8], alg_der: &[u8], signature: &[u8]) -> Result<Vec<u8>, Error> {
+    // BIT STRING with no unused bits.
+    let mut sig = Vec::with_capacity(signature.len() + 1);
+    sig.push(0);
+    sig.extend_from_slice(signature);
+    Ok(der_tlv(0x30, &[tbs, alg_der, &der_tlv(0x03, &sig)].concat()))
 }
 
 /// A parsed certificate with the raw TBS bytes kept for signature checks.
@@ -554,6 +667,7 @@ pub fn verify_chain(chain: &[Vec<u8>], roots: &[Vec<u8>], now: u64) -> Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+    use x509_cert::time::Time;
     use aws_lc_rs::encoding::AsDer;
     use aws_lc_rs::rand::SystemRandom;
     use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
@@ -624,6 +738,15 @@ mod tests {
         let cp = ParsedCert::parse(&ca).unwrap();
         check_signing_cert(&cp).unwrap();
         assert_eq!(cp.spiffe_id().unwrap().to_string(), "spiffe://example.org");
+    }
+
+    #[test]
+    fn validity_times_encode_like_the_der_crate() {
+        for secs in [0u64, 951_782_400, 1_795_339_518, 2_524_607_999, 2_524_608_000, 4_102_444_800, 253_402_300_799] {
+            let dt = der::DateTime::from_unix_duration(Duration::from_secs(secs)).unwrap();
+            let want = Time::from(dt).to_der().unwrap();
+            assert_eq!(time_der(secs).unwrap(), want, "{secs}");
+        }
     }
 
     #[test]

@@ -642,7 +642,7 @@ impl Ca {
             SignOpts::for_key(ca.key.key_type),
         )
         .await?;
-        Ok(vec![x509svid::assemble(&tbs, &ca.issuer.signature_algorithm, &sig)?])
+        Ok(vec![x509svid::assemble_der(&tbs, &ca.issuer.signature_algorithm_der, &sig)?])
     }
 
     /// Mints a JWT-SVID. Returns (token, issued_at, expires_at); expiry is capped at the key's.
