@@ -52,7 +52,11 @@ pub fn from_spiffe_json(td: &TrustDomain, data: &[u8]) -> Result<Bundle, Error> 
     let keys = match doc.get("keys") {
         Some(Value::Array(k)) => k,
         Some(_) => return Err(Error::BadBundle("\"keys\" is not an array".into())),
-        None => return Err(Error::BadBundle("bundle has no \"keys\" member (BUN-05)".into())),
+        None => {
+            return Err(Error::BadBundle(
+                "bundle has no \"keys\" member (BUN-05)".into(),
+            ));
+        }
     };
     let mut bundle = Bundle {
         trust_domain: td.as_str().to_string(),
@@ -61,9 +65,9 @@ pub fn from_spiffe_json(td: &TrustDomain, data: &[u8]) -> Result<Bundle, Error> 
     match doc.get("spiffe_sequence") {
         None => {}
         Some(v) => {
-            bundle.sequence_number = v
-                .as_u64()
-                .ok_or_else(|| Error::BadBundle("spiffe_sequence is not an unsigned integer".into()))?
+            bundle.sequence_number = v.as_u64().ok_or_else(|| {
+                Error::BadBundle("spiffe_sequence is not an unsigned integer".into())
+            })?
         }
     }
     match doc.get("spiffe_refresh_hint") {

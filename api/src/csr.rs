@@ -27,7 +27,9 @@ pub fn parse(der: &[u8]) -> Result<Csr, Error> {
         return Err(Error::BadCsr("CSR is empty".into()));
     }
     if der.len() > MAX_CSR_LEN {
-        return Err(Error::BadCsr(format!("CSR is larger than {MAX_CSR_LEN} bytes")));
+        return Err(Error::BadCsr(format!(
+            "CSR is larger than {MAX_CSR_LEN} bytes"
+        )));
     }
     let req = CertReq::from_der(der).map_err(|e| Error::BadCsr(format!("malformed CSR: {e}")))?;
     let spki_der = req
@@ -36,7 +38,10 @@ pub fn parse(der: &[u8]) -> Result<Csr, Error> {
         .to_der()
         .map_err(|e| Error::BadCsr(e.to_string()))?;
     let key = KeyInfo::from_spki_der(&spki_der).map_err(|e| Error::BadCsr(e.to_string()))?;
-    let info_der = req.info.to_der().map_err(|e| Error::BadCsr(e.to_string()))?;
+    let info_der = req
+        .info
+        .to_der()
+        .map_err(|e| Error::BadCsr(e.to_string()))?;
     let sig = req
         .signature
         .as_bytes()
@@ -86,13 +91,19 @@ pub fn parse(der: &[u8]) -> Result<Csr, Error> {
 /// DER of a CertificationRequestInfo with an empty subject, `spki_der`, and a SAN extension
 /// request holding `uris` and `dns_names`. Sign it and finish with
 /// [`crate::x509svid::assemble`].
-pub fn request_info(spki_der: &[u8], uris: &[String], dns_names: &[String]) -> Result<Vec<u8>, Error> {
+pub fn request_info(
+    spki_der: &[u8],
+    uris: &[String],
+    dns_names: &[String],
+) -> Result<Vec<u8>, Error> {
     use crate::keys::der_tlv;
     use der::asn1::{Ia5String, OctetString};
     let enc = |e: der::Error| Error::Encode(e.to_string());
     let mut names = vec![];
     for u in uris {
-        names.push(GeneralName::UniformResourceIdentifier(Ia5String::new(u).map_err(enc)?));
+        names.push(GeneralName::UniformResourceIdentifier(
+            Ia5String::new(u).map_err(enc)?,
+        ));
     }
     for d in dns_names {
         names.push(GeneralName::DnsName(Ia5String::new(d).map_err(enc)?));
@@ -102,20 +113,25 @@ pub fn request_info(spki_der: &[u8], uris: &[String], dns_names: &[String]) -> R
         let ext = x509_cert::ext::Extension {
             extn_id: <SubjectAltName as const_oid::AssociatedOid>::OID,
             critical: false,
-            extn_value: OctetString::new(SubjectAltName(names).to_der().map_err(enc)?).map_err(enc)?,
+            extn_value: OctetString::new(SubjectAltName(names).to_der().map_err(enc)?)
+                .map_err(enc)?,
         };
         let exts = der_tlv(0x30, &ext.to_der().map_err(enc)?);
         let attr = der_tlv(
             0x30,
-            &[ID_EXTENSION_REQ.to_der().map_err(enc)?, der_tlv(0x31, &exts)].concat(),
+            &[
+                ID_EXTENSION_REQ.to_der().map_err(enc)?,
+                der_tlv(0x31, &exts),
+            ]
+            .concat(),
         );
         attrs.extend(attr);
     }
     let body = [
-        vec![0x02, 0x01, 0x00],  // version 0
-        vec![0x30, 0x00],        // empty subject
+        vec![0x02, 0x01, 0x00], // version 0
+        vec![0x30, 0x00],       // empty subject
         spki_der.to_vec(),
-        der_tlv(0xa0, &attrs),   // [0] IMPLICIT SET OF Attribute
+        der_tlv(0xa0, &attrs), // [0] IMPLICIT SET OF Attribute
     ]
     .concat();
     Ok(der_tlv(0x30, &body))

@@ -32,7 +32,9 @@ pub struct Claims<'a> {
 /// The JWS signing input `b64(header).b64(claims)` for a key of `key` type and id `kid`.
 pub fn signing_input(key: &KeyInfo, kid: &str, c: &Claims<'_>) -> Result<String, Error> {
     if c.aud.is_empty() || c.aud.iter().any(|a| a.is_empty()) {
-        return Err(Error::BadSvid("a JWT-SVID needs at least one non-empty audience (JWT-07)".into()));
+        return Err(Error::BadSvid(
+            "a JWT-SVID needs at least one non-empty audience (JWT-07)".into(),
+        ));
     }
     c.sub.check_issuable()?;
     let header = json!({"alg": key.jws_alg(), "kid": kid, "typ": "JWT"});
@@ -121,19 +123,30 @@ pub fn validate(
     authorities_for: impl Fn(&TrustDomain) -> Option<Vec<JwtAuthority>>,
 ) -> Result<Validated, Error> {
     if audience.is_empty() {
-        return Err(Error::BadJwt("an audience to validate against is required (JWT-07)".into()));
+        return Err(Error::BadJwt(
+            "an audience to validate against is required (JWT-07)".into(),
+        ));
     }
     let parts: Vec<&str> = token.split('.').collect();
     if parts.len() != 3 {
-        return Err(Error::BadJwt("token is not in JWS compact serialization (JWT-01)".into()));
+        return Err(Error::BadJwt(
+            "token is not in JWS compact serialization (JWT-01)".into(),
+        ));
     }
     let header = b64_json(parts[0], "header")?;
-    if let Some(k) = header.keys().find(|k| !matches!(k.as_str(), "alg" | "kid" | "typ")) {
-        return Err(Error::BadJwt(format!("header {k:?} is not allowed (JWT-02)")));
+    if let Some(k) = header
+        .keys()
+        .find(|k| !matches!(k.as_str(), "alg" | "kid" | "typ"))
+    {
+        return Err(Error::BadJwt(format!(
+            "header {k:?} is not allowed (JWT-02)"
+        )));
     }
     let alg = header.get("alg").and_then(Value::as_str).unwrap_or("");
     if !ALLOWED_ALGS.contains(&alg) {
-        return Err(Error::BadJwt(format!("algorithm {alg:?} is not allowed (JWT-03)")));
+        return Err(Error::BadJwt(format!(
+            "algorithm {alg:?} is not allowed (JWT-03)"
+        )));
     }
     let kid = match header.get("kid") {
         Some(Value::String(k)) if !k.is_empty() => k.clone(),
@@ -159,7 +172,9 @@ pub fn validate(
         return Err(Error::BadJwt("token has no audience (JWT-07)".into()));
     }
     if !auds.contains(&audience) {
-        return Err(Error::BadJwt(format!("audience {audience:?} is not in the token (JWT-07)")));
+        return Err(Error::BadJwt(format!(
+            "audience {audience:?} is not in the token (JWT-07)"
+        )));
     }
     let exp = num_claim(&claims, "exp")?
         .ok_or_else(|| Error::BadJwt("token has no exp (JWT-08)".into()))?;
@@ -182,8 +197,9 @@ pub fn validate(
         .find(|a| a.kid == kid)
         .ok_or_else(|| Error::BadJwt(format!("key {kid:?} is not in the bundle (JWT-10)")))?;
     let key = KeyInfo::from_spki_der(&authority.spki_der)?;
-    let va = verification_alg(alg, &key)
-        .ok_or_else(|| Error::BadJwt(format!("algorithm {alg} does not fit key {kid:?} (JWT-10)")))?;
+    let va = verification_alg(alg, &key).ok_or_else(|| {
+        Error::BadJwt(format!("algorithm {alg} does not fit key {kid:?} (JWT-10)"))
+    })?;
     let sig = URL_SAFE_NO_PAD
         .decode(parts[2])
         .map_err(|_| Error::BadJwt("signature is not base64url".into()))?;

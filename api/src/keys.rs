@@ -31,7 +31,10 @@ pub enum KeyInfo {
     EcP256(Vec<u8>),
     EcP384(Vec<u8>),
     /// Modulus and exponent, big-endian without leading zeros.
-    Rsa { n: Vec<u8>, e: Vec<u8> },
+    Rsa {
+        n: Vec<u8>,
+        e: Vec<u8>,
+    },
 }
 
 impl KeyInfo {
@@ -70,8 +73,8 @@ impl KeyInfo {
                 .map_err(|_| Error::BadPublicKey("EC point is not on the curve".into()))?;
             Ok(info)
         } else if spki.algorithm.oid == OID_RSA_ENCRYPTION {
-            let mut r = SliceReader::new(bits)
-                .map_err(|_| Error::BadPublicKey("bad RSA key".into()))?;
+            let mut r =
+                SliceReader::new(bits).map_err(|_| Error::BadPublicKey("bad RSA key".into()))?;
             let (n, e) = r
                 .sequence(|r: &mut SliceReader<'_>| {
                     let n = UintRef::decode(r)?;
@@ -187,7 +190,9 @@ impl KeyInfo {
 
     /// Reads a key from JWK members. `Ok(None)` for a `kty` Kame does not know (BUN-07: the
     /// JWK is then ignored); `Err` for a known `kty` with bad members.
-    pub fn from_jwk(jwk: &serde_json::Map<String, serde_json::Value>) -> Result<Option<Self>, Error> {
+    pub fn from_jwk(
+        jwk: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Option<Self>, Error> {
         let s = |k: &str| jwk.get(k).and_then(|v| v.as_str());
         let bytes = |k: &str| -> Result<Vec<u8>, Error> {
             let v = s(k).ok_or_else(|| Error::BadBundle(format!("JWK is missing {k:?}")))?;
@@ -206,7 +211,9 @@ impl KeyInfo {
                 };
                 let (x, y) = (bytes("x")?, bytes("y")?);
                 if x.len() != n || y.len() != n {
-                    return Err(Error::BadBundle("EC JWK coordinates have the wrong length".into()));
+                    return Err(Error::BadBundle(
+                        "EC JWK coordinates have the wrong length".into(),
+                    ));
                 }
                 let point = [&[4u8][..], &x, &y].concat();
                 let info = if p384 {
@@ -247,7 +254,10 @@ pub(crate) fn der_tlv(tag: u8, body: &[u8]) -> Vec<u8> {
         out.push(len as u8);
     } else {
         let bytes = len.to_be_bytes();
-        let skip = bytes.iter().position(|b| *b != 0).unwrap_or(bytes.len() - 1);
+        let skip = bytes
+            .iter()
+            .position(|b| *b != 0)
+            .unwrap_or(bytes.len() - 1);
         out.push(0x80 | (bytes.len() - skip) as u8);
         out.extend_from_slice(&bytes[skip..]);
     }
@@ -324,7 +334,10 @@ mod tests {
         let spki = k.public_key().as_der().unwrap().as_ref().to_vec();
         let info = KeyInfo::from_spki_der(&spki).unwrap();
         assert_eq!(info.to_spki_der().unwrap(), spki);
-        assert_eq!(KeyInfo::from_jwk(&info.jwk_members()).unwrap().unwrap(), info);
+        assert_eq!(
+            KeyInfo::from_jwk(&info.jwk_members()).unwrap().unwrap(),
+            info
+        );
     }
 
     #[test]

@@ -30,7 +30,9 @@ pub enum IdError {
         "trust domain characters are limited to lowercase letters, numbers, dots, dashes, and underscores"
     )]
     BadTrustDomainChar,
-    #[error("path segment characters are limited to letters, numbers, dots, dashes, and underscores")]
+    #[error(
+        "path segment characters are limited to letters, numbers, dots, dashes, and underscores"
+    )]
     BadPathSegmentChar,
     #[error("path cannot contain dot segments")]
     DotSegment,
@@ -297,9 +299,15 @@ mod tests {
 
     #[test]
     fn id_09_10_segments() {
-        assert_eq!(SpiffeId::parse("spiffe://td/a//b"), Err(IdError::EmptySegment));
+        assert_eq!(
+            SpiffeId::parse("spiffe://td/a//b"),
+            Err(IdError::EmptySegment)
+        );
         assert_eq!(SpiffeId::parse("spiffe://td/./b"), Err(IdError::DotSegment));
-        assert_eq!(SpiffeId::parse("spiffe://td/a/.."), Err(IdError::DotSegment));
+        assert_eq!(
+            SpiffeId::parse("spiffe://td/a/.."),
+            Err(IdError::DotSegment)
+        );
         assert_eq!(SpiffeId::parse("spiffe://td/"), Err(IdError::TrailingSlash));
         assert!(SpiffeId::parse("spiffe://td/.a/..b/...").is_ok());
     }
@@ -310,14 +318,20 @@ mod tests {
             SpiffeId::parse("spiffe://EXAMPLE.org/p"),
             Err(IdError::BadTrustDomainChar)
         );
-        assert_eq!(SpiffeId::parse("SPIFFE://example.org/p"), Err(IdError::WrongScheme));
+        assert_eq!(
+            SpiffeId::parse("SPIFFE://example.org/p"),
+            Err(IdError::WrongScheme)
+        );
         let id = SpiffeId::parse("spiffe://example.org/MyService").unwrap();
         assert_eq!(id.to_string(), "spiffe://example.org/MyService");
     }
 
     #[test]
     fn id_13_trust_domain_from_id_validates_path() {
-        assert_eq!(TrustDomain::parse("spiffe://td/"), Err(IdError::TrailingSlash));
+        assert_eq!(
+            TrustDomain::parse("spiffe://td/"),
+            Err(IdError::TrailingSlash)
+        );
         assert_eq!(TrustDomain::parse("spiffe://td/x").unwrap().as_str(), "td");
     }
 
@@ -338,6 +352,9 @@ mod tests {
             SpiffeId::from_parts("td", "/p").unwrap().to_string(),
             "spiffe://td/p"
         );
-        assert_eq!(SpiffeId::from_parts("td", "p"), Err(IdError::NoLeadingSlash));
+        assert_eq!(
+            SpiffeId::from_parts("td", "p"),
+            Err(IdError::NoLeadingSlash)
+        );
     }
 }

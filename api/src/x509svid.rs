@@ -6,6 +6,7 @@
 use crate::Error;
 use crate::keys::{KeyInfo, der_tlv, verify_x509_signature};
 use crate::spiffe_id::{SpiffeId, TrustDomain};
+use const_oid::AssociatedOid;
 use const_oid::ObjectIdentifier;
 use const_oid::db::rfc5280::{ID_KP_CLIENT_AUTH, ID_KP_SERVER_AUTH};
 use der::asn1::{Ia5String, OctetString, UintRef};
@@ -15,13 +16,12 @@ use spki::AlgorithmIdentifierOwned;
 use std::str::FromStr;
 use std::time::Duration;
 use x509_cert::Certificate;
+use x509_cert::ext::Extension;
 use x509_cert::ext::pkix::name::GeneralName;
 use x509_cert::ext::pkix::{
     AuthorityKeyIdentifier, BasicConstraints, ExtendedKeyUsage, KeyUsage, KeyUsages,
     SubjectAltName, SubjectKeyIdentifier,
 };
-use x509_cert::ext::Extension;
-use const_oid::AssociatedOid;
 use x509_cert::name::Name;
 
 /// SVID `notBefore` is this far in the past, to absorb clock skew (SPIRE does the same).
@@ -39,7 +39,11 @@ pub fn subject_key_id(spki_der: &[u8]) -> Result<Vec<u8>, Error> {
 pub fn parse_name(s: &str) -> Result<Name, Error> {
     // RFC 4514 strings list the most specific RDN first; `ca_subject` lists it like openssl
     // (`C=US, O=SPIFFE`), so reverse the parts before handing them to the RFC 4514 parser.
-    let parts: Vec<&str> = s.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+    let parts: Vec<&str> = s
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .collect();
     let rfc4514 = parts.iter().rev().copied().collect::<Vec<_>>().join(",");
     Name::from_str(&rfc4514).map_err(|e| Error::BadName(format!("{s:?}: {e}")))
 }
@@ -140,7 +144,10 @@ fn ski_ext(spki_der: &[u8]) -> Result<Vec<u8>, Error> {
     // SEQ { OID 2.5.29.14, OCTET STRING { OCTET STRING ski } }
     let ski = subject_key_id(spki_der)?;
     let oid = [0x06, 0x03, 0x55, 0x1d, 0x0e];
-    Ok(der_tlv(0x30, &[&oid[..], &der_tlv(0x04, &der_tlv(0x04, &ski))].concat()))
+    Ok(der_tlv(
+        0x30,
+        &[&oid[..], &der_tlv(0x04, &der_tlv(0x04, &ski))].concat(),
+    ))
 }
 
 /// SubjectAltName extension with one URI and DNS names, built directly (hot path).
@@ -233,24 +240,16 @@ fn ext_der(oid: ObjectIdentifier, critical: bool, value: &impl Encode) -> Result
     .map_err(enc_err)
 }
 
-fn san_der(
-    uri: &str,
-    dns_names: &[String],
-    critical: bool,
-) -> Result<Vec<u8>, Error> {
+fn san_der(uri: &str, dns_names: &[String], critical: bool) -> Result<Vec<u8>, Error> {
     let mut names = vec![GeneralName::UniformResourceIdentifier(
         Ia5String::new(uri).map_err(enc_err)?,
     )];
     for d in dns_names {
-        names.push(GeneralName::DnsName(
-            Ia5String::new(d).map_err(|_| Error::BadName(format!("DNS name {d:?} is not ASCII")))?,
-        ));
+        names.push(GeneralName::DnsName(Ia5String::new(d).map_err(|_| {
+            Error::BadName(format!("DNS name {d:?} is not ASCII"))
+        })?));
     }
-    ext_der(
-        SubjectAltName::OID,
-        critical,
-        &SubjectAltName(names),
-    )
+    ext_der(SubjectAltName::OID, critical, &SubjectAltName(names))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -272,7 +271,12 @@ fn tbs(
     if serial.is_empty() || serial.len() > 20 {
         return Err(Error::Encode("serial number must be 1 to 20 bytes".into()));
     }
-    body.extend(UintRef::new(serial).map_err(enc_err)?.to_der().map_err(enc_err)?);
+    body.extend(
+        UintRef::new(serial)
+            .map_err(enc_err)?
+            .to_der()
+            .map_err(enc_err)?,
+    );
     body.extend_from_slice(alg_der);
     body.extend_from_slice(issuer_der);
     body.extend(der_tlv(
@@ -292,8 +296,16 @@ pub fn ca_tbs(p: &CaParams<'_>, issuer: Option<&IssuerInfo>) -> Result<Vec<u8>, 
     let subject_der = p.subject.to_der().map_err(enc_err)?;
     let ski = subject_key_id(p.spki_der)?;
     let (issuer_der, aki, alg) = match issuer {
-        Some(i) => (i.subject_der.clone(), i.key_id.clone(), i.signature_algorithm.clone()),
-        None => (subject_der.clone(), ski.clone(), key.x509_signature_algorithm()),
+        Some(i) => (
+            i.subject_der.clone(),
+            i.key_id.clone(),
+            i.signature_algorithm.clone(),
+        ),
+        None => (
+            subject_der.clone(),
+            ski.clone(),
+            key.x509_signature_algorithm(),
+        ),
     };
     let exts = vec![
         ext_der(
@@ -354,7 +366,9 @@ fn default_leaf_subject() -> Result<&'static [u8], Error> {
 /// `C=US, O=SPIRE` plus CN = the first DNS name, as SPIRE's. notAfter is capped at the issuer's.
 pub fn leaf_tbs(p: &LeafParams<'_>, issuer: &IssuerInfo) -> Result<Vec<u8>, Error> {
     if p.id.is_root() {
-        return Err(Error::BadSvid("an X509-SVID needs a SPIFFE ID with a path (X509-03)".into()));
+        return Err(Error::BadSvid(
+            "an X509-SVID needs a SPIFFE ID with a path (X509-03)".into(),
+        ));
     }
     p.id.check_issuable()?;
     // The key was validated where it came in (CSR signature check); its encoding is checked
@@ -414,8 +428,14 @@ pub fn assemble_der(tbs: &[u8], alg_der: &[u8], signature: &[u8]) -> Result<Vec<
     let mut sig = Vec::with_capacity(signature.len() + 1);
     sig.push(0);
     sig.extend_from_slice(signature);
-    Ok(der_tlv(0x30, &[tbs, alg_der, &der_tlv(0x03, &sig)].concat()))
+    Ok(der_tlv(
+        0x30,
+        &[tbs, alg_der, &der_tlv(0x03, &sig)].concat(),
+    ))
 }
+
+/// A SAN extension's criticality, URIs and DNS names.
+pub type SanList = (bool, Vec<String>, Vec<String>);
 
 /// A parsed certificate with the raw TBS bytes kept for signature checks.
 pub struct ParsedCert {
@@ -465,11 +485,15 @@ impl ParsedCert {
         hex::encode(self.cert.tbs_certificate().serial_number().as_bytes())
     }
 
-    fn ext<'a, T: Decode<'a> + const_oid::AssociatedOid>(&'a self) -> Result<Option<(bool, T)>, Error> {
+    fn ext<'a, T: Decode<'a> + const_oid::AssociatedOid>(
+        &'a self,
+    ) -> Result<Option<(bool, T)>, Error> {
         self.cert
             .tbs_certificate()
             .get_extension::<T>()
-            .map_err(|_| Error::BadCertificate(format!("malformed or repeated extension {}", T::OID)))
+            .map_err(|_| {
+                Error::BadCertificate(format!("malformed or repeated extension {}", T::OID))
+            })
     }
 
     pub fn subject_key_id(&self) -> Result<Option<Vec<u8>>, Error> {
@@ -485,7 +509,7 @@ impl ParsedCert {
     }
 
     /// (critical, URIs, DNS names) of the SAN extension, if present.
-    pub fn sans(&self) -> Result<Option<(bool, Vec<String>, Vec<String>)>, Error> {
+    pub fn sans(&self) -> Result<Option<SanList>, Error> {
         Ok(self.ext::<SubjectAltName>()?.map(|(critical, san)| {
             let mut uris = vec![];
             let mut dns = vec![];
@@ -524,7 +548,9 @@ impl ParsedCert {
         match uris.as_slice() {
             [one] => SpiffeId::parse(one)
                 .map_err(|e| Error::BadSvid(format!("URI SAN is not a SPIFFE ID: {e} (X509-02)"))),
-            [] => Err(Error::BadSvid("certificate has no URI SAN (X509-01)".into())),
+            [] => Err(Error::BadSvid(
+                "certificate has no URI SAN (X509-01)".into(),
+            )),
             _ => Err(Error::BadSvid(
                 "certificate has more than one URI SAN (X509-01)".into(),
             )),
@@ -554,7 +580,9 @@ impl ParsedCert {
 pub fn check_leaf(leaf: &ParsedCert) -> Result<SpiffeId, Error> {
     let id = leaf.spiffe_id()?;
     if id.is_root() {
-        return Err(Error::BadSvid("leaf SPIFFE ID has no path (X509-03)".into()));
+        return Err(Error::BadSvid(
+            "leaf SPIFFE ID has no path (X509-03)".into(),
+        ));
     }
     if leaf.is_ca()? {
         return Err(Error::BadSvid("leaf has cA=true (X509-05)".into()));
@@ -563,13 +591,19 @@ pub fn check_leaf(leaf: &ParsedCert) -> Result<SpiffeId, Error> {
         .key_usage()?
         .ok_or_else(|| Error::BadSvid("leaf has no key usage extension (X509-07)".into()))?;
     if !ku.digital_signature() {
-        return Err(Error::BadSvid("leaf key usage lacks digitalSignature (X509-08)".into()));
+        return Err(Error::BadSvid(
+            "leaf key usage lacks digitalSignature (X509-08)".into(),
+        ));
     }
     if ku.key_cert_sign() {
-        return Err(Error::BadSvid("leaf key usage has keyCertSign (X509-09)".into()));
+        return Err(Error::BadSvid(
+            "leaf key usage has keyCertSign (X509-09)".into(),
+        ));
     }
     if ku.crl_sign() {
-        return Err(Error::BadSvid("leaf key usage has cRLSign (X509-09)".into()));
+        return Err(Error::BadSvid(
+            "leaf key usage has cRLSign (X509-09)".into(),
+        ));
     }
     Ok(id)
 }
@@ -577,7 +611,9 @@ pub fn check_leaf(leaf: &ParsedCert) -> Result<SpiffeId, Error> {
 /// Checks a signing certificate (intermediate or root): cA=true and keyCertSign (X509-06).
 pub fn check_signing_cert(cert: &ParsedCert) -> Result<(), Error> {
     if !cert.is_ca()? {
-        return Err(Error::BadSvid("signing certificate is not a CA (X509-06)".into()));
+        return Err(Error::BadSvid(
+            "signing certificate is not a CA (X509-06)".into(),
+        ));
     }
     match cert.key_usage()? {
         Some((_, ku)) if ku.key_cert_sign() => Ok(()),
@@ -600,7 +636,11 @@ pub struct VerifiedChain {
 /// RFC 5280 path validation of an X509-SVID chain (leaf first, then intermediates) against the
 /// X.509 authorities of the leaf's own trust domain (X509-14): profile checks, names, signatures,
 /// validity periods at `now` (unix seconds), cA/keyCertSign on every signer.
-pub fn verify_chain(chain: &[Vec<u8>], roots: &[Vec<u8>], now: u64) -> Result<VerifiedChain, Error> {
+pub fn verify_chain(
+    chain: &[Vec<u8>],
+    roots: &[Vec<u8>],
+    now: u64,
+) -> Result<VerifiedChain, Error> {
     let parsed: Vec<ParsedCert> = chain
         .iter()
         .map(|c| ParsedCert::parse(c))
@@ -667,10 +707,10 @@ pub fn verify_chain(chain: &[Vec<u8>], roots: &[Vec<u8>], now: u64) -> Result<Ve
 #[cfg(test)]
 mod tests {
     use super::*;
-    use x509_cert::time::Time;
     use aws_lc_rs::encoding::AsDer;
     use aws_lc_rs::rand::SystemRandom;
     use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+    use x509_cert::time::Time;
 
     struct Key(EcdsaKeyPair);
     impl Key {
@@ -681,7 +721,11 @@ mod tests {
             self.0.public_key().as_der().unwrap().as_ref().to_vec()
         }
         fn sign(&self, m: &[u8]) -> Vec<u8> {
-            self.0.sign(&SystemRandom::new(), m).unwrap().as_ref().to_vec()
+            self.0
+                .sign(&SystemRandom::new(), m)
+                .unwrap()
+                .as_ref()
+                .to_vec()
         }
     }
 
@@ -689,11 +733,20 @@ mod tests {
         let subject = parse_name("C=US, O=SPIFFE").unwrap();
         let spki = key.spki();
         let tbs = ca_tbs(
-            &CaParams { trust_domain: td, subject: &subject, spki_der: &spki, serial: &[1], not_before: 1_000, not_after: 4_000_000_000 },
+            &CaParams {
+                trust_domain: td,
+                subject: &subject,
+                spki_der: &spki,
+                serial: &[1],
+                not_before: 1_000,
+                not_after: 4_000_000_000,
+            },
             None,
         )
         .unwrap();
-        let alg = KeyInfo::from_spki_der(&spki).unwrap().x509_signature_algorithm();
+        let alg = KeyInfo::from_spki_der(&spki)
+            .unwrap()
+            .x509_signature_algorithm();
         assemble(&tbs, &alg, &key.sign(&tbs)).unwrap()
     }
 
@@ -703,11 +756,21 @@ mod tests {
         let issuer = IssuerInfo::from_cert_der(issuer_der).unwrap();
         let id = SpiffeId::parse(id).unwrap();
         let tbs = leaf_tbs(
-            &LeafParams { id: &id, dns_names: &["svc.example.org".into()], spki_der: &spki, serial: &[2], not_before: 2_000, not_after },
+            &LeafParams {
+                id: &id,
+                dns_names: &["svc.example.org".into()],
+                spki_der: &spki,
+                serial: &[2],
+                not_before: 2_000,
+                not_after,
+            },
             &issuer,
         )
         .unwrap();
-        (assemble(&tbs, &issuer.signature_algorithm, &issuer_key.sign(&tbs)).unwrap(), k)
+        (
+            assemble(&tbs, &issuer.signature_algorithm, &issuer_key.sign(&tbs)).unwrap(),
+            k,
+        )
     }
 
     #[test]
@@ -732,7 +795,7 @@ mod tests {
         assert!(eku.0.contains(&ID_KP_SERVER_AUTH) && eku.0.contains(&ID_KP_CLIENT_AUTH));
         // notAfter capped at the CA's (4e9 > 3e9 here, so not capped) and backdating is the caller's.
         assert_eq!(p.not_after(), 3_000_000_000);
-        let v = verify_chain(&[l], &[ca.clone()], 2_500).unwrap();
+        let v = verify_chain(&[l], std::slice::from_ref(&ca), 2_500).unwrap();
         assert_eq!(v.id.to_string(), "spiffe://example.org/w");
         // X509-06 / X509-11: the CA is cA=true + keyCertSign, URI SAN without path.
         let cp = ParsedCert::parse(&ca).unwrap();
@@ -742,7 +805,15 @@ mod tests {
 
     #[test]
     fn validity_times_encode_like_the_der_crate() {
-        for secs in [0u64, 951_782_400, 1_795_339_518, 2_524_607_999, 2_524_608_000, 4_102_444_800, 253_402_300_799] {
+        for secs in [
+            0u64,
+            951_782_400,
+            1_795_339_518,
+            2_524_607_999,
+            2_524_608_000,
+            4_102_444_800,
+            253_402_300_799,
+        ] {
             let dt = der::DateTime::from_unix_duration(Duration::from_secs(secs)).unwrap();
             let want = Time::from(dt).to_der().unwrap();
             assert_eq!(time_der(secs).unwrap(), want, "{secs}");
@@ -766,7 +837,20 @@ mod tests {
         let issuer = IssuerInfo::from_cert_der(&ca).unwrap();
         let id = SpiffeId::parse("spiffe://example.org").unwrap();
         let spki = Key::new().spki();
-        assert!(leaf_tbs(&LeafParams { id: &id, dns_names: &[], spki_der: &spki, serial: &[1], not_before: 1, not_after: 2 }, &issuer).is_err());
+        assert!(
+            leaf_tbs(
+                &LeafParams {
+                    id: &id,
+                    dns_names: &[],
+                    spki_der: &spki,
+                    serial: &[1],
+                    not_before: 1,
+                    not_after: 2
+                },
+                &issuer
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -777,27 +861,46 @@ mod tests {
         let other_key = Key::new();
         let other = root(&TrustDomain::parse("other.org").unwrap(), &other_key);
         let (l, _) = leaf(&ca, &ck, "spiffe://example.org/w", 3_000);
-        assert!(matches!(verify_chain(&[l.clone()], &[ca.clone()], 3_500), Err(Error::Expired(0))));
-        assert!(matches!(verify_chain(&[l.clone()], &[ca.clone()], 1_500), Err(Error::NotYetValid(0))));
-        assert!(matches!(verify_chain(&[l.clone()], &[other], 2_500), Err(Error::UntrustedChain(_))));
+        assert!(matches!(
+            verify_chain(std::slice::from_ref(&l), std::slice::from_ref(&ca), 3_500),
+            Err(Error::Expired(0))
+        ));
+        assert!(matches!(
+            verify_chain(std::slice::from_ref(&l), std::slice::from_ref(&ca), 1_500),
+            Err(Error::NotYetValid(0))
+        ));
+        assert!(matches!(
+            verify_chain(std::slice::from_ref(&l), &[other], 2_500),
+            Err(Error::UntrustedChain(_))
+        ));
         // a leaf signed by a key other than the CA's
         let (forged, _) = leaf(&ca, &other_key, "spiffe://example.org/w", 3_000);
-        assert!(verify_chain(&[forged], &[ca.clone()], 2_500).is_err());
+        assert!(verify_chain(&[forged], std::slice::from_ref(&ca), 2_500).is_err());
         // a CA certificate is not a leaf (X509-10)
-        assert!(verify_chain(&[ca.clone()], &[ca], 2_500).is_err());
+        assert!(verify_chain(std::slice::from_ref(&ca), std::slice::from_ref(&ca), 2_500).is_err());
     }
 
     #[test]
     fn csr_round_trip_and_bad_signature() {
         let k = Key::new();
-        let info = crate::csr::request_info(&k.spki(), &["spiffe://example.org/w".into()], &["a.example".into()]).unwrap();
-        let alg = KeyInfo::from_spki_der(&k.spki()).unwrap().x509_signature_algorithm();
+        let info = crate::csr::request_info(
+            &k.spki(),
+            &["spiffe://example.org/w".into()],
+            &["a.example".into()],
+        )
+        .unwrap();
+        let alg = KeyInfo::from_spki_der(&k.spki())
+            .unwrap()
+            .x509_signature_algorithm();
         let csr = assemble(&info, &alg, &k.sign(&info)).unwrap();
         let parsed = crate::csr::parse(&csr).unwrap();
         assert_eq!(parsed.uris, vec!["spiffe://example.org/w".to_string()]);
         assert_eq!(parsed.dns_names, vec!["a.example".to_string()]);
         let forged = assemble(&info, &alg, &Key::new().sign(&info)).unwrap();
         assert!(matches!(crate::csr::parse(&forged), Err(Error::BadCsr(_))));
-        assert!(matches!(crate::csr::parse(b"\x30\x03\x02\x01\x00"), Err(Error::BadCsr(_))));
+        assert!(matches!(
+            crate::csr::parse(b"\x30\x03\x02\x01\x00"),
+            Err(Error::BadCsr(_))
+        ));
     }
 }

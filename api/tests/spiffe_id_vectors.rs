@@ -78,13 +78,22 @@ fn id_08_09_10_every_path_vector_gives_expected_result() {
         let base = &r[1];
         let ok = r[3] == "valid";
         let result: Result<String, String> = match r[0].as_str() {
-            "validate_path" => validate_path(&args[0]).map(|_| args[0].clone()).map_err(|e| e.to_string()),
-            "validate_segment" => validate_path_segment(&args[0]).map(|_| args[0].clone()).map_err(|e| e.to_string()),
+            "validate_path" => validate_path(&args[0])
+                .map(|_| args[0].clone())
+                .map_err(|e| e.to_string()),
+            "validate_segment" => validate_path_segment(&args[0])
+                .map(|_| args[0].clone())
+                .map_err(|e| e.to_string()),
             "join_segments" => {
                 let segs: Vec<&str> = args.iter().map(String::as_str).collect();
-                td.id_from_segments(&segs).map(|id| id.path().to_string()).map_err(|e| e.to_string())
+                td.id_from_segments(&segs)
+                    .map(|id| id.path().to_string())
+                    .map_err(|e| e.to_string())
             }
-            "from_path" => td.id_from_path(&args[0]).map(|id| id.to_string()).map_err(|e| e.to_string()),
+            "from_path" => td
+                .id_from_path(&args[0])
+                .map(|id| id.to_string())
+                .map_err(|e| e.to_string()),
             "from_segments" | "append_segments" => {
                 let segs: Vec<&str> = args.iter().map(String::as_str).collect();
                 td.id_from_segments(&segs)

@@ -36,14 +36,24 @@ pub async fn generate_sign_verify_every_key_type(km: &dyn KeyManager) {
         let pk = km.generate_key(&id, kt).await.expect("generate_key");
         assert_eq!(pk.id, id);
         assert_eq!(pk.key_type, kt);
-        assert_eq!(pk.fingerprint, fingerprint(&pk.spki_der), "fingerprint is SHA-256 of SPKI");
+        assert_eq!(
+            pk.fingerprint,
+            fingerprint(&pk.spki_der),
+            "fingerprint is SHA-256 of SPKI"
+        );
         assert_eq!(km.public_key(&id).await.expect("public_key"), pk);
         let all = km.public_keys().await.expect("public_keys");
         assert!(all.contains(&pk), "public_keys lists {id}");
         let mut variants = vec![SignOpts::for_key(kt)];
         if kt.is_rsa() {
-            variants.push(SignOpts { hash: HashAlgorithm::Sha384, pss: false });
-            variants.push(SignOpts { hash: HashAlgorithm::Sha256, pss: true });
+            variants.push(SignOpts {
+                hash: HashAlgorithm::Sha384,
+                pss: false,
+            });
+            variants.push(SignOpts {
+                hash: HashAlgorithm::Sha256,
+                pss: true,
+            });
         }
         for opts in variants {
             let msg = format!("message for {id} {opts:?}");
@@ -76,7 +86,10 @@ pub async fn regenerate_replaces_key(km: &dyn KeyManager) {
     let first = km.generate_key(id, KeyType::EcP256).await.expect("first");
     let second = km.generate_key(id, KeyType::EcP384).await.expect("second");
     assert_ne!(first.fingerprint, second.fingerprint);
-    assert_eq!(km.public_key(id).await.expect("get").fingerprint, second.fingerprint);
+    assert_eq!(
+        km.public_key(id).await.expect("get").fingerprint,
+        second.fingerprint
+    );
     let sig = km
         .sign(id, b"m", SignOpts::for_key(KeyType::EcP384))
         .await
@@ -101,11 +114,20 @@ pub async fn rejects_unsupported_sign_opts(km: &dyn KeyManager) {
     let id = "conformance-opts";
     km.generate_key(id, KeyType::EcP256).await.expect("gen");
     for opts in [
-        SignOpts { hash: HashAlgorithm::Sha384, pss: false },
-        SignOpts { hash: HashAlgorithm::Sha256, pss: true },
+        SignOpts {
+            hash: HashAlgorithm::Sha384,
+            pss: false,
+        },
+        SignOpts {
+            hash: HashAlgorithm::Sha256,
+            pss: true,
+        },
     ] {
         assert!(
-            matches!(km.sign(id, b"m", opts).await, Err(Error::UnsupportedSignOpts { .. })),
+            matches!(
+                km.sign(id, b"m", opts).await,
+                Err(Error::UnsupportedSignOpts { .. })
+            ),
             "P-256 key must refuse {opts:?}"
         );
     }
@@ -114,7 +136,10 @@ pub async fn rejects_unsupported_sign_opts(km: &dyn KeyManager) {
 pub async fn rejects_invalid_key_ids(km: &dyn KeyManager) {
     for id in ["", "has space", "new\nline"] {
         assert!(
-            matches!(km.generate_key(id, KeyType::EcP256).await, Err(Error::InvalidKeyId(_))),
+            matches!(
+                km.generate_key(id, KeyType::EcP256).await,
+                Err(Error::InvalidKeyId(_))
+            ),
             "id {id:?} must be refused"
         );
     }

@@ -183,7 +183,10 @@ mod tests {
         let path = dir.path().join("sub/keys.json");
         let km = DiskKeyManager::open(&path).unwrap();
         let a = km.generate_key("x509-CA-A", KeyType::EcP256).await.unwrap();
-        let b = km.generate_key("JWT-Signer-A", KeyType::Rsa2048).await.unwrap();
+        let b = km
+            .generate_key("JWT-Signer-A", KeyType::Rsa2048)
+            .await
+            .unwrap();
         drop(km);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);

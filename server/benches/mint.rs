@@ -3,12 +3,13 @@
 //! - `raw_sign`: the KeyManager signs a certificate-sized message with the CA key;
 //! - `mint_x509_svid`: the CA builds a leaf TBS for a public key and has the same key sign it;
 //! - `mint_x509_svid_from_csr`: as above plus parsing and verifying the CSR (what an RPC does).
+//!
 //! The ratio printed at the end is mint rate / raw sign rate (goal >= 0.8).
 
 use criterion::{Criterion, criterion_group};
+use kame_keymanager::{KeyManager, SignOpts, memory::MemoryKeyManager};
 use kame_server::ca::{Ca, CaSettings};
 use kame_server::datastore::sqlite::SqliteStore;
-use kame_keymanager::{KeyManager, SignOpts, memory::MemoryKeyManager};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,10 +25,17 @@ struct Fixture {
 
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     let km = Arc::new(MemoryKeyManager::new());
     let ca = rt.block_on(async {
-        let ds = Arc::new(SqliteStore::open(dir.path().join("ds.sqlite3").to_str().unwrap()).await.unwrap());
+        let ds = Arc::new(
+            SqliteStore::open(dir.path().join("ds.sqlite3").to_str().unwrap())
+                .await
+                .unwrap(),
+        );
         Ca::start(
             CaSettings {
                 trust_domain: kame_api::TrustDomain::parse("example.org").unwrap(),
@@ -49,14 +57,28 @@ fn fixture() -> Fixture {
     let wk = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
     let spki = wk.public_key().as_der().unwrap().as_ref().to_vec();
     let info = kame_api::csr::request_info(&spki, &["spiffe://example.org/w".into()], &[]).unwrap();
-    let sig = wk.sign(&aws_lc_rs::rand::SystemRandom::new(), &info).unwrap();
-    let alg = kame_api::keys::KeyInfo::from_spki_der(&spki).unwrap().x509_signature_algorithm();
+    let sig = wk
+        .sign(&aws_lc_rs::rand::SystemRandom::new(), &info)
+        .unwrap();
+    let alg = kame_api::keys::KeyInfo::from_spki_der(&spki)
+        .unwrap()
+        .x509_signature_algorithm();
     let csr = kame_api::x509svid::assemble(&info, &alg, sig.as_ref()).unwrap();
     // A message the size of a real leaf TBS, so hashing costs the same in both measurements.
     let id = kame_api::SpiffeId::parse("spiffe://example.org/w").unwrap();
-    let chain = rt.block_on(ca.sign_x509_svid(&spki, &id, &[], Duration::from_secs(3600))).unwrap();
+    let chain = rt
+        .block_on(ca.sign_x509_svid(&spki, &id, &[], Duration::from_secs(3600)))
+        .unwrap();
     let tbs_sized = vec![0x42u8; chain[0].len() - 80];
-    Fixture { _dir: dir, rt, ca, km, spki, csr, tbs_sized }
+    Fixture {
+        _dir: dir,
+        rt,
+        ca,
+        km,
+        spki,
+        csr,
+        tbs_sized,
+    }
 }
 
 fn bench(c: &mut Criterion) {
@@ -66,15 +88,22 @@ fn bench(c: &mut Criterion) {
     let opts = SignOpts::for_key(kame_keymanager::KeyType::EcP256);
     let mut g = c.benchmark_group("x509_svid");
     g.bench_function("raw_sign", |b| {
-        b.iter(|| f.rt.block_on(f.km.sign(key_id, &f.tbs_sized, opts)).unwrap())
+        b.iter(|| {
+            f.rt.block_on(f.km.sign(key_id, &f.tbs_sized, opts))
+                .unwrap()
+        })
     });
     g.bench_function("mint_x509_svid", |b| {
-        b.iter(|| f.rt.block_on(f.ca.sign_x509_svid(&f.spki, &id, &[], Duration::from_secs(3600))).unwrap())
+        b.iter(|| {
+            f.rt.block_on(f.ca.sign_x509_svid(&f.spki, &id, &[], Duration::from_secs(3600)))
+                .unwrap()
+        })
     });
     g.bench_function("mint_x509_svid_from_csr", |b| {
         b.iter(|| {
             let csr = kame_api::csr::parse(&f.csr).unwrap();
-            f.rt.block_on(f.ca.sign_x509_svid(&csr.spki_der, &id, &[], Duration::from_secs(3600))).unwrap()
+            f.rt.block_on(f.ca.sign_x509_svid(&csr.spki_der, &id, &[], Duration::from_secs(3600)))
+                .unwrap()
         })
     });
     g.finish();
@@ -86,14 +115,17 @@ fn bench(c: &mut Criterion) {
     let mut mint_csr = Duration::ZERO;
     for _ in 0..n {
         let t = Instant::now();
-        f.rt.block_on(f.km.sign(key_id, &f.tbs_sized, opts)).unwrap();
+        f.rt.block_on(f.km.sign(key_id, &f.tbs_sized, opts))
+            .unwrap();
         raw += t.elapsed();
         let t = Instant::now();
-        f.rt.block_on(f.ca.sign_x509_svid(&f.spki, &id, &[], Duration::from_secs(3600))).unwrap();
+        f.rt.block_on(f.ca.sign_x509_svid(&f.spki, &id, &[], Duration::from_secs(3600)))
+            .unwrap();
         mint += t.elapsed();
         let t = Instant::now();
         let csr = kame_api::csr::parse(&f.csr).unwrap();
-        f.rt.block_on(f.ca.sign_x509_svid(&csr.spki_der, &id, &[], Duration::from_secs(3600))).unwrap();
+        f.rt.block_on(f.ca.sign_x509_svid(&csr.spki_der, &id, &[], Duration::from_secs(3600)))
+            .unwrap();
         mint_csr += t.elapsed();
     }
     let rate = |d: Duration| n as f64 / d.as_secs_f64();

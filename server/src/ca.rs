@@ -306,12 +306,19 @@ impl Ca {
 
     /// The cached bundle of this trust domain.
     pub fn bundle(&self) -> Arc<Bundle> {
-        self.bundle.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.bundle
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Re-reads the bundle from the datastore into the cache.
     pub async fn refresh_bundle(&self) -> Result<Arc<Bundle>, CaError> {
-        if let Some(b) = self.ds.fetch_bundle(self.settings.trust_domain.as_str()).await? {
+        if let Some(b) = self
+            .ds
+            .fetch_bundle(self.settings.trust_domain.as_str())
+            .await?
+        {
             let b = Arc::new(b);
             *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = b.clone();
             return Ok(b);
@@ -329,7 +336,9 @@ impl Ca {
         let now = now_secs();
         let mut x509: Vec<Arc<X509Authority>> = vec![];
         for e in journal.x509 {
-            let Ok(cert_der) = STANDARD.decode(&e.cert) else { continue };
+            let Ok(cert_der) = STANDARD.decode(&e.cert) else {
+                continue;
+            };
             if e.not_after <= now || !bundle.x509_authorities.iter().any(|c| c.asn1 == cert_der) {
                 continue;
             }
@@ -339,7 +348,9 @@ impl Ca {
             if key.fingerprint != e.key_fingerprint {
                 continue;
             }
-            let Ok(p) = x509svid::ParsedCert::parse(&cert_der) else { continue };
+            let Ok(p) = x509svid::ParsedCert::parse(&cert_der) else {
+                continue;
+            };
             if p.spki_der().ok().as_deref() != Some(key.spki_der.as_slice()) {
                 continue;
             }
@@ -417,7 +428,11 @@ impl Ca {
         };
         match serde_json::to_vec(&journal) {
             Ok(data) => {
-                if let Err(e) = self.ds.set_ca_journal(&self.settings.server_id, &data).await {
+                if let Err(e) = self
+                    .ds
+                    .set_ca_journal(&self.settings.server_id, &data)
+                    .await
+                {
                     // In-memory state stays authoritative; the next save retries.
                     warn!(error = %e, "failed to save CA journal");
                 }
@@ -449,7 +464,9 @@ impl Ca {
         } else if let Some(c) = cur {
             let next_free = next.as_ref().is_none_or(|n| n.status == SlotStatus::Old);
             if next_free && c.should_prepare_next(now) {
-                let a = self.prepare_x509(other_slot(&c.slot), SlotStatus::Prepared).await?;
+                let a = self
+                    .prepare_x509(other_slot(&c.slot), SlotStatus::Prepared)
+                    .await?;
                 info!(authority_id = %a.authority_id, slot = %a.slot, "X.509 authority prepared");
                 self.write().x509.next = Some(a);
                 changed = true;
@@ -460,8 +477,14 @@ impl Ca {
                 && c.should_activate_next(now)
             {
                 let mut st = self.write();
-                st.x509.current = Some(Arc::new(X509Authority { status: SlotStatus::Active, ..clone_x509(&n) }));
-                st.x509.next = Some(Arc::new(X509Authority { status: SlotStatus::Old, ..clone_x509(&c) }));
+                st.x509.current = Some(Arc::new(X509Authority {
+                    status: SlotStatus::Active,
+                    ..clone_x509(&n)
+                }));
+                st.x509.next = Some(Arc::new(X509Authority {
+                    status: SlotStatus::Old,
+                    ..clone_x509(&c)
+                }));
                 info!(authority_id = %n.authority_id, slot = %n.slot, "X.509 authority activated");
                 changed = true;
             }
@@ -484,7 +507,9 @@ impl Ca {
         } else if let Some(c) = cur {
             let next_free = next.as_ref().is_none_or(|n| n.status == SlotStatus::Old);
             if next_free && c.should_prepare_next(now) {
-                let a = self.prepare_jwt(other_slot(&c.slot), SlotStatus::Prepared).await?;
+                let a = self
+                    .prepare_jwt(other_slot(&c.slot), SlotStatus::Prepared)
+                    .await?;
                 info!(kid = %a.kid, slot = %a.slot, "JWT authority prepared");
                 self.write().jwt.next = Some(a);
                 changed = true;
@@ -495,8 +520,14 @@ impl Ca {
                 && c.should_activate_next(now)
             {
                 let mut st = self.write();
-                st.jwt.current = Some(Arc::new(JwtAuthority { status: SlotStatus::Active, ..clone_jwt(&n) }));
-                st.jwt.next = Some(Arc::new(JwtAuthority { status: SlotStatus::Old, ..clone_jwt(&c) }));
+                st.jwt.current = Some(Arc::new(JwtAuthority {
+                    status: SlotStatus::Active,
+                    ..clone_jwt(&n)
+                }));
+                st.jwt.next = Some(Arc::new(JwtAuthority {
+                    status: SlotStatus::Old,
+                    ..clone_jwt(&c)
+                }));
                 info!(kid = %n.kid, slot = %n.slot, "JWT authority activated");
                 changed = true;
             }
@@ -507,7 +538,11 @@ impl Ca {
         Ok(())
     }
 
-    async fn prepare_x509(&self, slot: &str, status: SlotStatus) -> Result<Arc<X509Authority>, CaError> {
+    async fn prepare_x509(
+        &self,
+        slot: &str,
+        status: SlotStatus,
+    ) -> Result<Arc<X509Authority>, CaError> {
         let key = self
             .km
             .generate_key(&x509_key_id(slot), self.settings.ca_key_type)
@@ -564,7 +599,11 @@ impl Ca {
         }))
     }
 
-    async fn prepare_jwt(&self, slot: &str, status: SlotStatus) -> Result<Arc<JwtAuthority>, CaError> {
+    async fn prepare_jwt(
+        &self,
+        slot: &str,
+        status: SlotStatus,
+    ) -> Result<Arc<JwtAuthority>, CaError> {
         let key = self
             .km
             .generate_key(&jwt_key_id(slot), self.settings.jwt_key_type)
@@ -642,7 +681,11 @@ impl Ca {
             SignOpts::for_key(ca.key.key_type),
         )
         .await?;
-        Ok(vec![x509svid::assemble_der(&tbs, &ca.issuer.signature_algorithm_der, &sig)?])
+        Ok(vec![x509svid::assemble_der(
+            &tbs,
+            &ca.issuer.signature_algorithm_der,
+            &sig,
+        )?])
     }
 
     /// Mints a JWT-SVID. Returns (token, issued_at, expires_at); expiry is capped at the key's.
@@ -729,7 +772,10 @@ impl HasStatus for JwtAuthority {
 /// a prepared/old one exists, it is promoted to current.
 fn pick_slots<T: Lifetime + HasStatus>(mut all: Vec<Arc<T>>) -> Slots<T> {
     all.sort_by_key(|a| std::cmp::Reverse(a.issued_at_ms()));
-    let current = all.iter().find(|a| a.status() == SlotStatus::Active).cloned();
+    let current = all
+        .iter()
+        .find(|a| a.status() == SlotStatus::Active)
+        .cloned();
     match current {
         Some(c) => {
             let next = all

@@ -81,7 +81,8 @@ pub async fn connect(socket: &Path) -> Result<Channel, CliError> {
 }
 
 fn parse_id(flag: &str, s: &str) -> Result<SpiffeId, CliError> {
-    SpiffeId::parse(s).map_err(|e| CliError::Usage(format!("{flag}: {s:?} is not a valid SPIFFE ID: {e}")))
+    SpiffeId::parse(s)
+        .map_err(|e| CliError::Usage(format!("{flag}: {s:?} is not a valid SPIFFE ID: {e}")))
 }
 
 /// Splits `spiffe://td/path` into the wire message without judging it: the server validates IDs
@@ -120,7 +121,9 @@ fn parse_selector(s: &str) -> Result<types::Selector, CliError> {
             r#type: t.to_string(),
             value: v.to_string(),
         }),
-        _ => Err(CliError::Usage(format!("--selector: {s:?} is not of the form type:value"))),
+        _ => Err(CliError::Usage(format!(
+            "--selector: {s:?} is not of the form type:value"
+        ))),
     }
 }
 
@@ -156,7 +159,13 @@ fn entry_json(e: &types::Entry) -> Value {
 }
 
 fn entry_pretty(e: &types::Entry) -> String {
-    let ttl = |t: i32| if t == 0 { "default".to_string() } else { t.to_string() };
+    let ttl = |t: i32| {
+        if t == 0 {
+            "default".to_string()
+        } else {
+            t.to_string()
+        }
+    };
     let mut s = format!(
         "Entry ID         : {}\nSPIFFE ID        : {}\nParent ID        : {}\nRevision         : {}\nX509-SVID TTL    : {}\nJWT-SVID TTL     : {}\n",
         e.id,
@@ -235,8 +244,12 @@ fn ttl_arg(flag: &str, v: Option<i64>) -> Result<i32, CliError> {
     match v {
         None => Ok(0),
         Some(t) if t < 0 => Err(CliError::Usage(format!("{flag}: must not be negative"))),
-        Some(t) => i32::try_from(t)
-            .map_err(|_| CliError::Usage(format!("{flag}: {t} is too large (at most {} seconds)", i32::MAX))),
+        Some(t) => i32::try_from(t).map_err(|_| {
+            CliError::Usage(format!(
+                "{flag}: {t} is too large (at most {} seconds)",
+                i32::MAX
+            ))
+        }),
     }
 }
 
@@ -344,7 +357,11 @@ pub struct EntryShow {
     pub common: Common,
 }
 
-fn entry_from_fields(f: &EntryFields, id: String, parent_override: Option<String>) -> Result<types::Entry, CliError> {
+fn entry_from_fields(
+    f: &EntryFields,
+    id: String,
+    parent_override: Option<String>,
+) -> Result<types::Entry, CliError> {
     let spiffe_id = f
         .spiffe_id
         .as_deref()
@@ -352,19 +369,33 @@ fn entry_from_fields(f: &EntryFields, id: String, parent_override: Option<String
     let spiffe_id = loose_id("--spiffe-id", spiffe_id)?;
     let parent = match (parent_override, &f.parent_id) {
         (Some(p), None) => p,
-        (Some(_), Some(_)) => return Err(CliError::Usage("--node and --parent-id are mutually exclusive".into())),
+        (Some(_), Some(_)) => {
+            return Err(CliError::Usage(
+                "--node and --parent-id are mutually exclusive".into(),
+            ));
+        }
         (None, Some(p)) => p.clone(),
-        (None, None) => return Err(CliError::Usage("--parent-id (or --node) is required".into())),
+        (None, None) => {
+            return Err(CliError::Usage(
+                "--parent-id (or --node) is required".into(),
+            ));
+        }
     };
     let parent = loose_id("--parent-id", &parent)?;
     if f.selectors.is_empty() {
-        return Err(CliError::Usage("at least one --selector is required".into()));
+        return Err(CliError::Usage(
+            "at least one --selector is required".into(),
+        ));
     }
     Ok(types::Entry {
         id,
         spiffe_id: Some(spiffe_id),
         parent_id: Some(parent),
-        selectors: f.selectors.iter().map(|s| parse_selector(s)).collect::<Result<_, _>>()?,
+        selectors: f
+            .selectors
+            .iter()
+            .map(|s| parse_selector(s))
+            .collect::<Result<_, _>>()?,
         x509_svid_ttl: ttl_arg("--x509-svid-ttl", f.x509_svid_ttl)?,
         jwt_svid_ttl: ttl_arg("--jwt-svid-ttl", f.jwt_svid_ttl)?,
         federates_with: f.federates_with.clone(),
@@ -398,35 +429,63 @@ pub async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
             let e = entry_from_fields(&c.fields, c.entry_id.clone().unwrap_or_default(), parent)?;
             let mut client = EntryClient::new(connect(&c.common.socket_path).await?);
             let resp = client
-                .batch_create_entry(pb::entry::BatchCreateEntryRequest { entries: vec![e], output_mask: None })
+                .batch_create_entry(pb::entry::BatchCreateEntryRequest {
+                    entries: vec![e],
+                    output_mask: None,
+                })
                 .await?
                 .into_inner();
-            let r = resp.results.first().ok_or_else(|| CliError::Failed("no result".into()))?;
+            let r = resp
+                .results
+                .first()
+                .ok_or_else(|| CliError::Failed("no result".into()))?;
             check_status(&r.status)?;
-            let e = r.entry.as_ref().ok_or_else(|| CliError::Failed("no entry returned".into()))?;
+            let e = r
+                .entry
+                .as_ref()
+                .ok_or_else(|| CliError::Failed("no entry returned".into()))?;
             print(c.common.output, entry_json(e), entry_pretty(e));
         }
         EntryCmd::Update(u) => {
             let e = entry_from_fields(&u.fields, u.entry_id.clone(), None)?;
             let mut client = EntryClient::new(connect(&u.common.socket_path).await?);
             let resp = client
-                .batch_update_entry(pb::entry::BatchUpdateEntryRequest { entries: vec![e], input_mask: None, output_mask: None })
+                .batch_update_entry(pb::entry::BatchUpdateEntryRequest {
+                    entries: vec![e],
+                    input_mask: None,
+                    output_mask: None,
+                })
                 .await?
                 .into_inner();
-            let r = resp.results.first().ok_or_else(|| CliError::Failed("no result".into()))?;
+            let r = resp
+                .results
+                .first()
+                .ok_or_else(|| CliError::Failed("no result".into()))?;
             check_status(&r.status)?;
-            let e = r.entry.as_ref().ok_or_else(|| CliError::Failed("no entry returned".into()))?;
+            let e = r
+                .entry
+                .as_ref()
+                .ok_or_else(|| CliError::Failed("no entry returned".into()))?;
             print(u.common.output, entry_json(e), entry_pretty(e));
         }
         EntryCmd::Delete { entry_id, common } => {
             let mut client = EntryClient::new(connect(&common.socket_path).await?);
             let resp = client
-                .batch_delete_entry(pb::entry::BatchDeleteEntryRequest { ids: vec![entry_id.clone()] })
+                .batch_delete_entry(pb::entry::BatchDeleteEntryRequest {
+                    ids: vec![entry_id.clone()],
+                })
                 .await?
                 .into_inner();
-            let r = resp.results.first().ok_or_else(|| CliError::Failed("no result".into()))?;
+            let r = resp
+                .results
+                .first()
+                .ok_or_else(|| CliError::Failed("no result".into()))?;
             check_status(&r.status)?;
-            print(common.output, json!({"id": entry_id}), format!("Deleted entry with ID: {entry_id}\n"));
+            print(
+                common.output,
+                json!({"id": entry_id}),
+                format!("Deleted entry with ID: {entry_id}\n"),
+            );
         }
         EntryCmd::Count { common } => {
             let mut client = EntryClient::new(connect(&common.socket_path).await?);
@@ -435,24 +494,45 @@ pub async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
                 .await?
                 .into_inner()
                 .count;
-            print(common.output, json!({"count": n}), format!("{n} registration entries\n"));
+            print(
+                common.output,
+                json!({"count": n}),
+                format!("{n} registration entries\n"),
+            );
         }
         EntryCmd::Show(s) => {
             let mut client = EntryClient::new(connect(&s.common.socket_path).await?);
             let entries = if let Some(id) = &s.entry_id {
-                vec![client
-                    .get_entry(pb::entry::GetEntryRequest { id: id.clone(), output_mask: None })
-                    .await?
-                    .into_inner()]
+                vec![
+                    client
+                        .get_entry(pb::entry::GetEntryRequest {
+                            id: id.clone(),
+                            output_mask: None,
+                        })
+                        .await?
+                        .into_inner(),
+                ]
             } else {
                 let filter = pb::entry::EntryFilter {
-                    by_spiffe_id: s.spiffe_id.as_deref().map(|x| parse_id("--spiffe-id", x).map(|i| id_proto(&i))).transpose()?,
-                    by_parent_id: s.parent_id.as_deref().map(|x| parse_id("--parent-id", x).map(|i| id_proto(&i))).transpose()?,
+                    by_spiffe_id: s
+                        .spiffe_id
+                        .as_deref()
+                        .map(|x| parse_id("--spiffe-id", x).map(|i| id_proto(&i)))
+                        .transpose()?,
+                    by_parent_id: s
+                        .parent_id
+                        .as_deref()
+                        .map(|x| parse_id("--parent-id", x).map(|i| id_proto(&i)))
+                        .transpose()?,
                     by_selectors: if s.selectors.is_empty() {
                         None
                     } else {
                         Some(types::SelectorMatch {
-                            selectors: s.selectors.iter().map(|x| parse_selector(x)).collect::<Result<_, _>>()?,
+                            selectors: s
+                                .selectors
+                                .iter()
+                                .map(|x| parse_selector(x))
+                                .collect::<Result<_, _>>()?,
                             r#match: types::selector_match::MatchBehavior::MatchSuperset as i32,
                         })
                     },
@@ -484,9 +564,16 @@ pub async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
                 "Found {} entr{}\n{}",
                 entries.len(),
                 if entries.len() == 1 { "y" } else { "ies" },
-                entries.iter().map(|e| format!("{}\n", entry_pretty(e))).collect::<String>()
+                entries
+                    .iter()
+                    .map(|e| format!("{}\n", entry_pretty(e)))
+                    .collect::<String>()
             );
-            print(s.common.output, json!({"entries": entries.iter().map(entry_json).collect::<Vec<_>>()}), pretty);
+            print(
+                s.common.output,
+                json!({"entries": entries.iter().map(entry_json).collect::<Vec<_>>()}),
+                pretty,
+            );
         }
     }
     Ok(())
@@ -550,7 +637,9 @@ pub enum BundleCmd {
 fn render_bundle(b: &types::Bundle, format: BundleFormat) -> Result<String, CliError> {
     Ok(match format {
         BundleFormat::Pem => codec::x509_to_pem(b),
-        BundleFormat::Spiffe => codec::to_spiffe_json(b).map_err(|e| CliError::Failed(e.to_string()))? + "\n",
+        BundleFormat::Spiffe => {
+            codec::to_spiffe_json(b).map_err(|e| CliError::Failed(e.to_string()))? + "\n"
+        }
     })
 }
 
@@ -559,58 +648,96 @@ pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
     match cmd {
         BundleCmd::Show { format, common } => {
             let mut c = BundleClient::new(connect(&common.socket_path).await?);
-            let b = c.get_bundle(pb::bundle::GetBundleRequest { output_mask: None }).await?.into_inner();
+            let b = c
+                .get_bundle(pb::bundle::GetBundleRequest { output_mask: None })
+                .await?
+                .into_inner();
             let text = render_bundle(&b, format)?;
-            print(common.output, json!({"trust_domain": b.trust_domain, "bundle": text}), text);
+            print(
+                common.output,
+                json!({"trust_domain": b.trust_domain, "bundle": text}),
+                text,
+            );
         }
         BundleCmd::List { id, format, common } => {
             let mut c = BundleClient::new(connect(&common.socket_path).await?);
             let bundles = match id {
                 Some(id) => {
-                    let td = TrustDomain::parse(&id).map_err(|e| CliError::Usage(format!("--id: {e}")))?;
-                    vec![c
-                        .get_federated_bundle(pb::bundle::GetFederatedBundleRequest { trust_domain: td.as_str().into(), output_mask: None })
+                    let td = TrustDomain::parse(&id)
+                        .map_err(|e| CliError::Usage(format!("--id: {e}")))?;
+                    vec![
+                        c.get_federated_bundle(pb::bundle::GetFederatedBundleRequest {
+                            trust_domain: td.as_str().into(),
+                            output_mask: None,
+                        })
                         .await?
-                        .into_inner()]
+                        .into_inner(),
+                    ]
                 }
-                None => c
-                    .list_federated_bundles(pb::bundle::ListFederatedBundlesRequest { output_mask: None, page_size: 0, page_token: String::new() })
+                None => {
+                    c.list_federated_bundles(pb::bundle::ListFederatedBundlesRequest {
+                        output_mask: None,
+                        page_size: 0,
+                        page_token: String::new(),
+                    })
                     .await?
                     .into_inner()
-                    .bundles,
+                    .bundles
+                }
             };
             let mut pretty = String::new();
             let mut js = vec![];
             for b in &bundles {
                 let text = render_bundle(b, format)?;
-                pretty += &format!("****************************************\n* spiffe://{}\n****************************************\n{text}\n", b.trust_domain);
+                pretty += &format!(
+                    "****************************************\n* spiffe://{}\n****************************************\n{text}\n",
+                    b.trust_domain
+                );
                 js.push(json!({"trust_domain": b.trust_domain, "bundle": text}));
             }
             print(common.output, json!({"bundles": js}), pretty);
         }
-        BundleCmd::Set { id, path, format, common } => {
+        BundleCmd::Set {
+            id,
+            path,
+            format,
+            common,
+        } => {
             let td = TrustDomain::parse(&id).map_err(|e| CliError::Usage(format!("--id: {e}")))?;
             let data = match &path {
-                Some(p) => std::fs::read(p).map_err(|source| CliError::Io { what: "cannot read", path: p.display().to_string(), source })?,
+                Some(p) => std::fs::read(p).map_err(|source| CliError::Io {
+                    what: "cannot read",
+                    path: p.display().to_string(),
+                    source,
+                })?,
                 None => {
                     use std::io::Read;
                     let mut v = vec![];
                     std::io::stdin()
                         .read_to_end(&mut v)
-                        .map_err(|source| CliError::Io { what: "cannot read", path: "stdin".into(), source })?;
+                        .map_err(|source| CliError::Io {
+                            what: "cannot read",
+                            path: "stdin".into(),
+                            source,
+                        })?;
                     v
                 }
             };
             let bundle = match format {
-                BundleFormat::Spiffe => codec::from_spiffe_json(&td, &data).map_err(|e| CliError::Usage(e.to_string()))?,
+                BundleFormat::Spiffe => codec::from_spiffe_json(&td, &data)
+                    .map_err(|e| CliError::Usage(e.to_string()))?,
                 BundleFormat::Pem => {
-                    let text = String::from_utf8(data).map_err(|_| CliError::Usage("bundle is not UTF-8 PEM".into()))?;
+                    let text = String::from_utf8(data)
+                        .map_err(|_| CliError::Usage("bundle is not UTF-8 PEM".into()))?;
                     types::Bundle {
                         trust_domain: td.as_str().into(),
                         x509_authorities: codec::certs_from_pem(&text)
                             .map_err(|e| CliError::Usage(e.to_string()))?
                             .into_iter()
-                            .map(|asn1| types::X509Certificate { asn1, tainted: false })
+                            .map(|asn1| types::X509Certificate {
+                                asn1,
+                                tainted: false,
+                            })
                             .collect(),
                         ..Default::default()
                     }
@@ -618,12 +745,22 @@ pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
             };
             let mut c = BundleClient::new(connect(&common.socket_path).await?);
             let r = c
-                .batch_set_federated_bundle(pb::bundle::BatchSetFederatedBundleRequest { bundle: vec![bundle], output_mask: None })
+                .batch_set_federated_bundle(pb::bundle::BatchSetFederatedBundleRequest {
+                    bundle: vec![bundle],
+                    output_mask: None,
+                })
                 .await?
                 .into_inner();
-            let r = r.results.first().ok_or_else(|| CliError::Failed("no result".into()))?;
+            let r = r
+                .results
+                .first()
+                .ok_or_else(|| CliError::Failed("no result".into()))?;
             check_status(&r.status)?;
-            print(common.output, json!({"trust_domain": td.as_str()}), "bundle set.\n".into());
+            print(
+                common.output,
+                json!({"trust_domain": td.as_str()}),
+                "bundle set.\n".into(),
+            );
         }
         BundleCmd::Delete { id, mode, common } => {
             let td = TrustDomain::parse(&id).map_err(|e| CliError::Usage(format!("--id: {e}")))?;
@@ -641,9 +778,16 @@ pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
                 })
                 .await?
                 .into_inner();
-            let r = r.results.first().ok_or_else(|| CliError::Failed("no result".into()))?;
+            let r = r
+                .results
+                .first()
+                .ok_or_else(|| CliError::Failed("no result".into()))?;
             check_status(&r.status)?;
-            print(common.output, json!({"trust_domain": td.as_str()}), "bundle deleted.\n".into());
+            print(
+                common.output,
+                json!({"trust_domain": td.as_str()}),
+                "bundle deleted.\n".into(),
+            );
         }
     }
     Ok(())
@@ -667,15 +811,30 @@ pub enum TokenCmd {
 }
 
 pub async fn token(cmd: TokenCmd) -> Result<(), CliError> {
-    let TokenCmd::Generate { spiffe_id, ttl, common } = cmd;
+    let TokenCmd::Generate {
+        spiffe_id,
+        ttl,
+        common,
+    } = cmd;
     let ttl = ttl_arg("--ttl", Some(ttl))?;
-    let agent_id = spiffe_id.as_deref().map(|s| parse_id("--spiffe-id", s).map(|i| id_proto(&i))).transpose()?;
+    let agent_id = spiffe_id
+        .as_deref()
+        .map(|s| parse_id("--spiffe-id", s).map(|i| id_proto(&i)))
+        .transpose()?;
     let mut c = pb::agent::agent_client::AgentClient::new(connect(&common.socket_path).await?);
     let t = c
-        .create_join_token(pb::agent::CreateJoinTokenRequest { ttl, token: String::new(), agent_id })
+        .create_join_token(pb::agent::CreateJoinTokenRequest {
+            ttl,
+            token: String::new(),
+            agent_id,
+        })
         .await?
         .into_inner();
-    print(common.output, json!({"value": t.value, "expires_at": t.expires_at}), format!("Token: {}\n", t.value));
+    print(
+        common.output,
+        json!({"value": t.value, "expires_at": t.expires_at}),
+        format!("Token: {}\n", t.value),
+    );
     Ok(())
 }
 
@@ -720,22 +879,37 @@ pub async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
         AgentCmd::List { common } => {
             let mut c = AgentClient::new(connect(&common.socket_path).await?);
             let r = c
-                .list_agents(pb::agent::ListAgentsRequest { filter: None, output_mask: None, page_size: 0, page_token: String::new() })
+                .list_agents(pb::agent::ListAgentsRequest {
+                    filter: None,
+                    output_mask: None,
+                    page_size: 0,
+                    page_token: String::new(),
+                })
                 .await?
                 .into_inner();
             let pretty = format!(
                 "Found {} attested agent{}:\n\n{}",
                 r.agents.len(),
                 if r.agents.len() == 1 { "" } else { "s" },
-                r.agents.iter().map(|a| format!("{}\n", agent_pretty(a))).collect::<String>()
+                r.agents
+                    .iter()
+                    .map(|a| format!("{}\n", agent_pretty(a)))
+                    .collect::<String>()
             );
-            print(common.output, json!({"agents": r.agents.iter().map(agent_json).collect::<Vec<_>>()}), pretty);
+            print(
+                common.output,
+                json!({"agents": r.agents.iter().map(agent_json).collect::<Vec<_>>()}),
+                pretty,
+            );
         }
         AgentCmd::Show { spiffe_id, common } => {
             let id = parse_id("--spiffe-id", &spiffe_id)?;
             let mut c = AgentClient::new(connect(&common.socket_path).await?);
             let a = c
-                .get_agent(pb::agent::GetAgentRequest { id: Some(id_proto(&id)), output_mask: None })
+                .get_agent(pb::agent::GetAgentRequest {
+                    id: Some(id_proto(&id)),
+                    output_mask: None,
+                })
                 .await?
                 .into_inner();
             print(common.output, agent_json(&a), agent_pretty(&a));
@@ -743,19 +917,41 @@ pub async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
         AgentCmd::Evict { spiffe_id, common } => {
             let id = parse_id("--spiffe-id", &spiffe_id)?;
             let mut c = AgentClient::new(connect(&common.socket_path).await?);
-            c.delete_agent(pb::agent::DeleteAgentRequest { id: Some(id_proto(&id)) }).await?;
-            print(common.output, json!({"evicted": spiffe_id}), "Agent evicted successfully\n".into());
+            c.delete_agent(pb::agent::DeleteAgentRequest {
+                id: Some(id_proto(&id)),
+            })
+            .await?;
+            print(
+                common.output,
+                json!({"evicted": spiffe_id}),
+                "Agent evicted successfully\n".into(),
+            );
         }
         AgentCmd::Ban { spiffe_id, common } => {
             let id = parse_id("--spiffe-id", &spiffe_id)?;
             let mut c = AgentClient::new(connect(&common.socket_path).await?);
-            c.ban_agent(pb::agent::BanAgentRequest { id: Some(id_proto(&id)) }).await?;
-            print(common.output, json!({"banned": spiffe_id}), "Agent banned successfully\n".into());
+            c.ban_agent(pb::agent::BanAgentRequest {
+                id: Some(id_proto(&id)),
+            })
+            .await?;
+            print(
+                common.output,
+                json!({"banned": spiffe_id}),
+                "Agent banned successfully\n".into(),
+            );
         }
         AgentCmd::Count { common } => {
             let mut c = AgentClient::new(connect(&common.socket_path).await?);
-            let n = c.count_agents(pb::agent::CountAgentsRequest { filter: None }).await?.into_inner().count;
-            print(common.output, json!({"count": n}), format!("{n} attested agent{}\n", if n == 1 { "" } else { "s" }));
+            let n = c
+                .count_agents(pb::agent::CountAgentsRequest { filter: None })
+                .await?
+                .into_inner()
+                .count;
+            print(
+                common.output,
+                json!({"count": n}),
+                format!("{n} attested agent{}\n", if n == 1 { "" } else { "s" }),
+            );
         }
     }
     Ok(())
@@ -805,19 +1001,31 @@ pub enum JwtCmd {
 pub async fn x509(cmd: X509Cmd) -> Result<(), CliError> {
     use aws_lc_rs::encoding::AsDer;
     use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
-    let X509Cmd::Mint { spiffe_id, ttl, dns_names, write, common } = cmd;
+    let X509Cmd::Mint {
+        spiffe_id,
+        ttl,
+        dns_names,
+        write,
+        common,
+    } = cmd;
     let id = parse_id("--spiffe-id", &spiffe_id)?;
     let ttl = ttl_arg("--ttl", Some(ttl))?;
-    let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).map_err(|_| CliError::Failed("key generation failed".into()))?;
-    let spki = kp.public_key().as_der().map_err(|_| CliError::Failed("key encoding failed".into()))?;
-    let info = kame_api::csr::request_info(spki.as_ref(), &[id.to_string()], &dns_names).map_err(|e| CliError::Usage(e.to_string()))?;
+    let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
+        .map_err(|_| CliError::Failed("key generation failed".into()))?;
+    let spki = kp
+        .public_key()
+        .as_der()
+        .map_err(|_| CliError::Failed("key encoding failed".into()))?;
+    let info = kame_api::csr::request_info(spki.as_ref(), &[id.to_string()], &dns_names)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let sig = kp
         .sign(&aws_lc_rs::rand::SystemRandom::new(), &info)
         .map_err(|_| CliError::Failed("signing the CSR failed".into()))?;
     let alg = kame_api::keys::KeyInfo::from_spki_der(spki.as_ref())
         .map_err(|e| CliError::Failed(e.to_string()))?
         .x509_signature_algorithm();
-    let csr = kame_api::x509svid::assemble(&info, &alg, sig.as_ref()).map_err(|e| CliError::Failed(e.to_string()))?;
+    let csr = kame_api::x509svid::assemble(&info, &alg, sig.as_ref())
+        .map_err(|e| CliError::Failed(e.to_string()))?;
     let channel = connect(&common.socket_path).await?;
     let svid = pb::svid::svid_client::SvidClient::new(channel.clone())
         .mint_x509svid(pb::svid::MintX509svidRequest { csr, ttl })
@@ -829,19 +1037,34 @@ pub async fn x509(cmd: X509Cmd) -> Result<(), CliError> {
         .get_bundle(pb::bundle::GetBundleRequest { output_mask: None })
         .await?
         .into_inner();
-    let svid_pem: String = svid.cert_chain.iter().map(|c| codec::pem_block("CERTIFICATE", c)).collect();
-    let pkcs8 = kp.to_pkcs8v1().map_err(|_| CliError::Failed("key encoding failed".into()))?;
+    let svid_pem: String = svid
+        .cert_chain
+        .iter()
+        .map(|c| codec::pem_block("CERTIFICATE", c))
+        .collect();
+    let pkcs8 = kp
+        .to_pkcs8v1()
+        .map_err(|_| CliError::Failed("key encoding failed".into()))?;
     let key_pem = zeroize::Zeroizing::new(codec::pem_block("PRIVATE KEY", pkcs8.as_ref()));
     let bundle_pem = codec::x509_to_pem(&bundle);
     match write {
         Some(dir) => {
-            std::fs::create_dir_all(&dir).map_err(|source| CliError::Io { what: "cannot create", path: dir.display().to_string(), source })?;
+            std::fs::create_dir_all(&dir).map_err(|source| CliError::Io {
+                what: "cannot create",
+                path: dir.display().to_string(),
+                source,
+            })?;
             let w = |name: &str, data: &[u8], secret: bool| -> Result<(), CliError> {
                 let p = dir.join(name);
                 if secret {
-                    kame_keymanager::disk::write_secret_file(&p, data).map_err(|e| CliError::Failed(e.to_string()))
+                    kame_keymanager::disk::write_secret_file(&p, data)
+                        .map_err(|e| CliError::Failed(e.to_string()))
                 } else {
-                    std::fs::write(&p, data).map_err(|source| CliError::Io { what: "cannot write", path: p.display().to_string(), source })
+                    std::fs::write(&p, data).map_err(|source| CliError::Io {
+                        what: "cannot write",
+                        path: p.display().to_string(),
+                        source,
+                    })
                 }
             };
             w("svid.pem", svid_pem.as_bytes(), false)?;
@@ -856,24 +1079,38 @@ pub async fn x509(cmd: X509Cmd) -> Result<(), CliError> {
         None => print(
             common.output,
             json!({"spiffe_id": id.to_string(), "expires_at": svid.expires_at, "svid": svid_pem, "key": key_pem.as_str(), "bundle": bundle_pem}),
-            format!("X509-SVID:\n{svid_pem}\nPrivate key:\n{}\nRoot CAs:\n{bundle_pem}", key_pem.as_str()),
+            format!(
+                "X509-SVID:\n{svid_pem}\nPrivate key:\n{}\nRoot CAs:\n{bundle_pem}",
+                key_pem.as_str()
+            ),
         ),
     }
     Ok(())
 }
 
 pub async fn jwt(cmd: JwtCmd) -> Result<(), CliError> {
-    let JwtCmd::Mint { spiffe_id, audience, ttl, write, common } = cmd;
+    let JwtCmd::Mint {
+        spiffe_id,
+        audience,
+        ttl,
+        write,
+        common,
+    } = cmd;
     let id = parse_id("--spiffe-id", &spiffe_id)?;
     let ttl = ttl_arg("--ttl", Some(ttl))?;
     let svid = pb::svid::svid_client::SvidClient::new(connect(&common.socket_path).await?)
-        .mint_jwtsvid(pb::svid::MintJwtsvidRequest { id: Some(id_proto(&id)), audience, ttl })
+        .mint_jwtsvid(pb::svid::MintJwtsvidRequest {
+            id: Some(id_proto(&id)),
+            audience,
+            ttl,
+        })
         .await?
         .into_inner()
         .svid
         .ok_or_else(|| CliError::Failed("no SVID returned".into()))?;
     match write {
-        Some(p) => kame_keymanager::disk::write_secret_file(&p, svid.token.as_bytes()).map_err(|e| CliError::Failed(e.to_string()))?,
+        Some(p) => kame_keymanager::disk::write_secret_file(&p, svid.token.as_bytes())
+            .map_err(|e| CliError::Failed(e.to_string()))?,
         None => print(
             common.output,
             json!({"token": svid.token, "expires_at": svid.expires_at, "issued_at": svid.issued_at}),
@@ -886,7 +1123,10 @@ pub async fn jwt(cmd: JwtCmd) -> Result<(), CliError> {
 /// `healthcheck`: the server answers on its admin socket and has a bundle.
 pub async fn healthcheck(socket: &Path, verbose: bool) -> Result<(), CliError> {
     let mut c = pb::bundle::bundle_client::BundleClient::new(connect(socket).await?);
-    let b = c.get_bundle(pb::bundle::GetBundleRequest { output_mask: None }).await?.into_inner();
+    let b = c
+        .get_bundle(pb::bundle::GetBundleRequest { output_mask: None })
+        .await?
+        .into_inner();
     if b.x509_authorities.is_empty() {
         return Err(CliError::Failed("server has no X.509 authority yet".into()));
     }

@@ -167,7 +167,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             .parse()
             .map_err(|_| format!("invalid duration {s:?}"))?;
         rest = &rest[num_len..];
-        let unit_len = rest.bytes().take_while(|c| c.is_ascii_alphabetic() || *c == 0xc2 || *c == 0xb5).count();
+        let unit_len = rest
+            .bytes()
+            .take_while(|c| c.is_ascii_alphabetic() || *c == 0xc2 || *c == 0xb5)
+            .count();
         let unit = &rest[..unit_len];
         rest = &rest[unit_len..];
         let mult = match unit {
@@ -229,7 +232,10 @@ impl Section {
         })
     }
 
-    fn from_object(path: &str, obj: hcl::Object<ObjectKey, Expression>) -> Result<Self, ConfigError> {
+    fn from_object(
+        path: &str,
+        obj: hcl::Object<ObjectKey, Expression>,
+    ) -> Result<Self, ConfigError> {
         let mut attrs = BTreeMap::new();
         for (k, v) in obj {
             let key = match k {
@@ -342,7 +348,10 @@ impl Section {
             if self.blocks[i].0 == k {
                 let (_, labels, sec) = self.blocks.remove(i);
                 if labels.len() != 1 {
-                    return Err(invalid(&self.key(k), "expected exactly one label (the plugin name)"));
+                    return Err(invalid(
+                        &self.key(k),
+                        "expected exactly one label (the plugin name)",
+                    ));
                 }
                 out.push((labels[0].clone(), sec));
             } else {
@@ -427,28 +436,33 @@ impl Config {
         };
         let body = hcl::parse(&text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
         let mut root = Section::from_body("", body)?;
-        let server = root
-            .section("server")?
-            .ok_or(ConfigError::Missing { key: "server".into() })?;
-        let mut plugins = root
-            .section("plugins")?
-            .ok_or(ConfigError::Missing { key: "plugins".into() })?;
+        let server = root.section("server")?.ok_or(ConfigError::Missing {
+            key: "server".into(),
+        })?;
+        let mut plugins = root.section("plugins")?.ok_or(ConfigError::Missing {
+            key: "plugins".into(),
+        })?;
         root.finish()?;
         let mut server = server;
 
-        let trust_domain_s = server
-            .string("trust_domain")?
-            .ok_or(ConfigError::Missing { key: "server.trust_domain".into() })?;
+        let trust_domain_s = server.string("trust_domain")?.ok_or(ConfigError::Missing {
+            key: "server.trust_domain".into(),
+        })?;
         let trust_domain = TrustDomain::parse(&trust_domain_s)
             .map_err(|e| invalid("server.trust_domain", e.to_string()))?;
         if trust_domain_s.contains(':') {
-            return Err(invalid("server.trust_domain", "expected a trust domain name, not a SPIFFE ID"));
+            return Err(invalid(
+                "server.trust_domain",
+                "expected a trust domain name, not a SPIFFE ID",
+            ));
         }
         let bind_address = match server.string("bind_address")? {
-            None => "0.0.0.0".parse().map_err(|_| invalid("server.bind_address", "bad default"))?,
-            Some(s) => s
+            None => "0.0.0.0"
                 .parse()
-                .map_err(|_| invalid("server.bind_address", format!("{s:?} is not an IP address")))?,
+                .map_err(|_| invalid("server.bind_address", "bad default"))?,
+            Some(s) => s.parse().map_err(|_| {
+                invalid("server.bind_address", format!("{s:?} is not an IP address"))
+            })?,
         };
         let bind_port = match server.int("bind_port")? {
             None => 8081,
@@ -464,7 +478,8 @@ impl Config {
         }
         let data_dir = PathBuf::from(server.string("data_dir")?.unwrap_or_else(|| ".".into()));
         let log_level = server.string("log_level")?.unwrap_or_else(|| "INFO".into());
-        if !["DEBUG", "INFO", "WARN", "ERROR", "TRACE"].contains(&log_level.to_uppercase().as_str()) {
+        if !["DEBUG", "INFO", "WARN", "ERROR", "TRACE"].contains(&log_level.to_uppercase().as_str())
+        {
             return Err(invalid(
                 "server.log_level",
                 format!("{log_level:?} is not one of DEBUG, INFO, WARN, ERROR"),
@@ -474,17 +489,25 @@ impl Config {
             None | Some("text") | Some("TEXT") => LogFormat::Text,
             Some("json") | Some("JSON") => LogFormat::Json,
             Some(other) => {
-                return Err(invalid("server.log_format", format!("{other:?} is not text or json")));
+                return Err(invalid(
+                    "server.log_format",
+                    format!("{other:?} is not text or json"),
+                ));
             }
         };
-        let nonzero = |k: &str, d: Option<Duration>, default: Duration| -> Result<Duration, ConfigError> {
-            match d {
-                None => Ok(default),
-                Some(d) if d.as_secs() < 1 => Err(invalid(k, "must be at least 1s")),
-                Some(d) => Ok(d),
-            }
-        };
-        let ca_ttl = nonzero("server.ca_ttl", server.duration("ca_ttl")?, Duration::from_secs(86400))?;
+        let nonzero =
+            |k: &str, d: Option<Duration>, default: Duration| -> Result<Duration, ConfigError> {
+                match d {
+                    None => Ok(default),
+                    Some(d) if d.as_secs() < 1 => Err(invalid(k, "must be at least 1s")),
+                    Some(d) => Ok(d),
+                }
+            };
+        let ca_ttl = nonzero(
+            "server.ca_ttl",
+            server.duration("ca_ttl")?,
+            Duration::from_secs(86400),
+        )?;
         let default_x509_svid_ttl = nonzero(
             "server.default_x509_svid_ttl",
             server.duration("default_x509_svid_ttl")?,
@@ -503,8 +526,8 @@ impl Config {
             v.map(|s| s.parse::<KeyType>().map_err(|e| invalid(k, e.to_string())))
                 .transpose()
         };
-        let ca_key_type =
-            key_type("server.ca_key_type", server.string("ca_key_type")?)?.unwrap_or(KeyType::EcP256);
+        let ca_key_type = key_type("server.ca_key_type", server.string("ca_key_type")?)?
+            .unwrap_or(KeyType::EcP256);
         let jwt_key_type =
             key_type("server.jwt_key_type", server.string("jwt_key_type")?)?.unwrap_or(ca_key_type);
         let ca_subject = match server.section("ca_subject")? {
@@ -520,13 +543,24 @@ impl Config {
                     common_name: s.string("common_name")?.unwrap_or_default(),
                 };
                 s.finish()?;
-                for v in subj.country.iter().chain(&subj.organization).chain([&subj.common_name]) {
+                for v in subj
+                    .country
+                    .iter()
+                    .chain(&subj.organization)
+                    .chain([&subj.common_name])
+                {
                     if v.contains([',', '=', '+', '"', '\\', '<', '>', ';']) {
-                        return Err(invalid("server.ca_subject", format!("{v:?} has a character that is not allowed")));
+                        return Err(invalid(
+                            "server.ca_subject",
+                            format!("{v:?} has a character that is not allowed"),
+                        ));
                     }
                 }
                 if subj.country.iter().any(|c| c.len() != 2) {
-                    return Err(invalid("server.ca_subject.country", "country codes have two letters"));
+                    return Err(invalid(
+                        "server.ca_subject.country",
+                        "country codes have two letters",
+                    ));
                 }
                 subj
             }
@@ -540,24 +574,34 @@ impl Config {
         let mut datastore = None;
         for (name, sec) in plugins.labeled("DataStore")? {
             if name != "sql" {
-                return Err(invalid("plugins.DataStore", format!("unknown DataStore {name:?} (expected \"sql\")")));
+                return Err(invalid(
+                    "plugins.DataStore",
+                    format!("unknown DataStore {name:?} (expected \"sql\")"),
+                ));
             }
             if datastore.is_some() {
-                return Err(invalid("plugins.DataStore", "only one DataStore may be configured"));
+                return Err(invalid(
+                    "plugins.DataStore",
+                    "only one DataStore may be configured",
+                ));
             }
             let data = plugin_data(sec)?;
-            let database_type = data
-                .string("database_type")?
-                .ok_or_else(|| ConfigError::Missing { key: data.key("database_type") })?;
+            let database_type =
+                data.string("database_type")?
+                    .ok_or_else(|| ConfigError::Missing {
+                        key: data.key("database_type"),
+                    })?;
             if database_type != "sqlite3" {
                 return Err(invalid(
                     &data.key("database_type"),
                     format!("{database_type:?} is not supported (expected \"sqlite3\")"),
                 ));
             }
-            let connection_string = data
-                .string("connection_string")?
-                .ok_or_else(|| ConfigError::Missing { key: data.key("connection_string") })?;
+            let connection_string =
+                data.string("connection_string")?
+                    .ok_or_else(|| ConfigError::Missing {
+                        key: data.key("connection_string"),
+                    })?;
             if connection_string.is_empty() {
                 return Err(invalid(&data.key("connection_string"), "must not be empty"));
             }
@@ -567,12 +611,17 @@ impl Config {
                 connection_string,
             });
         }
-        let datastore = datastore.ok_or(ConfigError::Missing { key: "plugins.DataStore".into() })?;
+        let datastore = datastore.ok_or(ConfigError::Missing {
+            key: "plugins.DataStore".into(),
+        })?;
 
         let mut key_manager = None;
         for (name, sec) in plugins.labeled("KeyManager")? {
             if key_manager.is_some() {
-                return Err(invalid("plugins.KeyManager", "only one KeyManager may be configured"));
+                return Err(invalid(
+                    "plugins.KeyManager",
+                    "only one KeyManager may be configured",
+                ));
             }
             let data = plugin_data(sec)?;
             key_manager = Some(match name.as_str() {
@@ -580,8 +629,12 @@ impl Config {
                 "disk" => {
                     let p = data
                         .string("keys_path")?
-                        .ok_or_else(|| ConfigError::Missing { key: data.key("keys_path") })?;
-                    KeyManagerConfig::Disk { keys_path: PathBuf::from(p) }
+                        .ok_or_else(|| ConfigError::Missing {
+                            key: data.key("keys_path"),
+                        })?;
+                    KeyManagerConfig::Disk {
+                        keys_path: PathBuf::from(p),
+                    }
                 }
                 other => {
                     return Err(invalid(
@@ -592,7 +645,9 @@ impl Config {
             });
             data.finish()?;
         }
-        let key_manager = key_manager.ok_or(ConfigError::Missing { key: "plugins.KeyManager".into() })?;
+        let key_manager = key_manager.ok_or(ConfigError::Missing {
+            key: "plugins.KeyManager".into(),
+        })?;
 
         let mut join_token_attestor = false;
         for (name, sec) in plugins.labeled("NodeAttestor")? {
@@ -603,7 +658,10 @@ impl Config {
                 ));
             }
             if join_token_attestor {
-                return Err(invalid("plugins.NodeAttestor.join_token", "configured more than once"));
+                return Err(invalid(
+                    "plugins.NodeAttestor.join_token",
+                    "configured more than once",
+                ));
             }
             plugin_data(sec)?.finish()?;
             join_token_attestor = true;
@@ -704,7 +762,9 @@ plugins {
         assert!(c.join_token_attestor);
         assert_eq!(
             c.key_manager,
-            KeyManagerConfig::Disk { keys_path: "./data/keys.json".into() }
+            KeyManagerConfig::Disk {
+                keys_path: "./data/keys.json".into()
+            }
         );
         assert_eq!(c.ca_subject.to_dn_string(), "C=US, O=SPIFFE");
     }
@@ -716,7 +776,10 @@ plugins {
         assert_eq!(e.to_string(), "server.ca_tll: unknown key");
         let bad = GOOD.replace("keys_path", "key_path");
         let e = Config::parse(&bad, false).unwrap_err().to_string();
-        assert!(e.starts_with("plugins.KeyManager.disk.plugin_data.key"), "{e}");
+        assert!(
+            e.starts_with("plugins.KeyManager.disk.plugin_data.key"),
+            "{e}"
+        );
         let bad = GOOD.replace("NodeAttestor \"join_token\"", "NodeAtestor \"join_token\"");
         assert_eq!(
             Config::parse(&bad, false).unwrap_err().to_string(),
@@ -731,15 +794,24 @@ plugins {
             ("\"example.org\"", "\"Example.org\"", "server.trust_domain"),
             ("\"8081\"", "\"80811\"", "server.bind_port"),
             ("\"127.0.0.1\"", "\"localhost\"", "server.bind_address"),
-            ("\"sqlite3\"", "\"mysql\"", "plugins.DataStore.sql.plugin_data.database_type"),
+            (
+                "\"sqlite3\"",
+                "\"mysql\"",
+                "plugins.DataStore.sql.plugin_data.database_type",
+            ),
             ("\"DEBUG\"", "\"LOUD\"", "server.log_level"),
         ] {
-            let e = Config::parse(&GOOD.replace(from, to), false).unwrap_err().to_string();
+            let e = Config::parse(&GOOD.replace(from, to), false)
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with(key), "{from}->{to}: {e}");
         }
-        let e = Config::parse(&GOOD.replace("ca_ttl = \"168h\"", "ca_key_type = \"ec-p521\""), false)
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse(
+            &GOOD.replace("ca_ttl = \"168h\"", "ca_key_type = \"ec-p521\""),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.starts_with("server.ca_key_type"), "{e}");
     }
 
@@ -747,13 +819,18 @@ plugins {
     fn expand_env_only_when_asked() {
         let text = GOOD.replace("\"example.org\"", "\"$KAME_TEST_TD\"");
         let c = Config::parse(
-            &expand_env(&text, |k| (k == "KAME_TEST_TD").then(|| "env.example".to_string())),
+            &expand_env(&text, |k| {
+                (k == "KAME_TEST_TD").then(|| "env.example".to_string())
+            }),
             false,
         )
         .unwrap();
         assert_eq!(c.trust_domain.as_str(), "env.example");
         assert!(Config::parse(&text, false).is_err());
-        assert_eq!(expand_env("a${X}b$Y-$", |k| Some(k.to_lowercase())), "axby-$");
+        assert_eq!(
+            expand_env("a${X}b$Y-$", |k| Some(k.to_lowercase())),
+            "axby-$"
+        );
     }
 
     #[test]

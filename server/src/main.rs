@@ -9,7 +9,11 @@ use kame_server::config::{Config, LogFormat};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "kame-server", version, about = "Kame SPIFFE server (SPIRE-compatible)")]
+#[command(
+    name = "kame-server",
+    version,
+    about = "Kame SPIFFE server (SPIRE-compatible)"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -62,7 +66,9 @@ enum Cmd {
 fn init_logging(level: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(level.to_lowercase())
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
@@ -73,18 +79,23 @@ async fn real_main() -> anyhow::Result<()> {
     let args = Cli::parse();
     match args.cmd {
         Cmd::Run { config, expand_env } => {
-            let cfg = Config::load(&config, expand_env).with_context(|| format!("invalid configuration {}", config.display()))?;
+            let cfg = Config::load(&config, expand_env)
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
             init_logging(&cfg.log_level, cfg.log_format);
             kame_server::run::run(cfg).await?;
         }
         Cmd::Validate { config, expand_env } => {
-            let cfg = Config::load(&config, expand_env).with_context(|| format!("invalid configuration {}", config.display()))?;
+            let cfg = Config::load(&config, expand_env)
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
             for w in cfg.warnings() {
                 eprintln!("warning: {w}");
             }
             println!("Configuration is valid.");
         }
-        Cmd::Healthcheck { socket_path, verbose } => cli::healthcheck(&socket_path, verbose).await?,
+        Cmd::Healthcheck {
+            socket_path,
+            verbose,
+        } => cli::healthcheck(&socket_path, verbose).await?,
         Cmd::Entry(c) => cli::entry(c).await?,
         Cmd::Bundle(c) => cli::bundle(c).await?,
         Cmd::Token(c) => cli::token(c).await?,

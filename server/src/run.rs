@@ -6,7 +6,9 @@ use crate::ca::{Ca, CaError, CaSettings};
 use crate::config::{Config, KeyManagerConfig};
 use crate::datastore::DataStore;
 use crate::datastore::sqlite::SqliteStore;
-use crate::service::{Context, agent::AgentService, bundle::BundleService, entry::EntryService, svid::SvidService};
+use crate::service::{
+    Context, agent::AgentService, bundle::BundleService, entry::EntryService, svid::SvidService,
+};
 use crate::tls::ServerSvid;
 use kame_api::pb;
 use kame_keymanager::KeyManager;
@@ -56,7 +58,8 @@ pub fn load_server_id(data_dir: &Path) -> Result<String, RunError> {
     match std::fs::read_to_string(&path) {
         Ok(s) => {
             let s = s.trim().to_string();
-            uuid::Uuid::parse_str(&s).map_err(|_| RunError::BadServerId(path.display().to_string()))?;
+            uuid::Uuid::parse_str(&s)
+                .map_err(|_| RunError::BadServerId(path.display().to_string()))?;
             Ok(s)
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -91,7 +94,9 @@ impl Running {
 fn build_key_manager(cfg: &Config) -> Result<Arc<dyn KeyManager>, RunError> {
     Ok(match &cfg.key_manager {
         KeyManagerConfig::Memory => Arc::new(kame_keymanager::memory::MemoryKeyManager::new()),
-        KeyManagerConfig::Disk { keys_path } => Arc::new(kame_keymanager::disk::DiskKeyManager::open(keys_path)?),
+        KeyManagerConfig::Disk { keys_path } => {
+            Arc::new(kame_keymanager::disk::DiskKeyManager::open(keys_path)?)
+        }
     })
 }
 
@@ -114,15 +119,21 @@ fn prepare_socket(path: &Path) -> Result<UnixListener, RunError> {
 
 /// tonic reports a request over the size limit as OutOfRange; gRPC (and grpc-go) use
 /// RESOURCE_EXHAUSTED for that, which is what clients retry-classify on.
-fn oversized_is_resource_exhausted<B>(mut resp: tonic::codegen::http::Response<B>) -> tonic::codegen::http::Response<B> {
+fn oversized_is_resource_exhausted<B>(
+    mut resp: tonic::codegen::http::Response<B>,
+) -> tonic::codegen::http::Response<B> {
     let h = resp.headers();
     let too_large = h.get("grpc-status").is_some_and(|v| v.as_bytes() == b"11")
-        && h
-            .get("grpc-message")
-            .is_some_and(|v| String::from_utf8_lossy(v.as_bytes()).replace("%20", " ").contains("message length too large"));
+        && h.get("grpc-message").is_some_and(|v| {
+            String::from_utf8_lossy(v.as_bytes())
+                .replace("%20", " ")
+                .contains("message length too large")
+        });
     if too_large {
-        resp.headers_mut()
-            .insert("grpc-status", tonic::codegen::http::HeaderValue::from_static("8"));
+        resp.headers_mut().insert(
+            "grpc-status",
+            tonic::codegen::http::HeaderValue::from_static("8"),
+        );
     }
     resp
 }
@@ -133,7 +144,8 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
     std::fs::create_dir_all(&cfg.data_dir).map_err(io("cannot create data_dir", &cfg.data_dir))?;
     let server_id = load_server_id(&cfg.data_dir)?;
     let km = build_key_manager(&cfg)?;
-    let ds: Arc<dyn DataStore> = Arc::new(SqliteStore::open(&cfg.datastore.connection_string).await?);
+    let ds: Arc<dyn DataStore> =
+        Arc::new(SqliteStore::open(&cfg.datastore.connection_string).await?);
     for w in cfg.warnings() {
         tracing::warn!("{w}");
     }
@@ -165,18 +177,28 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
         join_token_enabled: cfg.join_token_attestor,
         server_spiffe_id: server_spiffe_id.clone(),
     });
-    let svid = ServerSvid::new(ca.clone(), server_spiffe_id, cfg.default_x509_svid_ttl, provider.clone());
+    let svid = ServerSvid::new(
+        ca.clone(),
+        server_spiffe_id,
+        cfg.default_x509_svid_ttl,
+        provider.clone(),
+    );
     svid.rotate_if_needed().await?;
-    let tls = Arc::new(crate::tls::server_config(svid.clone(), ca.clone(), provider)?);
+    let tls = Arc::new(crate::tls::server_config(
+        svid.clone(),
+        ca.clone(),
+        provider,
+    )?);
 
     let uds = prepare_socket(&cfg.socket_path)?;
     let tcp_addr = std::net::SocketAddr::new(cfg.bind_address, cfg.bind_port);
     let tcp = TcpListener::bind(tcp_addr)
         .await
         .map_err(io("cannot listen on", Path::new(&tcp_addr.to_string())))?;
-    let tcp_addr = tcp
-        .local_addr()
-        .map_err(io("cannot read address of", Path::new(&tcp_addr.to_string())))?;
+    let tcp_addr = tcp.local_addr().map_err(io(
+        "cannot read address of",
+        Path::new(&tcp_addr.to_string()),
+    ))?;
 
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut tasks = vec![];
@@ -184,7 +206,9 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
     let router = || {
         let m = MAX_MESSAGE_SIZE;
         tonic::transport::Server::builder()
-            .layer(tower::util::MapResponseLayer::new(oversized_is_resource_exhausted))
+            .layer(tower::util::MapResponseLayer::new(
+                oversized_is_resource_exhausted,
+            ))
             .add_service(
                 pb::entry::entry_server::EntryServer::new(EntryService { ctx: ctx.clone() })
                     .max_decoding_message_size(m),
@@ -248,7 +272,10 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
     let rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = tcp_router
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::ReceiverStream::new(conn_rx), stop_signal(rx))
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::ReceiverStream::new(conn_rx),
+                stop_signal(rx),
+            )
             .await
         {
             tracing::error!(error = %e, "TCP server failed");

@@ -31,7 +31,12 @@ pub struct ServerSvid {
 }
 
 impl ServerSvid {
-    pub fn new(ca: Arc<Ca>, id: SpiffeId, ttl: Duration, provider: Arc<rustls::crypto::CryptoProvider>) -> Arc<Self> {
+    pub fn new(
+        ca: Arc<Ca>,
+        id: SpiffeId,
+        ttl: Duration,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Arc<Self> {
         Arc::new(ServerSvid {
             ca,
             id,
@@ -57,7 +62,10 @@ impl ServerSvid {
             .public_key()
             .as_der()
             .map_err(|_| CaError::Journal("cannot encode server SVID key".into()))?;
-        let chain = self.ca.sign_x509_svid(spki.as_ref(), &self.id, &[], self.ttl).await?;
+        let chain = self
+            .ca
+            .sign_x509_svid(spki.as_ref(), &self.id, &[], self.ttl)
+            .await?;
         let leaf = ParsedCert::parse(&chain[0])?;
         let pkcs8 = kp
             .to_pkcs8v1()
@@ -65,7 +73,9 @@ impl ServerSvid {
         let signing_key = self
             .provider
             .key_provider
-            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(pkcs8.as_ref().to_vec())))
+            .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
+                pkcs8.as_ref().to_vec(),
+            )))
             .map_err(|e| CaError::Journal(format!("server SVID key: {e}")))?;
         let certs = chain.into_iter().map(CertificateDer::from).collect();
         let cur = Current {

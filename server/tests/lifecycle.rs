@@ -16,7 +16,10 @@ fn roots(b: &pb::types::Bundle) -> Vec<Vec<u8>> {
 
 async fn mint(s: &TestServer, id: &str) -> Vec<Vec<u8>> {
     pb::svid::svid_client::SvidClient::new(s.admin().await)
-        .mint_x509svid(pb::svid::MintX509svidRequest { csr: TestKey::new().csr(&[id], &[]), ttl: 0 })
+        .mint_x509svid(pb::svid::MintX509svidRequest {
+            csr: TestKey::new().csr(&[id], &[]),
+            ttl: 0,
+        })
         .await
         .unwrap()
         .into_inner()
@@ -29,28 +32,66 @@ async fn mint(s: &TestServer, id: &str) -> Vec<Vec<u8>> {
 async fn restart_keeps_ca_bundle_entries_and_tokens() {
     let mut s = TestServer::start(Opts::default()).await;
     let o = s
-        .cli(&["entry", "create", "--spiffe-id", "spiffe://example.org/w", "--parent-id", "spiffe://example.org/spire/agent/x", "--selector", "unix:uid:0", "--output", "json"])
+        .cli(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/w",
+            "--parent-id",
+            "spiffe://example.org/spire/agent/x",
+            "--selector",
+            "unix:uid:0",
+            "--output",
+            "json",
+        ])
         .await;
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let created: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
-    let o = s.cli(&["token", "generate", "--ttl", "600", "--output", "json"]).await;
+    let o = s
+        .cli(&["token", "generate", "--ttl", "600", "--output", "json"])
+        .await;
     let token: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let token = token["value"].as_str().unwrap().to_string();
     let before = s.bundle().await;
-    let ca_before = s.running().ctx.ca.current_x509().unwrap().authority_id.clone();
+    let ca_before = s
+        .running()
+        .ctx
+        .ca
+        .current_x509()
+        .unwrap()
+        .authority_id
+        .clone();
     let kid_before = s.running().ctx.ca.current_jwt().unwrap().kid.clone();
 
     s.restart().await;
 
     let after = s.bundle().await;
     assert_eq!(roots(&after), roots(&before), "same X.509 authorities");
-    assert_eq!(after.jwt_authorities, before.jwt_authorities, "same JWT authorities");
-    assert_eq!(after.sequence_number, before.sequence_number, "no change, no new sequence");
-    assert_eq!(s.running().ctx.ca.current_x509().unwrap().authority_id, ca_before);
+    assert_eq!(
+        after.jwt_authorities, before.jwt_authorities,
+        "same JWT authorities"
+    );
+    assert_eq!(
+        after.sequence_number, before.sequence_number,
+        "no change, no new sequence"
+    );
+    assert_eq!(
+        s.running().ctx.ca.current_x509().unwrap().authority_id,
+        ca_before
+    );
     assert_eq!(s.running().ctx.ca.current_jwt().unwrap().kid, kid_before);
     let chain = mint(&s, "spiffe://example.org/after").await;
     verify_chain(&chain, &roots(&before), kame_server::ca::now_secs()).unwrap();
-    let o = s.cli(&["entry", "show", "--entry-id", created["id"].as_str().unwrap(), "--output", "json"]).await;
+    let o = s
+        .cli(&[
+            "entry",
+            "show",
+            "--entry-id",
+            created["id"].as_str().unwrap(),
+            "--output",
+            "json",
+        ])
+        .await;
     assert!(o.status.success());
     assert!(s.running().ctx.ds.join_token_exists(&token).await.unwrap());
     s.stop().await;
@@ -58,20 +99,44 @@ async fn restart_keeps_ca_bundle_entries_and_tokens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_key_manager_restart_starts_a_new_ca_and_keeps_old_root_trusted() {
-    let mut s = TestServer::start(Opts { key_manager: "memory", ..Default::default() }).await;
+    let mut s = TestServer::start(Opts {
+        key_manager: "memory",
+        ..Default::default()
+    })
+    .await;
     let before = s.bundle().await;
-    let a = s.running().ctx.ca.current_x509().unwrap().authority_id.clone();
+    let a = s
+        .running()
+        .ctx
+        .ca
+        .current_x509()
+        .unwrap()
+        .authority_id
+        .clone();
     s.restart().await;
     let after = s.bundle().await;
-    assert_ne!(s.running().ctx.ca.current_x509().unwrap().authority_id, a, "keys were lost with the process");
-    assert_eq!(after.x509_authorities.len(), 2, "old root stays until it expires");
+    assert_ne!(
+        s.running().ctx.ca.current_x509().unwrap().authority_id,
+        a,
+        "keys were lost with the process"
+    );
+    assert_eq!(
+        after.x509_authorities.len(),
+        2,
+        "old root stays until it expires"
+    );
     assert!(after.sequence_number > before.sequence_number);
     s.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn automatic_rotation_publishes_prepared_root_before_activation() {
-    let s = TestServer::start(Opts { ca_ttl: "12s", x509_ttl: "2s", ..Default::default() }).await;
+    let s = TestServer::start(Opts {
+        ca_ttl: "12s",
+        x509_ttl: "2s",
+        ..Default::default()
+    })
+    .await;
     let ca = s.running().ctx.ca.clone();
     let first = ca.current_x509().unwrap();
     let first_kid = ca.current_jwt().unwrap().kid.clone();
@@ -82,37 +147,78 @@ async fn automatic_rotation_publishes_prepared_root_before_activation() {
     verify_chain(&mint(&s, "spiffe://example.org/w").await, &root_a, now()).unwrap();
 
     // Prepared at half-life: published in the bundle while A is still the active authority.
-    wait_for("prepared root in bundle", Duration::from_secs(12), || async { s.bundle().await.x509_authorities.len() == 2 }).await;
-    assert_eq!(ca.current_x509().unwrap().authority_id, first.authority_id, "B is published before it is used");
+    wait_for(
+        "prepared root in bundle",
+        Duration::from_secs(12),
+        || async { s.bundle().await.x509_authorities.len() == 2 },
+    )
+    .await;
+    assert_eq!(
+        ca.current_x509().unwrap().authority_id,
+        first.authority_id,
+        "B is published before it is used"
+    );
     let b1 = s.bundle().await;
     assert!(b1.sequence_number > b0.sequence_number);
-    wait_for("prepared JWT key in bundle", Duration::from_secs(3), || async { s.bundle().await.jwt_authorities.len() == 2 }).await;
-    assert_eq!(ca.current_jwt().unwrap().kid, first_kid, "next JWT key published before use too");
+    wait_for(
+        "prepared JWT key in bundle",
+        Duration::from_secs(3),
+        || async { s.bundle().await.jwt_authorities.len() == 2 },
+    )
+    .await;
+    assert_eq!(
+        ca.current_jwt().unwrap().kid,
+        first_kid,
+        "next JWT key published before use too"
+    );
     let prepared = ca.next_x509().unwrap();
     verify_chain(&mint(&s, "spiffe://example.org/w").await, &root_a, now()).unwrap();
 
     // Activated with 1/6 of A's life left: new SVIDs chain to B; A stays trusted.
-    wait_for("activation", Duration::from_secs(12), || async { ca.current_x509().unwrap().authority_id != first.authority_id }).await;
-    assert_eq!(ca.current_x509().unwrap().authority_id, prepared.authority_id);
+    wait_for("activation", Duration::from_secs(12), || async {
+        ca.current_x509().unwrap().authority_id != first.authority_id
+    })
+    .await;
+    assert_eq!(
+        ca.current_x509().unwrap().authority_id,
+        prepared.authority_id
+    );
     let root_b = vec![prepared.cert_der.clone()];
     let chain = mint(&s, "spiffe://example.org/w").await;
     verify_chain(&chain, &root_b, now()).unwrap();
     assert!(verify_chain(&chain, &root_a, now()).is_err());
     let b2 = s.bundle().await;
-    assert!(roots(&b2).contains(&first.cert_der), "old root stays in the bundle until it expires");
+    assert!(
+        roots(&b2).contains(&first.cert_der),
+        "old root stays in the bundle until it expires"
+    );
     // SVIDs never outlive the CA that signed them.
     let leaf = ParsedCert::parse(&chain[0]).unwrap();
     assert!(leaf.not_after() <= prepared.not_after);
-    wait_for("JWT activation", Duration::from_secs(6), || async { ca.current_jwt().unwrap().kid != first_kid }).await;
+    wait_for("JWT activation", Duration::from_secs(6), || async {
+        ca.current_jwt().unwrap().kid != first_kid
+    })
+    .await;
     s.stop().await;
 }
 
-async fn attest(ch: tonic::transport::Channel, token: &str, key: &TestKey) -> Result<pb::types::X509svid, tonic::Status> {
+async fn attest(
+    ch: tonic::transport::Channel,
+    token: &str,
+    key: &TestKey,
+) -> Result<pb::types::X509svid, tonic::Status> {
     let req = pb::agent::AttestAgentRequest {
-        step: Some(pb::agent::attest_agent_request::Step::Params(pb::agent::attest_agent_request::Params {
-            data: Some(pb::types::AttestationData { r#type: "join_token".into(), payload: token.as_bytes().to_vec() }),
-            params: Some(pb::agent::AgentX509svidParams { csr: key.csr(&[], &[]) }),
-        })),
+        step: Some(pb::agent::attest_agent_request::Step::Params(
+            pb::agent::attest_agent_request::Params {
+                data: Some(pb::types::AttestationData {
+                    r#type: "join_token".into(),
+                    payload: token.as_bytes().to_vec(),
+                }),
+                params: Some(pb::agent::AgentX509svidParams {
+                    csr: key.csr(&[], &[]),
+                }),
+            },
+        )),
     };
     let mut stream = pb::agent::agent_client::AgentClient::new(ch)
         .attest_agent(tokio_stream::iter(vec![req]))
@@ -130,7 +236,11 @@ async fn join_token_attestation_authorization_renewal_and_ban() {
     let s = TestServer::start(Opts::default()).await;
     let admin = s.admin().await;
     let token = pb::agent::agent_client::AgentClient::new(admin.clone())
-        .create_join_token(pb::agent::CreateJoinTokenRequest { ttl: 600, token: String::new(), agent_id: Some(spiffe_id(TD, "/node/alias")) })
+        .create_join_token(pb::agent::CreateJoinTokenRequest {
+            ttl: 600,
+            token: String::new(),
+            agent_id: Some(spiffe_id(TD, "/node/alias")),
+        })
         .await
         .unwrap()
         .into_inner()
@@ -139,12 +249,18 @@ async fn join_token_attestation_authorization_renewal_and_ban() {
     let mk = |spiffe: &str, parent: &str| pb::types::Entry {
         spiffe_id: Some(spiffe_id(TD, spiffe)),
         parent_id: Some(spiffe_id(TD, parent)),
-        selectors: vec![pb::types::Selector { r#type: "unix".into(), value: "uid:1000".into() }],
+        selectors: vec![pb::types::Selector {
+            r#type: "unix".into(),
+            value: "uid:1000".into(),
+        }],
         ..Default::default()
     };
     let res = entries
         .batch_create_entry(pb::entry::BatchCreateEntryRequest {
-            entries: vec![mk("/workload", "/node/alias"), mk("/elsewhere", "/spire/agent/join_token/other")],
+            entries: vec![
+                mk("/workload", "/node/alias"),
+                mk("/elsewhere", "/spire/agent/join_token/other"),
+            ],
             output_mask: None,
         })
         .await
@@ -155,7 +271,9 @@ async fn join_token_attestation_authorization_renewal_and_ban() {
     let other_id = res[1].entry.as_ref().unwrap().id.clone();
 
     let bundle_roots = roots(&s.bundle().await);
-    let anon = tls_channel(s.tcp_port, bundle_roots.clone(), None).await.unwrap();
+    let anon = tls_channel(s.tcp_port, bundle_roots.clone(), None)
+        .await
+        .unwrap();
     let agent_key = TestKey::new();
     let svid = attest(anon.clone(), &token, &agent_key).await.unwrap();
     let agent_id = format!("spiffe://example.org/spire/agent/join_token/{token}");
@@ -163,13 +281,23 @@ async fn join_token_attestation_authorization_renewal_and_ban() {
     assert_eq!(v.id.to_string(), agent_id);
 
     // single use
-    let e = attest(anon.clone(), &token, &TestKey::new()).await.unwrap_err();
+    let e = attest(anon.clone(), &token, &TestKey::new())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "{e}");
-    let e = attest(anon.clone(), "no-such-token", &TestKey::new()).await.unwrap_err();
+    let e = attest(anon.clone(), "no-such-token", &TestKey::new())
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 
     // The agent authenticates with its SVID.
-    let agent = tls_channel(s.tcp_port, bundle_roots.clone(), Some((svid.cert_chain.clone(), agent_key.pkcs8()))).await.unwrap();
+    let agent = tls_channel(
+        s.tcp_port,
+        bundle_roots.clone(),
+        Some((svid.cert_chain.clone(), agent_key.pkcs8())),
+    )
+    .await
+    .unwrap();
     let authorized = pb::entry::entry_client::EntryClient::new(agent.clone())
         .get_authorized_entries(pb::entry::GetAuthorizedEntriesRequest { output_mask: None })
         .await
@@ -177,13 +305,24 @@ async fn join_token_attestation_authorization_renewal_and_ban() {
         .into_inner()
         .entries;
     let ids: Vec<&str> = authorized.iter().map(|e| e.id.as_str()).collect();
-    assert!(ids.contains(&workload_id.as_str()), "workload under the alias is authorized");
-    assert!(!ids.contains(&other_id.as_str()), "another agent's entry is not");
+    assert!(
+        ids.contains(&workload_id.as_str()),
+        "workload under the alias is authorized"
+    );
+    assert!(
+        !ids.contains(&other_id.as_str()),
+        "another agent's entry is not"
+    );
     assert_eq!(authorized.len(), 2, "alias entry + workload entry");
 
     // SyncAuthorizedEntries returns the same set.
     let mut sync = pb::entry::entry_client::EntryClient::new(agent.clone())
-        .sync_authorized_entries(tokio_stream::iter(vec![pb::entry::SyncAuthorizedEntriesRequest { output_mask: None, ids: vec![] }]))
+        .sync_authorized_entries(tokio_stream::iter(vec![
+            pb::entry::SyncAuthorizedEntriesRequest {
+                output_mask: None,
+                ids: vec![],
+            },
+        ]))
         .await
         .unwrap()
         .into_inner();
@@ -196,8 +335,14 @@ async fn join_token_attestation_authorization_renewal_and_ban() {
     let results = pb::svid::svid_client::SvidClient::new(agent.clone())
         .batch_new_x509svid(pb::svid::BatchNewX509svidRequest {
             params: vec![
-                pb::svid::NewX509svidParams { entry_id: workload_id.clone(), csr: wkey.csr(&["spiffe://example.org/evil"], &[]) },
-                pb::svid::NewX509svidParams { entry_id: other_id.clone(), csr: wkey.csr(&[], &[]) },
+                pb::svid::NewX509svidParams {
+                    entry_id: workload_id.clone(),
+                    csr: wkey.csr(&["spiffe://example.org/evil"], &[]),
+                },
+                pb::svid::NewX509svidParams {
+                    entry_id: other_id.clone(),
+                    csr: wkey.csr(&[], &[]),
+                },
             ],
         })
         .await
@@ -207,12 +352,21 @@ async fn join_token_attestation_authorization_renewal_and_ban() {
     assert_eq!(results[0].status.as_ref().unwrap().code, 0);
     let chain = &results[0].svid.as_ref().unwrap().cert_chain;
     assert_eq!(
-        verify_chain(chain, &bundle_roots, kame_server::ca::now_secs()).unwrap().id.to_string(),
+        verify_chain(chain, &bundle_roots, kame_server::ca::now_secs())
+            .unwrap()
+            .id
+            .to_string(),
         "spiffe://example.org/workload"
     );
-    assert_eq!(results[1].status.as_ref().unwrap().code, Code::NotFound as i32);
+    assert_eq!(
+        results[1].status.as_ref().unwrap().code,
+        Code::NotFound as i32
+    );
     let jwt = pb::svid::svid_client::SvidClient::new(agent.clone())
-        .new_jwtsvid(pb::svid::NewJwtsvidRequest { entry_id: workload_id.clone(), audience: vec!["x".into()] })
+        .new_jwtsvid(pb::svid::NewJwtsvidRequest {
+            entry_id: workload_id.clone(),
+            audience: vec!["x".into()],
+        })
         .await
         .unwrap()
         .into_inner()
@@ -230,18 +384,34 @@ async fn join_token_attestation_authorization_renewal_and_ban() {
     // Renewal: the new SVID works and, once used, retires the old one.
     let new_key = TestKey::new();
     let renewed = pb::agent::agent_client::AgentClient::new(agent.clone())
-        .renew_agent(pb::agent::RenewAgentRequest { params: Some(pb::agent::AgentX509svidParams { csr: new_key.csr(&[], &[]) }) })
+        .renew_agent(pb::agent::RenewAgentRequest {
+            params: Some(pb::agent::AgentX509svidParams {
+                csr: new_key.csr(&[], &[]),
+            }),
+        })
         .await
         .unwrap()
         .into_inner()
         .svid
         .unwrap();
-    let agent2 = tls_channel(s.tcp_port, bundle_roots.clone(), Some((renewed.cert_chain.clone(), new_key.pkcs8()))).await.unwrap();
+    let agent2 = tls_channel(
+        s.tcp_port,
+        bundle_roots.clone(),
+        Some((renewed.cert_chain.clone(), new_key.pkcs8())),
+    )
+    .await
+    .unwrap();
     pb::entry::entry_client::EntryClient::new(agent2.clone())
         .get_authorized_entries(pb::entry::GetAuthorizedEntriesRequest { output_mask: None })
         .await
         .unwrap();
-    let old = tls_channel(s.tcp_port, bundle_roots.clone(), Some((svid.cert_chain.clone(), agent_key.pkcs8()))).await.unwrap();
+    let old = tls_channel(
+        s.tcp_port,
+        bundle_roots.clone(),
+        Some((svid.cert_chain.clone(), agent_key.pkcs8())),
+    )
+    .await
+    .unwrap();
     let e = pb::entry::entry_client::EntryClient::new(old)
         .get_authorized_entries(pb::entry::GetAuthorizedEntriesRequest { output_mask: None })
         .await
@@ -258,12 +428,24 @@ async fn join_token_attestation_authorization_renewal_and_ban() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let o = s.cli(&["agent", "show", "--spiffe-id", &agent_id, "--output", "json"]).await;
+    let o = s
+        .cli(&[
+            "agent",
+            "show",
+            "--spiffe-id",
+            &agent_id,
+            "--output",
+            "json",
+        ])
+        .await;
     let shown: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(shown["banned"], true);
     let o = s.cli(&["agent", "evict", "--spiffe-id", &agent_id]).await;
     assert!(o.status.success());
     let o = s.cli(&["agent", "count", "--output", "json"]).await;
-    assert_eq!(serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["count"], 0);
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["count"],
+        0
+    );
     s.stop().await;
 }

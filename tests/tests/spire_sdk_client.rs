@@ -13,7 +13,11 @@ async fn connect(socket: &Path) -> Channel {
     Endpoint::from_static("http://spire-client.invalid")
         .connect_with_connector(tower::service_fn(move |_| {
             let p = p.clone();
-            async move { Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
         }))
         .await
         .unwrap()
@@ -45,14 +49,21 @@ plugins {{
 }
 
 fn sid(td: &str, path: &str) -> Option<types::Spiffeid> {
-    Some(types::Spiffeid { trust_domain: td.into(), path: path.into() })
+    Some(types::Spiffeid {
+        trust_domain: td.into(),
+        path: path.into(),
+    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spire_sdk_client_creates_gets_lists_deletes_entries_and_reads_bundle() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let cfg = kame_server::config::Config::parse(&config(dir.path(), port), false).unwrap();
     let server = kame_server::run::start(cfg).await.unwrap();
     let ch = connect(&dir.path().join("api.sock")).await;
@@ -61,30 +72,51 @@ async fn spire_sdk_client_creates_gets_lists_deletes_entries_and_reads_bundle() 
     let entry = types::Entry {
         spiffe_id: sid("example.org", "/spire-client/workload"),
         parent_id: sid("example.org", "/spire/agent/join_token/abc"),
-        selectors: vec![types::Selector { r#type: "unix".into(), value: "uid:1000".into() }],
+        selectors: vec![types::Selector {
+            r#type: "unix".into(),
+            value: "uid:1000".into(),
+        }],
         dns_names: vec!["workload.example.org".into()],
         x509_svid_ttl: 600,
         hint: "primary".into(),
         ..Default::default()
     };
-    let malformed = types::Entry { spiffe_id: sid("example.org", "/bad//path"), ..entry.clone() };
+    let malformed = types::Entry {
+        spiffe_id: sid("example.org", "/bad//path"),
+        ..entry.clone()
+    };
     let resp = entries
-        .batch_create_entry(entryv1::BatchCreateEntryRequest { entries: vec![entry.clone(), entry.clone(), malformed], output_mask: None })
+        .batch_create_entry(entryv1::BatchCreateEntryRequest {
+            entries: vec![entry.clone(), entry.clone(), malformed],
+            output_mask: None,
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(resp.results.len(), 3);
     let created = resp.results[0].entry.clone().unwrap();
-    assert_eq!(resp.results[0].status.as_ref().unwrap().code, tonic::Code::Ok as i32);
+    assert_eq!(
+        resp.results[0].status.as_ref().unwrap().code,
+        tonic::Code::Ok as i32
+    );
     assert_eq!(created.spiffe_id, entry.spiffe_id);
     assert_eq!(created.x509_svid_ttl, 600);
     assert_eq!(created.hint, "primary");
-    assert_eq!(resp.results[1].status.as_ref().unwrap().code, tonic::Code::AlreadyExists as i32);
+    assert_eq!(
+        resp.results[1].status.as_ref().unwrap().code,
+        tonic::Code::AlreadyExists as i32
+    );
     assert_eq!(resp.results[1].entry.as_ref().unwrap().id, created.id);
-    assert_eq!(resp.results[2].status.as_ref().unwrap().code, tonic::Code::InvalidArgument as i32);
+    assert_eq!(
+        resp.results[2].status.as_ref().unwrap().code,
+        tonic::Code::InvalidArgument as i32
+    );
 
     let got = entries
-        .get_entry(entryv1::GetEntryRequest { id: created.id.clone(), output_mask: None })
+        .get_entry(entryv1::GetEntryRequest {
+            id: created.id.clone(),
+            output_mask: None,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -121,18 +153,34 @@ async fn spire_sdk_client_creates_gets_lists_deletes_entries_and_reads_bundle() 
     assert!(bundle.sequence_number >= 1);
 
     let del = entries
-        .batch_delete_entry(entryv1::BatchDeleteEntryRequest { ids: vec![created.id.clone(), created.id.clone()] })
+        .batch_delete_entry(entryv1::BatchDeleteEntryRequest {
+            ids: vec![created.id.clone(), created.id.clone()],
+        })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(del.results[0].status.as_ref().unwrap().code, tonic::Code::Ok as i32);
-    assert_eq!(del.results[1].status.as_ref().unwrap().code, tonic::Code::NotFound as i32);
+    assert_eq!(
+        del.results[0].status.as_ref().unwrap().code,
+        tonic::Code::Ok as i32
+    );
+    assert_eq!(
+        del.results[1].status.as_ref().unwrap().code,
+        tonic::Code::NotFound as i32
+    );
     let e = entries
-        .get_entry(entryv1::GetEntryRequest { id: created.id, output_mask: None })
+        .get_entry(entryv1::GetEntryRequest {
+            id: created.id,
+            output_mask: None,
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::NotFound);
-    let n = entries.count_entries(entryv1::CountEntriesRequest { filter: None }).await.unwrap().into_inner().count;
+    let n = entries
+        .count_entries(entryv1::CountEntriesRequest { filter: None })
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
     assert_eq!(n, 0);
     server.stop().await;
 }

@@ -36,7 +36,9 @@ pub async fn attest(
         .take_join_token(token)
         .await
         .map_err(|e| AttestError::Unavailable(format!("datastore: {e}")))?
-        .ok_or_else(|| AttestError::Denied("join token does not exist or has already been used".into()))?;
+        .ok_or_else(|| {
+            AttestError::Denied("join token does not exist or has already been used".into())
+        })?;
     if expires_at < now {
         return Err(AttestError::Denied("join token expired".into()));
     }

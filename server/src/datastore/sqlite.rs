@@ -175,11 +175,12 @@ impl DataStore for SqliteStore {
 
     async fn update_entry(&self, entry: &RegistrationEntry) -> DsResult<RegistrationEntry> {
         let mut tx = self.write_tx().await?;
-        let row = sqlx::query("SELECT revision_number, created_at FROM registered_entries WHERE id = ?")
-            .bind(&entry.id)
-            .fetch_optional(&mut *tx)
-            .await?
-            .ok_or_else(|| DsError::NotFound("registration entry".into()))?;
+        let row =
+            sqlx::query("SELECT revision_number, created_at FROM registered_entries WHERE id = ?")
+                .bind(&entry.id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .ok_or_else(|| DsError::NotFound("registration entry".into()))?;
         let mut e = entry.clone();
         e.revision_number = row.try_get::<i64, _>("revision_number")? + 1;
         e.created_at = row.try_get("created_at")?;
@@ -200,7 +201,9 @@ impl DataStore for SqliteStore {
         match res {
             Ok(_) => {}
             Err(err) if is_unique_violation(&err) => {
-                return Err(DsError::AlreadyExists("a similar registration entry".into()));
+                return Err(DsError::AlreadyExists(
+                    "a similar registration entry".into(),
+                ));
             }
             Err(err) => return Err(err.into()),
         }
@@ -244,7 +247,10 @@ impl DataStore for SqliteStore {
             .await?;
         match row {
             None => Ok(None),
-            Some(r) => Ok(Some(node_from_row(spiffe_id.to_string(), &r.try_get::<String, _>("data")?)?)),
+            Some(r) => Ok(Some(node_from_row(
+                spiffe_id.to_string(),
+                &r.try_get::<String, _>("data")?,
+            )?)),
         }
     }
 
@@ -410,7 +416,8 @@ impl DataStore for SqliteStore {
             .bind(server_id)
             .fetch_optional(&self.pool)
             .await?;
-        row.map(|r| r.try_get("data").map_err(DsError::from)).transpose()
+        row.map(|r| r.try_get("data").map_err(DsError::from))
+            .transpose()
     }
 
     async fn set_ca_journal(&self, server_id: &str, data: &[u8]) -> DsResult<()> {
@@ -459,7 +466,10 @@ mod tests {
     async fn entries_crud_and_duplicate_detection() {
         let (_d, s) = store().await;
         s.create_entry(&entry("a", "spiffe://td/w")).await.unwrap();
-        let dup = s.create_entry(&entry("b", "spiffe://td/w")).await.unwrap_err();
+        let dup = s
+            .create_entry(&entry("b", "spiffe://td/w"))
+            .await
+            .unwrap_err();
         assert!(matches!(dup, DsError::AlreadyExists(_)));
         let mut other = entry("c", "spiffe://td/w");
         other.selectors.push(Selector::new("unix", "gid:0"));
@@ -470,19 +480,28 @@ mod tests {
         let upd = s.update_entry(&upd).await.unwrap();
         assert_eq!(upd.revision_number, 1);
         let filtered = s
-            .list_entries(&EntryFilter { hint: Some("h".into()), ..Default::default() })
+            .list_entries(&EntryFilter {
+                hint: Some("h".into()),
+                ..Default::default()
+            })
             .await
             .unwrap();
         assert_eq!(filtered.len(), 1);
         s.delete_entry("a").await.unwrap();
-        assert!(matches!(s.delete_entry("a").await, Err(DsError::NotFound(_))));
+        assert!(matches!(
+            s.delete_entry("a").await,
+            Err(DsError::NotFound(_))
+        ));
     }
 
     #[tokio::test]
     async fn join_token_is_single_use() {
         let (_d, s) = store().await;
         s.create_join_token("t", 10).await.unwrap();
-        assert!(matches!(s.create_join_token("t", 10).await, Err(DsError::AlreadyExists(_))));
+        assert!(matches!(
+            s.create_join_token("t", 10).await,
+            Err(DsError::AlreadyExists(_))
+        ));
         assert_eq!(s.take_join_token("t").await.unwrap(), Some(10));
         assert_eq!(s.take_join_token("t").await.unwrap(), None);
     }
@@ -490,11 +509,26 @@ mod tests {
     #[tokio::test]
     async fn bundle_sequence_bumps_on_every_change_only() {
         let (_d, s) = store().await;
-        let mut b = Bundle { trust_domain: "td".into(), ..Default::default() };
-        b.x509_authorities.push(X509Certificate { asn1: vec![1], tainted: false });
+        let mut b = Bundle {
+            trust_domain: "td".into(),
+            ..Default::default()
+        };
+        b.x509_authorities.push(X509Certificate {
+            asn1: vec![1],
+            tainted: false,
+        });
         assert_eq!(s.append_bundle(&b).await.unwrap().sequence_number, 1);
-        assert_eq!(s.append_bundle(&b).await.unwrap().sequence_number, 1, "no change, no bump");
-        b.jwt_authorities.push(JwtKey { public_key: vec![2], key_id: "k".into(), expires_at: 5, tainted: false });
+        assert_eq!(
+            s.append_bundle(&b).await.unwrap().sequence_number,
+            1,
+            "no change, no bump"
+        );
+        b.jwt_authorities.push(JwtKey {
+            public_key: vec![2],
+            key_id: "k".into(),
+            expires_at: 5,
+            tainted: false,
+        });
         let b2 = s.append_bundle(&b).await.unwrap();
         assert_eq!(b2.sequence_number, 2);
         assert_eq!(b2.jwt_authorities.len(), 1);

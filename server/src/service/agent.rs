@@ -28,25 +28,30 @@ fn attest_status(e: AttestError) -> Status {
     }
 }
 
-async fn filtered_agents(ctx: &Context, f: Option<&pb::AgentFilter>) -> Result<Vec<AttestedNode>, Status> {
+async fn filtered_agents(
+    ctx: &Context,
+    f: Option<&pb::AgentFilter>,
+) -> Result<Vec<AttestedNode>, Status> {
     let all = ctx.ds.list_nodes().await.map_err(ds_status)?;
     let Some(f) = f else { return Ok(all) };
     let sel = match &f.by_selector_match {
         Some(m) => Some((
-            m.selectors.iter().map(selector_from_proto).collect::<Result<Vec<_>, _>>()?,
-            types::selector_match::MatchBehavior::try_from(m.r#match)
-                .map_err(|_| Status::invalid_argument("filter.by_selector_match: unknown match behavior"))?,
+            m.selectors
+                .iter()
+                .map(selector_from_proto)
+                .collect::<Result<Vec<_>, _>>()?,
+            types::selector_match::MatchBehavior::try_from(m.r#match).map_err(|_| {
+                Status::invalid_argument("filter.by_selector_match: unknown match behavior")
+            })?,
         )),
         None => None,
     };
     let expires_before = if f.by_expires_before.is_empty() {
         None
     } else {
-        Some(
-            f.by_expires_before
-                .parse::<i64>()
-                .map_err(|_| Status::invalid_argument("filter.by_expires_before: expected unix seconds"))?,
-        )
+        Some(f.by_expires_before.parse::<i64>().map_err(|_| {
+            Status::invalid_argument("filter.by_expires_before: expected unix seconds")
+        })?)
     };
     Ok(all
         .into_iter()
@@ -73,13 +78,19 @@ async fn filtered_agents(ctx: &Context, f: Option<&pb::AgentFilter>) -> Result<V
 fn agent_id_arg(ctx: &Context, id: Option<&types::Spiffeid>) -> Result<SpiffeId, Status> {
     let id = local_id_from_proto(ctx, "id", id)?;
     if !id.path().starts_with("/spire/agent/") {
-        return Err(Status::invalid_argument(format!("id: {id} is not an agent ID")));
+        return Err(Status::invalid_argument(format!(
+            "id: {id} is not an agent ID"
+        )));
     }
     Ok(id)
 }
 
 impl AgentService {
-    async fn sign_agent_svid(&self, id: &SpiffeId, csr: &kame_api::csr::Csr) -> Result<(types::X509svid, String, i64), Status> {
+    async fn sign_agent_svid(
+        &self,
+        id: &SpiffeId,
+        csr: &kame_api::csr::Csr,
+    ) -> Result<(types::X509svid, String, i64), Status> {
         let chain = self
             .ctx
             .ca
@@ -97,13 +108,21 @@ type AttestStream = Pin<Box<dyn Stream<Item = Result<pb::AttestAgentResponse, St
 
 #[tonic::async_trait]
 impl Agent for AgentService {
-    async fn count_agents(&self, req: Request<pb::CountAgentsRequest>) -> Result<Response<pb::CountAgentsResponse>, Status> {
+    async fn count_agents(
+        &self,
+        req: Request<pb::CountAgentsRequest>,
+    ) -> Result<Response<pb::CountAgentsResponse>, Status> {
         require_admin(&self.ctx, &req).await?;
-        let n = filtered_agents(&self.ctx, req.get_ref().filter.as_ref()).await?.len();
+        let n = filtered_agents(&self.ctx, req.get_ref().filter.as_ref())
+            .await?
+            .len();
         Ok(Response::new(pb::CountAgentsResponse { count: n as i32 }))
     }
 
-    async fn list_agents(&self, req: Request<pb::ListAgentsRequest>) -> Result<Response<pb::ListAgentsResponse>, Status> {
+    async fn list_agents(
+        &self,
+        req: Request<pb::ListAgentsRequest>,
+    ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         require_admin(&self.ctx, &req).await?;
         let r = req.get_ref();
         if r.page_size < 0 {
@@ -113,18 +132,34 @@ impl Agent for AgentService {
         let start: usize = if r.page_token.is_empty() {
             0
         } else {
-            r.page_token.parse().map_err(|_| Status::invalid_argument("page_token: invalid"))?
+            r.page_token
+                .parse()
+                .map_err(|_| Status::invalid_argument("page_token: invalid"))?
         };
-        let size = if r.page_size == 0 { all.len().max(1) } else { r.page_size as usize };
+        let size = if r.page_size == 0 {
+            all.len().max(1)
+        } else {
+            r.page_size as usize
+        };
         let end = (start + size).min(all.len());
         let page = all.get(start.min(all.len())..end).unwrap_or_default();
         Ok(Response::new(pb::ListAgentsResponse {
-            agents: page.iter().map(|n| agent_to_proto(n, r.output_mask.as_ref())).collect(),
-            next_page_token: if r.page_size > 0 && end < all.len() { end.to_string() } else { String::new() },
+            agents: page
+                .iter()
+                .map(|n| agent_to_proto(n, r.output_mask.as_ref()))
+                .collect(),
+            next_page_token: if r.page_size > 0 && end < all.len() {
+                end.to_string()
+            } else {
+                String::new()
+            },
         }))
     }
 
-    async fn get_agent(&self, req: Request<pb::GetAgentRequest>) -> Result<Response<types::Agent>, Status> {
+    async fn get_agent(
+        &self,
+        req: Request<pb::GetAgentRequest>,
+    ) -> Result<Response<types::Agent>, Status> {
         require_admin(&self.ctx, &req).await?;
         let r = req.get_ref();
         let id = agent_id_arg(&self.ctx, r.id.as_ref())?;
@@ -138,10 +173,17 @@ impl Agent for AgentService {
         Ok(Response::new(agent_to_proto(&n, r.output_mask.as_ref())))
     }
 
-    async fn delete_agent(&self, req: Request<pb::DeleteAgentRequest>) -> Result<Response<()>, Status> {
+    async fn delete_agent(
+        &self,
+        req: Request<pb::DeleteAgentRequest>,
+    ) -> Result<Response<()>, Status> {
         require_admin(&self.ctx, &req).await?;
         let id = agent_id_arg(&self.ctx, req.get_ref().id.as_ref())?;
-        self.ctx.ds.delete_node(&id.to_string()).await.map_err(ds_status)?;
+        self.ctx
+            .ds
+            .delete_node(&id.to_string())
+            .await
+            .map_err(ds_status)?;
         tracing::info!(agent_id = %id, "agent evicted");
         Ok(Response::new(()))
     }
@@ -170,13 +212,16 @@ impl Agent for AgentService {
         req: Request<Streaming<pb::AttestAgentRequest>>,
     ) -> Result<Response<AttestStream>, Status> {
         let mut inbound = req.into_inner();
-        let first = inbound
-            .message()
-            .await?
-            .ok_or_else(|| Status::invalid_argument("stream closed before attestation parameters"))?;
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("stream closed before attestation parameters")
+        })?;
         let params = match first.step {
             Some(pb::attest_agent_request::Step::Params(p)) => p,
-            _ => return Err(Status::invalid_argument("the first message must carry params")),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must carry params",
+                ));
+            }
         };
         let data = params
             .data
@@ -189,16 +234,31 @@ impl Agent for AgentService {
         let csr = parse_csr(&csr_bytes)?;
         let attested = match data.r#type.as_str() {
             join_token::TYPE if self.ctx.join_token_enabled => {
-                let id = join_token::agent_id(&self.ctx.td, &data.payload).map_err(attest_status)?;
-                let prior = self.ctx.ds.fetch_node(&id.to_string()).await.map_err(ds_status)?;
+                let id =
+                    join_token::agent_id(&self.ctx.td, &data.payload).map_err(attest_status)?;
+                let prior = self
+                    .ctx
+                    .ds
+                    .fetch_node(&id.to_string())
+                    .await
+                    .map_err(ds_status)?;
                 if prior.is_some_and(|n| n.banned()) {
                     return Err(Status::permission_denied("agent is banned"));
                 }
-                join_token::attest(self.ctx.ds.as_ref(), &self.ctx.td, &data.payload, crate::ca::now_secs() as i64)
-                    .await
-                    .map_err(attest_status)?
+                join_token::attest(
+                    self.ctx.ds.as_ref(),
+                    &self.ctx.td,
+                    &data.payload,
+                    crate::ca::now_secs() as i64,
+                )
+                .await
+                .map_err(attest_status)?
             }
-            "" => return Err(Status::invalid_argument("params.data.type: missing attestor type")),
+            "" => {
+                return Err(Status::invalid_argument(
+                    "params.data.type: missing attestor type",
+                ));
+            }
             other => {
                 return Err(Status::invalid_argument(format!(
                     "params.data.type: node attestor {other:?} is not configured"
@@ -220,7 +280,10 @@ impl Agent for AgentService {
             new_expires_at: 0,
             can_reattest: attested.can_reattest,
             selectors: attested.selectors.clone(),
-            agent_version: existing.as_ref().map(|n| n.agent_version.clone()).unwrap_or_default(),
+            agent_version: existing
+                .as_ref()
+                .map(|n| n.agent_version.clone())
+                .unwrap_or_default(),
         };
         if existing.is_some() {
             self.ctx.ds.update_node(&node).await.map_err(ds_status)?;
@@ -229,15 +292,20 @@ impl Agent for AgentService {
         }
         tracing::info!(agent_id = %id_s, attestor = %data.r#type, "agent attested");
         let resp = pb::AttestAgentResponse {
-            step: Some(pb::attest_agent_response::Step::Result(pb::attest_agent_response::Result {
-                svid: Some(svid),
-                reattestable: attested.can_reattest,
-            })),
+            step: Some(pb::attest_agent_response::Step::Result(
+                pb::attest_agent_response::Result {
+                    svid: Some(svid),
+                    reattestable: attested.can_reattest,
+                },
+            )),
         };
         Ok(Response::new(Box::pin(tokio_stream::once(Ok(resp)))))
     }
 
-    async fn renew_agent(&self, req: Request<pb::RenewAgentRequest>) -> Result<Response<pb::RenewAgentResponse>, Status> {
+    async fn renew_agent(
+        &self,
+        req: Request<pb::RenewAgentRequest>,
+    ) -> Result<Response<pb::RenewAgentResponse>, Status> {
         let mut node = require_agent(&self.ctx, &req).await?;
         let csr_bytes = req
             .get_ref()
@@ -254,14 +322,19 @@ impl Agent for AgentService {
         Ok(Response::new(pb::RenewAgentResponse { svid: Some(svid) }))
     }
 
-    async fn create_join_token(&self, req: Request<pb::CreateJoinTokenRequest>) -> Result<Response<types::JoinToken>, Status> {
+    async fn create_join_token(
+        &self,
+        req: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<types::JoinToken>, Status> {
         require_admin(&self.ctx, &req).await?;
         let r = req.get_ref();
         if r.ttl < 1 {
             return Err(Status::invalid_argument("ttl: a positive TTL is required"));
         }
         if r.ttl as i64 > MAX_JOIN_TOKEN_TTL {
-            return Err(Status::invalid_argument(format!("ttl: at most {MAX_JOIN_TOKEN_TTL} seconds")));
+            return Err(Status::invalid_argument(format!(
+                "ttl: at most {MAX_JOIN_TOKEN_TTL} seconds"
+            )));
         }
         let alias = match &r.agent_id {
             None => None,
@@ -278,9 +351,14 @@ impl Agent for AgentService {
         } else {
             r.token.clone()
         };
-        let agent_id = join_token::agent_id(&self.ctx.td, token.as_bytes()).map_err(attest_status)?;
+        let agent_id =
+            join_token::agent_id(&self.ctx.td, token.as_bytes()).map_err(attest_status)?;
         let expires_at = crate::ca::now_secs() as i64 + r.ttl as i64;
-        self.ctx.ds.create_join_token(&token, expires_at).await.map_err(ds_status)?;
+        self.ctx
+            .ds
+            .create_join_token(&token, expires_at)
+            .await
+            .map_err(ds_status)?;
         if let Some(alias) = alias {
             let entry = RegistrationEntry {
                 id: uuid::Uuid::new_v4().to_string(),
@@ -297,10 +375,16 @@ impl Agent for AgentService {
             }
         }
         tracing::info!(expires_at, "join token created");
-        Ok(Response::new(types::JoinToken { value: token, expires_at }))
+        Ok(Response::new(types::JoinToken {
+            value: token,
+            expires_at,
+        }))
     }
 
-    async fn post_status(&self, req: Request<pb::PostStatusRequest>) -> Result<Response<pb::PostStatusResponse>, Status> {
+    async fn post_status(
+        &self,
+        req: Request<pb::PostStatusRequest>,
+    ) -> Result<Response<pb::PostStatusResponse>, Status> {
         let mut node = require_agent(&self.ctx, &req).await?;
         let v = &req.get_ref().agent_version;
         if v.len() > 256 {

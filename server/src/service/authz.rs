@@ -43,8 +43,9 @@ fn peer_svid<T>(req: &Request<T>) -> Result<Option<(SpiffeId, String)>, Status> 
     };
     let p = ParsedCert::parse(leaf.as_ref())
         .map_err(|e| Status::unauthenticated(format!("bad client certificate: {e}")))?;
-    let id = kame_api::x509svid::check_leaf(&p)
-        .map_err(|e| Status::unauthenticated(format!("client certificate is not an X509-SVID: {e}")))?;
+    let id = kame_api::x509svid::check_leaf(&p).map_err(|e| {
+        Status::unauthenticated(format!("client certificate is not an X509-SVID: {e}"))
+    })?;
     Ok(Some((id, p.serial_hex())))
 }
 

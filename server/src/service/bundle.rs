@@ -46,10 +46,15 @@ pub fn validate_authorities(b: &Bundle) -> Result<(), Status> {
     let mut kids = HashSet::new();
     for (i, k) in b.jwt_authorities.iter().enumerate() {
         if k.key_id.is_empty() {
-            return Err(Status::invalid_argument(format!("jwt_authorities[{i}]: missing key ID")));
+            return Err(Status::invalid_argument(format!(
+                "jwt_authorities[{i}]: missing key ID"
+            )));
         }
         if !kids.insert(&k.key_id) {
-            return Err(Status::invalid_argument(format!("jwt_authorities[{i}]: duplicate key ID {:?}", k.key_id)));
+            return Err(Status::invalid_argument(format!(
+                "jwt_authorities[{i}]: duplicate key ID {:?}",
+                k.key_id
+            )));
         }
         kame_api::keys::KeyInfo::from_spki_der(&k.public_key)
             .map_err(|e| Status::invalid_argument(format!("jwt_authorities[{i}]: {e}")))?;
@@ -58,7 +63,8 @@ pub fn validate_authorities(b: &Bundle) -> Result<(), Status> {
 }
 
 fn federated_td(ctx: &Context, s: &str) -> Result<TrustDomain, Status> {
-    let td = TrustDomain::parse(s).map_err(|e| Status::invalid_argument(format!("trust_domain: {e}")))?;
+    let td = TrustDomain::parse(s)
+        .map_err(|e| Status::invalid_argument(format!("trust_domain: {e}")))?;
     if td == ctx.td {
         return Err(Status::invalid_argument(
             "trust_domain: that is the server's own trust domain, not a federated one",
@@ -86,7 +92,10 @@ impl BundleApi for BundleService {
         Ok(Response::new(pb::CountBundlesResponse { count: n as i32 }))
     }
 
-    async fn get_bundle(&self, req: Request<pb::GetBundleRequest>) -> Result<Response<Bundle>, Status> {
+    async fn get_bundle(
+        &self,
+        req: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<Bundle>, Status> {
         let b = self
             .ctx
             .ds
@@ -94,14 +103,22 @@ impl BundleApi for BundleService {
             .await
             .map_err(ds_status)?
             .ok_or_else(|| Status::not_found("bundle not found"))?;
-        Ok(Response::new(apply_mask(b, req.get_ref().output_mask.as_ref())))
+        Ok(Response::new(apply_mask(
+            b,
+            req.get_ref().output_mask.as_ref(),
+        )))
     }
 
-    async fn append_bundle(&self, req: Request<pb::AppendBundleRequest>) -> Result<Response<Bundle>, Status> {
+    async fn append_bundle(
+        &self,
+        req: Request<pb::AppendBundleRequest>,
+    ) -> Result<Response<Bundle>, Status> {
         require_admin(&self.ctx, &req).await?;
         let r = req.get_ref();
         if !r.wit_authorities.is_empty() {
-            return Err(Status::invalid_argument("wit_authorities: WIT-SVIDs are not supported"));
+            return Err(Status::invalid_argument(
+                "wit_authorities: WIT-SVIDs are not supported",
+            ));
         }
         let add = Bundle {
             trust_domain: self.ctx.td.as_str().to_string(),
@@ -110,7 +127,14 @@ impl BundleApi for BundleService {
             ..Default::default()
         };
         validate_authorities(&add)?;
-        if self.ctx.ds.fetch_bundle(self.ctx.td.as_str()).await.map_err(ds_status)?.is_none() {
+        if self
+            .ctx
+            .ds
+            .fetch_bundle(self.ctx.td.as_str())
+            .await
+            .map_err(ds_status)?
+            .is_none()
+        {
             return Err(Status::not_found("bundle not found"));
         }
         let b = self.ctx.ds.append_bundle(&add).await.map_err(ds_status)?;
@@ -125,7 +149,9 @@ impl BundleApi for BundleService {
     ) -> Result<Response<pb::PublishJwtAuthorityResponse>, Status> {
         // Only downstream servers may publish; Kame has no downstream servers yet.
         caller(&self.ctx, &req).await?;
-        Err(Status::permission_denied("caller must present a downstream X509-SVID"))
+        Err(Status::permission_denied(
+            "caller must present a downstream X509-SVID",
+        ))
     }
 
     async fn publish_wit_authority(
@@ -156,14 +182,28 @@ impl BundleApi for BundleService {
         let start: usize = if r.page_token.is_empty() {
             0
         } else {
-            r.page_token.parse().map_err(|_| Status::invalid_argument("page_token: invalid"))?
+            r.page_token
+                .parse()
+                .map_err(|_| Status::invalid_argument("page_token: invalid"))?
         };
-        let size = if r.page_size == 0 { all.len().max(1) } else { r.page_size as usize };
+        let size = if r.page_size == 0 {
+            all.len().max(1)
+        } else {
+            r.page_size as usize
+        };
         let end = (start + size).min(all.len());
         let page = all.get(start.min(all.len())..end).unwrap_or_default();
         Ok(Response::new(pb::ListFederatedBundlesResponse {
-            bundles: page.iter().cloned().map(|b| apply_mask(b, r.output_mask.as_ref())).collect(),
-            next_page_token: if r.page_size > 0 && end < all.len() { end.to_string() } else { String::new() },
+            bundles: page
+                .iter()
+                .cloned()
+                .map(|b| apply_mask(b, r.output_mask.as_ref()))
+                .collect(),
+            next_page_token: if r.page_size > 0 && end < all.len() {
+                end.to_string()
+            } else {
+                String::new()
+            },
         }))
     }
 
@@ -173,7 +213,9 @@ impl BundleApi for BundleService {
     ) -> Result<Response<Bundle>, Status> {
         let c = caller(&self.ctx, &req).await?;
         if !matches!(c, Caller::Local | Caller::Admin(_) | Caller::Agent(_)) {
-            return Err(Status::permission_denied("caller must be local, an admin or an agent"));
+            return Err(Status::permission_denied(
+                "caller must be local, an admin or an agent",
+            ));
         }
         let r = req.get_ref();
         let td = federated_td(&self.ctx, &r.trust_domain)?;
@@ -200,11 +242,19 @@ impl BundleApi for BundleService {
                 Ok(b) => self.ctx.ds.create_bundle(&b).await.map_err(ds_status),
             };
             results.push(match res {
-                Ok(b) => pb::BundleResult { status: Some(ok_status()), bundle: Some(apply_mask(b, r.output_mask.as_ref())) },
-                Err(s) => pb::BundleResult { status: Some(status_of(&s)), bundle: None },
+                Ok(b) => pb::BundleResult {
+                    status: Some(ok_status()),
+                    bundle: Some(apply_mask(b, r.output_mask.as_ref())),
+                },
+                Err(s) => pb::BundleResult {
+                    status: Some(status_of(&s)),
+                    bundle: None,
+                },
             });
         }
-        Ok(Response::new(pb::BatchCreateFederatedBundleResponse { results }))
+        Ok(Response::new(pb::BatchCreateFederatedBundleResponse {
+            results,
+        }))
     }
 
     async fn batch_update_federated_bundle(
@@ -224,7 +274,7 @@ impl BundleApi for BundleService {
                     .await
                     .map_err(ds_status)?
                     .ok_or_else(|| Status::not_found("bundle not found"))?;
-                let m = r.input_mask.clone().unwrap_or(types::BundleMask {
+                let m = r.input_mask.unwrap_or(types::BundleMask {
                     x509_authorities: true,
                     jwt_authorities: true,
                     refresh_hint: true,
@@ -244,11 +294,19 @@ impl BundleApi for BundleService {
             }
             .await;
             results.push(match res {
-                Ok(b) => pb::BundleResult { status: Some(ok_status()), bundle: Some(apply_mask(b, r.output_mask.as_ref())) },
-                Err(s) => pb::BundleResult { status: Some(status_of(&s)), bundle: None },
+                Ok(b) => pb::BundleResult {
+                    status: Some(ok_status()),
+                    bundle: Some(apply_mask(b, r.output_mask.as_ref())),
+                },
+                Err(s) => pb::BundleResult {
+                    status: Some(status_of(&s)),
+                    bundle: None,
+                },
             });
         }
-        Ok(Response::new(pb::BatchUpdateFederatedBundleResponse { results }))
+        Ok(Response::new(pb::BatchUpdateFederatedBundleResponse {
+            results,
+        }))
     }
 
     async fn batch_set_federated_bundle(
@@ -261,7 +319,14 @@ impl BundleApi for BundleService {
         for b in &r.bundle {
             let res = async {
                 let b = federated_bundle(&self.ctx, b)?;
-                if self.ctx.ds.fetch_bundle(&b.trust_domain).await.map_err(ds_status)?.is_some() {
+                if self
+                    .ctx
+                    .ds
+                    .fetch_bundle(&b.trust_domain)
+                    .await
+                    .map_err(ds_status)?
+                    .is_some()
+                {
                     self.ctx.ds.update_bundle(&b).await.map_err(ds_status)
                 } else {
                     self.ctx.ds.create_bundle(&b).await.map_err(ds_status)
@@ -269,11 +334,19 @@ impl BundleApi for BundleService {
             }
             .await;
             results.push(match res {
-                Ok(b) => pb::BundleResult { status: Some(ok_status()), bundle: Some(apply_mask(b, r.output_mask.as_ref())) },
-                Err(s) => pb::BundleResult { status: Some(status_of(&s)), bundle: None },
+                Ok(b) => pb::BundleResult {
+                    status: Some(ok_status()),
+                    bundle: Some(apply_mask(b, r.output_mask.as_ref())),
+                },
+                Err(s) => pb::BundleResult {
+                    status: Some(status_of(&s)),
+                    bundle: None,
+                },
             });
         }
-        Ok(Response::new(pb::BatchSetFederatedBundleResponse { results }))
+        Ok(Response::new(pb::BatchSetFederatedBundleResponse {
+            results,
+        }))
     }
 
     async fn batch_delete_federated_bundle(
@@ -284,7 +357,12 @@ impl BundleApi for BundleService {
         let r = req.get_ref();
         let mode = pb::batch_delete_federated_bundle_request::Mode::try_from(r.mode)
             .map_err(|_| Status::invalid_argument("mode: unknown"))?;
-        let entries = self.ctx.ds.list_entries(&Default::default()).await.map_err(ds_status)?;
+        let entries = self
+            .ctx
+            .ds
+            .list_entries(&Default::default())
+            .await
+            .map_err(ds_status)?;
         let mut results = vec![];
         for t in &r.trust_domains {
             let res = async {
@@ -325,6 +403,8 @@ impl BundleApi for BundleService {
                 trust_domain: t.clone(),
             });
         }
-        Ok(Response::new(pb::BatchDeleteFederatedBundleResponse { results }))
+        Ok(Response::new(pb::BatchDeleteFederatedBundleResponse {
+            results,
+        }))
     }
 }

@@ -6,8 +6,8 @@ use super::*;
 use crate::datastore::EntryFilter;
 use kame_api::pb::entry as pb;
 use kame_api::pb::entry::entry_server::Entry;
-use kame_api::pb::types::selector_match::MatchBehavior as SelMatch;
 use kame_api::pb::types::federates_with_match::MatchBehavior as FedMatch;
+use kame_api::pb::types::selector_match::MatchBehavior as SelMatch;
 use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Streaming};
@@ -44,7 +44,10 @@ fn fed_match(entry: &[String], want: &[String], m: FedMatch) -> bool {
     }
 }
 
-async fn filtered(ctx: &Context, f: Option<&pb::EntryFilter>) -> Result<Vec<RegistrationEntry>, Status> {
+async fn filtered(
+    ctx: &Context,
+    f: Option<&pb::EntryFilter>,
+) -> Result<Vec<RegistrationEntry>, Status> {
     let mut dsf = EntryFilter::default();
     let mut sel: Option<(Vec<Selector>, SelMatch)> = None;
     let mut fed: Option<(Vec<String>, FedMatch)> = None;
@@ -59,36 +62,52 @@ async fn filtered(ctx: &Context, f: Option<&pb::EntryFilter>) -> Result<Vec<Regi
         dsf.downstream = f.by_downstream;
         if let Some(s) = &f.by_selectors {
             if s.selectors.is_empty() {
-                return Err(Status::invalid_argument("filter.by_selectors: empty selector set"));
+                return Err(Status::invalid_argument(
+                    "filter.by_selectors: empty selector set",
+                ));
             }
-            let sels = s.selectors.iter().map(selector_from_proto).collect::<Result<Vec<_>, _>>()?;
-            let m = SelMatch::try_from(s.r#match)
-                .map_err(|_| Status::invalid_argument("filter.by_selectors: unknown match behavior"))?;
+            let sels = s
+                .selectors
+                .iter()
+                .map(selector_from_proto)
+                .collect::<Result<Vec<_>, _>>()?;
+            let m = SelMatch::try_from(s.r#match).map_err(|_| {
+                Status::invalid_argument("filter.by_selectors: unknown match behavior")
+            })?;
             sel = Some((sels, m));
         }
         if let Some(fw) = &f.by_federates_with {
             if fw.trust_domains.is_empty() {
-                return Err(Status::invalid_argument("filter.by_federates_with: empty set"));
+                return Err(Status::invalid_argument(
+                    "filter.by_federates_with: empty set",
+                ));
             }
             let tds = fw
                 .trust_domains
                 .iter()
                 .map(|t| {
-                    TrustDomain::parse(t)
-                        .map(|td| td.id_string())
-                        .map_err(|e| Status::invalid_argument(format!("filter.by_federates_with: {e}")))
+                    TrustDomain::parse(t).map(|td| td.id_string()).map_err(|e| {
+                        Status::invalid_argument(format!("filter.by_federates_with: {e}"))
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let m = FedMatch::try_from(fw.r#match)
-                .map_err(|_| Status::invalid_argument("filter.by_federates_with: unknown match behavior"))?;
+            let m = FedMatch::try_from(fw.r#match).map_err(|_| {
+                Status::invalid_argument("filter.by_federates_with: unknown match behavior")
+            })?;
             fed = Some((tds, m));
         }
     }
     let all = ctx.ds.list_entries(&dsf).await.map_err(ds_status)?;
     Ok(all
         .into_iter()
-        .filter(|e| sel.as_ref().is_none_or(|(s, m)| selector_set_match(&e.selectors, s, *m)))
-        .filter(|e| fed.as_ref().is_none_or(|(t, m)| fed_match(&e.federates_with, t, *m)))
+        .filter(|e| {
+            sel.as_ref()
+                .is_none_or(|(s, m)| selector_set_match(&e.selectors, s, *m))
+        })
+        .filter(|e| {
+            fed.as_ref()
+                .is_none_or(|(t, m)| fed_match(&e.federates_with, t, *m))
+        })
         .collect())
 }
 
@@ -118,21 +137,34 @@ fn validate_entry_id(id: &str) -> Result<(), Status> {
 }
 
 impl EntryService {
-    async fn create_one(&self, e: &types::Entry, mask: Option<&types::EntryMask>) -> pb::EntryResult {
+    async fn create_one(
+        &self,
+        e: &types::Entry,
+        mask: Option<&types::EntryMask>,
+    ) -> pb::EntryResult {
         let ctx = &self.ctx;
         let mut entry = match entry_from_proto(ctx, e) {
             Ok(x) => x,
             Err(s) => {
-                return pb::EntryResult { status: Some(status_of(&s)), entry: None };
+                return pb::EntryResult {
+                    status: Some(status_of(&s)),
+                    entry: None,
+                };
             }
         };
         if entry.id.is_empty() {
             entry.id = uuid::Uuid::new_v4().to_string();
         } else if let Err(s) = validate_entry_id(&entry.id) {
-            return pb::EntryResult { status: Some(status_of(&s)), entry: None };
+            return pb::EntryResult {
+                status: Some(status_of(&s)),
+                entry: None,
+            };
         }
         if let Err(s) = check_federated_bundles(ctx, &entry).await {
-            return pb::EntryResult { status: Some(status_of(&s)), entry: None };
+            return pb::EntryResult {
+                status: Some(status_of(&s)),
+                entry: None,
+            };
         }
         entry.created_at = crate::ca::now_secs() as i64;
         match ctx.ds.create_entry(&entry).await {
@@ -180,31 +212,60 @@ impl EntryService {
         let mut wire = entry_to_proto(&cur, None);
         let all = input.is_none();
         let m = input.cloned().unwrap_or_default();
-        if all || m.spiffe_id { wire.spiffe_id = e.spiffe_id.clone(); }
-        if all || m.parent_id { wire.parent_id = e.parent_id.clone(); }
-        if all || m.selectors { wire.selectors = e.selectors.clone(); }
-        if all || m.x509_svid_ttl { wire.x509_svid_ttl = e.x509_svid_ttl; }
-        if all || m.jwt_svid_ttl { wire.jwt_svid_ttl = e.jwt_svid_ttl; }
-        if all || m.federates_with { wire.federates_with = e.federates_with.clone(); }
-        if all || m.admin { wire.admin = e.admin; }
-        if all || m.downstream { wire.downstream = e.downstream; }
-        if all || m.expires_at { wire.expires_at = e.expires_at; }
-        if all || m.dns_names { wire.dns_names = e.dns_names.clone(); }
-        if all || m.store_svid { wire.store_svid = e.store_svid; }
-        if all || m.hint { wire.hint = e.hint.clone(); }
+        if all || m.spiffe_id {
+            wire.spiffe_id = e.spiffe_id.clone();
+        }
+        if all || m.parent_id {
+            wire.parent_id = e.parent_id.clone();
+        }
+        if all || m.selectors {
+            wire.selectors = e.selectors.clone();
+        }
+        if all || m.x509_svid_ttl {
+            wire.x509_svid_ttl = e.x509_svid_ttl;
+        }
+        if all || m.jwt_svid_ttl {
+            wire.jwt_svid_ttl = e.jwt_svid_ttl;
+        }
+        if all || m.federates_with {
+            wire.federates_with = e.federates_with.clone();
+        }
+        if all || m.admin {
+            wire.admin = e.admin;
+        }
+        if all || m.downstream {
+            wire.downstream = e.downstream;
+        }
+        if all || m.expires_at {
+            wire.expires_at = e.expires_at;
+        }
+        if all || m.dns_names {
+            wire.dns_names = e.dns_names.clone();
+        }
+        if all || m.store_svid {
+            wire.store_svid = e.store_svid;
+        }
+        if all || m.hint {
+            wire.hint = e.hint.clone();
+        }
         let mut updated = entry_from_proto(ctx, &wire)?;
         check_federated_bundles(ctx, &updated).await?;
         updated.id = cur.id.clone();
         updated.created_at = cur.created_at;
-        cur = ctx.ds.update_entry(&updated).await.map_err(|err| match err {
-            DsError::AlreadyExists(_) => Status::already_exists("similar entry already exists"),
-            other => ds_status(other),
-        })?;
+        cur = ctx
+            .ds
+            .update_entry(&updated)
+            .await
+            .map_err(|err| match err {
+                DsError::AlreadyExists(_) => Status::already_exists("similar entry already exists"),
+                other => ds_status(other),
+            })?;
         Ok(cur)
     }
 }
 
-type SyncStream = Pin<Box<dyn Stream<Item = Result<pb::SyncAuthorizedEntriesResponse, Status>> + Send>>;
+type SyncStream =
+    Pin<Box<dyn Stream<Item = Result<pb::SyncAuthorizedEntriesResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Entry for EntryService {
@@ -213,7 +274,9 @@ impl Entry for EntryService {
         req: Request<pb::CountEntriesRequest>,
     ) -> Result<Response<pb::CountEntriesResponse>, Status> {
         require_admin(&self.ctx, &req).await?;
-        let n = filtered(&self.ctx, req.get_ref().filter.as_ref()).await?.len();
+        let n = filtered(&self.ctx, req.get_ref().filter.as_ref())
+            .await?
+            .len();
         Ok(Response::new(pb::CountEntriesResponse { count: n as i32 }))
     }
 
@@ -234,7 +297,11 @@ impl Entry for EntryService {
                 .map_err(|_| Status::invalid_argument("page_token: invalid"))?
         };
         let all = filtered(&self.ctx, r.filter.as_ref()).await?;
-        let size = if r.page_size == 0 { all.len().max(1) } else { r.page_size as usize };
+        let size = if r.page_size == 0 {
+            all.len().max(1)
+        } else {
+            r.page_size as usize
+        };
         let end = (start + size).min(all.len());
         let page = all.get(start.min(all.len())..end).unwrap_or_default();
         let next_page_token = if r.page_size > 0 && end < all.len() {
@@ -243,12 +310,18 @@ impl Entry for EntryService {
             String::new()
         };
         Ok(Response::new(pb::ListEntriesResponse {
-            entries: page.iter().map(|e| entry_to_proto(e, r.output_mask.as_ref())).collect(),
+            entries: page
+                .iter()
+                .map(|e| entry_to_proto(e, r.output_mask.as_ref()))
+                .collect(),
             next_page_token,
         }))
     }
 
-    async fn get_entry(&self, req: Request<pb::GetEntryRequest>) -> Result<Response<types::Entry>, Status> {
+    async fn get_entry(
+        &self,
+        req: Request<pb::GetEntryRequest>,
+    ) -> Result<Response<types::Entry>, Status> {
         require_admin(&self.ctx, &req).await?;
         let r = req.get_ref();
         if r.id.is_empty() {
@@ -271,7 +344,9 @@ impl Entry for EntryService {
         require_admin(&self.ctx, &req).await?;
         let r = req.get_ref();
         if r.entries.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!("at most {MAX_BATCH} entries per batch")));
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} entries per batch"
+            )));
         }
         let mut results = vec![];
         for e in &r.entries {
@@ -293,17 +368,27 @@ impl Entry for EntryService {
         require_admin(&self.ctx, &req).await?;
         let r = req.get_ref();
         if r.entries.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!("at most {MAX_BATCH} entries per batch")));
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} entries per batch"
+            )));
         }
         let mut results = vec![];
         for e in &r.entries {
-            results.push(match self.update_one(e, r.input_mask.as_ref(), r.output_mask.as_ref()).await {
-                Ok(u) => pb::EntryResult {
-                    status: Some(ok_status()),
-                    entry: Some(entry_to_proto(&u, r.output_mask.as_ref())),
+            results.push(
+                match self
+                    .update_one(e, r.input_mask.as_ref(), r.output_mask.as_ref())
+                    .await
+                {
+                    Ok(u) => pb::EntryResult {
+                        status: Some(ok_status()),
+                        entry: Some(entry_to_proto(&u, r.output_mask.as_ref())),
+                    },
+                    Err(s) => pb::EntryResult {
+                        status: Some(status_of(&s)),
+                        entry: None,
+                    },
                 },
-                Err(s) => pb::EntryResult { status: Some(status_of(&s)), entry: None },
-            });
+            );
         }
         Ok(Response::new(pb::BatchUpdateEntryResponse { results }))
     }
@@ -315,7 +400,9 @@ impl Entry for EntryService {
         require_admin(&self.ctx, &req).await?;
         let r = req.get_ref();
         if r.ids.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!("at most {MAX_BATCH} IDs per batch")));
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} IDs per batch"
+            )));
         }
         let mut results = vec![];
         for id in &r.ids {
@@ -327,7 +414,10 @@ impl Entry for EntryService {
                     Err(e) => status_of(&ds_status(e)),
                 }
             };
-            results.push(pb::batch_delete_entry_response::Result { status: Some(status), id: id.clone() });
+            results.push(pb::batch_delete_entry_response::Result {
+                status: Some(status),
+                id: id.clone(),
+            });
         }
         Ok(Response::new(pb::BatchDeleteEntryResponse { results }))
     }
@@ -362,7 +452,7 @@ impl Entry for EntryService {
                     return;
                 }
             };
-            let mask = first.output_mask.clone();
+            let mask = first.output_mask;
             let entries = match authorized_entries(&ctx, &node).await {
                 Ok(e) => e,
                 Err(s) => {
@@ -374,7 +464,10 @@ impl Entry for EntryService {
                 let _ = tx
                     .send(Ok(pb::SyncAuthorizedEntriesResponse {
                         entry_revisions: vec![],
-                        entries: entries.iter().map(|e| entry_to_proto(e, mask.as_ref())).collect(),
+                        entries: entries
+                            .iter()
+                            .map(|e| entry_to_proto(e, mask.as_ref()))
+                            .collect(),
                         more: false,
                     }))
                     .await;
@@ -409,12 +502,19 @@ impl Entry for EntryService {
                     Ok(Some(m)) => m,
                     _ => return,
                 };
-                let wanted: Vec<&RegistrationEntry> =
-                    ask.ids.iter().filter_map(|id| by_id.get(id.as_str()).copied()).collect();
+                let wanted: Vec<&RegistrationEntry> = ask
+                    .ids
+                    .iter()
+                    .filter_map(|id| by_id.get(id.as_str()).copied())
+                    .collect();
                 let pages: Vec<_> = wanted.chunks(PAGE_SIZE).collect();
                 if pages.is_empty() {
                     let _ = tx
-                        .send(Ok(pb::SyncAuthorizedEntriesResponse { entry_revisions: vec![], entries: vec![], more: false }))
+                        .send(Ok(pb::SyncAuthorizedEntriesResponse {
+                            entry_revisions: vec![],
+                            entries: vec![],
+                            more: false,
+                        }))
                         .await;
                     continue;
                 }
@@ -422,7 +522,10 @@ impl Entry for EntryService {
                     if tx
                         .send(Ok(pb::SyncAuthorizedEntriesResponse {
                             entry_revisions: vec![],
-                            entries: page.iter().map(|e| entry_to_proto(e, mask.as_ref())).collect(),
+                            entries: page
+                                .iter()
+                                .map(|e| entry_to_proto(e, mask.as_ref()))
+                                .collect(),
                             more: i + 1 < pages.len(),
                         }))
                         .await

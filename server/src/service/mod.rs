@@ -154,8 +154,16 @@ pub fn entry_to_proto(e: &RegistrationEntry, mask: Option<&types::EntryMask>) ->
     let m = mask.unwrap_or(&all);
     types::Entry {
         id: e.id.clone(),
-        spiffe_id: if m.spiffe_id { id_to_proto(&e.spiffe_id) } else { None },
-        parent_id: if m.parent_id { id_to_proto(&e.parent_id) } else { None },
+        spiffe_id: if m.spiffe_id {
+            id_to_proto(&e.spiffe_id)
+        } else {
+            None
+        },
+        parent_id: if m.parent_id {
+            id_to_proto(&e.parent_id)
+        } else {
+            None
+        },
         selectors: if m.selectors {
             e.selectors.iter().map(selector_to_proto).collect()
         } else {
@@ -170,11 +178,23 @@ pub fn entry_to_proto(e: &RegistrationEntry, mask: Option<&types::EntryMask>) ->
         admin: m.admin && e.admin,
         downstream: m.downstream && e.downstream,
         expires_at: if m.expires_at { e.expires_at } else { 0 },
-        dns_names: if m.dns_names { e.dns_names.clone() } else { vec![] },
-        revision_number: if m.revision_number { e.revision_number } else { 0 },
+        dns_names: if m.dns_names {
+            e.dns_names.clone()
+        } else {
+            vec![]
+        },
+        revision_number: if m.revision_number {
+            e.revision_number
+        } else {
+            0
+        },
         store_svid: m.store_svid && e.store_svid,
         jwt_svid_ttl: if m.jwt_svid_ttl { e.jwt_svid_ttl } else { 0 },
-        hint: if m.hint { e.hint.clone() } else { String::new() },
+        hint: if m.hint {
+            e.hint.clone()
+        } else {
+            String::new()
+        },
         created_at: if m.created_at { e.created_at } else { 0 },
         additional_attributes: None,
     }
@@ -193,7 +213,9 @@ pub fn validate_dns_name(d: &str) -> Result<(), String> {
             || label.len() > 63
             || label.starts_with('-')
             || label.ends_with('-')
-            || !label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            || !label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         {
             return Err(format!("DNS name {d:?} is not valid"));
         }
@@ -214,17 +236,23 @@ pub fn entry_from_proto(ctx: &Context, e: &types::Entry) -> Result<RegistrationE
         .map_err(|err| Status::invalid_argument(format!("spiffe_id: {err}")))?;
     let parent_id = local_id_from_proto(ctx, "parent_id", e.parent_id.as_ref())?;
     if e.selectors.is_empty() {
-        return Err(Status::invalid_argument("selectors: an entry needs at least one selector"));
+        return Err(Status::invalid_argument(
+            "selectors: an entry needs at least one selector",
+        ));
     }
     let mut selectors = BTreeSet::new();
     for s in &e.selectors {
         selectors.insert(selector_from_proto(s)?);
     }
     if e.x509_svid_ttl < 0 {
-        return Err(Status::invalid_argument("x509_svid_ttl: must not be negative"));
+        return Err(Status::invalid_argument(
+            "x509_svid_ttl: must not be negative",
+        ));
     }
     if e.jwt_svid_ttl < 0 {
-        return Err(Status::invalid_argument("jwt_svid_ttl: must not be negative"));
+        return Err(Status::invalid_argument(
+            "jwt_svid_ttl: must not be negative",
+        ));
     }
     if e.expires_at < 0 {
         return Err(Status::invalid_argument("expires_at: must not be negative"));
@@ -274,7 +302,13 @@ pub fn entry_from_proto(ctx: &Context, e: &types::Entry) -> Result<RegistrationE
 pub async fn check_federated_bundles(ctx: &Context, e: &RegistrationEntry) -> Result<(), Status> {
     for f in &e.federates_with {
         let name = f.trim_start_matches("spiffe://");
-        if ctx.ds.fetch_bundle(name).await.map_err(ds_status)?.is_none() {
+        if ctx
+            .ds
+            .fetch_bundle(name)
+            .await
+            .map_err(ds_status)?
+            .is_none()
+        {
             return Err(Status::failed_precondition(format!(
                 "federates_with: no bundle for trust domain {name:?} (create it first)"
             )));
@@ -296,20 +330,43 @@ pub fn agent_to_proto(n: &AttestedNode, mask: Option<&types::AgentMask>) -> type
     let m = mask.unwrap_or(&all);
     types::Agent {
         id: id_to_proto(&n.spiffe_id),
-        attestation_type: if m.attestation_type { n.attestation_type.clone() } else { String::new() },
-        x509svid_serial_number: if m.x509svid_serial_number { n.serial_number.clone() } else { String::new() },
-        x509svid_expires_at: if m.x509svid_expires_at { n.expires_at } else { 0 },
-        selectors: if m.selectors { n.selectors.iter().map(selector_to_proto).collect() } else { vec![] },
+        attestation_type: if m.attestation_type {
+            n.attestation_type.clone()
+        } else {
+            String::new()
+        },
+        x509svid_serial_number: if m.x509svid_serial_number {
+            n.serial_number.clone()
+        } else {
+            String::new()
+        },
+        x509svid_expires_at: if m.x509svid_expires_at {
+            n.expires_at
+        } else {
+            0
+        },
+        selectors: if m.selectors {
+            n.selectors.iter().map(selector_to_proto).collect()
+        } else {
+            vec![]
+        },
         banned: m.banned && n.banned(),
         can_reattest: m.can_reattest && n.can_reattest,
-        agent_version: if m.agent_version { n.agent_version.clone() } else { String::new() },
+        agent_version: if m.agent_version {
+            n.agent_version.clone()
+        } else {
+            String::new()
+        },
     }
 }
 
 /// The entries an agent may obtain SVIDs for: those parented to the agent, to node entries
 /// (parented to the server) whose selectors are a subset of the agent's, and, recursively, to
 /// any entry already authorized.
-pub async fn authorized_entries(ctx: &Context, agent: &AttestedNode) -> Result<Vec<RegistrationEntry>, Status> {
+pub async fn authorized_entries(
+    ctx: &Context,
+    agent: &AttestedNode,
+) -> Result<Vec<RegistrationEntry>, Status> {
     let all = ctx
         .ds
         .list_entries(&Default::default())
@@ -348,7 +405,9 @@ pub async fn authorized_entries(ctx: &Context, agent: &AttestedNode) -> Result<V
 /// A TTL from the wire: negative is an error, 0 means the default.
 pub fn ttl_or_default(field: &str, ttl: i32, default: Duration) -> Result<Duration, Status> {
     match ttl {
-        t if t < 0 => Err(Status::invalid_argument(format!("{field}: must not be negative"))),
+        t if t < 0 => Err(Status::invalid_argument(format!(
+            "{field}: must not be negative"
+        ))),
         0 => Ok(default),
         t => Ok(Duration::from_secs(t as u64)),
     }

@@ -21,7 +21,11 @@ pub fn parse_csr(csr: &[u8]) -> Result<kame_api::csr::Csr, Status> {
     kame_api::csr::parse(csr).map_err(|e| Status::invalid_argument(format!("csr: {e}")))
 }
 
-pub fn x509_svid_proto(id: &SpiffeId, chain: Vec<Vec<u8>>, hint: &str) -> Result<types::X509svid, Status> {
+pub fn x509_svid_proto(
+    id: &SpiffeId,
+    chain: Vec<Vec<u8>>,
+    hint: &str,
+) -> Result<types::X509svid, Status> {
     let leaf = chain
         .first()
         .ok_or_else(|| Status::internal("empty certificate chain"))?;
@@ -38,10 +42,14 @@ pub fn x509_svid_proto(id: &SpiffeId, chain: Vec<Vec<u8>>, hint: &str) -> Result
 
 fn audience(aud: &[String]) -> Result<Vec<String>, Status> {
     if aud.is_empty() {
-        return Err(Status::invalid_argument("audience: at least one audience is required"));
+        return Err(Status::invalid_argument(
+            "audience: at least one audience is required",
+        ));
     }
     if aud.iter().any(|a| a.is_empty()) {
-        return Err(Status::invalid_argument("audience: values must not be empty"));
+        return Err(Status::invalid_argument(
+            "audience: values must not be empty",
+        ));
     }
     Ok(aud.to_vec())
 }
@@ -58,11 +66,20 @@ impl Svid for SvidService {
         let csr = parse_csr(&r.csr)?;
         let uri = match csr.uris.as_slice() {
             [one] => one,
-            [] => return Err(Status::invalid_argument("csr: the CSR has no URI SAN with the SPIFFE ID")),
-            _ => return Err(Status::invalid_argument("csr: the CSR has more than one URI SAN")),
+            [] => {
+                return Err(Status::invalid_argument(
+                    "csr: the CSR has no URI SAN with the SPIFFE ID",
+                ));
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "csr: the CSR has more than one URI SAN",
+                ));
+            }
         };
-        let id = SpiffeId::parse(uri)
-            .map_err(|e| Status::invalid_argument(format!("csr: URI SAN is not a valid SPIFFE ID: {e}")))?;
+        let id = SpiffeId::parse(uri).map_err(|e| {
+            Status::invalid_argument(format!("csr: URI SAN is not a valid SPIFFE ID: {e}"))
+        })?;
         if !id.is_member_of(&self.ctx.td) {
             return Err(Status::invalid_argument(format!(
                 "csr: {id} is not a member of trust domain {}",
@@ -99,7 +116,12 @@ impl Svid for SvidService {
         }
         let aud = audience(&r.audience)?;
         let ttl = ttl_or_default("ttl", r.ttl, self.ctx.default_jwt_svid_ttl)?;
-        let (token, iat, exp) = self.ctx.ca.sign_jwt_svid(&id, &aud, ttl).await.map_err(ca_status)?;
+        let (token, iat, exp) = self
+            .ctx
+            .ca
+            .sign_jwt_svid(&id, &aud, ttl)
+            .await
+            .map_err(ca_status)?;
         tracing::info!(spiffe_id = %id, "minted JWT-SVID");
         Ok(Response::new(pb::MintJwtsvidResponse {
             svid: Some(types::Jwtsvid {
@@ -126,7 +148,9 @@ impl Svid for SvidService {
         let node = require_agent(&self.ctx, &req).await?;
         let r = req.get_ref();
         if r.params.len() > MAX_BATCH {
-            return Err(Status::invalid_argument(format!("at most {MAX_BATCH} SVIDs per batch")));
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_BATCH} SVIDs per batch"
+            )));
         }
         let entries = authorized_entries(&self.ctx, &node).await?;
         let mut results = vec![];
@@ -135,13 +159,20 @@ impl Svid for SvidService {
                 if p.entry_id.is_empty() {
                     return Err(Status::invalid_argument("entry_id: missing"));
                 }
-                let e = entries
-                    .iter()
-                    .find(|e| e.id == p.entry_id)
-                    .ok_or_else(|| Status::not_found(format!("entry {:?} not found or not authorized", p.entry_id)))?;
+                let e = entries.iter().find(|e| e.id == p.entry_id).ok_or_else(|| {
+                    Status::not_found(format!(
+                        "entry {:?} not found or not authorized",
+                        p.entry_id
+                    ))
+                })?;
                 let csr = parse_csr(&p.csr)?;
-                let id = SpiffeId::parse(&e.spiffe_id).map_err(|e| Status::internal(e.to_string()))?;
-                let ttl = ttl_or_default("x509_svid_ttl", e.x509_svid_ttl, self.ctx.default_x509_svid_ttl)?;
+                let id =
+                    SpiffeId::parse(&e.spiffe_id).map_err(|e| Status::internal(e.to_string()))?;
+                let ttl = ttl_or_default(
+                    "x509_svid_ttl",
+                    e.x509_svid_ttl,
+                    self.ctx.default_x509_svid_ttl,
+                )?;
                 let chain = self
                     .ctx
                     .ca
@@ -152,8 +183,14 @@ impl Svid for SvidService {
             }
             .await;
             results.push(match res {
-                Ok(svid) => pb::batch_new_x509svid_response::Result { status: Some(ok_status()), svid: Some(svid) },
-                Err(s) => pb::batch_new_x509svid_response::Result { status: Some(status_of(&s)), svid: None },
+                Ok(svid) => pb::batch_new_x509svid_response::Result {
+                    status: Some(ok_status()),
+                    svid: Some(svid),
+                },
+                Err(s) => pb::batch_new_x509svid_response::Result {
+                    status: Some(status_of(&s)),
+                    svid: None,
+                },
             });
         }
         Ok(Response::new(pb::BatchNewX509svidResponse { results }))
@@ -170,13 +207,24 @@ impl Svid for SvidService {
         }
         let aud = audience(&r.audience)?;
         let entries = authorized_entries(&self.ctx, &node).await?;
-        let e = entries
-            .iter()
-            .find(|e| e.id == r.entry_id)
-            .ok_or_else(|| Status::not_found(format!("entry {:?} not found or not authorized", r.entry_id)))?;
+        let e = entries.iter().find(|e| e.id == r.entry_id).ok_or_else(|| {
+            Status::not_found(format!(
+                "entry {:?} not found or not authorized",
+                r.entry_id
+            ))
+        })?;
         let id = SpiffeId::parse(&e.spiffe_id).map_err(|e| Status::internal(e.to_string()))?;
-        let ttl = ttl_or_default("jwt_svid_ttl", e.jwt_svid_ttl, self.ctx.default_jwt_svid_ttl)?;
-        let (token, iat, exp) = self.ctx.ca.sign_jwt_svid(&id, &aud, ttl).await.map_err(ca_status)?;
+        let ttl = ttl_or_default(
+            "jwt_svid_ttl",
+            e.jwt_svid_ttl,
+            self.ctx.default_jwt_svid_ttl,
+        )?;
+        let (token, iat, exp) = self
+            .ctx
+            .ca
+            .sign_jwt_svid(&id, &aud, ttl)
+            .await
+            .map_err(ca_status)?;
         Ok(Response::new(pb::NewJwtsvidResponse {
             svid: Some(types::Jwtsvid {
                 token,
@@ -200,6 +248,8 @@ impl Svid for SvidService {
         req: Request<pb::NewDownstreamX509caRequest>,
     ) -> Result<Response<pb::NewDownstreamX509caResponse>, Status> {
         super::authz::caller(&self.ctx, &req).await?;
-        Err(Status::permission_denied("caller must present a downstream X509-SVID"))
+        Err(Status::permission_denied(
+            "caller must present a downstream X509-SVID",
+        ))
     }
 }

@@ -21,7 +21,12 @@ pub struct Opts {
 
 impl Default for Opts {
     fn default() -> Self {
-        Opts { ca_ttl: "24h", x509_ttl: "1h", key_manager: "disk", extra_server: "" }
+        Opts {
+            ca_ttl: "24h",
+            x509_ttl: "1h",
+            key_manager: "disk",
+            extra_server: "",
+        }
     }
 }
 
@@ -45,7 +50,9 @@ pub fn config_text(dir: &Path, port: u16, o: &Opts) -> String {
     let d = dir.display();
     let km = match o.key_manager {
         "memory" => "KeyManager \"memory\" {}".to_string(),
-        _ => format!("KeyManager \"disk\" {{\n        plugin_data {{\n            keys_path = \"{d}/data/keys.json\"\n        }}\n    }}"),
+        _ => format!(
+            "KeyManager \"disk\" {{\n        plugin_data {{\n            keys_path = \"{d}/data/keys.json\"\n        }}\n    }}"
+        ),
     };
     format!(
         r#"server {{
@@ -159,8 +166,10 @@ pub struct TestKey(pub aws_lc_rs::signature::EcdsaKeyPair);
 impl TestKey {
     pub fn new() -> Self {
         TestKey(
-            aws_lc_rs::signature::EcdsaKeyPair::generate(&aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1_SIGNING)
-                .unwrap(),
+            aws_lc_rs::signature::EcdsaKeyPair::generate(
+                &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            )
+            .unwrap(),
         )
     }
     pub fn spki(&self) -> Vec<u8> {
@@ -175,15 +184,24 @@ impl TestKey {
         let uris: Vec<String> = uris.iter().map(|s| s.to_string()).collect();
         let dns: Vec<String> = dns.iter().map(|s| s.to_string()).collect();
         let info = kame_api::csr::request_info(&self.spki(), &uris, &dns).unwrap();
-        let sig = self.0.sign(&aws_lc_rs::rand::SystemRandom::new(), &info).unwrap();
-        let alg = kame_api::keys::KeyInfo::from_spki_der(&self.spki()).unwrap().x509_signature_algorithm();
+        let sig = self
+            .0
+            .sign(&aws_lc_rs::rand::SystemRandom::new(), &info)
+            .unwrap();
+        let alg = kame_api::keys::KeyInfo::from_spki_der(&self.spki())
+            .unwrap()
+            .x509_signature_algorithm();
         kame_api::x509svid::assemble(&info, &alg, sig.as_ref()).unwrap()
     }
 }
 
 /// A gRPC channel over TLS to the server's TCP port, verifying the server's SVID against
 /// `roots` and presenting `client` (chain DER, PKCS#8 key) if given.
-pub async fn tls_channel(port: u16, roots: Vec<Vec<u8>>, client: Option<(Vec<Vec<u8>>, Vec<u8>)>) -> Result<Channel, tonic::transport::Error> {
+pub async fn tls_channel(
+    port: u16,
+    roots: Vec<Vec<u8>>,
+    client: Option<(Vec<Vec<u8>>, Vec<u8>)>,
+) -> Result<Channel, tonic::transport::Error> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     use std::sync::Arc;
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -223,7 +241,10 @@ pub async fn tls_channel(port: u16, roots: Vec<Vec<u8>>, client: Option<(Vec<Vec
 }
 
 pub fn spiffe_id(td: &str, path: &str) -> pb::types::Spiffeid {
-    pb::types::Spiffeid { trust_domain: td.into(), path: path.into() }
+    pb::types::Spiffeid {
+        trust_domain: td.into(),
+        path: path.into(),
+    }
 }
 
 pub async fn wait_for<F, Fut>(what: &str, timeout: Duration, mut f: F)
