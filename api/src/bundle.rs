@@ -198,3 +198,161 @@ pub fn jwt_jwks(bundle: &Bundle) -> Result<Vec<u8>, Error> {
     }
     serde_json::to_vec(&json!({ "keys": keys })).map_err(|e| Error::Encode(e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+
+    fn td() -> TrustDomain {
+        TrustDomain::parse("example.org").unwrap()
+    }
+
+    fn ca_cert() -> Vec<u8> {
+        let k = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
+        let spki = k.public_key().as_der().unwrap().as_ref().to_vec();
+        let subject = crate::x509svid::parse_name("C=US, O=SPIFFE").unwrap();
+        let tbs = crate::x509svid::ca_tbs(
+            &crate::x509svid::CaParams {
+                trust_domain: &td(),
+                subject: &subject,
+                spki_der: &spki,
+                serial: &[1],
+                not_before: 1,
+                not_after: 4_000_000_000,
+            },
+            None,
+        )
+        .unwrap();
+        let sig = k.sign(&aws_lc_rs::rand::SystemRandom::new(), &tbs).unwrap();
+        crate::x509svid::assemble(
+            &tbs,
+            &KeyInfo::from_spki_der(&spki)
+                .unwrap()
+                .x509_signature_algorithm(),
+            sig.as_ref(),
+        )
+        .unwrap()
+    }
+
+    fn jwt_key() -> Vec<u8> {
+        let k = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
+        k.public_key().as_der().unwrap().as_ref().to_vec()
+    }
+
+    fn sample() -> Bundle {
+        Bundle {
+            trust_domain: "example.org".into(),
+            x509_authorities: vec![X509Certificate {
+                asn1: ca_cert(),
+                tainted: true,
+            }],
+            jwt_authorities: vec![JwtKey {
+                public_key: jwt_key(),
+                key_id: "kid-1".into(),
+                expires_at: 5,
+                tainted: false,
+            }],
+            refresh_hint: 300,
+            sequence_number: u64::MAX,
+            wit_authorities: vec![],
+        }
+    }
+
+    #[test]
+    fn x509_17_jwt_13_bun_03_04_spiffe_format_round_trip() {
+        let b = sample();
+        let json = to_spiffe_json(&b).unwrap();
+        let v: Value = serde_json::from_str(&json).unwrap();
+        let keys = v["keys"].as_array().unwrap();
+        assert_eq!(keys[0]["use"], USE_X509);
+        assert!(
+            keys[0].get("kid").is_none(),
+            "X509-17: no kid on x509-svid keys"
+        );
+        assert_eq!(keys[0]["x5c"].as_array().unwrap().len(), 1);
+        assert_eq!(keys[1]["use"], USE_JWT);
+        assert_eq!(keys[1]["kid"], "kid-1");
+        assert_eq!(v["spiffe_sequence"], u64::MAX, "BUN-03: 64-bit sequence");
+        assert_eq!(v["spiffe_refresh_hint"], 300);
+        let back = from_spiffe_json(&td(), json.as_bytes()).unwrap();
+        assert_eq!(back.x509_authorities[0].asn1, b.x509_authorities[0].asn1);
+        assert!(
+            !back.x509_authorities[0].tainted,
+            "taint bits are not part of the SPIFFE format"
+        );
+        assert_eq!(
+            back.jwt_authorities[0].public_key,
+            b.jwt_authorities[0].public_key
+        );
+        assert_eq!(back.sequence_number, u64::MAX);
+        assert_eq!(back.refresh_hint, 300);
+    }
+
+    #[test]
+    fn bun_05_keys_member_required_but_may_be_empty() {
+        assert!(matches!(
+            from_spiffe_json(&td(), br#"{"spiffe_sequence": 1}"#),
+            Err(Error::BadBundle(_))
+        ));
+        let b = from_spiffe_json(&td(), br#"{"keys": [], "unknown_member": true}"#).unwrap();
+        assert!(
+            b.x509_authorities.is_empty() && b.jwt_authorities.is_empty(),
+            "BUN-02/06"
+        );
+    }
+
+    #[test]
+    fn bun_07_08_x509_18_unknown_kty_use_and_missing_x5c_are_ignored() {
+        let cert = ca_cert();
+        let other = ca_cert();
+        let doc = serde_json::json!({"keys": [
+            {"kty": "OKP", "use": "jwt-svid", "kid": "ed", "crv": "Ed25519", "x": "AAAA"},
+            {"kty": "EC", "use": "wit-svid-unknown", "crv": "P-256", "x": "AA", "y": "AA"},
+            {"kty": "EC", "crv": "P-256", "x": "AA", "y": "AA"},
+            {"kty": "EC", "use": "x509-svid", "crv": "P-256", "x": "AA", "y": "AA"},
+            {"kty": "EC", "use": "x509-svid", "x5c": []},
+            {"kty": "EC", "use": "x509-svid", "x5c": [STANDARD.encode(&cert), STANDARD.encode(&other)]}
+        ]});
+        let b = from_spiffe_json(&td(), doc.to_string().as_bytes()).unwrap();
+        assert_eq!(b.x509_authorities.len(), 1);
+        assert_eq!(
+            b.x509_authorities[0].asn1, cert,
+            "X509-18: first x5c value is used"
+        );
+        assert!(b.jwt_authorities.is_empty());
+    }
+
+    #[test]
+    fn jwt_13_jwt_key_without_kid_is_rejected() {
+        let mut m = KeyInfo::from_spki_der(&jwt_key()).unwrap().jwk_members();
+        m.insert("use".into(), USE_JWT.into());
+        let doc = serde_json::json!({ "keys": [Value::Object(m)] });
+        assert!(from_spiffe_json(&td(), doc.to_string().as_bytes()).is_err());
+    }
+
+    #[test]
+    fn pem_round_trip_and_garbage() {
+        let b = sample();
+        let pem = x509_to_pem(&b);
+        assert_eq!(
+            certs_from_pem(&pem).unwrap(),
+            vec![b.x509_authorities[0].asn1.clone()]
+        );
+        assert!(certs_from_pem("").is_err());
+        assert!(
+            certs_from_pem("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+                .is_err()
+        );
+        assert!(certs_from_pem("-----BEGIN CERTIFICATE-----\nAAAA\n").is_err());
+    }
+
+    #[test]
+    fn wa_14_workload_jwks_has_only_jwt_keys_with_kid() {
+        let v: Value = serde_json::from_slice(&jwt_jwks(&sample()).unwrap()).unwrap();
+        let keys = v["keys"].as_array().unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0]["kid"], "kid-1");
+    }
+}

@@ -209,3 +209,308 @@ pub fn validate(
         .map_err(|_| Error::BadJwt("signature does not verify (JWT-10)".into()))?;
     Ok(Validated { sub, claims })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::rand::SystemRandom;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+
+    const NOW: u64 = 1_800_000_000;
+
+    struct Signer(EcdsaKeyPair, Vec<u8>);
+
+    fn signer() -> Signer {
+        let k = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
+        let spki = k.public_key().as_der().unwrap().as_ref().to_vec();
+        Signer(k, spki)
+    }
+
+    fn b64(v: &Value) -> String {
+        URL_SAFE_NO_PAD.encode(v.to_string())
+    }
+
+    /// A token with arbitrary header and claims, signed with ES256.
+    fn raw(s: &Signer, header: Value, claims: Value) -> String {
+        let input = format!("{}.{}", b64(&header), b64(&claims));
+        let sig = s.0.sign(&SystemRandom::new(), input.as_bytes()).unwrap();
+        let fixed = ecdsa_der_to_fixed(sig.as_ref(), 32).unwrap();
+        format!("{input}.{}", URL_SAFE_NO_PAD.encode(fixed))
+    }
+
+    fn good_claims() -> Value {
+        json!({"sub": "spiffe://example.org/w", "aud": "receiver", "exp": NOW + 60, "iat": NOW})
+    }
+
+    fn check(s: &Signer, token: &str) -> Result<Validated, Error> {
+        let spki = s.1.clone();
+        validate(token, "receiver", NOW, move |td| {
+            (td.as_str() == "example.org").then(|| {
+                vec![JwtAuthority {
+                    kid: "k1".into(),
+                    spki_der: spki.clone(),
+                }]
+            })
+        })
+    }
+
+    fn hdr() -> Value {
+        json!({"alg": "ES256", "kid": "k1", "typ": "JWT"})
+    }
+
+    #[test]
+    fn issued_tokens_validate() {
+        let s = signer();
+        let info = KeyInfo::from_spki_der(&s.1).unwrap();
+        let sub = SpiffeId::parse("spiffe://example.org/w").unwrap();
+        let aud = vec!["receiver".to_string(), "other".to_string()];
+        let input = signing_input(
+            &info,
+            "k1",
+            &Claims {
+                sub: &sub,
+                aud: &aud,
+                exp: NOW + 10,
+                iat: NOW,
+                iss: None,
+            },
+        )
+        .unwrap();
+        let sig = s.0.sign(&SystemRandom::new(), input.as_bytes()).unwrap();
+        let token = assemble(&info, &input, sig.as_ref()).unwrap();
+        assert_eq!(check(&s, &token).unwrap().sub, sub);
+        assert!(
+            signing_input(
+                &info,
+                "k1",
+                &Claims {
+                    sub: &sub,
+                    aud: &[],
+                    exp: 1,
+                    iat: 0,
+                    iss: None
+                }
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn jwt_01_compact_serialization_only() {
+        let s = signer();
+        let t = raw(&s, hdr(), good_claims());
+        assert!(check(&s, &format!("{t}.x")).is_err());
+        assert!(check(&s, t.rsplit_once('.').unwrap().0).is_err());
+        assert!(check(&s, "{\"payload\":\"x\"}").is_err());
+    }
+
+    #[test]
+    fn jwt_02_03_04_05_header_rules() {
+        let s = signer();
+        assert!(
+            check(
+                &s,
+                &raw(
+                    &s,
+                    json!({"alg": "ES256", "kid": "k1", "jku": "x"}),
+                    good_claims()
+                )
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                &s,
+                &raw(&s, json!({"alg": "none", "kid": "k1"}), good_claims())
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                &s,
+                &raw(&s, json!({"alg": "HS256", "kid": "k1"}), good_claims())
+            )
+            .is_err()
+        );
+        assert!(
+            check(&s, &raw(&s, json!({"alg": "ES256"}), good_claims())).is_err(),
+            "JWT-04: kid required"
+        );
+        assert!(
+            check(
+                &s,
+                &raw(
+                    &s,
+                    json!({"alg": "ES256", "kid": "k1", "typ": "jwt+x"}),
+                    good_claims()
+                )
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                &s,
+                &raw(
+                    &s,
+                    json!({"alg": "ES256", "kid": "k1", "typ": "JOSE"}),
+                    good_claims()
+                )
+            )
+            .is_ok()
+        );
+        assert!(
+            check(
+                &s,
+                &raw(&s, json!({"alg": "ES256", "kid": "k1"}), good_claims())
+            )
+            .is_ok()
+        );
+        assert!(
+            check(
+                &s,
+                &raw(&s, json!({"alg": "ES384", "kid": "k1"}), good_claims())
+            )
+            .is_err(),
+            "alg must fit the key"
+        );
+    }
+
+    #[test]
+    fn jwt_06_07_08_09_claim_rules() {
+        let s = signer();
+        let with = |f: &dyn Fn(&mut serde_json::Map<String, Value>)| {
+            let mut c = good_claims();
+            f(c.as_object_mut().unwrap());
+            raw(&s, hdr(), c)
+        };
+        assert!(
+            check(
+                &s,
+                &with(&|c| {
+                    c.remove("sub");
+                })
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                &s,
+                &with(&|c| {
+                    c.insert("sub".into(), "spiffe://example.org/".into());
+                })
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                &s,
+                &with(&|c| {
+                    c.remove("aud");
+                })
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                &s,
+                &with(&|c| {
+                    c.insert("aud".into(), json!([]));
+                })
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                &s,
+                &with(&|c| {
+                    c.insert("aud".into(), "someone-else".into());
+                })
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                &s,
+                &with(&|c| {
+                    c.insert("aud".into(), json!(["x", "receiver"]));
+                })
+            )
+            .is_ok()
+        );
+        assert!(
+            check(
+                &s,
+                &with(&|c| {
+                    c.remove("exp");
+                })
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                &s,
+                &with(&|c| {
+                    c.insert("exp".into(), (NOW - LEEWAY_SECS - 1).into());
+                })
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                &s,
+                &with(&|c| {
+                    c.insert("exp".into(), (NOW - 5).into());
+                })
+            )
+            .is_ok(),
+            "small leeway"
+        );
+        assert!(
+            check(
+                &s,
+                &with(&|c| {
+                    c.insert("nbf".into(), (NOW + 3600).into());
+                })
+            )
+            .is_err()
+        );
+        assert!(
+            check(
+                &s,
+                &with(&|c| {
+                    c.insert("x-extra".into(), "ok".into());
+                })
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn jwt_10_signature_and_bundle_of_subject_trust_domain() {
+        let s = signer();
+        let other = signer();
+        // signed by a key not in the bundle
+        assert!(check(&s, &raw(&other, hdr(), good_claims())).is_err());
+        // unknown kid
+        assert!(
+            check(
+                &s,
+                &raw(&s, json!({"alg": "ES256", "kid": "nope"}), good_claims())
+            )
+            .is_err()
+        );
+        // subject in a trust domain without a bundle
+        let mut c = good_claims();
+        c["sub"] = "spiffe://other.org/w".into();
+        assert!(check(&s, &raw(&s, hdr(), c)).is_err());
+        // tampered payload
+        let t = raw(&s, hdr(), good_claims());
+        let parts: Vec<&str> = t.split('.').collect();
+        let mut c = good_claims();
+        c["sub"] = "spiffe://example.org/admin".into();
+        assert!(check(&s, &format!("{}.{}.{}", parts[0], b64(&c), parts[2])).is_err());
+        // an empty audience to validate against is refused
+        assert!(validate(&t, "", NOW, |_| None).is_err());
+    }
+}
