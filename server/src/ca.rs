@@ -453,7 +453,22 @@ impl Ca {
             (st.x509.current.clone(), st.x509.next.clone())
         };
         let cur_ok = cur.as_ref().is_some_and(|c| c.not_after * 1000 > now);
-        if !cur_ok {
+        let usable_next = next
+            .as_ref()
+            .filter(|n| n.status == SlotStatus::Prepared && n.not_after * 1000 > now)
+            .cloned();
+        if !cur_ok && let Some(n) = usable_next {
+            // The server was down past the activation point: the prepared authority (already in
+            // the bundle) takes over.
+            let mut st = self.write();
+            st.x509.current = Some(Arc::new(X509Authority {
+                status: SlotStatus::Active,
+                ..clone_x509(&n)
+            }));
+            st.x509.next = None;
+            info!(authority_id = %n.authority_id, slot = %n.slot, "X.509 authority activated");
+            changed = true;
+        } else if !cur_ok {
             let slot = cur.as_ref().map(|c| other_slot(&c.slot)).unwrap_or("A");
             let a = self.prepare_x509(slot, SlotStatus::Active).await?;
             info!(authority_id = %a.authority_id, slot, "X.509 authority activated");
@@ -496,7 +511,20 @@ impl Ca {
             (st.jwt.current.clone(), st.jwt.next.clone())
         };
         let cur_ok = cur.as_ref().is_some_and(|c| c.not_after * 1000 > now);
-        if !cur_ok {
+        let usable_next = next
+            .as_ref()
+            .filter(|n| n.status == SlotStatus::Prepared && n.not_after * 1000 > now)
+            .cloned();
+        if !cur_ok && let Some(n) = usable_next {
+            let mut st = self.write();
+            st.jwt.current = Some(Arc::new(JwtAuthority {
+                status: SlotStatus::Active,
+                ..clone_jwt(&n)
+            }));
+            st.jwt.next = None;
+            info!(kid = %n.kid, slot = %n.slot, "JWT authority activated");
+            changed = true;
+        } else if !cur_ok {
             let slot = cur.as_ref().map(|c| other_slot(&c.slot)).unwrap_or("A");
             let a = self.prepare_jwt(slot, SlotStatus::Active).await?;
             info!(kid = %a.kid, slot, "JWT authority activated");
@@ -768,8 +796,9 @@ impl HasStatus for JwtAuthority {
     }
 }
 
-/// Newest ACTIVE becomes current; the newest other entry in the other slot becomes next. If only
-/// a prepared/old one exists, it is promoted to current.
+/// Newest ACTIVE becomes current; the newest other entry in the other slot becomes next. With no
+/// ACTIVE entry, a PREPARED one is kept as next for the rotator to activate; otherwise the
+/// rotator prepares and activates a new authority.
 fn pick_slots<T: Lifetime + HasStatus>(mut all: Vec<Arc<T>>) -> Slots<T> {
     all.sort_by_key(|a| std::cmp::Reverse(a.issued_at_ms()));
     let current = all
@@ -788,10 +817,13 @@ fn pick_slots<T: Lifetime + HasStatus>(mut all: Vec<Arc<T>>) -> Slots<T> {
             }
         }
         None => Slots {
-            // A prepared key with no active one is left for rotation to replace: the rotator
-            // prepares and activates a fresh authority.
+            // The active authority expired while the server was down: a prepared one (already
+            // published) is kept as next, and the rotator activates it.
             current: None,
-            next: None,
+            next: all
+                .iter()
+                .find(|a| a.status() == SlotStatus::Prepared)
+                .cloned(),
         },
     }
 }

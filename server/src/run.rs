@@ -101,7 +101,11 @@ fn build_key_manager(cfg: &Config) -> Result<Arc<dyn KeyManager>, RunError> {
 }
 
 fn prepare_socket(path: &Path) -> Result<UnixListener, RunError> {
-    if let Some(dir) = path.parent() {
+    if let Some(dir) = path.parent()
+        && !dir.exists()
+    {
+        // Only a directory we create is restricted to 0770: an existing one (say /tmp) is the
+        // operator's and keeps its mode.
         std::fs::create_dir_all(dir).map_err(io("cannot create socket directory", dir))?;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o770))
             .map_err(io("cannot set permissions on", dir))?;

@@ -276,3 +276,64 @@ async fn entry_update_show_filters_and_node_entries() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("NotFound"));
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_entries_alias_agents_whose_selectors_match() {
+    use kame_server::datastore::{AttestedNode, Selector};
+    let s = TestServer::start(Opts::default()).await;
+    let ctx = s.running().ctx.clone();
+    let o = s
+        .cli(&[
+            "entry",
+            "create",
+            "--node",
+            "--spiffe-id",
+            "spiffe://example.org/nodes/rack1",
+            "--selector",
+            "rack:1",
+            "--selector",
+            "zone:a",
+        ])
+        .await;
+    assert!(o.status.success());
+    let o = s
+        .cli(&[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/app",
+            "--parent-id",
+            "spiffe://example.org/nodes/rack1",
+            "--selector",
+            "unix:uid:1",
+        ])
+        .await;
+    assert!(o.status.success());
+    let node = |sels: &[(&str, &str)]| AttestedNode {
+        spiffe_id: "spiffe://example.org/spire/agent/test/n".into(),
+        attestation_type: "test".into(),
+        serial_number: "01".into(),
+        selectors: sels.iter().map(|(k, v)| Selector::new(*k, *v)).collect(),
+        ..Default::default()
+    };
+    let all = kame_server::service::authorized_entries(
+        &ctx,
+        &node(&[("rack", "1"), ("zone", "a"), ("extra", "x")]),
+    )
+    .await
+    .unwrap();
+    let ids: Vec<&str> = all.iter().map(|e| e.spiffe_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        vec!["spiffe://example.org/app"],
+        "superset of the node entry's selectors"
+    );
+    let none = kame_server::service::authorized_entries(&ctx, &node(&[("rack", "1")]))
+        .await
+        .unwrap();
+    assert!(
+        none.is_empty(),
+        "a subset of the node entry's selectors is not enough"
+    );
+    s.stop().await;
+}

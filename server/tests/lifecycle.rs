@@ -449,3 +449,41 @@ async fn join_token_attestation_authorization_renewal_and_ban() {
     );
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_authority_is_activated_after_downtime_past_expiry() {
+    let mut s = TestServer::start(Opts {
+        ca_ttl: "12s",
+        x509_ttl: "2s",
+        ..Default::default()
+    })
+    .await;
+    let ca = s.running().ctx.ca.clone();
+    let first = ca.current_x509().unwrap();
+    wait_for("prepared authority", Duration::from_secs(12), || async {
+        ca.next_x509()
+            .is_some_and(|n| n.status == kame_server::ca::SlotStatus::Prepared)
+    })
+    .await;
+    let prepared = ca.next_x509().unwrap();
+    // Stop before activation and stay down until the active authority has expired.
+    if let Some(r) = s.running.take() {
+        r.stop().await;
+    }
+    let wait = (first.not_after * 1000 + 500).saturating_sub(kame_server::ca::now_ms());
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    s.restart().await;
+    let cur = s.running().ctx.ca.current_x509().unwrap();
+    assert_eq!(
+        cur.authority_id, prepared.authority_id,
+        "the published, prepared authority takes over"
+    );
+    let chain = mint(&s, "spiffe://example.org/w").await;
+    verify_chain(
+        &chain,
+        &[prepared.cert_der.clone()],
+        kame_server::ca::now_secs(),
+    )
+    .unwrap();
+    s.stop().await;
+}

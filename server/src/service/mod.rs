@@ -374,9 +374,7 @@ pub async fn authorized_entries(
         .map_err(ds_status)?;
     let server_id = ctx.server_spiffe_id.to_string();
     let now = crate::ca::now_secs() as i64;
-    let mut agent_selectors: HashSet<&Selector> = agent.selectors.iter().collect();
-    let spiffe_sel = Selector::new("spiffe_id", agent.spiffe_id.clone());
-    agent_selectors.insert(&spiffe_sel);
+    let agent_selectors: HashSet<&Selector> = agent.selectors.iter().collect();
     let mut parents: HashSet<String> = HashSet::new();
     parents.insert(agent.spiffe_id.clone());
     for e in &all {
