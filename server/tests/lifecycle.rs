@@ -481,7 +481,7 @@ async fn prepared_authority_is_activated_after_downtime_past_expiry() {
     let chain = mint(&s, "spiffe://example.org/w").await;
     verify_chain(
         &chain,
-        &[prepared.cert_der.clone()],
+        std::slice::from_ref(&prepared.cert_der),
         kame_server::ca::now_secs(),
     )
     .unwrap();
