@@ -29,6 +29,28 @@ fn verify(
         .map_err(|e| Error::General(format!("peer X509-SVID rejected: {e}")))
 }
 
+fn tls12(
+    p: &CryptoProvider,
+    m: &[u8],
+    c: &CertificateDer<'_>,
+    d: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, Error> {
+    verify_tls12_signature(m, c, d, &p.signature_verification_algorithms)
+}
+
+fn tls13(
+    p: &CryptoProvider,
+    m: &[u8],
+    c: &CertificateDer<'_>,
+    d: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, Error> {
+    verify_tls13_signature(m, c, d, &p.signature_verification_algorithms)
+}
+
+fn schemes(p: &CryptoProvider) -> Vec<SignatureScheme> {
+    p.signature_verification_algorithms.supported_schemes()
+}
+
 /// Verifies a server's X509-SVID and that it carries `expected_id`.
 pub struct SpiffeServerVerifier {
     roots: RootsFn,
@@ -100,9 +122,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        schemes(&self.provider)
     }
 }
 
@@ -177,9 +197,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        schemes(&self.provider)
     }
 }
 

@@ -62,7 +62,7 @@ pub enum SlotStatus {
 }
 
 /// An X.509 signing authority in a slot.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct X509Authority {
     pub slot: String,
     pub status: SlotStatus,
@@ -76,7 +76,7 @@ pub struct X509Authority {
 }
 
 /// A JWT signing key in a slot.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct JwtAuthority {
     pub slot: String,
     pub status: SlotStatus,
@@ -445,125 +445,84 @@ impl Ca {
     pub async fn rotate(&self) -> Result<(), CaError> {
         let _g = self.rotation.lock().await;
         let now = now_ms();
-        let mut changed = false;
-
-        // X.509
-        let (cur, next) = {
-            let st = self.read();
-            (st.x509.current.clone(), st.x509.next.clone())
-        };
-        let cur_ok = cur.as_ref().is_some_and(|c| c.not_after * 1000 > now);
-        let usable_next = next
-            .as_ref()
-            .filter(|n| n.status == SlotStatus::Prepared && n.not_after * 1000 > now)
-            .cloned();
-        if !cur_ok && let Some(n) = usable_next {
-            // The server was down past the activation point: the prepared authority (already in
-            // the bundle) takes over.
-            let mut st = self.write();
-            st.x509.current = Some(Arc::new(X509Authority {
-                status: SlotStatus::Active,
-                ..clone_x509(&n)
-            }));
-            st.x509.next = None;
-            info!(authority_id = %n.authority_id, slot = %n.slot, "X.509 authority activated");
-            changed = true;
-        } else if !cur_ok {
-            let slot = cur.as_ref().map(|c| other_slot(&c.slot)).unwrap_or("A");
-            let a = self.prepare_x509(slot, SlotStatus::Active).await?;
-            info!(authority_id = %a.authority_id, slot, "X.509 authority activated");
-            let mut st = self.write();
-            st.x509.current = Some(a);
-            st.x509.next = None;
-            changed = true;
-        } else if let Some(c) = cur {
-            let next_free = next.as_ref().is_none_or(|n| n.status == SlotStatus::Old);
-            if next_free && c.should_prepare_next(now) {
-                let a = self
-                    .prepare_x509(other_slot(&c.slot), SlotStatus::Prepared)
-                    .await?;
-                info!(authority_id = %a.authority_id, slot = %a.slot, "X.509 authority prepared");
-                self.write().x509.next = Some(a);
-                changed = true;
-            }
-            let next = self.read().x509.next.clone();
-            if let Some(n) = next
-                && n.status == SlotStatus::Prepared
-                && c.should_activate_next(now)
-            {
-                let mut st = self.write();
-                st.x509.current = Some(Arc::new(X509Authority {
-                    status: SlotStatus::Active,
-                    ..clone_x509(&n)
-                }));
-                st.x509.next = Some(Arc::new(X509Authority {
-                    status: SlotStatus::Old,
-                    ..clone_x509(&c)
-                }));
-                info!(authority_id = %n.authority_id, slot = %n.slot, "X.509 authority activated");
-                changed = true;
-            }
-        }
-
-        // JWT
-        let (cur, next) = {
-            let st = self.read();
-            (st.jwt.current.clone(), st.jwt.next.clone())
-        };
-        let cur_ok = cur.as_ref().is_some_and(|c| c.not_after * 1000 > now);
-        let usable_next = next
-            .as_ref()
-            .filter(|n| n.status == SlotStatus::Prepared && n.not_after * 1000 > now)
-            .cloned();
-        if !cur_ok && let Some(n) = usable_next {
-            let mut st = self.write();
-            st.jwt.current = Some(Arc::new(JwtAuthority {
-                status: SlotStatus::Active,
-                ..clone_jwt(&n)
-            }));
-            st.jwt.next = None;
-            info!(kid = %n.kid, slot = %n.slot, "JWT authority activated");
-            changed = true;
-        } else if !cur_ok {
-            let slot = cur.as_ref().map(|c| other_slot(&c.slot)).unwrap_or("A");
-            let a = self.prepare_jwt(slot, SlotStatus::Active).await?;
-            info!(kid = %a.kid, slot, "JWT authority activated");
-            let mut st = self.write();
-            st.jwt.current = Some(a);
-            st.jwt.next = None;
-            changed = true;
-        } else if let Some(c) = cur {
-            let next_free = next.as_ref().is_none_or(|n| n.status == SlotStatus::Old);
-            if next_free && c.should_prepare_next(now) {
-                let a = self
-                    .prepare_jwt(other_slot(&c.slot), SlotStatus::Prepared)
-                    .await?;
-                info!(kid = %a.kid, slot = %a.slot, "JWT authority prepared");
-                self.write().jwt.next = Some(a);
-                changed = true;
-            }
-            let next = self.read().jwt.next.clone();
-            if let Some(n) = next
-                && n.status == SlotStatus::Prepared
-                && c.should_activate_next(now)
-            {
-                let mut st = self.write();
-                st.jwt.current = Some(Arc::new(JwtAuthority {
-                    status: SlotStatus::Active,
-                    ..clone_jwt(&n)
-                }));
-                st.jwt.next = Some(Arc::new(JwtAuthority {
-                    status: SlotStatus::Old,
-                    ..clone_jwt(&c)
-                }));
-                info!(kid = %n.kid, slot = %n.slot, "JWT authority activated");
-                changed = true;
-            }
-        }
-        if changed {
+        let x509 = self
+            .rotate_kind(
+                now,
+                |st| &mut st.x509,
+                |slot, status| self.prepare_x509(slot, status),
+            )
+            .await?;
+        let jwt = self
+            .rotate_kind(
+                now,
+                |st| &mut st.jwt,
+                |slot, status| self.prepare_jwt(slot, status),
+            )
+            .await?;
+        if x509 || jwt {
             self.save_journal().await;
         }
         Ok(())
+    }
+
+    /// The rotation state machine of one kind; returns whether anything changed.
+    async fn rotate_kind<T, F, Fut>(
+        &self,
+        now: u64,
+        slots: fn(&mut State) -> &mut Slots<T>,
+        prepare: F,
+    ) -> Result<bool, CaError>
+    where
+        T: Authority,
+        F: Fn(&'static str, SlotStatus) -> Fut,
+        Fut: std::future::Future<Output = Result<Arc<T>, CaError>>,
+    {
+        let (cur, next) = {
+            let mut st = self.write();
+            let s = slots(&mut st);
+            (s.current.clone(), s.next.clone())
+        };
+        let live = |a: &T| a.not_after() * 1000 > now;
+        let prepared = |a: &T| a.status() == SlotStatus::Prepared;
+        let Some(c) = cur.filter(|c| live(c)) else {
+            let replaced = next.as_ref().filter(|n| prepared(n) && live(n)).cloned();
+            let a = match replaced {
+                // The server was down past the activation point: the prepared authority
+                // (already in the bundle) takes over.
+                Some(n) => Arc::new(n.with_status(SlotStatus::Active)),
+                None => {
+                    let slot = next.as_ref().map(|n| other_slot(n.slot())).unwrap_or("A");
+                    prepare(slot, SlotStatus::Active).await?
+                }
+            };
+            info!(kind = T::KIND, authority_id = %a.authority_id(), slot = %a.slot(), "authority activated");
+            let mut st = self.write();
+            let s = slots(&mut st);
+            s.current = Some(a);
+            s.next = None;
+            return Ok(true);
+        };
+        let mut changed = false;
+        let mut next = next;
+        if next.as_ref().is_none_or(|n| n.status() == SlotStatus::Old) && c.should_prepare_next(now)
+        {
+            let a = prepare(other_slot(c.slot()), SlotStatus::Prepared).await?;
+            info!(kind = T::KIND, authority_id = %a.authority_id(), slot = %a.slot(), "authority prepared");
+            slots(&mut self.write()).next = Some(a.clone());
+            next = Some(a);
+            changed = true;
+        }
+        if let Some(n) = next.filter(|n| prepared(n))
+            && c.should_activate_next(now)
+        {
+            let mut st = self.write();
+            let s = slots(&mut st);
+            s.current = Some(Arc::new(n.with_status(SlotStatus::Active)));
+            s.next = Some(Arc::new(c.with_status(SlotStatus::Old)));
+            info!(kind = T::KIND, authority_id = %n.authority_id(), slot = %n.slot(), "authority activated");
+            changed = true;
+        }
+        Ok(changed)
     }
 
     async fn prepare_x509(
@@ -757,49 +716,49 @@ impl Ca {
     }
 }
 
-fn clone_x509(a: &X509Authority) -> X509Authority {
-    X509Authority {
-        slot: a.slot.clone(),
-        status: a.status,
-        key: a.key.clone(),
-        cert_der: a.cert_der.clone(),
-        issuer: a.issuer.clone(),
-        authority_id: a.authority_id.clone(),
-        issued_at_ms: a.issued_at_ms,
-        not_after: a.not_after,
-    }
-}
-
-fn clone_jwt(a: &JwtAuthority) -> JwtAuthority {
-    JwtAuthority {
-        slot: a.slot.clone(),
-        status: a.status,
-        key: a.key.clone(),
-        key_info: a.key_info.clone(),
-        kid: a.kid.clone(),
-        issued_at_ms: a.issued_at_ms,
-        not_after: a.not_after,
-    }
-}
-
-trait HasStatus {
+/// What the rotation state machine needs of an authority of either kind.
+trait Authority: Lifetime + Clone {
+    const KIND: &'static str;
     fn status(&self) -> SlotStatus;
+    fn authority_id(&self) -> &str;
+    fn with_status(&self, status: SlotStatus) -> Self {
+        let mut a = self.clone();
+        a.set_status(status);
+        a
+    }
+    fn set_status(&mut self, status: SlotStatus);
 }
-impl HasStatus for X509Authority {
+
+impl Authority for X509Authority {
+    const KIND: &'static str = "X.509";
     fn status(&self) -> SlotStatus {
         self.status
     }
+    fn authority_id(&self) -> &str {
+        &self.authority_id
+    }
+    fn set_status(&mut self, status: SlotStatus) {
+        self.status = status;
+    }
 }
-impl HasStatus for JwtAuthority {
+
+impl Authority for JwtAuthority {
+    const KIND: &'static str = "JWT";
     fn status(&self) -> SlotStatus {
         self.status
+    }
+    fn authority_id(&self) -> &str {
+        &self.kid
+    }
+    fn set_status(&mut self, status: SlotStatus) {
+        self.status = status;
     }
 }
 
 /// Newest ACTIVE becomes current; the newest other entry in the other slot becomes next. With no
 /// ACTIVE entry, a PREPARED one is kept as next for the rotator to activate; otherwise the
 /// rotator prepares and activates a new authority.
-fn pick_slots<T: Lifetime + HasStatus>(mut all: Vec<Arc<T>>) -> Slots<T> {
+fn pick_slots<T: Authority>(mut all: Vec<Arc<T>>) -> Slots<T> {
     all.sort_by_key(|a| std::cmp::Reverse(a.issued_at_ms()));
     let current = all
         .iter()

@@ -125,34 +125,14 @@ impl Agent for AgentService {
     ) -> Result<Response<pb::ListAgentsResponse>, Status> {
         require_admin(&self.ctx, &req).await?;
         let r = req.get_ref();
-        if r.page_size < 0 {
-            return Err(Status::invalid_argument("page_size: must not be negative"));
-        }
         let all = filtered_agents(&self.ctx, r.filter.as_ref()).await?;
-        let start: usize = if r.page_token.is_empty() {
-            0
-        } else {
-            r.page_token
-                .parse()
-                .map_err(|_| Status::invalid_argument("page_token: invalid"))?
-        };
-        let size = if r.page_size == 0 {
-            all.len().max(1)
-        } else {
-            r.page_size as usize
-        };
-        let end = (start + size).min(all.len());
-        let page = all.get(start.min(all.len())..end).unwrap_or_default();
+        let (page, next_page_token) = paginate(all, r.page_size, &r.page_token)?;
         Ok(Response::new(pb::ListAgentsResponse {
             agents: page
                 .iter()
                 .map(|n| agent_to_proto(n, r.output_mask.as_ref()))
                 .collect(),
-            next_page_token: if r.page_size > 0 && end < all.len() {
-                end.to_string()
-            } else {
-                String::new()
-            },
+            next_page_token,
         }))
     }
 

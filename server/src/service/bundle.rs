@@ -176,34 +176,13 @@ impl BundleApi for BundleService {
             .into_iter()
             .filter(|b| b.trust_domain != self.ctx.td.as_str())
             .collect();
-        if r.page_size < 0 {
-            return Err(Status::invalid_argument("page_size: must not be negative"));
-        }
-        let start: usize = if r.page_token.is_empty() {
-            0
-        } else {
-            r.page_token
-                .parse()
-                .map_err(|_| Status::invalid_argument("page_token: invalid"))?
-        };
-        let size = if r.page_size == 0 {
-            all.len().max(1)
-        } else {
-            r.page_size as usize
-        };
-        let end = (start + size).min(all.len());
-        let page = all.get(start.min(all.len())..end).unwrap_or_default();
+        let (page, next_page_token) = paginate(all, r.page_size, &r.page_token)?;
         Ok(Response::new(pb::ListFederatedBundlesResponse {
             bundles: page
-                .iter()
-                .cloned()
+                .into_iter()
                 .map(|b| apply_mask(b, r.output_mask.as_ref()))
                 .collect(),
-            next_page_token: if r.page_size > 0 && end < all.len() {
-                end.to_string()
-            } else {
-                String::new()
-            },
+            next_page_token,
         }))
     }
 

@@ -400,6 +400,41 @@ pub async fn authorized_entries(
     Ok(out)
 }
 
+/// One page of `all` for a List RPC: `page_size` 0 means everything; the token is the offset
+/// of the next page (empty when there is none).
+pub fn paginate<T>(
+    all: Vec<T>,
+    page_size: i32,
+    page_token: &str,
+) -> Result<(Vec<T>, String), Status> {
+    if page_size < 0 {
+        return Err(Status::invalid_argument("page_size: must not be negative"));
+    }
+    let start: usize = if page_token.is_empty() {
+        0
+    } else {
+        page_token
+            .parse()
+            .map_err(|_| Status::invalid_argument("page_token: invalid"))?
+    };
+    let total = all.len();
+    if page_size == 0 {
+        return Ok((all.into_iter().skip(start).collect(), String::new()));
+    }
+    let end = start.saturating_add(page_size as usize).min(total);
+    let page = all
+        .into_iter()
+        .skip(start)
+        .take(end.saturating_sub(start))
+        .collect();
+    let next = if end < total {
+        end.to_string()
+    } else {
+        String::new()
+    };
+    Ok((page, next))
+}
+
 /// A TTL from the wire: negative is an error, 0 means the default.
 pub fn ttl_or_default(field: &str, ttl: i32, default: Duration) -> Result<Duration, Status> {
     match ttl {
@@ -408,5 +443,36 @@ pub fn ttl_or_default(field: &str, ttl: i32, default: Duration) -> Result<Durati
         ))),
         0 => Ok(default),
         t => Ok(Duration::from_secs(t as u64)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paginate_pages_and_tokens() {
+        let all: Vec<u32> = (0..5).collect();
+        assert_eq!(
+            paginate(all.clone(), 0, "").unwrap(),
+            (all.clone(), String::new())
+        );
+        let (p, t) = paginate(all.clone(), 2, "").unwrap();
+        assert_eq!((p, t.as_str()), (vec![0, 1], "2"));
+        let (p, t) = paginate(all.clone(), 2, "4").unwrap();
+        assert_eq!((p, t.as_str()), (vec![4], ""));
+        assert!(paginate(all.clone(), 2, "x").is_err());
+        assert!(paginate(all.clone(), -1, "").is_err());
+        assert_eq!(paginate(all, 2, "99").unwrap().0, Vec::<u32>::new());
+    }
+
+    #[test]
+    fn dns_names_are_validated() {
+        for ok in ["a.example.org", "*.example.org", "x-1.y"] {
+            validate_dns_name(ok).unwrap();
+        }
+        for bad in ["", "a..b", "-a.b", "a b", "a.b-", &"a".repeat(64)] {
+            assert!(validate_dns_name(bad).is_err(), "{bad}");
+        }
     }
 }
