@@ -4,5 +4,7 @@
 //! [`testing`] manufactures and runs software TPMs (swtpm) for tests. This crate holds no policy
 //! and knows nothing about SPIFFE.
 
+#[cfg(feature = "device")]
+pub mod device;
 pub mod testing;
 pub mod wire;

@@ -61,6 +61,11 @@ impl SwTpm {
         out
     }
 
+    /// Runs a tpm2-tools command without flushing transient objects afterwards.
+    pub fn raw(&self, tool: &str, args: &[&str]) -> std::io::Result<Output> {
+        self.raw_tpm2(tool, args)
+    }
+
     fn raw_tpm2(&self, tool: &str, args: &[&str]) -> std::io::Result<Output> {
         run(
             Command::new(tool)

@@ -1,0 +1,347 @@
+//! The only code that talks to a TPM (feature `device`, tss-esapi 7.7 over libtss2). Opens a
+//! TPM by TCTI string (`device:/dev/tpmrm0`, `swtpm:host=H,port=P`, `tabrmd:`), flushes
+//! leftover transient objects at open, and runs one operation at a time with at most two
+//! transient objects loaded (EK and AK), flushing them afterwards: a TPM without a resource
+//! manager has only three slots. Calls block; async callers run them with `spawn_blocking`.
+//! Results come back as wire bytes that [`crate::wire`] parses and verifies.
+
+use crate::wire::{self, Public};
+use std::str::FromStr;
+use tss_esapi::abstraction::{AsymmetricAlgorithmSelection, ak, ek};
+use tss_esapi::constants::{CapabilityType, SessionType};
+use tss_esapi::handles::{AuthHandle, KeyHandle, ObjectHandle, SessionHandle};
+use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm};
+use tss_esapi::interface_types::ecc::EccCurve;
+use tss_esapi::interface_types::key_bits::RsaKeyBits;
+use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
+use tss_esapi::structures::{
+    CapabilityData, Data, Digest, EncryptedSecret, IdObject, Nonce, PcrSelectionListBuilder,
+    PcrSlot, Private, SignatureScheme, SymmetricDefinition,
+};
+use tss_esapi::tcti_ldr::TctiNameConf;
+use tss_esapi::traits::{Marshall, UnMarshall};
+
+/// One variant per failed step, so an operator knows which TPM command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("invalid TCTI {0:?}")]
+    BadTcti(String),
+    #[error("TPM {step} failed: {source}")]
+    Tpm {
+        step: &'static str,
+        #[source]
+        source: tss_esapi::Error,
+    },
+    #[error("TPM returned a structure Kame cannot parse: {0}")]
+    Wire(#[from] wire::Error),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+type Result<T> = std::result::Result<T, DeviceError>;
+
+fn step(step: &'static str) -> impl FnOnce(tss_esapi::Error) -> DeviceError {
+    move |source| DeviceError::Tpm { step, source }
+}
+
+/// Which default EK template (TCG EK Credential Profile).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EkAlg {
+    /// RSA-2048, template L-1 (certificate at NV 0x01c00002).
+    Rsa2048,
+    /// ECC P-256, template L-2 (NV 0x01c0000a).
+    EccP256,
+    /// ECC P-384, high-range template H-3 (NV 0x01c00016).
+    EccP384,
+}
+
+impl EkAlg {
+    fn selection(self) -> AsymmetricAlgorithmSelection {
+        match self {
+            EkAlg::Rsa2048 => AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+            EkAlg::EccP256 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+            EkAlg::EccP384 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP384),
+        }
+    }
+}
+
+/// An attestation key as blobs (TPMT_PUBLIC and the TPM-wrapped private part).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AkBlob {
+    pub public: Vec<u8>,
+    pub private: Vec<u8>,
+}
+
+pub struct Device {
+    ctx: tss_esapi::Context,
+}
+
+impl std::fmt::Debug for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Device")
+    }
+}
+
+impl Device {
+    /// Opens the TPM named by `tcti` and flushes transient objects a crashed process left.
+    pub fn open(tcti: &str) -> Result<Self> {
+        let conf =
+            TctiNameConf::from_str(tcti).map_err(|_| DeviceError::BadTcti(tcti.to_string()))?;
+        let ctx = tss_esapi::Context::new(conf).map_err(step("open"))?;
+        let mut d = Device { ctx };
+        d.flush_transients()?;
+        Ok(d)
+    }
+
+    fn flush_transients(&mut self) -> Result<()> {
+        let (caps, _) = self
+            .ctx
+            .get_capability(CapabilityType::Handles, 0x8000_0000, 16)
+            .map_err(step("get_capability(handles)"))?;
+        if let CapabilityData::Handles(handles) = caps {
+            for h in handles.iter() {
+                let obj = self
+                    .ctx
+                    .execute_without_session(|c| c.tr_from_tpm_public(*h))
+                    .map_err(step("tr_from_tpm_public"))?;
+                self.ctx.flush_context(obj).map_err(step("flush_context"))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, h: KeyHandle) {
+        let _ = self.ctx.flush_context(ObjectHandle::from(h));
+    }
+
+    fn create_ek(&mut self, alg: EkAlg) -> Result<KeyHandle> {
+        ek::create_ek_object_2(&mut self.ctx, alg.selection(), None).map_err(step("create EK"))
+    }
+
+    /// The EK public area from the default template.
+    pub fn ek_public(&mut self, alg: EkAlg) -> Result<Public> {
+        let h = self.create_ek(alg)?;
+        let r = self.ctx.read_public(h).map_err(step("read EK public"));
+        self.flush(h);
+        let (public, _, _) = r?;
+        Ok(Public::parse(
+            &public.marshall().map_err(step("marshal EK public"))?,
+        )?)
+    }
+
+    /// The EK certificate (DER) from its NV index, or None when the TPM has none.
+    pub fn ek_certificate(&mut self, alg: EkAlg) -> Result<Option<Vec<u8>>> {
+        match ek::retrieve_ek_pubcert(&mut self.ctx, alg.selection()) {
+            Ok(nv) => Ok(Some(trim_der(&nv)?)),
+            Err(tss_esapi::Error::Tss2Error(_)) => Ok(None),
+            Err(e) => Err(step("read EK certificate")(e)),
+        }
+    }
+
+    /// Creates an attestation key under the EK (restricted signing, SHA-256).
+    pub fn create_ak(&mut self, ek_alg: EkAlg, ecc: bool) -> Result<AkBlob> {
+        let ekh = self.create_ek(ek_alg)?;
+        let (key_alg, sig) = if ecc {
+            (
+                AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
+                SignatureSchemeAlgorithm::EcDsa,
+            )
+        } else {
+            (
+                AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
+                SignatureSchemeAlgorithm::RsaSsa,
+            )
+        };
+        let r = ak::create_ak_2(
+            &mut self.ctx,
+            ekh,
+            HashingAlgorithm::Sha256,
+            key_alg,
+            sig,
+            None,
+            None,
+        )
+        .map_err(step("create AK"));
+        self.flush(ekh);
+        let r = r?;
+        Ok(AkBlob {
+            public: r.out_public.marshall().map_err(step("marshal AK public"))?,
+            private: r.out_private.value().to_vec(),
+        })
+    }
+
+    /// Runs `f` with the EK and the AK loaded, then flushes both.
+    fn with_ak<T>(
+        &mut self,
+        ek_alg: EkAlg,
+        blob: &AkBlob,
+        f: impl FnOnce(&mut Self, KeyHandle, KeyHandle) -> Result<T>,
+    ) -> Result<T> {
+        let ekh = self.create_ek(ek_alg)?;
+        let public = tss_esapi::structures::Public::unmarshall(&blob.public)
+            .map_err(step("unmarshal AK public"));
+        let private = Private::try_from(blob.private.clone()).map_err(step("AK private blob"));
+        let loaded = match (public, private) {
+            (Ok(p), Ok(k)) => ak::load_ak(&mut self.ctx, ekh, None, k, p).map_err(step("load AK")),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        let akh = match loaded {
+            Ok(h) => h,
+            Err(e) => {
+                self.flush(ekh);
+                return Err(e);
+            }
+        };
+        let r = f(self, ekh, akh);
+        self.flush(akh);
+        self.flush(ekh);
+        r
+    }
+
+    /// TPM2_Quote over SHA-256 PCRs `pcrs` with `nonce`; returns (TPMS_ATTEST, TPMT_SIGNATURE).
+    pub fn quote(
+        &mut self,
+        ek_alg: EkAlg,
+        blob: &AkBlob,
+        pcrs: &[u32],
+        nonce: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        let sel = pcr_selection(pcrs)?;
+        let data = Data::try_from(nonce.to_vec()).map_err(step("nonce"))?;
+        self.with_ak(ek_alg, blob, |d, _ek, akh| {
+            let (attest, sig) = d
+                .ctx
+                .execute_with_nullauth_session(|c| c.quote(akh, data, SignatureScheme::Null, sel))
+                .map_err(step("quote"))?;
+            Ok((
+                attest.marshall().map_err(step("marshal attest"))?,
+                sig.marshall().map_err(step("marshal signature"))?,
+            ))
+        })
+    }
+
+    /// Current SHA-256 PCR values.
+    pub fn pcr_values(&mut self, pcrs: &[u32]) -> Result<wire::attest::PcrValues> {
+        let mut out = wire::attest::PcrValues::new();
+        for chunk in pcrs.chunks(8) {
+            let sel = pcr_selection(chunk)?;
+            let (_, _, digests) = self
+                .ctx
+                .execute_without_session(|c| c.pcr_read(sel))
+                .map_err(step("pcr_read"))?;
+            let mut sorted = chunk.to_vec();
+            sorted.sort_unstable();
+            for (i, d) in sorted.iter().zip(digests.value()) {
+                out.insert((wire::alg::SHA256, *i), d.value().to_vec());
+            }
+        }
+        Ok(out)
+    }
+
+    /// TPM2_ActivateCredential: recovers a credential made for the AK under this TPM's EK.
+    /// `credential_blob` and `secret` are TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET.
+    pub fn activate_credential(
+        &mut self,
+        ek_alg: EkAlg,
+        blob: &AkBlob,
+        credential_blob: &[u8],
+        secret: &[u8],
+    ) -> Result<Vec<u8>> {
+        let strip = |b: &[u8]| -> Result<Vec<u8>> {
+            let mut r = wire::Reader::new(b, "TPM2B");
+            let inner = r.tpm2b()?.to_vec();
+            r.finish()?;
+            Ok(inner)
+        };
+        let id = IdObject::try_from(strip(credential_blob)?).map_err(step("credential blob"))?;
+        let es = EncryptedSecret::try_from(strip(secret)?).map_err(step("encrypted secret"))?;
+        if ek_alg == EkAlg::EccP384 {
+            // High-range EK templates carry policy B = PolicyOR(A, C) over SHA-384.
+            return Err(DeviceError::Invalid(
+                "ActivateCredential with a high-range EK (PolicyOR policy) is not supported yet"
+                    .into(),
+            ));
+        }
+        self.with_ak(ek_alg, blob, |d, ekh, akh| {
+            // The EK's default policy is PolicySecret(TPM_RH_ENDORSEMENT): a policy session for
+            // the EK (USER role), satisfied under a password session; the AK (ADMIN role) uses
+            // its empty password. High-range EK templates also need PolicyOR(A, C).
+            let policy = d
+                .ctx
+                .start_auth_session(
+                    None,
+                    None,
+                    None,
+                    SessionType::Policy,
+                    SymmetricDefinition::AES_128_CFB,
+                    HashingAlgorithm::Sha256,
+                )
+                .map_err(step("start policy session"))?
+                .ok_or_else(|| DeviceError::Invalid("TPM returned no session".into()))?;
+            let ps = PolicySession::try_from(policy).map_err(step("policy session"))?;
+            let r = d
+                .ctx
+                .execute_with_nullauth_session(|c| {
+                    c.policy_secret(
+                        ps,
+                        AuthHandle::Endorsement,
+                        Nonce::default(),
+                        Digest::default(),
+                        Nonce::default(),
+                        None,
+                    )
+                })
+                .map_err(step("PolicySecret(endorsement)"));
+            let r = r.and_then(|_| {
+                d.ctx
+                    .execute_with_sessions((Some(AuthSession::Password), Some(policy), None), |c| {
+                        c.activate_credential(akh, ekh, id, es)
+                    })
+                    .map_err(step("ActivateCredential"))
+            });
+            let _ = d.ctx.flush_context(SessionHandle::from(policy).into());
+            Ok(r?.value().to_vec())
+        })
+    }
+}
+
+fn pcr_selection(pcrs: &[u32]) -> Result<tss_esapi::structures::PcrSelectionList> {
+    let slots = pcrs
+        .iter()
+        .map(|i| {
+            if *i > 23 {
+                return Err(DeviceError::Invalid(format!("PCR {i} does not exist")));
+            }
+            PcrSlot::try_from(1u32 << i).map_err(step("PCR slot"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    PcrSelectionListBuilder::new()
+        .with_selection(HashingAlgorithm::Sha256, &slots)
+        .build()
+        .map_err(step("PCR selection"))
+}
+
+/// The DER certificate at the start of NV contents (which may be padded).
+pub fn trim_der(nv: &[u8]) -> std::result::Result<Vec<u8>, wire::Error> {
+    let mut r = wire::Reader::new(nv, "EK certificate");
+    if r.u8()? != 0x30 {
+        return Err(wire::Error::Invalid(
+            "EK certificate is not a DER SEQUENCE".into(),
+        ));
+    }
+    let first = r.u8()?;
+    let (len, hdr) = match first {
+        n if n < 0x80 => (n as usize, 2),
+        0x81 => (r.u8()? as usize, 3),
+        0x82 => ((r.u16()?) as usize, 4),
+        _ => {
+            return Err(wire::Error::Invalid(
+                "EK certificate length is not supported".into(),
+            ));
+        }
+    };
+    if nv.len() < hdr + len {
+        return Err(wire::Error::Truncated("EK certificate"));
+    }
+    Ok(nv[..hdr + len].to_vec())
+}

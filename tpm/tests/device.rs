@@ -1,0 +1,150 @@
+//! `tpm::device` on a fresh swtpm: EK publics and certificates, credential activation of our
+//! software MakeCredential, and quotes that tpm2-tools' `tpm2_checkquote` and our verifier accept.
+#![cfg(feature = "device")]
+
+use kame_tpm::device::{Device, EkAlg};
+use kame_tpm::testing::SwTpm;
+use kame_tpm::wire::attest::verify_quote;
+use kame_tpm::wire::credential::make_credential;
+use kame_tpm::wire::{Error, Public};
+
+#[test]
+fn device_ek_public_equals_tpm2_tools_ek_and_certificate_key() {
+    use der::{Decode, Encode};
+    let tpm = SwTpm::start().unwrap();
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    for (alg, g) in [(EkAlg::Rsa2048, "rsa"), (EkAlg::EccP384, "ecc384")] {
+        let ours = d.ek_public(alg).unwrap();
+        tpm.tpm2("tpm2_createek", &["-c", "ek.ctx", "-G", g, "-u", "ek.pub"])
+            .unwrap();
+        let theirs = Public::parse_tpm2b(&tpm.read("ek.pub").unwrap()).unwrap();
+        assert_eq!(ours, theirs, "{alg:?}: same EK from the default template");
+        let cert = d
+            .ek_certificate(alg)
+            .unwrap()
+            .expect("swtpm_setup provisioned an EK certificate");
+        let c = x509_cert::Certificate::from_der(&cert).unwrap();
+        assert_eq!(
+            c.tbs_certificate()
+                .subject_public_key_info()
+                .to_der()
+                .unwrap(),
+            ours.spki_der().unwrap()
+        );
+    }
+    assert_eq!(
+        d.ek_certificate(EkAlg::EccP256).unwrap(),
+        None,
+        "swtpm has no P-256 EK certificate"
+    );
+}
+
+#[test]
+fn device_activate_credential_recovers_software_make_credential() {
+    let tpm = SwTpm::start().unwrap();
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    for (ek_alg, ecc_ak) in [(EkAlg::Rsa2048, false), (EkAlg::EccP256, true)] {
+        let ek = d.ek_public(ek_alg).unwrap();
+        let ak = d.create_ak(ek_alg, ecc_ak).unwrap();
+        let name = Public::parse(&ak.public).unwrap().name().unwrap();
+        let cred = make_credential(&ek, b"credential for the AK", &name).unwrap();
+        let got = d
+            .activate_credential(ek_alg, &ak, &cred.credential_blob, &cred.secret)
+            .unwrap();
+        assert_eq!(got, b"credential for the AK", "{ek_alg:?}");
+        // bound to another name: the TPM refuses
+        let mut other = name.clone();
+        other[3] ^= 1;
+        let cred = make_credential(&ek, b"x", &other).unwrap();
+        assert!(
+            d.activate_credential(ek_alg, &ak, &cred.credential_blob, &cred.secret)
+                .is_err()
+        );
+    }
+    // High-range EKs (policy B) are refused with a clear error until PolicyOR is supported.
+    let ak = d.create_ak(EkAlg::EccP384, true).unwrap();
+    let e = d
+        .activate_credential(EkAlg::EccP384, &ak, &[0, 0], &[0, 0])
+        .unwrap_err();
+    assert!(e.to_string().contains("high-range EK"), "{e}");
+}
+
+#[test]
+fn device_quote_verifies_with_tpm2_checkquote_and_our_verifier() {
+    let tpm = SwTpm::start().unwrap();
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    for ecc in [false, true] {
+        let ak = d.create_ak(EkAlg::Rsa2048, ecc).unwrap();
+        let ak_pub = Public::parse(&ak.public).unwrap();
+        let nonce = b"server nonce 0123456789abcdef012";
+        let pcrs = [0u32, 1, 7, 16];
+        let (attest, sig) = d.quote(EkAlg::Rsa2048, &ak, &pcrs, nonce).unwrap();
+        let values = d.pcr_values(&pcrs).unwrap();
+        verify_quote(&ak_pub, &attest, &sig, nonce, &values).unwrap();
+        assert_eq!(
+            verify_quote(&ak_pub, &attest, &sig, b"another nonce", &values).unwrap_err(),
+            Error::NonceMismatch
+        );
+        tpm.write("ak.pub", &ak_pub.marshal_tpm2b().unwrap())
+            .unwrap();
+        tpm.write("quote.msg", &attest).unwrap();
+        tpm.write("quote.sig", &sig).unwrap();
+        let nonce_hex: String = nonce.iter().map(|b| format!("{b:02x}")).collect();
+        tpm.tpm2(
+            "tpm2_checkquote",
+            &[
+                "-u",
+                "ak.pub",
+                "-m",
+                "quote.msg",
+                "-s",
+                "quote.sig",
+                "-q",
+                &nonce_hex,
+                "-g",
+                "sha256",
+            ],
+        )
+        .unwrap_or_else(|e| panic!("tpm2_checkquote (ecc={ecc}): {e}"));
+        let mut bad = attest.clone();
+        let n = bad.len();
+        bad[n - 1] ^= 1;
+        tpm.write("quote.msg", &bad).unwrap();
+        assert!(
+            tpm.tpm2(
+                "tpm2_checkquote",
+                &[
+                    "-u",
+                    "ak.pub",
+                    "-m",
+                    "quote.msg",
+                    "-s",
+                    "quote.sig",
+                    "-q",
+                    &nonce_hex,
+                    "-g",
+                    "sha256"
+                ]
+            )
+            .is_err()
+        );
+    }
+}
+
+#[test]
+fn device_open_rejects_bad_tcti_and_flushes_leftovers() {
+    assert!(Device::open("nonsense:x").is_err());
+    let tpm = SwTpm::start().unwrap();
+    // Leave three transient objects behind, as a crashed process would.
+    for _ in 0..3 {
+        tpm.raw(
+            "tpm2_createprimary",
+            &["-C", "o", "-G", "ecc", "-c", "p.ctx"],
+        )
+        .unwrap();
+    }
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    // With the slots freed, EK + AK work.
+    let ak = d.create_ak(EkAlg::EccP256, true).unwrap();
+    d.quote(EkAlg::EccP256, &ak, &[0], b"n").unwrap();
+}
