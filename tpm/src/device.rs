@@ -65,6 +65,33 @@ impl EkAlg {
     }
 }
 
+/// A TPM-resident key (e.g. a DevID) as blobs: its TPMT_PUBLIC and TPM-wrapped private part,
+/// both without TPM2B size prefixes (SPIRE's format).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyBlob {
+    pub public: Vec<u8>,
+    pub private: Vec<u8>,
+}
+
+impl KeyBlob {
+    /// Reads key blobs in SPIRE's format (no size prefix) or tpm2-tools' (TPM2B, with the 2-byte
+    /// size): a blob whose first two bytes equal the length of the rest is taken as a TPM2B.
+    pub fn from_files(public: &[u8], private: &[u8]) -> Self {
+        KeyBlob {
+            public: strip_tpm2b_if_present(public).to_vec(),
+            private: strip_tpm2b_if_present(private).to_vec(),
+        }
+    }
+}
+
+fn strip_tpm2b_if_present(b: &[u8]) -> &[u8] {
+    if b.len() >= 2 && u16::from_be_bytes([b[0], b[1]]) as usize == b.len() - 2 {
+        &b[2..]
+    } else {
+        b
+    }
+}
+
 /// An attestation key as blobs (TPMT_PUBLIC and the TPM-wrapped private part).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AkBlob {
@@ -238,6 +265,127 @@ impl Device {
         Ok(out)
     }
 
+    /// The storage root key from SPIRE's exact SRK_HIGH template (RSA-2048 or ECC P-256,
+    /// empty unique): DevID blobs provisioned for SPIRE load under it.
+    pub fn create_srk(&mut self, ecc: bool) -> Result<KeyHandle> {
+        let hex = if ecc {
+            wire::public::templates::SRK_HIGH_ECC
+        } else {
+            wire::public::templates::SRK_HIGH_RSA
+        };
+        let bytes: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|_| DeviceError::Invalid("bad SRK template".into()))?;
+        let public =
+            tss_esapi::structures::Public::unmarshall(&bytes).map_err(step("SRK template"))?;
+        self.ctx
+            .execute_with_nullauth_session(|c| {
+                c.create_primary(
+                    tss_esapi::interface_types::resource_handles::Hierarchy::Owner,
+                    public,
+                    None,
+                    None,
+                    None,
+                    None,
+                )
+            })
+            .map(|r| r.key_handle)
+            .map_err(step("create SRK"))
+    }
+
+    /// The SRK's public area (to compare with other stacks).
+    pub fn srk_public(&mut self, ecc: bool) -> Result<Public> {
+        let h = self.create_srk(ecc)?;
+        let r = self.ctx.read_public(h).map_err(step("read SRK public"));
+        self.flush(h);
+        Ok(Public::parse(
+            &r?.0.marshall().map_err(step("marshal SRK public"))?,
+        )?)
+    }
+
+    /// Loads a key blob under the SRK (SRK flushed afterwards; the key stays loaded).
+    fn load_under_srk(&mut self, key: &KeyBlob) -> Result<KeyHandle> {
+        let ecc = key_is_ecc(&key.public);
+        let srk = self.create_srk(ecc)?;
+        let public =
+            tss_esapi::structures::Public::unmarshall(&key.public).map_err(step("key public blob"));
+        let private = Private::try_from(key.private.clone()).map_err(step("key private blob"));
+        let r = match (public, private) {
+            (Ok(p), Ok(k)) => self
+                .ctx
+                .execute_with_nullauth_session(|c| c.load(srk, k, p))
+                .map_err(step("load key")),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
+        self.flush(srk);
+        r
+    }
+
+    /// TPM2_Certify of `key` (loaded under the SRK) by the AK, with `nonce` as qualifying data.
+    /// Returns (TPMS_ATTEST, TPMT_SIGNATURE).
+    pub fn certify(
+        &mut self,
+        ek_alg: EkAlg,
+        ak: &AkBlob,
+        key: &KeyBlob,
+        nonce: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        let data = Data::try_from(nonce.to_vec()).map_err(step("nonce"))?;
+        let kh = self.load_under_srk(key)?;
+        let r = self.with_ak(ek_alg, ak, |d, _ek, akh| {
+            let (attest, sig) = d
+                .ctx
+                .execute_with_sessions(
+                    (
+                        Some(AuthSession::Password),
+                        Some(AuthSession::Password),
+                        None,
+                    ),
+                    |c| c.certify(ObjectHandle::from(kh), akh, data, SignatureScheme::Null),
+                )
+                .map_err(step("certify"))?;
+            Ok((
+                attest.marshall().map_err(step("marshal attest"))?,
+                sig.marshall().map_err(step("marshal signature"))?,
+            ))
+        });
+        self.flush(kh);
+        r
+    }
+
+    /// Signs `message` (hashed here with the key's scheme hash) with `key`; returns TPMT_SIGNATURE.
+    pub fn sign(&mut self, key: &KeyBlob, message: &[u8]) -> Result<Vec<u8>> {
+        let public = Public::parse(&key.public)?;
+        let hash_alg = match public.scheme().hash {
+            wire::alg::SHA384 => wire::alg::SHA384,
+            _ => wire::alg::SHA256,
+        };
+        self.sign_digest(key, &wire::hash(hash_alg, message)?)
+    }
+
+    /// Signs a precomputed digest with `key`; returns TPMT_SIGNATURE.
+    pub fn sign_digest(&mut self, key: &KeyBlob, digest: &[u8]) -> Result<Vec<u8>> {
+        let digest = Digest::try_from(digest.to_vec()).map_err(step("digest"))?;
+        let ticket = tss_esapi::structures::HashcheckTicket::try_from(
+            tss_esapi::tss2_esys::TPMT_TK_HASHCHECK {
+                tag: tss_esapi::constants::tss::TPM2_ST_HASHCHECK,
+                hierarchy: tss_esapi::constants::tss::TPM2_RH_NULL,
+                digest: Default::default(),
+            },
+        )
+        .map_err(step("null hashcheck ticket"))?;
+        let kh = self.load_under_srk(key)?;
+        let r = self
+            .ctx
+            .execute_with_nullauth_session(|c| c.sign(kh, digest, SignatureScheme::Null, ticket))
+            .map_err(step("sign"))
+            .and_then(|s| s.marshall().map_err(step("marshal signature")));
+        self.flush(kh);
+        r
+    }
+
     /// TPM2_ActivateCredential: recovers a credential made for the AK under this TPM's EK.
     /// `credential_blob` and `secret` are TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET.
     pub fn activate_credential(
@@ -303,6 +451,10 @@ impl Device {
             Ok(r?.value().to_vec())
         })
     }
+}
+
+fn key_is_ecc(tpmt_public: &[u8]) -> bool {
+    tpmt_public.len() >= 2 && u16::from_be_bytes([tpmt_public[0], tpmt_public[1]]) == wire::alg::ECC
 }
 
 fn pcr_selection(pcrs: &[u32]) -> Result<tss_esapi::structures::PcrSelectionList> {

@@ -148,3 +148,88 @@ fn device_open_rejects_bad_tcti_and_flushes_leftovers() {
     let ak = d.create_ak(EkAlg::EccP256, true).unwrap();
     d.quote(EkAlg::EccP256, &ak, &[0], b"n").unwrap();
 }
+
+#[test]
+fn device_srk_matches_tpm2_tools_and_devid_blobs_certify_and_sign() {
+    use kame_tpm::device::KeyBlob;
+    use kame_tpm::wire::Signature;
+    use kame_tpm::wire::attest::verify_certify;
+    let tpm = SwTpm::start().unwrap();
+    // SPIRE's SRK_HIGH templates as tpm2-tools creates them (tpm_devid.md §1.9): a DevID lives
+    // under the SRK of its own key type.
+    let attrs = "restricted|decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda";
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    for (g, srk_g, ecc) in [
+        ("ecc256:ecdsa-sha256:null", "ecc256:null:aes128cfb", true),
+        (
+            "rsa2048:rsassa-sha256:null",
+            "rsa2048:null:aes128cfb",
+            false,
+        ),
+    ] {
+        let name = g;
+        tpm.tpm2(
+            "tpm2_createprimary",
+            &[
+                "-C", "o", "-g", "sha256", "-G", srk_g, "-a", attrs, "-c", "srk.ctx",
+            ],
+        )
+        .unwrap();
+        tpm.tpm2("tpm2_readpublic", &["-c", "srk.ctx", "-o", "srk.pub"])
+            .unwrap();
+        let srk = d.srk_public(ecc).unwrap();
+        assert_eq!(
+            srk,
+            Public::parse_tpm2b(&tpm.read("srk.pub").unwrap()).unwrap(),
+            "same SRK from SPIRE's template ({srk_g})"
+        );
+        tpm.tpm2(
+            "tpm2_create",
+            &[
+                "-C",
+                "srk.ctx",
+                "-G",
+                g,
+                "-a",
+                "sign|fixedtpm|fixedparent|sensitivedataorigin|userwithauth",
+                "-u",
+                "devid.pub",
+                "-r",
+                "devid.priv",
+            ],
+        )
+        .unwrap();
+        let (pub_tpm2b, priv_tpm2b) = (
+            tpm.read("devid.pub").unwrap(),
+            tpm.read("devid.priv").unwrap(),
+        );
+        // tpm2-tools format (TPM2B) and SPIRE's (no size prefix) load alike.
+        let a = KeyBlob::from_files(&pub_tpm2b, &priv_tpm2b);
+        let b = KeyBlob::from_files(&pub_tpm2b[2..], &priv_tpm2b[2..]);
+        assert_eq!(a, b, "{name}");
+        let devid = Public::parse(&a.public).unwrap();
+        let ak = d.create_ak(EkAlg::Rsa2048, true).unwrap();
+        let nonce = b"certify nonce";
+        let (attest, sig) = d.certify(EkAlg::Rsa2048, &ak, &a, nonce).unwrap();
+        verify_certify(
+            &Public::parse(&ak.public).unwrap(),
+            &attest,
+            &sig,
+            &devid,
+            nonce,
+        )
+        .unwrap();
+        let s = d.sign(&a, b"message to sign").unwrap();
+        Signature::parse(&s)
+            .unwrap()
+            .verify(&devid, b"message to sign")
+            .unwrap();
+        assert_eq!(
+            Signature::parse(&s)
+                .unwrap()
+                .verify(&devid, b"another")
+                .unwrap_err(),
+            Error::BadSignature
+        );
+    }
+}
