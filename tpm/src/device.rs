@@ -44,6 +44,27 @@ fn step(step: &'static str) -> impl FnOnce(tss_esapi::Error) -> DeviceError {
     move |source| DeviceError::Tpm { step, source }
 }
 
+/// Runs a TPM command again when the TPM asks for it (TPM_RC_RETRY, TPM_RC_YIELDED,
+/// TPM_RC_TESTING), a few times with a growing pause. Nothing else is retried: an authorization
+/// failure must never be repeated (dictionary-attack lockout).
+fn retrying<T>(
+    mut f: impl FnMut() -> std::result::Result<T, tss_esapi::Error>,
+) -> std::result::Result<T, tss_esapi::Error> {
+    use tss_esapi::constants::response_code::Tss2ResponseCodeKind as K;
+    let mut attempt = 0u64;
+    loop {
+        match f() {
+            Err(tss_esapi::Error::Tss2Error(rc))
+                if attempt < 5 && matches!(rc.kind(), Some(K::Retry | K::Yielded | K::Testing)) =>
+            {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20 * attempt));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Which default EK template (TCG EK Credential Profile).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum EkAlg {
@@ -142,7 +163,8 @@ impl Device {
     }
 
     fn create_ek(&mut self, alg: EkAlg) -> Result<KeyHandle> {
-        ek::create_ek_object_2(&mut self.ctx, alg.selection(), None).map_err(step("create EK"))
+        retrying(|| ek::create_ek_object_2(&mut self.ctx, alg.selection(), None))
+            .map_err(step("create EK"))
     }
 
     /// The EK public area from the default template.
@@ -236,10 +258,12 @@ impl Device {
         let sel = pcr_selection(pcrs)?;
         let data = Data::try_from(nonce.to_vec()).map_err(step("nonce"))?;
         self.with_ak(ek_alg, blob, |d, _ek, akh| {
-            let (attest, sig) = d
-                .ctx
-                .execute_with_nullauth_session(|c| c.quote(akh, data, SignatureScheme::Null, sel))
-                .map_err(step("quote"))?;
+            let (attest, sig) = retrying(|| {
+                d.ctx.execute_with_nullauth_session(|c| {
+                    c.quote(akh, data.clone(), SignatureScheme::Null, sel.clone())
+                })
+            })
+            .map_err(step("quote"))?;
             Ok((
                 attest.marshall().map_err(step("marshal attest"))?,
                 sig.marshall().map_err(step("marshal signature"))?,
@@ -377,11 +401,13 @@ impl Device {
         )
         .map_err(step("null hashcheck ticket"))?;
         let kh = self.load_under_srk(key)?;
-        let r = self
-            .ctx
-            .execute_with_nullauth_session(|c| c.sign(kh, digest, SignatureScheme::Null, ticket))
-            .map_err(step("sign"))
-            .and_then(|s| s.marshall().map_err(step("marshal signature")));
+        let r = retrying(|| {
+            self.ctx.execute_with_nullauth_session(|c| {
+                c.sign(kh, digest.clone(), SignatureScheme::Null, ticket.clone())
+            })
+        })
+        .map_err(step("sign"))
+        .and_then(|s| s.marshall().map_err(step("marshal signature")));
         self.flush(kh);
         r
     }
