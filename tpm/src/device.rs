@@ -9,10 +9,14 @@ use crate::wire::{self, Public};
 use std::str::FromStr;
 use tss_esapi::abstraction::{AsymmetricAlgorithmSelection, ak, ek};
 use tss_esapi::constants::{CapabilityType, SessionType};
-use tss_esapi::handles::{AuthHandle, KeyHandle, ObjectHandle, SessionHandle};
+use tss_esapi::handles::{
+    AuthHandle, KeyHandle, ObjectHandle, PersistentTpmHandle, SessionHandle, TpmHandle,
+};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, SignatureSchemeAlgorithm};
+use tss_esapi::interface_types::dynamic_handles::Persistent;
 use tss_esapi::interface_types::ecc::EccCurve;
 use tss_esapi::interface_types::key_bits::RsaKeyBits;
+use tss_esapi::interface_types::resource_handles::Provision;
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
     CapabilityData, Data, Digest, EncryptedSecret, IdObject, Nonce, PcrSelectionListBuilder,
@@ -187,6 +191,48 @@ impl Device {
         }
     }
 
+    /// EK chain certificates (issuer certificates up to the vendor root) from the TCG EK
+    /// certificate chain NV range 0x01c00100..=0x01c001ff, in index order; each index may hold
+    /// several concatenated DER certificates. Empty when the TPM has none.
+    pub fn ek_chain_certificates(&mut self) -> Result<Vec<Vec<u8>>> {
+        let (caps, _) = self
+            .ctx
+            .get_capability(CapabilityType::Handles, 0x01c0_0100, 256)
+            .map_err(step("get_capability(NV indices)"))?;
+        let CapabilityData::Handles(handles) = caps else {
+            return Ok(vec![]);
+        };
+        let mut out = vec![];
+        for h in handles.iter() {
+            let raw = u32::from(*h);
+            if !(0x01c0_0100..=0x01c0_01ff).contains(&raw) {
+                continue;
+            }
+            let idx = tss_esapi::handles::NvIndexTpmHandle::new(raw).map_err(step("NV index"))?;
+            let auth = self
+                .ctx
+                .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::NvIndex(idx)))
+                .map_err(step("open NV index"))?;
+            let data = self
+                .ctx
+                .execute_with_nullauth_session(|c| {
+                    tss_esapi::abstraction::nv::read_full(
+                        c,
+                        tss_esapi::interface_types::resource_handles::NvAuth::NvIndex(auth.into()),
+                        idx,
+                    )
+                })
+                .map_err(step("read EK chain NV index"))?;
+            let mut rest: &[u8] = &data;
+            while rest.first() == Some(&0x30) {
+                let cert = trim_der(rest)?;
+                rest = &rest[cert.len()..];
+                out.push(cert);
+            }
+        }
+        Ok(out)
+    }
+
     /// Creates an attestation key under the EK (restricted signing, SHA-256).
     pub fn create_ak(&mut self, ek_alg: EkAlg, ecc: bool) -> Result<AkBlob> {
         let ekh = self.create_ek(ek_alg)?;
@@ -255,19 +301,96 @@ impl Device {
         pcrs: &[u32],
         nonce: &[u8],
     ) -> Result<(Vec<u8>, Vec<u8>)> {
+        self.with_ak(ek_alg, blob, |d, _ek, akh| d.quote_with(akh, pcrs, nonce))
+    }
+
+    /// TPM2_Quote with an AK persisted at `handle` (see [`Device::persist_ak`]).
+    pub fn quote_persistent(
+        &mut self,
+        handle: u32,
+        pcrs: &[u32],
+        nonce: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        let akh = self.persistent(handle)?;
+        self.quote_with(akh, pcrs, nonce)
+    }
+
+    fn quote_with(
+        &mut self,
+        akh: KeyHandle,
+        pcrs: &[u32],
+        nonce: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
         let sel = pcr_selection(pcrs)?;
         let data = Data::try_from(nonce.to_vec()).map_err(step("nonce"))?;
-        self.with_ak(ek_alg, blob, |d, _ek, akh| {
-            let (attest, sig) = retrying(|| {
-                d.ctx.execute_with_nullauth_session(|c| {
-                    c.quote(akh, data.clone(), SignatureScheme::Null, sel.clone())
-                })
+        let (attest, sig) = retrying(|| {
+            self.ctx.execute_with_nullauth_session(|c| {
+                c.quote(akh, data.clone(), SignatureScheme::Null, sel.clone())
             })
-            .map_err(step("quote"))?;
-            Ok((
-                attest.marshall().map_err(step("marshal attest"))?,
-                sig.marshall().map_err(step("marshal signature"))?,
-            ))
+        })
+        .map_err(step("quote"))?;
+        Ok((
+            attest.marshall().map_err(step("marshal attest"))?,
+            sig.marshall().map_err(step("marshal signature"))?,
+        ))
+    }
+
+    fn persistent(&mut self, handle: u32) -> Result<KeyHandle> {
+        let ph = PersistentTpmHandle::new(handle).map_err(step("persistent handle"))?;
+        self.ctx
+            .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(ph)))
+            .map(KeyHandle::from)
+            .map_err(step("open persistent handle"))
+    }
+
+    /// Persists the AK at `handle` (owner range 0x81000000..=0x817fffff). An occupied handle is
+    /// an error; nothing is replaced.
+    pub fn persist_ak(&mut self, ek_alg: EkAlg, blob: &AkBlob, handle: u32) -> Result<()> {
+        let ph = PersistentTpmHandle::new(handle).map_err(step("persistent handle"))?;
+        if self.persistent_handles()?.contains(&handle) {
+            return Err(DeviceError::Invalid(format!(
+                "persistent handle {handle:#010x} is in use"
+            )));
+        }
+        self.with_ak(ek_alg, blob, |d, _ek, akh| {
+            d.ctx
+                .execute_with_nullauth_session(|c| {
+                    c.evict_control(
+                        Provision::Owner,
+                        ObjectHandle::from(akh),
+                        Persistent::Persistent(ph),
+                    )
+                })
+                .map(|_| ())
+                .map_err(step("persist AK (EvictControl)"))
+        })
+    }
+
+    /// Removes the persistent object at `handle`.
+    pub fn evict_persistent(&mut self, handle: u32) -> Result<()> {
+        let ph = PersistentTpmHandle::new(handle).map_err(step("persistent handle"))?;
+        let obj = self.persistent(handle)?;
+        self.ctx
+            .execute_with_nullauth_session(|c| {
+                c.evict_control(
+                    Provision::Owner,
+                    ObjectHandle::from(obj),
+                    Persistent::Persistent(ph),
+                )
+            })
+            .map(|_| ())
+            .map_err(step("evict persistent object (EvictControl)"))
+    }
+
+    /// The persistent object handles in use.
+    pub fn persistent_handles(&mut self) -> Result<Vec<u32>> {
+        let (caps, _) = self
+            .ctx
+            .get_capability(CapabilityType::Handles, 0x8100_0000, 64)
+            .map_err(step("get_capability(persistent handles)"))?;
+        Ok(match caps {
+            CapabilityData::Handles(h) => h.iter().map(|t| u32::from(*t)).collect(),
+            _ => vec![],
         })
     }
 

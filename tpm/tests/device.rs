@@ -233,3 +233,86 @@ fn device_srk_matches_tpm2_tools_and_devid_blobs_certify_and_sign() {
         );
     }
 }
+
+#[test]
+fn device_ak_persisted_at_handle_quotes_and_is_evicted() {
+    let tpm = SwTpm::start().unwrap();
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    let ak = d.create_ak(EkAlg::Rsa2048, true).unwrap();
+    let handle = 0x8101_0002;
+    let before = d.persistent_handles().unwrap();
+    assert!(!before.contains(&handle));
+    d.persist_ak(EkAlg::Rsa2048, &ak, handle).unwrap();
+    assert!(d.persistent_handles().unwrap().contains(&handle));
+    assert!(
+        d.persist_ak(EkAlg::Rsa2048, &ak, handle)
+            .unwrap_err()
+            .to_string()
+            .contains("in use")
+    );
+    // A new session (as after an agent restart) quotes with the persisted AK.
+    drop(d);
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    let (attest, sig) = d.quote_persistent(handle, &[0, 7], b"nonce").unwrap();
+    let pcrs = d.pcr_values(&[0, 7]).unwrap();
+    verify_quote(
+        &Public::parse(&ak.public).unwrap(),
+        &attest,
+        &sig,
+        b"nonce",
+        &pcrs,
+    )
+    .unwrap();
+    d.evict_persistent(handle).unwrap();
+    assert!(!d.persistent_handles().unwrap().contains(&handle));
+    assert!(d.quote_persistent(handle, &[0], b"n").is_err());
+    assert!(
+        d.persist_ak(EkAlg::Rsa2048, &ak, 0x4000_0001).is_err(),
+        "not a persistent handle"
+    );
+}
+
+#[test]
+fn device_reads_ek_chain_certificates_from_nv_range() {
+    let tpm = SwTpm::start().unwrap();
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    assert!(
+        d.ek_chain_certificates().unwrap().is_empty(),
+        "swtpm_setup writes no chain certificates"
+    );
+    // Put the localca intermediate (DER) into the first EK chain index, as a vendor would.
+    std::process::Command::new("openssl")
+        .args([
+            "x509",
+            "-in",
+            "ek-intermediate-ca.pem",
+            "-outform",
+            "DER",
+            "-out",
+            "inter.der",
+        ])
+        .current_dir(tpm.dir())
+        .output()
+        .unwrap();
+    let der = tpm.read("inter.der").unwrap();
+    let size = der.len().to_string();
+    tpm.tpm2(
+        "tpm2_nvdefine",
+        &[
+            "0x01c00100",
+            "-C",
+            "o",
+            "-s",
+            &size,
+            "-a",
+            "ownerread|ownerwrite|authread|authwrite",
+        ],
+    )
+    .unwrap();
+    tpm.tpm2(
+        "tpm2_nvwrite",
+        &["0x01c00100", "-C", "o", "-i", "inter.der"],
+    )
+    .unwrap();
+    assert_eq!(d.ek_chain_certificates().unwrap(), vec![der]);
+}
