@@ -78,6 +78,8 @@ pub enum EkAlg {
     EccP256,
     /// ECC P-384, high-range template H-3 (NV 0x01c00016).
     EccP384,
+    /// RSA-3072, high-range template H-4 (NV 0x01c0001c).
+    Rsa3072,
 }
 
 impl EkAlg {
@@ -86,6 +88,7 @@ impl EkAlg {
             EkAlg::Rsa2048 => AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa2048),
             EkAlg::EccP256 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP256),
             EkAlg::EccP384 => AsymmetricAlgorithmSelection::Ecc(EccCurve::NistP384),
+            EkAlg::Rsa3072 => AsymmetricAlgorithmSelection::Rsa(RsaKeyBits::Rsa3072),
         }
     }
 }
@@ -552,7 +555,7 @@ impl Device {
         };
         let id = IdObject::try_from(strip(credential_blob)?).map_err(step("credential blob"))?;
         let es = EncryptedSecret::try_from(strip(secret)?).map_err(step("encrypted secret"))?;
-        if ek_alg == EkAlg::EccP384 {
+        if matches!(ek_alg, EkAlg::EccP384 | EkAlg::Rsa3072) {
             // High-range EK templates carry policy B = PolicyOR(A, C) over SHA-384.
             return Err(DeviceError::Invalid(
                 "ActivateCredential with a high-range EK (PolicyOR policy) is not supported yet"
