@@ -40,6 +40,8 @@ pub enum CaError {
     InvalidTtl(String),
     #[error("CA journal: {0}")]
     Journal(String),
+    #[error("the system random number generator failed")]
+    Random,
 }
 
 pub fn now_ms() -> u64 {
@@ -211,41 +213,36 @@ fn other_slot(slot: &str) -> &'static str {
     if slot == "A" { "B" } else { "A" }
 }
 
-fn random_bytes(n: usize) -> Vec<u8> {
+fn random_bytes(n: usize) -> Result<Vec<u8>, CaError> {
     let mut b = vec![0u8; n];
-    // aws-lc's RNG only fails if the OS RNG is broken; fall back to a time-derived value then.
-    if aws_lc_rs::rand::fill(&mut b).is_err() {
-        let t = now_ms().to_be_bytes();
-        for (i, x) in b.iter_mut().enumerate() {
-            *x = t[i % 8] ^ (i as u8);
-        }
-    }
-    b
+    // Serial numbers and key IDs must be unpredictable: no fallback if the OS RNG fails.
+    aws_lc_rs::rand::fill(&mut b).map_err(|_| CaError::Random)?;
+    Ok(b)
 }
 
 /// A positive, non-zero 128-bit certificate serial number.
-pub fn random_serial() -> Vec<u8> {
-    let mut s = random_bytes(16);
+pub fn random_serial() -> Result<Vec<u8>, CaError> {
+    let mut s = random_bytes(16)?;
     s[0] &= 0x7f;
     if s[0] == 0 {
         s[0] = 1;
     }
-    s
+    Ok(s)
 }
 
 /// A JWT key ID: 32 characters of `[a-zA-Z0-9]`, unbiased.
-pub fn random_kid() -> String {
+pub fn random_kid() -> Result<String, CaError> {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
     let mut out = String::with_capacity(32);
     while out.len() < 32 {
-        for b in random_bytes(64) {
+        for b in random_bytes(64)? {
             // 248 = 4 * 62: reject the tail to avoid modulo bias.
             if b < 248 && out.len() < 32 {
                 out.push(ALPHABET[(b % 62) as usize] as char);
             }
         }
     }
-    out
+    Ok(out)
 }
 
 impl Ca {
@@ -538,7 +535,7 @@ impl Ca {
         let now = issued_at_ms / 1000;
         let not_after = now + self.settings.ca_ttl.as_secs().max(1);
         let subject = x509svid::parse_name(&self.settings.ca_subject_dn)?;
-        let serial = random_serial();
+        let serial = random_serial()?;
         let tbs = x509svid::ca_tbs(
             &x509svid::CaParams {
                 trust_domain: &self.settings.trust_domain,
@@ -598,7 +595,7 @@ impl Ca {
         let key_info = KeyInfo::from_spki_der(&key.spki_der)?;
         let issued_at_ms = now_ms();
         let not_after = issued_at_ms / 1000 + self.settings.ca_ttl.as_secs().max(1);
-        let kid = random_kid();
+        let kid = random_kid()?;
         let bundle = self
             .ds
             .append_bundle(&Bundle {
@@ -649,7 +646,7 @@ impl Ca {
         }
         let ca = self.current_x509().ok_or(CaError::NotReady("X.509"))?;
         let now = now_secs();
-        let serial = random_serial();
+        let serial = random_serial()?;
         let tbs = x509svid::leaf_tbs(
             &x509svid::LeafParams {
                 id,

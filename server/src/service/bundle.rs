@@ -62,6 +62,23 @@ pub fn validate_authorities(b: &Bundle) -> Result<(), Status> {
     Ok(())
 }
 
+/// The per-bundle result of a batch call.
+fn bundle_result(
+    res: Result<Bundle, Status>,
+    mask: Option<&types::BundleMask>,
+) -> pb::BundleResult {
+    match res {
+        Ok(b) => pb::BundleResult {
+            status: Some(ok_status()),
+            bundle: Some(apply_mask(b, mask)),
+        },
+        Err(s) => pb::BundleResult {
+            status: Some(status_of(&s)),
+            bundle: None,
+        },
+    }
+}
+
 fn federated_td(ctx: &Context, s: &str) -> Result<TrustDomain, Status> {
     let td = TrustDomain::parse(s)
         .map_err(|e| Status::invalid_argument(format!("trust_domain: {e}")))?;
@@ -220,16 +237,7 @@ impl BundleApi for BundleService {
                 Err(s) => Err(s),
                 Ok(b) => self.ctx.ds.create_bundle(&b).await.map_err(ds_status),
             };
-            results.push(match res {
-                Ok(b) => pb::BundleResult {
-                    status: Some(ok_status()),
-                    bundle: Some(apply_mask(b, r.output_mask.as_ref())),
-                },
-                Err(s) => pb::BundleResult {
-                    status: Some(status_of(&s)),
-                    bundle: None,
-                },
-            });
+            results.push(bundle_result(res, r.output_mask.as_ref()));
         }
         Ok(Response::new(pb::BatchCreateFederatedBundleResponse {
             results,
@@ -272,16 +280,7 @@ impl BundleApi for BundleService {
                 self.ctx.ds.update_bundle(&cur).await.map_err(ds_status)
             }
             .await;
-            results.push(match res {
-                Ok(b) => pb::BundleResult {
-                    status: Some(ok_status()),
-                    bundle: Some(apply_mask(b, r.output_mask.as_ref())),
-                },
-                Err(s) => pb::BundleResult {
-                    status: Some(status_of(&s)),
-                    bundle: None,
-                },
-            });
+            results.push(bundle_result(res, r.output_mask.as_ref()));
         }
         Ok(Response::new(pb::BatchUpdateFederatedBundleResponse {
             results,
@@ -312,16 +311,7 @@ impl BundleApi for BundleService {
                 }
             }
             .await;
-            results.push(match res {
-                Ok(b) => pb::BundleResult {
-                    status: Some(ok_status()),
-                    bundle: Some(apply_mask(b, r.output_mask.as_ref())),
-                },
-                Err(s) => pb::BundleResult {
-                    status: Some(status_of(&s)),
-                    bundle: None,
-                },
-            });
+            results.push(bundle_result(res, r.output_mask.as_ref()));
         }
         Ok(Response::new(pb::BatchSetFederatedBundleResponse {
             results,
