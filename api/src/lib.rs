@@ -4,6 +4,7 @@
 //! [`jwtsvid`]), CSRs ([`csr`]) and the bundle codec ([`bundle`]). This crate does no I/O.
 
 pub mod bundle;
+pub mod conf;
 pub mod csr;
 pub mod jwtsvid;
 pub mod keys;

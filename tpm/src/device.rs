@@ -455,6 +455,30 @@ impl Device {
         )?)
     }
 
+    /// Creates a key under the SRK from an exact TPMT_PUBLIC template (e.g.
+    /// [`wire::public::templates::AK_RSA`], `DEVID_RSA`, `DEVID_ECC`) with an empty password;
+    /// the SRK matches the key type (RSA or ECC). Returns the blobs in SPIRE's format.
+    pub fn create_under_srk(&mut self, template: &[u8]) -> Result<KeyBlob> {
+        let public =
+            tss_esapi::structures::Public::unmarshall(template).map_err(step("key template"))?;
+        let srk = self.create_srk(key_is_ecc(template))?;
+        let r = retrying(|| {
+            self.ctx.execute_with_nullauth_session(|c| {
+                c.create(srk, public.clone(), None, None, None, None)
+            })
+        })
+        .map_err(step("create key under SRK"));
+        self.flush(srk);
+        let r = r?;
+        Ok(KeyBlob {
+            public: r
+                .out_public
+                .marshall()
+                .map_err(step("marshal key public"))?,
+            private: r.out_private.value().to_vec(),
+        })
+    }
+
     /// Loads a key blob under the SRK (SRK flushed afterwards; the key stays loaded).
     fn load_under_srk(&mut self, key: &KeyBlob) -> Result<KeyHandle> {
         let ecc = key_is_ecc(&key.public);
@@ -555,17 +579,20 @@ impl Device {
         };
         let id = IdObject::try_from(strip(credential_blob)?).map_err(step("credential blob"))?;
         let es = EncryptedSecret::try_from(strip(secret)?).map_err(step("encrypted secret"))?;
-        if matches!(ek_alg, EkAlg::EccP384 | EkAlg::Rsa3072) {
-            // High-range EK templates carry policy B = PolicyOR(A, C) over SHA-384.
-            return Err(DeviceError::Invalid(
-                "ActivateCredential with a high-range EK (PolicyOR policy) is not supported yet"
-                    .into(),
-            ));
-        }
+        // The EK's authPolicy: policy A = PolicySecret(TPM_RH_ENDORSEMENT) for the low-range
+        // templates; for the high-range ones (SHA-384 nameAlg) policy B = PolicyOR(A, C),
+        // satisfied by PolicySecret then PolicyOR over both branches.
+        let ek_name_alg = match ek_alg {
+            EkAlg::Rsa2048 | EkAlg::EccP256 => wire::alg::SHA256,
+            EkAlg::EccP384 | EkAlg::Rsa3072 => wire::alg::SHA384,
+        };
+        let (session_hash, branches) = match wire::policy::ek_policy_b_branches(ek_name_alg)? {
+            Some(b) => (HashingAlgorithm::Sha384, Some(b)),
+            None => (HashingAlgorithm::Sha256, None),
+        };
         self.with_ak(ek_alg, blob, |d, ekh, akh| {
-            // The EK's default policy is PolicySecret(TPM_RH_ENDORSEMENT): a policy session for
-            // the EK (USER role), satisfied under a password session; the AK (ADMIN role) uses
-            // its empty password. High-range EK templates also need PolicyOR(A, C).
+            // A policy session for the EK (USER role), satisfied under a password session; the
+            // AK (ADMIN role) uses its empty password.
             let policy = d
                 .ctx
                 .start_auth_session(
@@ -574,7 +601,7 @@ impl Device {
                     None,
                     SessionType::Policy,
                     SymmetricDefinition::AES_128_CFB,
-                    HashingAlgorithm::Sha256,
+                    session_hash,
                 )
                 .map_err(step("start policy session"))?
                 .ok_or_else(|| DeviceError::Invalid("TPM returned no session".into()))?;
@@ -592,6 +619,19 @@ impl Device {
                     )
                 })
                 .map_err(step("PolicySecret(endorsement)"));
+            let r = r.and_then(|_| match &branches {
+                Some([a, c]) => {
+                    let mut list = tss_esapi::structures::DigestList::new();
+                    for b in [a, c] {
+                        let dg = Digest::try_from(b.clone()).map_err(step("policy digest"))?;
+                        list.add(dg).map_err(step("policy digest list"))?;
+                    }
+                    d.ctx
+                        .execute_without_session(|c| c.policy_or(ps, list))
+                        .map_err(step("PolicyOR(A, C)"))
+                }
+                None => Ok(()),
+            });
             let r = r.and_then(|_| {
                 d.ctx
                     .execute_with_sessions((Some(AuthSession::Password), Some(policy), None), |c| {
@@ -648,4 +688,40 @@ pub fn trim_der(nv: &[u8]) -> std::result::Result<Vec<u8>, wire::Error> {
         return Err(wire::Error::Truncated("EK certificate"));
     }
     Ok(nv[..hdr + len].to_vec())
+}
+
+/// A [`Device`] shared by async code: each operation runs on tokio's blocking pool, one at a
+/// time (the TPM and its three transient slots are one resource), never on the async runtime.
+#[derive(Debug, Clone)]
+pub struct SharedDevice {
+    inner: std::sync::Arc<std::sync::Mutex<Device>>,
+}
+
+impl SharedDevice {
+    /// Opens the TPM named by `tcti` on the blocking pool.
+    pub async fn open(tcti: &str) -> Result<Self> {
+        let tcti = tcti.to_string();
+        let d = tokio::task::spawn_blocking(move || Device::open(&tcti))
+            .await
+            .map_err(|e| DeviceError::Invalid(format!("TPM task failed: {e}")))??;
+        Ok(SharedDevice {
+            inner: std::sync::Arc::new(std::sync::Mutex::new(d)),
+        })
+    }
+
+    /// Runs `f` with exclusive use of the TPM on the blocking pool.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Device) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut d = inner
+                .lock()
+                .map_err(|_| DeviceError::Invalid("an earlier TPM operation panicked".into()))?;
+            f(&mut d)
+        })
+        .await
+        .map_err(|e| DeviceError::Invalid(format!("TPM task failed: {e}")))?
+    }
 }

@@ -43,7 +43,13 @@ fn device_ek_public_equals_tpm2_tools_ek_and_certificate_key() {
 fn device_activate_credential_recovers_software_make_credential() {
     let tpm = SwTpm::start().unwrap();
     let mut d = Device::open(&tpm.tcti).unwrap();
-    for (ek_alg, ecc_ak) in [(EkAlg::Rsa2048, false), (EkAlg::EccP256, true)] {
+    for (ek_alg, ecc_ak) in [
+        (EkAlg::Rsa2048, false),
+        (EkAlg::EccP256, true),
+        // High-range templates: policy B = PolicyOR(PolicySecret(endorsement), C), SHA-384.
+        (EkAlg::EccP384, true),
+        (EkAlg::Rsa3072, false),
+    ] {
         let ek = d.ek_public(ek_alg).unwrap();
         let ak = d.create_ak(ek_alg, ecc_ak).unwrap();
         let name = Public::parse(&ak.public).unwrap().name().unwrap();
@@ -61,12 +67,6 @@ fn device_activate_credential_recovers_software_make_credential() {
                 .is_err()
         );
     }
-    // High-range EKs (policy B) are refused with a clear error until PolicyOR is supported.
-    let ak = d.create_ak(EkAlg::EccP384, true).unwrap();
-    let e = d
-        .activate_credential(EkAlg::EccP384, &ak, &[0, 0], &[0, 0])
-        .unwrap_err();
-    assert!(e.to_string().contains("high-range EK"), "{e}");
 }
 
 #[test]
@@ -315,4 +315,87 @@ fn device_reads_ek_chain_certificates_from_nv_range() {
     )
     .unwrap();
     assert_eq!(d.ek_chain_certificates().unwrap(), vec![der]);
+}
+
+#[test]
+fn device_spire_ak_and_devid_templates_create_keys_byte_for_byte_under_the_srk() {
+    use kame_tpm::wire::attest::verify_certify;
+    use kame_tpm::wire::public::templates;
+    let tpm = SwTpm::start().unwrap();
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    // (template, bytes of the empty `unique` at its end that the TPM fills in)
+    for (name, hex, unique_len) in [
+        ("AK_RSA", templates::AK_RSA, 2),
+        ("DEVID_RSA", templates::DEVID_RSA, 2),
+        ("DEVID_ECC", templates::DEVID_ECC, 68),
+    ] {
+        let t = templates::bytes(hex);
+        let key = d.create_under_srk(&t).unwrap();
+        let prefix = &t[..t.len() - unique_len];
+        assert_eq!(&key.public[..prefix.len()], prefix, "{name}");
+        assert_ne!(key.public, t, "{name}: the TPM filled in unique");
+        if name.starts_with("DEVID") {
+            // A DevID made from SPIRE's template certifies under an AK and signs.
+            let ak = d.create_ak(EkAlg::Rsa2048, false).unwrap();
+            let (attest, sig) = d.certify(EkAlg::Rsa2048, &ak, &key, b"n").unwrap();
+            verify_certify(
+                &Public::parse(&ak.public).unwrap(),
+                &attest,
+                &sig,
+                &Public::parse(&key.public).unwrap(),
+                b"n",
+            )
+            .unwrap();
+        }
+    }
+    // A template that is not a TPMT_PUBLIC is refused before the TPM sees it.
+    assert!(d.create_under_srk(&[0, 1, 2]).is_err());
+}
+
+#[test]
+fn device_tabrmd_tcti_is_understood_and_a_missing_daemon_is_an_open_error() {
+    // `tabrmd:` is a valid TCTI name; with no access broker running, opening fails at the
+    // open step (not as an unknown TCTI), so an operator is told what is missing.
+    match Device::open("tabrmd:bus_type=session") {
+        Err(kame_tpm::device::DeviceError::Tpm { step, .. }) => assert_eq!(step, "open"),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("no tabrmd runs in tests"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_shared_runs_operations_off_the_runtime_one_at_a_time() {
+    use kame_tpm::device::SharedDevice;
+    let tpm = SwTpm::start().unwrap();
+    let d = SharedDevice::open(&tpm.tcti).await.unwrap();
+    let mut tasks = vec![];
+    for _ in 0..4 {
+        let d = d.clone();
+        tasks.push(tokio::spawn(async move {
+            d.run(|d| {
+                let ak = d.create_ak(EkAlg::EccP256, true)?;
+                d.quote(EkAlg::EccP256, &ak, &[0, 7], b"nonce")
+            })
+            .await
+        }));
+    }
+    for t in tasks {
+        let (attest, _) = t.await.unwrap().unwrap();
+        assert!(!attest.is_empty());
+    }
+    // An error inside the closure comes back as the error, and the device stays usable.
+    assert!(
+        d.run(|d| d.quote(
+            EkAlg::EccP256,
+            &kame_tpm::device::AkBlob {
+                public: vec![1],
+                private: vec![]
+            },
+            &[0],
+            b"n"
+        ))
+        .await
+        .is_err()
+    );
+    d.run(|d| d.ek_public(EkAlg::Rsa2048)).await.unwrap();
 }

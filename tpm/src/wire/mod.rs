@@ -4,6 +4,7 @@
 
 pub mod attest;
 pub mod credential;
+pub mod policy;
 pub mod public;
 
 pub use attest::{Attest, AttestBody, ClockInfo, PcrSelection, Signature};

@@ -397,6 +397,24 @@ fn push_len(out: &mut Vec<u8>, len: usize) {
 pub mod templates {
     pub const SRK_HIGH_RSA: &str = "0001000b00030472000000060080004300100800000000000000";
     pub const SRK_HIGH_ECC: &str = "0023000b00030472000000060080004300100003001000000000";
+    /// go-tpm-tools `AKTemplateRSA`: the ephemeral AK SPIRE creates under the SRK.
+    pub const AK_RSA: &str = "0001000b00050072000000100014000b0800000000000000";
+    /// SPIRE's test/provisioner DevID templates (unrestricted signing keys).
+    pub const DEVID_RSA: &str = "0001000b00040072000000100014000b0800000000000000";
+    pub const DEVID_ECC: &str = concat!(
+        "0023000b00040072000000100018000b00030010",
+        "0020",
+        "0000000000000000000000000000000000000000000000000000000000000000",
+        "0020",
+        "0000000000000000000000000000000000000000000000000000000000000000"
+    );
+
+    /// A template's bytes.
+    pub fn bytes(hex: &str) -> Vec<u8> {
+        (0..hex.len() / 2)
+            .filter_map(|i| u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok())
+            .collect()
+    }
 }
 
 #[cfg(test)]
@@ -459,6 +477,15 @@ mod tests {
         }
         assert_eq!(unhex(templates::SRK_HIGH_RSA), spire_templates()[0].1);
         assert_eq!(unhex(templates::SRK_HIGH_ECC), spire_templates()[1].1);
+        assert_eq!(templates::bytes(templates::AK_RSA), spire_templates()[2].1);
+        assert_eq!(
+            templates::bytes(templates::DEVID_RSA),
+            spire_templates()[3].1
+        );
+        assert_eq!(
+            templates::bytes(templates::DEVID_ECC),
+            spire_templates()[4].1
+        );
     }
 
     #[test]

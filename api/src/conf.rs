@@ -1,0 +1,388 @@
+//! Configuration files in SPIRE's HCL layout, shared by server and agent: a [`Section`] reader
+//! that records every key it reads so that an unknown key is an error naming it, Go-style
+//! duration parsing, and `$VAR` expansion as SPIRE's `-expandEnv`. It parses text only: reading
+//! files and acting on the values is the caller's job.
+
+use hcl::expr::{Expression, ObjectKey};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("configuration is not valid HCL: {0}")]
+    Syntax(String),
+    #[error("{key}: unknown key")]
+    UnknownKey { key: String },
+    #[error("{key}: missing required value")]
+    Missing { key: String },
+    #[error("{key}: {msg}")]
+    Invalid { key: String, msg: String },
+}
+
+pub fn invalid(key: &str, msg: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.to_string(),
+        msg: msg.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Expands `$VAR` and `${VAR}` like Go's `os.ExpandEnv` (unset variables become empty).
+pub fn expand_env(input: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
+    let b = input.as_bytes();
+    let mut out = String::with_capacity(input.len());
+    let mut i = 0;
+    let mut last = 0;
+    while i < b.len() {
+        if b[i] == b'$' && i + 1 < b.len() {
+            let (name, end) = if b[i + 1] == b'{' {
+                match input[i + 2..].find('}') {
+                    Some(close) => (&input[i + 2..i + 2 + close], i + 3 + close),
+                    None => {
+                        i += 1;
+                        continue;
+                    }
+                }
+            } else {
+                let len = input[i + 1..]
+                    .bytes()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == b'_')
+                    .count();
+                if len == 0 {
+                    i += 1;
+                    continue;
+                }
+                (&input[i + 1..i + 1 + len], i + 1 + len)
+            };
+            out.push_str(&input[last..i]);
+            out.push_str(&lookup(name).unwrap_or_default());
+            i = end;
+            last = end;
+        } else {
+            i += 1;
+        }
+    }
+    out.push_str(&input[last..]);
+    out
+}
+
+/// Parses a Go duration string (`24h`, `1h30m`, `90s`, `500ms`, `1.5h`).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty duration".into());
+    }
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let mut total = 0f64;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let num_len = rest
+            .bytes()
+            .take_while(|c| c.is_ascii_digit() || *c == b'.')
+            .count();
+        if num_len == 0 {
+            return Err(format!("invalid duration {s:?}"));
+        }
+        let n: f64 = rest[..num_len]
+            .parse()
+            .map_err(|_| format!("invalid duration {s:?}"))?;
+        rest = &rest[num_len..];
+        let unit_len = rest
+            .bytes()
+            .take_while(|c| c.is_ascii_alphabetic() || *c == 0xc2 || *c == 0xb5)
+            .count();
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let mult = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            "" => return Err(format!("missing unit in duration {s:?}")),
+            u => return Err(format!("unknown unit {u:?} in duration {s:?}")),
+        };
+        total += n * mult;
+    }
+    if !total.is_finite() || total > 100.0 * 365.0 * 86400.0 {
+        return Err(format!("duration {s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// One HCL body or object, with every key it holds and a record of what was read.
+pub struct Section {
+    path: String,
+    attrs: BTreeMap<String, Expression>,
+    blocks: Vec<(String, Vec<String>, Section)>,
+    used: std::cell::RefCell<std::collections::HashSet<String>>,
+}
+
+impl Section {
+    pub fn from_body(path: &str, body: hcl::Body) -> Result<Self, ConfigError> {
+        let mut attrs = BTreeMap::new();
+        let mut blocks = vec![];
+        for s in body.into_iter() {
+            match s {
+                hcl::Structure::Attribute(a) => {
+                    let key = a.key.to_string();
+                    if attrs.insert(key.clone(), a.expr).is_some() {
+                        return Err(invalid(&join(path, &key), "set more than once"));
+                    }
+                }
+                hcl::Structure::Block(b) => {
+                    let name = b.identifier.to_string();
+                    let labels: Vec<String> =
+                        b.labels.iter().map(|l| l.as_str().to_string()).collect();
+                    let mut p = join(path, &name);
+                    for l in &labels {
+                        p = format!("{p}.{l}");
+                    }
+                    let sec = Section::from_body(&p, b.body)?;
+                    blocks.push((name, labels, sec));
+                }
+            }
+        }
+        Ok(Section {
+            path: path.to_string(),
+            attrs,
+            blocks,
+            used: Default::default(),
+        })
+    }
+
+    fn from_object(
+        path: &str,
+        obj: hcl::Object<ObjectKey, Expression>,
+    ) -> Result<Self, ConfigError> {
+        let mut attrs = BTreeMap::new();
+        for (k, v) in obj {
+            let key = match k {
+                ObjectKey::Identifier(i) => i.to_string(),
+                ObjectKey::Expression(Expression::String(s)) => s,
+                _ => return Err(invalid(path, "object keys must be names or strings")),
+            };
+            attrs.insert(key, v);
+        }
+        Ok(Section {
+            path: path.to_string(),
+            attrs,
+            blocks: vec![],
+            used: Default::default(),
+        })
+    }
+
+    pub fn key(&self, k: &str) -> String {
+        join(&self.path, k)
+    }
+
+    fn take_attr(&self, k: &str) -> Option<&Expression> {
+        self.used.borrow_mut().insert(k.to_string());
+        self.attrs.get(k)
+    }
+
+    pub fn string(&self, k: &str) -> Result<Option<String>, ConfigError> {
+        match self.take_attr(k) {
+            None => Ok(None),
+            Some(Expression::String(s)) => Ok(Some(s.clone())),
+            Some(Expression::TemplateExpr(_)) => Err(invalid(
+                &self.key(k),
+                "interpolation is not supported (use --expand-env for $VAR)",
+            )),
+            Some(_) => Err(invalid(&self.key(k), "expected a string")),
+        }
+    }
+
+    pub fn strings(&self, k: &str) -> Result<Option<Vec<String>>, ConfigError> {
+        match self.take_attr(k) {
+            None => Ok(None),
+            Some(Expression::Array(a)) => a
+                .iter()
+                .map(|e| match e {
+                    Expression::String(s) => Ok(s.clone()),
+                    _ => Err(invalid(&self.key(k), "expected a list of strings")),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(Expression::String(s)) => Ok(Some(vec![s.clone()])),
+            Some(_) => Err(invalid(&self.key(k), "expected a list of strings")),
+        }
+    }
+
+    pub fn int(&self, k: &str) -> Result<Option<i64>, ConfigError> {
+        match self.take_attr(k) {
+            None => Ok(None),
+            Some(Expression::Number(n)) => n
+                .as_i64()
+                .map(Some)
+                .ok_or_else(|| invalid(&self.key(k), "expected an integer")),
+            Some(Expression::String(s)) => s
+                .parse()
+                .map(Some)
+                .map_err(|_| invalid(&self.key(k), format!("{s:?} is not an integer"))),
+            Some(_) => Err(invalid(&self.key(k), "expected an integer")),
+        }
+    }
+
+    pub fn duration(&self, k: &str) -> Result<Option<Duration>, ConfigError> {
+        self.string(k)?
+            .map(|s| parse_duration(&s).map_err(|m| invalid(&self.key(k), m)))
+            .transpose()
+    }
+
+    /// A nested section given either as a block `k { }` or an attribute `k = { }`.
+    pub fn section(&mut self, k: &str) -> Result<Option<Section>, ConfigError> {
+        self.used.borrow_mut().insert(k.to_string());
+        let mut found: Vec<Section> = vec![];
+        let mut i = 0;
+        while i < self.blocks.len() {
+            if self.blocks[i].0 == k {
+                let (_, labels, sec) = self.blocks.remove(i);
+                if !labels.is_empty() {
+                    return Err(invalid(&self.key(k), "this block takes no labels"));
+                }
+                found.push(sec);
+            } else {
+                i += 1;
+            }
+        }
+        if let Some(expr) = self.attrs.remove(k) {
+            match expr {
+                Expression::Object(o) => found.push(Section::from_object(&self.key(k), o)?),
+                _ => return Err(invalid(&self.key(k), "expected a block")),
+            }
+        }
+        if found.len() > 1 {
+            return Err(invalid(&self.key(k), "given more than once"));
+        }
+        Ok(found.pop())
+    }
+
+    /// Every block `k "label" { }` (SPIRE's plugin declarations).
+    pub fn labeled(&mut self, k: &str) -> Result<Vec<(String, Section)>, ConfigError> {
+        self.used.borrow_mut().insert(k.to_string());
+        let mut out = vec![];
+        let mut i = 0;
+        while i < self.blocks.len() {
+            if self.blocks[i].0 == k {
+                let (_, labels, sec) = self.blocks.remove(i);
+                if labels.len() != 1 {
+                    return Err(invalid(
+                        &self.key(k),
+                        "expected exactly one label (the plugin name)",
+                    ));
+                }
+                out.push((labels[0].clone(), sec));
+            } else {
+                i += 1;
+            }
+        }
+        // HCL1 style: `NodeAttestor = { join_token = { ... } }` is also accepted.
+        if let Some(expr) = self.attrs.remove(k) {
+            match expr {
+                Expression::Object(o) => {
+                    for (name, v) in o {
+                        let name = match name {
+                            ObjectKey::Identifier(i) => i.to_string(),
+                            ObjectKey::Expression(Expression::String(s)) => s,
+                            _ => return Err(invalid(&self.key(k), "bad plugin name")),
+                        };
+                        let sec = match v {
+                            Expression::Object(inner) => {
+                                Section::from_object(&format!("{}.{name}", self.key(k)), inner)?
+                            }
+                            _ => return Err(invalid(&self.key(k), "expected a block")),
+                        };
+                        out.push((name, sec));
+                    }
+                }
+                _ => return Err(invalid(&self.key(k), "expected a block")),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fails on any key that was not read.
+    pub fn finish(self) -> Result<(), ConfigError> {
+        let used = self.used.borrow();
+        if let Some(k) = self.attrs.keys().find(|k| !used.contains(*k)) {
+            return Err(ConfigError::UnknownKey { key: self.key(k) });
+        }
+        if let Some((k, _, _)) = self.blocks.iter().find(|(k, _, _)| !used.contains(k)) {
+            return Err(ConfigError::UnknownKey { key: self.key(k) });
+        }
+        Ok(())
+    }
+}
+
+fn join(path: &str, k: &str) -> String {
+    if path.is_empty() {
+        k.to_string()
+    } else {
+        format!("{path}.{k}")
+    }
+}
+
+/// A plugin block's `plugin_data` (absent means empty).
+pub fn plugin_data(mut sec: Section) -> Result<Section, ConfigError> {
+    let data = sec.section("plugin_data")?;
+    let path = sec.key("plugin_data");
+    // SPIRE's plugin blocks may also carry `enabled`, `plugin_cmd`, `plugin_checksum`: external
+    // plugins are not supported, so those keys are refused as unknown.
+    sec.finish()?;
+    Ok(data.unwrap_or(Section {
+        path,
+        attrs: BTreeMap::new(),
+        blocks: vec![],
+        used: Default::default(),
+    }))
+}
+
+/// Parses HCL text (after `$VAR` expansion when `expand`) into the root [`Section`].
+pub fn parse_root(text: &str, expand: bool) -> Result<Section, ConfigError> {
+    let text = if expand {
+        expand_env(text, |k| std::env::var(k).ok())
+    } else {
+        text.to_string()
+    };
+    let body = hcl::parse(&text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+    Section::from_body("", body)
+}
+
+/// Parses `log_level` (DEBUG | INFO | WARN | ERROR | TRACE, any case).
+pub fn log_level(sec: &Section) -> Result<String, ConfigError> {
+    let log_level = sec.string("log_level")?.unwrap_or_else(|| "INFO".into());
+    if !["DEBUG", "INFO", "WARN", "ERROR", "TRACE"].contains(&log_level.to_uppercase().as_str()) {
+        return Err(invalid(
+            &sec.key("log_level"),
+            format!("{log_level:?} is not one of DEBUG, INFO, WARN, ERROR"),
+        ));
+    }
+    Ok(log_level)
+}
+
+/// Parses `log_format` (text | json).
+pub fn log_format(sec: &Section) -> Result<LogFormat, ConfigError> {
+    match sec.string("log_format")?.as_deref() {
+        None | Some("text") | Some("TEXT") => Ok(LogFormat::Text),
+        Some("json") | Some("JSON") => Ok(LogFormat::Json),
+        Some(other) => Err(invalid(
+            &sec.key("log_format"),
+            format!("{other:?} is not text or json"),
+        )),
+    }
+}
