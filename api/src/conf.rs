@@ -223,6 +223,15 @@ impl Section {
         }
     }
 
+    pub fn take_bool(&self, k: &str) -> Result<Option<bool>, ConfigError> {
+        match self.take_attr(k) {
+            None => Ok(None),
+            Some(Expression::Bool(b)) => Ok(Some(*b)),
+            Some(Expression::String(s)) if s == "true" || s == "false" => Ok(Some(s == "true")),
+            Some(_) => Err(invalid(&self.key(k), "expected true or false")),
+        }
+    }
+
     pub fn int(&self, k: &str) -> Result<Option<i64>, ConfigError> {
         match self.take_attr(k) {
             None => Ok(None),

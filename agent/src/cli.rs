@@ -1,0 +1,301 @@
+//! `kame-agent api …` and `healthcheck`: a Workload API client over the agent's Unix socket
+//! (a path or a `unix:///path` address, as in `SPIFFE_ENDPOINT_SOCKET`) that sends the
+//! `workload.spiffe.io: true` header and prints or writes what it gets. Files it writes: SPIRE's
+//! `svid.N.pem`, `svid.N.key` (0600) and `bundle.N.pem`.
+
+use kame_api::pb::workload as wl;
+use std::path::{Path, PathBuf};
+use tonic::transport::Channel;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("bad socket address {0:?} (expected a path or unix:///path)")]
+    BadAddress(String),
+    #[error("cannot connect to the Workload API at {path}: {source}")]
+    Connect {
+        path: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("Workload API error ({code:?}): {message}")]
+    Api { code: tonic::Code, message: String },
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl From<tonic::Status> for CliError {
+    fn from(s: tonic::Status) -> Self {
+        CliError::Api {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+/// The socket path of a `--socket-path` value: a path, or `unix:///path` / `unix:/path`.
+pub fn socket_path(addr: &str) -> Result<PathBuf, CliError> {
+    let p = if let Some(rest) = addr.strip_prefix("unix://") {
+        rest
+    } else if let Some(rest) = addr.strip_prefix("unix:") {
+        rest
+    } else if addr.contains("://") {
+        return Err(CliError::BadAddress(addr.into()));
+    } else {
+        addr
+    };
+    if !p.starts_with('/') {
+        return Err(CliError::BadAddress(addr.into()));
+    }
+    Ok(PathBuf::from(p))
+}
+
+/// A channel to the Workload API socket.
+pub async fn connect(addr: &str) -> Result<Channel, CliError> {
+    let path = socket_path(addr)?;
+    let p2 = path.clone();
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = p2.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .map_err(|source| CliError::Connect {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
+/// Adds the Workload API's security header.
+pub fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    r
+}
+
+fn client(ch: Channel) -> wl::spiffe_workload_api_client::SpiffeWorkloadApiClient<Channel> {
+    wl::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(ch)
+}
+
+fn split_ders(mut b: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = vec![];
+    while !b.is_empty() {
+        let len = match kame_api::x509svid::ParsedCert::parse(b) {
+            Ok(_) => b.len(),
+            Err(_) => der_len(b).unwrap_or(b.len()),
+        };
+        out.push(b[..len].to_vec());
+        b = &b[len..];
+    }
+    out
+}
+
+/// The length of the DER TLV at the start of `b`.
+fn der_len(b: &[u8]) -> Option<usize> {
+    let first = *b.get(1)?;
+    let (len, hdr) = if first < 0x80 {
+        (first as usize, 2)
+    } else {
+        let n = (first & 0x7f) as usize;
+        if n == 0 || n > 4 {
+            return None;
+        }
+        let mut l = 0usize;
+        for i in 0..n {
+            l = (l << 8) | *b.get(2 + i)? as usize;
+        }
+        (l, 2 + n)
+    };
+    (hdr + len <= b.len()).then_some(hdr + len)
+}
+
+/// Concatenated DER certificates, one by one.
+pub fn certs(concat: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = vec![];
+    let mut b = concat;
+    while !b.is_empty() {
+        let Some(n) = der_len(b) else {
+            out.extend(split_ders(b));
+            break;
+        };
+        out.push(b[..n].to_vec());
+        b = &b[n..];
+    }
+    out
+}
+
+fn pem_certs(concat: &[u8]) -> String {
+    certs(concat)
+        .iter()
+        .map(|c| kame_api::bundle::pem_block("CERTIFICATE", c))
+        .collect()
+}
+
+fn write(path: &Path, data: &[u8], mode: u32) -> Result<(), CliError> {
+    crate::storage::write_atomic(path, data, mode).map_err(|e| CliError::Failed(e.to_string()))
+}
+
+/// `api fetch x509`: prints each SVID's ID, chain and bundle size, and writes SPIRE's files.
+pub async fn fetch_x509(addr: &str, write_dir: Option<&Path>) -> Result<(), CliError> {
+    let mut s = client(connect(addr).await?)
+        .fetch_x509svid(with_header(wl::X509svidRequest {}))
+        .await?
+        .into_inner();
+    let msg = s
+        .message()
+        .await?
+        .ok_or_else(|| CliError::Failed("the stream ended without an SVID".into()))?;
+    println!("Received {} svid(s)", msg.svids.len());
+    for (i, svid) in msg.svids.iter().enumerate() {
+        let chain = certs(&svid.x509_svid);
+        println!();
+        println!("SPIFFE ID:\t\t{}", svid.spiffe_id);
+        if !svid.hint.is_empty() {
+            println!("Hint:\t\t\t{}", svid.hint);
+        }
+        if let Some(leaf) = chain
+            .first()
+            .and_then(|c| kame_api::x509svid::ParsedCert::parse(c).ok())
+        {
+            println!("SVID Valid After:\t{}", leaf.not_before());
+            println!("SVID Valid Until:\t{}", leaf.not_after());
+        }
+        println!("CA certificates:\t{}", certs(&svid.bundle).len());
+        if let Some(dir) = write_dir {
+            write(
+                &dir.join(format!("svid.{i}.pem")),
+                pem_certs(&svid.x509_svid).as_bytes(),
+                0o644,
+            )?;
+            let key = zeroize::Zeroizing::new(kame_api::bundle::pem_block(
+                "PRIVATE KEY",
+                &svid.x509_svid_key,
+            ));
+            write(&dir.join(format!("svid.{i}.key")), key.as_bytes(), 0o600)?;
+            write(
+                &dir.join(format!("bundle.{i}.pem")),
+                pem_certs(&svid.bundle).as_bytes(),
+                0o644,
+            )?;
+            for (td, b) in &msg.federated_bundles {
+                let name = td.trim_start_matches("spiffe://");
+                write(
+                    &dir.join(format!("federated_bundle.{i}.{name}.pem")),
+                    pem_certs(b).as_bytes(),
+                    0o644,
+                )?;
+            }
+        }
+    }
+    if let Some(dir) = write_dir {
+        println!();
+        println!("Writing SVID(s) to {}", dir.display());
+    }
+    Ok(())
+}
+
+/// `api fetch jwt`: prints each token.
+pub async fn fetch_jwt(
+    addr: &str,
+    audience: &[String],
+    spiffe_id: Option<&str>,
+) -> Result<(), CliError> {
+    let r = client(connect(addr).await?)
+        .fetch_jwtsvid(with_header(wl::JwtsvidRequest {
+            audience: audience.to_vec(),
+            spiffe_id: spiffe_id.unwrap_or_default().to_string(),
+        }))
+        .await?
+        .into_inner();
+    for s in r.svids {
+        println!("token({}):\n\t{}", s.spiffe_id, s.svid);
+    }
+    Ok(())
+}
+
+/// `api validate jwt`.
+pub async fn validate_jwt(addr: &str, audience: &str, svid: &str) -> Result<(), CliError> {
+    let r = client(connect(addr).await?)
+        .validate_jwtsvid(with_header(wl::ValidateJwtsvidRequest {
+            audience: audience.into(),
+            svid: svid.into(),
+        }))
+        .await?
+        .into_inner();
+    println!("SVID is valid.");
+    println!("SPIFFE ID : {}", r.spiffe_id);
+    if let Some(c) = r.claims {
+        let mut keys: Vec<_> = c.fields.keys().cloned().collect();
+        keys.sort();
+        println!("Claims    : {}", keys.join(", "));
+    }
+    Ok(())
+}
+
+/// `api watch`: prints every X509-SVID update until interrupted or the stream ends.
+pub async fn watch(addr: &str) -> Result<(), CliError> {
+    let mut s = client(connect(addr).await?)
+        .fetch_x509svid(with_header(wl::X509svidRequest {}))
+        .await?
+        .into_inner();
+    while let Some(msg) = s.message().await? {
+        let ids: Vec<&str> = msg.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+        println!(
+            "Received {} svid(s) after update: {}",
+            ids.len(),
+            ids.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// `healthcheck`: the Workload API answers (any gRPC status from the agent counts).
+pub async fn healthcheck(addr: &str) -> Result<(), CliError> {
+    let r = client(connect(addr).await?)
+        .fetch_x509_bundles(with_header(wl::X509BundlesRequest {}))
+        .await;
+    match r {
+        Ok(_) => {}
+        Err(s) if s.code() == tonic::Code::PermissionDenied => {}
+        Err(s) => return Err(s.into()),
+    }
+    println!("Agent is healthy.");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_socket_addresses_accept_paths_and_unix_urls() {
+        assert_eq!(
+            socket_path("/tmp/a.sock").unwrap(),
+            PathBuf::from("/tmp/a.sock")
+        );
+        assert_eq!(
+            socket_path("unix:///tmp/a.sock").unwrap(),
+            PathBuf::from("/tmp/a.sock")
+        );
+        assert_eq!(
+            socket_path("unix:/tmp/a.sock").unwrap(),
+            PathBuf::from("/tmp/a.sock")
+        );
+        assert!(socket_path("tcp://127.0.0.1:1").is_err());
+        assert!(socket_path("relative.sock").is_err());
+    }
+
+    #[test]
+    fn cli_splits_concatenated_der() {
+        let a = vec![0x30, 0x03, 1, 2, 3];
+        let b = vec![0x30, 0x81, 0x02, 9, 9];
+        let both = [a.clone(), b.clone()].concat();
+        assert_eq!(certs(&both), vec![a, b]);
+    }
+}

@@ -1,0 +1,327 @@
+//! `agent.conf`: SPIRE's agent HCL layout and key names, parsed into a typed [`Config`]. Every
+//! key is checked: an unknown key or a bad value is an error naming it
+//! (`agent.server_port: ...`). Parsing has no side effects: nothing is created on disk here.
+
+use kame_api::TrustDomain;
+use kame_api::conf::{ConfigError, LogFormat, Section, invalid, plugin_data};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const DEFAULT_SOCKET_PATH: &str = "/tmp/kame-agent/public/api.sock";
+
+/// Where the agent keeps its private keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyManagerConfig {
+    /// Keys only in memory: a restart must attest again; nothing secret touches the disk.
+    Memory,
+    /// Keys (the agent's and the cached workload SVIDs') in `directory`, 0600, atomic writes.
+    Disk { directory: PathBuf },
+}
+
+/// The `unix` workload attestor's settings (SPIRE's names).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixAttestorConfig {
+    /// Emit `unix:path` and `unix:sha256` selectors.
+    pub discover_workload_path: bool,
+    /// Largest binary to hash for `unix:sha256`, in bytes; 0 means no limit.
+    pub workload_size_limit: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NodeAttestorConfig {
+    JoinToken,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    pub server_address: String,
+    pub server_port: u16,
+    pub socket_path: PathBuf,
+    pub trust_bundle_path: PathBuf,
+    pub trust_domain: TrustDomain,
+    pub join_token: Option<String>,
+    pub log_level: String,
+    pub log_format: LogFormat,
+    /// How often the agent syncs with the server (ours; SPIRE's is fixed at 5 s).
+    pub sync_interval: Duration,
+    pub node_attestor: NodeAttestorConfig,
+    pub key_manager: KeyManagerConfig,
+    pub unix: UnixAttestorConfig,
+}
+
+impl Config {
+    pub fn load(path: &Path, expand: bool) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, expand)
+    }
+
+    pub fn parse(text: &str, expand: bool) -> Result<Self, ConfigError> {
+        let mut root = kame_api::conf::parse_root(text, expand)?;
+        let agent = root.section("agent")?.ok_or(ConfigError::Missing {
+            key: "agent".into(),
+        })?;
+        let mut plugins = root.section("plugins")?.ok_or(ConfigError::Missing {
+            key: "plugins".into(),
+        })?;
+        root.finish()?;
+
+        let required = |s: &Section, k: &str| -> Result<String, ConfigError> {
+            s.string(k)?
+                .filter(|v| !v.is_empty())
+                .ok_or(ConfigError::Missing { key: s.key(k) })
+        };
+        let td_s = required(&agent, "trust_domain")?;
+        if td_s.contains(':') {
+            return Err(invalid(
+                "agent.trust_domain",
+                "expected a trust domain name, not a SPIFFE ID",
+            ));
+        }
+        let trust_domain =
+            TrustDomain::parse(&td_s).map_err(|e| invalid("agent.trust_domain", e.to_string()))?;
+        let server_address = required(&agent, "server_address")?;
+        let server_port = match agent.int("server_port")? {
+            None => 8081,
+            Some(p) => u16::try_from(p)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| invalid("agent.server_port", format!("{p} is not a port number")))?,
+        };
+        let socket_path = agent
+            .string("socket_path")?
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET_PATH));
+        if !socket_path.is_absolute() {
+            return Err(invalid("agent.socket_path", "must be an absolute path"));
+        }
+        let data_dir = PathBuf::from(agent.string("data_dir")?.unwrap_or_else(|| ".".into()));
+        let trust_bundle_path = PathBuf::from(required(&agent, "trust_bundle_path")?);
+        let join_token = agent.string("join_token")?.filter(|t| !t.is_empty());
+        let log_level = kame_api::conf::log_level(&agent)?;
+        let log_format = kame_api::conf::log_format(&agent)?;
+        let sync_interval = match agent.duration("sync_interval")? {
+            None => Duration::from_secs(5),
+            Some(d) if d < Duration::from_millis(100) => {
+                return Err(invalid("agent.sync_interval", "must be at least 100ms"));
+            }
+            Some(d) => d,
+        };
+        // SPIRE keys that have no meaning here are refused as unknown by `finish`.
+        agent.finish()?;
+
+        let mut node_attestor = None;
+        for (name, sec) in plugins.labeled("NodeAttestor")? {
+            if node_attestor.is_some() {
+                return Err(invalid(
+                    "plugins.NodeAttestor",
+                    "only one NodeAttestor may be configured",
+                ));
+            }
+            let data = plugin_data(sec)?;
+            node_attestor = Some(match name.as_str() {
+                "join_token" => NodeAttestorConfig::JoinToken,
+                other => {
+                    return Err(invalid(
+                        "plugins.NodeAttestor",
+                        format!("unknown NodeAttestor {other:?} (expected \"join_token\")"),
+                    ));
+                }
+            });
+            data.finish()?;
+        }
+        let node_attestor = node_attestor.ok_or(ConfigError::Missing {
+            key: "plugins.NodeAttestor".into(),
+        })?;
+        // A join_token agent without a token is allowed here: restarting with a cached SVID
+        // needs none. Whether it can attest is checked at start.
+
+        let mut key_manager = None;
+        for (name, sec) in plugins.labeled("KeyManager")? {
+            if key_manager.is_some() {
+                return Err(invalid(
+                    "plugins.KeyManager",
+                    "only one KeyManager may be configured",
+                ));
+            }
+            let data = plugin_data(sec)?;
+            key_manager = Some(match name.as_str() {
+                "memory" => KeyManagerConfig::Memory,
+                "disk" => KeyManagerConfig::Disk {
+                    directory: data
+                        .string("directory")?
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| data_dir.clone()),
+                },
+                other => {
+                    return Err(invalid(
+                        "plugins.KeyManager",
+                        format!("unknown KeyManager {other:?} (expected \"disk\" or \"memory\")"),
+                    ));
+                }
+            });
+            data.finish()?;
+        }
+        let key_manager = key_manager.ok_or(ConfigError::Missing {
+            key: "plugins.KeyManager".into(),
+        })?;
+
+        let mut unix = None;
+        for (name, sec) in plugins.labeled("WorkloadAttestor")? {
+            if name != "unix" {
+                return Err(invalid(
+                    "plugins.WorkloadAttestor",
+                    format!("unknown WorkloadAttestor {name:?} (expected \"unix\")"),
+                ));
+            }
+            if unix.is_some() {
+                return Err(invalid(
+                    "plugins.WorkloadAttestor",
+                    "\"unix\" is configured more than once",
+                ));
+            }
+            let data = plugin_data(sec)?;
+            let discover = data
+                .take_bool("discover_workload_path")?
+                .unwrap_or_default();
+            let limit = match data.int("workload_size_limit")? {
+                None => 0,
+                Some(n) if n < 0 => {
+                    return Err(invalid(
+                        &data.key("workload_size_limit"),
+                        "must not be negative",
+                    ));
+                }
+                Some(n) => n as u64,
+            };
+            data.finish()?;
+            unix = Some(UnixAttestorConfig {
+                discover_workload_path: discover,
+                workload_size_limit: limit,
+            });
+        }
+        let unix = unix.ok_or(ConfigError::Missing {
+            key: "plugins.WorkloadAttestor".into(),
+        })?;
+        plugins.finish()?;
+
+        Ok(Config {
+            data_dir,
+            server_address,
+            server_port,
+            socket_path,
+            trust_bundle_path,
+            trust_domain,
+            join_token,
+            log_level,
+            log_format,
+            sync_interval,
+            node_attestor,
+            key_manager,
+            unix,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+agent {
+    data_dir = "/var/lib/kame-agent"
+    server_address = "127.0.0.1"
+    server_port = "8081"
+    socket_path = "/tmp/kame-agent/public/api.sock"
+    trust_bundle_path = "/etc/kame/bundle.pem"
+    trust_domain = "example.org"
+    join_token = "abc"
+    log_level = "DEBUG"
+}
+plugins {
+    NodeAttestor "join_token" {
+        plugin_data {}
+    }
+    KeyManager "disk" {
+        plugin_data {
+            directory = "/var/lib/kame-agent/keys"
+        }
+    }
+    WorkloadAttestor "unix" {
+        plugin_data {
+            discover_workload_path = true
+            workload_size_limit = 1048576
+        }
+    }
+}
+"#;
+
+    #[test]
+    fn config_reads_spire_agent_keys() {
+        let c = Config::parse(GOOD, false).unwrap();
+        assert_eq!(c.server_port, 8081);
+        assert_eq!(c.trust_domain.to_string(), "example.org");
+        assert_eq!(c.join_token.as_deref(), Some("abc"));
+        assert_eq!(
+            c.key_manager,
+            KeyManagerConfig::Disk {
+                directory: "/var/lib/kame-agent/keys".into()
+            }
+        );
+        assert!(c.unix.discover_workload_path);
+        assert_eq!(c.unix.workload_size_limit, 1 << 20);
+        assert_eq!(c.sync_interval, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn config_errors_name_the_key() {
+        let cases = [
+            (
+                GOOD.replace("server_port", "server_prot"),
+                "agent.server_prot: unknown key",
+            ),
+            (GOOD.replace("\"8081\"", "\"99999\""), "agent.server_port"),
+            (
+                GOOD.replace("example.org", "Example.org"),
+                "agent.trust_domain",
+            ),
+            (
+                GOOD.replace("trust_bundle_path", "#"),
+                "agent.trust_bundle_path",
+            ),
+            (
+                GOOD.replace("\"unix\"", "\"k8s\""),
+                "plugins.WorkloadAttestor",
+            ),
+            (GOOD.replace("\"disk\"", "\"vault\""), "plugins.KeyManager"),
+            (
+                GOOD.replace("workload_size_limit = 1048576", "workload_size_limit = -1"),
+                "workload_size_limit",
+            ),
+            (
+                GOOD.replace("/tmp/kame-agent/public/api.sock", "relative.sock"),
+                "agent.socket_path",
+            ),
+        ];
+        for (text, want) in cases {
+            let e = Config::parse(&text, false).unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: got {e}");
+        }
+    }
+
+    #[test]
+    fn config_memory_key_manager_and_expand_env() {
+        let text = GOOD
+            .replace(
+                "KeyManager \"disk\" {\n        plugin_data {\n            directory = \"/var/lib/kame-agent/keys\"\n        }\n    }",
+                "KeyManager \"memory\" {\n    }",
+            )
+            .replace("\"abc\"", "\"${KAME_TEST_TOKEN_UNSET_VAR}\"");
+        let c = Config::parse(&text, true).unwrap();
+        assert_eq!(c.key_manager, KeyManagerConfig::Memory);
+        assert_eq!(c.join_token, None);
+    }
+}

@@ -1,0 +1,17 @@
+//! kame-agent: proves its node to kame-server (node attestation), keeps the agent's SVID
+//! renewed, syncs the registration entries it is authorized for, mints and rotates workload
+//! SVIDs, and serves them to local processes through the SPIFFE Workload API, identifying each
+//! caller from kernel facts (the unix workload attestor). It must not depend on the server
+//! crate: it speaks to the server only over SPIRE's wire protocol.
+#![forbid(unsafe_code)]
+
+pub mod attestation;
+pub mod attestor;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod keys;
+pub mod manager;
+pub mod run;
+pub mod storage;
+pub mod workload;

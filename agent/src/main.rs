@@ -1,0 +1,169 @@
+//! `kame-agent`: runs the agent, validates its configuration, checks its health, and talks to
+//! the Workload API (`api fetch x509|jwt`, `api validate jwt`, `api watch`) with SPIRE's
+//! command names. Exit status 0 on success, 1 on any error.
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use kame_agent::cli;
+use kame_agent::config::{Config, DEFAULT_SOCKET_PATH};
+use kame_api::conf::LogFormat;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "kame-agent",
+    version,
+    about = "Kame SPIFFE agent (SPIRE-compatible)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Runs the agent.
+    Run {
+        #[arg(long, default_value = "agent.conf")]
+        config: PathBuf,
+        /// Expand $VAR and ${VAR} in the configuration from the environment.
+        #[arg(long)]
+        expand_env: bool,
+        /// Overrides agent.join_token.
+        #[arg(long)]
+        join_token: Option<String>,
+    },
+    /// Checks a configuration file and exits.
+    Validate {
+        #[arg(long, default_value = "agent.conf")]
+        config: PathBuf,
+        #[arg(long)]
+        expand_env: bool,
+    },
+    /// Checks that the agent serves the Workload API.
+    Healthcheck {
+        #[arg(long, default_value = DEFAULT_SOCKET_PATH)]
+        socket_path: String,
+    },
+    /// Workload API client.
+    #[command(subcommand)]
+    Api(ApiCmd),
+}
+
+#[derive(Subcommand)]
+enum ApiCmd {
+    /// Fetches SVIDs.
+    #[command(subcommand)]
+    Fetch(FetchCmd),
+    /// Validates SVIDs.
+    #[command(subcommand)]
+    Validate(ValidateCmd),
+    /// Prints X509-SVID updates as they arrive.
+    Watch {
+        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
+        socket_path: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum FetchCmd {
+    /// X509-SVIDs (writes svid.N.pem, svid.N.key, bundle.N.pem with --write).
+    X509 {
+        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
+        socket_path: String,
+        #[arg(long)]
+        write: Option<PathBuf>,
+    },
+    /// JWT-SVIDs.
+    Jwt {
+        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
+        socket_path: String,
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+        #[arg(long)]
+        spiffe_id: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ValidateCmd {
+    /// Validates a JWT-SVID.
+    Jwt {
+        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
+        socket_path: String,
+        #[arg(long)]
+        audience: String,
+        #[arg(long)]
+        svid: String,
+    },
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(level.to_lowercase())
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
+}
+
+async fn real_main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Run {
+            config,
+            expand_env,
+            join_token,
+        } => {
+            let mut cfg = Config::load(&config, expand_env)
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
+            if join_token.is_some() {
+                cfg.join_token = join_token;
+            }
+            init_logging(&cfg.log_level, cfg.log_format);
+            let running = kame_agent::run::start(&cfg).await?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .context("installing the SIGTERM handler")?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("stopping");
+            running.stop().await;
+        }
+        Cmd::Validate { config, expand_env } => {
+            Config::load(&config, expand_env)
+                .with_context(|| format!("invalid configuration {}", config.display()))?;
+            println!("Configuration is valid.");
+        }
+        Cmd::Healthcheck { socket_path } => cli::healthcheck(&socket_path).await?,
+        Cmd::Api(ApiCmd::Fetch(FetchCmd::X509 { socket_path, write })) => {
+            cli::fetch_x509(&socket_path, write.as_deref()).await?
+        }
+        Cmd::Api(ApiCmd::Fetch(FetchCmd::Jwt {
+            socket_path,
+            audience,
+            spiffe_id,
+        })) => cli::fetch_jwt(&socket_path, &audience, spiffe_id.as_deref()).await?,
+        Cmd::Api(ApiCmd::Validate(ValidateCmd::Jwt {
+            socket_path,
+            audience,
+            svid,
+        })) => cli::validate_jwt(&socket_path, &audience, &svid).await?,
+        Cmd::Api(ApiCmd::Watch { socket_path }) => cli::watch(&socket_path).await?,
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    // One rustls provider for the whole process, installed before any TLS use.
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    if let Err(e) = real_main().await {
+        eprintln!("Error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,158 @@
+//! Starts an agent from its [`Config`]: storage, the manager and its sync loop, and the
+//! Workload API on its Unix socket; [`Running::stop`] ends them and removes the socket. It makes
+//! the socket's directory if missing and refuses to replace anything at the socket path that is
+//! not a socket.
+
+use crate::attestation::NodeAttestor;
+use crate::attestor::UnixAttestor;
+use crate::config::{Config, KeyManagerConfig, NodeAttestorConfig};
+use crate::manager::{Manager, ManagerConfig, ManagerError};
+use crate::storage::Storage;
+use crate::workload::{WorkloadApi, WorkloadConn};
+use kame_api::pb::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::StreamExt;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Manager(#[from] ManagerError),
+    #[error("no join token is configured and data_dir holds no usable agent SVID")]
+    NoWayToAttest,
+    #[error("cannot create {path}: {source}")]
+    Dir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("socket_path {0} exists and is not a socket")]
+    NotASocket(String),
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct Running {
+    pub manager: Arc<Manager>,
+    pub socket_path: PathBuf,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running")
+            .field("socket_path", &self.socket_path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn bind_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener, RunError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let dir_err = |source| RunError::Dir {
+        path: path.display().to_string(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(dir_err)?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            let _ = std::fs::remove_file(path);
+        }
+        Ok(_) => return Err(RunError::NotASocket(path.display().to_string())),
+        Err(_) => {}
+    }
+    let l = tokio::net::UnixListener::bind(path).map_err(|source| RunError::Listen {
+        path: path.display().to_string(),
+        source,
+    })?;
+    // Any local process may ask who it is: the answer depends on who it is.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(|source| {
+        RunError::Listen {
+            path: path.display().to_string(),
+            source,
+        }
+    })?;
+    Ok(l)
+}
+
+/// Starts the agent.
+pub async fn start(cfg: &Config) -> Result<Running, RunError> {
+    std::fs::create_dir_all(&cfg.data_dir).map_err(|source| RunError::Dir {
+        path: cfg.data_dir.display().to_string(),
+        source,
+    })?;
+    let key_dir = match &cfg.key_manager {
+        KeyManagerConfig::Memory => None,
+        KeyManagerConfig::Disk { directory } => Some(directory.clone()),
+    };
+    let storage = Storage::new(cfg.data_dir.clone(), key_dir);
+    let attestor = match cfg.node_attestor {
+        NodeAttestorConfig::JoinToken => NodeAttestor::JoinToken(cfg.join_token.clone()),
+    };
+    let can_attest = attestor.available();
+    let manager = Manager::new(
+        ManagerConfig {
+            trust_domain: cfg.trust_domain.clone(),
+            server_address: cfg.server_address.clone(),
+            server_port: cfg.server_port,
+            trust_bundle_path: cfg.trust_bundle_path.clone(),
+            sync_interval: cfg.sync_interval,
+        },
+        storage,
+        attestor,
+    )?;
+    if manager.agent_id().is_none() && !can_attest {
+        return Err(RunError::NoWayToAttest);
+    }
+    let listener = bind_socket(&cfg.socket_path)?;
+    let (shutdown, rx) = watch::channel(false);
+    let mut tasks = vec![];
+    let api = WorkloadApi::new(manager.clone(), UnixAttestor::new(cfg.unix.clone()));
+    let incoming =
+        tokio_stream::wrappers::UnixListenerStream::new(listener).map(|r| r.map(WorkloadConn::new));
+    let mut srx = rx.clone();
+    tasks.push(tokio::spawn(async move {
+        let r = tonic::transport::Server::builder()
+            .add_service(SpiffeWorkloadApiServer::new(api))
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = srx.changed().await;
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::error!(error = %e, "Workload API server failed");
+        }
+    }));
+    tasks.push(tokio::spawn(manager.clone().run(rx)));
+    tracing::info!(socket_path = %cfg.socket_path.display(), "Workload API listening");
+    Ok(Running {
+        manager,
+        socket_path: cfg.socket_path.clone(),
+        shutdown,
+        tasks,
+    })
+}
+
+impl Running {
+    /// Stops the sync loop and the Workload API, and removes the socket.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        for mut t in self.tasks {
+            // Open Workload API streams would hold a graceful shutdown forever: cut them.
+            if tokio::time::timeout(std::time::Duration::from_secs(2), &mut t)
+                .await
+                .is_err()
+            {
+                t.abort();
+            }
+        }
+        let _ = std::fs::remove_file(&self.socket_path);
+    }
+}

@@ -1,0 +1,423 @@
+//! The SPIFFE Workload API on a Unix socket, from our own copy of the SPIFFE proto (no package;
+//! `/SpiffeWorkloadAPI/<Method>`). Every call must carry `workload.spiffe.io: true`
+//! (InvalidArgument otherwise); the caller is identified from the socket's SO_PEERCRED by the
+//! unix workload attestor, and gets only what its entries entitle it to (PermissionDenied when
+//! none match). Streams send the full state, the first message at once, then a message at every
+//! change. It never talks to the server itself: the manager does.
+
+use crate::attestor::{Peer, UnixAttestor};
+use crate::manager::{Manager, WorkloadView, entry_spiffe_id, now_secs};
+use futures::Stream;
+use kame_api::pb::types;
+use kame_api::pb::workload as wl;
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::UnixStream;
+use tonic::transport::server::Connected;
+use tonic::{Request, Response, Status};
+
+/// A Workload API connection with what the kernel said about its peer when it was accepted.
+#[derive(Debug)]
+pub struct WorkloadConn {
+    inner: UnixStream,
+    info: ConnInfo,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: Option<Peer>,
+}
+
+impl WorkloadConn {
+    pub fn new(inner: UnixStream) -> Self {
+        let accepted_at = crate::attestor::uptime();
+        let peer = inner.peer_cred().ok().and_then(|c| {
+            Some(Peer {
+                pid: c.pid()?,
+                uid: c.uid(),
+                gid: c.gid(),
+                accepted_at,
+            })
+        });
+        WorkloadConn {
+            inner,
+            info: ConnInfo { peer },
+        }
+    }
+}
+
+impl Connected for WorkloadConn {
+    type ConnectInfo = ConnInfo;
+    fn connect_info(&self) -> ConnInfo {
+        self.info
+    }
+}
+
+impl AsyncRead for WorkloadConn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WorkloadConn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// The Workload API service.
+#[derive(Debug, Clone)]
+pub struct WorkloadApi {
+    manager: Arc<Manager>,
+    attestor: Arc<UnixAttestor>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+fn require_header<T>(req: &Request<T>) -> Result<(), Status> {
+    match req.metadata().get("workload.spiffe.io") {
+        Some(v) if v.as_bytes() == b"true" => Ok(()),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request",
+        )),
+    }
+}
+
+fn concat(ders: &[Vec<u8>]) -> Vec<u8> {
+    ders.concat()
+}
+
+fn td_key(td: &str) -> String {
+    format!("spiffe://{td}")
+}
+
+fn x509_response(v: &WorkloadView) -> wl::X509svidResponse {
+    let bundle = v
+        .bundle
+        .as_ref()
+        .map(|b| concat(&crate::manager::bundle_roots(b)))
+        .unwrap_or_default();
+    wl::X509svidResponse {
+        svids: v
+            .identities
+            .iter()
+            .map(|i| wl::X509svid {
+                spiffe_id: entry_spiffe_id(&i.entry),
+                x509_svid: concat(&i.svid.chain),
+                x509_svid_key: i.svid.key_pkcs8.to_vec(),
+                bundle: bundle.clone(),
+                hint: i.entry.hint.clone(),
+            })
+            .collect(),
+        crl: vec![],
+        federated_bundles: v
+            .federated
+            .iter()
+            .map(|(td, b)| (td_key(td), concat(&crate::manager::bundle_roots(b))))
+            .collect(),
+    }
+}
+
+fn x509_bundles_response(v: &WorkloadView) -> wl::X509BundlesResponse {
+    let mut bundles: HashMap<String, Vec<u8>> = v
+        .federated
+        .iter()
+        .map(|(td, b)| (td_key(td), concat(&crate::manager::bundle_roots(b))))
+        .collect();
+    if let Some(b) = &v.bundle {
+        bundles.insert(
+            td_key(&b.trust_domain),
+            concat(&crate::manager::bundle_roots(b)),
+        );
+    }
+    wl::X509BundlesResponse {
+        crl: vec![],
+        bundles,
+    }
+}
+
+fn jwt_bundles_response(v: &WorkloadView) -> Result<wl::JwtBundlesResponse, Status> {
+    let jwks = |b: &types::Bundle| {
+        kame_api::bundle::jwt_jwks(b).map_err(|e| Status::internal(format!("bundle: {e}")))
+    };
+    let mut bundles = HashMap::new();
+    for (td, b) in &v.federated {
+        bundles.insert(td_key(td), jwks(b)?);
+    }
+    if let Some(b) = &v.bundle {
+        bundles.insert(td_key(&b.trust_domain), jwks(b)?);
+    }
+    Ok(wl::JwtBundlesResponse { bundles })
+}
+
+fn json_to_prost(v: &serde_json::Value) -> prost_types::Value {
+    use prost_types::value::Kind;
+    let kind = match v {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(*b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or(0.0)),
+        serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+        serde_json::Value::Array(a) => Kind::ListValue(prost_types::ListValue {
+            values: a.iter().map(json_to_prost).collect(),
+        }),
+        serde_json::Value::Object(o) => Kind::StructValue(prost_types::Struct {
+            fields: o
+                .iter()
+                .map(|(k, v)| (k.clone(), json_to_prost(v)))
+                .collect(),
+        }),
+    };
+    prost_types::Value { kind: Some(kind) }
+}
+
+impl WorkloadApi {
+    pub fn new(manager: Arc<Manager>, attestor: UnixAttestor) -> Self {
+        WorkloadApi {
+            manager,
+            attestor: Arc::new(attestor),
+        }
+    }
+
+    /// The caller's selectors, from the kernel's facts about the connection.
+    async fn selectors<T>(&self, req: &Request<T>) -> Result<Vec<types::Selector>, Status> {
+        let peer = req
+            .extensions()
+            .get::<ConnInfo>()
+            .and_then(|c| c.peer)
+            .ok_or_else(|| Status::permission_denied("caller credentials are not available"))?;
+        let attestor = self.attestor.clone();
+        let r = tokio::task::spawn_blocking(move || attestor.attest(&peer))
+            .await
+            .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?;
+        r.map_err(|e| {
+            tracing::info!(error = %e, "workload attestation failed");
+            Status::permission_denied(format!("workload attestation failed: {e}"))
+        })
+    }
+
+    /// A stream that sends `make(view)` at once and again whenever it changes. `make` returns
+    /// `Ok(None)` while there is nothing to send yet, and an error to end the stream.
+    fn watch<T, F>(&self, selectors: Vec<types::Selector>, make: F) -> BoxStream<T>
+    where
+        T: PartialEq + Clone + Send + 'static,
+        F: Fn(&WorkloadView) -> Result<Option<T>, Status> + Send + 'static,
+    {
+        let manager = self.manager.clone();
+        let mut rx = manager.subscribe();
+        let (tx, out) = tokio::sync::mpsc::channel::<Result<T, Status>>(4);
+        tokio::spawn(async move {
+            let mut last: Option<T> = None;
+            // Expiry is an event too: re-check when the earliest SVID expires.
+            loop {
+                let view = manager.view(&selectors);
+                match make(&view) {
+                    Ok(Some(m)) => {
+                        if last.as_ref() != Some(&m) {
+                            if tx.send(Ok(m.clone())).await.is_err() {
+                                return;
+                            }
+                            last = Some(m);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(s) => {
+                        let _ = tx.send(Err(s)).await;
+                        return;
+                    }
+                }
+                let next_expiry = view
+                    .identities
+                    .iter()
+                    .map(|i| i.svid.not_after)
+                    .min()
+                    .map(|t| t.saturating_sub(now_secs()) + 1)
+                    .unwrap_or(3600);
+                tokio::select! {
+                    r = rx.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(next_expiry)) => {}
+                }
+            }
+        });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
+    }
+}
+
+fn no_identity() -> Status {
+    Status::permission_denied("no identity issued")
+}
+
+#[tonic::async_trait]
+impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = BoxStream<wl::X509svidResponse>;
+    type FetchX509BundlesStream = BoxStream<wl::X509BundlesResponse>;
+    type FetchJWTBundlesStream = BoxStream<wl::JwtBundlesResponse>;
+    type FetchWITSVIDStream = BoxStream<wl::WitsvidResponse>;
+    type FetchWITBundlesStream = BoxStream<wl::WitBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        req: Request<wl::X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        require_header(&req)?;
+        let selectors = self.selectors(&req).await?;
+        if self.manager.view(&selectors).matched == 0 {
+            return Err(no_identity());
+        }
+        Ok(Response::new(self.watch(selectors, |v| {
+            if v.matched == 0 {
+                return Err(no_identity());
+            }
+            let now = now_secs();
+            let mut v = v.clone();
+            v.identities.retain(|i| i.svid.not_after > now);
+            if v.identities.is_empty() {
+                // Entries match but SVIDs are not minted yet (or all expired): wait.
+                return Ok(None);
+            }
+            Ok(Some(x509_response(&v)))
+        })))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        req: Request<wl::X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        require_header(&req)?;
+        let selectors = self.selectors(&req).await?;
+        if self.manager.view(&selectors).matched == 0 {
+            return Err(no_identity());
+        }
+        Ok(Response::new(self.watch(selectors, |v| {
+            if v.matched == 0 {
+                return Err(no_identity());
+            }
+            Ok(v.bundle.as_ref().map(|_| x509_bundles_response(v)))
+        })))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        req: Request<wl::JwtsvidRequest>,
+    ) -> Result<Response<wl::JwtsvidResponse>, Status> {
+        require_header(&req)?;
+        if req.get_ref().audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        let spiffe_id = req.get_ref().spiffe_id.clone();
+        if !spiffe_id.is_empty() {
+            kame_api::SpiffeId::parse(&spiffe_id)
+                .map_err(|e| Status::invalid_argument(format!("spiffe_id: {e}")))?;
+        }
+        let selectors = self.selectors(&req).await?;
+        let got = self
+            .manager
+            .fetch_jwt(
+                &selectors,
+                (!spiffe_id.is_empty()).then_some(spiffe_id.as_str()),
+                &req.get_ref().audience,
+            )
+            .await?;
+        Ok(Response::new(wl::JwtsvidResponse {
+            svids: got
+                .into_iter()
+                .map(|(e, token)| wl::Jwtsvid {
+                    spiffe_id: entry_spiffe_id(&e),
+                    svid: token,
+                    hint: e.hint.clone(),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        req: Request<wl::JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        require_header(&req)?;
+        let selectors = self.selectors(&req).await?;
+        if self.manager.view(&selectors).matched == 0 {
+            return Err(no_identity());
+        }
+        Ok(Response::new(self.watch(selectors, |v| {
+            if v.matched == 0 {
+                return Err(no_identity());
+            }
+            match &v.bundle {
+                None => Ok(None),
+                Some(_) => jwt_bundles_response(v).map(Some),
+            }
+        })))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        req: Request<wl::ValidateJwtsvidRequest>,
+    ) -> Result<Response<wl::ValidateJwtsvidResponse>, Status> {
+        require_header(&req)?;
+        let r = req.get_ref();
+        if r.audience.is_empty() {
+            return Err(Status::invalid_argument("audience must be specified"));
+        }
+        if r.svid.is_empty() {
+            return Err(Status::invalid_argument("svid must be specified"));
+        }
+        // The caller must be attestable (as SPIRE, for the audit trail), but needs no entry.
+        let _ = self.selectors(&req).await?;
+        let bundles = self.manager.all_bundles();
+        let v = kame_api::jwtsvid::validate(&r.svid, &r.audience, now_secs(), |td| {
+            let b = bundles.iter().find(|b| b.trust_domain == td.to_string())?;
+            Some(
+                b.jwt_authorities
+                    .iter()
+                    .map(|k| kame_api::jwtsvid::JwtAuthority {
+                        kid: k.key_id.clone(),
+                        spki_der: k.public_key.clone(),
+                    })
+                    .collect(),
+            )
+        })
+        .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        Ok(Response::new(wl::ValidateJwtsvidResponse {
+            spiffe_id: v.sub.to_string(),
+            claims: Some(prost_types::Struct {
+                fields: v
+                    .claims
+                    .iter()
+                    .map(|(k, v)| (k.clone(), json_to_prost(v)))
+                    .collect(),
+            }),
+        }))
+    }
+
+    async fn fetch_witsvid(
+        &self,
+        _req: Request<wl::WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        Err(Status::unimplemented("WIT-SVIDs are not supported"))
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        _req: Request<wl::WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        Err(Status::unimplemented("WIT-SVIDs are not supported"))
+    }
+}
