@@ -113,12 +113,21 @@ fn name_for(file: &Path, id: u32) -> Option<String> {
 }
 
 /// Where the attestor looks: `/proc` and `/etc` normally; tests point it elsewhere.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct UnixAttestor {
     pub config: UnixAttestorConfig,
     pub proc_root: PathBuf,
     pub etc_root: PathBuf,
+    /// sha256 of binaries by file identity (device, inode, size, mtime, ctime): the kernel
+    /// changes ctime on every write, so a modified binary is hashed again.
+    hashes: std::sync::Mutex<std::collections::HashMap<FileIdentity, String>>,
 }
+
+/// (device, inode, size, mtime s, mtime ns, ctime s, ctime ns) of a binary.
+type FileIdentity = (u64, u64, u64, i64, i64, i64, i64);
+
+/// How many binary hashes are remembered.
+const HASH_CACHE: usize = 1024;
 
 fn sel(value: String) -> Selector {
     Selector {
@@ -133,6 +142,7 @@ impl UnixAttestor {
             config,
             proc_root: "/proc".into(),
             etc_root: "/etc".into(),
+            hashes: Default::default(),
         }
     }
 
@@ -176,27 +186,51 @@ impl UnixAttestor {
             // Hash through /proc/<pid>/exe: the binary the process runs, even if the path
             // has since been replaced.
             let f = std::fs::File::open(&exe).map_err(|e| proc_err(pid, "exe", e.to_string()))?;
-            let size = f
+            let meta = f
                 .metadata()
-                .map_err(|e| proc_err(pid, "exe", e.to_string()))?
-                .len();
+                .map_err(|e| proc_err(pid, "exe", e.to_string()))?;
+            let size = meta.len();
             let limit = self.config.workload_size_limit;
             if limit > 0 && size > limit {
                 return Err(AttestorError::TooLarge { pid, size, limit });
             }
-            let mut h = sha2::Sha256::new();
-            let mut r = std::io::BufReader::new(f);
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = r
-                    .read(&mut buf)
-                    .map_err(|e| proc_err(pid, "exe", e.to_string()))?;
-                if n == 0 {
-                    break;
+            use std::os::unix::fs::MetadataExt;
+            let key = (
+                meta.dev(),
+                meta.ino(),
+                size,
+                meta.mtime(),
+                meta.mtime_nsec(),
+                meta.ctime(),
+                meta.ctime_nsec(),
+            );
+            let cached = self.hashes.lock().ok().and_then(|h| h.get(&key).cloned());
+            let digest = match cached {
+                Some(d) => d,
+                None => {
+                    let mut h = sha2::Sha256::new();
+                    let mut r = std::io::BufReader::new(f);
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = r
+                            .read(&mut buf)
+                            .map_err(|e| proc_err(pid, "exe", e.to_string()))?;
+                        if n == 0 {
+                            break;
+                        }
+                        h.update(&buf[..n]);
+                    }
+                    let d = hex::encode(h.finalize());
+                    if let Ok(mut m) = self.hashes.lock() {
+                        if m.len() >= HASH_CACHE {
+                            m.clear();
+                        }
+                        m.insert(key, d.clone());
+                    }
+                    d
                 }
-                h.update(&buf[..n]);
-            }
-            out.push(sel(format!("sha256:{}", hex::encode(h.finalize()))));
+            };
+            out.push(sel(format!("sha256:{digest}")));
         }
         // Still the same process at the end: otherwise what was read may be another's.
         match start_time(&self.proc_root, pid) {

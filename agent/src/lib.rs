@@ -10,6 +10,7 @@ pub mod attestor;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod h2fix;
 pub mod keys;
 pub mod manager;
 pub mod run;

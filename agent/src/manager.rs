@@ -67,6 +67,15 @@ pub fn entry_spiffe_id(e: &types::Entry) -> String {
         .unwrap_or_default()
 }
 
+/// The trust domain names an entry federates with (given as names or `spiffe://` IDs).
+pub fn federated_tds(e: &types::Entry) -> impl Iterator<Item = String> + '_ {
+    e.federates_with.iter().map(|f| {
+        f.trim_start_matches("spiffe://")
+            .trim_end_matches('/')
+            .to_string()
+    })
+}
+
 /// The DER certificates of a bundle's X.509 authorities.
 pub fn bundle_roots(b: &types::Bundle) -> Vec<Vec<u8>> {
     b.x509_authorities.iter().map(|c| c.asn1.clone()).collect()
@@ -263,9 +272,9 @@ impl Manager {
         let mut identities = vec![];
         let mut federated = BTreeMap::new();
         for e in &matched {
-            for td in &e.federates_with {
-                if let Some(b) = st.federated.get(td) {
-                    federated.insert(td.clone(), b.clone());
+            for td in federated_tds(e) {
+                if let Some(b) = st.federated.get(&td) {
+                    federated.insert(td, b.clone());
                 }
             }
             if let Some(s) = st.svids.get(&e.id) {
@@ -485,10 +494,7 @@ impl Manager {
         // 2. Entries.
         let entries = self.sync_entries(ch.clone()).await?;
         // 3. Federated bundles of the trust domains entries federate with.
-        let tds: BTreeSet<String> = entries
-            .values()
-            .flat_map(|e| e.federates_with.iter().cloned())
-            .collect();
+        let tds: BTreeSet<String> = entries.values().flat_map(federated_tds).collect();
         let mut federated = BTreeMap::new();
         for td in tds {
             match pb::bundle::bundle_client::BundleClient::new(ch.clone())

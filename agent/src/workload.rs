@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 /// A Workload API connection with what the kernel said about its peer when it was accepted.
 #[derive(Debug)]
 pub struct WorkloadConn {
-    inner: UnixStream,
+    inner: crate::h2fix::AuthorityFix<UnixStream>,
     info: ConnInfo,
 }
 
@@ -43,7 +43,7 @@ impl WorkloadConn {
             })
         });
         WorkloadConn {
-            inner,
+            inner: crate::h2fix::AuthorityFix::new(inner),
             info: ConnInfo { peer },
         }
     }
