@@ -3,7 +3,7 @@
 //! (`agent.server_port: ...`). Parsing has no side effects: nothing is created on disk here.
 
 use kame_api::TrustDomain;
-use kame_api::conf::{ConfigError, LogFormat, Section, invalid, plugin_data};
+use kame_api::conf::{ConfigError, LogFormat, Section, invalid, single_plugin};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -113,99 +113,63 @@ impl Config {
         // SPIRE keys that have no meaning here are refused as unknown by `finish`.
         agent.finish()?;
 
-        let mut node_attestor = None;
-        for (name, sec) in plugins.labeled("NodeAttestor")? {
-            if node_attestor.is_some() {
+        let (name, data) = single_plugin(&mut plugins, "NodeAttestor")?;
+        let node_attestor = match name.as_str() {
+            "join_token" => NodeAttestorConfig::JoinToken,
+            other => {
                 return Err(invalid(
                     "plugins.NodeAttestor",
-                    "only one NodeAttestor may be configured",
+                    format!("unknown NodeAttestor {other:?} (expected \"join_token\")"),
                 ));
             }
-            let data = plugin_data(sec)?;
-            node_attestor = Some(match name.as_str() {
-                "join_token" => NodeAttestorConfig::JoinToken,
-                other => {
-                    return Err(invalid(
-                        "plugins.NodeAttestor",
-                        format!("unknown NodeAttestor {other:?} (expected \"join_token\")"),
-                    ));
-                }
-            });
-            data.finish()?;
-        }
-        let node_attestor = node_attestor.ok_or(ConfigError::Missing {
-            key: "plugins.NodeAttestor".into(),
-        })?;
+        };
         // A join_token agent without a token is allowed here: restarting with a cached SVID
         // needs none. Whether it can attest is checked at start.
+        data.finish()?;
 
-        let mut key_manager = None;
-        for (name, sec) in plugins.labeled("KeyManager")? {
-            if key_manager.is_some() {
+        let (name, data) = single_plugin(&mut plugins, "KeyManager")?;
+        let key_manager = match name.as_str() {
+            "memory" => KeyManagerConfig::Memory,
+            "disk" => KeyManagerConfig::Disk {
+                directory: data
+                    .string("directory")?
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| data_dir.clone()),
+            },
+            other => {
                 return Err(invalid(
                     "plugins.KeyManager",
-                    "only one KeyManager may be configured",
+                    format!("unknown KeyManager {other:?} (expected \"disk\" or \"memory\")"),
                 ));
             }
-            let data = plugin_data(sec)?;
-            key_manager = Some(match name.as_str() {
-                "memory" => KeyManagerConfig::Memory,
-                "disk" => KeyManagerConfig::Disk {
-                    directory: data
-                        .string("directory")?
-                        .map(PathBuf::from)
-                        .unwrap_or_else(|| data_dir.clone()),
-                },
-                other => {
-                    return Err(invalid(
-                        "plugins.KeyManager",
-                        format!("unknown KeyManager {other:?} (expected \"disk\" or \"memory\")"),
-                    ));
-                }
-            });
-            data.finish()?;
-        }
-        let key_manager = key_manager.ok_or(ConfigError::Missing {
-            key: "plugins.KeyManager".into(),
-        })?;
+        };
+        data.finish()?;
 
-        let mut unix = None;
-        for (name, sec) in plugins.labeled("WorkloadAttestor")? {
-            if name != "unix" {
-                return Err(invalid(
-                    "plugins.WorkloadAttestor",
-                    format!("unknown WorkloadAttestor {name:?} (expected \"unix\")"),
-                ));
-            }
-            if unix.is_some() {
-                return Err(invalid(
-                    "plugins.WorkloadAttestor",
-                    "\"unix\" is configured more than once",
-                ));
-            }
-            let data = plugin_data(sec)?;
-            let discover = data
-                .take_bool("discover_workload_path")?
-                .unwrap_or_default();
-            let limit = match data.int("workload_size_limit")? {
-                None => 0,
-                Some(n) if n < 0 => {
-                    return Err(invalid(
-                        &data.key("workload_size_limit"),
-                        "must not be negative",
-                    ));
-                }
-                Some(n) => n as u64,
-            };
-            data.finish()?;
-            unix = Some(UnixAttestorConfig {
-                discover_workload_path: discover,
-                workload_size_limit: limit,
-            });
+        let (name, data) = single_plugin(&mut plugins, "WorkloadAttestor")?;
+        if name != "unix" {
+            return Err(invalid(
+                "plugins.WorkloadAttestor",
+                format!("unknown WorkloadAttestor {name:?} (expected \"unix\")"),
+            ));
         }
-        let unix = unix.ok_or(ConfigError::Missing {
-            key: "plugins.WorkloadAttestor".into(),
-        })?;
+        let discover_workload_path = data
+            .take_bool("discover_workload_path")?
+            .unwrap_or_default();
+        let workload_size_limit = match data.int("workload_size_limit")? {
+            None => 0,
+            Some(n) if n < 0 => {
+                return Err(invalid(
+                    &data.key("workload_size_limit"),
+                    "must not be negative",
+                ));
+            }
+            Some(n) => n as u64,
+        };
+        data.finish()?;
+        let unix = UnixAttestorConfig {
+            discover_workload_path,
+            workload_size_limit,
+        };
         plugins.finish()?;
 
         Ok(Config {

@@ -395,3 +395,15 @@ pub fn log_format(sec: &Section) -> Result<LogFormat, ConfigError> {
         )),
     }
 }
+
+/// The one plugin of `kind` in `plugins` (`kind "name" { plugin_data { } }`): its name and
+/// `plugin_data`. None configured, or more than one, is an error naming `plugins.<kind>`.
+pub fn single_plugin(plugins: &mut Section, kind: &str) -> Result<(String, Section), ConfigError> {
+    let mut all = plugins.labeled(kind)?;
+    let key = plugins.key(kind);
+    if all.len() > 1 {
+        return Err(invalid(&key, format!("only one {kind} may be configured")));
+    }
+    let (name, sec) = all.pop().ok_or(ConfigError::Missing { key })?;
+    Ok((name, plugin_data(sec)?))
+}

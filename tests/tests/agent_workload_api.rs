@@ -552,3 +552,110 @@ async fn agent_memory_key_manager_keeps_no_secret_on_disk() {
     let _ = sid;
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_cli_fetch_x509_writes_spire_files_that_openssl_verifies() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::start(Opts::default()).await;
+    env.register("/cli", &[&uid_selector()], |e| {
+        e.dns_names = vec!["cli.example.org".into()]
+    })
+    .await;
+    env.wait_for_svids(&["/cli"]).await;
+    let out = tempfile::tempdir().unwrap();
+    kame_agent::cli::fetch_x509(&env.socket_url(), Some(out.path()))
+        .await
+        .unwrap();
+    let f = |n: &str| out.path().join(n);
+    let key_mode = std::fs::metadata(f("svid.0.key"))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777;
+    assert_eq!(key_mode, 0o600);
+    let verify = std::process::Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(f("bundle.0.pem"))
+        .arg(f("svid.0.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    // The key file holds the certificate's key.
+    let pubkey = |args: &[&str], file: std::path::PathBuf| {
+        let o = std::process::Command::new("openssl")
+            .args(args)
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        o.stdout
+    };
+    assert_eq!(
+        pubkey(&["pkey", "-pubout", "-in"], f("svid.0.key")),
+        pubkey(&["x509", "-noout", "-pubkey", "-in"], f("svid.0.pem"))
+    );
+    kame_agent::cli::healthcheck(&env.socket_url())
+        .await
+        .unwrap();
+    kame_agent::cli::fetch_jwt(&env.socket_url(), &["a".into()], None)
+        .await
+        .unwrap();
+    match kame_agent::cli::validate_jwt(&env.socket_url(), "a", "not.a.jwt").await {
+        Err(kame_agent::cli::CliError::Api { code, .. }) => assert_eq!(code, Code::InvalidArgument),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        kame_agent::cli::fetch_x509("tcp://127.0.0.1:1", None).await,
+        Err(kame_agent::cli::CliError::BadAddress(_))
+    ));
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_renews_its_own_svid_at_half_life_and_keeps_serving() {
+    let env = Env::start(Opts {
+        extra_server: "agent_ttl = \"8s\"",
+        ..Default::default()
+    })
+    .await;
+    env.register("/renewed", &[&uid_selector()], |_| {}).await;
+    env.wait_for_svids(&["/renewed"]).await;
+    let serial = || async {
+        let id = env
+            .agent_id
+            .trim_start_matches(&format!("spiffe://{TD}"))
+            .to_string();
+        pb::agent::agent_client::AgentClient::new(env.admin().await)
+            .get_agent(pb::agent::GetAgentRequest {
+                id: Some(sid(TD, &id)),
+                output_mask: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .x509svid_serial_number
+    };
+    let first = serial().await;
+    // The agent renews at half of 8 s and switches to the new SVID (the server promotes it on
+    // first use); it keeps syncing, so a new entry is still served after the first expired.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if serial().await != first {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent SVID was not renewed"
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    env.register("/after-renewal", &[&uid_selector()], |_| {})
+        .await;
+    env.wait_for_svids(&["/after-renewal", "/renewed"]).await;
+    env.stop().await;
+}

@@ -33,6 +33,8 @@ pub struct Env {
 
 pub struct Opts {
     pub x509_ttl: &'static str,
+    /// Extra lines for the server's `server { }` block.
+    pub extra_server: &'static str,
     pub sync: &'static str,
     pub key_manager: &'static str,
 }
@@ -41,6 +43,7 @@ impl Default for Opts {
     fn default() -> Self {
         Opts {
             x509_ttl: "1h",
+            extra_server: "",
             sync: "1s",
             key_manager: "disk",
         }
@@ -77,6 +80,7 @@ impl Env {
     data_dir = "{d}/srv"
     log_level = "WARN"
     default_x509_svid_ttl = "{ttl}"
+    {extra}
 }}
 plugins {{
     DataStore "sql" {{
@@ -96,7 +100,8 @@ plugins {{
 }}
 "#,
                 d = d.display(),
-                ttl = o.x509_ttl
+                ttl = o.x509_ttl,
+                extra = o.extra_server,
             ),
         )
         .unwrap();
