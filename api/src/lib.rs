@@ -10,6 +10,7 @@ pub mod jwtsvid;
 pub mod keys;
 pub mod spiffe_id;
 pub mod tls;
+pub mod tpm_devid;
 pub mod x509svid;
 
 pub use spiffe_id::{IdError, SpiffeId, TrustDomain};
@@ -91,4 +92,6 @@ pub enum Error {
     BadBundle(String),
     #[error("invalid JWT-SVID: {0}")]
     BadJwt(String),
+    #[error("bad attestation message: {0}")]
+    BadAttestation(String),
 }

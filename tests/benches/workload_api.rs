@@ -7,7 +7,8 @@
 //!   FetchX509SVID calls, each on a new connection (goal p99 < 2 ms);
 //! - the agent's RSS with the 1,000 streams open.
 //!
-//! Run: `cargo build --release --bin kame-agent && cargo bench -p kame-tests --bench workload_api`
+//! Run: `cargo build --profile edge --bin kame-agent && cargo bench -p kame-tests --bench workload_api`
+//! (`KAME_AGENT_BIN=target/release/kame-agent` measures the release build instead).
 
 use kame_api::pb;
 use std::path::PathBuf;
@@ -80,11 +81,17 @@ fn report(name: &str, mut v: Vec<Duration>) {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    let agent_bin = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/kame-agent");
+    // The node build (`[profile.edge]`), or another binary named by KAME_AGENT_BIN.
+    let agent_bin = std::env::var_os("KAME_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/edge/kame-agent")
+        });
     assert!(
         agent_bin.exists(),
-        "build it first: cargo build --release --bin kame-agent"
+        "build it first: cargo build --profile edge --bin kame-agent"
     );
+    println!("agent binary: {}", agent_bin.display());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display().to_string();
     let port = free_port();

@@ -1,0 +1,287 @@
+//! The `tpm_devid` node-attestation messages, byte-compatible with SPIRE's Go agent and server
+//! (`tpm_devid.md` §1.1–1.6): JSON objects whose keys are the Go field names, byte fields as
+//! standard padded base64, absent values as `null`. Decoding is as lenient as Go's
+//! `encoding/json`: key names match case-insensitively and unknown keys are ignored. Kame's
+//! optional `Version` field (2 = bound certify and a quote) is only written when set, so Go
+//! peers never see it. Pure data: no checks beyond shape, no I/O.
+
+use crate::Error;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::{Map, Value};
+
+fn bad(msg: impl Into<String>) -> Error {
+    Error::BadAttestation(msg.into())
+}
+
+fn object(data: &[u8], what: &str) -> Result<Map<String, Value>, Error> {
+    match serde_json::from_slice(data) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(bad(format!("{what} is not a JSON object"))),
+        Err(e) => Err(bad(format!("{what} is not JSON: {e}"))),
+    }
+}
+
+/// Go's case-insensitive field lookup (an exact match wins).
+fn field<'a>(m: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    m.get(name).or_else(|| {
+        m.iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    })
+}
+
+fn bytes(m: &Map<String, Value>, name: &str) -> Result<Option<Vec<u8>>, Error> {
+    match field(m, name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => STANDARD
+            .decode(s)
+            .map(Some)
+            .map_err(|_| bad(format!("{name} is not base64"))),
+        Some(_) => Err(bad(format!("{name} is not a base64 string"))),
+    }
+}
+
+fn bytes_list(m: &Map<String, Value>, name: &str) -> Result<Vec<Vec<u8>>, Error> {
+    match field(m, name) {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| match v {
+                Value::String(s) => STANDARD
+                    .decode(s)
+                    .map_err(|_| bad(format!("{name} holds a value that is not base64"))),
+                Value::Null => Ok(vec![]),
+                _ => Err(bad(format!("{name} holds a value that is not a string"))),
+            })
+            .collect(),
+        Some(_) => Err(bad(format!("{name} is not an array"))),
+    }
+}
+
+fn enc(b: &Option<Vec<u8>>) -> Value {
+    match b {
+        None => Value::Null,
+        Some(b) => Value::String(STANDARD.encode(b)),
+    }
+}
+
+/// A JSON object with its members in the given order (Go writes struct fields in declaration
+/// order; serde_json's map would sort them).
+fn ordered(members: Vec<(&str, Value)>) -> Vec<u8> {
+    let mut out = b"{".to_vec();
+    for (i, (k, v)) in members.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        // Serializing strings and Values cannot fail.
+        out.extend(serde_json::to_vec(k).unwrap_or_default());
+        out.push(b':');
+        out.extend(serde_json::to_vec(v).unwrap_or_default());
+    }
+    out.push(b'}');
+    out
+}
+
+/// Message 1, agent → server (`AttestationRequest`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AttestationRequest {
+    /// DER certificates, the DevID leaf first.
+    pub devid_cert: Vec<Vec<u8>>,
+    /// TPMT_PUBLIC (no TPM2B size) of the DevID key.
+    pub devid_pub: Option<Vec<u8>>,
+    pub ek_cert: Option<Vec<u8>>,
+    pub ek_pub: Option<Vec<u8>>,
+    pub ak_pub: Option<Vec<u8>>,
+    /// TPMS_ATTEST of TPM2_Certify(DevID) by the AK.
+    pub certified_devid: Option<Vec<u8>>,
+    /// TPMT_SIGNATURE over `certified_devid`.
+    pub certification_signature: Option<Vec<u8>>,
+    /// Kame's protocol version (absent: SPIRE's, 1).
+    pub version: Option<u32>,
+}
+
+impl AttestationRequest {
+    pub fn encode(&self) -> Vec<u8> {
+        let certs = if self.devid_cert.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(
+                self.devid_cert
+                    .iter()
+                    .map(|c| Value::String(STANDARD.encode(c)))
+                    .collect(),
+            )
+        };
+        let mut m = vec![
+            ("DevIDCert", certs),
+            ("DevIDPub", enc(&self.devid_pub)),
+            ("EKCert", enc(&self.ek_cert)),
+            ("EKPub", enc(&self.ek_pub)),
+            ("AKPub", enc(&self.ak_pub)),
+            ("CertifiedDevID", enc(&self.certified_devid)),
+            ("CertificationSignature", enc(&self.certification_signature)),
+        ];
+        if let Some(v) = self.version {
+            m.push(("Version", v.into()));
+        }
+        ordered(m)
+    }
+
+    pub fn decode(data: &[u8]) -> Result<Self, Error> {
+        let m = object(data, "attestation request")?;
+        let version = match field(&m, "Version") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                v.as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| bad("Version is not a small unsigned integer"))?,
+            ),
+        };
+        Ok(AttestationRequest {
+            devid_cert: bytes_list(&m, "DevIDCert")?,
+            devid_pub: bytes(&m, "DevIDPub")?,
+            ek_cert: bytes(&m, "EKCert")?,
+            ek_pub: bytes(&m, "EKPub")?,
+            ak_pub: bytes(&m, "AKPub")?,
+            certified_devid: bytes(&m, "CertifiedDevID")?,
+            certification_signature: bytes(&m, "CertificationSignature")?,
+            version,
+        })
+    }
+}
+
+/// The credential-activation challenge: TPM2_MakeCredential outputs without TPM2B sizes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CredActivation {
+    pub credential: Vec<u8>,
+    pub secret: Vec<u8>,
+}
+
+/// Message 2, server → agent (`ChallengeRequest`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChallengeRequest {
+    /// The nonce the DevID key must sign.
+    pub devid: Option<Vec<u8>>,
+    pub cred_activation: Option<CredActivation>,
+}
+
+impl ChallengeRequest {
+    pub fn encode(&self) -> Vec<u8> {
+        let cred = match &self.cred_activation {
+            None => Value::Null,
+            Some(c) => Value::Object(Map::from_iter([
+                ("Credential".to_string(), enc(&Some(c.credential.clone()))),
+                ("Secret".to_string(), enc(&Some(c.secret.clone()))),
+            ])),
+        };
+        ordered(vec![("DevID", enc(&self.devid)), ("CredActivation", cred)])
+    }
+
+    pub fn decode(data: &[u8]) -> Result<Self, Error> {
+        let m = object(data, "challenge")?;
+        let cred_activation = match field(&m, "CredActivation") {
+            None | Some(Value::Null) => None,
+            Some(Value::Object(cm)) => Some(CredActivation {
+                credential: bytes(cm, "Credential")?.unwrap_or_default(),
+                secret: bytes(cm, "Secret")?.unwrap_or_default(),
+            }),
+            Some(_) => return Err(bad("CredActivation is not an object")),
+        };
+        Ok(ChallengeRequest {
+            devid: bytes(&m, "DevID")?,
+            cred_activation,
+        })
+    }
+}
+
+/// Message 3, agent → server (`ChallengeResponse`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChallengeResponse {
+    /// The DevID key's signature over the nonce (RSA raw, ECDSA DER).
+    pub devid: Option<Vec<u8>>,
+    /// The secret recovered by TPM2_ActivateCredential.
+    pub cred_activation: Option<Vec<u8>>,
+}
+
+impl ChallengeResponse {
+    pub fn encode(&self) -> Vec<u8> {
+        ordered(vec![
+            ("DevID", enc(&self.devid)),
+            ("CredActivation", enc(&self.cred_activation)),
+        ])
+    }
+
+    pub fn decode(data: &[u8]) -> Result<Self, Error> {
+        let m = object(data, "challenge response")?;
+        Ok(ChallengeResponse {
+            devid: bytes(&m, "DevID")?,
+            cred_activation: bytes(&m, "CredActivation")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tpm_devid_messages_use_go_field_names_padded_base64_and_null() {
+        let r = AttestationRequest {
+            devid_cert: vec![vec![0x30, 0x01], vec![0x30]],
+            devid_pub: Some(vec![0, 1, 0, 0x0b]),
+            ek_cert: None,
+            ..Default::default()
+        };
+        let s = String::from_utf8(r.encode()).unwrap();
+        assert_eq!(
+            s,
+            r#"{"DevIDCert":["MAE=","MA=="],"DevIDPub":"AAEACw==","EKCert":null,"EKPub":null,"AKPub":null,"CertifiedDevID":null,"CertificationSignature":null}"#
+        );
+        assert_eq!(AttestationRequest::decode(s.as_bytes()).unwrap(), r);
+        let c = ChallengeRequest {
+            devid: Some(vec![1; 4]),
+            cred_activation: Some(CredActivation {
+                credential: vec![2],
+                secret: vec![3],
+            }),
+        };
+        let s = String::from_utf8(c.encode()).unwrap();
+        assert_eq!(
+            s,
+            r#"{"DevID":"AQEBAQ==","CredActivation":{"Credential":"Ag==","Secret":"Aw=="}}"#
+        );
+        assert_eq!(ChallengeRequest::decode(s.as_bytes()).unwrap(), c);
+    }
+
+    #[test]
+    fn tpm_devid_decoding_is_as_lenient_as_go_and_strict_on_types() {
+        // Case-insensitive names, unknown fields ignored, Kame's Version read.
+        let r = AttestationRequest::decode(
+            br#"{"devidcert":["MAE="],"akpub":"AA==","Unknown":1,"Version":2}"#,
+        )
+        .unwrap();
+        assert_eq!(r.devid_cert, vec![vec![0x30, 0x01]]);
+        assert_eq!(r.ak_pub, Some(vec![0]));
+        assert_eq!(r.version, Some(2));
+        for bad in [
+            &br#"[]"#[..],
+            br#"{"DevIDPub":"not base64!"}"#,
+            br#"{"DevIDCert":"MAE="}"#,
+            br#"{"Version":-1}"#,
+            b"\xff",
+        ] {
+            assert!(AttestationRequest::decode(bad).is_err());
+        }
+        let v = ChallengeResponse::decode(br#"{"devid":"AQ==","credactivation":null}"#).unwrap();
+        assert_eq!(v.devid, Some(vec![1]));
+        assert_eq!(v.cred_activation, None);
+        assert!(ChallengeRequest::decode(br#"{"CredActivation":"x"}"#).is_err());
+        // A v1 message never carries Version.
+        assert!(
+            !String::from_utf8(AttestationRequest::default().encode())
+                .unwrap()
+                .contains("Version")
+        );
+    }
+}
