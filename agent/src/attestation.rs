@@ -16,6 +16,8 @@ pub enum AttestError {
     UnexpectedChallenge(&'static str),
     #[error("the server ended attestation without a result")]
     NoResult,
+    #[error("nodeattestor(tpm_devid): {0}")]
+    TpmDevid(#[from] crate::tpm_devid::DevIdAgentError),
 }
 
 impl From<tonic::Status> for AttestError {
@@ -31,6 +33,7 @@ impl From<tonic::Status> for AttestError {
 #[derive(Clone)]
 pub enum NodeAttestor {
     JoinToken(Option<String>),
+    TpmDevid(crate::tpm_devid::TpmDevidConfig),
 }
 
 impl std::fmt::Debug for NodeAttestor {
@@ -38,6 +41,7 @@ impl std::fmt::Debug for NodeAttestor {
         match self {
             // the token is a secret until used
             NodeAttestor::JoinToken(_) => f.write_str("NodeAttestor::JoinToken"),
+            NodeAttestor::TpmDevid(c) => write!(f, "NodeAttestor::TpmDevid({c:?})"),
         }
     }
 }
@@ -53,6 +57,7 @@ impl NodeAttestor {
     pub fn name(&self) -> &'static str {
         match self {
             NodeAttestor::JoinToken(_) => "join_token",
+            NodeAttestor::TpmDevid(_) => "tpm_devid",
         }
     }
 
@@ -60,14 +65,33 @@ impl NodeAttestor {
     pub fn available(&self) -> bool {
         match self {
             NodeAttestor::JoinToken(t) => t.is_some(),
+            NodeAttestor::TpmDevid(_) => true,
         }
     }
 
     /// Runs AttestAgent on an unauthenticated channel with `csr` for the agent's key.
     pub async fn attest(&self, ch: Channel, csr: Vec<u8>) -> Result<Attested, AttestError> {
+        let mut tpm = None;
         let payload = match self {
             NodeAttestor::JoinToken(None) => return Err(AttestError::NoToken),
             NodeAttestor::JoinToken(Some(t)) => t.as_bytes().to_vec(),
+            NodeAttestor::TpmDevid(cfg) => {
+                let dev = kame_tpm::device::SharedDevice::open(&cfg.tcti)
+                    .await
+                    .map_err(crate::tpm_devid::DevIdAgentError::from)?;
+                let c = cfg.clone();
+                let (payload, session) = dev
+                    .run(move |d| {
+                        crate::tpm_devid::request(d, &c).map_err(|e| match e {
+                            crate::tpm_devid::DevIdAgentError::Tpm(t) => t,
+                            other => kame_tpm::device::DeviceError::Invalid(other.to_string()),
+                        })
+                    })
+                    .await
+                    .map_err(crate::tpm_devid::DevIdAgentError::from)?;
+                tpm = Some((dev, std::sync::Arc::new(session)));
+                payload
+            }
         };
         let first = pb::agent::AttestAgentRequest {
             step: Some(pb::agent::attest_agent_request::Step::Params(
@@ -86,24 +110,46 @@ impl NodeAttestor {
             .attest_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await?
             .into_inner();
-        let Some(msg) = stream.message().await? else {
-            return Err(AttestError::NoResult);
-        };
-        match msg.step {
-            Some(pb::agent::attest_agent_response::Step::Result(r)) => {
-                let svid = r.svid.ok_or(AttestError::NoResult)?;
-                drop(tx);
-                Ok(Attested {
-                    chain: svid.cert_chain,
-                    reattestable: r.reattestable,
-                })
+        let mut answered = false;
+        loop {
+            let Some(msg) = stream.message().await? else {
+                return Err(AttestError::NoResult);
+            };
+            match msg.step {
+                Some(pb::agent::attest_agent_response::Step::Result(r)) => {
+                    let svid = r.svid.ok_or(AttestError::NoResult)?;
+                    drop(tx);
+                    return Ok(Attested {
+                        chain: svid.cert_chain,
+                        reattestable: r.reattestable,
+                    });
+                }
+                // One challenge round, answered by the attestor that expects it.
+                Some(pb::agent::attest_agent_response::Step::Challenge(c)) => {
+                    let Some((dev, session)) = tpm.as_ref().filter(|_| !answered) else {
+                        return Err(AttestError::UnexpectedChallenge(self.name()));
+                    };
+                    let session = session.clone();
+                    let resp = dev
+                        .run(move |d| {
+                            crate::tpm_devid::respond(d, &session, &c).map_err(|e| match e {
+                                crate::tpm_devid::DevIdAgentError::Tpm(t) => t,
+                                other => kame_tpm::device::DeviceError::Invalid(other.to_string()),
+                            })
+                        })
+                        .await
+                        .map_err(crate::tpm_devid::DevIdAgentError::from)?;
+                    answered = true;
+                    tx.send(pb::agent::AttestAgentRequest {
+                        step: Some(pb::agent::attest_agent_request::Step::ChallengeResponse(
+                            resp,
+                        )),
+                    })
+                    .await
+                    .map_err(|_| AttestError::NoResult)?;
+                }
+                None => return Err(AttestError::NoResult),
             }
-            // join_token answers no challenge; attestors that do (tpm_devid) send their
-            // response on `tx` here.
-            Some(pb::agent::attest_agent_response::Step::Challenge(_)) => {
-                Err(AttestError::UnexpectedChallenge(self.name()))
-            }
-            None => Err(AttestError::NoResult),
         }
     }
 }

@@ -30,6 +30,7 @@ pub struct UnixAttestorConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeAttestorConfig {
     JoinToken,
+    TpmDevid(crate::tpm_devid::TpmDevidConfig),
 }
 
 #[derive(Debug, Clone)]
@@ -48,6 +49,57 @@ pub struct Config {
     pub node_attestor: NodeAttestorConfig,
     pub key_manager: KeyManagerConfig,
     pub unix: UnixAttestorConfig,
+}
+
+/// `NodeAttestor "tpm_devid"`: SPIRE's keys, plus `tcti`.
+fn tpm_devid_config(data: &Section) -> Result<crate::tpm_devid::TpmDevidConfig, ConfigError> {
+    let path = |k: &str| -> Result<PathBuf, ConfigError> {
+        data.string(k)?
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .ok_or(ConfigError::Missing { key: data.key(k) })
+    };
+    let devid_cert_path = path("devid_cert_path")?;
+    let devid_priv_path = path("devid_priv_path")?;
+    let devid_pub_path = path("devid_pub_path")?;
+    for k in [
+        "devid_password",
+        "owner_hierarchy_password",
+        "endorsement_hierarchy_password",
+    ] {
+        if data.string(k)?.is_some_and(|v| !v.is_empty()) {
+            return Err(invalid(
+                &data.key(k),
+                "TPM authorization values are not supported yet; use empty authorizations",
+            ));
+        }
+    }
+    let device = data.string("tpm_device_path")?.filter(|v| !v.is_empty());
+    let tcti = data.string("tcti")?.filter(|v| !v.is_empty());
+    let tcti = match (device, tcti) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                &data.key("tcti"),
+                "give tpm_device_path or tcti, not both",
+            ));
+        }
+        (Some(d), None) => format!("device:{d}"),
+        (None, Some(t)) => t,
+        // SPIRE's autodetection order: the resource manager first.
+        (None, None) => {
+            if Path::new("/dev/tpmrm0").exists() {
+                "device:/dev/tpmrm0".into()
+            } else {
+                "device:/dev/tpm0".into()
+            }
+        }
+    };
+    Ok(crate::tpm_devid::TpmDevidConfig {
+        devid_cert_path,
+        devid_priv_path,
+        devid_pub_path,
+        tcti,
+    })
 }
 
 impl Config {
@@ -116,10 +168,13 @@ impl Config {
         let (name, data) = single_plugin(&mut plugins, "NodeAttestor")?;
         let node_attestor = match name.as_str() {
             "join_token" => NodeAttestorConfig::JoinToken,
+            "tpm_devid" => NodeAttestorConfig::TpmDevid(tpm_devid_config(&data)?),
             other => {
                 return Err(invalid(
                     "plugins.NodeAttestor",
-                    format!("unknown NodeAttestor {other:?} (expected \"join_token\")"),
+                    format!(
+                        "unknown NodeAttestor {other:?} (expected \"join_token\" or \"tpm_devid\")"
+                    ),
                 ));
             }
         };

@@ -15,4 +15,5 @@ pub mod keys;
 pub mod manager;
 pub mod run;
 pub mod storage;
+pub mod tpm_devid;
 pub mod workload;

@@ -94,8 +94,9 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
         KeyManagerConfig::Disk { directory } => Some(directory.clone()),
     };
     let storage = Storage::new(cfg.data_dir.clone(), key_dir);
-    let attestor = match cfg.node_attestor {
+    let attestor = match &cfg.node_attestor {
         NodeAttestorConfig::JoinToken => NodeAttestor::JoinToken(cfg.join_token.clone()),
+        NodeAttestorConfig::TpmDevid(t) => NodeAttestor::TpmDevid(t.clone()),
     };
     let can_attest = attestor.available();
     let manager = Manager::new(

@@ -97,6 +97,24 @@ pub fn verify(
     roots: &[Vec<u8>],
     now: u64,
 ) -> Result<usize, ChainError> {
+    verify_path(leaf, intermediates, roots, now).map(|p| p.root_index)
+}
+
+/// A validated path: the issuers above the leaf in chain order (intermediates, then the
+/// root), as DER, and which root was reached.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainPath {
+    pub issuers: Vec<Vec<u8>>,
+    pub root_index: usize,
+}
+
+/// As [`verify`], returning the path it validated.
+pub fn verify_path(
+    leaf: &[u8],
+    intermediates: &[Vec<u8>],
+    roots: &[Vec<u8>],
+    now: u64,
+) -> Result<ChainPath, ChainError> {
     let leaf = parse(0, leaf)?;
     check_time(0, &leaf, now)?;
     let inter: Vec<Parsed> = intermediates
@@ -107,6 +125,7 @@ pub fn verify(
     let roots_p: Vec<Option<Parsed>> = roots.iter().map(|d| parse(0, d).ok()).collect();
     let mut current = &leaf;
     let mut used = vec![false; inter.len()];
+    let mut issuers = vec![];
     for depth in 0..=inter.len() {
         for (ri, r) in roots_p.iter().enumerate() {
             let Some(r) = r else { continue };
@@ -114,7 +133,11 @@ pub fn verify(
                 && check_issuer(depth + 1, r).is_ok()
                 && check_time(depth + 1, r, now).is_ok()
             {
-                return Ok(ri);
+                issuers.push(roots[ri].clone());
+                return Ok(ChainPath {
+                    issuers,
+                    root_index: ri,
+                });
             }
         }
         let next = inter
@@ -131,6 +154,7 @@ pub fn verify(
         check_issuer(i + 1, c)?;
         check_time(i + 1, c, now)?;
         used[i] = true;
+        issuers.push(intermediates[i].clone());
         current = c;
     }
     Err(ChainError::NoTrustedRoot)

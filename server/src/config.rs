@@ -73,6 +73,18 @@ pub struct Config {
     pub datastore: DataStoreConfig,
     pub key_manager: KeyManagerConfig,
     pub join_token_attestor: bool,
+    pub tpm_devid: Option<TpmDevidConfig>,
+}
+
+/// `NodeAttestor "tpm_devid"` (SPIRE's keys, plus ours: `compat_mode`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmDevidConfig {
+    /// PEM bundle of DevID trust anchors.
+    pub devid_ca_path: PathBuf,
+    /// PEM bundle of EK roots and vendor intermediates.
+    pub endorsement_ca_path: PathBuf,
+    /// SPIRE parity: skip the binding checks SPIRE lacks.
+    pub compat_mode: bool,
 }
 
 impl Config {
@@ -284,21 +296,47 @@ impl Config {
         })?;
 
         let mut join_token_attestor = false;
+        let mut tpm_devid = None;
         for (name, sec) in plugins.labeled("NodeAttestor")? {
-            if name != "join_token" {
-                return Err(invalid(
-                    "plugins.NodeAttestor",
-                    format!("unknown NodeAttestor {name:?} (expected \"join_token\")"),
-                ));
+            let key = format!("plugins.NodeAttestor.{name}");
+            match name.as_str() {
+                "join_token" => {
+                    if join_token_attestor {
+                        return Err(invalid(&key, "configured more than once"));
+                    }
+                    plugin_data(sec)?.finish()?;
+                    join_token_attestor = true;
+                }
+                "tpm_devid" => {
+                    if tpm_devid.is_some() {
+                        return Err(invalid(&key, "configured more than once"));
+                    }
+                    let data = plugin_data(sec)?;
+                    let path = |k: &str| -> Result<PathBuf, ConfigError> {
+                        data.string(k)?
+                            .filter(|v| !v.is_empty())
+                            .map(PathBuf::from)
+                            .ok_or(ConfigError::Missing { key: data.key(k) })
+                    };
+                    let devid_ca_path = path("devid_ca_path")?;
+                    let endorsement_ca_path = path("endorsement_ca_path")?;
+                    let compat_mode = data.take_bool("compat_mode")?.unwrap_or(false);
+                    data.finish()?;
+                    tpm_devid = Some(TpmDevidConfig {
+                        devid_ca_path,
+                        endorsement_ca_path,
+                        compat_mode,
+                    });
+                }
+                _ => {
+                    return Err(invalid(
+                        "plugins.NodeAttestor",
+                        format!(
+                            "unknown NodeAttestor {name:?} (expected \"join_token\" or \"tpm_devid\")"
+                        ),
+                    ));
+                }
             }
-            if join_token_attestor {
-                return Err(invalid(
-                    "plugins.NodeAttestor.join_token",
-                    "configured more than once",
-                ));
-            }
-            plugin_data(sec)?.finish()?;
-            join_token_attestor = true;
         }
         plugins.finish()?;
 
@@ -321,6 +359,7 @@ impl Config {
             datastore,
             key_manager,
             join_token_attestor,
+            tpm_devid,
         })
     }
 

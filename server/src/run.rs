@@ -42,6 +42,30 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("server id file {0} is corrupt (expected a UUID)")]
     BadServerId(String),
+    #[error("{key} {path}: {msg}")]
+    TrustAnchors {
+        key: &'static str,
+        path: String,
+        msg: String,
+    },
+}
+
+/// A PEM bundle of at least one certificate (a node attestor's trust anchors).
+fn load_anchors(key: &'static str, path: &Path) -> Result<Vec<Vec<u8>>, RunError> {
+    let err = |msg: String| RunError::TrustAnchors {
+        key,
+        path: path.display().to_string(),
+        msg,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let certs = kame_api::bundle::certs_from_pem(&text).map_err(|e| err(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(err("holds no certificate".into()));
+    }
+    for c in &certs {
+        kame_api::x509svid::ParsedCert::parse(c).map_err(|e| err(e.to_string()))?;
+    }
+    Ok(certs)
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RunError + 'a {
@@ -171,6 +195,14 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
         .trust_domain
         .id_from_segments(&["spire", "server"])
         .map_err(|e| CaError::Profile(e.into()))?;
+    let tpm_devid = match &cfg.tpm_devid {
+        None => None,
+        Some(t) => Some(Arc::new(crate::attestation::tpm_devid::DevIdConfig {
+            devid_roots: load_anchors("devid_ca_path", &t.devid_ca_path)?,
+            ek_roots: load_anchors("endorsement_ca_path", &t.endorsement_ca_path)?,
+            compat_mode: t.compat_mode,
+        })),
+    };
     let ctx = Arc::new(Context {
         td: cfg.trust_domain.clone(),
         ca: ca.clone(),
@@ -179,6 +211,7 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
         default_jwt_svid_ttl: cfg.default_jwt_svid_ttl,
         agent_ttl: cfg.agent_ttl.unwrap_or(cfg.default_x509_svid_ttl),
         join_token_enabled: cfg.join_token_attestor,
+        tpm_devid,
         server_spiffe_id: server_spiffe_id.clone(),
     });
     let svid = ServerSvid::new(

@@ -1,7 +1,8 @@
 //! Server halves of node attestors. Each turns attestation data from an agent into an agent
-//! SPIFFE ID and selectors, or a precise refusal. Only `join_token` exists so far.
+//! SPIFFE ID and selectors, or a precise refusal. `join_token` and `tpm_devid`.
 
 pub mod join_token;
+pub mod tpm_devid;
 
 use crate::datastore::Selector;
 use kame_api::SpiffeId;

@@ -4,7 +4,7 @@
 use super::authz::{require_admin, require_agent};
 use super::svid::{parse_csr, x509_svid_proto};
 use super::*;
-use crate::attestation::{AttestError, join_token};
+use crate::attestation::{AttestError, join_token, tpm_devid};
 use kame_api::pb::agent as pb;
 use kame_api::pb::agent::agent_server::Agent;
 use kame_api::x509svid::ParsedCert;
@@ -18,6 +18,15 @@ pub const MAX_JOIN_TOKEN_TTL: i64 = 10 * 365 * 86400;
 #[derive(Debug, Clone)]
 pub struct AgentService {
     pub ctx: Arc<Context>,
+}
+
+fn devid_status(e: tpm_devid::DevIdError) -> Status {
+    let m = format!("nodeattestor(tpm_devid): {e}");
+    if e.is_bad_input() {
+        Status::invalid_argument(m)
+    } else {
+        Status::permission_denied(m)
+    }
 }
 
 fn attest_status(e: AttestError) -> Status {
@@ -101,6 +110,50 @@ impl AgentService {
         let serial = leaf.serial_hex();
         let exp = leaf.not_after() as i64;
         Ok((x509_svid_proto(id, chain, "")?, serial, exp))
+    }
+
+    /// Records the attested node and signs its SVID: the common end of every attestor.
+    async fn complete_attestation(
+        &self,
+        attested: crate::attestation::Attested,
+        csr: &kame_api::csr::Csr,
+        attestation_type: &str,
+    ) -> Result<pb::AttestAgentResponse, Status> {
+        let id_s = attested.agent_id.to_string();
+        let existing = self.ctx.ds.fetch_node(&id_s).await.map_err(ds_status)?;
+        if existing.as_ref().is_some_and(|n| n.banned()) {
+            return Err(Status::permission_denied("agent is banned"));
+        }
+        let (svid, serial, exp) = self.sign_agent_svid(&attested.agent_id, csr).await?;
+        let node = AttestedNode {
+            spiffe_id: id_s.clone(),
+            attestation_type: attestation_type.to_string(),
+            serial_number: serial,
+            expires_at: exp,
+            new_serial_number: String::new(),
+            new_expires_at: 0,
+            can_reattest: attested.can_reattest,
+            selectors: attested.selectors.clone(),
+            agent_version: existing
+                .as_ref()
+                .map(|n| n.agent_version.clone())
+                .unwrap_or_default(),
+        };
+        if existing.is_some() {
+            self.ctx.ds.update_node(&node).await.map_err(ds_status)?;
+        } else {
+            self.ctx.ds.create_node(&node).await.map_err(ds_status)?;
+        }
+        tracing::info!(agent_id = %id_s, attestor = %attestation_type, "agent attested");
+        let resp = pb::AttestAgentResponse {
+            step: Some(pb::attest_agent_response::Step::Result(
+                pb::attest_agent_response::Result {
+                    svid: Some(svid),
+                    reattestable: attested.can_reattest,
+                },
+            )),
+        };
+        Ok(resp)
     }
 }
 
@@ -234,6 +287,47 @@ impl Agent for AgentService {
                 .await
                 .map_err(attest_status)?
             }
+            tpm_devid::TYPE if self.ctx.tpm_devid.is_some() => {
+                let cfg = self
+                    .ctx
+                    .tpm_devid
+                    .clone()
+                    .ok_or_else(|| Status::internal("tpm_devid configuration vanished"))?;
+                let (pending, challenge) =
+                    tpm_devid::begin(&cfg, &data.payload, crate::ca::now_secs())
+                        .map_err(devid_status)?;
+                // One challenge round: send it, then finish on the agent's response.
+                let svc = self.clone();
+                let stream = super::entry::async_stream(move |tx| async move {
+                    let first = pb::AttestAgentResponse {
+                        step: Some(pb::attest_agent_response::Step::Challenge(
+                            challenge.encode(),
+                        )),
+                    };
+                    if tx.send(Ok(first)).await.is_err() {
+                        return;
+                    }
+                    let result = async {
+                        let msg = inbound.message().await?.ok_or_else(|| {
+                            Status::invalid_argument("stream closed before the challenge response")
+                        })?;
+                        let Some(pb::attest_agent_request::Step::ChallengeResponse(r)) = msg.step
+                        else {
+                            return Err(Status::invalid_argument("expected a challenge response"));
+                        };
+                        let attested =
+                            tpm_devid::finish(&svc.ctx.td, pending, &r).map_err(devid_status)?;
+                        svc.complete_attestation(attested, &csr, tpm_devid::TYPE)
+                            .await
+                    }
+                    .await;
+                    if let Err(s) = &result {
+                        tracing::info!(attestor = tpm_devid::TYPE, error = %s.message(), "attestation refused");
+                    }
+                    let _ = tx.send(result).await;
+                });
+                return Ok(Response::new(Box::pin(stream)));
+            }
             "" => {
                 return Err(Status::invalid_argument(
                     "params.data.type: missing attestor type",
@@ -245,40 +339,9 @@ impl Agent for AgentService {
                 )));
             }
         };
-        let id_s = attested.agent_id.to_string();
-        let existing = self.ctx.ds.fetch_node(&id_s).await.map_err(ds_status)?;
-        if existing.as_ref().is_some_and(|n| n.banned()) {
-            return Err(Status::permission_denied("agent is banned"));
-        }
-        let (svid, serial, exp) = self.sign_agent_svid(&attested.agent_id, &csr).await?;
-        let node = AttestedNode {
-            spiffe_id: id_s.clone(),
-            attestation_type: data.r#type.clone(),
-            serial_number: serial,
-            expires_at: exp,
-            new_serial_number: String::new(),
-            new_expires_at: 0,
-            can_reattest: attested.can_reattest,
-            selectors: attested.selectors.clone(),
-            agent_version: existing
-                .as_ref()
-                .map(|n| n.agent_version.clone())
-                .unwrap_or_default(),
-        };
-        if existing.is_some() {
-            self.ctx.ds.update_node(&node).await.map_err(ds_status)?;
-        } else {
-            self.ctx.ds.create_node(&node).await.map_err(ds_status)?;
-        }
-        tracing::info!(agent_id = %id_s, attestor = %data.r#type, "agent attested");
-        let resp = pb::AttestAgentResponse {
-            step: Some(pb::attest_agent_response::Step::Result(
-                pb::attest_agent_response::Result {
-                    svid: Some(svid),
-                    reattestable: attested.can_reattest,
-                },
-            )),
-        };
+        let resp = self
+            .complete_attestation(attested, &csr, &data.r#type)
+            .await?;
         Ok(Response::new(Box::pin(tokio_stream::once(Ok(resp)))))
     }
 

@@ -29,6 +29,8 @@ pub struct Context {
     pub default_jwt_svid_ttl: Duration,
     pub agent_ttl: Duration,
     pub join_token_enabled: bool,
+    /// The `tpm_devid` attestor's trust anchors, when configured.
+    pub tpm_devid: Option<Arc<crate::attestation::tpm_devid::DevIdConfig>>,
     /// `spiffe://<td>/spire/server`.
     pub server_spiffe_id: SpiffeId,
 }

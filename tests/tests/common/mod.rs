@@ -37,6 +37,10 @@ pub struct Opts {
     pub extra_server: &'static str,
     pub sync: &'static str,
     pub key_manager: &'static str,
+    /// Extra plugin blocks for the server (e.g. `NodeAttestor "tpm_devid" {...}`).
+    pub server_plugins: String,
+    /// The agent's NodeAttestor block and its agent ID; None: join_token.
+    pub agent_attestor: Option<(String, String)>,
 }
 
 impl Default for Opts {
@@ -46,6 +50,8 @@ impl Default for Opts {
             extra_server: "",
             sync: "1s",
             key_manager: "disk",
+            server_plugins: String::new(),
+            agent_attestor: None,
         }
     }
 }
@@ -97,9 +103,11 @@ plugins {{
     NodeAttestor "join_token" {{
         plugin_data {{}}
     }}
+    {plugins}
 }}
 "#,
                 d = d.display(),
+                plugins = o.server_plugins,
                 ttl = o.x509_ttl,
                 extra = o.extra_server,
             ),
@@ -117,17 +125,29 @@ plugins {{
             agent_id: String::new(),
         };
         env.start_server().await;
-        let token = pb::agent::agent_client::AgentClient::new(env.admin().await)
-            .create_join_token(pb::agent::CreateJoinTokenRequest {
-                ttl: 600,
-                token: String::new(),
-                agent_id: None,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .value;
-        env.agent_id = format!("spiffe://{TD}/spire/agent/join_token/{token}");
+        let (attestor_block, token) = match &o.agent_attestor {
+            Some((block, agent_id)) => {
+                env.agent_id = agent_id.clone();
+                (block.clone(), String::new())
+            }
+            None => {
+                let token = pb::agent::agent_client::AgentClient::new(env.admin().await)
+                    .create_join_token(pb::agent::CreateJoinTokenRequest {
+                        ttl: 600,
+                        token: String::new(),
+                        agent_id: None,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .value;
+                env.agent_id = format!("spiffe://{TD}/spire/agent/join_token/{token}");
+                (
+                    "NodeAttestor \"join_token\" {\n        plugin_data {}\n    }".to_string(),
+                    token,
+                )
+            }
+        };
         let bundle = env.bundle().await;
         std::fs::write(d.join("bundle.pem"), kame_api::bundle::x509_to_pem(&bundle)).unwrap();
         let km = match o.key_manager {
@@ -149,9 +169,7 @@ plugins {{
     sync_interval = "{sync}"
 }}
 plugins {{
-    NodeAttestor "join_token" {{
-        plugin_data {{}}
-    }}
+    {attestor_block}
     {km}
     WorkloadAttestor "unix" {{
         plugin_data {{

@@ -1,0 +1,190 @@
+//! `tpm_devid` node attestation, the agent half (SPIRE wire format, `tpm_devid.md` §1.2–1.6):
+//! reads the DevID certificate chain and key blobs, regenerates the RSA EK (template L-1) and
+//! reads its certificate from NV, makes an attestation key, certifies the DevID key with it,
+//! and after the server's challenge signs its nonce with the DevID key and recovers the
+//! credential with TPM2_ActivateCredential. All TPM work runs on the blocking pool through
+//! [`kame_tpm::device::SharedDevice`]; an authorization failure is never retried. It keeps no
+//! key material: blobs are TPM-wrapped and the AK lives only for one attestation.
+
+use kame_api::tpm_devid::{AttestationRequest, ChallengeRequest, ChallengeResponse};
+use kame_tpm::device::{AkBlob, Device, DeviceError, EkAlg, KeyBlob};
+use kame_tpm::wire;
+use std::path::PathBuf;
+
+/// The agent's `NodeAttestor "tpm_devid"` settings (SPIRE's keys; ours: `tcti`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TpmDevidConfig {
+    pub devid_cert_path: PathBuf,
+    pub devid_priv_path: PathBuf,
+    pub devid_pub_path: PathBuf,
+    /// A TCTI string (`device:/dev/tpmrm0`, `swtpm:host=…,port=…`, `tabrmd:`).
+    pub tcti: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DevIdAgentError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} holds no PEM certificate: {msg}")]
+    NoCertificate { path: String, msg: String },
+    #[error("DevID public blob {path} is not a TPMT_PUBLIC: {msg}")]
+    BadPublic { path: String, msg: String },
+    #[error("the TPM has no RSA EK certificate at NV 0x01c00002")]
+    NoEkCertificate,
+    #[error("TPM: {0}")]
+    Tpm(#[from] DeviceError),
+    #[error("received empty credential activation challenge from server")]
+    EmptyCredential,
+    #[error("received empty DevID nonce from server")]
+    EmptyNonce,
+    #[error("the server's challenge is malformed: {0}")]
+    BadChallenge(String),
+    #[error("DevID signature: {0}")]
+    Signature(String),
+}
+
+fn read(p: &PathBuf) -> Result<Vec<u8>, DevIdAgentError> {
+    std::fs::read(p).map_err(|source| DevIdAgentError::Read {
+        path: p.display().to_string(),
+        source,
+    })
+}
+
+/// What the agent keeps between message 1 and the challenge.
+#[derive(Debug)]
+pub struct Session {
+    devid: KeyBlob,
+    ak: AkBlob,
+}
+
+/// Message 1: reads files, runs the TPM commands, returns the JSON payload and the session.
+pub fn request(
+    d: &mut Device,
+    cfg: &TpmDevidConfig,
+) -> Result<(Vec<u8>, Session), DevIdAgentError> {
+    let pem = String::from_utf8(read(&cfg.devid_cert_path)?).map_err(|_| {
+        DevIdAgentError::NoCertificate {
+            path: cfg.devid_cert_path.display().to_string(),
+            msg: "not text".into(),
+        }
+    })?;
+    let certs =
+        kame_api::bundle::certs_from_pem(&pem).map_err(|e| DevIdAgentError::NoCertificate {
+            path: cfg.devid_cert_path.display().to_string(),
+            msg: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(DevIdAgentError::NoCertificate {
+            path: cfg.devid_cert_path.display().to_string(),
+            msg: "empty".into(),
+        });
+    }
+    let devid = KeyBlob::from_files(&read(&cfg.devid_pub_path)?, &read(&cfg.devid_priv_path)?);
+    wire::Public::parse(&devid.public).map_err(|e| DevIdAgentError::BadPublic {
+        path: cfg.devid_pub_path.display().to_string(),
+        msg: e.to_string(),
+    })?;
+    let ek_cert = d
+        .ek_certificate(EkAlg::Rsa2048)?
+        .ok_or(DevIdAgentError::NoEkCertificate)?;
+    let ek_pub = d
+        .ek_public(EkAlg::Rsa2048)?
+        .marshal()
+        .map_err(DeviceError::Wire)?;
+    let ak = d.create_ak(EkAlg::Rsa2048, false)?;
+    let (certified, sig) = d.certify(EkAlg::Rsa2048, &ak, &devid, &[])?;
+    let req = AttestationRequest {
+        devid_cert: certs,
+        devid_pub: Some(devid.public.clone()),
+        ek_cert: Some(ek_cert),
+        ek_pub: Some(ek_pub),
+        ak_pub: Some(ak.public.clone()),
+        certified_devid: Some(certified),
+        certification_signature: Some(sig),
+        version: None,
+    };
+    Ok((req.encode(), Session { devid, ak }))
+}
+
+fn der_int(v: &[u8]) -> Vec<u8> {
+    let mut v: Vec<u8> = v.iter().copied().skip_while(|b| *b == 0).collect();
+    if v.is_empty() || v[0] & 0x80 != 0 {
+        v.insert(0, 0);
+    }
+    let mut out = vec![0x02];
+    out.extend(der_len(v.len()));
+    out.extend(v);
+    out
+}
+
+fn der_len(n: usize) -> Vec<u8> {
+    if n < 0x80 {
+        vec![n as u8]
+    } else if n < 0x100 {
+        vec![0x81, n as u8]
+    } else {
+        vec![0x82, (n >> 8) as u8, n as u8]
+    }
+}
+
+/// Message 3: the nonce signed by the DevID key and the recovered credential.
+pub fn respond(
+    d: &mut Device,
+    session: &Session,
+    challenge: &[u8],
+) -> Result<Vec<u8>, DevIdAgentError> {
+    let c = ChallengeRequest::decode(challenge)
+        .map_err(|e| DevIdAgentError::BadChallenge(e.to_string()))?;
+    let nonce = c
+        .devid
+        .filter(|n| !n.is_empty())
+        .ok_or(DevIdAgentError::EmptyNonce)?;
+    let cred = c.cred_activation.ok_or(DevIdAgentError::EmptyCredential)?;
+    let tpm_sig = d.sign(&session.devid, &nonce)?;
+    // RSA: the raw signature; ECDSA: DER SEQUENCE { r, s } (as Go's CheckSignature expects).
+    let sig = match wire::Signature::parse(&tpm_sig)
+        .map_err(|e| DevIdAgentError::Signature(e.to_string()))?
+    {
+        wire::Signature::RsaSsa { sig, .. } | wire::Signature::RsaPss { sig, .. } => sig,
+        wire::Signature::Ecdsa { r, s, .. } => {
+            let body = [der_int(&r), der_int(&s)].concat();
+            let mut out = vec![0x30];
+            out.extend(der_len(body.len()));
+            out.extend(body);
+            out
+        }
+    };
+    let tpm2b = |b: &[u8]| -> Result<Vec<u8>, DevIdAgentError> {
+        let n = u16::try_from(b.len())
+            .map_err(|_| DevIdAgentError::BadChallenge("credential too large".into()))?;
+        Ok([n.to_be_bytes().as_slice(), b].concat())
+    };
+    let secret = d.activate_credential(
+        EkAlg::Rsa2048,
+        &session.ak,
+        &tpm2b(&cred.credential)?,
+        &tpm2b(&cred.secret)?,
+    )?;
+    Ok(ChallengeResponse {
+        devid: Some(sig),
+        cred_activation: Some(secret),
+    }
+    .encode())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tpm_devid_ecdsa_signature_is_der_with_positive_integers() {
+        assert_eq!(der_int(&[0x00, 0x80]), vec![0x02, 0x02, 0x00, 0x80]);
+        assert_eq!(der_int(&[0x00, 0x00, 0x01]), vec![0x02, 0x01, 0x01]);
+        assert_eq!(der_int(&[]), vec![0x02, 0x01, 0x00]);
+        assert_eq!(der_len(200), vec![0x81, 200]);
+    }
+}

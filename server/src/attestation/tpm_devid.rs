@@ -1,0 +1,362 @@
+//! `tpm_devid` node attestation, the server half, wire-compatible with SPIRE's agent
+//! (`tpm_devid.md` §1): the agent proves (1) its DevID certificate chains to `devid_ca_path`,
+//! (2) it holds the DevID private key (signs a fresh nonce), (3) the DevID key is resident in
+//! a TPM whose EK certificate chains to `endorsement_ca_path` (TPM2_Certify of the DevID by an
+//! AK, and the AK proven to sit with that EK by credential activation). Every check of SPIRE's
+//! runs in SPIRE's order, each with its own error; on top, by default, the checks SPIRE lacks
+//! (§1.8): `DevIDPub` is the certificate's key, AK and DevID key attributes, the certify's
+//! name algorithm. `compat_mode` turns those off for strict SPIRE parity. It uses only the pure
+//! `kame_tpm::wire` half: the server never links libtss2. It holds no state between attempts
+//! beyond the [`Pending`] challenge a caller keeps for one stream.
+
+use super::Attested;
+use crate::datastore::Selector;
+use kame_api::TrustDomain;
+use kame_api::tpm_devid::{
+    AttestationRequest, ChallengeRequest, ChallengeResponse, CredActivation,
+};
+use kame_api::x509svid::ParsedCert;
+use kame_tpm::wire::public::attr;
+use kame_tpm::wire::{self, Public};
+
+pub const TYPE: &str = "tpm_devid";
+
+/// One variant per failed check, in the order they run.
+#[derive(Debug, thiserror::Error)]
+pub enum DevIdError {
+    #[error("malformed attestation data: {0}")]
+    Malformed(String),
+    #[error("no DevID certificate was sent")]
+    NoDevIdCert,
+    #[error("DevID certificate {0} cannot be parsed: {1}")]
+    BadDevIdCert(usize, String),
+    #[error("DevID certificate does not chain to devid_ca_path: {0}")]
+    UntrustedDevId(String),
+    #[error("missing {0}")]
+    Missing(&'static str),
+    #[error("EK certificate cannot be parsed: {0}")]
+    BadEkCert(String),
+    #[error("{field} is not a TPMT_PUBLIC: {msg}")]
+    BadPublic { field: &'static str, msg: String },
+    #[error("EK public key does not match the EK certificate")]
+    EkMismatch,
+    #[error("EK certificate does not chain to endorsement_ca_path: {0}")]
+    UntrustedEk(String),
+    #[error("DevIDPub is not the DevID certificate's key")]
+    DevIdPubMismatch,
+    #[error("AK attributes are not those of an attestation key: {0}")]
+    AkAttributes(String),
+    #[error("DevID key attributes do not show a TPM-resident key: {0}")]
+    DevIdAttributes(String),
+    #[error("certification of the DevID by the AK does not verify: {0}")]
+    BadCertify(String),
+    #[error("cannot make the credential-activation challenge: {0}")]
+    Challenge(String),
+    #[error("malformed challenge response: {0}")]
+    BadResponse(String),
+    #[error("DevID nonce signature does not verify: {0}")]
+    BadNonceSignature(String),
+    #[error("credential activation failed: the secret does not match")]
+    CredentialMismatch,
+}
+
+impl DevIdError {
+    /// Malformed input is the caller's mistake; a failed proof is a refusal.
+    pub fn is_bad_input(&self) -> bool {
+        matches!(
+            self,
+            DevIdError::Malformed(_)
+                | DevIdError::NoDevIdCert
+                | DevIdError::BadDevIdCert(..)
+                | DevIdError::Missing(_)
+                | DevIdError::BadEkCert(_)
+                | DevIdError::BadPublic { .. }
+                | DevIdError::BadResponse(_)
+        )
+    }
+}
+
+/// `NodeAttestor "tpm_devid"` settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevIdConfig {
+    /// DER roots for DevID certificates.
+    pub devid_roots: Vec<Vec<u8>>,
+    /// DER roots (and vendor intermediates) for EK certificates.
+    pub ek_roots: Vec<Vec<u8>>,
+    /// SPIRE parity: skip the checks SPIRE lacks.
+    pub compat_mode: bool,
+}
+
+/// What the server keeps between the challenge and the response.
+pub struct Pending {
+    leaf: Vec<u8>,
+    chain_issuers: Vec<Vec<u8>>,
+    nonce: Vec<u8>,
+    secret: zeroize::Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Pending")
+    }
+}
+
+fn random(n: usize) -> Result<Vec<u8>, DevIdError> {
+    let mut b = vec![0u8; n];
+    aws_lc_rs::rand::fill(&mut b).map_err(|_| DevIdError::Challenge("RNG failed".into()))?;
+    Ok(b)
+}
+
+fn public(field: &'static str, b: &[u8]) -> Result<Public, DevIdError> {
+    Public::parse(b).map_err(|e| DevIdError::BadPublic {
+        field,
+        msg: e.to_string(),
+    })
+}
+
+fn key_of_spki(spki: &[u8]) -> Option<kame_api::keys::KeyInfo> {
+    kame_api::keys::KeyInfo::from_spki_der(spki).ok()
+}
+
+fn strip_tpm2b(b: &[u8]) -> Result<Vec<u8>, DevIdError> {
+    let mut r = wire::Reader::new(b, "TPM2B");
+    let inner = r
+        .tpm2b()
+        .map_err(|e| DevIdError::Challenge(e.to_string()))?
+        .to_vec();
+    Ok(inner)
+}
+
+/// Step 1: checks message 1 and makes the challenge (SPIRE's §1.4 steps 1–10).
+pub fn begin(
+    cfg: &DevIdConfig,
+    payload: &[u8],
+    now: u64,
+) -> Result<(Pending, ChallengeRequest), DevIdError> {
+    let req =
+        AttestationRequest::decode(payload).map_err(|e| DevIdError::Malformed(e.to_string()))?;
+    // 2. DevID certificates.
+    let Some(leaf) = req.devid_cert.first().cloned() else {
+        return Err(DevIdError::NoDevIdCert);
+    };
+    let leaf_cert =
+        ParsedCert::parse(&leaf).map_err(|e| DevIdError::BadDevIdCert(0, e.to_string()))?;
+    for (i, c) in req.devid_cert.iter().enumerate().skip(1) {
+        ParsedCert::parse(c).map_err(|e| DevIdError::BadDevIdCert(i, e.to_string()))?;
+    }
+    // 3. DevID chain.
+    let path = kame_devid::chain::verify_path(&leaf, &req.devid_cert[1..], &cfg.devid_roots, now)
+        .map_err(|e| DevIdError::UntrustedDevId(e.to_string()))?;
+    // 4. The DevID nonce.
+    let nonce = random(32)?;
+    // 5. Residency data, in SPIRE's order.
+    let ak_pub = req.ak_pub.as_deref().filter(|b| !b.is_empty());
+    let ak_pub = ak_pub.ok_or(DevIdError::Missing("AKPub"))?;
+    let devid_pub = req.devid_pub.as_deref().filter(|b| !b.is_empty());
+    let devid_pub = devid_pub.ok_or(DevIdError::Missing("DevIDPub"))?;
+    let ek_cert = req.ek_cert.as_deref().filter(|b| !b.is_empty());
+    let ek_cert = ek_cert.ok_or(DevIdError::Missing("EKCert"))?;
+    let ek_pub = req.ek_pub.as_deref().filter(|b| !b.is_empty());
+    let ek_pub = ek_pub.ok_or(DevIdError::Missing("EKPub"))?;
+    // 6. Parse.
+    let ek_cert_p = ParsedCert::parse(ek_cert).map_err(|e| DevIdError::BadEkCert(e.to_string()))?;
+    let devid_p = public("DevIDPub", devid_pub)?;
+    let ak_p = public("AKPub", ak_pub)?;
+    let ek_p = public("EKPub", ek_pub)?;
+    // 7. EK key match (SPIRE: RSA only; Kame also ECC).
+    let cert_key = ek_cert_p
+        .spki_der()
+        .ok()
+        .and_then(|s| key_of_spki(&s))
+        .ok_or_else(|| DevIdError::BadEkCert("unsupported EK certificate key".into()))?;
+    let pub_key = ek_p
+        .spki_der()
+        .ok()
+        .and_then(|s| key_of_spki(&s))
+        .ok_or_else(|| DevIdError::BadPublic {
+            field: "EKPub",
+            msg: "unsupported key".into(),
+        })?;
+    if cfg.compat_mode && !ek_p.is_rsa() {
+        return Err(DevIdError::BadPublic {
+            field: "EKPub",
+            msg: "only RSA EKs are accepted in compat_mode".into(),
+        });
+    }
+    if cert_key != pub_key {
+        return Err(DevIdError::EkMismatch);
+    }
+    // 8. EK chain (no intermediates from the agent, as SPIRE).
+    kame_devid::chain::verify(ek_cert, &[], &cfg.ek_roots, now)
+        .map_err(|e| DevIdError::UntrustedEk(e.to_string()))?;
+    if !cfg.compat_mode {
+        // 22. DevIDPub is the certificate's key.
+        let leaf_key = leaf_cert.spki_der().ok().and_then(|s| key_of_spki(&s));
+        let devid_key = devid_p.spki_der().ok().and_then(|s| key_of_spki(&s));
+        if leaf_key.is_none() || leaf_key != devid_key {
+            return Err(DevIdError::DevIdPubMismatch);
+        }
+        // 23. The AK is a restricted signing key that never left the TPM.
+        ak_p.check_attributes(
+            attr::SIGN_ENCRYPT
+                | attr::RESTRICTED
+                | attr::FIXED_TPM
+                | attr::FIXED_PARENT
+                | attr::SENSITIVE_DATA_ORIGIN,
+            attr::DECRYPT,
+        )
+        .map_err(|e| DevIdError::AkAttributes(e.to_string()))?;
+        // 24. The DevID key was made in, and cannot leave, the TPM.
+        devid_p
+            .check_attributes(
+                attr::SIGN_ENCRYPT
+                    | attr::FIXED_TPM
+                    | attr::FIXED_PARENT
+                    | attr::SENSITIVE_DATA_ORIGIN,
+                attr::RESTRICTED,
+            )
+            .map_err(|e| DevIdError::DevIdAttributes(e.to_string()))?;
+    }
+    // 9. DevID certified by the AK (empty qualifying data in v1).
+    let certified = req
+        .certified_devid
+        .as_deref()
+        .ok_or(DevIdError::Missing("CertifiedDevID"))?;
+    let sig = req
+        .certification_signature
+        .as_deref()
+        .ok_or(DevIdError::Missing("CertificationSignature"))?;
+    if cfg.compat_mode {
+        // SPIRE compares the name's digest only.
+        let attest =
+            wire::Attest::parse(certified).map_err(|e| DevIdError::BadCertify(e.to_string()))?;
+        wire::Signature::parse(sig)
+            .and_then(|s| s.verify(&ak_p, certified))
+            .map_err(|e| DevIdError::BadCertify(e.to_string()))?;
+        let wire::AttestBody::Certify { name, .. } = &attest.body else {
+            return Err(DevIdError::BadCertify("not a certify attestation".into()));
+        };
+        let want = devid_p
+            .name()
+            .map_err(|e| DevIdError::BadCertify(e.to_string()))?;
+        if name.get(2..) != want.get(2..) {
+            return Err(DevIdError::BadCertify(
+                "certified name does not match DevIDPub".into(),
+            ));
+        }
+    } else {
+        wire::attest::verify_certify(&ak_p, certified, sig, &devid_p, &[])
+            .map_err(|e| DevIdError::BadCertify(e.to_string()))?;
+    }
+    // 10. Credential activation: a secret only the TPM holding the EK can recover for the AK.
+    let secret = random(32)?;
+    let ak_name = ak_p
+        .name()
+        .map_err(|e| DevIdError::Challenge(e.to_string()))?;
+    let cred = wire::credential::make_credential(&ek_p, &secret, &ak_name)
+        .map_err(|e| DevIdError::Challenge(e.to_string()))?;
+    let challenge = ChallengeRequest {
+        devid: Some(nonce.clone()),
+        cred_activation: Some(CredActivation {
+            credential: strip_tpm2b(&cred.credential_blob)?,
+            secret: strip_tpm2b(&cred.secret)?,
+        }),
+    };
+    Ok((
+        Pending {
+            leaf,
+            chain_issuers: path.issuers,
+            nonce,
+            secret: zeroize::Zeroizing::new(secret),
+        },
+        challenge,
+    ))
+}
+
+fn first_cn(name_der_cert: &ParsedCert, issuer: bool) -> Option<String> {
+    let name = if issuer {
+        &name_der_cert.cert.tbs_certificate().issuer()
+    } else {
+        &name_der_cert.cert.tbs_certificate().subject()
+    };
+    // Go's pkix.Name keeps the last CN it meets.
+    let mut cn = None;
+    for atv in name.iter() {
+        if atv.oid == const_oid::db::rfc4519::CN {
+            let v = atv
+                .value
+                .decode_as::<der::asn1::Utf8StringRef<'_>>()
+                .map(|s| s.to_string())
+                .or_else(|_| {
+                    atv.value
+                        .decode_as::<der::asn1::PrintableStringRef<'_>>()
+                        .map(|s| s.to_string())
+                });
+            if let Ok(v) = v {
+                cn = Some(v);
+            }
+        }
+    }
+    cn
+}
+
+fn sha1_hex(b: &[u8]) -> String {
+    use sha1::Digest;
+    hex::encode(sha1::Sha1::digest(b))
+}
+
+/// Step 2: checks message 3 and returns the agent's ID and selectors (§1.4 steps 12–14).
+pub fn finish(td: &TrustDomain, pending: Pending, response: &[u8]) -> Result<Attested, DevIdError> {
+    let resp =
+        ChallengeResponse::decode(response).map_err(|e| DevIdError::BadResponse(e.to_string()))?;
+    let sig = resp
+        .devid
+        .ok_or_else(|| DevIdError::BadResponse("no DevID signature".into()))?;
+    let leaf =
+        ParsedCert::parse(&pending.leaf).map_err(|e| DevIdError::BadDevIdCert(0, e.to_string()))?;
+    let spki = leaf
+        .spki_der()
+        .map_err(|e| DevIdError::BadDevIdCert(0, e.to_string()))?;
+    // 12. Proof of possession: SHA256WithRSA or ECDSAWithSHA256, as SPIRE.
+    let alg = match key_of_spki(&spki) {
+        Some(kame_api::keys::KeyInfo::Rsa { .. }) => kame_api::keys::OID_RSA_SHA256,
+        Some(_) => kame_api::keys::OID_ECDSA_SHA256,
+        None => {
+            return Err(DevIdError::BadNonceSignature(
+                "unsupported DevID key".into(),
+            ));
+        }
+    };
+    kame_api::keys::verify_x509_signature(&spki, &alg, None, &pending.nonce, &sig)
+        .map_err(|e| DevIdError::BadNonceSignature(e.to_string()))?;
+    // 13. Proof of residency, compared in constant time.
+    let got = resp.cred_activation.unwrap_or_default();
+    use subtle::ConstantTimeEq;
+    if got.len() != pending.secret.len() || !bool::from(got.ct_eq(&pending.secret)) {
+        return Err(DevIdError::CredentialMismatch);
+    }
+    // 14. Identity and selectors as SPIRE emits them.
+    let fp = sha1_hex(&pending.leaf);
+    let agent_id = td
+        .id_from_segments(&["spire", "agent", TYPE, &fp])
+        .map_err(|e| DevIdError::Malformed(e.to_string()))?;
+    let mut selectors = vec![];
+    if let Some(cn) = first_cn(&leaf, false).filter(|c| !c.is_empty()) {
+        selectors.push(Selector::new(TYPE, format!("subject:cn:{cn}")));
+    }
+    if let Some(cn) = first_cn(&leaf, true).filter(|c| !c.is_empty()) {
+        selectors.push(Selector::new(TYPE, format!("issuer:cn:{cn}")));
+    }
+    let mut seen = std::collections::HashSet::new();
+    for c in &pending.chain_issuers {
+        let f = sha1_hex(c);
+        if seen.insert(f.clone()) {
+            selectors.push(Selector::new(TYPE, format!("ca:fingerprint:{f}")));
+        }
+    }
+    Ok(Attested {
+        agent_id,
+        selectors,
+        can_reattest: true,
+    })
+}
