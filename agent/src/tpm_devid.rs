@@ -57,8 +57,8 @@ fn read(p: &PathBuf) -> Result<Vec<u8>, DevIdAgentError> {
 /// What the agent keeps between message 1 and the challenge.
 #[derive(Debug)]
 pub struct Session {
-    devid: KeyBlob,
-    ak: AkBlob,
+    pub devid: KeyBlob,
+    pub ak: AkBlob,
 }
 
 /// Message 1: reads files, runs the TPM commands, returns the JSON payload and the session.
@@ -88,6 +88,17 @@ pub fn request(
         path: cfg.devid_pub_path.display().to_string(),
         msg: e.to_string(),
     })?;
+    let (req, session) = evidence(d, certs, devid)?;
+    Ok((req.encode(), session))
+}
+
+/// The TPM half of message 1: EK (template L-1) and its certificate, a fresh AK, and the
+/// DevID certified by it.
+pub fn evidence(
+    d: &mut Device,
+    certs: Vec<Vec<u8>>,
+    devid: KeyBlob,
+) -> Result<(AttestationRequest, Session), DevIdAgentError> {
     let ek_cert = d
         .ek_certificate(EkAlg::Rsa2048)?
         .ok_or(DevIdAgentError::NoEkCertificate)?;
@@ -107,7 +118,7 @@ pub fn request(
         certification_signature: Some(sig),
         version: None,
     };
-    Ok((req.encode(), Session { devid, ak }))
+    Ok((req, Session { devid, ak }))
 }
 
 fn der_int(v: &[u8]) -> Vec<u8> {
@@ -137,6 +148,15 @@ pub fn respond(
     session: &Session,
     challenge: &[u8],
 ) -> Result<Vec<u8>, DevIdAgentError> {
+    Ok(answer(d, session, challenge)?.encode())
+}
+
+/// The TPM half of message 3.
+pub fn answer(
+    d: &mut Device,
+    session: &Session,
+    challenge: &[u8],
+) -> Result<ChallengeResponse, DevIdAgentError> {
     let c = ChallengeRequest::decode(challenge)
         .map_err(|e| DevIdAgentError::BadChallenge(e.to_string()))?;
     let nonce = c
@@ -144,20 +164,7 @@ pub fn respond(
         .filter(|n| !n.is_empty())
         .ok_or(DevIdAgentError::EmptyNonce)?;
     let cred = c.cred_activation.ok_or(DevIdAgentError::EmptyCredential)?;
-    let tpm_sig = d.sign(&session.devid, &nonce)?;
-    // RSA: the raw signature; ECDSA: DER SEQUENCE { r, s } (as Go's CheckSignature expects).
-    let sig = match wire::Signature::parse(&tpm_sig)
-        .map_err(|e| DevIdAgentError::Signature(e.to_string()))?
-    {
-        wire::Signature::RsaSsa { sig, .. } | wire::Signature::RsaPss { sig, .. } => sig,
-        wire::Signature::Ecdsa { r, s, .. } => {
-            let body = [der_int(&r), der_int(&s)].concat();
-            let mut out = vec![0x30];
-            out.extend(der_len(body.len()));
-            out.extend(body);
-            out
-        }
-    };
+    let sig = signature_for_server(&d.sign(&session.devid, &nonce)?)?;
     let tpm2b = |b: &[u8]| -> Result<Vec<u8>, DevIdAgentError> {
         let n = u16::try_from(b.len())
             .map_err(|_| DevIdAgentError::BadChallenge("credential too large".into()))?;
@@ -172,8 +179,25 @@ pub fn respond(
     Ok(ChallengeResponse {
         devid: Some(sig),
         cred_activation: Some(secret),
-    }
-    .encode())
+    })
+}
+
+/// A TPMT_SIGNATURE as Go's CheckSignature expects it: RSA raw, ECDSA DER SEQUENCE { r, s }.
+pub fn signature_for_server(tpm_sig: &[u8]) -> Result<Vec<u8>, DevIdAgentError> {
+    Ok(
+        match wire::Signature::parse(tpm_sig)
+            .map_err(|e| DevIdAgentError::Signature(e.to_string()))?
+        {
+            wire::Signature::RsaSsa { sig, .. } | wire::Signature::RsaPss { sig, .. } => sig,
+            wire::Signature::Ecdsa { r, s, .. } => {
+                let body = [der_int(&r), der_int(&s)].concat();
+                let mut out = vec![0x30];
+                out.extend(der_len(body.len()));
+                out.extend(body);
+                out
+            }
+        },
+    )
 }
 
 #[cfg(test)]

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod devid;
+
 use kame_api::pb;
 use std::path::{Path, PathBuf};
 use std::time::Duration;

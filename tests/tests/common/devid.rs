@@ -1,0 +1,133 @@
+//! DevID test material: a DevID key made in a swtpm from SPIRE's template under the SRK,
+//! blobs in SPIRE's format, a test CA (openssl) certifying it, the swtpm's EK CAs, and the
+//! server/agent configuration blocks for tpm_devid.
+
+use super::{Opts, TD};
+use kame_tpm::device::Device;
+use kame_tpm::testing::SwTpm;
+use kame_tpm::wire::{Public, public::templates};
+use sha1::Digest;
+use std::path::{Path, PathBuf};
+
+pub struct DevId {
+    pub dir: tempfile::TempDir,
+    pub cert: PathBuf,
+    pub ca: PathBuf,
+    pub ca_key: PathBuf,
+    pub ca_der: Vec<u8>,
+    pub leaf_der: Vec<u8>,
+    pub key: kame_tpm::device::KeyBlob,
+}
+
+pub fn openssl(args: &[&str]) {
+    let o = std::process::Command::new("openssl")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+pub fn der_of_pem(p: &Path) -> Vec<u8> {
+    kame_api::bundle::certs_from_pem(&std::fs::read_to_string(p).unwrap()).unwrap()[0].clone()
+}
+
+/// A DevID key in the TPM (SPIRE's DEVID_RSA template), blobs in SPIRE's format, and a
+/// certificate for it from a fresh test CA with subject CN `cn`.
+pub fn provision(tpm: &SwTpm, cn: &str) -> DevId {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    let key = d
+        .create_under_srk(&templates::bytes(templates::DEVID_RSA))
+        .unwrap();
+    std::fs::write(p("devid.pub"), &key.public).unwrap();
+    std::fs::write(p("devid.priv"), &key.private).unwrap();
+    let spki = Public::parse(&key.public).unwrap().spki_der().unwrap();
+    std::fs::write(
+        p("devid_key.pem"),
+        kame_api::bundle::pem_block("PUBLIC KEY", &spki),
+    )
+    .unwrap();
+    let s = |x: &Path| x.display().to_string();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &s(&p("ca.key")),
+        "-out",
+        &s(&p("ca.pem")),
+        "-subj",
+        "/CN=Kame Test DevID CA",
+        "-days",
+        "2",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(&[
+        "x509",
+        "-new",
+        "-subj",
+        &format!("/CN={cn}"),
+        "-force_pubkey",
+        &s(&p("devid_key.pem")),
+        "-CA",
+        &s(&p("ca.pem")),
+        "-CAkey",
+        &s(&p("ca.key")),
+        "-days",
+        "1",
+        "-out",
+        &s(&p("devid.pem")),
+    ]);
+    DevId {
+        cert: p("devid.pem"),
+        ca: p("ca.pem"),
+        ca_key: p("ca.key"),
+        key,
+        ca_der: der_of_pem(&p("ca.pem")),
+        leaf_der: der_of_pem(&p("devid.pem")),
+        dir,
+    }
+}
+
+pub fn ek_cas(tpm: &SwTpm, into: &Path) -> PathBuf {
+    let mut pem = std::fs::read_to_string(tpm.dir().join("ek-root-ca.pem")).unwrap();
+    pem.push_str(&std::fs::read_to_string(tpm.dir().join("ek-intermediate-ca.pem")).unwrap());
+    let out = into.join("endorsement-cas.pem");
+    std::fs::write(&out, pem).unwrap();
+    out
+}
+
+pub fn opts(tpm: &SwTpm, devid: &DevId, devid_ca: &Path, ek_ca: &Path) -> Opts {
+    let fp = hex::encode(sha1::Sha1::digest(&devid.leaf_der));
+    let p = |n: &str| devid.dir.path().join(n).display().to_string();
+    Opts {
+        server_plugins: format!(
+            "NodeAttestor \"tpm_devid\" {{\n        plugin_data {{\n            devid_ca_path = \"{}\"\n            endorsement_ca_path = \"{}\"\n        }}\n    }}",
+            devid_ca.display(),
+            ek_ca.display()
+        ),
+        agent_attestor: Some((
+            format!(
+                "NodeAttestor \"tpm_devid\" {{\n        plugin_data {{\n            devid_cert_path = \"{}\"\n            devid_priv_path = \"{}\"\n            devid_pub_path = \"{}\"\n            tcti = \"{}\"\n        }}\n    }}",
+                devid.cert.display(),
+                p("devid.priv"),
+                p("devid.pub"),
+                tpm.tcti
+            ),
+            format!("spiffe://{TD}/spire/agent/tpm_devid/{fp}"),
+        )),
+        ..Default::default()
+    }
+}
