@@ -85,6 +85,8 @@ pub struct TpmDevidConfig {
     pub endorsement_ca_path: PathBuf,
     /// SPIRE parity: skip the binding checks SPIRE lacks.
     pub compat_mode: bool,
+    /// EKs trusted without a certificate: one SHA-256 (hex) of the EK's SPKI DER per line.
+    pub ek_allow_list_path: Option<PathBuf>,
 }
 
 impl Config {
@@ -321,11 +323,16 @@ impl Config {
                     let devid_ca_path = path("devid_ca_path")?;
                     let endorsement_ca_path = path("endorsement_ca_path")?;
                     let compat_mode = data.take_bool("compat_mode")?.unwrap_or(false);
+                    let ek_allow_list_path = data
+                        .string("ek_allow_list_path")?
+                        .filter(|v| !v.is_empty())
+                        .map(PathBuf::from);
                     data.finish()?;
                     tpm_devid = Some(TpmDevidConfig {
                         devid_ca_path,
                         endorsement_ca_path,
                         compat_mode,
+                        ek_allow_list_path,
                     });
                 }
                 _ => {

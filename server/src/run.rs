@@ -50,6 +50,33 @@ pub enum RunError {
     },
 }
 
+/// `ek_allow_list_path`: one SHA-256 (64 hex digits) per line; `#` starts a comment.
+fn load_allow_list(path: &Path) -> Result<Vec<String>, RunError> {
+    let err = |msg: String| RunError::TrustAnchors {
+        key: "ek_allow_list_path",
+        path: path.display().to_string(),
+        msg,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let mut out = vec![];
+    for (i, line) in text.lines().enumerate() {
+        let v = line
+            .split('#')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
+        if v.is_empty() {
+            continue;
+        }
+        if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(err(format!("line {}: not a SHA-256 in hex", i + 1)));
+        }
+        out.push(v);
+    }
+    Ok(out)
+}
+
 /// A PEM bundle of at least one certificate (a node attestor's trust anchors).
 fn load_anchors(key: &'static str, path: &Path) -> Result<Vec<Vec<u8>>, RunError> {
     let err = |msg: String| RunError::TrustAnchors {
@@ -201,6 +228,10 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
             devid_roots: load_anchors("devid_ca_path", &t.devid_ca_path)?,
             ek_roots: load_anchors("endorsement_ca_path", &t.endorsement_ca_path)?,
             compat_mode: t.compat_mode,
+            ek_allow_list: match &t.ek_allow_list_path {
+                None => vec![],
+                Some(p) => load_allow_list(p)?,
+            },
         })),
     };
     let ctx = Arc::new(Context {

@@ -10,7 +10,7 @@ use common::devid::{DevId, ek_cas, opts, provision};
 use common::{Env, Opts, TD, my_uid};
 use kame_api::pb;
 use kame_tpm::testing::SwTpm;
-use sha1::Digest;
+use sha2::Digest;
 use std::path::Path;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,15 +46,30 @@ async fn tpm_devid_agent_attests_on_swtpm_with_spire_id_and_selectors_and_serves
         .iter()
         .map(|s| format!("{}:{}", s.r#type, s.value))
         .collect();
-    let ca_fp = hex::encode(sha1::Sha1::digest(&devid.ca_der));
+    let ca_fp = hex::encode(<sha1::Sha1 as sha1::Digest>::digest(&devid.ca_der));
+    // The EK hash is over the SubjectPublicKeyInfo DER as the EK certificate carries it.
+    let ek_cert = kame_tpm::device::Device::open(&tpm.tcti)
+        .unwrap()
+        .ek_certificate(kame_tpm::device::EkAlg::Rsa2048)
+        .unwrap()
+        .unwrap();
+    let ek_spki = kame_api::x509svid::ParsedCert::parse(&ek_cert)
+        .unwrap()
+        .spki_der()
+        .unwrap();
+    let ek_hash = hex::encode(sha2::Sha256::digest(&ek_spki));
     assert_eq!(
         sels,
         vec![
+            // SPIRE's, in SPIRE's order ...
             "tpm_devid:subject:cn:devid-node-1".to_string(),
             "tpm_devid:issuer:cn:Kame Test DevID CA".to_string(),
             format!("tpm_devid:ca:fingerprint:{ca_fp}"),
+            // ... then Kame's.
+            format!("tpm_devid:ek:pubhash:sha256:{ek_hash}"),
         ]
     );
+
     // A workload gets its SVID through this agent.
     env.register(
         "/tpm-workload",
@@ -133,4 +148,48 @@ async fn attest_direct(o: Opts) -> Result<(), String> {
         .map_err(|e| e.to_string());
     env.stop().await;
     r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_802_1ar_fields_become_selectors() {
+    let tpm = SwTpm::start().unwrap();
+    let devid = common::devid::provision_with(
+        &tpm,
+        "/CN=edge-7/serialNumber=SN-0042",
+        Some(
+            "[ext]\nsubjectAltName=otherName:1.3.6.1.5.5.7.8.4;SEQUENCE:hwmn\n[hwmn]\nhwType=OID:1.3.6.1.4.1.45724.3.1\nhwSerialNum=FORMAT:HEX,OCTETSTRING:0a0b0c0d\n",
+        ),
+    );
+    let ek_ca = ek_cas(&tpm, devid.dir.path());
+    let env = Env::start(opts(&tpm, &devid, &devid.ca, &ek_ca)).await;
+    let path = env
+        .agent_id
+        .trim_start_matches(&format!("spiffe://{TD}"))
+        .to_string();
+    let mut agent = None;
+    for _ in 0..100 {
+        let r = pb::agent::agent_client::AgentClient::new(env.admin().await)
+            .get_agent(pb::agent::GetAgentRequest {
+                id: Some(common::sid(TD, &path)),
+                output_mask: None,
+            })
+            .await;
+        if let Ok(a) = r {
+            agent = Some(a.into_inner());
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let agent = agent.expect("agent attested with an 802.1AR DevID");
+    let sels: Vec<String> = agent.selectors.iter().map(|s| s.value.clone()).collect();
+    assert!(sels.contains(&"subject:cn:edge-7".to_string()), "{sels:?}");
+    assert!(
+        sels.contains(&"subject:serialnumber:SN-0042".to_string()),
+        "{sels:?}"
+    );
+    assert!(
+        sels.contains(&"hwmodulename:1.3.6.1.4.1.45724.3.1:0a0b0c0d".to_string()),
+        "{sels:?}"
+    );
+    env.stop().await;
 }

@@ -425,6 +425,7 @@ async fn tpm_devid_rejects_expired_and_not_yet_valid_devid_certificates() {
         devid_roots: vec![devid.ca_der.clone()],
         ek_roots: kame_api::bundle::certs_from_pem(&std::fs::read_to_string(ek).unwrap()).unwrap(),
         compat_mode: false,
+        ek_allow_list: vec![],
     };
     let (req, _) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
     let now = kame_agent::manager::now_secs();
@@ -438,4 +439,67 @@ async fn tpm_devid_rejects_expired_and_not_yet_valid_devid_certificates() {
         Err(DevIdError::UntrustedDevId(m)) => assert!(m.contains("not valid yet"), "{m}"),
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_ek_allow_list_admits_ek_without_certificate_and_nothing_else() {
+    use sha2::Digest;
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "node");
+    let (req, s) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
+    let spki = kame_api::x509svid::ParsedCert::parse(req.ek_cert.as_ref().unwrap())
+        .unwrap()
+        .spki_der()
+        .unwrap();
+    let hash = hex::encode(sha2::Sha256::digest(&spki));
+    let list = devid.dir.path().join("ek-allow.txt");
+    std::fs::write(&list, format!("# EKs without certificates\n{hash}\n")).unwrap();
+    let mut no_cert = req.clone();
+    no_cert.ek_cert = None;
+    // Without an allow list, an EK certificate is required (SPIRE's order: after AKPub, DevIDPub).
+    let env = server(&tpm, &devid, false).await;
+    refused(
+        begin(&env, no_cert.encode()).await.map(|_| ()),
+        Code::InvalidArgument,
+        "missing EKCert",
+    );
+    env.stop().await;
+    // With it, the listed EK attests without a certificate ...
+    let ek_ca = ek_cas(&tpm, devid.dir.path());
+    let mut o = opts(&tpm, &devid, &devid.ca, &ek_ca);
+    o.agent_attestor = None;
+    o.server_plugins = o.server_plugins.replace(
+        "endorsement_ca_path",
+        &format!(
+            "ek_allow_list_path = \"{}\"\n            endorsement_ca_path",
+            list.display()
+        ),
+    );
+    let env = Env::start(o).await;
+    let (tx, rx, c) = begin(&env, no_cert.encode()).await.unwrap();
+    let resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &c));
+    finish(tx, rx, resp.encode()).await.unwrap();
+    env.stop().await;
+    // ... and another TPM's EK, not listed and without a certificate, is refused.
+    let tpm2 = SwTpm::start().unwrap();
+    let devid2 = provision(&tpm2, "node2");
+    let (mut req2, _) = tokio::task::block_in_place(|| tpm_evidence(&tpm2, &devid2));
+    req2.ek_cert = None;
+    let mut o = opts(&tpm2, &devid2, &devid2.ca, &ek_ca);
+    o.agent_attestor = None;
+    o.server_plugins = o.server_plugins.replace(
+        "endorsement_ca_path",
+        &format!(
+            "ek_allow_list_path = \"{}\"\n            endorsement_ca_path",
+            list.display()
+        ),
+    );
+    let env = Env::start(o).await;
+    refused(
+        begin(&env, req2.encode()).await.map(|_| ()),
+        Code::PermissionDenied,
+        "not on ek_allow_list",
+    );
+    no_agents(&env).await;
+    env.stop().await;
 }

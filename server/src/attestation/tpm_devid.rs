@@ -42,6 +42,8 @@ pub enum DevIdError {
     EkMismatch,
     #[error("EK certificate does not chain to endorsement_ca_path: {0}")]
     UntrustedEk(String),
+    #[error("EK without a certificate is not on ek_allow_list (SPKI SHA-256 {0})")]
+    EkNotAllowed(String),
     #[error("DevIDPub is not the DevID certificate's key")]
     DevIdPubMismatch,
     #[error("AK attributes are not those of an attestation key: {0}")]
@@ -85,11 +87,15 @@ pub struct DevIdConfig {
     pub ek_roots: Vec<Vec<u8>>,
     /// SPIRE parity: skip the checks SPIRE lacks.
     pub compat_mode: bool,
+    /// SHA-256 (lowercase hex) of the SubjectPublicKeyInfo DER of EKs trusted without an EK
+    /// certificate (TPMs that have none); empty: EK certificates are required.
+    pub ek_allow_list: Vec<String>,
 }
 
 /// What the server keeps between the challenge and the response.
 pub struct Pending {
     leaf: Vec<u8>,
+    ek_hash: String,
     chain_issuers: Vec<Vec<u8>>,
     nonce: Vec<u8>,
     secret: zeroize::Zeroizing<Vec<u8>>,
@@ -155,40 +161,58 @@ pub fn begin(
     let devid_pub = req.devid_pub.as_deref().filter(|b| !b.is_empty());
     let devid_pub = devid_pub.ok_or(DevIdError::Missing("DevIDPub"))?;
     let ek_cert = req.ek_cert.as_deref().filter(|b| !b.is_empty());
-    let ek_cert = ek_cert.ok_or(DevIdError::Missing("EKCert"))?;
+    if ek_cert.is_none() && cfg.ek_allow_list.is_empty() {
+        return Err(DevIdError::Missing("EKCert"));
+    }
     let ek_pub = req.ek_pub.as_deref().filter(|b| !b.is_empty());
     let ek_pub = ek_pub.ok_or(DevIdError::Missing("EKPub"))?;
     // 6. Parse.
-    let ek_cert_p = ParsedCert::parse(ek_cert).map_err(|e| DevIdError::BadEkCert(e.to_string()))?;
+    let ek_cert_p = ek_cert
+        .map(|c| ParsedCert::parse(c).map_err(|e| DevIdError::BadEkCert(e.to_string())))
+        .transpose()?;
     let devid_p = public("DevIDPub", devid_pub)?;
     let ak_p = public("AKPub", ak_pub)?;
     let ek_p = public("EKPub", ek_pub)?;
-    // 7. EK key match (SPIRE: RSA only; Kame also ECC).
-    let cert_key = ek_cert_p
-        .spki_der()
-        .ok()
-        .and_then(|s| key_of_spki(&s))
-        .ok_or_else(|| DevIdError::BadEkCert("unsupported EK certificate key".into()))?;
-    let pub_key = ek_p
-        .spki_der()
-        .ok()
-        .and_then(|s| key_of_spki(&s))
-        .ok_or_else(|| DevIdError::BadPublic {
-            field: "EKPub",
-            msg: "unsupported key".into(),
-        })?;
+    let ek_spki = ek_p.spki_der().map_err(|e| DevIdError::BadPublic {
+        field: "EKPub",
+        msg: e.to_string(),
+    })?;
+    let pub_key = key_of_spki(&ek_spki).ok_or_else(|| DevIdError::BadPublic {
+        field: "EKPub",
+        msg: "unsupported key".into(),
+    })?;
     if cfg.compat_mode && !ek_p.is_rsa() {
         return Err(DevIdError::BadPublic {
             field: "EKPub",
             msg: "only RSA EKs are accepted in compat_mode".into(),
         });
     }
-    if cert_key != pub_key {
-        return Err(DevIdError::EkMismatch);
+    let ek_hash = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&ek_spki))
+    };
+    let allowed = cfg.ek_allow_list.iter().any(|h| h == &ek_hash);
+    match (&ek_cert_p, ek_cert) {
+        (Some(p), Some(der)) => {
+            // 7. EK key match (SPIRE: RSA only; Kame also ECC).
+            let cert_key = p
+                .spki_der()
+                .ok()
+                .and_then(|s| key_of_spki(&s))
+                .ok_or_else(|| DevIdError::BadEkCert("unsupported EK certificate key".into()))?;
+            if cert_key != pub_key {
+                return Err(DevIdError::EkMismatch);
+            }
+            // 8. EK chain (no intermediates from the agent, as SPIRE), unless allow-listed.
+            if let Err(e) = kame_devid::chain::verify(der, &[], &cfg.ek_roots, now)
+                && !allowed
+            {
+                return Err(DevIdError::UntrustedEk(e.to_string()));
+            }
+        }
+        _ if allowed => {}
+        _ => return Err(DevIdError::EkNotAllowed(ek_hash)),
     }
-    // 8. EK chain (no intermediates from the agent, as SPIRE).
-    kame_devid::chain::verify(ek_cert, &[], &cfg.ek_roots, now)
-        .map_err(|e| DevIdError::UntrustedEk(e.to_string()))?;
     if !cfg.compat_mode {
         // 22. DevIDPub is the certificate's key.
         let leaf_key = leaf_cert.spki_der().ok().and_then(|s| key_of_spki(&s));
@@ -265,6 +289,7 @@ pub fn begin(
     Ok((
         Pending {
             leaf,
+            ek_hash,
             chain_issuers: path.issuers,
             nonce,
             secret: zeroize::Zeroizing::new(secret),
@@ -354,6 +379,20 @@ pub fn finish(td: &TrustDomain, pending: Pending, response: &[u8]) -> Result<Att
             selectors.push(Selector::new(TYPE, format!("ca:fingerprint:{f}")));
         }
     }
+    // Kame's, after SPIRE's.
+    for sn in kame_devid::profile::subject_serial_numbers(&pending.leaf) {
+        selectors.push(Selector::new(TYPE, format!("subject:serialnumber:{sn}")));
+    }
+    for (oid, serial) in kame_devid::profile::hardware_module_names(&pending.leaf) {
+        selectors.push(Selector::new(
+            TYPE,
+            format!("hwmodulename:{oid}:{}", hex::encode(serial)),
+        ));
+    }
+    selectors.push(Selector::new(
+        TYPE,
+        format!("ek:pubhash:sha256:{}", pending.ek_hash),
+    ));
     Ok(Attested {
         agent_id,
         selectors,

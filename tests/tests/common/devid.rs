@@ -38,6 +38,12 @@ pub fn der_of_pem(p: &Path) -> Vec<u8> {
 /// A DevID key in the TPM (SPIRE's DEVID_RSA template), blobs in SPIRE's format, and a
 /// certificate for it from a fresh test CA with subject CN `cn`.
 pub fn provision(tpm: &SwTpm, cn: &str) -> DevId {
+    provision_with(tpm, &format!("/CN={cn}"), None)
+}
+
+/// As [`provision`], with a full subject and optional extensions (an openssl extension
+/// section named `ext`).
+pub fn provision_with(tpm: &SwTpm, subject: &str, ext: Option<&str>) -> DevId {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
     let mut d = Device::open(&tpm.tcti).unwrap();
@@ -74,22 +80,33 @@ pub fn provision(tpm: &SwTpm, cn: &str) -> DevId {
         "-addext",
         "keyUsage=critical,keyCertSign,cRLSign",
     ]);
-    openssl(&[
-        "x509",
-        "-new",
-        "-subj",
-        &format!("/CN={cn}"),
-        "-force_pubkey",
-        &s(&p("devid_key.pem")),
-        "-CA",
-        &s(&p("ca.pem")),
-        "-CAkey",
-        &s(&p("ca.key")),
-        "-days",
-        "1",
-        "-out",
-        &s(&p("devid.pem")),
-    ]);
+    let mut args: Vec<String> = vec![
+        "x509".into(),
+        "-new".into(),
+        "-subj".into(),
+        subject.into(),
+        "-force_pubkey".into(),
+        s(&p("devid_key.pem")),
+        "-CA".into(),
+        s(&p("ca.pem")),
+        "-CAkey".into(),
+        s(&p("ca.key")),
+        "-days".into(),
+        "1".into(),
+        "-out".into(),
+        s(&p("devid.pem")),
+    ];
+    if let Some(e) = ext {
+        std::fs::write(p("ext.cnf"), e).unwrap();
+        args.extend([
+            "-extfile".into(),
+            s(&p("ext.cnf")),
+            "-extensions".into(),
+            "ext".into(),
+        ]);
+    }
+    let args: Vec<&str> = args.iter().map(|a| a.as_str()).collect();
+    openssl(&args);
     DevId {
         cert: p("devid.pem"),
         ca: p("ca.pem"),
