@@ -116,7 +116,9 @@ pub fn evidence(
         ak_pub: Some(ak.public.clone()),
         certified_devid: Some(certified),
         certification_signature: Some(sig),
-        version: None,
+        // Kame v2: a Kame server answers with a nonce-bound certify and PCR quote request;
+        // SPIRE's server ignores the field.
+        version: Some(2),
     };
     Ok((req, Session { devid, ak }))
 }
@@ -176,10 +178,24 @@ pub fn answer(
         &tpm2b(&cred.credential)?,
         &tpm2b(&cred.secret)?,
     )?;
-    Ok(ChallengeResponse {
+    let mut resp = ChallengeResponse {
         devid: Some(sig),
         cred_activation: Some(secret),
-    })
+        ..Default::default()
+    };
+    if c.version.is_some_and(|v| v >= 2) {
+        // Bound to the server's nonce: a fresh certify of the DevID and a quote of the PCRs
+        // it asked for, both by the AK whose credential was just activated.
+        let (certified, csig) = d.certify(EkAlg::Rsa2048, &session.ak, &session.devid, &nonce)?;
+        let (quote, qsig) = d.quote(EkAlg::Rsa2048, &session.ak, &c.pcrs, &nonce)?;
+        let values = d.pcr_values(&c.pcrs)?;
+        resp.certified_devid = Some(certified);
+        resp.certification_signature = Some(csig);
+        resp.quote = Some(quote);
+        resp.quote_signature = Some(qsig);
+        resp.pcr_values = values.into_iter().map(|((_, i), v)| (i, v)).collect();
+    }
+    Ok(resp)
 }
 
 /// A TPMT_SIGNATURE as Go's CheckSignature expects it: RSA raw, ECDSA DER SEQUENCE { r, s }.

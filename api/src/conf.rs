@@ -223,6 +223,11 @@ impl Section {
         }
     }
 
+    /// The names of this section's attributes (for maps such as PCR policies).
+    pub fn keys(&self) -> Vec<String> {
+        self.attrs.keys().cloned().collect()
+    }
+
     pub fn take_bool(&self, k: &str) -> Result<Option<bool>, ConfigError> {
         match self.take_attr(k) {
             None => Ok(None),

@@ -59,6 +59,17 @@ fn bytes_list(m: &Map<String, Value>, name: &str) -> Result<Vec<Vec<u8>>, Error>
     }
 }
 
+fn version(m: &Map<String, Value>) -> Result<Option<u32>, Error> {
+    match field(m, "Version") {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => Ok(Some(
+            v.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| bad("Version is not a small unsigned integer"))?,
+        )),
+    }
+}
+
 fn enc(b: &Option<Vec<u8>>) -> Value {
     match b {
         None => Value::Null,
@@ -130,14 +141,7 @@ impl AttestationRequest {
 
     pub fn decode(data: &[u8]) -> Result<Self, Error> {
         let m = object(data, "attestation request")?;
-        let version = match field(&m, "Version") {
-            None | Some(Value::Null) => None,
-            Some(v) => Some(
-                v.as_u64()
-                    .and_then(|n| u32::try_from(n).ok())
-                    .ok_or_else(|| bad("Version is not a small unsigned integer"))?,
-            ),
-        };
+        let version = version(&m)?;
         Ok(AttestationRequest {
             devid_cert: bytes_list(&m, "DevIDCert")?,
             devid_pub: bytes(&m, "DevIDPub")?,
@@ -164,6 +168,10 @@ pub struct ChallengeRequest {
     /// The nonce the DevID key must sign.
     pub devid: Option<Vec<u8>>,
     pub cred_activation: Option<CredActivation>,
+    /// Kame v2 (sent only to agents that announced it): certify and quote are bound to the
+    /// nonce, and the quote covers these SHA-256 PCRs.
+    pub version: Option<u32>,
+    pub pcrs: Vec<u32>,
 }
 
 impl ChallengeRequest {
@@ -175,7 +183,12 @@ impl ChallengeRequest {
                 ("Secret".to_string(), enc(&Some(c.secret.clone()))),
             ])),
         };
-        ordered(vec![("DevID", enc(&self.devid)), ("CredActivation", cred)])
+        let mut m = vec![("DevID", enc(&self.devid)), ("CredActivation", cred)];
+        if let Some(v) = self.version {
+            m.push(("Version", v.into()));
+            m.push(("PCRs", self.pcrs.clone().into()));
+        }
+        ordered(m)
     }
 
     pub fn decode(data: &[u8]) -> Result<Self, Error> {
@@ -188,9 +201,24 @@ impl ChallengeRequest {
             }),
             Some(_) => return Err(bad("CredActivation is not an object")),
         };
+        let pcrs = match field(&m, "PCRs") {
+            None | Some(Value::Null) => vec![],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_u64()
+                        .filter(|n| *n < 24)
+                        .map(|n| n as u32)
+                        .ok_or_else(|| bad("PCRs holds something that is not a PCR index"))
+                })
+                .collect::<Result<_, _>>()?,
+            Some(_) => return Err(bad("PCRs is not an array")),
+        };
         Ok(ChallengeRequest {
             devid: bytes(&m, "DevID")?,
             cred_activation,
+            version: version(&m)?,
+            pcrs,
         })
     }
 }
@@ -202,21 +230,64 @@ pub struct ChallengeResponse {
     pub devid: Option<Vec<u8>>,
     /// The secret recovered by TPM2_ActivateCredential.
     pub cred_activation: Option<Vec<u8>>,
+    /// v2: TPM2_Certify of the DevID by the AK with the nonce as qualifying data.
+    pub certified_devid: Option<Vec<u8>>,
+    pub certification_signature: Option<Vec<u8>>,
+    /// v2: TPM2_Quote by the AK over the requested PCRs with the nonce.
+    pub quote: Option<Vec<u8>>,
+    pub quote_signature: Option<Vec<u8>>,
+    /// v2: the SHA-256 PCR values the quote covers, by index.
+    pub pcr_values: Vec<(u32, Vec<u8>)>,
 }
 
 impl ChallengeResponse {
     pub fn encode(&self) -> Vec<u8> {
-        ordered(vec![
+        let mut m = vec![
             ("DevID", enc(&self.devid)),
             ("CredActivation", enc(&self.cred_activation)),
-        ])
+        ];
+        if self.quote.is_some() || self.certified_devid.is_some() {
+            m.push(("CertifiedDevID", enc(&self.certified_devid)));
+            m.push(("CertificationSignature", enc(&self.certification_signature)));
+            m.push(("Quote", enc(&self.quote)));
+            m.push(("QuoteSignature", enc(&self.quote_signature)));
+            let mut pcrs = Map::new();
+            for (i, v) in &self.pcr_values {
+                pcrs.insert(i.to_string(), Value::String(STANDARD.encode(v)));
+            }
+            m.push(("PCRValues", Value::Object(pcrs)));
+        }
+        ordered(m)
     }
 
     pub fn decode(data: &[u8]) -> Result<Self, Error> {
         let m = object(data, "challenge response")?;
+        let pcr_values = match field(&m, "PCRValues") {
+            None | Some(Value::Null) => vec![],
+            Some(Value::Object(o)) => {
+                o.iter()
+                    .map(|(k, v)| {
+                        let i: u32 = k.parse().ok().filter(|i| *i < 24).ok_or_else(|| {
+                            bad(format!("PCRValues key {k:?} is not a PCR index"))
+                        })?;
+                        let v = v
+                            .as_str()
+                            .and_then(|s| STANDARD.decode(s).ok())
+                            .ok_or_else(|| bad(format!("PCRValues[{k}] is not base64")))?;
+                        Ok((i, v))
+                    })
+                    .collect::<Result<_, Error>>()?
+            }
+            Some(_) => return Err(bad("PCRValues is not an object")),
+        };
         Ok(ChallengeResponse {
             devid: bytes(&m, "DevID")?,
             cred_activation: bytes(&m, "CredActivation")?,
+            certified_devid: bytes(&m, "CertifiedDevID")?,
+            certification_signature: bytes(&m, "CertificationSignature")?,
+            quote: bytes(&m, "Quote")?,
+            quote_signature: bytes(&m, "QuoteSignature")?,
+            pcr_values,
         })
     }
 }
@@ -245,6 +316,7 @@ mod tests {
                 credential: vec![2],
                 secret: vec![3],
             }),
+            ..Default::default()
         };
         let s = String::from_utf8(c.encode()).unwrap();
         assert_eq!(
@@ -277,6 +349,29 @@ mod tests {
         assert_eq!(v.devid, Some(vec![1]));
         assert_eq!(v.cred_activation, None);
         assert!(ChallengeRequest::decode(br#"{"CredActivation":"x"}"#).is_err());
+        // v2 round trip: fields appear only in v2.
+        let c = ChallengeRequest {
+            devid: Some(vec![1]),
+            version: Some(2),
+            pcrs: vec![0, 7],
+            ..Default::default()
+        };
+        let text = String::from_utf8(c.encode()).unwrap();
+        assert!(text.ends_with(r#""Version":2,"PCRs":[0,7]}"#), "{text}");
+        assert_eq!(ChallengeRequest::decode(text.as_bytes()).unwrap(), c);
+        let r = ChallengeResponse {
+            devid: Some(vec![1]),
+            quote: Some(vec![2]),
+            pcr_values: vec![(7, vec![9; 32])],
+            ..Default::default()
+        };
+        assert_eq!(ChallengeResponse::decode(&r.encode()).unwrap(), r);
+        assert!(
+            !String::from_utf8(ChallengeResponse::default().encode())
+                .unwrap()
+                .contains("Quote")
+        );
+        assert!(ChallengeResponse::decode(br#"{"PCRValues":{"99":"AA=="}}"#).is_err());
         // A v1 message never carries Version.
         assert!(
             !String::from_utf8(AttestationRequest::default().encode())

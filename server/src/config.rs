@@ -87,6 +87,10 @@ pub struct TpmDevidConfig {
     pub compat_mode: bool,
     /// EKs trusted without a certificate: one SHA-256 (hex) of the EK's SPKI DER per line.
     pub ek_allow_list_path: Option<PathBuf>,
+    /// Refuse agents that do not speak Kame's v2 (certify bound to the nonce, PCR quote).
+    pub require_quote: bool,
+    /// Expected SHA-256 PCR values by index (`pcr_policy { sha256 = { "7" = "<hex>" } }`).
+    pub pcr_policy: std::collections::BTreeMap<u32, Vec<u8>>,
 }
 
 impl Config {
@@ -327,12 +331,39 @@ impl Config {
                         .string("ek_allow_list_path")?
                         .filter(|v| !v.is_empty())
                         .map(PathBuf::from);
+                    let require_quote = data.take_bool("require_quote")?.unwrap_or(false);
+                    let mut pcr_policy = std::collections::BTreeMap::new();
+                    let mut data = data;
+                    if let Some(mut pol) = data.section("pcr_policy")? {
+                        if let Some(sha) = pol.section("sha256")? {
+                            for k in sha.keys() {
+                                let key = sha.key(&k);
+                                let i: u32 = k
+                                    .parse()
+                                    .ok()
+                                    .filter(|i| *i < 24)
+                                    .ok_or_else(|| invalid(&key, "not a PCR index (0-23)"))?;
+                                let v = sha.string(&k)?.unwrap_or_default();
+                                let b = hex::decode(v.trim())
+                                    .ok()
+                                    .filter(|b| b.len() == 32)
+                                    .ok_or_else(|| {
+                                        invalid(&key, "expected a SHA-256 value in hex")
+                                    })?;
+                                pcr_policy.insert(i, b);
+                            }
+                            sha.finish()?;
+                        }
+                        pol.finish()?;
+                    }
                     data.finish()?;
                     tpm_devid = Some(TpmDevidConfig {
                         devid_ca_path,
                         endorsement_ca_path,
                         compat_mode,
                         ek_allow_list_path,
+                        require_quote,
+                        pcr_policy,
                     });
                 }
                 _ => {

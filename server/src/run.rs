@@ -232,6 +232,8 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
                 None => vec![],
                 Some(p) => load_allow_list(p)?,
             },
+            require_quote: t.require_quote,
+            pcr_policy: t.pcr_policy.clone(),
         })),
     };
     let ctx = Arc::new(Context {

@@ -65,8 +65,10 @@ async fn tpm_devid_agent_attests_on_swtpm_with_spire_id_and_selectors_and_serves
             "tpm_devid:subject:cn:devid-node-1".to_string(),
             "tpm_devid:issuer:cn:Kame Test DevID CA".to_string(),
             format!("tpm_devid:ca:fingerprint:{ca_fp}"),
-            // ... then Kame's.
+            // ... then Kame's: the EK, and the quoted PCRs (v2; a fresh swtpm's are zero).
             format!("tpm_devid:ek:pubhash:sha256:{ek_hash}"),
+            format!("tpm_devid:pcr:sha256:0:{}", "0".repeat(64)),
+            format!("tpm_devid:pcr:sha256:7:{}", "0".repeat(64)),
         ]
     );
 

@@ -122,14 +122,16 @@ fn refused(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, says: &st
 }
 
 async fn no_agents(env: &Env) {
-    let n = pb::agent::agent_client::AgentClient::new(env.admin().await)
-        .count_agents(pb::agent::CountAgentsRequest { filter: None })
+    let agents = pb::agent::agent_client::AgentClient::new(env.admin().await)
+        .list_agents(pb::agent::ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()
-        .count;
-    // The harness's own join_token agent is the only one.
-    assert_eq!(n, 1, "nothing attested through tpm_devid");
+        .agents;
+    assert!(
+        agents.iter().all(|a| a.attestation_type != "tpm_devid"),
+        "nothing attested through tpm_devid: {agents:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,6 +243,7 @@ async fn tpm_devid_rejects_devid_from_another_tpm() {
     let resp = ChallengeResponse {
         devid: None,
         cred_activation: Some(vec![0; 32]),
+        ..Default::default()
     };
     refused(
         finish(tx, rx, resp.encode()).await,
@@ -426,6 +429,8 @@ async fn tpm_devid_rejects_expired_and_not_yet_valid_devid_certificates() {
         ek_roots: kame_api::bundle::certs_from_pem(&std::fs::read_to_string(ek).unwrap()).unwrap(),
         compat_mode: false,
         ek_allow_list: vec![],
+        require_quote: false,
+        pcr_policy: Default::default(),
     };
     let (req, _) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
     let now = kame_agent::manager::now_secs();
@@ -501,5 +506,100 @@ async fn tpm_devid_ek_allow_list_admits_ek_without_certificate_and_nothing_else(
         "not on ek_allow_list",
     );
     no_agents(&env).await;
+    env.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_v2_pcr_policy_passes_refuses_after_extend_and_reports_reboot() {
+    let mut tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "node");
+    let ek_ca = ek_cas(&tpm, devid.dir.path());
+    // Policy: PCR 7 as it is now (a fresh TPM: zero); v1 agents refused.
+    let mut o = opts(&tpm, &devid, &devid.ca, &ek_ca);
+    o.agent_attestor = None;
+    o.server_plugins = o.server_plugins.replace(
+        "endorsement_ca_path",
+        &format!(
+            "require_quote = true\n            pcr_policy {{\n                sha256 = {{\n                    \"7\" = \"{}\"\n                }}\n            }}\n            endorsement_ca_path",
+            "00".repeat(32)
+        ),
+    );
+    let env = Env::start(o).await;
+    let attempt = |tcti: String| {
+        let devid_key = devid.key.clone();
+        let leaf = devid.leaf_der.clone();
+        move || {
+            let mut d = Device::open(&tcti).unwrap();
+            evidence(&mut d, vec![leaf], devid_key).unwrap()
+        }
+    };
+    // 1. Matching PCRs: attested, with the PCR selector.
+    let (req, s) = tokio::task::block_in_place(attempt(tpm.tcti.clone()));
+    assert_eq!(req.version, Some(2));
+    let (tx, rx, c) = begin(&env, req.encode()).await.unwrap();
+    let ch = kame_api::tpm_devid::ChallengeRequest::decode(&c).unwrap();
+    assert_eq!((ch.version, ch.pcrs.clone()), (Some(2), vec![7]));
+    let resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &c));
+    let id = finish(tx, rx, resp.encode()).await.unwrap();
+    let node = env
+        .server
+        .as_ref()
+        .unwrap()
+        .ctx
+        .ds
+        .fetch_node(&id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        node.selectors
+            .iter()
+            .any(|s| s.value == format!("pcr:sha256:7:{}", "00".repeat(32))),
+        "{:?}",
+        node.selectors
+    );
+    assert_eq!(node.tpm_reboots, 0);
+    let boot = node.tpm_boot.expect("clockInfo recorded");
+    // 2. A v1 message (no Version) is refused: require_quote.
+    let mut v1 = req.clone();
+    v1.version = None;
+    refused(
+        begin(&env, v1.encode()).await.map(|_| ()),
+        Code::PermissionDenied,
+        "requires a PCR quote",
+    );
+    // 3. PCR 7 extended (e.g. Secure Boot state changed): refused, naming the PCR.
+    tpm.tpm2(
+        "tpm2_pcrextend",
+        &[&format!("7:sha256={}", "ab".repeat(32))],
+    )
+    .unwrap();
+    let (req, s) = tokio::task::block_in_place(attempt(tpm.tcti.clone()));
+    let (tx, rx, c) = begin(&env, req.encode()).await.unwrap();
+    let resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &c));
+    refused(
+        finish(tx, rx, resp.encode()).await,
+        Code::PermissionDenied,
+        "PCR sha256:7 is",
+    );
+    // 4. Reboot (swtpm power cycle): PCRs are back to the policy, the reset is counted.
+    tpm.restart().unwrap();
+    let (req, s) = tokio::task::block_in_place(attempt(tpm.tcti.clone()));
+    let (tx, rx, c) = begin(&env, req.encode()).await.unwrap();
+    let resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &c));
+    let id2 = finish(tx, rx, resp.encode()).await.unwrap();
+    assert_eq!(id2, id);
+    let node = env
+        .server
+        .as_ref()
+        .unwrap()
+        .ctx
+        .ds
+        .fetch_node(&id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(node.tpm_reboots, 1, "reboot reported");
+    assert!(node.tpm_boot.unwrap().0 > boot.0);
     env.stop().await;
 }

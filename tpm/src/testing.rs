@@ -44,6 +44,21 @@ impl SwTpm {
         Ok(SwTpm { dir, tcti })
     }
 
+    /// Power-cycles the TPM (stop, start on the same state: a TPM Reset, so resetCount grows
+    /// and PCRs are cleared); the TCTI changes with the new port.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        run(
+            Command::new(scripts().join("stop")).arg(self.dir.path()),
+            "swtpm/stop",
+        )?;
+        let out = run(
+            Command::new(scripts().join("start")).arg(self.dir.path()),
+            "swtpm/start",
+        )?;
+        self.tcti = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Ok(())
+    }
+
     /// The directory with the TPM state and the EK CA certificates
     /// (`ek-root-ca.pem`, `ek-intermediate-ca.pem`).
     pub fn dir(&self) -> &Path {

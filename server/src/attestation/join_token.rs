@@ -46,5 +46,6 @@ pub async fn attest(
         agent_id,
         selectors: vec![],
         can_reattest: false,
+        tpm_boot: None,
     })
 }

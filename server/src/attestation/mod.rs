@@ -13,6 +13,8 @@ pub struct Attested {
     pub agent_id: SpiffeId,
     pub selectors: Vec<Selector>,
     pub can_reattest: bool,
+    /// The TPM's (resetCount, restartCount) from a quote's clockInfo, when one was verified.
+    pub tpm_boot: Option<(u32, u32)>,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -60,6 +60,18 @@ pub enum DevIdError {
     BadNonceSignature(String),
     #[error("credential activation failed: the secret does not match")]
     CredentialMismatch,
+    #[error("this server requires a PCR quote (require_quote): the agent does not speak v2")]
+    QuoteRequired,
+    #[error("v2 response lacks {0}")]
+    MissingV2(&'static str),
+    #[error("quote does not verify: {0}")]
+    BadQuote(String),
+    #[error("PCR sha256:{index} is {got}, the policy requires {want}")]
+    PcrPolicy {
+        index: u32,
+        got: String,
+        want: String,
+    },
 }
 
 impl DevIdError {
@@ -74,6 +86,7 @@ impl DevIdError {
                 | DevIdError::BadEkCert(_)
                 | DevIdError::BadPublic { .. }
                 | DevIdError::BadResponse(_)
+                | DevIdError::MissingV2(_)
         )
     }
 }
@@ -90,12 +103,23 @@ pub struct DevIdConfig {
     /// SHA-256 (lowercase hex) of the SubjectPublicKeyInfo DER of EKs trusted without an EK
     /// certificate (TPMs that have none); empty: EK certificates are required.
     pub ek_allow_list: Vec<String>,
+    /// Refuse agents that do not speak v2.
+    pub require_quote: bool,
+    /// Expected SHA-256 PCR values by index.
+    pub pcr_policy: std::collections::BTreeMap<u32, Vec<u8>>,
 }
+
+/// The PCRs a v2 quote covers when no policy names any: the firmware and Secure Boot ones.
+const DEFAULT_QUOTE_PCRS: [u32; 2] = [0, 7];
 
 /// What the server keeps between the challenge and the response.
 pub struct Pending {
     leaf: Vec<u8>,
     ek_hash: String,
+    /// v2: the AK and DevID publics to check the nonce-bound certify and the quote, and the
+    /// PCRs asked for.
+    v2: Option<(Public, Public, Vec<u32>)>,
+    policy: std::collections::BTreeMap<u32, Vec<u8>>,
     chain_issuers: Vec<Vec<u8>>,
     nonce: Vec<u8>,
     secret: zeroize::Zeroizing<Vec<u8>>,
@@ -141,6 +165,10 @@ pub fn begin(
 ) -> Result<(Pending, ChallengeRequest), DevIdError> {
     let req =
         AttestationRequest::decode(payload).map_err(|e| DevIdError::Malformed(e.to_string()))?;
+    let v2 = req.version.is_some_and(|v| v >= 2);
+    if cfg.require_quote && !v2 {
+        return Err(DevIdError::QuoteRequired);
+    }
     // 2. DevID certificates.
     let Some(leaf) = req.devid_cert.first().cloned() else {
         return Err(DevIdError::NoDevIdCert);
@@ -279,17 +307,27 @@ pub fn begin(
         .map_err(|e| DevIdError::Challenge(e.to_string()))?;
     let cred = wire::credential::make_credential(&ek_p, &secret, &ak_name)
         .map_err(|e| DevIdError::Challenge(e.to_string()))?;
+    let pcrs: Vec<u32> = if cfg.pcr_policy.is_empty() {
+        DEFAULT_QUOTE_PCRS.to_vec()
+    } else {
+        cfg.pcr_policy.keys().copied().collect()
+    };
     let challenge = ChallengeRequest {
         devid: Some(nonce.clone()),
         cred_activation: Some(CredActivation {
             credential: strip_tpm2b(&cred.credential_blob)?,
             secret: strip_tpm2b(&cred.secret)?,
         }),
+        // v2 only for agents that asked: Go agents never see these fields.
+        version: v2.then_some(2),
+        pcrs: if v2 { pcrs.clone() } else { vec![] },
     };
     Ok((
         Pending {
             leaf,
             ek_hash,
+            v2: v2.then(|| (ak_p.clone(), devid_p.clone(), pcrs)),
+            policy: cfg.pcr_policy.clone(),
             chain_issuers: path.issuers,
             nonce,
             secret: zeroize::Zeroizing::new(secret),
@@ -360,6 +398,55 @@ pub fn finish(td: &TrustDomain, pending: Pending, response: &[u8]) -> Result<Att
     if got.len() != pending.secret.len() || !bool::from(got.ct_eq(&pending.secret)) {
         return Err(DevIdError::CredentialMismatch);
     }
+    // v2: the certify and a quote, both bound to this nonce, and the PCR policy.
+    let mut tpm_boot = None;
+    let mut pcr_selectors = vec![];
+    if let Some((ak, devid, pcrs)) = &pending.v2 {
+        let certified = resp
+            .certified_devid
+            .as_deref()
+            .ok_or(DevIdError::MissingV2("CertifiedDevID"))?;
+        let csig = resp
+            .certification_signature
+            .as_deref()
+            .ok_or(DevIdError::MissingV2("CertificationSignature"))?;
+        wire::attest::verify_certify(ak, certified, csig, devid, &pending.nonce)
+            .map_err(|e| DevIdError::BadCertify(format!("nonce-bound certify: {e}")))?;
+        let quote = resp
+            .quote
+            .as_deref()
+            .ok_or(DevIdError::MissingV2("Quote"))?;
+        let qsig = resp
+            .quote_signature
+            .as_deref()
+            .ok_or(DevIdError::MissingV2("QuoteSignature"))?;
+        let values: wire::attest::PcrValues = resp
+            .pcr_values
+            .iter()
+            .map(|(i, v)| ((wire::alg::SHA256, *i), v.clone()))
+            .collect();
+        let attest = wire::attest::verify_quote(ak, quote, qsig, &pending.nonce, &values)
+            .map_err(|e| DevIdError::BadQuote(e.to_string()))?;
+        for i in pcrs {
+            let got = values
+                .get(&(wire::alg::SHA256, *i))
+                .ok_or_else(|| DevIdError::BadQuote(format!("PCR sha256:{i} was not quoted")))?;
+            if let Some(want) = pending.policy.get(i)
+                && want != got
+            {
+                return Err(DevIdError::PcrPolicy {
+                    index: *i,
+                    got: hex::encode(got),
+                    want: hex::encode(want),
+                });
+            }
+            pcr_selectors.push(format!("pcr:sha256:{i}:{}", hex::encode(got)));
+        }
+        tpm_boot = Some((
+            attest.clock_info.reset_count,
+            attest.clock_info.restart_count,
+        ));
+    }
     // 14. Identity and selectors as SPIRE emits them.
     let fp = sha1_hex(&pending.leaf);
     let agent_id = td
@@ -393,9 +480,13 @@ pub fn finish(td: &TrustDomain, pending: Pending, response: &[u8]) -> Result<Att
         TYPE,
         format!("ek:pubhash:sha256:{}", pending.ek_hash),
     ));
+    for p in pcr_selectors {
+        selectors.push(Selector::new(TYPE, p));
+    }
     Ok(Attested {
         agent_id,
         selectors,
         can_reattest: true,
+        tpm_boot,
     })
 }

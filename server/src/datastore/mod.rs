@@ -65,6 +65,10 @@ pub struct AttestedNode {
     pub can_reattest: bool,
     pub selectors: Vec<Selector>,
     pub agent_version: String,
+    /// The TPM's (resetCount, restartCount) at its last quote-verified attestation.
+    pub tpm_boot: Option<(u32, u32)>,
+    /// How many TPM resets (reboots) attestations have seen.
+    pub tpm_reboots: u64,
 }
 
 impl AttestedNode {

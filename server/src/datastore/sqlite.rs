@@ -49,6 +49,10 @@ struct NodeRow {
     can_reattest: bool,
     selectors: Vec<Selector>,
     agent_version: String,
+    #[serde(default)]
+    tpm_boot: Option<(u32, u32)>,
+    #[serde(default)]
+    tpm_reboots: u64,
 }
 
 impl SqliteStore {
@@ -99,6 +103,8 @@ fn node_from_row(spiffe_id: String, data: &str) -> DsResult<AttestedNode> {
         can_reattest: r.can_reattest,
         selectors: r.selectors,
         agent_version: r.agent_version,
+        tpm_boot: r.tpm_boot,
+        tpm_reboots: r.tpm_reboots,
     })
 }
 
@@ -112,6 +118,8 @@ fn node_json(n: &AttestedNode) -> DsResult<String> {
         can_reattest: n.can_reattest,
         selectors: n.selectors.clone(),
         agent_version: n.agent_version.clone(),
+        tpm_boot: n.tpm_boot,
+        tpm_reboots: n.tpm_reboots,
     })
     .map_err(corrupt)
 }

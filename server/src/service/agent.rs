@@ -138,7 +138,25 @@ impl AgentService {
                 .as_ref()
                 .map(|n| n.agent_version.clone())
                 .unwrap_or_default(),
+            tpm_boot: attested.tpm_boot,
+            tpm_reboots: existing.as_ref().map(|n| n.tpm_reboots).unwrap_or(0),
         };
+        let mut node = node;
+        // A TPM reset (resetCount grew) since the last quote is a reboot: report and count it.
+        if let (Some(prev), Some(now)) = (
+            existing.as_ref().and_then(|n| n.tpm_boot),
+            attested.tpm_boot,
+        ) && now.0 > prev.0
+        {
+            node.tpm_reboots += 1;
+            tracing::warn!(
+                agent_id = %id_s,
+                reset_count_before = prev.0,
+                reset_count_now = now.0,
+                reboots = node.tpm_reboots,
+                "agent's TPM was reset (reboot) since its last attestation"
+            );
+        }
         if existing.is_some() {
             self.ctx.ds.update_node(&node).await.map_err(ds_status)?;
         } else {
