@@ -1,6 +1,7 @@
 //! `tpm_devid` node attestation, the agent half (SPIRE wire format, `tpm_devid.md` §1.2–1.6):
 //! reads the DevID certificate chain and key blobs, regenerates the RSA EK (template L-1) and
-//! reads its certificate from NV, makes an attestation key, certifies the DevID key with it,
+//! reads its certificate from NV, makes an attestation key (under the EK; SPIRE's `AK_RSA`
+//! under the SRK with [`evidence_spire`]), certifies the DevID key with it,
 //! and after the server's challenge signs its nonce with the DevID key and recovers the
 //! credential with TPM2_ActivateCredential. All TPM work runs on the blocking pool through
 //! [`kame_tpm::device::SharedDevice`]; an authorization failure is never retried. It keeps no
@@ -106,6 +107,9 @@ pub fn evidence(
         .ek_public(EkAlg::Rsa2048)?
         .marshal()
         .map_err(DeviceError::Wire)?;
+    // An AK in the endorsement hierarchy (under the EK): a TPM obfuscates the reset and
+    // restart counts in quotes signed by owner-hierarchy keys such as SPIRE's SRK-parented
+    // AK, and v2 needs them to see reboots. SPIRE's server accepts either.
     let ak = d.create_ak(EkAlg::Rsa2048, false)?;
     let (certified, sig) = d.certify(EkAlg::Rsa2048, &ak, &devid, &[])?;
     let req = AttestationRequest {
@@ -119,6 +123,35 @@ pub fn evidence(
         // Kame v2: a Kame server answers with a nonce-bound certify and PCR quote request;
         // SPIRE's server ignores the field.
         version: Some(2),
+    };
+    Ok((req, Session { devid, ak }))
+}
+
+/// Message 1 exactly as SPIRE's agent builds it (`tpm_devid.md` §1.3): the AK from `AK_RSA`
+/// under the SRK, no `Version`.
+pub fn evidence_spire(
+    d: &mut Device,
+    certs: Vec<Vec<u8>>,
+    devid: KeyBlob,
+) -> Result<(AttestationRequest, Session), DevIdAgentError> {
+    let ek_cert = d
+        .ek_certificate(EkAlg::Rsa2048)?
+        .ok_or(DevIdAgentError::NoEkCertificate)?;
+    let ek_pub = d
+        .ek_public(EkAlg::Rsa2048)?
+        .marshal()
+        .map_err(DeviceError::Wire)?;
+    let ak = d.create_spire_ak()?;
+    let (certified, sig) = d.certify(EkAlg::Rsa2048, &ak, &devid, &[])?;
+    let req = AttestationRequest {
+        devid_cert: certs,
+        devid_pub: Some(devid.public.clone()),
+        ek_cert: Some(ek_cert),
+        ek_pub: Some(ek_pub),
+        ak_pub: Some(ak.public.clone()),
+        certified_devid: Some(certified),
+        certification_signature: Some(sig),
+        version: None,
     };
     Ok((req, Session { devid, ak }))
 }

@@ -603,3 +603,68 @@ async fn tpm_devid_v2_pcr_policy_passes_refuses_after_extend_and_reports_reboot(
     assert!(node.tpm_boot.unwrap().0 > boot.0);
     env.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_spire_agent_message_from_byte_level_facts_is_accepted_in_compat_mode() {
+    // Message 1 as SPIRE's agent builds it (tpm_devid.md §1.2, §1.9): EK from template L-1,
+    // AK from AK_RSA under SRK_HIGH_RSA, certify with empty qualifying data, RSASSA/SHA-256;
+    // no Version field. A compat_mode server (and the default one) accepts it.
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "spire-node");
+    let (req, s) = tokio::task::block_in_place(|| {
+        let mut d = Device::open(&tpm.tcti).unwrap();
+        kame_agent::tpm_devid::evidence_spire(
+            &mut d,
+            vec![devid.leaf_der.clone()],
+            devid.key.clone(),
+        )
+        .unwrap()
+    });
+    let b = |v: &Option<Vec<u8>>| v.clone().unwrap();
+    let hexs = |v: &[u8]| hex::encode(v);
+    // The byte-level facts.
+    assert!(
+        hexs(&b(&req.ak_pub)).starts_with("0001000b00050072000000100014000b0800"),
+        "AK_RSA"
+    );
+    assert!(
+        hexs(&b(&req.ek_pub)).starts_with(
+            "0001000b000300b20020837197674484b3f81a90cc8d46a5d724fd52d76e06520b64f2a1da1b331469aa00060080004300100800000000000100"
+        ),
+        "EK_L1_RSA"
+    );
+    assert!(
+        hexs(&b(&req.devid_pub)).starts_with("0001000b00040072000000100014000b0800"),
+        "DEVID_RSA"
+    );
+    assert!(
+        hexs(&b(&req.certified_devid)).starts_with("ff5443478017"),
+        "TPMS_ATTEST certify"
+    );
+    assert!(
+        hexs(&b(&req.certification_signature)).starts_with("0014000b0100"),
+        "RSASSA/SHA-256, 256 bytes"
+    );
+    let text = String::from_utf8(req.encode()).unwrap();
+    assert!(text.starts_with(r#"{"DevIDCert":[""#), "{}", &text[..40]);
+    assert!(text.contains(r#""DevIDPub":"AAEACwAEAHIA"#));
+    assert!(text.contains(r#""AKPub":"AAEACwAFAHIA"#));
+    assert!(text.contains(r#""CertifiedDevID":"/1RDR4AX"#));
+    assert!(text.contains(r#""CertificationSignature":"ABQACwEA"#));
+    assert!(!text.contains("Version"));
+    for compat in [true, false] {
+        let env = server(&tpm, &devid, compat).await;
+        let (tx, rx, c) = begin(&env, req.encode()).await.unwrap();
+        // A v1 challenge: exactly SPIRE's shape.
+        let ch = String::from_utf8(c.clone()).unwrap();
+        assert!(
+            ch.starts_with(r#"{"DevID":""#) && !ch.contains("Version"),
+            "{ch}"
+        );
+        let resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &c));
+        let text = String::from_utf8(resp.encode()).unwrap();
+        assert!(!text.contains("Quote"), "a v1 answer");
+        finish(tx, rx, resp.encode()).await.unwrap();
+        env.stop().await;
+    }
+}

@@ -120,11 +120,22 @@ fn strip_tpm2b_if_present(b: &[u8]) -> &[u8] {
     }
 }
 
-/// An attestation key as blobs (TPMT_PUBLIC and the TPM-wrapped private part).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// An attestation key as blobs (TPMT_PUBLIC and the TPM-wrapped private part), and the
+/// parent it loads under.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AkBlob {
     pub public: Vec<u8>,
     pub private: Vec<u8>,
+    pub parent: AkParent,
+}
+
+/// Where an AK lives: under the EK (tss-esapi's AK, loaded with the EK policy) or under the
+/// SRK (SPIRE's: go-tpm-tools `AKTemplateRSA`, template `AK_RSA`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AkParent {
+    #[default]
+    Ek,
+    Srk,
 }
 
 pub struct Device {
@@ -265,6 +276,20 @@ impl Device {
         Ok(AkBlob {
             public: r.out_public.marshall().map_err(step("marshal AK public"))?,
             private: r.out_private.value().to_vec(),
+            parent: AkParent::Ek,
+        })
+    }
+
+    /// SPIRE's AK: RSA-2048 restricted signing from the exact `AK_RSA` template, under the
+    /// SRK (`tpm_devid.md` §1.3 step 4).
+    pub fn create_spire_ak(&mut self) -> Result<AkBlob> {
+        let k = self.create_under_srk(&wire::public::templates::bytes(
+            wire::public::templates::AK_RSA,
+        ))?;
+        Ok(AkBlob {
+            public: k.public,
+            private: k.private,
+            parent: AkParent::Srk,
         })
     }
 
@@ -275,6 +300,26 @@ impl Device {
         blob: &AkBlob,
         f: impl FnOnce(&mut Self, KeyHandle, KeyHandle) -> Result<T>,
     ) -> Result<T> {
+        // SPIRE's AK loads under a temporary SRK first, so that at most three objects are
+        // ever loaded (a DevID being certified, the AK, then the EK).
+        if blob.parent == AkParent::Srk {
+            let key = KeyBlob {
+                public: blob.public.clone(),
+                private: blob.private.clone(),
+            };
+            let akh = self.load_under_srk(&key)?;
+            let ekh = match self.create_ek(ek_alg) {
+                Ok(h) => h,
+                Err(e) => {
+                    self.flush(akh);
+                    return Err(e);
+                }
+            };
+            let r = f(self, ekh, akh);
+            self.flush(akh);
+            self.flush(ekh);
+            return r;
+        }
         let ekh = self.create_ek(ek_alg)?;
         let public = tss_esapi::structures::Public::unmarshall(&blob.public)
             .map_err(step("unmarshal AK public"));

@@ -389,7 +389,7 @@ async fn device_shared_runs_operations_off_the_runtime_one_at_a_time() {
             EkAlg::EccP256,
             &kame_tpm::device::AkBlob {
                 public: vec![1],
-                private: vec![]
+                ..Default::default()
             },
             &[0],
             b"n"
