@@ -195,3 +195,54 @@ async fn tpm_devid_802_1ar_fields_become_selectors() {
     );
     env.stop().await;
 }
+
+async fn agent_selectors(env: &Env) -> Vec<String> {
+    let path = env
+        .agent_id
+        .trim_start_matches(&format!("spiffe://{TD}"))
+        .to_string();
+    for _ in 0..100 {
+        let r = pb::agent::agent_client::AgentClient::new(env.admin().await)
+            .get_agent(pb::agent::GetAgentRequest {
+                id: Some(common::sid(TD, &path)),
+                output_mask: None,
+            })
+            .await;
+        if let Ok(a) = r {
+            return a
+                .into_inner()
+                .selectors
+                .iter()
+                .map(|s| s.value.clone())
+                .collect();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    panic!("agent did not attest");
+}
+
+/// SPIRE's server success cases 1 and 2 (§3.2): RSA and ECC DevIDs with an intermediate CA;
+/// the exact ordered SPIRE selectors (then Kame's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_success_rsa_and_ecc_devid_with_intermediate_exact_selectors() {
+    for ecc in [false, true] {
+        let tpm = SwTpm::start().unwrap();
+        let (devid, int_der) = common::devid::provision_chain(&tpm, ecc);
+        let ek_ca = ek_cas(&tpm, devid.dir.path());
+        let env = Env::start(opts(&tpm, &devid, &devid.ca, &ek_ca)).await;
+        let sels = agent_selectors(&env).await;
+        let fp = |d: &[u8]| hex::encode(<sha1::Sha1 as sha1::Digest>::digest(d));
+        assert_eq!(
+            sels[..4],
+            [
+                "subject:cn:devid-leaf".to_string(),
+                "issuer:cn:intermediate".to_string(),
+                format!("ca:fingerprint:{}", fp(&int_der)),
+                format!("ca:fingerprint:{}", fp(&devid.ca_der)),
+            ],
+            "ecc={ecc}"
+        );
+        assert!(sels[4].starts_with("ek:pubhash:sha256:"), "{sels:?}");
+        env.stop().await;
+    }
+}

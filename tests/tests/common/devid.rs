@@ -148,3 +148,119 @@ pub fn opts(tpm: &SwTpm, devid: &DevId, devid_ca: &Path, ek_ca: &Path) -> Opts {
         ..Default::default()
     }
 }
+
+/// A DevID (RSA or ECC, SPIRE's templates) whose certificate `CN=devid-leaf` is issued by an
+/// intermediate CA `CN=intermediate` under a root `CN=root`: `cert` holds the leaf then the
+/// intermediate (what the agent sends), `ca` the root. Returns the intermediate's DER too.
+pub fn provision_chain(tpm: &SwTpm, ecc: bool) -> (DevId, Vec<u8>) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n);
+    let s = |x: &Path| x.display().to_string();
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    let template = if ecc {
+        templates::DEVID_ECC
+    } else {
+        templates::DEVID_RSA
+    };
+    let key = d.create_under_srk(&templates::bytes(template)).unwrap();
+    std::fs::write(p("devid.pub"), &key.public).unwrap();
+    std::fs::write(p("devid.priv"), &key.private).unwrap();
+    let spki = Public::parse(&key.public).unwrap().spki_der().unwrap();
+    std::fs::write(
+        p("devid_key.pem"),
+        kame_api::bundle::pem_block("PUBLIC KEY", &spki),
+    )
+    .unwrap();
+    std::fs::write(
+        p("ca.ext"),
+        "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
+    )
+    .unwrap();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &s(&p("ca.key")),
+        "-out",
+        &s(&p("ca.pem")),
+        "-subj",
+        "/CN=root",
+        "-days",
+        "2",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
+    openssl(&[
+        "req",
+        "-new",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &s(&p("int.key")),
+        "-out",
+        &s(&p("int.csr")),
+        "-subj",
+        "/CN=intermediate",
+    ]);
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        &s(&p("int.csr")),
+        "-CA",
+        &s(&p("ca.pem")),
+        "-CAkey",
+        &s(&p("ca.key")),
+        "-days",
+        "2",
+        "-extfile",
+        &s(&p("ca.ext")),
+        "-out",
+        &s(&p("int.pem")),
+    ]);
+    openssl(&[
+        "x509",
+        "-new",
+        "-subj",
+        "/CN=devid-leaf",
+        "-force_pubkey",
+        &s(&p("devid_key.pem")),
+        "-CA",
+        &s(&p("int.pem")),
+        "-CAkey",
+        &s(&p("int.key")),
+        "-days",
+        "1",
+        "-out",
+        &s(&p("leaf.pem")),
+    ]);
+    let chain = format!(
+        "{}{}",
+        std::fs::read_to_string(p("leaf.pem")).unwrap(),
+        std::fs::read_to_string(p("int.pem")).unwrap()
+    );
+    std::fs::write(p("devid.pem"), chain).unwrap();
+    let int_der = der_of_pem(&p("int.pem"));
+    (
+        DevId {
+            cert: p("devid.pem"),
+            ca: p("ca.pem"),
+            ca_key: p("ca.key"),
+            key,
+            ca_der: der_of_pem(&p("ca.pem")),
+            leaf_der: der_of_pem(&p("leaf.pem")),
+            dir,
+        },
+        int_der,
+    )
+}
