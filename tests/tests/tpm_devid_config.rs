@@ -1,0 +1,225 @@
+//! tpm_devid configuration, server and agent, as SPIRE's catalogue lists it (`tpm_devid.md`
+//! §3.2 "Server Configure", "Agent Configure", agent challenge failures): each bad input is an
+//! error that names what is wrong, and nothing starts.
+
+mod common;
+
+use common::devid::{ek_cas, provision};
+use kame_agent::tpm_devid::{DevIdAgentError, TpmDevidConfig, answer, evidence, request};
+use kame_tpm::device::Device;
+use kame_tpm::testing::SwTpm;
+use std::path::Path;
+
+fn server_conf(d: &Path, node_attestor: &str) -> String {
+    let d = d.display();
+    format!(
+        r#"server {{
+    bind_address = "127.0.0.1"
+    bind_port = "0"
+    socket_path = "{d}/api.sock"
+    trust_domain = "example.org"
+    data_dir = "{d}/data"
+}}
+plugins {{
+    DataStore "sql" {{
+        plugin_data {{
+            database_type = "sqlite3"
+            connection_string = "{d}/data/ds.sqlite3"
+        }}
+    }}
+    KeyManager "memory" {{}}
+    {node_attestor}
+}}
+"#
+    )
+}
+
+fn devid_block(devid_ca: &str, ek_ca: &str) -> String {
+    format!(
+        "NodeAttestor \"tpm_devid\" {{\n        plugin_data {{\n            {devid_ca}\n            {ek_ca}\n        }}\n    }}"
+    )
+}
+
+#[test]
+fn tpm_devid_server_configure_no_core_config_empty_td_bad_hcl_missing_paths() {
+    use kame_server::config::Config;
+    let d = tempfile::tempdir().unwrap();
+    let ok = server_conf(
+        d.path(),
+        &devid_block(
+            "devid_ca_path = \"/x/devid.pem\"",
+            "endorsement_ca_path = \"/x/ek.pem\"",
+        ),
+    );
+    Config::parse(&ok, false).unwrap();
+    let cases = [
+        ("plugins {}\n".to_string(), "server"),
+        (ok.replace("trust_domain = \"example.org\"", "trust_domain = \"\""), "server.trust_domain"),
+        (ok.replace("plugins {", "plugins {{"), "not valid HCL"),
+        (ok.replace("devid_ca_path = \"/x/devid.pem\"", ""), "devid_ca_path"),
+        (ok.replace("endorsement_ca_path = \"/x/ek.pem\"", ""), "endorsement_ca_path"),
+        // A misspelt key: the required one is reported missing.
+        (ok.replace("devid_ca_path", "devid_ca_pth"), "devid_ca_path: missing required value"),
+        (
+            ok.replace("endorsement_ca_path = \"/x/ek.pem\"", "endorsement_ca_path = \"/x/ek.pem\"\n            pcr_policy {\n                sha256 = {\n                    \"99\" = \"00\"\n                }\n            }"),
+            "not a PCR index",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = Config::parse(&text, false).unwrap_err().to_string();
+        assert!(e.contains(want), "{want}: {e}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_server_configure_unreadable_bundles_refuse_to_start_and_success_starts() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "node");
+    let ek = ek_cas(&tpm, devid.dir.path());
+    let d = tempfile::tempdir().unwrap();
+    let start = |devid_ca: String, ek_ca: String| {
+        let text = server_conf(
+            d.path(),
+            &devid_block(
+                &format!("devid_ca_path = \"{devid_ca}\""),
+                &format!("endorsement_ca_path = \"{ek_ca}\""),
+            ),
+        );
+        let port = common::free_port();
+        let text = text.replace("bind_port = \"0\"", &format!("bind_port = \"{port}\""));
+        kame_server::config::Config::parse(&text, false).unwrap()
+    };
+    let good_devid = devid.ca.display().to_string();
+    let good_ek = ek.display().to_string();
+    // Unreadable DevID bundle; unreadable endorsement bundle; a file with no certificate.
+    let e = kame_server::run::start(start("/nonexistent/devid.pem".into(), good_ek.clone()))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("devid_ca_path"), "{e}");
+    let e = kame_server::run::start(start(good_devid.clone(), "/nonexistent/ek.pem".into()))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("endorsement_ca_path"), "{e}");
+    let empty = d.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let e = kame_server::run::start(start(good_devid.clone(), empty.display().to_string()))
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("endorsement_ca_path") && e.contains("no certificates"), "{e}");
+    // Success.
+    let s = kame_server::run::start(start(good_devid, good_ek))
+        .await
+        .unwrap();
+    s.stop().await;
+}
+
+fn agent_conf(block: &str) -> String {
+    format!(
+        "agent {{\n trust_domain = \"example.org\"\n server_address = \"127.0.0.1\"\n trust_bundle_path = \"/b.pem\"\n}}\nplugins {{\n {block}\n KeyManager \"memory\" {{}}\n WorkloadAttestor \"unix\" {{}}\n}}\n"
+    )
+}
+
+#[test]
+fn tpm_devid_agent_configure_bad_hcl_missing_paths_explicit_device_and_passwords() {
+    use kame_agent::config::{Config, NodeAttestorConfig};
+    let full = "NodeAttestor \"tpm_devid\" {\n plugin_data {\n devid_cert_path = \"c.pem\"\n devid_priv_path = \"k.priv\"\n devid_pub_path = \"k.pub\"\n tpm_device_path = \"/dev/tpmrm7\"\n }\n }";
+    let c = Config::parse(&agent_conf(full), false).unwrap();
+    let NodeAttestorConfig::TpmDevid(t) = c.node_attestor else {
+        panic!("tpm_devid expected")
+    };
+    assert_eq!(t.tcti, "device:/dev/tpmrm7", "explicit path");
+    let cases = [
+        (
+            agent_conf(full).replace("plugins {", "plugins {{"),
+            "not valid HCL",
+        ),
+        (
+            agent_conf(&full.replace("devid_cert_path = \"c.pem\"", "")),
+            "devid_cert_path",
+        ),
+        (
+            agent_conf(&full.replace("devid_priv_path = \"k.priv\"", "")),
+            "devid_priv_path",
+        ),
+        (
+            agent_conf(&full.replace("devid_pub_path = \"k.pub\"", "")),
+            "devid_pub_path",
+        ),
+        (
+            agent_conf(&full.replace(
+                "tpm_device_path",
+                "devid_password = \"x\"\n tpm_device_path",
+            )),
+            "devid_password",
+        ),
+        (
+            agent_conf(&full.replace(
+                "tpm_device_path = \"/dev/tpmrm7\"",
+                "tpm_device_path = \"/dev/tpmrm7\"\n tcti = \"swtpm:\"",
+            )),
+            "not both",
+        ),
+    ];
+    for (text, want) in cases {
+        let e = Config::parse(&text, false).unwrap_err().to_string();
+        assert!(e.contains(want), "{want}: {e}");
+    }
+}
+
+#[test]
+fn tpm_devid_agent_missing_files_and_bad_challenges_are_clear_errors() {
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "node");
+    let p = |n: &str| devid.dir.path().join(n);
+    let cfg = TpmDevidConfig {
+        devid_cert_path: devid.cert.clone(),
+        devid_priv_path: p("devid.priv"),
+        devid_pub_path: p("devid.pub"),
+        tcti: tpm.tcti.clone(),
+    };
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    request(&mut d, &cfg).unwrap();
+    // Certificate, private and public files missing.
+    for f in ["cert", "priv", "pub"] {
+        let mut c = cfg.clone();
+        match f {
+            "cert" => c.devid_cert_path = p("missing.pem"),
+            "priv" => c.devid_priv_path = p("missing.priv"),
+            _ => c.devid_pub_path = p("missing.pub"),
+        }
+        let e = request(&mut d, &c).unwrap_err();
+        assert!(matches!(e, DevIdAgentError::Read { .. }), "{f}: {e}");
+    }
+    // Garbage public blob.
+    std::fs::write(p("garbage.pub"), b"\x00\x01garbage").unwrap();
+    let mut c = cfg.clone();
+    c.devid_pub_path = p("garbage.pub");
+    assert!(matches!(
+        request(&mut d, &c).unwrap_err(),
+        DevIdAgentError::BadPublic { .. }
+    ));
+    // Challenges: not JSON, no credential, malformed credential.
+    let (_, s) = evidence(&mut d, vec![devid.leaf_der.clone()], devid.key.clone()).unwrap();
+    assert!(matches!(
+        answer(&mut d, &s, b"not json").unwrap_err(),
+        DevIdAgentError::BadChallenge(_)
+    ));
+    assert!(matches!(
+        answer(&mut d, &s, br#"{"DevID":"AAAA","CredActivation":null}"#).unwrap_err(),
+        DevIdAgentError::EmptyCredential
+    ));
+    let e = answer(
+        &mut d,
+        &s,
+        br#"{"DevID":"AAAA","CredActivation":{"Credential":"AAAA","Secret":"AAAA"}}"#,
+    )
+    .unwrap_err();
+    assert!(matches!(e, DevIdAgentError::Tpm(_)), "{e}");
+}
