@@ -112,7 +112,10 @@ async fn tpm_devid_server_configure_unreadable_bundles_refuse_to_start_and_succe
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("endorsement_ca_path") && e.contains("no certificates"), "{e}");
+    assert!(
+        e.contains("endorsement_ca_path") && e.contains("no certificates"),
+        "{e}"
+    );
     // Success.
     let s = kame_server::run::start(start(good_devid, good_ek))
         .await

@@ -668,3 +668,110 @@ async fn tpm_devid_spire_agent_message_from_byte_level_facts_is_accepted_in_comp
         env.stop().await;
     }
 }
+
+/// SPIRE's server Attest failures 18–20 (§3.2): response not JSON, an empty response, and a
+/// correct nonce signature without the credential answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_rejects_bad_empty_and_credential_less_responses() {
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "node");
+    let env = server(&tpm, &devid, false).await;
+    let (req, s) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
+    let (tx, rx, _) = begin(&env, req.encode()).await.unwrap();
+    refused(
+        finish(tx, rx, b"not json".to_vec()).await,
+        Code::InvalidArgument,
+        "malformed challenge response",
+    );
+    let (tx, rx, _) = begin(&env, req.encode()).await.unwrap();
+    refused(
+        finish(tx, rx, b"{}".to_vec()).await,
+        Code::InvalidArgument,
+        "no DevID signature",
+    );
+    let (tx, rx, c) = begin(&env, req.encode()).await.unwrap();
+    let mut resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &c));
+    resp.cred_activation = None;
+    refused(
+        finish(tx, rx, resp.encode()).await,
+        Code::PermissionDenied,
+        "credential activation failed",
+    );
+    no_agents(&env).await;
+    env.stop().await;
+}
+
+/// SPIRE's gaps (§3.3 #2–#7): certify over another key than DevIDPub, AK and DevID attributes,
+/// wrong TPMS_ATTEST magic, certify signed by another AK, a tampered credential HMAC.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_rejects_spire_gaps_certify_of_other_key_attributes_magic_other_ak_and_hmac() {
+    use kame_tpm::wire::{Public, public::attr};
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "node");
+    let env = server(&tpm, &devid, false).await;
+    let (req, s) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
+    // #2 a valid certify by this TPM's AK, over another resident key.
+    let other = provision(&tpm, "other");
+    let (other_req, _) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &other));
+    let mut r = req.clone();
+    r.ak_pub = other_req.ak_pub.clone();
+    r.certified_devid = other_req.certified_devid.clone();
+    r.certification_signature = other_req.certification_signature.clone();
+    refused(
+        begin(&env, r.encode()).await.map(|_| ()),
+        Code::PermissionDenied,
+        "name does not match",
+    );
+    // #3 AK without fixedTPM; #4 DevID key without fixedTPM (same key, other attributes).
+    let clear_fixed_tpm = |b: &[u8]| {
+        let mut p = Public::parse(b).unwrap();
+        p.attributes &= !attr::FIXED_TPM;
+        p.marshal().unwrap()
+    };
+    let mut r = req.clone();
+    r.ak_pub = Some(clear_fixed_tpm(req.ak_pub.as_ref().unwrap()));
+    refused(
+        begin(&env, r.encode()).await.map(|_| ()),
+        Code::PermissionDenied,
+        "AK attributes",
+    );
+    let mut r = req.clone();
+    r.devid_pub = Some(clear_fixed_tpm(req.devid_pub.as_ref().unwrap()));
+    refused(
+        begin(&env, r.encode()).await.map(|_| ()),
+        Code::PermissionDenied,
+        "DevID key attributes",
+    );
+    // #5 wrong magic.
+    let mut r = req.clone();
+    if let Some(a) = r.certified_devid.as_mut() {
+        a[0] ^= 0xff;
+    }
+    refused(
+        begin(&env, r.encode()).await.map(|_| ()),
+        Code::PermissionDenied,
+        "certification of the DevID",
+    );
+    // #6 certify signed by another AK (the other TPM key's AK signature over our attest).
+    let mut r = req.clone();
+    r.certification_signature = other_req.certification_signature.clone();
+    refused(
+        begin(&env, r.encode()).await.map(|_| ()),
+        Code::PermissionDenied,
+        "certification of the DevID",
+    );
+    no_agents(&env).await;
+    // #7 a tampered credential HMAC: the TPM refuses to activate it.
+    let (tx, rx, c) = begin(&env, req.encode()).await.unwrap();
+    drop((tx, rx));
+    let mut ch = kame_api::tpm_devid::ChallengeRequest::decode(&c).unwrap();
+    if let Some(cr) = ch.cred_activation.as_mut() {
+        cr.credential[4] ^= 1;
+    }
+    let e = tokio::task::block_in_place(|| {
+        let mut d = Device::open(&tpm.tcti).unwrap();
+        answer(&mut d, &s, &ch.encode()).unwrap_err().to_string()
+    });
+    assert!(e.contains("ActivateCredential"), "{e}");
+    env.stop().await;
+}

@@ -15,6 +15,9 @@ use tonic::{Request, Response, Streaming};
 /// Longest join token TTL accepted (SPIRE has none; ten years keeps expiry arithmetic sane).
 pub const MAX_JOIN_TOKEN_TTL: i64 = 10 * 365 * 86400;
 
+/// How long the server waits for an agent's answer to an attestation challenge.
+const CHALLENGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[derive(Debug, Clone)]
 pub struct AgentService {
     pub ctx: Arc<Context>,
@@ -326,9 +329,17 @@ impl Agent for AgentService {
                         return;
                     }
                     let result = async {
-                        let msg = inbound.message().await?.ok_or_else(|| {
-                            Status::invalid_argument("stream closed before the challenge response")
-                        })?;
+                        // An agent that never answers must not hold the attempt open.
+                        let msg = tokio::time::timeout(CHALLENGE_TIMEOUT, inbound.message())
+                            .await
+                            .map_err(|_| {
+                                Status::deadline_exceeded("no challenge response in time")
+                            })??
+                            .ok_or_else(|| {
+                                Status::invalid_argument(
+                                    "stream closed before the challenge response",
+                                )
+                            })?;
                         let Some(pb::attest_agent_request::Step::ChallengeResponse(r)) = msg.step
                         else {
                             return Err(Status::invalid_argument("expected a challenge response"));
