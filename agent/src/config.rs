@@ -94,11 +94,25 @@ fn tpm_devid_config(data: &Section) -> Result<crate::tpm_devid::TpmDevidConfig, 
             }
         }
     };
+    use kame_tpm::device::EkAlg;
+    let ek_algorithm = match data.string("ek_algorithm")?.as_deref() {
+        None | Some("") | Some("rsa-2048") => EkAlg::Rsa2048,
+        Some("ecc-p256") => EkAlg::EccP256,
+        Some("ecc-p384") => EkAlg::EccP384,
+        Some("rsa-3072") => EkAlg::Rsa3072,
+        Some(other) => {
+            return Err(invalid(
+                &data.key("ek_algorithm"),
+                format!("{other:?} is not rsa-2048, rsa-3072, ecc-p256 or ecc-p384"),
+            ));
+        }
+    };
     Ok(crate::tpm_devid::TpmDevidConfig {
         devid_cert_path,
         devid_priv_path,
         devid_pub_path,
         tcti,
+        ek_algorithm,
     })
 }
 

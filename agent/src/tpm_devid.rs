@@ -20,6 +20,8 @@ pub struct TpmDevidConfig {
     pub devid_pub_path: PathBuf,
     /// A TCTI string (`device:/dev/tpmrm0`, `swtpm:host=…,port=…`, `tabrmd:`).
     pub tcti: String,
+    /// Which EK (ours; SPIRE always uses RSA-2048, template L-1).
+    pub ek_algorithm: EkAlg,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +36,7 @@ pub enum DevIdAgentError {
     NoCertificate { path: String, msg: String },
     #[error("DevID public blob {path} is not a TPMT_PUBLIC: {msg}")]
     BadPublic { path: String, msg: String },
-    #[error("the TPM has no RSA EK certificate at NV 0x01c00002")]
+    #[error("the TPM has no EK certificate for the configured ek_algorithm")]
     NoEkCertificate,
     #[error("TPM: {0}")]
     Tpm(#[from] DeviceError),
@@ -60,6 +62,7 @@ fn read(p: &PathBuf) -> Result<Vec<u8>, DevIdAgentError> {
 pub struct Session {
     pub devid: KeyBlob,
     pub ak: AkBlob,
+    pub ek_alg: EkAlg,
 }
 
 /// Message 1: reads files, runs the TPM commands, returns the JSON payload and the session.
@@ -89,7 +92,7 @@ pub fn request(
         path: cfg.devid_pub_path.display().to_string(),
         msg: e.to_string(),
     })?;
-    let (req, session) = evidence(d, certs, devid)?;
+    let (req, session) = evidence_with(d, certs, devid, cfg.ek_algorithm)?;
     Ok((req.encode(), session))
 }
 
@@ -100,18 +103,25 @@ pub fn evidence(
     certs: Vec<Vec<u8>>,
     devid: KeyBlob,
 ) -> Result<(AttestationRequest, Session), DevIdAgentError> {
+    evidence_with(d, certs, devid, EkAlg::Rsa2048)
+}
+
+/// [`evidence`] with the EK of `ek_alg` (ECC and high-range EKs: Kame servers only).
+pub fn evidence_with(
+    d: &mut Device,
+    certs: Vec<Vec<u8>>,
+    devid: KeyBlob,
+    ek_alg: EkAlg,
+) -> Result<(AttestationRequest, Session), DevIdAgentError> {
     let ek_cert = d
-        .ek_certificate(EkAlg::Rsa2048)?
+        .ek_certificate(ek_alg)?
         .ok_or(DevIdAgentError::NoEkCertificate)?;
-    let ek_pub = d
-        .ek_public(EkAlg::Rsa2048)?
-        .marshal()
-        .map_err(DeviceError::Wire)?;
+    let ek_pub = d.ek_public(ek_alg)?.marshal().map_err(DeviceError::Wire)?;
     // An AK in the endorsement hierarchy (under the EK): a TPM obfuscates the reset and
     // restart counts in quotes signed by owner-hierarchy keys such as SPIRE's SRK-parented
     // AK, and v2 needs them to see reboots. SPIRE's server accepts either.
-    let ak = d.create_ak(EkAlg::Rsa2048, false)?;
-    let (certified, sig) = d.certify(EkAlg::Rsa2048, &ak, &devid, &[])?;
+    let ak = d.create_ak(ek_alg, false)?;
+    let (certified, sig) = d.certify(ek_alg, &ak, &devid, &[])?;
     let req = AttestationRequest {
         devid_cert: certs,
         devid_pub: Some(devid.public.clone()),
@@ -124,7 +134,7 @@ pub fn evidence(
         // SPIRE's server ignores the field.
         version: Some(2),
     };
-    Ok((req, Session { devid, ak }))
+    Ok((req, Session { devid, ak, ek_alg }))
 }
 
 /// Message 1 exactly as SPIRE's agent builds it (`tpm_devid.md` §1.3): the AK from `AK_RSA`
@@ -153,7 +163,8 @@ pub fn evidence_spire(
         certification_signature: Some(sig),
         version: None,
     };
-    Ok((req, Session { devid, ak }))
+    let ek_alg = EkAlg::Rsa2048;
+    Ok((req, Session { devid, ak, ek_alg }))
 }
 
 fn der_int(v: &[u8]) -> Vec<u8> {
@@ -206,7 +217,7 @@ pub fn answer(
         Ok([n.to_be_bytes().as_slice(), b].concat())
     };
     let secret = d.activate_credential(
-        EkAlg::Rsa2048,
+        session.ek_alg,
         &session.ak,
         &tpm2b(&cred.credential)?,
         &tpm2b(&cred.secret)?,
@@ -219,8 +230,8 @@ pub fn answer(
     if c.version.is_some_and(|v| v >= 2) {
         // Bound to the server's nonce: a fresh certify of the DevID and a quote of the PCRs
         // it asked for, both by the AK whose credential was just activated.
-        let (certified, csig) = d.certify(EkAlg::Rsa2048, &session.ak, &session.devid, &nonce)?;
-        let (quote, qsig) = d.quote(EkAlg::Rsa2048, &session.ak, &c.pcrs, &nonce)?;
+        let (certified, csig) = d.certify(session.ek_alg, &session.ak, &session.devid, &nonce)?;
+        let (quote, qsig) = d.quote(session.ek_alg, &session.ak, &c.pcrs, &nonce)?;
         let values = d.pcr_values(&c.pcrs)?;
         resp.certified_devid = Some(certified);
         resp.certification_signature = Some(csig);

@@ -246,3 +246,89 @@ async fn tpm_devid_success_rsa_and_ecc_devid_with_intermediate_exact_selectors()
         env.stop().await;
     }
 }
+
+/// ECC and high-range EKs (Kame only; SPIRE uses the RSA-2048 L-1 EK): the agent attests with
+/// the swtpm's ECC P-384 EK (template H-3, SHA-384, PolicyOR policy) and its certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_agent_attests_with_high_range_ecc_p384_ek() {
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "ecc-ek-node");
+    let ek_ca = ek_cas(&tpm, devid.dir.path());
+    let mut o = opts(&tpm, &devid, &devid.ca, &ek_ca);
+    if let Some((block, _)) = o.agent_attestor.as_mut() {
+        *block = block.replace(
+            "tcti = ",
+            "ek_algorithm = \"ecc-p384\"\n            tcti = ",
+        );
+    }
+    let env = Env::start(o).await;
+    let sels = agent_selectors(&env).await;
+    // The EK hash is the P-384 EK's.
+    let ek_cert = kame_tpm::device::Device::open(&tpm.tcti)
+        .unwrap()
+        .ek_certificate(kame_tpm::device::EkAlg::EccP384)
+        .unwrap()
+        .unwrap();
+    let spki = kame_api::x509svid::ParsedCert::parse(&ek_cert)
+        .unwrap()
+        .spki_der()
+        .unwrap();
+    let want = format!(
+        "ek:pubhash:sha256:{}",
+        hex::encode(sha2::Sha256::digest(&spki))
+    );
+    assert!(sels.contains(&want), "{sels:?}");
+    env.register(
+        "/ecc-ek-workload",
+        &[&format!("unix:uid:{}", my_uid())],
+        |_| {},
+    )
+    .await;
+    env.wait_for_svids(&["/ecc-ek-workload"]).await;
+    env.stop().await;
+}
+
+/// can_reattest: with an 8 s agent SVID the agent attests again with the TPM at half life
+/// (a new SVID under the same ID), and keeps serving workloads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_agent_reattests_with_the_tpm_to_renew_its_svid() {
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "renewing-node");
+    let ek_ca = ek_cas(&tpm, devid.dir.path());
+    let mut o = opts(&tpm, &devid, &devid.ca, &ek_ca);
+    o.extra_server = "agent_ttl = \"8s\"";
+    let env = Env::start(o).await;
+    agent_selectors(&env).await;
+    let path = env
+        .agent_id
+        .trim_start_matches(&format!("spiffe://{TD}"))
+        .to_string();
+    let serial = || async {
+        pb::agent::agent_client::AgentClient::new(env.admin().await)
+            .get_agent(pb::agent::GetAgentRequest {
+                id: Some(common::sid(TD, &path)),
+                output_mask: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .x509svid_serial_number
+    };
+    let first = serial().await;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    while serial().await == first {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent did not re-attest"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    env.register(
+        "/after-reattest",
+        &[&format!("unix:uid:{}", my_uid())],
+        |_| {},
+    )
+    .await;
+    env.wait_for_svids(&["/after-reattest"]).await;
+    env.stop().await;
+}

@@ -186,6 +186,7 @@ fn tpm_devid_agent_missing_files_and_bad_challenges_are_clear_errors() {
         devid_priv_path: p("devid.priv"),
         devid_pub_path: p("devid.pub"),
         tcti: tpm.tcti.clone(),
+        ek_algorithm: kame_tpm::device::EkAlg::Rsa2048,
     };
     let mut d = Device::open(&tpm.tcti).unwrap();
     request(&mut d, &cfg).unwrap();
