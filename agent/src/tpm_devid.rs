@@ -117,6 +117,8 @@ pub fn evidence_with(
         .ek_certificate(ek_alg)?
         .ok_or(DevIdAgentError::NoEkCertificate)?;
     let ek_pub = d.ek_public(ek_alg)?.marshal().map_err(DeviceError::Wire)?;
+    // Vendor intermediates the TPM keeps in NV (TCG EK chain range), for Kame servers.
+    let ek_cert_chain = d.ek_chain_certificates()?;
     // An AK in the endorsement hierarchy (under the EK): a TPM obfuscates the reset and
     // restart counts in quotes signed by owner-hierarchy keys such as SPIRE's SRK-parented
     // AK, and v2 needs them to see reboots. SPIRE's server accepts either.
@@ -133,6 +135,7 @@ pub fn evidence_with(
         // Kame v2: a Kame server answers with a nonce-bound certify and PCR quote request;
         // SPIRE's server ignores the field.
         version: Some(2),
+        ek_cert_chain,
     };
     Ok((req, Session { devid, ak, ek_alg }))
 }
@@ -162,6 +165,7 @@ pub fn evidence_spire(
         certified_devid: Some(certified),
         certification_signature: Some(sig),
         version: None,
+        ek_cert_chain: vec![],
     };
     let ek_alg = EkAlg::Rsa2048;
     Ok((req, Session { devid, ak, ek_alg }))

@@ -110,6 +110,9 @@ pub struct AttestationRequest {
     pub certification_signature: Option<Vec<u8>>,
     /// Kame's protocol version (absent: SPIRE's, 1).
     pub version: Option<u32>,
+    /// Kame: EK issuer certificates from the TPM's NV (written only when non-empty; SPIRE's
+    /// server ignores the field and needs vendor intermediates in its bundle).
+    pub ek_cert_chain: Vec<Vec<u8>>,
 }
 
 impl AttestationRequest {
@@ -136,6 +139,17 @@ impl AttestationRequest {
         if let Some(v) = self.version {
             m.push(("Version", v.into()));
         }
+        if !self.ek_cert_chain.is_empty() {
+            m.push((
+                "EKCertChain",
+                Value::Array(
+                    self.ek_cert_chain
+                        .iter()
+                        .map(|c| Value::String(STANDARD.encode(c)))
+                        .collect(),
+                ),
+            ));
+        }
         ordered(m)
     }
 
@@ -151,6 +165,7 @@ impl AttestationRequest {
             certified_devid: bytes(&m, "CertifiedDevID")?,
             certification_signature: bytes(&m, "CertificationSignature")?,
             version,
+            ek_cert_chain: bytes_list(&m, "EKCertChain")?,
         })
     }
 }

@@ -211,6 +211,7 @@ impl SoftTpm {
             certified_devid: Some(attest),
             certification_signature: Some(sig),
             version: None,
+            ek_cert_chain: vec![],
         }
         .encode();
         SoftTpm {

@@ -332,3 +332,50 @@ async fn tpm_devid_agent_reattests_with_the_tpm_to_renew_its_svid() {
     env.wait_for_svids(&["/after-reattest"]).await;
     env.stop().await;
 }
+
+/// EK intermediates read by the agent from the TPM's NV chain range and sent (Kame's
+/// EKCertChain): the server's endorsement bundle then needs only the vendor root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_ek_intermediate_from_tpm_nv_chains_to_a_root_only_bundle() {
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "chain-node");
+    let root_only = devid.dir.path().join("ek-root-only.pem");
+    std::fs::copy(tpm.dir().join("ek-root-ca.pem"), &root_only).unwrap();
+    // Without the intermediate in NV, a root-only bundle does not verify the EK.
+    let e = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        let o = opts(&tpm, &devid, &devid.ca, &root_only);
+        let env = Env::start(o).await;
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        let attested = env.agent.as_ref().unwrap().manager.agent_id();
+        env.stop().await;
+        attested
+    })
+    .await
+    .unwrap();
+    assert_eq!(e, None, "EK accepted without its intermediate");
+    // The vendor puts the intermediate into NV 0x01c00100; the agent sends it.
+    let der = common::devid::der_of_pem(&tpm.dir().join("ek-intermediate-ca.pem"));
+    std::fs::write(tpm.dir().join("inter.der"), &der).unwrap();
+    let size = der.len().to_string();
+    tpm.tpm2(
+        "tpm2_nvdefine",
+        &[
+            "0x01c00100",
+            "-C",
+            "o",
+            "-s",
+            &size,
+            "-a",
+            "ownerread|ownerwrite|authread|authwrite",
+        ],
+    )
+    .unwrap();
+    tpm.tpm2(
+        "tpm2_nvwrite",
+        &["0x01c00100", "-C", "o", "-i", "inter.der"],
+    )
+    .unwrap();
+    let env = Env::start(opts(&tpm, &devid, &devid.ca, &root_only)).await;
+    agent_selectors(&env).await;
+    env.stop().await;
+}

@@ -231,8 +231,10 @@ pub fn begin(
             if cert_key != pub_key {
                 return Err(DevIdError::EkMismatch);
             }
-            // 8. EK chain (no intermediates from the agent, as SPIRE), unless allow-listed.
-            if let Err(e) = kame_devid::chain::verify(der, &[], &cfg.ek_roots, now)
+            // 8. EK chain, unless allow-listed. SPIRE takes no intermediates from the agent;
+            // Kame also uses those the agent read from its TPM's NV (EKCertChain): they are
+            // only a path to a configured root, never trusted by themselves.
+            if let Err(e) = kame_devid::chain::verify(der, &req.ek_cert_chain, &cfg.ek_roots, now)
                 && !allowed
             {
                 return Err(DevIdError::UntrustedEk(e.to_string()));
