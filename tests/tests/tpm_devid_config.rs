@@ -227,3 +227,35 @@ fn tpm_devid_agent_missing_files_and_bad_challenges_are_clear_errors() {
     .unwrap_err();
     assert!(matches!(e, DevIdAgentError::Tpm(_)), "{e}");
 }
+
+/// SPIRE's agent AidAttestation cases (§3.2): a DevID blob from another TPM does not load
+/// ("cannot load DevID key"), a TPM without the RSA EK certificate index, and a nonce larger
+/// than TPM2_Hash takes (SPIRE fails at 1,025 bytes; Kame hashes in software and signs).
+#[test]
+fn tpm_devid_agent_blob_from_other_tpm_missing_ek_cert_and_large_nonce() {
+    let tpm = SwTpm::start().unwrap();
+    let other = SwTpm::start().unwrap();
+    let devid = provision(&other, "elsewhere");
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    // The blob was wrapped by another TPM's SRK.
+    let e = evidence(&mut d, vec![devid.leaf_der.clone()], devid.key.clone()).unwrap_err();
+    assert!(e.to_string().contains("load key"), "{e}");
+    // A large nonce: signed as a message (hashed in software), verified with the key.
+    let mine = provision(&tpm, "here");
+    let nonce = vec![7u8; 1025];
+    let sig = d.sign(&mine.key, &nonce).unwrap();
+    kame_tpm::wire::Signature::parse(&sig)
+        .unwrap()
+        .verify(
+            &kame_tpm::wire::Public::parse(&mine.key.public).unwrap(),
+            &nonce,
+        )
+        .unwrap();
+    // No EK certificate at NV 0x01c00002 (platform index removed).
+    drop(d);
+    let r = tpm.tpm2("tpm2_nvundefine", &["0x01c00002", "-C", "p"]);
+    assert!(r.is_ok(), "{r:?}");
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    let e = evidence(&mut d, vec![mine.leaf_der.clone()], mine.key.clone()).unwrap_err();
+    assert!(matches!(e, DevIdAgentError::NoEkCertificate), "{e}");
+}

@@ -775,3 +775,25 @@ async fn tpm_devid_rejects_spire_gaps_certify_of_other_key_attributes_magic_othe
     assert!(e.contains("ActivateCredential"), "{e}");
     env.stop().await;
 }
+
+/// SPIRE's server Attest failure 16 (§3.2): an AK whose nameAlg is NULL has no name, so no
+/// credential can be made for it; refused as bad input, never an internal error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_rejects_ak_with_null_name_alg() {
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "node");
+    let env = server(&tpm, &devid, true).await;
+    let (mut req, _) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
+    if let Some(ak) = req.ak_pub.as_mut() {
+        ak[2] = 0x00;
+        ak[3] = 0x10; // nameAlg TPM_ALG_NULL
+    }
+    let r = begin(&env, req.encode()).await.map(|_| ());
+    let e = r.unwrap_err();
+    assert_ne!(e.code(), Code::Internal, "{e:?}");
+    assert!(
+        e.message().contains("AKPub") || e.message().contains("certification"),
+        "{e:?}"
+    );
+    env.stop().await;
+}
