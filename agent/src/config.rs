@@ -51,6 +51,43 @@ pub struct Config {
     pub unix: UnixAttestorConfig,
 }
 
+/// SPIRE's TPM autodetection: exactly one `tpmrmN` in `dev` (the resource manager) wins;
+/// else exactly one `tpmN`; several of a kind, none, or an unreadable directory is an error.
+pub fn autodetect_tpm(dev: &Path) -> Result<PathBuf, String> {
+    let entries = std::fs::read_dir(dev)
+        .map_err(|e| format!("cannot read {} to find a TPM: {e}", dev.display()))?;
+    let mut rm = vec![];
+    let mut raw = vec![];
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let digits = |p: &str| {
+            name.strip_prefix(p)
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        };
+        if digits("tpmrm") {
+            rm.push(e.path());
+        } else if digits("tpm") {
+            raw.push(e.path());
+        }
+    }
+    for (kind, found) in [("tpmrm", rm), ("tpm", raw)] {
+        match found.len() {
+            0 => continue,
+            1 => return Ok(found.into_iter().next().unwrap_or_default()),
+            n => {
+                return Err(format!(
+                    "{n} {kind} devices found in {}: set tpm_device_path",
+                    dev.display()
+                ));
+            }
+        }
+    }
+    Err(format!(
+        "no TPM device found in {}: set tpm_device_path or tcti",
+        dev.display()
+    ))
+}
+
 /// `NodeAttestor "tpm_devid"`: SPIRE's keys, plus `tcti`.
 fn tpm_devid_config(data: &Section) -> Result<crate::tpm_devid::TpmDevidConfig, ConfigError> {
     let path = |k: &str| -> Result<PathBuf, ConfigError> {
@@ -85,14 +122,12 @@ fn tpm_devid_config(data: &Section) -> Result<crate::tpm_devid::TpmDevidConfig, 
         }
         (Some(d), None) => format!("device:{d}"),
         (None, Some(t)) => t,
-        // SPIRE's autodetection order: the resource manager first.
-        (None, None) => {
-            if Path::new("/dev/tpmrm0").exists() {
-                "device:/dev/tpmrm0".into()
-            } else {
-                "device:/dev/tpm0".into()
-            }
-        }
+        (None, None) => format!(
+            "device:{}",
+            autodetect_tpm(Path::new("/dev"))
+                .map_err(|m| invalid(&data.key("tpm_device_path"), m))?
+                .display()
+        ),
     };
     use kame_tpm::device::EkAlg;
     let ek_algorithm = match data.string("ek_algorithm")?.as_deref() {
@@ -291,6 +326,47 @@ plugins {
     }
 }
 "#;
+
+    #[test]
+    fn tpm_devid_autodetect_prefers_tpmrm_and_refuses_ambiguity_or_none() {
+        let d = tempfile::tempdir().unwrap();
+        let touch = |n: &str| std::fs::write(d.path().join(n), b"").unwrap();
+        // 4. none found
+        assert!(
+            autodetect_tpm(d.path())
+                .unwrap_err()
+                .contains("no TPM device")
+        );
+        // 2. tpmN found
+        touch("tpm0");
+        touch("tpmx");
+        assert_eq!(autodetect_tpm(d.path()).unwrap(), d.path().join("tpm0"));
+        // 1, 3. tpmrmN found and preferred over tpmN
+        touch("tpmrm0");
+        assert_eq!(autodetect_tpm(d.path()).unwrap(), d.path().join("tpmrm0"));
+        // 5. more than one tpmrm
+        touch("tpmrm1");
+        assert!(
+            autodetect_tpm(d.path())
+                .unwrap_err()
+                .contains("2 tpmrm devices")
+        );
+        // 6. more than one tpm (and no tpmrm)
+        let d2 = tempfile::tempdir().unwrap();
+        std::fs::write(d2.path().join("tpm0"), b"").unwrap();
+        std::fs::write(d2.path().join("tpm1"), b"").unwrap();
+        assert!(
+            autodetect_tpm(d2.path())
+                .unwrap_err()
+                .contains("2 tpm devices")
+        );
+        // 7. unreadable base directory
+        assert!(
+            autodetect_tpm(&d.path().join("missing"))
+                .unwrap_err()
+                .contains("cannot read")
+        );
+    }
 
     #[test]
     fn config_reads_spire_agent_keys() {
