@@ -99,18 +99,14 @@ fn tpm_devid_config(data: &Section) -> Result<crate::tpm_devid::TpmDevidConfig, 
     let devid_cert_path = path("devid_cert_path")?;
     let devid_priv_path = path("devid_priv_path")?;
     let devid_pub_path = path("devid_pub_path")?;
-    for k in [
-        "devid_password",
-        "owner_hierarchy_password",
-        "endorsement_hierarchy_password",
-    ] {
-        if data.string(k)?.is_some_and(|v| !v.is_empty()) {
-            return Err(invalid(
-                &data.key(k),
-                "TPM authorization values are not supported yet; use empty authorizations",
-            ));
-        }
-    }
+    let secret = |k: &str| -> Result<crate::tpm_devid::Secret, ConfigError> {
+        Ok(crate::tpm_devid::Secret(
+            data.string(k)?.unwrap_or_default(),
+        ))
+    };
+    let devid_password = secret("devid_password")?;
+    let owner_hierarchy_password = secret("owner_hierarchy_password")?;
+    let endorsement_hierarchy_password = secret("endorsement_hierarchy_password")?;
     let device = data.string("tpm_device_path")?.filter(|v| !v.is_empty());
     let tcti = data.string("tcti")?.filter(|v| !v.is_empty());
     let tcti = match (device, tcti) {
@@ -148,6 +144,9 @@ fn tpm_devid_config(data: &Section) -> Result<crate::tpm_devid::TpmDevidConfig, 
         devid_pub_path,
         tcti,
         ek_algorithm,
+        devid_password,
+        owner_hierarchy_password,
+        endorsement_hierarchy_password,
     })
 }
 

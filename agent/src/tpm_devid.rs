@@ -12,6 +12,16 @@ use kame_tpm::device::{AkBlob, Device, DeviceError, EkAlg, KeyBlob};
 use kame_tpm::wire;
 use std::path::PathBuf;
 
+/// A TPM authorization value from the configuration: never printed.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
+    }
+}
+
 /// The agent's `NodeAttestor "tpm_devid"` settings (SPIRE's keys; ours: `tcti`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TpmDevidConfig {
@@ -22,6 +32,9 @@ pub struct TpmDevidConfig {
     pub tcti: String,
     /// Which EK (ours; SPIRE always uses RSA-2048, template L-1).
     pub ek_algorithm: EkAlg,
+    pub devid_password: Secret,
+    pub owner_hierarchy_password: Secret,
+    pub endorsement_hierarchy_password: Secret,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +100,12 @@ pub fn request(
             msg: "empty".into(),
         });
     }
-    let devid = KeyBlob::from_files(&read(&cfg.devid_pub_path)?, &read(&cfg.devid_priv_path)?);
+    let mut devid = KeyBlob::from_files(&read(&cfg.devid_pub_path)?, &read(&cfg.devid_priv_path)?);
+    devid.auth = cfg.devid_password.0.as_bytes().to_vec();
+    d.set_hierarchy_auth(
+        cfg.owner_hierarchy_password.0.as_bytes(),
+        cfg.endorsement_hierarchy_password.0.as_bytes(),
+    )?;
     wire::Public::parse(&devid.public).map_err(|e| DevIdAgentError::BadPublic {
         path: cfg.devid_pub_path.display().to_string(),
         msg: e.to_string(),

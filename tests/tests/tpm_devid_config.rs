@@ -130,7 +130,7 @@ fn agent_conf(block: &str) -> String {
 }
 
 #[test]
-fn tpm_devid_agent_configure_bad_hcl_missing_paths_explicit_device_and_passwords() {
+fn tpm_devid_agent_configure_bad_hcl_missing_paths_explicit_device_and_password_types() {
     use kame_agent::config::{Config, NodeAttestorConfig};
     let full = "NodeAttestor \"tpm_devid\" {\n plugin_data {\n devid_cert_path = \"c.pem\"\n devid_priv_path = \"k.priv\"\n devid_pub_path = \"k.pub\"\n tpm_device_path = \"/dev/tpmrm7\"\n }\n }";
     let c = Config::parse(&agent_conf(full), false).unwrap();
@@ -156,11 +156,8 @@ fn tpm_devid_agent_configure_bad_hcl_missing_paths_explicit_device_and_passwords
             "devid_pub_path",
         ),
         (
-            agent_conf(&full.replace(
-                "tpm_device_path",
-                "devid_password = \"x\"\n tpm_device_path",
-            )),
-            "devid_password",
+            agent_conf(&full.replace("tpm_device_path", "devid_password = 7\n tpm_device_path")),
+            "devid_password: expected a string",
         ),
         (
             agent_conf(&full.replace(
@@ -187,6 +184,9 @@ fn tpm_devid_agent_missing_files_and_bad_challenges_are_clear_errors() {
         devid_pub_path: p("devid.pub"),
         tcti: tpm.tcti.clone(),
         ek_algorithm: kame_tpm::device::EkAlg::Rsa2048,
+        devid_password: Default::default(),
+        owner_hierarchy_password: Default::default(),
+        endorsement_hierarchy_password: Default::default(),
     };
     let mut d = Device::open(&tpm.tcti).unwrap();
     request(&mut d, &cfg).unwrap();
@@ -258,4 +258,102 @@ fn tpm_devid_agent_blob_from_other_tpm_missing_ek_cert_and_large_nonce() {
     let mut d = Device::open(&tpm.tcti).unwrap();
     let e = evidence(&mut d, vec![mine.leaf_der.clone()], mine.key.clone()).unwrap_err();
     assert!(matches!(e, DevIdAgentError::NoEkCertificate), "{e}");
+}
+
+/// SPIRE's password cases (§3.2 agent 8–10, tpmutil 5, 6, 9, 13): owner and endorsement
+/// hierarchy passwords and a DevID key password. Right ones attest; a wrong DevID password
+/// fails at the TPM once — the dictionary-attack counter grows by exactly one (never retried).
+#[test]
+fn tpm_devid_agent_hierarchy_and_devid_passwords_and_no_retry_on_auth_failure() {
+    use kame_agent::tpm_devid::Secret;
+    let tpm = SwTpm::start().unwrap();
+    let run = |args: &[&str]| {
+        let o = tpm.tpm2(args[0], &args[1..]).unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    // A certificate is not needed for the TPM half: any PEM certificate stands in.
+    let stand_in = provision(&tpm, "stand-in");
+    run(&["tpm2_changeauth", "-c", "o", "owner-pw"]);
+    run(&["tpm2_changeauth", "-c", "e", "endorse-pw"]);
+    let dir = tempfile::tempdir().unwrap();
+    let p = |n: &str| dir.path().join(n).display().to_string();
+    run(&[
+        "tpm2_createprimary",
+        "-C",
+        "o",
+        "-P",
+        "owner-pw",
+        "-g",
+        "sha256",
+        "-G",
+        "rsa2048:null:aes128cfb",
+        "-a",
+        "restricted|decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda",
+        "-c",
+        &p("srk.ctx"),
+    ]);
+    run(&[
+        "tpm2_create",
+        "-C",
+        &p("srk.ctx"),
+        "-G",
+        "rsa2048:rsassa-sha256:null",
+        "-a",
+        "sign|fixedtpm|fixedparent|sensitivedataorigin|userwithauth",
+        "-p",
+        "devid-pw",
+        "-u",
+        &p("devid.pub"),
+        "-r",
+        &p("devid.priv"),
+    ]);
+    let cfg = TpmDevidConfig {
+        devid_cert_path: stand_in.cert.clone(),
+        devid_priv_path: dir.path().join("devid.priv"),
+        devid_pub_path: dir.path().join("devid.pub"),
+        tcti: tpm.tcti.clone(),
+        ek_algorithm: kame_tpm::device::EkAlg::Rsa2048,
+        devid_password: Secret("devid-pw".into()),
+        owner_hierarchy_password: Secret("owner-pw".into()),
+        endorsement_hierarchy_password: Secret("endorse-pw".into()),
+    };
+    assert!(
+        !format!("{cfg:?}").contains("-pw"),
+        "passwords never printed"
+    );
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    request(&mut d, &cfg).expect("right passwords");
+    let lockout = || {
+        let o = tpm.tpm2("tpm2_getcap", &["properties-variable"]).unwrap();
+        let text = String::from_utf8_lossy(&o.stdout).to_string();
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix("TPM2_PT_LOCKOUT_COUNTER:"))
+            .and_then(|v| u32::from_str_radix(v.trim().trim_start_matches("0x"), 16).ok())
+            .unwrap_or(u32::MAX)
+    };
+    // Wrong owner and endorsement passwords (hierarchies are not DA-protected here).
+    for (o, e, says) in [("bad", "endorse-pw", "SRK"), ("owner-pw", "bad", "EK")] {
+        let mut c = cfg.clone();
+        c.owner_hierarchy_password = Secret(o.into());
+        c.endorsement_hierarchy_password = Secret(e.into());
+        let mut d = Device::open(&tpm.tcti).unwrap();
+        let err = request(&mut d, &c).unwrap_err().to_string();
+        assert!(err.contains(says), "{says}: {err}");
+    }
+    // Wrong DevID password: one failed authorization, counted once.
+    let before = lockout();
+    let mut c = cfg.clone();
+    c.devid_password = Secret("wrong".into());
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    let err = request(&mut d, &c).unwrap_err().to_string();
+    assert!(err.contains("certify"), "{err}");
+    assert_eq!(
+        lockout(),
+        before.wrapping_add(1),
+        "exactly one authorization failure"
+    );
 }

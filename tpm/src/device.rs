@@ -94,11 +94,22 @@ impl EkAlg {
 }
 
 /// A TPM-resident key (e.g. a DevID) as blobs: its TPMT_PUBLIC and TPM-wrapped private part,
-/// both without TPM2B size prefixes (SPIRE's format).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// both without TPM2B size prefixes (SPIRE's format), and its authorization value (empty for
+/// none; never printed).
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct KeyBlob {
     pub public: Vec<u8>,
     pub private: Vec<u8>,
+    pub auth: Vec<u8>,
+}
+
+impl std::fmt::Debug for KeyBlob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyBlob")
+            .field("public_len", &self.public.len())
+            .field("has_auth", &!self.auth.is_empty())
+            .finish_non_exhaustive()
+    }
 }
 
 impl KeyBlob {
@@ -108,6 +119,7 @@ impl KeyBlob {
         KeyBlob {
             public: strip_tpm2b_if_present(public).to_vec(),
             private: strip_tpm2b_if_present(private).to_vec(),
+            auth: vec![],
         }
     }
 }
@@ -306,6 +318,7 @@ impl Device {
             let key = KeyBlob {
                 public: blob.public.clone(),
                 private: blob.private.clone(),
+                auth: vec![],
             };
             let akh = self.load_under_srk(&key)?;
             let ekh = match self.create_ek(ek_alg) {
@@ -521,6 +534,7 @@ impl Device {
                 .marshall()
                 .map_err(step("marshal key public"))?,
             private: r.out_private.value().to_vec(),
+            auth: vec![],
         })
     }
 
@@ -539,7 +553,38 @@ impl Device {
             (Err(e), _) | (_, Err(e)) => Err(e),
         };
         self.flush(srk);
-        r
+        let kh = r?;
+        if !key.auth.is_empty() {
+            let auth = tss_esapi::structures::Auth::try_from(key.auth.clone())
+                .map_err(step("key authorization value"));
+            if let Err(e) = auth.and_then(|a| {
+                self.ctx
+                    .tr_set_auth(ObjectHandle::from(kh), a)
+                    .map_err(step("set key authorization"))
+            }) {
+                self.flush(kh);
+                return Err(e);
+            }
+        }
+        Ok(kh)
+    }
+
+    /// Sets the owner and endorsement hierarchy authorization values used from now on (SRK
+    /// and EK creation, the EK's PolicySecret). Empty means none. A wrong value fails once at
+    /// the TPM and is never retried (dictionary-attack lockout).
+    pub fn set_hierarchy_auth(&mut self, owner: &[u8], endorsement: &[u8]) -> Result<()> {
+        for (h, v, what) in [
+            (ObjectHandle::Owner, owner, "owner hierarchy authorization"),
+            (
+                ObjectHandle::Endorsement,
+                endorsement,
+                "endorsement hierarchy authorization",
+            ),
+        ] {
+            let a = tss_esapi::structures::Auth::try_from(v.to_vec()).map_err(step(what))?;
+            self.ctx.tr_set_auth(h, a).map_err(step(what))?;
+        }
+        Ok(())
     }
 
     /// TPM2_Certify of `key` (loaded under the SRK) by the AK, with `nonce` as qualifying data.
