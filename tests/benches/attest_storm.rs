@@ -330,6 +330,25 @@ async fn attest_one(
     t.elapsed()
 }
 
+/// The baseline: a join_token attestation over the same kind of TLS connection.
+async fn join_one(
+    port: u16,
+    roots: Arc<std::sync::RwLock<Vec<Vec<u8>>>>,
+    token: String,
+) -> Duration {
+    let t = Instant::now();
+    let server_id = kame_api::SpiffeId::parse(&format!("spiffe://{TD}/spire/server")).unwrap();
+    let ch = kame_agent::client::connect("127.0.0.1", port, &server_id, roots, None)
+        .await
+        .unwrap();
+    let key = kame_agent::keys::generate().unwrap();
+    kame_agent::attestation::NodeAttestor::JoinToken(Some(token))
+        .attest(ch, kame_agent::keys::csr(&key).unwrap())
+        .await
+        .unwrap();
+    t.elapsed()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
@@ -380,6 +399,9 @@ plugins {{
         }}
     }}
     KeyManager "memory" {{}}
+    NodeAttestor "join_token" {{
+        plugin_data {{}}
+    }}
     NodeAttestor "tpm_devid" {{
         plugin_data {{
             devid_ca_path = "{d}/devid.pem"
@@ -441,5 +463,50 @@ plugins {{
     );
     let n = server.ctx.ds.list_nodes().await.unwrap().len();
     println!("attested agents recorded: {n}");
+    // Baseline in the same run: as many join_token attestations (same server, same TLS, same
+    // concurrency, agent SVID signing and node record), so the ratio is tpm_devid's own cost.
+    let admin = kame_server::cli::connect(&dir.path().join("api.sock"))
+        .await
+        .unwrap();
+    let mut tokens = vec![];
+    for _ in 0..lat.len() {
+        tokens.push(
+            pb::agent::agent_client::AgentClient::new(admin.clone())
+                .create_join_token(pb::agent::CreateJoinTokenRequest {
+                    ttl: 600,
+                    token: String::new(),
+                    agent_id: None,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .value,
+        );
+    }
+    let start = Instant::now();
+    let mut tasks = vec![];
+    for token in tokens {
+        let sem = sem.clone();
+        let roots = roots.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire_owned().await.unwrap();
+            join_one(port, roots, token).await
+        }));
+    }
+    let mut base = vec![];
+    for t in tasks {
+        base.push(t.await.unwrap());
+    }
+    let base_total = start.elapsed();
+    base.sort();
+    let base_rate = base.len() as f64 / base_total.as_secs_f64();
+    let rate = lat.len() as f64 / total.as_secs_f64();
+    println!(
+        "baseline: {} join_token attestations in {:.2} s: {:.0}/s; tpm_devid rate / join_token rate = {:.2}",
+        base.len(),
+        base_total.as_secs_f64(),
+        base_rate,
+        rate / base_rate
+    );
     server.stop().await;
 }
