@@ -20,25 +20,7 @@ async fn tpm_devid_agent_attests_on_swtpm_with_spire_id_and_selectors_and_serves
     let ek_ca = ek_cas(&tpm, devid.dir.path());
     let env = Env::start(opts(&tpm, &devid, &devid.ca, &ek_ca)).await;
     // The agent shows up with SPIRE's ID and selectors.
-    let path = env
-        .agent_id
-        .trim_start_matches(&format!("spiffe://{TD}"))
-        .to_string();
-    let mut agent = None;
-    for _ in 0..100 {
-        let r = pb::agent::agent_client::AgentClient::new(env.admin().await)
-            .get_agent(pb::agent::GetAgentRequest {
-                id: Some(common::sid(TD, &path)),
-                output_mask: None,
-            })
-            .await;
-        if let Ok(a) = r {
-            agent = Some(a.into_inner());
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let agent = agent.expect("agent attested with tpm_devid");
+    let agent = wait_agent(&env).await;
     assert_eq!(agent.attestation_type, "tpm_devid");
     assert!(agent.can_reattest);
     let sels: Vec<String> = agent
@@ -164,25 +146,7 @@ async fn tpm_devid_802_1ar_fields_become_selectors() {
     );
     let ek_ca = ek_cas(&tpm, devid.dir.path());
     let env = Env::start(opts(&tpm, &devid, &devid.ca, &ek_ca)).await;
-    let path = env
-        .agent_id
-        .trim_start_matches(&format!("spiffe://{TD}"))
-        .to_string();
-    let mut agent = None;
-    for _ in 0..100 {
-        let r = pb::agent::agent_client::AgentClient::new(env.admin().await)
-            .get_agent(pb::agent::GetAgentRequest {
-                id: Some(common::sid(TD, &path)),
-                output_mask: None,
-            })
-            .await;
-        if let Ok(a) = r {
-            agent = Some(a.into_inner());
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    let agent = agent.expect("agent attested with an 802.1AR DevID");
+    let agent = wait_agent(&env).await;
     let sels: Vec<String> = agent.selectors.iter().map(|s| s.value.clone()).collect();
     assert!(sels.contains(&"subject:cn:edge-7".to_string()), "{sels:?}");
     assert!(
@@ -196,12 +160,15 @@ async fn tpm_devid_802_1ar_fields_become_selectors() {
     env.stop().await;
 }
 
-async fn agent_selectors(env: &Env) -> Vec<String> {
+/// The attested agent as the server records it. The first attestation runs key generation
+/// in a software TPM (seconds each on a loaded 2-core machine), so the wait is generous.
+async fn wait_agent(env: &Env) -> pb::types::Agent {
     let path = env
         .agent_id
         .trim_start_matches(&format!("spiffe://{TD}"))
         .to_string();
-    for _ in 0..100 {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
         let r = pb::agent::agent_client::AgentClient::new(env.admin().await)
             .get_agent(pb::agent::GetAgentRequest {
                 id: Some(common::sid(TD, &path)),
@@ -209,16 +176,23 @@ async fn agent_selectors(env: &Env) -> Vec<String> {
             })
             .await;
         if let Ok(a) = r {
-            return a
-                .into_inner()
-                .selectors
-                .iter()
-                .map(|s| s.value.clone())
-                .collect();
+            return a.into_inner();
         }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent did not attest"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-    panic!("agent did not attest");
+}
+
+async fn agent_selectors(env: &Env) -> Vec<String> {
+    wait_agent(env)
+        .await
+        .selectors
+        .iter()
+        .map(|s| s.value.clone())
+        .collect()
 }
 
 /// SPIRE's server success cases 1 and 2 (§3.2): RSA and ECC DevIDs with an intermediate CA;
@@ -315,7 +289,7 @@ async fn tpm_devid_agent_reattests_with_the_tpm_to_renew_its_svid() {
             .x509svid_serial_number
     };
     let first = serial().await;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
     while serial().await == first {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -342,7 +316,7 @@ async fn tpm_devid_ek_intermediate_from_tpm_nv_chains_to_a_root_only_bundle() {
     let root_only = devid.dir.path().join("ek-root-only.pem");
     std::fs::copy(tpm.dir().join("ek-root-ca.pem"), &root_only).unwrap();
     // Without the intermediate in NV, a root-only bundle does not verify the EK.
-    let e = tokio::time::timeout(std::time::Duration::from_secs(10), async {
+    let e = tokio::time::timeout(std::time::Duration::from_secs(60), async {
         let o = opts(&tpm, &devid, &devid.ca, &root_only);
         let env = Env::start(o).await;
         tokio::time::sleep(std::time::Duration::from_secs(2)).await;

@@ -7,7 +7,7 @@
 pub mod devid;
 
 use kame_api::pb;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 use tonic::transport::Channel;
 
@@ -294,7 +294,8 @@ plugins {{
     pub async fn wait_for_svids(&self, ids: &[&str]) -> pb::workload::X509svidResponse {
         let mut want: Vec<String> = ids.iter().map(|i| format!("spiffe://{TD}{i}")).collect();
         want.sort();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        // Generous: on a loaded 2-core machine a software TPM's key generation takes seconds.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
         loop {
             let r = self
                 .workload_client()
@@ -322,14 +323,5 @@ plugins {{
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-    }
-}
-
-pub fn wait_path(p: &Path) {
-    for _ in 0..100 {
-        if p.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
