@@ -98,6 +98,18 @@ struct State {
     jwt: HashMap<(String, Vec<String>), JwtCached>,
 }
 
+/// The entries whose selectors are a subset of `selectors`, in the Workload API's order (by
+/// SPIFFE ID, then entry ID; the first is the default identity).
+fn matching<'a>(st: &'a State, selectors: &[types::Selector]) -> Vec<&'a types::Entry> {
+    let mut v: Vec<&types::Entry> = st
+        .entries
+        .values()
+        .filter(|e| crate::attestor::matches(&e.selectors, selectors))
+        .collect();
+    v.sort_by(|a, b| (entry_spiffe_id(a), &a.id).cmp(&(entry_spiffe_id(b), &b.id)));
+    v
+}
+
 /// One identity as a workload sees it.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -262,12 +274,7 @@ impl Manager {
         let Ok(st) = self.state.read() else {
             return WorkloadView::default();
         };
-        let mut matched: Vec<&types::Entry> = st
-            .entries
-            .values()
-            .filter(|e| crate::attestor::matches(&e.selectors, selectors))
-            .collect();
-        matched.sort_by(|a, b| (entry_spiffe_id(a), &a.id).cmp(&(entry_spiffe_id(b), &b.id)));
+        let matched = matching(&st, selectors);
         let mut seen_hints = BTreeSet::new();
         let mut identities = vec![];
         let mut federated = BTreeMap::new();
@@ -720,14 +727,11 @@ impl Manager {
                 .state
                 .read()
                 .map_err(|_| tonic::Status::internal("agent state lock poisoned"))?;
-            let mut v: Vec<types::Entry> = st
-                .entries
-                .values()
-                .filter(|e| crate::attestor::matches(&e.selectors, selectors))
+            let mut v: Vec<types::Entry> = matching(&st, selectors)
+                .into_iter()
                 .filter(|e| spiffe_id.is_none_or(|id| entry_spiffe_id(e) == id))
                 .cloned()
                 .collect();
-            v.sort_by(|a, b| (entry_spiffe_id(a), &a.id).cmp(&(entry_spiffe_id(b), &b.id)));
             // one token per SPIFFE ID
             let mut seen = BTreeSet::new();
             v.retain(|e| seen.insert(entry_spiffe_id(e)));

@@ -212,6 +212,17 @@ impl WorkloadApi {
         })
     }
 
+    /// The header check, the caller's selectors, and PermissionDenied when no entry matches:
+    /// how every streaming RPC starts.
+    async fn entitled<T>(&self, req: &Request<T>) -> Result<Vec<types::Selector>, Status> {
+        require_header(req)?;
+        let selectors = self.selectors(req).await?;
+        if self.manager.view(&selectors).matched == 0 {
+            return Err(no_identity());
+        }
+        Ok(selectors)
+    }
+
     /// A stream that sends `make(view)` at once and again whenever it changes. `make` returns
     /// `Ok(None)` while there is nothing to send yet, and an error to end the stream.
     fn watch<T, F>(&self, selectors: Vec<types::Selector>, make: F) -> BoxStream<T>
@@ -276,11 +287,7 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<wl::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        require_header(&req)?;
-        let selectors = self.selectors(&req).await?;
-        if self.manager.view(&selectors).matched == 0 {
-            return Err(no_identity());
-        }
+        let selectors = self.entitled(&req).await?;
         Ok(Response::new(self.watch(selectors, |v| {
             if v.matched == 0 {
                 return Err(no_identity());
@@ -300,11 +307,7 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<wl::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        require_header(&req)?;
-        let selectors = self.selectors(&req).await?;
-        if self.manager.view(&selectors).matched == 0 {
-            return Err(no_identity());
-        }
+        let selectors = self.entitled(&req).await?;
         Ok(Response::new(self.watch(selectors, |v| {
             if v.matched == 0 {
                 return Err(no_identity());
@@ -351,11 +354,7 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         &self,
         req: Request<wl::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        require_header(&req)?;
-        let selectors = self.selectors(&req).await?;
-        if self.manager.view(&selectors).matched == 0 {
-            return Err(no_identity());
-        }
+        let selectors = self.entitled(&req).await?;
         Ok(Response::new(self.watch(selectors, |v| {
             if v.matched == 0 {
                 return Err(no_identity());

@@ -549,7 +549,6 @@ async fn agent_memory_key_manager_keeps_no_secret_on_disk() {
         vec!["bundle.pb".to_string()],
         "only the public bundle is kept"
     );
-    let _ = sid;
     env.stop().await;
 }
 
