@@ -90,6 +90,14 @@ pub fn autodetect_tpm(dev: &Path) -> Result<PathBuf, String> {
 
 /// `NodeAttestor "tpm_devid"`: SPIRE's keys, plus `tcti`.
 fn tpm_devid_config(data: &Section) -> Result<crate::tpm_devid::TpmDevidConfig, ConfigError> {
+    tpm_devid_config_in(data, Path::new("/dev"))
+}
+
+/// As [`tpm_devid_config`], autodetecting the TPM in `dev` when no path or TCTI is given.
+fn tpm_devid_config_in(
+    data: &Section,
+    dev: &Path,
+) -> Result<crate::tpm_devid::TpmDevidConfig, ConfigError> {
     let path = |k: &str| -> Result<PathBuf, ConfigError> {
         data.string(k)?
             .filter(|v| !v.is_empty())
@@ -120,7 +128,7 @@ fn tpm_devid_config(data: &Section) -> Result<crate::tpm_devid::TpmDevidConfig, 
         (None, Some(t)) => t,
         (None, None) => format!(
             "device:{}",
-            autodetect_tpm(Path::new("/dev"))
+            autodetect_tpm(dev)
                 .map_err(|m| invalid(&data.key("tpm_device_path"), m))?
                 .display()
         ),
@@ -326,8 +334,32 @@ plugins {
 }
 "#;
 
+    /// SPIRE's agent Configure cases 5 and 8: with neither `tpm_device_path` nor `tcti`, the
+    /// TPM is autodetected; when none is found the error names the key to set.
     #[test]
-    fn tpm_devid_autodetect_prefers_tpmrm_and_refuses_ambiguity_or_none() {
+    fn tpm_devid_agent_configure_05_08_autodetect_succeeds_or_names_the_key() {
+        let text = "plugins {\n NodeAttestor \"tpm_devid\" {\n plugin_data {\n devid_cert_path = \"c.pem\"\n devid_priv_path = \"k.priv\"\n devid_pub_path = \"k.pub\"\n }\n }\n}\n";
+        let mut root = kame_api::conf::parse_root(text, false).unwrap();
+        let mut plugins = root.section("plugins").unwrap().unwrap();
+        let (_, data) = single_plugin(&mut plugins, "NodeAttestor").unwrap();
+        let dev = tempfile::tempdir().unwrap();
+        let e = tpm_devid_config_in(&data, dev.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tpm_device_path") && e.contains("no TPM device"),
+            "{e}"
+        );
+        std::fs::write(dev.path().join("tpmrm0"), b"").unwrap();
+        let c = tpm_devid_config_in(&data, dev.path()).unwrap();
+        assert_eq!(
+            c.tcti,
+            format!("device:{}", dev.path().join("tpmrm0").display())
+        );
+    }
+
+    #[test]
+    fn tpm_devid_autodetect_01_to_07_prefers_tpmrm_and_refuses_ambiguity_or_none() {
         let d = tempfile::tempdir().unwrap();
         let touch = |n: &str| std::fs::write(d.path().join(n), b"").unwrap();
         // 4. none found

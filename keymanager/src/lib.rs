@@ -14,13 +14,24 @@ use async_trait::async_trait;
 use std::fmt;
 use std::str::FromStr;
 
+#[cfg(feature = "aws_kms")]
+pub mod aws_kms;
+#[cfg(any(feature = "aws_kms", feature = "hashicorp_vault", feature = "pkcs11"))]
+mod cache;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 #[cfg(feature = "disk")]
 pub mod disk;
+pub mod encoding;
+#[cfg(feature = "hashicorp_vault")]
+pub mod hashicorp_vault;
 mod local;
 #[cfg(feature = "memory")]
 pub mod memory;
+#[cfg(feature = "pkcs11")]
+pub mod pkcs11;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 /// The key types a KeyManager can create (SPIRE's `ca_key_type` / `jwt_key_type` values).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -157,6 +168,12 @@ pub enum Error {
     },
     #[error("invalid configuration: {0}")]
     Config(String),
+    /// The backend answered, but not as it should (refused, malformed, inconsistent).
+    #[error("key backend: {0}")]
+    Backend(String),
+    /// The backend cannot be reached, timed out or is throttling: try again later.
+    #[error("key backend unavailable: {0}")]
+    Unavailable(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
@@ -178,6 +195,71 @@ pub trait KeyManager: Send + Sync + fmt::Debug {
 
     /// Signs `message` with the key under `id`.
     async fn sign(&self, id: &str, message: &[u8], opts: SignOpts) -> Result<Signature>;
+
+    // The crash-safe lifecycle (remote backends). The CA journals an intent (a UUID) before it
+    // asks for a key, and the backend marks the key it creates with it, so that after a crash
+    // the key can be found again: reused instead of creating another, or disposed of. Local
+    // backends lose nothing in a crash and keep the defaults.
+
+    /// As [`KeyManager::generate_key`], marking the new key with `intent`.
+    async fn generate_key_with_intent(
+        &self,
+        id: &str,
+        key_type: KeyType,
+        intent: &str,
+    ) -> Result<PublicKey> {
+        let _ = intent;
+        self.generate_key(id, key_type).await
+    }
+
+    /// Makes the key created for `intent` the key under `id`, if the backend has it (a
+    /// generation a crash cut short); the key `id` named before is disposed of.
+    async fn adopt(&self, id: &str, intent: &str) -> Result<Option<PublicKey>> {
+        let _ = (id, intent);
+        Ok(None)
+    }
+
+    /// This server's keys in the backend that no id names: left by a crash or by a disposal
+    /// that failed.
+    async fn orphans(&self) -> Result<Vec<Orphan>> {
+        Ok(vec![])
+    }
+
+    /// Disposes of an orphan: ScheduleKeyDeletion in KMS, delete in Vault, destroy in PKCS#11.
+    async fn dispose(&self, orphan: &Orphan) -> Result<()> {
+        let _ = orphan;
+        Ok(())
+    }
+
+    /// The key under `id` whose fingerprint is `fingerprint`, made current if the backend holds
+    /// several instances under `id` (a crash's leftover, a key version added out of band); None
+    /// when none has it. The CA asks for the key its journal names, so that a leftover never
+    /// displaces an authority's key.
+    async fn select(&self, id: &str, fingerprint: &str) -> Result<Option<PublicKey>> {
+        match self.public_key(id).await {
+            Ok(k) if k.fingerprint == fingerprint => Ok(Some(k)),
+            Ok(_) | Err(Error::NotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Periodic upkeep shared with other servers of the trust domain: refresh this server's
+    /// liveness stamp, and dispose of the keys of servers that stopped refreshing theirs.
+    /// Returns how many such keys were disposed of.
+    async fn maintain(&self) -> Result<usize> {
+        Ok(0)
+    }
+}
+
+/// A key in a backend that belongs to this server but that no key id names now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    /// The backend's handle: a KMS key ARN, a Transit key name, a PKCS#11 CKA_ID (hex).
+    pub instance: String,
+    /// The key id it was made for, when the backend recorded it.
+    pub key_id: Option<String>,
+    /// The intent it was made under, when the backend recorded it.
+    pub intent: Option<String>,
 }
 
 /// Signs and checks that the signature came from the key instance the caller expects.
@@ -196,6 +278,39 @@ pub async fn sign_checked(
         });
     }
     Ok(sig.bytes)
+}
+
+/// Fault injection for crash tests: when the environment variable `KAME_TEST_FAILPOINT`
+/// names `point`, the process aborts here (as a crash would). Points: `after_remote_create`
+/// (a remote backend created a key and has not named it yet), `after_key_create` (the CA got
+/// a key and has not journaled it). Unset in production; read once.
+pub fn failpoint(point: &str) {
+    static SET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    if SET
+        .get_or_init(|| std::env::var("KAME_TEST_FAILPOINT").ok())
+        .as_deref()
+        == Some(point)
+    {
+        eprintln!("failpoint {point}: aborting");
+        std::process::abort();
+    }
+}
+
+/// Remote backends send at most this many signing requests at once; more wait for a slot.
+pub const MAX_INFLIGHT_SIGNS: usize = 64;
+
+/// A slot to send a signing request; waiting longer than `deadline` is
+/// [`Error::Unavailable`] (the backend is saturated: fail fast rather than queue forever).
+pub async fn sign_permit(
+    sem: &tokio::sync::Semaphore,
+    deadline: std::time::Duration,
+) -> Result<tokio::sync::SemaphorePermit<'_>> {
+    match tokio::time::timeout(deadline, sem.acquire()).await {
+        Ok(Ok(p)) => Ok(p),
+        _ => Err(Error::Unavailable(
+            "too many signing requests in flight to the key backend".into(),
+        )),
+    }
 }
 
 /// Hex SHA-256 of an SPKI: the fingerprint every built-in backend reports.

@@ -45,6 +45,7 @@ fn fixture() -> Fixture {
                 jwt_key_type: kame_keymanager::KeyType::EcP256,
                 ca_subject_dn: "C=US, O=SPIFFE".into(),
                 jwt_issuer: None,
+                signing_mode: kame_server::ca::SigningMode::Direct,
             },
             km.clone() as Arc<dyn KeyManager>,
             ds,

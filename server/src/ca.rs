@@ -161,6 +161,39 @@ pub struct CaSettings {
     pub jwt_key_type: KeyType,
     pub ca_subject_dn: String,
     pub jwt_issuer: Option<String>,
+    pub signing_mode: SigningMode,
+}
+
+/// How X509-SVIDs are signed.
+///
+/// `Direct` (the default, as SPIRE): every SVID is one signature by the authority key, so
+/// with a remote KeyManager every SVID is a KMS/Vault/HSM round trip, and the key never signs
+/// anything the backend did not see. `KmsRooted`: at each rotation, and whenever the current
+/// one has less than half its lifetime left, the authority key certifies a short-lived
+/// intermediate CA whose P-256 key lives only in this process's memory; that intermediate
+/// signs the SVIDs, and SVID chains carry it. The backend then signs about once per
+/// `intermediate_ttl / 2` instead of once per SVID. The trade-off: a key that can mint SVIDs
+/// for the whole trust domain sits in server memory for up to `intermediate_ttl` (a
+/// compromise of the server process yields it until it expires), and SVIDs are cut short at
+/// the intermediate's notAfter. JWT-SVIDs are signed by the backend key in both modes: a JWT
+/// verifier needs the signing key itself in the bundle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigningMode {
+    Direct,
+    KmsRooted { intermediate_ttl: Duration },
+}
+
+/// The in-memory intermediate of `kms_rooted` signing; its private key lives in its own
+/// in-memory KeyManager and goes with it.
+#[derive(Debug)]
+struct Intermediate {
+    parent: String,
+    km: kame_keymanager::memory::MemoryKeyManager,
+    key: PublicKey,
+    cert_der: Vec<u8>,
+    issuer: IssuerInfo,
+    issued_at: u64,
+    not_after: u64,
 }
 
 #[derive(Debug)]
@@ -172,7 +205,34 @@ pub struct Ca {
     rotation: tokio::sync::Mutex<()>,
     /// The trust domain's bundle as last read or written (used by TLS verification).
     bundle: RwLock<Arc<Bundle>>,
+    /// Intents of keys created since the journal was last saved.
+    unsaved_intents: std::sync::Mutex<Vec<String>>,
+    /// `kms_rooted`: the intermediate (its key is never written anywhere).
+    intermediate: RwLock<Option<Arc<Intermediate>>>,
+    /// One intermediate minted at a time (not a KeyManager lock: it only keeps concurrent
+    /// requests from each asking the backend for a signature).
+    minting: tokio::sync::Mutex<()>,
+    metrics: crate::metrics::Metrics,
 }
+
+/// What a reconcile pass found and did (logged as the key inventory).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyInventory {
+    /// Keys the KeyManager names (current slots and their predecessors in the journal).
+    pub named: usize,
+    /// Orphans kept because a pending intent may still reuse them.
+    pub pending: usize,
+    /// Orphans disposed of in this pass.
+    pub disposed: usize,
+    /// Orphans left for the next pass (over the per-pass cap, or disposal failed).
+    pub remaining: usize,
+    /// Keys of other servers of the trust domain that stopped refreshing their liveness,
+    /// disposed of in this pass (KMS and Vault).
+    pub swept: usize,
+}
+
+/// At most this many orphans are disposed of per reconcile pass.
+pub const RECONCILE_CAP: usize = 50;
 
 #[derive(Serialize, Deserialize, Default)]
 struct Journal {
@@ -267,10 +327,158 @@ impl Ca {
             state: RwLock::new(State::default()),
             rotation: tokio::sync::Mutex::new(()),
             bundle: RwLock::new(Arc::new(bundle)),
+            unsaved_intents: Default::default(),
+            intermediate: RwLock::new(None),
+            minting: tokio::sync::Mutex::new(()),
+            metrics: Default::default(),
         });
         ca.load_journal().await?;
         ca.rotate().await?;
+        if let Err(e) = ca.reconcile_keys().await {
+            warn!(error = %e, "key reconcile failed; it runs again later");
+        }
         Ok(ca)
+    }
+
+    /// Whether an authority in either slot holds the key with `fingerprint`.
+    fn key_in_use(&self, fingerprint: &str) -> bool {
+        let st = self.read();
+        let x = [&st.x509.current, &st.x509.next]
+            .into_iter()
+            .flatten()
+            .any(|a| a.key.fingerprint == fingerprint);
+        let j = [&st.jwt.current, &st.jwt.next]
+            .into_iter()
+            .flatten()
+            .any(|a| a.key.fingerprint == fingerprint);
+        x || j
+    }
+
+    /// A key for `key_id`: the one a crash-interrupted generation left (its intent is still
+    /// pending), else a new one made under a fresh intent journaled first.
+    async fn new_key(&self, key_id: &str, kt: KeyType) -> Result<PublicKey, CaError> {
+        let server_id = &self.settings.server_id;
+        for i in self.ds.list_key_intents(server_id).await? {
+            if i.key_id != key_id {
+                continue;
+            }
+            // Made for another key type (the configuration changed since): not reused, and no
+            // longer pending, so the reconcile pass disposes of it.
+            if i.key_type != kt.to_string() {
+                self.ds.delete_key_intent(&i.intent_id).await?;
+                continue;
+            }
+            let adopted = match self.km.adopt(key_id, &i.intent_id).await {
+                Ok(a) => a,
+                // The backend is down: try again on the next tick, intent kept.
+                Err(e @ kame_keymanager::Error::Unavailable(_)) => return Err(e.into()),
+                Err(e) => {
+                    warn!(key_id, intent = %i.intent_id, error = %e, "cannot reuse an interrupted generation's key; making a new one");
+                    None
+                }
+            };
+            match adopted {
+                // The key an authority already holds: that generation finished and only its
+                // intent was left behind (a crash after the journal was saved).
+                Some(pk) if self.key_in_use(&pk.fingerprint) => {
+                    self.ds.delete_key_intent(&i.intent_id).await?;
+                }
+                Some(pk) if pk.key_type == kt => {
+                    info!(key_id, intent = %i.intent_id, "reusing the key of an interrupted generation");
+                    self.unsaved_intents
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(i.intent_id);
+                    return Ok(pk);
+                }
+                // Not there (never created, or of another type): the reconcile pass disposes
+                // of whatever is left; the intent is done.
+                _ => self.ds.delete_key_intent(&i.intent_id).await?,
+            }
+        }
+        let intent = uuid::Uuid::new_v4().to_string();
+        self.ds
+            .put_key_intent(&crate::datastore::KeyIntent {
+                intent_id: intent.clone(),
+                server_id: server_id.clone(),
+                key_id: key_id.to_string(),
+                key_type: kt.to_string(),
+                created_at: now_secs() as i64,
+            })
+            .await?;
+        let pk = self
+            .km
+            .generate_key_with_intent(key_id, kt, &intent)
+            .await?;
+        kame_keymanager::failpoint("after_key_create");
+        self.unsaved_intents
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(intent);
+        Ok(pk)
+    }
+
+    /// Converges the KeyManager to the keys this server names: orphans (keys of this server
+    /// no id names, e.g. created before a crash) are disposed of, at most [`RECONCILE_CAP`] per
+    /// pass, except those a pending intent may still reuse.
+    pub async fn reconcile_keys(&self) -> Result<KeyInventory, CaError> {
+        let pending: Vec<String> = self
+            .ds
+            .list_key_intents(&self.settings.server_id)
+            .await?
+            .into_iter()
+            .map(|i| i.intent_id)
+            .collect();
+        let named = self.km.public_keys().await?.len();
+        // Liveness for this server, and the sweep of dead servers' keys.
+        let swept = match self.km.maintain().await {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(error = %e, "key backend upkeep (liveness, sweep) failed");
+                0
+            }
+        };
+        let mut inv = KeyInventory {
+            named,
+            swept,
+            ..Default::default()
+        };
+        for o in self.km.orphans().await? {
+            if o.intent.as_ref().is_some_and(|i| pending.contains(i)) {
+                inv.pending += 1;
+                continue;
+            }
+            if inv.disposed >= RECONCILE_CAP {
+                inv.remaining += 1;
+                continue;
+            }
+            match self.km.dispose(&o).await {
+                Ok(()) => {
+                    info!(instance = %o.instance, key_id = ?o.key_id, "disposed of an orphaned key");
+                    inv.disposed += 1;
+                }
+                Err(e) => {
+                    warn!(instance = %o.instance, error = %e, "could not dispose of an orphaned key");
+                    inv.remaining += 1;
+                }
+            }
+        }
+        self.metrics.record(&inv);
+        info!(
+            backend = self.km.name(),
+            named = inv.named,
+            pending = inv.pending,
+            disposed = inv.disposed,
+            remaining = inv.remaining,
+            swept = inv.swept,
+            "key inventory"
+        );
+        Ok(inv)
+    }
+
+    /// The Prometheus text of this CA's key inventory.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(self.km.name())
     }
 
     pub fn settings(&self) -> &CaSettings {
@@ -339,12 +547,13 @@ impl Ca {
             if e.not_after <= now || !bundle.x509_authorities.iter().any(|c| c.asn1 == cert_der) {
                 continue;
             }
-            let Ok(key) = self.km.public_key(&x509_key_id(&e.slot)).await else {
+            let Ok(Some(key)) = self
+                .km
+                .select(&x509_key_id(&e.slot), &e.key_fingerprint)
+                .await
+            else {
                 continue;
             };
-            if key.fingerprint != e.key_fingerprint {
-                continue;
-            }
             let Ok(p) = x509svid::ParsedCert::parse(&cert_der) else {
                 continue;
             };
@@ -368,12 +577,13 @@ impl Ca {
             if e.not_after <= now || !bundle.jwt_authorities.iter().any(|k| k.key_id == e.kid) {
                 continue;
             }
-            let Ok(key) = self.km.public_key(&jwt_key_id(&e.slot)).await else {
+            let Ok(Some(key)) = self
+                .km
+                .select(&jwt_key_id(&e.slot), &e.key_fingerprint)
+                .await
+            else {
                 continue;
             };
-            if key.fingerprint != e.key_fingerprint {
-                continue;
-            }
             let key_info = KeyInfo::from_spki_der(&key.spki_der)?;
             jwt.push(Arc::new(JwtAuthority {
                 slot: e.slot,
@@ -394,7 +604,7 @@ impl Ca {
         Ok(())
     }
 
-    async fn save_journal(&self) {
+    async fn save_journal(&self) -> bool {
         let journal = {
             let st = self.read();
             let mut j = Journal::default();
@@ -432,9 +642,14 @@ impl Ca {
                 {
                     // In-memory state stays authoritative; the next save retries.
                     warn!(error = %e, "failed to save CA journal");
+                    return false;
                 }
+                true
             }
-            Err(e) => warn!(error = %e, "failed to encode CA journal"),
+            Err(e) => {
+                warn!(error = %e, "failed to encode CA journal");
+                false
+            }
         }
     }
 
@@ -456,8 +671,19 @@ impl Ca {
                 |slot, status| self.prepare_jwt(slot, status),
             )
             .await?;
-        if x509 || jwt {
-            self.save_journal().await;
+        if (x509 || jwt) && self.save_journal().await {
+            // The journal now names the new keys: their intents are done.
+            let done: Vec<String> = std::mem::take(
+                &mut *self
+                    .unsaved_intents
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()),
+            );
+            for i in done {
+                if let Err(e) = self.ds.delete_key_intent(&i).await {
+                    warn!(intent = %i, error = %e, "could not clear a key intent");
+                }
+            }
         }
         Ok(())
     }
@@ -528,13 +754,17 @@ impl Ca {
         status: SlotStatus,
     ) -> Result<Arc<X509Authority>, CaError> {
         let key = self
-            .km
-            .generate_key(&x509_key_id(slot), self.settings.ca_key_type)
+            .new_key(&x509_key_id(slot), self.settings.ca_key_type)
             .await?;
         let issued_at_ms = now_ms();
         let now = issued_at_ms / 1000;
         let not_after = now + self.settings.ca_ttl.as_secs().max(1);
-        let subject = x509svid::parse_name(&self.settings.ca_subject_dn)?;
+        // A subject of its own: an intermediate named like its issuer is self-issued to a
+        // path builder.
+        let subject = x509svid::parse_name(&format!(
+            "{}, OU=kms_rooted intermediate",
+            self.settings.ca_subject_dn
+        ))?;
         let serial = random_serial()?;
         let tbs = x509svid::ca_tbs(
             &x509svid::CaParams {
@@ -589,8 +819,7 @@ impl Ca {
         status: SlotStatus,
     ) -> Result<Arc<JwtAuthority>, CaError> {
         let key = self
-            .km
-            .generate_key(&jwt_key_id(slot), self.settings.jwt_key_type)
+            .new_key(&jwt_key_id(slot), self.settings.jwt_key_type)
             .await?;
         let key_info = KeyInfo::from_spki_der(&key.spki_der)?;
         let issued_at_ms = now_ms();
@@ -647,17 +876,30 @@ impl Ca {
         let ca = self.current_x509().ok_or(CaError::NotReady("X.509"))?;
         let now = now_secs();
         let serial = random_serial()?;
-        let tbs = x509svid::leaf_tbs(
-            &x509svid::LeafParams {
-                id,
-                dns_names,
-                spki_der,
-                serial: &serial,
-                not_before: now.saturating_sub(x509svid::BACKDATE.as_secs()),
-                not_after: now.saturating_add(ttl.as_secs().max(1)),
-            },
-            &ca.issuer,
-        )?;
+        let params = x509svid::LeafParams {
+            id,
+            dns_names,
+            spki_der,
+            serial: &serial,
+            not_before: now.saturating_sub(x509svid::BACKDATE.as_secs()),
+            not_after: now.saturating_add(ttl.as_secs().max(1)),
+        };
+        if let SigningMode::KmsRooted { intermediate_ttl } = self.settings.signing_mode {
+            let inter = self.intermediate(&ca, intermediate_ttl).await?;
+            let tbs = x509svid::leaf_tbs(&params, &inter.issuer)?;
+            let sig = sign_checked(
+                &inter.km,
+                &inter.key,
+                &tbs,
+                SignOpts::for_key(inter.key.key_type),
+            )
+            .await?;
+            return Ok(vec![
+                x509svid::assemble_der(&tbs, &inter.issuer.signature_algorithm_der, &sig)?,
+                inter.cert_der.clone(),
+            ]);
+        }
+        let tbs = x509svid::leaf_tbs(&params, &ca.issuer)?;
         let sig = sign_checked(
             self.km.as_ref(),
             &ca.key,
@@ -670,6 +912,103 @@ impl Ca {
             &ca.issuer.signature_algorithm_der,
             &sig,
         )?])
+    }
+
+    /// The `kms_rooted` intermediate under the current authority: the cached one while it has
+    /// more than half of its lifetime left and the authority is the same, else a new one (a
+    /// P-256 key made in memory, certified by one signature of the authority key). While one
+    /// is being made, or when making one fails, the cached one serves as long as it is valid
+    /// for another minute: the backend's trouble does not stop issuance before it must.
+    async fn intermediate(
+        &self,
+        ca: &X509Authority,
+        ttl: Duration,
+    ) -> Result<Arc<Intermediate>, CaError> {
+        let cached = || {
+            self.intermediate
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .filter(|i| i.parent == ca.authority_id)
+        };
+        let fresh = |i: &Arc<Intermediate>| {
+            let half = i.not_after.saturating_sub(i.issued_at) / 2;
+            now_secs() + half < i.not_after
+        };
+        let usable = |i: &Arc<Intermediate>| now_secs() + 60 < i.not_after;
+        if let Some(i) = cached().filter(fresh) {
+            return Ok(i);
+        }
+        let _g = match self.minting.try_lock() {
+            Ok(g) => g,
+            Err(_) => {
+                if let Some(i) = cached().filter(usable) {
+                    return Ok(i);
+                }
+                self.minting.lock().await
+            }
+        };
+        if let Some(i) = cached().filter(fresh) {
+            return Ok(i);
+        }
+        match self.mint_intermediate(ca, ttl).await {
+            Ok(i) => Ok(i),
+            Err(e) => match cached().filter(usable) {
+                Some(i) => {
+                    warn!(error = %e, "cannot make a new kms_rooted intermediate; the current one serves");
+                    Ok(i)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    async fn mint_intermediate(
+        &self,
+        ca: &X509Authority,
+        ttl: Duration,
+    ) -> Result<Arc<Intermediate>, CaError> {
+        let km = kame_keymanager::memory::MemoryKeyManager::new();
+        let key = km
+            .generate_key("kms-rooted-intermediate", KeyType::EcP256)
+            .await?;
+        let now = now_secs();
+        let not_after = now.saturating_add(ttl.as_secs().max(1)).min(ca.not_after);
+        let subject = x509svid::parse_name(&self.settings.ca_subject_dn)?;
+        let serial = random_serial()?;
+        let tbs = x509svid::ca_tbs(
+            &x509svid::CaParams {
+                trust_domain: &self.settings.trust_domain,
+                subject: &subject,
+                spki_der: &key.spki_der,
+                serial: &serial,
+                not_before: now.saturating_sub(x509svid::BACKDATE.as_secs()),
+                not_after,
+            },
+            Some(&ca.issuer),
+        )?;
+        let sig = sign_checked(
+            self.km.as_ref(),
+            &ca.key,
+            &tbs,
+            SignOpts::for_key(ca.key.key_type),
+        )
+        .await?;
+        let cert_der = x509svid::assemble_der(&tbs, &ca.issuer.signature_algorithm_der, &sig)?;
+        x509svid::ParsedCert::parse(&cert_der)?.check_signed_by(&ca.key.spki_der)?;
+        let issuer = IssuerInfo::from_cert_der(&cert_der)?;
+        let inter = Arc::new(Intermediate {
+            parent: ca.authority_id.clone(),
+            km,
+            key,
+            cert_der,
+            issuer,
+            issued_at: now,
+            not_after,
+        });
+        info!(parent = %ca.authority_id, not_after, "new kms_rooted intermediate");
+        *self.intermediate.write().unwrap_or_else(|p| p.into_inner()) = Some(inter.clone());
+        Ok(inter)
     }
 
     /// Mints a JWT-SVID. Returns (token, issued_at, expires_at); expiry is capped at the key's.

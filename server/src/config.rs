@@ -19,7 +19,233 @@ use kame_api::conf::{invalid, plugin_data};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyManagerConfig {
     Memory,
-    Disk { keys_path: PathBuf },
+    Disk {
+        keys_path: PathBuf,
+    },
+    /// `KeyManager "aws_kms"`: keys in AWS KMS (SPIRE's keys, plus `endpoint`).
+    AwsKms {
+        region: String,
+        access_key_id: Option<String>,
+        secret_access_key: Option<SecretSource>,
+        endpoint: Option<String>,
+        key_identifier: KeyIdentifier,
+        key_policy_file: Option<PathBuf>,
+        key_tags: Vec<(String, String)>,
+        enable_tag_based_key_discovery: bool,
+    },
+    /// `KeyManager "hashicorp_vault"`: keys in a Vault/OpenBao Transit engine.
+    HashicorpVault {
+        vault_addr: String,
+        namespace: Option<String>,
+        ca_cert_path: Option<PathBuf>,
+        insecure_skip_verify: bool,
+        transit_engine_path: String,
+        auth: VaultAuthConfig,
+        key_identifier: KeyIdentifier,
+    },
+    /// `KeyManager "pkcs11"`: keys in an HSM token.
+    Pkcs11 {
+        module_path: PathBuf,
+        token_label: String,
+        user_pin: SecretSource,
+        key_identifier: KeyIdentifier,
+    },
+}
+
+/// One of SPIRE's Vault auth blocks.
+#[derive(Clone, PartialEq, Eq)]
+pub enum VaultAuthConfig {
+    Token(String),
+    AppRole {
+        mount: String,
+        role_id: String,
+        secret_id: String,
+    },
+    Cert {
+        mount: String,
+        role_name: String,
+        client_cert_path: PathBuf,
+        client_key_path: PathBuf,
+    },
+    Kubernetes {
+        mount: String,
+        role: String,
+        token_path: PathBuf,
+    },
+}
+
+impl std::fmt::Debug for VaultAuthConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            VaultAuthConfig::Token(_) => f.write_str("token_auth(***)"),
+            VaultAuthConfig::AppRole { mount, .. } => write!(f, "approle_auth({mount})"),
+            VaultAuthConfig::Cert { mount, .. } => write!(f, "cert_auth({mount})"),
+            VaultAuthConfig::Kubernetes { mount, .. } => write!(f, "k8s_auth({mount})"),
+        }
+    }
+}
+
+/// `hashicorp_vault`'s plugin_data (SPIRE's keys; exactly one auth block).
+fn vault_config(data: &mut kame_api::conf::Section) -> Result<KeyManagerConfig, ConfigError> {
+    let opt = |data: &kame_api::conf::Section, k: &str| -> Result<Option<String>, ConfigError> {
+        Ok(data.string(k)?.filter(|v| !v.is_empty()))
+    };
+    let req = |data: &kame_api::conf::Section, k: &str| -> Result<String, ConfigError> {
+        opt(data, k)?.ok_or_else(|| ConfigError::Missing { key: data.key(k) })
+    };
+    let vault_addr = req(data, "vault_addr")?;
+    let namespace = opt(data, "namespace")?;
+    let ca_cert_path = opt(data, "ca_cert_path")?.map(PathBuf::from);
+    let insecure_skip_verify = data.take_bool("insecure_skip_verify")?.unwrap_or(false);
+    let transit_engine_path = opt(data, "transit_engine_path")?.unwrap_or_else(|| "transit".into());
+    let key_identifier = key_identifier(data)?;
+    let mut auths = vec![];
+    if let Some(a) = data.section("token_auth")? {
+        auths.push(VaultAuthConfig::Token(req(&a, "token")?));
+        a.finish()?;
+    }
+    if let Some(a) = data.section("approle_auth")? {
+        auths.push(VaultAuthConfig::AppRole {
+            mount: opt(&a, "approle_auth_mount_point")?.unwrap_or_else(|| "approle".into()),
+            role_id: req(&a, "approle_id")?,
+            secret_id: req(&a, "approle_secret_id")?,
+        });
+        a.finish()?;
+    }
+    if let Some(a) = data.section("cert_auth")? {
+        auths.push(VaultAuthConfig::Cert {
+            mount: opt(&a, "cert_auth_mount_point")?.unwrap_or_else(|| "cert".into()),
+            role_name: opt(&a, "cert_auth_role_name")?.unwrap_or_default(),
+            client_cert_path: PathBuf::from(req(&a, "client_cert_path")?),
+            client_key_path: PathBuf::from(req(&a, "client_key_path")?),
+        });
+        a.finish()?;
+    }
+    if let Some(a) = data.section("k8s_auth")? {
+        auths.push(VaultAuthConfig::Kubernetes {
+            mount: opt(&a, "k8s_auth_mount_point")?.unwrap_or_else(|| "kubernetes".into()),
+            role: req(&a, "k8s_auth_role_name")?,
+            token_path: PathBuf::from(req(&a, "token_path")?),
+        });
+        a.finish()?;
+    }
+    if auths.len() != 1 {
+        return Err(invalid(
+            &data.key("token_auth"),
+            "configure exactly one of token_auth, approle_auth, cert_auth, k8s_auth",
+        ));
+    }
+    Ok(KeyManagerConfig::HashicorpVault {
+        vault_addr,
+        namespace,
+        ca_cert_path,
+        insecure_skip_verify,
+        transit_engine_path,
+        auth: auths.remove(0),
+        key_identifier,
+    })
+}
+
+/// Where a secret comes from: the configuration itself, a file, or an environment variable.
+/// Read at start-up, never by `validate`; never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    Value(String),
+    File(PathBuf),
+    Env(String),
+}
+
+impl std::fmt::Debug for SecretSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::Value(_) => f.write_str("Value(***)"),
+            SecretSource::File(p) => write!(f, "File({p:?})"),
+            SecretSource::Env(v) => write!(f, "Env({v:?})"),
+        }
+    }
+}
+
+impl SecretSource {
+    /// The secret (a file's content without its trailing newline).
+    pub fn read(&self) -> Result<String, String> {
+        match self {
+            SecretSource::Value(v) => Ok(v.clone()),
+            SecretSource::File(p) => std::fs::read_to_string(p)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| format!("cannot read {}: {e}", p.display())),
+            SecretSource::Env(v) => {
+                std::env::var(v).map_err(|_| format!("environment variable {v} is not set"))
+            }
+        }
+    }
+}
+
+/// How a remote KeyManager names this server's keys (SPIRE's `key_identifier_file` xor
+/// `key_identifier_value`); without either, the server id in `data_dir/server_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyIdentifier {
+    File(PathBuf),
+    Value(String),
+    ServerId,
+}
+
+/// SPIRE's rule for `key_identifier_value`: letters, digits, `/`, `_`, `-`; at most 256.
+fn key_identifier(data: &kame_api::conf::Section) -> Result<KeyIdentifier, ConfigError> {
+    let file = data
+        .string("key_identifier_file")?
+        .filter(|v| !v.is_empty());
+    let value = data
+        .string("key_identifier_value")?
+        .filter(|v| !v.is_empty());
+    match (file, value) {
+        (Some(_), Some(_)) => Err(invalid(
+            &data.key("key_identifier_value"),
+            "give key_identifier_file or key_identifier_value, not both",
+        )),
+        (Some(f), None) => Ok(KeyIdentifier::File(PathBuf::from(f))),
+        (None, Some(v)) => {
+            if v.len() > 256
+                || !v
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"/_-".contains(&b))
+            {
+                return Err(invalid(
+                    &data.key("key_identifier_value"),
+                    "only letters, digits, '/', '_' and '-', at most 256 characters",
+                ));
+            }
+            Ok(KeyIdentifier::Value(v))
+        }
+        (None, None) => Ok(KeyIdentifier::ServerId),
+    }
+}
+
+/// SPIRE's limits on `key_tags`, checked by the backend's rule.
+fn kame_keymanager_tags(key: &str, tags: &[(String, String)]) -> Result<(), ConfigError> {
+    kame_keymanager::aws_kms::check_user_tags(tags).map_err(|e| invalid(key, e.to_string()))
+}
+
+/// Exactly one of `<name>`, `<name>_file`, `<name>_env`.
+fn secret_source(data: &kame_api::conf::Section, name: &str) -> Result<SecretSource, ConfigError> {
+    let v = data.string(name)?.filter(|v| !v.is_empty());
+    let f = data
+        .string(&format!("{name}_file"))?
+        .filter(|v| !v.is_empty());
+    let e = data
+        .string(&format!("{name}_env"))?
+        .filter(|v| !v.is_empty());
+    match (v, f, e) {
+        (Some(v), None, None) => Ok(SecretSource::Value(v)),
+        (None, Some(f), None) => Ok(SecretSource::File(PathBuf::from(f))),
+        (None, None, Some(e)) => Ok(SecretSource::Env(e)),
+        (None, None, None) => Err(ConfigError::Missing {
+            key: data.key(name),
+        }),
+        _ => Err(invalid(
+            &data.key(name),
+            format!("give one of {name}, {name}_file, {name}_env"),
+        )),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +296,11 @@ pub struct Config {
     pub jwt_key_type: KeyType,
     pub ca_subject: CaSubject,
     pub jwt_issuer: Option<String>,
+    /// How X509-SVIDs are signed (`signing_mode`, ours): by the authority key directly, or
+    /// (`kms_rooted`) by an in-memory intermediate the authority key certifies.
+    pub signing_mode: crate::ca::SigningMode,
+    /// `telemetry { Prometheus { host port } }`: where to serve `/metrics`.
+    pub prometheus: Option<(String, u16)>,
     pub datastore: DataStoreConfig,
     pub key_manager: KeyManagerConfig,
     pub join_token_attestor: bool,
@@ -110,6 +341,22 @@ impl Config {
         let mut plugins = root.section("plugins")?.ok_or(ConfigError::Missing {
             key: "plugins".into(),
         })?;
+        // SPIRE's `telemetry { Prometheus { host, port } }`; other sinks are refused.
+        let mut prometheus = None;
+        if let Some(mut t) = root.section("telemetry")? {
+            if let Some(p) = t.section("Prometheus")? {
+                let host = p.string("host")?.unwrap_or_else(|| "localhost".into());
+                let port = p
+                    .int("port")?
+                    .and_then(|n| u16::try_from(n).ok())
+                    .ok_or_else(|| {
+                        invalid("telemetry.Prometheus.port", "a TCP port is required")
+                    })?;
+                p.finish()?;
+                prometheus = Some((host, port));
+            }
+            t.finish()?;
+        }
         root.finish()?;
         let mut server = server;
 
@@ -220,6 +467,35 @@ impl Config {
         kame_api::x509svid::parse_name(&ca_subject.to_dn_string())
             .map_err(|e| invalid("server.ca_subject", e.to_string()))?;
         let jwt_issuer = server.string("jwt_issuer")?.filter(|s| !s.is_empty());
+        let intermediate_ttl = match server.duration("signing_intermediate_ttl")? {
+            Some(d) if d < Duration::from_secs(300) => {
+                return Err(invalid(
+                    "server.signing_intermediate_ttl",
+                    "must be at least 5m (each renewal is a backend signature)",
+                ));
+            }
+            other => other,
+        };
+        let signing_mode = match server.string("signing_mode")?.as_deref() {
+            None | Some("") | Some("direct") => {
+                if intermediate_ttl.is_some() {
+                    return Err(invalid(
+                        "server.signing_intermediate_ttl",
+                        "only with signing_mode = \"kms_rooted\"",
+                    ));
+                }
+                crate::ca::SigningMode::Direct
+            }
+            Some("kms_rooted") => crate::ca::SigningMode::KmsRooted {
+                intermediate_ttl: intermediate_ttl.unwrap_or(Duration::from_secs(3600)),
+            },
+            Some(other) => {
+                return Err(invalid(
+                    "server.signing_mode",
+                    format!("{other:?} is not \"direct\" or \"kms_rooted\""),
+                ));
+            }
+        };
         server.finish()?;
 
         // plugins
@@ -275,7 +551,7 @@ impl Config {
                     "only one KeyManager may be configured",
                 ));
             }
-            let data = plugin_data(sec)?;
+            let mut data = plugin_data(sec)?;
             key_manager = Some(match name.as_str() {
                 "memory" => KeyManagerConfig::Memory,
                 "disk" => {
@@ -288,10 +564,80 @@ impl Config {
                         keys_path: PathBuf::from(p),
                     }
                 }
+                "aws_kms" => {
+                    let region = data
+                        .string("region")?
+                        .filter(|v| !v.is_empty())
+                        .ok_or_else(|| ConfigError::Missing {
+                            key: data.key("region"),
+                        })?;
+                    let access_key_id = data.string("access_key_id")?.filter(|v| !v.is_empty());
+                    let secret_access_key = data
+                        .string("secret_access_key")?
+                        .filter(|v| !v.is_empty())
+                        .map(SecretSource::Value);
+                    if access_key_id.is_some() != secret_access_key.is_some() {
+                        return Err(invalid(
+                            &data.key("secret_access_key"),
+                            "give both access_key_id and secret_access_key, or neither (the default AWS credential chain)",
+                        ));
+                    }
+                    let mut key_tags = vec![];
+                    if let Some(tags) = data.section("key_tags")? {
+                        for k in tags.keys() {
+                            key_tags.push((k.clone(), tags.string(&k)?.unwrap_or_default()));
+                        }
+                        tags.finish()?;
+                    }
+                    kame_keymanager_tags(&data.key("key_tags"), &key_tags)?;
+                    let endpoint = data.string("endpoint")?.filter(|v| !v.is_empty());
+                    let key_policy_file = data
+                        .string("key_policy_file")?
+                        .filter(|v| !v.is_empty())
+                        .map(PathBuf::from);
+                    let enable_tag_based_key_discovery = data
+                        .take_bool("enable_tag_based_key_discovery")?
+                        .unwrap_or(false);
+                    let key_identifier = key_identifier(&data)?;
+                    if let KeyIdentifier::Value(v) = &key_identifier
+                        && v.starts_with("alias/aws/")
+                    {
+                        return Err(invalid(
+                            &data.key("key_identifier_value"),
+                            "must not start with alias/aws/",
+                        ));
+                    }
+                    KeyManagerConfig::AwsKms {
+                        region,
+                        access_key_id,
+                        secret_access_key,
+                        endpoint,
+                        key_identifier,
+                        key_policy_file,
+                        key_tags,
+                        enable_tag_based_key_discovery,
+                    }
+                }
+                "hashicorp_vault" => vault_config(&mut data)?,
+                "pkcs11" => {
+                    let req = |k: &str| -> Result<String, ConfigError> {
+                        data.string(k)?
+                            .filter(|v| !v.is_empty())
+                            .ok_or_else(|| ConfigError::Missing { key: data.key(k) })
+                    };
+                    KeyManagerConfig::Pkcs11 {
+                        module_path: PathBuf::from(req("module_path")?),
+                        token_label: req("token_label")?,
+                        user_pin: secret_source(&data, "user_pin")?,
+                        key_identifier: key_identifier(&data)?,
+                    }
+                }
                 other => {
                     return Err(invalid(
                         "plugins.KeyManager",
-                        format!("unknown KeyManager {other:?} (expected \"disk\" or \"memory\")"),
+                        format!(
+                            "unknown KeyManager {other:?} (expected \"disk\", \"memory\", \"aws_kms\", \"hashicorp_vault\" or \"pkcs11\")"
+                        ),
                     ));
                 }
             });
@@ -394,6 +740,8 @@ impl Config {
             jwt_key_type,
             ca_subject,
             jwt_issuer,
+            signing_mode,
+            prometheus,
             datastore,
             key_manager,
             join_token_attestor,
@@ -460,6 +808,200 @@ plugins {
     }
 }
 "#;
+
+    fn with_km(block: &str) -> String {
+        GOOD.replace(
+            "KeyManager \"disk\" {\n        plugin_data {\n            keys_path = \"./data/keys.json\"\n        }\n    }",
+            block,
+        )
+    }
+
+    #[test]
+    fn km_aws_kms_vault_and_pkcs11_config_spire_keys_and_refusals() {
+        let aws = "KeyManager \"aws_kms\" {\n plugin_data {\n region = \"us-east-1\"\n key_identifier_file = \"/var/lib/kame/kms-id\"\n key_tags = {\n team = \"kame\"\n }\n enable_tag_based_key_discovery = true\n }\n }";
+        let c = Config::parse(&with_km(aws), false).unwrap();
+        match c.key_manager {
+            KeyManagerConfig::AwsKms {
+                region,
+                access_key_id,
+                key_identifier,
+                key_tags,
+                enable_tag_based_key_discovery,
+                ..
+            } => {
+                assert_eq!(region, "us-east-1");
+                assert_eq!(access_key_id, None, "the default credential chain");
+                assert_eq!(
+                    key_identifier,
+                    KeyIdentifier::File("/var/lib/kame/kms-id".into())
+                );
+                assert_eq!(key_tags, vec![("team".to_string(), "kame".to_string())]);
+                assert!(enable_tag_based_key_discovery);
+            }
+            other => panic!("{other:?}"),
+        }
+        let cases = [
+            (aws.replace("region = \"us-east-1\"", ""), "region: missing"),
+            (
+                aws.replace("region", "access_key_id = \"AKIA\"\n region"),
+                "secret_access_key: give both",
+            ),
+            (
+                aws.replace(
+                    "key_identifier_file = \"/var/lib/kame/kms-id\"",
+                    "key_identifier_file = \"/x\"\n key_identifier_value = \"v\"",
+                ),
+                "not both",
+            ),
+            (
+                aws.replace(
+                    "key_identifier_file = \"/var/lib/kame/kms-id\"",
+                    "key_identifier_value = \"bad value!\"",
+                ),
+                "key_identifier_value: only letters",
+            ),
+            (aws.replace("team =", "spire-team ="), "reserved prefix"),
+            (
+                aws.replace("region", "regoin = \"x\"\n region"),
+                "regoin: unknown key",
+            ),
+        ];
+        for (block, want) in cases {
+            let e = Config::parse(&with_km(&block), false)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        let vault = "KeyManager \"hashicorp_vault\" {\n plugin_data {\n vault_addr = \"https://vault:8200\"\n key_identifier_value = \"s1\"\n approle_auth {\n approle_id = \"r\"\n approle_secret_id = \"secret-xyz\"\n }\n }\n }";
+        let c = Config::parse(&with_km(vault), false).unwrap();
+        match &c.key_manager {
+            KeyManagerConfig::HashicorpVault {
+                transit_engine_path,
+                auth,
+                ..
+            } => {
+                assert_eq!(transit_engine_path, "transit");
+                assert_eq!(
+                    auth,
+                    &VaultAuthConfig::AppRole {
+                        mount: "approle".into(),
+                        role_id: "r".into(),
+                        secret_id: "secret-xyz".into()
+                    }
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!format!("{:?}", c.key_manager).contains("secret-xyz"));
+        for (block, want) in [
+            (
+                vault.replace(
+                    "approle_auth {",
+                    "token_auth {\n token = \"t\"\n }\n approle_auth {",
+                ),
+                "exactly one of token_auth",
+            ),
+            (
+                vault.replace(
+                    "approle_auth {\n approle_id = \"r\"\n approle_secret_id = \"secret-xyz\"\n }",
+                    "",
+                ),
+                "exactly one of token_auth",
+            ),
+            (
+                vault.replace("vault_addr = \"https://vault:8200\"", ""),
+                "vault_addr: missing",
+            ),
+            (
+                vault.replace("approle_id = \"r\"", ""),
+                "approle_id: missing",
+            ),
+        ] {
+            let e = Config::parse(&with_km(&block), false)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+        let p11 = "KeyManager \"pkcs11\" {\n plugin_data {\n module_path = \"/usr/lib/softhsm/libsofthsm2.so\"\n token_label = \"kame\"\n user_pin_env = \"HSM_PIN\"\n }\n }";
+        let c = Config::parse(&with_km(p11), false).unwrap();
+        let KeyManagerConfig::Pkcs11 {
+            user_pin,
+            key_identifier,
+            ..
+        } = &c.key_manager
+        else {
+            panic!("{:?}", c.key_manager)
+        };
+        assert_eq!(user_pin, &SecretSource::Env("HSM_PIN".into()));
+        assert_eq!(key_identifier, &KeyIdentifier::ServerId);
+        let with_value = p11.replace("user_pin_env = \"HSM_PIN\"", "user_pin = \"1234\"");
+        let c = Config::parse(&with_km(&with_value), false).unwrap();
+        assert!(
+            !format!("{:?}", c.key_manager).contains("1234"),
+            "the PIN is never printed"
+        );
+        for (block, want) in [
+            (
+                p11.replace("user_pin_env = \"HSM_PIN\"", ""),
+                "user_pin: missing",
+            ),
+            (
+                p11.replace("user_pin_env", "user_pin = \"1\"\n user_pin_env"),
+                "give one of user_pin, user_pin_file, user_pin_env",
+            ),
+            (
+                p11.replace("token_label = \"kame\"", ""),
+                "token_label: missing",
+            ),
+        ] {
+            let e = Config::parse(&with_km(&block), false)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+    }
+
+    #[test]
+    fn km_signing_mode_direct_by_default_kms_rooted_with_its_ttl() {
+        let c = Config::parse(GOOD, false).unwrap();
+        assert_eq!(c.signing_mode, crate::ca::SigningMode::Direct);
+        let rooted = GOOD.replace(
+            "ca_ttl = \"168h\"",
+            "ca_ttl = \"168h\"\n    signing_mode = \"kms_rooted\"",
+        );
+        assert_eq!(
+            Config::parse(&rooted, false).unwrap().signing_mode,
+            crate::ca::SigningMode::KmsRooted {
+                intermediate_ttl: Duration::from_secs(3600)
+            }
+        );
+        let ttl = rooted.replace(
+            "signing_mode = \"kms_rooted\"",
+            "signing_mode = \"kms_rooted\"\n    signing_intermediate_ttl = \"15m\"",
+        );
+        assert_eq!(
+            Config::parse(&ttl, false).unwrap().signing_mode,
+            crate::ca::SigningMode::KmsRooted {
+                intermediate_ttl: Duration::from_secs(900)
+            }
+        );
+        for (text, want) in [
+            (
+                rooted.replace("kms_rooted", "hsm_rooted"),
+                "server.signing_mode",
+            ),
+            (
+                GOOD.replace(
+                    "ca_ttl = \"168h\"",
+                    "ca_ttl = \"168h\"\n    signing_intermediate_ttl = \"1h\"",
+                ),
+                "only with signing_mode",
+            ),
+        ] {
+            let e = Config::parse(&text, false).unwrap_err().to_string();
+            assert!(e.contains(want), "{want}: {e}");
+        }
+    }
 
     #[test]
     fn parses_a_spire_style_server_conf() {

@@ -9,6 +9,7 @@ pub mod ca;
 pub mod cli;
 pub mod config;
 pub mod datastore;
+pub mod metrics;
 pub mod run;
 pub mod service;
 pub mod tls;

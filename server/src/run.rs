@@ -103,10 +103,17 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
     }
 }
 
+/// How often the KeyManager is reconciled with the keys the CA names.
+const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(3600);
+
 /// This server's id, kept in `data_dir/server_id` (created on first start, 0600, atomic).
 pub fn load_server_id(data_dir: &Path) -> Result<String, RunError> {
-    let path = data_dir.join("server_id");
-    match std::fs::read_to_string(&path) {
+    uuid_file(&data_dir.join("server_id"))
+}
+
+/// A UUID kept in `path`: read, or created (0600, atomic) when the file does not exist.
+fn uuid_file(path: &Path) -> Result<String, RunError> {
+    match std::fs::read_to_string(path) {
         Ok(s) => {
             let s = s.trim().to_string();
             uuid::Uuid::parse_str(&s)
@@ -115,10 +122,10 @@ pub fn load_server_id(data_dir: &Path) -> Result<String, RunError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = uuid::Uuid::new_v4().to_string();
-            kame_keymanager::disk::write_secret_file(&path, id.as_bytes())?;
+            kame_keymanager::disk::write_secret_file(path, id.as_bytes())?;
             Ok(id)
         }
-        Err(e) => Err(io("cannot read", &path)(e)),
+        Err(e) => Err(io("cannot read", path)(e)),
     }
 }
 
@@ -142,13 +149,144 @@ impl Running {
     }
 }
 
-fn build_key_manager(cfg: &Config) -> Result<Arc<dyn KeyManager>, RunError> {
+async fn build_key_manager(cfg: &Config, server_id: &str) -> Result<Arc<dyn KeyManager>, RunError> {
     Ok(match &cfg.key_manager {
         KeyManagerConfig::Memory => Arc::new(kame_keymanager::memory::MemoryKeyManager::new()),
         KeyManagerConfig::Disk { keys_path } => {
             Arc::new(kame_keymanager::disk::DiskKeyManager::open(keys_path)?)
         }
+        KeyManagerConfig::AwsKms {
+            region,
+            access_key_id,
+            secret_access_key,
+            endpoint,
+            key_identifier,
+            key_policy_file,
+            key_tags,
+            enable_tag_based_key_discovery,
+        } => {
+            let secret_access_key = secret_access_key
+                .as_ref()
+                .map(|s| s.read())
+                .transpose()
+                .map_err(|m| RunError::KeyManager(kame_keymanager::Error::Config(m)))?;
+            let key_policy = match key_policy_file {
+                None => None,
+                Some(p) => {
+                    Some(std::fs::read_to_string(p).map_err(io("cannot read key_policy_file", p))?)
+                }
+            };
+            Arc::new(
+                kame_keymanager::aws_kms::AwsKmsKeyManager::open(
+                    kame_keymanager::aws_kms::AwsKmsConfig {
+                        region: region.clone(),
+                        access_key_id: access_key_id.clone(),
+                        secret_access_key,
+                        endpoint: endpoint.clone(),
+                        trust_domain: cfg.trust_domain.to_string(),
+                        server_id: resolve_key_identifier(key_identifier, server_id)?,
+                        key_policy,
+                        key_tags: key_tags.clone(),
+                        call_timeout: std::time::Duration::from_secs(10),
+                        tag_discovery: *enable_tag_based_key_discovery,
+                    },
+                )
+                .await?,
+            )
+        }
+        KeyManagerConfig::HashicorpVault {
+            vault_addr,
+            namespace,
+            ca_cert_path,
+            insecure_skip_verify,
+            transit_engine_path,
+            auth,
+            key_identifier,
+        } => {
+            use crate::config::VaultAuthConfig as A;
+            use kame_keymanager::hashicorp_vault::{VaultAuth, VaultConfig, VaultKeyManager};
+            let auth = match auth.clone() {
+                A::Token(t) => VaultAuth::Token(t),
+                A::AppRole {
+                    mount,
+                    role_id,
+                    secret_id,
+                } => VaultAuth::AppRole {
+                    mount,
+                    role_id,
+                    secret_id,
+                },
+                A::Cert {
+                    mount,
+                    role_name,
+                    client_cert_path,
+                    client_key_path,
+                } => VaultAuth::Cert {
+                    mount,
+                    role_name,
+                    client_cert_path,
+                    client_key_path,
+                },
+                A::Kubernetes {
+                    mount,
+                    role,
+                    token_path,
+                } => VaultAuth::Kubernetes {
+                    mount,
+                    role,
+                    token_path,
+                },
+            };
+            VaultKeyManager::open(VaultConfig {
+                vault_addr: vault_addr.clone(),
+                namespace: namespace.clone(),
+                ca_cert_path: ca_cert_path.clone(),
+                insecure_skip_verify: *insecure_skip_verify,
+                transit_engine_path: transit_engine_path.clone(),
+                auth,
+                server_id: resolve_key_identifier(key_identifier, server_id)?,
+                call_timeout: std::time::Duration::from_secs(10),
+            })
+            .await?
+        }
+        KeyManagerConfig::Pkcs11 {
+            module_path,
+            token_label,
+            user_pin,
+            key_identifier,
+        } => {
+            let user_pin = user_pin.read().map_err(|m| {
+                RunError::KeyManager(kame_keymanager::Error::Config(format!(
+                    "plugins.KeyManager.pkcs11.plugin_data.user_pin: {m}"
+                )))
+            })?;
+            Arc::new(
+                kame_keymanager::pkcs11::Pkcs11KeyManager::open(
+                    kame_keymanager::pkcs11::Pkcs11Config {
+                        module_path: module_path.clone(),
+                        token_label: token_label.clone(),
+                        user_pin,
+                        server_id: resolve_key_identifier(key_identifier, server_id)?,
+                    },
+                )
+                .await?,
+            )
+        }
     })
+}
+
+/// The name a remote KeyManager files this server's keys under: SPIRE's key identifier
+/// (a value, or a UUID kept in a file created 0600 on first start), else the server id.
+fn resolve_key_identifier(
+    k: &crate::config::KeyIdentifier,
+    server_id: &str,
+) -> Result<String, RunError> {
+    use crate::config::KeyIdentifier;
+    match k {
+        KeyIdentifier::Value(v) => Ok(v.clone()),
+        KeyIdentifier::ServerId => Ok(server_id.to_string()),
+        KeyIdentifier::File(path) => uuid_file(path),
+    }
 }
 
 fn prepare_socket(path: &Path) -> Result<UnixListener, RunError> {
@@ -198,7 +336,7 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     std::fs::create_dir_all(&cfg.data_dir).map_err(io("cannot create data_dir", &cfg.data_dir))?;
     let server_id = load_server_id(&cfg.data_dir)?;
-    let km = build_key_manager(&cfg)?;
+    let km = build_key_manager(&cfg, &server_id).await?;
     let ds: Arc<dyn DataStore> =
         Arc::new(SqliteStore::open(&cfg.datastore.connection_string).await?);
     for w in cfg.warnings() {
@@ -213,6 +351,7 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
             jwt_key_type: cfg.jwt_key_type,
             ca_subject_dn: cfg.ca_subject.to_dn_string(),
             jwt_issuer: cfg.jwt_issuer.clone(),
+            signing_mode: cfg.signing_mode,
         },
         km,
         ds.clone(),
@@ -352,18 +491,43 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
         }
     }));
 
+    // Prometheus metrics (`telemetry { Prometheus { host port } }`).
+    if let Some((host, port)) = &cfg.prometheus {
+        let listener = tokio::net::TcpListener::bind((host.as_str(), *port))
+            .await
+            .map_err(|e| RunError::Io {
+                what: "cannot bind the Prometheus listener",
+                path: format!("{host}:{port}"),
+                source: e,
+            })?;
+        let ca_m = ca.clone();
+        tasks.push(tokio::spawn(crate::metrics::serve(
+            listener,
+            Arc::new(move || ca_m.render_metrics()),
+            shutdown_rx.clone(),
+        )));
+    }
+
     // Rotation loop.
     let interval = ca.tick_interval();
     let mut rx_rot = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         let mut t = tokio::time::interval(interval);
         t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reconciled = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = stopped(&mut rx_rot) => break,
                 _ = t.tick() => {
                     if let Err(e) = ca.rotate().await {
                         tracing::error!(error = %e, "CA rotation failed");
+                    }
+                    // Orphaned keys in the KeyManager (start-up runs the first pass).
+                    if reconciled.elapsed() >= RECONCILE_EVERY {
+                        reconciled = tokio::time::Instant::now();
+                        if let Err(e) = ca.reconcile_keys().await {
+                            tracing::warn!(error = %e, "key reconcile failed");
+                        }
                     }
                     if let Err(e) = svid.rotate_if_needed().await {
                         tracing::error!(error = %e, "server SVID rotation failed");

@@ -14,7 +14,8 @@ use sha2::Digest;
 use std::path::Path;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_agent_attests_on_swtpm_with_spire_id_and_selectors_and_serves_workloads() {
+async fn tpm_devid_attest_success_03_agent_on_swtpm_no_intermediate_spire_id_selectors_and_workloads()
+ {
     let tpm = SwTpm::start().unwrap();
     let devid = provision(&tpm, "devid-node-1");
     let ek_ca = ek_cas(&tpm, devid.dir.path());
@@ -108,25 +109,7 @@ async fn attest_direct(o: Opts) -> Result<(), String> {
     let kame_agent::config::NodeAttestorConfig::TpmDevid(t) = cfg.node_attestor else {
         panic!("tpm_devid config expected");
     };
-    let roots: Vec<Vec<u8>> = env
-        .bundle()
-        .await
-        .x509_authorities
-        .iter()
-        .map(|c| c.asn1.clone())
-        .collect();
-    let ch = kame_agent::client::connect(
-        "127.0.0.1",
-        env.tcp_port,
-        &kame_api::SpiffeId::parse(&format!("spiffe://{TD}/spire/server")).unwrap(),
-        std::sync::Arc::new(std::sync::RwLock::new(roots)),
-        None,
-    )
-    .await
-    .unwrap();
-    let key = kame_agent::keys::generate().unwrap();
-    let r = kame_agent::attestation::NodeAttestor::TpmDevid(t)
-        .attest(ch, kame_agent::keys::csr(&key).unwrap())
+    let r = common::driver::attest_with(&env, &t)
         .await
         .map(|_| ())
         .map_err(|e| e.to_string());
@@ -198,7 +181,7 @@ async fn agent_selectors(env: &Env) -> Vec<String> {
 /// SPIRE's server success cases 1 and 2 (§3.2): RSA and ECC DevIDs with an intermediate CA;
 /// the exact ordered SPIRE selectors (then Kame's).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_success_rsa_and_ecc_devid_with_intermediate_exact_selectors() {
+async fn tpm_devid_attest_success_01_02_tpmutil_07_10_12_rsa_and_ecc_devid_with_intermediate() {
     for ecc in [false, true] {
         let tpm = SwTpm::start().unwrap();
         let (devid, int_der) = common::devid::provision_chain(&tpm, ecc);

@@ -41,7 +41,7 @@ fn devid_block(devid_ca: &str, ek_ca: &str) -> String {
 }
 
 #[test]
-fn tpm_devid_server_configure_no_core_config_empty_td_bad_hcl_missing_paths() {
+fn tpm_devid_server_configure_01_to_05_no_core_config_empty_td_bad_hcl_missing_paths() {
     use kame_server::config::Config;
     let d = tempfile::tempdir().unwrap();
     let ok = server_conf(
@@ -72,7 +72,8 @@ fn tpm_devid_server_configure_no_core_config_empty_td_bad_hcl_missing_paths() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_server_configure_unreadable_bundles_refuse_to_start_and_success_starts() {
+async fn tpm_devid_server_configure_06_to_08_unreadable_bundles_refuse_to_start_and_success_starts()
+{
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let tpm = SwTpm::start().unwrap();
     let devid = provision(&tpm, "node");
@@ -130,7 +131,7 @@ fn agent_conf(block: &str) -> String {
 }
 
 #[test]
-fn tpm_devid_agent_configure_bad_hcl_missing_paths_explicit_device_and_password_types() {
+fn tpm_devid_agent_configure_01_to_04_11_bad_hcl_missing_paths_explicit_device() {
     use kame_agent::config::{Config, NodeAttestorConfig};
     let full = "NodeAttestor \"tpm_devid\" {\n plugin_data {\n devid_cert_path = \"c.pem\"\n devid_priv_path = \"k.priv\"\n devid_pub_path = \"k.pub\"\n tpm_device_path = \"/dev/tpmrm7\"\n }\n }";
     let c = Config::parse(&agent_conf(full), false).unwrap();
@@ -174,7 +175,8 @@ fn tpm_devid_agent_configure_bad_hcl_missing_paths_explicit_device_and_password_
 }
 
 #[test]
-fn tpm_devid_agent_missing_files_and_bad_challenges_are_clear_errors() {
+fn tpm_devid_agent_configure_07_09_10_agent_04_06_07_tpmutil_03_11_missing_files_bad_blobs_and_challenges()
+ {
     let tpm = SwTpm::start().unwrap();
     let devid = provision(&tpm, "node");
     let p = |n: &str| devid.dir.path().join(n);
@@ -232,7 +234,7 @@ fn tpm_devid_agent_missing_files_and_bad_challenges_are_clear_errors() {
 /// ("cannot load DevID key"), a TPM without the RSA EK certificate index, and a nonce larger
 /// than TPM2_Hash takes (SPIRE fails at 1,025 bytes; Kame hashes in software and signs).
 #[test]
-fn tpm_devid_agent_blob_from_other_tpm_missing_ek_cert_and_large_nonce() {
+fn tpm_devid_agent_01_02_05_tpmutil_08_blob_from_other_tpm_missing_ek_cert_and_large_nonce() {
     let tpm = SwTpm::start().unwrap();
     let other = SwTpm::start().unwrap();
     let devid = provision(&other, "elsewhere");
@@ -264,7 +266,7 @@ fn tpm_devid_agent_blob_from_other_tpm_missing_ek_cert_and_large_nonce() {
 /// hierarchy passwords and a DevID key password. Right ones attest; a wrong DevID password
 /// fails at the TPM once — the dictionary-attack counter grows by exactly one (never retried).
 #[test]
-fn tpm_devid_agent_hierarchy_and_devid_passwords_and_no_retry_on_auth_failure() {
+fn tpm_devid_agent_08_to_10_tpmutil_05_06_09_13_passwords_and_no_retry_on_auth_failure() {
     use kame_agent::tpm_devid::Secret;
     let tpm = SwTpm::start().unwrap();
     let run = |args: &[&str]| {
@@ -356,4 +358,184 @@ fn tpm_devid_agent_hierarchy_and_devid_passwords_and_no_retry_on_auth_failure() 
         before.wrapping_add(1),
         "exactly one authorization failure"
     );
+    // tpmutil 9: signing the nonce with a wrong DevID password fails the same way, once; the
+    // right password signs.
+    let mut key = kame_tpm::device::KeyBlob::from_files(
+        &std::fs::read(dir.path().join("devid.pub")).unwrap(),
+        &std::fs::read(dir.path().join("devid.priv")).unwrap(),
+    );
+    key.auth = b"wrong".to_vec();
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    d.set_hierarchy_auth(b"owner-pw", b"endorse-pw").unwrap();
+    let before = lockout();
+    let e = d.sign(&key, b"nonce").unwrap_err().to_string();
+    assert!(e.contains("sign"), "{e}");
+    drop(d);
+    assert_eq!(lockout(), before.wrapping_add(1), "one failure for Sign");
+    key.auth = b"devid-pw".to_vec();
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    d.set_hierarchy_auth(b"owner-pw", b"endorse-pw").unwrap();
+    d.sign(&key, b"nonce").expect("right password signs");
+}
+
+/// SPIRE's tpmutil case 2: a device path where no TPM is fails at open, naming the TCTI.
+#[test]
+fn tpm_devid_tpmutil_02_wrong_device_path_fails_at_open() {
+    let e = match Device::open("device:/nonexistent/tpmrm9") {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("no TPM there"),
+    };
+    assert!(
+        e.contains("cannot open the TPM at \"device:/nonexistent/tpmrm9\""),
+        "{e}"
+    );
+}
+
+/// SPIRE's tpmutil case 4: SPIRE fails with TPM_RC_OBJECT_MEMORY (0x902) when another
+/// object fills a transient slot. Kame flushes transient objects left in the TPM when it opens
+/// it (swtpm and /dev/tpm0 have no resource manager; /dev/tpmrm0 isolates them anyway), so
+/// with every slot taken by leftovers attestation still runs, and leaves none behind.
+#[test]
+fn tpm_devid_tpmutil_04_full_object_slots_are_reclaimed_at_open() {
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "node");
+    let transients = || {
+        let o = tpm.raw("tpm2_getcap", &["handles-transient"]).unwrap();
+        String::from_utf8_lossy(&o.stdout).lines().count()
+    };
+    for i in 0..3 {
+        let o = tpm
+            .raw(
+                "tpm2_createprimary",
+                &["-C", "o", "-G", "ecc", "-c", &format!("filler{i}.ctx")],
+            )
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    }
+    assert_eq!(transients(), 3, "every slot (swtpm has three) is taken");
+    // A fourth object cannot be loaded now: the condition SPIRE's case produces.
+    let e = tpm
+        .raw("tpm2_createprimary", &["-C", "o", "-c", "fourth.ctx"])
+        .expect_err("a fourth object fits")
+        .to_string();
+    assert!(e.contains("0x902"), "{e}");
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    evidence(&mut d, vec![devid.leaf_der.clone()], devid.key.clone()).expect("slots reclaimed");
+    drop(d);
+    assert_eq!(transients(), 0, "attestation leaves no object loaded");
+}
+
+/// SPIRE's tpmutil cases 14–17 (GetEKCert): the certificate is read from NV 0x01c00002; NV
+/// padding after the DER is cut off; unparsable content and an undefined index are errors.
+#[test]
+fn tpm_devid_tpmutil_14_to_17_ek_cert_nv_trailing_data_garbage_and_undefined() {
+    use kame_tpm::device::EkAlg;
+    let tpm = SwTpm::start().unwrap();
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    // 14. as manufactured
+    let cert = d
+        .ek_certificate(EkAlg::Rsa2048)
+        .unwrap()
+        .expect("14: EK cert");
+    kame_api::x509svid::ParsedCert::parse(&cert).expect("14: a certificate");
+    drop(d);
+    let ok = |args: &[&str]| {
+        let o = tpm.tpm2(args[0], &args[1..]).unwrap();
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    // Replaces the index (the platform's at first, then the owner's) with `content`.
+    let define = |content: &[u8]| {
+        let gone = ["p", "o"].iter().any(|h| {
+            tpm.tpm2("tpm2_nvundefine", &["0x01c00002", "-C", h])
+                .is_ok_and(|o| o.status.success())
+        });
+        assert!(gone, "index undefined");
+        tpm.write("nv.bin", content).unwrap();
+        let size = content.len().to_string();
+        ok(&[
+            "tpm2_nvdefine",
+            "0x01c00002",
+            "-C",
+            "o",
+            "-s",
+            &size,
+            "-a",
+            "ownerread|ownerwrite|authread|authwrite",
+        ]);
+        ok(&["tpm2_nvwrite", "0x01c00002", "-C", "o", "-i", "nv.bin"]);
+    };
+    // 15. trailing data after the DER certificate
+    let mut padded = cert.clone();
+    padded.extend_from_slice(&[0xff; 48]);
+    define(&padded);
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    assert_eq!(
+        d.ek_certificate(EkAlg::Rsa2048).unwrap().as_deref(),
+        Some(&cert[..]),
+        "15: NV padding cut off"
+    );
+    drop(d);
+    // 17. unparsable content
+    define(&[0xab; 64]);
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    let e = d.ek_certificate(EkAlg::Rsa2048).unwrap_err().to_string();
+    assert!(e.contains("EK certificate"), "17: {e}");
+    drop(d);
+    // 16. index undefined
+    ok(&["tpm2_nvundefine", "0x01c00002", "-C", "o"]);
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    assert_eq!(d.ek_certificate(EkAlg::Rsa2048).unwrap(), None, "16");
+}
+
+/// SPIRE's agent case 1 and tpmutil cases 18–19, by the TPM operations they stand for
+/// (SPIRE's simulator calls them ManufactureReset): GetEKPublic gives the key of the EK
+/// certificate; after the endorsement seed changes (TPM2_ChangeEPS) the EK is another key and
+/// a pending session cannot answer; after TPM2_Clear (new storage seed) the DevID blob no
+/// longer loads.
+#[test]
+fn tpm_devid_agent_01_tpmutil_18_19_ek_public_and_seed_changes() {
+    use kame_tpm::device::EkAlg;
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "node");
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    // 18. GetEKPublic: the EK certificate's key.
+    let cert = d.ek_certificate(EkAlg::Rsa2048).unwrap().unwrap();
+    let cert_spki = kame_api::x509svid::ParsedCert::parse(&cert)
+        .unwrap()
+        .spki_der()
+        .unwrap();
+    let ek_spki = d.ek_public(EkAlg::Rsa2048).unwrap().spki_der().unwrap();
+    assert_eq!(ek_spki, cert_spki, "18");
+    let (req, s) = evidence(&mut d, vec![devid.leaf_der.clone()], devid.key.clone()).unwrap();
+    drop(d);
+    // 19. The endorsement seed changes: a new EK; the pending session's AK (under the old EK)
+    // cannot be used to answer.
+    let o = tpm.tpm2("tpm2_changeeps", &[]).unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    let new_ek = d.ek_public(EkAlg::Rsa2048).unwrap().spki_der().unwrap();
+    assert_ne!(new_ek, ek_spki, "19: a new EK");
+    let challenge = kame_api::tpm_devid::ChallengeRequest {
+        devid: Some(vec![1; 32]),
+        cred_activation: Some(kame_api::tpm_devid::CredActivation {
+            credential: vec![0; 68],
+            secret: vec![0; 256],
+        }),
+        ..Default::default()
+    };
+    let e = answer(&mut d, &s, &challenge.encode()).unwrap_err();
+    assert!(matches!(e, DevIdAgentError::Tpm(_)), "19: {e}");
+    assert!(req.ek_pub.is_some());
+    drop(d);
+    // Agent case 1: TPM2_Clear (a new storage seed, so a new SRK): the DevID blob, wrapped by
+    // the old SRK, does not load.
+    let o = tpm.tpm2("tpm2_clear", &["-c", "p"]).unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    let e = evidence(&mut d, vec![devid.leaf_der.clone()], devid.key.clone()).unwrap_err();
+    assert!(e.to_string().contains("load key"), "agent 1: {e}");
 }

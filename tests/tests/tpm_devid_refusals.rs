@@ -5,134 +5,15 @@
 
 mod common;
 
-use common::devid::{DevId, ek_cas, opts, provision};
+use common::devid::{ek_cas, opts, provision};
+use common::driver::{Tamper, begin, finish, no_agents, refused, server, tpm_answer, tpm_evidence};
 use common::{Env, TD};
-use kame_agent::tpm_devid::{Session, answer, evidence};
-use kame_api::pb;
-use kame_api::tpm_devid::{AttestationRequest, ChallengeResponse};
+use kame_agent::tpm_devid::{answer, evidence};
+use kame_api::tpm_devid::ChallengeResponse;
 use kame_tpm::device::Device;
 use kame_tpm::testing::SwTpm;
 use kame_tpm::wire::public::templates;
 use tonic::Code;
-
-type Tx = tokio::sync::mpsc::Sender<pb::agent::AttestAgentRequest>;
-type Tamper = Box<dyn Fn(&mut AttestationRequest)>;
-type Rx = tonic::Streaming<pb::agent::AttestAgentResponse>;
-
-/// A server with tpm_devid trusting `devid`'s CA and the swtpm's EK CAs.
-async fn server(tpm: &SwTpm, devid: &DevId, compat: bool) -> Env {
-    let ek_ca = ek_cas(tpm, devid.dir.path());
-    let mut o = opts(tpm, devid, &devid.ca, &ek_ca);
-    o.agent_attestor = None;
-    if compat {
-        o.server_plugins = o.server_plugins.replace(
-            "endorsement_ca_path",
-            "compat_mode = true\n            endorsement_ca_path",
-        );
-    }
-    Env::start(o).await
-}
-
-/// Sends message 1; returns the stream and the server's challenge (or its refusal).
-async fn begin(env: &Env, payload: Vec<u8>) -> Result<(Tx, Rx, Vec<u8>), tonic::Status> {
-    let roots: Vec<Vec<u8>> = env
-        .bundle()
-        .await
-        .x509_authorities
-        .iter()
-        .map(|c| c.asn1.clone())
-        .collect();
-    let ch = kame_agent::client::connect(
-        "127.0.0.1",
-        env.tcp_port,
-        &kame_api::SpiffeId::parse(&format!("spiffe://{TD}/spire/server")).unwrap(),
-        std::sync::Arc::new(std::sync::RwLock::new(roots)),
-        None,
-    )
-    .await
-    .unwrap();
-    let key = kame_agent::keys::generate().unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(2);
-    tx.send(pb::agent::AttestAgentRequest {
-        step: Some(pb::agent::attest_agent_request::Step::Params(
-            pb::agent::attest_agent_request::Params {
-                data: Some(pb::types::AttestationData {
-                    r#type: "tpm_devid".into(),
-                    payload,
-                }),
-                params: Some(pb::agent::AgentX509svidParams {
-                    csr: kame_agent::keys::csr(&key).unwrap(),
-                }),
-            },
-        )),
-    })
-    .await
-    .unwrap();
-    let mut stream = pb::agent::agent_client::AgentClient::new(ch)
-        .attest_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    match stream.message().await?.and_then(|m| m.step) {
-        Some(pb::agent::attest_agent_response::Step::Challenge(c)) => Ok((tx, stream, c)),
-        other => panic!("expected a challenge, got {other:?}"),
-    }
-}
-
-/// Sends message 3; returns the agent SPIFFE ID or the refusal.
-async fn finish(tx: Tx, mut rx: Rx, response: Vec<u8>) -> Result<String, tonic::Status> {
-    tx.send(pb::agent::AttestAgentRequest {
-        step: Some(pb::agent::attest_agent_request::Step::ChallengeResponse(
-            response,
-        )),
-    })
-    .await
-    .unwrap();
-    match rx.message().await?.and_then(|m| m.step) {
-        Some(pb::agent::attest_agent_response::Step::Result(r)) => {
-            let svid = r.svid.unwrap();
-            let id = svid.id.unwrap();
-            Ok(format!("spiffe://{}{}", id.trust_domain, id.path))
-        }
-        other => panic!("expected a result, got {other:?}"),
-    }
-}
-
-fn tpm_evidence(tpm: &SwTpm, devid: &DevId) -> (AttestationRequest, Session) {
-    let mut d = Device::open(&tpm.tcti).unwrap();
-    evidence(&mut d, vec![devid.leaf_der.clone()], devid.key.clone()).unwrap()
-}
-
-fn tpm_answer(tpm: &SwTpm, s: &Session, challenge: &[u8]) -> ChallengeResponse {
-    let mut d = Device::open(&tpm.tcti).unwrap();
-    answer(&mut d, s, challenge).unwrap()
-}
-
-fn refused(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, says: &str) {
-    match r {
-        Err(s) => {
-            assert_eq!(s.code(), code, "{s:?}");
-            assert!(
-                s.message().contains(says),
-                "{says:?} not in {:?}",
-                s.message()
-            );
-        }
-        Ok(v) => panic!("accepted: {v:?}"),
-    }
-}
-
-async fn no_agents(env: &Env) {
-    let agents = pb::agent::agent_client::AgentClient::new(env.admin().await)
-        .list_agents(pb::agent::ListAgentsRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .agents;
-    assert!(
-        agents.iter().all(|a| a.attestation_type != "tpm_devid"),
-        "nothing attested through tpm_devid: {agents:?}"
-    );
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpm_devid_genuine_evidence_attests_positive_control() {
@@ -195,7 +76,7 @@ async fn tpm_devid_rejects_wrong_credential_secret_and_nonce_signed_by_another_k
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_rejects_replayed_challenge_response() {
+async fn tpm_devid_spire_gap_08_rejects_replayed_challenge_response() {
     let tpm = SwTpm::start().unwrap();
     let devid = provision(&tpm, "node");
     let env = server(&tpm, &devid, false).await;
@@ -215,7 +96,7 @@ async fn tpm_devid_rejects_replayed_challenge_response() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_rejects_devid_from_another_tpm() {
+async fn tpm_devid_attest_15_rejects_devid_from_another_tpm() {
     // The DevID (and its certify) come from TPM B, the EK from TPM A: the credential is made
     // for A's EK and B's AK, which no single TPM can recover.
     let tpm_a = SwTpm::start().unwrap();
@@ -255,7 +136,7 @@ async fn tpm_devid_rejects_devid_from_another_tpm() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_rejects_swapped_devid_pub_and_software_devid_key_with_genuine_ek() {
+async fn tpm_devid_spire_gap_01_rejects_swapped_devid_pub_and_software_devid_key_with_genuine_ek() {
     let tpm = SwTpm::start().unwrap();
     let devid = provision(&tpm, "node");
     // Another TPM key, genuinely certified by the AK, stands in for the DevID's.
@@ -336,7 +217,7 @@ async fn tpm_devid_rejects_swapped_devid_pub_and_software_devid_key_with_genuine
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_rejects_unrestricted_ak() {
+async fn tpm_devid_spire_gap_02_rejects_unrestricted_ak_signing_a_forged_attest() {
     let tpm = SwTpm::start().unwrap();
     let devid = provision(&tpm, "node");
     let env = server(&tpm, &devid, false).await;
@@ -362,46 +243,103 @@ async fn tpm_devid_rejects_unrestricted_ak() {
     env.stop().await;
 }
 
+/// SPIRE's server Attest failures 1–14 (§3.2), in SPIRE's order: each field missing or
+/// malformed, a DevID from another provisioning CA, and the DevID's own certificate and
+/// public blob standing in for the EK's. Each refusal names the check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_rejects_missing_fields_in_spire_order_and_malformed_messages() {
+async fn tpm_devid_attest_01_to_14_missing_malformed_and_foreign_fields_in_spire_order() {
     let tpm = SwTpm::start().unwrap();
     let devid = provision(&tpm, "node");
+    let foreign_ca = provision(&tpm, "foreign");
     let env = server(&tpm, &devid, false).await;
     let (req, _) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
-    let cases: Vec<(Tamper, &str)> = vec![
-        (Box::new(|r| r.devid_cert.clear()), "no DevID certificate"),
+    let ia = Code::InvalidArgument;
+    let pd = Code::PermissionDenied;
+    let foreign = foreign_ca.leaf_der.clone();
+    let cases: Vec<(&str, Tamper, Code, &str)> = vec![
         (
+            "2",
+            Box::new(|r| r.devid_cert.clear()),
+            ia,
+            "no DevID certificate",
+        ),
+        (
+            "3",
             Box::new(|r| r.devid_cert = vec![vec![1, 2, 3]]),
+            ia,
             "DevID certificate 0 cannot be parsed",
         ),
-        (Box::new(|r| r.ak_pub = None), "missing AKPub"),
-        (Box::new(|r| r.devid_pub = None), "missing DevIDPub"),
-        (Box::new(|r| r.ek_cert = None), "missing EKCert"),
-        (Box::new(|r| r.ek_pub = None), "missing EKPub"),
         (
+            "4",
+            Box::new(move |r| r.devid_cert = vec![foreign.clone()]),
+            pd,
+            "DevID certificate does not chain to devid_ca_path",
+        ),
+        ("5", Box::new(|r| r.ak_pub = None), ia, "missing AKPub"),
+        (
+            "6",
+            Box::new(|r| r.devid_pub = None),
+            ia,
+            "missing DevIDPub",
+        ),
+        ("7", Box::new(|r| r.ek_cert = None), ia, "missing EKCert"),
+        ("8", Box::new(|r| r.ek_pub = None), ia, "missing EKPub"),
+        (
+            "9",
             Box::new(|r| r.ek_cert = Some(vec![0x30, 0])),
+            ia,
             "EK certificate cannot be parsed",
         ),
         (
+            "10",
+            Box::new(|r| r.devid_pub = Some(vec![0, 1, 0])),
+            ia,
+            "DevIDPub is not a TPMT_PUBLIC",
+        ),
+        (
+            "11",
             Box::new(|r| r.ak_pub = Some(vec![0, 1])),
+            ia,
             "AKPub is not a TPMT_PUBLIC",
         ),
+        (
+            "12",
+            Box::new(|r| r.ek_pub = Some(vec![0, 0x23, 0, 0x0b])),
+            ia,
+            "EKPub is not a TPMT_PUBLIC",
+        ),
+        (
+            "13",
+            Box::new(|r| r.ek_pub = r.devid_pub.clone()),
+            pd,
+            "EK public key does not match",
+        ),
+        (
+            "14",
+            Box::new(|r| {
+                r.ek_cert = r.devid_cert.first().cloned();
+                r.ek_pub = r.devid_pub.clone();
+            }),
+            pd,
+            "EK certificate does not chain to endorsement_ca_path",
+        ),
     ];
-    for (tamper, says) in cases {
+    for (case, tamper, code, says) in cases {
         let mut r = req.clone();
         tamper(&mut r);
-        refused(
-            begin(&env, r.encode()).await.map(|_| ()),
-            Code::InvalidArgument,
-            says,
-        );
+        let got = begin(&env, r.encode()).await.map(|_| ());
+        match &got {
+            Err(s) if s.code() == code && s.message().contains(says) => {}
+            other => panic!("case {case}: want {code:?} {says:?}, got {other:?}"),
+        }
     }
+    // 1. not JSON
     refused(
         begin(&env, b"not json".to_vec()).await.map(|_| ()),
-        Code::InvalidArgument,
+        ia,
         "malformed",
     );
-    // The EK public of another TPM does not match this EK certificate.
+    // 13, another way: the EK public of another TPM does not match this EK certificate.
     let tpm2 = SwTpm::start().unwrap();
     let (other, _) = tokio::task::block_in_place(|| {
         let d2 = provision(&tpm2, "x");
@@ -411,7 +349,7 @@ async fn tpm_devid_rejects_missing_fields_in_spire_order_and_malformed_messages(
     r.ek_pub = other.ek_pub;
     refused(
         begin(&env, r.encode()).await.map(|_| ()),
-        Code::PermissionDenied,
+        pd,
         "EK public key does not match",
     );
     no_agents(&env).await;
@@ -419,7 +357,7 @@ async fn tpm_devid_rejects_missing_fields_in_spire_order_and_malformed_messages(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_rejects_expired_and_not_yet_valid_devid_certificates() {
+async fn tpm_devid_spire_gap_09_rejects_expired_and_not_yet_valid_devid_and_ek_certificates() {
     use kame_server::attestation::tpm_devid::{DevIdConfig, DevIdError, begin as verify_begin};
     let tpm = SwTpm::start().unwrap();
     let devid = provision(&tpm, "node");
@@ -444,6 +382,17 @@ async fn tpm_devid_rejects_expired_and_not_yet_valid_devid_certificates() {
         Err(DevIdError::UntrustedDevId(m)) => assert!(m.contains("not valid yet"), "{m}"),
         other => panic!("{other:?}"),
     }
+    // The EK certificate, through the chain check the server runs on it (the DevID check
+    // comes first in SPIRE's order, so the EK's own dates are checked one step down):
+    // swtpm's EK certificate is valid from its manufacture until 9999-12-31.
+    let ek_cert = req.ek_cert.clone().unwrap();
+    let ek_chain = |t: u64| kame_devid::chain::verify(&ek_cert, &[], &cfg.ek_roots, t);
+    assert!(ek_chain(now).is_ok());
+    let e = ek_chain(now - 2 * 86400).unwrap_err().to_string();
+    assert!(e.contains("not valid yet"), "{e}");
+    let year_10000 = 253_402_300_800;
+    let e = ek_chain(year_10000).unwrap_err().to_string();
+    assert!(e.contains("expired"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -672,7 +621,7 @@ async fn tpm_devid_spire_agent_message_from_byte_level_facts_is_accepted_in_comp
 /// SPIRE's server Attest failures 18–20 (§3.2): response not JSON, an empty response, and a
 /// correct nonce signature without the credential answer.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_rejects_bad_empty_and_credential_less_responses() {
+async fn tpm_devid_attest_18_to_20_rejects_bad_empty_and_credential_less_responses() {
     let tpm = SwTpm::start().unwrap();
     let devid = provision(&tpm, "node");
     let env = server(&tpm, &devid, false).await;
@@ -704,7 +653,8 @@ async fn tpm_devid_rejects_bad_empty_and_credential_less_responses() {
 /// SPIRE's gaps (§3.3 #2–#7): certify over another key than DevIDPub, AK and DevID attributes,
 /// wrong TPMS_ATTEST magic, certify signed by another AK, a tampered credential HMAC.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_rejects_spire_gaps_certify_of_other_key_attributes_magic_other_ak_and_hmac() {
+async fn tpm_devid_spire_gap_02_to_07_rejects_certify_of_other_key_attributes_magic_other_ak_and_hmac()
+ {
     use kame_tpm::wire::{Public, public::attr};
     let tpm = SwTpm::start().unwrap();
     let devid = provision(&tpm, "node");
@@ -779,7 +729,7 @@ async fn tpm_devid_rejects_spire_gaps_certify_of_other_key_attributes_magic_othe
 /// SPIRE's server Attest failure 16 (§3.2): an AK whose nameAlg is NULL has no name, so no
 /// credential can be made for it; refused as bad input, never an internal error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_rejects_ak_with_null_name_alg() {
+async fn tpm_devid_attest_16_rejects_ak_with_null_name_alg() {
     let tpm = SwTpm::start().unwrap();
     let devid = provision(&tpm, "node");
     let env = server(&tpm, &devid, true).await;
@@ -796,4 +746,148 @@ async fn tpm_devid_rejects_ak_with_null_name_alg() {
         "{e:?}"
     );
     env.stop().await;
+}
+
+/// SPIRE's server Attest case 17 (the agent's challenge handler fails): the agent ends the
+/// stream instead of answering. The server refuses with a clear error, attests nothing, and
+/// goes on serving; an agent that resets the stream outright changes nothing either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_attest_17_agent_ends_the_stream_instead_of_answering() {
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "node");
+    let env = server(&tpm, &devid, false).await;
+    let (req, s) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
+    // Half-closed: the agent sends nothing more.
+    let (tx, mut rx, _) = begin(&env, req.encode()).await.unwrap();
+    drop(tx);
+    refused(
+        rx.message().await,
+        Code::InvalidArgument,
+        "stream closed before the challenge response",
+    );
+    // Reset: the agent drops the call.
+    let (tx, rx, _) = begin(&env, req.encode()).await.unwrap();
+    drop((tx, rx));
+    no_agents(&env).await;
+    // The server still attests a genuine agent.
+    let (tx, rx, c) = begin(&env, req.encode()).await.unwrap();
+    let resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &c));
+    finish(tx, rx, resp.encode()).await.unwrap();
+    env.stop().await;
+}
+
+/// SPIRE's agent AidAttestation case 3: the server's stream fails before any challenge (here
+/// a server without the tpm_devid attestor, then one that does not trust the DevID CA). The
+/// agent's attestor returns the server's refusal, code and message, and does not go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_agent_03_server_stream_fails_before_the_challenge() {
+    use kame_agent::attestation::AttestError;
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "node");
+    let p = |n: &str| devid.dir.path().join(n);
+    let cfg = kame_agent::tpm_devid::TpmDevidConfig {
+        devid_cert_path: devid.cert.clone(),
+        devid_priv_path: p("devid.priv"),
+        devid_pub_path: p("devid.pub"),
+        tcti: tpm.tcti.clone(),
+        ek_algorithm: kame_tpm::device::EkAlg::Rsa2048,
+        devid_password: Default::default(),
+        owner_hierarchy_password: Default::default(),
+        endorsement_hierarchy_password: Default::default(),
+    };
+    // No tpm_devid attestor configured on the server.
+    let env = Env::start(common::Opts::default()).await;
+    match common::driver::attest_with(&env, &cfg).await {
+        Err(AttestError::Refused { code, message }) => {
+            assert_eq!(code, Code::InvalidArgument, "{message}");
+            assert!(message.contains("tpm_devid"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    env.stop().await;
+    // The DevID CA is not trusted.
+    let other = provision(&tpm, "other");
+    let ek_ca = ek_cas(&tpm, devid.dir.path());
+    let mut o = opts(&tpm, &devid, &other.ca, &ek_ca);
+    o.agent_attestor = None;
+    let env = Env::start(o).await;
+    match common::driver::attest_with(&env, &cfg).await {
+        Err(AttestError::Refused { code, message }) => {
+            assert_eq!(code, Code::PermissionDenied, "{message}");
+            assert!(message.contains("devid_ca_path"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    no_agents(&env).await;
+    env.stop().await;
+}
+
+/// SPIRE's gap §3.3 #10: the EK certificate needs the vendor intermediate, which only the
+/// server's endorsement bundle holds (SPIRE's only way; the agent sends none). Without it in
+/// the bundle the EK is untrusted; with it the same message passes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_spire_gap_10_ek_intermediate_only_in_the_endorsement_bundle() {
+    use kame_server::attestation::tpm_devid::{DevIdConfig, DevIdError, begin as verify_begin};
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "node");
+    let (req, _) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
+    assert!(req.ek_cert_chain.is_empty(), "the agent sends no EK chain");
+    let pem = |n: &str| {
+        kame_api::bundle::certs_from_pem(&std::fs::read_to_string(tpm.dir().join(n)).unwrap())
+            .unwrap()
+    };
+    let cfg = |ek_roots| DevIdConfig {
+        devid_roots: vec![devid.ca_der.clone()],
+        ek_roots,
+        compat_mode: false,
+        ek_allow_list: vec![],
+        require_quote: false,
+        pcr_policy: Default::default(),
+    };
+    let now = kame_agent::manager::now_secs();
+    let root = pem("ek-root-ca.pem");
+    let mut both = root.clone();
+    both.extend(pem("ek-intermediate-ca.pem"));
+    assert!(matches!(
+        verify_begin(&cfg(root), &req.encode(), now),
+        Err(DevIdError::UntrustedEk(_))
+    ));
+    assert!(verify_begin(&cfg(both), &req.encode(), now).is_ok());
+}
+
+/// SPIRE's gap §3.3 #11: an ECC DevID on P-384, supported on purpose. With an ECDSA/SHA-256
+/// key scheme the nonce is signed over SHA-256 as SPIRE verifies it (a compat_mode server
+/// accepts it too); with ECDSA/SHA-384 Kame verifies over SHA-384 as the key's scheme says,
+/// which SPIRE (SHA-256 only) cannot, so compat_mode refuses that one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_spire_gap_11_p384_devid_with_sha256_and_sha384_schemes() {
+    const P384_SHA256: &str = "0023000b00040072000000100018000b0004001000000000";
+    const P384_SHA384: &str = "0023000b00040072000000100018000c0004001000000000";
+    let tpm = SwTpm::start().unwrap();
+    for (template, compat_ok) in [(P384_SHA256, true), (P384_SHA384, false)] {
+        let devid = common::devid::provision_template(&tpm, template, "/CN=p384", None);
+        let public = kame_tpm::wire::Public::parse(&devid.key.public).unwrap();
+        let spki = public.spki_der().unwrap();
+        assert!(
+            matches!(
+                kame_api::keys::KeyInfo::from_spki_der(&spki),
+                Ok(kame_api::keys::KeyInfo::EcP384(_))
+            ),
+            "a P-384 key"
+        );
+        for compat in [false, true] {
+            let env = server(&tpm, &devid, compat).await;
+            let (req, s) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
+            let (tx, rx, c) = begin(&env, req.encode()).await.unwrap();
+            let resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &c));
+            let r = finish(tx, rx, resp.encode()).await;
+            if compat && !compat_ok {
+                refused(r, Code::PermissionDenied, "nonce signature does not verify");
+            } else {
+                let id = r.unwrap_or_else(|e| panic!("{template} compat={compat}: {e:?}"));
+                assert!(id.contains("/spire/agent/tpm_devid/"), "{id}");
+            }
+            env.stop().await;
+        }
+    }
 }

@@ -30,6 +30,14 @@ use tss_esapi::traits::{Marshall, UnMarshall};
 pub enum DeviceError {
     #[error("invalid TCTI {0:?}")]
     BadTcti(String),
+    #[error(
+        "cannot open the TPM at {tcti:?} (is the device or simulator there, and may Kame use it?): {source}"
+    )]
+    Open {
+        tcti: String,
+        #[source]
+        source: tss_esapi::Error,
+    },
     #[error("TPM {step} failed: {source}")]
     Tpm {
         step: &'static str,
@@ -165,7 +173,10 @@ impl Device {
     pub fn open(tcti: &str) -> Result<Self> {
         let conf =
             TctiNameConf::from_str(tcti).map_err(|_| DeviceError::BadTcti(tcti.to_string()))?;
-        let ctx = tss_esapi::Context::new(conf).map_err(step("open"))?;
+        let ctx = tss_esapi::Context::new(conf).map_err(|source| DeviceError::Open {
+            tcti: tcti.to_string(),
+            source,
+        })?;
         let mut d = Device { ctx };
         d.flush_transients()?;
         Ok(d)

@@ -357,7 +357,9 @@ fn device_tabrmd_tcti_is_understood_and_a_missing_daemon_is_an_open_error() {
     // `tabrmd:` is a valid TCTI name; with no access broker running, opening fails at the
     // open step (not as an unknown TCTI), so an operator is told what is missing.
     match Device::open("tabrmd:bus_type=session") {
-        Err(kame_tpm::device::DeviceError::Tpm { step, .. }) => assert_eq!(step, "open"),
+        Err(kame_tpm::device::DeviceError::Open { tcti, .. }) => {
+            assert_eq!(tcti, "tabrmd:bus_type=session")
+        }
         Err(e) => panic!("unexpected error {e}"),
         Ok(_) => panic!("no tabrmd runs in tests"),
     }

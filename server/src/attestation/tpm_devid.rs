@@ -122,6 +122,9 @@ pub struct Pending {
     policy: std::collections::BTreeMap<u32, Vec<u8>>,
     chain_issuers: Vec<Vec<u8>>,
     nonce: Vec<u8>,
+    /// The hash of the nonce signature: SHA-256 as SPIRE, or SHA-384 when DevIDPub's scheme
+    /// names it (a P-384 DevID made with ECDSA/SHA-384; never in compat_mode).
+    nonce_sha384: bool,
     secret: zeroize::Zeroizing<Vec<u8>>,
 }
 
@@ -332,6 +335,7 @@ pub fn begin(
             policy: cfg.pcr_policy.clone(),
             chain_issuers: path.issuers,
             nonce,
+            nonce_sha384: !cfg.compat_mode && devid_p.scheme().hash == wire::alg::SHA384,
             secret: zeroize::Zeroizing::new(secret),
         },
         challenge,
@@ -382,11 +386,17 @@ pub fn finish(td: &TrustDomain, pending: Pending, response: &[u8]) -> Result<Att
     let spki = leaf
         .spki_der()
         .map_err(|e| DevIdError::BadDevIdCert(0, e.to_string()))?;
-    // 12. Proof of possession: SHA256WithRSA or ECDSAWithSHA256, as SPIRE.
-    let alg = match key_of_spki(&spki) {
-        Some(kame_api::keys::KeyInfo::Rsa { .. }) => kame_api::keys::OID_RSA_SHA256,
-        Some(_) => kame_api::keys::OID_ECDSA_SHA256,
-        None => {
+    // 12. Proof of possession: SHA256WithRSA or ECDSAWithSHA256, as SPIRE; with SHA-384 when
+    // the DevID key's TPM scheme signs with it (P-384 DevIDs, supported on purpose).
+    use kame_api::keys::{
+        KeyInfo, OID_ECDSA_SHA256, OID_ECDSA_SHA384, OID_RSA_SHA256, OID_RSA_SHA384,
+    };
+    let alg = match (key_of_spki(&spki), pending.nonce_sha384) {
+        (Some(KeyInfo::Rsa { .. }), false) => OID_RSA_SHA256,
+        (Some(KeyInfo::Rsa { .. }), true) => OID_RSA_SHA384,
+        (Some(_), false) => OID_ECDSA_SHA256,
+        (Some(_), true) => OID_ECDSA_SHA384,
+        (None, _) => {
             return Err(DevIdError::BadNonceSignature(
                 "unsupported DevID key".into(),
             ));

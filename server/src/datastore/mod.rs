@@ -145,9 +145,25 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     // CA journal
     async fn fetch_ca_journal(&self, server_id: &str) -> DsResult<Option<Vec<u8>>>;
     async fn set_ca_journal(&self, server_id: &str, data: &[u8]) -> DsResult<()>;
+
+    // Key intents (see migrations/0002_key_intents.sql).
+    async fn put_key_intent(&self, intent: &KeyIntent) -> DsResult<()>;
+    async fn list_key_intents(&self, server_id: &str) -> DsResult<Vec<KeyIntent>>;
+    async fn delete_key_intent(&self, intent_id: &str) -> DsResult<()>;
 }
 
 /// Merges `add` into `base` (by content), returning whether anything changed.
+/// A key creation the CA started: the KeyManager key `key_id` of `key_type`, made with the
+/// backend marker `intent_id`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyIntent {
+    pub intent_id: String,
+    pub server_id: String,
+    pub key_id: String,
+    pub key_type: String,
+    pub created_at: i64,
+}
+
 pub fn merge_bundle(base: &mut Bundle, add: &Bundle) -> bool {
     let mut changed = false;
     for c in &add.x509_authorities {

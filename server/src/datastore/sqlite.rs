@@ -444,6 +444,50 @@ impl DataStore for SqliteStore {
         .await?;
         Ok(())
     }
+
+    async fn put_key_intent(&self, i: &super::KeyIntent) -> DsResult<()> {
+        sqlx::query(
+            "INSERT INTO key_intents (intent_id, server_id, key_id, key_type, created_at)
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(&i.intent_id)
+        .bind(&i.server_id)
+        .bind(&i.key_id)
+        .bind(&i.key_type)
+        .bind(i.created_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_key_intents(&self, server_id: &str) -> DsResult<Vec<super::KeyIntent>> {
+        let rows = sqlx::query(
+            "SELECT intent_id, server_id, key_id, key_type, created_at FROM key_intents
+             WHERE server_id = ? ORDER BY created_at",
+        )
+        .bind(server_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(super::KeyIntent {
+                    intent_id: r.try_get("intent_id")?,
+                    server_id: r.try_get("server_id")?,
+                    key_id: r.try_get("key_id")?,
+                    key_type: r.try_get("key_type")?,
+                    created_at: r.try_get("created_at")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn delete_key_intent(&self, intent_id: &str) -> DsResult<()> {
+        sqlx::query("DELETE FROM key_intents WHERE intent_id = ?")
+            .bind(intent_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

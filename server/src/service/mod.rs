@@ -55,6 +55,12 @@ pub fn ca_status(e: CaError) -> Status {
         CaError::InvalidTtl(m) => Status::invalid_argument(m),
         CaError::Profile(p) => Status::invalid_argument(p.to_string()),
         CaError::Datastore(d) => ds_status(d),
+        // The key backend is down, slow or throttling: the caller may retry; the server stays.
+        // The details (ARNs, paths, key names) go to the log, not to callers.
+        CaError::KeyManager(kame_keymanager::Error::Unavailable(m)) => {
+            tracing::warn!(error = %m, "key backend unavailable");
+            Status::unavailable("key backend unavailable; try again later")
+        }
         other => {
             tracing::error!(error = %other, "CA failure");
             Status::internal(other.to_string())

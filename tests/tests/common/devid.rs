@@ -44,42 +44,16 @@ pub fn provision(tpm: &SwTpm, cn: &str) -> DevId {
 /// As [`provision`], with a full subject and optional extensions (an openssl extension
 /// section named `ext`).
 pub fn provision_with(tpm: &SwTpm, subject: &str, ext: Option<&str>) -> DevId {
+    provision_template(tpm, templates::DEVID_RSA, subject, ext)
+}
+
+/// As [`provision_with`], the key made from `template` (hex TPMT_PUBLIC).
+pub fn provision_template(tpm: &SwTpm, template: &str, subject: &str, ext: Option<&str>) -> DevId {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
-    let mut d = Device::open(&tpm.tcti).unwrap();
-    let key = d
-        .create_under_srk(&templates::bytes(templates::DEVID_RSA))
-        .unwrap();
-    std::fs::write(p("devid.pub"), &key.public).unwrap();
-    std::fs::write(p("devid.priv"), &key.private).unwrap();
-    let spki = Public::parse(&key.public).unwrap().spki_der().unwrap();
-    std::fs::write(
-        p("devid_key.pem"),
-        kame_api::bundle::pem_block("PUBLIC KEY", &spki),
-    )
-    .unwrap();
+    let key = tpm_key(tpm, template, dir.path());
     let s = |x: &Path| x.display().to_string();
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        &s(&p("ca.key")),
-        "-out",
-        &s(&p("ca.pem")),
-        "-subj",
-        "/CN=Kame Test DevID CA",
-        "-days",
-        "2",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
+    root_ca(dir.path(), "/CN=Kame Test DevID CA");
     let mut args: Vec<String> = vec![
         "x509".into(),
         "-new".into(),
@@ -116,6 +90,48 @@ pub fn provision_with(tpm: &SwTpm, subject: &str, ext: Option<&str>) -> DevId {
         leaf_der: der_of_pem(&p("devid.pem")),
         dir,
     }
+}
+
+/// A DevID key made in the TPM from `template`, its blobs (SPIRE's format) and public key
+/// written into `dir` as `devid.pub`, `devid.priv`, `devid_key.pem`.
+fn tpm_key(tpm: &SwTpm, template: &str, dir: &Path) -> kame_tpm::device::KeyBlob {
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    let key = d.create_under_srk(&templates::bytes(template)).unwrap();
+    std::fs::write(dir.join("devid.pub"), &key.public).unwrap();
+    std::fs::write(dir.join("devid.priv"), &key.private).unwrap();
+    let spki = Public::parse(&key.public).unwrap().spki_der().unwrap();
+    std::fs::write(
+        dir.join("devid_key.pem"),
+        kame_api::bundle::pem_block("PUBLIC KEY", &spki),
+    )
+    .unwrap();
+    key
+}
+
+/// A self-signed P-256 CA in `dir` (`ca.key`, `ca.pem`) with subject `subject`.
+fn root_ca(dir: &Path, subject: &str) {
+    let s = |n: &str| dir.join(n).display().to_string();
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-keyout",
+        &s("ca.key"),
+        "-out",
+        &s("ca.pem"),
+        "-subj",
+        subject,
+        "-days",
+        "2",
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
+    ]);
 }
 
 pub fn ek_cas(tpm: &SwTpm, into: &Path) -> PathBuf {
@@ -156,47 +172,18 @@ pub fn provision_chain(tpm: &SwTpm, ecc: bool) -> (DevId, Vec<u8>) {
     let dir = tempfile::tempdir().unwrap();
     let p = |n: &str| dir.path().join(n);
     let s = |x: &Path| x.display().to_string();
-    let mut d = Device::open(&tpm.tcti).unwrap();
     let template = if ecc {
         templates::DEVID_ECC
     } else {
         templates::DEVID_RSA
     };
-    let key = d.create_under_srk(&templates::bytes(template)).unwrap();
-    std::fs::write(p("devid.pub"), &key.public).unwrap();
-    std::fs::write(p("devid.priv"), &key.private).unwrap();
-    let spki = Public::parse(&key.public).unwrap().spki_der().unwrap();
-    std::fs::write(
-        p("devid_key.pem"),
-        kame_api::bundle::pem_block("PUBLIC KEY", &spki),
-    )
-    .unwrap();
+    let key = tpm_key(tpm, template, dir.path());
     std::fs::write(
         p("ca.ext"),
         "basicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n",
     )
     .unwrap();
-    openssl(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:P-256",
-        "-nodes",
-        "-keyout",
-        &s(&p("ca.key")),
-        "-out",
-        &s(&p("ca.pem")),
-        "-subj",
-        "/CN=root",
-        "-days",
-        "2",
-        "-addext",
-        "basicConstraints=critical,CA:TRUE",
-        "-addext",
-        "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
+    root_ca(dir.path(), "/CN=root");
     openssl(&[
         "req",
         "-new",

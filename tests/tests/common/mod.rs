@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod devid;
+pub mod driver;
 
 use kame_api::pb;
 use std::path::PathBuf;
@@ -43,6 +44,8 @@ pub struct Opts {
     pub server_plugins: String,
     /// The agent's NodeAttestor block and its agent ID; None: join_token.
     pub agent_attestor: Option<(String, String)>,
+    /// The server's KeyManager block; None: `disk` in the server's data_dir.
+    pub server_key_manager: Option<String>,
 }
 
 impl Default for Opts {
@@ -54,6 +57,7 @@ impl Default for Opts {
             key_manager: "disk",
             server_plugins: String::new(),
             agent_attestor: None,
+            server_key_manager: None,
         }
     }
 }
@@ -97,11 +101,7 @@ plugins {{
             connection_string = "{d}/srv/datastore.sqlite3"
         }}
     }}
-    KeyManager "disk" {{
-        plugin_data {{
-            keys_path = "{d}/srv/keys.json"
-        }}
-    }}
+    {server_km}
     NodeAttestor "join_token" {{
         plugin_data {{}}
     }}
@@ -110,6 +110,10 @@ plugins {{
 "#,
                 d = d.display(),
                 plugins = o.server_plugins,
+                server_km = o.server_key_manager.clone().unwrap_or_else(|| format!(
+                    "KeyManager \"disk\" {{\n        plugin_data {{\n            keys_path = \"{}/srv/keys.json\"\n        }}\n    }}",
+                    d.display()
+                )),
                 ttl = o.x509_ttl,
                 extra = o.extra_server,
             ),
@@ -188,6 +192,27 @@ plugins {{
         .unwrap();
         env.start_agent().await;
         env
+    }
+
+    /// A channel to the server's TCP port as an agent before attestation has one: no client
+    /// certificate, the server verified against the trust domain's bundle.
+    pub async fn agent_channel(&self) -> Channel {
+        let roots: Vec<Vec<u8>> = self
+            .bundle()
+            .await
+            .x509_authorities
+            .iter()
+            .map(|c| c.asn1.clone())
+            .collect();
+        kame_agent::client::connect(
+            "127.0.0.1",
+            self.tcp_port,
+            &kame_api::SpiffeId::parse(&format!("spiffe://{TD}/spire/server")).unwrap(),
+            std::sync::Arc::new(std::sync::RwLock::new(roots)),
+            None,
+        )
+        .await
+        .unwrap()
     }
 
     pub async fn start_server(&mut self) {
