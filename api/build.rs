@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/spire/api/server/bundle.proto",
         "proto/spire/api/server/svid.proto",
         "proto/spire/api/server/agent.proto",
+        "proto/spire/api/server/localauthority.proto",
         "proto/workload/workload.proto",
     ];
     for f in &files {

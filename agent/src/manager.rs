@@ -81,6 +81,67 @@ pub fn bundle_roots(b: &types::Bundle) -> Vec<Vec<u8>> {
     b.x509_authorities.iter().map(|c| c.asn1.clone()).collect()
 }
 
+/// The request header carrying the authorities this agent's SVIDs chain to (the server's
+/// revocation readiness); SPIRE servers ignore it.
+pub const SVID_AUTHORITIES_HEADER: &str = "kame-svid-authorities";
+
+/// What is tainted in the own trust domain's bundle: the roots (DER), the untainted roots,
+/// and the tainted JWT key IDs.
+#[derive(Debug, Default)]
+struct Taint {
+    roots: Vec<Vec<u8>>,
+    trusted: Vec<Vec<u8>>,
+    kids: BTreeSet<String>,
+}
+
+impl Taint {
+    fn of(b: &types::Bundle) -> Self {
+        let mut t = Taint::default();
+        for c in &b.x509_authorities {
+            if c.tainted {
+                t.roots.push(c.asn1.clone());
+            } else {
+                t.trusted.push(c.asn1.clone());
+            }
+        }
+        t.kids = b
+            .jwt_authorities
+            .iter()
+            .filter(|k| k.tainted)
+            .map(|k| k.key_id.clone())
+            .collect();
+        t
+    }
+
+    /// Whether `chain` chains only to a tainted root (with an untainted one to move to).
+    fn taints(&self, chain: &[Vec<u8>], now: u64) -> bool {
+        !self.roots.is_empty()
+            && !self.trusted.is_empty()
+            && verify_chain(chain, &self.trusted, now).is_err()
+            && verify_chain(chain, &self.roots, now).is_ok()
+    }
+}
+
+/// The authority a chain (leaf first) ends under: its last certificate's AKI, lower-case hex.
+pub fn chain_authority(chain: &[Vec<u8>]) -> Option<String> {
+    chain
+        .last()
+        .and_then(|c| ParsedCert::parse(c).ok())
+        .and_then(|c| c.authority_key_id().ok().flatten())
+        .map(hex::encode)
+}
+
+/// The `kid` in a JWT's header.
+pub fn jwt_kid(token: &str) -> Option<String> {
+    use base64::Engine;
+    let header = token.split('.').next()?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(header)
+        .ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    v.get("kid")?.as_str().map(str::to_string)
+}
+
 #[derive(Debug, Clone)]
 struct JwtCached {
     token: String,
@@ -433,7 +494,15 @@ impl Manager {
             self.storage.remove_agent();
             return self.attest().await;
         }
-        if now < nb + (na - nb) / 2 {
+        let tainted = self
+            .state
+            .read()
+            .ok()
+            .and_then(|s| s.bundle.as_ref().map(Taint::of))
+            .is_some_and(|t| t.taints(&agent.chain, now));
+        if tainted {
+            tracing::info!("agent SVID chains to a tainted authority: rotating it now");
+        } else if now < nb + (na - nb) / 2 {
             return Ok(());
         }
         let can_reattest =
@@ -521,6 +590,7 @@ impl Manager {
         // 4. Which SVIDs to mint.
         let now = now_secs();
         let roots = bundle_roots(&bundle);
+        let taint = Taint::of(&bundle);
         let need: Vec<types::Entry> = {
             let st = self.state.read().map_err(|_| ManagerError::NotAttested)?;
             entries
@@ -531,11 +601,18 @@ impl Manager {
                         s.entry_revision != e.revision_number
                             || now >= s.not_before + (s.not_after.saturating_sub(s.not_before)) / 2
                             || verify_chain(&s.chain, &roots, now).is_err()
+                            || taint.taints(&s.chain, now)
                     }
                 })
                 .cloned()
                 .collect()
         };
+        if !taint.roots.is_empty() && !need.is_empty() {
+            tracing::info!(
+                count = need.len(),
+                "re-issuing workload SVIDs (tainted authority, rotation or entry change)"
+            );
+        }
         let minted = self.mint_x509(ch, &need).await?;
         // 5. Install.
         {
@@ -557,6 +634,17 @@ impl Manager {
             st.svids.retain(|id, _| entries.contains_key(id));
             changed |= st.svids.len() != before;
             st.jwt.retain(|(id, _), _| entries.contains_key(id));
+            // JWT-SVIDs signed by a tainted key are dropped at once and minted anew on demand.
+            let before = st.jwt.len();
+            st.jwt
+                .retain(|_, j| jwt_kid(&j.token).is_none_or(|k| !taint.kids.contains(&k)));
+            if st.jwt.len() != before {
+                tracing::info!(
+                    count = before - st.jwt.len(),
+                    "dropped JWT-SVIDs signed by a tainted key"
+                );
+                changed = true;
+            }
             st.entries = entries;
         }
         if changed {
@@ -594,8 +682,12 @@ impl Manager {
                 ids: vec![],
             })
             .await;
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Ok(v) = self.held_authorities().join(",").parse() {
+            req.metadata_mut().insert(SVID_AUTHORITIES_HEADER, v);
+        }
         let mut stream = pb::entry::entry_client::EntryClient::new(ch)
-            .sync_authorized_entries(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .sync_authorized_entries(req)
             .await?
             .into_inner();
         let mut out = BTreeMap::new();
@@ -651,6 +743,23 @@ impl Manager {
         }
         drop(tx);
         Ok(out)
+    }
+
+    /// The authorities the agent's SVIDs chain to (its own and its workloads'), and the key
+    /// IDs of the JWT-SVIDs it caches: what the server counts before a revocation.
+    fn held_authorities(&self) -> Vec<String> {
+        let Ok(st) = self.state.read() else {
+            return vec![];
+        };
+        let mut out: BTreeSet<String> = st
+            .agent
+            .iter()
+            .map(|a| a.chain.as_slice())
+            .chain(st.svids.values().map(|s| s.chain.as_slice()))
+            .filter_map(chain_authority)
+            .collect();
+        out.extend(st.jwt.values().filter_map(|j| jwt_kid(&j.token)));
+        out.into_iter().collect()
     }
 
     async fn mint_x509(

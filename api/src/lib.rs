@@ -45,6 +45,11 @@ pub mod pb {
                         tonic::include_proto!("spire.api.server.agent.v1");
                     }
                 }
+                pub mod localauthority {
+                    pub mod v1 {
+                        tonic::include_proto!("spire.api.server.localauthority.v1");
+                    }
+                }
             }
         }
     }
@@ -55,6 +60,7 @@ pub mod pb {
     pub use spire::api::server::agent::v1 as agent;
     pub use spire::api::server::bundle::v1 as bundle;
     pub use spire::api::server::entry::v1 as entry;
+    pub use spire::api::server::localauthority::v1 as localauthority;
     pub use spire::api::server::svid::v1 as svid;
     pub use spire::api::types;
 }

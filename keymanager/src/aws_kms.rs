@@ -449,6 +449,22 @@ impl AwsKmsKeyManager {
         }
     }
 
+    /// The key's state in KMS (`Enabled`, `PendingDeletion`, ...), for operators and tests.
+    pub async fn key_state(&self, arn: &str) -> Result<String> {
+        let key_id = arn.rsplit_once(":key/").map(|(_, id)| id).unwrap_or(arn);
+        let d = self
+            .kms
+            .describe_key()
+            .key_id(key_id)
+            .send()
+            .await
+            .map_err(sdk("DescribeKey"))?;
+        Ok(d.key_metadata()
+            .and_then(|m| m.key_state())
+            .map(|s| s.as_str().to_string())
+            .unwrap_or_default())
+    }
+
     /// Takes a key out of service: deletion scheduled, then tagged inactive so that listings
     /// by tag no longer return it.
     pub async fn retire(&self, arn: &str) -> Result<()> {
@@ -749,6 +765,32 @@ impl KeyManager for AwsKmsKeyManager {
     async fn maintain(&self) -> Result<usize> {
         self.refresh().await?;
         Ok(self.sweep(now_secs()).await?.len())
+    }
+
+    async fn delete_key(&self, id: &str, fingerprint: &str) -> Result<bool> {
+        let Some(e) = self.keys.remove_if_fingerprint(id, fingerprint) else {
+            return Ok(false);
+        };
+        if let Err(err) = self.retire(&e.arn).await {
+            // Still ours to dispose of: back in the index for the next attempt.
+            self.keys.insert(id, e);
+            return Err(err);
+        }
+        // The alias goes too, so no restart finds the id naming a key pending deletion.
+        match self
+            .kms
+            .delete_alias()
+            .alias_name(self.alias(id))
+            .send()
+            .await
+        {
+            Ok(_) => {}
+            Err(SdkError::ServiceError(s)) if s.err().code() == Some("NotFoundException") => {}
+            Err(err) => {
+                tracing::warn!(error = %sdk("DeleteAlias")(err), "alias of a disposed key left")
+            }
+        }
+        Ok(true)
     }
 
     async fn public_key(&self, id: &str) -> Result<PublicKey> {

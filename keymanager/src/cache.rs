@@ -41,6 +41,15 @@ impl<E: Cached> KeyCache<E> {
         self.write().insert(id.to_string(), e)
     }
 
+    /// Removes and returns the entry under `id` if its key has `fingerprint`.
+    pub fn remove_if_fingerprint(&self, id: &str, fingerprint: &str) -> Option<E> {
+        let mut m = self.write();
+        if m.get(id)?.public().fingerprint != fingerprint {
+            return None;
+        }
+        m.remove(id)
+    }
+
     /// Replaces the whole index.
     pub fn replace(&self, all: HashMap<String, E>) {
         *self.write() = all;

@@ -40,6 +40,7 @@ pub async fn run(km: &dyn KeyManager, skip: Skip) {
     generate_sign_verify(km, !skip.rsa_pss).await;
     unknown_key_is_not_found(km).await;
     regenerate_replaces_key(km).await;
+    delete_key_disposes_only_the_named_instance(km).await;
     rejects_unsupported_sign_opts(km).await;
     rejects_invalid_key_ids(km).await;
     if !skip.large_messages {
@@ -102,6 +103,50 @@ pub async fn unknown_key_is_not_found(km: &dyn KeyManager) {
         km.sign(id, b"m", SignOpts::for_key(KeyType::EcP256)).await,
         Err(Error::NotFound(_))
     ));
+}
+
+/// A revoked authority's key: `delete_key` with a stale fingerprint touches nothing; with the
+/// current one the key is gone (no signing, not listed), and a new key can take the id again.
+pub async fn delete_key_disposes_only_the_named_instance(km: &dyn KeyManager) {
+    let id = "conformance-delete";
+    let first = km.generate_key(id, KeyType::EcP256).await.expect("first");
+    let second = km.generate_key(id, KeyType::EcP256).await.expect("second");
+    assert!(
+        !km.delete_key(id, &first.fingerprint).await.expect("stale"),
+        "a replaced instance is not the key under the id"
+    );
+    assert_eq!(
+        km.public_key(id).await.expect("still there").fingerprint,
+        second.fingerprint
+    );
+    assert!(
+        km.delete_key(id, &second.fingerprint)
+            .await
+            .expect("delete")
+    );
+    assert!(matches!(km.public_key(id).await, Err(Error::NotFound(_))));
+    assert!(
+        km.sign(id, b"m", SignOpts::for_key(KeyType::EcP256))
+            .await
+            .is_err(),
+        "a deleted key must not sign"
+    );
+    assert!(
+        !km.public_keys()
+            .await
+            .expect("list")
+            .iter()
+            .any(|k| k.id == id)
+    );
+    assert!(!km.delete_key(id, &second.fingerprint).await.expect("again"));
+    assert!(
+        !km.delete_key("conformance-never", "00")
+            .await
+            .expect("none"),
+        "no key under the id: nothing to do"
+    );
+    let third = km.generate_key(id, KeyType::EcP256).await.expect("again");
+    assert_ne!(third.fingerprint, second.fingerprint);
 }
 
 pub async fn regenerate_replaces_key(km: &dyn KeyManager) {

@@ -155,6 +155,21 @@ impl KeyManager for DiskKeyManager {
         self.keys.public_key(id).await
     }
 
+    async fn delete_key(&self, id: &str, fingerprint: &str) -> Result<bool> {
+        let _guard = self.write_lock.lock().await;
+        let all = self.keys.snapshot()?;
+        if !all
+            .iter()
+            .any(|k| k.public.id == id && k.public.fingerprint == fingerprint)
+        {
+            return Ok(false);
+        }
+        let keep: Vec<Arc<LocalKey>> = all.into_iter().filter(|k| k.public.id != id).collect();
+        // Off disk first: a key the file still holds would come back at the next start.
+        self.persist(&keep)?;
+        self.keys.remove_if_fingerprint(id, fingerprint)
+    }
+
     async fn public_keys(&self) -> Result<Vec<PublicKey>> {
         self.keys.public_keys().await
     }

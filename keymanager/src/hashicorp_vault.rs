@@ -657,7 +657,7 @@ impl VaultKeyManager {
     }
 
     /// Deletes a transit key of this server (deletion must be allowed first).
-    pub async fn delete_key(&self, name: &str) -> Result<()> {
+    pub async fn delete_transit_key(&self, name: &str) -> Result<()> {
         if !name.starts_with(&self.prefix()) {
             return Err(Error::Backend(format!("{name} is not this server's key")));
         }
@@ -863,7 +863,7 @@ impl KeyManager for VaultKeyManager {
     }
 
     async fn dispose(&self, orphan: &crate::Orphan) -> Result<()> {
-        self.delete_key(&orphan.instance).await
+        self.delete_transit_key(&orphan.instance).await
     }
 
     async fn maintain(&self) -> Result<usize> {
@@ -873,6 +873,17 @@ impl KeyManager for VaultKeyManager {
             .map(|d| d.as_secs())
             .unwrap_or(0);
         Ok(self.sweep(now).await?.len())
+    }
+
+    async fn delete_key(&self, id: &str, fingerprint: &str) -> Result<bool> {
+        let Some(e) = self.keys.remove_if_fingerprint(id, fingerprint) else {
+            return Ok(false);
+        };
+        if let Err(err) = self.delete_transit_key(&e.name).await {
+            self.keys.insert(id, e);
+            return Err(err);
+        }
+        Ok(true)
     }
 
     async fn public_key(&self, id: &str) -> Result<PublicKey> {

@@ -243,6 +243,13 @@ pub trait KeyManager: Send + Sync + fmt::Debug {
         }
     }
 
+    /// Disposes of the key under `id` if its fingerprint is `fingerprint` (a revoked
+    /// authority's key): ScheduleKeyDeletion in KMS, delete in Vault, destroy in PKCS#11,
+    /// erased in memory and on disk. Afterwards `id` names no key. Returns false, touching
+    /// nothing, when `id` names no key or a key with another fingerprint (the slot was
+    /// prepared again since, and its old key was disposed of then).
+    async fn delete_key(&self, id: &str, fingerprint: &str) -> Result<bool>;
+
     /// Periodic upkeep shared with other servers of the trust domain: refresh this server's
     /// liveness stamp, and dispose of the keys of servers that stopped refreshing theirs.
     /// Returns how many such keys were disposed of.

@@ -35,6 +35,17 @@ impl MemoryKeyManager {
         Ok(())
     }
 
+    /// Removes the key under `id` if it has `fingerprint`.
+    pub(crate) fn remove_if_fingerprint(&self, id: &str, fingerprint: &str) -> Result<bool> {
+        let mut m = self.keys.write().map_err(|_| Error::NotFound(id.into()))?;
+        if m.get(id)
+            .is_none_or(|k| k.public.fingerprint != fingerprint)
+        {
+            return Ok(false);
+        }
+        Ok(m.remove(id).is_some())
+    }
+
     pub(crate) fn snapshot(&self) -> Result<Vec<Arc<LocalKey>>> {
         Ok(self
             .keys
@@ -74,6 +85,10 @@ impl KeyManager for MemoryKeyManager {
 
     async fn public_keys(&self) -> Result<Vec<PublicKey>> {
         Ok(self.snapshot()?.iter().map(|k| k.public.clone()).collect())
+    }
+
+    async fn delete_key(&self, id: &str, fingerprint: &str) -> Result<bool> {
+        self.remove_if_fingerprint(id, fingerprint)
     }
 
     async fn sign(&self, id: &str, message: &[u8], opts: SignOpts) -> Result<Signature> {

@@ -749,6 +749,21 @@ impl KeyManager for Pkcs11KeyManager {
         self.destroy_instance(key_id, &orphan.instance).await
     }
 
+    async fn delete_key(&self, id: &str, fingerprint: &str) -> Result<bool> {
+        let Some(e) = self.inner.keys.remove_if_fingerprint(id, fingerprint) else {
+            return Ok(false);
+        };
+        let (key_id, inst) = (id.to_string(), e.instance.clone());
+        if let Err(err) = self
+            .blocking(move |inner| inner.destroy(&key_id, &inst))
+            .await
+        {
+            self.inner.keys.insert(id, e);
+            return Err(err);
+        }
+        Ok(true)
+    }
+
     async fn public_key(&self, id: &str) -> Result<PublicKey> {
         Ok(self.entry(id)?.public)
     }

@@ -22,6 +22,9 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{info, warn};
 
+mod authority;
+pub use authority::{AuthorityError, AuthorityView, Kind, KindState, READINESS_WINDOW};
+
 const MAX_PREPARE_LEAD: Duration = Duration::from_secs(30 * 86400);
 const MAX_ACTIVATE_LEAD: Duration = Duration::from_secs(7 * 86400);
 const JOURNAL_MAX_PER_KIND: usize = 10;
@@ -134,6 +137,10 @@ impl Lifetime for JwtAuthority {
 struct Slots<T> {
     current: Option<Arc<T>>,
     next: Option<Arc<T>>,
+    /// OLD authorities that left the next slot (newest first), still in the bundle: they can
+    /// still be tainted and revoked. Their keys were disposed of when their slot was prepared
+    /// again.
+    older: Vec<Arc<T>>,
 }
 
 impl<T> Default for Slots<T> {
@@ -141,9 +148,13 @@ impl<T> Default for Slots<T> {
         Slots {
             current: None,
             next: None,
+            older: vec![],
         }
     }
 }
+
+/// At most this many OLD authorities per kind are remembered besides the two slots.
+const MAX_OLDER: usize = JOURNAL_MAX_PER_KIND - 2;
 
 #[derive(Debug, Default)]
 struct State {
@@ -213,6 +224,9 @@ pub struct Ca {
     /// requests from each asking the backend for a signature).
     minting: tokio::sync::Mutex<()>,
     metrics: crate::metrics::Metrics,
+    /// Signalled when an authority is tainted here, so the rotation loop re-issues the
+    /// server's own SVID at once instead of at its next tick.
+    taint_notify: tokio::sync::Notify,
 }
 
 /// What a reconcile pass found and did (logged as the key inventory).
@@ -331,6 +345,7 @@ impl Ca {
             intermediate: RwLock::new(None),
             minting: tokio::sync::Mutex::new(()),
             metrics: Default::default(),
+            taint_notify: tokio::sync::Notify::new(),
         });
         ca.load_journal().await?;
         ca.rotate().await?;
@@ -476,6 +491,11 @@ impl Ca {
         Ok(inv)
     }
 
+    /// Resolves when an authority was tainted through this server since the last call.
+    pub async fn tainted(&self) {
+        self.taint_notify.notified().await
+    }
+
     /// The Prometheus text of this CA's key inventory.
     pub fn render_metrics(&self) -> String {
         self.metrics.render(self.km.name())
@@ -547,15 +567,24 @@ impl Ca {
             if e.not_after <= now || !bundle.x509_authorities.iter().any(|c| c.asn1 == cert_der) {
                 continue;
             }
-            let Ok(Some(key)) = self
+            let Ok(p) = x509svid::ParsedCert::parse(&cert_der) else {
+                continue;
+            };
+            let key = match self
                 .km
                 .select(&x509_key_id(&e.slot), &e.key_fingerprint)
                 .await
-            else {
-                continue;
-            };
-            let Ok(p) = x509svid::ParsedCert::parse(&cert_der) else {
-                continue;
+            {
+                Ok(Some(key)) => key,
+                // An OLD authority signs nothing: its key may be gone (its slot was prepared
+                // again); it is remembered so that it can still be tainted and revoked.
+                _ if e.status == SlotStatus::Old => match p.spki_der() {
+                    Ok(spki_der) => {
+                        released_key(&x509_key_id(&e.slot), spki_der, e.key_fingerprint.clone())
+                    }
+                    Err(_) => continue,
+                },
+                _ => continue,
             };
             if p.spki_der().ok().as_deref() != Some(key.spki_der.as_slice()) {
                 continue;
@@ -577,12 +606,19 @@ impl Ca {
             if e.not_after <= now || !bundle.jwt_authorities.iter().any(|k| k.key_id == e.kid) {
                 continue;
             }
-            let Ok(Some(key)) = self
+            let key = match self
                 .km
                 .select(&jwt_key_id(&e.slot), &e.key_fingerprint)
                 .await
-            else {
-                continue;
+            {
+                Ok(Some(key)) => key,
+                _ if e.status == SlotStatus::Old => match STANDARD.decode(&e.public_key) {
+                    Ok(spki_der) => {
+                        released_key(&jwt_key_id(&e.slot), spki_der, e.key_fingerprint.clone())
+                    }
+                    Err(_) => continue,
+                },
+                _ => continue,
             };
             let key_info = KeyInfo::from_spki_der(&key.spki_der)?;
             jwt.push(Arc::new(JwtAuthority {
@@ -608,7 +644,7 @@ impl Ca {
         let journal = {
             let st = self.read();
             let mut j = Journal::default();
-            for a in [&st.x509.current, &st.x509.next].into_iter().flatten() {
+            for a in st.x509.all() {
                 j.x509.push(JournalX509 {
                     slot: a.slot.clone(),
                     status: a.status,
@@ -618,7 +654,7 @@ impl Ca {
                     not_after: a.not_after,
                 });
             }
-            for a in [&st.jwt.current, &st.jwt.next].into_iter().flatten() {
+            for a in st.jwt.all() {
                 j.jwt.push(JournalJwt {
                     slot: a.slot.clone(),
                     status: a.status,
@@ -672,20 +708,24 @@ impl Ca {
             )
             .await?;
         if (x509 || jwt) && self.save_journal().await {
-            // The journal now names the new keys: their intents are done.
-            let done: Vec<String> = std::mem::take(
-                &mut *self
-                    .unsaved_intents
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner()),
-            );
-            for i in done {
-                if let Err(e) = self.ds.delete_key_intent(&i).await {
-                    warn!(intent = %i, error = %e, "could not clear a key intent");
-                }
-            }
+            self.clear_saved_intents().await;
         }
         Ok(())
+    }
+
+    /// The journal now names the keys made since it was last saved: their intents are done.
+    async fn clear_saved_intents(&self) {
+        let done: Vec<String> = std::mem::take(
+            &mut *self
+                .unsaved_intents
+                .lock()
+                .unwrap_or_else(|p| p.into_inner()),
+        );
+        for i in done {
+            if let Err(e) = self.ds.delete_key_intent(&i).await {
+                warn!(intent = %i, error = %e, "could not clear a key intent");
+            }
+        }
     }
 
     /// The rotation state machine of one kind; returns whether anything changed.
@@ -722,7 +762,11 @@ impl Ca {
             let mut st = self.write();
             let s = slots(&mut st);
             s.current = Some(a);
-            s.next = None;
+            if let Some(n) = s.next.take()
+                && n.status() == SlotStatus::Old
+            {
+                s.remember(n);
+            }
             return Ok(true);
         };
         let mut changed = false;
@@ -731,7 +775,7 @@ impl Ca {
         {
             let a = prepare(other_slot(c.slot()), SlotStatus::Prepared).await?;
             info!(kind = T::KIND, authority_id = %a.authority_id(), slot = %a.slot(), "authority prepared");
-            slots(&mut self.write()).next = Some(a.clone());
+            slots(&mut self.write()).install_next(a.clone());
             next = Some(a);
             changed = true;
         }
@@ -1091,6 +1135,46 @@ impl Authority for JwtAuthority {
     }
 }
 
+impl<T: Authority> Slots<T> {
+    /// Every authority held, current first, then next, then the older ones.
+    fn all(&self) -> impl Iterator<Item = &Arc<T>> {
+        self.current
+            .iter()
+            .chain(self.next.iter())
+            .chain(self.older.iter())
+    }
+
+    /// Remembers an OLD authority that leaves the next slot (newest first, capped).
+    fn remember(&mut self, a: Arc<T>) {
+        self.older.retain(|o| o.authority_id() != a.authority_id());
+        self.older.insert(0, a);
+        self.older.truncate(MAX_OLDER);
+    }
+
+    /// Puts a newly prepared authority in the next slot; an OLD one there is remembered, a
+    /// PREPARED one replaced (with `force`) is remembered as OLD: it was published, so it can
+    /// still be tainted and revoked.
+    fn install_next(&mut self, a: Arc<T>) {
+        if let Some(n) = self.next.take() {
+            self.remember(match n.status() {
+                SlotStatus::Old => n,
+                _ => Arc::new(n.with_status(SlotStatus::Old)),
+            });
+        }
+        self.next = Some(a);
+    }
+}
+
+/// The public half of a key the KeyManager no longer holds (an OLD authority's).
+fn released_key(id: &str, spki_der: Vec<u8>, fingerprint: String) -> PublicKey {
+    PublicKey {
+        id: id.to_string(),
+        key_type: kame_keymanager::encoding::key_type_of_spki(&spki_der).unwrap_or(KeyType::EcP256),
+        spki_der,
+        fingerprint,
+    }
+}
+
 /// Newest ACTIVE becomes current; the newest other entry in the other slot becomes next. With no
 /// ACTIVE entry, a PREPARED one is kept as next for the rotator to activate; otherwise the
 /// rotator prepares and activates a new authority.
@@ -1106,9 +1190,20 @@ fn pick_slots<T: Authority>(mut all: Vec<Arc<T>>) -> Slots<T> {
                 .iter()
                 .find(|a| a.slot() != c.slot() && a.status() != SlotStatus::Active)
                 .cloned();
+            let older = all
+                .iter()
+                .filter(|a| a.status() == SlotStatus::Old)
+                .filter(|a| {
+                    next.as_ref()
+                        .is_none_or(|n| n.authority_id() != a.authority_id())
+                })
+                .take(MAX_OLDER)
+                .cloned()
+                .collect();
             Slots {
                 current: Some(c),
                 next,
+                older,
             }
         }
         None => Slots {
@@ -1119,6 +1214,12 @@ fn pick_slots<T: Authority>(mut all: Vec<Arc<T>>) -> Slots<T> {
                 .iter()
                 .find(|a| a.status() == SlotStatus::Prepared)
                 .cloned(),
+            older: all
+                .iter()
+                .filter(|a| a.status() == SlotStatus::Old)
+                .take(MAX_OLDER)
+                .cloned()
+                .collect(),
         },
     }
 }

@@ -11,6 +11,11 @@ use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
 use tonic::transport::{Channel, Endpoint};
 
+mod authority;
+pub use authority::{
+    AuthorityCmd, LocalAuthorityCmd, UpstreamAuthorityCmd, localauthority, upstreamauthority,
+};
+
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     #[error("{0}")]

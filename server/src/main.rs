@@ -61,11 +61,19 @@ enum Cmd {
     /// JWT-SVIDs.
     #[command(subcommand)]
     Jwt(cli::JwtCmd),
+    /// Forced rotation and revocation of the server's X.509 and JWT authorities.
+    #[command(subcommand)]
+    Localauthority(cli::LocalAuthorityCmd),
+    /// Taint or revoke the upstream authority that signed an old local authority.
+    #[command(subcommand)]
+    Upstreamauthority(cli::UpstreamAuthorityCmd),
 }
 
 fn init_logging(level: &str, format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_new(level.to_lowercase())
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Audit events (local authority operations) are written whatever the log level.
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(format!("{},kame_audit=info", level.to_lowercase()))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -102,6 +110,8 @@ async fn real_main() -> anyhow::Result<()> {
         Cmd::Agent(c) => cli::agent(c).await?,
         Cmd::X509(c) => cli::x509(c).await?,
         Cmd::Jwt(c) => cli::jwt(c).await?,
+        Cmd::Localauthority(c) => cli::localauthority(c).await?,
+        Cmd::Upstreamauthority(c) => cli::upstreamauthority(c).await?,
     }
     Ok(())
 }

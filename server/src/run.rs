@@ -385,6 +385,7 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
         join_token_enabled: cfg.join_token_attestor,
         tpm_devid,
         server_spiffe_id: server_spiffe_id.clone(),
+        reported: Default::default(),
     });
     let svid = ServerSvid::new(
         ca.clone(),
@@ -433,6 +434,12 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
             .add_service(
                 pb::agent::agent_server::AgentServer::new(AgentService { ctx: ctx.clone() })
                     .max_decoding_message_size(m),
+            )
+            .add_service(
+                pb::localauthority::local_authority_server::LocalAuthorityServer::new(
+                    crate::service::localauthority::LocalAuthorityService { ctx: ctx.clone() },
+                )
+                .max_decoding_message_size(m),
             )
     };
 
@@ -518,6 +525,12 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
         loop {
             tokio::select! {
                 _ = stopped(&mut rx_rot) => break,
+                // A taint here: the server's own SVID is re-issued now (SPIRE's notification).
+                _ = ca.tainted() => {
+                    if let Err(e) = svid.rotate_if_needed().await {
+                        tracing::error!(error = %e, "server SVID rotation failed");
+                    }
+                }
                 _ = t.tick() => {
                     if let Err(e) = ca.rotate().await {
                         tracing::error!(error = %e, "CA rotation failed");
@@ -529,11 +542,14 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
                             tracing::warn!(error = %e, "key reconcile failed");
                         }
                     }
-                    if let Err(e) = svid.rotate_if_needed().await {
-                        tracing::error!(error = %e, "server SVID rotation failed");
-                    }
+                    // Taint and revocation are in the shared bundle: every server acts on them
+                    // (its own SVID re-issued, a revoked authority's key disposed of).
                     if let Err(e) = ca.refresh_bundle().await {
                         tracing::warn!(error = %e, "bundle refresh failed");
+                    }
+                    ca.reconcile_authorities().await;
+                    if let Err(e) = svid.rotate_if_needed().await {
+                        tracing::error!(error = %e, "server SVID rotation failed");
                     }
                 }
             }

@@ -19,6 +19,19 @@ struct Current {
     key: Arc<CertifiedKey>,
     not_before: u64,
     not_after: u64,
+    /// The authority (root SKID, lower-case hex) its chain ends under.
+    authority: String,
+}
+
+/// The authority a chain (leaf first) ends under: the AKI of its last certificate, lower-case
+/// hex (the root's SKID; with no AKI, empty).
+pub fn chain_authority(chain: &[Vec<u8>]) -> String {
+    chain
+        .last()
+        .and_then(|c| ParsedCert::parse(c).ok())
+        .and_then(|c| c.authority_key_id().ok().flatten())
+        .map(hex::encode)
+        .unwrap_or_default()
 }
 
 #[derive(Debug)]
@@ -46,12 +59,17 @@ impl ServerSvid {
         })
     }
 
-    /// Mints a new SVID if there is none or half of its life has passed.
+    /// Mints a new SVID if there is none, half of its life has passed, or it chains to an
+    /// authority tainted in the bundle.
     pub async fn rotate_if_needed(&self) -> Result<(), CaError> {
         let now = now_secs();
+        let tainted = self.ca.tainted_ids();
         let due = match &*self.current.read().unwrap_or_else(|p| p.into_inner()) {
             None => true,
-            Some(c) => now >= c.not_before + (c.not_after.saturating_sub(c.not_before)) / 2,
+            Some(c) => {
+                now >= c.not_before + (c.not_after.saturating_sub(c.not_before)) / 2
+                    || tainted.contains(&c.authority)
+            }
         };
         if !due {
             return Ok(());
@@ -67,6 +85,7 @@ impl ServerSvid {
             .sign_x509_svid(spki.as_ref(), &self.id, &[], self.ttl)
             .await?;
         let leaf = ParsedCert::parse(&chain[0])?;
+        let authority = chain_authority(&chain);
         let pkcs8 = kp
             .to_pkcs8v1()
             .map_err(|_| CaError::Journal("cannot encode server SVID key".into()))?;
@@ -82,6 +101,7 @@ impl ServerSvid {
             key: Arc::new(CertifiedKey::new(certs, signing_key)),
             not_before: leaf.not_before(),
             not_after: leaf.not_after(),
+            authority,
         };
         tracing::info!(spiffe_id = %self.id, expires_at = cur.not_after, "server SVID rotated");
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(cur);

@@ -146,6 +146,30 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     async fn fetch_ca_journal(&self, server_id: &str) -> DsResult<Option<Vec<u8>>>;
     async fn set_ca_journal(&self, server_id: &str, data: &[u8]) -> DsResult<()>;
 
+    /// Applies `f` to the stored bundle of `trust_domain` in one transaction; when `f` says it
+    /// changed something the bundle is written with its sequence number bumped. NotFound if
+    /// there is no bundle; an error from `f` persists nothing.
+    async fn modify_bundle(
+        &self,
+        trust_domain: &str,
+        f: &(dyn for<'b> Fn(&'b mut Bundle) -> DsResult<bool> + Send + Sync),
+    ) -> DsResult<Bundle>;
+
+    // CA journal (every server's, for authorities other servers hold)
+    async fn list_ca_journals(&self) -> DsResult<Vec<(String, Vec<u8>)>>;
+
+    // Revocation readiness (see migrations/0003_agent_authorities.sql).
+    /// Records the authorities (lower-case hex SKIDs) an agent's SVIDs chain to, seen at
+    /// `seen_at` (unix seconds).
+    async fn record_agent_authorities(
+        &self,
+        spiffe_id: &str,
+        authorities: &[String],
+        seen_at: i64,
+    ) -> DsResult<()>;
+    /// Agents still attested and seen at or after `since`, with what they reported.
+    async fn list_agent_authorities(&self, since: i64) -> DsResult<Vec<AgentAuthorities>>;
+
     // Key intents (see migrations/0002_key_intents.sql).
     async fn put_key_intent(&self, intent: &KeyIntent) -> DsResult<()>;
     async fn list_key_intents(&self, server_id: &str) -> DsResult<Vec<KeyIntent>>;
@@ -162,6 +186,14 @@ pub struct KeyIntent {
     pub key_id: String,
     pub key_type: String,
     pub created_at: i64,
+}
+
+/// What an agent last reported of the authorities its SVIDs chain to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentAuthorities {
+    pub spiffe_id: String,
+    pub authorities: Vec<String>,
+    pub seen_at: i64,
 }
 
 pub fn merge_bundle(base: &mut Bundle, add: &Bundle) -> bool {

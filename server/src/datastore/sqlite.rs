@@ -445,6 +445,82 @@ impl DataStore for SqliteStore {
         Ok(())
     }
 
+    async fn modify_bundle(
+        &self,
+        trust_domain: &str,
+        f: &(dyn for<'b> Fn(&'b mut Bundle) -> DsResult<bool> + Send + Sync),
+    ) -> DsResult<Bundle> {
+        let mut tx = self.write_tx().await?;
+        let row = sqlx::query("SELECT data FROM bundles WHERE trust_domain = ?")
+            .bind(trust_domain)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| DsError::NotFound("bundle".into()))?;
+        let mut b = decode_bundle(&row.try_get::<Vec<u8>, _>("data")?)?;
+        if f(&mut b)? {
+            b.sequence_number += 1;
+            sqlx::query("UPDATE bundles SET data = ? WHERE trust_domain = ?")
+                .bind(b.encode_to_vec())
+                .bind(trust_domain)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+        }
+        Ok(b)
+    }
+
+    async fn list_ca_journals(&self) -> DsResult<Vec<(String, Vec<u8>)>> {
+        sqlx::query("SELECT server_id, data FROM ca_journals ORDER BY server_id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get("server_id")?, r.try_get("data")?)))
+            .collect()
+    }
+
+    async fn record_agent_authorities(
+        &self,
+        spiffe_id: &str,
+        authorities: &[String],
+        seen_at: i64,
+    ) -> DsResult<()> {
+        sqlx::query(
+            "INSERT INTO agent_svid_authorities (spiffe_id, authorities, seen_at) VALUES (?, ?, ?)
+             ON CONFLICT(spiffe_id) DO UPDATE SET authorities = excluded.authorities, seen_at = excluded.seen_at",
+        )
+        .bind(spiffe_id)
+        .bind(authorities.join(","))
+        .bind(seen_at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_agent_authorities(&self, since: i64) -> DsResult<Vec<super::AgentAuthorities>> {
+        sqlx::query(
+            "SELECT a.spiffe_id, a.authorities, a.seen_at FROM agent_svid_authorities a
+             JOIN attested_nodes n ON n.spiffe_id = a.spiffe_id
+             WHERE a.seen_at >= ? ORDER BY a.spiffe_id",
+        )
+        .bind(since)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            let list: String = r.try_get("authorities")?;
+            Ok(super::AgentAuthorities {
+                spiffe_id: r.try_get("spiffe_id")?,
+                authorities: list
+                    .split(',')
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+                seen_at: r.try_get("seen_at")?,
+            })
+        })
+        .collect()
+    }
+
     async fn put_key_intent(&self, i: &super::KeyIntent) -> DsResult<()> {
         sqlx::query(
             "INSERT INTO key_intents (intent_id, server_id, key_id, key_type, created_at)

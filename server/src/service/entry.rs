@@ -420,6 +420,7 @@ impl Entry for EntryService {
         req: Request<Streaming<pb::SyncAuthorizedEntriesRequest>>,
     ) -> Result<Response<SyncStream>, Status> {
         let node = require_agent(&self.ctx, &req).await?;
+        record_svid_authorities(&self.ctx, &node, &req).await;
         let ctx = self.ctx.clone();
         let mut inbound = req.into_inner();
         let stream = async_stream(move |tx| async move {

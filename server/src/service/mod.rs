@@ -8,6 +8,7 @@ pub mod agent;
 pub mod authz;
 pub mod bundle;
 pub mod entry;
+pub mod localauthority;
 pub mod svid;
 
 use crate::ca::{Ca, CaError};
@@ -33,6 +34,75 @@ pub struct Context {
     pub tpm_devid: Option<Arc<crate::attestation::tpm_devid::DevIdConfig>>,
     /// `spiffe://<td>/spire/server`.
     pub server_spiffe_id: SpiffeId,
+    /// What each agent last reported of its SVIDs' authorities, and when it was written to
+    /// the datastore (writes are throttled).
+    pub reported: std::sync::Mutex<std::collections::HashMap<String, (Vec<String>, u64)>>,
+}
+
+/// The request header in which a Kame agent reports, on each SyncAuthorizedEntries call, the
+/// authorities its SVIDs chain to: comma-separated root SKIDs (lower-case hex) and JWT kids.
+/// SPIRE servers ignore it; a SPIRE agent does not send it (and counts as holding nothing).
+pub const SVID_AUTHORITIES_HEADER: &str = "kame-svid-authorities";
+
+/// At most this many authorities are taken from one report.
+const MAX_REPORTED: usize = 256;
+
+/// Records the authorities `node` reported in `req` (revocation readiness). A malformed
+/// report is logged and ignored: it must not fail the agent's sync.
+pub async fn record_svid_authorities<T>(
+    ctx: &Context,
+    node: &AttestedNode,
+    req: &tonic::Request<T>,
+) {
+    let Some(v) = req.metadata().get(SVID_AUTHORITIES_HEADER) else {
+        return;
+    };
+    let Ok(v) = v.to_str() else {
+        tracing::warn!(agent = %node.spiffe_id, "unreadable SVID authority report ignored");
+        return;
+    };
+    let mut ids: Vec<String> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect();
+    if ids.len() > MAX_REPORTED
+        || ids
+            .iter()
+            .any(|s| s.len() > 64 || !s.chars().all(|c| c.is_ascii_alphanumeric()))
+    {
+        tracing::warn!(agent = %node.spiffe_id, "malformed SVID authority report ignored");
+        return;
+    }
+    ids.sort();
+    ids.dedup();
+    let now = crate::ca::now_secs();
+    let refresh = crate::ca::READINESS_WINDOW.as_secs() / 4;
+    {
+        let m = ctx.reported.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((prev, at)) = m.get(&node.spiffe_id)
+            && *prev == ids
+            && now < at + refresh
+        {
+            return;
+        }
+    }
+    match ctx
+        .ds
+        .record_agent_authorities(&node.spiffe_id, &ids, now as i64)
+        .await
+    {
+        Ok(()) => {
+            ctx.reported
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(node.spiffe_id.clone(), (ids, now));
+        }
+        Err(e) => {
+            tracing::warn!(agent = %node.spiffe_id, error = %e, "cannot record SVID authorities")
+        }
+    }
 }
 
 /// Maps datastore failures to gRPC statuses.

@@ -1,0 +1,441 @@
+//! The LocalAuthority API on a running server: every precondition violation with its code and
+//! message (table-driven), nothing persisted by a refusal (bundle sequence unchanged), OLD
+//! authorities remembered beyond the next slot, revoke destroying the key in the KeyManager,
+//! and the CLI printing the whole prepare → activate → taint → revoke sequence.
+
+mod common;
+
+use common::*;
+use kame_api::pb;
+use kame_api::pb::localauthority as la;
+use la::local_authority_client::LocalAuthorityClient;
+use tonic::Code;
+use tonic::transport::Channel;
+
+#[derive(Clone, Copy, Debug)]
+enum K {
+    X509,
+    Jwt,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    Prepare { force: bool },
+    Activate,
+    Taint,
+    Revoke { force: bool },
+}
+
+async fn call(ch: Channel, k: K, op: Op, id: &str) -> Result<la::AuthorityState, tonic::Status> {
+    let mut c = LocalAuthorityClient::new(ch);
+    let id = id.to_string();
+    Ok(match (k, op) {
+        (K::X509, Op::Prepare { force }) => {
+            c.prepare_x509_authority(la::PrepareX509AuthorityRequest { force })
+                .await?
+                .into_inner()
+                .prepared_authority
+        }
+        (K::X509, Op::Activate) => {
+            c.activate_x509_authority(la::ActivateX509AuthorityRequest { authority_id: id })
+                .await?
+                .into_inner()
+                .activated_authority
+        }
+        (K::X509, Op::Taint) => {
+            c.taint_x509_authority(la::TaintX509AuthorityRequest { authority_id: id })
+                .await?
+                .into_inner()
+                .tainted_authority
+        }
+        (K::X509, Op::Revoke { force }) => {
+            c.revoke_x509_authority(la::RevokeX509AuthorityRequest {
+                authority_id: id,
+                force,
+            })
+            .await?
+            .into_inner()
+            .revoked_authority
+        }
+        (K::Jwt, Op::Prepare { force }) => {
+            c.prepare_jwt_authority(la::PrepareJwtAuthorityRequest { force })
+                .await?
+                .into_inner()
+                .prepared_authority
+        }
+        (K::Jwt, Op::Activate) => {
+            c.activate_jwt_authority(la::ActivateJwtAuthorityRequest { authority_id: id })
+                .await?
+                .into_inner()
+                .activated_authority
+        }
+        (K::Jwt, Op::Taint) => {
+            c.taint_jwt_authority(la::TaintJwtAuthorityRequest { authority_id: id })
+                .await?
+                .into_inner()
+                .tainted_authority
+        }
+        (K::Jwt, Op::Revoke { force }) => {
+            c.revoke_jwt_authority(la::RevokeJwtAuthorityRequest {
+                authority_id: id,
+                force,
+            })
+            .await?
+            .into_inner()
+            .revoked_authority
+        }
+    }
+    .expect("a state in every successful response"))
+}
+
+/// (active, prepared, old + older) authority IDs.
+async fn ids(ch: Channel, k: K) -> (String, Option<String>, Vec<String>) {
+    let mut c = LocalAuthorityClient::new(ch);
+    let (a, p, o, older) = match k {
+        K::X509 => {
+            let r = c
+                .get_x509_authority_state(la::GetX509AuthorityStateRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            (r.active, r.prepared, r.old, r.older)
+        }
+        K::Jwt => {
+            let r = c
+                .get_jwt_authority_state(la::GetJwtAuthorityStateRequest {})
+                .await
+                .unwrap()
+                .into_inner();
+            (r.active, r.prepared, r.old, r.older)
+        }
+    };
+    let mut old: Vec<String> = o.into_iter().map(|s| s.authority_id).collect();
+    old.extend(older.into_iter().map(|s| s.authority_id));
+    (a.unwrap().authority_id, p.map(|s| s.authority_id), old)
+}
+
+/// Runs a row of the table: the call is refused with `code` and a message containing
+/// `message`, and the bundle (sequence number included) is unchanged.
+async fn refused(s: &TestServer, k: K, op: Op, id: &str, code: Code, message: &str) {
+    let before = s.bundle().await;
+    let err = call(s.admin().await, k, op, id)
+        .await
+        .expect_err(&format!("{k:?} {op:?} {id:?} must be refused"));
+    assert_eq!(err.code(), code, "{k:?} {op:?} {id:?}: {}", err.message());
+    assert!(
+        err.message().contains(message),
+        "{k:?} {op:?} {id:?}: {:?} lacks {message:?}",
+        err.message()
+    );
+    assert_eq!(
+        s.bundle().await,
+        before,
+        "{k:?} {op:?}: a refusal changed the bundle"
+    );
+}
+
+async fn preconditions_for(s: &TestServer, k: K) {
+    use Code::{FailedPrecondition as FP, InvalidArgument as IA};
+    let (a, p, old) = ids(s.admin().await, k).await;
+    assert!(p.is_none() && old.is_empty());
+    let no = "no authority ID provided";
+    let unknown = if matches!(k, K::X509) {
+        "0123456789abcdef0123456789abcdef01234567"
+    } else {
+        "NoSuchKidNoSuchKidNoSuchKid12345"
+    };
+    // Only the active authority exists.
+    for (op, id, code, msg) in [
+        (Op::Activate, "", IA, no),
+        (Op::Activate, unknown, IA, "unknown"),
+        (Op::Activate, a.as_str(), FP, "already active"),
+        (Op::Taint, "", IA, no),
+        (Op::Taint, unknown, IA, "unknown"),
+        (Op::Taint, a.as_str(), FP, "is the active authority"),
+        (Op::Revoke { force: false }, "", IA, no),
+        (Op::Revoke { force: true }, unknown, IA, "unknown"),
+        (
+            Op::Revoke { force: true },
+            a.as_str(),
+            FP,
+            "is the active authority",
+        ),
+    ] {
+        refused(s, k, op, id, code, msg).await;
+    }
+    // A prepared authority: not replaced without force, not taintable or revocable.
+    let p1 = call(s.admin().await, k, Op::Prepare { force: false }, "")
+        .await
+        .unwrap()
+        .authority_id;
+    for (op, id, code, msg) in [
+        (Op::Prepare { force: false }, "", FP, "already prepared"),
+        (Op::Taint, p1.as_str(), FP, "is PREPARED"),
+        (Op::Revoke { force: true }, p1.as_str(), FP, "is PREPARED"),
+    ] {
+        refused(s, k, op, id, code, msg).await;
+    }
+    // With force, p1 is replaced and remembered as OLD.
+    let p2 = call(s.admin().await, k, Op::Prepare { force: true }, "")
+        .await
+        .unwrap()
+        .authority_id;
+    assert_ne!(p1, p2);
+    refused(s, k, Op::Activate, &p1, FP, "only a PREPARED authority").await;
+    let act = call(s.admin().await, k, Op::Activate, &p2).await.unwrap();
+    assert_eq!(act.authority_id, p2);
+    let (a2, p, old) = ids(s.admin().await, k).await;
+    assert_eq!((a2.as_str(), p), (p2.as_str(), None));
+    assert_eq!(
+        old,
+        vec![a.clone(), p1.clone()],
+        "old first, then the older ones"
+    );
+    // Revoke needs a taint; a taint is done once.
+    refused(s, k, Op::Revoke { force: true }, &a, FP, "not tainted").await;
+    let t = call(s.admin().await, k, Op::Taint, &a).await.unwrap();
+    assert!(t.tainted);
+    refused(s, k, Op::Taint, &a, FP, "already tainted").await;
+    refused(s, k, Op::Activate, &a, FP, "only a PREPARED authority").await;
+    // The older authority (beyond the next slot) can still be tainted and revoked.
+    call(s.admin().await, k, Op::Taint, &p1).await.unwrap();
+    for id in [&a, &p1] {
+        let r = call(s.admin().await, k, Op::Revoke { force: false }, id)
+            .await
+            .unwrap();
+        assert_eq!(&r.authority_id, id);
+        refused(s, k, Op::Revoke { force: true }, id, IA, "unknown").await;
+    }
+    let b = s.bundle().await;
+    match k {
+        K::X509 => assert_eq!(b.x509_authorities.len(), 1, "only the active root is left"),
+        K::Jwt => assert_eq!(
+            b.jwt_authorities
+                .iter()
+                .map(|j| j.key_id.clone())
+                .collect::<Vec<_>>(),
+            vec![p2.clone()]
+        ),
+    }
+    let (_, _, old) = ids(s.admin().await, k).await;
+    assert!(old.is_empty(), "revoked authorities are forgotten: {old:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn localauthority_every_precondition_violation_has_its_code_and_persists_nothing() {
+    let s = TestServer::start(Opts::default()).await;
+    preconditions_for(&s, K::X509).await;
+    preconditions_for(&s, K::Jwt).await;
+    // Upstream RPCs with no upstream authority configured; WIT is not implemented.
+    let mut c = LocalAuthorityClient::new(s.admin().await);
+    let e = c
+        .taint_x509_upstream_authority(la::TaintX509UpstreamAuthorityRequest {
+            subject_key_id: "ab".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
+    assert!(e.message().contains("no upstream authority"));
+    let e = c
+        .revoke_x509_upstream_authority(la::RevokeX509UpstreamAuthorityRequest {
+            subject_key_id: "ab".into(),
+            force: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let e = c
+        .prepare_wit_authority(la::PrepareWitAuthorityRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented);
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn localauthority_needs_a_local_or_admin_caller() {
+    let s = TestServer::start(Opts::default()).await;
+    let roots: Vec<Vec<u8>> = s
+        .bundle()
+        .await
+        .x509_authorities
+        .iter()
+        .map(|c| c.asn1.clone())
+        .collect();
+    // Over TCP without a client certificate.
+    let ch = tls_channel(s.tcp_port, roots, None).await.unwrap();
+    let e = LocalAuthorityClient::new(ch)
+        .prepare_x509_authority(la::PrepareX509AuthorityRequest { force: false })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{}", e.message());
+    let (_, p, _) = ids(s.admin().await, K::X509).await;
+    assert!(p.is_none(), "nothing was prepared");
+    s.stop().await;
+}
+
+fn keys_json_fingerprints(s: &TestServer) -> Vec<String> {
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(s.dir.path().join("data/keys.json")).unwrap())
+            .unwrap();
+    v["keys"].as_object().unwrap().keys().cloned().collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn localauthority_cli_runs_the_whole_sequence_and_revoke_destroys_the_key() {
+    let mut s = TestServer::start(Opts::default()).await;
+    let json = |o: &std::process::Output| -> serde_json::Value {
+        assert!(
+            o.status.success(),
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let show = json(
+        &s.cli(&["localauthority", "x509", "show", "--output", "json"])
+            .await,
+    );
+    let a = show["active"]["authority_id"].as_str().unwrap().to_string();
+    assert!(show["prepared"].is_null());
+    let p = json(
+        &s.cli(&["localauthority", "x509", "prepare", "--output", "json"])
+            .await,
+    );
+    let p = p["authority_id"].as_str().unwrap().to_string();
+    // Refused again without --force: the CLI fails and says why.
+    let o = s.cli(&["localauthority", "x509", "prepare"]).await;
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("FailedPrecondition"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    json(
+        &s.cli(&[
+            "localauthority",
+            "x509",
+            "activate",
+            "--authority-id",
+            &p,
+            "--output",
+            "json",
+        ])
+        .await,
+    );
+    assert!(keys_json_fingerprints(&s).contains(&"x509-CA-A".to_string()));
+    let o = s
+        .cli(&["localauthority", "x509", "taint", "--authority-id", &a])
+        .await;
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("Tainted X.509 authority:") && out.contains(&a),
+        "{out}"
+    );
+    let pretty = s.cli(&["localauthority", "x509", "show"]).await;
+    let pretty = String::from_utf8_lossy(&pretty.stdout).to_string();
+    for want in [
+        "Active X.509 authority:",
+        "Prepared X.509 authority:\n  No Prepared authority found",
+        "Old X.509 authority:",
+        "Tainted: true",
+        "Agents still holding SVIDs under it: 0",
+        " +0000 UTC",
+    ] {
+        assert!(pretty.contains(want), "{want:?} in\n{pretty}");
+    }
+    let r = json(
+        &s.cli(&[
+            "localauthority",
+            "x509",
+            "revoke",
+            "--authority-id",
+            &a,
+            "--output",
+            "json",
+        ])
+        .await,
+    );
+    assert_eq!(r["authority_id"], a.as_str());
+    // Gone from the bundle (bundle show) and from the KeyManager (the key file).
+    let b = json(&s.cli(&["bundle", "show", "--format", "spiffe"]).await);
+    assert_eq!(
+        b["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["use"] == "x509-svid")
+            .count(),
+        1
+    );
+    assert!(
+        !keys_json_fingerprints(&s).contains(&"x509-CA-A".to_string()),
+        "the revoked authority's key is destroyed"
+    );
+    // The JWT side through the CLI too.
+    let show = json(
+        &s.cli(&["localauthority", "jwt", "show", "--output", "json"])
+            .await,
+    );
+    let ja = show["active"]["authority_id"].as_str().unwrap().to_string();
+    let jp = json(
+        &s.cli(&["localauthority", "jwt", "prepare", "--output", "json"])
+            .await,
+    );
+    let jp = jp["authority_id"].as_str().unwrap().to_string();
+    json(
+        &s.cli(&[
+            "localauthority",
+            "jwt",
+            "activate",
+            "--authority-id",
+            &jp,
+            "--output",
+            "json",
+        ])
+        .await,
+    );
+    json(
+        &s.cli(&[
+            "localauthority",
+            "jwt",
+            "taint",
+            "--authority-id",
+            &ja,
+            "--output",
+            "json",
+        ])
+        .await,
+    );
+    json(
+        &s.cli(&[
+            "localauthority",
+            "jwt",
+            "revoke",
+            "--authority-id",
+            &ja,
+            "--output",
+            "json",
+        ])
+        .await,
+    );
+    let b = s.bundle().await;
+    assert!(b.jwt_authorities.iter().all(|k| k.key_id != ja));
+    assert!(!keys_json_fingerprints(&s).contains(&"JWT-Signer-A".to_string()));
+    // A restart keeps the new authorities and does not bring the revoked ones back.
+    s.restart().await;
+    let show = json(
+        &s.cli(&["localauthority", "x509", "show", "--output", "json"])
+            .await,
+    );
+    assert_eq!(show["active"]["authority_id"], p.as_str());
+    assert!(show["old"].is_null(), "{show}");
+    let o = s
+        .cli(&["upstreamauthority", "taint", "--subject-key-id", "ab"])
+        .await;
+    assert!(!o.status.success());
+    let _: pb::types::Bundle = s.bundle().await;
+    s.stop().await;
+}
