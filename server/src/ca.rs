@@ -565,6 +565,9 @@ impl Ca {
                 continue;
             };
             if e.not_after <= now || !bundle.x509_authorities.iter().any(|c| c.asn1 == cert_der) {
+                // Expired, or revoked while this server was down: its key serves nothing.
+                self.dispose_unused(&x509_key_id(&e.slot), &e.key_fingerprint)
+                    .await;
                 continue;
             }
             let Ok(p) = x509svid::ParsedCert::parse(&cert_der) else {
@@ -604,6 +607,8 @@ impl Ca {
         let mut jwt: Vec<Arc<JwtAuthority>> = vec![];
         for e in journal.jwt {
             if e.not_after <= now || !bundle.jwt_authorities.iter().any(|k| k.key_id == e.kid) {
+                self.dispose_unused(&jwt_key_id(&e.slot), &e.key_fingerprint)
+                    .await;
                 continue;
             }
             let key = match self
@@ -638,6 +643,22 @@ impl Ca {
             info!(authority_id = %c.authority_id, slot = %c.slot, "loaded X.509 authority from journal");
         }
         Ok(())
+    }
+
+    /// Disposes of the key instance an unloadable journal entry names (the fingerprint check
+    /// leaves a newer key under the same id alone). Failures are logged; the slot's next
+    /// preparation replaces the key anyway.
+    async fn dispose_unused(&self, key_id: &str, fingerprint: &str) {
+        match self.km.delete_key(key_id, fingerprint).await {
+            Ok(true) => info!(
+                key_id,
+                "disposed of the key of an expired or revoked authority"
+            ),
+            Ok(false) => {}
+            Err(e) => {
+                warn!(key_id, error = %e, "cannot dispose of an expired or revoked authority's key")
+            }
+        }
     }
 
     async fn save_journal(&self) -> bool {

@@ -439,3 +439,130 @@ async fn localauthority_cli_runs_the_whole_sequence_and_revoke_destroys_the_key(
     let _: pb::types::Bundle = s.bundle().await;
     s.stop().await;
 }
+
+/// A second server on `first`'s datastore (its own keys, server id and admin socket): two
+/// servers of one trust domain sharing state, as in HA.
+async fn peer_of(first: &TestServer, o: Opts) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let shared = first.dir.path().join("data/datastore.sqlite3");
+    let own = dir.path().join("data/datastore.sqlite3");
+    let text = config_text(dir.path(), port, &o)
+        .replace(&own.display().to_string(), &shared.display().to_string());
+    let config_path = dir.path().join("server.conf");
+    std::fs::write(&config_path, text).unwrap();
+    let mut s = TestServer {
+        socket: dir.path().join("sock/api.sock"),
+        dir,
+        config_path,
+        running: None,
+        tcp_port: port,
+    };
+    s.restart().await;
+    s
+}
+
+fn holds_key(s: &TestServer, id: &str) -> bool {
+    keys_json_fingerprints(s).contains(&id.to_string())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn localauthority_ha_taint_and_revoke_of_a_peers_authority_reach_the_peer() {
+    // ca_ttl 2m: the rotation tick (ca_ttl/24) is 5 s.
+    let o = || Opts {
+        ca_ttl: "2m",
+        x509_ttl: "10s",
+        ..Default::default()
+    };
+    let s1 = TestServer::start(o()).await;
+    let s2 = peer_of(&s1, o()).await;
+    // The peer rotates: its first authority becomes OLD.
+    let old2 = ids(s2.admin().await, K::X509).await.0;
+    let p2 = call(s2.admin().await, K::X509, Op::Prepare { force: false }, "")
+        .await
+        .unwrap()
+        .authority_id;
+    call(s2.admin().await, K::X509, Op::Activate, &p2)
+        .await
+        .unwrap();
+    assert!(holds_key(&s2, "x509-CA-A"));
+    // Through the first server: the peer's active authority is refused, its OLD one is tainted
+    // and revoked (the peer's journal is in the shared datastore).
+    refused(
+        &s1,
+        K::X509,
+        Op::Taint,
+        &p2,
+        Code::FailedPrecondition,
+        "is the active authority",
+    )
+    .await;
+    call(s1.admin().await, K::X509, Op::Taint, &old2)
+        .await
+        .unwrap();
+    call(
+        s1.admin().await,
+        K::X509,
+        Op::Revoke { force: false },
+        &old2,
+    )
+    .await
+    .unwrap();
+    assert!(
+        s1.bundle()
+            .await
+            .x509_authorities
+            .iter()
+            .all(|c| kame_api::x509svid::ParsedCert::parse(&c.asn1)
+                .unwrap()
+                .subject_key_id()
+                .unwrap()
+                .map(hex::encode)
+                != Some(old2.clone())),
+        "the shared bundle no longer holds the revoked root"
+    );
+    // The peer acts on its next tick: the revoked authority is forgotten and its key destroyed.
+    wait_for(
+        "the peer to dispose of the revoked key",
+        std::time::Duration::from_secs(30),
+        || async { !holds_key(&s2, "x509-CA-A") },
+    )
+    .await;
+    let (_, _, old) = ids(s2.admin().await, K::X509).await;
+    assert!(old.is_empty(), "{old:?}");
+    s2.stop().await;
+    s1.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn localauthority_ha_authority_revoked_while_its_server_is_down_is_disposed_at_start() {
+    let s1 = TestServer::start(Opts::default()).await;
+    let mut s2 = peer_of(&s1, Opts::default()).await;
+    let old = ids(s2.admin().await, K::Jwt).await.0;
+    let p = call(s2.admin().await, K::Jwt, Op::Prepare { force: false }, "")
+        .await
+        .unwrap()
+        .authority_id;
+    call(s2.admin().await, K::Jwt, Op::Activate, &p)
+        .await
+        .unwrap();
+    // Down while the others taint and revoke its OLD key.
+    if let Some(r) = s2.running.take() {
+        r.stop().await;
+    }
+    assert!(holds_key(&s2, "JWT-Signer-A"));
+    call(s1.admin().await, K::Jwt, Op::Taint, &old)
+        .await
+        .unwrap();
+    call(s1.admin().await, K::Jwt, Op::Revoke { force: false }, &old)
+        .await
+        .unwrap();
+    s2.restart().await;
+    assert!(
+        !holds_key(&s2, "JWT-Signer-A"),
+        "the revoked authority's key is destroyed when the journal is loaded"
+    );
+    assert_eq!(ids(s2.admin().await, K::Jwt).await.0, p);
+    s2.stop().await;
+    s1.stop().await;
+}
