@@ -230,7 +230,12 @@ fn time_der(secs: u64) -> Result<Vec<u8>, Error> {
     Ok(out)
 }
 
-fn ext_der(oid: ObjectIdentifier, critical: bool, value: &impl Encode) -> Result<Vec<u8>, Error> {
+/// One X.509 extension, DER-encoded (for other certificate profiles built on [`tbs`]).
+pub fn ext_der(
+    oid: ObjectIdentifier,
+    critical: bool,
+    value: &impl Encode,
+) -> Result<Vec<u8>, Error> {
     Extension {
         extn_id: oid,
         critical,
@@ -252,8 +257,12 @@ fn san_der(uri: &str, dns_names: &[String], critical: bool) -> Result<Vec<u8>, E
     ext_der(SubjectAltName::OID, critical, &SubjectAltName(names))
 }
 
+/// A v3 TBSCertificate from its parts, all DER: the signature algorithm, issuer and subject
+/// Names, SubjectPublicKeyInfo and extensions; times are unix seconds (UTCTime through 2049,
+/// GeneralizedTime after, up to 9999-12-31T23:59:59Z). Other certificate profiles (IEEE
+/// 802.1AR DevIDs) build on it.
 #[allow(clippy::too_many_arguments)]
-fn tbs(
+pub fn tbs(
     serial: &[u8],
     alg_der: &[u8],
     issuer_der: &[u8],

@@ -1,13 +1,20 @@
-//! Reading the IEEE 802.1AR DevID certificate fields attestation uses: the subject
-//! serialNumber attribute (OID 2.5.4.5) and the SAN otherName hardwareModuleName
-//! (RFC 4108 §5, OID 1.3.6.1.5.5.7.8.4: SEQUENCE { hwType OID, hwSerialNum OCTET STRING }).
-//! Pure parsing of DER; unknown or malformed fields are skipped, never a panic.
+//! The IEEE 802.1AR DevID certificate profile: reading the fields attestation uses (the subject
+//! serialNumber attribute, OID 2.5.4.5, and the SAN otherName hardwareModuleName, RFC 4108 §5,
+//! OID 1.3.6.1.5.5.7.8.4: SEQUENCE { hwType OID, hwSerialNum OCTET STRING }), building the TBS
+//! of IAK, IDevID and LDevID certificates, and checking a certificate against the profile. Pure
+//! DER work: it never signs (the CA's KeyManager does) and never panics on input.
 
-use der::asn1::{ObjectIdentifier, OctetString};
+use const_oid::AssociatedOid;
+use der::Encode;
+use der::asn1::{Any, ObjectIdentifier, OctetString};
+use kame_api::x509svid::{self, IssuerInfo};
 use x509_cert::Certificate;
 use x509_cert::der::Decode;
-use x509_cert::ext::pkix::SubjectAltName;
-use x509_cert::ext::pkix::name::GeneralName;
+use x509_cert::ext::pkix::name::{GeneralName, OtherName};
+use x509_cert::ext::pkix::{
+    AuthorityKeyIdentifier, CertificatePolicies, KeyUsage, KeyUsages, SubjectAltName,
+    SubjectKeyIdentifier, certpolicy::PolicyInformation,
+};
 
 /// id-on-hardwareModuleName (RFC 4108).
 pub const HARDWARE_MODULE_NAME: ObjectIdentifier =
@@ -64,4 +71,459 @@ pub fn hardware_module_names(cert_der: &[u8]) -> Vec<(String, Vec<u8>)> {
         }
     }
     out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building and checking DevID certificates (IEEE 802.1AR-2018 §8, with the TCG "TPM 2.0 Keys
+// for Device Identity and Attestation" v1.0 rev 12 certificate policies).
+
+/// tcg-cap-verifiedTPMResidency: the CA verified that the key is resident in the same TPM as a
+/// genuine EK (TCG DevID v1.0 rev 12 §8 (certificate policies, p. 60): "An IDevID/IAK … SHOULD
+/// include tcg-cap-verifiedTPMResidency … and also one of tcg-cap-verifiedTPMFixed (IDevID) or
+/// tcg-cap-verifiedTPMRestricted (IAK)"; OID arc 2.23.133.11.1 of the TCG OID registry).
+pub const TCG_CAP_VERIFIED_TPM_RESIDENCY: ObjectIdentifier =
+    ObjectIdentifier::new_unwrap("2.23.133.11.1.1");
+/// tcg-cap-verifiedTPMFixed: the key is fixedTPM (IDevID, LDevID). Same source.
+pub const TCG_CAP_VERIFIED_TPM_FIXED: ObjectIdentifier =
+    ObjectIdentifier::new_unwrap("2.23.133.11.1.2");
+/// tcg-cap-verifiedTPMRestricted: the key is a restricted signing key (IAK). Same source.
+pub const TCG_CAP_VERIFIED_TPM_RESTRICTED: ObjectIdentifier =
+    ObjectIdentifier::new_unwrap("2.23.133.11.1.3");
+/// tcg-sv-tpm20: the hwType of a hardwareModuleName naming a TPM 2.0 (TCG EK Credential
+/// Profile 2.5 §3.2.12 / TCG OID registry 2.23.133.1.2).
+pub const TCG_SV_TPM20: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.23.133.1.2");
+
+/// The DevID certificate kinds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DevIdKind {
+    /// Initial Attestation Key (a restricted signing key).
+    Iak,
+    /// Initial Device Identity (the manufacturer's, an unrestricted signing key).
+    IDevId,
+    /// Locally significant Device Identity (the owner's).
+    LDevId,
+}
+
+impl DevIdKind {
+    /// The TCG certificate policies a certificate of this kind carries.
+    pub fn policies(self) -> [ObjectIdentifier; 2] {
+        match self {
+            DevIdKind::Iak => [
+                TCG_CAP_VERIFIED_TPM_RESIDENCY,
+                TCG_CAP_VERIFIED_TPM_RESTRICTED,
+            ],
+            DevIdKind::IDevId | DevIdKind::LDevId => {
+                [TCG_CAP_VERIFIED_TPM_RESIDENCY, TCG_CAP_VERIFIED_TPM_FIXED]
+            }
+        }
+    }
+}
+
+/// 9999-12-31T23:59:59Z: "no well-defined expiration date" (IEEE 802.1AR-2018 §8.5, RFC 5280
+/// §4.1.2.5), allowed for IDevIDs and IAKs.
+pub const NO_EXPIRY: u64 = 253_402_300_799;
+
+/// Why a DevID certificate could not be built or does not follow the profile, one variant per
+/// check.
+#[derive(Debug, thiserror::Error)]
+pub enum ProfileError {
+    #[error("not a certificate: {0}")]
+    Parse(String),
+    #[error("encoding failed: {0}")]
+    Encode(String),
+    #[error("the subject has no serialNumber attribute (IEEE 802.1AR §8.6)")]
+    NoSerialNumber,
+    #[error("the subjectAltName has no hardwareModuleName (IEEE 802.1AR §8.9)")]
+    NoHardwareModuleName,
+    #[error("keyUsage is missing or not critical (IEEE 802.1AR §8.10)")]
+    KeyUsageNotCritical,
+    #[error("keyUsage lacks digitalSignature")]
+    NoDigitalSignature,
+    #[error("keyUsage allows certificate or CRL signing: a DevID is an end-entity key")]
+    SigningCaKeyUsage,
+    #[error("certificate policy {0} ({1}) is missing")]
+    MissingPolicy(String, &'static str),
+    #[error("{0}")]
+    Api(#[from] kame_api::Error),
+}
+
+fn enc(e: der::Error) -> ProfileError {
+    ProfileError::Encode(e.to_string())
+}
+
+/// What goes into a DevID certificate.
+#[derive(Debug, Clone)]
+pub struct DevIdParams<'a> {
+    pub kind: DevIdKind,
+    /// The subject without the serialNumber, e.g. `O=Example Devices, CN=sensor`.
+    pub subject: &'a str,
+    /// The device serial number (subject serialNumber).
+    pub serial_number: &'a str,
+    /// hardwareModuleName: the hardware type and its serial number.
+    pub hw_type: ObjectIdentifier,
+    pub hw_serial: &'a [u8],
+    /// The certified key.
+    pub spki_der: &'a [u8],
+    /// The certificate's serial number (positive, 1 to 20 bytes).
+    pub cert_serial: &'a [u8],
+    pub not_before: u64,
+    /// None: [`NO_EXPIRY`].
+    pub not_after: Option<u64>,
+}
+
+/// The hardwareModuleName otherName (RFC 4108 §5).
+fn hmn_general_name(
+    hw_type: ObjectIdentifier,
+    hw_serial: &[u8],
+) -> Result<GeneralName, ProfileError> {
+    let hmn = HardwareModuleName {
+        hw_type,
+        hw_serial_num: OctetString::new(hw_serial).map_err(enc)?,
+    };
+    Ok(GeneralName::OtherName(OtherName {
+        type_id: HARDWARE_MODULE_NAME,
+        value: Any::encode_from(&hmn).map_err(enc)?,
+    }))
+}
+
+/// The TBSCertificate of a DevID certificate issued by `issuer`: subject with serialNumber,
+/// SAN hardwareModuleName, critical keyUsage digitalSignature, the kind's TCG certificate
+/// policies, SKI and AKI. Sign it with the issuer's key and [`x509svid::assemble`] it.
+pub fn devid_tbs(p: &DevIdParams<'_>, issuer: &IssuerInfo) -> Result<Vec<u8>, ProfileError> {
+    let subject =
+        x509svid::parse_name(&format!("{}, serialNumber={}", p.subject, p.serial_number))?;
+    let subject_der = subject.to_der().map_err(enc)?;
+    let ski = x509svid::subject_key_id(p.spki_der)?;
+    let exts = vec![
+        x509svid::ext_der(
+            KeyUsage::OID,
+            true,
+            &KeyUsage(KeyUsages::DigitalSignature.into()),
+        )?,
+        x509svid::ext_der(
+            SubjectAltName::OID,
+            false,
+            &SubjectAltName(vec![hmn_general_name(p.hw_type, p.hw_serial)?]),
+        )?,
+        x509svid::ext_der(
+            CertificatePolicies::OID,
+            false,
+            &CertificatePolicies(
+                p.kind
+                    .policies()
+                    .into_iter()
+                    .map(|policy_identifier| PolicyInformation {
+                        policy_identifier,
+                        policy_qualifiers: None,
+                    })
+                    .collect(),
+            ),
+        )?,
+        x509svid::ext_der(
+            SubjectKeyIdentifier::OID,
+            false,
+            &SubjectKeyIdentifier(OctetString::new(ski).map_err(enc)?),
+        )?,
+        x509svid::ext_der(
+            AuthorityKeyIdentifier::OID,
+            false,
+            &AuthorityKeyIdentifier {
+                key_identifier: Some(OctetString::new(issuer.key_id.clone()).map_err(enc)?),
+                authority_cert_issuer: None,
+                authority_cert_serial_number: None,
+            },
+        )?,
+    ];
+    let alg_der = issuer.signature_algorithm.to_der().map_err(enc)?;
+    Ok(x509svid::tbs(
+        p.cert_serial,
+        &alg_der,
+        &issuer.subject_der,
+        p.not_before,
+        p.not_after.unwrap_or(NO_EXPIRY),
+        &subject_der,
+        p.spki_der,
+        &exts,
+    )?)
+}
+
+/// The 802.1AR fields of a DevID certificate that follows the profile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DevIdInfo {
+    pub serial_number: String,
+    /// (hwType OID, hwSerialNum)
+    pub hardware_module_name: (String, Vec<u8>),
+}
+
+/// Checks that `cert_der` follows the DevID profile for `kind`: a subject serialNumber, a
+/// hardwareModuleName, a critical keyUsage with digitalSignature and without keyCertSign or
+/// cRLSign, and the kind's TCG certificate policies. (Chain and signature checks are
+/// [`crate::chain`]'s.)
+pub fn check_devid_cert(cert_der: &[u8], kind: DevIdKind) -> Result<DevIdInfo, ProfileError> {
+    let cert = Certificate::from_der(cert_der).map_err(|e| ProfileError::Parse(e.to_string()))?;
+    let tbs = cert.tbs_certificate();
+    let serial_number = subject_serial_numbers(cert_der)
+        .into_iter()
+        .next()
+        .ok_or(ProfileError::NoSerialNumber)?;
+    let hardware_module_name = hardware_module_names(cert_der)
+        .into_iter()
+        .next()
+        .ok_or(ProfileError::NoHardwareModuleName)?;
+    match tbs.get_extension::<KeyUsage>() {
+        Ok(Some((true, ku))) => {
+            if !ku.digital_signature() {
+                return Err(ProfileError::NoDigitalSignature);
+            }
+            if ku.key_cert_sign() || ku.crl_sign() {
+                return Err(ProfileError::SigningCaKeyUsage);
+            }
+        }
+        _ => return Err(ProfileError::KeyUsageNotCritical),
+    }
+    let policies: Vec<ObjectIdentifier> = match tbs.get_extension::<CertificatePolicies>() {
+        Ok(Some((_, p))) => p.0.iter().map(|i| i.policy_identifier).collect(),
+        _ => vec![],
+    };
+    for (oid, name) in kind.policies().into_iter().zip(match kind {
+        DevIdKind::Iak => [
+            "tcg-cap-verifiedTPMResidency",
+            "tcg-cap-verifiedTPMRestricted",
+        ],
+        _ => ["tcg-cap-verifiedTPMResidency", "tcg-cap-verifiedTPMFixed"],
+    }) {
+        if !policies.contains(&oid) {
+            return Err(ProfileError::MissingPolicy(oid.to_string(), name));
+        }
+    }
+    Ok(DevIdInfo {
+        serial_number,
+        hardware_module_name,
+    })
+}
+
+/// The TBSCertificate of a DevID-issuing CA (manufacturer or owner CA): cA=true, critical
+/// keyUsage keyCertSign+cRLSign, SKI, and AKI when `issuer` is given (else self-signed; the
+/// signature algorithm is then the key's own, given as `self_alg_der`).
+pub fn ca_tbs(
+    subject: &str,
+    spki_der: &[u8],
+    serial: &[u8],
+    not_before: u64,
+    not_after: u64,
+    issuer: Option<&IssuerInfo>,
+) -> Result<Vec<u8>, ProfileError> {
+    use x509_cert::ext::pkix::BasicConstraints;
+    let subject_der = x509svid::parse_name(subject)?.to_der().map_err(enc)?;
+    let ski = x509svid::subject_key_id(spki_der)?;
+    let key = kame_api::keys::KeyInfo::from_spki_der(spki_der)?;
+    let (issuer_der, aki, alg_der) = match issuer {
+        Some(i) => (
+            i.subject_der.clone(),
+            i.key_id.clone(),
+            i.signature_algorithm.to_der().map_err(enc)?,
+        ),
+        None => (
+            subject_der.clone(),
+            ski.clone(),
+            key.x509_signature_algorithm().to_der().map_err(enc)?,
+        ),
+    };
+    let exts = vec![
+        x509svid::ext_der(
+            BasicConstraints::OID,
+            true,
+            &BasicConstraints {
+                ca: true,
+                path_len_constraint: None,
+            },
+        )?,
+        x509svid::ext_der(
+            KeyUsage::OID,
+            true,
+            &KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign),
+        )?,
+        x509svid::ext_der(
+            SubjectKeyIdentifier::OID,
+            false,
+            &SubjectKeyIdentifier(OctetString::new(ski).map_err(enc)?),
+        )?,
+        x509svid::ext_der(
+            AuthorityKeyIdentifier::OID,
+            false,
+            &AuthorityKeyIdentifier {
+                key_identifier: Some(OctetString::new(aki).map_err(enc)?),
+                authority_cert_issuer: None,
+                authority_cert_serial_number: None,
+            },
+        )?,
+    ];
+    Ok(x509svid::tbs(
+        serial,
+        &alg_der,
+        &issuer_der,
+        not_before,
+        not_after,
+        &subject_der,
+        spki_der,
+        &exts,
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::rand::SystemRandom;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+
+    fn key() -> (EcdsaKeyPair, Vec<u8>) {
+        let k = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
+        let spki = k.public_key().as_der().unwrap().as_ref().to_vec();
+        (k, spki)
+    }
+
+    fn sign(k: &EcdsaKeyPair, tbs: &[u8]) -> Vec<u8> {
+        k.sign(&SystemRandom::new(), tbs).unwrap().as_ref().to_vec()
+    }
+
+    /// A self-signed manufacturer CA and a DevID of `kind` it issues.
+    fn issue(kind: DevIdKind, not_after: Option<u64>) -> (Vec<u8>, Vec<u8>) {
+        let (ca_key, ca_spki) = key();
+        let tbs = ca_tbs(
+            "C=US, O=Kame Devices, CN=Manufacturer CA",
+            &ca_spki,
+            &[1],
+            1_700_000_000,
+            1_900_000_000,
+            None,
+        )
+        .unwrap();
+        let alg = kame_api::keys::KeyInfo::from_spki_der(&ca_spki)
+            .unwrap()
+            .x509_signature_algorithm();
+        let ca = x509svid::assemble(&tbs, &alg, &sign(&ca_key, &tbs)).unwrap();
+        let issuer = IssuerInfo::from_cert_der(&ca).unwrap();
+        let (_, spki) = key();
+        let tbs = devid_tbs(
+            &DevIdParams {
+                kind,
+                subject: "O=Kame Devices, CN=edge-sensor",
+                serial_number: "SN-0042",
+                hw_type: TCG_SV_TPM20,
+                hw_serial: b"IBM:ek-aki:0042",
+                spki_der: &spki,
+                cert_serial: &[0x42],
+                not_before: 1_700_000_000,
+                not_after,
+            },
+            &issuer,
+        )
+        .unwrap();
+        let cert =
+            x509svid::assemble(&tbs, &issuer.signature_algorithm, &sign(&ca_key, &tbs)).unwrap();
+        (ca, cert)
+    }
+
+    #[test]
+    fn devid_8021ar_idevid_carries_serial_number_hmn_critical_ku_and_tcg_policies() {
+        let (ca, cert) = issue(DevIdKind::IDevId, None);
+        let info = check_devid_cert(&cert, DevIdKind::IDevId).unwrap();
+        assert_eq!(info.serial_number, "SN-0042");
+        assert_eq!(
+            info.hardware_module_name,
+            ("2.23.133.1.2".to_string(), b"IBM:ek-aki:0042".to_vec())
+        );
+        let p = x509svid::ParsedCert::parse(&cert).unwrap();
+        assert_eq!(p.not_after(), NO_EXPIRY, "99991231235959Z for an IDevID");
+        p.check_signed_by(
+            &x509svid::ParsedCert::parse(&ca)
+                .unwrap()
+                .spki_der()
+                .unwrap(),
+        )
+        .unwrap();
+        // An IDevID is not an IAK: the restricted-key policy is missing.
+        assert!(matches!(
+            check_devid_cert(&cert, DevIdKind::Iak),
+            Err(ProfileError::MissingPolicy(o, "tcg-cap-verifiedTPMRestricted")) if o == "2.23.133.11.1.3"
+        ));
+        let (_, iak) = issue(DevIdKind::Iak, Some(1_800_000_000));
+        check_devid_cert(&iak, DevIdKind::Iak).unwrap();
+    }
+
+    #[test]
+    fn devid_8021ar_profile_refuses_a_ca_certificate_and_a_plain_certificate() {
+        let (ca, _) = issue(DevIdKind::IDevId, None);
+        assert!(matches!(
+            check_devid_cert(&ca, DevIdKind::IDevId),
+            Err(ProfileError::NoSerialNumber)
+        ));
+        assert!(matches!(
+            check_devid_cert(b"not der", DevIdKind::IDevId),
+            Err(ProfileError::Parse(_))
+        ));
+    }
+
+    #[test]
+    fn devid_8021ar_openssl_shows_hardware_module_name_and_serial_number() {
+        let (_, cert) = issue(DevIdKind::IDevId, None);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idevid.der");
+        std::fs::write(&path, &cert).unwrap();
+        let openssl = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .arg(&path)
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        let text = openssl(&["x509", "-inform", "DER", "-noout", "-text", "-in"]);
+        assert!(text.contains("serialNumber = SN-0042"), "{text}");
+        // OpenSSL 3.0 names the otherName by its OID (later releases decode it as
+        // hardwareModuleName); its content is checked with asn1parse below.
+        assert!(
+            text.contains("othername: 1.3.6.1.5.5.7.8.4::") || text.contains("hardwareModuleName"),
+            "{text}"
+        );
+        assert!(text.contains("Policy: 2.23.133.11.1.1"), "{text}");
+        assert!(text.contains("Policy: 2.23.133.11.1.2"), "{text}");
+        assert!(
+            text.contains("Key Usage: critical\n                Digital Signature\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("Not After : Dec 31 23:59:59 9999 GMT"),
+            "{text}"
+        );
+        // asn1parse of the SAN extension's value (the OCTET STRING after its OID).
+        let asn1 = openssl(&["asn1parse", "-inform", "DER", "-in"]);
+        let san_value = asn1
+            .lines()
+            .skip_while(|l| !l.contains("X509v3 Subject Alternative Name"))
+            .nth(1)
+            .and_then(|l| l.split(':').next())
+            .map(|o| o.trim().to_string())
+            .unwrap_or_default();
+        let hmn = openssl(&[
+            "asn1parse",
+            "-inform",
+            "DER",
+            "-strparse",
+            &san_value,
+            "-in",
+        ]);
+        assert!(hmn.contains("1.3.6.1.5.5.7.8.4"), "{hmn}");
+        assert!(hmn.contains("2.23.133.1.2"), "hwType in {hmn}");
+        assert!(
+            hmn.contains("OCTET STRING      :IBM:ek-aki:0042"),
+            "hwSerialNum in {hmn}"
+        );
+    }
 }
