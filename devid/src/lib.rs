@@ -1,6 +1,8 @@
 //! Device identities (IEEE 802.1AR, TCG "TPM 2.0 Keys for Device Identity and Attestation").
-//! So far: generic X.509 chain validation for TPM and device certificates (EK, IDevID, LDevID),
-//! which are not SPIFFE SVIDs, and reading the 802.1AR fields attestation uses. It must not talk to the server or the agent.
+//! X.509 chain validation for TPM and device certificates (EK, IDevID, LDevID), which are not
+//! SPIFFE SVIDs; the 802.1AR certificate profile (build and check); and the CA's side of TCG
+//! enrollment (the TCG-CSR-IDEVID request, its checks, credential activation challenges). It must not talk to the server or the agent.
 
 pub mod chain;
+pub mod enroll;
 pub mod profile;

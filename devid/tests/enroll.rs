@@ -1,0 +1,372 @@
+//! TCG enrollment on software TPMs: a device builds a TCG-CSR-IDEVID (EK certificate, IAK and
+//! IDevID publics, TPM2_Certify of the IDevID by the IAK, signed by the IDevID), the CA checks
+//! it, challenges the IAK's residency with the EK by credential activation, and issues the IAK
+//! and IDevID certificates. Every refusal is its own error and nothing is issued.
+//!
+//! Here the IAK is a restricted signing key under the EK and the IDevID key an unrestricted
+//! signing key under the SRK: the CA's checks are the same for the TCG's primary-key
+//! templates.
+
+use kame_devid::enroll::{
+    Challenges, EnrollError, IdevidRequest, VerifiedRequest, verify_idevid_request,
+};
+use kame_devid::profile::{DevIdKind, DevIdParams, check_devid_cert, devid_tbs};
+use kame_tpm::device::{AkBlob, AkParent, Device, EkAlg, KeyBlob};
+use kame_tpm::testing::SwTpm;
+use kame_tpm::wire::{self, public::templates};
+use std::time::Duration;
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn der_of_pem(pem: &str) -> Vec<Vec<u8>> {
+    use base64::Engine;
+    let mut out = vec![];
+    let mut b64 = String::new();
+    let mut inside = false;
+    for l in pem.lines() {
+        if l.starts_with("-----BEGIN") {
+            inside = true;
+            b64.clear();
+        } else if l.starts_with("-----END") {
+            inside = false;
+            out.push(
+                base64::engine::general_purpose::STANDARD
+                    .decode(&b64)
+                    .unwrap(),
+            );
+        } else if inside {
+            b64.push_str(l.trim());
+        }
+    }
+    out
+}
+
+/// The swtpm vendor CAs: (roots, intermediates).
+fn vendor_cas(tpm: &SwTpm) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let root = std::fs::read_to_string(tpm.dir().join("ek-root-ca.pem")).unwrap();
+    let inter = std::fs::read_to_string(tpm.dir().join("ek-intermediate-ca.pem")).unwrap();
+    (der_of_pem(&root), der_of_pem(&inter))
+}
+
+struct Device1 {
+    tpm: SwTpm,
+    dev: Device,
+    iak: AkBlob,
+    idevid: KeyBlob,
+}
+
+fn device() -> Device1 {
+    let tpm = SwTpm::start().unwrap();
+    let mut dev = Device::open(&tpm.tcti).unwrap();
+    let iak = dev.create_ak(EkAlg::Rsa2048, false).unwrap();
+    let idevid = dev
+        .create_under_srk(&templates::bytes(templates::DEVID_RSA))
+        .unwrap();
+    Device1 {
+        tpm,
+        dev,
+        iak,
+        idevid,
+    }
+}
+
+/// A request from `d` with `attest` as the IAK (its public, and the certify it makes), signed
+/// by `signer`.
+fn request_with(d: &mut Device1, attest: &AkBlob, idevid: &KeyBlob, signer: &KeyBlob) -> Vec<u8> {
+    let (certify, certify_sig) = d.dev.certify(EkAlg::Rsa2048, attest, idevid, &[]).unwrap();
+    let req = IdevidRequest {
+        hash_alg: wire::alg::SHA256,
+        prod_model: "kame-edge-1".into(),
+        prod_serial: "SN-0042".into(),
+        ek_cert: d.dev.ek_certificate(EkAlg::Rsa2048).unwrap().unwrap(),
+        attest_pub: attest.public.clone(),
+        signing_pub: idevid.public.clone(),
+        sgn_certify_info: certify,
+        sgn_certify_info_sig: certify_sig,
+        ..Default::default()
+    };
+    let sig = d.dev.sign(signer, &req.content().unwrap()).unwrap();
+    req.encode(&sig).unwrap()
+}
+
+fn request(d: &mut Device1) -> Vec<u8> {
+    let (iak, idevid) = (d.iak.clone(), d.idevid.clone());
+    request_with(d, &iak, &idevid, &idevid)
+}
+
+fn verify(d: &Device1, bytes: &[u8]) -> Result<VerifiedRequest, EnrollError> {
+    let (roots, inter) = vendor_cas(&d.tpm);
+    verify_idevid_request(bytes, &roots, &inter, now())
+}
+
+/// The manufacturer CA: a P-256 key and its self-signed certificate.
+fn manufacturer_ca() -> (aws_lc_rs::signature::EcdsaKeyPair, Vec<u8>) {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+    let k = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
+    let spki = k.public_key().as_der().unwrap().as_ref().to_vec();
+    let tbs = kame_devid::profile::ca_tbs(
+        "C=US, O=Kame Devices, CN=Manufacturer CA",
+        &spki,
+        &[1],
+        now() - 10,
+        now() + 86400,
+        None,
+    )
+    .unwrap();
+    let alg = kame_api::keys::KeyInfo::from_spki_der(&spki)
+        .unwrap()
+        .x509_signature_algorithm();
+    let sig = k.sign(&aws_lc_rs::rand::SystemRandom::new(), &tbs).unwrap();
+    let cert = kame_api::x509svid::assemble(&tbs, &alg, sig.as_ref()).unwrap();
+    (k, cert)
+}
+
+#[test]
+fn tcg_enroll_manufacture_iak_and_idevid_certificates_after_credential_activation() {
+    let mut d = device();
+    let bytes = request(&mut d);
+    let verified = verify(&d, &bytes).unwrap();
+    assert_eq!(verified.request.prod_serial, "SN-0042");
+    let challenges = Challenges::new(Duration::from_secs(60));
+    let ch = challenges.issue(verified).unwrap();
+    let iak = d.iak.clone();
+    let secret = d
+        .dev
+        .activate_credential(
+            EkAlg::Rsa2048,
+            &iak,
+            &ch.credential_blob,
+            &ch.encrypted_secret,
+        )
+        .unwrap();
+    let ok = challenges.answer(&ch.id, &secret).unwrap();
+    // Replayed: the challenge is spent.
+    assert!(matches!(
+        challenges.answer(&ch.id, &secret),
+        Err(EnrollError::UnknownChallenge)
+    ));
+    // The CA issues both certificates; they follow the profile and chain to it.
+    let (ca_key, ca_cert) = manufacturer_ca();
+    let issuer = kame_api::x509svid::IssuerInfo::from_cert_der(&ca_cert).unwrap();
+    for (kind, key, serial) in [
+        (DevIdKind::Iak, &ok.iak, [0x11u8]),
+        (DevIdKind::IDevId, &ok.idevid, [0x12u8]),
+    ] {
+        let spki = key.spki_der().unwrap();
+        let tbs = devid_tbs(
+            &DevIdParams {
+                kind,
+                subject: "O=Kame Devices, CN=kame-edge-1",
+                serial_number: &ok.request.prod_serial,
+                hw_type: kame_devid::profile::TCG_SV_TPM20,
+                hw_serial: ok.request.prod_serial.as_bytes(),
+                spki_der: &spki,
+                cert_serial: &serial,
+                not_before: now() - 10,
+                not_after: None,
+            },
+            &issuer,
+        )
+        .unwrap();
+        let sig = ca_key
+            .sign(&aws_lc_rs::rand::SystemRandom::new(), &tbs)
+            .unwrap();
+        let cert =
+            kame_api::x509svid::assemble(&tbs, &issuer.signature_algorithm, sig.as_ref()).unwrap();
+        let info = check_devid_cert(&cert, kind).unwrap();
+        assert_eq!(info.serial_number, "SN-0042");
+        kame_devid::chain::verify(&cert, &[], std::slice::from_ref(&ca_cert), now()).unwrap();
+    }
+}
+
+#[test]
+fn tcg_enroll_rejects_a_wrong_credential_answer_and_spends_the_challenge() {
+    let mut d = device();
+    let bytes = request(&mut d);
+    let challenges = Challenges::new(Duration::from_secs(60));
+    let ch = challenges.issue(verify(&d, &bytes).unwrap()).unwrap();
+    assert!(matches!(
+        challenges.answer(&ch.id, &[0u8; 32]),
+        Err(EnrollError::WrongAnswer)
+    ));
+    assert!(matches!(
+        challenges.answer(&ch.id, &[0u8; 32]),
+        Err(EnrollError::UnknownChallenge)
+    ));
+}
+
+#[test]
+fn tcg_enroll_rejects_an_idevid_not_certified_by_an_iak_of_the_same_tpm() {
+    let mut d = device();
+    let mut other = device();
+    // The certify is made by the other TPM's IAK, the request names this TPM's IAK.
+    let (o_iak, idevid) = (other.iak.clone(), d.idevid.clone());
+    let o_idevid = other.idevid.clone();
+    let (certify, certify_sig) = other
+        .dev
+        .certify(EkAlg::Rsa2048, &o_iak, &o_idevid, &[])
+        .unwrap();
+    let req = IdevidRequest {
+        hash_alg: wire::alg::SHA256,
+        prod_model: "kame-edge-1".into(),
+        prod_serial: "SN-0042".into(),
+        ek_cert: d.dev.ek_certificate(EkAlg::Rsa2048).unwrap().unwrap(),
+        attest_pub: d.iak.public.clone(),
+        signing_pub: idevid.public.clone(),
+        sgn_certify_info: certify,
+        sgn_certify_info_sig: certify_sig,
+        ..Default::default()
+    };
+    let sig = d.dev.sign(&idevid, &req.content().unwrap()).unwrap();
+    let bytes = req.encode(&sig).unwrap();
+    assert!(
+        matches!(verify(&d, &bytes), Err(EnrollError::IdevidNotCertified(_))),
+        "{:?}",
+        verify(&d, &bytes).err()
+    );
+    // The other TPM's own IAK and IDevID with this TPM's EK certificate: every signature
+    // checks, but only a TPM holding both the EK and the IAK answers the challenge.
+    let o_sig_key = other.idevid.clone();
+    let (certify, certify_sig) = other
+        .dev
+        .certify(EkAlg::Rsa2048, &o_iak, &o_idevid, &[])
+        .unwrap();
+    let req = IdevidRequest {
+        hash_alg: wire::alg::SHA256,
+        prod_model: "kame-edge-1".into(),
+        prod_serial: "SN-0042".into(),
+        ek_cert: d.dev.ek_certificate(EkAlg::Rsa2048).unwrap().unwrap(),
+        attest_pub: o_iak.public.clone(),
+        signing_pub: o_idevid.public.clone(),
+        sgn_certify_info: certify,
+        sgn_certify_info_sig: certify_sig,
+        ..Default::default()
+    };
+    let sig = other.dev.sign(&o_sig_key, &req.content().unwrap()).unwrap();
+    let bytes = req.encode(&sig).unwrap();
+    let challenges = Challenges::new(Duration::from_secs(60));
+    let ch = challenges.issue(verify(&d, &bytes).unwrap()).unwrap();
+    assert!(
+        other
+            .dev
+            .activate_credential(
+                EkAlg::Rsa2048,
+                &o_iak,
+                &ch.credential_blob,
+                &ch.encrypted_secret
+            )
+            .is_err(),
+        "the IAK's TPM does not hold the EK the credential is for"
+    );
+}
+
+#[test]
+fn tcg_enroll_rejects_an_ek_certificate_from_an_unknown_vendor_ca() {
+    let mut d = device();
+    let bytes = request(&mut d);
+    let (_, other_ca) = manufacturer_ca();
+    let (_, inter) = vendor_cas(&d.tpm);
+    assert!(matches!(
+        verify_idevid_request(&bytes, &[other_ca], &inter, now()),
+        Err(EnrollError::EkUntrusted(_))
+    ));
+}
+
+#[test]
+fn tcg_enroll_rejects_a_request_signed_by_another_key() {
+    let mut d = device();
+    let other_key = d
+        .dev
+        .create_under_srk(&templates::bytes(templates::DEVID_RSA))
+        .unwrap();
+    let (iak, idevid) = (d.iak.clone(), d.idevid.clone());
+    let bytes = request_with(&mut d, &iak, &idevid, &other_key);
+    assert!(matches!(
+        verify(&d, &bytes),
+        Err(EnrollError::BadRequestSignature(_))
+    ));
+}
+
+#[test]
+fn tcg_enroll_rejects_an_iak_that_is_not_restricted() {
+    let mut d = device();
+    // An unrestricted signing key in the IAK's place (it can certify, but could sign anything).
+    let k = d
+        .dev
+        .create_under_srk(&templates::bytes(templates::DEVID_RSA))
+        .unwrap();
+    let fake_iak = AkBlob {
+        public: k.public.clone(),
+        private: k.private.clone(),
+        parent: AkParent::Srk,
+    };
+    let idevid = d.idevid.clone();
+    let bytes = request_with(&mut d, &fake_iak, &idevid, &idevid);
+    assert!(matches!(
+        verify(&d, &bytes),
+        Err(EnrollError::IakNotRestricted)
+    ));
+}
+
+#[test]
+fn tcg_enroll_rejects_an_exportable_idevid_key() {
+    let mut d = device();
+    // DEVID_RSA without fixedTPM and fixedParent (0x00040072 -> 0x00040060): duplicable.
+    let template = templates::DEVID_RSA.replacen("00040072", "00040060", 1);
+    assert_ne!(template, templates::DEVID_RSA);
+    let exportable = d
+        .dev
+        .create_under_srk(&templates::bytes(&template))
+        .unwrap();
+    let iak = d.iak.clone();
+    let bytes = request_with(&mut d, &iak, &exportable, &exportable);
+    assert!(matches!(
+        verify(&d, &bytes),
+        Err(EnrollError::IdevidExportable)
+    ));
+}
+
+#[test]
+fn tcg_enroll_request_encoding_round_trips_and_refuses_garbage() {
+    let req = IdevidRequest {
+        hash_alg: wire::alg::SHA256,
+        prod_model: "m".into(),
+        prod_serial: "s".into(),
+        ek_cert: vec![1, 2, 3],
+        attest_pub: vec![4],
+        signing_pub: vec![5, 6],
+        sgn_certify_info: vec![7],
+        sgn_certify_info_sig: vec![8],
+        ..Default::default()
+    };
+    let bytes = req.encode(b"sig").unwrap();
+    let (back, content, sig) = IdevidRequest::decode(&bytes).unwrap();
+    assert_eq!(back, req);
+    assert_eq!(content, req.content().unwrap());
+    assert_eq!(content.len() % 16, 0, "padded to 16 bytes");
+    assert_eq!(sig, b"sig");
+    for bad in [&bytes[..bytes.len() - 1], &[0u8; 3][..], &[]] {
+        assert!(matches!(
+            IdevidRequest::decode(bad),
+            Err(EnrollError::Malformed(_))
+        ));
+    }
+    let mut trailing = bytes.clone();
+    trailing.push(0);
+    assert!(IdevidRequest::decode(&trailing).is_err());
+    // A request missing its EK certificate is refused before any signature is checked.
+    let empty = IdevidRequest {
+        ek_cert: vec![],
+        ..req
+    };
+    assert!(matches!(
+        verify_idevid_request(&empty.encode(b"sig").unwrap(), &[], &[], now()),
+        Err(EnrollError::Missing("ekCert"))
+    ));
+}
