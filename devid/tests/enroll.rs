@@ -370,3 +370,80 @@ fn tcg_enroll_request_encoding_round_trips_and_refuses_garbage() {
         Err(EnrollError::Missing("ekCert"))
     ));
 }
+
+/// IAK and IDevID as the TCG specifies them: primary keys in the endorsement hierarchy from
+/// the TCG templates, with the TCG policy (its Certify and ActivateCredential branches used),
+/// persisted at the provisioning handles.
+fn tcg_primaries_enroll(ecc: bool) {
+    use kame_tpm::wire::policy::{DevIdKey, tcg_devid_policy};
+    use kame_tpm::wire::public::{Public, attr};
+    const IDEVID: u32 = 0x8102_0000;
+    const IAK: u32 = 0x8102_0001;
+    let tpm = SwTpm::start().unwrap();
+    let mut dev = Device::open(&tpm.tcti).unwrap();
+    let iak_pub = dev.provision_tcg_key(DevIdKey::Iak, ecc, IAK).unwrap();
+    let idevid_pub = dev
+        .provision_tcg_key(DevIdKey::IDevId, ecc, IDEVID)
+        .unwrap();
+    assert!(
+        dev.provision_tcg_key(DevIdKey::Iak, ecc, IAK).is_err(),
+        "an occupied handle is never replaced"
+    );
+    let (iak, idevid) = (
+        Public::parse(&iak_pub).unwrap(),
+        Public::parse(&idevid_pub).unwrap(),
+    );
+    assert_eq!(
+        iak.auth_policy,
+        tcg_devid_policy(DevIdKey::Iak, wire::alg::SHA256).unwrap()
+    );
+    assert_eq!(
+        idevid.auth_policy,
+        tcg_devid_policy(DevIdKey::IDevId, wire::alg::SHA256).unwrap()
+    );
+    assert_ne!(iak.attributes & attr::RESTRICTED, 0);
+    assert_eq!(idevid.attributes & attr::RESTRICTED, 0);
+    // The same template in the same TPM gives the same key (a primary key is derived).
+    assert_eq!(dev.persistent_public(IAK).unwrap(), iak_pub);
+
+    let (certify, certify_sig) = dev.certify_tcg(IDEVID, DevIdKey::IDevId, IAK, &[]).unwrap();
+    let req = IdevidRequest {
+        hash_alg: wire::alg::SHA256,
+        prod_model: "kame-edge-1".into(),
+        prod_serial: "SN-7".into(),
+        ek_cert: dev.ek_certificate(EkAlg::Rsa2048).unwrap().unwrap(),
+        attest_pub: iak_pub,
+        signing_pub: idevid_pub,
+        sgn_certify_info: certify,
+        sgn_certify_info_sig: certify_sig,
+        ..Default::default()
+    };
+    let sig = dev
+        .sign_persistent(IDEVID, &req.content().unwrap())
+        .unwrap();
+    let bytes = req.encode(&sig).unwrap();
+    let (roots, inter) = vendor_cas(&tpm);
+    let verified = verify_idevid_request(&bytes, &roots, &inter, now()).unwrap();
+    let challenges = Challenges::new(Duration::from_secs(60));
+    let ch = challenges.issue(verified).unwrap();
+    let secret = dev
+        .activate_credential_tcg(
+            EkAlg::Rsa2048,
+            IAK,
+            &ch.credential_blob,
+            &ch.encrypted_secret,
+        )
+        .unwrap();
+    let ok = challenges.answer(&ch.id, &secret).unwrap();
+    assert_eq!(ok.request.prod_serial, "SN-7");
+}
+
+#[test]
+fn tcg_enroll_tcg_template_rsa_iak_and_idevid_primaries_certify_and_activate() {
+    tcg_primaries_enroll(false);
+}
+
+#[test]
+fn tcg_enroll_tcg_template_ecc_iak_and_idevid_primaries_certify_and_activate() {
+    tcg_primaries_enroll(true);
+}

@@ -663,6 +663,271 @@ impl Device {
         r
     }
 
+    /// Creates a TCG DevID key (IAK or IDevID) as a primary key in the endorsement hierarchy
+    /// from the TCG template ([`wire::public::tcg_devid_template`]) and persists it at
+    /// `handle` (owner range; the TCG Provisioning Guidance §7.8 uses 0x81020000 for the
+    /// IDevID). An occupied handle is an error; nothing is replaced. Returns its TPMT_PUBLIC.
+    pub fn provision_tcg_key(
+        &mut self,
+        key: wire::policy::DevIdKey,
+        ecc: bool,
+        handle: u32,
+    ) -> Result<Vec<u8>> {
+        let ph = PersistentTpmHandle::new(handle).map_err(step("persistent handle"))?;
+        if self.persistent_handles()?.contains(&handle) {
+            return Err(DeviceError::Invalid(format!(
+                "persistent handle {handle:#010x} is in use"
+            )));
+        }
+        let template = wire::public::tcg_devid_template(key, ecc)?.marshal()?;
+        let public =
+            tss_esapi::structures::Public::unmarshall(&template).map_err(step("TCG template"))?;
+        let kh = retrying(|| {
+            self.ctx.execute_with_nullauth_session(|c| {
+                c.create_primary(
+                    tss_esapi::interface_types::resource_handles::Hierarchy::Endorsement,
+                    public.clone(),
+                    None,
+                    None,
+                    None,
+                    None,
+                )
+            })
+        })
+        .map(|r| r.key_handle)
+        .map_err(step("create TCG DevID primary"))?;
+        let out = self
+            .ctx
+            .read_public(kh)
+            .map_err(step("read TCG key public"))
+            .and_then(|(p, _, _)| p.marshall().map_err(step("marshal TCG key public")));
+        let persisted = out.and_then(|out| {
+            self.ctx
+                .execute_with_nullauth_session(|c| {
+                    c.evict_control(
+                        Provision::Owner,
+                        ObjectHandle::from(kh),
+                        Persistent::Persistent(ph),
+                    )
+                })
+                .map(|_| out)
+                .map_err(step("persist TCG key (EvictControl)"))
+        });
+        self.flush(kh);
+        persisted
+    }
+
+    /// The TPMT_PUBLIC of the persistent object at `handle`.
+    pub fn persistent_public(&mut self, handle: u32) -> Result<Vec<u8>> {
+        let kh = self.persistent(handle)?;
+        let (p, _, _) = self.ctx.read_public(kh).map_err(step("read public"))?;
+        p.marshall().map_err(step("marshal public"))
+    }
+
+    /// A policy session satisfying a TCG DevID key's policy for `code` (its ADMIN-role
+    /// branch): PolicySecret(endorsement), PolicyCommandCode(code), PolicyOR over the four
+    /// branches. The caller flushes it.
+    fn tcg_admin_session(
+        &mut self,
+        key: wire::policy::DevIdKey,
+        code: tss_esapi::constants::CommandCode,
+    ) -> Result<tss_esapi::interface_types::session_handles::AuthSession> {
+        let session = self
+            .ctx
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Policy,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(step("start policy session"))?
+            .ok_or_else(|| DeviceError::Invalid("TPM returned no session".into()))?;
+        let ps = PolicySession::try_from(session).map_err(step("policy session"))?;
+        let branches = wire::policy::tcg_devid_policy_branches(key, wire::alg::SHA256)?;
+        let r = self
+            .ctx
+            .execute_with_nullauth_session(|c| {
+                c.policy_secret(
+                    ps,
+                    AuthHandle::Endorsement,
+                    Nonce::default(),
+                    Digest::default(),
+                    Nonce::default(),
+                    None,
+                )
+            })
+            .map_err(step("PolicySecret(endorsement)"))
+            .and_then(|_| {
+                self.ctx
+                    .execute_without_session(|c| c.policy_command_code(ps, code))
+                    .map_err(step("PolicyCommandCode"))
+            })
+            .and_then(|_| {
+                let mut list = tss_esapi::structures::DigestList::new();
+                for b in &branches {
+                    let dg = Digest::try_from(b.clone()).map_err(step("policy digest"))?;
+                    list.add(dg).map_err(step("policy digest list"))?;
+                }
+                self.ctx
+                    .execute_without_session(|c| c.policy_or(ps, list))
+                    .map_err(step("PolicyOR (TCG DevID policy)"))
+            });
+        if let Err(e) = r {
+            let _ = self.ctx.flush_context(SessionHandle::from(session).into());
+            return Err(e);
+        }
+        Ok(session)
+    }
+
+    /// TPM2_Certify of the TCG key at `object` (its ADMIN role through the policy's Certify
+    /// branch) by the key at `signer` (USER role, empty password), with `nonce` as qualifying
+    /// data. Returns (TPMS_ATTEST, TPMT_SIGNATURE).
+    pub fn certify_tcg(
+        &mut self,
+        object: u32,
+        object_key: wire::policy::DevIdKey,
+        signer: u32,
+        nonce: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        let data = Data::try_from(nonce.to_vec()).map_err(step("nonce"))?;
+        let oh = self.persistent(object)?;
+        let sh = self.persistent(signer)?;
+        let session =
+            self.tcg_admin_session(object_key, tss_esapi::constants::CommandCode::Certify)?;
+        let r = self
+            .ctx
+            .execute_with_sessions((Some(session), Some(AuthSession::Password), None), |c| {
+                c.certify(ObjectHandle::from(oh), sh, data, SignatureScheme::Null)
+            })
+            .map_err(step("certify (TCG policy)"))
+            .and_then(|(a, s)| {
+                Ok((
+                    a.marshall().map_err(step("marshal attest"))?,
+                    s.marshall().map_err(step("marshal signature"))?,
+                ))
+            });
+        let _ = self.ctx.flush_context(SessionHandle::from(session).into());
+        r
+    }
+
+    /// Signs `message` with the persistent unrestricted key at `handle` (USER role, empty
+    /// password): SHA-256, RSASSA for RSA keys without a scheme, else the key's scheme.
+    /// Returns TPMT_SIGNATURE.
+    pub fn sign_persistent(&mut self, handle: u32, message: &[u8]) -> Result<Vec<u8>> {
+        let public = Public::parse(&self.persistent_public(handle)?)?;
+        let digest =
+            Digest::try_from(wire::hash(wire::alg::SHA256, message)?).map_err(step("digest"))?;
+        let scheme = if public.is_rsa() && public.scheme().scheme == wire::alg::NULL {
+            SignatureScheme::RsaSsa {
+                hash_scheme: tss_esapi::structures::HashScheme::new(HashingAlgorithm::Sha256),
+            }
+        } else {
+            SignatureScheme::Null
+        };
+        let ticket = tss_esapi::structures::HashcheckTicket::try_from(
+            tss_esapi::tss2_esys::TPMT_TK_HASHCHECK {
+                tag: tss_esapi::constants::tss::TPM2_ST_HASHCHECK,
+                hierarchy: tss_esapi::constants::tss::TPM2_RH_NULL,
+                digest: Default::default(),
+            },
+        )
+        .map_err(step("null hashcheck ticket"))?;
+        let kh = self.persistent(handle)?;
+        retrying(|| {
+            self.ctx.execute_with_nullauth_session(|c| {
+                c.sign(kh, digest.clone(), scheme, ticket.clone())
+            })
+        })
+        .map_err(step("sign"))
+        .and_then(|s| s.marshall().map_err(step("marshal signature")))
+    }
+
+    /// TPM2_ActivateCredential with the persistent TCG IAK at `iak` (ADMIN role through the
+    /// policy's ActivateCredential branch) under this TPM's EK: the answer to a CA's
+    /// enrollment challenge. `credential_blob` and `secret` are TPM2B_ID_OBJECT and
+    /// TPM2B_ENCRYPTED_SECRET.
+    pub fn activate_credential_tcg(
+        &mut self,
+        ek_alg: EkAlg,
+        iak: u32,
+        credential_blob: &[u8],
+        secret: &[u8],
+    ) -> Result<Vec<u8>> {
+        if matches!(ek_alg, EkAlg::EccP384 | EkAlg::Rsa3072) {
+            return Err(DeviceError::Invalid(
+                "TCG IAK credential activation uses a low-range (SHA-256) EK".into(),
+            ));
+        }
+        let strip = |b: &[u8]| -> Result<Vec<u8>> {
+            let mut r = wire::Reader::new(b, "TPM2B");
+            let inner = r.tpm2b()?.to_vec();
+            r.finish()?;
+            Ok(inner)
+        };
+        let id = IdObject::try_from(strip(credential_blob)?).map_err(step("credential blob"))?;
+        let es = EncryptedSecret::try_from(strip(secret)?).map_err(step("encrypted secret"))?;
+        let iakh = self.persistent(iak)?;
+        let iak_session = self.tcg_admin_session(
+            wire::policy::DevIdKey::Iak,
+            tss_esapi::constants::CommandCode::ActivateCredential,
+        )?;
+        let ekh = match self.create_ek(ek_alg) {
+            Ok(h) => h,
+            Err(e) => {
+                let _ = self
+                    .ctx
+                    .flush_context(SessionHandle::from(iak_session).into());
+                return Err(e);
+            }
+        };
+        let ek_session = self
+            .ctx
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Policy,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(step("start policy session"))
+            .and_then(|s| s.ok_or_else(|| DeviceError::Invalid("TPM returned no session".into())));
+        let r = ek_session.and_then(|ek_session| {
+            let ps = PolicySession::try_from(ek_session).map_err(step("policy session"))?;
+            let r = self
+                .ctx
+                .execute_with_nullauth_session(|c| {
+                    c.policy_secret(
+                        ps,
+                        AuthHandle::Endorsement,
+                        Nonce::default(),
+                        Digest::default(),
+                        Nonce::default(),
+                        None,
+                    )
+                })
+                .map_err(step("PolicySecret(endorsement) for the EK"))
+                .and_then(|_| {
+                    self.ctx
+                        .execute_with_sessions((Some(iak_session), Some(ek_session), None), |c| {
+                            c.activate_credential(iakh, ekh, id, es)
+                        })
+                        .map_err(step("ActivateCredential (TCG IAK)"))
+                });
+            let _ = self
+                .ctx
+                .flush_context(SessionHandle::from(ek_session).into());
+            r
+        });
+        let _ = self
+            .ctx
+            .flush_context(SessionHandle::from(iak_session).into());
+        self.flush(ekh);
+        Ok(r?.value().to_vec())
+    }
+
     /// TPM2_ActivateCredential: recovers a credential made for the AK under this TPM's EK.
     /// `credential_blob` and `secret` are TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET.
     pub fn activate_credential(

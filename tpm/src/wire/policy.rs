@@ -60,6 +60,79 @@ pub fn policy_or(hash_alg: u16, branches: &[&[u8]]) -> Result<Vec<u8>> {
     hash(hash_alg, &m)
 }
 
+/// TPM_CC_PolicyCommandCode, TPM_CC_PolicyAuthorizeNV, and the command codes the TCG DevID
+/// policies name.
+const CC_POLICY_COMMAND_CODE: u32 = 0x0000_016C;
+const CC_POLICY_AUTHORIZE_NV: u32 = 0x0000_0192;
+pub const CC_CERTIFY: u32 = 0x0000_0148;
+pub const CC_ACTIVATE_CREDENTIAL: u32 = 0x0000_0147;
+
+/// The key whose TCG DevID policy is wanted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DevIdKey {
+    Iak,
+    IDevId,
+}
+
+/// The policy digest after TPM2_PolicyCommandCode(`code`) from `before`.
+pub fn policy_command_code(hash_alg: u16, before: &[u8], code: u32) -> Result<Vec<u8>> {
+    let mut m = before.to_vec();
+    m.extend_from_slice(&CC_POLICY_COMMAND_CODE.to_be_bytes());
+    m.extend_from_slice(&code.to_be_bytes());
+    hash(hash_alg, &m)
+}
+
+/// The four PolicyOR branches of the TCG DevID key policy (TCG "TPM 2.0 Keys for Device
+/// Identity and Attestation" v1.0 rev 12 §7.3.6.6, Table 19, and the policy NV indices of
+/// §7.3.2): A = PolicySecret(endorsement); A then PolicyCommandCode(Certify); A then
+/// PolicyCommandCode(ActivateCredential); PolicyAuthorizeNV over the key's policy NV index
+/// (IDevID 0x01C90010/11/12, IAK 0x01C90018/19/1A for SHA-256/384/512; attributes 0x220F1008,
+/// authPolicy A, dataSize = digest + 2). The index numbers and NV public area come from the
+/// open implementations of the spec (go-tpm-tools `client/template.go`); the resulting
+/// digests equal Table 19's values as keylime's implementation carries them, which the tests
+/// check.
+pub fn tcg_devid_policy_branches(key: DevIdKey, hash_alg: u16) -> Result<[Vec<u8>; 4]> {
+    let n = super::digest_len(hash_alg)?;
+    let a = policy_secret_endorsement(hash_alg)?;
+    let certify = policy_command_code(hash_alg, &a, CC_CERTIFY)?;
+    let activate = policy_command_code(hash_alg, &a, CC_ACTIVATE_CREDENTIAL)?;
+    let offset = match hash_alg {
+        alg::SHA256 => 0,
+        alg::SHA384 => 1,
+        alg::SHA512 => 2,
+        _ => {
+            return Err(Error::Invalid(
+                "TCG DevID policies exist for SHA-256/384/512".into(),
+            ));
+        }
+    };
+    let index: u32 = match key {
+        DevIdKey::IDevId => 0x01C9_0010,
+        DevIdKey::Iak => 0x01C9_0018,
+    } + offset;
+    // TPMS_NV_PUBLIC of the policy index; its name is nameAlg ‖ H(TPMS_NV_PUBLIC).
+    let mut nv = index.to_be_bytes().to_vec();
+    nv.extend_from_slice(&hash_alg.to_be_bytes());
+    nv.extend_from_slice(&0x220F_1008u32.to_be_bytes());
+    nv.extend_from_slice(&(a.len() as u16).to_be_bytes());
+    nv.extend_from_slice(&a);
+    nv.extend_from_slice(&((n + 2) as u16).to_be_bytes());
+    let mut name = hash_alg.to_be_bytes().to_vec();
+    name.extend_from_slice(&hash(hash_alg, &nv)?);
+    let mut m = vec![0u8; n];
+    m.extend_from_slice(&CC_POLICY_AUTHORIZE_NV.to_be_bytes());
+    m.extend_from_slice(&name);
+    let nv_branch = hash(hash_alg, &m)?;
+    Ok([a, certify, activate, nv_branch])
+}
+
+/// The authPolicy of a TCG DevID key (IAK or IDevID) for `hash_alg`: PolicyOR over
+/// [`tcg_devid_policy_branches`].
+pub fn tcg_devid_policy(key: DevIdKey, hash_alg: u16) -> Result<Vec<u8>> {
+    let b = tcg_devid_policy_branches(key, hash_alg)?;
+    policy_or(hash_alg, &[&b[0], &b[1], &b[2], &b[3]])
+}
+
 /// The PolicyOR branches that satisfy an EK whose authPolicy is the high-range "policy B" for
 /// `name_alg`, after PolicySecret(endorsement) has set the session digest to policy A. `None`
 /// when the EK's nameAlg has no high-range policy (low-range EKs need policy A alone).
@@ -76,6 +149,19 @@ pub fn ek_policy_b_branches(name_alg: u16) -> Result<Option<[Vec<u8>; 2]>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcg_devid_policy_digests_match_table_19_sha256() {
+        let hex = |b: Vec<u8>| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        assert_eq!(
+            hex(tcg_devid_policy(DevIdKey::IDevId, alg::SHA256).unwrap()),
+            "ad6b3a2284fd698a0710bf5cc1b9bdf15e2532e3f601fa4b93a6a8fa8de579ea"
+        );
+        assert_eq!(
+            hex(tcg_devid_policy(DevIdKey::Iak, alg::SHA256).unwrap()),
+            "5437182326e414fca797d5f174615a1641f61255797c3a2b22c21d120b2d1e07"
+        );
+    }
 
     #[test]
     fn ek_policy_a_sha256_is_the_l1_template_auth_policy() {

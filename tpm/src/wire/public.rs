@@ -393,6 +393,80 @@ fn push_len(out: &mut Vec<u8>, len: usize) {
     }
 }
 
+/// The TCG DevID key templates (TCG "TPM 2.0 Keys for Device Identity and Attestation" v1.0
+/// rev 12 §7.3.4, templates H-1 RSA 2048 and H-2 ECC NIST P-256, both SHA-256): primary keys
+/// in the endorsement hierarchy; fixedTPM, fixedParent, sensitiveDataOrigin, userWithAuth,
+/// adminWithPolicy and sign; the IAK also restricted. authPolicy is the spec's policy
+/// (Table 19, [`super::policy::tcg_devid_policy`]). Scheme and `unique` as keylime's
+/// implementation of the spec (`keylime/src/tpm.rs`): RSA IAK RSASSA-PSS/SHA-256, RSA IDevID
+/// no scheme, ECC ECDSA/SHA-256; unique the ASCII of "IAK" or "IDEVID" (§7.3.1), in both x
+/// and y for ECC.
+pub fn tcg_devid_template(key: super::policy::DevIdKey, ecc: bool) -> Result<Public> {
+    use super::policy::DevIdKey;
+    let mut attributes = attr::FIXED_TPM
+        | attr::FIXED_PARENT
+        | attr::SENSITIVE_DATA_ORIGIN
+        | attr::USER_WITH_AUTH
+        | attr::ADMIN_WITH_POLICY
+        | attr::SIGN_ENCRYPT;
+    if key == DevIdKey::Iak {
+        attributes |= attr::RESTRICTED;
+    }
+    let unique: &[u8] = match key {
+        DevIdKey::Iak => b"IAK",
+        DevIdKey::IDevId => b"IDEVID",
+    };
+    let null_sym = SymDef {
+        alg: alg::NULL,
+        key_bits: 0,
+        mode: 0,
+    };
+    let scheme = |s: u16| Scheme {
+        scheme: s,
+        hash: if s == alg::NULL {
+            alg::NULL
+        } else {
+            alg::SHA256
+        },
+        count: None,
+    };
+    let (params, unique) = if ecc {
+        (
+            Params::Ecc {
+                symmetric: null_sym,
+                scheme: scheme(alg::ECDSA),
+                curve: super::curve::NIST_P256,
+                kdf: scheme(alg::NULL),
+            },
+            Unique::Ecc {
+                x: unique.to_vec(),
+                y: unique.to_vec(),
+            },
+        )
+    } else {
+        (
+            Params::Rsa {
+                symmetric: null_sym,
+                scheme: scheme(if key == DevIdKey::Iak {
+                    alg::RSAPSS
+                } else {
+                    alg::NULL
+                }),
+                key_bits: 2048,
+                exponent: 0,
+            },
+            Unique::Rsa(unique.to_vec()),
+        )
+    };
+    Ok(Public {
+        name_alg: alg::SHA256,
+        attributes,
+        auth_policy: super::policy::tcg_devid_policy(key, alg::SHA256)?,
+        params,
+        unique,
+    })
+}
+
 /// SPIRE's exact templates (`tpm_devid.md` §1.9), as hex TPMT_PUBLIC.
 pub mod templates {
     pub const SRK_HIGH_RSA: &str = "0001000b00030472000000060080004300100800000000000000";
