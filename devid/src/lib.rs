@@ -3,6 +3,7 @@
 //! SPIFFE SVIDs; the 802.1AR certificate profile (build and check); and the CA's side of TCG
 //! enrollment (the TCG-CSR-IDEVID request, its checks, credential activation challenges). It must not talk to the server or the agent.
 
+pub mod ca;
 pub mod chain;
 pub mod enroll;
 pub mod profile;

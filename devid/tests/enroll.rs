@@ -447,3 +447,83 @@ fn tcg_enroll_tcg_template_rsa_iak_and_idevid_primaries_certify_and_activate() {
 fn tcg_enroll_tcg_template_ecc_iak_and_idevid_primaries_certify_and_activate() {
     tcg_primaries_enroll(true);
 }
+
+/// Manufacture end to end with the CA's key in `km`: the device's request is checked, its
+/// challenge answered, and the CA issues IAK and IDevID certificates that follow the profile
+/// and chain to the CA certificate.
+async fn manufacture_with(km: std::sync::Arc<dyn kame_keymanager::KeyManager>) {
+    let mut d = device();
+    let bytes = request(&mut d);
+    let challenges = Challenges::new(Duration::from_secs(60));
+    let ch = challenges.issue(verify(&d, &bytes).unwrap()).unwrap();
+    let iak = d.iak.clone();
+    let secret = d
+        .dev
+        .activate_credential(
+            EkAlg::Rsa2048,
+            &iak,
+            &ch.credential_blob,
+            &ch.encrypted_secret,
+        )
+        .unwrap();
+    let enrolled = challenges.answer(&ch.id, &secret).unwrap();
+    let ca = kame_devid::ca::DevIdCa::init(
+        km.clone(),
+        "manufacturer-ca",
+        kame_keymanager::KeyType::EcP256,
+        "C=US, O=Kame Devices, CN=Manufacturer CA",
+        86400 * 365,
+    )
+    .await
+    .unwrap();
+    let (iak_cert, idevid_cert) = ca
+        .issue_manufactured(&enrolled, "O=Kame Devices, CN=kame-edge-1")
+        .await
+        .unwrap();
+    let roots = vec![ca.certificate().to_vec()];
+    for (cert, kind, key) in [
+        (&iak_cert, DevIdKind::Iak, &enrolled.iak),
+        (&idevid_cert, DevIdKind::IDevId, &enrolled.idevid),
+    ] {
+        assert_eq!(
+            check_devid_cert(cert, kind).unwrap().serial_number,
+            "SN-0042"
+        );
+        kame_devid::chain::verify(cert, &[], &roots, now()).unwrap();
+        let p = kame_api::x509svid::ParsedCert::parse(cert).unwrap();
+        assert_eq!(p.spki_der().unwrap(), key.spki_der().unwrap());
+    }
+    // Reopened from its certificate: the same key in the KeyManager.
+    kame_devid::ca::DevIdCa::open(km, "manufacturer-ca", ca.certificate().to_vec())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn tcg_enroll_manufacturer_ca_key_in_memory_issues_iak_and_idevid() {
+    manufacture_with(std::sync::Arc::new(
+        kame_keymanager::memory::MemoryKeyManager::new(),
+    ))
+    .await;
+}
+
+#[tokio::test]
+async fn tcg_enroll_manufacturer_ca_key_in_a_pkcs11_hsm_issues_iak_and_idevid() {
+    // SoftHSM2 reads its configuration once per process: the test runs in a child process
+    // with a fresh token.
+    let Some(hsm) = kame_keymanager::testing::SoftHsm::child(
+        "tcg_enroll_manufacturer_ca_key_in_a_pkcs11_hsm_issues_iak_and_idevid",
+    ) else {
+        return;
+    };
+    let km =
+        kame_keymanager::pkcs11::Pkcs11KeyManager::open(kame_keymanager::pkcs11::Pkcs11Config {
+            module_path: hsm.module.clone(),
+            token_label: hsm.token_label.clone(),
+            user_pin: hsm.pin.clone(),
+            server_id: "kame-devid-ca".into(),
+        })
+        .await
+        .unwrap();
+    manufacture_with(std::sync::Arc::new(km)).await;
+}
