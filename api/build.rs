@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/spire/api/server/agent.proto",
         "proto/spire/api/server/localauthority.proto",
         "proto/workload/workload.proto",
+        "proto/kame/devid/enrollment.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

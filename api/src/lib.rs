@@ -53,6 +53,10 @@ pub mod pb {
             }
         }
     }
+    /// Kame's TCG device enrollment (`kame.devid.v1`).
+    pub mod devid {
+        tonic::include_proto!("kame.devid.v1");
+    }
     /// The SPIFFE Workload API (no proto package).
     pub mod workload {
         tonic::include_proto!("_");

@@ -7,3 +7,5 @@ pub mod ca;
 pub mod chain;
 pub mod enroll;
 pub mod profile;
+#[cfg(feature = "cli")]
+pub mod service;

@@ -1,0 +1,425 @@
+//! `kame-devid`: device identities from the factory floor. On the device: create the TCG IAK
+//! and IDevID keys in the TPM, build the TCG-CSR-IDEVID, and enroll with the manufacturer CA
+//! (answering its credential activation challenge). On the CA: make the CA key in a
+//! KeyManager (disk key file or PKCS#11 HSM) and serve enrollment over gRPC. Certificates are
+//! public and written 0644; no private key ever leaves the TPM or the KeyManager.
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use clap::{Parser, Subcommand};
+use kame_devid::ca::DevIdCa;
+use kame_devid::enroll::{Challenges, IdevidRequest};
+use kame_keymanager::KeyManager;
+use kame_tpm::device::{Device, EkAlg};
+use kame_tpm::wire::{self, policy::DevIdKey};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The TCG Provisioning Guidance's IDevID key handle (§7.8, Table 2), and the next one for
+/// the IAK (the guidance names none for it).
+const IDEVID_HANDLE: &str = "0x81020000";
+const IAK_HANDLE: &str = "0x81020001";
+const CA_KEY_ID: &str = "devid-ca";
+
+#[derive(Parser)]
+#[command(
+    name = "kame-devid",
+    version,
+    about = "IEEE 802.1AR device identities (TPM 2.0)"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Keys in the TPM.
+    #[command(subcommand)]
+    Tpm(TpmCmd),
+    /// Builds the TCG-CSR-IDEVID enrollment request (signed by the IDevID key in the TPM).
+    Csr {
+        #[command(flatten)]
+        tpm: TpmArgs,
+        #[arg(long, default_value = IAK_HANDLE, value_parser = handle)]
+        iak_handle: u32,
+        #[arg(long, default_value = IDEVID_HANDLE, value_parser = handle)]
+        idevid_handle: u32,
+        /// Product model (prodModel).
+        #[arg(long)]
+        model: String,
+        /// Product serial number (prodSerial): the certificates' serialNumber.
+        #[arg(long)]
+        serial: String,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Enrolls with the manufacturer CA: sends the request, answers the challenge with the
+    /// TPM, writes iak.pem, idevid.pem and ca.pem to --out-dir.
+    EnrollIdevid {
+        #[command(flatten)]
+        tpm: TpmArgs,
+        /// The CA's enrollment endpoint, e.g. http://127.0.0.1:8444.
+        #[arg(long)]
+        ca: String,
+        #[arg(long)]
+        request: PathBuf,
+        #[arg(long, default_value = IAK_HANDLE, value_parser = handle)]
+        iak_handle: u32,
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+    /// The manufacturer CA.
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
+#[derive(clap::Args, Clone)]
+struct TpmArgs {
+    /// TCTI of the TPM (`device:/dev/tpmrm0`, `swtpm:host=127.0.0.1,port=2321`).
+    #[arg(long, default_value = "device:/dev/tpmrm0")]
+    tcti: String,
+}
+
+#[derive(Subcommand)]
+enum TpmCmd {
+    /// Creates the IAK (TCG template, restricted signing) in the endorsement hierarchy and
+    /// persists it; prints its public area (hex).
+    CreateIak {
+        #[command(flatten)]
+        tpm: TpmArgs,
+        #[arg(long, default_value = IAK_HANDLE, value_parser = handle)]
+        handle: u32,
+        /// ECC NIST P-256 instead of RSA 2048.
+        #[arg(long)]
+        ecc: bool,
+    },
+    /// Creates the IDevID key (TCG template, unrestricted signing) and persists it.
+    CreateIdevid {
+        #[command(flatten)]
+        tpm: TpmArgs,
+        #[arg(long, default_value = IDEVID_HANDLE, value_parser = handle)]
+        handle: u32,
+        #[arg(long)]
+        ecc: bool,
+    },
+}
+
+#[derive(clap::Args, Clone)]
+struct CaKey {
+    /// The CA key in a key file (the `disk` KeyManager, 0600).
+    #[arg(long, conflicts_with = "pkcs11_module")]
+    keys_path: Option<PathBuf>,
+    /// The CA key in a PKCS#11 token: the module, token label and a file with the user PIN.
+    #[arg(long, requires_all = ["token_label", "pin_file"])]
+    pkcs11_module: Option<PathBuf>,
+    #[arg(long)]
+    token_label: Option<String>,
+    #[arg(long)]
+    pin_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CaCmd {
+    /// Makes the CA key and its self-signed certificate (PEM at --out).
+    Init {
+        #[command(flatten)]
+        key: CaKey,
+        #[arg(long, default_value = "O=Kame, CN=Kame Manufacturer CA")]
+        subject: String,
+        #[arg(long, default_value_t = 3650)]
+        ttl_days: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Serves enrollment (kame.devid.v1.Enrollment) over HTTP/2; prints the address.
+    Serve {
+        #[command(flatten)]
+        key: CaKey,
+        #[arg(long)]
+        ca_cert: PathBuf,
+        /// TPM vendor CA certificates (PEM) EK certificates must chain to.
+        #[arg(long, required = true)]
+        ek_root: Vec<PathBuf>,
+        /// Intermediate vendor CA certificates (PEM).
+        #[arg(long)]
+        ek_intermediate: Vec<PathBuf>,
+        /// Subject of issued certificates (the device serial is added).
+        #[arg(long, default_value = "O=Kame Devices")]
+        subject: String,
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+fn handle(s: &str) -> std::result::Result<u32, String> {
+    let h = s.trim_start_matches("0x");
+    u32::from_str_radix(h, 16).map_err(|e| format!("{s:?} is not a hex handle: {e}"))
+}
+
+fn pem(der: &[u8]) -> String {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(&String::from_utf8_lossy(chunk));
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+fn read_pems(path: &Path) -> Result<Vec<Vec<u8>>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = vec![];
+    let mut b64 = String::new();
+    let mut inside = false;
+    for l in text.lines() {
+        if l.starts_with("-----BEGIN CERTIFICATE") {
+            inside = true;
+            b64.clear();
+        } else if l.starts_with("-----END CERTIFICATE") {
+            inside = false;
+            out.push(
+                base64::engine::general_purpose::STANDARD
+                    .decode(&b64)
+                    .with_context(|| format!("bad PEM in {}", path.display()))?,
+            );
+        } else if inside {
+            b64.push_str(l.trim());
+        }
+    }
+    if out.is_empty() {
+        bail!("no certificate in {}", path.display());
+    }
+    Ok(out)
+}
+
+async fn key_manager(k: &CaKey) -> Result<Arc<dyn KeyManager>> {
+    if let Some(path) = &k.keys_path {
+        return Ok(Arc::new(kame_keymanager::disk::DiskKeyManager::open(path)?));
+    }
+    if let (Some(module), Some(token), Some(pin)) = (&k.pkcs11_module, &k.token_label, &k.pin_file)
+    {
+        let pin = std::fs::read_to_string(pin)
+            .with_context(|| format!("reading PIN file {}", pin.display()))?;
+        let km = kame_keymanager::pkcs11::Pkcs11KeyManager::open(
+            kame_keymanager::pkcs11::Pkcs11Config {
+                module_path: module.clone(),
+                token_label: token.clone(),
+                user_pin: pin.trim().to_string(),
+                server_id: "kame-devid".into(),
+            },
+        )
+        .await?;
+        return Ok(Arc::new(km));
+    }
+    bail!("name the CA key: --keys-path FILE, or --pkcs11-module with --token-label and --pin-file")
+}
+
+fn write_public(path: &Path, data: &str) -> Result<()> {
+    std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Tpm(TpmCmd::CreateIak { tpm, handle, ecc }) => {
+            let mut d = Device::open(&tpm.tcti)?;
+            let public = d.provision_tcg_key(DevIdKey::Iak, ecc, handle)?;
+            println!(
+                "{}",
+                public
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            );
+        }
+        Cmd::Tpm(TpmCmd::CreateIdevid { tpm, handle, ecc }) => {
+            let mut d = Device::open(&tpm.tcti)?;
+            let public = d.provision_tcg_key(DevIdKey::IDevId, ecc, handle)?;
+            println!(
+                "{}",
+                public
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            );
+        }
+        Cmd::Csr {
+            tpm,
+            iak_handle,
+            idevid_handle,
+            model,
+            serial,
+            out,
+        } => {
+            let mut d = Device::open(&tpm.tcti)?;
+            let ek_cert = d
+                .ek_certificate(EkAlg::Rsa2048)?
+                .context("the TPM has no RSA EK certificate in NV")?;
+            let (certify, certify_sig) =
+                d.certify_tcg(idevid_handle, DevIdKey::IDevId, iak_handle, &[])?;
+            let req = IdevidRequest {
+                hash_alg: wire::alg::SHA256,
+                prod_model: model,
+                prod_serial: serial,
+                ek_cert,
+                attest_pub: d.persistent_public(iak_handle)?,
+                signing_pub: d.persistent_public(idevid_handle)?,
+                sgn_certify_info: certify,
+                sgn_certify_info_sig: certify_sig,
+                ..Default::default()
+            };
+            let sig = d.sign_persistent(idevid_handle, &req.content()?)?;
+            std::fs::write(&out, req.encode(&sig)?)
+                .with_context(|| format!("writing {}", out.display()))?;
+        }
+        Cmd::EnrollIdevid {
+            tpm,
+            ca,
+            request,
+            iak_handle,
+            out_dir,
+        } => {
+            let bytes = std::fs::read(&request)
+                .with_context(|| format!("reading {}", request.display()))?;
+            let mut client =
+                kame_api::pb::devid::enrollment_client::EnrollmentClient::connect(ca.clone())
+                    .await
+                    .with_context(|| format!("connecting to {ca}"))?;
+            let ch = client
+                .begin_idevid(kame_api::pb::devid::BeginIdevidRequest {
+                    tcg_csr_idevid: bytes,
+                })
+                .await
+                .map_err(|s| {
+                    anyhow::anyhow!(
+                        "the CA refused the request ({:?}): {}",
+                        s.code(),
+                        s.message()
+                    )
+                })?
+                .into_inner();
+            let mut d = Device::open(&tpm.tcti)?;
+            let secret = d.activate_credential_tcg(
+                EkAlg::Rsa2048,
+                iak_handle,
+                &ch.credential_blob,
+                &ch.encrypted_secret,
+            )?;
+            drop(d);
+            let certs = client
+                .finish_idevid(kame_api::pb::devid::FinishRequest {
+                    challenge_id: ch.challenge_id,
+                    secret,
+                })
+                .await
+                .map_err(|s| {
+                    anyhow::anyhow!(
+                        "the CA refused the answer ({:?}): {}",
+                        s.code(),
+                        s.message()
+                    )
+                })?
+                .into_inner();
+            // What comes back must chain to the CA it names and follow the profile.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            for (cert, kind) in [
+                (&certs.iak_certificate, kame_devid::profile::DevIdKind::Iak),
+                (
+                    &certs.idevid_certificate,
+                    kame_devid::profile::DevIdKind::IDevId,
+                ),
+            ] {
+                kame_devid::chain::verify(
+                    cert,
+                    &[],
+                    std::slice::from_ref(&certs.ca_certificate),
+                    now,
+                )?;
+                kame_devid::profile::check_devid_cert(cert, kind)?;
+            }
+            std::fs::create_dir_all(&out_dir)?;
+            write_public(&out_dir.join("iak.pem"), &pem(&certs.iak_certificate))?;
+            write_public(&out_dir.join("idevid.pem"), &pem(&certs.idevid_certificate))?;
+            write_public(&out_dir.join("ca.pem"), &pem(&certs.ca_certificate))?;
+            println!("enrolled: {}", out_dir.display());
+        }
+        Cmd::Ca(CaCmd::Init {
+            key,
+            subject,
+            ttl_days,
+            out,
+        }) => {
+            let km = key_manager(&key).await?;
+            let ca = DevIdCa::init(
+                km,
+                CA_KEY_ID,
+                kame_keymanager::KeyType::EcP256,
+                &subject,
+                ttl_days.saturating_mul(86400),
+            )
+            .await?;
+            write_public(&out, &pem(ca.certificate()))?;
+        }
+        Cmd::Ca(CaCmd::Serve {
+            key,
+            ca_cert,
+            ek_root,
+            ek_intermediate,
+            subject,
+            listen,
+        }) => {
+            let km = key_manager(&key).await?;
+            let cert = read_pems(&ca_cert)?.remove(0);
+            let ca = DevIdCa::open(km, CA_KEY_ID, cert).await?;
+            let mut ek_roots = vec![];
+            for p in &ek_root {
+                ek_roots.extend(read_pems(p)?);
+            }
+            let mut ek_intermediates = vec![];
+            for p in &ek_intermediate {
+                ek_intermediates.extend(read_pems(p)?);
+            }
+            let svc = kame_devid::service::EnrollmentService {
+                ca,
+                ek_roots,
+                ek_intermediates,
+                subject,
+                challenges: Challenges::new(std::time::Duration::from_secs(300)),
+            };
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            println!("listening on {}", listener.local_addr()?);
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            tonic::transport::Server::builder()
+                .add_service(kame_api::pb::devid::enrollment_server::EnrollmentServer::new(svc))
+                .serve_with_incoming_shutdown(
+                    tokio_stream::wrappers::TcpListenerStream::new(listener),
+                    async {
+                        let _ = tokio::signal::ctrl_c().await;
+                    },
+                )
+                .await?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("Error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,108 @@
+//! The manufacturer CA's enrollment service (`kame.devid.v1.Enrollment`): BeginIdevid checks a
+//! TCG-CSR-IDEVID and answers with a credential activation challenge; FinishIdevid takes the
+//! recovered secret and issues the IAK and IDevID certificates. Malformed requests are
+//! InvalidArgument, failed proofs PermissionDenied, an unknown or replayed challenge
+//! FailedPrecondition. Every decision is logged with the device serial; nothing is issued
+//! before the challenge is answered. It must not hold the CA key (the KeyManager does).
+
+use crate::ca::DevIdCa;
+use crate::enroll::{Challenges, EnrollError, verify_idevid_request};
+use kame_api::pb::devid as pb;
+use tonic::{Request, Response, Status};
+
+/// The service's settings and state.
+#[derive(Debug)]
+pub struct EnrollmentService {
+    pub ca: DevIdCa,
+    /// TPM vendor root CAs (DER) EK certificates must chain to, and intermediates.
+    pub ek_roots: Vec<Vec<u8>>,
+    pub ek_intermediates: Vec<Vec<u8>>,
+    /// The subject of issued certificates (the device serial is added).
+    pub subject: String,
+    pub challenges: Challenges,
+}
+
+/// Maps a refused enrollment to its gRPC status.
+pub fn enroll_status(e: EnrollError) -> Status {
+    use EnrollError as E;
+    match e {
+        E::Malformed(_) | E::Missing(_) => Status::invalid_argument(e.to_string()),
+        E::UnknownChallenge => Status::failed_precondition(e.to_string()),
+        E::Credential(_) => Status::internal(e.to_string()),
+        E::BadIak(_)
+        | E::IakNotRestricted
+        | E::IakNotFixed
+        | E::BadIdevid(_)
+        | E::IdevidExportable
+        | E::IdevidNotSigning
+        | E::BadRequestSignature(_)
+        | E::IdevidNotCertified(_)
+        | E::EkUntrusted(_)
+        | E::EkUnsupported
+        | E::WrongAnswer => Status::permission_denied(e.to_string()),
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[tonic::async_trait]
+impl pb::enrollment_server::Enrollment for EnrollmentService {
+    async fn begin_idevid(
+        &self,
+        req: Request<pb::BeginIdevidRequest>,
+    ) -> Result<Response<pb::Challenge>, Status> {
+        let bytes = req.into_inner().tcg_csr_idevid;
+        let verified = verify_idevid_request(&bytes, &self.ek_roots, &self.ek_intermediates, now())
+            .map_err(|e| {
+                tracing::warn!(error = %e, "enrollment request refused");
+                enroll_status(e)
+            })?;
+        let serial = verified.request.prod_serial.clone();
+        let ch = self.challenges.issue(verified).map_err(enroll_status)?;
+        tracing::info!(device_serial = %serial, "enrollment request accepted; challenge sent");
+        Ok(Response::new(pb::Challenge {
+            challenge_id: ch.id,
+            credential_blob: ch.credential_blob,
+            encrypted_secret: ch.encrypted_secret,
+        }))
+    }
+
+    async fn finish_idevid(
+        &self,
+        req: Request<pb::FinishRequest>,
+    ) -> Result<Response<pb::IdevidCertificates>, Status> {
+        let r = req.into_inner();
+        let enrolled = self
+            .challenges
+            .answer(&r.challenge_id, &r.secret)
+            .map_err(|e| {
+                tracing::warn!(error = %e, "enrollment challenge answer refused");
+                enroll_status(e)
+            })?;
+        let (iak, idevid) = self
+            .ca
+            .issue_manufactured(&enrolled, &self.subject)
+            .await
+            .map_err(|e| match e {
+                crate::ca::CaError::KeyManager(kame_keymanager::Error::Unavailable(_)) => {
+                    tracing::warn!(error = %e, "CA key backend unavailable");
+                    Status::unavailable("CA key backend unavailable; try again later")
+                }
+                e => {
+                    tracing::error!(error = %e, "cannot issue device certificates");
+                    Status::internal(format!("cannot issue certificates: {e}"))
+                }
+            })?;
+        tracing::info!(device_serial = %enrolled.request.prod_serial, "IAK and IDevID certificates issued");
+        Ok(Response::new(pb::IdevidCertificates {
+            iak_certificate: iak,
+            idevid_certificate: idevid,
+            ca_certificate: self.ca.certificate().to_vec(),
+        }))
+    }
+}

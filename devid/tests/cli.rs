@@ -1,0 +1,165 @@
+//! `kame-devid` end to end on a software TPM: create the TCG IAK and IDevID keys, build the
+//! TCG-CSR-IDEVID, make the manufacturer CA (key in a 0600 key file), serve enrollment, and
+//! enroll: the device answers the credential activation challenge and receives IAK and IDevID
+//! certificates that `openssl x509 -text` shows with the serialNumber, the hardwareModuleName
+//! and the TCG policies. A replayed challenge answer and a malformed request are refused.
+
+use kame_api::pb::devid as pb;
+use kame_tpm::device::{Device, EkAlg};
+use kame_tpm::testing::SwTpm;
+use std::path::Path;
+use std::process::Command;
+use tokio::io::AsyncBufReadExt;
+
+fn devid(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_kame-devid"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "kame-devid {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+
+fn s(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
+    let tpm = SwTpm::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    devid(&["tpm", "create-iak", "--tcti", &tpm.tcti]);
+    devid(&["tpm", "create-idevid", "--tcti", &tpm.tcti]);
+    let req = d.join("req.bin");
+    devid(&[
+        "csr",
+        "--tcti",
+        &tpm.tcti,
+        "--model",
+        "kame-edge",
+        "--serial",
+        "SN-9",
+        "--out",
+        &s(&req),
+    ]);
+    let keys = d.join("ca-keys.json");
+    let ca_pem = d.join("ca.pem");
+    devid(&["ca", "init", "--keys-path", &s(&keys), "--out", &s(&ca_pem)]);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "the CA key file");
+    }
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_kame-devid"))
+        .args([
+            "ca",
+            "serve",
+            "--keys-path",
+            &s(&keys),
+            "--ca-cert",
+            &s(&ca_pem),
+            "--ek-root",
+            &s(&tpm.dir().join("ek-root-ca.pem")),
+            "--ek-intermediate",
+            &s(&tpm.dir().join("ek-intermediate-ca.pem")),
+            "--subject",
+            "O=Kame Devices, CN=kame-edge",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(serve.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let addr = first.trim_start_matches("listening on ").to_string();
+    let url = format!("http://{addr}");
+    let out = d.join("out");
+    devid(&[
+        "enroll-idevid",
+        "--tcti",
+        &tpm.tcti,
+        "--ca",
+        &url,
+        "--request",
+        &s(&req),
+        "--out-dir",
+        &s(&out),
+    ]);
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(out.join("idevid.pem"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("serialNumber = SN-9"), "{text}");
+    assert!(text.contains("othername: 1.3.6.1.5.5.7.8.4::"), "{text}");
+    assert!(text.contains("Policy: 2.23.133.11.1.2"), "{text}");
+    let iak = Command::new("openssl")
+        .args(["verify", "-CAfile"])
+        .arg(&ca_pem)
+        .arg(out.join("iak.pem"))
+        .output()
+        .unwrap();
+    assert!(
+        iak.status.success(),
+        "{}",
+        String::from_utf8_lossy(&iak.stdout)
+    );
+
+    // The protocol directly: a challenge is answered once; a replay is refused.
+    let mut client = pb::enrollment_client::EnrollmentClient::connect(url.clone())
+        .await
+        .unwrap();
+    let ch = client
+        .begin_idevid(pb::BeginIdevidRequest {
+            tcg_csr_idevid: std::fs::read(&req).unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let secret = {
+        let mut dev = Device::open(&tpm.tcti).unwrap();
+        dev.activate_credential_tcg(
+            EkAlg::Rsa2048,
+            0x8102_0001,
+            &ch.credential_blob,
+            &ch.encrypted_secret,
+        )
+        .unwrap()
+    };
+    let finish = pb::FinishRequest {
+        challenge_id: ch.challenge_id.clone(),
+        secret: secret.clone(),
+    };
+    client.finish_idevid(finish.clone()).await.unwrap();
+    let replay = client.finish_idevid(finish).await.unwrap_err();
+    assert_eq!(
+        replay.code(),
+        tonic::Code::FailedPrecondition,
+        "{}",
+        replay.message()
+    );
+    let garbage = client
+        .begin_idevid(pb::BeginIdevidRequest {
+            tcg_csr_idevid: b"not a request".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        garbage.code(),
+        tonic::Code::InvalidArgument,
+        "{}",
+        garbage.message()
+    );
+    let _ = serve.kill().await;
+}
