@@ -5,7 +5,7 @@
 //! It checks what it issues against the 802.1AR profile before handing it out. It decides
 //! nothing about who may enroll: callers pass requests that passed [`crate::enroll`].
 
-use crate::enroll::VerifiedRequest;
+use crate::enroll::{VerifiedLdevid, VerifiedRequest};
 use crate::profile::{self, DevIdKind, DevIdParams, ProfileError};
 use kame_api::x509svid::{self, IssuerInfo, ParsedCert};
 use kame_keymanager::{KeyManager, KeyType, PublicKey, SignOpts, sign_checked};
@@ -153,5 +153,32 @@ impl DevIdCa {
         let iak = self.issue(&params(DevIdKind::Iak, &iak_spki)).await?;
         let idevid = self.issue(&params(DevIdKind::IDevId, &idevid_spki)).await?;
         Ok((iak, idevid))
+    }
+
+    /// The LDevID certificate for a device's new key after [`crate::enroll::verify_ldevid_request`]:
+    /// the device's serialNumber and hardwareModuleName (from its IDevID), `subject`.
+    pub async fn issue_ldevid(
+        &self,
+        v: &VerifiedLdevid,
+        subject: &str,
+    ) -> Result<Vec<u8>, CaError> {
+        let spki = v
+            .ldevid
+            .spki_der()
+            .map_err(|e| CaError::Api(kame_api::Error::BadPublicKey(e.to_string())))?;
+        let hw_type = der::asn1::ObjectIdentifier::new(&v.device.hardware_module_name.0)
+            .map_err(|e| CaError::Api(kame_api::Error::Encode(e.to_string())))?;
+        self.issue(&DevIdParams {
+            kind: DevIdKind::LDevId,
+            subject,
+            serial_number: &v.device.serial_number,
+            hw_type,
+            hw_serial: &v.device.hardware_module_name.1,
+            spki_der: &spki,
+            cert_serial: &[],
+            not_before: now().saturating_sub(60),
+            not_after: None,
+        })
+        .await
     }
 }

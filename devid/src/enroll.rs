@@ -455,3 +455,150 @@ impl Challenges {
 fn hex_id(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
+
+/// An LDevID enrollment request: the device's IDevID and IAK (certificates from the
+/// manufacturer CA and their TPM public areas), the new LDevID key's public area, its
+/// TPM2_Certify by the IAK over the owner CA's nonce, and the IDevID's signature over that
+/// certify (the IDevID holder takes part in this enrollment).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LdevidRequest {
+    pub idevid_cert: Vec<u8>,
+    pub iak_cert: Vec<u8>,
+    pub idevid_pub: Vec<u8>,
+    pub iak_pub: Vec<u8>,
+    pub ldevid_pub: Vec<u8>,
+    /// TPMS_ATTEST of TPM2_Certify(LDevID key) by the IAK, extraData = the nonce.
+    pub certify_info: Vec<u8>,
+    pub certify_sig: Vec<u8>,
+    /// TPMT_SIGNATURE by the IDevID key over `certify_info`.
+    pub idevid_sig: Vec<u8>,
+}
+
+/// Why an LDevID request was refused (beyond the shared [`EnrollError`] checks).
+#[derive(Debug, thiserror::Error)]
+pub enum LdevidError {
+    #[error("the {0} certificate does not chain to a trusted manufacturer CA: {1}")]
+    Untrusted(&'static str, String),
+    #[error("the {0} certificate does not follow the DevID profile: {1}")]
+    Profile(&'static str, String),
+    #[error("the IAK and IDevID certificates name different devices")]
+    DeviceMismatch,
+    #[error("the {0} public area is not the key of its certificate")]
+    KeyMismatch(&'static str),
+    #[error(transparent)]
+    Enroll(#[from] EnrollError),
+}
+
+/// What an owner CA certifies after [`verify_ldevid_request`].
+#[derive(Debug, Clone)]
+pub struct VerifiedLdevid {
+    pub ldevid: Public,
+    pub device: crate::profile::DevIdInfo,
+}
+
+/// The owner CA's checks of an LDevID request bound to `nonce` (single use, the caller's):
+/// IDevID and IAK certificates chain to `manufacturer_roots`, follow the profile and name the
+/// same device; the public areas are their keys; the IAK is restricted and certified the new
+/// key over the nonce; the IDevID key signed that certify; the new key is TPM-fixed and an
+/// unrestricted signing key.
+pub fn verify_ldevid_request(
+    req: &LdevidRequest,
+    nonce: &[u8],
+    manufacturer_roots: &[Vec<u8>],
+    now: u64,
+) -> Result<VerifiedLdevid, LdevidError> {
+    use crate::profile::{DevIdKind, check_devid_cert};
+    for (cert, what) in [(&req.idevid_cert, "IDevID"), (&req.iak_cert, "IAK")] {
+        crate::chain::verify(cert, &[], manufacturer_roots, now)
+            .map_err(|e| LdevidError::Untrusted(what, e.to_string()))?;
+    }
+    let device = check_devid_cert(&req.idevid_cert, DevIdKind::IDevId)
+        .map_err(|e| LdevidError::Profile("IDevID", e.to_string()))?;
+    let iak_info = check_devid_cert(&req.iak_cert, DevIdKind::Iak)
+        .map_err(|e| LdevidError::Profile("IAK", e.to_string()))?;
+    if iak_info != device {
+        return Err(LdevidError::DeviceMismatch);
+    }
+    let parse = |b: &[u8]| Public::parse(b);
+    let idevid = parse(&req.idevid_pub).map_err(|e| EnrollError::BadIdevid(e.to_string()))?;
+    let iak = parse(&req.iak_pub).map_err(|e| EnrollError::BadIak(e.to_string()))?;
+    for (p, cert, what) in [
+        (&idevid, &req.idevid_cert, "IDevID"),
+        (&iak, &req.iak_cert, "IAK"),
+    ] {
+        let spki = p.spki_der().map_err(|_| LdevidError::KeyMismatch(what))?;
+        let cert_spki = kame_api::x509svid::ParsedCert::parse(cert)
+            .and_then(|c| c.spki_der())
+            .map_err(|_| LdevidError::KeyMismatch(what))?;
+        if spki != cert_spki {
+            return Err(LdevidError::KeyMismatch(what));
+        }
+    }
+    if iak.attributes & (attr::RESTRICTED | attr::SIGN_ENCRYPT)
+        != attr::RESTRICTED | attr::SIGN_ENCRYPT
+    {
+        return Err(EnrollError::IakNotRestricted.into());
+    }
+    let ldevid = parse(&req.ldevid_pub).map_err(|e| EnrollError::BadIdevid(e.to_string()))?;
+    attest::verify_certify(&iak, &req.certify_info, &req.certify_sig, &ldevid, nonce)
+        .map_err(|e| EnrollError::IdevidNotCertified(e.to_string()))?;
+    attest::Signature::parse(&req.idevid_sig)
+        .and_then(|s| s.verify(&idevid, &req.certify_info))
+        .map_err(|e| EnrollError::BadRequestSignature(e.to_string()))?;
+    if ldevid.attributes & (attr::FIXED_TPM | attr::FIXED_PARENT)
+        != attr::FIXED_TPM | attr::FIXED_PARENT
+    {
+        return Err(EnrollError::IdevidExportable.into());
+    }
+    if ldevid.attributes & attr::SIGN_ENCRYPT == 0
+        || ldevid.attributes & (attr::RESTRICTED | attr::DECRYPT) != 0
+    {
+        return Err(EnrollError::IdevidNotSigning.into());
+    }
+    Ok(VerifiedLdevid { ldevid, device })
+}
+
+/// Single-use nonces for LDevID enrollment, each valid for a while.
+pub struct Nonces {
+    ttl: Duration,
+    pending: Mutex<HashMap<String, (Vec<u8>, Instant)>>,
+}
+
+impl std::fmt::Debug for Nonces {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Nonces")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Nonces {
+    pub fn new(ttl: Duration) -> Self {
+        Nonces {
+            ttl,
+            pending: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A fresh (id, nonce).
+    pub fn issue(&self) -> Result<(String, Vec<u8>), EnrollError> {
+        let nonce = random(32)?;
+        let id = hex_id(&random(16)?);
+        let now = Instant::now();
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        p.retain(|_, v| v.1 > now);
+        p.insert(id.clone(), (nonce.clone(), now + self.ttl));
+        Ok((id, nonce))
+    }
+
+    /// The nonce of `id`, spent: a second take (a replay) or an expired one is refused.
+    pub fn take(&self, id: &str) -> Result<Vec<u8>, EnrollError> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id)
+            .filter(|(_, exp)| *exp > Instant::now())
+            .map(|(n, _)| n)
+            .ok_or(EnrollError::UnknownChallenge)
+    }
+}

@@ -69,7 +69,27 @@ enum Cmd {
         #[arg(long)]
         out_dir: PathBuf,
     },
-    /// The manufacturer CA.
+    /// Enrolls an LDevID with the owner CA: a new signing key in the TPM (under the SRK, as
+    /// tpm_devid loads it) certified by the IAK over the CA's nonce, the IDevID signing the
+    /// certify. Writes devid.pem, devid-ca.pem, devid.pub and devid.priv (0600) to --out-dir:
+    /// the files tpm_devid's devid_cert_path, devid_pub_path and devid_priv_path name.
+    Enroll {
+        #[command(flatten)]
+        tpm: TpmArgs,
+        #[arg(long)]
+        ca: String,
+        #[arg(long, default_value = IAK_HANDLE, value_parser = handle)]
+        iak_handle: u32,
+        #[arg(long, default_value = IDEVID_HANDLE, value_parser = handle)]
+        idevid_handle: u32,
+        #[arg(long)]
+        iak_cert: PathBuf,
+        #[arg(long)]
+        idevid_cert: PathBuf,
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
+    /// The manufacturer CA (or an owner CA).
     #[command(subcommand)]
     Ca(CaCmd),
 }
@@ -147,6 +167,10 @@ enum CaCmd {
         /// Subject of issued certificates (the device serial is added).
         #[arg(long, default_value = "O=Kame Devices")]
         subject: String,
+        /// As an owner CA: manufacturer CA certificates (PEM) IDevIDs and IAKs must chain to
+        /// for LDevID enrollment.
+        #[arg(long)]
+        idevid_ca: Vec<PathBuf>,
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
     },
@@ -347,6 +371,73 @@ async fn run(cli: Cli) -> Result<()> {
             write_public(&out_dir.join("ca.pem"), &pem(&certs.ca_certificate))?;
             println!("enrolled: {}", out_dir.display());
         }
+        Cmd::Enroll {
+            tpm,
+            ca,
+            iak_handle,
+            idevid_handle,
+            iak_cert,
+            idevid_cert,
+            out_dir,
+        } => {
+            use kame_api::pb::devid as pb;
+            let iak_cert = read_pems(&iak_cert)?.remove(0);
+            let idevid_cert = read_pems(&idevid_cert)?.remove(0);
+            let mut client = pb::enrollment_client::EnrollmentClient::connect(ca.clone())
+                .await
+                .with_context(|| format!("connecting to {ca}"))?;
+            let n = client
+                .begin_ldevid(pb::BeginLdevidRequest {})
+                .await
+                .map_err(|s| anyhow::anyhow!("the CA refused ({:?}): {}", s.code(), s.message()))?
+                .into_inner();
+            let (key, request) = {
+                let mut d = Device::open(&tpm.tcti)?;
+                let key = d.create_under_srk(&wire::public::templates::bytes(
+                    wire::public::templates::DEVID_RSA,
+                ))?;
+                let (certify_info, certify_signature) =
+                    d.certify_by_persistent(&key, iak_handle, &n.nonce)?;
+                let idevid_signature = d.sign_persistent(idevid_handle, &certify_info)?;
+                let request = pb::FinishLdevidRequest {
+                    nonce_id: n.nonce_id,
+                    idevid_certificate: idevid_cert,
+                    iak_certificate: iak_cert,
+                    idevid_public: d.persistent_public(idevid_handle)?,
+                    iak_public: d.persistent_public(iak_handle)?,
+                    ldevid_public: key.public.clone(),
+                    certify_info,
+                    certify_signature,
+                    idevid_signature,
+                };
+                (key, request)
+            };
+            let r = client
+                .finish_ldevid(request)
+                .await
+                .map_err(|s| anyhow::anyhow!("the CA refused ({:?}): {}", s.code(), s.message()))?
+                .into_inner();
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            kame_devid::chain::verify(
+                &r.ldevid_certificate,
+                &[],
+                std::slice::from_ref(&r.ca_certificate),
+                now,
+            )?;
+            kame_devid::profile::check_devid_cert(
+                &r.ldevid_certificate,
+                kame_devid::profile::DevIdKind::LDevId,
+            )?;
+            std::fs::create_dir_all(&out_dir)?;
+            write_public(&out_dir.join("devid.pem"), &pem(&r.ldevid_certificate))?;
+            write_public(&out_dir.join("devid-ca.pem"), &pem(&r.ca_certificate))?;
+            std::fs::write(out_dir.join("devid.pub"), &key.public)?;
+            // The TPM-wrapped private part: useless outside this TPM, still kept private.
+            kame_keymanager::disk::write_secret_file(&out_dir.join("devid.priv"), &key.private)?;
+            println!("enrolled: {}", out_dir.display());
+        }
         Cmd::Ca(CaCmd::Init {
             key,
             subject,
@@ -370,6 +461,7 @@ async fn run(cli: Cli) -> Result<()> {
             ek_root,
             ek_intermediate,
             subject,
+            idevid_ca,
             listen,
         }) => {
             let km = key_manager(&key).await?;
@@ -389,6 +481,14 @@ async fn run(cli: Cli) -> Result<()> {
                 ek_intermediates,
                 subject,
                 challenges: Challenges::new(std::time::Duration::from_secs(300)),
+                manufacturer_roots: {
+                    let mut v = vec![];
+                    for p in &idevid_ca {
+                        v.extend(read_pems(p)?);
+                    }
+                    v
+                },
+                nonces: kame_devid::enroll::Nonces::new(std::time::Duration::from_secs(300)),
             };
             let listener = tokio::net::TcpListener::bind(listen).await?;
             println!("listening on {}", listener.local_addr()?);

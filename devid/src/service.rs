@@ -6,7 +6,10 @@
 //! before the challenge is answered. It must not hold the CA key (the KeyManager does).
 
 use crate::ca::DevIdCa;
-use crate::enroll::{Challenges, EnrollError, verify_idevid_request};
+use crate::enroll::{
+    Challenges, EnrollError, LdevidError, LdevidRequest, Nonces, verify_idevid_request,
+    verify_ldevid_request,
+};
 use kame_api::pb::devid as pb;
 use tonic::{Request, Response, Status};
 
@@ -20,6 +23,17 @@ pub struct EnrollmentService {
     /// The subject of issued certificates (the device serial is added).
     pub subject: String,
     pub challenges: Challenges,
+    /// As an owner CA: the manufacturer CAs IDevIDs and IAKs must chain to (empty: LDevID
+    /// enrollment is refused).
+    pub manufacturer_roots: Vec<Vec<u8>>,
+    pub nonces: Nonces,
+}
+
+fn ldevid_status(e: LdevidError) -> Status {
+    match e {
+        LdevidError::Enroll(e) => enroll_status(e),
+        e => Status::permission_denied(e.to_string()),
+    }
 }
 
 /// Maps a refused enrollment to its gRPC status.
@@ -102,6 +116,52 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
         Ok(Response::new(pb::IdevidCertificates {
             iak_certificate: iak,
             idevid_certificate: idevid,
+            ca_certificate: self.ca.certificate().to_vec(),
+        }))
+    }
+
+    async fn begin_ldevid(
+        &self,
+        _req: Request<pb::BeginLdevidRequest>,
+    ) -> Result<Response<pb::LdevidNonce>, Status> {
+        if self.manufacturer_roots.is_empty() {
+            return Err(Status::failed_precondition(
+                "this CA does not enroll LDevIDs (no manufacturer CA configured)",
+            ));
+        }
+        let (nonce_id, nonce) = self.nonces.issue().map_err(enroll_status)?;
+        Ok(Response::new(pb::LdevidNonce { nonce_id, nonce }))
+    }
+
+    async fn finish_ldevid(
+        &self,
+        req: Request<pb::FinishLdevidRequest>,
+    ) -> Result<Response<pb::LdevidCertificate>, Status> {
+        let r = req.into_inner();
+        let nonce = self.nonces.take(&r.nonce_id).map_err(enroll_status)?;
+        let request = LdevidRequest {
+            idevid_cert: r.idevid_certificate,
+            iak_cert: r.iak_certificate,
+            idevid_pub: r.idevid_public,
+            iak_pub: r.iak_public,
+            ldevid_pub: r.ldevid_public,
+            certify_info: r.certify_info,
+            certify_sig: r.certify_signature,
+            idevid_sig: r.idevid_signature,
+        };
+        let v = verify_ldevid_request(&request, &nonce, &self.manufacturer_roots, now()).map_err(
+            |e| {
+                tracing::warn!(error = %e, "LDevID request refused");
+                ldevid_status(e)
+            },
+        )?;
+        let cert =
+            self.ca.issue_ldevid(&v, &self.subject).await.map_err(|e| {
+                Status::internal(format!("cannot issue the LDevID certificate: {e}"))
+            })?;
+        tracing::info!(device_serial = %v.device.serial_number, "LDevID certificate issued");
+        Ok(Response::new(pb::LdevidCertificate {
+            ldevid_certificate: cert,
             ca_certificate: self.ca.certificate().to_vec(),
         }))
     }

@@ -162,4 +162,107 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
         garbage.message()
     );
     let _ = serve.kill().await;
+
+    // LDevID enrollment with an owner CA that trusts the manufacturer CA.
+    let owner_keys = d.join("owner-keys.json");
+    let owner_pem = d.join("owner.pem");
+    devid(&[
+        "ca",
+        "init",
+        "--keys-path",
+        &s(&owner_keys),
+        "--subject",
+        "O=Fleet Owner, CN=Owner CA",
+        "--out",
+        &s(&owner_pem),
+    ]);
+    let mut owner = tokio::process::Command::new(env!("CARGO_BIN_EXE_kame-devid"))
+        .args([
+            "ca",
+            "serve",
+            "--keys-path",
+            &s(&owner_keys),
+            "--ca-cert",
+            &s(&owner_pem),
+            "--ek-root",
+            &s(&tpm.dir().join("ek-root-ca.pem")),
+            "--idevid-ca",
+            &s(&ca_pem),
+            "--subject",
+            "O=Fleet Owner",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(owner.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let owner_url = format!("http://{}", first.trim_start_matches("listening on "));
+    let ldevid = d.join("ldevid");
+    devid(&[
+        "enroll",
+        "--tcti",
+        &tpm.tcti,
+        "--ca",
+        &owner_url,
+        "--iak-cert",
+        &s(&out.join("iak.pem")),
+        "--idevid-cert",
+        &s(&out.join("idevid.pem")),
+        "--out-dir",
+        &s(&ldevid),
+    ]);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(ldevid.join("devid.priv"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(ldevid.join("devid.pem"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("serialNumber = SN-9"), "{text}");
+    assert!(
+        text.contains("Issuer: O = Fleet Owner, CN = Owner CA"),
+        "{text}"
+    );
+    // An LDevID nonce is used once; the owner CA refuses an unknown manufacturer's devices.
+    let mut c = pb::enrollment_client::EnrollmentClient::connect(owner_url)
+        .await
+        .unwrap();
+    let n = c
+        .begin_ldevid(pb::BeginLdevidRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let bogus = pb::FinishLdevidRequest {
+        nonce_id: n.nonce_id.clone(),
+        idevid_certificate: std::fs::read(out.join("idevid.pem")).unwrap(),
+        ..Default::default()
+    };
+    let first = c.finish_ldevid(bogus.clone()).await.unwrap_err();
+    assert_eq!(
+        first.code(),
+        tonic::Code::PermissionDenied,
+        "{}",
+        first.message()
+    );
+    let again = c.finish_ldevid(bogus).await.unwrap_err();
+    assert_eq!(
+        again.code(),
+        tonic::Code::FailedPrecondition,
+        "{}",
+        again.message()
+    );
+    let _ = owner.kill().await;
 }

@@ -7,7 +7,7 @@
 mod common;
 
 use common::devid::{DevId, ek_cas, opts, provision};
-use common::{Env, Opts, TD, my_uid};
+use common::{Env, Opts, TD, my_uid, wait_agent};
 use kame_api::pb;
 use kame_tpm::testing::SwTpm;
 use sha2::Digest;
@@ -141,32 +141,6 @@ async fn tpm_devid_802_1ar_fields_become_selectors() {
         "{sels:?}"
     );
     env.stop().await;
-}
-
-/// The attested agent as the server records it. The first attestation runs key generation
-/// in a software TPM (seconds each on a loaded 2-core machine), so the wait is generous.
-async fn wait_agent(env: &Env) -> pb::types::Agent {
-    let path = env
-        .agent_id
-        .trim_start_matches(&format!("spiffe://{TD}"))
-        .to_string();
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
-    loop {
-        let r = pb::agent::agent_client::AgentClient::new(env.admin().await)
-            .get_agent(pb::agent::GetAgentRequest {
-                id: Some(common::sid(TD, &path)),
-                output_mask: None,
-            })
-            .await;
-        if let Ok(a) = r {
-            return a.into_inner();
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "agent did not attest"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
 }
 
 async fn agent_selectors(env: &Env) -> Vec<String> {

@@ -812,6 +812,39 @@ impl Device {
         r
     }
 
+    /// TPM2_Certify of `key` (loaded under the SRK, empty password) by the persistent key at
+    /// `signer` (a TCG IAK, USER role, empty password), with `nonce` as qualifying data: an
+    /// LDevID key certified by the IAK. Returns (TPMS_ATTEST, TPMT_SIGNATURE).
+    pub fn certify_by_persistent(
+        &mut self,
+        key: &KeyBlob,
+        signer: u32,
+        nonce: &[u8],
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        let data = Data::try_from(nonce.to_vec()).map_err(step("nonce"))?;
+        let sh = self.persistent(signer)?;
+        let kh = self.load_under_srk(key)?;
+        let r = self
+            .ctx
+            .execute_with_sessions(
+                (
+                    Some(AuthSession::Password),
+                    Some(AuthSession::Password),
+                    None,
+                ),
+                |c| c.certify(ObjectHandle::from(kh), sh, data, SignatureScheme::Null),
+            )
+            .map_err(step("certify"))
+            .and_then(|(a, s)| {
+                Ok((
+                    a.marshall().map_err(step("marshal attest"))?,
+                    s.marshall().map_err(step("marshal signature"))?,
+                ))
+            });
+        self.flush(kh);
+        r
+    }
+
     /// Signs `message` with the persistent unrestricted key at `handle` (USER role, empty
     /// password): SHA-256, RSASSA for RSA keys without a scheme, else the key's scheme.
     /// Returns TPMT_SIGNATURE.

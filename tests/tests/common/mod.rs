@@ -350,3 +350,29 @@ plugins {{
         }
     }
 }
+
+/// The attested agent as the server records it. The first attestation runs key generation
+/// in a software TPM (seconds each on a loaded 2-core machine), so the wait is generous.
+pub async fn wait_agent(env: &Env) -> pb::types::Agent {
+    let path = env
+        .agent_id
+        .trim_start_matches(&format!("spiffe://{TD}"))
+        .to_string();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(90);
+    loop {
+        let r = pb::agent::agent_client::AgentClient::new(env.admin().await)
+            .get_agent(pb::agent::GetAgentRequest {
+                id: Some(sid(TD, &path)),
+                output_mask: None,
+            })
+            .await;
+        if let Ok(a) = r {
+            return a.into_inner();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent did not attest"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
