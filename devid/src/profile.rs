@@ -219,21 +219,10 @@ pub fn devid_tbs(p: &DevIdParams<'_>, issuer: &IssuerInfo) -> Result<Vec<u8>, Pr
                     .collect(),
             ),
         )?,
-        x509svid::ext_der(
-            SubjectKeyIdentifier::OID,
-            false,
-            &SubjectKeyIdentifier(OctetString::new(ski).map_err(enc)?),
-        )?,
-        x509svid::ext_der(
-            AuthorityKeyIdentifier::OID,
-            false,
-            &AuthorityKeyIdentifier {
-                key_identifier: Some(OctetString::new(issuer.key_id.clone()).map_err(enc)?),
-                authority_cert_issuer: None,
-                authority_cert_serial_number: None,
-            },
-        )?,
-    ];
+    ]
+    .into_iter()
+    .chain(key_ids(ski, issuer.key_id.clone())?)
+    .collect::<Vec<_>>();
     let alg_der = issuer.signature_algorithm.to_der().map_err(enc)?;
     Ok(x509svid::tbs(
         p.cert_serial,
@@ -245,6 +234,26 @@ pub fn devid_tbs(p: &DevIdParams<'_>, issuer: &IssuerInfo) -> Result<Vec<u8>, Pr
         p.spki_der,
         &exts,
     )?)
+}
+
+/// The subjectKeyIdentifier and authorityKeyIdentifier extensions.
+fn key_ids(ski: Vec<u8>, aki: Vec<u8>) -> Result<[Vec<u8>; 2], ProfileError> {
+    Ok([
+        x509svid::ext_der(
+            SubjectKeyIdentifier::OID,
+            false,
+            &SubjectKeyIdentifier(OctetString::new(ski).map_err(enc)?),
+        )?,
+        x509svid::ext_der(
+            AuthorityKeyIdentifier::OID,
+            false,
+            &AuthorityKeyIdentifier {
+                key_identifier: Some(OctetString::new(aki).map_err(enc)?),
+                authority_cert_issuer: None,
+                authority_cert_serial_number: None,
+            },
+        )?,
+    ])
 }
 
 /// The 802.1AR fields of a DevID certificate that follows the profile.
@@ -343,21 +352,10 @@ pub fn ca_tbs(
             true,
             &KeyUsage(KeyUsages::KeyCertSign | KeyUsages::CRLSign),
         )?,
-        x509svid::ext_der(
-            SubjectKeyIdentifier::OID,
-            false,
-            &SubjectKeyIdentifier(OctetString::new(ski).map_err(enc)?),
-        )?,
-        x509svid::ext_der(
-            AuthorityKeyIdentifier::OID,
-            false,
-            &AuthorityKeyIdentifier {
-                key_identifier: Some(OctetString::new(aki).map_err(enc)?),
-                authority_cert_issuer: None,
-                authority_cert_serial_number: None,
-            },
-        )?,
-    ];
+    ]
+    .into_iter()
+    .chain(key_ids(ski, aki)?)
+    .collect::<Vec<_>>();
     Ok(x509svid::tbs(
         serial,
         &alg_der,

@@ -732,6 +732,27 @@ impl Device {
         key: wire::policy::DevIdKey,
         code: tss_esapi::constants::CommandCode,
     ) -> Result<tss_esapi::interface_types::session_handles::AuthSession> {
+        let branches = wire::policy::tcg_devid_policy_branches(key, wire::alg::SHA256)?;
+        let (session, ps) = self.endorsement_policy_session(HashingAlgorithm::Sha256)?;
+        let r = self
+            .ctx
+            .execute_without_session(|c| c.policy_command_code(ps, code))
+            .map_err(step("PolicyCommandCode"))
+            .and_then(|_| self.policy_or_branches(ps, &branches, "PolicyOR (TCG DevID policy)"));
+        if let Err(e) = r {
+            self.flush_session(session);
+            return Err(e);
+        }
+        Ok(session)
+    }
+
+    /// A policy session (`hash`) after TPM2_PolicySecret(TPM_RH_ENDORSEMENT) under the
+    /// endorsement authorization: what EKs and the TCG DevID keys' policies start with. The
+    /// caller flushes it; it is flushed here if PolicySecret fails.
+    fn endorsement_policy_session(
+        &mut self,
+        hash: HashingAlgorithm,
+    ) -> Result<(AuthSession, PolicySession)> {
         let session = self
             .ctx
             .start_auth_session(
@@ -740,45 +761,55 @@ impl Device {
                 None,
                 SessionType::Policy,
                 SymmetricDefinition::AES_128_CFB,
-                HashingAlgorithm::Sha256,
+                hash,
             )
             .map_err(step("start policy session"))?
             .ok_or_else(|| DeviceError::Invalid("TPM returned no session".into()))?;
-        let ps = PolicySession::try_from(session).map_err(step("policy session"))?;
-        let branches = wire::policy::tcg_devid_policy_branches(key, wire::alg::SHA256)?;
-        let r = self
-            .ctx
-            .execute_with_nullauth_session(|c| {
-                c.policy_secret(
-                    ps,
-                    AuthHandle::Endorsement,
-                    Nonce::default(),
-                    Digest::default(),
-                    Nonce::default(),
-                    None,
-                )
-            })
-            .map_err(step("PolicySecret(endorsement)"))
-            .and_then(|_| {
+        let r = PolicySession::try_from(session)
+            .map_err(step("policy session"))
+            .and_then(|ps| {
                 self.ctx
-                    .execute_without_session(|c| c.policy_command_code(ps, code))
-                    .map_err(step("PolicyCommandCode"))
-            })
-            .and_then(|_| {
-                let mut list = tss_esapi::structures::DigestList::new();
-                for b in &branches {
-                    let dg = Digest::try_from(b.clone()).map_err(step("policy digest"))?;
-                    list.add(dg).map_err(step("policy digest list"))?;
-                }
-                self.ctx
-                    .execute_without_session(|c| c.policy_or(ps, list))
-                    .map_err(step("PolicyOR (TCG DevID policy)"))
+                    .execute_with_nullauth_session(|c| {
+                        c.policy_secret(
+                            ps,
+                            AuthHandle::Endorsement,
+                            Nonce::default(),
+                            Digest::default(),
+                            Nonce::default(),
+                            None,
+                        )
+                    })
+                    .map(|_| ps)
+                    .map_err(step("PolicySecret(endorsement)"))
             });
-        if let Err(e) = r {
-            let _ = self.ctx.flush_context(SessionHandle::from(session).into());
-            return Err(e);
+        match r {
+            Ok(ps) => Ok((session, ps)),
+            Err(e) => {
+                self.flush_session(session);
+                Err(e)
+            }
         }
-        Ok(session)
+    }
+
+    /// TPM2_PolicyOR over `branches` in `ps`.
+    fn policy_or_branches(
+        &mut self,
+        ps: PolicySession,
+        branches: &[Vec<u8>],
+        what: &'static str,
+    ) -> Result<()> {
+        let mut list = tss_esapi::structures::DigestList::new();
+        for b in branches {
+            let dg = Digest::try_from(b.clone()).map_err(step("policy digest"))?;
+            list.add(dg).map_err(step("policy digest list"))?;
+        }
+        self.ctx
+            .execute_without_session(|c| c.policy_or(ps, list))
+            .map_err(step(what))
+    }
+
+    fn flush_session(&mut self, s: AuthSession) {
+        let _ = self.ctx.flush_context(SessionHandle::from(s).into());
     }
 
     /// TPM2_Certify of the TCG key at `object` (its ADMIN role through the policy's Certify
@@ -808,7 +839,7 @@ impl Device {
                     s.marshall().map_err(step("marshal signature"))?,
                 ))
             });
-        let _ = self.ctx.flush_context(SessionHandle::from(session).into());
+        self.flush_session(session);
         r
     }
 
@@ -909,54 +940,23 @@ impl Device {
         let ekh = match self.create_ek(ek_alg) {
             Ok(h) => h,
             Err(e) => {
-                let _ = self
-                    .ctx
-                    .flush_context(SessionHandle::from(iak_session).into());
+                self.flush_session(iak_session);
                 return Err(e);
             }
         };
-        let ek_session = self
-            .ctx
-            .start_auth_session(
-                None,
-                None,
-                None,
-                SessionType::Policy,
-                SymmetricDefinition::AES_128_CFB,
-                HashingAlgorithm::Sha256,
-            )
-            .map_err(step("start policy session"))
-            .and_then(|s| s.ok_or_else(|| DeviceError::Invalid("TPM returned no session".into())));
-        let r = ek_session.and_then(|ek_session| {
-            let ps = PolicySession::try_from(ek_session).map_err(step("policy session"))?;
-            let r = self
-                .ctx
-                .execute_with_nullauth_session(|c| {
-                    c.policy_secret(
-                        ps,
-                        AuthHandle::Endorsement,
-                        Nonce::default(),
-                        Digest::default(),
-                        Nonce::default(),
-                        None,
-                    )
-                })
-                .map_err(step("PolicySecret(endorsement) for the EK"))
-                .and_then(|_| {
-                    self.ctx
-                        .execute_with_sessions((Some(iak_session), Some(ek_session), None), |c| {
-                            c.activate_credential(iakh, ekh, id, es)
-                        })
-                        .map_err(step("ActivateCredential (TCG IAK)"))
-                });
-            let _ = self
-                .ctx
-                .flush_context(SessionHandle::from(ek_session).into());
-            r
-        });
-        let _ = self
-            .ctx
-            .flush_context(SessionHandle::from(iak_session).into());
+        let r = self
+            .endorsement_policy_session(HashingAlgorithm::Sha256)
+            .and_then(|(ek_session, _)| {
+                let r = self
+                    .ctx
+                    .execute_with_sessions((Some(iak_session), Some(ek_session), None), |c| {
+                        c.activate_credential(iakh, ekh, id, es)
+                    })
+                    .map_err(step("ActivateCredential (TCG IAK)"));
+                self.flush_session(ek_session);
+                r
+            });
+        self.flush_session(iak_session);
         self.flush(ekh);
         Ok(r?.value().to_vec())
     }
@@ -992,45 +992,11 @@ impl Device {
         self.with_ak(ek_alg, blob, |d, ekh, akh| {
             // A policy session for the EK (USER role), satisfied under a password session; the
             // AK (ADMIN role) uses its empty password.
-            let policy = d
-                .ctx
-                .start_auth_session(
-                    None,
-                    None,
-                    None,
-                    SessionType::Policy,
-                    SymmetricDefinition::AES_128_CFB,
-                    session_hash,
-                )
-                .map_err(step("start policy session"))?
-                .ok_or_else(|| DeviceError::Invalid("TPM returned no session".into()))?;
-            let ps = PolicySession::try_from(policy).map_err(step("policy session"))?;
-            let r = d
-                .ctx
-                .execute_with_nullauth_session(|c| {
-                    c.policy_secret(
-                        ps,
-                        AuthHandle::Endorsement,
-                        Nonce::default(),
-                        Digest::default(),
-                        Nonce::default(),
-                        None,
-                    )
-                })
-                .map_err(step("PolicySecret(endorsement)"));
-            let r = r.and_then(|_| match &branches {
-                Some([a, c]) => {
-                    let mut list = tss_esapi::structures::DigestList::new();
-                    for b in [a, c] {
-                        let dg = Digest::try_from(b.clone()).map_err(step("policy digest"))?;
-                        list.add(dg).map_err(step("policy digest list"))?;
-                    }
-                    d.ctx
-                        .execute_without_session(|c| c.policy_or(ps, list))
-                        .map_err(step("PolicyOR(A, C)"))
-                }
+            let (policy, ps) = d.endorsement_policy_session(session_hash)?;
+            let r = match &branches {
+                Some(b) => d.policy_or_branches(ps, b, "PolicyOR(A, C)"),
                 None => Ok(()),
-            });
+            };
             let r = r.and_then(|_| {
                 d.ctx
                     .execute_with_sessions((Some(AuthSession::Password), Some(policy), None), |c| {
@@ -1038,7 +1004,7 @@ impl Device {
                     })
                     .map_err(step("ActivateCredential"))
             });
-            let _ = d.ctx.flush_context(SessionHandle::from(policy).into());
+            d.flush_session(policy);
             Ok(r?.value().to_vec())
         })
     }
