@@ -30,7 +30,7 @@ pub struct UnixAttestorConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeAttestorConfig {
     JoinToken,
-    TpmDevid(crate::tpm_devid::TpmDevidConfig),
+    TpmDevid(Box<crate::tpm_devid::TpmDevidConfig>),
 }
 
 #[derive(Debug, Clone)]
@@ -146,7 +146,44 @@ fn tpm_devid_config_in(
             ));
         }
     };
+    let ak_handle = data
+        .string("attestation_key_handle")?
+        .filter(|v| !v.is_empty());
+    let ak_cert = data
+        .string("attestation_key_cert_path")?
+        .filter(|v| !v.is_empty());
+    let attestation_key = match (ak_handle, ak_cert) {
+        (None, None) => None,
+        (Some(h), Some(cert)) => {
+            let key = data.key("attestation_key_handle");
+            let hex = h.trim_start_matches("0x").trim_start_matches("0X");
+            let handle = u32::from_str_radix(hex, 16)
+                .ok()
+                .filter(|v| (0x8100_0000..=0x81ff_ffff).contains(v))
+                .ok_or_else(|| {
+                    invalid(
+                        &key,
+                        format!("{h:?} is not a persistent handle (0x81000000-0x81ffffff)"),
+                    )
+                })?;
+            Some(crate::tpm_devid::CertifiedAk {
+                handle,
+                cert_path: PathBuf::from(cert),
+            })
+        }
+        (Some(_), None) => {
+            return Err(ConfigError::Missing {
+                key: data.key("attestation_key_cert_path"),
+            });
+        }
+        (None, Some(_)) => {
+            return Err(ConfigError::Missing {
+                key: data.key("attestation_key_handle"),
+            });
+        }
+    };
     Ok(crate::tpm_devid::TpmDevidConfig {
+        attestation_key,
         devid_cert_path,
         devid_priv_path,
         devid_pub_path,
@@ -224,7 +261,7 @@ impl Config {
         let (name, data) = single_plugin(&mut plugins, "NodeAttestor")?;
         let node_attestor = match name.as_str() {
             "join_token" => NodeAttestorConfig::JoinToken,
-            "tpm_devid" => NodeAttestorConfig::TpmDevid(tpm_devid_config(&data)?),
+            "tpm_devid" => NodeAttestorConfig::TpmDevid(Box::new(tpm_devid_config(&data)?)),
             other => {
                 return Err(invalid(
                     "plugins.NodeAttestor",
@@ -356,6 +393,46 @@ plugins {
             c.tcti,
             format!("device:{}", dev.path().join("tpmrm0").display())
         );
+    }
+
+    /// Kame's certified attestation key: both keys or neither, a persistent handle in hex.
+    #[test]
+    fn tpm_devid_agent_attestation_key_needs_a_persistent_handle_and_its_certificate() {
+        let conf = |extra: &str| {
+            let text = format!(
+                "plugins {{\n NodeAttestor \"tpm_devid\" {{\n plugin_data {{\n devid_cert_path = \"c.pem\"\n devid_priv_path = \"k.priv\"\n devid_pub_path = \"k.pub\"\n tcti = \"swtpm:port=1\"\n {extra}\n }}\n }}\n}}\n"
+            );
+            let mut root = kame_api::conf::parse_root(&text, false).unwrap();
+            let mut plugins = root.section("plugins").unwrap().unwrap();
+            let (_, data) = single_plugin(&mut plugins, "NodeAttestor").unwrap();
+            tpm_devid_config_in(&data, Path::new("/nonexistent")).map_err(|e| e.to_string())
+        };
+        assert_eq!(conf("").unwrap().attestation_key, None);
+        let c = conf(
+            "attestation_key_handle = \"0x81020001\"\n attestation_key_cert_path = \"iak.pem\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.attestation_key,
+            Some(crate::tpm_devid::CertifiedAk {
+                handle: 0x8102_0001,
+                cert_path: "iak.pem".into()
+            })
+        );
+        let e = conf("attestation_key_handle = \"0x81020001\"").unwrap_err();
+        assert!(e.contains("attestation_key_cert_path"), "{e}");
+        let e = conf("attestation_key_cert_path = \"iak.pem\"").unwrap_err();
+        assert!(e.contains("attestation_key_handle"), "{e}");
+        for bad in ["0x01020001", "zz", "0x1_0000_0000"] {
+            let e = conf(&format!(
+                "attestation_key_handle = \"{bad}\"\n attestation_key_cert_path = \"iak.pem\""
+            ))
+            .unwrap_err();
+            assert!(
+                e.contains("attestation_key_handle") && e.contains("persistent handle"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

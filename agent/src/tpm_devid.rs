@@ -3,13 +3,18 @@
 //! reads its certificate from NV, makes an attestation key (under the EK; SPIRE's `AK_RSA`
 //! under the SRK with [`evidence_spire`]), certifies the DevID key with it,
 //! and after the server's challenge signs its nonce with the DevID key and recovers the
-//! credential with TPM2_ActivateCredential. All TPM work runs on the blocking pool through
-//! [`kame_tpm::device::SharedDevice`]; an authorization failure is never retried. It keeps no
-//! key material: blobs are TPM-wrapped and the AK lives only for one attestation.
+//! credential with TPM2_ActivateCredential. With `attestation_key_handle` and
+//! `attestation_key_cert_path` (Kame servers only) it uses a persistent TCG IAK or LAK
+//! instead: it sends the AK's certificate, makes no EK and no AK, and answers the nonce with a
+//! signature, certify and quote made with one load of the DevID key. All TPM work runs on the
+//! blocking pool through [`kame_tpm::device::SharedDevice`]; an authorization failure is never
+//! retried. It keeps no key material: blobs are TPM-wrapped and a made AK lives only for one
+//! attestation.
 
 use kame_api::tpm_devid::{AttestationRequest, ChallengeRequest, ChallengeResponse};
 use kame_tpm::device::{AkBlob, Device, DeviceError, EkAlg, KeyBlob};
 use kame_tpm::wire;
+use std::path::Path;
 use std::path::PathBuf;
 
 /// A TPM authorization value from the configuration: never printed.
@@ -35,6 +40,17 @@ pub struct TpmDevidConfig {
     pub devid_password: Secret,
     pub owner_hierarchy_password: Secret,
     pub endorsement_hierarchy_password: Secret,
+    /// A persistent, certified attestation key (ours): used instead of an EK and a fresh AK.
+    pub attestation_key: Option<CertifiedAk>,
+}
+
+/// A persistent TCG IAK or LAK and its certificate chain (`attestation_key_handle`,
+/// `attestation_key_cert_path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertifiedAk {
+    pub handle: u32,
+    /// PEM: the AK certificate first, then any intermediates.
+    pub cert_path: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,9 +77,15 @@ pub enum DevIdAgentError {
     BadChallenge(String),
     #[error("DevID signature: {0}")]
     Signature(String),
+    #[error("the key at attestation_key_handle {handle:#010x} is not the key of {path}")]
+    AkCertMismatch { handle: u32, path: String },
+    #[error(
+        "the server did not ask for Kame's v2 proof: a certified attestation key needs a Kame server with attestation_key_ca_path"
+    )]
+    CertifiedAkNeedsV2,
 }
 
-fn read(p: &PathBuf) -> Result<Vec<u8>, DevIdAgentError> {
+fn read(p: &Path) -> Result<Vec<u8>, DevIdAgentError> {
     std::fs::read(p).map_err(|source| DevIdAgentError::Read {
         path: p.display().to_string(),
         source,
@@ -74,8 +96,31 @@ fn read(p: &PathBuf) -> Result<Vec<u8>, DevIdAgentError> {
 #[derive(Debug)]
 pub struct Session {
     pub devid: KeyBlob,
-    pub ak: AkBlob,
+    pub ak: SessionAk,
     pub ek_alg: EkAlg,
+}
+
+/// The attestation key of one attestation.
+#[derive(Debug)]
+pub enum SessionAk {
+    /// Made for this attestation (under the EK or, as SPIRE's, the SRK).
+    Made(AkBlob),
+    /// A persistent certified AK (TCG IAK or LAK) at this handle.
+    Persistent(u32),
+}
+
+/// The PEM certificates of `path`, at least one.
+fn read_certs(path: &Path) -> Result<Vec<Vec<u8>>, DevIdAgentError> {
+    let no_cert = |msg: String| DevIdAgentError::NoCertificate {
+        path: path.display().to_string(),
+        msg,
+    };
+    let pem = String::from_utf8(read(path)?).map_err(|_| no_cert("not text".into()))?;
+    let certs = kame_api::bundle::certs_from_pem(&pem).map_err(|e| no_cert(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(no_cert("empty".into()));
+    }
+    Ok(certs)
 }
 
 /// Message 1: reads files, runs the TPM commands, returns the JSON payload and the session.
@@ -83,23 +128,7 @@ pub fn request(
     d: &mut Device,
     cfg: &TpmDevidConfig,
 ) -> Result<(Vec<u8>, Session), DevIdAgentError> {
-    let pem = String::from_utf8(read(&cfg.devid_cert_path)?).map_err(|_| {
-        DevIdAgentError::NoCertificate {
-            path: cfg.devid_cert_path.display().to_string(),
-            msg: "not text".into(),
-        }
-    })?;
-    let certs =
-        kame_api::bundle::certs_from_pem(&pem).map_err(|e| DevIdAgentError::NoCertificate {
-            path: cfg.devid_cert_path.display().to_string(),
-            msg: e.to_string(),
-        })?;
-    if certs.is_empty() {
-        return Err(DevIdAgentError::NoCertificate {
-            path: cfg.devid_cert_path.display().to_string(),
-            msg: "empty".into(),
-        });
-    }
+    let certs = read_certs(&cfg.devid_cert_path)?;
     let mut devid = KeyBlob::from_files(&read(&cfg.devid_pub_path)?, &read(&cfg.devid_priv_path)?);
     devid.auth = cfg.devid_password.0.as_bytes().to_vec();
     d.set_hierarchy_auth(
@@ -110,8 +139,54 @@ pub fn request(
         path: cfg.devid_pub_path.display().to_string(),
         msg: e.to_string(),
     })?;
-    let (req, session) = evidence_with(d, certs, devid, cfg.ek_algorithm)?;
+    let (req, session) = match &cfg.attestation_key {
+        Some(ak) => evidence_certified_ak(d, certs, devid, ak)?,
+        None => evidence_with(d, certs, devid, cfg.ek_algorithm)?,
+    };
     Ok((req.encode(), session))
+}
+
+/// The TPM half of message 1 with a persistent certified AK: its public area is the only TPM
+/// read. The certify comes bound to the server's nonce in message 3.
+pub fn evidence_certified_ak(
+    d: &mut Device,
+    certs: Vec<Vec<u8>>,
+    devid: KeyBlob,
+    ak: &CertifiedAk,
+) -> Result<(AttestationRequest, Session), DevIdAgentError> {
+    let ak_cert = read_certs(&ak.cert_path)?;
+    let ak_pub = d.persistent_public(ak.handle)?;
+    let mismatch = || DevIdAgentError::AkCertMismatch {
+        handle: ak.handle,
+        path: ak.cert_path.display().to_string(),
+    };
+    let tpm_key = wire::Public::parse(&ak_pub)
+        .ok()
+        .and_then(|p| p.spki_der().ok())
+        .and_then(|s| kame_api::keys::KeyInfo::from_spki_der(&s).ok());
+    let cert_key = kame_api::x509svid::ParsedCert::parse(&ak_cert[0])
+        .ok()
+        .and_then(|c| c.spki_der().ok())
+        .and_then(|s| kame_api::keys::KeyInfo::from_spki_der(&s).ok());
+    if tpm_key.is_none() || tpm_key != cert_key {
+        return Err(mismatch());
+    }
+    let req = AttestationRequest {
+        devid_cert: certs,
+        devid_pub: Some(devid.public.clone()),
+        ak_pub: Some(ak_pub),
+        version: Some(2),
+        ak_cert,
+        ..Default::default()
+    };
+    Ok((
+        req,
+        Session {
+            devid,
+            ak: SessionAk::Persistent(ak.handle),
+            ek_alg: EkAlg::Rsa2048,
+        },
+    ))
 }
 
 /// The TPM half of message 1: EK (template L-1) and its certificate, a fresh AK, and the
@@ -154,7 +229,9 @@ pub fn evidence_with(
         // SPIRE's server ignores the field.
         version: Some(2),
         ek_cert_chain,
+        ak_cert: vec![],
     };
+    let ak = SessionAk::Made(ak);
     Ok((req, Session { devid, ak, ek_alg }))
 }
 
@@ -184,8 +261,10 @@ pub fn evidence_spire(
         certification_signature: Some(sig),
         version: None,
         ek_cert_chain: vec![],
+        ak_cert: vec![],
     };
     let ek_alg = EkAlg::Rsa2048;
+    let ak = SessionAk::Made(ak);
     Ok((req, Session { devid, ak, ek_alg }))
 }
 
@@ -231,6 +310,24 @@ pub fn answer(
         .devid
         .filter(|n| !n.is_empty())
         .ok_or(DevIdAgentError::EmptyNonce)?;
+    let ak = match &session.ak {
+        SessionAk::Made(ak) => ak,
+        SessionAk::Persistent(handle) => {
+            if c.version.is_none_or(|v| v < 2) {
+                return Err(DevIdAgentError::CertifiedAkNeedsV2);
+            }
+            let p = d.prove_with_persistent_ak(&session.devid, *handle, &nonce, &nonce, &c.pcrs)?;
+            return Ok(ChallengeResponse {
+                devid: Some(signature_for_server(&p.signature)?),
+                cred_activation: None,
+                certified_devid: Some(p.certify),
+                certification_signature: Some(p.certify_signature),
+                quote: Some(p.quote),
+                quote_signature: Some(p.quote_signature),
+                pcr_values: p.pcr_values.into_iter().map(|((_, i), v)| (i, v)).collect(),
+            });
+        }
+    };
     let cred = c.cred_activation.ok_or(DevIdAgentError::EmptyCredential)?;
     let sig = signature_for_server(&d.sign(&session.devid, &nonce)?)?;
     let tpm2b = |b: &[u8]| -> Result<Vec<u8>, DevIdAgentError> {
@@ -240,7 +337,7 @@ pub fn answer(
     };
     let secret = d.activate_credential(
         session.ek_alg,
-        &session.ak,
+        ak,
         &tpm2b(&cred.credential)?,
         &tpm2b(&cred.secret)?,
     )?;
@@ -252,8 +349,8 @@ pub fn answer(
     if c.version.is_some_and(|v| v >= 2) {
         // Bound to the server's nonce: a fresh certify of the DevID and a quote of the PCRs
         // it asked for, both by the AK whose credential was just activated.
-        let (certified, csig) = d.certify(session.ek_alg, &session.ak, &session.devid, &nonce)?;
-        let (quote, qsig) = d.quote(session.ek_alg, &session.ak, &c.pcrs, &nonce)?;
+        let (certified, csig) = d.certify(session.ek_alg, ak, &session.devid, &nonce)?;
+        let (quote, qsig) = d.quote(session.ek_alg, ak, &c.pcrs, &nonce)?;
         let values = d.pcr_values(&c.pcrs)?;
         resp.certified_devid = Some(certified);
         resp.certification_signature = Some(csig);

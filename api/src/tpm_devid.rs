@@ -113,6 +113,12 @@ pub struct AttestationRequest {
     /// Kame: EK issuer certificates from the TPM's NV (written only when non-empty; SPIRE's
     /// server ignores the field and needs vendor intermediates in its bundle).
     pub ek_cert_chain: Vec<Vec<u8>>,
+    /// Kame: the certificate chain (leaf first) of a persistent attestation key, a TCG IAK or
+    /// LAK, whose issuer already verified that it is a restricted key resident with a genuine
+    /// EK. With it the agent sends no EK and answers no credential activation: the server
+    /// checks the certificate and a certify and quote by that key bound to its nonce (v2).
+    /// Written only when non-empty.
+    pub ak_cert: Vec<Vec<u8>>,
 }
 
 impl AttestationRequest {
@@ -139,16 +145,20 @@ impl AttestationRequest {
         if let Some(v) = self.version {
             m.push(("Version", v.into()));
         }
-        if !self.ek_cert_chain.is_empty() {
-            m.push((
-                "EKCertChain",
-                Value::Array(
-                    self.ek_cert_chain
-                        .iter()
-                        .map(|c| Value::String(STANDARD.encode(c)))
-                        .collect(),
-                ),
-            ));
+        for (name, list) in [
+            ("EKCertChain", &self.ek_cert_chain),
+            ("AKCert", &self.ak_cert),
+        ] {
+            if !list.is_empty() {
+                m.push((
+                    name,
+                    Value::Array(
+                        list.iter()
+                            .map(|c| Value::String(STANDARD.encode(c)))
+                            .collect(),
+                    ),
+                ));
+            }
         }
         ordered(m)
     }
@@ -166,6 +176,7 @@ impl AttestationRequest {
             certification_signature: bytes(&m, "CertificationSignature")?,
             version,
             ek_cert_chain: bytes_list(&m, "EKCertChain")?,
+            ak_cert: bytes_list(&m, "AKCert")?,
         })
     }
 }
@@ -387,11 +398,22 @@ mod tests {
                 .contains("Quote")
         );
         assert!(ChallengeResponse::decode(br#"{"PCRValues":{"99":"AA=="}}"#).is_err());
-        // A v1 message never carries Version.
+        // A v1 message never carries Version, nor Kame's EKCertChain or AKCert when empty.
+        let plain = String::from_utf8(AttestationRequest::default().encode()).unwrap();
+        for k in ["Version", "EKCertChain", "AKCert"] {
+            assert!(!plain.contains(k), "{plain}");
+        }
+        // A certified AK (IAK/LAK) round-trips, after SPIRE's fields.
+        let r = AttestationRequest {
+            ak_cert: vec![vec![0x30, 0x02], vec![0x30, 0x03]],
+            version: Some(2),
+            ..Default::default()
+        };
+        let text = String::from_utf8(r.encode()).unwrap();
         assert!(
-            !String::from_utf8(AttestationRequest::default().encode())
-                .unwrap()
-                .contains("Version")
+            text.ends_with(r#""Version":2,"AKCert":["MAI=","MAM="]}"#),
+            "{text}"
         );
+        assert_eq!(AttestationRequest::decode(text.as_bytes()).unwrap(), r);
     }
 }

@@ -322,6 +322,9 @@ pub struct TpmDevidConfig {
     pub require_quote: bool,
     /// Expected SHA-256 PCR values by index (`pcr_policy { sha256 = { "7" = "<hex>" } }`).
     pub pcr_policy: std::collections::BTreeMap<u32, Vec<u8>>,
+    /// PEM bundle of the CAs that issue attestation-key certificates (TCG IAK/LAK: the
+    /// manufacturer CA of `kame-devid`); unset: agents with a certified AK are refused.
+    pub attestation_key_ca_path: Option<PathBuf>,
 }
 
 impl Config {
@@ -678,6 +681,10 @@ impl Config {
                         .filter(|v| !v.is_empty())
                         .map(PathBuf::from);
                     let require_quote = data.take_bool("require_quote")?.unwrap_or(false);
+                    let attestation_key_ca_path = data
+                        .string("attestation_key_ca_path")?
+                        .filter(|v| !v.is_empty())
+                        .map(PathBuf::from);
                     let mut pcr_policy = std::collections::BTreeMap::new();
                     let mut data = data;
                     if let Some(mut pol) = data.section("pcr_policy")? {
@@ -710,6 +717,7 @@ impl Config {
                         ek_allow_list_path,
                         require_quote,
                         pcr_policy,
+                        attestation_key_ca_path,
                     });
                 }
                 _ => {

@@ -373,6 +373,10 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
             },
             require_quote: t.require_quote,
             pcr_policy: t.pcr_policy.clone(),
+            ak_roots: match &t.attestation_key_ca_path {
+                None => vec![],
+                Some(p) => load_anchors("attestation_key_ca_path", p)?,
+            },
         })),
     };
     let ctx = Arc::new(Context {

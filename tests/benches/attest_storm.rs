@@ -212,6 +212,7 @@ impl SoftTpm {
             certification_signature: Some(sig),
             version: None,
             ek_cert_chain: vec![],
+            ak_cert: vec![],
         }
         .encode();
         SoftTpm {

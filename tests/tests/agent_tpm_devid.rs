@@ -283,6 +283,7 @@ async fn tpm_devid_ek_intermediate_from_tpm_nv_chains_to_a_root_only_bundle() {
         ek_allow_list: vec![],
         require_quote: false,
         pcr_policy: Default::default(),
+        ak_roots: vec![],
     };
     let message = |tcti: &str| {
         let mut d = kame_tpm::device::Device::open(tcti).unwrap();

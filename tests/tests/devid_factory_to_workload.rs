@@ -2,19 +2,26 @@
 //! primaries, TCG-CSR-IDEVID, the manufacturer CA's checks and credential activation, IAK and
 //! IDevID certificates), LDevID enrollment with an owner CA (a new TPM key certified by the
 //! IAK over the owner CA's nonce, signed by the IDevID), then the agent attests with tpm_devid
-//! using the LDevID and a workload gets its SVID.
+//! using the LDevID and a workload gets its SVID: once with an EK and a fresh AK, once with the
+//! persistent IAK as the attestation key. Also: the TPM commands one attestation costs with the
+//! IAK against SPIRE's flow, counted on the wire, and the certified-AK refusals.
 
 mod common;
 
 use common::devid::{DevId, ek_cas, opts};
-use common::{Env, my_uid, wait_agent};
+use common::{Env, TD, my_uid, wait_agent};
+use kame_agent::tpm_devid::{self as agent_devid, CertifiedAk, TpmDevidConfig};
+use kame_api::bundle::{certs_from_pem, pem_block};
+use kame_api::tpm_devid::{AttestationRequest, ChallengeResponse};
 use kame_devid::ca::DevIdCa;
 use kame_devid::enroll::{
     Challenges, IdevidRequest, LdevidRequest, Nonces, verify_idevid_request, verify_ldevid_request,
 };
+use kame_server::attestation::tpm_devid::{self as verifier, DevIdConfig, DevIdError};
 use kame_tpm::device::{Device, EkAlg};
-use kame_tpm::testing::SwTpm;
+use kame_tpm::testing::{CommandCounter, SwTpm, command_name};
 use kame_tpm::wire::{self, policy::DevIdKey, public::templates};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,46 +35,31 @@ fn now() -> u64 {
         .as_secs()
 }
 
-fn pem_ders(path: &std::path::Path) -> Vec<Vec<u8>> {
-    use base64::Engine;
-    let text = std::fs::read_to_string(path).unwrap();
-    text.split("-----BEGIN CERTIFICATE-----")
-        .skip(1)
-        .map(|b| {
-            let body: String = b
-                .split("-----END CERTIFICATE-----")
-                .next()
-                .unwrap()
-                .lines()
-                .map(str::trim)
-                .collect();
-            base64::engine::general_purpose::STANDARD
-                .decode(body)
-                .unwrap()
-        })
-        .collect()
+/// A device fresh from the factory and enrolled with its owner: the TPM (IAK and IDevID
+/// persistent), the CAs, and the LDevID files where tpm_devid reads them.
+struct Factory {
+    tpm: SwTpm,
+    dir: tempfile::TempDir,
+    /// EK root and intermediate (PEM file, and DER in that order).
+    ek_ca: PathBuf,
+    ek_all: Vec<Vec<u8>>,
+    manufacturer: DevIdCa,
+    /// The manufacturer CA certificate (PEM file).
+    manufacturer_pem: PathBuf,
+    owner: DevIdCa,
+    iak_cert: Vec<u8>,
+    /// iak.pem: the IAK certificate, as `kame-devid enroll-idevid` writes it.
+    iak_pem: PathBuf,
+    idevid_cert: Vec<u8>,
+    idevid_pub: Vec<u8>,
+    devid: DevId,
 }
 
-fn pem(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        lines.join("\n")
-    )
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn devid_factory_to_workload_manufacture_ldevid_enrollment_tpm_devid_attestation() {
+async fn manufacture() -> Factory {
     let tpm = SwTpm::start().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ek_ca = ek_cas(&tpm, dir.path());
-    let ek_all = pem_ders(&ek_ca);
+    let ek_all = certs_from_pem(&std::fs::read_to_string(&ek_ca).unwrap()).unwrap();
     let mut dev = Device::open(&tpm.tcti).unwrap();
 
     // Manufacture.
@@ -140,16 +132,16 @@ async fn devid_factory_to_workload_manufacture_ldevid_enrollment_tpm_devid_attes
     let (certify_info, certify_sig) = dev.certify_by_persistent(&key, IAK, &nonce).unwrap();
     let idevid_sig = dev.sign_persistent(IDEVID, &certify_info).unwrap();
     let request = LdevidRequest {
-        idevid_cert,
-        iak_cert,
-        idevid_pub,
+        idevid_cert: idevid_cert.clone(),
+        iak_cert: iak_cert.clone(),
+        idevid_pub: idevid_pub.clone(),
         iak_pub,
         ldevid_pub: key.public.clone(),
         certify_info,
         certify_sig,
         idevid_sig,
     };
-    drop(dev); // swtpm serves one client: the agent's, from here on.
+    drop(dev); // swtpm serves one client at a time.
     let nonce = nonces.take(&nonce_id).unwrap();
     assert!(nonces.take(&nonce_id).is_err(), "a nonce is used once");
     let v = verify_ldevid_request(
@@ -174,20 +166,111 @@ async fn devid_factory_to_workload_manufacture_ldevid_enrollment_tpm_devid_attes
     // The files tpm_devid reads, where its configuration names them.
     let devid_dir = tempfile::tempdir().unwrap();
     let p = |n: &str| devid_dir.path().join(n);
-    std::fs::write(p("devid.pem"), pem(&ldevid)).unwrap();
-    std::fs::write(p("devid-ca.pem"), pem(owner.certificate())).unwrap();
+    std::fs::write(p("devid.pem"), pem_block("CERTIFICATE", &ldevid)).unwrap();
+    std::fs::write(
+        p("devid-ca.pem"),
+        pem_block("CERTIFICATE", owner.certificate()),
+    )
+    .unwrap();
     std::fs::write(p("devid.pub"), &key.public).unwrap();
     kame_keymanager::disk::write_secret_file(&p("devid.priv"), &key.private).unwrap();
+    let iak_pem = p("iak.pem");
+    std::fs::write(&iak_pem, pem_block("CERTIFICATE", &iak_cert)).unwrap();
+    let manufacturer_pem = dir.path().join("manufacturer.pem");
+    std::fs::write(
+        &manufacturer_pem,
+        pem_block("CERTIFICATE", manufacturer.certificate()),
+    )
+    .unwrap();
     let devid = DevId {
         cert: p("devid.pem"),
         ca: p("devid-ca.pem"),
-        ca_key: std::path::PathBuf::new(),
+        ca_key: PathBuf::new(),
         ca_der: owner.certificate().to_vec(),
-        leaf_der: ldevid.clone(),
+        leaf_der: ldevid,
         key,
         dir: devid_dir,
     };
-    let env = Env::start(opts(&tpm, &devid, &devid.ca, &ek_ca)).await;
+    Factory {
+        tpm,
+        dir,
+        ek_ca,
+        ek_all,
+        manufacturer,
+        manufacturer_pem,
+        owner,
+        iak_cert,
+        iak_pem,
+        idevid_cert,
+        idevid_pub,
+        devid,
+    }
+}
+
+impl Factory {
+    /// The agent's tpm_devid settings on `tcti`, with the persistent IAK when `iak`.
+    fn agent_config(&self, tcti: &str, iak: bool) -> TpmDevidConfig {
+        let p = |n: &str| self.devid.dir.path().join(n);
+        TpmDevidConfig {
+            devid_cert_path: self.devid.cert.clone(),
+            devid_priv_path: p("devid.priv"),
+            devid_pub_path: p("devid.pub"),
+            tcti: tcti.to_string(),
+            ek_algorithm: EkAlg::Rsa2048,
+            devid_password: Default::default(),
+            owner_hierarchy_password: Default::default(),
+            endorsement_hierarchy_password: Default::default(),
+            attestation_key: iak.then(|| CertifiedAk {
+                handle: IAK,
+                cert_path: self.iak_pem.clone(),
+            }),
+        }
+    }
+
+    /// The server's verifier settings: DevIDs from the owner CA, EKs from swtpm-localca,
+    /// attestation keys from the manufacturer CA.
+    fn server_config(&self) -> DevIdConfig {
+        DevIdConfig {
+            devid_roots: vec![self.owner.certificate().to_vec()],
+            ek_roots: self.ek_all.clone(),
+            compat_mode: false,
+            ek_allow_list: vec![],
+            require_quote: false,
+            pcr_policy: Default::default(),
+            ak_roots: vec![self.manufacturer.certificate().to_vec()],
+        }
+    }
+
+    /// The end-to-end options, with the persistent IAK on both sides when `iak`.
+    fn opts(&self, iak: bool) -> common::Opts {
+        let mut o = opts(&self.tpm, &self.devid, &self.devid.ca, &self.ek_ca);
+        if iak {
+            o.server_plugins = o.server_plugins.replacen(
+                "endorsement_ca_path",
+                &format!(
+                    "attestation_key_ca_path = \"{}\"\n            endorsement_ca_path",
+                    self.manufacturer_pem.display()
+                ),
+                1,
+            );
+            if let Some((block, _)) = o.agent_attestor.as_mut() {
+                *block = block.replacen(
+                    "tcti =",
+                    &format!(
+                        "attestation_key_handle = \"{IAK:#010x}\"\n            attestation_key_cert_path = \"{}\"\n            tcti =",
+                        self.iak_pem.display()
+                    ),
+                    1,
+                );
+            }
+        }
+        o
+    }
+}
+
+async fn factory_to_workload(iak: bool) -> Vec<String> {
+    let f = manufacture().await;
+    let env = Env::start(f.opts(iak)).await;
     let agent = wait_agent(&env).await;
     assert_eq!(agent.attestation_type, "tpm_devid");
     let sels: Vec<String> = agent
@@ -207,4 +290,310 @@ async fn devid_factory_to_workload_manufacture_ldevid_enrollment_tpm_devid_attes
     .await;
     env.wait_for_svids(&["/edge-workload"]).await;
     env.stop().await;
+    drop(f);
+    sels
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devid_factory_to_workload_manufacture_ldevid_enrollment_tpm_devid_attestation() {
+    let sels = factory_to_workload(false).await;
+    assert!(
+        sels.iter()
+            .any(|s| s.starts_with("tpm_devid:ek:pubhash:sha256:")),
+        "{sels:?}"
+    );
+}
+
+/// Build item 5: the agent attests with the manufacturer-certified IAK persistent in its TPM
+/// instead of an EK and a fresh AK; the server takes the IAK certificate for residency.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devid_factory_to_workload_with_the_persistent_iak_as_attestation_key() {
+    let sels = factory_to_workload(true).await;
+    assert!(
+        sels.contains(&"tpm_devid:ak:subject:serialnumber:SN-FACTORY-1".to_string()),
+        "{sels:?}"
+    );
+    assert!(
+        sels.iter()
+            .any(|s| s.starts_with("tpm_devid:ak:pubhash:sha256:")),
+        "{sels:?}"
+    );
+    assert!(
+        !sels.iter().any(|s| s.contains(":ek:")),
+        "no EK takes part: {sels:?}"
+    );
+    assert!(
+        sels.iter()
+            .any(|s| s.starts_with("tpm_devid:pcr:sha256:7:")),
+        "the IAK quoted the PCRs: {sels:?}"
+    );
+}
+
+/// One attestation's TPM commands, counted on the wire, from opening the TPM to the answer.
+struct Cost {
+    codes: Vec<u32>,
+    elapsed: Duration,
+}
+
+impl Cost {
+    fn summary(&self) -> String {
+        let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+        for c in &self.codes {
+            *by.entry(command_name(*c)).or_default() += 1;
+        }
+        by.iter()
+            .map(|(k, v)| format!("{k}×{v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+    fn count(&self, name: &str) -> usize {
+        self.codes
+            .iter()
+            .filter(|c| command_name(**c) == name)
+            .count()
+    }
+}
+
+/// Runs one attestation against the verifier: `evidence` makes message 1 on the open TPM.
+fn attest_counted(
+    counter: &CommandCounter,
+    cfg: &DevIdConfig,
+    evidence: impl FnOnce(&mut Device) -> (AttestationRequest, agent_devid::Session),
+) -> (Cost, kame_server::attestation::Attested) {
+    counter.reset();
+    let t = std::time::Instant::now();
+    let mut d = Device::open(&counter.tcti).unwrap();
+    let (req, session) = evidence(&mut d);
+    let (pending, challenge) = verifier::begin(cfg, &req.encode(), now()).unwrap();
+    let resp = agent_devid::answer(&mut d, &session, &challenge.encode()).unwrap();
+    drop(d);
+    let cost = Cost {
+        codes: counter.codes(),
+        elapsed: t.elapsed(),
+    };
+    let td = kame_api::TrustDomain::parse(TD).unwrap();
+    let attested = verifier::finish(&td, pending, &resp.encode()).unwrap();
+    (cost, attested)
+}
+
+/// Issue 8's goal: with a persistent IAK, one attestation costs at most a third of the TPM
+/// commands of SPIRE's flow (EK recreated, EK certificate read, a fresh AK made, loaded and
+/// activated every time). Counted by a proxy on the swtpm socket, each flow accepted by the
+/// verifier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_persistent_iak_costs_at_most_a_third_of_the_tpm_commands_of_spires_flow() {
+    let f = manufacture().await;
+    let counter = CommandCounter::start(&f.tpm).unwrap();
+    let cfg = f.server_config();
+    let certs = vec![f.devid.leaf_der.clone()];
+    let key = f.devid.key.clone();
+    let (spire, _) = attest_counted(&counter, &cfg, |d| {
+        agent_devid::evidence_spire(d, certs.clone(), key.clone()).unwrap()
+    });
+    let (kame_ek, _) = attest_counted(&counter, &cfg, |d| {
+        agent_devid::evidence(d, certs.clone(), key.clone()).unwrap()
+    });
+    let agent_cfg = f.agent_config(&counter.tcti, true);
+    let (iak, attested) = attest_counted(&counter, &cfg, |d| {
+        let (payload, session) = agent_devid::request(d, &agent_cfg).unwrap();
+        (AttestationRequest::decode(&payload).unwrap(), session)
+    });
+    for (name, c) in [
+        ("SPIRE's flow (EK + fresh AK, v1)", &spire),
+        ("Kame v2 with EK + fresh AK", &kame_ek),
+        ("Kame v2 with the persistent IAK", &iak),
+    ] {
+        println!(
+            "{name}: {} TPM commands in {:?}: {}",
+            c.codes.len(),
+            c.elapsed,
+            c.summary()
+        );
+    }
+    println!(
+        "persistent IAK / SPIRE's flow: {:.3} of the commands, {:.3} of the time",
+        iak.codes.len() as f64 / spire.codes.len() as f64,
+        iak.elapsed.as_secs_f64() / spire.elapsed.as_secs_f64()
+    );
+    assert!(
+        iak.codes.len() * 3 <= spire.codes.len(),
+        "{} commands with the IAK against {} for SPIRE's flow",
+        iak.codes.len(),
+        spire.codes.len()
+    );
+    // What SPIRE's flow pays for and the IAK flow does not.
+    assert!(spire.count("ActivateCredential") == 1 && spire.count("Create") == 1);
+    for absent in ["ActivateCredential", "Create", "NV_Read", "PolicySecret"] {
+        assert_eq!(iak.count(absent), 0, "{absent}: {}", iak.summary());
+    }
+    // and what it still proves: a certify and a quote bound to the server's nonce.
+    assert_eq!(iak.count("Certify"), 1, "{}", iak.summary());
+    assert_eq!(iak.count("Quote"), 1, "{}", iak.summary());
+    assert!(attested.tpm_boot.is_some());
+    assert!(
+        attested
+            .selectors
+            .iter()
+            .any(|s| s.value == "ak:subject:serialnumber:SN-FACTORY-1")
+    );
+}
+
+/// The certified-AK refusals at the verifier, each its own error, against a real IAK request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_certified_ak_refusals() {
+    let f = manufacture().await;
+    let cfg = f.server_config();
+    let td = kame_api::TrustDomain::parse(TD).unwrap();
+    let mut d = Device::open(&f.tpm.tcti).unwrap();
+    let (payload, session) =
+        agent_devid::request(&mut d, &f.agent_config(&f.tpm.tcti, true)).unwrap();
+    let good = AttestationRequest::decode(&payload).unwrap();
+    assert!(good.ek_cert.is_none() && good.ek_pub.is_none() && good.certified_devid.is_none());
+    let begin =
+        |cfg: &DevIdConfig, r: &AttestationRequest| verifier::begin(cfg, &r.encode(), now());
+    let refused = |cfg: &DevIdConfig, r: &AttestationRequest| match begin(cfg, r) {
+        Err(e) => e,
+        Ok(_) => panic!("accepted"),
+    };
+
+    // The server takes no certified AK unless configured, and never in SPIRE parity.
+    let e = refused(
+        &DevIdConfig {
+            ak_roots: vec![],
+            ..cfg.clone()
+        },
+        &good,
+    );
+    assert!(matches!(e, DevIdError::CertifiedAkNotConfigured), "{e}");
+    let e = refused(
+        &DevIdConfig {
+            compat_mode: true,
+            ..cfg.clone()
+        },
+        &good,
+    );
+    assert!(matches!(e, DevIdError::CertifiedAkInCompatMode), "{e}");
+    // The nonce-bound certify is the only one: v1 is refused.
+    let e = refused(
+        &cfg,
+        &AttestationRequest {
+            version: None,
+            ..good.clone()
+        },
+    );
+    assert!(matches!(e, DevIdError::CertifiedAkNeedsV2), "{e}");
+    // An AK certificate from a CA not in attestation_key_ca_path (the owner's LDevID).
+    let e = refused(
+        &cfg,
+        &AttestationRequest {
+            ak_cert: vec![f.devid.leaf_der.clone()],
+            ..good.clone()
+        },
+    );
+    assert!(matches!(e, DevIdError::UntrustedAk(_)), "{e}");
+    // From the right CA, but not an IAK certificate (the IDevID's: verifiedTPMFixed).
+    let e = refused(
+        &cfg,
+        &AttestationRequest {
+            ak_cert: vec![f.idevid_cert.clone()],
+            ..good.clone()
+        },
+    );
+    assert!(matches!(e, DevIdError::AkCertProfile(_)), "{e}");
+    // AKPub is another key than the certificate's.
+    let e = refused(
+        &cfg,
+        &AttestationRequest {
+            ak_pub: Some(f.idevid_pub.clone()),
+            ..good.clone()
+        },
+    );
+    assert!(matches!(e, DevIdError::AkCertMismatch), "{e}");
+    // A certificate in the IAK profile for a key that is not restricted (the IDevID key):
+    // the CA's word does not override the key's attributes.
+    let idevid_spki = wire::Public::parse(&f.idevid_pub)
+        .unwrap()
+        .spki_der()
+        .unwrap();
+    let rogue = f
+        .manufacturer
+        .issue(&kame_devid::profile::DevIdParams {
+            kind: kame_devid::profile::DevIdKind::Iak,
+            subject: "O=Kame Devices, CN=kame-edge",
+            serial_number: "SN-FACTORY-1",
+            hw_type: kame_devid::profile::TCG_SV_TPM20,
+            hw_serial: b"SN-FACTORY-1",
+            spki_der: &idevid_spki,
+            cert_serial: &[],
+            not_before: now() - 60,
+            not_after: None,
+        })
+        .await
+        .unwrap();
+    let e = refused(
+        &cfg,
+        &AttestationRequest {
+            ak_cert: vec![rogue],
+            ak_pub: Some(f.idevid_pub.clone()),
+            ..good.clone()
+        },
+    );
+    assert!(matches!(e, DevIdError::AkAttributes(_)), "{e}");
+    // A broken certificate is bad input.
+    let e = refused(
+        &cfg,
+        &AttestationRequest {
+            ak_cert: vec![vec![0x30, 0x00]],
+            ..good.clone()
+        },
+    );
+    assert!(
+        matches!(e, DevIdError::BadAkCert(0, _)) && e.is_bad_input(),
+        "{e}"
+    );
+
+    // The response. One challenge per case, each answered by the agent for its own nonce.
+    let mut round = || {
+        let (p, c) = begin(&cfg, &good).unwrap();
+        assert!(c.cred_activation.is_none(), "no credential activation");
+        let r = agent_devid::answer(&mut d, &session, &c.encode()).unwrap();
+        (p, c.devid.unwrap(), r)
+    };
+    let (_, _, ra) = round();
+    let (pb, _, rb) = round();
+    let (pc, _, rc) = round();
+    let (pd, nd, rd) = round();
+    let (pe, _, re) = round();
+    // Another key of this TPM, certified by the IAK over the right nonce: not the DevID.
+    let other = d
+        .create_under_srk(&templates::bytes(templates::DEVID_RSA))
+        .unwrap();
+    let (oc, ocs) = d.certify_by_persistent(&other, IAK, &nd).unwrap();
+    drop(d);
+    let finish = |p, r: &ChallengeResponse| verifier::finish(&td, p, &r.encode());
+    // A replayed answer: its signature is over another nonce.
+    let (pa2, _) = begin(&cfg, &good).unwrap();
+    let e = finish(pa2, &ra).unwrap_err();
+    assert!(matches!(e, DevIdError::BadNonceSignature(_)), "{e}");
+    // The right signature with a certify replayed from another round.
+    let spliced = ChallengeResponse {
+        certified_devid: ra.certified_devid.clone(),
+        certification_signature: ra.certification_signature.clone(),
+        ..rb
+    };
+    let e = finish(pb, &spliced).unwrap_err();
+    assert!(matches!(e, DevIdError::BadCertify(_)), "{e}");
+    let e = finish(pc, &ChallengeResponse { quote: None, ..rc }).unwrap_err();
+    assert!(matches!(e, DevIdError::MissingV2("Quote")), "{e}");
+    let wrong_key = ChallengeResponse {
+        certified_devid: Some(oc),
+        certification_signature: Some(ocs),
+        ..rd
+    };
+    let e = finish(pd, &wrong_key).unwrap_err();
+    assert!(matches!(e, DevIdError::BadCertify(_)), "{e}");
+    // The honest answer is accepted, with the IAK's selectors and no EK's.
+    let a = finish(pe, &re).unwrap();
+    assert!(a.selectors.iter().all(|s| !s.value.starts_with("ek:")));
+    let _ = (&f.iak_cert, &f.dir);
 }

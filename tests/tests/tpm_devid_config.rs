@@ -117,6 +117,16 @@ async fn tpm_devid_server_configure_06_to_08_unreadable_bundles_refuse_to_start_
         e.contains("endorsement_ca_path") && e.contains("no certificates"),
         "{e}"
     );
+    // Kame's attestation_key_ca_path (certified IAK/LAK): unreadable refuses to start too.
+    let e = kame_server::run::start(start(
+        good_devid.clone(),
+        format!("{good_ek}\"\n            attestation_key_ca_path = \"/nonexistent/iak-ca.pem"),
+    ))
+    .await
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(e.contains("attestation_key_ca_path"), "{e}");
     // Success.
     let s = kame_server::run::start(start(good_devid, good_ek))
         .await
@@ -189,6 +199,7 @@ fn tpm_devid_agent_configure_07_09_10_agent_04_06_07_tpmutil_03_11_missing_files
         devid_password: Default::default(),
         owner_hierarchy_password: Default::default(),
         endorsement_hierarchy_password: Default::default(),
+        attestation_key: None,
     };
     let mut d = Device::open(&tpm.tcti).unwrap();
     request(&mut d, &cfg).unwrap();
@@ -322,6 +333,7 @@ fn tpm_devid_agent_08_to_10_tpmutil_05_06_09_13_passwords_and_no_retry_on_auth_f
         devid_password: Secret("devid-pw".into()),
         owner_hierarchy_password: Secret("owner-pw".into()),
         endorsement_hierarchy_password: Secret("endorse-pw".into()),
+        attestation_key: None,
     };
     assert!(
         !format!("{cfg:?}").contains("-pw"),

@@ -369,6 +369,7 @@ async fn tpm_devid_spire_gap_09_rejects_expired_and_not_yet_valid_devid_and_ek_c
         ek_allow_list: vec![],
         require_quote: false,
         pcr_policy: Default::default(),
+        ak_roots: vec![],
     };
     let (req, _) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
     let now = kame_agent::manager::now_secs();
@@ -794,6 +795,7 @@ async fn tpm_devid_agent_03_server_stream_fails_before_the_challenge() {
         devid_password: Default::default(),
         owner_hierarchy_password: Default::default(),
         endorsement_hierarchy_password: Default::default(),
+        attestation_key: None,
     };
     // No tpm_devid attestor configured on the server.
     let env = Env::start(common::Opts::default()).await;
@@ -843,6 +845,7 @@ async fn tpm_devid_spire_gap_10_ek_intermediate_only_in_the_endorsement_bundle()
         ek_allow_list: vec![],
         require_quote: false,
         pcr_policy: Default::default(),
+        ak_roots: vec![],
     };
     let now = kame_agent::manager::now_secs();
     let root = pem("ek-root-ca.pem");

@@ -149,6 +149,19 @@ pub struct AkBlob {
     pub parent: AkParent,
 }
 
+/// What [`Device::prove_with_persistent_ak`] returns: TPMT_SIGNATURE of the DevID key over
+/// the message, TPMS_ATTEST and TPMT_SIGNATURE of the certify and of the quote, and the PCR
+/// values quoted.
+#[derive(Debug, Clone)]
+pub struct PersistentAkProof {
+    pub signature: Vec<u8>,
+    pub certify: Vec<u8>,
+    pub certify_signature: Vec<u8>,
+    pub quote: Vec<u8>,
+    pub quote_signature: Vec<u8>,
+    pub pcr_values: wire::attest::PcrValues,
+}
+
 /// Where an AK lives: under the EK (tss-esapi's AK, loaded with the EK policy) or under the
 /// SRK (SPIRE's: go-tpm-tools `AKTemplateRSA`, template `AK_RSA`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -395,10 +408,13 @@ impl Device {
     ) -> Result<(Vec<u8>, Vec<u8>)> {
         let sel = pcr_selection(pcrs)?;
         let data = Data::try_from(nonce.to_vec()).map_err(step("nonce"))?;
+        // A password session: the AK's authorization is empty and nothing in a quote is
+        // secret, so an HMAC session would only cost two more TPM commands.
         let (attest, sig) = retrying(|| {
-            self.ctx.execute_with_nullauth_session(|c| {
-                c.quote(akh, data.clone(), SignatureScheme::Null, sel.clone())
-            })
+            self.ctx
+                .execute_with_session(Some(AuthSession::Password), |c| {
+                    c.quote(akh, data.clone(), SignatureScheme::Null, sel.clone())
+                })
         })
         .map_err(step("quote"))?;
         Ok((
@@ -559,7 +575,9 @@ impl Device {
         let r = match (public, private) {
             (Ok(p), Ok(k)) => self
                 .ctx
-                .execute_with_nullauth_session(|c| c.load(srk, k, p))
+                // The SRK's authorization is empty and the private part is TPM-wrapped: a
+                // password session does.
+                .execute_with_session(Some(AuthSession::Password), |c| c.load(srk, k, p))
                 .map_err(step("load key")),
             (Err(e), _) | (_, Err(e)) => Err(e),
         };
@@ -643,6 +661,13 @@ impl Device {
     /// Signs a precomputed digest with `key`; returns TPMT_SIGNATURE.
     pub fn sign_digest(&mut self, key: &KeyBlob, digest: &[u8]) -> Result<Vec<u8>> {
         let digest = Digest::try_from(digest.to_vec()).map_err(step("digest"))?;
+        let kh = self.load_under_srk(key)?;
+        let r = self.sign_loaded(kh, digest);
+        self.flush(kh);
+        r
+    }
+
+    fn sign_loaded(&mut self, kh: KeyHandle, digest: Digest) -> Result<Vec<u8>> {
         let ticket = tss_esapi::structures::HashcheckTicket::try_from(
             tss_esapi::tss2_esys::TPMT_TK_HASHCHECK {
                 tag: tss_esapi::constants::tss::TPM2_ST_HASHCHECK,
@@ -651,16 +676,76 @@ impl Device {
             },
         )
         .map_err(step("null hashcheck ticket"))?;
-        let kh = self.load_under_srk(key)?;
-        let r = retrying(|| {
+        retrying(|| {
             self.ctx.execute_with_nullauth_session(|c| {
                 c.sign(kh, digest.clone(), SignatureScheme::Null, ticket.clone())
             })
         })
         .map_err(step("sign"))
-        .and_then(|s| s.marshall().map_err(step("marshal signature")));
+        .and_then(|s| s.marshall().map_err(step("marshal signature")))
+    }
+
+    /// The proof of a DevID key with a persistent attestation key (a TCG IAK or LAK): the
+    /// DevID key, loaded once under the SRK, signs `message` (hashed with its scheme hash);
+    /// the AK at `ak` certifies it and quotes the SHA-256 PCRs `pcrs`, both with `nonce` as
+    /// qualifying data. No EK, no AK to create or load: the fewest TPM commands that prove a
+    /// DevID key resident in this TPM now.
+    pub fn prove_with_persistent_ak(
+        &mut self,
+        devid: &KeyBlob,
+        ak: u32,
+        message: &[u8],
+        nonce: &[u8],
+        pcrs: &[u32],
+    ) -> Result<PersistentAkProof> {
+        let public = Public::parse(&devid.public)?;
+        let hash_alg = match public.scheme().hash {
+            wire::alg::SHA384 => wire::alg::SHA384,
+            _ => wire::alg::SHA256,
+        };
+        let digest = Digest::try_from(wire::hash(hash_alg, message)?).map_err(step("digest"))?;
+        let data = Data::try_from(nonce.to_vec()).map_err(step("nonce"))?;
+        let akh = self.persistent(ak)?;
+        let kh = self.load_under_srk(devid)?;
+        let r = self.sign_loaded(kh, digest).and_then(|signature| {
+            let (certify, certify_signature) = self.certify_loaded(kh, akh, data)?;
+            Ok((signature, certify, certify_signature))
+        });
         self.flush(kh);
-        r
+        let (signature, certify, certify_signature) = r?;
+        let (quote, quote_signature) = self.quote_with(akh, pcrs, nonce)?;
+        Ok(PersistentAkProof {
+            signature,
+            certify,
+            certify_signature,
+            quote,
+            quote_signature,
+            pcr_values: self.pcr_values(pcrs)?,
+        })
+    }
+
+    fn certify_loaded(
+        &mut self,
+        kh: KeyHandle,
+        signer: KeyHandle,
+        data: Data,
+    ) -> Result<(Vec<u8>, Vec<u8>)> {
+        self.ctx
+            .execute_with_sessions(
+                (
+                    Some(AuthSession::Password),
+                    Some(AuthSession::Password),
+                    None,
+                ),
+                |c| c.certify(ObjectHandle::from(kh), signer, data, SignatureScheme::Null),
+            )
+            .map_err(step("certify"))
+            .and_then(|(a, s)| {
+                Ok((
+                    a.marshall().map_err(step("marshal attest"))?,
+                    s.marshall().map_err(step("marshal signature"))?,
+                ))
+            })
     }
 
     /// Creates a TCG DevID key (IAK or IDevID) as a primary key in the endorsement hierarchy
@@ -855,23 +940,7 @@ impl Device {
         let data = Data::try_from(nonce.to_vec()).map_err(step("nonce"))?;
         let sh = self.persistent(signer)?;
         let kh = self.load_under_srk(key)?;
-        let r = self
-            .ctx
-            .execute_with_sessions(
-                (
-                    Some(AuthSession::Password),
-                    Some(AuthSession::Password),
-                    None,
-                ),
-                |c| c.certify(ObjectHandle::from(kh), sh, data, SignatureScheme::Null),
-            )
-            .map_err(step("certify"))
-            .and_then(|(a, s)| {
-                Ok((
-                    a.marshall().map_err(step("marshal attest"))?,
-                    s.marshall().map_err(step("marshal signature"))?,
-                ))
-            });
+        let r = self.certify_loaded(kh, sh, data);
         self.flush(kh);
         r
     }

@@ -109,3 +109,161 @@ impl Drop for SwTpm {
             .output();
     }
 }
+
+/// A TCP proxy in front of a [`SwTpm`] that records the code of every TPM command sent
+/// through it: how a test measures what a flow costs in TPM commands. Clients use its
+/// [`CommandCounter::tcti`]; the data port is parsed as raw TPM command frames (what the
+/// `swtpm` TCTI sends: a 10-byte header whose bytes 2..6 are the size and 6..10 the command
+/// code), the control port next to it is passed through. Stopped when dropped.
+pub struct CommandCounter {
+    /// TCTI string of the proxy, e.g. `swtpm:host=127.0.0.1,port=23456`.
+    pub tcti: String,
+    codes: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ports: [u16; 2],
+}
+
+impl CommandCounter {
+    /// Starts a proxy for the swtpm whose TCTI is `swtpm:host=127.0.0.1,port=P`.
+    pub fn start(tpm: &SwTpm) -> std::io::Result<CommandCounter> {
+        use std::net::TcpListener;
+        let upstream: u16 = tpm
+            .tcti
+            .rsplit("port=")
+            .next()
+            .and_then(|p| p.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("no port in {}", tpm.tcti)))?;
+        // Two neighbouring free ports (the TCTI derives the control port as port + 1).
+        let (data, ctrl) = (0..100)
+            .find_map(|_| {
+                let a = TcpListener::bind("127.0.0.1:0").ok()?;
+                let p = a.local_addr().ok()?.port();
+                let b = TcpListener::bind(("127.0.0.1", p.checked_add(1)?)).ok()?;
+                Some((a, b))
+            })
+            .ok_or_else(|| std::io::Error::other("no two neighbouring free ports"))?;
+        let ports = [data.local_addr()?.port(), ctrl.local_addr()?.port()];
+        let codes = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        for (listener, up, parse) in [(data, upstream, true), (ctrl, upstream + 1, false)] {
+            let codes = codes.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                for client in listener.incoming() {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        break;
+                    }
+                    let Ok(client) = client else { continue };
+                    let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", up)) else {
+                        continue;
+                    };
+                    proxy(client, server, parse.then(|| codes.clone()));
+                }
+            });
+        }
+        Ok(CommandCounter {
+            tcti: format!("swtpm:host=127.0.0.1,port={}", ports[0]),
+            codes,
+            stop,
+            ports,
+        })
+    }
+
+    /// The command codes seen so far, in order.
+    pub fn codes(&self) -> Vec<u32> {
+        self.codes.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Forgets the commands seen so far.
+    pub fn reset(&self) {
+        if let Ok(mut c) = self.codes.lock() {
+            c.clear();
+        }
+    }
+}
+
+impl Drop for CommandCounter {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for p in self.ports {
+            // Wakes the accept loop so that it sees `stop`.
+            let _ = std::net::TcpStream::connect(("127.0.0.1", p));
+        }
+    }
+}
+
+/// Copies both ways between `client` and `server`; with `codes`, the client's bytes are read
+/// as TPM command frames and each command code recorded before it is forwarded.
+fn proxy(
+    client: std::net::TcpStream,
+    server: std::net::TcpStream,
+    codes: Option<std::sync::Arc<std::sync::Mutex<Vec<u32>>>>,
+) {
+    use std::io::{Read, Write};
+    let _ = (client.set_nodelay(true), server.set_nodelay(true));
+    let (Ok(mut c_read), Ok(mut s_write)) = (client.try_clone(), server.try_clone()) else {
+        return;
+    };
+    let (mut s_read, mut c_write) = (server, client);
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut s_read, &mut c_write);
+        let _ = c_write.shutdown(std::net::Shutdown::Both);
+    });
+    std::thread::spawn(move || {
+        match codes {
+            None => {
+                let _ = std::io::copy(&mut c_read, &mut s_write);
+            }
+            Some(codes) => loop {
+                let mut header = [0u8; 10];
+                if c_read.read_exact(&mut header).is_err() {
+                    break;
+                }
+                let size = u32::from_be_bytes([header[2], header[3], header[4], header[5]]);
+                let code = u32::from_be_bytes([header[6], header[7], header[8], header[9]]);
+                let mut frame = vec![0u8; (size as usize).max(10)];
+                frame[..10].copy_from_slice(&header);
+                if c_read.read_exact(&mut frame[10..]).is_err() {
+                    break;
+                }
+                if let Ok(mut c) = codes.lock() {
+                    c.push(code);
+                }
+                // In one write: swtpm takes what one read returns as the whole command.
+                if s_write.write_all(&frame).is_err() {
+                    break;
+                }
+            },
+        }
+        let _ = s_write.shutdown(std::net::Shutdown::Write);
+    });
+}
+
+/// The name of a TPM 2.0 command code (TPM 2.0 Part 2, Table 12), for reports.
+pub fn command_name(code: u32) -> String {
+    let name = match code {
+        0x120 => "EvictControl",
+        0x131 => "CreatePrimary",
+        0x147 => "ActivateCredential",
+        0x148 => "Certify",
+        0x14E => "NV_Read",
+        0x151 => "PolicySecret",
+        0x153 => "Create",
+        0x157 => "Load",
+        0x158 => "Quote",
+        0x15D => "Sign",
+        0x161 => "ContextLoad",
+        0x162 => "ContextSave",
+        0x165 => "FlushContext",
+        0x169 => "NV_ReadPublic",
+        0x16C => "PolicyCommandCode",
+        0x171 => "PolicyOR",
+        0x173 => "ReadPublic",
+        0x176 => "StartAuthSession",
+        0x17A => "GetCapability",
+        0x17B => "GetRandom",
+        0x17E => "PCR_Read",
+        _ => return format!("{code:#x}"),
+    };
+    name.to_string()
+}

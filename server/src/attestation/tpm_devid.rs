@@ -5,7 +5,12 @@
 //! AK, and the AK proven to sit with that EK by credential activation). Every check of SPIRE's
 //! runs in SPIRE's order, each with its own error; on top, by default, the checks SPIRE lacks
 //! (§1.8): `DevIDPub` is the certificate's key, AK and DevID key attributes, the certify's
-//! name algorithm. `compat_mode` turns those off for strict SPIRE parity. It uses only the pure
+//! name algorithm. `compat_mode` turns those off for strict SPIRE parity. Kame's certified-AK
+//! mode replaces (3) when the agent sends `AKCert`: a persistent TCG IAK (or LAK) whose
+//! certificate chains to `attestation_key_ca_path` and follows the TCG IAK profile already
+//! stands for residency with a genuine EK, so no EK and no credential activation are needed; the
+//! DevID certify and a PCR quote by that key, both bound to the server's nonce, prove the DevID
+//! key sits in that TPM now. It uses only the pure
 //! `kame_tpm::wire` half: the server never links libtss2. It holds no state between attempts
 //! beyond the [`Pending`] challenge a caller keeps for one stream.
 
@@ -64,6 +69,20 @@ pub enum DevIdError {
     QuoteRequired,
     #[error("v2 response lacks {0}")]
     MissingV2(&'static str),
+    #[error("the agent sent an AK certificate, but compat_mode is on (SPIRE has no certified AK)")]
+    CertifiedAkInCompatMode,
+    #[error("the agent sent an AK certificate, but attestation_key_ca_path is not configured")]
+    CertifiedAkNotConfigured,
+    #[error("an AK certificate needs Kame's v2 (certify and quote bound to the nonce)")]
+    CertifiedAkNeedsV2,
+    #[error("AK certificate {0} cannot be parsed: {1}")]
+    BadAkCert(usize, String),
+    #[error("AK certificate does not chain to attestation_key_ca_path: {0}")]
+    UntrustedAk(String),
+    #[error("AK certificate is not a TCG IAK/LAK certificate: {0}")]
+    AkCertProfile(String),
+    #[error("AKPub is not the AK certificate's key")]
+    AkCertMismatch,
     #[error("quote does not verify: {0}")]
     BadQuote(String),
     #[error("PCR sha256:{index} is {got}, the policy requires {want}")]
@@ -87,6 +106,8 @@ impl DevIdError {
                 | DevIdError::BadPublic { .. }
                 | DevIdError::BadResponse(_)
                 | DevIdError::MissingV2(_)
+                | DevIdError::CertifiedAkNeedsV2
+                | DevIdError::BadAkCert(..)
         )
     }
 }
@@ -107,6 +128,9 @@ pub struct DevIdConfig {
     pub require_quote: bool,
     /// Expected SHA-256 PCR values by index.
     pub pcr_policy: std::collections::BTreeMap<u32, Vec<u8>>,
+    /// DER roots for attestation-key (TCG IAK/LAK) certificates (`attestation_key_ca_path`);
+    /// empty: certified AKs are refused.
+    pub ak_roots: Vec<Vec<u8>>,
 }
 
 /// The PCRs a v2 quote covers when no policy names any: the firmware and Secure Boot ones.
@@ -115,7 +139,9 @@ const DEFAULT_QUOTE_PCRS: [u32; 2] = [0, 7];
 /// What the server keeps between the challenge and the response.
 pub struct Pending {
     leaf: Vec<u8>,
-    ek_hash: String,
+    /// The selectors naming the TPM: `ek:pubhash:…`, or for a certified AK `ak:pubhash:…`
+    /// and the AK certificate's serial numbers.
+    tpm_selectors: Vec<String>,
     /// v2: the AK and DevID publics to check the nonce-bound certify and the quote, and the
     /// PCRs asked for.
     v2: Option<(Public, Public, Vec<u32>)>,
@@ -125,7 +151,8 @@ pub struct Pending {
     /// The hash of the nonce signature: SHA-256 as SPIRE, or SHA-384 when DevIDPub's scheme
     /// names it (a P-384 DevID made with ECDSA/SHA-384; never in compat_mode).
     nonce_sha384: bool,
-    secret: zeroize::Zeroizing<Vec<u8>>,
+    /// The credential-activation secret (None for a certified AK, which answers none).
+    secret: Option<zeroize::Zeroizing<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Pending {
@@ -186,6 +213,9 @@ pub fn begin(
         .map_err(|e| DevIdError::UntrustedDevId(e.to_string()))?;
     // 4. The DevID nonce.
     let nonce = random(32)?;
+    if !req.ak_cert.is_empty() {
+        return begin_certified_ak(cfg, &req, leaf, &leaf_cert, path.issuers, nonce, now);
+    }
     // 5. Residency data, in SPIRE's order.
     let ak_pub = req.ak_pub.as_deref().filter(|b| !b.is_empty());
     let ak_pub = ak_pub.ok_or(DevIdError::Missing("AKPub"))?;
@@ -247,32 +277,7 @@ pub fn begin(
         _ => return Err(DevIdError::EkNotAllowed(ek_hash)),
     }
     if !cfg.compat_mode {
-        // 22. DevIDPub is the certificate's key.
-        let leaf_key = leaf_cert.spki_der().ok().and_then(|s| key_of_spki(&s));
-        let devid_key = devid_p.spki_der().ok().and_then(|s| key_of_spki(&s));
-        if leaf_key.is_none() || leaf_key != devid_key {
-            return Err(DevIdError::DevIdPubMismatch);
-        }
-        // 23. The AK is a restricted signing key that never left the TPM.
-        ak_p.check_attributes(
-            attr::SIGN_ENCRYPT
-                | attr::RESTRICTED
-                | attr::FIXED_TPM
-                | attr::FIXED_PARENT
-                | attr::SENSITIVE_DATA_ORIGIN,
-            attr::DECRYPT,
-        )
-        .map_err(|e| DevIdError::AkAttributes(e.to_string()))?;
-        // 24. The DevID key was made in, and cannot leave, the TPM.
-        devid_p
-            .check_attributes(
-                attr::SIGN_ENCRYPT
-                    | attr::FIXED_TPM
-                    | attr::FIXED_PARENT
-                    | attr::SENSITIVE_DATA_ORIGIN,
-                attr::RESTRICTED,
-            )
-            .map_err(|e| DevIdError::DevIdAttributes(e.to_string()))?;
+        check_keys(&leaf_cert, &devid_p, &ak_p)?;
     }
     // 9. DevID certified by the AK (empty qualifying data in v1).
     let certified = req
@@ -312,11 +317,7 @@ pub fn begin(
         .map_err(|e| DevIdError::Challenge(e.to_string()))?;
     let cred = wire::credential::make_credential(&ek_p, &secret, &ak_name)
         .map_err(|e| DevIdError::Challenge(e.to_string()))?;
-    let pcrs: Vec<u32> = if cfg.pcr_policy.is_empty() {
-        DEFAULT_QUOTE_PCRS.to_vec()
-    } else {
-        cfg.pcr_policy.keys().copied().collect()
-    };
+    let pcrs = quote_pcrs(cfg);
     let challenge = ChallengeRequest {
         devid: Some(nonce.clone()),
         cred_activation: Some(CredActivation {
@@ -330,13 +331,128 @@ pub fn begin(
     Ok((
         Pending {
             leaf,
-            ek_hash,
+            tpm_selectors: vec![format!("ek:pubhash:sha256:{ek_hash}")],
             v2: v2.then(|| (ak_p.clone(), devid_p.clone(), pcrs)),
             policy: cfg.pcr_policy.clone(),
             chain_issuers: path.issuers,
             nonce,
             nonce_sha384: !cfg.compat_mode && devid_p.scheme().hash == wire::alg::SHA384,
-            secret: zeroize::Zeroizing::new(secret),
+            secret: Some(zeroize::Zeroizing::new(secret)),
+        },
+        challenge,
+    ))
+}
+
+/// The PCRs a v2 quote must cover: the policy's, else [`DEFAULT_QUOTE_PCRS`].
+fn quote_pcrs(cfg: &DevIdConfig) -> Vec<u32> {
+    if cfg.pcr_policy.is_empty() {
+        DEFAULT_QUOTE_PCRS.to_vec()
+    } else {
+        cfg.pcr_policy.keys().copied().collect()
+    }
+}
+
+/// The binding checks SPIRE lacks (§1.8, checks 22–24).
+fn check_keys(leaf_cert: &ParsedCert, devid_p: &Public, ak_p: &Public) -> Result<(), DevIdError> {
+    // 22. DevIDPub is the certificate's key.
+    let leaf_key = leaf_cert.spki_der().ok().and_then(|s| key_of_spki(&s));
+    let devid_key = devid_p.spki_der().ok().and_then(|s| key_of_spki(&s));
+    if leaf_key.is_none() || leaf_key != devid_key {
+        return Err(DevIdError::DevIdPubMismatch);
+    }
+    // 23. The AK is a restricted signing key that never left the TPM.
+    ak_p.check_attributes(
+        attr::SIGN_ENCRYPT
+            | attr::RESTRICTED
+            | attr::FIXED_TPM
+            | attr::FIXED_PARENT
+            | attr::SENSITIVE_DATA_ORIGIN,
+        attr::DECRYPT,
+    )
+    .map_err(|e| DevIdError::AkAttributes(e.to_string()))?;
+    // 24. The DevID key was made in, and cannot leave, the TPM.
+    devid_p
+        .check_attributes(
+            attr::SIGN_ENCRYPT | attr::FIXED_TPM | attr::FIXED_PARENT | attr::SENSITIVE_DATA_ORIGIN,
+            attr::RESTRICTED,
+        )
+        .map_err(|e| DevIdError::DevIdAttributes(e.to_string()))
+}
+
+/// Step 1 with a certified AK (the agent sent `AKCert`): the AK certificate replaces the EK,
+/// its chain and credential activation; the nonce-bound certify and quote come in message 3.
+fn begin_certified_ak(
+    cfg: &DevIdConfig,
+    req: &AttestationRequest,
+    leaf: Vec<u8>,
+    leaf_cert: &ParsedCert,
+    chain_issuers: Vec<Vec<u8>>,
+    nonce: Vec<u8>,
+    now: u64,
+) -> Result<(Pending, ChallengeRequest), DevIdError> {
+    if cfg.compat_mode {
+        return Err(DevIdError::CertifiedAkInCompatMode);
+    }
+    if cfg.ak_roots.is_empty() {
+        return Err(DevIdError::CertifiedAkNotConfigured);
+    }
+    if req.version.is_none_or(|v| v < 2) {
+        return Err(DevIdError::CertifiedAkNeedsV2);
+    }
+    let ak_pub = req.ak_pub.as_deref().filter(|b| !b.is_empty());
+    let ak_pub = ak_pub.ok_or(DevIdError::Missing("AKPub"))?;
+    let devid_pub = req.devid_pub.as_deref().filter(|b| !b.is_empty());
+    let devid_pub = devid_pub.ok_or(DevIdError::Missing("DevIDPub"))?;
+    let mut ak_certs = vec![];
+    for (i, c) in req.ak_cert.iter().enumerate() {
+        ak_certs.push(ParsedCert::parse(c).map_err(|e| DevIdError::BadAkCert(i, e.to_string()))?);
+    }
+    let (ak_leaf, ak_leaf_cert) = match (req.ak_cert.first(), ak_certs.first()) {
+        (Some(d), Some(p)) => (d, p),
+        _ => return Err(DevIdError::Missing("AKCert")),
+    };
+    kame_devid::chain::verify(ak_leaf, &req.ak_cert[1..], &cfg.ak_roots, now)
+        .map_err(|e| DevIdError::UntrustedAk(e.to_string()))?;
+    // The issuer vouches for residency with a genuine EK and for a restricted key (TCG
+    // certificate policies tcg-cap-verifiedTPMResidency and -Restricted).
+    kame_devid::profile::check_devid_cert(ak_leaf, kame_devid::profile::DevIdKind::Iak)
+        .map_err(|e| DevIdError::AkCertProfile(e.to_string()))?;
+    let devid_p = public("DevIDPub", devid_pub)?;
+    let ak_p = public("AKPub", ak_pub)?;
+    let ak_spki = ak_p.spki_der().map_err(|e| DevIdError::BadPublic {
+        field: "AKPub",
+        msg: e.to_string(),
+    })?;
+    let cert_key = ak_leaf_cert.spki_der().ok().and_then(|s| key_of_spki(&s));
+    if cert_key.is_none() || cert_key != key_of_spki(&ak_spki) {
+        return Err(DevIdError::AkCertMismatch);
+    }
+    check_keys(leaf_cert, &devid_p, &ak_p)?;
+    let ak_hash = {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(&ak_spki))
+    };
+    let mut tpm_selectors = vec![format!("ak:pubhash:sha256:{ak_hash}")];
+    for sn in kame_devid::profile::subject_serial_numbers(ak_leaf) {
+        tpm_selectors.push(format!("ak:subject:serialnumber:{sn}"));
+    }
+    let pcrs = quote_pcrs(cfg);
+    let challenge = ChallengeRequest {
+        devid: Some(nonce.clone()),
+        cred_activation: None,
+        version: Some(2),
+        pcrs: pcrs.clone(),
+    };
+    Ok((
+        Pending {
+            leaf,
+            tpm_selectors,
+            nonce_sha384: devid_p.scheme().hash == wire::alg::SHA384,
+            v2: Some((ak_p, devid_p, pcrs)),
+            policy: cfg.pcr_policy.clone(),
+            chain_issuers,
+            nonce,
+            secret: None,
         },
         challenge,
     ))
@@ -404,11 +520,14 @@ pub fn finish(td: &TrustDomain, pending: Pending, response: &[u8]) -> Result<Att
     };
     kame_api::keys::verify_x509_signature(&spki, &alg, None, &pending.nonce, &sig)
         .map_err(|e| DevIdError::BadNonceSignature(e.to_string()))?;
-    // 13. Proof of residency, compared in constant time.
-    let got = resp.cred_activation.unwrap_or_default();
-    use subtle::ConstantTimeEq;
-    if got.len() != pending.secret.len() || !bool::from(got.ct_eq(&pending.secret)) {
-        return Err(DevIdError::CredentialMismatch);
+    // 13. Proof of residency, compared in constant time (a certified AK proves it with the
+    // nonce-bound certify below instead).
+    if let Some(secret) = &pending.secret {
+        let got = resp.cred_activation.unwrap_or_default();
+        use subtle::ConstantTimeEq;
+        if got.len() != secret.len() || !bool::from(got.ct_eq(secret)) {
+            return Err(DevIdError::CredentialMismatch);
+        }
     }
     // v2: the certify and a quote, both bound to this nonce, and the PCR policy.
     let mut tpm_boot = None;
@@ -488,10 +607,9 @@ pub fn finish(td: &TrustDomain, pending: Pending, response: &[u8]) -> Result<Att
             format!("hwmodulename:{oid}:{}", hex::encode(serial)),
         ));
     }
-    selectors.push(Selector::new(
-        TYPE,
-        format!("ek:pubhash:sha256:{}", pending.ek_hash),
-    ));
+    for s in pending.tpm_selectors {
+        selectors.push(Selector::new(TYPE, s));
+    }
     for p in pcr_selectors {
         selectors.push(Selector::new(TYPE, p));
     }
