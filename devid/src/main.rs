@@ -89,6 +89,20 @@ enum Cmd {
         #[arg(long)]
         out_dir: PathBuf,
     },
+    /// Opens certificates sealed by `ca issue` (offline issuance): the IAK recovers the key by
+    /// credential activation under the EK, so only the TPM that made the request can. Writes
+    /// iak.pem, idevid.pem and ca.pem to --out-dir.
+    Activate {
+        #[command(flatten)]
+        tpm: TpmArgs,
+        #[arg(long, default_value = IAK_HANDLE, value_parser = handle)]
+        iak_handle: u32,
+        /// The file `ca issue` wrote.
+        #[arg(long)]
+        sealed: PathBuf,
+        #[arg(long)]
+        out_dir: PathBuf,
+    },
     /// The manufacturer CA (or an owner CA).
     #[command(subcommand)]
     Ca(CaCmd),
@@ -149,6 +163,30 @@ enum CaCmd {
         subject: String,
         #[arg(long, default_value_t = 3650)]
         ttl_days: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Offline issuance: checks a TCG-CSR-IDEVID as `serve` does, issues the IAK and IDevID
+    /// certificates and seals them to the requesting TPM (`kame-devid activate` opens them
+    /// there), instead of a challenge round.
+    Issue {
+        #[command(flatten)]
+        key: CaKey,
+        #[arg(long)]
+        ca_cert: PathBuf,
+        /// TPM vendor CA certificates (PEM) EK certificates must chain to.
+        #[arg(long, required = true)]
+        ek_root: Vec<PathBuf>,
+        /// Intermediate vendor CA certificates (PEM).
+        #[arg(long)]
+        ek_intermediate: Vec<PathBuf>,
+        /// Subject of issued certificates (the device serial is added).
+        #[arg(long, default_value = "O=Kame Devices")]
+        subject: String,
+        /// The TCG-CSR-IDEVID (`kame-devid csr`).
+        #[arg(long)]
+        request: PathBuf,
+        /// Where to write the sealed certificates.
         #[arg(long)]
         out: PathBuf,
     },
@@ -239,6 +277,42 @@ async fn key_manager(k: &CaKey) -> Result<Arc<dyn KeyManager>> {
         return Ok(Arc::new(km));
     }
     bail!("name the CA key: --keys-path FILE, or --pkcs11-module with --token-label and --pin-file")
+}
+
+/// Checks what a manufacturer CA issued (each certificate chains to the CA certificate that
+/// came with it and follows its profile) and writes iak.pem, idevid.pem and ca.pem.
+fn write_manufactured(iak: &[u8], idevid: &[u8], ca: &[u8], out_dir: &Path) -> Result<()> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    for (cert, kind) in [
+        (iak, kame_devid::profile::DevIdKind::Iak),
+        (idevid, kame_devid::profile::DevIdKind::IDevId),
+    ] {
+        kame_devid::chain::verify(cert, &[], &[ca.to_vec()], now)?;
+        kame_devid::profile::check_devid_cert(cert, kind)?;
+    }
+    std::fs::create_dir_all(out_dir)?;
+    write_public(&out_dir.join("iak.pem"), &pem(iak))?;
+    write_public(&out_dir.join("idevid.pem"), &pem(idevid))?;
+    write_public(&out_dir.join("ca.pem"), &pem(ca))?;
+    Ok(())
+}
+
+/// DER certificates.
+type Ders = Vec<Vec<u8>>;
+
+/// The EK roots and intermediates from PEM files.
+fn ek_cas(roots: &[PathBuf], intermediates: &[PathBuf]) -> Result<(Ders, Ders)> {
+    let mut r = vec![];
+    for p in roots {
+        r.extend(read_pems(p)?);
+    }
+    let mut i = vec![];
+    for p in intermediates {
+        i.extend(read_pems(p)?);
+    }
+    Ok((r, i))
 }
 
 fn write_public(path: &Path, data: &str) -> Result<()> {
@@ -346,29 +420,12 @@ async fn run(cli: Cli) -> Result<()> {
                     )
                 })?
                 .into_inner();
-            // What comes back must chain to the CA it names and follow the profile.
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_secs();
-            for (cert, kind) in [
-                (&certs.iak_certificate, kame_devid::profile::DevIdKind::Iak),
-                (
-                    &certs.idevid_certificate,
-                    kame_devid::profile::DevIdKind::IDevId,
-                ),
-            ] {
-                kame_devid::chain::verify(
-                    cert,
-                    &[],
-                    std::slice::from_ref(&certs.ca_certificate),
-                    now,
-                )?;
-                kame_devid::profile::check_devid_cert(cert, kind)?;
-            }
-            std::fs::create_dir_all(&out_dir)?;
-            write_public(&out_dir.join("iak.pem"), &pem(&certs.iak_certificate))?;
-            write_public(&out_dir.join("idevid.pem"), &pem(&certs.idevid_certificate))?;
-            write_public(&out_dir.join("ca.pem"), &pem(&certs.ca_certificate))?;
+            write_manufactured(
+                &certs.iak_certificate,
+                &certs.idevid_certificate,
+                &certs.ca_certificate,
+                &out_dir,
+            )?;
             println!("enrolled: {}", out_dir.display());
         }
         Cmd::Enroll {
@@ -438,6 +495,34 @@ async fn run(cli: Cli) -> Result<()> {
             kame_keymanager::disk::write_secret_file(&out_dir.join("devid.priv"), &key.private)?;
             println!("enrolled: {}", out_dir.display());
         }
+        Cmd::Activate {
+            tpm,
+            iak_handle,
+            sealed,
+            out_dir,
+        } => {
+            let bytes =
+                std::fs::read(&sealed).with_context(|| format!("reading {}", sealed.display()))?;
+            let s = kame_devid::enroll::Sealed::decode(&bytes)?;
+            let mut d = Device::open(&tpm.tcti)?;
+            let key = zeroize::Zeroizing::new(d.activate_credential_tcg(
+                EkAlg::Rsa2048,
+                iak_handle,
+                &s.credential_blob,
+                &s.encrypted_secret,
+            )?);
+            drop(d);
+            let certs = s.open(&key)?;
+            let [iak, idevid, ca] = certs.as_slice() else {
+                anyhow::bail!(
+                    "{} holds {} certificates, not 3 (IAK, IDevID, CA)",
+                    sealed.display(),
+                    certs.len()
+                );
+            };
+            write_manufactured(iak, idevid, ca, &out_dir)?;
+            println!("enrolled: {}", out_dir.display());
+        }
         Cmd::Ca(CaCmd::Init {
             key,
             subject,
@@ -455,6 +540,42 @@ async fn run(cli: Cli) -> Result<()> {
             .await?;
             write_public(&out, &pem(ca.certificate()))?;
         }
+        Cmd::Ca(CaCmd::Issue {
+            key,
+            ca_cert,
+            ek_root,
+            ek_intermediate,
+            subject,
+            request,
+            out,
+        }) => {
+            let (ek_roots, ek_intermediates) = ek_cas(&ek_root, &ek_intermediate)?;
+            let bytes = std::fs::read(&request)
+                .with_context(|| format!("reading {}", request.display()))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_secs();
+            // Every check before anything is issued.
+            let verified = kame_devid::enroll::verify_idevid_request(
+                &bytes,
+                &ek_roots,
+                &ek_intermediates,
+                now,
+            )?;
+            let km = key_manager(&key).await?;
+            let cert = read_pems(&ca_cert)?.remove(0);
+            let ca = DevIdCa::open(km, CA_KEY_ID, cert).await?;
+            let (iak, idevid) = ca.issue_manufactured(&verified, &subject).await?;
+            let sealed =
+                kame_devid::enroll::Sealed::seal(&verified, &[&iak, &idevid, ca.certificate()])?;
+            std::fs::write(&out, sealed.encode()?)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!(
+                "issued for {}: sealed to its TPM in {}",
+                verified.request.prod_serial,
+                out.display()
+            );
+        }
         Cmd::Ca(CaCmd::Serve {
             key,
             ca_cert,
@@ -467,14 +588,7 @@ async fn run(cli: Cli) -> Result<()> {
             let km = key_manager(&key).await?;
             let cert = read_pems(&ca_cert)?.remove(0);
             let ca = DevIdCa::open(km, CA_KEY_ID, cert).await?;
-            let mut ek_roots = vec![];
-            for p in &ek_root {
-                ek_roots.extend(read_pems(p)?);
-            }
-            let mut ek_intermediates = vec![];
-            for p in &ek_intermediate {
-                ek_intermediates.extend(read_pems(p)?);
-            }
+            let (ek_roots, ek_intermediates) = ek_cas(&ek_root, &ek_intermediate)?;
             let svc = kame_devid::service::EnrollmentService {
                 ca,
                 ek_roots,

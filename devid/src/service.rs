@@ -40,7 +40,9 @@ fn ldevid_status(e: LdevidError) -> Status {
 pub fn enroll_status(e: EnrollError) -> Status {
     use EnrollError as E;
     match e {
-        E::Malformed(_) | E::Missing(_) => Status::invalid_argument(e.to_string()),
+        E::Malformed(_) | E::Missing(_) | E::SealedMalformed(_) => {
+            Status::invalid_argument(e.to_string())
+        }
         E::UnknownChallenge => Status::failed_precondition(e.to_string()),
         E::Credential(_) => Status::internal(e.to_string()),
         E::BadIak(_)
@@ -53,7 +55,8 @@ pub fn enroll_status(e: EnrollError) -> Status {
         | E::IdevidNotCertified(_)
         | E::EkUntrusted(_)
         | E::EkUnsupported
-        | E::WrongAnswer => Status::permission_denied(e.to_string()),
+        | E::WrongAnswer
+        | E::SealedForAnotherTpm => Status::permission_denied(e.to_string()),
     }
 }
 

@@ -266,3 +266,151 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
     );
     let _ = owner.kill().await;
 }
+
+fn devid_fails(args: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_kame-devid"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!o.status.success(), "kame-devid {args:?} succeeded");
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// A TPM with the TCG IAK and IDevID and its TCG-CSR-IDEVID at `req`.
+fn manufactured(d: &Path, serial: &str) -> (SwTpm, std::path::PathBuf) {
+    let tpm = SwTpm::start().unwrap();
+    devid(&["tpm", "create-iak", "--tcti", &tpm.tcti]);
+    devid(&["tpm", "create-idevid", "--tcti", &tpm.tcti]);
+    let req = d.join(format!("{serial}.req"));
+    devid(&[
+        "csr",
+        "--tcti",
+        &tpm.tcti,
+        "--model",
+        "kame-edge",
+        "--serial",
+        serial,
+        "--out",
+        &s(&req),
+    ]);
+    (tpm, req)
+}
+
+/// `ca issue`: offline issuance without a challenge round. The CA checks the request, issues,
+/// and seals the certificates to the requesting TPM; `activate` opens them there and only
+/// there. Another TPM, an altered file, and an EK from an unknown vendor are refused, and
+/// nothing is written.
+#[test]
+fn devid_cli_ca_issue_offline_seals_certificates_only_the_requesting_tpm_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (tpm, req) = manufactured(d, "SN-OFFLINE-1");
+    let keys = d.join("ca-keys.json");
+    let ca_pem = d.join("ca.pem");
+    devid(&["ca", "init", "--keys-path", &s(&keys), "--out", &s(&ca_pem)]);
+    let issue = |ek_root: &Path, out: &Path| {
+        vec![
+            "ca".to_string(),
+            "issue".into(),
+            "--keys-path".into(),
+            s(&keys),
+            "--ca-cert".into(),
+            s(&ca_pem),
+            "--ek-root".into(),
+            s(ek_root),
+            "--ek-intermediate".into(),
+            s(&tpm.dir().join("ek-intermediate-ca.pem")),
+            "--subject".into(),
+            "O=Kame Devices, CN=kame-edge".into(),
+            "--request".into(),
+            s(&req),
+            "--out".into(),
+            s(out),
+        ]
+    };
+    fn strs(v: &[String]) -> Vec<&str> {
+        v.iter().map(String::as_str).collect()
+    }
+    let run = |v: Vec<String>| devid(&strs(&v));
+    let run_fails = |v: Vec<String>| devid_fails(&strs(&v));
+
+    // An EK certificate from a vendor the CA does not trust: refused, nothing written.
+    let refused = d.join("refused.bin");
+    let e = run_fails(issue(&ca_pem, &refused));
+    assert!(e.contains("trusted TPM vendor CA"), "{e}");
+    assert!(!refused.exists());
+
+    let sealed = d.join("sealed.bin");
+    run(issue(&tpm.dir().join("ek-root-ca.pem"), &sealed));
+    let bytes = std::fs::read(&sealed).unwrap();
+    assert!(bytes.starts_with(b"KAMESEAL1"));
+    // The certificates are not readable in the file.
+    assert!(!bytes.windows(12).any(|w| w == b"SN-OFFLINE-1"));
+
+    // Another TPM (its own EK and IAK at the same handles) cannot open them.
+    let (other, _) = manufactured(d, "SN-OTHER");
+    let out_other = d.join("out-other");
+    let e = devid_fails(&[
+        "activate",
+        "--tcti",
+        &other.tcti,
+        "--sealed",
+        &s(&sealed),
+        "--out-dir",
+        &s(&out_other),
+    ]);
+    assert!(e.contains("ActivateCredential"), "{e}");
+    assert!(!out_other.exists());
+    drop(other);
+    // An altered file does not open.
+    let mut altered = bytes.clone();
+    let last = altered.len() - 1;
+    altered[last] ^= 1;
+    let altered_path = d.join("altered.bin");
+    std::fs::write(&altered_path, &altered).unwrap();
+    let out_altered = d.join("out-altered");
+    let e = devid_fails(&[
+        "activate",
+        "--tcti",
+        &tpm.tcti,
+        "--sealed",
+        &s(&altered_path),
+        "--out-dir",
+        &s(&out_altered),
+    ]);
+    assert!(e.contains("another TPM, or altered"), "{e}");
+    assert!(!out_altered.exists());
+
+    // The requesting TPM opens them.
+    let out = d.join("out");
+    devid(&[
+        "activate",
+        "--tcti",
+        &tpm.tcti,
+        "--sealed",
+        &s(&sealed),
+        "--out-dir",
+        &s(&out),
+    ]);
+    let text = Command::new("openssl")
+        .args(["x509", "-noout", "-text", "-in"])
+        .arg(out.join("idevid.pem"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("serialNumber = SN-OFFLINE-1"), "{text}");
+    assert!(text.contains("othername: 1.3.6.1.5.5.7.8.4::"), "{text}");
+    for cert in ["iak.pem", "idevid.pem"] {
+        let v = Command::new("openssl")
+            .args(["verify", "-CAfile"])
+            .arg(&ca_pem)
+            .arg(out.join(cert))
+            .output()
+            .unwrap();
+        assert!(
+            v.status.success(),
+            "{cert}: {}",
+            String::from_utf8_lossy(&v.stderr)
+        );
+    }
+}
