@@ -66,6 +66,10 @@ enum Cmd {
         request: PathBuf,
         #[arg(long, default_value = IAK_HANDLE, value_parser = handle)]
         iak_handle: u32,
+        /// CA certificates (PEM) this device trusts beforehand: what the CA sends must chain
+        /// to one of them.
+        #[arg(long)]
+        trust_ca: Vec<PathBuf>,
         #[arg(long)]
         out_dir: PathBuf,
     },
@@ -86,6 +90,10 @@ enum Cmd {
         iak_cert: PathBuf,
         #[arg(long)]
         idevid_cert: PathBuf,
+        /// CA certificates (PEM) this device trusts beforehand: what the CA sends must chain
+        /// to one of them.
+        #[arg(long)]
+        trust_ca: Vec<PathBuf>,
         #[arg(long)]
         out_dir: PathBuf,
     },
@@ -100,6 +108,10 @@ enum Cmd {
         /// The file `ca issue` wrote.
         #[arg(long)]
         sealed: PathBuf,
+        /// CA certificates (PEM) this device trusts beforehand: what the CA sends must chain
+        /// to one of them.
+        #[arg(long)]
+        trust_ca: Vec<PathBuf>,
         #[arg(long)]
         out_dir: PathBuf,
     },
@@ -279,18 +291,56 @@ async fn key_manager(k: &CaKey) -> Result<Arc<dyn KeyManager>> {
     bail!("name the CA key: --keys-path FILE, or --pkcs11-module with --token-label and --pin-file")
 }
 
-/// Checks what a manufacturer CA issued (each certificate chains to the CA certificate that
-/// came with it and follows its profile) and writes iak.pem, idevid.pem and ca.pem.
-fn write_manufactured(iak: &[u8], idevid: &[u8], ca: &[u8], out_dir: &Path) -> Result<()> {
+/// The CA certificates a device trusts beforehand (`--trust-ca`); none: a warning, and what
+/// the CA sends is only checked against the CA certificate sent with it.
+fn trusted_cas(paths: &[PathBuf]) -> Result<Ders> {
+    let mut v = vec![];
+    for p in paths {
+        v.extend(read_pems(p)?);
+    }
+    if v.is_empty() {
+        eprintln!(
+            "warning: no --trust-ca: the CA's certificates are checked against the CA certificate it sent, not one trusted beforehand"
+        );
+    }
+    Ok(v)
+}
+
+/// Checks one certificate a CA issued: it chains to the CA certificate sent with it, to a
+/// pinned CA when there are any, and follows the profile of `kind`.
+fn check_issued(
+    cert: &[u8],
+    kind: kame_devid::profile::DevIdKind,
+    ca: &[u8],
+    pinned: &[Vec<u8>],
+) -> Result<()> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
         .as_secs();
+    kame_devid::chain::verify(cert, &[], &[ca.to_vec()], now)
+        .context("the certificate does not chain to the CA certificate sent with it")?;
+    if !pinned.is_empty() {
+        kame_devid::chain::verify(cert, &[ca.to_vec()], pinned, now)
+            .context("the CA is not one this device trusts (--trust-ca)")?;
+    }
+    kame_devid::profile::check_devid_cert(cert, kind)?;
+    Ok(())
+}
+
+/// Checks what a manufacturer CA issued ([`check_issued`]) and writes iak.pem, idevid.pem
+/// and ca.pem.
+fn write_manufactured(
+    iak: &[u8],
+    idevid: &[u8],
+    ca: &[u8],
+    pinned: &[Vec<u8>],
+    out_dir: &Path,
+) -> Result<()> {
     for (cert, kind) in [
         (iak, kame_devid::profile::DevIdKind::Iak),
         (idevid, kame_devid::profile::DevIdKind::IDevId),
     ] {
-        kame_devid::chain::verify(cert, &[], &[ca.to_vec()], now)?;
-        kame_devid::profile::check_devid_cert(cert, kind)?;
+        check_issued(cert, kind, ca, pinned)?;
     }
     std::fs::create_dir_all(out_dir)?;
     write_public(&out_dir.join("iak.pem"), &pem(iak))?;
@@ -377,8 +427,10 @@ async fn run(cli: Cli) -> Result<()> {
             ca,
             request,
             iak_handle,
+            trust_ca,
             out_dir,
         } => {
+            let pinned = trusted_cas(&trust_ca)?;
             let bytes = std::fs::read(&request)
                 .with_context(|| format!("reading {}", request.display()))?;
             let mut client =
@@ -424,6 +476,7 @@ async fn run(cli: Cli) -> Result<()> {
                 &certs.iak_certificate,
                 &certs.idevid_certificate,
                 &certs.ca_certificate,
+                &pinned,
                 &out_dir,
             )?;
             println!("enrolled: {}", out_dir.display());
@@ -435,8 +488,10 @@ async fn run(cli: Cli) -> Result<()> {
             idevid_handle,
             iak_cert,
             idevid_cert,
+            trust_ca,
             out_dir,
         } => {
+            let pinned = trusted_cas(&trust_ca)?;
             use kame_api::pb::devid as pb;
             let iak_cert = read_pems(&iak_cert)?.remove(0);
             let idevid_cert = read_pems(&idevid_cert)?.remove(0);
@@ -474,18 +529,11 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(|s| anyhow::anyhow!("the CA refused ({:?}): {}", s.code(), s.message()))?
                 .into_inner();
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_secs();
-            kame_devid::chain::verify(
-                &r.ldevid_certificate,
-                &[],
-                std::slice::from_ref(&r.ca_certificate),
-                now,
-            )?;
-            kame_devid::profile::check_devid_cert(
+            check_issued(
                 &r.ldevid_certificate,
                 kame_devid::profile::DevIdKind::LDevId,
+                &r.ca_certificate,
+                &pinned,
             )?;
             std::fs::create_dir_all(&out_dir)?;
             write_public(&out_dir.join("devid.pem"), &pem(&r.ldevid_certificate))?;
@@ -499,8 +547,10 @@ async fn run(cli: Cli) -> Result<()> {
             tpm,
             iak_handle,
             sealed,
+            trust_ca,
             out_dir,
         } => {
+            let pinned = trusted_cas(&trust_ca)?;
             let bytes =
                 std::fs::read(&sealed).with_context(|| format!("reading {}", sealed.display()))?;
             let s = kame_devid::enroll::Sealed::decode(&bytes)?;
@@ -520,7 +570,7 @@ async fn run(cli: Cli) -> Result<()> {
                     certs.len()
                 );
             };
-            write_manufactured(iak, idevid, ca, &out_dir)?;
+            write_manufactured(iak, idevid, ca, &pinned, &out_dir)?;
             println!("enrolled: {}", out_dir.display());
         }
         Cmd::Ca(CaCmd::Init {

@@ -92,6 +92,8 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
         &url,
         "--request",
         &s(&req),
+        "--trust-ca",
+        &s(&ca_pem),
         "--out-dir",
         &s(&out),
     ]);
@@ -203,19 +205,38 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
         .unwrap();
     let owner_url = format!("http://{}", first.trim_start_matches("listening on "));
     let ldevid = d.join("ldevid");
-    devid(&[
-        "enroll",
-        "--tcti",
-        &tpm.tcti,
-        "--ca",
-        &owner_url,
-        "--iak-cert",
-        &s(&out.join("iak.pem")),
-        "--idevid-cert",
-        &s(&out.join("idevid.pem")),
-        "--out-dir",
-        &s(&ldevid),
-    ]);
+    let enroll = |trust: &Path| {
+        [
+            "enroll".to_string(),
+            "--tcti".into(),
+            tpm.tcti.clone(),
+            "--ca".into(),
+            owner_url.clone(),
+            "--iak-cert".into(),
+            s(&out.join("iak.pem")),
+            "--idevid-cert".into(),
+            s(&out.join("idevid.pem")),
+            "--trust-ca".into(),
+            s(trust),
+            "--out-dir".into(),
+            s(&ldevid),
+        ]
+    };
+    // A device that trusts another CA than the one answering refuses what it sends.
+    let e = devid_fails(
+        &enroll(&ca_pem)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(e.contains("not one this device trusts"), "{e}");
+    assert!(!ldevid.exists(), "nothing written");
+    devid(
+        &enroll(&owner_pem)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(ldevid.join("devid.priv"))
@@ -381,14 +402,39 @@ fn devid_cli_ca_issue_offline_seals_certificates_only_the_requesting_tpm_opens()
     assert!(e.contains("another TPM, or altered"), "{e}");
     assert!(!out_altered.exists());
 
-    // The requesting TPM opens them.
+    // Certificates from a CA the device does not trust are refused.
+    let other_ca = d.join("other-ca.pem");
+    devid(&[
+        "ca",
+        "init",
+        "--keys-path",
+        &s(&d.join("other-keys.json")),
+        "--out",
+        &s(&other_ca),
+    ]);
     let out = d.join("out");
+    let e = devid_fails(&[
+        "activate",
+        "--tcti",
+        &tpm.tcti,
+        "--sealed",
+        &s(&sealed),
+        "--trust-ca",
+        &s(&other_ca),
+        "--out-dir",
+        &s(&out),
+    ]);
+    assert!(e.contains("not one this device trusts"), "{e}");
+    assert!(!out.exists());
+    // The requesting TPM opens them.
     devid(&[
         "activate",
         "--tcti",
         &tpm.tcti,
         "--sealed",
         &s(&sealed),
+        "--trust-ca",
+        &s(&ca_pem),
         "--out-dir",
         &s(&out),
     ]);
