@@ -1,12 +1,14 @@
 //! `kame-devid`: device identities from the factory floor. On the device: create the TCG IAK
 //! and IDevID keys in the TPM, build the TCG-CSR-IDEVID, and enroll with the manufacturer CA
 //! (answering its credential activation challenge). On the CA: make the CA key in a
-//! KeyManager (disk key file or PKCS#11 HSM) and serve enrollment over gRPC. Certificates are
+//! KeyManager (disk key file or PKCS#11 HSM) and serve enrollment over gRPC (TLS with
+//! --tls-cert/--tls-key). Certificates are
 //! public and written 0644; no private key ever leaves the TPM or the KeyManager.
 
 use anyhow::{Context, Result, bail};
 use base64::Engine;
 use clap::{Parser, Subcommand};
+use kame_api::pb::devid::enrollment_client::EnrollmentClient;
 use kame_devid::ca::DevIdCa;
 use kame_devid::enroll::{Challenges, IdevidRequest};
 use kame_keymanager::KeyManager;
@@ -59,9 +61,14 @@ enum Cmd {
     EnrollIdevid {
         #[command(flatten)]
         tpm: TpmArgs,
-        /// The CA's enrollment endpoint, e.g. http://127.0.0.1:8444.
+        /// The CA's enrollment endpoint, e.g. https://ca.example:8444 (TLS, with --tls-ca) or
+        /// http://127.0.0.1:8444.
         #[arg(long)]
         ca: String,
+        /// Root CA certificates (PEM) of the enrollment endpoint's TLS certificate; required
+        /// with an https:// --ca.
+        #[arg(long)]
+        tls_ca: Vec<PathBuf>,
         #[arg(long)]
         request: PathBuf,
         #[arg(long, default_value = IAK_HANDLE, value_parser = handle)]
@@ -82,6 +89,10 @@ enum Cmd {
         tpm: TpmArgs,
         #[arg(long)]
         ca: String,
+        /// Root CA certificates (PEM) of the enrollment endpoint's TLS certificate; required
+        /// with an https:// --ca.
+        #[arg(long)]
+        tls_ca: Vec<PathBuf>,
         #[arg(long, default_value = IAK_HANDLE, value_parser = handle)]
         iak_handle: u32,
         #[arg(long, default_value = IDEVID_HANDLE, value_parser = handle)]
@@ -202,7 +213,8 @@ enum CaCmd {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Serves enrollment (kame.devid.v1.Enrollment) over HTTP/2; prints the address.
+    /// Serves enrollment (kame.devid.v1.Enrollment) over gRPC, TLS with --tls-cert and
+    /// --tls-key; prints the address.
     Serve {
         #[command(flatten)]
         key: CaKey,
@@ -223,6 +235,12 @@ enum CaCmd {
         idevid_ca: Vec<PathBuf>,
         #[arg(long, default_value = "127.0.0.1:0")]
         listen: std::net::SocketAddr,
+        /// TLS certificate chain (PEM) of the endpoint; with --tls-key, serves over TLS.
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM) of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
 }
 
@@ -365,6 +383,46 @@ fn ek_cas(roots: &[PathBuf], intermediates: &[PathBuf]) -> Result<(Ders, Ders)> 
     Ok((r, i))
 }
 
+/// A client of the enrollment endpoint: over TLS (the server checked against `tls_ca`) for
+/// https, plain HTTP/2 for http. An https endpoint without `tls_ca`, or `tls_ca` for http, is
+/// refused rather than guessed at.
+async fn enrollment_client(
+    ca: &str,
+    tls_ca: &[PathBuf],
+) -> Result<EnrollmentClient<tonic::transport::Channel>> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(ca.to_string())
+        .with_context(|| format!("--ca {ca} is not a URL"))?;
+    match (ca.starts_with("https://"), tls_ca.is_empty()) {
+        (true, true) => {
+            bail!("--ca {ca} is https: name the roots of its TLS certificate with --tls-ca")
+        }
+        (false, false) => bail!("--tls-ca needs an https:// --ca, not {ca}"),
+        (true, false) => {
+            let mut roots = String::new();
+            for der in tls_ca
+                .iter()
+                .map(|p| read_pems(p))
+                .collect::<Result<Vec<_>>>()?
+                .concat()
+            {
+                roots.push_str(&pem(&der));
+            }
+            endpoint = endpoint
+                .tls_config(
+                    tonic::transport::ClientTlsConfig::new()
+                        .ca_certificate(tonic::transport::Certificate::from_pem(roots)),
+                )
+                .context("the --tls-ca roots")?;
+        }
+        (false, true) => {}
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {ca}"))?;
+    Ok(EnrollmentClient::new(channel))
+}
+
 fn write_public(path: &Path, data: &str) -> Result<()> {
     std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))
 }
@@ -428,15 +486,13 @@ async fn run(cli: Cli) -> Result<()> {
             request,
             iak_handle,
             trust_ca,
+            tls_ca,
             out_dir,
         } => {
             let pinned = trusted_cas(&trust_ca)?;
             let bytes = std::fs::read(&request)
                 .with_context(|| format!("reading {}", request.display()))?;
-            let mut client =
-                kame_api::pb::devid::enrollment_client::EnrollmentClient::connect(ca.clone())
-                    .await
-                    .with_context(|| format!("connecting to {ca}"))?;
+            let mut client = enrollment_client(&ca, &tls_ca).await?;
             let ch = client
                 .begin_idevid(kame_api::pb::devid::BeginIdevidRequest {
                     tcg_csr_idevid: bytes,
@@ -489,15 +545,14 @@ async fn run(cli: Cli) -> Result<()> {
             iak_cert,
             idevid_cert,
             trust_ca,
+            tls_ca,
             out_dir,
         } => {
             let pinned = trusted_cas(&trust_ca)?;
             use kame_api::pb::devid as pb;
             let iak_cert = read_pems(&iak_cert)?.remove(0);
             let idevid_cert = read_pems(&idevid_cert)?.remove(0);
-            let mut client = pb::enrollment_client::EnrollmentClient::connect(ca.clone())
-                .await
-                .with_context(|| format!("connecting to {ca}"))?;
+            let mut client = enrollment_client(&ca, &tls_ca).await?;
             let n = client
                 .begin_ldevid(pb::BeginLdevidRequest {})
                 .await
@@ -634,6 +689,8 @@ async fn run(cli: Cli) -> Result<()> {
             subject,
             idevid_ca,
             listen,
+            tls_cert,
+            tls_key,
         }) => {
             let km = key_manager(&key).await?;
             let cert = read_pems(&ca_cert)?.remove(0);
@@ -654,11 +711,24 @@ async fn run(cli: Cli) -> Result<()> {
                 },
                 nonces: kame_devid::enroll::Nonces::new(std::time::Duration::from_secs(300)),
             };
+            let mut server = tonic::transport::Server::builder();
+            if let (Some(cert), Some(key)) = (&tls_cert, &tls_key) {
+                let cert =
+                    std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+                let key =
+                    std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+                server = server
+                    .tls_config(
+                        tonic::transport::ServerTlsConfig::new()
+                            .identity(tonic::transport::Identity::from_pem(cert, key)),
+                    )
+                    .context("the TLS certificate or key")?;
+            }
             let listener = tokio::net::TcpListener::bind(listen).await?;
             println!("listening on {}", listener.local_addr()?);
             use std::io::Write;
             std::io::stdout().flush()?;
-            tonic::transport::Server::builder()
+            server
                 .add_service(kame_api::pb::devid::enrollment_server::EnrollmentServer::new(svc))
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),

@@ -178,6 +178,8 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
         "--out",
         &s(&owner_pem),
     ]);
+    // The owner's endpoint serves TLS: a server certificate for 127.0.0.1 from its own root.
+    let (tls_root, tls_cert, tls_key) = tls_endpoint_certs(d);
     let mut owner = tokio::process::Command::new(env!("CARGO_BIN_EXE_kame-devid"))
         .args([
             "ca",
@@ -192,6 +194,10 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
             &s(&ca_pem),
             "--subject",
             "O=Fleet Owner",
+            "--tls-cert",
+            &s(&tls_cert),
+            "--tls-key",
+            &s(&tls_key),
         ])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -203,15 +209,17 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
         .unwrap()
         .unwrap()
         .unwrap();
-    let owner_url = format!("http://{}", first.trim_start_matches("listening on "));
+    let owner_url = format!("https://{}", first.trim_start_matches("listening on "));
     let ldevid = d.join("ldevid");
-    let enroll = |trust: &Path| {
+    let enroll_over = |url: &str, tls: &Path, trust: &Path| {
         [
             "enroll".to_string(),
             "--tcti".into(),
             tpm.tcti.clone(),
             "--ca".into(),
-            owner_url.clone(),
+            url.to_string(),
+            "--tls-ca".into(),
+            s(tls),
             "--iak-cert".into(),
             s(&out.join("iak.pem")),
             "--idevid-cert".into(),
@@ -222,6 +230,29 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
             s(&ldevid),
         ]
     };
+    let enroll = |trust: &Path| enroll_over(&owner_url, &tls_root, trust);
+    // TLS: the endpoint's certificate must chain to --tls-ca; https needs --tls-ca, and
+    // --tls-ca needs https.
+    let e = devid_fails(
+        &enroll_over(&owner_url, &ca_pem, &owner_pem)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(e.contains("connecting to"), "{e}");
+    let plain = owner_url.replacen("https://", "http://", 1);
+    let e = devid_fails(
+        &enroll_over(&plain, &tls_root, &owner_pem)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(e.contains("--tls-ca needs an https:// --ca"), "{e}");
+    let mut no_tls_ca = enroll(&owner_pem).to_vec();
+    no_tls_ca.drain(5..7);
+    let e = devid_fails(&no_tls_ca.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("name the roots of its TLS certificate"), "{e}");
+    assert!(!ldevid.exists(), "nothing written");
     // A device that trusts another CA than the one answering refuses what it sends.
     let e = devid_fails(
         &enroll(&ca_pem)
@@ -258,9 +289,16 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
         "{text}"
     );
     // An LDevID nonce is used once; the owner CA refuses an unknown manufacturer's devices.
-    let mut c = pb::enrollment_client::EnrollmentClient::connect(owner_url)
+    let channel = tonic::transport::Endpoint::from_shared(owner_url)
+        .unwrap()
+        .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
+            tonic::transport::Certificate::from_pem(std::fs::read(&tls_root).unwrap()),
+        ))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let mut c = pb::enrollment_client::EnrollmentClient::new(channel);
     let n = c
         .begin_ldevid(pb::BeginLdevidRequest {})
         .await
@@ -286,6 +324,80 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
         again.message()
     );
     let _ = owner.kill().await;
+}
+
+/// A TLS root and a server certificate for IP 127.0.0.1 under it (openssl), for the
+/// enrollment endpoint: (root, chain, key).
+fn tls_endpoint_certs(d: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let (root, root_key) = (d.join("tls-root.pem"), d.join("tls-root.key"));
+    let (cert, key, csr) = (d.join("tls.pem"), d.join("tls.key"), d.join("tls.csr"));
+    let ext = d.join("tls.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=critical,CA:FALSE\n",
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let o = Command::new("openssl").args(args).output().unwrap();
+        assert!(
+            o.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    run(&[
+        &["req", "-x509"][..],
+        &ec,
+        &[
+            "-subj",
+            "/CN=Owner TLS Root",
+            "-days",
+            "2",
+            "-keyout",
+            &s(&root_key),
+            "-out",
+            &s(&root),
+        ],
+    ]
+    .concat());
+    run(&[
+        &["req"][..],
+        &ec,
+        &[
+            "-subj",
+            "/CN=127.0.0.1",
+            "-keyout",
+            &s(&key),
+            "-out",
+            &s(&csr),
+        ],
+    ]
+    .concat());
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &s(&csr),
+        "-CA",
+        &s(&root),
+        "-CAkey",
+        &s(&root_key),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &s(&ext),
+        "-out",
+        &s(&cert),
+    ]);
+    (root, cert, key)
 }
 
 fn devid_fails(args: &[&str]) -> String {
