@@ -79,6 +79,10 @@ pub enum DevIdAgentError {
     Signature(String),
     #[error("the key at attestation_key_handle {handle:#010x} is not the key of {path}")]
     AkCertMismatch { handle: u32, path: String },
+    #[error("the public area at attestation_key_handle {handle:#010x} is not a usable key: {msg}")]
+    BadAkPublic { handle: u32, msg: String },
+    #[error("the attestation key certificate {path} has no usable key: {msg}")]
+    BadAkCert { path: String, msg: String },
     #[error(
         "the server did not ask for Kame's v2 proof: a certified attestation key needs a Kame server with attestation_key_ca_path"
     )]
@@ -156,20 +160,26 @@ pub fn evidence_certified_ak(
 ) -> Result<(AttestationRequest, Session), DevIdAgentError> {
     let ak_cert = read_certs(&ak.cert_path)?;
     let ak_pub = d.persistent_public(ak.handle)?;
-    let mismatch = || DevIdAgentError::AkCertMismatch {
-        handle: ak.handle,
-        path: ak.cert_path.display().to_string(),
-    };
     let tpm_key = wire::Public::parse(&ak_pub)
-        .ok()
-        .and_then(|p| p.spki_der().ok())
-        .and_then(|s| kame_api::keys::KeyInfo::from_spki_der(&s).ok());
+        .map_err(|e| e.to_string())
+        .and_then(|p| p.spki_der().map_err(|e| e.to_string()))
+        .and_then(|s| kame_api::keys::KeyInfo::from_spki_der(&s).map_err(|e| e.to_string()))
+        .map_err(|msg| DevIdAgentError::BadAkPublic {
+            handle: ak.handle,
+            msg,
+        })?;
     let cert_key = kame_api::x509svid::ParsedCert::parse(&ak_cert[0])
-        .ok()
-        .and_then(|c| c.spki_der().ok())
-        .and_then(|s| kame_api::keys::KeyInfo::from_spki_der(&s).ok());
-    if tpm_key.is_none() || tpm_key != cert_key {
-        return Err(mismatch());
+        .and_then(|c| c.spki_der())
+        .and_then(|s| kame_api::keys::KeyInfo::from_spki_der(&s))
+        .map_err(|e| DevIdAgentError::BadAkCert {
+            path: ak.cert_path.display().to_string(),
+            msg: e.to_string(),
+        })?;
+    if tpm_key != cert_key {
+        return Err(DevIdAgentError::AkCertMismatch {
+            handle: ak.handle,
+            path: ak.cert_path.display().to_string(),
+        });
     }
     let req = AttestationRequest {
         devid_cert: certs,

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use kame_api::pb::devid::enrollment_client::EnrollmentClient;
 use kame_devid::ca::DevIdCa;
 use kame_devid::enroll::{Challenges, IdevidRequest};
+use kame_devid::profile::DevIdKind;
 use kame_keymanager::KeyManager;
 use kame_tpm::device::{Device, EkAlg};
 use kame_tpm::wire::{self, policy::DevIdKey};
@@ -73,10 +74,10 @@ enum Cmd {
         request: PathBuf,
         #[arg(long, default_value = IAK_HANDLE, value_parser = handle)]
         iak_handle: u32,
-        /// CA certificates (PEM) this device trusts beforehand: what the CA sends must chain
-        /// to one of them.
-        #[arg(long)]
-        trust_ca: Vec<PathBuf>,
+        #[arg(long, default_value = IDEVID_HANDLE, value_parser = handle)]
+        idevid_handle: u32,
+        #[command(flatten)]
+        trust: TrustArgs,
         #[arg(long)]
         out_dir: PathBuf,
     },
@@ -101,10 +102,8 @@ enum Cmd {
         iak_cert: PathBuf,
         #[arg(long)]
         idevid_cert: PathBuf,
-        /// CA certificates (PEM) this device trusts beforehand: what the CA sends must chain
-        /// to one of them.
-        #[arg(long)]
-        trust_ca: Vec<PathBuf>,
+        #[command(flatten)]
+        trust: TrustArgs,
         #[arg(long)]
         out_dir: PathBuf,
     },
@@ -116,19 +115,46 @@ enum Cmd {
         tpm: TpmArgs,
         #[arg(long, default_value = IAK_HANDLE, value_parser = handle)]
         iak_handle: u32,
+        #[arg(long, default_value = IDEVID_HANDLE, value_parser = handle)]
+        idevid_handle: u32,
         /// The file `ca issue` wrote.
         #[arg(long)]
         sealed: PathBuf,
-        /// CA certificates (PEM) this device trusts beforehand: what the CA sends must chain
-        /// to one of them.
-        #[arg(long)]
-        trust_ca: Vec<PathBuf>,
+        #[command(flatten)]
+        trust: TrustArgs,
         #[arg(long)]
         out_dir: PathBuf,
     },
     /// The manufacturer CA (or an owner CA).
     #[command(subcommand)]
     Ca(CaCmd),
+}
+
+/// What the device trusts beforehand about the CA that answers.
+#[derive(clap::Args, Clone)]
+struct TrustArgs {
+    /// CA certificates (PEM) this device trusts beforehand: what the CA sends must chain to
+    /// one of them. Repeatable.
+    #[arg(long)]
+    trust_ca: Vec<PathBuf>,
+    /// Accept whatever CA answers, checked only against the CA certificate it sends (SPIRE's
+    /// insecure_bootstrap): for a first enrollment on a trusted network, never by default.
+    #[arg(long, conflicts_with = "trust_ca")]
+    insecure_bootstrap: bool,
+}
+
+/// The TPM vendor CAs EK certificates must chain to, and the subject of what is issued.
+#[derive(clap::Args, Clone)]
+struct VendorArgs {
+    /// TPM vendor CA certificates (PEM) EK certificates must chain to.
+    #[arg(long, required = true)]
+    ek_root: Vec<PathBuf>,
+    /// Intermediate vendor CA certificates (PEM).
+    #[arg(long)]
+    ek_intermediate: Vec<PathBuf>,
+    /// Subject of issued certificates (the device serial is added).
+    #[arg(long, default_value = "O=Kame Devices")]
+    subject: String,
 }
 
 #[derive(clap::Args, Clone)]
@@ -197,15 +223,8 @@ enum CaCmd {
         key: CaKey,
         #[arg(long)]
         ca_cert: PathBuf,
-        /// TPM vendor CA certificates (PEM) EK certificates must chain to.
-        #[arg(long, required = true)]
-        ek_root: Vec<PathBuf>,
-        /// Intermediate vendor CA certificates (PEM).
-        #[arg(long)]
-        ek_intermediate: Vec<PathBuf>,
-        /// Subject of issued certificates (the device serial is added).
-        #[arg(long, default_value = "O=Kame Devices")]
-        subject: String,
+        #[command(flatten)]
+        vendor: VendorArgs,
         /// The TCG-CSR-IDEVID (`kame-devid csr`).
         #[arg(long)]
         request: PathBuf,
@@ -220,15 +239,8 @@ enum CaCmd {
         key: CaKey,
         #[arg(long)]
         ca_cert: PathBuf,
-        /// TPM vendor CA certificates (PEM) EK certificates must chain to.
-        #[arg(long, required = true)]
-        ek_root: Vec<PathBuf>,
-        /// Intermediate vendor CA certificates (PEM).
-        #[arg(long)]
-        ek_intermediate: Vec<PathBuf>,
-        /// Subject of issued certificates (the device serial is added).
-        #[arg(long, default_value = "O=Kame Devices")]
-        subject: String,
+        #[command(flatten)]
+        vendor: VendorArgs,
         /// As an owner CA: manufacturer CA certificates (PEM) IDevIDs and IAKs must chain to
         /// for LDevID enrollment.
         #[arg(long)]
@@ -250,14 +262,7 @@ fn handle(s: &str) -> std::result::Result<u32, String> {
 }
 
 fn pem(der: &[u8]) -> String {
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(&String::from_utf8_lossy(chunk));
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
+    kame_api::bundle::pem_block("CERTIFICATE", der)
 }
 
 fn read_pems(path: &Path) -> Result<Vec<Vec<u8>>> {
@@ -309,61 +314,52 @@ async fn key_manager(k: &CaKey) -> Result<Arc<dyn KeyManager>> {
     bail!("name the CA key: --keys-path FILE, or --pkcs11-module with --token-label and --pin-file")
 }
 
-/// The CA certificates a device trusts beforehand (`--trust-ca`); none: a warning, and what
-/// the CA sends is only checked against the CA certificate sent with it.
-fn trusted_cas(paths: &[PathBuf]) -> Result<Ders> {
-    let mut v = vec![];
-    for p in paths {
-        v.extend(read_pems(p)?);
-    }
+/// The CA certificates a device trusts beforehand (`--trust-ca`). None is refused unless the
+/// operator chose `--insecure-bootstrap`; then what the CA sends is only checked against the
+/// CA certificate sent with it, and a warning says so.
+fn trusted_cas(t: &TrustArgs) -> Result<Ders> {
+    let v = read_all_pems(&t.trust_ca)?;
     if v.is_empty() {
+        if !t.insecure_bootstrap {
+            bail!(
+                "name the CA this device trusts with --trust-ca FILE, or pass --insecure-bootstrap to accept whatever CA answers"
+            );
+        }
         eprintln!(
-            "warning: no --trust-ca: the CA's certificates are checked against the CA certificate it sent, not one trusted beforehand"
+            "warning: --insecure-bootstrap: the CA's certificates are checked against the CA certificate it sent, not one trusted beforehand"
         );
     }
     Ok(v)
 }
 
-/// Checks one certificate a CA issued: it chains to the CA certificate sent with it, to a
-/// pinned CA when there are any, and follows the profile of `kind`.
-fn check_issued(
-    cert: &[u8],
-    kind: kame_devid::profile::DevIdKind,
-    ca: &[u8],
-    pinned: &[Vec<u8>],
-) -> Result<()> {
-    let now = std::time::SystemTime::now()
+fn now() -> Result<u64> {
+    Ok(std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
-    kame_devid::chain::verify(cert, &[], &[ca.to_vec()], now)
-        .context("the certificate does not chain to the CA certificate sent with it")?;
-    if !pinned.is_empty() {
-        kame_devid::chain::verify(cert, &[ca.to_vec()], pinned, now)
-            .context("the CA is not one this device trusts (--trust-ca)")?;
-    }
-    kame_devid::profile::check_devid_cert(cert, kind)?;
-    Ok(())
+        .as_secs())
 }
 
-/// Checks what a manufacturer CA issued ([`check_issued`]) and writes iak.pem, idevid.pem
-/// and ca.pem.
+/// Checks what a manufacturer CA issued ([`kame_devid::issued::check`], against the IAK's and
+/// IDevID's public areas in this TPM) and writes iak.pem, idevid.pem and ca.pem, each
+/// atomically; nothing is written unless both certificates pass.
 fn write_manufactured(
     iak: &[u8],
     idevid: &[u8],
     ca: &[u8],
     pinned: &[Vec<u8>],
+    publics: (&[u8], &[u8]),
     out_dir: &Path,
 ) -> Result<()> {
-    for (cert, kind) in [
-        (iak, kame_devid::profile::DevIdKind::Iak),
-        (idevid, kame_devid::profile::DevIdKind::IDevId),
+    let now = now()?;
+    for (cert, kind, public) in [
+        (iak, DevIdKind::Iak, publics.0),
+        (idevid, DevIdKind::IDevId, publics.1),
     ] {
-        check_issued(cert, kind, ca, pinned)?;
+        kame_devid::issued::check(cert, kind, ca, pinned, public, now)?;
     }
     std::fs::create_dir_all(out_dir)?;
-    write_public(&out_dir.join("iak.pem"), &pem(iak))?;
-    write_public(&out_dir.join("idevid.pem"), &pem(idevid))?;
-    write_public(&out_dir.join("ca.pem"), &pem(ca))?;
+    write_public(&out_dir.join("ca.pem"), pem(ca).as_bytes())?;
+    write_public(&out_dir.join("iak.pem"), pem(iak).as_bytes())?;
+    write_public(&out_dir.join("idevid.pem"), pem(idevid).as_bytes())?;
     Ok(())
 }
 
@@ -371,16 +367,20 @@ fn write_manufactured(
 type Ders = Vec<Vec<u8>>;
 
 /// The EK roots and intermediates from PEM files.
-fn ek_cas(roots: &[PathBuf], intermediates: &[PathBuf]) -> Result<(Ders, Ders)> {
-    let mut r = vec![];
-    for p in roots {
-        r.extend(read_pems(p)?);
+fn ek_cas(v: &VendorArgs) -> Result<(Ders, Ders)> {
+    Ok((
+        read_all_pems(&v.ek_root)?,
+        read_all_pems(&v.ek_intermediate)?,
+    ))
+}
+
+/// Every certificate of every file, in order.
+fn read_all_pems(paths: &[PathBuf]) -> Result<Ders> {
+    let mut v = vec![];
+    for p in paths {
+        v.extend(read_pems(p)?);
     }
-    let mut i = vec![];
-    for p in intermediates {
-        i.extend(read_pems(p)?);
-    }
-    Ok((r, i))
+    Ok(v)
 }
 
 /// A client of the enrollment endpoint: over TLS (the server checked against `tls_ca`) for
@@ -398,15 +398,7 @@ async fn enrollment_client(
         }
         (false, false) => bail!("--tls-ca needs an https:// --ca, not {ca}"),
         (true, false) => {
-            let mut roots = String::new();
-            for der in tls_ca
-                .iter()
-                .map(|p| read_pems(p))
-                .collect::<Result<Vec<_>>>()?
-                .concat()
-            {
-                roots.push_str(&pem(&der));
-            }
+            let roots: String = read_all_pems(tls_ca)?.iter().map(|d| pem(d)).collect();
             endpoint = endpoint
                 .tls_config(
                     tonic::transport::ClientTlsConfig::new()
@@ -423,8 +415,10 @@ async fn enrollment_client(
     Ok(EnrollmentClient::new(channel))
 }
 
-fn write_public(path: &Path, data: &str) -> Result<()> {
-    std::fs::write(path, data).with_context(|| format!("writing {}", path.display()))
+/// Writes a public file (a certificate, a public area) atomically, 0644.
+fn write_public(path: &Path, data: &[u8]) -> Result<()> {
+    kame_keymanager::disk::write_file_atomic(path, data, 0o644)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 async fn run(cli: Cli) -> Result<()> {
@@ -477,19 +471,19 @@ async fn run(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             let sig = d.sign_persistent(idevid_handle, &req.content()?)?;
-            std::fs::write(&out, req.encode(&sig)?)
-                .with_context(|| format!("writing {}", out.display()))?;
+            write_public(&out, &req.encode(&sig)?)?;
         }
         Cmd::EnrollIdevid {
             tpm,
             ca,
             request,
             iak_handle,
-            trust_ca,
+            idevid_handle,
+            trust,
             tls_ca,
             out_dir,
         } => {
-            let pinned = trusted_cas(&trust_ca)?;
+            let pinned = trusted_cas(&trust)?;
             let bytes = std::fs::read(&request)
                 .with_context(|| format!("reading {}", request.display()))?;
             let mut client = enrollment_client(&ca, &tls_ca).await?;
@@ -507,6 +501,10 @@ async fn run(cli: Cli) -> Result<()> {
                 })?
                 .into_inner();
             let mut d = Device::open(&tpm.tcti)?;
+            let publics = (
+                d.persistent_public(iak_handle)?,
+                d.persistent_public(idevid_handle)?,
+            );
             let secret = d.activate_credential_tcg(
                 EkAlg::Rsa2048,
                 iak_handle,
@@ -533,6 +531,7 @@ async fn run(cli: Cli) -> Result<()> {
                 &certs.idevid_certificate,
                 &certs.ca_certificate,
                 &pinned,
+                (&publics.0, &publics.1),
                 &out_dir,
             )?;
             println!("enrolled: {}", out_dir.display());
@@ -544,11 +543,11 @@ async fn run(cli: Cli) -> Result<()> {
             idevid_handle,
             iak_cert,
             idevid_cert,
-            trust_ca,
+            trust,
             tls_ca,
             out_dir,
         } => {
-            let pinned = trusted_cas(&trust_ca)?;
+            let pinned = trusted_cas(&trust)?;
             use kame_api::pb::devid as pb;
             let iak_cert = read_pems(&iak_cert)?.remove(0);
             let idevid_cert = read_pems(&idevid_cert)?.remove(0);
@@ -584,32 +583,48 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(|s| anyhow::anyhow!("the CA refused ({:?}): {}", s.code(), s.message()))?
                 .into_inner();
-            check_issued(
+            kame_devid::issued::check(
                 &r.ldevid_certificate,
-                kame_devid::profile::DevIdKind::LDevId,
+                DevIdKind::LDevId,
                 &r.ca_certificate,
                 &pinned,
+                &key.public,
+                now()?,
             )?;
             std::fs::create_dir_all(&out_dir)?;
-            write_public(&out_dir.join("devid.pem"), &pem(&r.ldevid_certificate))?;
-            write_public(&out_dir.join("devid-ca.pem"), &pem(&r.ca_certificate))?;
-            std::fs::write(out_dir.join("devid.pub"), &key.public)?;
+            // Each file atomically, the key first and the certificate last: an interrupted
+            // re-enrollment leaves the old certificate, which tpm_devid then refuses as not
+            // the key's (DevIDPub mismatch), never a half-written file.
             // The TPM-wrapped private part: useless outside this TPM, still kept private.
             kame_keymanager::disk::write_secret_file(&out_dir.join("devid.priv"), &key.private)?;
+            write_public(&out_dir.join("devid.pub"), &key.public)?;
+            write_public(
+                &out_dir.join("devid-ca.pem"),
+                pem(&r.ca_certificate).as_bytes(),
+            )?;
+            write_public(
+                &out_dir.join("devid.pem"),
+                pem(&r.ldevid_certificate).as_bytes(),
+            )?;
             println!("enrolled: {}", out_dir.display());
         }
         Cmd::Activate {
             tpm,
             iak_handle,
+            idevid_handle,
             sealed,
-            trust_ca,
+            trust,
             out_dir,
         } => {
-            let pinned = trusted_cas(&trust_ca)?;
+            let pinned = trusted_cas(&trust)?;
             let bytes =
                 std::fs::read(&sealed).with_context(|| format!("reading {}", sealed.display()))?;
             let s = kame_devid::enroll::Sealed::decode(&bytes)?;
             let mut d = Device::open(&tpm.tcti)?;
+            let publics = (
+                d.persistent_public(iak_handle)?,
+                d.persistent_public(idevid_handle)?,
+            );
             let key = zeroize::Zeroizing::new(d.activate_credential_tcg(
                 EkAlg::Rsa2048,
                 iak_handle,
@@ -625,7 +640,7 @@ async fn run(cli: Cli) -> Result<()> {
                     certs.len()
                 );
             };
-            write_manufactured(iak, idevid, ca, &pinned, &out_dir)?;
+            write_manufactured(iak, idevid, ca, &pinned, (&publics.0, &publics.1), &out_dir)?;
             println!("enrolled: {}", out_dir.display());
         }
         Cmd::Ca(CaCmd::Init {
@@ -643,38 +658,32 @@ async fn run(cli: Cli) -> Result<()> {
                 ttl_days.saturating_mul(86400),
             )
             .await?;
-            write_public(&out, &pem(ca.certificate()))?;
+            write_public(&out, pem(ca.certificate()).as_bytes())?;
         }
         Cmd::Ca(CaCmd::Issue {
             key,
             ca_cert,
-            ek_root,
-            ek_intermediate,
-            subject,
+            vendor,
             request,
             out,
         }) => {
-            let (ek_roots, ek_intermediates) = ek_cas(&ek_root, &ek_intermediate)?;
+            let (ek_roots, ek_intermediates) = ek_cas(&vendor)?;
             let bytes = std::fs::read(&request)
                 .with_context(|| format!("reading {}", request.display()))?;
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_secs();
             // Every check before anything is issued.
             let verified = kame_devid::enroll::verify_idevid_request(
                 &bytes,
                 &ek_roots,
                 &ek_intermediates,
-                now,
+                now()?,
             )?;
             let km = key_manager(&key).await?;
             let cert = read_pems(&ca_cert)?.remove(0);
             let ca = DevIdCa::open(km, CA_KEY_ID, cert).await?;
-            let (iak, idevid) = ca.issue_manufactured(&verified, &subject).await?;
+            let (iak, idevid) = ca.issue_manufactured(&verified, &vendor.subject).await?;
             let sealed =
                 kame_devid::enroll::Sealed::seal(&verified, &[&iak, &idevid, ca.certificate()])?;
-            std::fs::write(&out, sealed.encode()?)
-                .with_context(|| format!("writing {}", out.display()))?;
+            write_public(&out, &sealed.encode()?)?;
             println!(
                 "issued for {}: sealed to its TPM in {}",
                 verified.request.prod_serial,
@@ -684,9 +693,7 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Ca(CaCmd::Serve {
             key,
             ca_cert,
-            ek_root,
-            ek_intermediate,
-            subject,
+            vendor,
             idevid_ca,
             listen,
             tls_cert,
@@ -695,20 +702,14 @@ async fn run(cli: Cli) -> Result<()> {
             let km = key_manager(&key).await?;
             let cert = read_pems(&ca_cert)?.remove(0);
             let ca = DevIdCa::open(km, CA_KEY_ID, cert).await?;
-            let (ek_roots, ek_intermediates) = ek_cas(&ek_root, &ek_intermediate)?;
+            let (ek_roots, ek_intermediates) = ek_cas(&vendor)?;
             let svc = kame_devid::service::EnrollmentService {
                 ca,
                 ek_roots,
                 ek_intermediates,
-                subject,
+                subject: vendor.subject,
                 challenges: Challenges::new(std::time::Duration::from_secs(300)),
-                manufacturer_roots: {
-                    let mut v = vec![];
-                    for p in &idevid_ca {
-                        v.extend(read_pems(p)?);
-                    }
-                    v
-                },
+                manufacturer_roots: read_all_pems(&idevid_ca)?,
                 nonces: kame_devid::enroll::Nonces::new(std::time::Duration::from_secs(300)),
             };
             let mut server = tonic::transport::Server::builder();

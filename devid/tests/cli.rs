@@ -29,6 +29,20 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// The first certificate of a PEM file.
+fn der_of(p: &Path) -> Vec<u8> {
+    kame_api::bundle::certs_from_pem(&std::fs::read_to_string(p).unwrap())
+        .unwrap()
+        .remove(0)
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
     let tpm = SwTpm::start().unwrap();
@@ -117,6 +131,28 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
         "{}",
         String::from_utf8_lossy(&iak.stdout)
     );
+    // What the device checked before writing: each certificate names its own TPM key. The
+    // IDevID certificate checked against the IAK's public area is refused.
+    {
+        use kame_devid::issued::{IssuedError, check};
+        use kame_devid::profile::DevIdKind;
+        let mut dev = Device::open(&tpm.tcti).unwrap();
+        let iak_pub = dev.persistent_public(0x8102_0001).unwrap();
+        let idevid_pub = dev.persistent_public(0x8102_0000).unwrap();
+        let ca = der_of(&ca_pem);
+        let idevid = der_of(&out.join("idevid.pem"));
+        let pinned = [ca.clone()];
+        check(&idevid, DevIdKind::IDevId, &ca, &pinned, &idevid_pub, now()).unwrap();
+        let e = check(&idevid, DevIdKind::IDevId, &ca, &pinned, &iak_pub, now()).unwrap_err();
+        assert!(
+            matches!(e, IssuedError::NotThisKey(DevIdKind::IDevId)),
+            "{e}"
+        );
+        let iak = der_of(&out.join("iak.pem"));
+        check(&iak, DevIdKind::Iak, &ca, &pinned, &iak_pub, now()).unwrap();
+        let e = check(&iak, DevIdKind::IDevId, &ca, &pinned, &iak_pub, now()).unwrap_err();
+        assert!(matches!(e, IssuedError::Profile(..)), "{e}");
+    }
 
     // The protocol directly: a challenge is answered once; a replay is refused.
     let mut client = pb::enrollment_client::EnrollmentClient::connect(url.clone())
@@ -240,6 +276,10 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
             .collect::<Vec<_>>(),
     );
     assert!(e.contains("connecting to"), "{e}");
+    assert!(
+        e.contains("UnknownIssuer") || e.contains("invalid peer certificate"),
+        "the TLS certificate error: {e}"
+    );
     let plain = owner_url.replacen("https://", "http://", 1);
     let e = devid_fails(
         &enroll_over(&plain, &tls_root, &owner_pem)
@@ -262,12 +302,37 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
     );
     assert!(e.contains("not one this device trusts"), "{e}");
     assert!(!ldevid.exists(), "nothing written");
+    // Neither --trust-ca nor --insecure-bootstrap: refused before anything is asked.
+    let mut unpinned = enroll(&owner_pem).to_vec();
+    let at = unpinned.iter().position(|a| a == "--trust-ca").unwrap();
+    unpinned.drain(at..at + 2);
+    let e = devid_fails(&unpinned.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        e.contains("--trust-ca FILE, or pass --insecure-bootstrap"),
+        "{e}"
+    );
+    assert!(!ldevid.exists(), "nothing written");
+    // --insecure-bootstrap: enrolled, with a warning.
+    unpinned.insert(at, "--insecure-bootstrap".into());
+    devid(&unpinned.iter().map(String::as_str).collect::<Vec<_>>());
+    let first_cert = std::fs::read(ldevid.join("devid.pem")).unwrap();
+    // Re-enrolled with the pinned CA: a new key, and every file replaced together.
     devid(
         &enroll(&owner_pem)
             .iter()
             .map(String::as_str)
             .collect::<Vec<_>>(),
     );
+    assert_ne!(std::fs::read(ldevid.join("devid.pem")).unwrap(), first_cert);
+    kame_devid::issued::check(
+        &der_of(&ldevid.join("devid.pem")),
+        kame_devid::profile::DevIdKind::LDevId,
+        &der_of(&ldevid.join("devid-ca.pem")),
+        &[der_of(&owner_pem)],
+        &std::fs::read(ldevid.join("devid.pub")).unwrap(),
+        now(),
+    )
+    .unwrap();
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(ldevid.join("devid.priv"))
@@ -489,6 +554,8 @@ fn devid_cli_ca_issue_offline_seals_certificates_only_the_requesting_tpm_opens()
         &other.tcti,
         "--sealed",
         &s(&sealed),
+        "--trust-ca",
+        &s(&ca_pem),
         "--out-dir",
         &s(&out_other),
     ]);
@@ -508,12 +575,45 @@ fn devid_cli_ca_issue_offline_seals_certificates_only_the_requesting_tpm_opens()
         &tpm.tcti,
         "--sealed",
         &s(&altered_path),
+        "--insecure-bootstrap",
         "--out-dir",
         &s(&out_altered),
     ]);
     assert!(e.contains("another TPM, or altered"), "{e}");
     assert!(!out_altered.exists());
 
+    // A device that names no CA it trusts, and did not choose --insecure-bootstrap, is refused
+    // before it touches the TPM.
+    let out = d.join("out");
+    let e = devid_fails(&[
+        "activate",
+        "--tcti",
+        &tpm.tcti,
+        "--sealed",
+        &s(&sealed),
+        "--out-dir",
+        &s(&out),
+    ]);
+    assert!(
+        e.contains("--trust-ca FILE, or pass --insecure-bootstrap"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    // Both at once is a contradiction.
+    let e = devid_fails(&[
+        "activate",
+        "--tcti",
+        &tpm.tcti,
+        "--sealed",
+        &s(&sealed),
+        "--trust-ca",
+        &s(&ca_pem),
+        "--insecure-bootstrap",
+        "--out-dir",
+        &s(&out),
+    ]);
+    assert!(e.contains("cannot be used with"), "{e}");
+    assert!(!out.exists());
     // Certificates from a CA the device does not trust are refused.
     let other_ca = d.join("other-ca.pem");
     devid(&[

@@ -314,6 +314,61 @@ fn tcg_enroll_rejects_an_iak_that_is_not_restricted() {
     ));
 }
 
+/// The attributes the CA checks are bound to the key: a device that declares an unrestricted
+/// key as restricted passes every check on paper, but the credential is made for the declared
+/// public area's Name (a hash over its attributes), so the TPM holding the real key cannot
+/// open it and no certificate is issued. This is what lets a verifier rely on the IAK
+/// certificate's tcg-cap-verifiedTPMRestricted policy later.
+#[test]
+fn tcg_enroll_an_iak_that_lies_about_its_attributes_cannot_answer_the_challenge() {
+    let mut d = device();
+    let k = d
+        .dev
+        .create_under_srk(&templates::bytes(templates::DEVID_RSA))
+        .unwrap();
+    let real = AkBlob {
+        public: k.public.clone(),
+        private: k.private.clone(),
+        parent: AkParent::Srk,
+    };
+    let mut declared = wire::Public::parse(&k.public).unwrap();
+    declared.attributes |= wire::public::attr::RESTRICTED;
+    let declared = declared.marshal().unwrap();
+    let idevid = d.idevid.clone();
+    let (certify, certify_sig) = d.dev.certify(EkAlg::Rsa2048, &real, &idevid, &[]).unwrap();
+    let req = IdevidRequest {
+        hash_alg: wire::alg::SHA256,
+        prod_model: "kame-edge-1".into(),
+        prod_serial: "SN-0042".into(),
+        ek_cert: d.dev.ek_certificate(EkAlg::Rsa2048).unwrap().unwrap(),
+        attest_pub: declared,
+        signing_pub: idevid.public.clone(),
+        sgn_certify_info: certify,
+        sgn_certify_info_sig: certify_sig,
+        ..Default::default()
+    };
+    let sig = d.dev.sign(&idevid, &req.content().unwrap()).unwrap();
+    let bytes = req.encode(&sig).unwrap();
+    // On paper the request is fine: the key signs, the declared bits say restricted.
+    let challenges = Challenges::new(Duration::from_secs(60));
+    let ch = challenges.issue(verify(&d, &bytes).unwrap()).unwrap();
+    assert!(
+        d.dev
+            .activate_credential(
+                EkAlg::Rsa2048,
+                &real,
+                &ch.credential_blob,
+                &ch.encrypted_secret
+            )
+            .is_err(),
+        "the TPM must refuse a credential made for another Name"
+    );
+    assert!(matches!(
+        challenges.answer(&ch.id, &[0u8; 32]),
+        Err(EnrollError::WrongAnswer)
+    ));
+}
+
 #[test]
 fn tcg_enroll_rejects_an_exportable_idevid_key() {
     let mut d = device();

@@ -103,6 +103,13 @@ impl DiskKeyManager {
 
 /// Writes `data` to `path` atomically with mode 0600 (temp file + fsync + rename + dir fsync).
 pub fn write_secret_file(path: &Path, data: &[u8]) -> Result<()> {
+    write_file_atomic(path, data, 0o600)
+}
+
+/// Writes `data` to `path` atomically with `mode`: the temp file has the mode before any byte
+/// is written, then fsync, rename over `path`, and fsync of the directory. A reader sees the
+/// old file or the new one, never a part.
+pub fn write_file_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let io = |source| Error::Io {
         path: path.display().to_string(),
@@ -115,7 +122,7 @@ pub fn write_secret_file(path: &Path, data: &[u8]) -> Result<()> {
     std::fs::create_dir_all(&dir).map_err(io)?;
     let mut tmp = tempfile::Builder::new()
         .prefix(".kame-tmp-")
-        .permissions(std::fs::Permissions::from_mode(0o600))
+        .permissions(std::fs::Permissions::from_mode(mode))
         .tempfile_in(&dir)
         .map_err(io)?;
     tmp.write_all(data).map_err(io)?;

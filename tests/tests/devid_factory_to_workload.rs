@@ -464,7 +464,12 @@ async fn tpm_devid_certified_ak_refusals() {
         },
         &good,
     );
-    assert!(matches!(e, DevIdError::CertifiedAkNotConfigured), "{e}");
+    assert!(
+        matches!(e, DevIdError::CertifiedAkNotConfigured)
+            && e.is_precondition()
+            && !e.is_bad_input(),
+        "{e}"
+    );
     let e = refused(
         &DevIdConfig {
             compat_mode: true,
@@ -472,7 +477,12 @@ async fn tpm_devid_certified_ak_refusals() {
         },
         &good,
     );
-    assert!(matches!(e, DevIdError::CertifiedAkInCompatMode), "{e}");
+    assert!(
+        matches!(e, DevIdError::CertifiedAkInCompatMode)
+            && e.is_precondition()
+            && !e.is_bad_input(),
+        "{e}"
+    );
     // The nonce-bound certify is the only one: v1 is refused.
     let e = refused(
         &cfg,
@@ -509,8 +519,13 @@ async fn tpm_devid_certified_ak_refusals() {
         },
     );
     assert!(matches!(e, DevIdError::AkCertMismatch), "{e}");
-    // A certificate in the IAK profile for a key that is not restricted (the IDevID key):
-    // the CA's word does not override the key's attributes.
+    // A certificate in the IAK profile for a key that is not restricted (the IDevID key), from
+    // a CA that failed its checks: refused when the agent sends that key's true public area.
+    // The attribute bits come from the agent; what binds them to the key is the CA's
+    // enrollment (credential activation is made for the Name, a hash over the attributes:
+    // `tcg_enroll_an_iak_that_lies_about_its_attributes_cannot_answer_the_challenge`), which
+    // the certificate's tcg-cap-verifiedTPMRestricted policy states. This check is a second
+    // line behind it, not a replacement.
     let idevid_spki = wire::Public::parse(&f.idevid_pub)
         .unwrap()
         .spki_der()

@@ -10,7 +10,9 @@
 //! certificate chains to `attestation_key_ca_path` and follows the TCG IAK profile already
 //! stands for residency with a genuine EK, so no EK and no credential activation are needed; the
 //! DevID certify and a PCR quote by that key, both bound to the server's nonce, prove the DevID
-//! key sits in that TPM now. It uses only the pure
+//! key sits in that TPM now. In that mode the AK's attributes (restricted, fixedTPM) rest on
+//! the CA's TCG policies, which a Kame CA grants only after credential activation bound them to
+//! the key's Name; the attribute bits the agent sends are checked too, as a second line. It uses only the pure
 //! `kame_tpm::wire` half: the server never links libtss2. It holds no state between attempts
 //! beyond the [`Pending`] challenge a caller keeps for one stream.
 
@@ -94,6 +96,15 @@ pub enum DevIdError {
 }
 
 impl DevIdError {
+    /// The server is not set up for what the agent asks (a certified AK): neither the
+    /// agent's mistake nor a failed proof.
+    pub fn is_precondition(&self) -> bool {
+        matches!(
+            self,
+            DevIdError::CertifiedAkInCompatMode | DevIdError::CertifiedAkNotConfigured
+        )
+    }
+
     /// Malformed input is the caller's mistake; a failed proof is a refusal.
     pub fn is_bad_input(&self) -> bool {
         matches!(

@@ -27,6 +27,8 @@ fn devid_status(e: tpm_devid::DevIdError) -> Status {
     let m = format!("nodeattestor(tpm_devid): {e}");
     if e.is_bad_input() {
         Status::invalid_argument(m)
+    } else if e.is_precondition() {
+        Status::failed_precondition(m)
     } else {
         Status::permission_denied(m)
     }
