@@ -33,7 +33,7 @@ impl From<tonic::Status> for AttestError {
 #[derive(Clone)]
 pub enum NodeAttestor {
     JoinToken(Option<String>),
-    TpmDevid(crate::tpm_devid::TpmDevidConfig),
+    TpmDevid(Box<crate::tpm_devid::TpmDevidConfig>),
 }
 
 impl std::fmt::Debug for NodeAttestor {

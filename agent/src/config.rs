@@ -152,25 +152,29 @@ fn tpm_devid_config_in(
     let ak_cert = data
         .string("attestation_key_cert_path")?
         .filter(|v| !v.is_empty());
+    let persistent_handle = |name: &str, h: &str| {
+        let hex = h.trim_start_matches("0x").trim_start_matches("0X");
+        u32::from_str_radix(hex, 16)
+            .ok()
+            .filter(|v| (0x8100_0000..=0x81ff_ffff).contains(v))
+            .ok_or_else(|| {
+                invalid(
+                    &data.key(name),
+                    format!("{h:?} is not a persistent handle (0x81000000-0x81ffffff)"),
+                )
+            })
+    };
+    let ak_pub = data
+        .string("attestation_key_pub_path")?
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from);
     let attestation_key = match (ak_handle, ak_cert) {
         (None, None) => None,
-        (Some(h), Some(cert)) => {
-            let key = data.key("attestation_key_handle");
-            let hex = h.trim_start_matches("0x").trim_start_matches("0X");
-            let handle = u32::from_str_radix(hex, 16)
-                .ok()
-                .filter(|v| (0x8100_0000..=0x81ff_ffff).contains(v))
-                .ok_or_else(|| {
-                    invalid(
-                        &key,
-                        format!("{h:?} is not a persistent handle (0x81000000-0x81ffffff)"),
-                    )
-                })?;
-            Some(crate::tpm_devid::CertifiedAk {
-                handle,
-                cert_path: PathBuf::from(cert),
-            })
-        }
+        (Some(h), Some(cert)) => Some(crate::tpm_devid::CertifiedAk {
+            handle: persistent_handle("attestation_key_handle", &h)?,
+            cert_path: PathBuf::from(cert),
+            pub_path: ak_pub.clone(),
+        }),
         (Some(_), None) => {
             return Err(ConfigError::Missing {
                 key: data.key("attestation_key_cert_path"),
@@ -182,8 +186,25 @@ fn tpm_devid_config_in(
             });
         }
     };
+    if ak_pub.is_some() && attestation_key.is_none() {
+        return Err(ConfigError::Missing {
+            key: data.key("attestation_key_handle"),
+        });
+    }
+    // A persistent DevID key proves itself with a certify by a persistent AK only: the
+    // EK flow (SPIRE's) loads the DevID from its blobs.
+    let devid_handle = match data.string("devid_handle")?.filter(|v| !v.is_empty()) {
+        None => None,
+        Some(_) if attestation_key.is_none() => {
+            return Err(ConfigError::Missing {
+                key: data.key("attestation_key_handle"),
+            });
+        }
+        Some(h) => Some(persistent_handle("devid_handle", &h)?),
+    };
     Ok(crate::tpm_devid::TpmDevidConfig {
         attestation_key,
+        devid_handle,
         devid_cert_path,
         devid_priv_path,
         devid_pub_path,
@@ -416,8 +437,35 @@ plugins {
             c.attestation_key,
             Some(crate::tpm_devid::CertifiedAk {
                 handle: 0x8102_0001,
-                cert_path: "iak.pem".into()
+                cert_path: "iak.pem".into(),
+                pub_path: None,
             })
+        );
+        assert_eq!(c.devid_handle, None);
+        // The persistent DevID key and the AK's public area from a file (Kame).
+        let c = conf(
+            "attestation_key_handle = \"0x81020001\"\n attestation_key_cert_path = \"iak.pem\"\n attestation_key_pub_path = \"iak.pub\"\n devid_handle = \"0x81020002\"",
+        )
+        .unwrap();
+        assert_eq!(c.devid_handle, Some(0x8102_0002));
+        assert_eq!(
+            c.attestation_key.unwrap().pub_path,
+            Some(PathBuf::from("iak.pub"))
+        );
+        for lonely in [
+            "devid_handle = \"0x81020002\"",
+            "attestation_key_pub_path = \"iak.pub\"",
+        ] {
+            let e = conf(lonely).unwrap_err();
+            assert!(e.contains("attestation_key_handle"), "{lonely}: {e}");
+        }
+        let e = conf(
+            "attestation_key_handle = \"0x81020001\"\n attestation_key_cert_path = \"iak.pem\"\n devid_handle = \"0x01020002\"",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("devid_handle") && e.contains("persistent handle"),
+            "{e}"
         );
         let e = conf("attestation_key_handle = \"0x81020001\"").unwrap_err();
         assert!(e.contains("attestation_key_cert_path"), "{e}");

@@ -42,6 +42,9 @@ pub struct TpmDevidConfig {
     pub endorsement_hierarchy_password: Secret,
     /// A persistent, certified attestation key (ours): used instead of an EK and a fresh AK.
     pub attestation_key: Option<CertifiedAk>,
+    /// The DevID key persisted at this handle (ours, `devid_handle`; with `attestation_key`
+    /// only): no SRK and no load per attestation. `devid_pub_path` must be its public area.
+    pub devid_handle: Option<u32>,
 }
 
 /// A persistent TCG IAK or LAK and its certificate chain (`attestation_key_handle`,
@@ -51,6 +54,9 @@ pub struct CertifiedAk {
     pub handle: u32,
     /// PEM: the AK certificate first, then any intermediates.
     pub cert_path: PathBuf,
+    /// The AK's TPMT_PUBLIC (`attestation_key_pub_path`, optional): checked against the
+    /// handle's Name instead of read from the TPM, one TPM command less.
+    pub pub_path: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +93,10 @@ pub enum DevIdAgentError {
         "the server did not ask for Kame's v2 proof: a certified attestation key needs a Kame server with attestation_key_ca_path"
     )]
     CertifiedAkNeedsV2,
+    #[error(
+        "devid_handle needs attestation_key_handle: a persistent DevID key is certified by a persistent AK"
+    )]
+    PersistentDevIdNeedsCertifiedAk,
 }
 
 fn read(p: &Path) -> Result<Vec<u8>, DevIdAgentError> {
@@ -100,6 +110,8 @@ fn read(p: &Path) -> Result<Vec<u8>, DevIdAgentError> {
 #[derive(Debug)]
 pub struct Session {
     pub devid: KeyBlob,
+    /// The DevID key's persistent handle, when it has one (`devid_handle`).
+    pub devid_handle: Option<u32>,
     pub ak: SessionAk,
     pub ek_alg: EkAlg,
 }
@@ -133,7 +145,14 @@ pub fn request(
     cfg: &TpmDevidConfig,
 ) -> Result<(Vec<u8>, Session), DevIdAgentError> {
     let certs = read_certs(&cfg.devid_cert_path)?;
-    let mut devid = KeyBlob::from_files(&read(&cfg.devid_pub_path)?, &read(&cfg.devid_priv_path)?);
+    // Persistent objects are opened afresh for each attestation: one may have been replaced
+    // (re-enrollment) since the last.
+    d.forget_persistents();
+    let mut devid = match cfg.devid_handle {
+        // The private blob is not needed: the key is in the TPM at the handle.
+        Some(_) => KeyBlob::from_files(&read(&cfg.devid_pub_path)?, &[]),
+        None => KeyBlob::from_files(&read(&cfg.devid_pub_path)?, &read(&cfg.devid_priv_path)?),
+    };
     devid.auth = cfg.devid_password.0.as_bytes().to_vec();
     d.set_hierarchy_auth(
         cfg.owner_hierarchy_password.0.as_bytes(),
@@ -143,9 +162,10 @@ pub fn request(
         path: cfg.devid_pub_path.display().to_string(),
         msg: e.to_string(),
     })?;
-    let (req, session) = match &cfg.attestation_key {
-        Some(ak) => evidence_certified_ak(d, certs, devid, ak)?,
-        None => evidence_with(d, certs, devid, cfg.ek_algorithm)?,
+    let (req, session) = match (&cfg.attestation_key, cfg.devid_handle) {
+        (Some(ak), handle) => evidence_certified_ak(d, certs, devid, handle, ak)?,
+        (None, None) => evidence_with(d, certs, devid, cfg.ek_algorithm)?,
+        (None, Some(_)) => return Err(DevIdAgentError::PersistentDevIdNeedsCertifiedAk),
     };
     Ok((req.encode(), session))
 }
@@ -156,10 +176,20 @@ pub fn evidence_certified_ak(
     d: &mut Device,
     certs: Vec<Vec<u8>>,
     devid: KeyBlob,
+    devid_handle: Option<u32>,
     ak: &CertifiedAk,
 ) -> Result<(AttestationRequest, Session), DevIdAgentError> {
     let ak_cert = read_certs(&ak.cert_path)?;
-    let ak_pub = d.persistent_public(ak.handle)?;
+    if let Some(h) = devid_handle {
+        d.persistent_public_matching(h, &devid.public)?;
+    }
+    let ak_pub = match &ak.pub_path {
+        Some(p) => {
+            let file = KeyBlob::from_files(&read(p)?, &[]).public;
+            d.persistent_public_matching(ak.handle, &file)?
+        }
+        None => d.persistent_public(ak.handle)?,
+    };
     let tpm_key = wire::Public::parse(&ak_pub)
         .map_err(|e| e.to_string())
         .and_then(|p| p.spki_der().map_err(|e| e.to_string()))
@@ -193,6 +223,7 @@ pub fn evidence_certified_ak(
         req,
         Session {
             devid,
+            devid_handle,
             ak: SessionAk::Persistent(ak.handle),
             ek_alg: EkAlg::Rsa2048,
         },
@@ -242,7 +273,15 @@ pub fn evidence_with(
         ak_cert: vec![],
     };
     let ak = SessionAk::Made(ak);
-    Ok((req, Session { devid, ak, ek_alg }))
+    Ok((
+        req,
+        Session {
+            devid,
+            devid_handle: None,
+            ak,
+            ek_alg,
+        },
+    ))
 }
 
 /// Message 1 exactly as SPIRE's agent builds it (`tpm_devid.md` §1.3): the AK from `AK_RSA`
@@ -275,7 +314,15 @@ pub fn evidence_spire(
     };
     let ek_alg = EkAlg::Rsa2048;
     let ak = SessionAk::Made(ak);
-    Ok((req, Session { devid, ak, ek_alg }))
+    Ok((
+        req,
+        Session {
+            devid,
+            devid_handle: None,
+            ak,
+            ek_alg,
+        },
+    ))
 }
 
 fn der_int(v: &[u8]) -> Vec<u8> {
@@ -326,7 +373,14 @@ pub fn answer(
             if c.version.is_none_or(|v| v < 2) {
                 return Err(DevIdAgentError::CertifiedAkNeedsV2);
             }
-            let p = d.prove_with_persistent_ak(&session.devid, *handle, &nonce, &nonce, &c.pcrs)?;
+            let p = d.prove_with_persistent_ak(
+                &session.devid,
+                session.devid_handle,
+                *handle,
+                &nonce,
+                &nonce,
+                &c.pcrs,
+            )?;
             return Ok(ChallengeResponse {
                 devid: Some(signature_for_server(&p.signature)?),
                 cred_activation: None,

@@ -58,7 +58,7 @@ enum Cmd {
         out: PathBuf,
     },
     /// Enrolls with the manufacturer CA: sends the request, answers the challenge with the
-    /// TPM, writes iak.pem, idevid.pem and ca.pem to --out-dir.
+    /// TPM, writes iak.pem, idevid.pem, ca.pem and iak.pub (the IAK's public area) to --out-dir.
     EnrollIdevid {
         #[command(flatten)]
         tpm: TpmArgs,
@@ -84,7 +84,8 @@ enum Cmd {
     /// Enrolls an LDevID with the owner CA: a new signing key in the TPM (under the SRK, as
     /// tpm_devid loads it) certified by the IAK over the CA's nonce, the IDevID signing the
     /// certify. Writes devid.pem, devid-ca.pem, devid.pub and devid.priv (0600) to --out-dir:
-    /// the files tpm_devid's devid_cert_path, devid_pub_path and devid_priv_path name.
+    /// the files tpm_devid's devid_cert_path, devid_pub_path and devid_priv_path name; and
+    /// iak.pub, the IAK's public area (attestation_key_pub_path).
     Enroll {
         #[command(flatten)]
         tpm: TpmArgs,
@@ -104,12 +105,17 @@ enum Cmd {
         idevid_cert: PathBuf,
         #[command(flatten)]
         trust: TrustArgs,
+        /// Also persist the LDevID key at this handle (tpm_devid's `devid_handle`: no SRK and
+        /// no load per attestation). A handle holding another object is refused before
+        /// anything is asked; one holding this --out-dir's previous LDevID key is replaced.
+        #[arg(long, value_parser = handle)]
+        persist_handle: Option<u32>,
         #[arg(long)]
         out_dir: PathBuf,
     },
     /// Opens certificates sealed by `ca issue` (offline issuance): the IAK recovers the key by
     /// credential activation under the EK, so only the TPM that made the request can. Writes
-    /// iak.pem, idevid.pem and ca.pem to --out-dir.
+    /// iak.pem, idevid.pem, ca.pem and iak.pub to --out-dir.
     Activate {
         #[command(flatten)]
         tpm: TpmArgs,
@@ -339,8 +345,9 @@ fn now() -> Result<u64> {
 }
 
 /// Checks what a manufacturer CA issued ([`kame_devid::issued::check`], against the IAK's and
-/// IDevID's public areas in this TPM) and writes iak.pem, idevid.pem and ca.pem, each
-/// atomically; nothing is written unless both certificates pass.
+/// IDevID's public areas in this TPM) and writes iak.pub (the IAK's TPMT_PUBLIC, for
+/// tpm_devid's attestation_key_pub_path), ca.pem, iak.pem and idevid.pem, each atomically;
+/// nothing is written unless both certificates pass.
 fn write_manufactured(
     iak: &[u8],
     idevid: &[u8],
@@ -357,6 +364,7 @@ fn write_manufactured(
         kame_devid::issued::check(cert, kind, ca, pinned, public, now)?;
     }
     std::fs::create_dir_all(out_dir)?;
+    write_public(&out_dir.join("iak.pub"), publics.0)?;
     write_public(&out_dir.join("ca.pem"), pem(ca).as_bytes())?;
     write_public(&out_dir.join("iak.pem"), pem(iak).as_bytes())?;
     write_public(&out_dir.join("idevid.pem"), pem(idevid).as_bytes())?;
@@ -545,9 +553,28 @@ async fn run(cli: Cli) -> Result<()> {
             idevid_cert,
             trust,
             tls_ca,
+            persist_handle,
             out_dir,
         } => {
             let pinned = trusted_cas(&trust)?;
+            // Whether the handle may take the new key, decided before the CA is asked.
+            let replace = match persist_handle {
+                Some(h) => {
+                    let mut d = Device::open(&tpm.tcti)?;
+                    if d.persistent_handles()?.contains(&h) {
+                        let previous = std::fs::read(out_dir.join("devid.pub")).ok();
+                        match previous.map(|p| d.persistent_public_matching(h, &p)) {
+                            Some(Ok(_)) => true,
+                            _ => bail!(
+                                "persistent handle {h:#010x} holds an object that is not this --out-dir's LDevID key: choose another --persist-handle"
+                            ),
+                        }
+                    } else {
+                        false
+                    }
+                }
+                None => false,
+            };
             use kame_api::pb::devid as pb;
             let iak_cert = read_pems(&iak_cert)?.remove(0);
             let idevid_cert = read_pems(&idevid_cert)?.remove(0);
@@ -557,7 +584,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .map_err(|s| anyhow::anyhow!("the CA refused ({:?}): {}", s.code(), s.message()))?
                 .into_inner();
-            let (key, request) = {
+            let (key, request, request_iak_public) = {
                 let mut d = Device::open(&tpm.tcti)?;
                 let key = d.create_under_srk(&wire::public::templates::bytes(
                     wire::public::templates::DEVID_RSA,
@@ -565,18 +592,19 @@ async fn run(cli: Cli) -> Result<()> {
                 let (certify_info, certify_signature) =
                     d.certify_by_persistent(&key, iak_handle, &n.nonce)?;
                 let idevid_signature = d.sign_persistent(idevid_handle, &certify_info)?;
+                let iak_public = d.persistent_public(iak_handle)?;
                 let request = pb::FinishLdevidRequest {
                     nonce_id: n.nonce_id,
                     idevid_certificate: idevid_cert,
                     iak_certificate: iak_cert,
                     idevid_public: d.persistent_public(idevid_handle)?,
-                    iak_public: d.persistent_public(iak_handle)?,
+                    iak_public: iak_public.clone(),
                     ldevid_public: key.public.clone(),
                     certify_info,
                     certify_signature,
                     idevid_signature,
                 };
-                (key, request)
+                (key, request, iak_public)
             };
             let r = client
                 .finish_ldevid(request)
@@ -591,7 +619,15 @@ async fn run(cli: Cli) -> Result<()> {
                 &key.public,
                 now()?,
             )?;
+            if let Some(h) = persist_handle {
+                let mut d = Device::open(&tpm.tcti)?;
+                if replace {
+                    d.evict_persistent(h)?;
+                }
+                d.persist_key(&key, h)?;
+            }
             std::fs::create_dir_all(&out_dir)?;
+            write_public(&out_dir.join("iak.pub"), &request_iak_public)?;
             // Each file atomically, the key first and the certificate last: an interrupted
             // re-enrollment leaves the old certificate, which tpm_devid then refuses as not
             // the key's (DevIDPub mismatch), never a half-written file.

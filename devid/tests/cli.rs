@@ -312,18 +312,32 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
         "{e}"
     );
     assert!(!ldevid.exists(), "nothing written");
-    // --insecure-bootstrap: enrolled, with a warning.
+    // --insecure-bootstrap: enrolled, with a warning; the key also persisted.
     unpinned.insert(at, "--insecure-bootstrap".into());
+    unpinned.extend(["--persist-handle".into(), "0x81020002".into()]);
     devid(&unpinned.iter().map(String::as_str).collect::<Vec<_>>());
     let first_cert = std::fs::read(ldevid.join("devid.pem")).unwrap();
-    // Re-enrolled with the pinned CA: a new key, and every file replaced together.
-    devid(
-        &enroll(&owner_pem)
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    // A handle holding another object (the IAK) is refused before the CA is asked.
+    let mut foreign = enroll(&owner_pem).to_vec();
+    foreign.extend(["--persist-handle".into(), "0x81020001".into()]);
+    let e = devid_fails(&foreign.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(e.contains("is not this --out-dir's LDevID key"), "{e}");
+    assert_eq!(std::fs::read(ldevid.join("devid.pem")).unwrap(), first_cert);
+    // Re-enrolled with the pinned CA: a new key, replacing the persisted one, and every file
+    // replaced together.
+    let mut again = enroll(&owner_pem).to_vec();
+    again.extend(["--persist-handle".into(), "0x81020002".into()]);
+    devid(&again.iter().map(String::as_str).collect::<Vec<_>>());
     assert_ne!(std::fs::read(ldevid.join("devid.pem")).unwrap(), first_cert);
+    {
+        let mut dev = Device::open(&tpm.tcti).unwrap();
+        let public = std::fs::read(ldevid.join("devid.pub")).unwrap();
+        dev.persistent_public_matching(0x8102_0002, &public)
+            .expect("the persisted key is the enrolled one");
+        let iak_pub = std::fs::read(ldevid.join("iak.pub")).unwrap();
+        dev.persistent_public_matching(0x8102_0001, &iak_pub)
+            .expect("iak.pub is the IAK's public area");
+    }
     kame_devid::issued::check(
         &der_of(&ldevid.join("devid.pem")),
         kame_devid::profile::DevIdKind::LDevId,

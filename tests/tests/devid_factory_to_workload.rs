@@ -27,6 +27,8 @@ use std::time::Duration;
 
 const IDEVID: u32 = 0x8102_0000;
 const IAK: u32 = 0x8102_0001;
+/// Where the tests persist the LDevID key.
+const LDEVID: u32 = 0x8102_0002;
 
 fn now() -> u64 {
     std::time::SystemTime::now()
@@ -135,12 +137,14 @@ async fn manufacture() -> Factory {
         idevid_cert: idevid_cert.clone(),
         iak_cert: iak_cert.clone(),
         idevid_pub: idevid_pub.clone(),
-        iak_pub,
+        iak_pub: iak_pub.clone(),
         ldevid_pub: key.public.clone(),
         certify_info,
         certify_sig,
         idevid_sig,
     };
+    // The LDevID key also persisted, for the leanest agent settings.
+    dev.persist_key(&key, LDEVID).unwrap();
     drop(dev); // swtpm serves one client at a time.
     let nonce = nonces.take(&nonce_id).unwrap();
     assert!(nonces.take(&nonce_id).is_err(), "a nonce is used once");
@@ -174,6 +178,7 @@ async fn manufacture() -> Factory {
     .unwrap();
     std::fs::write(p("devid.pub"), &key.public).unwrap();
     kame_keymanager::disk::write_secret_file(&p("devid.priv"), &key.private).unwrap();
+    std::fs::write(p("iak.pub"), &iak_pub).unwrap();
     let iak_pem = p("iak.pem");
     std::fs::write(&iak_pem, pem_block("CERTIFICATE", &iak_cert)).unwrap();
     let manufacturer_pem = dir.path().join("manufacturer.pem");
@@ -223,8 +228,21 @@ impl Factory {
             attestation_key: iak.then(|| CertifiedAk {
                 handle: IAK,
                 cert_path: self.iak_pem.clone(),
+                pub_path: None,
             }),
+            devid_handle: None,
         }
+    }
+
+    /// The leanest settings: the persistent IAK with its public area from iak.pub, and the
+    /// LDevID key persisted at [`LDEVID`] (what `kame-devid enroll --persist-handle` makes).
+    fn lean_agent_config(&self, tcti: &str) -> TpmDevidConfig {
+        let mut c = self.agent_config(tcti, true);
+        if let Some(ak) = c.attestation_key.as_mut() {
+            ak.pub_path = Some(self.devid.dir.path().join("iak.pub"));
+        }
+        c.devid_handle = Some(LDEVID);
+        c
     }
 
     /// The server's verifier settings: DevIDs from the owner CA, EKs from swtpm-localca,
@@ -257,8 +275,9 @@ impl Factory {
                 *block = block.replacen(
                     "tcti =",
                     &format!(
-                        "attestation_key_handle = \"{IAK:#010x}\"\n            attestation_key_cert_path = \"{}\"\n            tcti =",
-                        self.iak_pem.display()
+                        "attestation_key_handle = \"{IAK:#010x}\"\n            attestation_key_cert_path = \"{}\"\n            attestation_key_pub_path = \"{}\"\n            devid_handle = \"{LDEVID:#010x}\"\n            tcti =",
+                        self.iak_pem.display(),
+                        self.devid.dir.path().join("iak.pub").display()
                     ),
                     1,
                 );
@@ -305,7 +324,9 @@ async fn devid_factory_to_workload_manufacture_ldevid_enrollment_tpm_devid_attes
 }
 
 /// Build item 5: the agent attests with the manufacturer-certified IAK persistent in its TPM
-/// instead of an EK and a fresh AK; the server takes the IAK certificate for residency.
+/// instead of an EK and a fresh AK; the server takes the IAK certificate for residency. The
+/// agent runs its leanest settings: the IAK's public area from iak.pub and the LDevID key
+/// persistent (`devid_handle`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn devid_factory_to_workload_with_the_persistent_iak_as_attestation_key() {
     let sels = factory_to_workload(true).await;
@@ -376,10 +397,55 @@ fn attest_counted(
     (cost, attested)
 }
 
+/// SPIRE's tpm_devid agent for one attestation, command by command, as `tpm_devid.md` §1.3
+/// lists go-tpm's sequence (RSA DevID; an EK certificate that one NV_Read returns, as on this
+/// swtpm): the baseline of issue 8's goal. go-tpm authorizes with password sessions, so no
+/// StartAuthSession but the EK's policy session.
+const SPIRE_GO_TPM: &[&str] = &[
+    "GetCapability",    // 0: OpenTPM checks the TPM's manufacturer
+    "CreatePrimary",    // 2: SRK
+    "Load",             // 3: DevID
+    "FlushContext",     //    SRK
+    "CreatePrimary",    // 4: SRK
+    "Create",           //    AK
+    "FlushContext",     //    SRK
+    "CreatePrimary",    // 5: SRK
+    "Load",             //    AK
+    "FlushContext",     //    SRK
+    "CreatePrimary",    // 6: EK
+    "GetCapability",    // 7: NV_BUFFER_MAX
+    "NV_ReadPublic",    //    EK certificate index
+    "NV_Read",          //    EK certificate
+    "ReadPublic",       // 8: EKPub
+    "Certify",          // 9: DevID by the AK
+    "Hash",             // 10: the nonce, then
+    "Sign",             //     signed by the DevID
+    "StartAuthSession", // 11: the EK's policy session
+    "PolicySecret",
+    "ActivateCredential",
+    "FlushContext", // 12: DevID
+    "FlushContext", //     AK
+    "FlushContext", //     EK
+];
+
+/// A command multiset as `Name×n` in name order.
+fn multiset(names: &[&str]) -> String {
+    let mut by: std::collections::BTreeMap<&str, usize> = Default::default();
+    for n in names {
+        *by.entry(n).or_default() += 1;
+    }
+    by.iter()
+        .map(|(k, v)| format!("{k}×{v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Issue 8's goal: with a persistent IAK, one attestation costs at most a third of the TPM
 /// commands of SPIRE's flow (EK recreated, EK certificate read, a fresh AK made, loaded and
-/// activated every time). Counted by a proxy on the swtpm socket, each flow accepted by the
-/// verifier.
+/// activated every time). SPIRE's count is go-tpm's documented sequence ([`SPIRE_GO_TPM`]);
+/// Kame's rendition of it through tss-esapi is measured too, and must cost no less. Each
+/// flow is counted by a proxy on the swtpm socket and accepted by the verifier, and the
+/// persistent-key flows' exact command lists are pinned.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpm_devid_persistent_iak_costs_at_most_a_third_of_the_tpm_commands_of_spires_flow() {
     let f = manufacture().await;
@@ -393,42 +459,60 @@ async fn tpm_devid_persistent_iak_costs_at_most_a_third_of_the_tpm_commands_of_s
     let (kame_ek, _) = attest_counted(&counter, &cfg, |d| {
         agent_devid::evidence(d, certs.clone(), key.clone()).unwrap()
     });
-    let agent_cfg = f.agent_config(&counter.tcti, true);
-    let (iak, attested) = attest_counted(&counter, &cfg, |d| {
-        let (payload, session) = agent_devid::request(d, &agent_cfg).unwrap();
-        (AttestationRequest::decode(&payload).unwrap(), session)
-    });
+    let run = |agent_cfg: TpmDevidConfig| {
+        attest_counted(&counter, &cfg, |d| {
+            let (payload, session) = agent_devid::request(d, &agent_cfg).unwrap();
+            (AttestationRequest::decode(&payload).unwrap(), session)
+        })
+    };
+    let (iak, _) = run(f.agent_config(&counter.tcti, true));
+    let (lean, attested) = run(f.lean_agent_config(&counter.tcti));
+    let baseline = SPIRE_GO_TPM.len();
+    println!(
+        "SPIRE's flow as go-tpm runs it (tpm_devid.md §1.3): {baseline} TPM commands: {}",
+        multiset(SPIRE_GO_TPM)
+    );
     for (name, c) in [
-        ("SPIRE's flow (EK + fresh AK, v1)", &spire),
+        ("SPIRE's flow through tss-esapi (EK + fresh AK, v1)", &spire),
         ("Kame v2 with EK + fresh AK", &kame_ek),
-        ("Kame v2 with the persistent IAK", &iak),
+        ("Kame v2, persistent IAK, DevID from blobs", &iak),
+        ("Kame v2, persistent IAK and DevID (lean)", &lean),
     ] {
         println!(
-            "{name}: {} TPM commands in {:?}: {}",
+            "{name}: {} TPM commands in {:?} ({:.3} of SPIRE's): {}",
             c.codes.len(),
             c.elapsed,
+            c.codes.len() as f64 / baseline as f64,
             c.summary()
         );
     }
     println!(
-        "persistent IAK / SPIRE's flow: {:.3} of the commands, {:.3} of the time",
-        iak.codes.len() as f64 / spire.codes.len() as f64,
-        iak.elapsed.as_secs_f64() / spire.elapsed.as_secs_f64()
+        "lean / SPIRE's rendition here: {:.3} of the time",
+        lean.elapsed.as_secs_f64() / spire.elapsed.as_secs_f64()
     );
-    assert!(
-        iak.codes.len() * 3 <= spire.codes.len(),
-        "{} commands with the IAK against {} for SPIRE's flow",
-        iak.codes.len(),
-        spire.codes.len()
-    );
-    // What SPIRE's flow pays for and the IAK flow does not.
+    // Kame's rendition of SPIRE's flow is no cheaper than go-tpm's, so the documented
+    // sequence is the fair (smaller) baseline.
+    assert!(spire.codes.len() >= baseline, "{}", spire.summary());
     assert!(spire.count("ActivateCredential") == 1 && spire.count("Create") == 1);
-    for absent in ["ActivateCredential", "Create", "NV_Read", "PolicySecret"] {
-        assert_eq!(iak.count(absent), 0, "{absent}: {}", iak.summary());
-    }
-    // and what it still proves: a certify and a quote bound to the server's nonce.
-    assert_eq!(iak.count("Certify"), 1, "{}", iak.summary());
-    assert_eq!(iak.count("Quote"), 1, "{}", iak.summary());
+    // The goal, with the persistent IAK and DevID key.
+    assert!(
+        lean.codes.len() * 3 <= baseline,
+        "{} commands against {baseline} for SPIRE's flow: {}",
+        lean.codes.len(),
+        lean.summary()
+    );
+    // Exactly what each persistent-key flow sends: opening the TPM (the handle list, to
+    // flush what a crashed process left), opening the persistent objects (ReadPublic), and
+    // the proof: a signature over the nonce, a certify and a quote bound to it, the PCRs.
+    assert_eq!(
+        lean.summary(),
+        "Certify×1 GetCapability×1 PCR_Read×1 Quote×1 ReadPublic×2 Sign×1"
+    );
+    // With the DevID from blobs: the SRK to load it under, and the IAK's public area read.
+    assert_eq!(
+        iak.summary(),
+        "Certify×1 CreatePrimary×1 FlushContext×2 GetCapability×1 Load×1 PCR_Read×1 Quote×1 ReadPublic×2 Sign×1"
+    );
     assert!(attested.tpm_boot.is_some());
     assert!(
         attested
@@ -445,6 +529,34 @@ async fn tpm_devid_certified_ak_refusals() {
     let cfg = f.server_config();
     let td = kame_api::TrustDomain::parse(TD).unwrap();
     let mut d = Device::open(&f.tpm.tcti).unwrap();
+    // The agent refuses public-area files that are not the keys at the handles: the IAK's
+    // (attestation_key_pub_path) and the persistent DevID's (devid_pub_path).
+    let wrong = f.devid.dir.path().join("wrong.pub");
+    std::fs::write(&wrong, &f.idevid_pub).unwrap();
+    let mut c = f.lean_agent_config(&f.tpm.tcti);
+    if let Some(ak) = c.attestation_key.as_mut() {
+        ak.pub_path = Some(wrong.clone());
+    }
+    let e = agent_devid::request(&mut d, &c).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            agent_devid::DevIdAgentError::Tpm(kame_tpm::device::DeviceError::PublicMismatch(IAK))
+        ),
+        "{e}"
+    );
+    let mut c = f.lean_agent_config(&f.tpm.tcti);
+    c.devid_pub_path = wrong;
+    let e = agent_devid::request(&mut d, &c).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            agent_devid::DevIdAgentError::Tpm(kame_tpm::device::DeviceError::PublicMismatch(
+                LDEVID
+            ))
+        ),
+        "{e}"
+    );
     let (payload, session) =
         agent_devid::request(&mut d, &f.agent_config(&f.tpm.tcti, true)).unwrap();
     let good = AttestationRequest::decode(&payload).unwrap();
@@ -579,6 +691,7 @@ async fn tpm_devid_certified_ak_refusals() {
     let (pc, _, rc) = round();
     let (pd, nd, rd) = round();
     let (pe, _, re) = round();
+    let (pf, _, rf) = round();
     // Another key of this TPM, certified by the IAK over the right nonce: not the DevID.
     let other = d
         .create_under_srk(&templates::bytes(templates::DEVID_RSA))
@@ -607,6 +720,16 @@ async fn tpm_devid_certified_ak_refusals() {
     };
     let e = finish(pd, &wrong_key).unwrap_err();
     assert!(matches!(e, DevIdError::BadCertify(_)), "{e}");
+    // The right signature and certify with a quote replayed from another round: its
+    // qualifying data is that round's nonce.
+    let replayed_quote = ChallengeResponse {
+        quote: ra.quote.clone(),
+        quote_signature: ra.quote_signature.clone(),
+        pcr_values: ra.pcr_values.clone(),
+        ..rf
+    };
+    let e = finish(pf, &replayed_quote).unwrap_err();
+    assert!(matches!(e, DevIdError::BadQuote(_)), "{e}");
     // The honest answer is accepted, with the IAK's selectors and no EK's.
     let a = finish(pe, &re).unwrap();
     assert!(a.selectors.iter().all(|s| !s.value.starts_with("ek:")));

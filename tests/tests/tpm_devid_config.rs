@@ -200,6 +200,7 @@ fn tpm_devid_agent_configure_07_09_10_agent_04_06_07_tpmutil_03_11_missing_files
         owner_hierarchy_password: Default::default(),
         endorsement_hierarchy_password: Default::default(),
         attestation_key: None,
+        devid_handle: None,
     };
     let mut d = Device::open(&tpm.tcti).unwrap();
     request(&mut d, &cfg).unwrap();
@@ -334,6 +335,7 @@ fn tpm_devid_agent_08_to_10_tpmutil_05_06_09_13_passwords_and_no_retry_on_auth_f
         owner_hierarchy_password: Secret("owner-pw".into()),
         endorsement_hierarchy_password: Secret("endorse-pw".into()),
         attestation_key: None,
+        devid_handle: None,
     };
     assert!(
         !format!("{cfg:?}").contains("-pw"),

@@ -796,6 +796,7 @@ async fn tpm_devid_agent_03_server_stream_fails_before_the_challenge() {
         owner_hierarchy_password: Default::default(),
         endorsement_hierarchy_password: Default::default(),
         attestation_key: None,
+        devid_handle: None,
     };
     // No tpm_devid attestor configured on the server.
     let env = Env::start(common::Opts::default()).await;

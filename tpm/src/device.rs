@@ -48,6 +48,8 @@ pub enum DeviceError {
     Wire(#[from] wire::Error),
     #[error("{0}")]
     Invalid(String),
+    #[error("the public area given for persistent handle {0:#010x} is not the key there")]
+    PublicMismatch(u32),
 }
 
 type Result<T> = std::result::Result<T, DeviceError>;
@@ -173,6 +175,12 @@ pub enum AkParent {
 
 pub struct Device {
     ctx: tss_esapi::Context,
+    /// Whether the owner and endorsement hierarchies have an authorization value set
+    /// ([`Device::set_hierarchy_auth`]): then their commands use an HMAC session.
+    owner_auth: bool,
+    endorsement_auth: bool,
+    /// ESYS handles of persistent objects opened so far (each open costs a TPM2_ReadPublic).
+    persistents: std::collections::HashMap<u32, KeyHandle>,
 }
 
 impl std::fmt::Debug for Device {
@@ -190,9 +198,31 @@ impl Device {
             tcti: tcti.to_string(),
             source,
         })?;
-        let mut d = Device { ctx };
+        let mut d = Device {
+            ctx,
+            owner_auth: false,
+            endorsement_auth: false,
+            persistents: Default::default(),
+        };
         d.flush_transients()?;
         Ok(d)
+    }
+
+    /// Runs `f` authorizing its one object or hierarchy: with an HMAC session when that
+    /// authorization value is `secret` (non-empty: it never crosses the bus), else with a
+    /// password session. An HMAC session over an empty value protects nothing and costs a
+    /// StartAuthSession and a FlushContext per command, which go-tpm (SPIRE) never sends.
+    fn exec_auth<T>(
+        &mut self,
+        secret: bool,
+        f: impl FnOnce(&mut tss_esapi::Context) -> tss_esapi::Result<T>,
+    ) -> tss_esapi::Result<T> {
+        if secret {
+            self.ctx.execute_with_nullauth_session(f)
+        } else {
+            self.ctx
+                .execute_with_session(Some(AuthSession::Password), f)
+        }
     }
 
     fn flush_transients(&mut self) -> Result<()> {
@@ -217,8 +247,23 @@ impl Device {
     }
 
     fn create_ek(&mut self, alg: EkAlg) -> Result<KeyHandle> {
-        retrying(|| ek::create_ek_object_2(&mut self.ctx, alg.selection(), None))
-            .map_err(step("create EK"))
+        let public = ek::create_ek_public_from_default_template_2(alg.selection(), None)
+            .map_err(step("EK template"))?;
+        let secret = self.endorsement_auth;
+        retrying(|| {
+            self.exec_auth(secret, |c| {
+                c.create_primary(
+                    tss_esapi::interface_types::resource_handles::Hierarchy::Endorsement,
+                    public.clone(),
+                    None,
+                    None,
+                    None,
+                    None,
+                )
+            })
+        })
+        .map(|r| r.key_handle)
+        .map_err(step("create EK"))
     }
 
     /// The EK public area from the default template.
@@ -232,13 +277,82 @@ impl Device {
         )?)
     }
 
-    /// The EK certificate (DER) from its NV index, or None when the TPM has none.
+    /// The EK certificate (DER) from its NV index, or None when the TPM has none. Read as
+    /// go-tpm reads it: the NV buffer size, the index's public area, then NV_Read in chunks
+    /// under the index's own (empty) authorization in a password session.
     pub fn ek_certificate(&mut self, alg: EkAlg) -> Result<Option<Vec<u8>>> {
-        match ek::retrieve_ek_pubcert(&mut self.ctx, alg.selection()) {
-            Ok(nv) => Ok(Some(trim_der(&nv)?)),
-            Err(tss_esapi::Error::Tss2Error(_)) => Ok(None),
-            Err(e) => Err(step("read EK certificate")(e)),
+        let index = match alg {
+            EkAlg::Rsa2048 => 0x01c0_0002,
+            EkAlg::EccP256 => 0x01c0_000a,
+            EkAlg::EccP384 => 0x01c0_0016,
+            EkAlg::Rsa3072 => 0x01c0_001c,
+        };
+        let idx = tss_esapi::handles::NvIndexTpmHandle::new(index).map_err(step("NV index"))?;
+        let (caps, _) = self
+            .ctx
+            .get_capability(
+                CapabilityType::TpmProperties,
+                tss_esapi::constants::PropertyTag::NvBufferMax.into(),
+                1,
+            )
+            .map_err(step("get_capability(NV_BUFFER_MAX)"))?;
+        let chunk = match caps {
+            CapabilityData::TpmProperties(list) => list
+                .find(tss_esapi::constants::PropertyTag::NvBufferMax)
+                .map(|p| p.value()),
+            _ => None,
         }
+        .and_then(|v| u16::try_from(v).ok())
+        .filter(|v| *v > 0)
+        .unwrap_or(512);
+        // ESYS reads the index's public area (TPM2_NV_ReadPublic) to make the handle.
+        let nv = match self
+            .ctx
+            .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::NvIndex(idx)))
+        {
+            Ok(h) => h,
+            Err(tss_esapi::Error::Tss2Error(_)) => return Ok(None),
+            Err(e) => return Err(step("open EK certificate NV index")(e)),
+        };
+        let nvh = tss_esapi::handles::NvIndexHandle::from(nv);
+        let size = match self.ctx.execute_without_session(|c| c.nv_read_public(nvh)) {
+            Ok((p, _)) => p.data_size(),
+            Err(e) => {
+                let mut nv = nv;
+                let _ = self.ctx.tr_close(&mut nv);
+                return Err(step("NV_ReadPublic (EK certificate)")(e));
+            }
+        };
+        let mut data = Vec::with_capacity(size);
+        let mut r = Ok(());
+        while data.len() < size {
+            let offset = u16::try_from(data.len()).map_err(|_| {
+                DeviceError::Invalid("EK certificate NV index larger than 64 KiB".into())
+            })?;
+            let n = chunk.min(u16::try_from(size - data.len()).unwrap_or(chunk));
+            match self.exec_auth(false, |c| {
+                c.nv_read(
+                    tss_esapi::interface_types::resource_handles::NvAuth::NvIndex(nvh),
+                    nvh,
+                    n,
+                    offset,
+                )
+            }) {
+                Ok(b) if !b.is_empty() => data.extend_from_slice(b.value()),
+                Ok(_) => {
+                    r = Err(DeviceError::Invalid("NV_Read returned nothing".into()));
+                    break;
+                }
+                Err(e) => {
+                    r = Err(step("NV_Read (EK certificate)")(e));
+                    break;
+                }
+            }
+        }
+        let mut nv = nv;
+        let _ = self.ctx.tr_close(&mut nv);
+        r?;
+        Ok(Some(trim_der(&data)?))
     }
 
     /// EK chain certificates (issuer certificates up to the vendor root) from the TCG EK
@@ -264,8 +378,7 @@ impl Device {
                 .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::NvIndex(idx)))
                 .map_err(step("open NV index"))?;
             let data = self
-                .ctx
-                .execute_with_nullauth_session(|c| {
+                .exec_auth(false, |c| {
                     tss_esapi::abstraction::nv::read_full(
                         c,
                         tss_esapi::interface_types::resource_handles::NvAuth::NvIndex(auth.into()),
@@ -423,12 +536,71 @@ impl Device {
         ))
     }
 
+    /// The ESYS handle of the persistent object at `handle`, opened once per [`Device`].
     fn persistent(&mut self, handle: u32) -> Result<KeyHandle> {
+        if let Some(h) = self.persistents.get(&handle) {
+            return Ok(*h);
+        }
         let ph = PersistentTpmHandle::new(handle).map_err(step("persistent handle"))?;
-        self.ctx
+        let h = self
+            .ctx
             .execute_without_session(|c| c.tr_from_tpm_public(TpmHandle::Persistent(ph)))
             .map(KeyHandle::from)
-            .map_err(step("open persistent handle"))
+            .map_err(step("open persistent handle"))?;
+        self.persistents.insert(handle, h);
+        Ok(h)
+    }
+
+    /// Closes the ESYS handles of persistent objects opened so far (no TPM command): the next
+    /// use opens them afresh, as an object may have been evicted and replaced meanwhile.
+    pub fn forget_persistents(&mut self) {
+        for (_, h) in self.persistents.drain() {
+            let mut o = ObjectHandle::from(h);
+            let _ = self.ctx.tr_close(&mut o);
+        }
+    }
+
+    /// `public` (a TPMT_PUBLIC from a file) when it is the public area of the persistent
+    /// object at `handle`: its Name (a hash over the whole public area) must equal the Name
+    /// the TPM gave for the handle. Costs no TPM command beyond opening the handle, where
+    /// [`Device::persistent_public`] costs a TPM2_ReadPublic more.
+    pub fn persistent_public_matching(&mut self, handle: u32, public: &[u8]) -> Result<Vec<u8>> {
+        let want = Public::parse(public)?.name()?;
+        let kh = self.persistent(handle)?;
+        let name = self
+            .ctx
+            .tr_get_name(ObjectHandle::from(kh))
+            .map_err(step("name of persistent object"))?;
+        if name.value() != want.as_slice() {
+            return Err(DeviceError::PublicMismatch(handle));
+        }
+        Ok(public.to_vec())
+    }
+
+    /// Persists a key made by [`Device::create_under_srk`] at `handle` (owner range), e.g. an
+    /// LDevID key, so that using it needs no SRK and no load. An occupied handle is an error;
+    /// nothing is replaced.
+    pub fn persist_key(&mut self, key: &KeyBlob, handle: u32) -> Result<()> {
+        let ph = PersistentTpmHandle::new(handle).map_err(step("persistent handle"))?;
+        if self.persistent_handles()?.contains(&handle) {
+            return Err(DeviceError::Invalid(format!(
+                "persistent handle {handle:#010x} is in use"
+            )));
+        }
+        let kh = self.load_under_srk(key)?;
+        let secret = self.owner_auth;
+        let r = self
+            .exec_auth(secret, |c| {
+                c.evict_control(
+                    Provision::Owner,
+                    ObjectHandle::from(kh),
+                    Persistent::Persistent(ph),
+                )
+            })
+            .map(|_| ())
+            .map_err(step("persist key (EvictControl)"));
+        self.flush(kh);
+        r
     }
 
     /// Persists the AK at `handle` (owner range 0x81000000..=0x817fffff). An occupied handle is
@@ -441,16 +613,16 @@ impl Device {
             )));
         }
         self.with_ak(ek_alg, blob, |d, _ek, akh| {
-            d.ctx
-                .execute_with_nullauth_session(|c| {
-                    c.evict_control(
-                        Provision::Owner,
-                        ObjectHandle::from(akh),
-                        Persistent::Persistent(ph),
-                    )
-                })
-                .map(|_| ())
-                .map_err(step("persist AK (EvictControl)"))
+            let secret = d.owner_auth;
+            d.exec_auth(secret, |c| {
+                c.evict_control(
+                    Provision::Owner,
+                    ObjectHandle::from(akh),
+                    Persistent::Persistent(ph),
+                )
+            })
+            .map(|_| ())
+            .map_err(step("persist AK (EvictControl)"))
         })
     }
 
@@ -458,16 +630,18 @@ impl Device {
     pub fn evict_persistent(&mut self, handle: u32) -> Result<()> {
         let ph = PersistentTpmHandle::new(handle).map_err(step("persistent handle"))?;
         let obj = self.persistent(handle)?;
-        self.ctx
-            .execute_with_nullauth_session(|c| {
-                c.evict_control(
-                    Provision::Owner,
-                    ObjectHandle::from(obj),
-                    Persistent::Persistent(ph),
-                )
-            })
-            .map(|_| ())
-            .map_err(step("evict persistent object (EvictControl)"))
+        let secret = self.owner_auth;
+        self.exec_auth(secret, |c| {
+            c.evict_control(
+                Provision::Owner,
+                ObjectHandle::from(obj),
+                Persistent::Persistent(ph),
+            )
+        })
+        .map(|_| ())
+        .map_err(step("evict persistent object (EvictControl)"))?;
+        self.persistents.remove(&handle);
+        Ok(())
     }
 
     /// The persistent object handles in use.
@@ -515,19 +689,19 @@ impl Device {
             .map_err(|_| DeviceError::Invalid("bad SRK template".into()))?;
         let public =
             tss_esapi::structures::Public::unmarshall(&bytes).map_err(step("SRK template"))?;
-        self.ctx
-            .execute_with_nullauth_session(|c| {
-                c.create_primary(
-                    tss_esapi::interface_types::resource_handles::Hierarchy::Owner,
-                    public,
-                    None,
-                    None,
-                    None,
-                    None,
-                )
-            })
-            .map(|r| r.key_handle)
-            .map_err(step("create SRK"))
+        let secret = self.owner_auth;
+        self.exec_auth(secret, |c| {
+            c.create_primary(
+                tss_esapi::interface_types::resource_handles::Hierarchy::Owner,
+                public,
+                None,
+                None,
+                None,
+                None,
+            )
+        })
+        .map(|r| r.key_handle)
+        .map_err(step("create SRK"))
     }
 
     /// The SRK's public area (to compare with other stacks).
@@ -547,8 +721,9 @@ impl Device {
         let public =
             tss_esapi::structures::Public::unmarshall(template).map_err(step("key template"))?;
         let srk = self.create_srk(key_is_ecc(template))?;
+        // The SRK's authorization is empty (it is made with none).
         let r = retrying(|| {
-            self.ctx.execute_with_nullauth_session(|c| {
+            self.exec_auth(false, |c| {
                 c.create(srk, public.clone(), None, None, None, None)
             })
         })
@@ -613,6 +788,8 @@ impl Device {
             let a = tss_esapi::structures::Auth::try_from(v.to_vec()).map_err(step(what))?;
             self.ctx.tr_set_auth(h, a).map_err(step(what))?;
         }
+        self.owner_auth = !owner.is_empty();
+        self.endorsement_auth = !endorsement.is_empty();
         Ok(())
     }
 
@@ -662,12 +839,13 @@ impl Device {
     pub fn sign_digest(&mut self, key: &KeyBlob, digest: &[u8]) -> Result<Vec<u8>> {
         let digest = Digest::try_from(digest.to_vec()).map_err(step("digest"))?;
         let kh = self.load_under_srk(key)?;
-        let r = self.sign_loaded(kh, digest);
+        let r = self.sign_loaded(kh, !key.auth.is_empty(), digest);
         self.flush(kh);
         r
     }
 
-    fn sign_loaded(&mut self, kh: KeyHandle, digest: Digest) -> Result<Vec<u8>> {
+    /// TPM2_Sign by the loaded key `kh`; `secret`: its authorization value is not empty.
+    fn sign_loaded(&mut self, kh: KeyHandle, secret: bool, digest: Digest) -> Result<Vec<u8>> {
         let ticket = tss_esapi::structures::HashcheckTicket::try_from(
             tss_esapi::tss2_esys::TPMT_TK_HASHCHECK {
                 tag: tss_esapi::constants::tss::TPM2_ST_HASHCHECK,
@@ -677,7 +855,7 @@ impl Device {
         )
         .map_err(step("null hashcheck ticket"))?;
         retrying(|| {
-            self.ctx.execute_with_nullauth_session(|c| {
+            self.exec_auth(secret, |c| {
                 c.sign(kh, digest.clone(), SignatureScheme::Null, ticket.clone())
             })
         })
@@ -686,13 +864,14 @@ impl Device {
     }
 
     /// The proof of a DevID key with a persistent attestation key (a TCG IAK or LAK): the
-    /// DevID key, loaded once under the SRK, signs `message` (hashed with its scheme hash);
+    /// DevID key (persistent at `devid_handle`, or else loaded once under the SRK) signs `message` (hashed with its scheme hash);
     /// the AK at `ak` certifies it and quotes the SHA-256 PCRs `pcrs`, both with `nonce` as
     /// qualifying data. No EK, no AK to create or load: the fewest TPM commands that prove a
     /// DevID key resident in this TPM now.
     pub fn prove_with_persistent_ak(
         &mut self,
         devid: &KeyBlob,
+        devid_handle: Option<u32>,
         ak: u32,
         message: &[u8],
         nonce: &[u8],
@@ -706,12 +885,27 @@ impl Device {
         let digest = Digest::try_from(wire::hash(hash_alg, message)?).map_err(step("digest"))?;
         let data = Data::try_from(nonce.to_vec()).map_err(step("nonce"))?;
         let akh = self.persistent(ak)?;
-        let kh = self.load_under_srk(devid)?;
-        let r = self.sign_loaded(kh, digest).and_then(|signature| {
-            let (certify, certify_signature) = self.certify_loaded(kh, akh, data)?;
-            Ok((signature, certify, certify_signature))
-        });
-        self.flush(kh);
+        let kh = match devid_handle {
+            Some(h) => {
+                let kh = self.persistent(h)?;
+                let auth = tss_esapi::structures::Auth::try_from(devid.auth.clone())
+                    .map_err(step("key authorization value"))?;
+                self.ctx
+                    .tr_set_auth(ObjectHandle::from(kh), auth)
+                    .map_err(step("set key authorization"))?;
+                kh
+            }
+            None => self.load_under_srk(devid)?,
+        };
+        let r = self
+            .sign_loaded(kh, !devid.auth.is_empty(), digest)
+            .and_then(|signature| {
+                let (certify, certify_signature) = self.certify_loaded(kh, akh, data)?;
+                Ok((signature, certify, certify_signature))
+            });
+        if devid_handle.is_none() {
+            self.flush(kh);
+        }
         let (signature, certify, certify_signature) = r?;
         let (quote, quote_signature) = self.quote_with(akh, pcrs, nonce)?;
         Ok(PersistentAkProof {
@@ -767,8 +961,9 @@ impl Device {
         let template = wire::public::tcg_devid_template(key, ecc)?.marshal()?;
         let public =
             tss_esapi::structures::Public::unmarshall(&template).map_err(step("TCG template"))?;
+        let secret = self.endorsement_auth;
         let kh = retrying(|| {
-            self.ctx.execute_with_nullauth_session(|c| {
+            self.exec_auth(secret, |c| {
                 c.create_primary(
                     tss_esapi::interface_types::resource_handles::Hierarchy::Endorsement,
                     public.clone(),
@@ -786,17 +981,17 @@ impl Device {
             .read_public(kh)
             .map_err(step("read TCG key public"))
             .and_then(|(p, _, _)| p.marshall().map_err(step("marshal TCG key public")));
+        let secret = self.owner_auth;
         let persisted = out.and_then(|out| {
-            self.ctx
-                .execute_with_nullauth_session(|c| {
-                    c.evict_control(
-                        Provision::Owner,
-                        ObjectHandle::from(kh),
-                        Persistent::Persistent(ph),
-                    )
-                })
-                .map(|_| out)
-                .map_err(step("persist TCG key (EvictControl)"))
+            self.exec_auth(secret, |c| {
+                c.evict_control(
+                    Provision::Owner,
+                    ObjectHandle::from(kh),
+                    Persistent::Persistent(ph),
+                )
+            })
+            .map(|_| out)
+            .map_err(step("persist TCG key (EvictControl)"))
         });
         self.flush(kh);
         persisted
@@ -853,19 +1048,19 @@ impl Device {
         let r = PolicySession::try_from(session)
             .map_err(step("policy session"))
             .and_then(|ps| {
-                self.ctx
-                    .execute_with_nullauth_session(|c| {
-                        c.policy_secret(
-                            ps,
-                            AuthHandle::Endorsement,
-                            Nonce::default(),
-                            Digest::default(),
-                            Nonce::default(),
-                            None,
-                        )
-                    })
-                    .map(|_| ps)
-                    .map_err(step("PolicySecret(endorsement)"))
+                let secret = self.endorsement_auth;
+                self.exec_auth(secret, |c| {
+                    c.policy_secret(
+                        ps,
+                        AuthHandle::Endorsement,
+                        Nonce::default(),
+                        Digest::default(),
+                        Nonce::default(),
+                        None,
+                    )
+                })
+                .map(|_| ps)
+                .map_err(step("PolicySecret(endorsement)"))
             });
         match r {
             Ok(ps) => Ok((session, ps)),
@@ -969,7 +1164,7 @@ impl Device {
         .map_err(step("null hashcheck ticket"))?;
         let kh = self.persistent(handle)?;
         retrying(|| {
-            self.ctx.execute_with_nullauth_session(|c| {
+            self.exec_auth(false, |c| {
                 c.sign(kh, digest.clone(), scheme, ticket.clone())
             })
         })
