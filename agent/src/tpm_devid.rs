@@ -116,6 +116,18 @@ pub struct Session {
     pub ek_alg: EkAlg,
 }
 
+impl Session {
+    /// A session whose AK was made for this attestation, with the DevID from blobs.
+    fn made(devid: KeyBlob, ak: AkBlob, ek_alg: EkAlg) -> Self {
+        Session {
+            devid,
+            devid_handle: None,
+            ak: SessionAk::Made(ak),
+            ek_alg,
+        }
+    }
+}
+
 /// The attestation key of one attestation.
 #[derive(Debug)]
 pub enum SessionAk {
@@ -272,16 +284,7 @@ pub fn evidence_with(
         ek_cert_chain,
         ak_cert: vec![],
     };
-    let ak = SessionAk::Made(ak);
-    Ok((
-        req,
-        Session {
-            devid,
-            devid_handle: None,
-            ak,
-            ek_alg,
-        },
-    ))
+    Ok((req, Session::made(devid, ak, ek_alg)))
 }
 
 /// Message 1 exactly as SPIRE's agent builds it (`tpm_devid.md` §1.3): the AK from `AK_RSA`
@@ -313,16 +316,7 @@ pub fn evidence_spire(
         ak_cert: vec![],
     };
     let ek_alg = EkAlg::Rsa2048;
-    let ak = SessionAk::Made(ak);
-    Ok((
-        req,
-        Session {
-            devid,
-            devid_handle: None,
-            ak,
-            ek_alg,
-        },
-    ))
+    Ok((req, Session::made(devid, ak, ek_alg)))
 }
 
 fn der_int(v: &[u8]) -> Vec<u8> {

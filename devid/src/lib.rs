@@ -9,5 +9,6 @@ pub mod chain;
 pub mod enroll;
 pub mod issued;
 pub mod profile;
+pub mod registry;
 #[cfg(feature = "cli")]
 pub mod service;

@@ -161,6 +161,23 @@ struct VendorArgs {
     /// Subject of issued certificates (the device serial is added).
     #[arg(long, default_value = "O=Kame Devices")]
     subject: String,
+    /// The record of devices certified (JSON, created on first use): a serial is certified
+    /// for one TPM only, a TPM as one serial. Share it between `ca serve` and `ca issue`.
+    #[arg(long)]
+    registry: Option<PathBuf>,
+}
+
+/// The registry of --registry, or a warning that serials are not tracked.
+fn registry(v: &VendorArgs) -> Result<Option<kame_devid::registry::Registry>> {
+    match &v.registry {
+        Some(p) => Ok(Some(kame_devid::registry::Registry::open(p)?)),
+        None => {
+            eprintln!(
+                "warning: no --registry: this CA does not record which TPM each device serial went to"
+            );
+            Ok(None)
+        }
+    }
 }
 
 #[derive(clap::Args, Clone)]
@@ -713,6 +730,9 @@ async fn run(cli: Cli) -> Result<()> {
                 &ek_intermediates,
                 now()?,
             )?;
+            if let Some(r) = registry(&vendor)? {
+                r.claim(&verified.request.prod_serial, &verified.ek.spki_der()?)?;
+            }
             let km = key_manager(&key).await?;
             let cert = read_pems(&ca_cert)?.remove(0);
             let ca = DevIdCa::open(km, CA_KEY_ID, cert).await?;
@@ -740,6 +760,7 @@ async fn run(cli: Cli) -> Result<()> {
             let ca = DevIdCa::open(km, CA_KEY_ID, cert).await?;
             let (ek_roots, ek_intermediates) = ek_cas(&vendor)?;
             let svc = kame_devid::service::EnrollmentService {
+                registry: registry(&vendor)?,
                 ca,
                 ek_roots,
                 ek_intermediates,

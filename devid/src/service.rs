@@ -2,7 +2,8 @@
 //! TCG-CSR-IDEVID and answers with a credential activation challenge; FinishIdevid takes the
 //! recovered secret and issues the IAK and IDevID certificates. Malformed requests are
 //! InvalidArgument, failed proofs PermissionDenied, an unknown or replayed challenge
-//! FailedPrecondition. Every decision is logged with the device serial; nothing is issued
+//! FailedPrecondition, a serial or TPM the registry has seen with another AlreadyExists.
+//! Every decision is logged with the device serial; nothing is issued
 //! before the challenge is answered. It must not hold the CA key (the KeyManager does).
 
 use crate::ca::DevIdCa;
@@ -27,6 +28,17 @@ pub struct EnrollmentService {
     /// enrollment is refused).
     pub manufacturer_roots: Vec<Vec<u8>>,
     pub nonces: Nonces,
+    /// The record of devices certified (None: not kept).
+    pub registry: Option<crate::registry::Registry>,
+}
+
+fn registry_status(e: crate::registry::RegistryError) -> Status {
+    use crate::registry::RegistryError as R;
+    match e {
+        R::SerialTaken { .. } | R::EkTaken { .. } => Status::already_exists(e.to_string()),
+        R::Corrupt { .. } => Status::failed_precondition(e.to_string()),
+        R::Io { .. } => Status::unavailable(e.to_string()),
+    }
 }
 
 fn ldevid_status(e: LdevidError) -> Status {
@@ -101,6 +113,20 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
                 tracing::warn!(error = %e, "enrollment challenge answer refused");
                 enroll_status(e)
             })?;
+        if let Some(registry) = self.registry.clone() {
+            let serial = enrolled.request.prod_serial.clone();
+            let ek = enrolled
+                .ek
+                .spki_der()
+                .map_err(|e| Status::internal(format!("EK public key: {e}")))?;
+            tokio::task::spawn_blocking(move || registry.claim(&serial, &ek))
+                .await
+                .map_err(|e| Status::internal(format!("registry task failed: {e}")))?
+                .map_err(|e| {
+                    tracing::warn!(error = %e, device_serial = %enrolled.request.prod_serial, "enrollment refused by the registry");
+                    registry_status(e)
+                })?;
+        }
         let (iak, idevid) = self
             .ca
             .issue_manufactured(&enrolled, &self.subject)

@@ -70,6 +70,8 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
         let mode = std::fs::metadata(&keys).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "the CA key file");
     }
+    // A second TPM whose request claims the same serial, from a vendor the CA also trusts.
+    let (twin, twin_req) = manufactured(d, "SN-9");
     let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_kame-devid"))
         .args([
             "ca",
@@ -82,6 +84,12 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
             &s(&tpm.dir().join("ek-root-ca.pem")),
             "--ek-intermediate",
             &s(&tpm.dir().join("ek-intermediate-ca.pem")),
+            "--ek-root",
+            &s(&twin.dir().join("ek-root-ca.pem")),
+            "--ek-intermediate",
+            &s(&twin.dir().join("ek-intermediate-ca.pem")),
+            "--registry",
+            &s(&d.join("registry.json")),
             "--subject",
             "O=Kame Devices, CN=kame-edge",
         ])
@@ -199,6 +207,27 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
         "{}",
         garbage.message()
     );
+    // The twin answers its challenge (its IAK is resident with its EK), but the registry has
+    // SN-9 with the first TPM: AlreadyExists, nothing written.
+    let twin_out = d.join("twin-out");
+    let e = devid_fails(&[
+        "enroll-idevid",
+        "--tcti",
+        &twin.tcti,
+        "--ca",
+        &url,
+        "--request",
+        &s(&twin_req),
+        "--insecure-bootstrap",
+        "--out-dir",
+        &s(&twin_out),
+    ]);
+    assert!(
+        e.contains("AlreadyExists") && e.contains("already certified for another TPM"),
+        "{e}"
+    );
+    assert!(!twin_out.exists());
+    drop(twin);
     let _ = serve.kill().await;
 
     // LDevID enrollment with an owner CA that trusts the manufacturer CA.
@@ -536,9 +565,17 @@ fn devid_cli_ca_issue_offline_seals_certificates_only_the_requesting_tpm_opens()
             "O=Kame Devices, CN=kame-edge".into(),
             "--request".into(),
             s(&req),
+            "--registry".into(),
+            s(&d.join("registry.json")),
             "--out".into(),
             s(out),
         ]
+    };
+    let activate = |tcti: &str, sealed: &str, trust: &[&str], out: &str| -> Vec<String> {
+        let mut v = vec!["activate", "--tcti", tcti, "--sealed", sealed];
+        v.extend(trust);
+        v.extend(["--out-dir", out]);
+        v.into_iter().map(String::from).collect()
     };
     fn strs(v: &[String]) -> Vec<&str> {
         v.iter().map(String::as_str).collect()
@@ -554,6 +591,24 @@ fn devid_cli_ca_issue_offline_seals_certificates_only_the_requesting_tpm_opens()
 
     let sealed = d.join("sealed.bin");
     run(issue(&tpm.dir().join("ek-root-ca.pem"), &sealed));
+    // The same device again: re-issued (the registry has it with this TPM).
+    run(issue(&tpm.dir().join("ek-root-ca.pem"), &sealed));
+    // Another TPM claiming the same serial: refused, nothing written.
+    // (its request overwrites this device's, which is not needed again)
+    let (twin, twin_req) = manufactured(d, "SN-OFFLINE-1");
+    let twin_sealed = d.join("twin-sealed.bin");
+    let mut twin_issue = issue(&twin.dir().join("ek-root-ca.pem"), &twin_sealed);
+    let at = twin_issue.iter().position(|a| a == "--request").unwrap();
+    twin_issue[at + 1] = s(&twin_req);
+    let at = twin_issue
+        .iter()
+        .position(|a| a == "--ek-intermediate")
+        .unwrap();
+    twin_issue[at + 1] = s(&twin.dir().join("ek-intermediate-ca.pem"));
+    let e = run_fails(twin_issue);
+    assert!(e.contains("already certified for another TPM"), "{e}");
+    assert!(!twin_sealed.exists());
+    drop(twin);
     let bytes = std::fs::read(&sealed).unwrap();
     assert!(bytes.starts_with(b"KAMESEAL1"));
     // The certificates are not readable in the file.
@@ -562,17 +617,12 @@ fn devid_cli_ca_issue_offline_seals_certificates_only_the_requesting_tpm_opens()
     // Another TPM (its own EK and IAK at the same handles) cannot open them.
     let (other, _) = manufactured(d, "SN-OTHER");
     let out_other = d.join("out-other");
-    let e = devid_fails(&[
-        "activate",
-        "--tcti",
+    let e = run_fails(activate(
         &other.tcti,
-        "--sealed",
         &s(&sealed),
-        "--trust-ca",
-        &s(&ca_pem),
-        "--out-dir",
+        &["--trust-ca", &s(&ca_pem)],
         &s(&out_other),
-    ]);
+    ));
     assert!(e.contains("ActivateCredential"), "{e}");
     assert!(!out_other.exists());
     drop(other);
@@ -583,49 +633,31 @@ fn devid_cli_ca_issue_offline_seals_certificates_only_the_requesting_tpm_opens()
     let altered_path = d.join("altered.bin");
     std::fs::write(&altered_path, &altered).unwrap();
     let out_altered = d.join("out-altered");
-    let e = devid_fails(&[
-        "activate",
-        "--tcti",
+    let e = run_fails(activate(
         &tpm.tcti,
-        "--sealed",
         &s(&altered_path),
-        "--insecure-bootstrap",
-        "--out-dir",
+        &["--insecure-bootstrap"],
         &s(&out_altered),
-    ]);
+    ));
     assert!(e.contains("another TPM, or altered"), "{e}");
     assert!(!out_altered.exists());
 
     // A device that names no CA it trusts, and did not choose --insecure-bootstrap, is refused
     // before it touches the TPM.
     let out = d.join("out");
-    let e = devid_fails(&[
-        "activate",
-        "--tcti",
-        &tpm.tcti,
-        "--sealed",
-        &s(&sealed),
-        "--out-dir",
-        &s(&out),
-    ]);
+    let e = run_fails(activate(&tpm.tcti, &s(&sealed), &[], &s(&out)));
     assert!(
         e.contains("--trust-ca FILE, or pass --insecure-bootstrap"),
         "{e}"
     );
     assert!(!out.exists());
     // Both at once is a contradiction.
-    let e = devid_fails(&[
-        "activate",
-        "--tcti",
+    let e = run_fails(activate(
         &tpm.tcti,
-        "--sealed",
         &s(&sealed),
-        "--trust-ca",
-        &s(&ca_pem),
-        "--insecure-bootstrap",
-        "--out-dir",
+        &["--trust-ca", &s(&ca_pem), "--insecure-bootstrap"],
         &s(&out),
-    ]);
+    ));
     assert!(e.contains("cannot be used with"), "{e}");
     assert!(!out.exists());
     // Certificates from a CA the device does not trust are refused.
@@ -639,31 +671,21 @@ fn devid_cli_ca_issue_offline_seals_certificates_only_the_requesting_tpm_opens()
         &s(&other_ca),
     ]);
     let out = d.join("out");
-    let e = devid_fails(&[
-        "activate",
-        "--tcti",
+    let e = run_fails(activate(
         &tpm.tcti,
-        "--sealed",
         &s(&sealed),
-        "--trust-ca",
-        &s(&other_ca),
-        "--out-dir",
+        &["--trust-ca", &s(&other_ca)],
         &s(&out),
-    ]);
+    ));
     assert!(e.contains("not one this device trusts"), "{e}");
     assert!(!out.exists());
     // The requesting TPM opens them.
-    devid(&[
-        "activate",
-        "--tcti",
+    run(activate(
         &tpm.tcti,
-        "--sealed",
         &s(&sealed),
-        "--trust-ca",
-        &s(&ca_pem),
-        "--out-dir",
+        &["--trust-ca", &s(&ca_pem)],
         &s(&out),
-    ]);
+    ));
     let text = Command::new("openssl")
         .args(["x509", "-noout", "-text", "-in"])
         .arg(out.join("idevid.pem"))

@@ -94,6 +94,19 @@ fn request_with(d: &mut Device1, attest: &AkBlob, idevid: &KeyBlob, signer: &Key
     req.encode(&sig).unwrap()
 }
 
+/// An unrestricted signing key under the SRK, as blobs an IAK would come in.
+fn unrestricted_key(d: &mut Device1) -> AkBlob {
+    let k = d
+        .dev
+        .create_under_srk(&templates::bytes(templates::DEVID_RSA))
+        .unwrap();
+    AkBlob {
+        public: k.public,
+        private: k.private,
+        parent: AkParent::Srk,
+    }
+}
+
 fn request(d: &mut Device1) -> Vec<u8> {
     let (iak, idevid) = (d.iak.clone(), d.idevid.clone());
     request_with(d, &iak, &idevid, &idevid)
@@ -297,15 +310,7 @@ fn tcg_enroll_rejects_a_request_signed_by_another_key() {
 fn tcg_enroll_rejects_an_iak_that_is_not_restricted() {
     let mut d = device();
     // An unrestricted signing key in the IAK's place (it can certify, but could sign anything).
-    let k = d
-        .dev
-        .create_under_srk(&templates::bytes(templates::DEVID_RSA))
-        .unwrap();
-    let fake_iak = AkBlob {
-        public: k.public.clone(),
-        private: k.private.clone(),
-        parent: AkParent::Srk,
-    };
+    let fake_iak = unrestricted_key(&mut d);
     let idevid = d.idevid.clone();
     let bytes = request_with(&mut d, &fake_iak, &idevid, &idevid);
     assert!(matches!(
@@ -322,16 +327,8 @@ fn tcg_enroll_rejects_an_iak_that_is_not_restricted() {
 #[test]
 fn tcg_enroll_an_iak_that_lies_about_its_attributes_cannot_answer_the_challenge() {
     let mut d = device();
-    let k = d
-        .dev
-        .create_under_srk(&templates::bytes(templates::DEVID_RSA))
-        .unwrap();
-    let real = AkBlob {
-        public: k.public.clone(),
-        private: k.private.clone(),
-        parent: AkParent::Srk,
-    };
-    let mut declared = wire::Public::parse(&k.public).unwrap();
+    let real = unrestricted_key(&mut d);
+    let mut declared = wire::Public::parse(&real.public).unwrap();
     declared.attributes |= wire::public::attr::RESTRICTED;
     let declared = declared.marshal().unwrap();
     let idevid = d.idevid.clone();

@@ -249,6 +249,15 @@ impl Device {
     fn create_ek(&mut self, alg: EkAlg) -> Result<KeyHandle> {
         let public = ek::create_ek_public_from_default_template_2(alg.selection(), None)
             .map_err(step("EK template"))?;
+        self.create_endorsement_primary(public, "create EK")
+    }
+
+    /// TPM2_CreatePrimary in the endorsement hierarchy (retried while the TPM asks).
+    fn create_endorsement_primary(
+        &mut self,
+        public: tss_esapi::structures::Public,
+        what: &'static str,
+    ) -> Result<KeyHandle> {
         let secret = self.endorsement_auth;
         retrying(|| {
             self.exec_auth(secret, |c| {
@@ -263,7 +272,7 @@ impl Device {
             })
         })
         .map(|r| r.key_handle)
-        .map_err(step("create EK"))
+        .map_err(step(what))
     }
 
     /// The EK public area from the default template.
@@ -961,21 +970,7 @@ impl Device {
         let template = wire::public::tcg_devid_template(key, ecc)?.marshal()?;
         let public =
             tss_esapi::structures::Public::unmarshall(&template).map_err(step("TCG template"))?;
-        let secret = self.endorsement_auth;
-        let kh = retrying(|| {
-            self.exec_auth(secret, |c| {
-                c.create_primary(
-                    tss_esapi::interface_types::resource_handles::Hierarchy::Endorsement,
-                    public.clone(),
-                    None,
-                    None,
-                    None,
-                    None,
-                )
-            })
-        })
-        .map(|r| r.key_handle)
-        .map_err(step("create TCG DevID primary"))?;
+        let kh = self.create_endorsement_primary(public, "create TCG DevID primary")?;
         let out = self
             .ctx
             .read_public(kh)
