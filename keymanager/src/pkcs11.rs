@@ -8,8 +8,11 @@
 //! loop to dispose of), never no key. Messages are hashed here; the token signs the digest
 //! (CKM_ECDSA, CKM_RSA_PKCS over a DigestInfo, CKM_RSA_PKCS_PSS). All token calls run on the
 //! blocking pool, with sessions from a small pool; no lock is held while the token works.
-//! It must not log or keep the PIN beyond the login, and never asks the token for key bytes
-//! beyond the public half.
+//! When the token forgets its sessions (an HSM restarted, a network HSM reconnected), the
+//! dead sessions are dropped, a fresh one logs in again, and an idempotent call (a signature,
+//! a read) is retried once; a key whose object handle changed is found again by its label and
+//! tag. So the PIN is kept, in memory only (zeroized on drop). It must not log the PIN, and
+//! never asks the token for key bytes beyond the public half.
 
 use crate::encoding::{self, OID_P256, OID_P384};
 use crate::{
@@ -79,6 +82,8 @@ pub struct Instance {
 struct Inner {
     ctx: Pkcs11,
     slot: Slot,
+    /// The user PIN, to log in again when the token has forgotten the login.
+    pin: zeroize::Zeroizing<String>,
     prefix: String,
     sessions: Mutex<Vec<Session>>,
     keys: crate::cache::KeyCache<Entry>,
@@ -126,29 +131,99 @@ fn p11(op: &'static str) -> impl FnOnce(cryptoki::error::Error) -> Error {
 }
 
 impl Inner {
-    /// Runs `f` with a pooled session (opening one when none is free).
+    /// A new session, logged in as the user (the token may have forgotten the login with its
+    /// last session; a login another session holds already is fine).
+    fn open_session(&self) -> Result<Session> {
+        let session = self
+            .ctx
+            .open_rw_session(self.slot)
+            .map_err(p11("C_OpenSession"))?;
+        self.login(&session)?;
+        Ok(session)
+    }
+
+    /// Logs the application in as the user on `s` (a login is the application's, shared by
+    /// its sessions; one held already is fine).
+    fn login(&self, s: &Session) -> Result<()> {
+        let pin = AuthPin::new(self.pin.as_str().into());
+        match s.login(UserType::User, Some(&pin)) {
+            Ok(())
+            | Err(cryptoki::error::Error::Pkcs11(
+                cryptoki::error::RvError::UserAlreadyLoggedIn,
+                _,
+            )) => Ok(()),
+            Err(e) => Err(p11("C_Login")(e)),
+        }
+    }
+
+    /// Runs `f` with a pooled session (opening one when none is free). A session that saw
+    /// the token fail is not reused, nor is any other pooled one: they share its fate.
     fn with_session<T>(&self, f: impl FnOnce(&Session) -> Result<T>) -> Result<T> {
-        let pooled = self
-            .sessions
-            .lock()
-            .map_err(|_| Error::Backend("PKCS#11 session pool poisoned".into()))?
-            .pop();
+        self.with_session_from(false, f).1
+    }
+
+    /// As [`Inner::with_session`], and when a pooled session turns out dead, once more on a
+    /// fresh one: for calls that may safely run twice (signatures, reads).
+    fn with_session_retrying<T>(&self, f: impl Fn(&Session) -> Result<T>) -> Result<T> {
+        match self.with_session_from(false, &f) {
+            (true, Err(Error::Unavailable(_))) => self.with_session_from(true, &f).1,
+            (_, r) => r,
+        }
+    }
+
+    /// Runs `f` on a pooled session, or a fresh one when `fresh` or none is pooled; returns
+    /// whether the session was a pooled one, and `f`'s result.
+    fn with_session_from<T>(
+        &self,
+        fresh: bool,
+        f: impl FnOnce(&Session) -> Result<T>,
+    ) -> (bool, Result<T>) {
+        let pooled = if fresh {
+            None
+        } else {
+            match self.sessions.lock() {
+                Ok(mut pool) => pool.pop(),
+                Err(_) => {
+                    return (
+                        false,
+                        Err(Error::Backend("PKCS#11 session pool poisoned".into())),
+                    );
+                }
+            }
+        };
+        let was_pooled = pooled.is_some();
         let session = match pooled {
             Some(s) => s,
-            None => self
-                .ctx
-                .open_rw_session(self.slot)
-                .map_err(p11("C_OpenSession"))?,
+            None => match self.open_session() {
+                Ok(s) => s,
+                Err(e) => return (false, Err(e)),
+            },
         };
         let r = f(&session);
-        // A session that saw the token fail is not reused.
-        if !matches!(r, Err(Error::Unavailable(_)))
-            && let Ok(mut pool) = self.sessions.lock()
-            && pool.len() < 8
-        {
-            pool.push(session);
+        match (&r, self.sessions.lock()) {
+            (Err(Error::Unavailable(_)), Ok(mut pool)) => pool.clear(),
+            (_, Ok(mut pool)) if pool.len() < 8 => pool.push(session),
+            _ => {}
         }
-        r
+        (was_pooled, r)
+    }
+
+    /// The private key object of `e` found again by its label and tag (after the token
+    /// restarted, its handle may have changed).
+    fn relocate(&self, s: &Session, e: &Entry) -> Result<ObjectHandle> {
+        let tag = hex::decode(&e.instance)
+            .map_err(|_| Error::Backend(format!("bad instance {:?}", e.instance)))?;
+        let found = s
+            .find_objects(&[
+                Attribute::Class(ObjectClass::PRIVATE_KEY),
+                Attribute::Label(self.label(&e.public.id).into_bytes()),
+                Attribute::Id(tag),
+            ])
+            .map_err(p11("C_FindObjects(private key)"))?;
+        found
+            .first()
+            .copied()
+            .ok_or_else(|| Error::NotFound(e.public.id.clone()))
     }
 
     fn label(&self, id: &str) -> String {
@@ -372,10 +447,44 @@ impl Inner {
                 encoding::digest_info(opts.hash, &digest),
             ),
         };
-        let sig = self.with_session(|s| {
-            s.sign(&mech, e.private, &data).map_err(|err| {
-                Error::Backend(format!("PKCS#11 C_Sign with {:?}: {err}", e.public.id))
-            })
+        let id = &e.public.id;
+        let sig = self.with_session_retrying(|s| {
+            let handle_gone = |err: &cryptoki::error::Error| {
+                matches!(
+                    err,
+                    cryptoki::error::Error::Pkcs11(
+                        cryptoki::error::RvError::KeyHandleInvalid
+                            | cryptoki::error::RvError::ObjectHandleInvalid
+                            | cryptoki::error::RvError::UserNotLoggedIn,
+                        _
+                    )
+                )
+            };
+            let with_id = |err: Error| match err {
+                Error::Unavailable(m) => Error::Unavailable(format!("{m} (key {id:?})")),
+                Error::Backend(m) => Error::Backend(format!("{m} (key {id:?})")),
+                other => other,
+            };
+            match s.sign(&mech, e.private, &data) {
+                Ok(sig) => Ok(sig),
+                Err(err) if handle_gone(&err) => {
+                    // Logged out (private objects are invisible then) or the handle moved:
+                    // log in again and find the key by its label and tag.
+                    self.login(s)?;
+                    let private = self.relocate(s, e)?;
+                    let sig = s
+                        .sign(&mech, private, &data)
+                        .map_err(|err| with_id(p11("C_Sign")(err)))?;
+                    // Only if the cache still names this instance (no rotation meanwhile).
+                    if self.keys.get(id).is_ok_and(|c| c.instance == e.instance) {
+                        let mut moved = e.clone();
+                        moved.private = private;
+                        self.keys.insert(id, moved);
+                    }
+                    Ok(sig)
+                }
+                Err(err) => Err(with_id(p11("C_Sign")(err))),
+            }
         })?;
         match kt {
             KeyType::EcP256 | KeyType::EcP384 => encoding::ecdsa_fixed_to_der(&sig),
@@ -516,6 +625,7 @@ impl Pkcs11KeyManager {
         let inner = Inner {
             ctx,
             slot,
+            pin: zeroize::Zeroizing::new(cfg.user_pin.clone()),
             prefix: format!("kame/{}/", cfg.server_id),
             sessions: Mutex::new(vec![]),
             keys: crate::cache::KeyCache::new(),
@@ -857,6 +967,59 @@ mod tests {
             .unwrap();
         assert!(attrs.contains(&Attribute::Sensitive(true)), "{attrs:?}");
         assert!(attrs.contains(&Attribute::Extractable(false)), "{attrs:?}");
+    }
+
+    /// The token forgets the login (an HSM restart logs every application out): the next
+    /// signature logs in again and goes through, and so does one over a session that the
+    /// token closed.
+    #[tokio::test]
+    async fn pkcs11_logs_in_again_after_the_token_forgets_the_login() {
+        let Some(hsm) = crate::testing::SoftHsm::child(
+            "pkcs11::tests::pkcs11_logs_in_again_after_the_token_forgets_the_login",
+        ) else {
+            return;
+        };
+        let km = open(&hsm, "server-r").await;
+        let pk = km.generate_key("x509-CA-A", KeyType::EcP256).await.unwrap();
+        let opts = SignOpts::for_key(KeyType::EcP256);
+        km.sign("x509-CA-A", b"before", opts).await.unwrap();
+        async fn logout(km: &Pkcs11KeyManager) {
+            km.blocking(|inner| inner.with_session(|s| s.logout().map_err(p11("C_Logout"))))
+                .await
+                .unwrap();
+        }
+        logout(&km).await;
+        // Logged out, the private key is out of reach of every session.
+        let e = km
+            .blocking(|inner| {
+                inner.with_session(|s| {
+                    s.find_objects(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])
+                        .map_err(p11("find"))
+                })
+            })
+            .await
+            .unwrap();
+        assert!(e.is_empty(), "logged out: no private key is visible");
+        let sig = km.sign("x509-CA-A", b"after", opts).await.unwrap();
+        aws_lc_rs::signature::UnparsedPublicKey::new(
+            &aws_lc_rs::signature::ECDSA_P256_SHA256_ASN1,
+            &pk.spki_der,
+        )
+        .verify(b"after", &sig.bytes)
+        .unwrap();
+        // Again, with the pooled sessions closed under it as well: a fresh one logs in.
+        logout(&km).await;
+        km.blocking(|inner| {
+            if let Ok(mut pool) = inner.sessions.lock() {
+                for s in pool.drain(..) {
+                    let _ = s.close();
+                }
+            }
+            Ok(())
+        })
+        .await
+        .unwrap();
+        km.sign("x509-CA-A", b"again", opts).await.unwrap();
     }
 
     #[tokio::test]
