@@ -114,6 +114,9 @@ pub struct Session {
     pub devid_handle: Option<u32>,
     pub ak: SessionAk,
     pub ek_alg: EkAlg,
+    /// The DevID, EK and AK still loaded from message 1 (Kame's EK flow), when the answer
+    /// comes over the same TPM connection; else the blobs are loaded again.
+    pub loaded: Option<kame_tpm::device::LoadedAttestation>,
 }
 
 impl Session {
@@ -124,6 +127,7 @@ impl Session {
             devid_handle: None,
             ak: SessionAk::Made(ak),
             ek_alg,
+            loaded: None,
         }
     }
 }
@@ -238,6 +242,7 @@ pub fn evidence_certified_ak(
             devid_handle,
             ak: SessionAk::Persistent(ak.handle),
             ek_alg: EkAlg::Rsa2048,
+            loaded: None,
         },
     ))
 }
@@ -262,19 +267,20 @@ pub fn evidence_with(
     let ek_cert = d
         .ek_certificate(ek_alg)?
         .ok_or(DevIdAgentError::NoEkCertificate)?;
-    let ek_pub = d.ek_public(ek_alg)?.marshal().map_err(DeviceError::Wire)?;
     // Vendor intermediates the TPM keeps in NV (TCG EK chain range), for Kame servers.
     let ek_cert_chain = d.ek_chain_certificates()?;
     // An AK in the endorsement hierarchy (under the EK): a TPM obfuscates the reset and
     // restart counts in quotes signed by owner-hierarchy keys such as SPIRE's SRK-parented
-    // AK, and v2 needs them to see reboots. SPIRE's server accepts either.
-    let ak = d.create_ak(ek_alg, false)?;
-    let (certified, sig) = d.certify(ek_alg, &ak, &devid, &[])?;
+    // AK, and v2 needs them to see reboots. SPIRE's server accepts either. The DevID, the EK
+    // and the AK stay loaded for the answer, as SPIRE keeps them.
+    let loaded = d.begin_attestation(ek_alg, &devid, kame_tpm::device::AkParent::Ek)?;
+    let ak = loaded.ak_blob.clone();
+    let (certified, sig) = loaded.certify.clone();
     let req = AttestationRequest {
         devid_cert: certs,
         devid_pub: Some(devid.public.clone()),
         ek_cert: Some(ek_cert),
-        ek_pub: Some(ek_pub),
+        ek_pub: Some(loaded.ek_public.clone()),
         ak_pub: Some(ak.public.clone()),
         certified_devid: Some(certified),
         certification_signature: Some(sig),
@@ -284,7 +290,9 @@ pub fn evidence_with(
         ek_cert_chain,
         ak_cert: vec![],
     };
-    Ok((req, Session::made(devid, ak, ek_alg)))
+    let mut session = Session::made(devid, ak, ek_alg);
+    session.loaded = Some(loaded);
+    Ok((req, session))
 }
 
 /// Message 1 exactly as SPIRE's agent builds it (`tpm_devid.md` §1.3): the AK from `AK_RSA`
@@ -297,17 +305,14 @@ pub fn evidence_spire(
     let ek_cert = d
         .ek_certificate(EkAlg::Rsa2048)?
         .ok_or(DevIdAgentError::NoEkCertificate)?;
-    let ek_pub = d
-        .ek_public(EkAlg::Rsa2048)?
-        .marshal()
-        .map_err(DeviceError::Wire)?;
-    let ak = d.create_spire_ak()?;
-    let (certified, sig) = d.certify(EkAlg::Rsa2048, &ak, &devid, &[])?;
+    let loaded = d.begin_attestation(EkAlg::Rsa2048, &devid, kame_tpm::device::AkParent::Srk)?;
+    let ak = loaded.ak_blob.clone();
+    let (certified, sig) = loaded.certify.clone();
     let req = AttestationRequest {
         devid_cert: certs,
         devid_pub: Some(devid.public.clone()),
         ek_cert: Some(ek_cert),
-        ek_pub: Some(ek_pub),
+        ek_pub: Some(loaded.ek_public.clone()),
         ak_pub: Some(ak.public.clone()),
         certified_devid: Some(certified),
         certification_signature: Some(sig),
@@ -315,8 +320,9 @@ pub fn evidence_spire(
         ek_cert_chain: vec![],
         ak_cert: vec![],
     };
-    let ek_alg = EkAlg::Rsa2048;
-    Ok((req, Session::made(devid, ak, ek_alg)))
+    let mut session = Session::made(devid, ak, EkAlg::Rsa2048);
+    session.loaded = Some(loaded);
+    Ok((req, session))
 }
 
 fn der_int(v: &[u8]) -> Vec<u8> {
@@ -387,12 +393,39 @@ pub fn answer(
         }
     };
     let cred = c.cred_activation.ok_or(DevIdAgentError::EmptyCredential)?;
-    let sig = signature_for_server(&d.sign(&session.devid, &nonce)?)?;
     let tpm2b = |b: &[u8]| -> Result<Vec<u8>, DevIdAgentError> {
         let n = u16::try_from(b.len())
             .map_err(|_| DevIdAgentError::BadChallenge("credential too large".into()))?;
         Ok([n.to_be_bytes().as_slice(), b].concat())
     };
+    let v2 = c.version.is_some_and(|v| v >= 2);
+    if let Some(loaded) = session.loaded.as_ref().filter(|l| d.holds(l)) {
+        // Everything still loaded from message 1: no EK, AK or DevID to make or load again.
+        let r = d.answer_attestation(
+            loaded,
+            &session.devid.public,
+            &nonce,
+            &tpm2b(&cred.credential)?,
+            &tpm2b(&cred.secret)?,
+            v2.then_some((nonce.as_slice(), c.pcrs.as_slice())),
+        );
+        d.end_attestation(loaded);
+        let a = r?;
+        let mut resp = ChallengeResponse {
+            devid: Some(signature_for_server(&a.signature)?),
+            cred_activation: Some(a.credential),
+            ..Default::default()
+        };
+        if let Some(p) = a.v2 {
+            resp.certified_devid = Some(p.certify);
+            resp.certification_signature = Some(p.certify_signature);
+            resp.quote = Some(p.quote);
+            resp.quote_signature = Some(p.quote_signature);
+            resp.pcr_values = p.pcr_values.into_iter().map(|((_, i), v)| (i, v)).collect();
+        }
+        return Ok(resp);
+    }
+    let sig = signature_for_server(&d.sign(&session.devid, &nonce)?)?;
     let secret = d.activate_credential(
         session.ek_alg,
         ak,
@@ -404,7 +437,7 @@ pub fn answer(
         cred_activation: Some(secret),
         ..Default::default()
     };
-    if c.version.is_some_and(|v| v >= 2) {
+    if v2 {
         // Bound to the server's nonce: a fresh certify of the DevID and a quote of the PCRs
         // it asked for, both by the AK whose credential was just activated.
         let (certified, csig) = d.certify(session.ek_alg, ak, &session.devid, &nonce)?;

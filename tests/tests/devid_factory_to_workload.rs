@@ -367,12 +367,6 @@ impl Cost {
             .collect::<Vec<_>>()
             .join(" ")
     }
-    fn count(&self, name: &str) -> usize {
-        self.codes
-            .iter()
-            .filter(|c| command_name(**c) == name)
-            .count()
-    }
 }
 
 /// Runs one attestation against the verifier: `evidence` makes message 1 on the open TPM.
@@ -490,10 +484,26 @@ async fn tpm_devid_persistent_iak_costs_at_most_a_third_of_the_tpm_commands_of_s
         "lean / SPIRE's rendition here: {:.3} of the time",
         lean.elapsed.as_secs_f64() / spire.elapsed.as_secs_f64()
     );
-    // Kame's rendition of SPIRE's flow is no cheaper than go-tpm's, so the documented
-    // sequence is the fair (smaller) baseline.
-    assert!(spire.codes.len() >= baseline, "{}", spire.summary());
-    assert!(spire.count("ActivateCredential") == 1 && spire.count("Create") == 1);
+    // Kame's rendition of SPIRE's flow sends go-tpm's commands but for three named
+    // differences: ESYS reads the EK certificate index's public area twice (to open it, then
+    // for its size), the nonce is hashed on the host instead of by TPM2_Hash, and the policy
+    // session is flushed explicitly. So the documented sequence is the fair baseline.
+    let mut rendition: Vec<&str> = SPIRE_GO_TPM
+        .iter()
+        .copied()
+        .filter(|c| *c != "Hash")
+        .collect();
+    rendition.extend(["NV_ReadPublic", "FlushContext"]);
+    assert_eq!(spire.summary(), multiset(&rendition));
+    // Kame's own EK flow keeps the DevID, EK and AK loaded from message 1 to the answer, as
+    // SPIRE does, and adds the nonce-bound certify, the quote and the PCR read of v2, the EK
+    // chain lookup, and an AK in the endorsement hierarchy (its PolicySecrets).
+    assert_eq!(
+        kame_ek.summary(),
+        "ActivateCredential×1 Certify×2 Create×1 CreatePrimary×2 FlushContext×6 GetCapability×3 \
+         Load×2 NV_Read×1 NV_ReadPublic×2 PCR_Read×1 PolicySecret×3 Quote×1 ReadPublic×1 \
+         Sign×1 StartAuthSession×2"
+    );
     // The goal, with the persistent IAK and DevID key.
     assert!(
         lean.codes.len() * 3 <= baseline,

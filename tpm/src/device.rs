@@ -164,6 +164,40 @@ pub struct PersistentAkProof {
     pub pcr_values: wire::attest::PcrValues,
 }
 
+/// One attestation with an EK and an AK made for it: the DevID key, the EK and the AK loaded
+/// once, from message 1 to the answer, as SPIRE keeps them (three transient objects, the most
+/// a TPM must hold). [`Device::begin_attestation`] makes it, [`Device::answer_attestation`]
+/// uses it and [`Device::end_attestation`] flushes it; objects a dead process left behind are
+/// flushed by the next [`Device::open`].
+#[derive(Debug)]
+pub struct LoadedAttestation {
+    /// The [`Device`] the handles belong to, and which of its attestations this is.
+    device: u64,
+    number: u64,
+    ek: KeyHandle,
+    ak: KeyHandle,
+    devid: KeyHandle,
+    devid_secret: bool,
+    pub ek_alg: EkAlg,
+    /// The AK made under the EK (its TPMT_PUBLIC is AKPub).
+    pub ak_blob: AkBlob,
+    /// The EK's TPMT_PUBLIC.
+    pub ek_public: Vec<u8>,
+    /// TPM2_Certify of the DevID by the AK with empty qualifying data: (TPMS_ATTEST,
+    /// TPMT_SIGNATURE).
+    pub certify: (Vec<u8>, Vec<u8>),
+}
+
+/// What [`Device::answer_attestation`] returns: the DevID's TPMT_SIGNATURE over the nonce,
+/// the activated credential, and with PCRs asked for (Kame v2) the certify and quote bound to
+/// the nonce and the PCR values.
+#[derive(Debug, Clone)]
+pub struct AttestationAnswer {
+    pub signature: Vec<u8>,
+    pub credential: Vec<u8>,
+    pub v2: Option<PersistentAkProof>,
+}
+
 /// Where an AK lives: under the EK (tss-esapi's AK, loaded with the EK policy) or under the
 /// SRK (SPIRE's: go-tpm-tools `AKTemplateRSA`, template `AK_RSA`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -181,6 +215,12 @@ pub struct Device {
     endorsement_auth: bool,
     /// ESYS handles of persistent objects opened so far (each open costs a TPM2_ReadPublic).
     persistents: std::collections::HashMap<u32, KeyHandle>,
+    /// This opening of the TPM, among the process's (see [`LoadedAttestation`]).
+    id: u64,
+    /// The attestation whose objects are loaded (its number and handles): one at a time, so
+    /// that one never answered cannot fill the TPM's object slots.
+    attestation: Option<(u64, [KeyHandle; 3])>,
+    attestations: u64,
 }
 
 impl std::fmt::Debug for Device {
@@ -203,6 +243,12 @@ impl Device {
             owner_auth: false,
             endorsement_auth: false,
             persistents: Default::default(),
+            id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            },
+            attestation: None,
+            attestations: 0,
         };
         d.flush_transients()?;
         Ok(d)
@@ -1218,6 +1264,265 @@ impl Device {
         self.flush_session(iak_session);
         self.flush(ekh);
         Ok(r?.value().to_vec())
+    }
+
+    /// A policy session satisfying the EK's authPolicy: PolicySecret(TPM_RH_ENDORSEMENT)
+    /// (policy A), and for the high-range templates (SHA-384 nameAlg) PolicyOR(A, C) on top
+    /// (policy B). The caller flushes it.
+    fn ek_policy_session(&mut self, ek_alg: EkAlg) -> Result<AuthSession> {
+        let ek_name_alg = match ek_alg {
+            EkAlg::Rsa2048 | EkAlg::EccP256 => wire::alg::SHA256,
+            EkAlg::EccP384 | EkAlg::Rsa3072 => wire::alg::SHA384,
+        };
+        let (session_hash, branches) = match wire::policy::ek_policy_b_branches(ek_name_alg)? {
+            Some(b) => (HashingAlgorithm::Sha384, Some(b)),
+            None => (HashingAlgorithm::Sha256, None),
+        };
+        let (session, ps) = self.endorsement_policy_session(session_hash)?;
+        if let Some(b) = &branches
+            && let Err(e) = self.policy_or_branches(ps, b, "PolicyOR(A, C)")
+        {
+            self.flush_session(session);
+            return Err(e);
+        }
+        Ok(session)
+    }
+
+    /// Message 1 of an attestation with a fresh AK: loads the DevID key (under the SRK, then
+    /// flushed), creates an AK from SPIRE's `AK_RSA` template (RSA-2048 restricted signing)
+    /// and loads it, makes the EK, reads the EK's public area, and certifies the DevID by the
+    /// AK. The AK goes under `parent`: the EK (Kame: in the endorsement hierarchy quotes carry
+    /// true reset counts), or the SRK, in SPIRE's order of commands (`tpm_devid.md` §1.3
+    /// steps 2 to 9). On failure nothing stays loaded.
+    pub fn begin_attestation(
+        &mut self,
+        ek_alg: EkAlg,
+        devid: &KeyBlob,
+        parent: AkParent,
+    ) -> Result<LoadedAttestation> {
+        // One never answered is dropped: its objects would take the TPM's slots.
+        if let Some((_, handles)) = self.attestation.take() {
+            for h in handles {
+                self.flush(h);
+            }
+        }
+        self.attestations += 1;
+        let mut loaded = vec![];
+        let r = match parent {
+            AkParent::Ek => self.begin_attestation_into(ek_alg, devid, &mut loaded),
+            AkParent::Srk => self.begin_spire_attestation_into(ek_alg, devid, &mut loaded),
+        };
+        match &r {
+            Ok(a) => self.attestation = Some((a.number, [a.ak, a.ek, a.devid])),
+            Err(_) => {
+                for h in loaded.into_iter().rev() {
+                    self.flush(h);
+                }
+            }
+        }
+        r
+    }
+
+    fn begin_spire_attestation_into(
+        &mut self,
+        ek_alg: EkAlg,
+        devid: &KeyBlob,
+        loaded: &mut Vec<KeyHandle>,
+    ) -> Result<LoadedAttestation> {
+        let dh = self.load_under_srk(devid)?;
+        loaded.push(dh);
+        let ak = self.create_under_srk(&wire::public::templates::bytes(
+            wire::public::templates::AK_RSA,
+        ))?;
+        let akh = self.load_under_srk(&ak)?;
+        loaded.push(akh);
+        let ekh = self.create_ek(ek_alg)?;
+        loaded.push(ekh);
+        let ek_public = self
+            .ctx
+            .read_public(ekh)
+            .map_err(step("read EK public"))
+            .and_then(|(p, _, _)| p.marshall().map_err(step("marshal EK public")))?;
+        let certify = self.certify_loaded(dh, akh, Data::default())?;
+        Ok(LoadedAttestation {
+            device: self.id,
+            number: self.attestations,
+            ek: ekh,
+            ak: akh,
+            devid: dh,
+            devid_secret: !devid.auth.is_empty(),
+            ek_alg,
+            ak_blob: AkBlob {
+                public: ak.public,
+                private: ak.private,
+                parent: AkParent::Srk,
+            },
+            ek_public,
+            certify,
+        })
+    }
+
+    fn begin_attestation_into(
+        &mut self,
+        ek_alg: EkAlg,
+        devid: &KeyBlob,
+        loaded: &mut Vec<KeyHandle>,
+    ) -> Result<LoadedAttestation> {
+        let dh = self.load_under_srk(devid)?;
+        loaded.push(dh);
+        let ekh = self.create_ek(ek_alg)?;
+        loaded.push(ekh);
+        let template = tss_esapi::structures::Public::unmarshall(&wire::public::templates::bytes(
+            wire::public::templates::AK_RSA,
+        ))
+        .map_err(step("AK template"))?;
+        // One policy session for both uses of the EK: satisfied again before the load.
+        let session = self.ek_policy_session(ek_alg)?;
+        let created = retrying(|| {
+            self.ctx.execute_with_session(Some(session), |c| {
+                c.create(ekh, template.clone(), None, None, None, None)
+            })
+        })
+        .map_err(step("create AK under the EK"));
+        let akh = created.and_then(|created| {
+            let ps = PolicySession::try_from(session).map_err(step("policy session"))?;
+            let secret = self.endorsement_auth;
+            self.exec_auth(secret, |c| {
+                c.policy_secret(
+                    ps,
+                    AuthHandle::Endorsement,
+                    Nonce::default(),
+                    Digest::default(),
+                    Nonce::default(),
+                    None,
+                )
+            })
+            .map_err(step("PolicySecret(endorsement)"))?;
+            if matches!(ek_alg, EkAlg::EccP384 | EkAlg::Rsa3072)
+                && let Some(b) = wire::policy::ek_policy_b_branches(wire::alg::SHA384)?
+            {
+                self.policy_or_branches(ps, &b, "PolicyOR(A, C)")?;
+            }
+            let akh = self
+                .ctx
+                .execute_with_session(Some(session), |c| {
+                    c.load(ekh, created.out_private.clone(), created.out_public.clone())
+                })
+                .map_err(step("load AK"))?;
+            Ok((akh, created))
+        });
+        self.flush_session(session);
+        let (akh, created) = akh?;
+        loaded.push(akh);
+        let ak_blob = AkBlob {
+            public: created
+                .out_public
+                .marshall()
+                .map_err(step("marshal AK public"))?,
+            private: created.out_private.value().to_vec(),
+            parent: AkParent::Ek,
+        };
+        let ek_public = self
+            .ctx
+            .read_public(ekh)
+            .map_err(step("read EK public"))
+            .and_then(|(p, _, _)| p.marshall().map_err(step("marshal EK public")))?;
+        let certify = self.certify_loaded(dh, akh, Data::default())?;
+        Ok(LoadedAttestation {
+            device: self.id,
+            number: self.attestations,
+            ek: ekh,
+            ak: akh,
+            devid: dh,
+            devid_secret: !devid.auth.is_empty(),
+            ek_alg,
+            ak_blob,
+            ek_public,
+            certify,
+        })
+    }
+
+    /// The answer to the server's challenge in `a`: the DevID signs `message` (hashed with its
+    /// scheme hash), the AK activates the credential under the EK, and when `pcrs` is Some
+    /// (Kame v2) the AK certifies the DevID and quotes those PCRs with `nonce`.
+    pub fn answer_attestation(
+        &mut self,
+        a: &LoadedAttestation,
+        devid_public: &[u8],
+        message: &[u8],
+        credential_blob: &[u8],
+        secret: &[u8],
+        v2: Option<(&[u8], &[u32])>,
+    ) -> Result<AttestationAnswer> {
+        if !self.holds(a) {
+            return Err(DeviceError::Invalid(
+                "the attestation's objects are not loaded in this TPM connection".into(),
+            ));
+        }
+        let public = Public::parse(devid_public)?;
+        let hash_alg = match public.scheme().hash {
+            wire::alg::SHA384 => wire::alg::SHA384,
+            _ => wire::alg::SHA256,
+        };
+        let digest = Digest::try_from(wire::hash(hash_alg, message)?).map_err(step("digest"))?;
+        let signature = self.sign_loaded(a.devid, a.devid_secret, digest)?;
+        let strip = |b: &[u8]| -> Result<Vec<u8>> {
+            let mut r = wire::Reader::new(b, "TPM2B");
+            let inner = r.tpm2b()?.to_vec();
+            r.finish()?;
+            Ok(inner)
+        };
+        let id = IdObject::try_from(strip(credential_blob)?).map_err(step("credential blob"))?;
+        let es = EncryptedSecret::try_from(strip(secret)?).map_err(step("encrypted secret"))?;
+        let policy = self.ek_policy_session(a.ek_alg)?;
+        let (akh, ekh) = (a.ak, a.ek);
+        let credential = self
+            .ctx
+            .execute_with_sessions((Some(AuthSession::Password), Some(policy), None), |c| {
+                c.activate_credential(akh, ekh, id, es)
+            })
+            .map_err(step("ActivateCredential"));
+        self.flush_session(policy);
+        let credential = credential?.value().to_vec();
+        let v2 = match v2 {
+            None => None,
+            Some((nonce, pcrs)) => {
+                let data = Data::try_from(nonce.to_vec()).map_err(step("nonce"))?;
+                let (certify, certify_signature) = self.certify_loaded(a.devid, akh, data)?;
+                let (quote, quote_signature) = self.quote_with(akh, pcrs, nonce)?;
+                Some(PersistentAkProof {
+                    signature: vec![],
+                    certify,
+                    certify_signature,
+                    quote,
+                    quote_signature,
+                    pcr_values: self.pcr_values(pcrs)?,
+                })
+            }
+        };
+        Ok(AttestationAnswer {
+            signature,
+            credential,
+            v2,
+        })
+    }
+
+    /// Whether `a`'s objects are loaded in this [`Device`] (its latest attestation, not
+    /// ended): a session carried to another opening of the TPM, or superseded, falls back to
+    /// its blobs.
+    pub fn holds(&self, a: &LoadedAttestation) -> bool {
+        a.device == self.id && self.attestation.is_some_and(|(n, _)| n == a.number)
+    }
+
+    /// Flushes what [`Device::begin_attestation`] loaded (once; another's is left alone).
+    pub fn end_attestation(&mut self, a: &LoadedAttestation) {
+        if self.holds(a)
+            && let Some((_, handles)) = self.attestation.take()
+        {
+            for h in handles {
+                self.flush(h);
+            }
+        }
     }
 
     /// TPM2_ActivateCredential: recovers a credential made for the AK under this TPM's EK.
