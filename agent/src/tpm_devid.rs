@@ -399,16 +399,22 @@ pub fn answer(
         Ok([n.to_be_bytes().as_slice(), b].concat())
     };
     let v2 = c.version.is_some_and(|v| v >= 2);
+    let (credential, secret) = (tpm2b(&cred.credential), tpm2b(&cred.secret));
     if let Some(loaded) = session.loaded.as_ref().filter(|l| d.holds(l)) {
         // Everything still loaded from message 1: no EK, AK or DevID to make or load again.
-        let r = d.answer_attestation(
-            loaded,
-            &session.devid.public,
-            &nonce,
-            &tpm2b(&cred.credential)?,
-            &tpm2b(&cred.secret)?,
-            v2.then_some((nonce.as_slice(), c.pcrs.as_slice())),
-        );
+        let r = match (&credential, &secret) {
+            (Ok(credential), Ok(secret)) => d
+                .answer_attestation(
+                    loaded,
+                    &session.devid.public,
+                    &nonce,
+                    credential,
+                    secret,
+                    v2.then_some((nonce.as_slice(), c.pcrs.as_slice())),
+                )
+                .map_err(DevIdAgentError::from),
+            _ => Err(DevIdAgentError::BadChallenge("credential too large".into())),
+        };
         d.end_attestation(loaded);
         let a = r?;
         let mut resp = ChallengeResponse {
@@ -426,12 +432,7 @@ pub fn answer(
         return Ok(resp);
     }
     let sig = signature_for_server(&d.sign(&session.devid, &nonce)?)?;
-    let secret = d.activate_credential(
-        session.ek_alg,
-        ak,
-        &tpm2b(&cred.credential)?,
-        &tpm2b(&cred.secret)?,
-    )?;
+    let secret = d.activate_credential(session.ek_alg, ak, &credential?, &secret?)?;
     let mut resp = ChallengeResponse {
         devid: Some(sig),
         cred_activation: Some(secret),

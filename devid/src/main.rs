@@ -440,6 +440,70 @@ async fn enrollment_client(
     Ok(EnrollmentClient::new(channel))
 }
 
+/// The new LDevID public area, staged in --out-dir while the persistent handle changes.
+const STAGED_PUB: &str = ".devid.pub.next";
+
+/// Whether the persistent handle `h` holds this --out-dir's LDevID key (its devid.pub, or one
+/// staged by an interrupted run): Ok(true); is free: Ok(false); holds anything else: refused.
+fn handle_holds_ours(d: &mut Device, h: u32, out_dir: &Path) -> Result<bool> {
+    if !d.persistent_handles()?.contains(&h) {
+        return Ok(false);
+    }
+    for name in ["devid.pub", STAGED_PUB] {
+        if let Ok(public) = std::fs::read(out_dir.join(name))
+            && d.persistent_public_matching(h, &public).is_ok()
+        {
+            return Ok(true);
+        }
+    }
+    bail!(
+        "persistent handle {h:#010x} holds an object that is not this --out-dir's LDevID key: choose another --persist-handle"
+    )
+}
+
+/// Puts `key` at the persistent handle `h` in place of this --out-dir's previous LDevID key
+/// (checked again now). Returns the previous key's blobs, when there was one, for
+/// [`restore_ldevid`]; if the new key cannot be persisted, the previous one is put back.
+fn persist_ldevid(
+    tcti: &str,
+    h: u32,
+    key: &kame_tpm::device::KeyBlob,
+    out_dir: &Path,
+) -> Result<Option<kame_tpm::device::KeyBlob>> {
+    let mut d = Device::open(tcti)?;
+    let ours = handle_holds_ours(&mut d, h, out_dir)?;
+    write_public(&out_dir.join(STAGED_PUB), &key.public)?;
+    let previous = if ours {
+        let public = std::fs::read(out_dir.join("devid.pub")).ok();
+        let private = std::fs::read(out_dir.join("devid.priv")).ok();
+        d.evict_persistent(h)?;
+        match (public, private) {
+            (Some(public), Some(private)) => {
+                Some(kame_tpm::device::KeyBlob::from_files(&public, &private))
+            }
+            _ => None,
+        }
+    } else {
+        None
+    };
+    if let Err(e) = d.persist_key(key, h) {
+        if let Some(p) = &previous {
+            let _ = d.persist_key(p, h);
+        }
+        return Err(e.into());
+    }
+    Ok(previous)
+}
+
+/// Puts the previous LDevID key back at `h` after the files of a new one could not be
+/// written.
+fn restore_ldevid(tcti: &str, h: u32, previous: &kame_tpm::device::KeyBlob) -> Result<()> {
+    let mut d = Device::open(tcti)?;
+    d.evict_persistent(h)?;
+    d.persist_key(previous, h)?;
+    Ok(())
+}
+
 /// Writes a public file (a certificate, a public area) atomically, 0644.
 fn write_public(path: &Path, data: &[u8]) -> Result<()> {
     kame_keymanager::disk::write_file_atomic(path, data, 0o644)
@@ -575,23 +639,9 @@ async fn run(cli: Cli) -> Result<()> {
         } => {
             let pinned = trusted_cas(&trust)?;
             // Whether the handle may take the new key, decided before the CA is asked.
-            let replace = match persist_handle {
-                Some(h) => {
-                    let mut d = Device::open(&tpm.tcti)?;
-                    if d.persistent_handles()?.contains(&h) {
-                        let previous = std::fs::read(out_dir.join("devid.pub")).ok();
-                        match previous.map(|p| d.persistent_public_matching(h, &p)) {
-                            Some(Ok(_)) => true,
-                            _ => bail!(
-                                "persistent handle {h:#010x} holds an object that is not this --out-dir's LDevID key: choose another --persist-handle"
-                            ),
-                        }
-                    } else {
-                        false
-                    }
-                }
-                None => false,
-            };
+            if let Some(h) = persist_handle {
+                handle_holds_ours(&mut Device::open(&tpm.tcti)?, h, &out_dir)?;
+            }
             use kame_api::pb::devid as pb;
             let iak_cert = read_pems(&iak_cert)?.remove(0);
             let idevid_cert = read_pems(&idevid_cert)?.remove(0);
@@ -636,29 +686,41 @@ async fn run(cli: Cli) -> Result<()> {
                 &key.public,
                 now()?,
             )?;
-            if let Some(h) = persist_handle {
-                let mut d = Device::open(&tpm.tcti)?;
-                if replace {
-                    d.evict_persistent(h)?;
-                }
-                d.persist_key(&key, h)?;
-            }
             std::fs::create_dir_all(&out_dir)?;
-            write_public(&out_dir.join("iak.pub"), &request_iak_public)?;
-            // Each file atomically, the key first and the certificate last: an interrupted
-            // re-enrollment leaves the old certificate, which tpm_devid then refuses as not
-            // the key's (DevIDPub mismatch), never a half-written file.
-            // The TPM-wrapped private part: useless outside this TPM, still kept private.
-            kame_keymanager::disk::write_secret_file(&out_dir.join("devid.priv"), &key.private)?;
-            write_public(&out_dir.join("devid.pub"), &key.public)?;
-            write_public(
-                &out_dir.join("devid-ca.pem"),
-                pem(&r.ca_certificate).as_bytes(),
-            )?;
-            write_public(
-                &out_dir.join("devid.pem"),
-                pem(&r.ldevid_certificate).as_bytes(),
-            )?;
+            // The persistent handle changes first, with the new public staged beside the old
+            // one so that a crash before the files are written still lets a re-run replace
+            // it; a failure puts the previous key back.
+            let persisted = match persist_handle {
+                Some(h) => Some(persist_ldevid(&tpm.tcti, h, &key, &out_dir)?),
+                None => None,
+            };
+            let written = (|| -> Result<()> {
+                write_public(&out_dir.join("iak.pub"), &request_iak_public)?;
+                // Each file atomically, the key first and the certificate last: an interrupted
+                // re-enrollment leaves the old certificate, which tpm_devid then refuses as
+                // not the key's (DevIDPub mismatch), never a half-written file.
+                // The TPM-wrapped private part: useless outside this TPM, still kept private.
+                kame_keymanager::disk::write_secret_file(
+                    &out_dir.join("devid.priv"),
+                    &key.private,
+                )?;
+                write_public(&out_dir.join("devid.pub"), &key.public)?;
+                write_public(
+                    &out_dir.join("devid-ca.pem"),
+                    pem(&r.ca_certificate).as_bytes(),
+                )?;
+                write_public(
+                    &out_dir.join("devid.pem"),
+                    pem(&r.ldevid_certificate).as_bytes(),
+                )
+            })();
+            if let Err(e) = written {
+                if let (Some(h), Some(previous)) = (persist_handle, persisted.flatten()) {
+                    let _ = restore_ldevid(&tpm.tcti, h, &previous);
+                }
+                return Err(e);
+            }
+            let _ = std::fs::remove_file(out_dir.join(STAGED_PUB));
             println!("enrolled: {}", out_dir.display());
         }
         Cmd::Activate {
@@ -731,7 +793,12 @@ async fn run(cli: Cli) -> Result<()> {
                 now()?,
             )?;
             if let Some(r) = registry(&vendor)? {
-                r.claim(&verified.request.prod_serial, &verified.ek.spki_der()?)?;
+                // Sealed: nothing proves yet that the requester holds the EK.
+                r.claim(
+                    &verified.request.prod_serial,
+                    &verified.ek.spki_der()?,
+                    false,
+                )?;
             }
             let km = key_manager(&key).await?;
             let cert = read_pems(&ca_cert)?.remove(0);

@@ -1,11 +1,17 @@
 //! The manufacturer CA's record of the devices it certified: each product serial with the EK
 //! (SHA-256 of its SubjectPublicKeyInfo) of the TPM it was issued to. A serial is certified
 //! for one TPM only and a TPM carries one serial, across restarts and across `ca serve` and
-//! `ca issue` runs sharing the file; the same device asking again is re-issued. The file is
-//! JSON (`{"serials": {"SN-1": "<hex>"}}`), replaced atomically under an exclusive lock on a
-//! `.lock` file beside it. It must not hold anything secret, and never issues by itself.
+//! `ca issue` runs sharing the file; the same device asking again is re-issued. A claim made
+//! without proof that the TPM holds the EK (offline `ca issue`: EK certificates are public,
+//! so anyone can name one) is kept as sealed and gives way to a proven one (`ca serve`, after
+//! credential activation), so it cannot lock a real device out. The file is JSON
+//! (`{"serials": {"SN-1": "<hex>"}, "sealed": ["SN-1"]}`), replaced atomically under an
+//! exclusive lock on a `.lock` file beside it. It must not hold anything secret, and never
+//! issues by itself.
 
 use std::path::{Path, PathBuf};
+
+type Map = serde_json::Map<String, serde_json::Value>;
 
 /// Why a device may not be certified, or the record cannot be kept.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +70,8 @@ impl Registry {
         }
     }
 
-    fn read(&self) -> Result<serde_json::Map<String, serde_json::Value>, RegistryError> {
+    /// (serial → EK, the serials whose claim is sealed, not proven)
+    fn read(&self) -> Result<(Map, std::collections::BTreeSet<String>), RegistryError> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
@@ -78,13 +85,28 @@ impl Registry {
         if serials.values().any(|ek| !ek.is_string()) {
             return Err(self.corrupt("an EK is not a string"));
         }
-        Ok(serials.clone())
+        let mut sealed = std::collections::BTreeSet::new();
+        if let Some(list) = v.get("sealed") {
+            for s in list
+                .as_array()
+                .ok_or_else(|| self.corrupt("\"sealed\" is not a list"))?
+            {
+                sealed.insert(
+                    s.as_str()
+                        .ok_or_else(|| self.corrupt("a sealed serial is not a string"))?
+                        .to_string(),
+                );
+            }
+        }
+        Ok((serials.clone(), sealed))
     }
 
     /// Records that `serial` is certified for the TPM whose EK SubjectPublicKeyInfo is
-    /// `ek_spki`. The same pair again is accepted (a device re-enrolling); the serial with
-    /// another EK, or the EK with another serial, is refused and nothing changes.
-    pub fn claim(&self, serial: &str, ek_spki: &[u8]) -> Result<(), RegistryError> {
+    /// `ek_spki`; `proven`: the TPM answered a credential activation for that EK. The same
+    /// pair again is accepted (a device re-enrolling). The serial with another EK, or the EK
+    /// with another serial, is refused and nothing changes, unless that other claim is sealed
+    /// and this one proven: then it is dropped.
+    pub fn claim(&self, serial: &str, ek_spki: &[u8], proven: bool) -> Result<(), RegistryError> {
         let ek = ek_id(ek_spki);
         let lock_path = {
             let mut p = self.path.clone().into_os_string();
@@ -98,25 +120,47 @@ impl Registry {
             .open(&lock_path)
             .map_err(|e| self.io(e))?;
         lock.lock().map_err(|e| self.io(e))?;
-        let mut serials = self.read()?;
-        if let Some(have) = serials.get(serial).and_then(|v| v.as_str()) {
-            if have == ek {
-                return Ok(());
+        let (mut serials, mut sealed) = self.read()?;
+        let before = (serials.clone(), sealed.clone());
+        let gives_way = |other: &str, sealed: &std::collections::BTreeSet<String>| {
+            proven && sealed.contains(other)
+        };
+        match serials.get(serial).and_then(|v| v.as_str()) {
+            Some(have) if have == ek => {}
+            Some(have) if !gives_way(serial, &sealed) => {
+                return Err(RegistryError::SerialTaken {
+                    serial: serial.to_string(),
+                    ek: have.to_string(),
+                });
             }
-            return Err(RegistryError::SerialTaken {
-                serial: serial.to_string(),
-                ek: have.to_string(),
-            });
+            _ => {}
         }
-        if let Some((other, _)) = serials.iter().find(|(_, v)| v.as_str() == Some(&ek)) {
-            return Err(RegistryError::EkTaken {
-                serial: other.clone(),
-                ek,
-            });
+        let others: Vec<String> = serials
+            .iter()
+            .filter(|(k, v)| k.as_str() != serial && v.as_str() == Some(&ek))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for other in others {
+            if !gives_way(&other, &sealed) {
+                return Err(RegistryError::EkTaken { serial: other, ek });
+            }
+            serials.remove(&other);
+            sealed.remove(&other);
         }
         serials.insert(serial.to_string(), serde_json::Value::String(ek));
-        let text = serde_json::to_vec_pretty(&serde_json::json!({ "serials": serials }))
-            .map_err(|e| self.corrupt(e))?;
+        if proven {
+            sealed.remove(serial);
+        } else if before.0.get(serial).is_none() || before.1.contains(serial) {
+            sealed.insert(serial.to_string());
+        }
+        if (serials.clone(), sealed.clone()) == before {
+            return Ok(());
+        }
+        let text = serde_json::to_vec_pretty(&serde_json::json!({
+            "serials": serials,
+            "sealed": sealed,
+        }))
+        .map_err(|e| self.corrupt(e))?;
         kame_keymanager::disk::write_file_atomic(&self.path, &text, 0o644).map_err(|e| {
             RegistryError::Io {
                 path: self.path.display().to_string(),
@@ -136,25 +180,47 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let path = d.path().join("registry.json");
         let r = Registry::open(&path).unwrap();
-        r.claim("SN-1", b"ek-a").unwrap();
+        r.claim("SN-1", b"ek-a", true).unwrap();
         // The same device again: re-issued.
-        r.claim("SN-1", b"ek-a").unwrap();
+        r.claim("SN-1", b"ek-a", true).unwrap();
+        r.claim("SN-1", b"ek-a", false).unwrap();
         // Another opener of the same file sees the record.
         let r2 = Registry::open(&path).unwrap();
-        assert!(matches!(
-            r2.claim("SN-1", b"ek-b"),
-            Err(RegistryError::SerialTaken { .. })
-        ));
-        assert!(matches!(
-            r2.claim("SN-2", b"ek-a"),
-            Err(RegistryError::EkTaken { serial, .. }) if serial == "SN-1"
-        ));
-        r2.claim("SN-2", b"ek-b").unwrap();
+        for proven in [false, true] {
+            assert!(matches!(
+                r2.claim("SN-1", b"ek-b", proven),
+                Err(RegistryError::SerialTaken { .. })
+            ));
+            assert!(matches!(
+                r2.claim("SN-2", b"ek-a", proven),
+                Err(RegistryError::EkTaken { serial, .. }) if serial == "SN-1"
+            ));
+        }
+        r2.claim("SN-2", b"ek-b", true).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(
             text.contains("SN-1") && text.contains(&ek_id(b"ek-b")),
             "{text}"
         );
+        // A sealed claim (offline, unproven: EK certificates are public) gives way to a proven
+        // one, for the serial and for the EK, and never to another sealed one.
+        r.claim("SN-3", b"ek-victim", false).unwrap();
+        r.claim("SN-4", b"ek-c", false).unwrap();
+        assert!(matches!(
+            r.claim("SN-5", b"ek-victim", false),
+            Err(RegistryError::EkTaken { .. })
+        ));
+        r.claim("SN-5", b"ek-victim", true).unwrap();
+        r.claim("SN-4", b"ek-d", true).unwrap();
+        assert!(matches!(
+            r.claim("SN-3", b"ek-victim", true),
+            Err(RegistryError::EkTaken { serial, .. }) if serial == "SN-5"
+        ));
+        // A proven claim no longer gives way.
+        assert!(matches!(
+            r.claim("SN-4", b"ek-c", true),
+            Err(RegistryError::SerialTaken { .. })
+        ));
         // A file that is not a registry is refused, not overwritten.
         let bad = d.path().join("bad.json");
         std::fs::write(&bad, "[1, 2]").unwrap();

@@ -119,7 +119,8 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
                 .ek
                 .spki_der()
                 .map_err(|e| Status::internal(format!("EK public key: {e}")))?;
-            tokio::task::spawn_blocking(move || registry.claim(&serial, &ek))
+            // Proven: the TPM just answered the credential activation for this EK.
+            tokio::task::spawn_blocking(move || registry.claim(&serial, &ek, true))
                 .await
                 .map_err(|e| Status::internal(format!("registry task failed: {e}")))?
                 .map_err(|e| {

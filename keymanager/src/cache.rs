@@ -41,6 +41,12 @@ impl<E: Cached> KeyCache<E> {
         self.write().insert(id.to_string(), e)
     }
 
+    /// Changes the entry under `id` in place with `f`, under the lock (a compare-and-swap:
+    /// `f` checks the entry is still the one it means and returns whether it changed it).
+    pub fn update_if(&self, id: &str, f: impl FnOnce(&mut E) -> bool) -> bool {
+        self.write().get_mut(id).is_some_and(f)
+    }
+
     /// Removes and returns the entry under `id` if its key has `fingerprint`.
     pub fn remove_if_fingerprint(&self, id: &str, fingerprint: &str) -> Option<E> {
         let mut m = self.write();

@@ -61,6 +61,9 @@ struct Entry {
     private: ObjectHandle,
     /// The CKA_ID (hex): this instance's tag.
     instance: String,
+    /// The session epoch `private` was found in: after the token lost its sessions (a later
+    /// epoch) the handle may name another object, so it is looked up again before use.
+    epoch: u64,
 }
 
 impl crate::cache::Cached for Entry {
@@ -84,6 +87,11 @@ struct Inner {
     slot: Slot,
     /// The user PIN, to log in again when the token has forgotten the login.
     pin: zeroize::Zeroizing<String>,
+    /// Set when the token refused the PIN: no login is tried again (each would count toward
+    /// the token locking the PIN) until the configuration is fixed and the server restarted.
+    pin_refused: std::sync::atomic::AtomicBool,
+    /// Bumped whenever the token is seen losing sessions or the login (see [`Entry::epoch`]).
+    epoch: std::sync::atomic::AtomicU64,
     prefix: String,
     sessions: Mutex<Vec<Session>>,
     keys: crate::cache::KeyCache<Entry>,
@@ -145,15 +153,47 @@ impl Inner {
     /// Logs the application in as the user on `s` (a login is the application's, shared by
     /// its sessions; one held already is fine).
     fn login(&self, s: &Session) -> Result<()> {
+        use cryptoki::error::{Error as E, RvError as R};
+        use std::sync::atomic::Ordering;
+        let refused = || {
+            Error::Config(
+                "pkcs11: the token refused the user PIN; no more logins are tried (they would \
+                 count toward locking it) until user_pin is fixed and the server restarted"
+                    .into(),
+            )
+        };
+        if self.pin_refused.load(Ordering::SeqCst) {
+            return Err(refused());
+        }
         let pin = AuthPin::new(self.pin.as_str().into());
         match s.login(UserType::User, Some(&pin)) {
-            Ok(())
-            | Err(cryptoki::error::Error::Pkcs11(
-                cryptoki::error::RvError::UserAlreadyLoggedIn,
+            Ok(()) | Err(E::Pkcs11(R::UserAlreadyLoggedIn, _)) => Ok(()),
+            Err(E::Pkcs11(
+                R::PinIncorrect | R::PinLocked | R::PinExpired | R::PinInvalid | R::PinLenRange,
                 _,
-            )) => Ok(()),
+            )) => {
+                self.pin_refused.store(true, Ordering::SeqCst);
+                Err(refused())
+            }
             Err(e) => Err(p11("C_Login")(e)),
         }
+    }
+
+    fn epoch(&self) -> u64 {
+        self.epoch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Records that `e`'s private key is `private` in `epoch`, if the index still names
+    /// that instance (no rotation meanwhile).
+    fn refresh(&self, e: &Entry, private: ObjectHandle, epoch: u64) {
+        self.keys.update_if(&e.public.id, |c| {
+            if c.instance != e.instance {
+                return false;
+            }
+            c.private = private;
+            c.epoch = epoch;
+            true
+        });
     }
 
     /// Runs `f` with a pooled session (opening one when none is free). A session that saw
@@ -201,7 +241,10 @@ impl Inner {
         };
         let r = f(&session);
         match (&r, self.sessions.lock()) {
-            (Err(Error::Unavailable(_)), Ok(mut pool)) => pool.clear(),
+            (Err(Error::Unavailable(_)), Ok(mut pool)) => {
+                pool.clear();
+                self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
             (_, Ok(mut pool)) if pool.len() < 8 => pool.push(session),
             _ => {}
         }
@@ -382,6 +425,7 @@ impl Inner {
                 },
                 private,
                 instance: hex::encode(tag),
+                epoch: self.epoch(),
             })
         })
     }
@@ -465,22 +509,29 @@ impl Inner {
                 Error::Backend(m) => Error::Backend(format!("{m} (key {id:?})")),
                 other => other,
             };
-            match s.sign(&mech, e.private, &data) {
+            // A handle found before the token lost its sessions may name another object now:
+            // find the key again by its label and tag first.
+            let epoch = self.epoch();
+            let private = if e.epoch == epoch {
+                e.private
+            } else {
+                self.login(s)?;
+                let h = self.relocate(s, e)?;
+                self.refresh(e, h, epoch);
+                h
+            };
+            match s.sign(&mech, private, &data) {
                 Ok(sig) => Ok(sig),
                 Err(err) if handle_gone(&err) => {
                     // Logged out (private objects are invisible then) or the handle moved:
                     // log in again and find the key by its label and tag.
+                    let epoch = self.epoch.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
                     self.login(s)?;
                     let private = self.relocate(s, e)?;
                     let sig = s
                         .sign(&mech, private, &data)
                         .map_err(|err| with_id(p11("C_Sign")(err)))?;
-                    // Only if the cache still names this instance (no rotation meanwhile).
-                    if self.keys.get(id).is_ok_and(|c| c.instance == e.instance) {
-                        let mut moved = e.clone();
-                        moved.private = private;
-                        self.keys.insert(id, moved);
-                    }
+                    self.refresh(e, private, epoch);
                     Ok(sig)
                 }
                 Err(err) => Err(with_id(p11("C_Sign")(err))),
@@ -626,6 +677,8 @@ impl Pkcs11KeyManager {
             ctx,
             slot,
             pin: zeroize::Zeroizing::new(cfg.user_pin.clone()),
+            pin_refused: std::sync::atomic::AtomicBool::new(false),
+            epoch: std::sync::atomic::AtomicU64::new(0),
             prefix: format!("kame/{}/", cfg.server_id),
             sessions: Mutex::new(vec![]),
             keys: crate::cache::KeyCache::new(),
@@ -647,6 +700,7 @@ impl Pkcs11KeyManager {
                     },
                     private,
                     instance: hex::encode(tag),
+                    epoch: inner.epoch(),
                 },
             );
         }
@@ -785,6 +839,7 @@ impl KeyManager for Pkcs11KeyManager {
                                 },
                                 private,
                                 instance: want2.clone(),
+                                epoch: inner.epoch(),
                             }));
                         }
                     }
@@ -823,6 +878,7 @@ impl KeyManager for Pkcs11KeyManager {
                                 },
                                 private,
                                 instance: hex::encode(tag),
+                                epoch: inner.epoch(),
                             }));
                         }
                     }
@@ -1020,6 +1076,33 @@ mod tests {
         .await
         .unwrap();
         km.sign("x509-CA-A", b"again", opts).await.unwrap();
+
+        // The PIN changed on the token (and the HSM forgot the login): the first login with
+        // the old PIN fails, and no further login is tried, so the token cannot lock the PIN.
+        km.blocking(|inner| {
+            inner.with_session(|s| {
+                let old = AuthPin::new(inner.pin.as_str().into());
+                let new = AuthPin::new("rotated-pin".into());
+                s.set_pin(&old, &new).map_err(p11("C_SetPIN"))?;
+                s.logout().map_err(p11("C_Logout"))
+            })
+        })
+        .await
+        .unwrap();
+        for _ in 0..2 {
+            let e = km
+                .sign("x509-CA-A", b"refused", opts)
+                .await
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("refused the user PIN"), "{e}");
+            assert!(!e.contains(&hsm.pin), "{e}");
+        }
+        assert!(
+            km.inner
+                .pin_refused
+                .load(std::sync::atomic::Ordering::SeqCst)
+        );
     }
 
     #[tokio::test]

@@ -859,22 +859,9 @@ impl Device {
     ) -> Result<(Vec<u8>, Vec<u8>)> {
         let data = Data::try_from(nonce.to_vec()).map_err(step("nonce"))?;
         let kh = self.load_under_srk(key)?;
+        let secret = !key.auth.is_empty();
         let r = self.with_ak(ek_alg, ak, |d, _ek, akh| {
-            let (attest, sig) = d
-                .ctx
-                .execute_with_sessions(
-                    (
-                        Some(AuthSession::Password),
-                        Some(AuthSession::Password),
-                        None,
-                    ),
-                    |c| c.certify(ObjectHandle::from(kh), akh, data, SignatureScheme::Null),
-                )
-                .map_err(step("certify"))?;
-            Ok((
-                attest.marshall().map_err(step("marshal attest"))?,
-                sig.marshall().map_err(step("marshal signature"))?,
-            ))
+            d.certify_loaded(kh, secret, akh, data)
         });
         self.flush(kh);
         r
@@ -955,7 +942,8 @@ impl Device {
         let r = self
             .sign_loaded(kh, !devid.auth.is_empty(), digest)
             .and_then(|signature| {
-                let (certify, certify_signature) = self.certify_loaded(kh, akh, data)?;
+                let (certify, certify_signature) =
+                    self.certify_loaded(kh, !devid.auth.is_empty(), akh, data)?;
                 Ok((signature, certify, certify_signature))
             });
         if devid_handle.is_none() {
@@ -973,28 +961,68 @@ impl Device {
         })
     }
 
+    /// TPM2_Certify of the loaded `kh` by `signer` (empty authorization). The certified
+    /// object is authorized in an HMAC session when its value is `secret` (it never crosses
+    /// the bus), else in a password session.
     fn certify_loaded(
         &mut self,
         kh: KeyHandle,
+        secret: bool,
         signer: KeyHandle,
         data: Data,
     ) -> Result<(Vec<u8>, Vec<u8>)> {
-        self.ctx
+        let object_session = if secret {
+            Some(self.hmac_session()?)
+        } else {
+            None
+        };
+        let r = self
+            .ctx
             .execute_with_sessions(
                 (
-                    Some(AuthSession::Password),
+                    Some(object_session.unwrap_or(AuthSession::Password)),
                     Some(AuthSession::Password),
                     None,
                 ),
                 |c| c.certify(ObjectHandle::from(kh), signer, data, SignatureScheme::Null),
             )
-            .map_err(step("certify"))
-            .and_then(|(a, s)| {
-                Ok((
-                    a.marshall().map_err(step("marshal attest"))?,
-                    s.marshall().map_err(step("marshal signature"))?,
-                ))
-            })
+            .map_err(step("certify"));
+        if let Some(session) = object_session {
+            self.flush_session(session);
+        }
+        r.and_then(|(a, s)| {
+            Ok((
+                a.marshall().map_err(step("marshal attest"))?,
+                s.marshall().map_err(step("marshal signature"))?,
+            ))
+        })
+    }
+
+    /// An unsalted, unbound HMAC session (parameter encryption on), as ESYS's null-auth
+    /// session: the object's authorization value keys the HMAC and is never sent. The caller
+    /// flushes it.
+    fn hmac_session(&mut self) -> Result<AuthSession> {
+        let session = self
+            .ctx
+            .start_auth_session(
+                None,
+                None,
+                None,
+                SessionType::Hmac,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(step("start HMAC session"))?
+            .ok_or_else(|| DeviceError::Invalid("TPM returned no session".into()))?;
+        let (attributes, mask) = tss_esapi::attributes::SessionAttributesBuilder::new()
+            .with_decrypt(true)
+            .with_encrypt(true)
+            .build();
+        if let Err(e) = self.ctx.tr_sess_set_attributes(session, attributes, mask) {
+            self.flush_session(session);
+            return Err(step("HMAC session attributes")(e));
+        }
+        Ok(session)
     }
 
     /// Creates a TCG DevID key (IAK or IDevID) as a primary key in the endorsement hierarchy
@@ -1176,7 +1204,7 @@ impl Device {
         let data = Data::try_from(nonce.to_vec()).map_err(step("nonce"))?;
         let sh = self.persistent(signer)?;
         let kh = self.load_under_srk(key)?;
-        let r = self.certify_loaded(kh, sh, data);
+        let r = self.certify_loaded(kh, !key.auth.is_empty(), sh, data);
         self.flush(kh);
         r
     }
@@ -1343,7 +1371,7 @@ impl Device {
             .read_public(ekh)
             .map_err(step("read EK public"))
             .and_then(|(p, _, _)| p.marshall().map_err(step("marshal EK public")))?;
-        let certify = self.certify_loaded(dh, akh, Data::default())?;
+        let certify = self.certify_loaded(dh, !devid.auth.is_empty(), akh, Data::default())?;
         Ok(LoadedAttestation {
             device: self.id,
             number: self.attestations,
@@ -1427,7 +1455,7 @@ impl Device {
             .read_public(ekh)
             .map_err(step("read EK public"))
             .and_then(|(p, _, _)| p.marshall().map_err(step("marshal EK public")))?;
-        let certify = self.certify_loaded(dh, akh, Data::default())?;
+        let certify = self.certify_loaded(dh, !devid.auth.is_empty(), akh, Data::default())?;
         Ok(LoadedAttestation {
             device: self.id,
             number: self.attestations,
@@ -1488,7 +1516,8 @@ impl Device {
             None => None,
             Some((nonce, pcrs)) => {
                 let data = Data::try_from(nonce.to_vec()).map_err(step("nonce"))?;
-                let (certify, certify_signature) = self.certify_loaded(a.devid, akh, data)?;
+                let (certify, certify_signature) =
+                    self.certify_loaded(a.devid, a.devid_secret, akh, data)?;
                 let (quote, quote_signature) = self.quote_with(akh, pcrs, nonce)?;
                 Some(PersistentAkProof {
                     signature: vec![],
