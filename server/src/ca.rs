@@ -824,12 +824,8 @@ impl Ca {
         let issued_at_ms = now_ms();
         let now = issued_at_ms / 1000;
         let not_after = now + self.settings.ca_ttl.as_secs().max(1);
-        // A subject of its own: an intermediate named like its issuer is self-issued to a
-        // path builder.
-        let subject = x509svid::parse_name(&format!(
-            "{}, OU=kms_rooted intermediate",
-            self.settings.ca_subject_dn
-        ))?;
+        // The configured ca_subject, as SPIRE names its X.509 authorities.
+        let subject = x509svid::parse_name(&self.settings.ca_subject_dn)?;
         let serial = random_serial()?;
         let tbs = x509svid::ca_tbs(
             &x509svid::CaParams {
@@ -1039,7 +1035,12 @@ impl Ca {
             .await?;
         let now = now_secs();
         let not_after = now.saturating_add(ttl.as_secs().max(1)).min(ca.not_after);
-        let subject = x509svid::parse_name(&self.settings.ca_subject_dn)?;
+        // A subject of its own: an intermediate named like its issuer is self-issued to a
+        // path builder.
+        let subject = x509svid::parse_name(&format!(
+            "{}, OU=kms_rooted intermediate",
+            self.settings.ca_subject_dn
+        ))?;
         let serial = random_serial()?;
         let tbs = x509svid::ca_tbs(
             &x509svid::CaParams {

@@ -412,6 +412,17 @@ async fn km_kms_rooted_one_kms_sign_per_intermediate_versus_one_per_svid_direct(
             .into_iter()
             .map(|a| a.asn1)
             .collect();
+        // The authority is named by ca_subject (SPIRE's default C=US, O=SPIFFE); only the
+        // kms_rooted intermediate carries an OU of its own.
+        let subject = |der: &[u8]| {
+            kame_api::x509svid::ParsedCert::parse(der)
+                .unwrap()
+                .cert
+                .tbs_certificate()
+                .subject()
+                .to_string()
+        };
+        assert_eq!(subject(&roots[0]), "O=SPIFFE,C=US");
         let before = relay.sign_requests();
         for i in 0..100 {
             let id = kame_api::SpiffeId::parse(&format!("spiffe://{}/w/{i}", common::TD)).unwrap();
@@ -423,6 +434,7 @@ async fn km_kms_rooted_one_kms_sign_per_intermediate_versus_one_per_svid_direct(
             let leaf = kame_api::x509svid::ParsedCert::parse(&chain[0]).unwrap();
             let issuer_spki = match chain.get(1) {
                 Some(inter) => {
+                    assert_eq!(subject(inter), "OU=kms_rooted intermediate,O=SPIFFE,C=US");
                     let p = kame_api::x509svid::ParsedCert::parse(inter).unwrap();
                     let root = kame_api::x509svid::ParsedCert::parse(&roots[0]).unwrap();
                     p.check_signed_by(&root.spki_der().unwrap()).unwrap();
