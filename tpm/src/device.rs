@@ -1366,28 +1366,12 @@ impl Device {
         loaded.push(akh);
         let ekh = self.create_ek(ek_alg)?;
         loaded.push(ekh);
-        let ek_public = self
-            .ctx
-            .read_public(ekh)
-            .map_err(step("read EK public"))
-            .and_then(|(p, _, _)| p.marshall().map_err(step("marshal EK public")))?;
-        let certify = self.certify_loaded(dh, !devid.auth.is_empty(), akh, Data::default())?;
-        Ok(LoadedAttestation {
-            device: self.id,
-            number: self.attestations,
-            ek: ekh,
-            ak: akh,
-            devid: dh,
-            devid_secret: !devid.auth.is_empty(),
-            ek_alg,
-            ak_blob: AkBlob {
-                public: ak.public,
-                private: ak.private,
-                parent: AkParent::Srk,
-            },
-            ek_public,
-            certify,
-        })
+        let ak_blob = AkBlob {
+            public: ak.public,
+            private: ak.private,
+            parent: AkParent::Srk,
+        };
+        self.loaded_attestation([dh, akh, ekh], devid, ek_alg, ak_blob)
     }
 
     fn begin_attestation_into(
@@ -1450,6 +1434,18 @@ impl Device {
             private: created.out_private.value().to_vec(),
             parent: AkParent::Ek,
         };
+        self.loaded_attestation([dh, akh, ekh], devid, ek_alg, ak_blob)
+    }
+
+    /// Message 1's last steps with the DevID, AK and EK loaded: the EK's public area and the
+    /// certify of the DevID by the AK (empty qualifying data).
+    fn loaded_attestation(
+        &mut self,
+        [dh, akh, ekh]: [KeyHandle; 3],
+        devid: &KeyBlob,
+        ek_alg: EkAlg,
+        ak_blob: AkBlob,
+    ) -> Result<LoadedAttestation> {
         let ek_public = self
             .ctx
             .read_public(ekh)
