@@ -99,7 +99,22 @@ enum ValidateCmd {
 }
 
 fn init_logging(level: &str, format: LogFormat) {
-    kame_api::logging::init(level, format, &[]);
+    // tss-esapi logs every context and handle it closes at INFO: kept to warnings unless the
+    // operator asks for debug.
+    let level = level.to_lowercase();
+    let directive = match level.as_str() {
+        "debug" | "trace" => level.clone(),
+        _ => format!("{level},tss_esapi=warn"),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(directive)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tss_esapi=warn"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
 }
 
 async fn real_main() -> anyhow::Result<()> {

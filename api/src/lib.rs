@@ -8,8 +8,6 @@ pub mod conf;
 pub mod csr;
 pub mod jwtsvid;
 pub mod keys;
-#[cfg(feature = "logging")]
-pub mod logging;
 pub mod spiffe_id;
 pub mod tls;
 pub mod tpm_devid;

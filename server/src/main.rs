@@ -71,7 +71,16 @@ enum Cmd {
 
 fn init_logging(level: &str, format: LogFormat) {
     // Audit events (local authority operations) are written whatever the log level.
-    kame_api::logging::init(level, format, &["kame_audit=info"]);
+    let filter =
+        tracing_subscriber::EnvFilter::try_new(format!("{},kame_audit=info", level.to_lowercase()))
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => b.json().init(),
+        LogFormat::Text => b.init(),
+    }
 }
 
 async fn real_main() -> anyhow::Result<()> {
