@@ -44,8 +44,10 @@ enum Cmd {
     Csr {
         #[command(flatten)]
         tpm: TpmArgs,
+        /// Persistent handle of the IAK.
         #[arg(long, default_value = IAK_HANDLE, value_parser = handle)]
         iak_handle: u32,
+        /// Persistent handle of the IDevID key.
         #[arg(long, default_value = IDEVID_HANDLE, value_parser = handle)]
         idevid_handle: u32,
         /// Product model (prodModel).
@@ -54,6 +56,7 @@ enum Cmd {
         /// Product serial number (prodSerial): the certificates' serialNumber.
         #[arg(long)]
         serial: String,
+        /// Where to write the output.
         #[arg(long)]
         out: PathBuf,
     },
@@ -70,14 +73,18 @@ enum Cmd {
         /// with an https:// --ca.
         #[arg(long)]
         tls_ca: Vec<PathBuf>,
+        /// The TCG-CSR-IDEVID (`kame-devid csr`).
         #[arg(long)]
         request: PathBuf,
+        /// Persistent handle of the IAK.
         #[arg(long, default_value = IAK_HANDLE, value_parser = handle)]
         iak_handle: u32,
+        /// Persistent handle of the IDevID key.
         #[arg(long, default_value = IDEVID_HANDLE, value_parser = handle)]
         idevid_handle: u32,
         #[command(flatten)]
         trust: TrustArgs,
+        /// Where to write the files (created if missing).
         #[arg(long)]
         out_dir: PathBuf,
     },
@@ -89,18 +96,23 @@ enum Cmd {
     Enroll {
         #[command(flatten)]
         tpm: TpmArgs,
+        /// The CA's enrollment endpoint: https://host:port (with --tls-ca) or http://host:port.
         #[arg(long)]
         ca: String,
         /// Root CA certificates (PEM) of the enrollment endpoint's TLS certificate; required
         /// with an https:// --ca.
         #[arg(long)]
         tls_ca: Vec<PathBuf>,
+        /// Persistent handle of the IAK.
         #[arg(long, default_value = IAK_HANDLE, value_parser = handle)]
         iak_handle: u32,
+        /// Persistent handle of the IDevID key.
         #[arg(long, default_value = IDEVID_HANDLE, value_parser = handle)]
         idevid_handle: u32,
+        /// The IAK certificate (PEM) from the manufacturer (iak.pem).
         #[arg(long)]
         iak_cert: PathBuf,
+        /// The IDevID certificate (PEM) from the manufacturer (idevid.pem).
         #[arg(long)]
         idevid_cert: PathBuf,
         #[command(flatten)]
@@ -110,6 +122,7 @@ enum Cmd {
         /// anything is asked; one holding this --out-dir's previous LDevID key is replaced.
         #[arg(long, value_parser = handle)]
         persist_handle: Option<u32>,
+        /// Where to write the files (created if missing).
         #[arg(long)]
         out_dir: PathBuf,
     },
@@ -119,8 +132,10 @@ enum Cmd {
     Activate {
         #[command(flatten)]
         tpm: TpmArgs,
+        /// Persistent handle of the IAK.
         #[arg(long, default_value = IAK_HANDLE, value_parser = handle)]
         iak_handle: u32,
+        /// Persistent handle of the IDevID key.
         #[arg(long, default_value = IDEVID_HANDLE, value_parser = handle)]
         idevid_handle: u32,
         /// The file `ca issue` wrote.
@@ -128,6 +143,7 @@ enum Cmd {
         sealed: PathBuf,
         #[command(flatten)]
         trust: TrustArgs,
+        /// Where to write the files (created if missing).
         #[arg(long)]
         out_dir: PathBuf,
     },
@@ -235,6 +251,7 @@ enum CaCmd {
         subject: String,
         #[arg(long, default_value_t = 3650)]
         ttl_days: u64,
+        /// Where to write the output.
         #[arg(long)]
         out: PathBuf,
     },
@@ -244,6 +261,7 @@ enum CaCmd {
     Issue {
         #[command(flatten)]
         key: CaKey,
+        /// The CA's certificate (PEM, `ca init --out`).
         #[arg(long)]
         ca_cert: PathBuf,
         #[command(flatten)]
@@ -260,6 +278,7 @@ enum CaCmd {
     Serve {
         #[command(flatten)]
         key: CaKey,
+        /// The CA's certificate (PEM, `ca init --out`).
         #[arg(long)]
         ca_cert: PathBuf,
         #[command(flatten)]
