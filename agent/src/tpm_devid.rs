@@ -12,7 +12,7 @@
 //! attestation.
 
 use kame_api::tpm_devid::{AttestationRequest, ChallengeRequest, ChallengeResponse};
-use kame_tpm::device::{AkBlob, Device, DeviceError, EkAlg, KeyBlob};
+use kame_tpm::device::{AkBlob, AkParent, Device, DeviceError, EkAlg, KeyBlob};
 use kame_tpm::wire;
 use std::path::Path;
 use std::path::PathBuf;
@@ -264,34 +264,15 @@ pub fn evidence_with(
     devid: KeyBlob,
     ek_alg: EkAlg,
 ) -> Result<(AttestationRequest, Session), DevIdAgentError> {
-    let ek_cert = d
-        .ek_certificate(ek_alg)?
-        .ok_or(DevIdAgentError::NoEkCertificate)?;
-    // Vendor intermediates the TPM keeps in NV (TCG EK chain range), for Kame servers.
-    let ek_cert_chain = d.ek_chain_certificates()?;
     // An AK in the endorsement hierarchy (under the EK): a TPM obfuscates the reset and
     // restart counts in quotes signed by owner-hierarchy keys such as SPIRE's SRK-parented
-    // AK, and v2 needs them to see reboots. SPIRE's server accepts either. The DevID, the EK
-    // and the AK stay loaded for the answer, as SPIRE keeps them.
-    let loaded = d.begin_attestation(ek_alg, &devid, kame_tpm::device::AkParent::Ek)?;
-    let ak = loaded.ak_blob.clone();
-    let (certified, sig) = loaded.certify.clone();
-    let req = AttestationRequest {
-        devid_cert: certs,
-        devid_pub: Some(devid.public.clone()),
-        ek_cert: Some(ek_cert),
-        ek_pub: Some(loaded.ek_public.clone()),
-        ak_pub: Some(ak.public.clone()),
-        certified_devid: Some(certified),
-        certification_signature: Some(sig),
-        // Kame v2: a Kame server answers with a nonce-bound certify and PCR quote request;
-        // SPIRE's server ignores the field.
-        version: Some(2),
-        ek_cert_chain,
-        ak_cert: vec![],
-    };
-    let mut session = Session::made(devid, ak, ek_alg);
-    session.loaded = Some(loaded);
+    // AK, and v2 needs them to see reboots. SPIRE's server accepts either.
+    let (mut req, session) = made_ak_evidence(d, certs, devid, ek_alg, AkParent::Ek)?;
+    // Vendor intermediates the TPM keeps in NV (TCG EK chain range), for Kame servers.
+    req.ek_cert_chain = d.ek_chain_certificates()?;
+    // Kame v2: a Kame server answers with a nonce-bound certify and PCR quote request;
+    // SPIRE's server ignores the field.
+    req.version = Some(2);
     Ok((req, session))
 }
 
@@ -302,10 +283,23 @@ pub fn evidence_spire(
     certs: Vec<Vec<u8>>,
     devid: KeyBlob,
 ) -> Result<(AttestationRequest, Session), DevIdAgentError> {
+    made_ak_evidence(d, certs, devid, EkAlg::Rsa2048, AkParent::Srk)
+}
+
+/// Message 1 with an AK made for this attestation under `parent`: the EK certificate, the EK
+/// and AK publics and the DevID certified by the AK. The DevID, the EK and the AK stay loaded
+/// for the answer, as SPIRE keeps them.
+fn made_ak_evidence(
+    d: &mut Device,
+    certs: Vec<Vec<u8>>,
+    devid: KeyBlob,
+    ek_alg: EkAlg,
+    parent: AkParent,
+) -> Result<(AttestationRequest, Session), DevIdAgentError> {
     let ek_cert = d
-        .ek_certificate(EkAlg::Rsa2048)?
+        .ek_certificate(ek_alg)?
         .ok_or(DevIdAgentError::NoEkCertificate)?;
-    let loaded = d.begin_attestation(EkAlg::Rsa2048, &devid, kame_tpm::device::AkParent::Srk)?;
+    let loaded = d.begin_attestation(ek_alg, &devid, parent)?;
     let ak = loaded.ak_blob.clone();
     let (certified, sig) = loaded.certify.clone();
     let req = AttestationRequest {
@@ -316,11 +310,9 @@ pub fn evidence_spire(
         ak_pub: Some(ak.public.clone()),
         certified_devid: Some(certified),
         certification_signature: Some(sig),
-        version: None,
-        ek_cert_chain: vec![],
-        ak_cert: vec![],
+        ..Default::default()
     };
-    let mut session = Session::made(devid, ak, EkAlg::Rsa2048);
+    let mut session = Session::made(devid, ak, ek_alg);
     session.loaded = Some(loaded);
     Ok((req, session))
 }
@@ -361,6 +353,19 @@ pub fn answer(
     session: &Session,
     challenge: &[u8],
 ) -> Result<ChallengeResponse, DevIdAgentError> {
+    let r = answer_with(d, session, challenge);
+    // Whatever the outcome, the objects loaded for message 1 are done with.
+    if let Some(loaded) = &session.loaded {
+        d.end_attestation(loaded);
+    }
+    r
+}
+
+fn answer_with(
+    d: &mut Device,
+    session: &Session,
+    challenge: &[u8],
+) -> Result<ChallengeResponse, DevIdAgentError> {
     let c = ChallengeRequest::decode(challenge)
         .map_err(|e| DevIdAgentError::BadChallenge(e.to_string()))?;
     let nonce = c
@@ -381,15 +386,11 @@ pub fn answer(
                 &nonce,
                 &c.pcrs,
             )?;
-            return Ok(ChallengeResponse {
+            let resp = ChallengeResponse {
                 devid: Some(signature_for_server(&p.signature)?),
-                cred_activation: None,
-                certified_devid: Some(p.certify),
-                certification_signature: Some(p.certify_signature),
-                quote: Some(p.quote),
-                quote_signature: Some(p.quote_signature),
-                pcr_values: p.pcr_values.into_iter().map(|((_, i), v)| (i, v)).collect(),
-            });
+                ..Default::default()
+            };
+            return Ok(with_v2(resp, p));
         }
     };
     let cred = c.cred_activation.ok_or(DevIdAgentError::EmptyCredential)?;
@@ -398,59 +399,61 @@ pub fn answer(
             .map_err(|_| DevIdAgentError::BadChallenge("credential too large".into()))?;
         Ok([n.to_be_bytes().as_slice(), b].concat())
     };
+    let (credential, secret) = (tpm2b(&cred.credential)?, tpm2b(&cred.secret)?);
     let v2 = c.version.is_some_and(|v| v >= 2);
-    let (credential, secret) = (tpm2b(&cred.credential), tpm2b(&cred.secret));
     if let Some(loaded) = session.loaded.as_ref().filter(|l| d.holds(l)) {
         // Everything still loaded from message 1: no EK, AK or DevID to make or load again.
-        let r = match (&credential, &secret) {
-            (Ok(credential), Ok(secret)) => d
-                .answer_attestation(
-                    loaded,
-                    &session.devid.public,
-                    &nonce,
-                    credential,
-                    secret,
-                    v2.then_some((nonce.as_slice(), c.pcrs.as_slice())),
-                )
-                .map_err(DevIdAgentError::from),
-            _ => Err(DevIdAgentError::BadChallenge("credential too large".into())),
-        };
-        d.end_attestation(loaded);
-        let a = r?;
-        let mut resp = ChallengeResponse {
+        let a = d.answer_attestation(
+            loaded,
+            &session.devid.public,
+            &nonce,
+            &credential,
+            &secret,
+            v2.then_some((nonce.as_slice(), c.pcrs.as_slice())),
+        )?;
+        let resp = ChallengeResponse {
             devid: Some(signature_for_server(&a.signature)?),
             cred_activation: Some(a.credential),
             ..Default::default()
         };
-        if let Some(p) = a.v2 {
-            resp.certified_devid = Some(p.certify);
-            resp.certification_signature = Some(p.certify_signature);
-            resp.quote = Some(p.quote);
-            resp.quote_signature = Some(p.quote_signature);
-            resp.pcr_values = p.pcr_values.into_iter().map(|((_, i), v)| (i, v)).collect();
-        }
-        return Ok(resp);
+        return Ok(match a.v2 {
+            Some(p) => with_v2(resp, p),
+            None => resp,
+        });
     }
-    let sig = signature_for_server(&d.sign(&session.devid, &nonce)?)?;
-    let secret = d.activate_credential(session.ek_alg, ak, &credential?, &secret?)?;
-    let mut resp = ChallengeResponse {
-        devid: Some(sig),
-        cred_activation: Some(secret),
+    let resp = ChallengeResponse {
+        devid: Some(signature_for_server(&d.sign(&session.devid, &nonce)?)?),
+        cred_activation: Some(d.activate_credential(session.ek_alg, ak, &credential, &secret)?),
         ..Default::default()
     };
-    if v2 {
-        // Bound to the server's nonce: a fresh certify of the DevID and a quote of the PCRs
-        // it asked for, both by the AK whose credential was just activated.
-        let (certified, csig) = d.certify(session.ek_alg, ak, &session.devid, &nonce)?;
-        let (quote, qsig) = d.quote(session.ek_alg, ak, &c.pcrs, &nonce)?;
-        let values = d.pcr_values(&c.pcrs)?;
-        resp.certified_devid = Some(certified);
-        resp.certification_signature = Some(csig);
-        resp.quote = Some(quote);
-        resp.quote_signature = Some(qsig);
-        resp.pcr_values = values.into_iter().map(|((_, i), v)| (i, v)).collect();
+    if !v2 {
+        return Ok(resp);
     }
-    Ok(resp)
+    // Bound to the server's nonce: a fresh certify of the DevID and a quote of the PCRs it
+    // asked for, both by the AK whose credential was just activated.
+    let (certify, certify_signature) = d.certify(session.ek_alg, ak, &session.devid, &nonce)?;
+    let (quote, quote_signature) = d.quote(session.ek_alg, ak, &c.pcrs, &nonce)?;
+    let proof = kame_tpm::device::PersistentAkProof {
+        signature: vec![],
+        certify,
+        certify_signature,
+        quote,
+        quote_signature,
+        pcr_values: d.pcr_values(&c.pcrs)?,
+    };
+    Ok(with_v2(resp, proof))
+}
+
+/// `resp` with Kame v2's nonce-bound certify, quote and PCR values from `p`.
+fn with_v2(resp: ChallengeResponse, p: kame_tpm::device::PersistentAkProof) -> ChallengeResponse {
+    ChallengeResponse {
+        certified_devid: Some(p.certify),
+        certification_signature: Some(p.certify_signature),
+        quote: Some(p.quote),
+        quote_signature: Some(p.quote_signature),
+        pcr_values: p.pcr_values.into_iter().map(|((_, i), v)| (i, v)).collect(),
+        ..resp
+    }
 }
 
 /// A TPMT_SIGNATURE as Go's CheckSignature expects it: RSA raw, ECDSA DER SEQUENCE { r, s }.

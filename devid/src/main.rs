@@ -389,22 +389,27 @@ fn write_manufactured(
     idevid: &[u8],
     ca: &[u8],
     pinned: &[Vec<u8>],
-    publics: (&[u8], &[u8]),
+    publics: &(Vec<u8>, Vec<u8>),
     out_dir: &Path,
 ) -> Result<()> {
     let now = now()?;
     for (cert, kind, public) in [
-        (iak, DevIdKind::Iak, publics.0),
-        (idevid, DevIdKind::IDevId, publics.1),
+        (iak, DevIdKind::Iak, &publics.0),
+        (idevid, DevIdKind::IDevId, &publics.1),
     ] {
         kame_devid::issued::check(cert, kind, ca, pinned, public, now)?;
     }
     std::fs::create_dir_all(out_dir)?;
-    write_public(&out_dir.join("iak.pub"), publics.0)?;
+    write_public(&out_dir.join("iak.pub"), &publics.0)?;
     write_public(&out_dir.join("ca.pem"), pem(ca).as_bytes())?;
     write_public(&out_dir.join("iak.pem"), pem(iak).as_bytes())?;
     write_public(&out_dir.join("idevid.pem"), pem(idevid).as_bytes())?;
     Ok(())
+}
+
+/// The public areas (TPMT_PUBLIC) of the TCG IAK and IDevID keys persistent in the TPM.
+fn tcg_publics(d: &mut Device, iak: u32, idevid: u32) -> Result<(Vec<u8>, Vec<u8>)> {
+    Ok((d.persistent_public(iak)?, d.persistent_public(idevid)?))
 }
 
 /// DER certificates.
@@ -609,10 +614,7 @@ async fn run(cli: Cli) -> Result<()> {
                 })?
                 .into_inner();
             let mut d = Device::open(&tpm.tcti)?;
-            let publics = (
-                d.persistent_public(iak_handle)?,
-                d.persistent_public(idevid_handle)?,
-            );
+            let publics = tcg_publics(&mut d, iak_handle, idevid_handle)?;
             let secret = d.activate_credential_tcg(
                 EkAlg::Rsa2048,
                 iak_handle,
@@ -639,7 +641,7 @@ async fn run(cli: Cli) -> Result<()> {
                 &certs.idevid_certificate,
                 &certs.ca_certificate,
                 &pinned,
-                (&publics.0, &publics.1),
+                &publics,
                 &out_dir,
             )?;
             println!("enrolled: {}", out_dir.display());
@@ -709,8 +711,8 @@ async fn run(cli: Cli) -> Result<()> {
             // The persistent handle changes first, with the new public staged beside the old
             // one so that a crash before the files are written still lets a re-run replace
             // it; a failure puts the previous key back.
-            let persisted = match persist_handle {
-                Some(h) => Some(persist_ldevid(&tpm.tcti, h, &key, &out_dir)?),
+            let previous = match persist_handle {
+                Some(h) => persist_ldevid(&tpm.tcti, h, &key, &out_dir)?,
                 None => None,
             };
             let written = (|| -> Result<()> {
@@ -734,8 +736,8 @@ async fn run(cli: Cli) -> Result<()> {
                 )
             })();
             if let Err(e) = written {
-                if let (Some(h), Some(previous)) = (persist_handle, persisted.flatten()) {
-                    let _ = restore_ldevid(&tpm.tcti, h, &previous);
+                if let (Some(h), Some(previous)) = (persist_handle, &previous) {
+                    let _ = restore_ldevid(&tpm.tcti, h, previous);
                 }
                 return Err(e);
             }
@@ -755,10 +757,7 @@ async fn run(cli: Cli) -> Result<()> {
                 std::fs::read(&sealed).with_context(|| format!("reading {}", sealed.display()))?;
             let s = kame_devid::enroll::Sealed::decode(&bytes)?;
             let mut d = Device::open(&tpm.tcti)?;
-            let publics = (
-                d.persistent_public(iak_handle)?,
-                d.persistent_public(idevid_handle)?,
-            );
+            let publics = tcg_publics(&mut d, iak_handle, idevid_handle)?;
             let key = zeroize::Zeroizing::new(d.activate_credential_tcg(
                 EkAlg::Rsa2048,
                 iak_handle,
@@ -774,7 +773,7 @@ async fn run(cli: Cli) -> Result<()> {
                     certs.len()
                 );
             };
-            write_manufactured(iak, idevid, ca, &pinned, (&publics.0, &publics.1), &out_dir)?;
+            write_manufactured(iak, idevid, ca, &pinned, &publics, &out_dir)?;
             println!("enrolled: {}", out_dir.display());
         }
         Cmd::Ca(CaCmd::Init {

@@ -78,19 +78,40 @@ fn device() -> Device1 {
 /// A request from `d` with `attest` as the IAK (its public, and the certify it makes), signed
 /// by `signer`.
 fn request_with(d: &mut Device1, attest: &AkBlob, idevid: &KeyBlob, signer: &KeyBlob) -> Vec<u8> {
-    let (certify, certify_sig) = d.dev.certify(EkAlg::Rsa2048, attest, idevid, &[]).unwrap();
+    let certify = d.dev.certify(EkAlg::Rsa2048, attest, idevid, &[]).unwrap();
+    let ek_cert = d.dev.ek_certificate(EkAlg::Rsa2048).unwrap().unwrap();
+    signed_request(
+        &mut d.dev,
+        ek_cert,
+        &attest.public,
+        &idevid.public,
+        certify,
+        signer,
+    )
+}
+
+/// A TCG-CSR-IDEVID of these parts (EK certificate, IAK and IDevID publics, the certify and
+/// its signature), signed by `signer` on `dev`.
+fn signed_request(
+    dev: &mut Device,
+    ek_cert: Vec<u8>,
+    attest_pub: &[u8],
+    signing_pub: &[u8],
+    (certify, certify_sig): (Vec<u8>, Vec<u8>),
+    signer: &KeyBlob,
+) -> Vec<u8> {
     let req = IdevidRequest {
         hash_alg: wire::alg::SHA256,
         prod_model: "kame-edge-1".into(),
         prod_serial: "SN-0042".into(),
-        ek_cert: d.dev.ek_certificate(EkAlg::Rsa2048).unwrap().unwrap(),
-        attest_pub: attest.public.clone(),
-        signing_pub: idevid.public.clone(),
+        ek_cert,
+        attest_pub: attest_pub.to_vec(),
+        signing_pub: signing_pub.to_vec(),
         sgn_certify_info: certify,
         sgn_certify_info_sig: certify_sig,
         ..Default::default()
     };
-    let sig = d.dev.sign(signer, &req.content().unwrap()).unwrap();
+    let sig = dev.sign(signer, &req.content().unwrap()).unwrap();
     req.encode(&sig).unwrap()
 }
 
@@ -221,23 +242,20 @@ fn tcg_enroll_rejects_an_idevid_not_certified_by_an_iak_of_the_same_tpm() {
     // The certify is made by the other TPM's IAK, the request names this TPM's IAK.
     let (o_iak, idevid) = (other.iak.clone(), d.idevid.clone());
     let o_idevid = other.idevid.clone();
-    let (certify, certify_sig) = other
+    let certify = other
         .dev
         .certify(EkAlg::Rsa2048, &o_iak, &o_idevid, &[])
         .unwrap();
-    let req = IdevidRequest {
-        hash_alg: wire::alg::SHA256,
-        prod_model: "kame-edge-1".into(),
-        prod_serial: "SN-0042".into(),
-        ek_cert: d.dev.ek_certificate(EkAlg::Rsa2048).unwrap().unwrap(),
-        attest_pub: d.iak.public.clone(),
-        signing_pub: idevid.public.clone(),
-        sgn_certify_info: certify,
-        sgn_certify_info_sig: certify_sig,
-        ..Default::default()
-    };
-    let sig = d.dev.sign(&idevid, &req.content().unwrap()).unwrap();
-    let bytes = req.encode(&sig).unwrap();
+    let ek_cert = d.dev.ek_certificate(EkAlg::Rsa2048).unwrap().unwrap();
+    let iak_pub = d.iak.public.clone();
+    let bytes = signed_request(
+        &mut d.dev,
+        ek_cert.clone(),
+        &iak_pub,
+        &idevid.public,
+        certify,
+        &idevid,
+    );
     assert!(
         matches!(verify(&d, &bytes), Err(EnrollError::IdevidNotCertified(_))),
         "{:?}",
@@ -246,23 +264,18 @@ fn tcg_enroll_rejects_an_idevid_not_certified_by_an_iak_of_the_same_tpm() {
     // The other TPM's own IAK and IDevID with this TPM's EK certificate: every signature
     // checks, but only a TPM holding both the EK and the IAK answers the challenge.
     let o_sig_key = other.idevid.clone();
-    let (certify, certify_sig) = other
+    let certify = other
         .dev
         .certify(EkAlg::Rsa2048, &o_iak, &o_idevid, &[])
         .unwrap();
-    let req = IdevidRequest {
-        hash_alg: wire::alg::SHA256,
-        prod_model: "kame-edge-1".into(),
-        prod_serial: "SN-0042".into(),
-        ek_cert: d.dev.ek_certificate(EkAlg::Rsa2048).unwrap().unwrap(),
-        attest_pub: o_iak.public.clone(),
-        signing_pub: o_idevid.public.clone(),
-        sgn_certify_info: certify,
-        sgn_certify_info_sig: certify_sig,
-        ..Default::default()
-    };
-    let sig = other.dev.sign(&o_sig_key, &req.content().unwrap()).unwrap();
-    let bytes = req.encode(&sig).unwrap();
+    let bytes = signed_request(
+        &mut other.dev,
+        ek_cert,
+        &o_iak.public,
+        &o_idevid.public,
+        certify,
+        &o_sig_key,
+    );
     let challenges = Challenges::new(Duration::from_secs(60));
     let ch = challenges.issue(verify(&d, &bytes).unwrap()).unwrap();
     assert!(
@@ -332,20 +345,16 @@ fn tcg_enroll_an_iak_that_lies_about_its_attributes_cannot_answer_the_challenge(
     declared.attributes |= wire::public::attr::RESTRICTED;
     let declared = declared.marshal().unwrap();
     let idevid = d.idevid.clone();
-    let (certify, certify_sig) = d.dev.certify(EkAlg::Rsa2048, &real, &idevid, &[]).unwrap();
-    let req = IdevidRequest {
-        hash_alg: wire::alg::SHA256,
-        prod_model: "kame-edge-1".into(),
-        prod_serial: "SN-0042".into(),
-        ek_cert: d.dev.ek_certificate(EkAlg::Rsa2048).unwrap().unwrap(),
-        attest_pub: declared,
-        signing_pub: idevid.public.clone(),
-        sgn_certify_info: certify,
-        sgn_certify_info_sig: certify_sig,
-        ..Default::default()
-    };
-    let sig = d.dev.sign(&idevid, &req.content().unwrap()).unwrap();
-    let bytes = req.encode(&sig).unwrap();
+    let certify = d.dev.certify(EkAlg::Rsa2048, &real, &idevid, &[]).unwrap();
+    let ek_cert = d.dev.ek_certificate(EkAlg::Rsa2048).unwrap().unwrap();
+    let bytes = signed_request(
+        &mut d.dev,
+        ek_cert,
+        &declared,
+        &idevid.public,
+        certify,
+        &idevid,
+    );
     // On paper the request is fine: the key signs, the declared bits say restricted.
     let verified = verify(&d, &bytes).unwrap();
     // The control: a credential made for the real public area's Name opens with this key

@@ -369,45 +369,47 @@ impl Device {
             Err(tss_esapi::Error::Tss2Error(_)) => return Ok(None),
             Err(e) => return Err(step("open EK certificate NV index")(e)),
         };
-        let nvh = tss_esapi::handles::NvIndexHandle::from(nv);
-        let size = match self.ctx.execute_without_session(|c| c.nv_read_public(nvh)) {
-            Ok((p, _)) => p.data_size(),
-            Err(e) => {
-                let mut nv = nv;
-                let _ = self.ctx.tr_close(&mut nv);
-                return Err(step("NV_ReadPublic (EK certificate)")(e));
-            }
-        };
-        let mut data = Vec::with_capacity(size);
-        let mut r = Ok(());
-        while data.len() < size {
-            let offset = u16::try_from(data.len()).map_err(|_| {
-                DeviceError::Invalid("EK certificate NV index larger than 64 KiB".into())
-            })?;
-            let n = chunk.min(u16::try_from(size - data.len()).unwrap_or(chunk));
-            match self.exec_auth(false, |c| {
-                c.nv_read(
-                    tss_esapi::interface_types::resource_handles::NvAuth::NvIndex(nvh),
-                    nvh,
-                    n,
-                    offset,
-                )
-            }) {
-                Ok(b) if !b.is_empty() => data.extend_from_slice(b.value()),
-                Ok(_) => {
-                    r = Err(DeviceError::Invalid("NV_Read returned nothing".into()));
-                    break;
-                }
-                Err(e) => {
-                    r = Err(step("NV_Read (EK certificate)")(e));
-                    break;
-                }
-            }
-        }
+        let r = self.nv_read_whole(tss_esapi::handles::NvIndexHandle::from(nv), chunk);
         let mut nv = nv;
         let _ = self.ctx.tr_close(&mut nv);
-        r?;
+        let data = r?;
         Ok(Some(trim_der(&data)?))
+    }
+
+    /// The whole contents of the NV index `nvh` (its size from its public area), read in
+    /// `chunk`-byte NV_Reads under the index's own empty authorization, as go-tpm reads it.
+    fn nv_read_whole(
+        &mut self,
+        nvh: tss_esapi::handles::NvIndexHandle,
+        chunk: u16,
+    ) -> Result<Vec<u8>> {
+        let size = self
+            .ctx
+            .execute_without_session(|c| c.nv_read_public(nvh))
+            .map_err(step("NV_ReadPublic"))?
+            .0
+            .data_size();
+        let mut data = Vec::with_capacity(size);
+        while data.len() < size {
+            let offset = u16::try_from(data.len())
+                .map_err(|_| DeviceError::Invalid("NV index larger than 64 KiB".into()))?;
+            let n = chunk.min(u16::try_from(size - data.len()).unwrap_or(chunk));
+            let b = self
+                .exec_auth(false, |c| {
+                    c.nv_read(
+                        tss_esapi::interface_types::resource_handles::NvAuth::NvIndex(nvh),
+                        nvh,
+                        n,
+                        offset,
+                    )
+                })
+                .map_err(step("NV_Read"))?;
+            if b.is_empty() {
+                return Err(DeviceError::Invalid("NV_Read returned nothing".into()));
+            }
+            data.extend_from_slice(b.value());
+        }
+        Ok(data)
     }
 
     /// EK chain certificates (issuer certificates up to the vendor root) from the TCG EK
@@ -481,19 +483,6 @@ impl Device {
             public: r.out_public.marshall().map_err(step("marshal AK public"))?,
             private: r.out_private.value().to_vec(),
             parent: AkParent::Ek,
-        })
-    }
-
-    /// SPIRE's AK: RSA-2048 restricted signing from the exact `AK_RSA` template, under the
-    /// SRK (`tpm_devid.md` §1.3 step 4).
-    pub fn create_spire_ak(&mut self) -> Result<AkBlob> {
-        let k = self.create_under_srk(&wire::public::templates::bytes(
-            wire::public::templates::AK_RSA,
-        ))?;
-        Ok(AkBlob {
-            public: k.public,
-            private: k.private,
-            parent: AkParent::Srk,
         })
     }
 
@@ -636,48 +625,47 @@ impl Device {
     /// LDevID key, so that using it needs no SRK and no load. An occupied handle is an error;
     /// nothing is replaced.
     pub fn persist_key(&mut self, key: &KeyBlob, handle: u32) -> Result<()> {
+        let ph = self.free_persistent_handle(handle)?;
+        let kh = self.load_under_srk(key)?;
+        let r = self.evict_control(ObjectHandle::from(kh), ph, "persist key (EvictControl)");
+        self.flush(kh);
+        r
+    }
+
+    /// `handle` as a persistent handle, refused when an object sits there already: nothing is
+    /// ever replaced.
+    fn free_persistent_handle(&mut self, handle: u32) -> Result<PersistentTpmHandle> {
         let ph = PersistentTpmHandle::new(handle).map_err(step("persistent handle"))?;
         if self.persistent_handles()?.contains(&handle) {
             return Err(DeviceError::Invalid(format!(
                 "persistent handle {handle:#010x} is in use"
             )));
         }
-        let kh = self.load_under_srk(key)?;
+        Ok(ph)
+    }
+
+    /// TPM2_EvictControl under the owner authorization: persists the transient `obj` at `ph`,
+    /// or removes `obj` when it is the persistent object there.
+    fn evict_control(
+        &mut self,
+        obj: ObjectHandle,
+        ph: PersistentTpmHandle,
+        what: &'static str,
+    ) -> Result<()> {
         let secret = self.owner_auth;
-        let r = self
-            .exec_auth(secret, |c| {
-                c.evict_control(
-                    Provision::Owner,
-                    ObjectHandle::from(kh),
-                    Persistent::Persistent(ph),
-                )
-            })
-            .map(|_| ())
-            .map_err(step("persist key (EvictControl)"));
-        self.flush(kh);
-        r
+        self.exec_auth(secret, |c| {
+            c.evict_control(Provision::Owner, obj, Persistent::Persistent(ph))
+        })
+        .map(|_| ())
+        .map_err(step(what))
     }
 
     /// Persists the AK at `handle` (owner range 0x81000000..=0x817fffff). An occupied handle is
     /// an error; nothing is replaced.
     pub fn persist_ak(&mut self, ek_alg: EkAlg, blob: &AkBlob, handle: u32) -> Result<()> {
-        let ph = PersistentTpmHandle::new(handle).map_err(step("persistent handle"))?;
-        if self.persistent_handles()?.contains(&handle) {
-            return Err(DeviceError::Invalid(format!(
-                "persistent handle {handle:#010x} is in use"
-            )));
-        }
+        let ph = self.free_persistent_handle(handle)?;
         self.with_ak(ek_alg, blob, |d, _ek, akh| {
-            let secret = d.owner_auth;
-            d.exec_auth(secret, |c| {
-                c.evict_control(
-                    Provision::Owner,
-                    ObjectHandle::from(akh),
-                    Persistent::Persistent(ph),
-                )
-            })
-            .map(|_| ())
-            .map_err(step("persist AK (EvictControl)"))
+            d.evict_control(ObjectHandle::from(akh), ph, "persist AK (EvictControl)")
         })
     }
 
@@ -685,16 +673,11 @@ impl Device {
     pub fn evict_persistent(&mut self, handle: u32) -> Result<()> {
         let ph = PersistentTpmHandle::new(handle).map_err(step("persistent handle"))?;
         let obj = self.persistent(handle)?;
-        let secret = self.owner_auth;
-        self.exec_auth(secret, |c| {
-            c.evict_control(
-                Provision::Owner,
-                ObjectHandle::from(obj),
-                Persistent::Persistent(ph),
-            )
-        })
-        .map(|_| ())
-        .map_err(step("evict persistent object (EvictControl)"))?;
+        self.evict_control(
+            ObjectHandle::from(obj),
+            ph,
+            "evict persistent object (EvictControl)",
+        )?;
         self.persistents.remove(&handle);
         Ok(())
     }
@@ -869,17 +852,18 @@ impl Device {
 
     /// Signs `message` (hashed here with the key's scheme hash) with `key`; returns TPMT_SIGNATURE.
     pub fn sign(&mut self, key: &KeyBlob, message: &[u8]) -> Result<Vec<u8>> {
-        let public = Public::parse(&key.public)?;
-        let hash_alg = match public.scheme().hash {
-            wire::alg::SHA384 => wire::alg::SHA384,
-            _ => wire::alg::SHA256,
-        };
-        self.sign_digest(key, &wire::hash(hash_alg, message)?)
+        let digest = message_digest(&key.public, message)?;
+        self.sign_loaded_digest(key, digest)
     }
 
     /// Signs a precomputed digest with `key`; returns TPMT_SIGNATURE.
     pub fn sign_digest(&mut self, key: &KeyBlob, digest: &[u8]) -> Result<Vec<u8>> {
         let digest = Digest::try_from(digest.to_vec()).map_err(step("digest"))?;
+        self.sign_loaded_digest(key, digest)
+    }
+
+    /// Loads `key` under the SRK, signs `digest`, and flushes it.
+    fn sign_loaded_digest(&mut self, key: &KeyBlob, digest: Digest) -> Result<Vec<u8>> {
         let kh = self.load_under_srk(key)?;
         let r = self.sign_loaded(kh, !key.auth.is_empty(), digest);
         self.flush(kh);
@@ -919,12 +903,7 @@ impl Device {
         nonce: &[u8],
         pcrs: &[u32],
     ) -> Result<PersistentAkProof> {
-        let public = Public::parse(&devid.public)?;
-        let hash_alg = match public.scheme().hash {
-            wire::alg::SHA384 => wire::alg::SHA384,
-            _ => wire::alg::SHA256,
-        };
-        let digest = Digest::try_from(wire::hash(hash_alg, message)?).map_err(step("digest"))?;
+        let digest = message_digest(&devid.public, message)?;
         let data = Data::try_from(nonce.to_vec()).map_err(step("nonce"))?;
         let akh = self.persistent(ak)?;
         let kh = match devid_handle {
@@ -1035,12 +1014,7 @@ impl Device {
         ecc: bool,
         handle: u32,
     ) -> Result<Vec<u8>> {
-        let ph = PersistentTpmHandle::new(handle).map_err(step("persistent handle"))?;
-        if self.persistent_handles()?.contains(&handle) {
-            return Err(DeviceError::Invalid(format!(
-                "persistent handle {handle:#010x} is in use"
-            )));
-        }
+        let ph = self.free_persistent_handle(handle)?;
         let template = wire::public::tcg_devid_template(key, ecc)?.marshal()?;
         let public =
             tss_esapi::structures::Public::unmarshall(&template).map_err(step("TCG template"))?;
@@ -1050,17 +1024,9 @@ impl Device {
             .read_public(kh)
             .map_err(step("read TCG key public"))
             .and_then(|(p, _, _)| p.marshall().map_err(step("marshal TCG key public")));
-        let secret = self.owner_auth;
         let persisted = out.and_then(|out| {
-            self.exec_auth(secret, |c| {
-                c.evict_control(
-                    Provision::Owner,
-                    ObjectHandle::from(kh),
-                    Persistent::Persistent(ph),
-                )
-            })
-            .map(|_| out)
-            .map_err(step("persist TCG key (EvictControl)"))
+            self.evict_control(ObjectHandle::from(kh), ph, "persist TCG key (EvictControl)")
+                .map(|_| out)
         });
         self.flush(kh);
         persisted
@@ -1116,21 +1082,7 @@ impl Device {
             .ok_or_else(|| DeviceError::Invalid("TPM returned no session".into()))?;
         let r = PolicySession::try_from(session)
             .map_err(step("policy session"))
-            .and_then(|ps| {
-                let secret = self.endorsement_auth;
-                self.exec_auth(secret, |c| {
-                    c.policy_secret(
-                        ps,
-                        AuthHandle::Endorsement,
-                        Nonce::default(),
-                        Digest::default(),
-                        Nonce::default(),
-                        None,
-                    )
-                })
-                .map(|_| ps)
-                .map_err(step("PolicySecret(endorsement)"))
-            });
+            .and_then(|ps| self.policy_secret_endorsement(ps).map(|_| ps));
         match r {
             Ok(ps) => Ok((session, ps)),
             Err(e) => {
@@ -1138,6 +1090,23 @@ impl Device {
                 Err(e)
             }
         }
+    }
+
+    /// TPM2_PolicySecret(TPM_RH_ENDORSEMENT) in `ps`, under the endorsement authorization.
+    fn policy_secret_endorsement(&mut self, ps: PolicySession) -> Result<()> {
+        let secret = self.endorsement_auth;
+        self.exec_auth(secret, |c| {
+            c.policy_secret(
+                ps,
+                AuthHandle::Endorsement,
+                Nonce::default(),
+                Digest::default(),
+                Nonce::default(),
+                None,
+            )
+        })
+        .map(|_| ())
+        .map_err(step("PolicySecret(endorsement)"))
     }
 
     /// TPM2_PolicyOR over `branches` in `ps`.
@@ -1257,14 +1226,7 @@ impl Device {
                 "TCG IAK credential activation uses a low-range (SHA-256) EK".into(),
             ));
         }
-        let strip = |b: &[u8]| -> Result<Vec<u8>> {
-            let mut r = wire::Reader::new(b, "TPM2B");
-            let inner = r.tpm2b()?.to_vec();
-            r.finish()?;
-            Ok(inner)
-        };
-        let id = IdObject::try_from(strip(credential_blob)?).map_err(step("credential blob"))?;
-        let es = EncryptedSecret::try_from(strip(secret)?).map_err(step("encrypted secret"))?;
+        let (id, es) = credential_parts(credential_blob, secret)?;
         let iakh = self.persistent(iak)?;
         let iak_session = self.tcg_admin_session(
             wire::policy::DevIdKey::Iak,
@@ -1298,14 +1260,7 @@ impl Device {
     /// (policy A), and for the high-range templates (SHA-384 nameAlg) PolicyOR(A, C) on top
     /// (policy B). The caller flushes it.
     fn ek_policy_session(&mut self, ek_alg: EkAlg) -> Result<AuthSession> {
-        let ek_name_alg = match ek_alg {
-            EkAlg::Rsa2048 | EkAlg::EccP256 => wire::alg::SHA256,
-            EkAlg::EccP384 | EkAlg::Rsa3072 => wire::alg::SHA384,
-        };
-        let (session_hash, branches) = match wire::policy::ek_policy_b_branches(ek_name_alg)? {
-            Some(b) => (HashingAlgorithm::Sha384, Some(b)),
-            None => (HashingAlgorithm::Sha256, None),
-        };
+        let (session_hash, branches) = ek_policy(ek_alg)?;
         let (session, ps) = self.endorsement_policy_session(session_hash)?;
         if let Some(b) = &branches
             && let Err(e) = self.policy_or_branches(ps, b, "PolicyOR(A, C)")
@@ -1314,6 +1269,38 @@ impl Device {
             return Err(e);
         }
         Ok(session)
+    }
+
+    /// Satisfies the EK's authPolicy again in a policy session already used once (a policy
+    /// session's digest starts over after each command).
+    fn renew_ek_policy(&mut self, session: AuthSession, ek_alg: EkAlg) -> Result<()> {
+        let ps = PolicySession::try_from(session).map_err(step("policy session"))?;
+        self.policy_secret_endorsement(ps)?;
+        if let (_, Some(b)) = ek_policy(ek_alg)? {
+            self.policy_or_branches(ps, &b, "PolicyOR(A, C)")?;
+        }
+        Ok(())
+    }
+
+    /// TPM2_ActivateCredential of the loaded AK under the loaded EK: the AK (ADMIN role) with
+    /// its empty password, the EK (USER role) through its policy.
+    fn activate_loaded(
+        &mut self,
+        akh: KeyHandle,
+        ekh: KeyHandle,
+        ek_alg: EkAlg,
+        id: IdObject,
+        es: EncryptedSecret,
+    ) -> Result<Vec<u8>> {
+        let policy = self.ek_policy_session(ek_alg)?;
+        let r = self
+            .ctx
+            .execute_with_sessions((Some(AuthSession::Password), Some(policy), None), |c| {
+                c.activate_credential(akh, ekh, id, es)
+            })
+            .map_err(step("ActivateCredential"));
+        self.flush_session(policy);
+        Ok(r?.value().to_vec())
     }
 
     /// Message 1 of an attestation with a fresh AK: loads the DevID key (under the SRK, then
@@ -1397,24 +1384,7 @@ impl Device {
         })
         .map_err(step("create AK under the EK"));
         let akh = created.and_then(|created| {
-            let ps = PolicySession::try_from(session).map_err(step("policy session"))?;
-            let secret = self.endorsement_auth;
-            self.exec_auth(secret, |c| {
-                c.policy_secret(
-                    ps,
-                    AuthHandle::Endorsement,
-                    Nonce::default(),
-                    Digest::default(),
-                    Nonce::default(),
-                    None,
-                )
-            })
-            .map_err(step("PolicySecret(endorsement)"))?;
-            if matches!(ek_alg, EkAlg::EccP384 | EkAlg::Rsa3072)
-                && let Some(b) = wire::policy::ek_policy_b_branches(wire::alg::SHA384)?
-            {
-                self.policy_or_branches(ps, &b, "PolicyOR(A, C)")?;
-            }
+            self.renew_ek_policy(session, ek_alg)?;
             let akh = self
                 .ctx
                 .execute_with_session(Some(session), |c| {
@@ -1483,31 +1453,11 @@ impl Device {
                 "the attestation's objects are not loaded in this TPM connection".into(),
             ));
         }
-        let public = Public::parse(devid_public)?;
-        let hash_alg = match public.scheme().hash {
-            wire::alg::SHA384 => wire::alg::SHA384,
-            _ => wire::alg::SHA256,
-        };
-        let digest = Digest::try_from(wire::hash(hash_alg, message)?).map_err(step("digest"))?;
+        let digest = message_digest(devid_public, message)?;
         let signature = self.sign_loaded(a.devid, a.devid_secret, digest)?;
-        let strip = |b: &[u8]| -> Result<Vec<u8>> {
-            let mut r = wire::Reader::new(b, "TPM2B");
-            let inner = r.tpm2b()?.to_vec();
-            r.finish()?;
-            Ok(inner)
-        };
-        let id = IdObject::try_from(strip(credential_blob)?).map_err(step("credential blob"))?;
-        let es = EncryptedSecret::try_from(strip(secret)?).map_err(step("encrypted secret"))?;
-        let policy = self.ek_policy_session(a.ek_alg)?;
-        let (akh, ekh) = (a.ak, a.ek);
-        let credential = self
-            .ctx
-            .execute_with_sessions((Some(AuthSession::Password), Some(policy), None), |c| {
-                c.activate_credential(akh, ekh, id, es)
-            })
-            .map_err(step("ActivateCredential"));
-        self.flush_session(policy);
-        let credential = credential?.value().to_vec();
+        let (id, es) = credential_parts(credential_blob, secret)?;
+        let akh = a.ak;
+        let credential = self.activate_loaded(akh, a.ek, a.ek_alg, id, es)?;
         let v2 = match v2 {
             None => None,
             Some((nonce, pcrs)) => {
@@ -1559,44 +1509,51 @@ impl Device {
         credential_blob: &[u8],
         secret: &[u8],
     ) -> Result<Vec<u8>> {
-        let strip = |b: &[u8]| -> Result<Vec<u8>> {
-            let mut r = wire::Reader::new(b, "TPM2B");
-            let inner = r.tpm2b()?.to_vec();
-            r.finish()?;
-            Ok(inner)
-        };
-        let id = IdObject::try_from(strip(credential_blob)?).map_err(step("credential blob"))?;
-        let es = EncryptedSecret::try_from(strip(secret)?).map_err(step("encrypted secret"))?;
-        // The EK's authPolicy: policy A = PolicySecret(TPM_RH_ENDORSEMENT) for the low-range
-        // templates; for the high-range ones (SHA-384 nameAlg) policy B = PolicyOR(A, C),
-        // satisfied by PolicySecret then PolicyOR over both branches.
-        let ek_name_alg = match ek_alg {
-            EkAlg::Rsa2048 | EkAlg::EccP256 => wire::alg::SHA256,
-            EkAlg::EccP384 | EkAlg::Rsa3072 => wire::alg::SHA384,
-        };
-        let (session_hash, branches) = match wire::policy::ek_policy_b_branches(ek_name_alg)? {
-            Some(b) => (HashingAlgorithm::Sha384, Some(b)),
-            None => (HashingAlgorithm::Sha256, None),
-        };
+        let (id, es) = credential_parts(credential_blob, secret)?;
         self.with_ak(ek_alg, blob, |d, ekh, akh| {
-            // A policy session for the EK (USER role), satisfied under a password session; the
-            // AK (ADMIN role) uses its empty password.
-            let (policy, ps) = d.endorsement_policy_session(session_hash)?;
-            let r = match &branches {
-                Some(b) => d.policy_or_branches(ps, b, "PolicyOR(A, C)"),
-                None => Ok(()),
-            };
-            let r = r.and_then(|_| {
-                d.ctx
-                    .execute_with_sessions((Some(AuthSession::Password), Some(policy), None), |c| {
-                        c.activate_credential(akh, ekh, id, es)
-                    })
-                    .map_err(step("ActivateCredential"))
-            });
-            d.flush_session(policy);
-            Ok(r?.value().to_vec())
+            d.activate_loaded(akh, ekh, ek_alg, id, es)
         })
     }
+}
+
+/// The EK's authPolicy for `ek_alg`: (the policy session's hash, the PolicyOR branches).
+/// Policy A = PolicySecret(TPM_RH_ENDORSEMENT) for the low-range templates; for the
+/// high-range ones (SHA-384 nameAlg) policy B = PolicyOR(A, C), satisfied by PolicySecret then
+/// PolicyOR over both branches.
+fn ek_policy(ek_alg: EkAlg) -> Result<(HashingAlgorithm, Option<[Vec<u8>; 2]>)> {
+    let ek_name_alg = match ek_alg {
+        EkAlg::Rsa2048 | EkAlg::EccP256 => wire::alg::SHA256,
+        EkAlg::EccP384 | EkAlg::Rsa3072 => wire::alg::SHA384,
+    };
+    Ok(match wire::policy::ek_policy_b_branches(ek_name_alg)? {
+        Some(b) => (HashingAlgorithm::Sha384, Some(b)),
+        None => (HashingAlgorithm::Sha256, None),
+    })
+}
+
+/// A credential as ActivateCredential takes it, from TPM2B_ID_OBJECT and
+/// TPM2B_ENCRYPTED_SECRET (each with its size, filling its bytes exactly).
+fn credential_parts(credential_blob: &[u8], secret: &[u8]) -> Result<(IdObject, EncryptedSecret)> {
+    let strip = |b: &[u8]| -> Result<Vec<u8>> {
+        let mut r = wire::Reader::new(b, "TPM2B");
+        let inner = r.tpm2b()?.to_vec();
+        r.finish()?;
+        Ok(inner)
+    };
+    Ok((
+        IdObject::try_from(strip(credential_blob)?).map_err(step("credential blob"))?,
+        EncryptedSecret::try_from(strip(secret)?).map_err(step("encrypted secret"))?,
+    ))
+}
+
+/// `message` hashed as the key whose TPMT_PUBLIC is `public` signs it: SHA-384 when its
+/// scheme says so, else SHA-256.
+fn message_digest(public: &[u8], message: &[u8]) -> Result<Digest> {
+    let hash_alg = match Public::parse(public)?.scheme().hash {
+        wire::alg::SHA384 => wire::alg::SHA384,
+        _ => wire::alg::SHA256,
+    };
+    Digest::try_from(wire::hash(hash_alg, message)?).map_err(step("digest"))
 }
 
 fn key_is_ecc(tpmt_public: &[u8]) -> bool {

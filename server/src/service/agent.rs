@@ -469,3 +469,25 @@ impl Agent for AgentService {
         Ok(Response::new(pb::PostStatusResponse {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server not set up for certified AKs is a precondition, malformed data bad input, a
+    /// failed proof a refusal.
+    #[test]
+    fn tpm_devid_status_codes_say_what_failed() {
+        use tpm_devid::DevIdError as E;
+        for (e, code) in [
+            (E::CertifiedAkNotConfigured, tonic::Code::FailedPrecondition),
+            (E::CertifiedAkInCompatMode, tonic::Code::FailedPrecondition),
+            (E::CertifiedAkNeedsV2, tonic::Code::InvalidArgument),
+            (E::Missing("AKPub"), tonic::Code::InvalidArgument),
+            (E::AkCertMismatch, tonic::Code::PermissionDenied),
+            (E::CredentialMismatch, tonic::Code::PermissionDenied),
+        ] {
+            assert_eq!(devid_status(e).code(), code);
+        }
+    }
+}
