@@ -2,7 +2,13 @@
 //! ids, then `/proc/<pid>`) into SPIRE's `unix:` selectors. A pid that exits or is reused
 //! while it is being examined yields no identity, never someone else's: the process must have
 //! started before the connection was accepted, keep the same start time throughout, and have
-//! the ids the kernel reported for the socket. It reads `/proc` and `/etc/{passwd,group}` only.
+//! the ids the kernel reported for the socket. Nor does a process that execs another binary
+//! after it connected (handing the connection to a child first) get that binary's identity:
+//! the executable (device and inode of `/proc/<pid>/exe`) is recorded when the connection is
+//! accepted, and attestation is refused when the process runs another one, or when the binary
+//! hashed is not that one. What remains (as in SPIRE): a process that execs between its
+//! connect() and the agent's accept() is seen as the new binary. It reads `/proc` and
+//! `/etc/{passwd,group}` only.
 
 use crate::config::UnixAttestorConfig;
 use kame_api::pb::types::Selector;
@@ -23,6 +29,8 @@ pub enum AttestorError {
     PidReused(i32),
     #[error("process {0} changed credentials since it connected")]
     CredentialsChanged(i32),
+    #[error("process {0} runs another executable than when it connected (exec after connect)")]
+    ExecutableChanged(i32),
     #[error("cannot read {what} of process {pid}: {msg}")]
     Proc {
         pid: i32,
@@ -41,6 +49,19 @@ pub struct Peer {
     pub gid: u32,
     /// Seconds since boot when the connection was accepted (from /proc/uptime).
     pub accepted_at: Option<f64>,
+    /// The executable the process ran when the connection was accepted.
+    pub exe: Option<ExeId>,
+}
+
+/// What identifies an executable: the device and inode of the binary `/proc/<pid>/exe` names
+/// (the file the process runs, even if its path has since been replaced or deleted).
+pub type ExeId = (u64, u64);
+
+/// The executable process `pid` runs now, under `root` (`/proc`).
+pub fn exe_id(root: &Path, pid: i32) -> Option<ExeId> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(root.join(pid.to_string()).join("exe")).ok()?;
+    Some((m.dev(), m.ino()))
 }
 
 /// Seconds since boot, from /proc/uptime.
@@ -163,6 +184,11 @@ impl UnixAttestor {
         if st.euid != peer.uid || st.egid != peer.gid {
             return Err(AttestorError::CredentialsChanged(pid));
         }
+        let same_exe = |id: Option<ExeId>| match peer.exe {
+            Some(at_accept) if id != Some(at_accept) => Err(AttestorError::ExecutableChanged(pid)),
+            _ => Ok(()),
+        };
+        same_exe(exe_id(&self.proc_root, pid))?;
         let passwd = self.etc_root.join("passwd");
         let group = self.etc_root.join("group");
         let mut out = vec![sel(format!("uid:{}", st.euid))];
@@ -189,12 +215,15 @@ impl UnixAttestor {
             let meta = f
                 .metadata()
                 .map_err(|e| proc_err(pid, "exe", e.to_string()))?;
+            use std::os::unix::fs::MetadataExt;
+            // The binary opened is the one the connection was made with (an exec since the
+            // check above would swap it).
+            same_exe(Some((meta.dev(), meta.ino())))?;
             let size = meta.len();
             let limit = self.config.workload_size_limit;
             if limit > 0 && size > limit {
                 return Err(AttestorError::TooLarge { pid, size, limit });
             }
-            use std::os::unix::fs::MetadataExt;
             let key = (
                 meta.dev(),
                 meta.ino(),
@@ -232,11 +261,14 @@ impl UnixAttestor {
             };
             out.push(sel(format!("sha256:{digest}")));
         }
-        // Still the same process at the end: otherwise what was read may be another's.
+        // Still the same process, running the same binary, at the end: otherwise what was
+        // read may be another's.
         match start_time(&self.proc_root, pid) {
-            Ok(t) if t == started => Ok(out),
-            _ => Err(AttestorError::ProcessExited(pid)),
+            Ok(t) if t == started => {}
+            _ => return Err(AttestorError::ProcessExited(pid)),
         }
+        same_exe(exe_id(&self.proc_root, pid))?;
+        Ok(out)
     }
 }
 
@@ -257,11 +289,13 @@ mod tests {
 
     fn me() -> Peer {
         let st = status(Path::new("/proc"), std::process::id() as i32).unwrap();
+        let pid = std::process::id() as i32;
         Peer {
-            pid: std::process::id() as i32,
+            pid,
             uid: st.euid,
             gid: st.egid,
             accepted_at: uptime(),
+            exe: exe_id(Path::new("/proc"), pid),
         }
     }
 
@@ -337,6 +371,45 @@ mod tests {
             a.attest(&Peer { pid: 0, ..me() }),
             Err(AttestorError::NoPeerCredentials)
         );
+    }
+
+    #[test]
+    fn unix_attestor_refuses_a_process_that_execd_since_it_connected() {
+        for discover_workload_path in [false, true] {
+            let a = UnixAttestor::new(UnixAttestorConfig {
+                discover_workload_path,
+                workload_size_limit: 0,
+            });
+            // `sh` recorded at accept; it then execs `sleep`.
+            let mut child = std::process::Command::new("sh")
+                .args(["-c", "read x; exec sleep 5"])
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let pid = child.id() as i32;
+            let at_accept = loop {
+                let id = exe_id(Path::new("/proc"), pid);
+                if id.is_some() {
+                    break id;
+                }
+            };
+            let p = Peer {
+                pid,
+                exe: at_accept,
+                ..me()
+            };
+            assert!(a.attest(&p).is_ok(), "still sh");
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+            let sleep = std::fs::metadata("/bin/sleep").unwrap();
+            use std::os::unix::fs::MetadataExt;
+            while exe_id(Path::new("/proc"), pid) != Some((sleep.dev(), sleep.ino())) {
+                std::thread::yield_now();
+            }
+            assert_eq!(a.attest(&p), Err(AttestorError::ExecutableChanged(pid)));
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
     }
 
     #[test]

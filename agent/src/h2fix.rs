@@ -5,7 +5,10 @@
 //! HTTP/2 server, HPACK-decodes each client header block and re-encodes it with
 //! `:authority: localhost` (the authority means nothing on a Unix socket). Only HEADERS and
 //! CONTINUATION frames from the client are touched; everything else passes byte for byte. Input
-//! it cannot decode is passed on unchanged, for the HTTP/2 server to refuse.
+//! it cannot decode is passed on unchanged, for the HTTP/2 server to refuse. A header block
+//! that decodes to more than [`MAX_HEADER_LIST`] (the HTTP/2 server's own header-list limit,
+//! counted as RFC 7541 §4.1 counts it) ends the connection: HPACK lets a few bytes stand for a
+//! whole table entry, so the decoded size is checked as it grows, never after.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -23,12 +26,17 @@ const MAX_FRAME: usize = 16_384;
 const TABLE_SIZE: usize = 4096;
 /// A header block larger than this is not ours to rewrite.
 const MAX_BLOCK: usize = 256 * 1024;
+/// The largest decoded header list accepted: name + value + 32 per field (RFC 7541 §4.1),
+/// as SETTINGS_MAX_HEADER_LIST_SIZE counts it; 16 KiB as the HTTP/2 server's default.
+pub const MAX_HEADER_LIST: usize = 16 * 1024;
 
 enum Mode {
     Preface,
     Frames,
     /// Something we do not understand: pass everything on unchanged.
     Raw,
+    /// A header list over [`MAX_HEADER_LIST`]: the connection ends.
+    Refused,
 }
 
 /// A header block being collected across HEADERS + CONTINUATION frames.
@@ -91,6 +99,10 @@ impl<S> AuthorityFix<S> {
     fn process(&mut self) {
         loop {
             match self.mode {
+                Mode::Refused => {
+                    self.input.clear();
+                    return;
+                }
                 Mode::Raw => {
                     self.output.append(&mut self.input);
                     return;
@@ -195,16 +207,35 @@ impl<S> AuthorityFix<S> {
     fn finish_block(&mut self) {
         let Some(p) = self.pending.take() else { return };
         let decoder = &mut self.decoder;
-        let decoded =
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| decoder.decode(&p.block)));
-        let headers = match decoded {
-            Ok(Ok(h)) => h,
-            _ => {
-                self.output.extend_from_slice(&p.raw);
-                self.go_raw();
-                return;
-            }
-        };
+        // Fields are copied out only while the list is within the limit: past it, decoding
+        // still runs to its end (the dynamic table must stay in step) but keeps nothing.
+        let mut size = 0usize;
+        let mut headers: Vec<(Vec<u8>, Vec<u8>)> = vec![];
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decoder.decode_with_cb(&p.block, |n, v| {
+                size = size.saturating_add(n.len() + v.len() + 32);
+                if size <= MAX_HEADER_LIST {
+                    headers.push((n.into_owned(), v.into_owned()));
+                }
+            })
+        }));
+        if size > MAX_HEADER_LIST {
+            tracing::info!(
+                decoded_bytes = size,
+                limit = MAX_HEADER_LIST,
+                "Workload API connection refused: header list too large"
+            );
+            self.pending = None;
+            self.output.clear();
+            self.out_pos = 0;
+            self.mode = Mode::Refused;
+            return;
+        }
+        if !matches!(decoded, Ok(Ok(()))) {
+            self.output.extend_from_slice(&p.raw);
+            self.go_raw();
+            return;
+        }
         let headers: Vec<(Vec<u8>, Vec<u8>)> = headers
             .into_iter()
             .map(|(n, v)| {
@@ -257,6 +288,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
     ) -> Poll<std::io::Result<()>> {
         let this = self.get_mut();
         loop {
+            if matches!(this.mode, Mode::Refused) {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "HTTP/2 header list larger than 16 KiB",
+                )));
+            }
             if this.out_pos < this.output.len() {
                 let n = buf.remaining().min(this.output.len() - this.out_pos);
                 buf.put_slice(&this.output[this.out_pos..this.out_pos + n]);
@@ -386,6 +423,58 @@ mod tests {
             b":path".to_vec(),
             b"/SpiffeWorkloadAPI/FetchX509SVID".to_vec()
         )));
+    }
+
+    /// One 4 KiB table entry referenced 100,000 times: 400 MiB decoded from a 100 KiB
+    /// block. Refused, with no more than the limit ever held.
+    #[tokio::test]
+    async fn h2fix_hpack_bomb_ends_the_connection() {
+        let mut block = vec![0x40, 0x01, b'x', 0x7f, 0xa1, 0x1e]; // value length 4000
+        block.extend(std::iter::repeat_n(b'a', 4000));
+        block.extend(std::iter::repeat_n(0x80 | 62, 100_000));
+        let mut input = PREFACE.to_vec();
+        let chunks: Vec<&[u8]> = block.chunks(MAX_FRAME).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            let ty = if i == 0 {
+                FRAME_HEADERS
+            } else {
+                FRAME_CONTINUATION
+            };
+            let flags = if i + 1 == chunks.len() {
+                FLAG_END_HEADERS
+            } else {
+                0
+            };
+            input.extend(frame(ty, flags, 1, c));
+        }
+        let mut fix = AuthorityFix::new(std::io::Cursor::new(input));
+        let mut out = vec![];
+        let e = fix.read_to_end(&mut out).await.unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        // A list just within the limit still passes, rewritten.
+        let mut enc = fluke_hpack::Encoder::new();
+        let big = vec![b'v'; MAX_HEADER_LIST - 200];
+        let block = enc.encode(vec![
+            (&b":authority"[..], &b"x"[..]),
+            (b"big", big.as_slice()),
+        ]);
+        let mut input = PREFACE.to_vec();
+        let chunks: Vec<&[u8]> = block.chunks(MAX_FRAME).collect();
+        for (i, c) in chunks.iter().enumerate() {
+            let ty = if i == 0 {
+                FRAME_HEADERS
+            } else {
+                FRAME_CONTINUATION
+            };
+            let flags = if i + 1 == chunks.len() {
+                FLAG_END_HEADERS
+            } else {
+                0
+            };
+            input.extend(frame(ty, flags, 1, c));
+        }
+        let out = run(input).await;
+        assert!(headers_of(&out).contains(&(b":authority".to_vec(), b"localhost".to_vec())));
     }
 
     #[tokio::test]

@@ -35,11 +35,13 @@ impl WorkloadConn {
     pub fn new(inner: UnixStream) -> Self {
         let accepted_at = crate::attestor::uptime();
         let peer = inner.peer_cred().ok().and_then(|c| {
+            let pid = c.pid()?;
             Some(Peer {
-                pid: c.pid()?,
+                pid,
                 uid: c.uid(),
                 gid: c.gid(),
                 accepted_at,
+                exe: crate::attestor::exe_id(std::path::Path::new("/proc"), pid),
             })
         });
         WorkloadConn {

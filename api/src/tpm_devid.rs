@@ -42,9 +42,18 @@ fn bytes(m: &Map<String, Value>, name: &str) -> Result<Option<Vec<u8>>, Error> {
     }
 }
 
+/// Most certificates a list of message 1 (`DevIDCert`, `EKCertChain`, `AKCert`) may hold: a
+/// leaf and its intermediates, with room to spare (path validation takes at most 8
+/// intermediates). Larger lists are refused before anything in them is decoded.
+pub const MAX_LIST_CERTS: usize = 16;
+
 fn bytes_list(m: &Map<String, Value>, name: &str) -> Result<Vec<Vec<u8>>, Error> {
     match field(m, name) {
         None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Array(a)) if a.len() > MAX_LIST_CERTS => Err(bad(format!(
+            "{name} holds {} certificates; at most {MAX_LIST_CERTS} are accepted",
+            a.len()
+        ))),
         Some(Value::Array(a)) => a
             .iter()
             .map(|v| match v {
@@ -398,6 +407,17 @@ mod tests {
                 .contains("Quote")
         );
         assert!(ChallengeResponse::decode(br#"{"PCRValues":{"99":"AA=="}}"#).is_err());
+        // Certificate lists are capped before anything in them is decoded.
+        for name in ["DevIDCert", "EKCertChain", "AKCert"] {
+            let list = vec![Value::String("MAE=".into()); MAX_LIST_CERTS + 1];
+            let msg = serde_json::to_vec(&Value::Object(Map::from_iter([(
+                name.to_string(),
+                Value::Array(list),
+            )])))
+            .unwrap();
+            let e = AttestationRequest::decode(&msg).unwrap_err().to_string();
+            assert!(e.contains(&format!("{name} holds 17 certificates")), "{e}");
+        }
         // A v1 message never carries Version, nor Kame's EKCertChain or AKCert when empty.
         let plain = String::from_utf8(AttestationRequest::default().encode()).unwrap();
         for k in ["Version", "EKCertChain", "AKCert"] {

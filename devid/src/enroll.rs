@@ -35,6 +35,8 @@ const MAX_REQUEST: usize = 1024 * 1024;
 pub enum EnrollError {
     #[error("malformed TCG-CSR-IDEVID: {0}")]
     Malformed(String),
+    #[error("prodSerial: {0}")]
+    BadSerial(String),
     #[error("the request lacks {0}")]
     Missing(&'static str),
     #[error("IAK public area: {0}")]
@@ -69,6 +71,10 @@ pub enum EnrollError {
         "the sealed certificates do not open with this TPM's answer: sealed for another TPM, or altered"
     )]
     SealedForAnotherTpm,
+    #[error(
+        "too many pending enrollments {0}; answer the outstanding ones or let them expire ({1} s)"
+    )]
+    TooManyPending(&'static str, u64),
 }
 
 fn malformed(e: impl std::fmt::Display) -> EnrollError {
@@ -315,6 +321,9 @@ pub fn verify_idevid_request(
             return Err(EnrollError::Missing(what));
         }
     }
+    // The serial becomes a subject attribute and a selector: a value, never syntax.
+    crate::profile::check_serial_number(&request.prod_serial)
+        .map_err(|e| EnrollError::BadSerial(e.to_string()))?;
     let idevid =
         Public::parse(&request.signing_pub).map_err(|e| EnrollError::BadIdevid(e.to_string()))?;
     // The request is the IDevID key's word before anything else is believed.
@@ -375,24 +384,96 @@ pub struct Challenge {
     pub encrypted_secret: Vec<u8>,
 }
 
+/// How many enrollments may wait for an answer: everything before the challenge can be made
+/// in software, so what unauthenticated peers leave pending is capped, in all and per peer
+/// (its address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PendingLimits {
+    pub total: usize,
+    pub per_peer: usize,
+}
+
+impl Default for PendingLimits {
+    fn default() -> Self {
+        PendingLimits {
+            total: 4096,
+            per_peer: 64,
+        }
+    }
+}
+
+struct PendingEntry<V> {
+    value: V,
+    peer: String,
+    expires: Instant,
+}
+
+/// Single-use values by id, each for a while, within [`PendingLimits`].
+struct PendingTable<V> {
+    ttl: Duration,
+    limits: PendingLimits,
+    entries: HashMap<String, PendingEntry<V>>,
+}
+
+impl<V> PendingTable<V> {
+    fn new(ttl: Duration, limits: PendingLimits) -> Self {
+        PendingTable {
+            ttl,
+            limits,
+            entries: HashMap::new(),
+        }
+    }
+
+    /// Drops what expired; refuses when `peer`, or everyone, already holds the most allowed.
+    fn room(&mut self, peer: &str, now: Instant) -> Result<(), EnrollError> {
+        self.entries.retain(|_, e| e.expires > now);
+        let ttl = self.ttl.as_secs();
+        if self.entries.len() >= self.limits.total {
+            return Err(EnrollError::TooManyPending("in all", ttl));
+        }
+        let mine = self.entries.values().filter(|e| e.peer == peer).count();
+        if mine >= self.limits.per_peer {
+            return Err(EnrollError::TooManyPending("from this address", ttl));
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, id: String, value: V, peer: &str) -> Result<(), EnrollError> {
+        let now = Instant::now();
+        self.room(peer, now)?;
+        self.entries.insert(
+            id,
+            PendingEntry {
+                value,
+                peer: peer.to_string(),
+                expires: now + self.ttl,
+            },
+        );
+        Ok(())
+    }
+
+    fn take(&mut self, id: &str) -> Option<V> {
+        self.entries
+            .remove(id)
+            .filter(|e| e.expires > Instant::now())
+            .map(|e| e.value)
+    }
+}
+
 struct Pending {
     secret: Vec<u8>,
     request: VerifiedRequest,
-    expires: Instant,
 }
 
 /// Outstanding challenges: each answered at most once, within its lifetime. An answer to an
 /// unknown, expired or already used challenge is refused (a replay).
 pub struct Challenges {
-    ttl: Duration,
-    pending: Mutex<HashMap<String, Pending>>,
+    table: Mutex<PendingTable<Pending>>,
 }
 
 impl std::fmt::Debug for Challenges {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Challenges")
-            .field("ttl", &self.ttl)
-            .finish_non_exhaustive()
+        f.debug_struct("Challenges").finish_non_exhaustive()
     }
 }
 
@@ -403,16 +484,34 @@ fn random(n: usize) -> Result<Vec<u8>, EnrollError> {
     Ok(b)
 }
 
+/// The peer a request without an address (a local socket, an in-process call) counts as.
+pub const LOCAL_PEER: &str = "local";
+
 impl Challenges {
     pub fn new(ttl: Duration) -> Self {
+        Self::with_limits(ttl, PendingLimits::default())
+    }
+
+    pub fn with_limits(ttl: Duration, limits: PendingLimits) -> Self {
         Challenges {
-            ttl,
-            pending: Mutex::new(HashMap::new()),
+            table: Mutex::new(PendingTable::new(ttl, limits)),
         }
     }
 
-    /// A challenge that only the TPM holding both the EK and the IAK can answer.
-    pub fn issue(&self, request: VerifiedRequest) -> Result<Challenge, EnrollError> {
+    fn table(&self) -> std::sync::MutexGuard<'_, PendingTable<Pending>> {
+        self.table.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether `peer` may have another challenge now (checked again when it is issued): lets
+    /// a caller refuse before it verifies a request.
+    pub fn has_room(&self, peer: &str) -> Result<(), EnrollError> {
+        self.table().room(peer, Instant::now())
+    }
+
+    /// A challenge that only the TPM holding both the EK and the IAK can answer, held for
+    /// `peer` ([`LOCAL_PEER`] without an address).
+    pub fn issue(&self, request: VerifiedRequest, peer: &str) -> Result<Challenge, EnrollError> {
+        self.has_room(peer)?;
         let secret = random(32)?;
         let iak_name = request
             .iak
@@ -421,17 +520,8 @@ impl Challenges {
         let cred = credential::make_credential(&request.ek, &secret, &iak_name)
             .map_err(|e| EnrollError::Credential(e.to_string()))?;
         let id = hex_id(&random(16)?);
-        let now = Instant::now();
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        p.retain(|_, v| v.expires > now);
-        p.insert(
-            id.clone(),
-            Pending {
-                secret,
-                request,
-                expires: now + self.ttl,
-            },
-        );
+        self.table()
+            .insert(id.clone(), Pending { secret, request }, peer)?;
         Ok(Challenge {
             id,
             credential_blob: cred.credential_blob,
@@ -442,13 +532,7 @@ impl Challenges {
     /// Takes the answer to challenge `id`: the request it was issued for when `secret` is the
     /// one made for it (compared in constant time). The challenge is spent either way.
     pub fn answer(&self, id: &str, secret: &[u8]) -> Result<VerifiedRequest, EnrollError> {
-        let pending = self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(id)
-            .filter(|p| p.expires > Instant::now())
-            .ok_or(EnrollError::UnknownChallenge)?;
+        let pending = self.table().take(id).ok_or(EnrollError::UnknownChallenge)?;
         use subtle::ConstantTimeEq;
         if pending.secret.ct_eq(secret).into() {
             Ok(pending.request)
@@ -525,6 +609,9 @@ pub fn verify_ldevid_request(
     if iak_info != device {
         return Err(LdevidError::DeviceMismatch);
     }
+    // The serial goes into the LDevID's subject: a PrintableString value, as for an IDevID.
+    crate::profile::check_serial_number(&device.serial_number)
+        .map_err(|e| LdevidError::Profile("IDevID", e.to_string()))?;
     let parse = |b: &[u8]| Public::parse(b);
     let idevid = parse(&req.idevid_pub).map_err(|e| EnrollError::BadIdevid(e.to_string()))?;
     let iak = parse(&req.iak_pub).map_err(|e| EnrollError::BadIak(e.to_string()))?;
@@ -564,48 +651,83 @@ pub fn verify_ldevid_request(
     Ok(VerifiedLdevid { ldevid, device })
 }
 
-/// Single-use nonces for LDevID enrollment, each valid for a while.
+/// Single-use nonces for LDevID enrollment, each valid for a while, within
+/// [`PendingLimits`].
 pub struct Nonces {
-    ttl: Duration,
-    pending: Mutex<HashMap<String, (Vec<u8>, Instant)>>,
+    table: Mutex<PendingTable<Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Nonces {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Nonces")
-            .field("ttl", &self.ttl)
-            .finish_non_exhaustive()
+        f.debug_struct("Nonces").finish_non_exhaustive()
     }
 }
 
 impl Nonces {
     pub fn new(ttl: Duration) -> Self {
+        Self::with_limits(ttl, PendingLimits::default())
+    }
+
+    pub fn with_limits(ttl: Duration, limits: PendingLimits) -> Self {
         Nonces {
-            ttl,
-            pending: Mutex::new(HashMap::new()),
+            table: Mutex::new(PendingTable::new(ttl, limits)),
         }
     }
 
-    /// A fresh (id, nonce).
-    pub fn issue(&self) -> Result<(String, Vec<u8>), EnrollError> {
+    /// A fresh (id, nonce), held for `peer` ([`LOCAL_PEER`] without an address).
+    pub fn issue(&self, peer: &str) -> Result<(String, Vec<u8>), EnrollError> {
         let nonce = random(32)?;
         let id = hex_id(&random(16)?);
-        let now = Instant::now();
-        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        p.retain(|_, v| v.1 > now);
-        p.insert(id.clone(), (nonce.clone(), now + self.ttl));
+        self.table
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id.clone(), nonce.clone(), peer)?;
         Ok((id, nonce))
     }
 
     /// The nonce of `id`, spent: a second take (a replay) or an expired one is refused.
     pub fn take(&self, id: &str) -> Result<Vec<u8>, EnrollError> {
-        self.pending
+        self.table
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(id)
-            .filter(|(_, exp)| *exp > Instant::now())
-            .map(|(n, _)| n)
+            .take(id)
             .ok_or(EnrollError::UnknownChallenge)
+    }
+}
+
+#[cfg(test)]
+mod pending_tests {
+    use super::*;
+
+    #[test]
+    fn enroll_pending_caps_hold_per_peer_and_in_all_and_expiry_frees_room() {
+        let limits = PendingLimits {
+            total: 5,
+            per_peer: 2,
+        };
+        let n = Nonces::with_limits(Duration::from_secs(60), limits);
+        n.issue("10.0.0.1").unwrap();
+        let (id, _) = n.issue("10.0.0.1").unwrap();
+        assert!(matches!(
+            n.issue("10.0.0.1"),
+            Err(EnrollError::TooManyPending("from this address", 60))
+        ));
+        // Another peer is not held back by the first; taking one frees its room.
+        n.issue("10.0.0.2").unwrap();
+        n.take(&id).unwrap();
+        n.issue("10.0.0.1").unwrap();
+        n.issue("10.0.0.3").unwrap();
+        n.issue("10.0.0.3").unwrap();
+        assert!(matches!(
+            n.issue("10.0.0.4"),
+            Err(EnrollError::TooManyPending("in all", 60))
+        ));
+        // Expired entries make room.
+        let n = Nonces::with_limits(Duration::from_millis(1), limits);
+        n.issue("10.0.0.1").unwrap();
+        n.issue("10.0.0.1").unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+        n.issue("10.0.0.1").unwrap();
     }
 }
 

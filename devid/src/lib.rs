@@ -12,3 +12,5 @@ pub mod profile;
 pub mod registry;
 #[cfg(feature = "cli")]
 pub mod service;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;

@@ -295,6 +295,12 @@ enum CaCmd {
         /// TLS private key (PEM) of --tls-cert.
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// Most enrollments (challenges, and LDevID nonces, each) waiting for an answer.
+        #[arg(long, default_value_t = kame_devid::enroll::PendingLimits::default().total, value_parser = clap::value_parser!(usize))]
+        max_pending: usize,
+        /// Most of those one peer (IP address) may hold.
+        #[arg(long, default_value_t = kame_devid::enroll::PendingLimits::default().per_peer, value_parser = clap::value_parser!(usize))]
+        max_pending_per_peer: usize,
     },
 }
 
@@ -566,6 +572,8 @@ async fn run(cli: Cli) -> Result<()> {
             serial,
             out,
         } => {
+            // The CA refuses it too; say so before touching the TPM.
+            kame_devid::profile::check_serial_number(&serial).context("--serial")?;
             let mut d = Device::open(&tpm.tcti)?;
             let ek_cert = d
                 .ek_certificate(EkAlg::Rsa2048)?
@@ -839,7 +847,16 @@ async fn run(cli: Cli) -> Result<()> {
             listen,
             tls_cert,
             tls_key,
+            max_pending,
+            max_pending_per_peer,
         }) => {
+            if max_pending == 0 || max_pending_per_peer == 0 {
+                bail!("--max-pending and --max-pending-per-peer must be at least 1");
+            }
+            let limits = kame_devid::enroll::PendingLimits {
+                total: max_pending,
+                per_peer: max_pending_per_peer,
+            };
             let km = key_manager(&key).await?;
             let cert = read_pems(&ca_cert)?.remove(0);
             let ca = DevIdCa::open(km, CA_KEY_ID, cert).await?;
@@ -850,9 +867,12 @@ async fn run(cli: Cli) -> Result<()> {
                 ek_roots,
                 ek_intermediates,
                 subject: vendor.subject,
-                challenges: Challenges::new(std::time::Duration::from_secs(300)),
+                challenges: Challenges::with_limits(std::time::Duration::from_secs(300), limits),
                 manufacturer_roots: read_all_pems(&idevid_ca)?,
-                nonces: kame_devid::enroll::Nonces::new(std::time::Duration::from_secs(300)),
+                nonces: kame_devid::enroll::Nonces::with_limits(
+                    std::time::Duration::from_secs(300),
+                    limits,
+                ),
             };
             let mut server = tonic::transport::Server::builder();
             if let (Some(cert), Some(key)) = (&tls_cert, &tls_key) {

@@ -143,6 +143,8 @@ pub enum ProfileError {
     SigningCaKeyUsage,
     #[error("certificate policy {0} ({1}) is missing")]
     MissingPolicy(String, &'static str),
+    #[error("the device serial number {0}")]
+    BadSerialNumber(String),
     #[error("{0}")]
     Api(#[from] kame_api::Error),
 }
@@ -186,13 +188,56 @@ fn hmn_general_name(
     }))
 }
 
+/// X.520's upper bound on a serialNumber attribute (ub-serial-number).
+pub const MAX_SERIAL_NUMBER: usize = 64;
+
+/// Checks that `serial` can be a subject serialNumber: 1 to [`MAX_SERIAL_NUMBER`] characters
+/// of the PrintableString set (X.520: A–Z, a–z, 0–9, space and `'()+,-./:=?`). Device serials
+/// come from devices: this is what keeps one from carrying anything but a value.
+pub fn check_serial_number(serial: &str) -> Result<(), ProfileError> {
+    let bad = |why: String| Err(ProfileError::BadSerialNumber(why));
+    if serial.is_empty() {
+        return bad("is empty".into());
+    }
+    if serial.len() > MAX_SERIAL_NUMBER {
+        return bad(format!(
+            "is {} characters long; at most {MAX_SERIAL_NUMBER} are allowed",
+            serial.len()
+        ));
+    }
+    if let Some(c) = serial
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || " '()+,-./:=?".contains(*c)))
+    {
+        return bad(format!(
+            "holds {c:?}, which is not a PrintableString character (A-Z a-z 0-9 space ' ( ) + , - . / : = ?)"
+        ));
+    }
+    Ok(())
+}
+
+/// The DER of `subject` (the operator's, trusted) with the device's serialNumber appended as
+/// a typed PrintableString attribute: the serial is never parsed as DN syntax.
+fn subject_with_serial(subject: &str, serial: &str) -> Result<Vec<u8>, ProfileError> {
+    use x509_cert::attr::AttributeTypeAndValue;
+    use x509_cert::name::{RdnSequence, RelativeDistinguishedName};
+    check_serial_number(serial)?;
+    let mut rdns: RdnSequence = x509svid::parse_name(subject)?.into();
+    let value = der::asn1::PrintableStringRef::new(serial)
+        .map_err(|e| ProfileError::BadSerialNumber(e.to_string()))?;
+    let atv = AttributeTypeAndValue {
+        oid: SERIAL_NUMBER,
+        value: Any::encode_from(&value).map_err(enc)?,
+    };
+    rdns.push(RelativeDistinguishedName::try_from(vec![atv]).map_err(enc)?);
+    rdns.to_der().map_err(enc)
+}
+
 /// The TBSCertificate of a DevID certificate issued by `issuer`: subject with serialNumber,
 /// SAN hardwareModuleName, critical keyUsage digitalSignature, the kind's TCG certificate
 /// policies, SKI and AKI. Sign it with the issuer's key and [`x509svid::assemble`] it.
 pub fn devid_tbs(p: &DevIdParams<'_>, issuer: &IssuerInfo) -> Result<Vec<u8>, ProfileError> {
-    let subject =
-        x509svid::parse_name(&format!("{}, serialNumber={}", p.subject, p.serial_number))?;
-    let subject_der = subject.to_der().map_err(enc)?;
+    let subject_der = subject_with_serial(p.subject, p.serial_number)?;
     let ski = x509svid::subject_key_id(p.spki_der)?;
     let exts = vec![
         x509svid::ext_der(
@@ -387,6 +432,15 @@ mod tests {
 
     /// A self-signed manufacturer CA and a DevID of `kind` it issues.
     fn issue(kind: DevIdKind, not_after: Option<u64>) -> (Vec<u8>, Vec<u8>) {
+        issue_serial(kind, not_after, "SN-0042").unwrap()
+    }
+
+    /// As [`issue`], for the device serial `serial`.
+    fn issue_serial(
+        kind: DevIdKind,
+        not_after: Option<u64>,
+        serial: &str,
+    ) -> Result<(Vec<u8>, Vec<u8>), ProfileError> {
         let (ca_key, ca_spki) = key();
         let tbs = ca_tbs(
             "C=US, O=Kame Devices, CN=Manufacturer CA",
@@ -407,7 +461,7 @@ mod tests {
             &DevIdParams {
                 kind,
                 subject: "O=Kame Devices, CN=edge-sensor",
-                serial_number: "SN-0042",
+                serial_number: serial,
                 hw_type: TCG_SV_TPM20,
                 hw_serial: b"IBM:ek-aki:0042",
                 spki_der: &spki,
@@ -416,11 +470,79 @@ mod tests {
                 not_after,
             },
             &issuer,
-        )
-        .unwrap();
+        )?;
         let cert =
             x509svid::assemble(&tbs, &issuer.signature_algorithm, &sign(&ca_key, &tbs)).unwrap();
-        (ca, cert)
+        Ok((ca, cert))
+    }
+
+    /// The subject's attributes as (OID, value) in DER order.
+    fn subject_attributes(cert: &[u8]) -> Vec<(String, String)> {
+        let c = Certificate::from_der(cert).unwrap();
+        c.tbs_certificate()
+            .subject()
+            .iter()
+            .map(|atv| {
+                let v = atv
+                    .value
+                    .decode_as::<der::asn1::PrintableStringRef<'_>>()
+                    .map(|s| s.to_string())
+                    .or_else(|_| {
+                        atv.value
+                            .decode_as::<der::asn1::Utf8StringRef<'_>>()
+                            .map(|s| s.to_string())
+                    })
+                    .unwrap_or_else(|_| format!("<{}>", hex_of(atv.value.value())));
+                (atv.oid.to_string(), v)
+            })
+            .collect()
+    }
+
+    fn hex_of(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// Issue 19 item 3: a device serial is a value, never DN syntax. RDN separators, a second
+    /// serialNumber, multi-valued RDNs and RFC 4514 `#hex` values all stay inside the one
+    /// serialNumber attribute or are refused; the rest of the subject is the operator's.
+    #[test]
+    fn devid_serial_number_cannot_inject_subject_attributes() {
+        let operator = vec![
+            ("2.5.4.10".to_string(), "Kame Devices".to_string()),
+            ("2.5.4.3".to_string(), "edge-sensor".to_string()),
+        ];
+        for serial in [
+            "SN-1, CN=admin",
+            "X, serialNumber=SN-OTHER",
+            "SN-1+CN=admin",
+            "SN-1,O=Other",
+            "#13045345524e",
+            "SN\\,x",
+        ] {
+            match issue_serial(DevIdKind::IDevId, None, serial) {
+                Err(ProfileError::BadSerialNumber(_)) => {}
+                Err(e) => panic!("{serial:?}: {e}"),
+
+                Ok((_, cert)) => {
+                    let mut want = operator.clone();
+                    want.push(("2.5.4.5".to_string(), serial.to_string()));
+                    assert_eq!(subject_attributes(&cert), want, "{serial:?}");
+                    assert_eq!(subject_serial_numbers(&cert), vec![serial.to_string()]);
+                }
+            }
+        }
+        // Outside the PrintableString set, empty, or longer than X.520's 64: refused.
+        for serial in ["", "SN-\u{e9}", "SN\u{0}1", "SN\n1", "#04", &"9".repeat(65)] {
+            assert!(
+                matches!(
+                    issue_serial(DevIdKind::IDevId, None, serial),
+                    Err(ProfileError::BadSerialNumber(_))
+                ),
+                "{serial:?} was accepted"
+            );
+        }
+        let (_, cert) = issue_serial(DevIdKind::IDevId, None, &"9".repeat(64)).unwrap();
+        assert_eq!(subject_serial_numbers(&cert), vec!["9".repeat(64)]);
     }
 
     #[test]

@@ -2,7 +2,9 @@
 //! TCG-CSR-IDEVID and answers with a credential activation challenge; FinishIdevid takes the
 //! recovered secret and issues the IAK and IDevID certificates. Malformed requests are
 //! InvalidArgument, failed proofs PermissionDenied, an unknown or replayed challenge
-//! FailedPrecondition, a serial or TPM the registry has seen with another AlreadyExists.
+//! FailedPrecondition, a serial or TPM the registry has seen with another AlreadyExists, a
+//! peer (by IP address) that already holds its share of pending challenges or nonces
+//! ResourceExhausted.
 //! Every decision is logged with the device serial; nothing is issued
 //! before the challenge is answered. It must not hold the CA key (the KeyManager does).
 
@@ -52,10 +54,11 @@ fn ldevid_status(e: LdevidError) -> Status {
 pub fn enroll_status(e: EnrollError) -> Status {
     use EnrollError as E;
     match e {
-        E::Malformed(_) | E::Missing(_) | E::SealedMalformed(_) => {
+        E::Malformed(_) | E::Missing(_) | E::SealedMalformed(_) | E::BadSerial(_) => {
             Status::invalid_argument(e.to_string())
         }
         E::UnknownChallenge => Status::failed_precondition(e.to_string()),
+        E::TooManyPending(..) => Status::resource_exhausted(e.to_string()),
         E::Credential(_) => Status::internal(e.to_string()),
         E::BadIak(_)
         | E::IakNotRestricted
@@ -72,6 +75,13 @@ pub fn enroll_status(e: EnrollError) -> Status {
     }
 }
 
+/// The peer a pending enrollment is held for: the caller's IP address.
+fn peer<T>(req: &Request<T>) -> String {
+    req.remote_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_else(|| crate::enroll::LOCAL_PEER.to_string())
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -85,6 +95,12 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
         &self,
         req: Request<pb::BeginIdevidRequest>,
     ) -> Result<Response<pb::Challenge>, Status> {
+        let peer = peer(&req);
+        // A peer already holding its share is refused before its request costs anything.
+        self.challenges.has_room(&peer).map_err(|e| {
+            tracing::warn!(%peer, error = %e, "enrollment request refused");
+            enroll_status(e)
+        })?;
         let bytes = req.into_inner().tcg_csr_idevid;
         let verified = verify_idevid_request(&bytes, &self.ek_roots, &self.ek_intermediates, now())
             .map_err(|e| {
@@ -92,7 +108,10 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
                 enroll_status(e)
             })?;
         let serial = verified.request.prod_serial.clone();
-        let ch = self.challenges.issue(verified).map_err(enroll_status)?;
+        let ch = self
+            .challenges
+            .issue(verified, &peer)
+            .map_err(enroll_status)?;
         tracing::info!(device_serial = %serial, "enrollment request accepted; challenge sent");
         Ok(Response::new(pb::Challenge {
             challenge_id: ch.id,
@@ -152,14 +171,18 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
 
     async fn begin_ldevid(
         &self,
-        _req: Request<pb::BeginLdevidRequest>,
+        req: Request<pb::BeginLdevidRequest>,
     ) -> Result<Response<pb::LdevidNonce>, Status> {
         if self.manufacturer_roots.is_empty() {
             return Err(Status::failed_precondition(
                 "this CA does not enroll LDevIDs (no manufacturer CA configured)",
             ));
         }
-        let (nonce_id, nonce) = self.nonces.issue().map_err(enroll_status)?;
+        let peer = peer(&req);
+        let (nonce_id, nonce) = self.nonces.issue(&peer).map_err(|e| {
+            tracing::warn!(%peer, error = %e, "LDevID nonce refused");
+            enroll_status(e)
+        })?;
         Ok(Response::new(pb::LdevidNonce { nonce_id, nonce }))
     }
 

@@ -708,3 +708,89 @@ fn devid_cli_ca_issue_offline_seals_certificates_only_the_requesting_tpm_opens()
         );
     }
 }
+
+/// Issue 19 item 8: everything before the credential activation challenge can be made in
+/// software (EK certificates are public), and each BeginIdevid or BeginLdevid left unanswered
+/// is held for five minutes. One peer can hold only so many: beyond the cap the CA answers
+/// ResourceExhausted and keeps nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devid_ca_caps_pending_enrollments_per_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (tpm, req) = manufactured(d, "SN-77");
+    let keys = d.join("ca-keys.json");
+    let ca_pem = d.join("ca.pem");
+    devid(&["ca", "init", "--keys-path", &s(&keys), "--out", &s(&ca_pem)]);
+    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_kame-devid"))
+        .args([
+            "ca",
+            "serve",
+            "--keys-path",
+            &s(&keys),
+            "--ca-cert",
+            &s(&ca_pem),
+            "--ek-root",
+            &s(&tpm.dir().join("ek-root-ca.pem")),
+            "--ek-intermediate",
+            &s(&tpm.dir().join("ek-intermediate-ca.pem")),
+            "--idevid-ca",
+            &s(&ca_pem),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(serve.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let addr = first.trim_start_matches("listening on ").to_string();
+    let mut client = pb::enrollment_client::EnrollmentClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    // LDevID nonces cost the peer nothing at all.
+    let mut issued = 0;
+    let refusal = loop {
+        match client.begin_ldevid(pb::BeginLdevidRequest {}).await {
+            Ok(_) => issued += 1,
+            Err(e) => break e,
+        }
+        assert!(
+            issued <= 10_000,
+            "10,000 pending LDevID nonces for one peer"
+        );
+    };
+    assert_eq!(
+        refusal.code(),
+        tonic::Code::ResourceExhausted,
+        "{refusal:?}"
+    );
+    assert!(refusal.message().contains("pending"), "{refusal:?}");
+    assert_eq!(issued, 64, "the per-peer cap");
+    // The same valid TCG-CSR-IDEVID sent again and again: one challenge held for each.
+    let bytes = std::fs::read(&req).unwrap();
+    let mut issued = 0;
+    let refusal = loop {
+        match client
+            .begin_idevid(pb::BeginIdevidRequest {
+                tcg_csr_idevid: bytes.clone(),
+            })
+            .await
+        {
+            Ok(_) => issued += 1,
+            Err(e) => break e,
+        }
+        assert!(issued <= 300, "300 pending challenges for one peer");
+    };
+    assert_eq!(
+        refusal.code(),
+        tonic::Code::ResourceExhausted,
+        "{refusal:?}"
+    );
+    assert_eq!(issued, 64, "the per-peer cap");
+    drop(tpm);
+    let _ = serve.kill().await;
+}

@@ -97,13 +97,34 @@ fn signed_request(
     ek_cert: Vec<u8>,
     attest_pub: &[u8],
     signing_pub: &[u8],
+    certify: (Vec<u8>, Vec<u8>),
+    signer: &KeyBlob,
+) -> Vec<u8> {
+    signed_request_serial(
+        dev,
+        ek_cert,
+        attest_pub,
+        signing_pub,
+        certify,
+        signer,
+        "SN-0042",
+    )
+}
+
+/// As [`signed_request`], for the device serial `serial`.
+fn signed_request_serial(
+    dev: &mut Device,
+    ek_cert: Vec<u8>,
+    attest_pub: &[u8],
+    signing_pub: &[u8],
     (certify, certify_sig): (Vec<u8>, Vec<u8>),
     signer: &KeyBlob,
+    serial: &str,
 ) -> Vec<u8> {
     let req = IdevidRequest {
         hash_alg: wire::alg::SHA256,
         prod_model: "kame-edge-1".into(),
-        prod_serial: "SN-0042".into(),
+        prod_serial: serial.into(),
         ek_cert,
         attest_pub: attest_pub.to_vec(),
         signing_pub: signing_pub.to_vec(),
@@ -168,7 +189,7 @@ fn tcg_enroll_manufacture_iak_and_idevid_certificates_after_credential_activatio
     let verified = verify(&d, &bytes).unwrap();
     assert_eq!(verified.request.prod_serial, "SN-0042");
     let challenges = Challenges::new(Duration::from_secs(60));
-    let ch = challenges.issue(verified).unwrap();
+    let ch = challenges.issue(verified, "local").unwrap();
     let iak = d.iak.clone();
     let secret = d
         .dev
@@ -224,7 +245,9 @@ fn tcg_enroll_rejects_a_wrong_credential_answer_and_spends_the_challenge() {
     let mut d = device();
     let bytes = request(&mut d);
     let challenges = Challenges::new(Duration::from_secs(60));
-    let ch = challenges.issue(verify(&d, &bytes).unwrap()).unwrap();
+    let ch = challenges
+        .issue(verify(&d, &bytes).unwrap(), "local")
+        .unwrap();
     assert!(matches!(
         challenges.answer(&ch.id, &[0u8; 32]),
         Err(EnrollError::WrongAnswer)
@@ -277,7 +300,9 @@ fn tcg_enroll_rejects_an_idevid_not_certified_by_an_iak_of_the_same_tpm() {
         &o_sig_key,
     );
     let challenges = Challenges::new(Duration::from_secs(60));
-    let ch = challenges.issue(verify(&d, &bytes).unwrap()).unwrap();
+    let ch = challenges
+        .issue(verify(&d, &bytes).unwrap(), "local")
+        .unwrap();
     assert!(
         other
             .dev
@@ -375,7 +400,7 @@ fn tcg_enroll_an_iak_that_lies_about_its_attributes_cannot_answer_the_challenge(
     // The CA's challenge is made for the declared Name: the TPM refuses it (TPM_RC_INTEGRITY,
     // the credential's HMAC over the Name does not match), so no answer exists.
     let challenges = Challenges::new(Duration::from_secs(60));
-    let ch = challenges.issue(verified).unwrap();
+    let ch = challenges.issue(verified, "local").unwrap();
     let e = d
         .dev
         .activate_credential(
@@ -506,7 +531,7 @@ fn tcg_primaries_enroll(ecc: bool) {
     let (roots, inter) = vendor_cas(&tpm);
     let verified = verify_idevid_request(&bytes, &roots, &inter, now()).unwrap();
     let challenges = Challenges::new(Duration::from_secs(60));
-    let ch = challenges.issue(verified).unwrap();
+    let ch = challenges.issue(verified, "local").unwrap();
     let secret = dev
         .activate_credential_tcg(
             EkAlg::Rsa2048,
@@ -536,7 +561,9 @@ async fn manufacture_with(km: std::sync::Arc<dyn kame_keymanager::KeyManager>) {
     let mut d = device();
     let bytes = request(&mut d);
     let challenges = Challenges::new(Duration::from_secs(60));
-    let ch = challenges.issue(verify(&d, &bytes).unwrap()).unwrap();
+    let ch = challenges
+        .issue(verify(&d, &bytes).unwrap(), "local")
+        .unwrap();
     let iak = d.iak.clone();
     let secret = d
         .dev
@@ -607,4 +634,44 @@ async fn tcg_enroll_manufacturer_ca_key_in_a_pkcs11_hsm_issues_iak_and_idevid() 
         .await
         .unwrap();
     manufacture_with(std::sync::Arc::new(km)).await;
+}
+
+/// Issue 19 item 3: the device serial becomes a subject attribute and a selector, so a
+/// request whose serial is not a PrintableString of 1 to 64 characters (RFC 4514 `#hex`,
+/// escapes, control or non-ASCII characters) is refused before any challenge is made.
+#[test]
+fn tcg_enroll_refuses_a_serial_that_is_not_a_printable_string() {
+    let mut d = device();
+    let (iak, idevid) = (d.iak.clone(), d.idevid.clone());
+    let certify = d.dev.certify(EkAlg::Rsa2048, &iak, &idevid, &[]).unwrap();
+    let ek_cert = d.dev.ek_certificate(EkAlg::Rsa2048).unwrap().unwrap();
+    let with = |d: &mut Device1, serial: &str| {
+        let bytes = signed_request_serial(
+            &mut d.dev,
+            ek_cert.clone(),
+            &iak.public,
+            &idevid.public,
+            certify.clone(),
+            &idevid,
+            serial,
+        );
+        verify(d, &bytes)
+    };
+    for serial in [
+        "#0403534e2d31",
+        "SN-1\\, CN=admin",
+        "SN\u{e9}",
+        "SN\n1",
+        "",
+        &"9".repeat(65),
+    ] {
+        match with(&mut d, serial) {
+            Err(EnrollError::BadSerial(_)) => {}
+            Err(EnrollError::Missing("prodSerial")) if serial.is_empty() => {}
+            other => panic!("{serial:?}: {other:?}"),
+        }
+    }
+    // Every PrintableString character is a value, not syntax: accepted as it is.
+    let v = with(&mut d, "SN-1, CN=admin+O=x").unwrap();
+    assert_eq!(v.request.prod_serial, "SN-1, CN=admin+O=x");
 }

@@ -305,6 +305,8 @@ pub struct Config {
     pub key_manager: KeyManagerConfig,
     pub join_token_attestor: bool,
     pub tpm_devid: Option<TpmDevidConfig>,
+    /// `server.ratelimit { attestation, signing }` (SPIRE's; both on by default).
+    pub ratelimit: crate::ratelimit::RateLimitConfig,
 }
 
 /// `NodeAttestor "tpm_devid"` (SPIRE's keys, plus ours: `compat_mode`).
@@ -469,6 +471,18 @@ impl Config {
         };
         kame_api::x509svid::parse_name(&ca_subject.to_dn_string())
             .map_err(|e| invalid("server.ca_subject", e.to_string()))?;
+        let ratelimit = match server.section("ratelimit")? {
+            None => crate::ratelimit::RateLimitConfig::default(),
+            Some(r) => {
+                let d = crate::ratelimit::RateLimitConfig::default();
+                let c = crate::ratelimit::RateLimitConfig {
+                    attestation: r.take_bool("attestation")?.unwrap_or(d.attestation),
+                    signing: r.take_bool("signing")?.unwrap_or(d.signing),
+                };
+                r.finish()?;
+                c
+            }
+        };
         let jwt_issuer = server.string("jwt_issuer")?.filter(|s| !s.is_empty());
         let intermediate_ttl = match server.duration("signing_intermediate_ttl")? {
             Some(d) if d < Duration::from_secs(300) => {
@@ -754,6 +768,7 @@ impl Config {
             key_manager,
             join_token_attestor,
             tpm_devid,
+            ratelimit,
         })
     }
 

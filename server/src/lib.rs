@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod datastore;
 pub mod metrics;
+pub mod ratelimit;
 pub mod run;
 pub mod service;
 pub mod tls;

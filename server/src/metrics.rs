@@ -1,8 +1,8 @@
 //! Metrics in the Prometheus text format, served on `telemetry { Prometheus { host port } }`
 //! at `GET /metrics`: the KeyManager key inventory from the last reconcile pass (keys the CA
 //! names, orphans kept for a pending intent or left over, orphans disposed of and dead servers'
-//! keys swept since start-up). Plain counters and gauges; it must not expose key material or
-//! identities.
+//! keys swept since start-up), and the rate limits' counters ([`crate::ratelimit`]). Plain
+//! counters and gauges; it must not expose key material, identities or addresses.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -333,10 +333,22 @@ fn oversized_is_resource_exhausted<B>(
 
 /// Starts everything and returns once the listeners accept connections.
 pub async fn start(cfg: Config) -> Result<Running, RunError> {
+    start_with(cfg, None).await
+}
+
+/// As [`start`], with `key_manager` in place of the configured one when given (tests: a
+/// backend whose timing they control).
+pub async fn start_with(
+    cfg: Config,
+    key_manager: Option<Arc<dyn KeyManager>>,
+) -> Result<Running, RunError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     std::fs::create_dir_all(&cfg.data_dir).map_err(io("cannot create data_dir", &cfg.data_dir))?;
     let server_id = load_server_id(&cfg.data_dir)?;
-    let km = build_key_manager(&cfg, &server_id).await?;
+    let km = match key_manager {
+        Some(km) => km,
+        None => build_key_manager(&cfg, &server_id).await?,
+    };
     let ds: Arc<dyn DataStore> =
         Arc::new(SqliteStore::open(&cfg.datastore.connection_string).await?);
     for w in cfg.warnings() {
@@ -390,6 +402,10 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
         tpm_devid,
         server_spiffe_id: server_spiffe_id.clone(),
         reported: Default::default(),
+        limits: crate::ratelimit::Limits::new(cfg.ratelimit),
+        attest_checks: Arc::new(tokio::sync::Semaphore::new(
+            crate::service::attest_check_permits(),
+        )),
     });
     let svid = ServerSvid::new(
         ca.clone(),
@@ -512,9 +528,10 @@ pub async fn start(cfg: Config) -> Result<Running, RunError> {
                 source: e,
             })?;
         let ca_m = ca.clone();
+        let ctx_m = ctx.clone();
         tasks.push(tokio::spawn(crate::metrics::serve(
             listener,
-            Arc::new(move || ca_m.render_metrics()),
+            Arc::new(move || ca_m.render_metrics() + &ctx_m.limits.render()),
             shutdown_rx.clone(),
         )));
     }

@@ -457,6 +457,7 @@ async fn peer_of(first: &TestServer, o: Opts) -> TestServer {
         config_path,
         running: None,
         tcp_port: port,
+        key_manager: None,
     };
     s.restart().await;
     s

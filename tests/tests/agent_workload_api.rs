@@ -658,3 +658,96 @@ async fn agent_renews_its_own_svid_at_half_life_and_keeps_serving() {
     env.wait_for_svids(&["/after-renewal", "/renewed"]).await;
     env.stop().await;
 }
+
+/// The attacker's program for the exec-after-connect test: it connects to the Workload API,
+/// forks a child that keeps the connection and relays it to `relay`, and (once the agent has
+/// accepted) execs /bin/sleep, a binary an entry trusts. The child prints both pids.
+const EXEC_AFTER_CONNECT: &str = r#"
+import os, socket, sys, threading, time
+wl, relay = sys.argv[1], sys.argv[2]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(wl)
+s.set_inheritable(True)
+if os.fork() > 0:
+    time.sleep(0.5)
+    os.execv("/bin/sleep", ["sleep", "60"])
+l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+l.bind(relay)
+l.listen(1)
+print(os.getppid(), os.getpid(), flush=True)
+c, _ = l.accept()
+def pump(a, b):
+    while True:
+        d = a.recv(65536)
+        if not d:
+            break
+        b.sendall(d)
+t = threading.Thread(target=pump, args=(s, c), daemon=True)
+t.start()
+pump(c, s)
+"#;
+
+/// Issue 19 item 7: a process connects, hands the connection to a child and execs another
+/// binary. The agent attests the connection's pid when a call arrives, so without a check it
+/// would report the new binary (`unix:path`, `unix:sha256`) for the old connection. The
+/// executable recorded when the connection was accepted must still be the one running.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_api_exec_after_connect_is_refused() {
+    let env = Env::start(Opts::default()).await;
+    let sleep = std::fs::canonicalize("/bin/sleep").unwrap();
+    env.register(
+        "/trusted-sleep",
+        &[&format!("unix:path:{}", sleep.display())],
+        |_| {},
+    )
+    .await;
+    // The test binary's own entry, registered after: once it is served, so is the other.
+    let me = std::fs::canonicalize(std::env::current_exe().unwrap()).unwrap();
+    env.register("/canary", &[&format!("unix:path:{}", me.display())], |_| {})
+        .await;
+    env.wait_for_svids(&["/canary"]).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("attack.py");
+    std::fs::write(&script, EXEC_AFTER_CONNECT).unwrap();
+    let relay = dir.path().join("relay.sock");
+    let mut child = tokio::process::Command::new("python3")
+        .arg(&script)
+        .arg(&env.agent_socket)
+        .arg(&relay)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    use tokio::io::AsyncBufReadExt;
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let pids = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let (parent, relay_pid) = pids.trim().split_once(' ').unwrap();
+    let parent: u32 = parent.parse().unwrap();
+    // Wait until the connecting process runs /bin/sleep.
+    let exe = format!("/proc/{parent}/exe");
+    let t = std::time::Instant::now();
+    while std::fs::read_link(&exe).ok().as_deref() != Some(sleep.as_path()) {
+        assert!(t.elapsed() < Duration::from_secs(10), "no exec");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let c = spiffe::WorkloadApiClient::connect_to(format!("unix://{}", relay.display()))
+        .await
+        .unwrap();
+    let r = c.fetch_x509_svid().await;
+    let e = match r {
+        Ok(s) => panic!(
+            "the agent gave {} to a connection made by another program",
+            s.spiffe_id()
+        ),
+        Err(e) => format!("{e:?}"),
+    };
+    assert!(e.contains("exec after connect"), "{e}");
+    let _ = std::process::Command::new("kill").arg(relay_pid).status();
+    let _ = child.kill().await;
+    env.stop().await;
+}

@@ -92,7 +92,7 @@ async fn manufacture() -> Factory {
     )
     .unwrap();
     let challenges = Challenges::new(Duration::from_secs(60));
-    let ch = challenges.issue(verified).unwrap();
+    let ch = challenges.issue(verified, "local").unwrap();
     let secret = dev
         .activate_credential_tcg(
             EkAlg::Rsa2048,
@@ -127,7 +127,7 @@ async fn manufacture() -> Factory {
     .await
     .unwrap();
     let nonces = Nonces::new(Duration::from_secs(60));
-    let (nonce_id, nonce) = nonces.issue().unwrap();
+    let (nonce_id, nonce) = nonces.issue("local").unwrap();
     let key = dev
         .create_under_srk(&templates::bytes(templates::DEVID_RSA))
         .unwrap();

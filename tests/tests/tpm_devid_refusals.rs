@@ -895,3 +895,77 @@ async fn tpm_devid_spire_gap_11_p384_devid_with_sha256_and_sha384_schemes() {
         }
     }
 }
+
+/// A server with a `pcr_policy` of PCR 7 = zero (a fresh swtpm's value), no `require_quote`.
+async fn pcr7_policy_server(tpm: &SwTpm, devid: &common::devid::DevId) -> Env {
+    let ek_ca = ek_cas(tpm, devid.dir.path());
+    let mut o = opts(tpm, devid, &devid.ca, &ek_ca);
+    o.agent_attestor = None;
+    o.server_plugins = o.server_plugins.replace(
+        "endorsement_ca_path",
+        &format!(
+            "pcr_policy {{\n                sha256 = {{\n                    \"7\" = \"{}\"\n                }}\n            }}\n            endorsement_ca_path",
+            "00".repeat(32)
+        ),
+    );
+    Env::start(o).await
+}
+
+/// Issue 19 item 2, on a real TPM: the node's PCR 7 is not the golden value, but PCR 23 is
+/// (here both are zero at power-on; on a real machine PCR 23 is loaded by replaying a good
+/// boot's event log). The agent quotes PCRs 1, 7 and 23 and claims PCR1 = R1‖R7, PCR7 = the
+/// golden value and PCR23 = empty: the same bytes in the same order, so the same digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_pcr_values_of_wrong_length_are_refused() {
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "node");
+    let env = pcr7_policy_server(&tpm, &devid).await;
+    tpm.tpm2(
+        "tpm2_pcrextend",
+        &[&format!("7:sha256={}", "ab".repeat(32))],
+    )
+    .unwrap();
+    let (req, s) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
+    assert_eq!(req.version, Some(2));
+    let (tx, rx, c) = begin(&env, req.encode()).await.unwrap();
+    let mut ch = kame_api::tpm_devid::ChallengeRequest::decode(&c).unwrap();
+    assert_eq!(ch.pcrs, vec![7]);
+    ch.pcrs = vec![1, 7, 23];
+    let mut resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &ch.encode()));
+    let real: std::collections::BTreeMap<u32, Vec<u8>> = resp.pcr_values.iter().cloned().collect();
+    assert_eq!(real[&23], vec![0; 32], "PCR 23 holds the golden value");
+    assert_ne!(real[&7], vec![0; 32], "PCR 7 does not");
+    resp.pcr_values = vec![
+        (1, [real[&1].clone(), real[&7].clone()].concat()),
+        (7, real[&23].clone()),
+        (23, vec![]),
+    ];
+    refused(
+        finish(tx, rx, resp.encode()).await,
+        Code::PermissionDenied,
+        "PCR sha256:1",
+    );
+    no_agents(&env).await;
+    env.stop().await;
+}
+
+/// Issue 19 item 6: with a `pcr_policy` (and no `require_quote`), an agent that leaves out
+/// `"Version": 2` is refused instead of attested without a quote.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tpm_devid_pcr_policy_is_not_skipped_by_a_v1_downgrade() {
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "node");
+    let env = pcr7_policy_server(&tpm, &devid).await;
+    let (mut req, s) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
+    req.version = None;
+    let r = match begin(&env, req.encode()).await {
+        Err(e) => Err(e),
+        Ok((tx, rx, c)) => {
+            let resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &c));
+            finish(tx, rx, resp.encode()).await
+        }
+    };
+    refused(r, Code::PermissionDenied, "requires a PCR quote");
+    no_agents(&env).await;
+    env.stop().await;
+}

@@ -67,7 +67,9 @@ pub enum DevIdError {
     BadNonceSignature(String),
     #[error("credential activation failed: the secret does not match")]
     CredentialMismatch,
-    #[error("this server requires a PCR quote (require_quote): the agent does not speak v2")]
+    #[error(
+        "this server requires a PCR quote (require_quote or pcr_policy): the agent does not speak v2"
+    )]
     QuoteRequired,
     #[error("v2 response lacks {0}")]
     MissingV2(&'static str),
@@ -207,7 +209,9 @@ pub fn begin(
     let req =
         AttestationRequest::decode(payload).map_err(|e| DevIdError::Malformed(e.to_string()))?;
     let v2 = req.version.is_some_and(|v| v >= 2);
-    if cfg.require_quote && !v2 {
+    // A PCR policy is checked on a quote, which only v2 agents make: a policy without a
+    // quote must not pass (an agent leaving out "Version" would skip it).
+    if (cfg.require_quote || !cfg.pcr_policy.is_empty()) && !v2 {
         return Err(DevIdError::QuoteRequired);
     }
     // 2. DevID certificates.
@@ -562,11 +566,15 @@ pub fn finish(td: &TrustDomain, pending: Pending, response: &[u8]) -> Result<Att
             .quote_signature
             .as_deref()
             .ok_or(DevIdError::MissingV2("QuoteSignature"))?;
-        let values: wire::attest::PcrValues = resp
-            .pcr_values
-            .iter()
-            .map(|(i, v)| ((wire::alg::SHA256, *i), v.clone()))
-            .collect();
+        let mut values = wire::attest::PcrValues::new();
+        for (i, v) in &resp.pcr_values {
+            // "7" and "07" are one PCR: a second value for it is not a quote's.
+            if values.insert((wire::alg::SHA256, *i), v.clone()).is_some() {
+                return Err(DevIdError::BadResponse(format!(
+                    "PCRValues names PCR {i} twice"
+                )));
+            }
+        }
         let attest = wire::attest::verify_quote(ak, quote, qsig, &pending.nonce, &values)
             .map_err(|e| DevIdError::BadQuote(e.to_string()))?;
         for i in pcrs {
@@ -630,4 +638,68 @@ pub fn finish(td: &TrustDomain, pending: Pending, response: &[u8]) -> Result<Att
         can_reattest: true,
         tpm_boot,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg_with_root(root: Vec<u8>) -> DevIdConfig {
+        DevIdConfig {
+            devid_roots: vec![root],
+            ek_roots: vec![],
+            compat_mode: false,
+            ek_allow_list: vec![],
+            require_quote: false,
+            pcr_policy: Default::default(),
+            ak_roots: vec![],
+        }
+    }
+
+    fn now() -> u64 {
+        crate::ca::now_secs()
+    }
+
+    /// Issue 19 item 1: a message 1 whose DevID chain is 64 CAs sharing one name, ordered so
+    /// that a naive path builder tries every one at every depth, costs nothing.
+    #[test]
+    fn tpm_devid_64_attacker_intermediates_are_refused_in_under_10ms() {
+        let (leaf, cas) = kame_devid::testing::same_name_chain(64, "CN=attacker");
+        let root = kame_devid::testing::SoftCa::root("CN=Real DevID Root").cert;
+        let cfg = cfg_with_root(root);
+        let mut certs = vec![leaf];
+        certs.extend(cas);
+        let payload = AttestationRequest {
+            devid_cert: certs,
+            version: Some(2),
+            ..Default::default()
+        }
+        .encode();
+        let t = std::time::Instant::now();
+        let r = begin(&cfg, &payload, now());
+        let took = t.elapsed();
+        assert!(r.is_err(), "the attacker's chain was accepted");
+        assert!(
+            took < std::time::Duration::from_millis(10),
+            "refusing 64 attacker intermediates took {took:?}"
+        );
+    }
+
+    /// Issue 19 item 6: a `pcr_policy` cannot be skipped by an agent that does not announce
+    /// v2 (it would get an SVID without any quote).
+    #[test]
+    fn tpm_devid_pcr_policy_implies_require_quote() {
+        let root = kame_devid::testing::SoftCa::root("CN=DevID Root");
+        let mut cfg = cfg_with_root(root.cert.clone());
+        cfg.pcr_policy.insert(7, vec![0; 32]);
+        let payload = AttestationRequest {
+            devid_cert: vec![root.issue_leaf("CN=node")],
+            ..Default::default()
+        }
+        .encode();
+        assert!(matches!(
+            begin(&cfg, &payload, now()),
+            Err(DevIdError::QuoteRequired)
+        ));
+    }
 }

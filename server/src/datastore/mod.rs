@@ -53,7 +53,8 @@ pub struct RegistrationEntry {
     pub created_at: i64,
 }
 
-/// An attested agent. It is banned when both serial numbers are empty.
+/// An attested agent. It is banned when both serial numbers are empty: only
+/// [`DataStore::ban_node`] makes it so, and no later write undoes it.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct AttestedNode {
     pub spiffe_id: String,
@@ -85,6 +86,8 @@ pub enum DsError {
     NotFound(String),
     #[error("{0}")]
     FailedPrecondition(String),
+    #[error("agent is banned")]
+    Banned,
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     #[error("datastore error: {0}")]
@@ -121,7 +124,18 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     async fn create_node(&self, node: &AttestedNode) -> DsResult<()>;
     async fn fetch_node(&self, spiffe_id: &str) -> DsResult<Option<AttestedNode>>;
     async fn list_nodes(&self) -> DsResult<Vec<AttestedNode>>;
-    async fn update_node(&self, node: &AttestedNode) -> DsResult<()>;
+    /// Applies `f` to the stored node in one transaction and returns it as written. A banned
+    /// node is never written ([`DsError::Banned`]), so a change computed before a ban cannot
+    /// undo it; NotFound when there is no node; an error from `f` persists nothing. `f` cannot
+    /// rename the node.
+    async fn modify_node(
+        &self,
+        spiffe_id: &str,
+        f: &(dyn for<'n> Fn(&'n mut AttestedNode) -> DsResult<()> + Send + Sync),
+    ) -> DsResult<AttestedNode>;
+    /// Bans the node: its serial numbers are cleared and it stays banned until it is deleted
+    /// (evicted). NotFound when there is no node.
+    async fn ban_node(&self, spiffe_id: &str) -> DsResult<()>;
     async fn delete_node(&self, spiffe_id: &str) -> DsResult<AttestedNode>;
 
     // join tokens

@@ -271,15 +271,48 @@ impl DataStore for SqliteStore {
             .collect()
     }
 
-    async fn update_node(&self, node: &AttestedNode) -> DsResult<()> {
-        let res = sqlx::query("UPDATE attested_nodes SET data = ? WHERE spiffe_id = ?")
-            .bind(node_json(node)?)
-            .bind(&node.spiffe_id)
-            .execute(&self.pool)
-            .await?;
-        if res.rows_affected() == 0 {
-            return Err(DsError::NotFound("agent".into()));
+    async fn modify_node(
+        &self,
+        spiffe_id: &str,
+        f: &(dyn for<'n> Fn(&'n mut AttestedNode) -> DsResult<()> + Send + Sync),
+    ) -> DsResult<AttestedNode> {
+        let mut tx = self.write_tx().await?;
+        let row = sqlx::query("SELECT data, banned FROM attested_nodes WHERE spiffe_id = ?")
+            .bind(spiffe_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| DsError::NotFound("agent".into()))?;
+        if row.try_get::<i64, _>("banned")? != 0 {
+            return Err(DsError::Banned);
         }
+        let mut node = node_from_row(spiffe_id.to_string(), &row.try_get::<String, _>("data")?)?;
+        f(&mut node)?;
+        node.spiffe_id = spiffe_id.to_string();
+        sqlx::query("UPDATE attested_nodes SET data = ? WHERE spiffe_id = ? AND banned = 0")
+            .bind(node_json(&node)?)
+            .bind(spiffe_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(node)
+    }
+
+    async fn ban_node(&self, spiffe_id: &str) -> DsResult<()> {
+        let mut tx = self.write_tx().await?;
+        let row = sqlx::query("SELECT data FROM attested_nodes WHERE spiffe_id = ?")
+            .bind(spiffe_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .ok_or_else(|| DsError::NotFound("agent".into()))?;
+        let mut node = node_from_row(spiffe_id.to_string(), &row.try_get::<String, _>("data")?)?;
+        node.serial_number.clear();
+        node.new_serial_number.clear();
+        sqlx::query("UPDATE attested_nodes SET data = ?, banned = 1 WHERE spiffe_id = ?")
+            .bind(node_json(&node)?)
+            .bind(spiffe_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 

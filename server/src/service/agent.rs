@@ -5,6 +5,7 @@ use super::authz::{require_admin, require_agent};
 use super::svid::{parse_csr, x509_svid_proto};
 use super::*;
 use crate::attestation::{AttestError, join_token, tpm_devid};
+use crate::ratelimit::Limits;
 use kame_api::pb::agent as pb;
 use kame_api::pb::agent::agent_server::Agent;
 use kame_api::x509svid::ParsedCert;
@@ -117,7 +118,9 @@ impl AgentService {
         Ok((x509_svid_proto(id, chain, "")?, serial, exp))
     }
 
-    /// Records the attested node and signs its SVID: the common end of every attestor.
+    /// Records the attested node and signs its SVID: the common end of every attestor. A ban
+    /// that lands while the SVID is signed holds: the record of a banned node is not written,
+    /// and the SVID is not returned.
     async fn complete_attestation(
         &self,
         attested: crate::attestation::Attested,
@@ -130,44 +133,54 @@ impl AgentService {
             return Err(Status::permission_denied("agent is banned"));
         }
         let (svid, serial, exp) = self.sign_agent_svid(&attested.agent_id, csr).await?;
-        let node = AttestedNode {
-            spiffe_id: id_s.clone(),
-            attestation_type: attestation_type.to_string(),
-            serial_number: serial,
-            expires_at: exp,
-            new_serial_number: String::new(),
-            new_expires_at: 0,
-            can_reattest: attested.can_reattest,
-            selectors: attested.selectors.clone(),
-            agent_version: existing
-                .as_ref()
-                .map(|n| n.agent_version.clone())
-                .unwrap_or_default(),
-            tpm_boot: attested.tpm_boot,
-            tpm_reboots: existing.as_ref().map(|n| n.tpm_reboots).unwrap_or(0),
+        let reattest = |n: &mut AttestedNode| -> crate::datastore::DsResult<()> {
+            n.attestation_type = attestation_type.to_string();
+            n.serial_number = serial.clone();
+            n.expires_at = exp;
+            n.new_serial_number.clear();
+            n.new_expires_at = 0;
+            n.can_reattest = attested.can_reattest;
+            n.selectors = attested.selectors.clone();
+            // A TPM reset (resetCount grew) since the last quote is a reboot: count it.
+            if let (Some(prev), Some(now)) = (n.tpm_boot, attested.tpm_boot)
+                && now.0 > prev.0
+            {
+                n.tpm_reboots += 1;
+            }
+            n.tpm_boot = attested.tpm_boot;
+            Ok(())
         };
-        let mut node = node;
-        // A TPM reset (resetCount grew) since the last quote is a reboot: report and count it.
-        if let (Some(prev), Some(now)) = (
-            existing.as_ref().and_then(|n| n.tpm_boot),
-            attested.tpm_boot,
-        ) && now.0 > prev.0
-        {
-            node.tpm_reboots += 1;
-            tracing::warn!(
-                agent_id = %id_s,
-                reset_count_before = prev.0,
-                reset_count_now = now.0,
-                reboots = node.tpm_reboots,
-                "agent's TPM was reset (reboot) since its last attestation"
-            );
-        }
-        if existing.is_some() {
-            self.ctx.ds.update_node(&node).await.map_err(ds_status)?;
-        } else {
-            self.ctx.ds.create_node(&node).await.map_err(ds_status)?;
-        }
-        tracing::info!(agent_id = %id_s, attestor = %attestation_type, "agent attested");
+        let node = match &existing {
+            Some(prev) => {
+                let node = self
+                    .ctx
+                    .ds
+                    .modify_node(&id_s, &reattest)
+                    .await
+                    .map_err(ds_status)?;
+                if node.tpm_reboots > prev.tpm_reboots {
+                    tracing::warn!(
+                        agent_id = %id_s,
+                        reset_count_before = prev.tpm_boot.map(|b| b.0).unwrap_or_default(),
+                        reset_count_now = attested.tpm_boot.map(|b| b.0).unwrap_or_default(),
+                        reboots = node.tpm_reboots,
+                        "agent's TPM was reset (reboot) since its last attestation"
+                    );
+                }
+                node
+            }
+            None => {
+                let mut node = AttestedNode {
+                    spiffe_id: id_s.clone(),
+                    ..Default::default()
+                };
+                // Infallible for a new record.
+                reattest(&mut node).map_err(ds_status)?;
+                self.ctx.ds.create_node(&node).await.map_err(ds_status)?;
+                node
+            }
+        };
+        tracing::info!(agent_id = %node.spiffe_id, attestor = %attestation_type, "agent attested");
         let resp = pb::AttestAgentResponse {
             step: Some(pb::attest_agent_response::Step::Result(
                 pb::attest_agent_response::Result {
@@ -247,16 +260,11 @@ impl Agent for AgentService {
     async fn ban_agent(&self, req: Request<pb::BanAgentRequest>) -> Result<Response<()>, Status> {
         require_admin(&self.ctx, &req).await?;
         let id = agent_id_arg(&self.ctx, req.get_ref().id.as_ref())?;
-        let mut n = self
-            .ctx
+        self.ctx
             .ds
-            .fetch_node(&id.to_string())
+            .ban_node(&id.to_string())
             .await
-            .map_err(ds_status)?
-            .ok_or_else(|| Status::not_found("agent not found"))?;
-        n.serial_number.clear();
-        n.new_serial_number.clear();
-        self.ctx.ds.update_node(&n).await.map_err(ds_status)?;
+            .map_err(ds_status)?;
         tracing::info!(agent_id = %id, "agent banned");
         Ok(Response::new(()))
     }
@@ -267,6 +275,7 @@ impl Agent for AgentService {
         &self,
         req: Request<Streaming<pb::AttestAgentRequest>>,
     ) -> Result<Response<AttestStream>, Status> {
+        Limits::limit(&self.ctx.limits.attestation, &req, 1).await?;
         let mut inbound = req.into_inner();
         let first = inbound.message().await?.ok_or_else(|| {
             Status::invalid_argument("stream closed before attestation parameters")
@@ -316,9 +325,12 @@ impl Agent for AgentService {
                     .tpm_devid
                     .clone()
                     .ok_or_else(|| Status::internal("tpm_devid configuration vanished"))?;
-                let (pending, challenge) =
-                    tpm_devid::begin(&cfg, &data.payload, crate::ca::now_secs())
-                        .map_err(devid_status)?;
+                let payload = data.payload;
+                let (pending, challenge) = attest_check(&self.ctx, move || {
+                    tpm_devid::begin(&cfg, &payload, crate::ca::now_secs())
+                })
+                .await?
+                .map_err(devid_status)?;
                 // One challenge round: send it, then finish on the agent's response.
                 let svc = self.clone();
                 let stream = super::entry::async_stream(move |tx| async move {
@@ -346,8 +358,11 @@ impl Agent for AgentService {
                         else {
                             return Err(Status::invalid_argument("expected a challenge response"));
                         };
+                        let td = svc.ctx.td.clone();
                         let attested =
-                            tpm_devid::finish(&svc.ctx.td, pending, &r).map_err(devid_status)?;
+                            attest_check(&svc.ctx, move || tpm_devid::finish(&td, pending, &r))
+                                .await?
+                                .map_err(devid_status)?;
                         svc.complete_attestation(attested, &csr, tpm_devid::TYPE)
                             .await
                     }
@@ -380,7 +395,7 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::RenewAgentRequest>,
     ) -> Result<Response<pb::RenewAgentResponse>, Status> {
-        let mut node = require_agent(&self.ctx, &req).await?;
+        let node = require_agent(&self.ctx, &req).await?;
         let csr_bytes = req
             .get_ref()
             .params
@@ -388,11 +403,21 @@ impl Agent for AgentService {
             .map(|p| p.csr.clone())
             .ok_or_else(|| Status::invalid_argument("params: missing CSR"))?;
         let csr = parse_csr(&csr_bytes)?;
+        Limits::limit(&self.ctx.limits.x509_signing, &req, 1).await?;
         let id = SpiffeId::parse(&node.spiffe_id).map_err(|e| Status::internal(e.to_string()))?;
         let (svid, serial, exp) = self.sign_agent_svid(&id, &csr).await?;
-        node.new_serial_number = serial;
-        node.new_expires_at = exp;
-        self.ctx.ds.update_node(&node).await.map_err(ds_status)?;
+        // Only the renewal's own fields: a ban (or anything else) written since the read
+        // above stands.
+        let renewed = |n: &mut AttestedNode| -> crate::datastore::DsResult<()> {
+            n.new_serial_number = serial.clone();
+            n.new_expires_at = exp;
+            Ok(())
+        };
+        self.ctx
+            .ds
+            .modify_node(&node.spiffe_id, &renewed)
+            .await
+            .map_err(ds_status)?;
         Ok(Response::new(pb::RenewAgentResponse { svid: Some(svid) }))
     }
 
@@ -459,13 +484,20 @@ impl Agent for AgentService {
         &self,
         req: Request<pb::PostStatusRequest>,
     ) -> Result<Response<pb::PostStatusResponse>, Status> {
-        let mut node = require_agent(&self.ctx, &req).await?;
+        let node = require_agent(&self.ctx, &req).await?;
         let v = &req.get_ref().agent_version;
         if v.len() > 256 {
             return Err(Status::invalid_argument("agent_version: too long"));
         }
-        node.agent_version = v.clone();
-        self.ctx.ds.update_node(&node).await.map_err(ds_status)?;
+        let version = |n: &mut AttestedNode| -> crate::datastore::DsResult<()> {
+            n.agent_version = v.clone();
+            Ok(())
+        };
+        self.ctx
+            .ds
+            .modify_node(&node.spiffe_id, &version)
+            .await
+            .map_err(ds_status)?;
         Ok(Response::new(pb::PostStatusResponse {}))
     }
 }

@@ -4,7 +4,7 @@
 //! serial the server issued, or a workload whose registration entry is marked admin.
 
 use super::{Context, ds_status};
-use crate::datastore::{AttestedNode, EntryFilter};
+use crate::datastore::{AttestedNode, DsError, EntryFilter};
 use kame_api::SpiffeId;
 use kame_api::x509svid::ParsedCert;
 use tonic::transport::server::{TcpConnectInfo, UdsConnectInfo};
@@ -77,13 +77,32 @@ pub async fn caller<T>(ctx: &Context, req: &Request<T>) -> Result<Caller, Status
             return Ok(Caller::Agent(Box::new(node)));
         }
         if serial == node.new_serial_number {
-            // The agent switched to the SVID issued by its last renewal: promote it.
-            let mut n = node.clone();
-            n.serial_number = n.new_serial_number.clone();
-            n.expires_at = n.new_expires_at;
-            n.new_serial_number.clear();
-            n.new_expires_at = 0;
-            ctx.ds.update_node(&n).await.map_err(ds_status)?;
+            // The agent switched to the SVID issued by its last renewal: promote it (never over
+            // a ban that landed since the read above).
+            let promote = |n: &mut AttestedNode| -> crate::datastore::DsResult<()> {
+                if n.serial_number == serial {
+                    return Ok(());
+                }
+                if n.new_serial_number != serial {
+                    return Err(DsError::FailedPrecondition(
+                        "the SVID is no longer active".into(),
+                    ));
+                }
+                n.serial_number = std::mem::take(&mut n.new_serial_number);
+                n.expires_at = n.new_expires_at;
+                n.new_expires_at = 0;
+                Ok(())
+            };
+            let n = ctx
+                .ds
+                .modify_node(&id_s, &promote)
+                .await
+                .map_err(|e| match e {
+                    DsError::FailedPrecondition(_) => Status::permission_denied(format!(
+                        "agent {id} presented an SVID that is no longer active"
+                    )),
+                    e => ds_status(e),
+                })?;
             return Ok(Caller::Agent(Box::new(n)));
         }
         return Err(Status::permission_denied(format!(

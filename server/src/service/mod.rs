@@ -37,6 +37,37 @@ pub struct Context {
     /// What each agent last reported of its SVIDs' authorities, and when it was written to
     /// the datastore (writes are throttled).
     pub reported: std::sync::Mutex<std::collections::HashMap<String, (Vec<String>, u64)>>,
+    /// Per-IP rate limits (`server.ratelimit`).
+    pub limits: crate::ratelimit::Limits,
+    /// Node attestation checks (certificate chains, signatures, quotes) in progress: they run
+    /// on the blocking pool, at most this many at once, so that attestations cannot occupy
+    /// the async workers every other API needs.
+    pub attest_checks: Arc<tokio::sync::Semaphore>,
+}
+
+/// Node attestation checks that may run at once: one per core, at least two.
+pub fn attest_check_permits() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
+        .max(2)
+}
+
+/// Runs `f` (a node attestor's pure check) on the blocking pool once one of
+/// `ctx.attest_checks` is free.
+pub async fn attest_check<T: Send + 'static>(
+    ctx: &Context,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    let _permit = ctx
+        .attest_checks
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| Status::unavailable("the server is shutting down"))?;
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("attestation check failed: {e}")))
 }
 
 /// The request header in which a Kame agent reports, on each SyncAuthorizedEntries call, the
@@ -111,6 +142,7 @@ pub fn ds_status(e: DsError) -> Status {
         DsError::AlreadyExists(m) => Status::already_exists(format!("{m} already exists")),
         DsError::NotFound(m) => Status::not_found(format!("{m} not found")),
         DsError::FailedPrecondition(m) => Status::failed_precondition(m),
+        DsError::Banned => Status::permission_denied("agent is banned"),
         other => {
             tracing::error!(error = %other, "datastore failure");
             Status::internal(format!("datastore failure: {other}"))

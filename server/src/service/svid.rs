@@ -152,6 +152,8 @@ impl Svid for SvidService {
                 "at most {MAX_BATCH} SVIDs per batch"
             )));
         }
+        crate::ratelimit::Limits::limit(&self.ctx.limits.x509_signing, &req, r.params.len())
+            .await?;
         let entries = authorized_entries(&self.ctx, &node).await?;
         let mut results = vec![];
         for p in &r.params {
@@ -205,6 +207,7 @@ impl Svid for SvidService {
         if r.entry_id.is_empty() {
             return Err(Status::invalid_argument("entry_id: missing"));
         }
+        crate::ratelimit::Limits::limit(&self.ctx.limits.jwt_signing, &req, 1).await?;
         let aud = audience(&r.audience)?;
         let entries = authorized_entries(&self.ctx, &node).await?;
         let e = entries.iter().find(|e| e.id == r.entry_id).ok_or_else(|| {

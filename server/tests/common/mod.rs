@@ -36,6 +36,8 @@ pub struct TestServer {
     pub socket: PathBuf,
     pub running: Option<Running>,
     pub tcp_port: u16,
+    /// A KeyManager used in place of the configured one.
+    pub key_manager: Option<std::sync::Arc<dyn kame_keymanager::KeyManager>>,
 }
 
 pub fn free_port() -> u16 {
@@ -87,6 +89,14 @@ plugins {{
 
 impl TestServer {
     pub async fn start(o: Opts) -> TestServer {
+        Self::start_with(o, None).await
+    }
+
+    /// As [`TestServer::start`], with `key_manager` in place of the configured one.
+    pub async fn start_with(
+        o: Opts,
+        key_manager: Option<std::sync::Arc<dyn kame_keymanager::KeyManager>>,
+    ) -> TestServer {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -99,6 +109,7 @@ impl TestServer {
             config_path,
             running: None,
             tcp_port: port,
+            key_manager,
         };
         s.restart().await;
         s
@@ -113,7 +124,11 @@ impl TestServer {
         if let Some(r) = self.running.take() {
             r.stop().await;
         }
-        self.running = Some(run::start(self.config()).await.unwrap());
+        self.running = Some(
+            run::start_with(self.config(), self.key_manager.clone())
+                .await
+                .unwrap(),
+        );
     }
 
     pub fn running(&self) -> &Running {

@@ -412,7 +412,8 @@ pub fn verify_certify(
 
 /// Verifies a TPM2_Quote by `ak` over claimed PCR values `pcrs` ((bank hash alg, index) → value)
 /// with `nonce` as extraData. Every claimed value must be inside the signed selection, every
-/// selected PCR must have a value, and the digest (with the signature's hash) must match.
+/// selected PCR must have a value exactly one digest of its bank long, no bank may be selected
+/// twice, and the digest (with the signature's hash) must match.
 pub fn verify_quote(
     ak: &Public,
     attest_bytes: &[u8],
@@ -440,15 +441,31 @@ pub fn verify_quote(
             want: ST_ATTEST_QUOTE,
         });
     };
+    // Every value is exactly one digest of its bank: the digest covers the concatenation, so
+    // a value of another length would shift bytes between PCRs and pass a policy on one of
+    // them. A bank selected twice, or one of an unknown size, is refused for the same reason.
     let mut covered = std::collections::BTreeSet::new();
+    let mut banks = std::collections::BTreeSet::new();
     let mut concat = vec![];
     for bank in selection {
+        if !banks.insert(bank.hash) {
+            return Err(Error::PcrBankRepeated(bank.hash));
+        }
+        let want = super::digest_len(bank.hash)?;
         for i in bank.indices() {
             covered.insert((bank.hash, i));
             let v = pcrs.get(&(bank.hash, i)).ok_or(Error::PcrValueMissing {
                 bank: bank.hash,
                 index: i,
             })?;
+            if v.len() != want {
+                return Err(Error::PcrValueLength {
+                    bank: bank.hash,
+                    index: i,
+                    got: v.len(),
+                    want,
+                });
+            }
             concat.extend_from_slice(v);
         }
     }
@@ -528,5 +545,168 @@ mod tests {
             Signature::parse(&[0x00, 0x10]).is_err(),
             "NULL signature is not accepted"
         );
+    }
+}
+
+/// Quotes signed by a software P-256 AK, to check what `verify_quote` makes of claimed values.
+#[cfg(test)]
+mod quote_values {
+    use super::*;
+    use crate::wire::public::{Params, Public, Scheme, SymDef, Unique, attr};
+    use aws_lc_rs::rand::SystemRandom;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
+
+    struct SoftAk {
+        key: EcdsaKeyPair,
+        public: Public,
+    }
+
+    fn soft_ak() -> SoftAk {
+        let key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
+        let point = key.public_key().as_ref().to_vec();
+        let public = Public {
+            name_alg: alg::SHA256,
+            attributes: attr::SIGN_ENCRYPT
+                | attr::RESTRICTED
+                | attr::FIXED_TPM
+                | attr::FIXED_PARENT
+                | attr::SENSITIVE_DATA_ORIGIN,
+            auth_policy: vec![],
+            params: Params::Ecc {
+                symmetric: SymDef {
+                    alg: alg::NULL,
+                    key_bits: 0,
+                    mode: 0,
+                },
+                scheme: Scheme {
+                    scheme: alg::ECDSA,
+                    hash: alg::SHA256,
+                    count: None,
+                },
+                curve: crate::wire::curve::NIST_P256,
+                kdf: Scheme {
+                    scheme: alg::NULL,
+                    hash: alg::NULL,
+                    count: None,
+                },
+            },
+            unique: Unique::Ecc {
+                x: point[1..33].to_vec(),
+                y: point[33..].to_vec(),
+            },
+        };
+        SoftAk { key, public }
+    }
+
+    /// A quote of `selection` whose digest is SHA-256 of `concat`, signed by `ak`.
+    fn quote(ak: &SoftAk, selection: Vec<PcrSelection>, concat: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let a = Attest {
+            attest_type: ST_ATTEST_QUOTE,
+            qualified_signer: vec![0, 0x0b],
+            extra_data: b"nonce".to_vec(),
+            clock_info: ClockInfo {
+                clock: 1,
+                reset_count: 0,
+                restart_count: 0,
+                safe: true,
+            },
+            firmware_version: 1,
+            body: AttestBody::Quote {
+                selection,
+                pcr_digest: crate::wire::hash(alg::SHA256, concat).unwrap(),
+            },
+        };
+        let bytes = a.marshal().unwrap();
+        let sig = ak.key.sign(&SystemRandom::new(), &bytes).unwrap();
+        let sig = sig.as_ref();
+        let s = Signature::Ecdsa {
+            hash: alg::SHA256,
+            r: sig[..32].to_vec(),
+            s: sig[32..].to_vec(),
+        };
+        (bytes, s.marshal().unwrap())
+    }
+
+    /// The attack of issue 19 item 2: the TPM quoted PCR1 = R1, PCR7 = a bad value and PCR23 =
+    /// the golden PCR7 value (replayed there from a good boot's event log). The node claims
+    /// PCR1 = R1‖R7bad, PCR7 = golden and PCR23 = empty: the concatenation, and so the digest,
+    /// is the same, and a policy on PCR7 would pass.
+    #[test]
+    fn pcr_values_of_wrong_length_are_refused() {
+        let ak = soft_ak();
+        let (r1, bad7, golden) = (vec![0x11; 32], vec![0xbb; 32], vec![0x77; 32]);
+        let sel = vec![PcrSelection::from_indices(alg::SHA256, &[1, 7, 23])];
+        let (q, s) = quote(
+            &ak,
+            sel,
+            &[r1.clone(), bad7.clone(), golden.clone()].concat(),
+        );
+        let honest: PcrValues = [
+            ((alg::SHA256, 1), r1.clone()),
+            ((alg::SHA256, 7), bad7.clone()),
+            ((alg::SHA256, 23), golden.clone()),
+        ]
+        .into();
+        verify_quote(&ak.public, &q, &s, b"nonce", &honest).expect("honest values verify");
+        let shifted: PcrValues = [
+            ((alg::SHA256, 1), [r1.clone(), bad7.clone()].concat()),
+            ((alg::SHA256, 7), golden.clone()),
+            ((alg::SHA256, 23), vec![]),
+        ]
+        .into();
+        let e = verify_quote(&ak.public, &q, &s, b"nonce", &shifted).unwrap_err();
+        assert_eq!(
+            e,
+            Error::PcrValueLength {
+                bank: alg::SHA256,
+                index: 1,
+                got: 64,
+                want: 32
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "PCR sha256:1 value is 64 bytes; that bank's digests are 32"
+        );
+        // One byte moved from one value to the next is refused too.
+        let nudged: PcrValues = [
+            ((alg::SHA256, 1), [&r1[..], &bad7[..1]].concat()),
+            ((alg::SHA256, 7), bad7[1..].to_vec()),
+            ((alg::SHA256, 23), golden),
+        ]
+        .into();
+        assert!(matches!(
+            verify_quote(&ak.public, &q, &s, b"nonce", &nudged),
+            Err(Error::PcrValueLength {
+                index: 1,
+                got: 33,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn pcr_duplicate_and_unknown_banks_are_refused() {
+        let ak = soft_ak();
+        let v = vec![0x11; 32];
+        // The SHA-256 bank selected twice: PCR 7 would be hashed in twice.
+        let dup = vec![
+            PcrSelection::from_indices(alg::SHA256, &[7]),
+            PcrSelection::from_indices(alg::SHA256, &[7]),
+        ];
+        let (q, s) = quote(&ak, dup, &[v.clone(), v.clone()].concat());
+        let values: PcrValues = [((alg::SHA256, 7), v.clone())].into();
+        assert_eq!(
+            verify_quote(&ak.public, &q, &s, b"nonce", &values).unwrap_err(),
+            Error::PcrBankRepeated(alg::SHA256)
+        );
+        // A bank whose algorithm is no hash Kame knows (its digest size is unknown).
+        let unknown = vec![PcrSelection::from_indices(0x0012, &[7])];
+        let (q, s) = quote(&ak, unknown, &v);
+        let values: PcrValues = [((0x0012, 7), v)].into();
+        assert!(matches!(
+            verify_quote(&ak.public, &q, &s, b"nonce", &values),
+            Err(Error::Unsupported { .. })
+        ));
     }
 }

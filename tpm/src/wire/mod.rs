@@ -69,6 +69,15 @@ pub enum Error {
     PcrNotSelected { bank: u16, index: u32 },
     #[error("PCR {bank:#06x}:{index} is selected but its value was not given")]
     PcrValueMissing { bank: u16, index: u32 },
+    #[error("PCR {}:{index} value is {got} bytes; that bank's digests are {want}", bank_name(*bank))]
+    PcrValueLength {
+        bank: u16,
+        index: u32,
+        got: usize,
+        want: usize,
+    },
+    #[error("the quote selects the {} bank more than once", bank_name(*.0))]
+    PcrBankRepeated(u16),
     #[error("key attribute check failed: {0}")]
     Attributes(String),
     #[error("cryptographic operation failed: {0}")]
@@ -138,6 +147,18 @@ pub fn put_tpm2b(out: &mut Vec<u8>, data: &[u8]) -> Result<()> {
     out.extend_from_slice(&n.to_be_bytes());
     out.extend_from_slice(data);
     Ok(())
+}
+
+/// The name of a PCR bank (its hash algorithm) in messages and selectors: `sha256`, or the
+/// algorithm number for one Kame does not know.
+pub fn bank_name(hash_alg: u16) -> String {
+    match hash_alg {
+        alg::SHA1 => "sha1".into(),
+        alg::SHA256 => "sha256".into(),
+        alg::SHA384 => "sha384".into(),
+        alg::SHA512 => "sha512".into(),
+        other => format!("{other:#06x}"),
+    }
 }
 
 /// Digest size of a TPM hash algorithm.
