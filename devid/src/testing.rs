@@ -98,3 +98,474 @@ pub fn same_name_chain(n: usize, subject: &str) -> (Vec<u8>, Vec<Vec<u8>>) {
     let ders = cas.into_iter().map(|c| c.cert).collect();
     (leaf, ders)
 }
+
+// ---------------------------------------------------------------------------------------------
+// TPM evidence made in software: keys whose TPMT_PUBLIC claims whatever attributes a test
+// needs, TPM2_Certify and TPM2_Quote structures they sign. Everything a peer sends before a
+// credential activation (or, for a certified AK, at all) can be made this way, which is why
+// verifiers must bound their work on it; fuzz targets use it to reach the checks behind the
+// signatures.
+
+use kame_tpm::wire::attest::{
+    Attest, AttestBody, ClockInfo, PcrSelection, ST_ATTEST_CERTIFY, ST_ATTEST_QUOTE, Signature,
+};
+use kame_tpm::wire::public::{Params, Public, Scheme, SymDef, Unique, attr};
+use kame_tpm::wire::{alg, curve};
+
+/// A P-256 key posing as a TPM key with `attributes`.
+pub struct SoftKey {
+    key: EcdsaKeyPair,
+    fixed: aws_lc_rs::signature::EcdsaKeyPair,
+    /// Its TPMT_PUBLIC.
+    pub public: Public,
+}
+
+impl std::fmt::Debug for SoftKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SoftKey")
+    }
+}
+
+/// The attributes of an attestation key (restricted signing, resident).
+pub const AK_ATTRIBUTES: u32 = attr::SIGN_ENCRYPT
+    | attr::RESTRICTED
+    | attr::FIXED_TPM
+    | attr::FIXED_PARENT
+    | attr::SENSITIVE_DATA_ORIGIN
+    | attr::USER_WITH_AUTH;
+/// The attributes of a DevID key (unrestricted signing, resident).
+pub const DEVID_ATTRIBUTES: u32 = attr::SIGN_ENCRYPT
+    | attr::FIXED_TPM
+    | attr::FIXED_PARENT
+    | attr::SENSITIVE_DATA_ORIGIN
+    | attr::USER_WITH_AUTH;
+
+/// The attributes of an endorsement key (restricted decryption, resident, policy-only).
+pub const EK_ATTRIBUTES: u32 = attr::DECRYPT
+    | attr::RESTRICTED
+    | attr::FIXED_TPM
+    | attr::FIXED_PARENT
+    | attr::SENSITIVE_DATA_ORIGIN
+    | attr::ADMIN_WITH_POLICY;
+
+impl SoftKey {
+    /// An ECC P-256 endorsement key as the TCG's low-range template makes it (AES-128-CFB
+    /// for credentials, no signing scheme).
+    pub fn ek() -> SoftKey {
+        let mut k = SoftKey::new(EK_ATTRIBUTES);
+        if let Params::Ecc {
+            symmetric, scheme, ..
+        } = &mut k.public.params
+        {
+            *symmetric = SymDef {
+                alg: alg::AES,
+                key_bits: 128,
+                mode: alg::CFB,
+            };
+            *scheme = Scheme {
+                scheme: alg::NULL,
+                hash: alg::NULL,
+                count: None,
+            };
+        }
+        k
+    }
+
+    pub fn new(attributes: u32) -> SoftKey {
+        use aws_lc_rs::signature::ECDSA_P256_SHA256_FIXED_SIGNING;
+        let fixed = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).expect("P-256 key");
+        let pkcs8 = fixed.to_pkcs8v1().expect("PKCS#8");
+        let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref())
+            .expect("the same key");
+        let point = fixed.public_key().as_ref().to_vec();
+        let null = Scheme {
+            scheme: alg::NULL,
+            hash: alg::NULL,
+            count: None,
+        };
+        let public = Public {
+            name_alg: alg::SHA256,
+            attributes,
+            auth_policy: vec![],
+            params: Params::Ecc {
+                symmetric: SymDef {
+                    alg: alg::NULL,
+                    key_bits: 0,
+                    mode: 0,
+                },
+                scheme: Scheme {
+                    scheme: alg::ECDSA,
+                    hash: alg::SHA256,
+                    count: None,
+                },
+                curve: curve::NIST_P256,
+                kdf: null,
+            },
+            unique: Unique::Ecc {
+                x: point[1..33].to_vec(),
+                y: point[33..].to_vec(),
+            },
+        };
+        SoftKey { key, fixed, public }
+    }
+
+    /// The TPMT_PUBLIC bytes.
+    pub fn public_bytes(&self) -> Vec<u8> {
+        self.public.marshal().expect("TPMT_PUBLIC")
+    }
+
+    /// SubjectPublicKeyInfo DER, as the TPMT_PUBLIC gives it.
+    pub fn spki(&self) -> Vec<u8> {
+        self.public.spki_der().expect("SPKI")
+    }
+
+    /// A TPMT_SIGNATURE (ECDSA, SHA-256) over `message`, as TPM2_Sign would make it.
+    pub fn tpm_sign(&self, message: &[u8]) -> Vec<u8> {
+        let sig = self
+            .fixed
+            .sign(&SystemRandom::new(), message)
+            .expect("signature");
+        let sig = sig.as_ref();
+        Signature::Ecdsa {
+            hash: alg::SHA256,
+            r: sig[..32].to_vec(),
+            s: sig[32..].to_vec(),
+        }
+        .marshal()
+        .expect("TPMT_SIGNATURE")
+    }
+
+    /// An X.509-style ECDSA signature (DER) over `message`.
+    pub fn x509_sign(&self, message: &[u8]) -> Vec<u8> {
+        self.key
+            .sign(&SystemRandom::new(), message)
+            .expect("signature")
+            .as_ref()
+            .to_vec()
+    }
+
+    fn attest(&self, attest_type: u16, nonce: &[u8], body: AttestBody) -> (Vec<u8>, Vec<u8>) {
+        let a = Attest {
+            attest_type,
+            qualified_signer: self.public.name().expect("name"),
+            extra_data: nonce.to_vec(),
+            clock_info: ClockInfo {
+                clock: 1000,
+                reset_count: 1,
+                restart_count: 0,
+                safe: true,
+            },
+            firmware_version: 1,
+            body,
+        };
+        let bytes = a.marshal().expect("TPMS_ATTEST");
+        let sig = self.tpm_sign(&bytes);
+        (bytes, sig)
+    }
+
+    /// TPM2_Certify of `object` by this key with `nonce` as qualifying data: (TPMS_ATTEST,
+    /// TPMT_SIGNATURE).
+    pub fn certify(&self, object: &Public, nonce: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let name = object.name().expect("name");
+        self.attest(
+            ST_ATTEST_CERTIFY,
+            nonce,
+            AttestBody::Certify {
+                qualified_name: name.clone(),
+                name,
+            },
+        )
+    }
+
+    /// TPM2_Quote by this key of SHA-256 PCRs `values` (index, 32-byte value) with `nonce`.
+    pub fn quote(&self, values: &[(u32, Vec<u8>)], nonce: &[u8]) -> (Vec<u8>, Vec<u8>) {
+        let mut sorted = values.to_vec();
+        sorted.sort();
+        let indices: Vec<u32> = sorted.iter().map(|(i, _)| *i).collect();
+        let concat: Vec<u8> = sorted.iter().flat_map(|(_, v)| v.clone()).collect();
+        self.attest(
+            ST_ATTEST_QUOTE,
+            nonce,
+            AttestBody::Quote {
+                selection: vec![PcrSelection::from_indices(alg::SHA256, &indices)],
+                pcr_digest: kame_tpm::wire::hash(alg::SHA256, &concat).expect("digest"),
+            },
+        )
+    }
+}
+
+/// A DevID-profile certificate of `kind` for `spki`, device serial `serial`, from `ca`.
+pub fn issue_devid(
+    ca: &SoftCa,
+    kind: crate::profile::DevIdKind,
+    serial: &str,
+    spki: &[u8],
+) -> Vec<u8> {
+    let issuer = IssuerInfo::from_cert_der(&ca.cert).expect("issuer");
+    let (nb, na) = validity();
+    let tbs = crate::profile::devid_tbs(
+        &crate::profile::DevIdParams {
+            kind,
+            subject: "O=Kame Test Devices",
+            serial_number: serial,
+            hw_type: crate::profile::TCG_SV_TPM20,
+            hw_serial: serial.as_bytes(),
+            spki_der: spki,
+            cert_serial: &[3],
+            not_before: nb,
+            not_after: Some(na),
+        },
+        &issuer,
+    )
+    .expect("DevID TBS");
+    let sig = ca.key.sign(&SystemRandom::new(), &tbs).expect("signature");
+    x509svid::assemble(&tbs, &issuer.signature_algorithm, sig.as_ref()).expect("certificate")
+}
+
+/// A node with a DevID and a certified attestation key (TCG IAK), all in software: what a
+/// tpm_devid verifier trusting `devid_ca` and `ak_ca` sees from it, and its answers.
+pub struct SoftCertifiedAkNode {
+    pub devid_ca: SoftCa,
+    pub ak_ca: SoftCa,
+    pub devid: SoftKey,
+    pub ak: SoftKey,
+    pub devid_cert: Vec<u8>,
+    pub ak_cert: Vec<u8>,
+    /// SHA-256 PCR values the node quotes, by index.
+    pub pcrs: std::collections::BTreeMap<u32, Vec<u8>>,
+    /// For the EK route: an endorsement key and its certificate from `ek_ca`.
+    pub ek_ca: SoftCa,
+    pub ek: SoftKey,
+    pub ek_cert: Vec<u8>,
+}
+
+impl std::fmt::Debug for SoftCertifiedAkNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SoftCertifiedAkNode")
+    }
+}
+
+impl Default for SoftCertifiedAkNode {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl SoftCertifiedAkNode {
+    pub fn new() -> Self {
+        let devid_ca = SoftCa::root("O=Kame Test, CN=DevID CA");
+        let ak_ca = SoftCa::root("O=Kame Test, CN=IAK CA");
+        let devid = SoftKey::new(DEVID_ATTRIBUTES);
+        let ak = SoftKey::new(AK_ATTRIBUTES);
+        let devid_cert = devid_ca.issue("O=Kame Test, CN=node-1", &devid.spki());
+        let ak_cert = issue_devid(&ak_ca, crate::profile::DevIdKind::Iak, "SN-1", &ak.spki());
+        let ek_ca = SoftCa::root("O=Kame Test, CN=EK CA");
+        let ek = SoftKey::ek();
+        let ek_cert = ek_ca.issue("O=Kame Test, CN=EK", &ek.spki());
+        SoftCertifiedAkNode {
+            devid_ca,
+            ak_ca,
+            devid,
+            ak,
+            devid_cert,
+            ak_cert,
+            pcrs: (0..24).map(|i| (i, vec![0; 32])).collect(),
+            ek_ca,
+            ek,
+            ek_cert,
+        }
+    }
+
+    /// Message 1 by the EK route (SPIRE's, with Kame's v2): the EK and its certificate, and
+    /// the DevID certified by the AK with empty qualifying data. Its challenge can only be
+    /// answered by a TPM, so it serves for the verifier's first step.
+    pub fn ek_request(&self) -> kame_api::tpm_devid::AttestationRequest {
+        let (certified, sig) = self.ak.certify(&self.devid.public, &[]);
+        kame_api::tpm_devid::AttestationRequest {
+            devid_cert: vec![self.devid_cert.clone()],
+            devid_pub: Some(self.devid.public_bytes()),
+            ek_cert: Some(self.ek_cert.clone()),
+            ek_pub: Some(self.ek.public_bytes()),
+            ak_pub: Some(self.ak.public_bytes()),
+            certified_devid: Some(certified),
+            certification_signature: Some(sig),
+            version: Some(2),
+            ..Default::default()
+        }
+    }
+
+    /// Message 1 (Kame v2 with `AKCert`).
+    pub fn request(&self) -> kame_api::tpm_devid::AttestationRequest {
+        kame_api::tpm_devid::AttestationRequest {
+            devid_cert: vec![self.devid_cert.clone()],
+            devid_pub: Some(self.devid.public_bytes()),
+            ak_pub: Some(self.ak.public_bytes()),
+            version: Some(2),
+            ak_cert: vec![self.ak_cert.clone()],
+            ..Default::default()
+        }
+    }
+
+    /// Message 3 for `challenge`: the DevID's signature over the nonce, the DevID certified
+    /// by the AK and a quote of the PCRs asked for, both bound to the nonce.
+    pub fn answer(
+        &self,
+        challenge: &kame_api::tpm_devid::ChallengeRequest,
+    ) -> kame_api::tpm_devid::ChallengeResponse {
+        let nonce = challenge.devid.clone().unwrap_or_default();
+        let (certified, certify_sig) = self.ak.certify(&self.devid.public, &nonce);
+        let values: Vec<(u32, Vec<u8>)> = challenge
+            .pcrs
+            .iter()
+            .map(|i| (*i, self.pcrs.get(i).cloned().unwrap_or_else(|| vec![0; 32])))
+            .collect();
+        let (quote, quote_sig) = self.ak.quote(&values, &nonce);
+        kame_api::tpm_devid::ChallengeResponse {
+            devid: Some(self.devid.x509_sign(&nonce)),
+            cred_activation: None,
+            certified_devid: Some(certified),
+            certification_signature: Some(certify_sig),
+            quote: Some(quote),
+            quote_signature: Some(quote_sig),
+            pcr_values: values,
+        }
+    }
+}
+
+/// A device enrolling with a manufacturer CA (TCG-CSR-IDEVID) and an owner CA (LDevID), its
+/// TPM made in software: an EK certified by `ek_ca`, the IAK and the IDevID key.
+pub struct SoftDevice {
+    pub ek_ca: SoftCa,
+    pub ek: SoftKey,
+    pub ek_cert: Vec<u8>,
+    pub iak: SoftKey,
+    pub idevid: SoftKey,
+    pub serial: String,
+}
+
+impl std::fmt::Debug for SoftDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SoftDevice")
+    }
+}
+
+impl SoftDevice {
+    pub fn new(serial: &str) -> SoftDevice {
+        let ek_ca = SoftCa::root("O=Kame Test TPM Vendor, CN=EK CA");
+        let ek = SoftKey::ek();
+        let ek_cert = ek_ca.issue("O=Kame Test TPM Vendor, CN=EK", &ek.spki());
+        SoftDevice {
+            ek_ca,
+            ek,
+            ek_cert,
+            iak: SoftKey::new(AK_ATTRIBUTES),
+            idevid: SoftKey::new(DEVID_ATTRIBUTES),
+            serial: serial.to_string(),
+        }
+    }
+
+    /// The TCG-CSR-IDEVID's content (unsigned): the IDevID key certified by the IAK.
+    pub fn idevid_request(&self) -> crate::enroll::IdevidRequest {
+        let (certify, sig) = self.iak.certify(&self.idevid.public, &[]);
+        crate::enroll::IdevidRequest {
+            hash_alg: alg::SHA256,
+            prod_model: "kame-soft-1".into(),
+            prod_serial: self.serial.clone(),
+            ek_cert: self.ek_cert.clone(),
+            attest_pub: self.iak.public_bytes(),
+            signing_pub: self.idevid.public_bytes(),
+            sgn_certify_info: certify,
+            sgn_certify_info_sig: sig,
+            ..Default::default()
+        }
+    }
+
+    /// `req` encoded and signed by the IDevID key (None when a field cannot be encoded).
+    pub fn sign_request(&self, req: &crate::enroll::IdevidRequest) -> Option<Vec<u8>> {
+        let sig = self.idevid.tpm_sign(&req.content().ok()?);
+        req.encode(&sig).ok()
+    }
+
+    /// The IAK and IDevID certificates `manufacturer` would issue this device.
+    pub fn manufactured(&self, manufacturer: &SoftCa) -> (Vec<u8>, Vec<u8>) {
+        use crate::profile::DevIdKind;
+        (
+            issue_devid(manufacturer, DevIdKind::Iak, &self.serial, &self.iak.spki()),
+            issue_devid(
+                manufacturer,
+                DevIdKind::IDevId,
+                &self.serial,
+                &self.idevid.spki(),
+            ),
+        )
+    }
+
+    /// An LDevID request for `ldevid` bound to `nonce`, with certificates from
+    /// `manufacturer`.
+    pub fn ldevid_request(
+        &self,
+        manufacturer: &SoftCa,
+        ldevid: &Public,
+        nonce: &[u8],
+    ) -> crate::enroll::LdevidRequest {
+        let (iak_cert, idevid_cert) = self.manufactured(manufacturer);
+        let mut r = crate::enroll::LdevidRequest {
+            idevid_cert,
+            iak_cert,
+            idevid_pub: self.idevid.public_bytes(),
+            iak_pub: self.iak.public_bytes(),
+            ldevid_pub: ldevid.marshal().expect("TPMT_PUBLIC"),
+            ..Default::default()
+        };
+        self.sign_ldevid(&mut r, ldevid, nonce);
+        r
+    }
+
+    /// Certifies `ldevid` by the IAK over `nonce` into `r` and signs that with the IDevID.
+    pub fn sign_ldevid(&self, r: &mut crate::enroll::LdevidRequest, ldevid: &Public, nonce: &[u8]) {
+        let (certify, sig) = self.iak.certify(ldevid, nonce);
+        r.idevid_sig = self.idevid.tpm_sign(&certify);
+        r.certify_info = certify;
+        r.certify_sig = sig;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> u64 {
+        validity().0 + 3600
+    }
+
+    /// The software device passes every check of both enrollments: a fuzz target that starts
+    /// from it reaches the checks behind the signatures.
+    #[test]
+    fn soft_device_requests_pass_the_cas_checks() {
+        let d = SoftDevice::new("SN-SOFT-1");
+        let bytes = d.sign_request(&d.idevid_request()).unwrap();
+        let v = crate::enroll::verify_idevid_request(
+            &bytes,
+            std::slice::from_ref(&d.ek_ca.cert),
+            &[],
+            now(),
+        )
+        .unwrap();
+        assert_eq!(v.request.prod_serial, "SN-SOFT-1");
+        let manufacturer = SoftCa::root("O=Kame Test, CN=Manufacturer CA");
+        let ldevid = SoftKey::new(DEVID_ATTRIBUTES);
+        let r = d.ldevid_request(&manufacturer, &ldevid.public, b"nonce");
+        let v = crate::enroll::verify_ldevid_request(
+            &r,
+            b"nonce",
+            std::slice::from_ref(&manufacturer.cert),
+            now(),
+        )
+        .unwrap();
+        assert_eq!(v.device.serial_number, "SN-SOFT-1");
+        assert!(
+            crate::enroll::verify_ldevid_request(&r, b"other", &[manufacturer.cert], now())
+                .is_err()
+        );
+    }
+}

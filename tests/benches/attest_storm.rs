@@ -391,6 +391,10 @@ async fn main() {
     trust_domain = "{TD}"
     data_dir = "{d}/data"
     log_level = "ERROR"
+    # Every synthetic agent connects from 127.0.0.1: the per-IP limit would measure itself.
+    ratelimit {{
+        attestation = false
+    }}
 }}
 plugins {{
     DataStore "sql" {{

@@ -623,6 +623,64 @@ mod tests {
         }
     }
 
+    /// Issue 19 item 4 at the datastore: a write computed before a ban cannot clear it;
+    /// eviction (deleting the node) lifts it.
+    #[tokio::test]
+    async fn node_ban_holds_against_every_later_write_until_eviction() {
+        let (_d, s) = store().await;
+        let id = "spiffe://td/spire/agent/x";
+        let node = AttestedNode {
+            spiffe_id: id.into(),
+            serial_number: "01".into(),
+            ..Default::default()
+        };
+        s.create_node(&node).await.unwrap();
+        let renewed = s
+            .modify_node(id, &|n: &mut AttestedNode| {
+                n.new_serial_number = "02".into();
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                renewed.serial_number.as_str(),
+                renewed.new_serial_number.as_str()
+            ),
+            ("01", "02")
+        );
+        s.ban_node(id).await.unwrap();
+        assert!(s.fetch_node(id).await.unwrap().unwrap().banned());
+        // A write that would restore the serials (a renewal or re-attestation read before).
+        let e = s
+            .modify_node(id, &|n: &mut AttestedNode| {
+                *n = node.clone();
+                Ok(())
+            })
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DsError::Banned));
+        assert!(s.fetch_node(id).await.unwrap().unwrap().banned());
+        // An error from the closure persists nothing; a missing node is NotFound.
+        assert!(matches!(
+            s.modify_node("spiffe://td/spire/agent/none", &|_: &mut AttestedNode| Ok(
+                ()
+            ))
+            .await,
+            Err(DsError::NotFound(_))
+        ));
+        assert!(matches!(
+            s.ban_node("spiffe://td/spire/agent/none").await,
+            Err(DsError::NotFound(_))
+        ));
+        s.delete_node(id).await.unwrap();
+        s.create_node(&node).await.unwrap();
+        assert!(!s.fetch_node(id).await.unwrap().unwrap().banned());
+        s.modify_node(id, &|_: &mut AttestedNode| Ok(()))
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn entries_crud_and_duplicate_detection() {
         let (_d, s) = store().await;
