@@ -31,6 +31,8 @@ pub enum AttestorError {
     CredentialsChanged(i32),
     #[error("process {0} runs another executable than when it connected (exec after connect)")]
     ExecutableChanged(i32),
+    #[error("the executable of process {0} could not be read when it connected")]
+    ExecutableNotRecorded(i32),
     #[error("cannot read {what} of process {pid}: {msg}")]
     Proc {
         pid: i32,
@@ -183,6 +185,12 @@ impl UnixAttestor {
         let st = status(&self.proc_root, pid)?;
         if st.euid != peer.uid || st.egid != peer.gid {
             return Err(AttestorError::CredentialsChanged(pid));
+        }
+        // path and sha256 name a binary: without the one recorded at accept there is nothing
+        // to hold the binary read now to (a process can make /proc/<pid>/exe unreadable until
+        // it execs, with PR_SET_DUMPABLE).
+        if self.config.discover_workload_path && peer.exe.is_none() {
+            return Err(AttestorError::ExecutableNotRecorded(pid));
         }
         let same_exe = |id: Option<ExeId>| match peer.exe {
             Some(at_accept) if id != Some(at_accept) => Err(AttestorError::ExecutableChanged(pid)),
@@ -410,6 +418,16 @@ mod tests {
             child.kill().unwrap();
             child.wait().unwrap();
         }
+        // Nothing recorded at accept: path and sha256 are not given.
+        let a = UnixAttestor::new(UnixAttestorConfig {
+            discover_workload_path: true,
+            workload_size_limit: 0,
+        });
+        let p = Peer { exe: None, ..me() };
+        assert_eq!(
+            a.attest(&p),
+            Err(AttestorError::ExecutableNotRecorded(p.pid))
+        );
     }
 
     #[test]

@@ -384,9 +384,12 @@ pub struct Challenge {
     pub encrypted_secret: Vec<u8>,
 }
 
-/// How many enrollments may wait for an answer: everything before the challenge can be made
-/// in software, so what unauthenticated peers leave pending is capped, in all and per peer
-/// (its address).
+/// How many credential activation challenges may wait for an answer. Everything before the
+/// challenge can be made in software from a public EK certificate, so what unauthenticated
+/// peers leave pending is bounded three ways: one challenge per EK (a newer request for the
+/// same EK replaces the older), at most `per_peer` for one peer (an IPv4 address or an IPv6
+/// /64), and at most `total` in all, where a full table makes room by dropping the oldest
+/// challenge of the peer that holds the most: no peer can lock the others out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PendingLimits {
     pub total: usize,
@@ -405,6 +408,9 @@ impl Default for PendingLimits {
 struct PendingEntry<V> {
     value: V,
     peer: String,
+    /// What identifies the requester beyond the peer (the EK): one entry each.
+    key: Vec<u8>,
+    created: Instant,
     expires: Instant,
 }
 
@@ -424,32 +430,67 @@ impl<V> PendingTable<V> {
         }
     }
 
-    /// Drops what expired; refuses when `peer`, or everyone, already holds the most allowed.
+    /// Drops what expired; refuses when `peer` already holds its share.
     fn room(&mut self, peer: &str, now: Instant) -> Result<(), EnrollError> {
         self.entries.retain(|_, e| e.expires > now);
-        let ttl = self.ttl.as_secs();
-        if self.entries.len() >= self.limits.total {
-            return Err(EnrollError::TooManyPending("in all", ttl));
-        }
         let mine = self.entries.values().filter(|e| e.peer == peer).count();
         if mine >= self.limits.per_peer {
-            return Err(EnrollError::TooManyPending("from this address", ttl));
+            return Err(EnrollError::TooManyPending(
+                "from this address",
+                self.ttl.as_secs(),
+            ));
         }
         Ok(())
     }
 
-    fn insert(&mut self, id: String, value: V, peer: &str) -> Result<(), EnrollError> {
+    fn insert(
+        &mut self,
+        id: String,
+        value: V,
+        peer: &str,
+        key: Vec<u8>,
+    ) -> Result<(), EnrollError> {
         let now = Instant::now();
+        self.entries.retain(|_, e| e.key != key);
         self.room(peer, now)?;
+        if self.entries.len() >= self.limits.total {
+            self.evict_from_heaviest_peer();
+        }
         self.entries.insert(
             id,
             PendingEntry {
                 value,
                 peer: peer.to_string(),
+                key,
+                created: now,
                 expires: now + self.ttl,
             },
         );
         Ok(())
+    }
+
+    /// Drops the oldest entry of the peer holding the most.
+    fn evict_from_heaviest_peer(&mut self) {
+        let mut counts: HashMap<&str, usize> = HashMap::new();
+        for e in self.entries.values() {
+            *counts.entry(e.peer.as_str()).or_default() += 1;
+        }
+        let Some(heaviest) = counts
+            .into_iter()
+            .max_by_key(|(_, n)| *n)
+            .map(|(p, _)| p.to_string())
+        else {
+            return;
+        };
+        let oldest = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.peer == heaviest)
+            .min_by_key(|(_, e)| e.created)
+            .map(|(id, _)| id.clone());
+        if let Some(id) = oldest {
+            self.entries.remove(&id);
+        }
     }
 
     fn take(&mut self, id: &str) -> Option<V> {
@@ -466,7 +507,7 @@ struct Pending {
 }
 
 /// Outstanding challenges: each answered at most once, within its lifetime. An answer to an
-/// unknown, expired or already used challenge is refused (a replay).
+/// unknown, expired, replaced or already used challenge is refused (a replay).
 pub struct Challenges {
     table: Mutex<PendingTable<Pending>>,
 }
@@ -509,7 +550,8 @@ impl Challenges {
     }
 
     /// A challenge that only the TPM holding both the EK and the IAK can answer, held for
-    /// `peer` ([`LOCAL_PEER`] without an address).
+    /// `peer` ([`LOCAL_PEER`] without an address). It replaces any challenge still pending
+    /// for the same EK.
     pub fn issue(&self, request: VerifiedRequest, peer: &str) -> Result<Challenge, EnrollError> {
         self.has_room(peer)?;
         let secret = random(32)?;
@@ -519,9 +561,13 @@ impl Challenges {
             .map_err(|e| EnrollError::Credential(e.to_string()))?;
         let cred = credential::make_credential(&request.ek, &secret, &iak_name)
             .map_err(|e| EnrollError::Credential(e.to_string()))?;
+        let ek = request
+            .ek
+            .spki_der()
+            .map_err(|e| EnrollError::Credential(e.to_string()))?;
         let id = hex_id(&random(16)?);
         self.table()
-            .insert(id.clone(), Pending { secret, request }, peer)?;
+            .insert(id.clone(), Pending { secret, request }, peer, ek)?;
         Ok(Challenge {
             id,
             credential_blob: cred.credential_blob,
@@ -609,8 +655,9 @@ pub fn verify_ldevid_request(
     if iak_info != device {
         return Err(LdevidError::DeviceMismatch);
     }
-    // The serial goes into the LDevID's subject: a PrintableString value, as for an IDevID.
-    crate::profile::check_serial_number(&device.serial_number)
+    // The serial goes into the LDevID's subject as the manufacturer certified it (a typed
+    // value, never parsed).
+    crate::profile::check_certified_serial_number(&device.serial_number)
         .map_err(|e| LdevidError::Profile("IDevID", e.to_string()))?;
     let parse = |b: &[u8]| Public::parse(b);
     let idevid = parse(&req.idevid_pub).map_err(|e| EnrollError::BadIdevid(e.to_string()))?;
@@ -651,83 +698,213 @@ pub fn verify_ldevid_request(
     Ok(VerifiedLdevid { ldevid, device })
 }
 
-/// Single-use nonces for LDevID enrollment, each valid for a while, within
-/// [`PendingLimits`].
+/// Single-use nonces for LDevID enrollment, each valid for a while. Issuing one keeps no
+/// state: the id carries its expiry and the nonce is an HMAC of the id under a key of this
+/// CA's, so unauthenticated BeginLdevid calls cost nothing to hold. Only a nonce spent by a
+/// request that passed every check is remembered (until it expires), to refuse its replay.
 pub struct Nonces {
-    table: Mutex<PendingTable<Vec<u8>>>,
+    ttl: Duration,
+    key: aws_lc_rs::hmac::Key,
+    spent: Mutex<HashMap<String, u64>>,
 }
 
 impl std::fmt::Debug for Nonces {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Nonces").finish_non_exhaustive()
+        f.debug_struct("Nonces")
+            .field("ttl", &self.ttl)
+            .finish_non_exhaustive()
     }
 }
 
+/// Most spent nonces remembered: each is a request that passed every check.
+const MAX_SPENT: usize = 65_536;
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 impl Nonces {
-    pub fn new(ttl: Duration) -> Self {
-        Self::with_limits(ttl, PendingLimits::default())
+    pub fn new(ttl: Duration) -> Result<Self, EnrollError> {
+        let key = zeroize::Zeroizing::new(random(32)?);
+        Ok(Nonces {
+            ttl,
+            key: aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &key),
+            spent: Mutex::new(HashMap::new()),
+        })
     }
 
-    pub fn with_limits(ttl: Duration, limits: PendingLimits) -> Self {
-        Nonces {
-            table: Mutex::new(PendingTable::new(ttl, limits)),
-        }
+    fn nonce_for(&self, id: &str) -> Vec<u8> {
+        aws_lc_rs::hmac::sign(&self.key, id.as_bytes())
+            .as_ref()
+            .to_vec()
     }
 
-    /// A fresh (id, nonce), held for `peer` ([`LOCAL_PEER`] without an address).
-    pub fn issue(&self, peer: &str) -> Result<(String, Vec<u8>), EnrollError> {
-        let nonce = random(32)?;
-        let id = hex_id(&random(16)?);
-        self.table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(id.clone(), nonce.clone(), peer)?;
+    /// A fresh (id, nonce).
+    pub fn issue(&self) -> Result<(String, Vec<u8>), EnrollError> {
+        let mut raw = random(16)?;
+        raw.extend_from_slice(&(unix_now() + self.ttl.as_secs()).to_be_bytes());
+        let id = hex_id(&raw);
+        let nonce = self.nonce_for(&id);
         Ok((id, nonce))
     }
 
-    /// The nonce of `id`, spent: a second take (a replay) or an expired one is refused.
-    pub fn take(&self, id: &str) -> Result<Vec<u8>, EnrollError> {
-        self.table
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take(id)
+    /// The expiry an id of ours carries: 16 random bytes then the expiry, in lower-case hex.
+    fn expiry_of(id: &str) -> Result<u64, EnrollError> {
+        let b = id.as_bytes();
+        if b.len() != 48
+            || !b
+                .iter()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+        {
+            return Err(EnrollError::UnknownChallenge);
+        }
+        id.get(32..)
+            .and_then(|e| u64::from_str_radix(e, 16).ok())
             .ok_or(EnrollError::UnknownChallenge)
+    }
+
+    /// The nonce of `id` if this CA issued it, it has not expired and it is not spent.
+    pub fn nonce(&self, id: &str) -> Result<Vec<u8>, EnrollError> {
+        let expiry = Self::expiry_of(id)?;
+        let now = unix_now();
+        if now >= expiry || expiry > now + self.ttl.as_secs() {
+            return Err(EnrollError::UnknownChallenge);
+        }
+        if self.spent_ids().contains_key(id) {
+            return Err(EnrollError::UnknownChallenge);
+        }
+        Ok(self.nonce_for(id))
+    }
+
+    fn spent_ids(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        self.spent.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Marks `id` used (after the request bound to it passed every check): a second use, or
+    /// a concurrent one, is refused.
+    pub fn spend(&self, id: &str) -> Result<(), EnrollError> {
+        self.nonce(id)?;
+        let expiry = Self::expiry_of(id)?;
+        let now = unix_now();
+        let mut spent = self.spent_ids();
+        spent.retain(|_, exp| *exp > now);
+        if spent.len() >= MAX_SPENT {
+            return Err(EnrollError::TooManyPending("in all", self.ttl.as_secs()));
+        }
+        if spent.insert(id.to_string(), expiry).is_some() {
+            return Err(EnrollError::UnknownChallenge);
+        }
+        Ok(())
+    }
+
+    /// [`Nonces::nonce`] and [`Nonces::spend`] at once.
+    pub fn take(&self, id: &str) -> Result<Vec<u8>, EnrollError> {
+        let n = self.nonce(id)?;
+        self.spend(id)?;
+        Ok(n)
     }
 }
 
 #[cfg(test)]
 mod pending_tests {
     use super::*;
+    use crate::testing::{SoftCa, SoftDevice};
+    use std::sync::Arc;
 
+    fn now() -> u64 {
+        unix_now()
+    }
+
+    /// Issue 19 item 8: one challenge per EK, `per_peer` per peer, and a full table makes
+    /// room at the expense of the peer holding the most.
     #[test]
-    fn enroll_pending_caps_hold_per_peer_and_in_all_and_expiry_frees_room() {
+    fn enroll_pending_challenges_one_per_ek_capped_per_peer_never_locked_out() {
+        let ek_ca = Arc::new(SoftCa::root("O=Vendor, CN=EK CA"));
+        let roots = vec![ek_ca.cert.clone()];
+        let verified = |serial: &str| {
+            let d = SoftDevice::under(ek_ca.clone(), serial);
+            let bytes = d.sign_request(&d.idevid_request()).unwrap();
+            (
+                d,
+                verify_idevid_request(&bytes, &roots, &[], now()).unwrap(),
+            )
+        };
         let limits = PendingLimits {
-            total: 5,
+            total: 4,
             per_peer: 2,
         };
-        let n = Nonces::with_limits(Duration::from_secs(60), limits);
-        n.issue("10.0.0.1").unwrap();
-        let (id, _) = n.issue("10.0.0.1").unwrap();
+        let c = Challenges::with_limits(Duration::from_secs(60), limits);
+        // The same EK again: the newer challenge replaces the older.
+        let (d1, v) = verified("SN-1");
+        let first = c.issue(v, "10.0.0.1").unwrap();
+        let bytes = d1.sign_request(&d1.idevid_request()).unwrap();
+        let again = verify_idevid_request(&bytes, &roots, &[], now()).unwrap();
+        let second = c.issue(again, "10.0.0.1").unwrap();
         assert!(matches!(
-            n.issue("10.0.0.1"),
+            c.answer(&first.id, &[0; 32]),
+            Err(EnrollError::UnknownChallenge)
+        ));
+        assert!(matches!(
+            c.answer(&second.id, &[0; 32]),
+            Err(EnrollError::WrongAnswer)
+        ));
+        // Two per peer.
+        c.issue(verified("SN-2").1, "10.0.0.1").unwrap();
+        c.issue(verified("SN-3").1, "10.0.0.1").unwrap();
+        assert!(matches!(
+            c.issue(verified("SN-4").1, "10.0.0.1"),
             Err(EnrollError::TooManyPending("from this address", 60))
         ));
-        // Another peer is not held back by the first; taking one frees its room.
-        n.issue("10.0.0.2").unwrap();
-        n.take(&id).unwrap();
-        n.issue("10.0.0.1").unwrap();
-        n.issue("10.0.0.3").unwrap();
-        n.issue("10.0.0.3").unwrap();
+        // Full (two peers with two each): a third peer still gets in, at the expense of the
+        // oldest challenge of a peer holding the most.
+        let a = c.issue(verified("SN-5").1, "10.0.0.2").unwrap();
+        c.issue(verified("SN-6").1, "10.0.0.2").unwrap();
+        let newcomer = c.issue(verified("SN-7").1, "10.0.0.3").unwrap();
         assert!(matches!(
-            n.issue("10.0.0.4"),
-            Err(EnrollError::TooManyPending("in all", 60))
+            c.answer(&newcomer.id, &[0; 32]),
+            Err(EnrollError::WrongAnswer)
         ));
-        // Expired entries make room.
-        let n = Nonces::with_limits(Duration::from_millis(1), limits);
-        n.issue("10.0.0.1").unwrap();
-        n.issue("10.0.0.1").unwrap();
-        std::thread::sleep(Duration::from_millis(5));
-        n.issue("10.0.0.1").unwrap();
+        let _ = a;
+        assert_eq!(c.table().entries.len(), 3, "4 in all, one answered");
+    }
+
+    #[test]
+    fn enroll_ldevid_nonces_are_stateless_single_use_and_expire() {
+        let n = Nonces::new(Duration::from_secs(300)).unwrap();
+        for _ in 0..10_000 {
+            n.issue().unwrap();
+        }
+        assert!(n.spent_ids().is_empty(), "issuing keeps nothing");
+        let (id, nonce) = n.issue().unwrap();
+        assert_eq!(n.nonce(&id).unwrap(), nonce);
+        n.spend(&id).unwrap();
+        assert!(matches!(n.nonce(&id), Err(EnrollError::UnknownChallenge)));
+        assert!(matches!(n.spend(&id), Err(EnrollError::UnknownChallenge)));
+        // Another CA's id, a forged expiry, garbage: unknown.
+        let other = Nonces::new(Duration::from_secs(300)).unwrap();
+        let (oid, onc) = other.issue().unwrap();
+        assert_ne!(
+            n.nonce(&oid).unwrap(),
+            onc,
+            "only the issuing CA knows the nonce"
+        );
+        let far = format!("{}{:016x}", &oid[..32], unix_now() + 10_000);
+        assert!(n.nonce(&far).is_err(), "an expiry beyond the TTL");
+        let past = format!("{}{:016x}", &oid[..32], unix_now() - 1);
+        assert!(n.nonce(&past).is_err(), "expired");
+        for bad in [
+            "",
+            "zz",
+            &"0".repeat(48),
+            &"G".repeat(48),
+            &"é".repeat(24),
+            &"€".repeat(16),
+        ] {
+            assert!(n.nonce(bad).is_err(), "{bad:?}");
+        }
     }
 }
 

@@ -295,10 +295,11 @@ enum CaCmd {
         /// TLS private key (PEM) of --tls-cert.
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
-        /// Most enrollments (challenges, and LDevID nonces, each) waiting for an answer.
+        /// Most credential activation challenges waiting for an answer (when full, the peer
+        /// holding the most gives up its oldest).
         #[arg(long, default_value_t = kame_devid::enroll::PendingLimits::default().total, value_parser = clap::value_parser!(usize))]
         max_pending: usize,
-        /// Most of those one peer (IP address) may hold.
+        /// Most of those one peer (an IPv4 address or an IPv6 /64) may hold.
         #[arg(long, default_value_t = kame_devid::enroll::PendingLimits::default().per_peer, value_parser = clap::value_parser!(usize))]
         max_pending_per_peer: usize,
     },
@@ -869,10 +870,7 @@ async fn run(cli: Cli) -> Result<()> {
                 subject: vendor.subject,
                 challenges: Challenges::with_limits(std::time::Duration::from_secs(300), limits),
                 manufacturer_roots: read_all_pems(&idevid_ca)?,
-                nonces: kame_devid::enroll::Nonces::with_limits(
-                    std::time::Duration::from_secs(300),
-                    limits,
-                ),
+                nonces: kame_devid::enroll::Nonces::new(std::time::Duration::from_secs(300))?,
             };
             let mut server = tonic::transport::Server::builder();
             if let (Some(cert), Some(key)) = (&tls_cert, &tls_key) {

@@ -191,43 +191,62 @@ fn hmn_general_name(
 /// X.520's upper bound on a serialNumber attribute (ub-serial-number).
 pub const MAX_SERIAL_NUMBER: usize = 64;
 
-/// Checks that `serial` can be a subject serialNumber: 1 to [`MAX_SERIAL_NUMBER`] characters
-/// of the PrintableString set (X.520: A–Z, a–z, 0–9, space and `'()+,-./:=?`). Device serials
-/// come from devices: this is what keeps one from carrying anything but a value.
+fn is_printable(c: char) -> bool {
+    c.is_ascii_alphanumeric() || " '()+,-./:=?".contains(c)
+}
+
+/// Checks that a device serial a device sent (a TCG-CSR-IDEVID's prodSerial) can be a subject
+/// serialNumber: 1 to [`MAX_SERIAL_NUMBER`] characters of the PrintableString set (X.520:
+/// A–Z, a–z, 0–9, space and `'()+,-./:=?`). It becomes a typed attribute either way; this
+/// keeps what a device names itself to plain values.
 pub fn check_serial_number(serial: &str) -> Result<(), ProfileError> {
+    check_certified_serial_number(serial)?;
+    if let Some(c) = serial.chars().find(|c| !is_printable(*c)) {
+        return Err(ProfileError::BadSerialNumber(format!(
+            "holds {c:?}, which is not a PrintableString character (A-Z a-z 0-9 space ' ( ) + , - . / : = ?)"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks a serial a CA already certified (an IDevID's, for an LDevID): 1 to
+/// [`MAX_SERIAL_NUMBER`] characters, none of them a control character. Manufacturer CAs
+/// other than Kame's may use a UTF8String; it is carried over as one.
+pub fn check_certified_serial_number(serial: &str) -> Result<(), ProfileError> {
     let bad = |why: String| Err(ProfileError::BadSerialNumber(why));
     if serial.is_empty() {
         return bad("is empty".into());
     }
-    if serial.len() > MAX_SERIAL_NUMBER {
+    let n = serial.chars().count();
+    if n > MAX_SERIAL_NUMBER {
         return bad(format!(
-            "is {} characters long; at most {MAX_SERIAL_NUMBER} are allowed",
-            serial.len()
+            "is {n} characters long; at most {MAX_SERIAL_NUMBER} are allowed"
         ));
     }
-    if let Some(c) = serial
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || " '()+,-./:=?".contains(*c)))
-    {
-        return bad(format!(
-            "holds {c:?}, which is not a PrintableString character (A-Z a-z 0-9 space ' ( ) + , - . / : = ?)"
-        ));
+    if let Some(c) = serial.chars().find(|c| c.is_control()) {
+        return bad(format!("holds the control character {c:?}"));
     }
     Ok(())
 }
 
 /// The DER of `subject` (the operator's, trusted) with the device's serialNumber appended as
-/// a typed PrintableString attribute: the serial is never parsed as DN syntax.
+/// a typed attribute, a PrintableString when the serial fits that set, else a UTF8String: the
+/// serial is never parsed as DN syntax.
 fn subject_with_serial(subject: &str, serial: &str) -> Result<Vec<u8>, ProfileError> {
     use x509_cert::attr::AttributeTypeAndValue;
     use x509_cert::name::{RdnSequence, RelativeDistinguishedName};
-    check_serial_number(serial)?;
+    check_certified_serial_number(serial)?;
     let mut rdns: RdnSequence = x509svid::parse_name(subject)?.into();
-    let value = der::asn1::PrintableStringRef::new(serial)
-        .map_err(|e| ProfileError::BadSerialNumber(e.to_string()))?;
+    let bad = |e: der::Error| ProfileError::BadSerialNumber(e.to_string());
+    let value = if serial.chars().all(is_printable) {
+        Any::encode_from(&der::asn1::PrintableStringRef::new(serial).map_err(bad)?)
+    } else {
+        Any::encode_from(&der::asn1::Utf8StringRef::new(serial).map_err(bad)?)
+    }
+    .map_err(enc)?;
     let atv = AttributeTypeAndValue {
         oid: SERIAL_NUMBER,
-        value: Any::encode_from(&value).map_err(enc)?,
+        value,
     };
     rdns.push(RelativeDistinguishedName::try_from(vec![atv]).map_err(enc)?);
     rdns.to_der().map_err(enc)
@@ -531,8 +550,8 @@ mod tests {
                 }
             }
         }
-        // Outside the PrintableString set, empty, or longer than X.520's 64: refused.
-        for serial in ["", "SN-\u{e9}", "SN\u{0}1", "SN\n1", "#04", &"9".repeat(65)] {
+        // Empty, with a control character, or longer than X.520's 64: refused.
+        for serial in ["", "SN\u{0}1", "SN\n1", &"9".repeat(65)] {
             assert!(
                 matches!(
                     issue_serial(DevIdKind::IDevId, None, serial),
@@ -543,6 +562,18 @@ mod tests {
         }
         let (_, cert) = issue_serial(DevIdKind::IDevId, None, &"9".repeat(64)).unwrap();
         assert_eq!(subject_serial_numbers(&cert), vec!["9".repeat(64)]);
+        // A serial another manufacturer certified as a UTF8String is carried over as one
+        // (an LDevID for its device); what a device sends must be a PrintableString.
+        let (_, cert) = issue_serial(DevIdKind::LDevId, None, "SN_\u{e9}#1").unwrap();
+        assert_eq!(
+            subject_serial_numbers(&cert),
+            vec!["SN_\u{e9}#1".to_string()]
+        );
+        for serial in ["SN_1", "SN-\u{e9}", "#04", "a\\b"] {
+            assert!(check_serial_number(serial).is_err(), "{serial:?}");
+            check_certified_serial_number(serial).unwrap();
+        }
+        check_serial_number("SN-1, CN=admin+O=x").unwrap();
     }
 
     #[test]

@@ -3,8 +3,8 @@
 //! recovered secret and issues the IAK and IDevID certificates. Malformed requests are
 //! InvalidArgument, failed proofs PermissionDenied, an unknown or replayed challenge
 //! FailedPrecondition, a serial or TPM the registry has seen with another AlreadyExists, a
-//! peer (by IP address) that already holds its share of pending challenges or nonces
-//! ResourceExhausted.
+//! peer (an IPv4 address or IPv6 /64) that already holds its share of pending challenges
+//! ResourceExhausted. LDevID nonces keep no state until a request bound to one passes.
 //! Every decision is logged with the device serial; nothing is issued
 //! before the challenge is answered. It must not hold the CA key (the KeyManager does).
 
@@ -75,11 +75,17 @@ pub fn enroll_status(e: EnrollError) -> Status {
     }
 }
 
-/// The peer a pending enrollment is held for: the caller's IP address.
+/// The peer a pending enrollment is held for: the caller's IPv4 address, or the /64 of its
+/// IPv6 address (one host usually has a whole /64 to pick addresses from).
 fn peer<T>(req: &Request<T>) -> String {
-    req.remote_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_else(|| crate::enroll::LOCAL_PEER.to_string())
+    match req.remote_addr().map(|a| a.ip().to_canonical()) {
+        None => crate::enroll::LOCAL_PEER.to_string(),
+        Some(std::net::IpAddr::V4(a)) => a.to_string(),
+        Some(std::net::IpAddr::V6(a)) => {
+            let s = a.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
+    }
 }
 
 fn now() -> u64 {
@@ -178,11 +184,8 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
                 "this CA does not enroll LDevIDs (no manufacturer CA configured)",
             ));
         }
-        let peer = peer(&req);
-        let (nonce_id, nonce) = self.nonces.issue(&peer).map_err(|e| {
-            tracing::warn!(%peer, error = %e, "LDevID nonce refused");
-            enroll_status(e)
-        })?;
+        let _ = req;
+        let (nonce_id, nonce) = self.nonces.issue().map_err(enroll_status)?;
         Ok(Response::new(pb::LdevidNonce { nonce_id, nonce }))
     }
 
@@ -191,7 +194,7 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
         req: Request<pb::FinishLdevidRequest>,
     ) -> Result<Response<pb::LdevidCertificate>, Status> {
         let r = req.into_inner();
-        let nonce = self.nonces.take(&r.nonce_id).map_err(enroll_status)?;
+        let nonce = self.nonces.nonce(&r.nonce_id).map_err(enroll_status)?;
         let request = LdevidRequest {
             idevid_cert: r.idevid_certificate,
             iak_cert: r.iak_certificate,
@@ -208,6 +211,9 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
                 ldevid_status(e)
             },
         )?;
+        // Spent only by a request that passed: failed attempts hold nothing; a replay of a
+        // good one (or a second one racing it) is refused here.
+        self.nonces.spend(&r.nonce_id).map_err(enroll_status)?;
         let cert =
             self.ca.issue_ldevid(&v, &self.subject).await.map_err(|e| {
                 Status::internal(format!("cannot issue the LDevID certificate: {e}"))

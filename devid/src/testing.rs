@@ -435,7 +435,7 @@ impl SoftCertifiedAkNode {
 /// A device enrolling with a manufacturer CA (TCG-CSR-IDEVID) and an owner CA (LDevID), its
 /// TPM made in software: an EK certified by `ek_ca`, the IAK and the IDevID key.
 pub struct SoftDevice {
-    pub ek_ca: SoftCa,
+    pub ek_ca: std::sync::Arc<SoftCa>,
     pub ek: SoftKey,
     pub ek_cert: Vec<u8>,
     pub iak: SoftKey,
@@ -451,7 +451,14 @@ impl std::fmt::Debug for SoftDevice {
 
 impl SoftDevice {
     pub fn new(serial: &str) -> SoftDevice {
-        let ek_ca = SoftCa::root("O=Kame Test TPM Vendor, CN=EK CA");
+        Self::under(
+            std::sync::Arc::new(SoftCa::root("O=Kame Test TPM Vendor, CN=EK CA")),
+            serial,
+        )
+    }
+
+    /// A device whose EK certificate `ek_ca` issued (many devices of one TPM vendor).
+    pub fn under(ek_ca: std::sync::Arc<SoftCa>, serial: &str) -> SoftDevice {
         let ek = SoftKey::ek();
         let ek_cert = ek_ca.issue("O=Kame Test TPM Vendor, CN=EK", &ek.spki());
         SoftDevice {

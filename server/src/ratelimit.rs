@@ -3,8 +3,9 @@
 //! X509-SVID signing (BatchNewX509SVID, RenewAgent) at 500 per second and JWT-SVID signing
 //! (NewJWTSVID) at another 500 per second, each a token bucket whose burst is its rate. A call
 //! takes as many tokens as it asks for signatures and waits for them, as Go's `rate.WaitN`
-//! does; a call larger than the burst, or one whose gRPC deadline would pass before its turn,
-//! is refused at once with ResourceExhausted. Calls over the admin Unix socket are never
+//! does, and gives them back if it goes away before its turn (a cancelled reservation); a call
+//! larger than the burst, or one whose gRPC deadline would pass before its turn, is refused at
+//! once with ResourceExhausted. Calls over the admin Unix socket are never
 //! limited. Unlike SPIRE, a caller with no deadline waits at most [`MAX_WAIT`]: unbounded
 //! reservations would let one address push its neighbours' turn (behind one NAT) hours away.
 //!
@@ -124,6 +125,9 @@ impl Limiter {
         };
         let limit = deadline.map_or(now + MAX_WAIT, |d| d.min(now + MAX_WAIT));
         if now + wait > limit {
+            // Refused: the bucket stays as it was (a debt carried over from the previous
+            // generation is not forgiven).
+            b.current.insert(ip, bucket);
             drop(b);
             return Err(self.refuse(format!(
                 "{} rate limit: this address may make {} per second; the call's deadline (or {}s) comes before its turn",
@@ -142,7 +146,21 @@ impl Limiter {
         Ok(wait)
     }
 
-    /// Takes `n` tokens for `ip`, waiting for them (see the module docs).
+    /// Gives back `n` tokens reserved for `ip` by a caller that left before its turn (as
+    /// `rate.Reservation.Cancel`): its reservation must not hold back the callers after it.
+    fn refund(&self, ip: IpAddr, n: usize) {
+        let mut b = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
+        let burst = self.burst as f64;
+        let Buckets {
+            current, previous, ..
+        } = &mut *b;
+        if let Some(bucket) = current.get_mut(&ip).or_else(|| previous.get_mut(&ip)) {
+            bucket.tokens = (bucket.tokens + n as f64).min(burst);
+        }
+    }
+
+    /// Takes `n` tokens for `ip`, waiting for them (see the module docs). A call dropped while
+    /// it waits gives its tokens back.
     pub async fn take(
         &self,
         ip: IpAddr,
@@ -155,9 +173,32 @@ impl Limiter {
             self.waited_micros
                 .fetch_add(wait.as_micros() as u64, Ordering::Relaxed);
             tracing::debug!(limit = self.name, %ip, wait_ms = wait.as_millis() as u64, "rate limited: waiting");
+            let mut pending = Refund {
+                limiter: self,
+                ip,
+                n,
+                waiting: true,
+            };
             tokio::time::sleep(wait).await;
+            pending.waiting = false;
         }
         Ok(())
+    }
+}
+
+/// A reservation whose caller is still waiting: refunded if dropped so.
+struct Refund<'a> {
+    limiter: &'a Limiter,
+    ip: IpAddr,
+    n: usize,
+    waiting: bool,
+}
+
+impl Drop for Refund<'_> {
+    fn drop(&mut self) {
+        if self.waiting {
+            self.limiter.refund(self.ip, self.n);
+        }
     }
 }
 
@@ -305,6 +346,34 @@ mod tests {
         }
         assert!(l.reserve(IP, 1, t0, None).is_err(), "a 60 s wait");
         assert_eq!(l.refused.load(Ordering::Relaxed), 2);
+    }
+
+    /// Callers that reset their streams while they wait (their futures dropped) leave no debt
+    /// behind for the callers after them; a refusal keeps the debt it found.
+    #[tokio::test]
+    async fn ratelimit_a_caller_that_leaves_gives_its_tokens_back() {
+        let l = Limiter::new("attestation", 1);
+        l.take(IP, 1, None).await.unwrap();
+        for _ in 0..30 {
+            let r = tokio::time::timeout(Duration::from_millis(5), l.take(IP, 1, None)).await;
+            assert!(r.is_err(), "it had to wait");
+        }
+        let w = l.reserve(IP, 1, Instant::now(), None).unwrap();
+        assert!(
+            w <= Duration::from_secs(1),
+            "{w:?}: the leavers' debt was kept"
+        );
+        // A bucket found in the previous generation and refused is kept, debt and all.
+        let l = Limiter::new("attestation", 1);
+        // 50 s of debt just before the generations swap; the swap comes with the next call.
+        let t0 = Instant::now() + GENERATION - Duration::from_secs(1);
+        for _ in 0..50 {
+            l.reserve(IP, 1, t0, None).unwrap();
+        }
+        let t1 = t0 + Duration::from_secs(2);
+        assert!(l.reserve(IP, 1, t1, Some(t1)).is_err());
+        let w = l.reserve(IP, 1, t1, None).unwrap();
+        assert!(w > Duration::ZERO, "the debt was forgiven");
     }
 
     #[test]

@@ -126,8 +126,8 @@ async fn manufacture() -> Factory {
     )
     .await
     .unwrap();
-    let nonces = Nonces::new(Duration::from_secs(60));
-    let (nonce_id, nonce) = nonces.issue("local").unwrap();
+    let nonces = Nonces::new(Duration::from_secs(60)).unwrap();
+    let (nonce_id, nonce) = nonces.issue().unwrap();
     let key = dev
         .create_under_srk(&templates::bytes(templates::DEVID_RSA))
         .unwrap();

@@ -59,15 +59,28 @@ pub async fn attest_check<T: Send + 'static>(
     ctx: &Context,
     f: impl FnOnce() -> T + Send + 'static,
 ) -> Result<T, Status> {
-    let _permit = ctx
-        .attest_checks
+    on_blocking_pool(&ctx.attest_checks, f).await
+}
+
+/// Runs `f` on the blocking pool holding one of `permits` from before it starts to after it
+/// ends, even when the caller stops waiting.
+async fn on_blocking_pool<T: Send + 'static>(
+    permits: &Arc<tokio::sync::Semaphore>,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Status> {
+    let permit = permits
         .clone()
         .acquire_owned()
         .await
         .map_err(|_| Status::unavailable("the server is shutting down"))?;
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Status::internal(format!("attestation check failed: {e}")))
+    // The permit goes with the work: a caller that goes away (a reset stream, a lapsed
+    // deadline) drops this future, but the check runs on, and holds its place, to its end.
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        f()
+    })
+    .await
+    .map_err(|e| Status::internal(format!("attestation check failed: {e}")))
 }
 
 /// The request header in which a Kame agent reports, on each SyncAuthorizedEntries call, the
@@ -584,5 +597,26 @@ mod tests {
         for bad in ["", "a..b", "-a.b", "a b", "a.b-", &"a".repeat(64)] {
             assert!(validate_dns_name(bad).is_err(), "{bad}");
         }
+    }
+
+    /// A caller that goes away (its future dropped: a reset stream, a lapsed deadline) does
+    /// not free its place while its check still runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn attest_check_permit_is_held_until_the_work_ends_even_if_the_caller_leaves() {
+        let permits = Arc::new(tokio::sync::Semaphore::new(1));
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let call = on_blocking_pool(&permits, move || {
+            started_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+        });
+        let _ = tokio::time::timeout(Duration::from_millis(200), call).await;
+        started_rx.recv().unwrap();
+        assert_eq!(permits.available_permits(), 0, "the check still runs");
+        release_tx.send(()).unwrap();
+        let p = tokio::time::timeout(Duration::from_secs(5), permits.acquire())
+            .await
+            .expect("the permit comes back when the work ends");
+        drop(p);
     }
 }
