@@ -396,7 +396,9 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
         text.contains("Issuer: O = Fleet Owner, CN = Owner CA"),
         "{text}"
     );
-    // An LDevID nonce is used once; the owner CA refuses an unknown manufacturer's devices.
+    // The owner CA refuses an unknown manufacturer's devices. A refused request spends
+    // nothing (a nonce is spent only by a request that passes, so failures cost the CA no
+    // memory); an id whose expiry is beyond what the CA issues is unknown.
     let channel = tonic::transport::Endpoint::from_shared(owner_url)
         .unwrap()
         .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(
@@ -424,12 +426,23 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
         "{}",
         first.message()
     );
-    let again = c.finish_ldevid(bogus).await.unwrap_err();
+    let again = c.finish_ldevid(bogus.clone()).await.unwrap_err();
     assert_eq!(
         again.code(),
-        tonic::Code::FailedPrecondition,
+        tonic::Code::PermissionDenied,
         "{}",
         again.message()
+    );
+    let forged = pb::FinishLdevidRequest {
+        nonce_id: format!("{}{:016x}", "00".repeat(16), now() + 3600),
+        ..bogus
+    };
+    let unknown = c.finish_ldevid(forged).await.unwrap_err();
+    assert_eq!(
+        unknown.code(),
+        tonic::Code::FailedPrecondition,
+        "{}",
+        unknown.message()
     );
     let _ = owner.kill().await;
 }
