@@ -425,13 +425,8 @@ mod tests {
         )));
     }
 
-    /// One 4 KiB table entry referenced 100,000 times: 400 MiB decoded from a 100 KiB
-    /// block. Refused, with no more than the limit ever held.
-    #[tokio::test]
-    async fn h2fix_hpack_bomb_ends_the_connection() {
-        let mut block = vec![0x40, 0x01, b'x', 0x7f, 0xa1, 0x1e]; // value length 4000
-        block.extend(std::iter::repeat_n(b'a', 4000));
-        block.extend(std::iter::repeat_n(0x80 | 62, 100_000));
+    /// The connection preface, then `block` as HEADERS and CONTINUATION frames on stream 1.
+    fn preface_and_block(block: &[u8]) -> Vec<u8> {
         let mut input = PREFACE.to_vec();
         let chunks: Vec<&[u8]> = block.chunks(MAX_FRAME).collect();
         for (i, c) in chunks.iter().enumerate() {
@@ -447,6 +442,17 @@ mod tests {
             };
             input.extend(frame(ty, flags, 1, c));
         }
+        input
+    }
+
+    /// One 4 KiB table entry referenced 100,000 times: 400 MiB decoded from a 100 KiB
+    /// block. Refused, with no more than the limit ever held.
+    #[tokio::test]
+    async fn h2fix_hpack_bomb_ends_the_connection() {
+        let mut block = vec![0x40, 0x01, b'x', 0x7f, 0xa1, 0x1e]; // value length 4000
+        block.extend(std::iter::repeat_n(b'a', 4000));
+        block.extend(std::iter::repeat_n(0x80 | 62, 100_000));
+        let input = preface_and_block(&block);
         let mut fix = AuthorityFix::new(std::io::Cursor::new(input));
         let mut out = vec![];
         let e = fix.read_to_end(&mut out).await.unwrap_err();
@@ -458,21 +464,7 @@ mod tests {
             (&b":authority"[..], &b"x"[..]),
             (b"big", big.as_slice()),
         ]);
-        let mut input = PREFACE.to_vec();
-        let chunks: Vec<&[u8]> = block.chunks(MAX_FRAME).collect();
-        for (i, c) in chunks.iter().enumerate() {
-            let ty = if i == 0 {
-                FRAME_HEADERS
-            } else {
-                FRAME_CONTINUATION
-            };
-            let flags = if i + 1 == chunks.len() {
-                FLAG_END_HEADERS
-            } else {
-                0
-            };
-            input.extend(frame(ty, flags, 1, c));
-        }
+        let input = preface_and_block(&block);
         let out = run(input).await;
         assert!(headers_of(&out).contains(&(b":authority".to_vec(), b"localhost".to_vec())));
     }

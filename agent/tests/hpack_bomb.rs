@@ -164,6 +164,7 @@ plugins {{
     let _ = s.read_to_end(&mut sink);
     std::thread::sleep(Duration::from_millis(300));
     let peak = kib(pid, "VmHWM:");
+    eprintln!("kame-agent peak resident memory after the bomb: {peak} KiB");
     assert!(
         peak < 64 * 1024,
         "kame-agent's peak resident memory reached {peak} KiB"

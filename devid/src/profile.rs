@@ -28,29 +28,30 @@ struct HardwareModuleName {
     hw_serial_num: OctetString,
 }
 
+/// An attribute value that is a PrintableString or a UTF8String, as text.
+fn directory_string(value: &Any) -> Option<String> {
+    value
+        .decode_as::<der::asn1::PrintableStringRef<'_>>()
+        .map(|s| s.to_string())
+        .or_else(|_| {
+            value
+                .decode_as::<der::asn1::Utf8StringRef<'_>>()
+                .map(|s| s.to_string())
+        })
+        .ok()
+}
+
 /// The subject serialNumber attributes of a certificate, in order.
 pub fn subject_serial_numbers(cert_der: &[u8]) -> Vec<String> {
     let Ok(cert) = Certificate::from_der(cert_der) else {
         return vec![];
     };
-    let mut out = vec![];
-    for atv in cert.tbs_certificate().subject().iter() {
-        if atv.oid == SERIAL_NUMBER {
-            let v = atv
-                .value
-                .decode_as::<der::asn1::PrintableStringRef<'_>>()
-                .map(|s| s.to_string())
-                .or_else(|_| {
-                    atv.value
-                        .decode_as::<der::asn1::Utf8StringRef<'_>>()
-                        .map(|s| s.to_string())
-                });
-            if let Ok(v) = v {
-                out.push(v);
-            }
-        }
-    }
-    out
+    cert.tbs_certificate()
+        .subject()
+        .iter()
+        .filter(|atv| atv.oid == SERIAL_NUMBER)
+        .filter_map(|atv| directory_string(&atv.value))
+        .collect()
 }
 
 /// The hardwareModuleName entries of the SAN: (hwType OID, hwSerialNum bytes).
@@ -502,16 +503,8 @@ mod tests {
             .subject()
             .iter()
             .map(|atv| {
-                let v = atv
-                    .value
-                    .decode_as::<der::asn1::PrintableStringRef<'_>>()
-                    .map(|s| s.to_string())
-                    .or_else(|_| {
-                        atv.value
-                            .decode_as::<der::asn1::Utf8StringRef<'_>>()
-                            .map(|s| s.to_string())
-                    })
-                    .unwrap_or_else(|_| format!("<{}>", hex_of(atv.value.value())));
+                let v = directory_string(&atv.value)
+                    .unwrap_or_else(|| format!("<{}>", hex_of(atv.value.value())));
                 (atv.oid.to_string(), v)
             })
             .collect()

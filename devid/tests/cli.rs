@@ -29,6 +29,26 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// Starts `kame-devid ca serve` with `args` (after `ca serve`); returns the process (killed
+/// when dropped) and the address it listens on.
+async fn serve_ca(args: &[&str]) -> (tokio::process::Child, String) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_kame-devid"))
+        .args(["ca", "serve"])
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let addr = first.trim_start_matches("listening on ").to_string();
+    (child, addr)
+}
+
 /// The first certificate of a PEM file.
 fn der_of(p: &Path) -> Vec<u8> {
     kame_api::bundle::certs_from_pem(&std::fs::read_to_string(p).unwrap())
@@ -72,38 +92,25 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
     }
     // A second TPM whose request claims the same serial, from a vendor the CA also trusts.
     let (twin, twin_req) = manufactured(d, "SN-9");
-    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_kame-devid"))
-        .args([
-            "ca",
-            "serve",
-            "--keys-path",
-            &s(&keys),
-            "--ca-cert",
-            &s(&ca_pem),
-            "--ek-root",
-            &s(&tpm.dir().join("ek-root-ca.pem")),
-            "--ek-intermediate",
-            &s(&tpm.dir().join("ek-intermediate-ca.pem")),
-            "--ek-root",
-            &s(&twin.dir().join("ek-root-ca.pem")),
-            "--ek-intermediate",
-            &s(&twin.dir().join("ek-intermediate-ca.pem")),
-            "--registry",
-            &s(&d.join("registry.json")),
-            "--subject",
-            "O=Kame Devices, CN=kame-edge",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(serve.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let addr = first.trim_start_matches("listening on ").to_string();
+    let (mut serve, addr) = serve_ca(&[
+        "--keys-path",
+        &s(&keys),
+        "--ca-cert",
+        &s(&ca_pem),
+        "--ek-root",
+        &s(&tpm.dir().join("ek-root-ca.pem")),
+        "--ek-intermediate",
+        &s(&tpm.dir().join("ek-intermediate-ca.pem")),
+        "--ek-root",
+        &s(&twin.dir().join("ek-root-ca.pem")),
+        "--ek-intermediate",
+        &s(&twin.dir().join("ek-intermediate-ca.pem")),
+        "--registry",
+        &s(&d.join("registry.json")),
+        "--subject",
+        "O=Kame Devices, CN=kame-edge",
+    ])
+    .await;
     let url = format!("http://{addr}");
     let out = d.join("out");
     devid(&[
@@ -245,36 +252,24 @@ async fn devid_cli_manufacture_enrolls_iak_and_idevid_over_grpc() {
     ]);
     // The owner's endpoint serves TLS: a server certificate for 127.0.0.1 from its own root.
     let (tls_root, tls_cert, tls_key) = tls_endpoint_certs(d);
-    let mut owner = tokio::process::Command::new(env!("CARGO_BIN_EXE_kame-devid"))
-        .args([
-            "ca",
-            "serve",
-            "--keys-path",
-            &s(&owner_keys),
-            "--ca-cert",
-            &s(&owner_pem),
-            "--ek-root",
-            &s(&tpm.dir().join("ek-root-ca.pem")),
-            "--idevid-ca",
-            &s(&ca_pem),
-            "--subject",
-            "O=Fleet Owner",
-            "--tls-cert",
-            &s(&tls_cert),
-            "--tls-key",
-            &s(&tls_key),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = tokio::io::BufReader::new(owner.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let owner_url = format!("https://{}", first.trim_start_matches("listening on "));
+    let (mut owner, owner_addr) = serve_ca(&[
+        "--keys-path",
+        &s(&owner_keys),
+        "--ca-cert",
+        &s(&owner_pem),
+        "--ek-root",
+        &s(&tpm.dir().join("ek-root-ca.pem")),
+        "--idevid-ca",
+        &s(&ca_pem),
+        "--subject",
+        "O=Fleet Owner",
+        "--tls-cert",
+        &s(&tls_cert),
+        "--tls-key",
+        &s(&tls_key),
+    ])
+    .await;
+    let owner_url = format!("https://{owner_addr}");
     let ldevid = d.join("ldevid");
     let enroll_over = |url: &str, tls: &Path, trust: &Path| {
         [
@@ -735,26 +730,19 @@ async fn devid_ca_holds_one_challenge_per_ek_and_nothing_for_ldevid_nonces() {
     let keys = d.join("ca-keys.json");
     let ca_pem = d.join("ca.pem");
     devid(&["ca", "init", "--keys-path", &s(&keys), "--out", &s(&ca_pem)]);
-    let mut serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_kame-devid"))
-        .args([
-            "ca",
-            "serve",
-            "--keys-path",
-            &s(&keys),
-            "--ca-cert",
-            &s(&ca_pem),
-            "--ek-root",
-            &s(&tpm.dir().join("ek-root-ca.pem")),
-            "--ek-intermediate",
-            &s(&tpm.dir().join("ek-intermediate-ca.pem")),
-            "--idevid-ca",
-            &s(&ca_pem),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let (mut serve, addr) = serve_ca(&[
+        "--keys-path",
+        &s(&keys),
+        "--ca-cert",
+        &s(&ca_pem),
+        "--ek-root",
+        &s(&tpm.dir().join("ek-root-ca.pem")),
+        "--ek-intermediate",
+        &s(&tpm.dir().join("ek-intermediate-ca.pem")),
+        "--idevid-ca",
+        &s(&ca_pem),
+    ])
+    .await;
     let pid = serve.id().unwrap();
     let rss_kib = || {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -764,13 +752,6 @@ async fn devid_ca_holds_one_challenge_per_ek_and_nothing_for_ldevid_nonces() {
             .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
             .unwrap()
     };
-    let mut lines = tokio::io::BufReader::new(serve.stdout.take().unwrap()).lines();
-    let first = tokio::time::timeout(std::time::Duration::from_secs(30), lines.next_line())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    let addr = first.trim_start_matches("listening on ").to_string();
     let mut client = pb::enrollment_client::EnrollmentClient::connect(format!("http://{addr}"))
         .await
         .unwrap();

@@ -552,54 +552,10 @@ mod tests {
 #[cfg(test)]
 mod quote_values {
     use super::*;
-    use crate::wire::public::{Params, Public, Scheme, SymDef, Unique, attr};
-    use aws_lc_rs::rand::SystemRandom;
-    use aws_lc_rs::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair, KeyPair};
-
-    struct SoftAk {
-        key: EcdsaKeyPair,
-        public: Public,
-    }
-
-    fn soft_ak() -> SoftAk {
-        let key = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_FIXED_SIGNING).unwrap();
-        let point = key.public_key().as_ref().to_vec();
-        let public = Public {
-            name_alg: alg::SHA256,
-            attributes: attr::SIGN_ENCRYPT
-                | attr::RESTRICTED
-                | attr::FIXED_TPM
-                | attr::FIXED_PARENT
-                | attr::SENSITIVE_DATA_ORIGIN,
-            auth_policy: vec![],
-            params: Params::Ecc {
-                symmetric: SymDef {
-                    alg: alg::NULL,
-                    key_bits: 0,
-                    mode: 0,
-                },
-                scheme: Scheme {
-                    scheme: alg::ECDSA,
-                    hash: alg::SHA256,
-                    count: None,
-                },
-                curve: crate::wire::curve::NIST_P256,
-                kdf: Scheme {
-                    scheme: alg::NULL,
-                    hash: alg::NULL,
-                    count: None,
-                },
-            },
-            unique: Unique::Ecc {
-                x: point[1..33].to_vec(),
-                y: point[33..].to_vec(),
-            },
-        };
-        SoftAk { key, public }
-    }
+    use crate::soft::{AK_ATTRIBUTES, SoftKey};
 
     /// A quote of `selection` whose digest is SHA-256 of `concat`, signed by `ak`.
-    fn quote(ak: &SoftAk, selection: Vec<PcrSelection>, concat: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    fn quote(ak: &SoftKey, selection: Vec<PcrSelection>, concat: &[u8]) -> (Vec<u8>, Vec<u8>) {
         let a = Attest {
             attest_type: ST_ATTEST_QUOTE,
             qualified_signer: vec![0, 0x0b],
@@ -617,14 +573,8 @@ mod quote_values {
             },
         };
         let bytes = a.marshal().unwrap();
-        let sig = ak.key.sign(&SystemRandom::new(), &bytes).unwrap();
-        let sig = sig.as_ref();
-        let s = Signature::Ecdsa {
-            hash: alg::SHA256,
-            r: sig[..32].to_vec(),
-            s: sig[32..].to_vec(),
-        };
-        (bytes, s.marshal().unwrap())
+        let sig = ak.tpm_sign(&bytes);
+        (bytes, sig)
     }
 
     /// The attack of issue 19 item 2: the TPM quoted PCR1 = R1, PCR7 = a bad value and PCR23 =
@@ -633,7 +583,7 @@ mod quote_values {
     /// is the same, and a policy on PCR7 would pass.
     #[test]
     fn pcr_values_of_wrong_length_are_refused() {
-        let ak = soft_ak();
+        let ak = SoftKey::new(AK_ATTRIBUTES);
         let (r1, bad7, golden) = (vec![0x11; 32], vec![0xbb; 32], vec![0x77; 32]);
         let sel = vec![PcrSelection::from_indices(alg::SHA256, &[1, 7, 23])];
         let (q, s) = quote(
@@ -687,7 +637,7 @@ mod quote_values {
 
     #[test]
     fn pcr_duplicate_and_unknown_banks_are_refused() {
-        let ak = soft_ak();
+        let ak = SoftKey::new(AK_ATTRIBUTES);
         let v = vec![0x11; 32];
         // The SHA-256 bank selected twice: PCR 7 would be hashed in twice.
         let dup = vec![
