@@ -214,6 +214,7 @@ async fn ratelimit_10_attestations_from_one_ip_take_at_least_9s_by_default() {
         attest(&s, &TestKey::new(), None).await.unwrap();
     }
     let took = t.elapsed();
+    eprintln!("10 attestations from one address, limits on: {took:?}");
     assert!(
         took >= Duration::from_secs(9),
         "10 attestations in {took:?}"
@@ -240,6 +241,7 @@ async fn ratelimit_disabled_by_config_attests_without_waiting() {
         attest(&s, &TestKey::new(), None).await.unwrap();
     }
     let took = t.elapsed();
+    eprintln!("10 attestations from one address, limits off: {took:?}");
     assert!(took < Duration::from_secs(5), "10 attestations in {took:?}");
     s.stop().await;
 }
@@ -302,6 +304,7 @@ async fn ratelimit_signing_burst_is_smoothed() {
         assert!(r.results.iter().all(|x| x.svid.is_some()));
     }
     let took = t.elapsed();
+    eprintln!("1,200 X509-SVIDs in three concurrent batches, limits on: {took:?}");
     assert!(
         took >= Duration::from_millis(1400),
         "1,200 signatures in {took:?}"
