@@ -9,6 +9,7 @@ use kame_api::TrustDomain;
 use kame_keymanager::KeyType;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub const DEFAULT_SOCKET_PATH: &str = "/tmp/kame-server/private/api.sock";
@@ -304,29 +305,11 @@ pub struct Config {
     pub datastore: DataStoreConfig,
     pub key_manager: KeyManagerConfig,
     pub join_token_attestor: bool,
-    pub tpm_devid: Option<TpmDevidConfig>,
+    /// The node attestor plugins (besides join_token), by name, built from their
+    /// `plugin_data`.
+    pub node_attestors: Vec<(String, Arc<dyn crate::attestation::NodeAttestor>)>,
     /// `server.ratelimit { attestation, signing }` (SPIRE's; both on by default).
     pub ratelimit: crate::ratelimit::RateLimitConfig,
-}
-
-/// `NodeAttestor "tpm_devid"` (SPIRE's keys, plus ours: `compat_mode`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TpmDevidConfig {
-    /// PEM bundle of DevID trust anchors.
-    pub devid_ca_path: PathBuf,
-    /// PEM bundle of EK roots and vendor intermediates.
-    pub endorsement_ca_path: PathBuf,
-    /// SPIRE parity: skip the binding checks SPIRE lacks.
-    pub compat_mode: bool,
-    /// EKs trusted without a certificate: one SHA-256 (hex) of the EK's SPKI DER per line.
-    pub ek_allow_list_path: Option<PathBuf>,
-    /// Refuse agents that do not speak Kame's v2 (certify bound to the nonce, PCR quote).
-    pub require_quote: bool,
-    /// Expected SHA-256 PCR values by index (`pcr_policy { sha256 = { "7" = "<hex>" } }`).
-    pub pcr_policy: std::collections::BTreeMap<u32, Vec<u8>>,
-    /// PEM bundle of the CAs that issue attestation-key certificates (TCG IAK/LAK: the
-    /// manufacturer CA of `kame-devid`); unset: agents with a certified AK are refused.
-    pub attestation_key_ca_path: Option<PathBuf>,
 }
 
 impl Config {
@@ -665,7 +648,10 @@ impl Config {
         })?;
 
         let mut join_token_attestor = false;
-        let mut tpm_devid = None;
+        let mut node_attestors: Vec<(String, Arc<dyn crate::attestation::NodeAttestor>)> = vec![];
+        let plugin_env = crate::catalog::PluginEnv {
+            trust_domain: trust_domain.clone(),
+        };
         for (name, sec) in plugins.labeled("NodeAttestor")? {
             let key = format!("plugins.NodeAttestor.{name}");
             match name.as_str() {
@@ -676,71 +662,22 @@ impl Config {
                     plugin_data(sec)?.finish()?;
                     join_token_attestor = true;
                 }
-                "tpm_devid" => {
-                    if tpm_devid.is_some() {
+                other => {
+                    if node_attestors.iter().any(|(n, _)| n == other) {
                         return Err(invalid(&key, "configured more than once"));
                     }
                     let data = plugin_data(sec)?;
-                    let path = |k: &str| -> Result<PathBuf, ConfigError> {
-                        data.string(k)?
-                            .filter(|v| !v.is_empty())
-                            .map(PathBuf::from)
-                            .ok_or(ConfigError::Missing { key: data.key(k) })
-                    };
-                    let devid_ca_path = path("devid_ca_path")?;
-                    let endorsement_ca_path = path("endorsement_ca_path")?;
-                    let compat_mode = data.take_bool("compat_mode")?.unwrap_or(false);
-                    let ek_allow_list_path = data
-                        .string("ek_allow_list_path")?
-                        .filter(|v| !v.is_empty())
-                        .map(PathBuf::from);
-                    let require_quote = data.take_bool("require_quote")?.unwrap_or(false);
-                    let attestation_key_ca_path = data
-                        .string("attestation_key_ca_path")?
-                        .filter(|v| !v.is_empty())
-                        .map(PathBuf::from);
-                    let mut pcr_policy = std::collections::BTreeMap::new();
-                    let mut data = data;
-                    if let Some(mut pol) = data.section("pcr_policy")? {
-                        if let Some(sha) = pol.section("sha256")? {
-                            for k in sha.keys() {
-                                let key = sha.key(&k);
-                                let i: u32 = k
-                                    .parse()
-                                    .ok()
-                                    .filter(|i| *i < 24)
-                                    .ok_or_else(|| invalid(&key, "not a PCR index (0-23)"))?;
-                                let v = sha.string(&k)?.unwrap_or_default();
-                                let b = hex::decode(v.trim())
-                                    .ok()
-                                    .filter(|b| b.len() == 32)
-                                    .ok_or_else(|| {
-                                        invalid(&key, "expected a SHA-256 value in hex")
-                                    })?;
-                                pcr_policy.insert(i, b);
-                            }
-                            sha.finish()?;
-                        }
-                        pol.finish()?;
-                    }
-                    data.finish()?;
-                    tpm_devid = Some(TpmDevidConfig {
-                        devid_ca_path,
-                        endorsement_ca_path,
-                        compat_mode,
-                        ek_allow_list_path,
-                        require_quote,
-                        pcr_policy,
-                        attestation_key_ca_path,
-                    });
-                }
-                _ => {
-                    return Err(invalid(
-                        "plugins.NodeAttestor",
-                        format!(
-                            "unknown NodeAttestor {name:?} (expected \"join_token\" or \"tpm_devid\")"
-                        ),
-                    ));
+                    let built = crate::catalog::node_attestor(other, &plugin_env, data)
+                        .ok_or_else(|| {
+                            invalid(
+                                "plugins.NodeAttestor",
+                                format!(
+                                    "unknown NodeAttestor {other:?} (expected one of {})",
+                                    crate::catalog::node_attestor_names()
+                                ),
+                            )
+                        })??;
+                    node_attestors.push((other.to_string(), built));
                 }
             }
         }
@@ -767,7 +704,7 @@ impl Config {
             datastore,
             key_manager,
             join_token_attestor,
-            tpm_devid,
+            node_attestors,
             ratelimit,
         })
     }

@@ -6,6 +6,7 @@
 
 pub mod attestation;
 pub mod ca;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod datastore;

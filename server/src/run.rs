@@ -42,57 +42,6 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("server id file {0} is corrupt (expected a UUID)")]
     BadServerId(String),
-    #[error("{key} {path}: {msg}")]
-    TrustAnchors {
-        key: &'static str,
-        path: String,
-        msg: String,
-    },
-}
-
-/// `ek_allow_list_path`: one SHA-256 (64 hex digits) per line; `#` starts a comment.
-fn load_allow_list(path: &Path) -> Result<Vec<String>, RunError> {
-    let err = |msg: String| RunError::TrustAnchors {
-        key: "ek_allow_list_path",
-        path: path.display().to_string(),
-        msg,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let mut out = vec![];
-    for (i, line) in text.lines().enumerate() {
-        let v = line
-            .split('#')
-            .next()
-            .unwrap_or("")
-            .trim()
-            .to_ascii_lowercase();
-        if v.is_empty() {
-            continue;
-        }
-        if v.len() != 64 || !v.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(err(format!("line {}: not a SHA-256 in hex", i + 1)));
-        }
-        out.push(v);
-    }
-    Ok(out)
-}
-
-/// A PEM bundle of at least one certificate (a node attestor's trust anchors).
-fn load_anchors(key: &'static str, path: &Path) -> Result<Vec<Vec<u8>>, RunError> {
-    let err = |msg: String| RunError::TrustAnchors {
-        key,
-        path: path.display().to_string(),
-        msg,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    let certs = kame_api::bundle::certs_from_pem(&text).map_err(|e| err(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(err("holds no certificate".into()));
-    }
-    for c in &certs {
-        kame_api::x509svid::ParsedCert::parse(c).map_err(|e| err(e.to_string()))?;
-    }
-    Ok(certs)
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RunError + 'a {
@@ -373,24 +322,6 @@ pub async fn start_with(
         .trust_domain
         .id_from_segments(&["spire", "server"])
         .map_err(|e| CaError::Profile(e.into()))?;
-    let tpm_devid = match &cfg.tpm_devid {
-        None => None,
-        Some(t) => Some(Arc::new(crate::attestation::tpm_devid::DevIdConfig {
-            devid_roots: load_anchors("devid_ca_path", &t.devid_ca_path)?,
-            ek_roots: load_anchors("endorsement_ca_path", &t.endorsement_ca_path)?,
-            compat_mode: t.compat_mode,
-            ek_allow_list: match &t.ek_allow_list_path {
-                None => vec![],
-                Some(p) => load_allow_list(p)?,
-            },
-            require_quote: t.require_quote,
-            pcr_policy: t.pcr_policy.clone(),
-            ak_roots: match &t.attestation_key_ca_path {
-                None => vec![],
-                Some(p) => load_anchors("attestation_key_ca_path", p)?,
-            },
-        })),
-    };
     let ctx = Arc::new(Context {
         td: cfg.trust_domain.clone(),
         ca: ca.clone(),
@@ -399,7 +330,7 @@ pub async fn start_with(
         default_jwt_svid_ttl: cfg.default_jwt_svid_ttl,
         agent_ttl: cfg.agent_ttl.unwrap_or(cfg.default_x509_svid_ttl),
         join_token_enabled: cfg.join_token_attestor,
-        tpm_devid,
+        node_attestors: cfg.node_attestors.iter().cloned().collect(),
         server_spiffe_id: server_spiffe_id.clone(),
         reported: Default::default(),
         limits: crate::ratelimit::Limits::new(cfg.ratelimit),

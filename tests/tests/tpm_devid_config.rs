@@ -44,24 +44,46 @@ fn devid_block(devid_ca: &str, ek_ca: &str) -> String {
 fn tpm_devid_server_configure_01_to_05_no_core_config_empty_td_bad_hcl_missing_paths() {
     use kame_server::config::Config;
     let d = tempfile::tempdir().unwrap();
+    // The bundles are read when the configuration is: they must exist.
+    let pem = d.path().join("ca.pem");
+    common::devid::openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+        "-subj",
+        "/CN=ca",
+        "-days",
+        "1",
+        "-keyout",
+        &d.path().join("ca.key").display().to_string(),
+        "-out",
+        &pem.display().to_string(),
+    ]);
+    let pem = pem.display().to_string();
     let ok = server_conf(
         d.path(),
         &devid_block(
             "devid_ca_path = \"/x/devid.pem\"",
             "endorsement_ca_path = \"/x/ek.pem\"",
         ),
-    );
+    )
+    .replace("/x/devid.pem", &pem)
+    .replace("/x/ek.pem", &pem);
     Config::parse(&ok, false).unwrap();
     let cases = [
         ("plugins {}\n".to_string(), "server"),
         (ok.replace("trust_domain = \"example.org\"", "trust_domain = \"\""), "server.trust_domain"),
         (ok.replace("plugins {", "plugins {{"), "not valid HCL"),
-        (ok.replace("devid_ca_path = \"/x/devid.pem\"", ""), "devid_ca_path"),
-        (ok.replace("endorsement_ca_path = \"/x/ek.pem\"", ""), "endorsement_ca_path"),
+        (ok.replace(&format!("devid_ca_path = \"{pem}\""), ""), "devid_ca_path"),
+        (ok.replace(&format!("endorsement_ca_path = \"{pem}\""), ""), "endorsement_ca_path"),
         // A misspelt key: the required one is reported missing.
         (ok.replace("devid_ca_path", "devid_ca_pth"), "devid_ca_path: missing required value"),
         (
-            ok.replace("endorsement_ca_path = \"/x/ek.pem\"", "endorsement_ca_path = \"/x/ek.pem\"\n            pcr_policy {\n                sha256 = {\n                    \"99\" = \"00\"\n                }\n            }"),
+            ok.replace(&format!("endorsement_ca_path = \"{pem}\""), &format!("endorsement_ca_path = \"{pem}\"\n            pcr_policy {{\n                sha256 = {{\n                    \"99\" = \"00\"\n                }}\n            }}")),
             "not a PCR index",
         ),
     ];
@@ -79,7 +101,7 @@ async fn tpm_devid_server_configure_06_to_08_unreadable_bundles_refuse_to_start_
     let devid = provision(&tpm, "node");
     let ek = ek_cas(&tpm, devid.dir.path());
     let d = tempfile::tempdir().unwrap();
-    let start = |devid_ca: String, ek_ca: String| {
+    let conf = |devid_ca: String, ek_ca: String| {
         let text = server_conf(
             d.path(),
             &devid_block(
@@ -89,46 +111,50 @@ async fn tpm_devid_server_configure_06_to_08_unreadable_bundles_refuse_to_start_
         );
         let port = common::free_port();
         let text = text.replace("bind_port = \"0\"", &format!("bind_port = \"{port}\""));
-        kame_server::config::Config::parse(&text, false).unwrap()
+        kame_server::config::Config::parse(&text, false)
+    };
+    // The configuration is refused (so `validate` and `run` both say so), naming the key
+    // and the file.
+    let refused = |devid_ca: String, ek_ca: String, key: &str, says: &str| {
+        let e = conf(devid_ca, ek_ca).unwrap_err().to_string();
+        assert!(
+            e.contains(&format!("plugins.NodeAttestor.tpm_devid.plugin_data.{key}"))
+                && e.contains(says),
+            "{key}, {says}: {e}"
+        );
     };
     let good_devid = devid.ca.display().to_string();
     let good_ek = ek.display().to_string();
     // Unreadable DevID bundle; unreadable endorsement bundle; a file with no certificate.
-    let e = kame_server::run::start(start("/nonexistent/devid.pem".into(), good_ek.clone()))
-        .await
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("devid_ca_path"), "{e}");
-    let e = kame_server::run::start(start(good_devid.clone(), "/nonexistent/ek.pem".into()))
-        .await
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(e.contains("endorsement_ca_path"), "{e}");
+    refused(
+        "/nonexistent/devid.pem".into(),
+        good_ek.clone(),
+        "devid_ca_path",
+        "/nonexistent/devid.pem",
+    );
+    refused(
+        good_devid.clone(),
+        "/nonexistent/ek.pem".into(),
+        "endorsement_ca_path",
+        "/nonexistent/ek.pem",
+    );
     let empty = d.path().join("empty.pem");
     std::fs::write(&empty, "").unwrap();
-    let e = kame_server::run::start(start(good_devid.clone(), empty.display().to_string()))
-        .await
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        e.contains("endorsement_ca_path") && e.contains("no certificates"),
-        "{e}"
+    refused(
+        good_devid.clone(),
+        empty.display().to_string(),
+        "endorsement_ca_path",
+        "no certificates",
     );
-    // Kame's attestation_key_ca_path (certified IAK/LAK): unreadable refuses to start too.
-    let e = kame_server::run::start(start(
+    // Kame's attestation_key_ca_path (certified IAK/LAK): unreadable is refused too.
+    refused(
         good_devid.clone(),
         format!("{good_ek}\"\n            attestation_key_ca_path = \"/nonexistent/iak-ca.pem"),
-    ))
-    .await
-    .err()
-    .unwrap()
-    .to_string();
-    assert!(e.contains("attestation_key_ca_path"), "{e}");
+        "attestation_key_ca_path",
+        "/nonexistent/iak-ca.pem",
+    );
     // Success.
-    let s = kame_server::run::start(start(good_devid, good_ek))
+    let s = kame_server::run::start(conf(good_devid, good_ek).unwrap())
         .await
         .unwrap();
     s.stop().await;

@@ -146,6 +146,106 @@ pub struct DevIdConfig {
     pub ak_roots: Vec<Vec<u8>>,
 }
 
+/// The `tpm_devid` plugin: its settings and the trust domain its agent IDs are in.
+#[derive(Debug)]
+pub struct TpmDevid {
+    pub cfg: DevIdConfig,
+    pub trust_domain: TrustDomain,
+}
+
+/// Builds `NodeAttestor "tpm_devid"` from its `plugin_data` (SPIRE's keys, plus Kame's
+/// `compat_mode`, `ek_allow_list_path`, `require_quote`, `pcr_policy`,
+/// `attestation_key_ca_path`), reading the bundles it names.
+pub fn plugin(
+    env: &crate::catalog::PluginEnv,
+    data: kame_api::conf::Section,
+) -> Result<std::sync::Arc<dyn super::NodeAttestor>, kame_api::conf::ConfigError> {
+    use super::files;
+    use kame_api::conf::invalid;
+    let devid_roots = files::required_certificates(&data, "devid_ca_path")?;
+    let ek_roots = files::required_certificates(&data, "endorsement_ca_path")?;
+    let compat_mode = data.take_bool("compat_mode")?.unwrap_or(false);
+    let ek_allow_list = match files::optional_path(&data, "ek_allow_list_path")? {
+        None => vec![],
+        Some(p) => files::sha256_list(&data.key("ek_allow_list_path"), &p)?,
+    };
+    let require_quote = data.take_bool("require_quote")?.unwrap_or(false);
+    let ak_roots = match files::optional_path(&data, "attestation_key_ca_path")? {
+        None => vec![],
+        Some(p) => files::certificates(&data.key("attestation_key_ca_path"), &p)?,
+    };
+    let mut pcr_policy = std::collections::BTreeMap::new();
+    let mut data = data;
+    if let Some(mut pol) = data.section("pcr_policy")? {
+        if let Some(sha) = pol.section("sha256")? {
+            for k in sha.keys() {
+                let key = sha.key(&k);
+                let i: u32 = k
+                    .parse()
+                    .ok()
+                    .filter(|i| *i < 24)
+                    .ok_or_else(|| invalid(&key, "not a PCR index (0-23)"))?;
+                let v = sha.string(&k)?.unwrap_or_default();
+                let b = hex::decode(v.trim())
+                    .ok()
+                    .filter(|b| b.len() == 32)
+                    .ok_or_else(|| invalid(&key, "expected a SHA-256 value in hex"))?;
+                pcr_policy.insert(i, b);
+            }
+            sha.finish()?;
+        }
+        pol.finish()?;
+    }
+    data.finish()?;
+    Ok(std::sync::Arc::new(TpmDevid {
+        cfg: DevIdConfig {
+            devid_roots,
+            ek_roots,
+            compat_mode,
+            ek_allow_list,
+            require_quote,
+            pcr_policy,
+            ak_roots,
+        },
+        trust_domain: env.trust_domain.clone(),
+    }))
+}
+
+impl From<DevIdError> for super::AttestError {
+    fn from(e: DevIdError) -> Self {
+        let m = e.to_string();
+        if e.is_bad_input() {
+            super::AttestError::BadInput(m)
+        } else if e.is_precondition() {
+            super::AttestError::Precondition(m)
+        } else {
+            super::AttestError::Denied(m)
+        }
+    }
+}
+
+impl super::NodeAttestor for TpmDevid {
+    fn begin(&self, payload: &[u8], now: u64) -> Result<super::Step, super::AttestError> {
+        let (pending, challenge) = begin(&self.cfg, payload, now)?;
+        Ok(super::Step::Challenge {
+            challenge: challenge.encode(),
+            pending: Box::new(pending),
+        })
+    }
+
+    fn finish(
+        &self,
+        pending: super::Pending,
+        response: &[u8],
+        _now: u64,
+    ) -> Result<Attested, super::AttestError> {
+        let pending = pending.downcast::<Pending>().map_err(|_| {
+            super::AttestError::Internal("tpm_devid was handed another attestor's state".into())
+        })?;
+        Ok(finish(&self.trust_domain, *pending, response)?)
+    }
+}
+
 /// The PCRs a v2 quote covers when no policy names any: the firmware and Secure Boot ones.
 const DEFAULT_QUOTE_PCRS: [u32; 2] = [0, 7];
 

@@ -4,7 +4,7 @@
 use super::authz::{require_admin, require_agent};
 use super::svid::{parse_csr, x509_svid_proto};
 use super::*;
-use crate::attestation::{AttestError, join_token, tpm_devid};
+use crate::attestation::{AttestError, Step, join_token};
 use crate::ratelimit::Limits;
 use kame_api::pb::agent as pb;
 use kame_api::pb::agent::agent_server::Agent;
@@ -24,23 +24,23 @@ pub struct AgentService {
     pub ctx: Arc<Context>,
 }
 
-fn devid_status(e: tpm_devid::DevIdError) -> Status {
-    let m = format!("nodeattestor(tpm_devid): {e}");
-    if e.is_bad_input() {
-        Status::invalid_argument(m)
-    } else if e.is_precondition() {
-        Status::failed_precondition(m)
-    } else {
-        Status::permission_denied(m)
-    }
-}
-
 fn attest_status(e: AttestError) -> Status {
     match e {
         AttestError::BadInput(m) => Status::invalid_argument(m),
         AttestError::Denied(m) => Status::permission_denied(m),
+        AttestError::Precondition(m) => Status::failed_precondition(m),
         AttestError::Unavailable(m) => Status::unavailable(m),
+        AttestError::Internal(m) => {
+            tracing::error!(error = %m, "node attestation failed");
+            Status::internal(m)
+        }
     }
+}
+
+/// A plugin's refusal, named as SPIRE names it (`nodeattestor(<name>): …`).
+fn plugin_status(name: &str, e: AttestError) -> Status {
+    let s = attest_status(e);
+    Status::new(s.code(), format!("nodeattestor({name}): {}", s.message()))
 }
 
 async fn filtered_agents(
@@ -319,25 +319,27 @@ impl Agent for AgentService {
                 .await
                 .map_err(attest_status)?
             }
-            tpm_devid::TYPE if self.ctx.tpm_devid.is_some() => {
-                let cfg = self
-                    .ctx
-                    .tpm_devid
-                    .clone()
-                    .ok_or_else(|| Status::internal("tpm_devid configuration vanished"))?;
+            name if self.ctx.node_attestors.contains_key(name) => {
+                let name = name.to_string();
+                let attestor = self.ctx.node_attestors[&name].clone();
                 let payload = data.payload;
-                let (pending, challenge) = attest_check(&self.ctx, move || {
-                    tpm_devid::begin(&cfg, &payload, crate::ca::now_secs())
-                })
-                .await?
-                .map_err(devid_status)?;
+                let a = attestor.clone();
+                let step =
+                    attest_check(&self.ctx, move || a.begin(&payload, crate::ca::now_secs()))
+                        .await?
+                        .map_err(|e| plugin_status(&name, e))?;
+                let (challenge, pending) = match step {
+                    Step::Done(attested) => {
+                        let resp = self.complete_attestation(attested, &csr, &name).await?;
+                        return Ok(Response::new(Box::pin(tokio_stream::once(Ok(resp)))));
+                    }
+                    Step::Challenge { challenge, pending } => (challenge, pending),
+                };
                 // One challenge round: send it, then finish on the agent's response.
                 let svc = self.clone();
                 let stream = super::entry::async_stream(move |tx| async move {
                     let first = pb::AttestAgentResponse {
-                        step: Some(pb::attest_agent_response::Step::Challenge(
-                            challenge.encode(),
-                        )),
+                        step: Some(pb::attest_agent_response::Step::Challenge(challenge)),
                     };
                     if tx.send(Ok(first)).await.is_err() {
                         return;
@@ -358,17 +360,16 @@ impl Agent for AgentService {
                         else {
                             return Err(Status::invalid_argument("expected a challenge response"));
                         };
-                        let td = svc.ctx.td.clone();
-                        let attested =
-                            attest_check(&svc.ctx, move || tpm_devid::finish(&td, pending, &r))
-                                .await?
-                                .map_err(devid_status)?;
-                        svc.complete_attestation(attested, &csr, tpm_devid::TYPE)
-                            .await
+                        let attested = attest_check(&svc.ctx, move || {
+                            attestor.finish(pending, &r, crate::ca::now_secs())
+                        })
+                        .await?
+                        .map_err(|e| plugin_status(&name, e))?;
+                        svc.complete_attestation(attested, &csr, &name).await
                     }
                     .await;
                     if let Err(s) = &result {
-                        tracing::info!(attestor = tpm_devid::TYPE, error = %s.message(), "attestation refused");
+                        tracing::info!(attestor = %name, error = %s.message(), "attestation refused");
                     }
                     let _ = tx.send(result).await;
                 });
@@ -507,10 +508,10 @@ mod tests {
     use super::*;
 
     /// A server not set up for certified AKs is a precondition, malformed data bad input, a
-    /// failed proof a refusal.
+    /// failed proof a refusal; each named after its attestor.
     #[test]
     fn tpm_devid_status_codes_say_what_failed() {
-        use tpm_devid::DevIdError as E;
+        use crate::attestation::tpm_devid::DevIdError as E;
         for (e, code) in [
             (E::CertifiedAkNotConfigured, tonic::Code::FailedPrecondition),
             (E::CertifiedAkInCompatMode, tonic::Code::FailedPrecondition),
@@ -519,7 +520,12 @@ mod tests {
             (E::AkCertMismatch, tonic::Code::PermissionDenied),
             (E::CredentialMismatch, tonic::Code::PermissionDenied),
         ] {
-            assert_eq!(devid_status(e).code(), code);
+            let s = plugin_status("tpm_devid", e.into());
+            assert_eq!(s.code(), code);
+            assert!(
+                s.message().starts_with("nodeattestor(tpm_devid): "),
+                "{s:?}"
+            );
         }
     }
 }

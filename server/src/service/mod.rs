@@ -30,8 +30,9 @@ pub struct Context {
     pub default_jwt_svid_ttl: Duration,
     pub agent_ttl: Duration,
     pub join_token_enabled: bool,
-    /// The `tpm_devid` attestor's trust anchors, when configured.
-    pub tpm_devid: Option<Arc<crate::attestation::tpm_devid::DevIdConfig>>,
+    /// The node attestor plugins (besides join_token) by name.
+    pub node_attestors:
+        std::collections::BTreeMap<String, Arc<dyn crate::attestation::NodeAttestor>>,
     /// `spiffe://<td>/spire/server`.
     pub server_spiffe_id: SpiffeId,
     /// What each agent last reported of its SVIDs' authorities, and when it was written to

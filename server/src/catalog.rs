@@ -1,0 +1,46 @@
+//! The server's plugin catalogue (SPIRE's `pkg/server/catalog`): for each plugin type, the
+//! built-in plugins by name and how each is built from its `plugin_data`. Each plugin owns its
+//! configuration: it reads its keys from its own [`Section`], checks them (files included)
+//! and refuses unknown ones, so errors name the full path
+//! (`plugins.NodeAttestor.x509pop.plugin_data.ca_bundle_pth: unknown key`). Adding a plugin is
+//! one module and one line here. It holds no state and serves no requests.
+
+use crate::attestation::NodeAttestor;
+use kame_api::TrustDomain;
+use kame_api::conf::{ConfigError, Section};
+use std::sync::Arc;
+
+/// What a plugin may know when it is built.
+#[derive(Debug, Clone)]
+pub struct PluginEnv {
+    pub trust_domain: TrustDomain,
+}
+
+/// Builds a node attestor from its `plugin_data`.
+pub type NodeAttestorBuilder =
+    fn(&PluginEnv, Section) -> Result<Arc<dyn NodeAttestor>, ConfigError>;
+
+/// The built-in node attestors besides `join_token`, which the Agent API serves itself.
+pub const NODE_ATTESTORS: &[(&str, NodeAttestorBuilder)] =
+    &[("tpm_devid", crate::attestation::tpm_devid::plugin)];
+
+/// The node attestor named `name`, built from `data`; None for an unknown name.
+pub fn node_attestor(
+    name: &str,
+    env: &PluginEnv,
+    data: Section,
+) -> Option<Result<Arc<dyn NodeAttestor>, ConfigError>> {
+    NODE_ATTESTORS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, build)| build(env, data))
+}
+
+/// Every node attestor name a configuration may use, for error messages.
+pub fn node_attestor_names() -> String {
+    std::iter::once("join_token")
+        .chain(NODE_ATTESTORS.iter().map(|(n, _)| *n))
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
