@@ -1,12 +1,16 @@
 //! Node attestation, the agent half: proves the node to the server over
-//! `spire.api.server.agent.v1.Agent/AttestAgent` and returns the agent X509-SVID. Attestors are
-//! challenge–response state machines; `join_token` sends its token and expects no challenge.
-//! It never stores anything: the caller keeps the SVID.
+//! `spire.api.server.agent.v1.Agent/AttestAgent` and returns the agent X509-SVID. `join_token`
+//! sends its token and expects no challenge; the other attestors are [`AgentAttestor`] plugins
+//! of the [`crate::catalog`]: each makes message 1 and answers the server's challenges, and
+//! the stream is driven here, once, for all of them. It never stores anything: the caller
+//! keeps the SVID.
 
 use kame_api::pb;
+use std::sync::Arc;
 use tonic::transport::Channel;
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AttestError {
     #[error("no join token is configured and the agent has no cached SVID to renew")]
     NoToken,
@@ -18,6 +22,13 @@ pub enum AttestError {
     NoResult,
     #[error("nodeattestor(tpm_devid): {0}")]
     TpmDevid(#[from] crate::tpm_devid::DevIdAgentError),
+    /// A plugin's own failure (its evidence, files or keys).
+    #[error("nodeattestor({name}): {source}")]
+    Plugin {
+        name: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl From<tonic::Status> for AttestError {
@@ -29,11 +40,41 @@ impl From<tonic::Status> for AttestError {
     }
 }
 
+/// The agent half of a node attestor plugin (SPIRE's agent NodeAttestor plugin type).
+#[async_trait::async_trait]
+pub trait AgentAttestor: Send + Sync + std::fmt::Debug + 'static {
+    /// The attestor's name, sent as the attestation data's type.
+    fn name(&self) -> &'static str;
+
+    /// Message 1's payload, and what answers the server's challenges to it.
+    async fn start(&self) -> Result<(Vec<u8>, Box<dyn Responder>), AttestError>;
+
+    /// For tests and tools that need the plugin's own settings.
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+/// Answers the server's challenges within one attestation.
+#[async_trait::async_trait]
+pub trait Responder: Send {
+    /// The response to `challenge`.
+    async fn respond(&mut self, challenge: Vec<u8>) -> Result<Vec<u8>, AttestError>;
+}
+
+/// For attestors that expect no challenge.
+struct NoChallenge(&'static str);
+
+#[async_trait::async_trait]
+impl Responder for NoChallenge {
+    async fn respond(&mut self, _: Vec<u8>) -> Result<Vec<u8>, AttestError> {
+        Err(AttestError::UnexpectedChallenge(self.0))
+    }
+}
+
 /// The agent-side node attestors.
 #[derive(Clone)]
 pub enum NodeAttestor {
     JoinToken(Option<String>),
-    TpmDevid(Box<crate::tpm_devid::TpmDevidConfig>),
+    Plugin(Arc<dyn AgentAttestor>),
 }
 
 impl std::fmt::Debug for NodeAttestor {
@@ -41,7 +82,7 @@ impl std::fmt::Debug for NodeAttestor {
         match self {
             // the token is a secret until used
             NodeAttestor::JoinToken(_) => f.write_str("NodeAttestor::JoinToken"),
-            NodeAttestor::TpmDevid(c) => write!(f, "NodeAttestor::TpmDevid({c:?})"),
+            NodeAttestor::Plugin(p) => write!(f, "NodeAttestor::Plugin({p:?})"),
         }
     }
 }
@@ -57,7 +98,7 @@ impl NodeAttestor {
     pub fn name(&self) -> &'static str {
         match self {
             NodeAttestor::JoinToken(_) => "join_token",
-            NodeAttestor::TpmDevid(_) => "tpm_devid",
+            NodeAttestor::Plugin(p) => p.name(),
         }
     }
 
@@ -65,33 +106,18 @@ impl NodeAttestor {
     pub fn available(&self) -> bool {
         match self {
             NodeAttestor::JoinToken(t) => t.is_some(),
-            NodeAttestor::TpmDevid(_) => true,
+            NodeAttestor::Plugin(_) => true,
         }
     }
 
     /// Runs AttestAgent on an unauthenticated channel with `csr` for the agent's key.
     pub async fn attest(&self, ch: Channel, csr: Vec<u8>) -> Result<Attested, AttestError> {
-        let mut tpm = None;
-        let payload = match self {
+        let (payload, mut responder): (Vec<u8>, Box<dyn Responder>) = match self {
             NodeAttestor::JoinToken(None) => return Err(AttestError::NoToken),
-            NodeAttestor::JoinToken(Some(t)) => t.as_bytes().to_vec(),
-            NodeAttestor::TpmDevid(cfg) => {
-                let dev = kame_tpm::device::SharedDevice::open(&cfg.tcti)
-                    .await
-                    .map_err(crate::tpm_devid::DevIdAgentError::from)?;
-                let c = cfg.clone();
-                let (payload, session) = dev
-                    .run(move |d| {
-                        crate::tpm_devid::request(d, &c).map_err(|e| match e {
-                            crate::tpm_devid::DevIdAgentError::Tpm(t) => t,
-                            other => kame_tpm::device::DeviceError::Invalid(other.to_string()),
-                        })
-                    })
-                    .await
-                    .map_err(crate::tpm_devid::DevIdAgentError::from)?;
-                tpm = Some((dev, std::sync::Arc::new(session)));
-                payload
+            NodeAttestor::JoinToken(Some(t)) => {
+                (t.as_bytes().to_vec(), Box::new(NoChallenge("join_token")))
             }
+            NodeAttestor::Plugin(p) => p.start().await?,
         };
         let first = pb::agent::AttestAgentRequest {
             step: Some(pb::agent::attest_agent_request::Step::Params(
@@ -110,7 +136,6 @@ impl NodeAttestor {
             .attest_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await?
             .into_inner();
-        let mut answered = false;
         loop {
             let Some(msg) = stream.message().await? else {
                 return Err(AttestError::NoResult);
@@ -124,22 +149,8 @@ impl NodeAttestor {
                         reattestable: r.reattestable,
                     });
                 }
-                // One challenge round, answered by the attestor that expects it.
                 Some(pb::agent::attest_agent_response::Step::Challenge(c)) => {
-                    let Some((dev, session)) = tpm.as_ref().filter(|_| !answered) else {
-                        return Err(AttestError::UnexpectedChallenge(self.name()));
-                    };
-                    let session = session.clone();
-                    let resp = dev
-                        .run(move |d| {
-                            crate::tpm_devid::respond(d, &session, &c).map_err(|e| match e {
-                                crate::tpm_devid::DevIdAgentError::Tpm(t) => t,
-                                other => kame_tpm::device::DeviceError::Invalid(other.to_string()),
-                            })
-                        })
-                        .await
-                        .map_err(crate::tpm_devid::DevIdAgentError::from)?;
-                    answered = true;
+                    let resp = responder.respond(c).await?;
                     tx.send(pb::agent::AttestAgentRequest {
                         step: Some(pb::agent::attest_agent_request::Step::ChallengeResponse(
                             resp,

@@ -7,6 +7,7 @@
 
 pub mod attestation;
 pub mod attestor;
+pub mod catalog;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -96,7 +96,7 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
     let storage = Storage::new(cfg.data_dir.clone(), key_dir);
     let attestor = match &cfg.node_attestor {
         NodeAttestorConfig::JoinToken => NodeAttestor::JoinToken(cfg.join_token.clone()),
-        NodeAttestorConfig::TpmDevid(t) => NodeAttestor::TpmDevid(t.clone()),
+        NodeAttestorConfig::Plugin(p) => NodeAttestor::Plugin(p.clone()),
     };
     let can_attest = attestor.available();
     let manager = Manager::new(

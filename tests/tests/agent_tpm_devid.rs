@@ -106,9 +106,10 @@ async fn attest_direct(o: Opts) -> Result<(), String> {
         "agent {{\n trust_domain = \"{TD}\"\n server_address = \"x\"\n trust_bundle_path = \"x\"\n}}\nplugins {{\n {block}\n KeyManager \"memory\" {{}}\n WorkloadAttestor \"unix\" {{}}\n}}\n"
     );
     let cfg = kame_agent::config::Config::parse(&cfg_text, false).unwrap();
-    let kame_agent::config::NodeAttestorConfig::TpmDevid(t) = cfg.node_attestor else {
+    let kame_agent::config::NodeAttestorConfig::Plugin(p) = cfg.node_attestor else {
         panic!("tpm_devid config expected");
     };
+    let t: kame_agent::tpm_devid::TpmDevidConfig = p.as_any().downcast_ref().cloned().unwrap();
     let r = common::driver::attest_with(&env, &t)
         .await
         .map(|_| ())

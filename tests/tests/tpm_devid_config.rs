@@ -171,9 +171,10 @@ fn tpm_devid_agent_configure_01_to_04_11_bad_hcl_missing_paths_explicit_device()
     use kame_agent::config::{Config, NodeAttestorConfig};
     let full = "NodeAttestor \"tpm_devid\" {\n plugin_data {\n devid_cert_path = \"c.pem\"\n devid_priv_path = \"k.priv\"\n devid_pub_path = \"k.pub\"\n tpm_device_path = \"/dev/tpmrm7\"\n }\n }";
     let c = Config::parse(&agent_conf(full), false).unwrap();
-    let NodeAttestorConfig::TpmDevid(t) = c.node_attestor else {
+    let NodeAttestorConfig::Plugin(p) = c.node_attestor else {
         panic!("tpm_devid expected")
     };
+    let t: &TpmDevidConfig = p.as_any().downcast_ref().unwrap();
     assert_eq!(t.tcti, "device:/dev/tpmrm7", "explicit path");
     let cases = [
         (

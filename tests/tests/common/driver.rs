@@ -120,7 +120,7 @@ pub async fn attest_with(
     cfg: &kame_agent::tpm_devid::TpmDevidConfig,
 ) -> Result<kame_agent::attestation::Attested, kame_agent::attestation::AttestError> {
     let key = kame_agent::keys::generate().unwrap();
-    kame_agent::attestation::NodeAttestor::TpmDevid(Box::new(cfg.clone()))
+    kame_agent::attestation::NodeAttestor::Plugin(std::sync::Arc::new(cfg.clone()))
         .attest(
             env.agent_channel().await,
             kame_agent::keys::csr(&key).unwrap(),

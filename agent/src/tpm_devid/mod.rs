@@ -11,6 +11,8 @@
 //! retried. It keeps no key material: blobs are TPM-wrapped and a made AK lives only for one
 //! attestation.
 
+pub mod config;
+
 use kame_api::tpm_devid::{AttestationRequest, ChallengeRequest, ChallengeResponse};
 use kame_tpm::device::{AkBlob, AkParent, Device, DeviceError, EkAlg, KeyBlob};
 use kame_tpm::wire;
@@ -472,6 +474,87 @@ pub fn signature_for_server(tpm_sig: &[u8]) -> Result<Vec<u8>, DevIdAgentError> 
             }
         },
     )
+}
+
+/// Builds the agent's `NodeAttestor "tpm_devid"` from its `plugin_data`.
+pub fn plugin(
+    data: kame_api::conf::Section,
+) -> Result<std::sync::Arc<dyn crate::attestation::AgentAttestor>, kame_api::conf::ConfigError> {
+    let cfg = config::tpm_devid_config(&data)?;
+    data.finish()?;
+    Ok(std::sync::Arc::new(cfg))
+}
+
+/// One attestation's TPM and session: answers the server's one challenge.
+struct TpmResponder {
+    dev: kame_tpm::device::SharedDevice,
+    session: std::sync::Arc<Session>,
+    answered: bool,
+}
+
+#[async_trait::async_trait]
+impl crate::attestation::Responder for TpmResponder {
+    async fn respond(
+        &mut self,
+        challenge: Vec<u8>,
+    ) -> Result<Vec<u8>, crate::attestation::AttestError> {
+        if self.answered {
+            return Err(crate::attestation::AttestError::UnexpectedChallenge(
+                "tpm_devid",
+            ));
+        }
+        let session = self.session.clone();
+        let resp = self
+            .dev
+            .run(move |d| {
+                respond(d, &session, &challenge).map_err(|e| match e {
+                    DevIdAgentError::Tpm(t) => t,
+                    other => DeviceError::Invalid(other.to_string()),
+                })
+            })
+            .await
+            .map_err(DevIdAgentError::from)?;
+        self.answered = true;
+        Ok(resp)
+    }
+}
+
+#[async_trait::async_trait]
+impl crate::attestation::AgentAttestor for TpmDevidConfig {
+    fn name(&self) -> &'static str {
+        "tpm_devid"
+    }
+
+    async fn start(
+        &self,
+    ) -> Result<(Vec<u8>, Box<dyn crate::attestation::Responder>), crate::attestation::AttestError>
+    {
+        let dev = kame_tpm::device::SharedDevice::open(&self.tcti)
+            .await
+            .map_err(DevIdAgentError::from)?;
+        let c = self.clone();
+        let (payload, session) = dev
+            .run(move |d| {
+                request(d, &c).map_err(|e| match e {
+                    DevIdAgentError::Tpm(t) => t,
+                    other => DeviceError::Invalid(other.to_string()),
+                })
+            })
+            .await
+            .map_err(DevIdAgentError::from)?;
+        Ok((
+            payload,
+            Box::new(TpmResponder {
+                dev,
+                session: std::sync::Arc::new(session),
+                answered: false,
+            }),
+        ))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
 }
 
 #[cfg(test)]
