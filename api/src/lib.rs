@@ -6,6 +6,7 @@
 pub mod bundle;
 pub mod conf;
 pub mod csr;
+mod gojson;
 pub mod jwtsvid;
 pub mod keys;
 pub mod spiffe_id;

@@ -6,41 +6,10 @@
 //! peers never see it. Pure data: no checks beyond shape, no I/O.
 
 use crate::Error;
+use crate::gojson::{bad, bytes, enc, field, object, ordered};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde_json::{Map, Value};
-
-fn bad(msg: impl Into<String>) -> Error {
-    Error::BadAttestation(msg.into())
-}
-
-fn object(data: &[u8], what: &str) -> Result<Map<String, Value>, Error> {
-    match serde_json::from_slice(data) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(bad(format!("{what} is not a JSON object"))),
-        Err(e) => Err(bad(format!("{what} is not JSON: {e}"))),
-    }
-}
-
-/// Go's case-insensitive field lookup (an exact match wins).
-fn field<'a>(m: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
-    m.get(name).or_else(|| {
-        m.iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
-    })
-}
-
-fn bytes(m: &Map<String, Value>, name: &str) -> Result<Option<Vec<u8>>, Error> {
-    match field(m, name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => STANDARD
-            .decode(s)
-            .map(Some)
-            .map_err(|_| bad(format!("{name} is not base64"))),
-        Some(_) => Err(bad(format!("{name} is not a base64 string"))),
-    }
-}
 
 /// Most certificates a list of message 1 (`DevIDCert`, `EKCertChain`, `AKCert`) may hold: a
 /// leaf and its intermediates, with room to spare (path validation takes at most 8
@@ -48,24 +17,7 @@ fn bytes(m: &Map<String, Value>, name: &str) -> Result<Option<Vec<u8>>, Error> {
 pub const MAX_LIST_CERTS: usize = 16;
 
 fn bytes_list(m: &Map<String, Value>, name: &str) -> Result<Vec<Vec<u8>>, Error> {
-    match field(m, name) {
-        None | Some(Value::Null) => Ok(vec![]),
-        Some(Value::Array(a)) if a.len() > MAX_LIST_CERTS => Err(bad(format!(
-            "{name} holds {} certificates; at most {MAX_LIST_CERTS} are accepted",
-            a.len()
-        ))),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| match v {
-                Value::String(s) => STANDARD
-                    .decode(s)
-                    .map_err(|_| bad(format!("{name} holds a value that is not base64"))),
-                Value::Null => Ok(vec![]),
-                _ => Err(bad(format!("{name} holds a value that is not a string"))),
-            })
-            .collect(),
-        Some(_) => Err(bad(format!("{name} is not an array"))),
-    }
+    crate::gojson::bytes_list(m, name, MAX_LIST_CERTS)
 }
 
 fn version(m: &Map<String, Value>) -> Result<Option<u32>, Error> {
@@ -77,30 +29,6 @@ fn version(m: &Map<String, Value>) -> Result<Option<u32>, Error> {
                 .ok_or_else(|| bad("Version is not a small unsigned integer"))?,
         )),
     }
-}
-
-fn enc(b: &Option<Vec<u8>>) -> Value {
-    match b {
-        None => Value::Null,
-        Some(b) => Value::String(STANDARD.encode(b)),
-    }
-}
-
-/// A JSON object with its members in the given order (Go writes struct fields in declaration
-/// order; serde_json's map would sort them).
-fn ordered(members: Vec<(&str, Value)>) -> Vec<u8> {
-    let mut out = b"{".to_vec();
-    for (i, (k, v)) in members.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        // Serializing strings and Values cannot fail.
-        out.extend(serde_json::to_vec(k).unwrap_or_default());
-        out.push(b':');
-        out.extend(serde_json::to_vec(v).unwrap_or_default());
-    }
-    out.push(b'}');
-    out
 }
 
 /// Message 1, agent → server (`AttestationRequest`).
