@@ -12,6 +12,7 @@ pub mod keys;
 pub mod spiffe_id;
 pub mod tls;
 pub mod tpm_devid;
+pub mod x509pop;
 pub mod x509svid;
 
 pub use spiffe_id::{IdError, SpiffeId, TrustDomain};

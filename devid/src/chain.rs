@@ -205,6 +205,19 @@ pub fn verify_path(
     verify_counted(leaf, intermediates, roots, now).0
 }
 
+/// As [`verify_path`], with at most `max_intermediates` intermediates (an operator's setting,
+/// such as x509pop's `max_intermediates`) instead of [`MAX_INTERMEDIATES`]. The signature
+/// budget stays proportional to what was sent.
+pub fn verify_path_limited(
+    leaf: &[u8],
+    intermediates: &[Vec<u8>],
+    roots: &[Vec<u8>],
+    now: u64,
+    max_intermediates: usize,
+) -> Result<ChainPath, ChainError> {
+    verify_counted_limited(leaf, intermediates, roots, now, max_intermediates).0
+}
+
 /// [`verify_path`], and how many signatures it checked.
 fn verify_counted(
     leaf: &[u8],
@@ -212,11 +225,28 @@ fn verify_counted(
     roots: &[Vec<u8>],
     now: u64,
 ) -> (Result<ChainPath, ChainError>, usize) {
+    verify_counted_limited(leaf, intermediates, roots, now, MAX_INTERMEDIATES)
+}
+
+fn verify_counted_limited(
+    leaf: &[u8],
+    intermediates: &[Vec<u8>],
+    roots: &[Vec<u8>],
+    now: u64,
+    max_intermediates: usize,
+) -> (Result<ChainPath, ChainError>, usize) {
     let mut budget = Budget {
         left: CHECKS_PER_CERTIFICATE * (intermediates.len() + 1) + roots.len(),
         used: 0,
     };
-    let r = build(leaf, intermediates, roots, now, &mut budget);
+    let r = build(
+        leaf,
+        intermediates,
+        roots,
+        now,
+        max_intermediates,
+        &mut budget,
+    );
     (r, budget.used)
 }
 
@@ -225,12 +255,13 @@ fn build(
     intermediates: &[Vec<u8>],
     roots: &[Vec<u8>],
     now: u64,
+    max_intermediates: usize,
     budget: &mut Budget,
 ) -> Result<ChainPath, ChainError> {
-    if intermediates.len() > MAX_INTERMEDIATES {
+    if intermediates.len() > max_intermediates {
         return Err(ChainError::TooManyIntermediates {
             got: intermediates.len(),
-            max: MAX_INTERMEDIATES,
+            max: max_intermediates,
         });
     }
     let leaf = parse(0, leaf)?;

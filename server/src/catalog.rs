@@ -14,6 +14,42 @@ use std::sync::Arc;
 #[derive(Debug, Clone)]
 pub struct PluginEnv {
     pub trust_domain: TrustDomain,
+    /// The trust domain's X.509 authorities as the server holds them now: set when the CA
+    /// starts, read by plugins that verify against the server's own bundle.
+    pub trust_bundle: TrustBundle,
+}
+
+impl PluginEnv {
+    pub fn new(trust_domain: TrustDomain) -> Self {
+        PluginEnv {
+            trust_domain,
+            trust_bundle: TrustBundle::default(),
+        }
+    }
+}
+
+type Roots = Arc<dyn Fn() -> Vec<Vec<u8>> + Send + Sync>;
+
+/// A late-bound view of the server's current X.509 authorities (DER).
+#[derive(Clone, Default)]
+pub struct TrustBundle(Arc<std::sync::OnceLock<Roots>>);
+
+impl std::fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TrustBundle")
+    }
+}
+
+impl TrustBundle {
+    /// Connects the view to its source (once; later calls change nothing).
+    pub fn connect(&self, roots: impl Fn() -> Vec<Vec<u8>> + Send + Sync + 'static) {
+        let _ = self.0.set(Arc::new(roots));
+    }
+
+    /// The authorities now; empty before the CA has started.
+    pub fn roots(&self) -> Vec<Vec<u8>> {
+        self.0.get().map(|f| f()).unwrap_or_default()
+    }
 }
 
 /// Builds a node attestor from its `plugin_data`.

@@ -308,6 +308,8 @@ pub struct Config {
     /// The node attestor plugins (besides join_token), by name, built from their
     /// `plugin_data`.
     pub node_attestors: Vec<(String, Arc<dyn crate::attestation::NodeAttestor>)>,
+    /// What the plugins were built with (the server connects its trust bundle at start).
+    pub plugin_env: crate::catalog::PluginEnv,
     /// `server.ratelimit { attestation, signing }` (SPIRE's; both on by default).
     pub ratelimit: crate::ratelimit::RateLimitConfig,
 }
@@ -649,9 +651,7 @@ impl Config {
 
         let mut join_token_attestor = false;
         let mut node_attestors: Vec<(String, Arc<dyn crate::attestation::NodeAttestor>)> = vec![];
-        let plugin_env = crate::catalog::PluginEnv {
-            trust_domain: trust_domain.clone(),
-        };
+        let plugin_env = crate::catalog::PluginEnv::new(trust_domain.clone());
         for (name, sec) in plugins.labeled("NodeAttestor")? {
             let key = format!("plugins.NodeAttestor.{name}");
             match name.as_str() {
@@ -705,6 +705,7 @@ impl Config {
             key_manager,
             join_token_attestor,
             node_attestors,
+            plugin_env,
             ratelimit,
         })
     }

@@ -318,6 +318,17 @@ pub async fn start_with(
         ds.clone(),
     )
     .await?;
+    // Plugins that verify against the server's own bundle (x509pop's spiffe mode) see it as
+    // the CA holds it.
+    let ca_roots = ca.clone();
+    cfg.plugin_env.trust_bundle.connect(move || {
+        ca_roots
+            .bundle()
+            .x509_authorities
+            .iter()
+            .map(|a| a.asn1.clone())
+            .collect()
+    });
     let server_spiffe_id = cfg
         .trust_domain
         .id_from_segments(&["spire", "server"])
