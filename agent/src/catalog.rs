@@ -11,8 +11,10 @@ use std::sync::Arc;
 pub type NodeAttestorBuilder = fn(Section) -> Result<Arc<dyn AgentAttestor>, ConfigError>;
 
 /// The built-in node attestors besides `join_token`, which the agent speaks itself.
-pub const NODE_ATTESTORS: &[(&str, NodeAttestorBuilder)] =
-    &[("tpm_devid", crate::tpm_devid::plugin)];
+pub const NODE_ATTESTORS: &[(&str, NodeAttestorBuilder)] = &[
+    ("tpm_devid", crate::tpm_devid::plugin),
+    ("x509pop", crate::x509pop::plugin),
+];
 
 /// The node attestor named `name`, built from `data`; None for an unknown name.
 pub fn node_attestor(

@@ -18,3 +18,4 @@ pub mod run;
 pub mod storage;
 pub mod tpm_devid;
 pub mod workload;
+pub mod x509pop;

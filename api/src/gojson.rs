@@ -49,10 +49,11 @@ pub(crate) fn bytes_list(
 ) -> Result<Vec<Vec<u8>>, Error> {
     match field(m, name) {
         None | Some(Value::Null) => Ok(vec![]),
-        Some(Value::Array(a)) if a.len() > max => Err(bad(format!(
-            "{name} holds {} certificates; at most {max} are accepted",
-            a.len()
-        ))),
+        Some(Value::Array(a)) if a.len() > max => Err(Error::TooManyCertificates {
+            field: name.to_string(),
+            got: a.len(),
+            max,
+        }),
         Some(Value::Array(a)) => a
             .iter()
             .map(|v| match v {

@@ -106,4 +106,10 @@ pub enum Error {
     BadJwt(String),
     #[error("bad attestation message: {0}")]
     BadAttestation(String),
+    #[error("{field} holds {got} certificates; at most {max} are accepted")]
+    TooManyCertificates {
+        field: String,
+        got: usize,
+        max: usize,
+    },
 }

@@ -57,8 +57,10 @@ pub type NodeAttestorBuilder =
     fn(&PluginEnv, Section) -> Result<Arc<dyn NodeAttestor>, ConfigError>;
 
 /// The built-in node attestors besides `join_token`, which the Agent API serves itself.
-pub const NODE_ATTESTORS: &[(&str, NodeAttestorBuilder)] =
-    &[("tpm_devid", crate::attestation::tpm_devid::plugin)];
+pub const NODE_ATTESTORS: &[(&str, NodeAttestorBuilder)] = &[
+    ("tpm_devid", crate::attestation::tpm_devid::plugin),
+    ("x509pop", crate::attestation::x509pop::plugin),
+];
 
 /// The node attestor named `name`, built from `data`; None for an unknown name.
 pub fn node_attestor(

@@ -7,6 +7,7 @@
 pub mod files;
 pub mod join_token;
 pub mod tpm_devid;
+pub mod x509pop;
 
 use crate::datastore::Selector;
 use kame_api::SpiffeId;
