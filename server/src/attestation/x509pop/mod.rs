@@ -189,6 +189,20 @@ pub fn plugin(env: &PluginEnv, data: Section) -> Result<Arc<dyn NodeAttestor>, C
     }))
 }
 
+impl X509Pop {
+    /// `mode = "external_pki"` trusting `roots`, with SPIRE's defaults for everything else
+    /// (for tests and fuzz targets, which have no configuration file).
+    pub fn external_pki(trust_domain: TrustDomain, roots: Vec<Vec<u8>>) -> Result<Self, String> {
+        Ok(X509Pop {
+            mode: Mode::ExternalPki { roots },
+            template: Template::parse("/{{ .PluginName }}/{{ .Fingerprint }}")?,
+            max_intermediates: DEFAULT_MAX_INTERMEDIATES,
+            max_rsa_key_size: DEFAULT_MAX_RSA_KEY_SIZE,
+            trust_domain,
+        })
+    }
+}
+
 /// What the server keeps between the challenge and the response.
 struct X509PopPending {
     nonce: Vec<u8>,
