@@ -314,6 +314,44 @@ pub struct Config {
     pub ratelimit: crate::ratelimit::RateLimitConfig,
 }
 
+/// The SQLite file's directory must exist, or be `data_dir` (which the server creates): a
+/// typo in the path must not start the server on a fresh, empty datastore.
+fn check_datastore_dir(
+    key: &str,
+    connection_string: &str,
+    data_dir: &std::path::Path,
+) -> Result<(), ConfigError> {
+    let path = connection_string
+        .strip_prefix("sqlite://")
+        .or_else(|| connection_string.strip_prefix("sqlite:"))
+        .map(|p| p.split('?').next().unwrap_or(p))
+        .unwrap_or(connection_string);
+    if path.is_empty() || path == ":memory:" {
+        return Ok(());
+    }
+    let dir = match std::path::Path::new(path).parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => return Ok(()),
+    };
+    let same = |a: &std::path::Path, b: &std::path::Path| {
+        a.components()
+            .filter(|c| *c != std::path::Component::CurDir)
+            .eq(b
+                .components()
+                .filter(|c| *c != std::path::Component::CurDir))
+    };
+    if dir.is_dir() || same(dir, data_dir) {
+        return Ok(());
+    }
+    Err(invalid(
+        key,
+        format!(
+            "directory {} does not exist (only data_dir is created at start)",
+            dir.display()
+        ),
+    ))
+}
+
 impl Config {
     pub fn load(path: &std::path::Path, expand: bool) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -535,6 +573,11 @@ impl Config {
             if connection_string.is_empty() {
                 return Err(invalid(&data.key("connection_string"), "must not be empty"));
             }
+            check_datastore_dir(
+                &data.key("connection_string"),
+                &connection_string,
+                &data_dir,
+            )?;
             data.finish()?;
             datastore = Some(DataStoreConfig {
                 database_type,
@@ -962,6 +1005,34 @@ plugins {
             let e = Config::parse(&text, false).unwrap_err().to_string();
             assert!(e.contains(want), "{want}: {e}");
         }
+    }
+
+    /// A typo in the datastore path is refused, not a fresh empty datastore: its directory
+    /// must exist or be data_dir.
+    #[test]
+    fn datastore_directory_must_exist_or_be_data_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let k = "plugins.DataStore.sql.plugin_data.connection_string";
+        let dd = d.path().join("data");
+        check_datastore_dir(k, &dd.join("ds.sqlite3").display().to_string(), &dd).unwrap();
+        check_datastore_dir(k, "./data/ds.sqlite3", std::path::Path::new("data")).unwrap();
+        check_datastore_dir(k, &d.path().join("ds.sqlite3").display().to_string(), &dd).unwrap();
+        check_datastore_dir(k, "ds.sqlite3", &dd).unwrap();
+        let e = check_datastore_dir(
+            k,
+            &d.path().join("dta/ds.sqlite3").display().to_string(),
+            &dd,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(k) && e.contains("dta") && e.contains("does not exist"),
+            "{e}"
+        );
+        let e = check_datastore_dir(k, "sqlite:///nonexistent/ds.sqlite3?mode=rwc", &dd)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("/nonexistent"), "{e}");
     }
 
     #[test]
