@@ -11,34 +11,9 @@ use common::driver::{begin, finish, server, tpm_answer};
 use kame_tpm::device::Device;
 use kame_tpm::testing::SwTpm;
 use std::path::PathBuf;
-use std::sync::OnceLock;
 
-/// Builds the Go program once per test process (offline: no module proxy, no toolchain
-/// download). `go` comes from `scripts/bootstrap`; without it the test fails, never skips.
-fn go_tool() -> &'static PathBuf {
-    static TOOL: OnceLock<PathBuf> = OnceLock::new();
-    TOOL.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kame-go");
-        let out = dir.join("spire_devid_json");
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("go/spire_devid_json/main.go");
-        let o = std::process::Command::new("go")
-            .args(["build", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .env("GOCACHE", dir.join("cache"))
-            .env("GOPATH", dir.join("path"))
-            .env("GO111MODULE", "off")
-            .env("GOTOOLCHAIN", "local")
-            .env("GOPROXY", "off")
-            .output()
-            .expect("`go` (Debian golang-go, installed by scripts/bootstrap)");
-        assert!(
-            o.status.success(),
-            "go build: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        out
-    })
+fn go_tool() -> PathBuf {
+    common::go::program("spire_devid_json")
 }
 
 /// The message as Go decodes and re-encodes it.

@@ -11,34 +11,11 @@ use common::devid::openssl;
 use common::{Env, Opts, TD, wait_agent};
 use kame_api::pb;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 use tonic::Code;
 
-/// The Go side, built once per test process (offline; `go` from scripts/bootstrap).
-fn go_tool() -> &'static PathBuf {
-    static TOOL: OnceLock<PathBuf> = OnceLock::new();
-    TOOL.get_or_init(|| {
-        let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("kame-go");
-        let out = dir.join("spire_x509pop");
-        let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("go/spire_x509pop/main.go");
-        let o = std::process::Command::new("go")
-            .args(["build", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .env("GOCACHE", dir.join("cache"))
-            .env("GOPATH", dir.join("path"))
-            .env("GO111MODULE", "off")
-            .env("GOTOOLCHAIN", "local")
-            .env("GOPROXY", "off")
-            .output()
-            .expect("`go` (Debian golang-go, installed by scripts/bootstrap)");
-        assert!(
-            o.status.success(),
-            "go build: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        out
-    })
+/// The Go side (SPIRE's structs and proof in Go's standard library).
+fn go_tool() -> PathBuf {
+    common::go::program("spire_x509pop")
 }
 
 fn go(args: &[&str], stdin: &[u8]) -> Result<Vec<u8>, String> {
@@ -195,55 +172,14 @@ async fn server(pki: &Pki, extra: &str) -> Env {
     Env::start(o).await
 }
 
-type Tx = tokio::sync::mpsc::Sender<pb::agent::AttestAgentRequest>;
-type Rx = tonic::Streaming<pb::agent::AttestAgentResponse>;
-
-/// Sends message 1 of type x509pop; returns the stream and the challenge, or the refusal.
-async fn begin(env: &Env, payload: Vec<u8>) -> Result<(Tx, Rx, Vec<u8>), tonic::Status> {
-    let key = kame_agent::keys::generate().unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(2);
-    tx.send(pb::agent::AttestAgentRequest {
-        step: Some(pb::agent::attest_agent_request::Step::Params(
-            pb::agent::attest_agent_request::Params {
-                data: Some(pb::types::AttestationData {
-                    r#type: "x509pop".into(),
-                    payload,
-                }),
-                params: Some(pb::agent::AgentX509svidParams {
-                    csr: kame_agent::keys::csr(&key).unwrap(),
-                }),
-            },
-        )),
-    })
-    .await
-    .unwrap();
-    let mut stream = pb::agent::agent_client::AgentClient::new(env.agent_channel().await)
-        .attest_agent(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    match stream.message().await?.and_then(|m| m.step) {
-        Some(pb::agent::attest_agent_response::Step::Challenge(c)) => Ok((tx, stream, c)),
-        other => panic!("expected a challenge, got {other:?}"),
-    }
+async fn begin(
+    env: &Env,
+    payload: Vec<u8>,
+) -> Result<(common::driver::Tx, common::driver::Rx, Vec<u8>), tonic::Status> {
+    common::driver::begin_typed(env, "x509pop", payload).await
 }
 
-/// Sends message 3; returns the agent ID or the refusal.
-async fn finish(tx: Tx, mut rx: Rx, response: Vec<u8>) -> Result<String, tonic::Status> {
-    tx.send(pb::agent::AttestAgentRequest {
-        step: Some(pb::agent::attest_agent_request::Step::ChallengeResponse(
-            response,
-        )),
-    })
-    .await
-    .unwrap();
-    match rx.message().await?.and_then(|m| m.step) {
-        Some(pb::agent::attest_agent_response::Step::Result(r)) => {
-            let id = r.svid.unwrap().id.unwrap();
-            Ok(format!("spiffe://{}{}", id.trust_domain, id.path))
-        }
-        other => panic!("expected a result, got {other:?}"),
-    }
-}
+use common::driver::finish;
 
 fn refused(r: Result<impl std::fmt::Debug, tonic::Status>, code: Code, says: &str) {
     match r {

@@ -79,3 +79,33 @@ pub trait NodeAttestor: Send + Sync + std::fmt::Debug {
     /// Checks the agent's response to the challenge `begin` made, with what it kept.
     fn finish(&self, pending: Pending, response: &[u8], now: u64) -> Result<Attested, AttestError>;
 }
+
+/// The last value of attribute `oid` in `name` as text (a UTF8String or PrintableString), as
+/// Go's `pkix.Name` keeps the last one it meets; None when there is none.
+pub(crate) fn name_attribute(
+    name: &x509_cert::name::Name,
+    oid: der::asn1::ObjectIdentifier,
+) -> Option<String> {
+    let mut out = None;
+    for atv in name.iter().filter(|a| a.oid == oid) {
+        let v = atv
+            .value
+            .decode_as::<der::asn1::Utf8StringRef<'_>>()
+            .map(|s| s.to_string())
+            .or_else(|_| {
+                atv.value
+                    .decode_as::<der::asn1::PrintableStringRef<'_>>()
+                    .map(|s| s.to_string())
+            });
+        if let Ok(v) = v {
+            out = Some(v);
+        }
+    }
+    out
+}
+
+/// Lower-case hex SHA-1 of `b` (certificate fingerprints in agent IDs and selectors).
+pub(crate) fn sha1_hex(b: &[u8]) -> String {
+    use sha1::Digest;
+    hex::encode(sha1::Sha1::digest(b))
+}

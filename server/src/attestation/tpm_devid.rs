@@ -16,7 +16,7 @@
 //! `kame_tpm::wire` half: the server never links libtss2. It holds no state between attempts
 //! beyond the [`Pending`] challenge a caller keeps for one stream.
 
-use super::Attested;
+use super::{Attested, sha1_hex};
 use crate::datastore::Selector;
 use kame_api::TrustDomain;
 use kame_api::tpm_devid::{
@@ -574,36 +574,10 @@ fn begin_certified_ak(
     ))
 }
 
-fn first_cn(name_der_cert: &ParsedCert, issuer: bool) -> Option<String> {
-    let name = if issuer {
-        &name_der_cert.cert.tbs_certificate().issuer()
-    } else {
-        &name_der_cert.cert.tbs_certificate().subject()
-    };
-    // Go's pkix.Name keeps the last CN it meets.
-    let mut cn = None;
-    for atv in name.iter() {
-        if atv.oid == const_oid::db::rfc4519::CN {
-            let v = atv
-                .value
-                .decode_as::<der::asn1::Utf8StringRef<'_>>()
-                .map(|s| s.to_string())
-                .or_else(|_| {
-                    atv.value
-                        .decode_as::<der::asn1::PrintableStringRef<'_>>()
-                        .map(|s| s.to_string())
-                });
-            if let Ok(v) = v {
-                cn = Some(v);
-            }
-        }
-    }
-    cn
-}
-
-fn sha1_hex(b: &[u8]) -> String {
-    use sha1::Digest;
-    hex::encode(sha1::Sha1::digest(b))
+fn first_cn(cert: &ParsedCert, issuer: bool) -> Option<String> {
+    let tbs = cert.cert.tbs_certificate();
+    let name = if issuer { tbs.issuer() } else { tbs.subject() };
+    super::name_attribute(name, const_oid::db::rfc4519::CN)
 }
 
 /// Step 2: checks message 3 and returns the agent's ID and selectors (§1.4 steps 12–14).

@@ -30,6 +30,16 @@ pub async fn server(tpm: &SwTpm, devid: &DevId, compat: bool) -> Env {
 
 /// Sends message 1; returns the stream and the server's challenge (or its refusal).
 pub async fn begin(env: &Env, payload: Vec<u8>) -> Result<(Tx, Rx, Vec<u8>), tonic::Status> {
+    begin_typed(env, "tpm_devid", payload).await
+}
+
+/// Sends message 1 of node attestor `kind`; returns the stream and the server's challenge (or
+/// its refusal).
+pub async fn begin_typed(
+    env: &Env,
+    kind: &str,
+    payload: Vec<u8>,
+) -> Result<(Tx, Rx, Vec<u8>), tonic::Status> {
     let ch = env.agent_channel().await;
     let key = kame_agent::keys::generate().unwrap();
     let (tx, rx) = tokio::sync::mpsc::channel(2);
@@ -37,7 +47,7 @@ pub async fn begin(env: &Env, payload: Vec<u8>) -> Result<(Tx, Rx, Vec<u8>), ton
         step: Some(pb::agent::attest_agent_request::Step::Params(
             pb::agent::attest_agent_request::Params {
                 data: Some(pb::types::AttestationData {
-                    r#type: "tpm_devid".into(),
+                    r#type: kind.into(),
                     payload,
                 }),
                 params: Some(pb::agent::AgentX509svidParams {

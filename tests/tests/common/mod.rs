@@ -6,6 +6,7 @@
 
 pub mod devid;
 pub mod driver;
+pub mod go;
 
 use kame_api::pb;
 use std::path::PathBuf;

@@ -17,7 +17,7 @@
 
 pub mod template;
 
-use super::{AttestError, Attested, NodeAttestor, Pending, Step};
+use super::{AttestError, Attested, NodeAttestor, Pending, Step, sha1_hex};
 use crate::catalog::{PluginEnv, TrustBundle};
 use crate::datastore::Selector;
 use kame_api::TrustDomain;
@@ -218,11 +218,6 @@ fn bad_input(m: impl Into<String>) -> AttestError {
     AttestError::BadInput(m.into())
 }
 
-fn sha1_hex(b: &[u8]) -> String {
-    use sha1::Digest;
-    hex::encode(sha1::Sha1::digest(b))
-}
-
 /// Go's `%x` of the serial as a big integer, with a 0 added when that has odd length.
 fn serial_number_hex(cert: &ParsedCert) -> String {
     let bytes = cert.cert.tbs_certificate().serial_number().as_bytes();
@@ -237,26 +232,8 @@ fn serial_number_hex(cert: &ParsedCert) -> String {
     h
 }
 
-/// The last value of attribute `oid` in `name` (Go's pkix.Name keeps the last).
 fn name_attr(name: &x509_cert::name::Name, oid: der::asn1::ObjectIdentifier) -> String {
-    let mut out = String::new();
-    for atv in name.iter() {
-        if atv.oid == oid {
-            let v = atv
-                .value
-                .decode_as::<der::asn1::Utf8StringRef<'_>>()
-                .map(|s| s.to_string())
-                .or_else(|_| {
-                    atv.value
-                        .decode_as::<der::asn1::PrintableStringRef<'_>>()
-                        .map(|s| s.to_string())
-                });
-            if let Ok(v) = v {
-                out = v;
-            }
-        }
-    }
-    out
+    super::name_attribute(name, oid).unwrap_or_default()
 }
 
 /// RSA modulus size in bits of a certificate's key, None for other keys.
