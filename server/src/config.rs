@@ -314,6 +314,312 @@ pub struct Config {
     pub ratelimit: crate::ratelimit::RateLimitConfig,
 }
 
+/// `server.ca_subject` (SPIRE's default C=US, O=SPIFFE), checked as a DN.
+fn ca_subject(server: &mut kame_api::conf::Section) -> Result<CaSubject, ConfigError> {
+    let ca_subject = match server.section("ca_subject")? {
+        None => CaSubject {
+            country: vec!["US".into()],
+            organization: vec!["SPIFFE".into()],
+            common_name: String::new(),
+        },
+        Some(s) => {
+            let subj = CaSubject {
+                country: s.strings("country")?.unwrap_or_default(),
+                organization: s.strings("organization")?.unwrap_or_default(),
+                common_name: s.string("common_name")?.unwrap_or_default(),
+            };
+            s.finish()?;
+            for v in subj
+                .country
+                .iter()
+                .chain(&subj.organization)
+                .chain([&subj.common_name])
+            {
+                if v.contains([',', '=', '+', '"', '\\', '<', '>', ';']) {
+                    return Err(invalid(
+                        "server.ca_subject",
+                        format!("{v:?} has a character that is not allowed"),
+                    ));
+                }
+            }
+            if subj.country.iter().any(|c| c.len() != 2) {
+                return Err(invalid(
+                    "server.ca_subject.country",
+                    "country codes have two letters",
+                ));
+            }
+            subj
+        }
+    };
+    kame_api::x509svid::parse_name(&ca_subject.to_dn_string())
+        .map_err(|e| invalid("server.ca_subject", e.to_string()))?;
+    Ok(ca_subject)
+}
+
+/// `server.ratelimit` (SPIRE's keys; both on by default).
+fn ratelimit(
+    server: &mut kame_api::conf::Section,
+) -> Result<crate::ratelimit::RateLimitConfig, ConfigError> {
+    let ratelimit = match server.section("ratelimit")? {
+        None => crate::ratelimit::RateLimitConfig::default(),
+        Some(r) => {
+            let d = crate::ratelimit::RateLimitConfig::default();
+            let c = crate::ratelimit::RateLimitConfig {
+                attestation: r.take_bool("attestation")?.unwrap_or(d.attestation),
+                signing: r.take_bool("signing")?.unwrap_or(d.signing),
+            };
+            r.finish()?;
+            c
+        }
+    };
+    Ok(ratelimit)
+}
+
+/// `server.signing_mode` and `signing_intermediate_ttl` (ours).
+fn signing_mode(server: &kame_api::conf::Section) -> Result<crate::ca::SigningMode, ConfigError> {
+    let intermediate_ttl = match server.duration("signing_intermediate_ttl")? {
+        Some(d) if d < Duration::from_secs(300) => {
+            return Err(invalid(
+                "server.signing_intermediate_ttl",
+                "must be at least 5m (each renewal is a backend signature)",
+            ));
+        }
+        other => other,
+    };
+    let signing_mode = match server.string("signing_mode")?.as_deref() {
+        None | Some("") | Some("direct") => {
+            if intermediate_ttl.is_some() {
+                return Err(invalid(
+                    "server.signing_intermediate_ttl",
+                    "only with signing_mode = \"kms_rooted\"",
+                ));
+            }
+            crate::ca::SigningMode::Direct
+        }
+        Some("kms_rooted") => crate::ca::SigningMode::KmsRooted {
+            intermediate_ttl: intermediate_ttl.unwrap_or(Duration::from_secs(3600)),
+        },
+        Some(other) => {
+            return Err(invalid(
+                "server.signing_mode",
+                format!("{other:?} is not \"direct\" or \"kms_rooted\""),
+            ));
+        }
+    };
+    Ok(signing_mode)
+}
+
+/// `plugins.DataStore "sql"`: SQLite only, its file in a directory that exists or is
+/// `data_dir`.
+fn datastore_config(
+    plugins: &mut kame_api::conf::Section,
+    data_dir: &std::path::Path,
+) -> Result<DataStoreConfig, ConfigError> {
+    let mut datastore = None;
+    for (name, sec) in plugins.labeled("DataStore")? {
+        if name != "sql" {
+            return Err(invalid(
+                "plugins.DataStore",
+                format!("unknown DataStore {name:?} (expected \"sql\")"),
+            ));
+        }
+        if datastore.is_some() {
+            return Err(invalid(
+                "plugins.DataStore",
+                "only one DataStore may be configured",
+            ));
+        }
+        let data = plugin_data(sec)?;
+        let database_type = data
+            .string("database_type")?
+            .ok_or_else(|| ConfigError::Missing {
+                key: data.key("database_type"),
+            })?;
+        if database_type != "sqlite3" {
+            return Err(invalid(
+                &data.key("database_type"),
+                format!("{database_type:?} is not supported (expected \"sqlite3\")"),
+            ));
+        }
+        let connection_string =
+            data.string("connection_string")?
+                .ok_or_else(|| ConfigError::Missing {
+                    key: data.key("connection_string"),
+                })?;
+        if connection_string.is_empty() {
+            return Err(invalid(&data.key("connection_string"), "must not be empty"));
+        }
+        check_datastore_dir(&data.key("connection_string"), &connection_string, data_dir)?;
+        data.finish()?;
+        datastore = Some(DataStoreConfig {
+            database_type,
+            connection_string,
+        });
+    }
+    let datastore = datastore.ok_or(ConfigError::Missing {
+        key: "plugins.DataStore".into(),
+    })?;
+    Ok(datastore)
+}
+
+/// `plugins.KeyManager`: exactly one of the built-in backends.
+fn key_manager_config(
+    plugins: &mut kame_api::conf::Section,
+) -> Result<KeyManagerConfig, ConfigError> {
+    let mut key_manager = None;
+    for (name, sec) in plugins.labeled("KeyManager")? {
+        if key_manager.is_some() {
+            return Err(invalid(
+                "plugins.KeyManager",
+                "only one KeyManager may be configured",
+            ));
+        }
+        let mut data = plugin_data(sec)?;
+        key_manager = Some(match name.as_str() {
+            "memory" => KeyManagerConfig::Memory,
+            "disk" => {
+                let p = data
+                    .string("keys_path")?
+                    .ok_or_else(|| ConfigError::Missing {
+                        key: data.key("keys_path"),
+                    })?;
+                KeyManagerConfig::Disk {
+                    keys_path: PathBuf::from(p),
+                }
+            }
+            "aws_kms" => {
+                let region = data
+                    .string("region")?
+                    .filter(|v| !v.is_empty())
+                    .ok_or_else(|| ConfigError::Missing {
+                        key: data.key("region"),
+                    })?;
+                let access_key_id = data.string("access_key_id")?.filter(|v| !v.is_empty());
+                let secret_access_key = data
+                    .string("secret_access_key")?
+                    .filter(|v| !v.is_empty())
+                    .map(SecretSource::Value);
+                if access_key_id.is_some() != secret_access_key.is_some() {
+                    return Err(invalid(
+                        &data.key("secret_access_key"),
+                        "give both access_key_id and secret_access_key, or neither (the default AWS credential chain)",
+                    ));
+                }
+                let mut key_tags = vec![];
+                if let Some(tags) = data.section("key_tags")? {
+                    for k in tags.keys() {
+                        key_tags.push((k.clone(), tags.string(&k)?.unwrap_or_default()));
+                    }
+                    tags.finish()?;
+                }
+                kame_keymanager_tags(&data.key("key_tags"), &key_tags)?;
+                let endpoint = data.string("endpoint")?.filter(|v| !v.is_empty());
+                let key_policy_file = data
+                    .string("key_policy_file")?
+                    .filter(|v| !v.is_empty())
+                    .map(PathBuf::from);
+                let enable_tag_based_key_discovery = data
+                    .take_bool("enable_tag_based_key_discovery")?
+                    .unwrap_or(false);
+                let key_identifier = key_identifier(&data)?;
+                if let KeyIdentifier::Value(v) = &key_identifier
+                    && v.starts_with("alias/aws/")
+                {
+                    return Err(invalid(
+                        &data.key("key_identifier_value"),
+                        "must not start with alias/aws/",
+                    ));
+                }
+                KeyManagerConfig::AwsKms {
+                    region,
+                    access_key_id,
+                    secret_access_key,
+                    endpoint,
+                    key_identifier,
+                    key_policy_file,
+                    key_tags,
+                    enable_tag_based_key_discovery,
+                }
+            }
+            "hashicorp_vault" => vault_config(&mut data)?,
+            "pkcs11" => {
+                let req = |k: &str| -> Result<String, ConfigError> {
+                    data.string(k)?
+                        .filter(|v| !v.is_empty())
+                        .ok_or_else(|| ConfigError::Missing { key: data.key(k) })
+                };
+                KeyManagerConfig::Pkcs11 {
+                    module_path: PathBuf::from(req("module_path")?),
+                    token_label: req("token_label")?,
+                    user_pin: secret_source(&data, "user_pin")?,
+                    key_identifier: key_identifier(&data)?,
+                }
+            }
+            other => {
+                return Err(invalid(
+                    "plugins.KeyManager",
+                    format!(
+                        "unknown KeyManager {other:?} (expected \"disk\", \"memory\", \"aws_kms\", \"hashicorp_vault\" or \"pkcs11\")"
+                    ),
+                ));
+            }
+        });
+        data.finish()?;
+    }
+    let key_manager = key_manager.ok_or(ConfigError::Missing {
+        key: "plugins.KeyManager".into(),
+    })?;
+
+    Ok(key_manager)
+}
+
+/// The node attestors: `join_token` (built into the Agent API) and the catalogue's plugins,
+/// each built from its `plugin_data`.
+#[allow(clippy::type_complexity)]
+fn node_attestor_configs(
+    plugins: &mut kame_api::conf::Section,
+    plugin_env: &crate::catalog::PluginEnv,
+) -> Result<
+    (
+        bool,
+        Vec<(String, Arc<dyn crate::attestation::NodeAttestor>)>,
+    ),
+    ConfigError,
+> {
+    let mut join_token_attestor = false;
+    let mut node_attestors: Vec<(String, Arc<dyn crate::attestation::NodeAttestor>)> = vec![];
+    for (name, sec) in plugins.labeled("NodeAttestor")? {
+        let key = format!("plugins.NodeAttestor.{name}");
+        match name.as_str() {
+            "join_token" => {
+                if join_token_attestor {
+                    return Err(invalid(&key, "configured more than once"));
+                }
+                plugin_data(sec)?.finish()?;
+                join_token_attestor = true;
+            }
+            other => {
+                if node_attestors.iter().any(|(n, _)| n == other) {
+                    return Err(invalid(&key, "configured more than once"));
+                }
+                let data = plugin_data(sec)?;
+                let built =
+                    crate::catalog::node_attestor(other, plugin_env, data).ok_or_else(|| {
+                        invalid(
+                            "plugins.NodeAttestor",
+                            format!(
+                                "unknown NodeAttestor {other:?} (expected one of {})",
+                                crate::catalog::node_attestor_names()
+                            ),
+                        )
+                    })??;
+                node_attestors.push((other.to_string(), built));
+            }
+        }
+    }
+    Ok((join_token_attestor, node_attestors))
+}
+
 /// The SQLite file's directory must exist, or be `data_dir` (which the server creates): a
 /// typo in the path must not start the server on a fresh, empty datastore.
 fn check_datastore_dir(
@@ -457,273 +763,17 @@ impl Config {
             .unwrap_or(KeyType::EcP256);
         let jwt_key_type =
             key_type("server.jwt_key_type", server.string("jwt_key_type")?)?.unwrap_or(ca_key_type);
-        let ca_subject = match server.section("ca_subject")? {
-            None => CaSubject {
-                country: vec!["US".into()],
-                organization: vec!["SPIFFE".into()],
-                common_name: String::new(),
-            },
-            Some(s) => {
-                let subj = CaSubject {
-                    country: s.strings("country")?.unwrap_or_default(),
-                    organization: s.strings("organization")?.unwrap_or_default(),
-                    common_name: s.string("common_name")?.unwrap_or_default(),
-                };
-                s.finish()?;
-                for v in subj
-                    .country
-                    .iter()
-                    .chain(&subj.organization)
-                    .chain([&subj.common_name])
-                {
-                    if v.contains([',', '=', '+', '"', '\\', '<', '>', ';']) {
-                        return Err(invalid(
-                            "server.ca_subject",
-                            format!("{v:?} has a character that is not allowed"),
-                        ));
-                    }
-                }
-                if subj.country.iter().any(|c| c.len() != 2) {
-                    return Err(invalid(
-                        "server.ca_subject.country",
-                        "country codes have two letters",
-                    ));
-                }
-                subj
-            }
-        };
-        kame_api::x509svid::parse_name(&ca_subject.to_dn_string())
-            .map_err(|e| invalid("server.ca_subject", e.to_string()))?;
-        let ratelimit = match server.section("ratelimit")? {
-            None => crate::ratelimit::RateLimitConfig::default(),
-            Some(r) => {
-                let d = crate::ratelimit::RateLimitConfig::default();
-                let c = crate::ratelimit::RateLimitConfig {
-                    attestation: r.take_bool("attestation")?.unwrap_or(d.attestation),
-                    signing: r.take_bool("signing")?.unwrap_or(d.signing),
-                };
-                r.finish()?;
-                c
-            }
-        };
+        let ca_subject = ca_subject(&mut server)?;
+        let ratelimit = ratelimit(&mut server)?;
         let jwt_issuer = server.string("jwt_issuer")?.filter(|s| !s.is_empty());
-        let intermediate_ttl = match server.duration("signing_intermediate_ttl")? {
-            Some(d) if d < Duration::from_secs(300) => {
-                return Err(invalid(
-                    "server.signing_intermediate_ttl",
-                    "must be at least 5m (each renewal is a backend signature)",
-                ));
-            }
-            other => other,
-        };
-        let signing_mode = match server.string("signing_mode")?.as_deref() {
-            None | Some("") | Some("direct") => {
-                if intermediate_ttl.is_some() {
-                    return Err(invalid(
-                        "server.signing_intermediate_ttl",
-                        "only with signing_mode = \"kms_rooted\"",
-                    ));
-                }
-                crate::ca::SigningMode::Direct
-            }
-            Some("kms_rooted") => crate::ca::SigningMode::KmsRooted {
-                intermediate_ttl: intermediate_ttl.unwrap_or(Duration::from_secs(3600)),
-            },
-            Some(other) => {
-                return Err(invalid(
-                    "server.signing_mode",
-                    format!("{other:?} is not \"direct\" or \"kms_rooted\""),
-                ));
-            }
-        };
+        let signing_mode = signing_mode(&server)?;
         server.finish()?;
 
-        // plugins
-        let mut datastore = None;
-        for (name, sec) in plugins.labeled("DataStore")? {
-            if name != "sql" {
-                return Err(invalid(
-                    "plugins.DataStore",
-                    format!("unknown DataStore {name:?} (expected \"sql\")"),
-                ));
-            }
-            if datastore.is_some() {
-                return Err(invalid(
-                    "plugins.DataStore",
-                    "only one DataStore may be configured",
-                ));
-            }
-            let data = plugin_data(sec)?;
-            let database_type =
-                data.string("database_type")?
-                    .ok_or_else(|| ConfigError::Missing {
-                        key: data.key("database_type"),
-                    })?;
-            if database_type != "sqlite3" {
-                return Err(invalid(
-                    &data.key("database_type"),
-                    format!("{database_type:?} is not supported (expected \"sqlite3\")"),
-                ));
-            }
-            let connection_string =
-                data.string("connection_string")?
-                    .ok_or_else(|| ConfigError::Missing {
-                        key: data.key("connection_string"),
-                    })?;
-            if connection_string.is_empty() {
-                return Err(invalid(&data.key("connection_string"), "must not be empty"));
-            }
-            check_datastore_dir(
-                &data.key("connection_string"),
-                &connection_string,
-                &data_dir,
-            )?;
-            data.finish()?;
-            datastore = Some(DataStoreConfig {
-                database_type,
-                connection_string,
-            });
-        }
-        let datastore = datastore.ok_or(ConfigError::Missing {
-            key: "plugins.DataStore".into(),
-        })?;
-
-        let mut key_manager = None;
-        for (name, sec) in plugins.labeled("KeyManager")? {
-            if key_manager.is_some() {
-                return Err(invalid(
-                    "plugins.KeyManager",
-                    "only one KeyManager may be configured",
-                ));
-            }
-            let mut data = plugin_data(sec)?;
-            key_manager = Some(match name.as_str() {
-                "memory" => KeyManagerConfig::Memory,
-                "disk" => {
-                    let p = data
-                        .string("keys_path")?
-                        .ok_or_else(|| ConfigError::Missing {
-                            key: data.key("keys_path"),
-                        })?;
-                    KeyManagerConfig::Disk {
-                        keys_path: PathBuf::from(p),
-                    }
-                }
-                "aws_kms" => {
-                    let region = data
-                        .string("region")?
-                        .filter(|v| !v.is_empty())
-                        .ok_or_else(|| ConfigError::Missing {
-                            key: data.key("region"),
-                        })?;
-                    let access_key_id = data.string("access_key_id")?.filter(|v| !v.is_empty());
-                    let secret_access_key = data
-                        .string("secret_access_key")?
-                        .filter(|v| !v.is_empty())
-                        .map(SecretSource::Value);
-                    if access_key_id.is_some() != secret_access_key.is_some() {
-                        return Err(invalid(
-                            &data.key("secret_access_key"),
-                            "give both access_key_id and secret_access_key, or neither (the default AWS credential chain)",
-                        ));
-                    }
-                    let mut key_tags = vec![];
-                    if let Some(tags) = data.section("key_tags")? {
-                        for k in tags.keys() {
-                            key_tags.push((k.clone(), tags.string(&k)?.unwrap_or_default()));
-                        }
-                        tags.finish()?;
-                    }
-                    kame_keymanager_tags(&data.key("key_tags"), &key_tags)?;
-                    let endpoint = data.string("endpoint")?.filter(|v| !v.is_empty());
-                    let key_policy_file = data
-                        .string("key_policy_file")?
-                        .filter(|v| !v.is_empty())
-                        .map(PathBuf::from);
-                    let enable_tag_based_key_discovery = data
-                        .take_bool("enable_tag_based_key_discovery")?
-                        .unwrap_or(false);
-                    let key_identifier = key_identifier(&data)?;
-                    if let KeyIdentifier::Value(v) = &key_identifier
-                        && v.starts_with("alias/aws/")
-                    {
-                        return Err(invalid(
-                            &data.key("key_identifier_value"),
-                            "must not start with alias/aws/",
-                        ));
-                    }
-                    KeyManagerConfig::AwsKms {
-                        region,
-                        access_key_id,
-                        secret_access_key,
-                        endpoint,
-                        key_identifier,
-                        key_policy_file,
-                        key_tags,
-                        enable_tag_based_key_discovery,
-                    }
-                }
-                "hashicorp_vault" => vault_config(&mut data)?,
-                "pkcs11" => {
-                    let req = |k: &str| -> Result<String, ConfigError> {
-                        data.string(k)?
-                            .filter(|v| !v.is_empty())
-                            .ok_or_else(|| ConfigError::Missing { key: data.key(k) })
-                    };
-                    KeyManagerConfig::Pkcs11 {
-                        module_path: PathBuf::from(req("module_path")?),
-                        token_label: req("token_label")?,
-                        user_pin: secret_source(&data, "user_pin")?,
-                        key_identifier: key_identifier(&data)?,
-                    }
-                }
-                other => {
-                    return Err(invalid(
-                        "plugins.KeyManager",
-                        format!(
-                            "unknown KeyManager {other:?} (expected \"disk\", \"memory\", \"aws_kms\", \"hashicorp_vault\" or \"pkcs11\")"
-                        ),
-                    ));
-                }
-            });
-            data.finish()?;
-        }
-        let key_manager = key_manager.ok_or(ConfigError::Missing {
-            key: "plugins.KeyManager".into(),
-        })?;
-
-        let mut join_token_attestor = false;
-        let mut node_attestors: Vec<(String, Arc<dyn crate::attestation::NodeAttestor>)> = vec![];
+        let datastore = datastore_config(&mut plugins, &data_dir)?;
+        let key_manager = key_manager_config(&mut plugins)?;
         let plugin_env = crate::catalog::PluginEnv::new(trust_domain.clone());
-        for (name, sec) in plugins.labeled("NodeAttestor")? {
-            let key = format!("plugins.NodeAttestor.{name}");
-            match name.as_str() {
-                "join_token" => {
-                    if join_token_attestor {
-                        return Err(invalid(&key, "configured more than once"));
-                    }
-                    plugin_data(sec)?.finish()?;
-                    join_token_attestor = true;
-                }
-                other => {
-                    if node_attestors.iter().any(|(n, _)| n == other) {
-                        return Err(invalid(&key, "configured more than once"));
-                    }
-                    let data = plugin_data(sec)?;
-                    let built = crate::catalog::node_attestor(other, &plugin_env, data)
-                        .ok_or_else(|| {
-                            invalid(
-                                "plugins.NodeAttestor",
-                                format!(
-                                    "unknown NodeAttestor {other:?} (expected one of {})",
-                                    crate::catalog::node_attestor_names()
-                                ),
-                            )
-                        })??;
-                    node_attestors.push((other.to_string(), built));
-                }
-            }
-        }
+        let (join_token_attestor, node_attestors) =
+            node_attestor_configs(&mut plugins, &plugin_env)?;
         plugins.finish()?;
 
         Ok(Config {
