@@ -280,23 +280,18 @@ fn oversized_is_resource_exhausted<B>(
     resp
 }
 
-/// Starts everything and returns once the listeners accept connections.
-pub async fn start(cfg: Config) -> Result<Running, RunError> {
-    start_with(cfg, None).await
-}
-
-/// As [`start`], with `key_manager` in place of the configured one when given (tests: a
-/// backend whose timing they control).
-pub async fn start_with(
-    cfg: Config,
+/// The server's state, from the configuration: the KeyManager (or `key_manager`), the
+/// datastore, the CA, the services' [`Context`], the server's own SVID and its TLS config.
+async fn build_context(
+    cfg: &Config,
     key_manager: Option<Arc<dyn KeyManager>>,
-) -> Result<Running, RunError> {
+) -> Result<(Arc<Context>, Arc<ServerSvid>, Arc<rustls::ServerConfig>), RunError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     std::fs::create_dir_all(&cfg.data_dir).map_err(io("cannot create data_dir", &cfg.data_dir))?;
     let server_id = load_server_id(&cfg.data_dir)?;
     let km = match key_manager {
         Some(km) => km,
-        None => build_key_manager(&cfg, &server_id).await?,
+        None => build_key_manager(cfg, &server_id).await?,
     };
     let ds: Arc<dyn DataStore> =
         Arc::new(SqliteStore::open(&cfg.datastore.connection_string).await?);
@@ -361,6 +356,69 @@ pub async fn start_with(
         ca.clone(),
         provider,
     )?);
+
+    Ok((ctx, svid, tls))
+}
+
+/// CA rotation, key reconciliation, bundle refresh and the server SVID's renewal, until
+/// shutdown; a taint re-issues the server SVID at once.
+async fn rotation_loop(
+    ca: Arc<Ca>,
+    svid: Arc<ServerSvid>,
+    shutdown_rx: tokio::sync::watch::Receiver<bool>,
+) {
+    let interval = ca.tick_interval();
+    let mut rx_rot = shutdown_rx;
+    let mut t = tokio::time::interval(interval);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reconciled = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = stopped(&mut rx_rot) => break,
+            // A taint here: the server's own SVID is re-issued now (SPIRE's notification).
+            _ = ca.tainted() => {
+                if let Err(e) = svid.rotate_if_needed().await {
+                    tracing::error!(error = %e, "server SVID rotation failed");
+                }
+            }
+            _ = t.tick() => {
+                if let Err(e) = ca.rotate().await {
+                    tracing::error!(error = %e, "CA rotation failed");
+                }
+                // Orphaned keys in the KeyManager (start-up runs the first pass).
+                if reconciled.elapsed() >= RECONCILE_EVERY {
+                    reconciled = tokio::time::Instant::now();
+                    if let Err(e) = ca.reconcile_keys().await {
+                        tracing::warn!(error = %e, "key reconcile failed");
+                    }
+                }
+                // Taint and revocation are in the shared bundle: every server acts on them
+                // (its own SVID re-issued, a revoked authority's key disposed of).
+                if let Err(e) = ca.refresh_bundle().await {
+                    tracing::warn!(error = %e, "bundle refresh failed");
+                }
+                ca.reconcile_authorities().await;
+                if let Err(e) = svid.rotate_if_needed().await {
+                    tracing::error!(error = %e, "server SVID rotation failed");
+                }
+            }
+        }
+    }
+}
+
+/// Starts everything and returns once the listeners accept connections.
+pub async fn start(cfg: Config) -> Result<Running, RunError> {
+    start_with(cfg, None).await
+}
+
+/// As [`start`], with `key_manager` in place of the configured one when given (tests: a
+/// backend whose timing they control).
+pub async fn start_with(
+    cfg: Config,
+    key_manager: Option<Arc<dyn KeyManager>>,
+) -> Result<Running, RunError> {
+    let (ctx, svid, tls) = build_context(&cfg, key_manager).await?;
+    let ca = ctx.ca.clone();
 
     let uds = prepare_socket(&cfg.socket_path)?;
     let tcp_addr = std::net::SocketAddr::new(cfg.bind_address, cfg.bind_port);
@@ -478,46 +536,7 @@ pub async fn start_with(
         )));
     }
 
-    // Rotation loop.
-    let interval = ca.tick_interval();
-    let mut rx_rot = shutdown_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        let mut t = tokio::time::interval(interval);
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut reconciled = tokio::time::Instant::now();
-        loop {
-            tokio::select! {
-                _ = stopped(&mut rx_rot) => break,
-                // A taint here: the server's own SVID is re-issued now (SPIRE's notification).
-                _ = ca.tainted() => {
-                    if let Err(e) = svid.rotate_if_needed().await {
-                        tracing::error!(error = %e, "server SVID rotation failed");
-                    }
-                }
-                _ = t.tick() => {
-                    if let Err(e) = ca.rotate().await {
-                        tracing::error!(error = %e, "CA rotation failed");
-                    }
-                    // Orphaned keys in the KeyManager (start-up runs the first pass).
-                    if reconciled.elapsed() >= RECONCILE_EVERY {
-                        reconciled = tokio::time::Instant::now();
-                        if let Err(e) = ca.reconcile_keys().await {
-                            tracing::warn!(error = %e, "key reconcile failed");
-                        }
-                    }
-                    // Taint and revocation are in the shared bundle: every server acts on them
-                    // (its own SVID re-issued, a revoked authority's key disposed of).
-                    if let Err(e) = ca.refresh_bundle().await {
-                        tracing::warn!(error = %e, "bundle refresh failed");
-                    }
-                    ca.reconcile_authorities().await;
-                    if let Err(e) = svid.rotate_if_needed().await {
-                        tracing::error!(error = %e, "server SVID rotation failed");
-                    }
-                }
-            }
-        }
-    }));
+    tasks.push(tokio::spawn(rotation_loop(ca, svid, shutdown_rx.clone())));
 
     tracing::info!(
         trust_domain = %cfg.trust_domain,
