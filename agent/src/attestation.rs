@@ -20,8 +20,6 @@ pub enum AttestError {
     UnexpectedChallenge(&'static str),
     #[error("the server ended attestation without a result")]
     NoResult,
-    #[error("nodeattestor(tpm_devid): {0}")]
-    TpmDevid(#[from] crate::tpm_devid::DevIdAgentError),
     /// A plugin's own failure (its evidence, files or keys).
     #[error("nodeattestor({name}): {source}")]
     Plugin {

@@ -12,8 +12,8 @@ pub type NodeAttestorBuilder = fn(Section) -> Result<Arc<dyn AgentAttestor>, Con
 
 /// The built-in node attestors besides `join_token`, which the agent speaks itself.
 pub const NODE_ATTESTORS: &[(&str, NodeAttestorBuilder)] = &[
-    ("tpm_devid", crate::tpm_devid::plugin),
-    ("x509pop", crate::x509pop::plugin),
+    (crate::tpm_devid::TYPE, crate::tpm_devid::plugin),
+    (crate::x509pop::TYPE, crate::x509pop::plugin),
 ];
 
 /// The node attestor named `name`, built from `data`; None for an unknown name.
@@ -21,17 +21,10 @@ pub fn node_attestor(
     name: &str,
     data: Section,
 ) -> Option<Result<Arc<dyn AgentAttestor>, ConfigError>> {
-    NODE_ATTESTORS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, build)| build(data))
+    kame_api::conf::builtin(NODE_ATTESTORS, name).map(|build| build(data))
 }
 
 /// Every node attestor name a configuration may use, for error messages.
 pub fn node_attestor_names() -> String {
-    std::iter::once("join_token")
-        .chain(NODE_ATTESTORS.iter().map(|(n, _)| *n))
-        .map(|n| format!("{n:?}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    kame_api::conf::builtin_names(&["join_token"], NODE_ATTESTORS)
 }

@@ -412,3 +412,20 @@ pub fn single_plugin(plugins: &mut Section, kind: &str) -> Result<(String, Secti
     let (name, sec) = all.pop().ok_or(ConfigError::Missing { key })?;
     Ok((name, plugin_data(sec)?))
 }
+
+/// The built-in named `name` in a plugin catalogue's table (name, builder).
+pub fn builtin<B: Copy>(table: &[(&str, B)], name: &str) -> Option<B> {
+    table.iter().find(|(n, _)| *n == name).map(|(_, b)| *b)
+}
+
+/// Every name a configuration may use for one plugin type, quoted, for error messages: those
+/// built into the binary itself (`always`), then the catalogue's.
+pub fn builtin_names<B>(always: &[&str], table: &[(&str, B)]) -> String {
+    always
+        .iter()
+        .copied()
+        .chain(table.iter().map(|(n, _)| *n))
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

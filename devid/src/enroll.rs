@@ -834,7 +834,7 @@ mod pending_tests {
         };
         let limits = PendingLimits {
             total: 4,
-            per_peer: 2,
+            per_peer: 3,
         };
         let c = Challenges::with_limits(Duration::from_secs(60), limits);
         // The same EK again: the newer challenge replaces the older.
@@ -851,24 +851,30 @@ mod pending_tests {
             c.answer(&second.id, &[0; 32]),
             Err(EnrollError::WrongAnswer)
         ));
-        // Two per peer.
-        c.issue(verified("SN-2").1, "10.0.0.1").unwrap();
-        c.issue(verified("SN-3").1, "10.0.0.1").unwrap();
+        // Three per peer.
+        let oldest = c.issue(verified("SN-2").1, "10.0.0.1").unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        let younger = c.issue(verified("SN-3").1, "10.0.0.1").unwrap();
+        c.issue(verified("SN-4").1, "10.0.0.1").unwrap();
         assert!(matches!(
-            c.issue(verified("SN-4").1, "10.0.0.1"),
+            c.issue(verified("SN-5").1, "10.0.0.1"),
             Err(EnrollError::TooManyPending("from this address", 60))
         ));
-        // Full (two peers with two each): a third peer still gets in, at the expense of the
-        // oldest challenge of a peer holding the most.
-        let a = c.issue(verified("SN-5").1, "10.0.0.2").unwrap();
-        c.issue(verified("SN-6").1, "10.0.0.2").unwrap();
+        // Full (three of 10.0.0.1, one of 10.0.0.2): a third peer still gets in, and the
+        // challenge that makes room is the oldest of the peer holding the most.
+        let light = c.issue(verified("SN-6").1, "10.0.0.2").unwrap();
         let newcomer = c.issue(verified("SN-7").1, "10.0.0.3").unwrap();
+        assert_eq!(c.table().entries.len(), 4);
         assert!(matches!(
-            c.answer(&newcomer.id, &[0; 32]),
-            Err(EnrollError::WrongAnswer)
+            c.answer(&oldest.id, &[0; 32]),
+            Err(EnrollError::UnknownChallenge)
         ));
-        let _ = a;
-        assert_eq!(c.table().entries.len(), 3, "4 in all, one answered");
+        for live in [&younger, &light, &newcomer] {
+            assert!(matches!(
+                c.answer(&live.id, &[0; 32]),
+                Err(EnrollError::WrongAnswer)
+            ));
+        }
     }
 
     #[test]

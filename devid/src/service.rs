@@ -177,14 +177,13 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
 
     async fn begin_ldevid(
         &self,
-        req: Request<pb::BeginLdevidRequest>,
+        _req: Request<pb::BeginLdevidRequest>,
     ) -> Result<Response<pb::LdevidNonce>, Status> {
         if self.manufacturer_roots.is_empty() {
             return Err(Status::failed_precondition(
                 "this CA does not enroll LDevIDs (no manufacturer CA configured)",
             ));
         }
-        let _ = req;
         let (nonce_id, nonce) = self.nonces.issue().map_err(enroll_status)?;
         Ok(Response::new(pb::LdevidNonce { nonce_id, nonce }))
     }

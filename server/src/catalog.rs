@@ -58,8 +58,14 @@ pub type NodeAttestorBuilder =
 
 /// The built-in node attestors besides `join_token`, which the Agent API serves itself.
 pub const NODE_ATTESTORS: &[(&str, NodeAttestorBuilder)] = &[
-    ("tpm_devid", crate::attestation::tpm_devid::plugin),
-    ("x509pop", crate::attestation::x509pop::plugin),
+    (
+        crate::attestation::tpm_devid::TYPE,
+        crate::attestation::tpm_devid::plugin,
+    ),
+    (
+        crate::attestation::x509pop::TYPE,
+        crate::attestation::x509pop::plugin,
+    ),
 ];
 
 /// The node attestor named `name`, built from `data`; None for an unknown name.
@@ -68,17 +74,10 @@ pub fn node_attestor(
     env: &PluginEnv,
     data: Section,
 ) -> Option<Result<Arc<dyn NodeAttestor>, ConfigError>> {
-    NODE_ATTESTORS
-        .iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, build)| build(env, data))
+    kame_api::conf::builtin(NODE_ATTESTORS, name).map(|build| build(env, data))
 }
 
 /// Every node attestor name a configuration may use, for error messages.
 pub fn node_attestor_names() -> String {
-    std::iter::once("join_token")
-        .chain(NODE_ATTESTORS.iter().map(|(n, _)| *n))
-        .map(|n| format!("{n:?}"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    kame_api::conf::builtin_names(&["join_token"], NODE_ATTESTORS)
 }

@@ -13,6 +13,9 @@
 
 pub mod config;
 
+/// The attestor's name on the wire and in configuration.
+pub const TYPE: &str = "tpm_devid";
+
 use kame_api::tpm_devid::{AttestationRequest, ChallengeRequest, ChallengeResponse};
 use kame_tpm::device::{AkBlob, AkParent, Device, DeviceError, EkAlg, KeyBlob};
 use kame_tpm::wire;
@@ -485,6 +488,15 @@ pub fn plugin(
     Ok(std::sync::Arc::new(cfg))
 }
 
+impl From<DevIdAgentError> for crate::attestation::AttestError {
+    fn from(e: DevIdAgentError) -> Self {
+        crate::attestation::AttestError::Plugin {
+            name: TYPE,
+            source: Box::new(e),
+        }
+    }
+}
+
 /// One attestation's TPM and session: answers the server's one challenge.
 struct TpmResponder {
     dev: kame_tpm::device::SharedDevice,
@@ -499,9 +511,7 @@ impl crate::attestation::Responder for TpmResponder {
         challenge: Vec<u8>,
     ) -> Result<Vec<u8>, crate::attestation::AttestError> {
         if self.answered {
-            return Err(crate::attestation::AttestError::UnexpectedChallenge(
-                "tpm_devid",
-            ));
+            return Err(crate::attestation::AttestError::UnexpectedChallenge(TYPE));
         }
         let session = self.session.clone();
         let resp = self
@@ -522,7 +532,7 @@ impl crate::attestation::Responder for TpmResponder {
 #[async_trait::async_trait]
 impl crate::attestation::AgentAttestor for TpmDevidConfig {
     fn name(&self) -> &'static str {
-        "tpm_devid"
+        TYPE
     }
 
     async fn start(
