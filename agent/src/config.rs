@@ -74,7 +74,7 @@ impl Config {
         let required = |s: &Section, k: &str| -> Result<String, ConfigError> {
             s.string(k)?
                 .filter(|v| !v.is_empty())
-                .ok_or(ConfigError::Missing { key: s.key(k) })
+                .ok_or_else(|| s.missing(k))
         };
         let td_s = required(&agent, "trust_domain")?;
         if td_s.contains(':') {

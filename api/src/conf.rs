@@ -19,6 +19,9 @@ pub enum ConfigError {
     Syntax(String),
     #[error("{key}: unknown key")]
     UnknownKey { key: String },
+    /// An unknown key next to a required one it is a misspelling of.
+    #[error("{key}: unknown key (did you mean {expected}?)")]
+    Misspelt { key: String, expected: String },
     #[error("{key}: missing required value")]
     Missing { key: String },
     #[error("{key}: {msg}")]
@@ -330,6 +333,27 @@ impl Section {
         Ok(out)
     }
 
+    /// The error for the required key `k` not being set: when the section holds an unread
+    /// key that is a near miss of `k` (a typo), that key is named as unknown instead, so the
+    /// operator sees the line to fix.
+    pub fn missing(&self, k: &str) -> ConfigError {
+        self.misspelt(k)
+            .unwrap_or_else(|| ConfigError::Missing { key: self.key(k) })
+    }
+
+    /// An unread key in this section that is a near miss of `k`, as an error naming it.
+    pub fn misspelt(&self, k: &str) -> Option<ConfigError> {
+        let used = self.used.borrow();
+        self.attrs
+            .keys()
+            .chain(self.blocks.iter().map(|(k, _, _)| k))
+            .find(|u| !used.contains(*u) && near_miss(u, k))
+            .map(|u| ConfigError::Misspelt {
+                key: self.key(u),
+                expected: k.to_string(),
+            })
+    }
+
     /// Fails on any key that was not read.
     pub fn finish(self) -> Result<(), ConfigError> {
         let used = self.used.borrow();
@@ -341,6 +365,25 @@ impl Section {
         }
         Ok(())
     }
+}
+
+/// Whether `a` is within two single-character edits of `b` (a typo of it).
+fn near_miss(a: &str, b: &str) -> bool {
+    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
+    if a.len().abs_diff(b.len()) > 2 || a.len() > 128 || b.len() > 128 {
+        return false;
+    }
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur[j + 1] = (prev[j] + usize::from(ca != cb))
+                .min(prev[j + 1] + 1)
+                .min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()] <= 2
 }
 
 fn join(path: &str, k: &str) -> String {
@@ -428,4 +471,28 @@ pub fn builtin_names<B>(always: &[&str], table: &[(&str, B)]) -> String {
         .map(|n| format!("{n:?}"))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn missing_key_names_a_near_miss_as_the_typo() {
+        let root = parse_root("database_typ = \"sqlite3\"\nother = 1\n", false).unwrap();
+        assert_eq!(
+            root.missing("database_type").to_string(),
+            "database_typ: unknown key (did you mean database_type?)"
+        );
+        assert_eq!(
+            root.missing("connection_string").to_string(),
+            "connection_string: missing required value"
+        );
+        // A key already read is not a typo of another.
+        root.string("database_typ").unwrap();
+        assert!(root.misspelt("database_type").is_none());
+        assert!(near_miss("keys_pth", "keys_path"));
+        assert!(near_miss("regoin", "region"));
+        assert!(!near_miss("region", "endpoint"));
+    }
 }

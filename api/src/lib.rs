@@ -9,12 +9,14 @@ pub mod csr;
 mod gojson;
 pub mod jwtsvid;
 pub mod keys;
+pub mod secret;
 pub mod spiffe_id;
 pub mod tls;
 pub mod tpm_devid;
 pub mod x509pop;
 pub mod x509svid;
 
+pub use secret::Secret;
 pub use spiffe_id::{IdError, SpiffeId, TrustDomain};
 
 /// Generated protobuf and gRPC code, in modules that mirror the proto packages, with short

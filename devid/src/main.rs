@@ -353,7 +353,7 @@ async fn key_manager(k: &CaKey) -> Result<Arc<dyn KeyManager>> {
             kame_keymanager::pkcs11::Pkcs11Config {
                 module_path: module.clone(),
                 token_label: token.clone(),
-                user_pin: pin.trim().to_string(),
+                user_pin: pin.trim().into(),
                 server_id: "kame-devid".into(),
             },
         )

@@ -628,7 +628,7 @@ async fn tcg_enroll_manufacturer_ca_key_in_a_pkcs11_hsm_issues_iak_and_idevid() 
         kame_keymanager::pkcs11::Pkcs11KeyManager::open(kame_keymanager::pkcs11::Pkcs11Config {
             module_path: hsm.module.clone(),
             token_label: hsm.token_label.clone(),
-            user_pin: hsm.pin.clone(),
+            user_pin: hsm.pin.as_str().into(),
             server_id: "kame-devid-ca".into(),
         })
         .await

@@ -23,6 +23,7 @@ use async_trait::async_trait;
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
 use aws_sdk_kms::types::{KeySpec, KeyState, KeyUsageType, MessageType, SigningAlgorithmSpec, Tag};
+use kame_api::Secret;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -34,12 +35,12 @@ pub const STALE_AFTER: Duration = Duration::from_secs(14 * 24 * 3600);
 pub const PENDING_WINDOW_DAYS: i32 = 7;
 
 /// `KeyManager "aws_kms"` settings.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct AwsKmsConfig {
     pub region: String,
     /// Static credentials; without them the default AWS credential chain.
     pub access_key_id: Option<String>,
-    pub secret_access_key: Option<String>,
+    pub secret_access_key: Option<Secret>,
     /// A KMS-compatible endpoint (Kame's addition; tests use moto).
     pub endpoint: Option<String>,
     /// The trust domain, for names only.
@@ -55,17 +56,6 @@ pub struct AwsKmsConfig {
     /// Find this server's keys through the tagging API (filtered by trust domain and server
     /// id on the service side) instead of the account's alias list.
     pub tag_discovery: bool,
-}
-
-impl std::fmt::Debug for AwsKmsConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AwsKmsConfig")
-            .field("region", &self.region)
-            .field("endpoint", &self.endpoint)
-            .field("trust_domain", &self.trust_domain)
-            .field("server_id", &self.server_id)
-            .finish_non_exhaustive()
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -266,7 +256,7 @@ impl AwsKmsKeyManager {
         if let (Some(id), Some(secret)) = (&cfg.access_key_id, &cfg.secret_access_key) {
             loader = loader.credentials_provider(aws_sdk_kms::config::Credentials::new(
                 id.clone(),
-                secret.clone(),
+                secret.expose().to_string(),
                 None,
                 None,
                 "kame-config",

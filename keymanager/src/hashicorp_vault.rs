@@ -22,6 +22,7 @@ use crate::{
 };
 use async_trait::async_trait;
 use base64::Engine;
+use kame_api::Secret;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -34,14 +35,14 @@ pub const MARKER_PREFIX: &str = "kame-liveness-";
 /// Servers whose liveness marker is older than this are swept.
 pub const STALE_AFTER: Duration = Duration::from_secs(14 * 24 * 3600);
 
-/// How Kame logs in to Vault.
-#[derive(Clone)]
+/// How Kame logs in to Vault (secrets print as `***`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VaultAuth {
-    Token(String),
+    Token(Secret),
     AppRole {
         mount: String,
         role_id: String,
-        secret_id: String,
+        secret_id: Secret,
     },
     Cert {
         mount: String,
@@ -54,19 +55,6 @@ pub enum VaultAuth {
         role: String,
         token_path: PathBuf,
     },
-}
-
-impl std::fmt::Debug for VaultAuth {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            VaultAuth::Token(_) => f.write_str("Token(***)"),
-            VaultAuth::AppRole { mount, .. } => write!(f, "AppRole({mount})"),
-            VaultAuth::Cert {
-                mount, role_name, ..
-            } => write!(f, "Cert({mount}, {role_name})"),
-            VaultAuth::Kubernetes { mount, role, .. } => write!(f, "Kubernetes({mount}, {role})"),
-        }
-    }
 }
 
 /// `KeyManager "hashicorp_vault"` settings.
@@ -338,18 +326,22 @@ impl VaultKeyManager {
         let anon = Self::settings(cfg, "")?;
         let (token, ttl, renewable) = match &cfg.auth {
             VaultAuth::Token(t) => {
-                let c = Self::settings(cfg, t)?;
+                let c = Self::settings(cfg, t.expose())?;
                 let info = vaultrs::token::lookup_self(&c)
                     .await
                     .map_err(|e| vault_err("token lookup-self", e))?;
-                (t.clone(), info.ttl, info.renewable.unwrap_or(false))
+                (
+                    t.expose().to_string(),
+                    info.ttl,
+                    info.renewable.unwrap_or(false),
+                )
             }
             VaultAuth::AppRole {
                 mount,
                 role_id,
                 secret_id,
             } => {
-                let a = vaultrs::auth::approle::login(&anon, mount, role_id, secret_id)
+                let a = vaultrs::auth::approle::login(&anon, mount, role_id, secret_id.expose())
                     .await
                     .map_err(|e| vault_err("AppRole login", e))?;
                 (a.client_token, a.lease_duration, a.renewable)
@@ -1031,7 +1023,7 @@ mod tests {
     }
 
     fn root(bao: &Bao) -> VaultAuth {
-        VaultAuth::Token(bao.root_token.clone())
+        VaultAuth::Token(bao.root_token.as_str().into())
     }
 
     #[test]
@@ -1181,7 +1173,7 @@ mod tests {
         let auth = VaultAuth::AppRole {
             mount: "approle".into(),
             role_id,
-            secret_id: secret_id.clone(),
+            secret_id: secret_id.clone().into(),
         };
         assert!(!format!("{auth:?}").contains(&secret_id), "never printed");
         let km = VaultKeyManager::open(config(&bao, "approle-srv", auth))

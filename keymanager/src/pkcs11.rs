@@ -27,31 +27,22 @@ use cryptoki::object::{Attribute, AttributeType, ObjectClass, ObjectHandle};
 use cryptoki::session::{Session, UserType};
 use cryptoki::slot::Slot;
 use cryptoki::types::AuthPin;
+use kame_api::Secret;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 /// `KeyManager "pkcs11"` settings.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Pkcs11Config {
     /// The PKCS#11 module (`/usr/lib/softhsm/libsofthsm2.so`).
     pub module_path: PathBuf,
     /// The token to use, by label.
     pub token_label: String,
     /// The user PIN (from the configuration, a file or an environment variable).
-    pub user_pin: String,
+    pub user_pin: Secret,
     /// This server's identity: key labels are `kame/<server_id>/<key id>`.
     pub server_id: String,
-}
-
-impl std::fmt::Debug for Pkcs11Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pkcs11Config")
-            .field("module_path", &self.module_path)
-            .field("token_label", &self.token_label)
-            .field("server_id", &self.server_id)
-            .finish_non_exhaustive()
-    }
 }
 
 /// One key pair in the token.
@@ -86,7 +77,7 @@ struct Inner {
     ctx: Pkcs11,
     slot: Slot,
     /// The user PIN, to log in again when the token has forgotten the login.
-    pin: zeroize::Zeroizing<String>,
+    pin: Secret,
     /// Set when the token refused the PIN: no login is tried again (each would count toward
     /// the token locking the PIN) until the configuration is fixed and the server restarted.
     pin_refused: std::sync::atomic::AtomicBool,
@@ -165,7 +156,7 @@ impl Inner {
         if self.pin_refused.load(Ordering::SeqCst) {
             return Err(refused());
         }
-        let pin = AuthPin::new(self.pin.as_str().into());
+        let pin = AuthPin::new(self.pin.expose().into());
         match s.login(UserType::User, Some(&pin)) {
             Ok(()) | Err(E::Pkcs11(R::UserAlreadyLoggedIn, _)) => Ok(()),
             Err(E::Pkcs11(
@@ -658,7 +649,7 @@ impl Pkcs11KeyManager {
             Error::Config(format!("pkcs11: no token labelled {:?}", cfg.token_label))
         })?;
         let session = ctx.open_rw_session(slot).map_err(p11("C_OpenSession"))?;
-        let pin = AuthPin::new(cfg.user_pin.clone().into());
+        let pin = AuthPin::new(cfg.user_pin.expose().into());
         match session.login(UserType::User, Some(&pin)) {
             // Another backend in this process logged in to the token already.
             Ok(())
@@ -676,7 +667,7 @@ impl Pkcs11KeyManager {
         let inner = Inner {
             ctx,
             slot,
-            pin: zeroize::Zeroizing::new(cfg.user_pin.clone()),
+            pin: cfg.user_pin.clone(),
             pin_refused: std::sync::atomic::AtomicBool::new(false),
             epoch: std::sync::atomic::AtomicU64::new(0),
             prefix: format!("kame/{}/", cfg.server_id),
@@ -962,7 +953,7 @@ mod tests {
         Pkcs11KeyManager::open(Pkcs11Config {
             module_path: hsm.module.clone(),
             token_label: hsm.token_label.clone(),
-            user_pin: hsm.pin.clone(),
+            user_pin: hsm.pin.as_str().into(),
             server_id: server_id.into(),
         })
         .await
@@ -1081,7 +1072,7 @@ mod tests {
         // the old PIN fails, and no further login is tried, so the token cannot lock the PIN.
         km.blocking(|inner| {
             inner.with_session(|s| {
-                let old = AuthPin::new(inner.pin.as_str().into());
+                let old = AuthPin::new(inner.pin.expose().into());
                 let new = AuthPin::new("rotated-pin".into());
                 s.set_pin(&old, &new).map_err(p11("C_SetPIN"))?;
                 s.logout().map_err(p11("C_Logout"))

@@ -17,244 +17,6 @@ pub const DEFAULT_SOCKET_PATH: &str = "/tmp/kame-server/private/api.sock";
 pub use kame_api::conf::{ConfigError, LogFormat, expand_env, parse_duration};
 use kame_api::conf::{invalid, plugin_data};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyManagerConfig {
-    Memory,
-    Disk {
-        keys_path: PathBuf,
-    },
-    /// `KeyManager "aws_kms"`: keys in AWS KMS (SPIRE's keys, plus `endpoint`).
-    AwsKms {
-        region: String,
-        access_key_id: Option<String>,
-        secret_access_key: Option<SecretSource>,
-        endpoint: Option<String>,
-        key_identifier: KeyIdentifier,
-        key_policy_file: Option<PathBuf>,
-        key_tags: Vec<(String, String)>,
-        enable_tag_based_key_discovery: bool,
-    },
-    /// `KeyManager "hashicorp_vault"`: keys in a Vault/OpenBao Transit engine.
-    HashicorpVault {
-        vault_addr: String,
-        namespace: Option<String>,
-        ca_cert_path: Option<PathBuf>,
-        insecure_skip_verify: bool,
-        transit_engine_path: String,
-        auth: VaultAuthConfig,
-        key_identifier: KeyIdentifier,
-    },
-    /// `KeyManager "pkcs11"`: keys in an HSM token.
-    Pkcs11 {
-        module_path: PathBuf,
-        token_label: String,
-        user_pin: SecretSource,
-        key_identifier: KeyIdentifier,
-    },
-}
-
-/// One of SPIRE's Vault auth blocks.
-#[derive(Clone, PartialEq, Eq)]
-pub enum VaultAuthConfig {
-    Token(String),
-    AppRole {
-        mount: String,
-        role_id: String,
-        secret_id: String,
-    },
-    Cert {
-        mount: String,
-        role_name: String,
-        client_cert_path: PathBuf,
-        client_key_path: PathBuf,
-    },
-    Kubernetes {
-        mount: String,
-        role: String,
-        token_path: PathBuf,
-    },
-}
-
-impl std::fmt::Debug for VaultAuthConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            VaultAuthConfig::Token(_) => f.write_str("token_auth(***)"),
-            VaultAuthConfig::AppRole { mount, .. } => write!(f, "approle_auth({mount})"),
-            VaultAuthConfig::Cert { mount, .. } => write!(f, "cert_auth({mount})"),
-            VaultAuthConfig::Kubernetes { mount, .. } => write!(f, "k8s_auth({mount})"),
-        }
-    }
-}
-
-/// `hashicorp_vault`'s plugin_data (SPIRE's keys; exactly one auth block).
-fn vault_config(data: &mut kame_api::conf::Section) -> Result<KeyManagerConfig, ConfigError> {
-    let opt = |data: &kame_api::conf::Section, k: &str| -> Result<Option<String>, ConfigError> {
-        Ok(data.string(k)?.filter(|v| !v.is_empty()))
-    };
-    let req = |data: &kame_api::conf::Section, k: &str| -> Result<String, ConfigError> {
-        opt(data, k)?.ok_or_else(|| ConfigError::Missing { key: data.key(k) })
-    };
-    let vault_addr = req(data, "vault_addr")?;
-    let namespace = opt(data, "namespace")?;
-    let ca_cert_path = opt(data, "ca_cert_path")?.map(PathBuf::from);
-    let insecure_skip_verify = data.take_bool("insecure_skip_verify")?.unwrap_or(false);
-    let transit_engine_path = opt(data, "transit_engine_path")?.unwrap_or_else(|| "transit".into());
-    let key_identifier = key_identifier(data)?;
-    let mut auths = vec![];
-    if let Some(a) = data.section("token_auth")? {
-        auths.push(VaultAuthConfig::Token(req(&a, "token")?));
-        a.finish()?;
-    }
-    if let Some(a) = data.section("approle_auth")? {
-        auths.push(VaultAuthConfig::AppRole {
-            mount: opt(&a, "approle_auth_mount_point")?.unwrap_or_else(|| "approle".into()),
-            role_id: req(&a, "approle_id")?,
-            secret_id: req(&a, "approle_secret_id")?,
-        });
-        a.finish()?;
-    }
-    if let Some(a) = data.section("cert_auth")? {
-        auths.push(VaultAuthConfig::Cert {
-            mount: opt(&a, "cert_auth_mount_point")?.unwrap_or_else(|| "cert".into()),
-            role_name: opt(&a, "cert_auth_role_name")?.unwrap_or_default(),
-            client_cert_path: PathBuf::from(req(&a, "client_cert_path")?),
-            client_key_path: PathBuf::from(req(&a, "client_key_path")?),
-        });
-        a.finish()?;
-    }
-    if let Some(a) = data.section("k8s_auth")? {
-        auths.push(VaultAuthConfig::Kubernetes {
-            mount: opt(&a, "k8s_auth_mount_point")?.unwrap_or_else(|| "kubernetes".into()),
-            role: req(&a, "k8s_auth_role_name")?,
-            token_path: PathBuf::from(req(&a, "token_path")?),
-        });
-        a.finish()?;
-    }
-    if auths.len() != 1 {
-        return Err(invalid(
-            &data.key("token_auth"),
-            "configure exactly one of token_auth, approle_auth, cert_auth, k8s_auth",
-        ));
-    }
-    Ok(KeyManagerConfig::HashicorpVault {
-        vault_addr,
-        namespace,
-        ca_cert_path,
-        insecure_skip_verify,
-        transit_engine_path,
-        auth: auths.remove(0),
-        key_identifier,
-    })
-}
-
-/// Where a secret comes from: the configuration itself, a file, or an environment variable.
-/// Read at start-up, never by `validate`; never printed.
-#[derive(Clone, PartialEq, Eq)]
-pub enum SecretSource {
-    Value(String),
-    File(PathBuf),
-    Env(String),
-}
-
-impl std::fmt::Debug for SecretSource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            SecretSource::Value(_) => f.write_str("Value(***)"),
-            SecretSource::File(p) => write!(f, "File({p:?})"),
-            SecretSource::Env(v) => write!(f, "Env({v:?})"),
-        }
-    }
-}
-
-impl SecretSource {
-    /// The secret (a file's content without its trailing newline).
-    pub fn read(&self) -> Result<String, String> {
-        match self {
-            SecretSource::Value(v) => Ok(v.clone()),
-            SecretSource::File(p) => std::fs::read_to_string(p)
-                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-                .map_err(|e| format!("cannot read {}: {e}", p.display())),
-            SecretSource::Env(v) => {
-                std::env::var(v).map_err(|_| format!("environment variable {v} is not set"))
-            }
-        }
-    }
-}
-
-/// How a remote KeyManager names this server's keys (SPIRE's `key_identifier_file` xor
-/// `key_identifier_value`); without either, the server id in `data_dir/server_id`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum KeyIdentifier {
-    File(PathBuf),
-    Value(String),
-    ServerId,
-}
-
-/// SPIRE's rule for `key_identifier_value`: letters, digits, `/`, `_`, `-`; at most 256.
-fn key_identifier(data: &kame_api::conf::Section) -> Result<KeyIdentifier, ConfigError> {
-    let file = data
-        .string("key_identifier_file")?
-        .filter(|v| !v.is_empty());
-    let value = data
-        .string("key_identifier_value")?
-        .filter(|v| !v.is_empty());
-    match (file, value) {
-        (Some(_), Some(_)) => Err(invalid(
-            &data.key("key_identifier_value"),
-            "give key_identifier_file or key_identifier_value, not both",
-        )),
-        (Some(f), None) => Ok(KeyIdentifier::File(PathBuf::from(f))),
-        (None, Some(v)) => {
-            if v.len() > 256
-                || !v
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"/_-".contains(&b))
-            {
-                return Err(invalid(
-                    &data.key("key_identifier_value"),
-                    "only letters, digits, '/', '_' and '-', at most 256 characters",
-                ));
-            }
-            Ok(KeyIdentifier::Value(v))
-        }
-        (None, None) => Ok(KeyIdentifier::ServerId),
-    }
-}
-
-/// SPIRE's limits on `key_tags`, checked by the backend's rule.
-fn kame_keymanager_tags(key: &str, tags: &[(String, String)]) -> Result<(), ConfigError> {
-    kame_keymanager::aws_kms::check_user_tags(tags).map_err(|e| invalid(key, e.to_string()))
-}
-
-/// Exactly one of `<name>`, `<name>_file`, `<name>_env`.
-fn secret_source(data: &kame_api::conf::Section, name: &str) -> Result<SecretSource, ConfigError> {
-    let v = data.string(name)?.filter(|v| !v.is_empty());
-    let f = data
-        .string(&format!("{name}_file"))?
-        .filter(|v| !v.is_empty());
-    let e = data
-        .string(&format!("{name}_env"))?
-        .filter(|v| !v.is_empty());
-    match (v, f, e) {
-        (Some(v), None, None) => Ok(SecretSource::Value(v)),
-        (None, Some(f), None) => Ok(SecretSource::File(PathBuf::from(f))),
-        (None, None, Some(e)) => Ok(SecretSource::Env(e)),
-        (None, None, None) => Err(ConfigError::Missing {
-            key: data.key(name),
-        }),
-        _ => Err(invalid(
-            &data.key(name),
-            format!("give one of {name}, {name}_file, {name}_env"),
-        )),
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DataStoreConfig {
-    pub database_type: String,
-    pub connection_string: String,
-}
-
 /// `ca_subject { country = [..] organization = [..] common_name = ".." }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CaSubject {
@@ -302,8 +64,10 @@ pub struct Config {
     pub signing_mode: crate::ca::SigningMode,
     /// `telemetry { Prometheus { host port } }`: where to serve `/metrics`.
     pub prometheus: Option<(String, u16)>,
-    pub datastore: DataStoreConfig,
-    pub key_manager: KeyManagerConfig,
+    /// `plugins.DataStore`, built from its `plugin_data` (opened at start).
+    pub datastore: Arc<dyn crate::datastore::sql::DataStorePlugin>,
+    /// `plugins.KeyManager`, built from its `plugin_data` (opened at start).
+    pub key_manager: Arc<dyn crate::keymanager::KeyManagerPlugin>,
     pub join_token_attestor: bool,
     /// The node attestor plugins (besides join_token), by name, built from their
     /// `plugin_data`.
@@ -409,170 +173,6 @@ fn signing_mode(server: &kame_api::conf::Section) -> Result<crate::ca::SigningMo
     Ok(signing_mode)
 }
 
-/// `plugins.DataStore "sql"`: SQLite only, its file in a directory that exists or is
-/// `data_dir`.
-fn datastore_config(
-    plugins: &mut kame_api::conf::Section,
-    data_dir: &std::path::Path,
-) -> Result<DataStoreConfig, ConfigError> {
-    let mut datastore = None;
-    for (name, sec) in plugins.labeled("DataStore")? {
-        if name != "sql" {
-            return Err(invalid(
-                "plugins.DataStore",
-                format!("unknown DataStore {name:?} (expected \"sql\")"),
-            ));
-        }
-        if datastore.is_some() {
-            return Err(invalid(
-                "plugins.DataStore",
-                "only one DataStore may be configured",
-            ));
-        }
-        let data = plugin_data(sec)?;
-        let database_type = data
-            .string("database_type")?
-            .ok_or_else(|| ConfigError::Missing {
-                key: data.key("database_type"),
-            })?;
-        if database_type != "sqlite3" {
-            return Err(invalid(
-                &data.key("database_type"),
-                format!("{database_type:?} is not supported (expected \"sqlite3\")"),
-            ));
-        }
-        let connection_string =
-            data.string("connection_string")?
-                .ok_or_else(|| ConfigError::Missing {
-                    key: data.key("connection_string"),
-                })?;
-        if connection_string.is_empty() {
-            return Err(invalid(&data.key("connection_string"), "must not be empty"));
-        }
-        check_datastore_dir(&data.key("connection_string"), &connection_string, data_dir)?;
-        data.finish()?;
-        datastore = Some(DataStoreConfig {
-            database_type,
-            connection_string,
-        });
-    }
-    let datastore = datastore.ok_or(ConfigError::Missing {
-        key: "plugins.DataStore".into(),
-    })?;
-    Ok(datastore)
-}
-
-/// `plugins.KeyManager`: exactly one of the built-in backends.
-fn key_manager_config(
-    plugins: &mut kame_api::conf::Section,
-) -> Result<KeyManagerConfig, ConfigError> {
-    let mut key_manager = None;
-    for (name, sec) in plugins.labeled("KeyManager")? {
-        if key_manager.is_some() {
-            return Err(invalid(
-                "plugins.KeyManager",
-                "only one KeyManager may be configured",
-            ));
-        }
-        let mut data = plugin_data(sec)?;
-        key_manager = Some(match name.as_str() {
-            "memory" => KeyManagerConfig::Memory,
-            "disk" => {
-                let p = data
-                    .string("keys_path")?
-                    .ok_or_else(|| ConfigError::Missing {
-                        key: data.key("keys_path"),
-                    })?;
-                KeyManagerConfig::Disk {
-                    keys_path: PathBuf::from(p),
-                }
-            }
-            "aws_kms" => {
-                let region = data
-                    .string("region")?
-                    .filter(|v| !v.is_empty())
-                    .ok_or_else(|| ConfigError::Missing {
-                        key: data.key("region"),
-                    })?;
-                let access_key_id = data.string("access_key_id")?.filter(|v| !v.is_empty());
-                let secret_access_key = data
-                    .string("secret_access_key")?
-                    .filter(|v| !v.is_empty())
-                    .map(SecretSource::Value);
-                if access_key_id.is_some() != secret_access_key.is_some() {
-                    return Err(invalid(
-                        &data.key("secret_access_key"),
-                        "give both access_key_id and secret_access_key, or neither (the default AWS credential chain)",
-                    ));
-                }
-                let mut key_tags = vec![];
-                if let Some(tags) = data.section("key_tags")? {
-                    for k in tags.keys() {
-                        key_tags.push((k.clone(), tags.string(&k)?.unwrap_or_default()));
-                    }
-                    tags.finish()?;
-                }
-                kame_keymanager_tags(&data.key("key_tags"), &key_tags)?;
-                let endpoint = data.string("endpoint")?.filter(|v| !v.is_empty());
-                let key_policy_file = data
-                    .string("key_policy_file")?
-                    .filter(|v| !v.is_empty())
-                    .map(PathBuf::from);
-                let enable_tag_based_key_discovery = data
-                    .take_bool("enable_tag_based_key_discovery")?
-                    .unwrap_or(false);
-                let key_identifier = key_identifier(&data)?;
-                if let KeyIdentifier::Value(v) = &key_identifier
-                    && v.starts_with("alias/aws/")
-                {
-                    return Err(invalid(
-                        &data.key("key_identifier_value"),
-                        "must not start with alias/aws/",
-                    ));
-                }
-                KeyManagerConfig::AwsKms {
-                    region,
-                    access_key_id,
-                    secret_access_key,
-                    endpoint,
-                    key_identifier,
-                    key_policy_file,
-                    key_tags,
-                    enable_tag_based_key_discovery,
-                }
-            }
-            "hashicorp_vault" => vault_config(&mut data)?,
-            "pkcs11" => {
-                let req = |k: &str| -> Result<String, ConfigError> {
-                    data.string(k)?
-                        .filter(|v| !v.is_empty())
-                        .ok_or_else(|| ConfigError::Missing { key: data.key(k) })
-                };
-                KeyManagerConfig::Pkcs11 {
-                    module_path: PathBuf::from(req("module_path")?),
-                    token_label: req("token_label")?,
-                    user_pin: secret_source(&data, "user_pin")?,
-                    key_identifier: key_identifier(&data)?,
-                }
-            }
-            other => {
-                return Err(invalid(
-                    "plugins.KeyManager",
-                    format!(
-                        "unknown KeyManager {other:?} (expected \"disk\", \"memory\", \"aws_kms\", \"hashicorp_vault\" or \"pkcs11\")"
-                    ),
-                ));
-            }
-        });
-        data.finish()?;
-    }
-    let key_manager = key_manager.ok_or(ConfigError::Missing {
-        key: "plugins.KeyManager".into(),
-    })?;
-
-    Ok(key_manager)
-}
-
 /// The node attestors: `join_token` (built into the Agent API) and the catalogue's plugins,
 /// each built from its `plugin_data`.
 #[allow(clippy::type_complexity)]
@@ -620,44 +220,6 @@ fn node_attestor_configs(
     Ok((join_token_attestor, node_attestors))
 }
 
-/// The SQLite file's directory must exist, or be `data_dir` (which the server creates): a
-/// typo in the path must not start the server on a fresh, empty datastore.
-fn check_datastore_dir(
-    key: &str,
-    connection_string: &str,
-    data_dir: &std::path::Path,
-) -> Result<(), ConfigError> {
-    let path = connection_string
-        .strip_prefix("sqlite://")
-        .or_else(|| connection_string.strip_prefix("sqlite:"))
-        .map(|p| p.split('?').next().unwrap_or(p))
-        .unwrap_or(connection_string);
-    if path.is_empty() || path == ":memory:" {
-        return Ok(());
-    }
-    let dir = match std::path::Path::new(path).parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => return Ok(()),
-    };
-    let same = |a: &std::path::Path, b: &std::path::Path| {
-        a.components()
-            .filter(|c| *c != std::path::Component::CurDir)
-            .eq(b
-                .components()
-                .filter(|c| *c != std::path::Component::CurDir))
-    };
-    if dir.is_dir() || same(dir, data_dir) {
-        return Ok(());
-    }
-    Err(invalid(
-        key,
-        format!(
-            "directory {} does not exist (only data_dir is created at start)",
-            dir.display()
-        ),
-    ))
-}
-
 impl Config {
     pub fn load(path: &std::path::Path, expand: bool) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -694,9 +256,9 @@ impl Config {
         root.finish()?;
         let mut server = server;
 
-        let trust_domain_s = server.string("trust_domain")?.ok_or(ConfigError::Missing {
-            key: "server.trust_domain".into(),
-        })?;
+        let trust_domain_s = server
+            .string("trust_domain")?
+            .ok_or_else(|| server.missing("trust_domain"))?;
         let trust_domain = TrustDomain::parse(&trust_domain_s)
             .map_err(|e| invalid("server.trust_domain", e.to_string()))?;
         if trust_domain_s.contains(':') {
@@ -769,9 +331,11 @@ impl Config {
         let signing_mode = signing_mode(&server)?;
         server.finish()?;
 
-        let datastore = datastore_config(&mut plugins, &data_dir)?;
-        let key_manager = key_manager_config(&mut plugins)?;
-        let plugin_env = crate::catalog::PluginEnv::new(trust_domain.clone());
+        let mut plugin_env = crate::catalog::PluginEnv::new(trust_domain.clone());
+        plugin_env.data_dir = data_dir.clone();
+        use crate::catalog::{DATA_STORES, KEY_MANAGERS, single};
+        let datastore = single(&mut plugins, "DataStore", DATA_STORES, &plugin_env)?;
+        let key_manager = single(&mut plugins, "KeyManager", KEY_MANAGERS, &plugin_env)?;
         let (join_token_attestor, node_attestors) =
             node_attestor_configs(&mut plugins, &plugin_env)?;
         plugins.finish()?;
@@ -870,31 +434,48 @@ plugins {
         )
     }
 
-    #[test]
-    fn km_aws_kms_vault_and_pkcs11_config_spire_keys_and_refusals() {
-        let aws = "KeyManager \"aws_kms\" {\n plugin_data {\n region = \"us-east-1\"\n key_identifier_file = \"/var/lib/kame/kms-id\"\n key_tags = {\n team = \"kame\"\n }\n enable_tag_based_key_discovery = true\n }\n }";
-        let c = Config::parse(&with_km(aws), false).unwrap();
-        match c.key_manager {
-            KeyManagerConfig::AwsKms {
-                region,
-                access_key_id,
-                key_identifier,
-                key_tags,
-                enable_tag_based_key_discovery,
-                ..
-            } => {
-                assert_eq!(region, "us-east-1");
-                assert_eq!(access_key_id, None, "the default credential chain");
-                assert_eq!(
-                    key_identifier,
-                    KeyIdentifier::File("/var/lib/kame/kms-id".into())
-                );
-                assert_eq!(key_tags, vec![("team".to_string(), "kame".to_string())]);
-                assert!(enable_tag_based_key_discovery);
-            }
-            other => panic!("{other:?}"),
+    fn km<T: 'static + Clone>(c: &Config) -> T {
+        c.key_manager
+            .as_any()
+            .downcast_ref::<T>()
+            .cloned()
+            .expect("the KeyManager configured")
+    }
+
+    fn refusals(cases: impl IntoIterator<Item = (String, &'static str)>) {
+        for (block, want) in cases {
+            let e = Config::parse(&with_km(&block), false)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{want}: {e}");
         }
-        let cases = [
+    }
+
+    #[test]
+    fn km_aws_kms_config_spire_keys_and_refusals() {
+        use crate::keymanager::{KeyIdentifier, aws_kms::AwsKms};
+        let d = tempfile::tempdir().unwrap();
+        let id_file = d.path().join("kms-id");
+        let policy = d.path().join("policy.json");
+        std::fs::write(&policy, "{\"Version\": \"2012-10-17\"}").unwrap();
+        let aws = format!(
+            "KeyManager \"aws_kms\" {{\n plugin_data {{\n region = \"us-east-1\"\n key_identifier_file = {:?}\n key_policy_file = {:?}\n key_tags = {{\n team = \"kame\"\n }}\n enable_tag_based_key_discovery = true\n }}\n }}",
+            id_file.display().to_string(),
+            policy.display().to_string()
+        );
+        let c: AwsKms = km(&Config::parse(&with_km(&aws), false).unwrap());
+        assert_eq!(c.region, "us-east-1");
+        assert_eq!(c.access_key_id, None, "the default credential chain");
+        assert_eq!(c.key_identifier, KeyIdentifier::File(id_file.clone()));
+        assert_eq!(
+            c.key_policy.as_deref(),
+            Some("{\"Version\": \"2012-10-17\"}")
+        );
+        assert_eq!(c.key_tags, vec![("team".to_string(), "kame".to_string())]);
+        assert!(c.enable_tag_based_key_discovery);
+        let id_line = format!("key_identifier_file = {:?}", id_file.display().to_string());
+        let policy_line = format!("key_policy_file = {:?}", policy.display().to_string());
+        refusals([
             (aws.replace("region = \"us-east-1\"", ""), "region: missing"),
             (
                 aws.replace("region", "access_key_id = \"AKIA\"\n region"),
@@ -902,57 +483,61 @@ plugins {
             ),
             (
                 aws.replace(
-                    "key_identifier_file = \"/var/lib/kame/kms-id\"",
+                    &id_line,
                     "key_identifier_file = \"/x\"\n key_identifier_value = \"v\"",
                 ),
                 "not both",
             ),
             (
-                aws.replace(
-                    "key_identifier_file = \"/var/lib/kame/kms-id\"",
-                    "key_identifier_value = \"bad value!\"",
-                ),
+                aws.replace(&id_line, "key_identifier_value = \"bad value!\""),
                 "key_identifier_value: only letters",
+            ),
+            (
+                aws.replace(&id_line, "key_identifier_value = \"alias/aws/x\""),
+                "must not start with alias/aws/",
+            ),
+            (
+                aws.replace(
+                    &id_line,
+                    "key_identifier_file = \"/nonexistent-dir/kms-id\"",
+                ),
+                "plugins.KeyManager.aws_kms.plugin_data.key_identifier_file: /nonexistent-dir/kms-id: directory /nonexistent-dir does not exist",
+            ),
+            (
+                aws.replace(
+                    &policy_line,
+                    "key_policy_file = \"/nonexistent/policy.json\"",
+                ),
+                "plugins.KeyManager.aws_kms.plugin_data.key_policy_file: /nonexistent/policy.json: No such file",
             ),
             (aws.replace("team =", "spire-team ="), "reserved prefix"),
             (
                 aws.replace("region", "regoin = \"x\"\n region"),
-                "regoin: unknown key",
+                "plugins.KeyManager.aws_kms.plugin_data.regoin: unknown key",
             ),
-        ];
-        for (block, want) in cases {
-            let e = Config::parse(&with_km(&block), false)
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(want), "{want}: {e}");
-        }
-        let vault = "KeyManager \"hashicorp_vault\" {\n plugin_data {\n vault_addr = \"https://vault:8200\"\n key_identifier_value = \"s1\"\n approle_auth {\n approle_id = \"r\"\n approle_secret_id = \"secret-xyz\"\n }\n }\n }";
-        let c = Config::parse(&with_km(vault), false).unwrap();
-        match &c.key_manager {
-            KeyManagerConfig::HashicorpVault {
-                transit_engine_path,
-                auth,
-                ..
-            } => {
-                assert_eq!(transit_engine_path, "transit");
-                assert_eq!(
-                    auth,
-                    &VaultAuthConfig::AppRole {
-                        mount: "approle".into(),
-                        role_id: "r".into(),
-                        secret_id: "secret-xyz".into()
-                    }
-                );
+        ]);
+    }
+
+    #[test]
+    fn km_hashicorp_vault_config_spire_keys_and_refusals() {
+        use crate::keymanager::hashicorp_vault::HashicorpVault;
+        use kame_keymanager::hashicorp_vault::VaultAuth;
+        let vault = "KeyManager \"hashicorp_vault\" {\n plugin_data {\n vault_addr = \"https://vault:8200\"\n key_identifier_value = \"s1\"\n approle_auth {\n approle_id = \"r\"\n approle_secret_id = \"secret-xyz\"\n }\n }\n }".to_string();
+        let parsed = Config::parse(&with_km(&vault), false).unwrap();
+        let c: HashicorpVault = km(&parsed);
+        assert_eq!(c.transit_engine_path, "transit");
+        assert_eq!(
+            c.auth,
+            VaultAuth::AppRole {
+                mount: "approle".into(),
+                role_id: "r".into(),
+                secret_id: "secret-xyz".into()
             }
-            other => panic!("{other:?}"),
-        }
-        assert!(!format!("{:?}", c.key_manager).contains("secret-xyz"));
-        for (block, want) in [
+        );
+        assert!(!format!("{:?}", parsed.key_manager).contains("secret-xyz"));
+        refusals([
             (
-                vault.replace(
-                    "approle_auth {",
-                    "token_auth {\n token = \"t\"\n }\n approle_auth {",
-                ),
+                vault.replace("approle_auth {", "token_auth {\n token = \"t\"\n }\n approle_auth {"),
                 "exactly one of token_auth",
             ),
             (
@@ -966,35 +551,46 @@ plugins {
                 vault.replace("vault_addr = \"https://vault:8200\"", ""),
                 "vault_addr: missing",
             ),
+            (vault.replace("approle_id = \"r\"", ""), "approle_id: missing"),
             (
-                vault.replace("approle_id = \"r\"", ""),
-                "approle_id: missing",
+                vault.replace("approle_id", "approle_idd = \"x\"\n approle_id"),
+                "plugins.KeyManager.hashicorp_vault.plugin_data.approle_auth.approle_idd: unknown key",
             ),
-        ] {
-            let e = Config::parse(&with_km(&block), false)
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(want), "{want}: {e}");
-        }
-        let p11 = "KeyManager \"pkcs11\" {\n plugin_data {\n module_path = \"/usr/lib/softhsm/libsofthsm2.so\"\n token_label = \"kame\"\n user_pin_env = \"HSM_PIN\"\n }\n }";
-        let c = Config::parse(&with_km(p11), false).unwrap();
-        let KeyManagerConfig::Pkcs11 {
-            user_pin,
-            key_identifier,
-            ..
-        } = &c.key_manager
-        else {
-            panic!("{:?}", c.key_manager)
-        };
-        assert_eq!(user_pin, &SecretSource::Env("HSM_PIN".into()));
-        assert_eq!(key_identifier, &KeyIdentifier::ServerId);
+            (
+                vault.replace("vault_addr", "ca_cert_path = \"/nonexistent/ca.pem\"\n vault_addr"),
+                "plugins.KeyManager.hashicorp_vault.plugin_data.ca_cert_path: /nonexistent/ca.pem",
+            ),
+            (
+                vault.replace(
+                    "approle_auth {\n approle_id = \"r\"\n approle_secret_id = \"secret-xyz\"\n }",
+                    "k8s_auth {\n k8s_auth_role_name = \"kame\"\n token_path = \"/nonexistent/token\"\n }",
+                ),
+                "plugins.KeyManager.hashicorp_vault.plugin_data.k8s_auth.token_path: /nonexistent/token",
+            ),
+        ]);
+    }
+
+    #[test]
+    fn km_pkcs11_config_spire_keys_and_refusals() {
+        use crate::keymanager::{KeyIdentifier, SecretSource, pkcs11::Pkcs11};
+        let d = tempfile::tempdir().unwrap();
+        let module = d.path().join("module.so");
+        std::fs::write(&module, b"not really a module").unwrap();
+        let p11 = format!(
+            "KeyManager \"pkcs11\" {{\n plugin_data {{\n module_path = {:?}\n token_label = \"kame\"\n user_pin_env = \"HSM_PIN\"\n }}\n }}",
+            module.display().to_string()
+        );
+        let c: Pkcs11 = km(&Config::parse(&with_km(&p11), false).unwrap());
+        assert_eq!(c.user_pin, SecretSource::Env("HSM_PIN".into()));
+        assert_eq!(c.key_identifier, KeyIdentifier::ServerId);
         let with_value = p11.replace("user_pin_env = \"HSM_PIN\"", "user_pin = \"1234\"");
-        let c = Config::parse(&with_km(&with_value), false).unwrap();
+        let parsed = Config::parse(&with_km(&with_value), false).unwrap();
         assert!(
-            !format!("{:?}", c.key_manager).contains("1234"),
+            !format!("{:?}", parsed.key_manager).contains("1234"),
             "the PIN is never printed"
         );
-        for (block, want) in [
+        let module_line = format!("module_path = {:?}", module.display().to_string());
+        refusals([
             (
                 p11.replace("user_pin_env = \"HSM_PIN\"", ""),
                 "user_pin: missing",
@@ -1004,15 +600,53 @@ plugins {
                 "give one of user_pin, user_pin_file, user_pin_env",
             ),
             (
+                p11.replace(
+                    "user_pin_env = \"HSM_PIN\"",
+                    "user_pin_file = \"/nonexistent/pin\"",
+                ),
+                "plugins.KeyManager.pkcs11.plugin_data.user_pin_file: /nonexistent/pin",
+            ),
+            (
+                p11.replace(
+                    &module_line,
+                    "module_path = \"/nonexistent/libsofthsm2.so\"",
+                ),
+                "plugins.KeyManager.pkcs11.plugin_data.module_path: /nonexistent/libsofthsm2.so",
+            ),
+            (
                 p11.replace("token_label = \"kame\"", ""),
                 "token_label: missing",
             ),
-        ] {
-            let e = Config::parse(&with_km(&block), false)
-                .unwrap_err()
-                .to_string();
-            assert!(e.contains(want), "{want}: {e}");
-        }
+        ]);
+    }
+
+    #[test]
+    fn km_disk_and_unknown_names() {
+        refusals([
+            (
+                "KeyManager \"disk\" {\n plugin_data {\n keys_path = \"/nonexistent/keys.json\"\n }\n }".to_string(),
+                "plugins.KeyManager.disk.plugin_data.keys_path: /nonexistent/keys.json: directory /nonexistent does not exist",
+            ),
+            (
+                "KeyManager \"memory\" {\n plugin_data {\n keys_path = \"x\"\n }\n }".to_string(),
+                "plugins.KeyManager.memory.plugin_data.keys_path: unknown key",
+            ),
+            (
+                "KeyManager \"dsik\" {\n plugin_data {}\n }".to_string(),
+                "plugins.KeyManager: unknown KeyManager \"dsik\" (expected one of \"disk\", \"memory\"",
+            ),
+            (String::new(), "plugins.KeyManager: missing"),
+        ]);
+        let e = Config::parse(
+            &GOOD.replace("DataStore \"sql\"", "DataStore \"sqll\""),
+            false,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("plugins.DataStore: unknown DataStore \"sqll\" (expected one of \"sql\")"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1057,34 +691,6 @@ plugins {
         }
     }
 
-    /// A typo in the datastore path is refused, not a fresh empty datastore: its directory
-    /// must exist or be data_dir.
-    #[test]
-    fn datastore_directory_must_exist_or_be_data_dir() {
-        let d = tempfile::tempdir().unwrap();
-        let k = "plugins.DataStore.sql.plugin_data.connection_string";
-        let dd = d.path().join("data");
-        check_datastore_dir(k, &dd.join("ds.sqlite3").display().to_string(), &dd).unwrap();
-        check_datastore_dir(k, "./data/ds.sqlite3", std::path::Path::new("data")).unwrap();
-        check_datastore_dir(k, &d.path().join("ds.sqlite3").display().to_string(), &dd).unwrap();
-        check_datastore_dir(k, "ds.sqlite3", &dd).unwrap();
-        let e = check_datastore_dir(
-            k,
-            &d.path().join("dta/ds.sqlite3").display().to_string(),
-            &dd,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(
-            e.starts_with(k) && e.contains("dta") && e.contains("does not exist"),
-            "{e}"
-        );
-        let e = check_datastore_dir(k, "sqlite:///nonexistent/ds.sqlite3?mode=rwc", &dd)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("/nonexistent"), "{e}");
-    }
-
     #[test]
     fn parses_a_spire_style_server_conf() {
         let c = Config::parse(GOOD, false).unwrap();
@@ -1095,12 +701,8 @@ plugins {
         assert_eq!(c.ca_key_type, KeyType::EcP256);
         assert_eq!(c.jwt_key_type, KeyType::EcP256);
         assert!(c.join_token_attestor);
-        assert_eq!(
-            c.key_manager,
-            KeyManagerConfig::Disk {
-                keys_path: "./data/keys.json".into()
-            }
-        );
+        let disk: crate::keymanager::disk::Disk = km(&c);
+        assert_eq!(disk.keys_path, std::path::PathBuf::from("./data/keys.json"));
         assert_eq!(c.ca_subject.to_dn_string(), "C=US, O=SPIFFE");
     }
 

@@ -1,7 +1,8 @@
 //! kame-server: the signing authority of a SPIFFE trust domain, in the shape of SPIRE's server.
 //! Modules: [`config`] (HCL), [`datastore`] (sqlx), [`ca`] (slots, rotation, journal, minting),
 //! [`service`] (SPIRE-compatible gRPC APIs and their authorization), [`attestation`] (node
-//! attestors), [`run`] (wiring and listeners) and [`cli`]. It must not link libtss2: TPM
+//! attestors), [`keymanager`] (KeyManager plugins' configuration), [`catalog`] (plugins by
+//! name), [`run`] (wiring and listeners) and [`cli`]. It must not link libtss2: TPM
 //! evidence is verified with the pure-Rust half of the tpm crate.
 
 pub mod attestation;
@@ -10,6 +11,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod datastore;
+pub mod keymanager;
 pub mod metrics;
 pub mod ratelimit;
 pub mod run;

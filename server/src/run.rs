@@ -3,9 +3,8 @@
 //! API on TCP with TLS, runs the rotation loop, and shuts down cleanly on SIGINT/SIGTERM.
 
 use crate::ca::{Ca, CaError, CaSettings};
-use crate::config::{Config, KeyManagerConfig};
+use crate::config::Config;
 use crate::datastore::DataStore;
-use crate::datastore::sqlite::SqliteStore;
 use crate::service::{
     Context, agent::AgentService, bundle::BundleService, entry::EntryService, svid::SvidService,
 };
@@ -61,7 +60,7 @@ pub fn load_server_id(data_dir: &Path) -> Result<String, RunError> {
 }
 
 /// A UUID kept in `path`: read, or created (0600, atomic) when the file does not exist.
-fn uuid_file(path: &Path) -> Result<String, RunError> {
+pub(crate) fn uuid_file(path: &Path) -> Result<String, RunError> {
     match std::fs::read_to_string(path) {
         Ok(s) => {
             let s = s.trim().to_string();
@@ -95,146 +94,6 @@ impl Running {
             let _ = t.await;
         }
         let _ = std::fs::remove_file(&self.socket_path);
-    }
-}
-
-async fn build_key_manager(cfg: &Config, server_id: &str) -> Result<Arc<dyn KeyManager>, RunError> {
-    Ok(match &cfg.key_manager {
-        KeyManagerConfig::Memory => Arc::new(kame_keymanager::memory::MemoryKeyManager::new()),
-        KeyManagerConfig::Disk { keys_path } => {
-            Arc::new(kame_keymanager::disk::DiskKeyManager::open(keys_path)?)
-        }
-        KeyManagerConfig::AwsKms {
-            region,
-            access_key_id,
-            secret_access_key,
-            endpoint,
-            key_identifier,
-            key_policy_file,
-            key_tags,
-            enable_tag_based_key_discovery,
-        } => {
-            let secret_access_key = secret_access_key
-                .as_ref()
-                .map(|s| s.read())
-                .transpose()
-                .map_err(|m| RunError::KeyManager(kame_keymanager::Error::Config(m)))?;
-            let key_policy = match key_policy_file {
-                None => None,
-                Some(p) => {
-                    Some(std::fs::read_to_string(p).map_err(io("cannot read key_policy_file", p))?)
-                }
-            };
-            Arc::new(
-                kame_keymanager::aws_kms::AwsKmsKeyManager::open(
-                    kame_keymanager::aws_kms::AwsKmsConfig {
-                        region: region.clone(),
-                        access_key_id: access_key_id.clone(),
-                        secret_access_key,
-                        endpoint: endpoint.clone(),
-                        trust_domain: cfg.trust_domain.to_string(),
-                        server_id: resolve_key_identifier(key_identifier, server_id)?,
-                        key_policy,
-                        key_tags: key_tags.clone(),
-                        call_timeout: std::time::Duration::from_secs(10),
-                        tag_discovery: *enable_tag_based_key_discovery,
-                    },
-                )
-                .await?,
-            )
-        }
-        KeyManagerConfig::HashicorpVault {
-            vault_addr,
-            namespace,
-            ca_cert_path,
-            insecure_skip_verify,
-            transit_engine_path,
-            auth,
-            key_identifier,
-        } => {
-            use crate::config::VaultAuthConfig as A;
-            use kame_keymanager::hashicorp_vault::{VaultAuth, VaultConfig, VaultKeyManager};
-            let auth = match auth.clone() {
-                A::Token(t) => VaultAuth::Token(t),
-                A::AppRole {
-                    mount,
-                    role_id,
-                    secret_id,
-                } => VaultAuth::AppRole {
-                    mount,
-                    role_id,
-                    secret_id,
-                },
-                A::Cert {
-                    mount,
-                    role_name,
-                    client_cert_path,
-                    client_key_path,
-                } => VaultAuth::Cert {
-                    mount,
-                    role_name,
-                    client_cert_path,
-                    client_key_path,
-                },
-                A::Kubernetes {
-                    mount,
-                    role,
-                    token_path,
-                } => VaultAuth::Kubernetes {
-                    mount,
-                    role,
-                    token_path,
-                },
-            };
-            VaultKeyManager::open(VaultConfig {
-                vault_addr: vault_addr.clone(),
-                namespace: namespace.clone(),
-                ca_cert_path: ca_cert_path.clone(),
-                insecure_skip_verify: *insecure_skip_verify,
-                transit_engine_path: transit_engine_path.clone(),
-                auth,
-                server_id: resolve_key_identifier(key_identifier, server_id)?,
-                call_timeout: std::time::Duration::from_secs(10),
-            })
-            .await?
-        }
-        KeyManagerConfig::Pkcs11 {
-            module_path,
-            token_label,
-            user_pin,
-            key_identifier,
-        } => {
-            let user_pin = user_pin.read().map_err(|m| {
-                RunError::KeyManager(kame_keymanager::Error::Config(format!(
-                    "plugins.KeyManager.pkcs11.plugin_data.user_pin: {m}"
-                )))
-            })?;
-            Arc::new(
-                kame_keymanager::pkcs11::Pkcs11KeyManager::open(
-                    kame_keymanager::pkcs11::Pkcs11Config {
-                        module_path: module_path.clone(),
-                        token_label: token_label.clone(),
-                        user_pin,
-                        server_id: resolve_key_identifier(key_identifier, server_id)?,
-                    },
-                )
-                .await?,
-            )
-        }
-    })
-}
-
-/// The name a remote KeyManager files this server's keys under: SPIRE's key identifier
-/// (a value, or a UUID kept in a file created 0600 on first start), else the server id.
-fn resolve_key_identifier(
-    k: &crate::config::KeyIdentifier,
-    server_id: &str,
-) -> Result<String, RunError> {
-    use crate::config::KeyIdentifier;
-    match k {
-        KeyIdentifier::Value(v) => Ok(v.clone()),
-        KeyIdentifier::ServerId => Ok(server_id.to_string()),
-        KeyIdentifier::File(path) => uuid_file(path),
     }
 }
 
@@ -291,10 +150,16 @@ async fn build_context(
     let server_id = load_server_id(&cfg.data_dir)?;
     let km = match key_manager {
         Some(km) => km,
-        None => build_key_manager(cfg, &server_id).await?,
+        None => {
+            cfg.key_manager
+                .open(crate::keymanager::OpenContext {
+                    trust_domain: &cfg.trust_domain,
+                    server_id: &server_id,
+                })
+                .await?
+        }
     };
-    let ds: Arc<dyn DataStore> =
-        Arc::new(SqliteStore::open(&cfg.datastore.connection_string).await?);
+    let ds: Arc<dyn DataStore> = cfg.datastore.open().await?;
     for w in cfg.warnings() {
         tracing::warn!("{w}");
     }

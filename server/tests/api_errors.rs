@@ -414,6 +414,81 @@ async fn config_typo_fails_validate_naming_the_key() {
     );
 }
 
+/// Issue 20: every plugin type owns its `plugin_data`; `kame-server validate` names the full
+/// key path of a typo in any of them, and the key and the file of a file that is missing.
+#[test]
+fn validate_names_the_full_path_in_every_plugin_type() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = config_text(dir.path(), 1, &Opts::default());
+    let p = dir.path().join("server.conf");
+    let validate = |text: &str| {
+        std::fs::write(&p, text).unwrap();
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_kame-server"))
+            .args(["validate", "--config", p.to_str().unwrap()])
+            .output()
+            .unwrap();
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    assert_eq!(validate(&good).0, Some(0));
+    let d = dir.path().display().to_string();
+    let x509pop = "NodeAttestor \"x509pop\" {\n plugin_data {\n ca_bundle_path = \"/nonexistent/ca.pem\"\n }\n }\n NodeAttestor \"join_token\"";
+    let pkcs11 = "KeyManager \"pkcs11\" {\n plugin_data {\n module_path = \"/nonexistent/libsofthsm2.so\"\n token_label = \"t\"\n user_pin = \"1\"\n }\n }";
+    let disk_block = format!(
+        "KeyManager \"disk\" {{\n        plugin_data {{\n            keys_path = \"{d}/data/keys.json\"\n        }}\n    }}"
+    );
+    assert!(good.contains(&disk_block));
+    for (text, want) in [
+        (
+            good.replace("database_type", "database_typ"),
+            "plugins.DataStore.sql.plugin_data.database_typ: unknown key",
+        ),
+        (
+            good.replace("keys_path", "keys_pth"),
+            "plugins.KeyManager.disk.plugin_data.keys_pth: unknown key",
+        ),
+        (
+            good.replace(
+                &format!("{d}/data/keys.json"),
+                &format!("{d}/dta/keys.json"),
+            ),
+            "plugins.KeyManager.disk.plugin_data.keys_path: ",
+        ),
+        (
+            good.replace(
+                &format!("{d}/data/datastore"),
+                &format!("{d}/dta/datastore"),
+            ),
+            "plugins.DataStore.sql.plugin_data.connection_string: ",
+        ),
+        (
+            good.replace(&disk_block, pkcs11),
+            "plugins.KeyManager.pkcs11.plugin_data.module_path: /nonexistent/libsofthsm2.so: No such file",
+        ),
+        (
+            good.replace("NodeAttestor \"join_token\"", x509pop),
+            "plugins.NodeAttestor.x509pop.plugin_data.ca_bundle_path: /nonexistent/ca.pem: No such file",
+        ),
+        (
+            good.replace(
+                "NodeAttestor \"join_token\"",
+                &x509pop.replace("ca_bundle_path", "ca_bundle_pth"),
+            ),
+            "plugins.NodeAttestor.x509pop.plugin_data.ca_bundle_pth: unknown key",
+        ),
+    ] {
+        let (code, err) = validate(&text);
+        assert_eq!(code, Some(1), "{want}: {err}");
+        assert!(err.contains(want), "{want}: {err}");
+    }
+    assert!(
+        !dir.path().join("data").exists(),
+        "validate creates nothing"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_apis_refuse_tls_callers_without_admin_svid() {
     let s = TestServer::start(Opts::default()).await;

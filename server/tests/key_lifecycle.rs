@@ -254,7 +254,9 @@ async fn key_lifecycle_vault_crash_after_create_reuses_the_key_and_lost_intent_i
             ca_cert_path: None,
             insecure_skip_verify: false,
             transit_engine_path: "transit".into(),
-            auth: kame_keymanager::hashicorp_vault::VaultAuth::Token(bao.root_token.clone()),
+            auth: kame_keymanager::hashicorp_vault::VaultAuth::Token(
+                bao.root_token.as_str().into(),
+            ),
             server_id: "v-lost".into(),
             call_timeout: Duration::from_secs(5),
         },

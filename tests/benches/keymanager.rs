@@ -163,7 +163,7 @@ fn pkcs11_child() {
                 kame_keymanager::pkcs11::Pkcs11Config {
                     module_path: hsm.module.clone(),
                     token_label: hsm.token_label.clone(),
-                    user_pin: hsm.pin.clone(),
+                    user_pin: hsm.pin.as_str().into(),
                     server_id: "bench".into(),
                 },
             )
@@ -223,7 +223,9 @@ fn main() {
                 ca_cert_path: None,
                 insecure_skip_verify: false,
                 transit_engine_path: "transit".into(),
-                auth: kame_keymanager::hashicorp_vault::VaultAuth::Token(bao.root_token.clone()),
+                auth: kame_keymanager::hashicorp_vault::VaultAuth::Token(
+                    bao.root_token.as_str().into(),
+                ),
                 server_id: "bench".into(),
                 call_timeout: Duration::from_secs(30),
             },

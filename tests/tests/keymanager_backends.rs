@@ -149,7 +149,7 @@ async fn km_pkcs11_server_issues_verifiable_svids_and_keeps_no_private_key() {
         kame_keymanager::pkcs11::Pkcs11KeyManager::open(kame_keymanager::pkcs11::Pkcs11Config {
             module_path: hsm.module.clone(),
             token_label: hsm.token_label.clone(),
-            user_pin: hsm.pin.clone(),
+            user_pin: hsm.pin.as_str().into(),
             server_id: "kame-hsm-test".into(),
         })
         .await

@@ -58,7 +58,7 @@ pub fn tpm_devid_config_in(
         data.string(k)?
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
-            .ok_or(ConfigError::Missing { key: data.key(k) })
+            .ok_or_else(|| data.missing(k))
     };
     let devid_cert_path = path("devid_cert_path")?;
     let devid_priv_path = path("devid_priv_path")?;

@@ -4,7 +4,6 @@
 //! of the [`crate::catalog`]: pure checks over bytes, a first step and, when they challenge, a
 //! second one, which the Agent API drives over the AttestAgent stream.
 
-pub mod files;
 pub mod join_token;
 pub mod tpm_devid;
 pub mod x509pop;

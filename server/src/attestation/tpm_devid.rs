@@ -160,7 +160,7 @@ pub fn plugin(
     env: &crate::catalog::PluginEnv,
     data: kame_api::conf::Section,
 ) -> Result<std::sync::Arc<dyn super::NodeAttestor>, kame_api::conf::ConfigError> {
-    use super::files;
+    use crate::catalog::files;
     use kame_api::conf::invalid;
     let devid_roots = files::required_certificates(&data, "devid_ca_path")?;
     let ek_roots = files::required_certificates(&data, "endorsement_ca_path")?;

@@ -9,6 +9,7 @@ use async_trait::async_trait;
 use kame_api::pb::types::Bundle;
 use serde::{Deserialize, Serialize};
 
+pub mod sql;
 pub mod sqlite;
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]

@@ -86,7 +86,7 @@ pub fn plugin(env: &PluginEnv, data: Section) -> Result<Arc<dyn NodeAttestor>, C
             ));
         }
     };
-    let one = super::files::optional_path(&data, "ca_bundle_path")?;
+    let one = crate::catalog::files::optional_path(&data, "ca_bundle_path")?;
     let many = data.strings("ca_bundle_paths")?.unwrap_or_default();
     let prefix_key = data.key("spiffe_prefix");
     let prefix = match (data.string("spiffe_prefix")?, data.string("svid_prefix")?) {
@@ -127,17 +127,19 @@ pub fn plugin(env: &PluginEnv, data: Section) -> Result<Arc<dyn NodeAttestor>, C
                 ));
             }
             (None, true) => {
-                return Err(invalid(
-                    &data.key("ca_bundle_path"),
-                    "one of ca_bundle_path or ca_bundle_paths must be configured",
-                ));
+                return Err(data.misspelt("ca_bundle_path").unwrap_or_else(|| {
+                    invalid(
+                        &data.key("ca_bundle_path"),
+                        "one of ca_bundle_path or ca_bundle_paths must be configured",
+                    )
+                }));
             }
             (Some(p), true) => {
-                roots = super::files::certificates(&data.key("ca_bundle_path"), &p)?;
+                roots = crate::catalog::files::certificates(&data.key("ca_bundle_path"), &p)?;
             }
             (None, false) => {
                 for p in many {
-                    roots.extend(super::files::certificates(
+                    roots.extend(crate::catalog::files::certificates(
                         &data.key("ca_bundle_paths"),
                         std::path::Path::new(&p),
                     )?);

@@ -4,16 +4,26 @@
 //! and refuses unknown ones, so errors name the full path
 //! (`plugins.NodeAttestor.x509pop.plugin_data.ca_bundle_pth: unknown key`). Adding a plugin is
 //! one module and one line here. It holds no state and serves no requests.
+//!
+//! The KeyManager backends that pull in large client libraries (AWS KMS, Vault, PKCS#11) are
+//! cargo features of `kame-server`, on by default; a build without one does not list it.
 
 use crate::attestation::NodeAttestor;
+use crate::datastore::sql::DataStorePlugin;
+use crate::keymanager::KeyManagerPlugin;
 use kame_api::TrustDomain;
 use kame_api::conf::{ConfigError, Section};
+use std::path::PathBuf;
 use std::sync::Arc;
+
+pub mod files;
 
 /// What a plugin may know when it is built.
 #[derive(Debug, Clone)]
 pub struct PluginEnv {
     pub trust_domain: TrustDomain,
+    /// `server.data_dir`: created at start, so files a plugin will create may live there.
+    pub data_dir: PathBuf,
     /// The trust domain's X.509 authorities as the server holds them now: set when the CA
     /// starts, read by plugins that verify against the server's own bundle.
     pub trust_bundle: TrustBundle,
@@ -23,6 +33,7 @@ impl PluginEnv {
     pub fn new(trust_domain: TrustDomain) -> Self {
         PluginEnv {
             trust_domain,
+            data_dir: PathBuf::from("."),
             trust_bundle: TrustBundle::default(),
         }
     }
@@ -80,4 +91,66 @@ pub fn node_attestor(
 /// Every node attestor name a configuration may use, for error messages.
 pub fn node_attestor_names() -> String {
     kame_api::conf::builtin_names(&["join_token"], NODE_ATTESTORS)
+}
+
+/// Builds a plugin of type `P` from its `plugin_data`.
+pub type Builder<P> = fn(&PluginEnv, Section) -> Result<Arc<P>, ConfigError>;
+
+/// Builds a KeyManager from its `plugin_data`.
+pub type KeyManagerBuilder = Builder<dyn KeyManagerPlugin>;
+
+/// The built-in KeyManagers.
+pub const KEY_MANAGERS: &[(&str, KeyManagerBuilder)] = &[
+    (
+        crate::keymanager::disk::TYPE,
+        crate::keymanager::disk::plugin,
+    ),
+    (
+        crate::keymanager::memory::TYPE,
+        crate::keymanager::memory::plugin,
+    ),
+    #[cfg(feature = "aws_kms")]
+    (
+        crate::keymanager::aws_kms::TYPE,
+        crate::keymanager::aws_kms::plugin,
+    ),
+    #[cfg(feature = "hashicorp_vault")]
+    (
+        crate::keymanager::hashicorp_vault::TYPE,
+        crate::keymanager::hashicorp_vault::plugin,
+    ),
+    #[cfg(feature = "pkcs11")]
+    (
+        crate::keymanager::pkcs11::TYPE,
+        crate::keymanager::pkcs11::plugin,
+    ),
+];
+
+/// Builds a DataStore from its `plugin_data`.
+pub type DataStoreBuilder = Builder<dyn DataStorePlugin>;
+
+/// The built-in DataStores.
+pub const DATA_STORES: &[(&str, DataStoreBuilder)] =
+    &[(crate::datastore::sql::TYPE, crate::datastore::sql::plugin)];
+
+/// The one plugin of `kind` (`KeyManager`, `DataStore`) in `plugins`, built by `table`:
+/// none, more than one, or an unknown name is an error naming `plugins.<kind>` and, for an
+/// unknown name, the known ones.
+pub fn single<P: ?Sized>(
+    plugins: &mut Section,
+    kind: &str,
+    table: &[(&str, Builder<P>)],
+    env: &PluginEnv,
+) -> Result<Arc<P>, ConfigError> {
+    let (name, data) = kame_api::conf::single_plugin(plugins, kind)?;
+    let build = kame_api::conf::builtin(table, &name).ok_or_else(|| {
+        kame_api::conf::invalid(
+            &plugins.key(kind),
+            format!(
+                "unknown {kind} {name:?} (expected one of {})",
+                kame_api::conf::builtin_names(&[], table)
+            ),
+        )
+    })?;
+    build(env, data)
 }

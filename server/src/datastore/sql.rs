@@ -1,0 +1,126 @@
+//! `DataStore "sql"` (SPIRE's name): its `plugin_data`, checked when the configuration loads,
+//! and how the store is opened at start. Today `database_type = "sqlite3"`, whose file must
+//! sit in a directory that exists or is `data_dir`, so a typo does not start the server on a
+//! fresh, empty datastore. It reads and writes no state itself.
+
+use super::DataStore;
+use crate::catalog::PluginEnv;
+use crate::run::RunError;
+use kame_api::conf::{ConfigError, Section, invalid};
+use std::sync::Arc;
+
+/// The plugin's name in configuration.
+pub const TYPE: &str = "sql";
+
+/// A configured datastore, ready to open.
+#[async_trait::async_trait]
+pub trait DataStorePlugin: Send + Sync + std::fmt::Debug {
+    /// Opens the store and brings its schema up to date.
+    async fn open(&self) -> Result<Arc<dyn DataStore>, RunError>;
+
+    /// The concrete configuration (for tests that check what was parsed).
+    fn as_any(&self) -> &dyn std::any::Any;
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sql {
+    pub database_type: String,
+    pub connection_string: String,
+}
+
+/// Builds `DataStore "sql"` from its `plugin_data`.
+pub fn plugin(env: &PluginEnv, data: Section) -> Result<Arc<dyn DataStorePlugin>, ConfigError> {
+    let key = |k: &str| data.key(k);
+    let database_type = data
+        .string("database_type")?
+        .ok_or_else(|| data.missing("database_type"))?;
+    if database_type != "sqlite3" {
+        return Err(invalid(
+            &key("database_type"),
+            format!("{database_type:?} is not supported (expected \"sqlite3\")"),
+        ));
+    }
+    let connection_string = data
+        .string("connection_string")?
+        .ok_or_else(|| data.missing("connection_string"))?;
+    if connection_string.is_empty() {
+        return Err(invalid(&key("connection_string"), "must not be empty"));
+    }
+    if let Some(path) = sqlite_path(&connection_string) {
+        crate::catalog::files::creatable(
+            &key("connection_string"),
+            std::path::Path::new(path),
+            &env.data_dir,
+        )?;
+    }
+    data.finish()?;
+    Ok(Arc::new(Sql {
+        database_type,
+        connection_string,
+    }))
+}
+
+/// The database file a SQLite connection string names (None: in memory).
+fn sqlite_path(connection_string: &str) -> Option<&str> {
+    let path = connection_string
+        .strip_prefix("sqlite://")
+        .or_else(|| connection_string.strip_prefix("sqlite:"))
+        .map(|p| p.split('?').next().unwrap_or(p))
+        .unwrap_or(connection_string);
+    (!path.is_empty() && path != ":memory:").then_some(path)
+}
+
+#[async_trait::async_trait]
+impl DataStorePlugin for Sql {
+    async fn open(&self) -> Result<Arc<dyn DataStore>, RunError> {
+        Ok(Arc::new(
+            super::sqlite::SqliteStore::open(&self.connection_string).await?,
+        ))
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(data_dir: &std::path::Path, conn: &str) -> Result<(), ConfigError> {
+        let text = format!(
+            "DataStore \"sql\" {{\n plugin_data {{\n database_type = \"sqlite3\"\n connection_string = {conn:?}\n }}\n }}"
+        );
+        let mut root = kame_api::conf::parse_root(&text, false)?;
+        let (_, data) = kame_api::conf::single_plugin(&mut root, "DataStore")?;
+        let mut env = PluginEnv::new(kame_api::TrustDomain::parse("example.org").unwrap());
+        env.data_dir = data_dir.to_path_buf();
+        plugin(&env, data).map(|_| ())
+    }
+
+    /// A typo in the datastore path is refused, not a fresh empty datastore: its directory
+    /// must exist or be data_dir.
+    #[test]
+    fn datastore_directory_must_exist_or_be_data_dir() {
+        let d = tempfile::tempdir().unwrap();
+        let dd = d.path().join("data");
+        parse(&dd, &dd.join("ds.sqlite3").display().to_string()).unwrap();
+        parse(std::path::Path::new("data"), "./data/ds.sqlite3").unwrap();
+        parse(&dd, &d.path().join("ds.sqlite3").display().to_string()).unwrap();
+        parse(&dd, "ds.sqlite3").unwrap();
+        parse(&dd, "sqlite::memory:").unwrap();
+        let typo = d.path().join("dtaa").join("ds.sqlite3");
+        let e = parse(&dd, &typo.display().to_string())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("DataStore.sql.plugin_data.connection_string")
+                && e.contains("does not exist"),
+            "{e}"
+        );
+        let e = parse(&dd, &format!("sqlite://{}?mode=rwc", typo.display()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not exist"), "{e}");
+    }
+}

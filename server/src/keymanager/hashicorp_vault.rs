@@ -1,0 +1,127 @@
+//! `KeyManager "hashicorp_vault"`: keys in a Vault/OpenBao Transit engine (SPIRE's keys;
+//! exactly one auth block). Files it names (the CA certificate, a client certificate and
+//! key, a service account token) must be readable when the configuration loads; secrets are
+//! never printed.
+
+use super::{KeyIdentifier, KeyManagerPlugin, OpenContext, optional, required};
+use crate::catalog::PluginEnv;
+use crate::catalog::files::readable;
+use crate::run::RunError;
+use kame_api::Secret;
+use kame_api::conf::{ConfigError, Section, invalid};
+use kame_keymanager::KeyManager;
+use kame_keymanager::hashicorp_vault::{VaultAuth, VaultConfig, VaultKeyManager};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// The plugin's name in configuration.
+pub const TYPE: &str = "hashicorp_vault";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HashicorpVault {
+    pub vault_addr: String,
+    pub namespace: Option<String>,
+    pub ca_cert_path: Option<PathBuf>,
+    pub insecure_skip_verify: bool,
+    pub transit_engine_path: String,
+    pub auth: VaultAuth,
+    pub key_identifier: KeyIdentifier,
+}
+
+/// Builds `KeyManager "hashicorp_vault"` from its `plugin_data`.
+pub fn plugin(env: &PluginEnv, data: Section) -> Result<Arc<dyn KeyManagerPlugin>, ConfigError> {
+    Ok(Arc::new(config(env, data)?))
+}
+
+/// A path under `key` in `data` that must be a readable file.
+fn readable_path(data: &Section, key: &str) -> Result<PathBuf, ConfigError> {
+    let p = PathBuf::from(required(data, key)?);
+    readable(&data.key(key), &p)?;
+    Ok(p)
+}
+
+/// The auth blocks; exactly one must be configured.
+fn auth(data: &mut Section) -> Result<VaultAuth, ConfigError> {
+    let mut auths = vec![];
+    if let Some(a) = data.section("token_auth")? {
+        auths.push(VaultAuth::Token(Secret::new(required(&a, "token")?)));
+        a.finish()?;
+    }
+    if let Some(a) = data.section("approle_auth")? {
+        auths.push(VaultAuth::AppRole {
+            mount: optional(&a, "approle_auth_mount_point")?.unwrap_or_else(|| "approle".into()),
+            role_id: required(&a, "approle_id")?,
+            secret_id: Secret::new(required(&a, "approle_secret_id")?),
+        });
+        a.finish()?;
+    }
+    if let Some(a) = data.section("cert_auth")? {
+        auths.push(VaultAuth::Cert {
+            mount: optional(&a, "cert_auth_mount_point")?.unwrap_or_else(|| "cert".into()),
+            role_name: optional(&a, "cert_auth_role_name")?.unwrap_or_default(),
+            client_cert_path: readable_path(&a, "client_cert_path")?,
+            client_key_path: readable_path(&a, "client_key_path")?,
+        });
+        a.finish()?;
+    }
+    if let Some(a) = data.section("k8s_auth")? {
+        auths.push(VaultAuth::Kubernetes {
+            mount: optional(&a, "k8s_auth_mount_point")?.unwrap_or_else(|| "kubernetes".into()),
+            role: required(&a, "k8s_auth_role_name")?,
+            token_path: readable_path(&a, "token_path")?,
+        });
+        a.finish()?;
+    }
+    match auths.pop() {
+        Some(a) if auths.is_empty() => Ok(a),
+        _ => Err(invalid(
+            &data.key("token_auth"),
+            "configure exactly one of token_auth, approle_auth, cert_auth, k8s_auth",
+        )),
+    }
+}
+
+fn config(env: &PluginEnv, mut data: Section) -> Result<HashicorpVault, ConfigError> {
+    let vault_addr = required(&data, "vault_addr")?;
+    let namespace = optional(&data, "namespace")?;
+    let ca_cert_path = match optional(&data, "ca_cert_path")? {
+        None => None,
+        Some(_) => Some(readable_path(&data, "ca_cert_path")?),
+    };
+    let insecure_skip_verify = data.take_bool("insecure_skip_verify")?.unwrap_or(false);
+    let transit_engine_path =
+        optional(&data, "transit_engine_path")?.unwrap_or_else(|| "transit".into());
+    let key_identifier = KeyIdentifier::parse(&data, &env.data_dir)?;
+    let auth = auth(&mut data)?;
+    data.finish()?;
+    Ok(HashicorpVault {
+        vault_addr,
+        namespace,
+        ca_cert_path,
+        insecure_skip_verify,
+        transit_engine_path,
+        auth,
+        key_identifier,
+    })
+}
+
+#[async_trait::async_trait]
+impl KeyManagerPlugin for HashicorpVault {
+    async fn open(&self, ctx: OpenContext<'_>) -> Result<Arc<dyn KeyManager>, RunError> {
+        Ok(VaultKeyManager::open(VaultConfig {
+            vault_addr: self.vault_addr.clone(),
+            namespace: self.namespace.clone(),
+            ca_cert_path: self.ca_cert_path.clone(),
+            insecure_skip_verify: self.insecure_skip_verify,
+            transit_engine_path: self.transit_engine_path.clone(),
+            auth: self.auth.clone(),
+            server_id: self.key_identifier.resolve(ctx.server_id)?,
+            call_timeout: super::CALL_TIMEOUT,
+        })
+        .await?)
+    }
+
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
