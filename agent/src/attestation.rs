@@ -68,21 +68,11 @@ impl Responder for NoChallenge {
     }
 }
 
-/// The agent-side node attestors.
-#[derive(Clone)]
+/// The agent-side node attestors (a join token prints as `***`).
+#[derive(Debug, Clone)]
 pub enum NodeAttestor {
-    JoinToken(Option<String>),
+    JoinToken(Option<kame_api::Secret>),
     Plugin(Arc<dyn AgentAttestor>),
-}
-
-impl std::fmt::Debug for NodeAttestor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            // the token is a secret until used
-            NodeAttestor::JoinToken(_) => f.write_str("NodeAttestor::JoinToken"),
-            NodeAttestor::Plugin(p) => write!(f, "NodeAttestor::Plugin({p:?})"),
-        }
-    }
 }
 
 /// The result of attestation.
@@ -112,9 +102,10 @@ impl NodeAttestor {
     pub async fn attest(&self, ch: Channel, csr: Vec<u8>) -> Result<Attested, AttestError> {
         let (payload, mut responder): (Vec<u8>, Box<dyn Responder>) = match self {
             NodeAttestor::JoinToken(None) => return Err(AttestError::NoToken),
-            NodeAttestor::JoinToken(Some(t)) => {
-                (t.as_bytes().to_vec(), Box::new(NoChallenge("join_token")))
-            }
+            NodeAttestor::JoinToken(Some(t)) => (
+                t.expose().as_bytes().to_vec(),
+                Box::new(NoChallenge("join_token")),
+            ),
             NodeAttestor::Plugin(p) => p.start().await?,
         };
         let first = pb::agent::AttestAgentRequest {

@@ -1,10 +1,12 @@
-//! The agent's plugin catalogue (SPIRE's `pkg/agent/catalog`): the built-in node attestors by
-//! name and how each is built from its `plugin_data`. Each plugin owns its configuration and
+//! The agent's plugin catalogue (SPIRE's `pkg/agent/catalog`): the built-in node attestors,
+//! KeyManagers and workload attestors by name and how each is built from its `plugin_data`. Each plugin owns its configuration and
 //! refuses unknown keys, so errors name the full path. Adding a plugin is one module and one
 //! line here. It holds no state.
 
 use crate::attestation::AgentAttestor;
+use crate::config::{KeyManagerConfig, UnixAttestorConfig};
 use kame_api::conf::{ConfigError, Section};
+use std::path::Path;
 use std::sync::Arc;
 
 /// Builds a node attestor from its `plugin_data`.
@@ -27,4 +29,41 @@ pub fn node_attestor(
 /// Every node attestor name a configuration may use, for error messages.
 pub fn node_attestor_names() -> String {
     kame_api::conf::builtin_names(&["join_token"], NODE_ATTESTORS)
+}
+
+/// Builds a KeyManager's settings from its `plugin_data` (with `data_dir`).
+pub type KeyManagerBuilder = fn(&Path, Section) -> Result<KeyManagerConfig, ConfigError>;
+
+/// The built-in KeyManagers.
+pub const KEY_MANAGERS: &[(&str, KeyManagerBuilder)] = &[
+    ("disk", crate::config::disk_key_manager),
+    ("memory", crate::config::memory_key_manager),
+];
+
+/// Builds a workload attestor's settings from its `plugin_data`.
+pub type WorkloadAttestorBuilder = fn(&Path, Section) -> Result<UnixAttestorConfig, ConfigError>;
+
+/// The built-in workload attestors.
+pub const WORKLOAD_ATTESTORS: &[(&str, WorkloadAttestorBuilder)] =
+    &[("unix", crate::config::unix_workload_attestor)];
+
+/// The one plugin of `kind` in `plugins`, built by `table`: none, more than one, or an
+/// unknown name is an error naming `plugins.<kind>` and, for an unknown name, the known ones.
+pub fn single<T>(
+    plugins: &mut Section,
+    kind: &str,
+    table: &[(&str, fn(&Path, Section) -> Result<T, ConfigError>)],
+    data_dir: &Path,
+) -> Result<T, ConfigError> {
+    let (name, data) = kame_api::conf::single_plugin(plugins, kind)?;
+    let build = kame_api::conf::builtin(table, &name).ok_or_else(|| {
+        kame_api::conf::invalid(
+            &plugins.key(kind),
+            format!(
+                "unknown {kind} {name:?} (expected one of {})",
+                kame_api::conf::builtin_names(&[], table)
+            ),
+        )
+    })?;
+    build(data_dir, data)
 }

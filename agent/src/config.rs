@@ -42,7 +42,7 @@ pub struct Config {
     pub socket_path: PathBuf,
     pub trust_bundle_path: PathBuf,
     pub trust_domain: TrustDomain,
-    pub join_token: Option<String>,
+    pub join_token: Option<kame_api::Secret>,
     pub log_level: String,
     pub log_format: LogFormat,
     /// How often the agent syncs with the server (ours; SPIRE's is fixed at 5 s).
@@ -102,7 +102,10 @@ impl Config {
         }
         let data_dir = PathBuf::from(agent.string("data_dir")?.unwrap_or_else(|| ".".into()));
         let trust_bundle_path = PathBuf::from(required(&agent, "trust_bundle_path")?);
-        let join_token = agent.string("join_token")?.filter(|t| !t.is_empty());
+        let join_token = agent
+            .string("join_token")?
+            .filter(|t| !t.is_empty())
+            .map(kame_api::Secret::new);
         let log_level = kame_api::conf::log_level(&agent)?;
         let log_format = kame_api::conf::log_format(&agent)?;
         let sync_interval = match agent.duration("sync_interval")? {
@@ -136,49 +139,18 @@ impl Config {
             ),
         };
 
-        let (name, data) = single_plugin(&mut plugins, "KeyManager")?;
-        let key_manager = match name.as_str() {
-            "memory" => KeyManagerConfig::Memory,
-            "disk" => KeyManagerConfig::Disk {
-                directory: data
-                    .string("directory")?
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| data_dir.clone()),
-            },
-            other => {
-                return Err(invalid(
-                    "plugins.KeyManager",
-                    format!("unknown KeyManager {other:?} (expected \"disk\" or \"memory\")"),
-                ));
-            }
-        };
-        data.finish()?;
-
-        let (name, data) = single_plugin(&mut plugins, "WorkloadAttestor")?;
-        if name != "unix" {
-            return Err(invalid(
-                "plugins.WorkloadAttestor",
-                format!("unknown WorkloadAttestor {name:?} (expected \"unix\")"),
-            ));
-        }
-        let discover_workload_path = data
-            .take_bool("discover_workload_path")?
-            .unwrap_or_default();
-        let workload_size_limit = match data.int("workload_size_limit")? {
-            None => 0,
-            Some(n) if n < 0 => {
-                return Err(invalid(
-                    &data.key("workload_size_limit"),
-                    "must not be negative",
-                ));
-            }
-            Some(n) => n as u64,
-        };
-        data.finish()?;
-        let unix = UnixAttestorConfig {
-            discover_workload_path,
-            workload_size_limit,
-        };
+        let key_manager = crate::catalog::single(
+            &mut plugins,
+            "KeyManager",
+            crate::catalog::KEY_MANAGERS,
+            &data_dir,
+        )?;
+        let unix = crate::catalog::single(
+            &mut plugins,
+            "WorkloadAttestor",
+            crate::catalog::WORKLOAD_ATTESTORS,
+            &data_dir,
+        )?;
         plugins.finish()?;
 
         Ok(Config {
@@ -237,7 +209,7 @@ plugins {
         let c = Config::parse(GOOD, false).unwrap();
         assert_eq!(c.server_port, 8081);
         assert_eq!(c.trust_domain.to_string(), "example.org");
-        assert_eq!(c.join_token.as_deref(), Some("abc"));
+        assert_eq!(c.join_token.as_ref().map(|t| t.expose()), Some("abc"));
         assert_eq!(
             c.key_manager,
             KeyManagerConfig::Disk {
@@ -297,4 +269,43 @@ plugins {
         assert_eq!(c.key_manager, KeyManagerConfig::Memory);
         assert_eq!(c.join_token, None);
     }
+}
+
+/// `KeyManager "memory"`: no settings.
+pub fn memory_key_manager(_: &Path, data: Section) -> Result<KeyManagerConfig, ConfigError> {
+    data.finish()?;
+    Ok(KeyManagerConfig::Memory)
+}
+
+/// `KeyManager "disk"`: `directory`, by default `data_dir`.
+pub fn disk_key_manager(data_dir: &Path, data: Section) -> Result<KeyManagerConfig, ConfigError> {
+    let directory = data
+        .string("directory")?
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| data_dir.to_path_buf());
+    data.finish()?;
+    Ok(KeyManagerConfig::Disk { directory })
+}
+
+/// `WorkloadAttestor "unix"`: SPIRE's `discover_workload_path` and `workload_size_limit`.
+pub fn unix_workload_attestor(_: &Path, data: Section) -> Result<UnixAttestorConfig, ConfigError> {
+    let discover_workload_path = data
+        .take_bool("discover_workload_path")?
+        .unwrap_or_default();
+    let workload_size_limit = match data.int("workload_size_limit")? {
+        None => 0,
+        Some(n) if n < 0 => {
+            return Err(invalid(
+                &data.key("workload_size_limit"),
+                "must not be negative",
+            ));
+        }
+        Some(n) => n as u64,
+    };
+    data.finish()?;
+    Ok(UnixAttestorConfig {
+        discover_workload_path,
+        workload_size_limit,
+    })
 }

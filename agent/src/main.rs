@@ -127,7 +127,7 @@ async fn real_main() -> anyhow::Result<()> {
             let mut cfg = Config::load(&config, expand_env)
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
             if join_token.is_some() {
-                cfg.join_token = join_token;
+                cfg.join_token = join_token.map(kame_api::Secret::new);
             }
             init_logging(&cfg.log_level, cfg.log_format);
             let running = kame_agent::run::start(&cfg).await?;

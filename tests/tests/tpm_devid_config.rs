@@ -358,9 +358,9 @@ fn tpm_devid_agent_08_to_10_tpmutil_05_06_09_13_passwords_and_no_retry_on_auth_f
         devid_pub_path: dir.path().join("devid.pub"),
         tcti: tpm.tcti.clone(),
         ek_algorithm: kame_tpm::device::EkAlg::Rsa2048,
-        devid_password: Secret("devid-pw".into()),
-        owner_hierarchy_password: Secret("owner-pw".into()),
-        endorsement_hierarchy_password: Secret("endorse-pw".into()),
+        devid_password: Secret::new("devid-pw"),
+        owner_hierarchy_password: Secret::new("owner-pw"),
+        endorsement_hierarchy_password: Secret::new("endorse-pw"),
         attestation_key: None,
         devid_handle: None,
     };
@@ -381,8 +381,8 @@ fn tpm_devid_agent_08_to_10_tpmutil_05_06_09_13_passwords_and_no_retry_on_auth_f
     // Wrong owner and endorsement passwords (hierarchies are not DA-protected here).
     for (o, e, says) in [("bad", "endorse-pw", "SRK"), ("owner-pw", "bad", "EK")] {
         let mut c = cfg.clone();
-        c.owner_hierarchy_password = Secret(o.into());
-        c.endorsement_hierarchy_password = Secret(e.into());
+        c.owner_hierarchy_password = Secret::new(o);
+        c.endorsement_hierarchy_password = Secret::new(e);
         let mut d = Device::open(&tpm.tcti).unwrap();
         let err = request(&mut d, &c).unwrap_err().to_string();
         assert!(err.contains(says), "{says}: {err}");
@@ -390,7 +390,7 @@ fn tpm_devid_agent_08_to_10_tpmutil_05_06_09_13_passwords_and_no_retry_on_auth_f
     // Wrong DevID password: one failed authorization, counted once.
     let before = lockout();
     let mut c = cfg.clone();
-    c.devid_password = Secret("wrong".into());
+    c.devid_password = Secret::new("wrong");
     let mut d = Device::open(&tpm.tcti).unwrap();
     let err = request(&mut d, &c).unwrap_err().to_string();
     assert!(err.contains("certify"), "{err}");

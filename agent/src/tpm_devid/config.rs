@@ -64,7 +64,7 @@ pub fn tpm_devid_config_in(
     let devid_priv_path = path("devid_priv_path")?;
     let devid_pub_path = path("devid_pub_path")?;
     let secret = |k: &str| -> Result<super::Secret, ConfigError> {
-        Ok(super::Secret(data.string(k)?.unwrap_or_default()))
+        Ok(super::Secret::new(data.string(k)?.unwrap_or_default()))
     };
     let devid_password = secret("devid_password")?;
     let owner_hierarchy_password = secret("owner_hierarchy_password")?;

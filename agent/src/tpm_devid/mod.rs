@@ -22,15 +22,7 @@ use kame_tpm::wire;
 use std::path::Path;
 use std::path::PathBuf;
 
-/// A TPM authorization value from the configuration: never printed.
-#[derive(Clone, PartialEq, Eq, Default)]
-pub struct Secret(pub String);
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "***" })
-    }
-}
+pub use kame_api::Secret;
 
 /// The agent's `NodeAttestor "tpm_devid"` settings (SPIRE's keys; ours: `tcti`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -174,10 +166,10 @@ pub fn request(
         Some(_) => KeyBlob::from_files(&read(&cfg.devid_pub_path)?, &[]),
         None => KeyBlob::from_files(&read(&cfg.devid_pub_path)?, &read(&cfg.devid_priv_path)?),
     };
-    devid.auth = cfg.devid_password.0.as_bytes().to_vec();
+    devid.auth = cfg.devid_password.expose().as_bytes().to_vec();
     d.set_hierarchy_auth(
-        cfg.owner_hierarchy_password.0.as_bytes(),
-        cfg.endorsement_hierarchy_password.0.as_bytes(),
+        cfg.owner_hierarchy_password.expose().as_bytes(),
+        cfg.endorsement_hierarchy_password.expose().as_bytes(),
     )?;
     wire::Public::parse(&devid.public).map_err(|e| DevIdAgentError::BadPublic {
         path: cfg.devid_pub_path.display().to_string(),
