@@ -1,0 +1,208 @@
+//! Minting: X509-SVIDs signed by the active X.509 authority (directly, or through an in-memory
+//! intermediate it certifies in `kms_rooted` mode) and JWT-SVIDs signed by the active JWT key.
+//! Every signature goes through the KeyManager.
+
+use super::*;
+
+impl Ca {
+    /// Mints an X509-SVID for `spki_der` with the given identity. `ttl` is capped at the CA's
+    /// notAfter. Returns the chain, leaf first.
+    pub async fn sign_x509_svid(
+        &self,
+        spki_der: &[u8],
+        id: &SpiffeId,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<Vec<Vec<u8>>, CaError> {
+        if !id.is_member_of(&self.settings.trust_domain) {
+            return Err(CaError::Profile(kame_api::Error::BadSvid(format!(
+                "{id} is not in trust domain {}",
+                self.settings.trust_domain
+            ))));
+        }
+        if ttl.is_zero() {
+            return Err(CaError::InvalidTtl("TTL must be positive".into()));
+        }
+        let ca = self.current_x509().ok_or(CaError::NotReady("X.509"))?;
+        let now = now_secs();
+        let serial = random_serial()?;
+        let params = x509svid::LeafParams {
+            id,
+            dns_names,
+            spki_der,
+            serial: &serial,
+            not_before: now.saturating_sub(x509svid::BACKDATE.as_secs()),
+            not_after: now.saturating_add(ttl.as_secs().max(1)),
+        };
+        if let SigningMode::KmsRooted { intermediate_ttl } = self.settings.signing_mode {
+            let inter = self.intermediate(&ca, intermediate_ttl).await?;
+            let tbs = x509svid::leaf_tbs(&params, &inter.issuer)?;
+            let sig = sign_checked(
+                &inter.km,
+                &inter.key,
+                &tbs,
+                SignOpts::for_key(inter.key.key_type),
+            )
+            .await?;
+            return Ok(vec![
+                x509svid::assemble_der(&tbs, &inter.issuer.signature_algorithm_der, &sig)?,
+                inter.cert_der.clone(),
+            ]);
+        }
+        let tbs = x509svid::leaf_tbs(&params, &ca.issuer)?;
+        let sig = sign_checked(
+            self.km.as_ref(),
+            &ca.key,
+            &tbs,
+            SignOpts::for_key(ca.key.key_type),
+        )
+        .await?;
+        Ok(vec![x509svid::assemble_der(
+            &tbs,
+            &ca.issuer.signature_algorithm_der,
+            &sig,
+        )?])
+    }
+
+    /// The `kms_rooted` intermediate under the current authority: the cached one while it has
+    /// more than half of its lifetime left and the authority is the same, else a new one (a
+    /// P-256 key made in memory, certified by one signature of the authority key). While one
+    /// is being made, or when making one fails, the cached one serves as long as it is valid
+    /// for another minute: the backend's trouble does not stop issuance before it must.
+    pub(super) async fn intermediate(
+        &self,
+        ca: &X509Authority,
+        ttl: Duration,
+    ) -> Result<Arc<Intermediate>, CaError> {
+        let cached = || {
+            self.intermediate
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+                .filter(|i| i.parent == ca.authority_id)
+        };
+        let fresh = |i: &Arc<Intermediate>| {
+            let half = i.not_after.saturating_sub(i.issued_at) / 2;
+            now_secs() + half < i.not_after
+        };
+        let usable = |i: &Arc<Intermediate>| now_secs() + 60 < i.not_after;
+        if let Some(i) = cached().filter(fresh) {
+            return Ok(i);
+        }
+        let _g = match self.minting.try_lock() {
+            Ok(g) => g,
+            Err(_) => {
+                if let Some(i) = cached().filter(usable) {
+                    return Ok(i);
+                }
+                self.minting.lock().await
+            }
+        };
+        if let Some(i) = cached().filter(fresh) {
+            return Ok(i);
+        }
+        match self.mint_intermediate(ca, ttl).await {
+            Ok(i) => Ok(i),
+            Err(e) => match cached().filter(usable) {
+                Some(i) => {
+                    warn!(error = %e, "cannot make a new kms_rooted intermediate; the current one serves");
+                    Ok(i)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    pub(super) async fn mint_intermediate(
+        &self,
+        ca: &X509Authority,
+        ttl: Duration,
+    ) -> Result<Arc<Intermediate>, CaError> {
+        let km = kame_keymanager::memory::MemoryKeyManager::new();
+        let key = km
+            .generate_key("kms-rooted-intermediate", KeyType::EcP256)
+            .await?;
+        let now = now_secs();
+        let not_after = now.saturating_add(ttl.as_secs().max(1)).min(ca.not_after);
+        // A subject of its own: an intermediate named like its issuer is self-issued to a
+        // path builder.
+        let subject = x509svid::parse_name(&format!(
+            "{}, OU=kms_rooted intermediate",
+            self.settings.ca_subject_dn
+        ))?;
+        let serial = random_serial()?;
+        let tbs = x509svid::ca_tbs(
+            &x509svid::CaParams {
+                trust_domain: &self.settings.trust_domain,
+                subject: &subject,
+                spki_der: &key.spki_der,
+                serial: &serial,
+                not_before: now.saturating_sub(x509svid::BACKDATE.as_secs()),
+                not_after,
+            },
+            Some(&ca.issuer),
+        )?;
+        let sig = sign_checked(
+            self.km.as_ref(),
+            &ca.key,
+            &tbs,
+            SignOpts::for_key(ca.key.key_type),
+        )
+        .await?;
+        let cert_der = x509svid::assemble_der(&tbs, &ca.issuer.signature_algorithm_der, &sig)?;
+        x509svid::ParsedCert::parse(&cert_der)?.check_signed_by(&ca.key.spki_der)?;
+        let issuer = IssuerInfo::from_cert_der(&cert_der)?;
+        let inter = Arc::new(Intermediate {
+            parent: ca.authority_id.clone(),
+            km,
+            key,
+            cert_der,
+            issuer,
+            issued_at: now,
+            not_after,
+        });
+        info!(parent = %ca.authority_id, not_after, "new kms_rooted intermediate");
+        *self.intermediate.write().unwrap_or_else(|p| p.into_inner()) = Some(inter.clone());
+        Ok(inter)
+    }
+
+    /// Mints a JWT-SVID. Returns (token, issued_at, expires_at); expiry is capped at the key's.
+    pub async fn sign_jwt_svid(
+        &self,
+        id: &SpiffeId,
+        audience: &[String],
+        ttl: Duration,
+    ) -> Result<(String, u64, u64), CaError> {
+        if !id.is_member_of(&self.settings.trust_domain) {
+            return Err(CaError::Profile(kame_api::Error::BadSvid(format!(
+                "{id} is not in trust domain {}",
+                self.settings.trust_domain
+            ))));
+        }
+        if ttl.is_zero() {
+            return Err(CaError::InvalidTtl("TTL must be positive".into()));
+        }
+        let key = self.current_jwt().ok_or(CaError::NotReady("JWT"))?;
+        let iat = now_secs();
+        let exp = iat.saturating_add(ttl.as_secs().max(1)).min(key.not_after);
+        let input = jwtsvid::signing_input(
+            &key.key_info,
+            &key.kid,
+            &jwtsvid::Claims {
+                sub: id,
+                aud: audience,
+                exp,
+                iat,
+                iss: self.settings.jwt_issuer.as_deref(),
+            },
+        )?;
+        let sig = sign_checked(
+            self.km.as_ref(),
+            &key.key,
+            input.as_bytes(),
+            SignOpts::for_key(key.key.key_type),
+        )
+        .await?;
+        Ok((jwtsvid::assemble(&key.key_info, &input, &sig)?, iat, exp))
+    }
+}

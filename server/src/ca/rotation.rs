@@ -1,0 +1,247 @@
+//! Rotation: on each tick, prepare the next authority of a kind when SPIRE's prepare time has
+//! come and activate it at its activation time, with the rotation lock held only against other
+//! rotations (never across another caller's signing).
+
+use super::*;
+
+impl Ca {
+    /// One rotation step for both kinds (run at start-up and on every tick).
+    pub async fn rotate(&self) -> Result<(), CaError> {
+        let _g = self.rotation.lock().await;
+        let now = now_ms();
+        let x509 = self
+            .rotate_kind(
+                now,
+                |st| &mut st.x509,
+                |slot, status| self.prepare_x509(slot, status),
+            )
+            .await?;
+        let jwt = self
+            .rotate_kind(
+                now,
+                |st| &mut st.jwt,
+                |slot, status| self.prepare_jwt(slot, status),
+            )
+            .await?;
+        if (x509 || jwt) && self.save_journal().await {
+            self.clear_saved_intents().await;
+        }
+        Ok(())
+    }
+
+    /// The rotation state machine of one kind; returns whether anything changed.
+    pub(super) async fn rotate_kind<T, F, Fut>(
+        &self,
+        now: u64,
+        slots: fn(&mut State) -> &mut Slots<T>,
+        prepare: F,
+    ) -> Result<bool, CaError>
+    where
+        T: Authority,
+        F: Fn(&'static str, SlotStatus) -> Fut,
+        Fut: std::future::Future<Output = Result<Arc<T>, CaError>>,
+    {
+        let (cur, next) = {
+            let mut st = self.write();
+            let s = slots(&mut st);
+            (s.current.clone(), s.next.clone())
+        };
+        let live = |a: &T| a.not_after() * 1000 > now;
+        let prepared = |a: &T| a.status() == SlotStatus::Prepared;
+        let Some(c) = cur.filter(|c| live(c)) else {
+            let replaced = next.as_ref().filter(|n| prepared(n) && live(n)).cloned();
+            let a = match replaced {
+                // The server was down past the activation point: the prepared authority
+                // (already in the bundle) takes over.
+                Some(n) => Arc::new(n.with_status(SlotStatus::Active)),
+                None => {
+                    let slot = next.as_ref().map(|n| other_slot(n.slot())).unwrap_or("A");
+                    prepare(slot, SlotStatus::Active).await?
+                }
+            };
+            info!(kind = T::KIND, authority_id = %a.authority_id(), slot = %a.slot(), "authority activated");
+            let mut st = self.write();
+            let s = slots(&mut st);
+            s.current = Some(a);
+            if let Some(n) = s.next.take()
+                && n.status() == SlotStatus::Old
+            {
+                s.remember(n);
+            }
+            return Ok(true);
+        };
+        let mut changed = false;
+        let mut next = next;
+        if next.as_ref().is_none_or(|n| n.status() == SlotStatus::Old) && c.should_prepare_next(now)
+        {
+            let a = prepare(other_slot(c.slot()), SlotStatus::Prepared).await?;
+            info!(kind = T::KIND, authority_id = %a.authority_id(), slot = %a.slot(), "authority prepared");
+            slots(&mut self.write()).install_next(a.clone());
+            next = Some(a);
+            changed = true;
+        }
+        if let Some(n) = next.filter(|n| prepared(n))
+            && c.should_activate_next(now)
+        {
+            let mut st = self.write();
+            let s = slots(&mut st);
+            s.current = Some(Arc::new(n.with_status(SlotStatus::Active)));
+            s.next = Some(Arc::new(c.with_status(SlotStatus::Old)));
+            info!(kind = T::KIND, authority_id = %n.authority_id(), slot = %n.slot(), "authority activated");
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    pub(super) async fn prepare_x509(
+        &self,
+        slot: &str,
+        status: SlotStatus,
+    ) -> Result<Arc<X509Authority>, CaError> {
+        let key = self
+            .new_key(&x509_key_id(slot), self.settings.ca_key_type)
+            .await?;
+        let issued_at_ms = now_ms();
+        let now = issued_at_ms / 1000;
+        let not_after = now + self.settings.ca_ttl.as_secs().max(1);
+        // The configured ca_subject, as SPIRE names its X.509 authorities.
+        let subject = x509svid::parse_name(&self.settings.ca_subject_dn)?;
+        let serial = random_serial()?;
+        let tbs = x509svid::ca_tbs(
+            &x509svid::CaParams {
+                trust_domain: &self.settings.trust_domain,
+                subject: &subject,
+                spki_der: &key.spki_der,
+                serial: &serial,
+                not_before: now.saturating_sub(x509svid::BACKDATE.as_secs()),
+                not_after,
+            },
+            None,
+        )?;
+        let info = KeyInfo::from_spki_der(&key.spki_der)?;
+        let sig = sign_checked(
+            self.km.as_ref(),
+            &key,
+            &tbs,
+            SignOpts::for_key(self.settings.ca_key_type),
+        )
+        .await?;
+        let cert_der = x509svid::assemble(&tbs, &info.x509_signature_algorithm(), &sig)?;
+        // Self-check: the new certificate verifies with its own key before anyone trusts it.
+        x509svid::ParsedCert::parse(&cert_der)?.check_signed_by(&key.spki_der)?;
+        let issuer = IssuerInfo::from_cert_der(&cert_der)?;
+        let bundle = self
+            .ds
+            .append_bundle(&Bundle {
+                trust_domain: self.settings.trust_domain.as_str().to_string(),
+                x509_authorities: vec![X509Certificate {
+                    asn1: cert_der.clone(),
+                    tainted: false,
+                }],
+                ..Default::default()
+            })
+            .await?;
+        *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(bundle);
+        Ok(Arc::new(X509Authority {
+            slot: slot.to_string(),
+            status,
+            authority_id: hex::encode(&issuer.key_id),
+            key,
+            cert_der,
+            issuer,
+            issued_at_ms,
+            not_after,
+        }))
+    }
+
+    pub(super) async fn prepare_jwt(
+        &self,
+        slot: &str,
+        status: SlotStatus,
+    ) -> Result<Arc<JwtAuthority>, CaError> {
+        let key = self
+            .new_key(&jwt_key_id(slot), self.settings.jwt_key_type)
+            .await?;
+        let key_info = KeyInfo::from_spki_der(&key.spki_der)?;
+        let issued_at_ms = now_ms();
+        let not_after = issued_at_ms / 1000 + self.settings.ca_ttl.as_secs().max(1);
+        let kid = random_kid()?;
+        let bundle = self
+            .ds
+            .append_bundle(&Bundle {
+                trust_domain: self.settings.trust_domain.as_str().to_string(),
+                jwt_authorities: vec![JwtKey {
+                    public_key: key.spki_der.clone(),
+                    key_id: kid.clone(),
+                    expires_at: not_after as i64,
+                    tainted: false,
+                }],
+                ..Default::default()
+            })
+            .await?;
+        *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(bundle);
+        Ok(Arc::new(JwtAuthority {
+            slot: slot.to_string(),
+            status,
+            key,
+            key_info,
+            kid,
+            issued_at_ms,
+            not_after,
+        }))
+    }
+
+    /// How often the rotator should tick for this CA TTL (10 s, faster for short TTLs).
+    pub fn tick_interval(&self) -> Duration {
+        (self.settings.ca_ttl / 24).clamp(Duration::from_millis(100), Duration::from_secs(10))
+    }
+}
+
+/// Newest ACTIVE becomes current; the newest other entry in the other slot becomes next. With no
+/// ACTIVE entry, a PREPARED one is kept as next for the rotator to activate; otherwise the
+/// rotator prepares and activates a new authority.
+pub(super) fn pick_slots<T: Authority>(mut all: Vec<Arc<T>>) -> Slots<T> {
+    all.sort_by_key(|a| std::cmp::Reverse(a.issued_at_ms()));
+    let current = all
+        .iter()
+        .find(|a| a.status() == SlotStatus::Active)
+        .cloned();
+    match current {
+        Some(c) => {
+            let next = all
+                .iter()
+                .find(|a| a.slot() != c.slot() && a.status() != SlotStatus::Active)
+                .cloned();
+            let older = all
+                .iter()
+                .filter(|a| a.status() == SlotStatus::Old)
+                .filter(|a| {
+                    next.as_ref()
+                        .is_none_or(|n| n.authority_id() != a.authority_id())
+                })
+                .take(MAX_OLDER)
+                .cloned()
+                .collect();
+            Slots {
+                current: Some(c),
+                next,
+                older,
+            }
+        }
+        None => Slots {
+            // The active authority expired while the server was down: a prepared one (already
+            // published) is kept as next, and the rotator activates it.
+            current: None,
+            next: all
+                .iter()
+                .find(|a| a.status() == SlotStatus::Prepared)
+                .cloned(),
+            older: all
+                .iter()
+                .filter(|a| a.status() == SlotStatus::Old)
+                .take(MAX_OLDER)
+                .cloned()
+                .collect(),
+        },
+    }
+}
