@@ -1,6 +1,7 @@
 //! Creating keys: the key spec and SPIRE's tags for a new key (plus the operator's, within
 //! SPIRE's limits), the key, and its alias (created, or moved when a key made before a crash
-//! holds it), then the key in the cache. It never deletes a key.
+//! holds it), then the key in the cache. A new key that cannot be read back or named is
+//! retired at once, and the key an alias named before is retired: none is left unnamed.
 
 use super::*;
 
