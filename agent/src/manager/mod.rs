@@ -1,0 +1,387 @@
+//! The agent's manager: keeps the agent's own SVID (attesting, renewing at half life,
+//! re-attesting when the attestor allows it), syncs authorized entries and bundles with the
+//! server every `sync_interval`, mints workload X509-SVIDs for keys it generates (rotated at
+//! half of their lifetime, or at once when the entry changed or the SVID no longer chains to
+//! the bundle), mints JWT-SVIDs on demand and caches them until half their lifetime, and
+//! persists the cache so a restart serves it before the server answers. Every change bumps a
+//! version that Workload API streams watch. It never decides who a workload is: callers pass
+//! selectors. No lock is held across network I/O.
+
+use crate::attestation::NodeAttestor;
+use crate::client::{self, SharedRoots};
+use crate::keys;
+use crate::storage::{AgentIdentity, CacheSnapshot, CachedSvid, Storage};
+use kame_api::pb::{self, types};
+use kame_api::x509svid::{ParsedCert, verify_chain};
+use kame_api::{SpiffeId, TrustDomain};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use tokio::sync::watch;
+use tonic::transport::Channel;
+
+mod identity;
+mod jwt;
+mod sync;
+pub use jwt::*;
+
+/// How many SVIDs one BatchNewX509SVID asks for.
+const BATCH: usize = 50;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManagerError {
+    #[error("trust bundle {path}: {msg}")]
+    TrustBundle { path: String, msg: String },
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
+    #[error(transparent)]
+    Key(#[from] keys::KeyError),
+    #[error(transparent)]
+    Client(#[from] client::ClientError),
+    #[error("node attestation failed: {0}")]
+    Attest(#[from] crate::attestation::AttestError),
+    #[error("the server answered {code:?}: {message}")]
+    Server { code: tonic::Code, message: String },
+    #[error("the server returned an agent SVID that is not valid: {0}")]
+    BadAgentSvid(String),
+    #[error("the agent has no SVID yet")]
+    NotAttested,
+}
+
+impl From<tonic::Status> for ManagerError {
+    fn from(s: tonic::Status) -> Self {
+        ManagerError::Server {
+            code: s.code(),
+            message: s.message().to_string(),
+        }
+    }
+}
+
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The SPIFFE ID string of an entry.
+pub fn entry_spiffe_id(e: &types::Entry) -> String {
+    e.spiffe_id
+        .as_ref()
+        .map(|i| format!("spiffe://{}{}", i.trust_domain, i.path))
+        .unwrap_or_default()
+}
+
+/// The trust domain names an entry federates with (given as names or `spiffe://` IDs).
+pub fn federated_tds(e: &types::Entry) -> impl Iterator<Item = String> + '_ {
+    e.federates_with.iter().map(|f| {
+        f.trim_start_matches("spiffe://")
+            .trim_end_matches('/')
+            .to_string()
+    })
+}
+
+/// The DER certificates of a bundle's X.509 authorities.
+pub fn bundle_roots(b: &types::Bundle) -> Vec<Vec<u8>> {
+    b.x509_authorities.iter().map(|c| c.asn1.clone()).collect()
+}
+
+/// The request header carrying the authorities this agent's SVIDs chain to (the server's
+/// revocation readiness); SPIRE servers ignore it.
+pub const SVID_AUTHORITIES_HEADER: &str = "kame-svid-authorities";
+
+/// What is tainted in the own trust domain's bundle: the roots (DER), the untainted roots,
+/// and the tainted JWT key IDs.
+#[derive(Debug, Default)]
+struct Taint {
+    roots: Vec<Vec<u8>>,
+    trusted: Vec<Vec<u8>>,
+    kids: BTreeSet<String>,
+}
+
+impl Taint {
+    fn of(b: &types::Bundle) -> Self {
+        let mut t = Taint::default();
+        for c in &b.x509_authorities {
+            if c.tainted {
+                t.roots.push(c.asn1.clone());
+            } else {
+                t.trusted.push(c.asn1.clone());
+            }
+        }
+        t.kids = b
+            .jwt_authorities
+            .iter()
+            .filter(|k| k.tainted)
+            .map(|k| k.key_id.clone())
+            .collect();
+        t
+    }
+
+    /// Whether `chain` chains only to a tainted root (with an untainted one to move to).
+    fn taints(&self, chain: &[Vec<u8>], now: u64) -> bool {
+        !self.roots.is_empty()
+            && !self.trusted.is_empty()
+            && verify_chain(chain, &self.trusted, now).is_err()
+            && verify_chain(chain, &self.roots, now).is_ok()
+    }
+}
+
+/// The authority a chain (leaf first) ends under: its last certificate's AKI, lower-case hex.
+pub fn chain_authority(chain: &[Vec<u8>]) -> Option<String> {
+    chain
+        .last()
+        .and_then(|c| ParsedCert::parse(c).ok())
+        .and_then(|c| c.authority_key_id().ok().flatten())
+        .map(hex::encode)
+}
+
+#[derive(Debug, Clone)]
+struct JwtCached {
+    token: String,
+    issued_at: u64,
+    expires_at: u64,
+}
+
+#[derive(Default)]
+struct State {
+    agent: Option<AgentIdentity>,
+    bundle: Option<types::Bundle>,
+    federated: BTreeMap<String, types::Bundle>,
+    entries: BTreeMap<String, types::Entry>,
+    svids: BTreeMap<String, CachedSvid>,
+    jwt: HashMap<(String, Vec<String>), JwtCached>,
+}
+
+/// The entries whose selectors are a subset of `selectors`, in the Workload API's order (by
+/// SPIFFE ID, then entry ID; the first is the default identity).
+fn matching<'a>(st: &'a State, selectors: &[types::Selector]) -> Vec<&'a types::Entry> {
+    let mut v: Vec<&types::Entry> = st
+        .entries
+        .values()
+        .filter(|e| crate::attestor::matches(&e.selectors, selectors))
+        .collect();
+    v.sort_by(|a, b| (entry_spiffe_id(a), &a.id).cmp(&(entry_spiffe_id(b), &b.id)));
+    v
+}
+
+/// One identity as a workload sees it.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub entry: types::Entry,
+    pub svid: CachedSvid,
+}
+
+/// What one workload is entitled to.
+#[derive(Debug, Clone, Default)]
+pub struct WorkloadView {
+    /// Entries whose selectors match (SVIDs may still be on their way).
+    pub matched: usize,
+    /// Matched identities with an SVID, in a stable order (the first is the default).
+    pub identities: Vec<Identity>,
+    pub bundle: Option<types::Bundle>,
+    /// Federated bundles the matched entries federate with, by trust domain name.
+    pub federated: BTreeMap<String, types::Bundle>,
+}
+
+/// Settings the manager needs.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    pub trust_domain: TrustDomain,
+    pub server_address: String,
+    pub server_port: u16,
+    pub trust_bundle_path: std::path::PathBuf,
+    pub sync_interval: Duration,
+}
+
+pub struct Manager {
+    cfg: ManagerConfig,
+    server_id: SpiffeId,
+    storage: Storage,
+    roots: SharedRoots,
+    state: RwLock<State>,
+    attestor: Mutex<NodeAttestor>,
+    channel: Mutex<Option<Channel>>,
+    version: watch::Sender<u64>,
+    /// Serializes sync passes and on-demand JWT minting against agent SVID changes.
+    sync_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("trust_domain", &self.cfg.trust_domain.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+fn read_trust_bundle(
+    path: &std::path::Path,
+    td: &TrustDomain,
+) -> Result<Vec<Vec<u8>>, ManagerError> {
+    let err = |msg: String| ManagerError::TrustBundle {
+        path: path.display().to_string(),
+        msg,
+    };
+    let data = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let roots = if data.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        let b = kame_api::bundle::from_spiffe_json(td, &data).map_err(|e| err(e.to_string()))?;
+        bundle_roots(&b)
+    } else {
+        let text = String::from_utf8(data).map_err(|_| err("not PEM text".into()))?;
+        kame_api::bundle::certs_from_pem(&text).map_err(|e| err(e.to_string()))?
+    };
+    if roots.is_empty() {
+        return Err(err("holds no certificate".into()));
+    }
+    for r in &roots {
+        ParsedCert::parse(r).map_err(|e| err(e.to_string()))?;
+    }
+    Ok(roots)
+}
+
+impl Manager {
+    /// Loads what `storage` holds (bundle, agent SVID, workload cache) so the Workload API can
+    /// serve at once, and the bootstrap trust bundle when there is no cached bundle.
+    pub fn new(
+        cfg: ManagerConfig,
+        storage: Storage,
+        attestor: NodeAttestor,
+    ) -> Result<Arc<Self>, ManagerError> {
+        let server_id = SpiffeId::parse(&format!("spiffe://{}/spire/server", cfg.trust_domain))
+            .map_err(|e| ManagerError::BadAgentSvid(e.to_string()))?;
+        let now = now_secs();
+        let mut st = State::default();
+        let cached_bundle = storage.load_bundle()?;
+        let roots = match &cached_bundle {
+            Some(b) if !b.x509_authorities.is_empty() => bundle_roots(b),
+            _ => read_trust_bundle(&cfg.trust_bundle_path, &cfg.trust_domain)?,
+        };
+        st.bundle = cached_bundle;
+        if let Some(a) = storage.load_agent()? {
+            let ok = a
+                .chain
+                .first()
+                .is_some_and(|leaf| keys::matches_cert(&a.key_pkcs8, leaf))
+                && verify_chain(&a.chain, &roots, now).is_ok();
+            if ok {
+                st.agent = Some(a);
+            } else {
+                tracing::warn!(
+                    "cached agent SVID is expired or does not match its key; attesting again"
+                );
+            }
+        }
+        if st.agent.is_some()
+            && let Some(c) = storage.load_cache()?
+        {
+            for e in c.entries {
+                st.entries.insert(e.id.clone(), e);
+            }
+            for s in c.svids {
+                if s.not_after > now && st.entries.contains_key(&s.entry_id) {
+                    st.svids.insert(s.entry_id.clone(), s);
+                }
+            }
+            for b in c.federated {
+                st.federated.insert(b.trust_domain.clone(), b);
+            }
+            if st.bundle.is_none() {
+                st.bundle = c.bundle;
+            }
+            tracing::info!(svids = st.svids.len(), "serving cached SVIDs from data_dir");
+        }
+        let (version, _) = watch::channel(0u64);
+        Ok(Arc::new(Manager {
+            cfg,
+            server_id,
+            storage,
+            roots: Arc::new(RwLock::new(roots)),
+            state: RwLock::new(st),
+            attestor: Mutex::new(attestor),
+            channel: Mutex::new(None),
+            version,
+            sync_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// A receiver that changes whenever entries, SVIDs or bundles change.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    fn bump(&self) {
+        self.version.send_modify(|v| *v += 1);
+    }
+
+    /// The agent's SPIFFE ID, once attested.
+    pub fn agent_id(&self) -> Option<String> {
+        let st = self.state.read().ok()?;
+        let leaf = st.agent.as_ref()?.chain.first()?.clone();
+        ParsedCert::parse(&leaf)
+            .and_then(|c| c.spiffe_id())
+            .map(|i| i.to_string())
+            .ok()
+    }
+
+    /// What a workload with `selectors` is entitled to.
+    pub fn view(&self, selectors: &[types::Selector]) -> WorkloadView {
+        let Ok(st) = self.state.read() else {
+            return WorkloadView::default();
+        };
+        let matched = matching(&st, selectors);
+        let mut seen_hints = BTreeSet::new();
+        let mut identities = vec![];
+        let mut federated = BTreeMap::new();
+        for e in &matched {
+            for td in federated_tds(e) {
+                if let Some(b) = st.federated.get(&td) {
+                    federated.insert(td, b.clone());
+                }
+            }
+            if let Some(s) = st.svids.get(&e.id) {
+                // WA-09: hints unique within a response; later duplicates are dropped.
+                if !e.hint.is_empty() && !seen_hints.insert(e.hint.clone()) {
+                    continue;
+                }
+                identities.push(Identity {
+                    entry: (*e).clone(),
+                    svid: s.clone(),
+                });
+            }
+        }
+        WorkloadView {
+            matched: matched.len(),
+            identities,
+            bundle: st.bundle.clone(),
+            federated,
+        }
+    }
+
+    /// Every bundle the agent knows, own trust domain first (for JWT validation).
+    pub fn all_bundles(&self) -> Vec<types::Bundle> {
+        let Ok(st) = self.state.read() else {
+            return vec![];
+        };
+        st.bundle
+            .iter()
+            .cloned()
+            .chain(st.federated.values().cloned())
+            .collect()
+    }
+
+    /// Syncs now and then every `sync_interval` until `shutdown` fires. Failures are logged
+    /// and retried at the next tick; the cache keeps serving meanwhile.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            match self.sync_once().await {
+                Ok(()) => {}
+                Err(e) => tracing::warn!(error = %e, "sync with the server failed"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.cfg.sync_interval) => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! Synchronisation with the server: the authorized entries (a full list, or revisions first
+//! and then only the entries whose revision changed) and bundles, the workload X509-SVIDs minted for new or expiring entries and for
+//! those a tainted authority signed, and the snapshot persisted after each round.
+
+use super::*;
+
+impl Manager {
+    /// One sync pass with the server. Errors leave the cache as it was.
+    pub async fn sync_once(&self) -> Result<(), ManagerError> {
+        let _guard = self.sync_lock.lock().await;
+        self.ensure_agent_svid().await?;
+        let ch = self.authenticated_channel().await?;
+        let r = self.sync_with(ch).await;
+        if let Err(ManagerError::Server { code, .. }) = &r
+            && matches!(
+                code,
+                tonic::Code::Unavailable
+                    | tonic::Code::PermissionDenied
+                    | tonic::Code::Unauthenticated
+            )
+        {
+            // Reconnect next time (server restarted, or our SVID was replaced).
+            self.set_channel(None);
+        }
+        r
+    }
+
+    pub(super) async fn sync_with(&self, ch: Channel) -> Result<(), ManagerError> {
+        let mut changed = false;
+        // 1. Bundle.
+        let bundle = pb::bundle::bundle_client::BundleClient::new(ch.clone())
+            .get_bundle(pb::bundle::GetBundleRequest { output_mask: None })
+            .await?
+            .into_inner();
+        {
+            let mut st = self.state.write().map_err(|_| ManagerError::NotAttested)?;
+            if st.bundle.as_ref() != Some(&bundle) {
+                if let Ok(mut r) = self.roots.write() {
+                    *r = bundle_roots(&bundle);
+                }
+                st.bundle = Some(bundle.clone());
+                changed = true;
+            }
+        }
+        if changed {
+            self.storage.save_bundle(&bundle)?;
+        }
+        // 2. Entries.
+        let entries = self.sync_entries(ch.clone()).await?;
+        // 3. Federated bundles of the trust domains entries federate with.
+        let tds: BTreeSet<String> = entries.values().flat_map(federated_tds).collect();
+        let mut federated = BTreeMap::new();
+        for td in tds {
+            match pb::bundle::bundle_client::BundleClient::new(ch.clone())
+                .get_federated_bundle(pb::bundle::GetFederatedBundleRequest {
+                    trust_domain: td.clone(),
+                    output_mask: None,
+                })
+                .await
+            {
+                Ok(b) => {
+                    federated.insert(td, b.into_inner());
+                }
+                Err(s) if s.code() == tonic::Code::NotFound => {}
+                Err(s) => return Err(s.into()),
+            }
+        }
+        // 4. Which SVIDs to mint.
+        let now = now_secs();
+        let roots = bundle_roots(&bundle);
+        let taint = Taint::of(&bundle);
+        let need: Vec<types::Entry> = {
+            let st = self.state.read().map_err(|_| ManagerError::NotAttested)?;
+            entries
+                .values()
+                .filter(|e| match st.svids.get(&e.id) {
+                    None => true,
+                    Some(s) => {
+                        s.entry_revision != e.revision_number
+                            || now >= s.not_before + (s.not_after.saturating_sub(s.not_before)) / 2
+                            || verify_chain(&s.chain, &roots, now).is_err()
+                            || taint.taints(&s.chain, now)
+                    }
+                })
+                .cloned()
+                .collect()
+        };
+        if !taint.roots.is_empty() && !need.is_empty() {
+            tracing::info!(
+                count = need.len(),
+                "re-issuing workload SVIDs (tainted authority, rotation or entry change)"
+            );
+        }
+        let minted = self.mint_x509(ch, &need).await?;
+        // 5. Install.
+        {
+            let mut st = self.state.write().map_err(|_| ManagerError::NotAttested)?;
+            if st.entries != entries {
+                changed = true;
+            }
+            if st.federated != federated {
+                changed = true;
+                st.federated = federated;
+            }
+            if !minted.is_empty() {
+                changed = true;
+            }
+            for s in minted {
+                st.svids.insert(s.entry_id.clone(), s);
+            }
+            let before = st.svids.len();
+            st.svids.retain(|id, _| entries.contains_key(id));
+            changed |= st.svids.len() != before;
+            st.jwt.retain(|(id, _), _| entries.contains_key(id));
+            // JWT-SVIDs signed by a tainted key are dropped at once and minted anew on demand.
+            let before = st.jwt.len();
+            st.jwt
+                .retain(|_, j| jwt_kid(&j.token).is_none_or(|k| !taint.kids.contains(&k)));
+            if st.jwt.len() != before {
+                tracing::info!(
+                    count = before - st.jwt.len(),
+                    "dropped JWT-SVIDs signed by a tainted key"
+                );
+                changed = true;
+            }
+            st.entries = entries;
+        }
+        if changed {
+            self.persist();
+            self.bump();
+        }
+        Ok(())
+    }
+
+    pub(super) fn persist(&self) {
+        let snap = match self.state.read() {
+            Ok(st) => CacheSnapshot {
+                bundle: st.bundle.clone(),
+                federated: st.federated.values().cloned().collect(),
+                entries: st.entries.values().cloned().collect(),
+                svids: st.svids.values().cloned().collect(),
+            },
+            Err(_) => return,
+        };
+        if let Err(e) = self.storage.save_cache(&snap) {
+            tracing::warn!(error = %e, "cannot persist the SVID cache");
+        }
+    }
+
+    /// SyncAuthorizedEntries as SPIRE's agent does it: a full list, or revisions first and
+    /// then only the entries whose revision changed.
+    pub(super) async fn sync_entries(
+        &self,
+        ch: Channel,
+    ) -> Result<BTreeMap<String, types::Entry>, ManagerError> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let _ = tx
+            .send(pb::entry::SyncAuthorizedEntriesRequest {
+                output_mask: None,
+                ids: vec![],
+            })
+            .await;
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        if let Ok(v) = self.held_authorities().join(",").parse() {
+            req.metadata_mut().insert(SVID_AUTHORITIES_HEADER, v);
+        }
+        let mut stream = pb::entry::entry_client::EntryClient::new(ch)
+            .sync_authorized_entries(req)
+            .await?
+            .into_inner();
+        let mut out = BTreeMap::new();
+        let mut revisions = vec![];
+        loop {
+            let Some(m) = stream.message().await? else {
+                break;
+            };
+            for e in m.entries {
+                out.insert(e.id.clone(), e);
+            }
+            revisions.extend(m.entry_revisions);
+            if !m.more {
+                break;
+            }
+        }
+        if revisions.is_empty() {
+            return Ok(out);
+        }
+        // Revisions mode: keep what is current, ask for the rest.
+        let cached = self
+            .state
+            .read()
+            .map(|s| s.entries.clone())
+            .unwrap_or_default();
+        let mut ask = vec![];
+        for r in &revisions {
+            match cached.get(&r.id) {
+                Some(e) if e.revision_number == r.revision_number => {
+                    out.insert(r.id.clone(), e.clone());
+                }
+                _ => ask.push(r.id.clone()),
+            }
+        }
+        for chunk in ask.chunks(BATCH) {
+            let _ = tx
+                .send(pb::entry::SyncAuthorizedEntriesRequest {
+                    output_mask: None,
+                    ids: chunk.to_vec(),
+                })
+                .await;
+            loop {
+                let Some(m) = stream.message().await? else {
+                    break;
+                };
+                for e in m.entries {
+                    out.insert(e.id.clone(), e);
+                }
+                if !m.more {
+                    break;
+                }
+            }
+        }
+        drop(tx);
+        Ok(out)
+    }
+
+    /// The authorities the agent's SVIDs chain to (its own and its workloads'), and the key
+    /// IDs of the JWT-SVIDs it caches: what the server counts before a revocation.
+    pub(super) fn held_authorities(&self) -> Vec<String> {
+        let Ok(st) = self.state.read() else {
+            return vec![];
+        };
+        let mut out: BTreeSet<String> = st
+            .agent
+            .iter()
+            .map(|a| a.chain.as_slice())
+            .chain(st.svids.values().map(|s| s.chain.as_slice()))
+            .filter_map(chain_authority)
+            .collect();
+        out.extend(st.jwt.values().filter_map(|j| jwt_kid(&j.token)));
+        out.into_iter().collect()
+    }
+
+    pub(super) async fn mint_x509(
+        &self,
+        ch: Channel,
+        entries: &[types::Entry],
+    ) -> Result<Vec<CachedSvid>, ManagerError> {
+        let mut out = vec![];
+        for chunk in entries.chunks(BATCH) {
+            let mut keys_by_entry = vec![];
+            let mut params = vec![];
+            for e in chunk {
+                let k = keys::generate()?;
+                params.push(pb::svid::NewX509svidParams {
+                    entry_id: e.id.clone(),
+                    csr: keys::csr(&k)?,
+                });
+                keys_by_entry.push((e, k));
+            }
+            let resp = pb::svid::svid_client::SvidClient::new(ch.clone())
+                .batch_new_x509svid(pb::svid::BatchNewX509svidRequest { params })
+                .await?
+                .into_inner();
+            for ((e, k), r) in keys_by_entry.into_iter().zip(resp.results) {
+                match (r.status, r.svid) {
+                    (Some(s), Some(svid)) if s.code == 0 => {
+                        let leaf = svid
+                            .cert_chain
+                            .first()
+                            .and_then(|c| ParsedCert::parse(c).ok());
+                        let Some(leaf) = leaf else {
+                            tracing::warn!(entry_id = %e.id, "server returned an unparsable SVID");
+                            continue;
+                        };
+                        out.push(CachedSvid {
+                            entry_id: e.id.clone(),
+                            entry_revision: e.revision_number,
+                            not_before: leaf.not_before(),
+                            not_after: leaf.not_after(),
+                            chain: svid.cert_chain,
+                            key_pkcs8: k,
+                        });
+                    }
+                    (s, _) => {
+                        let (code, msg) = s.map(|s| (s.code, s.message)).unwrap_or_default();
+                        tracing::warn!(entry_id = %e.id, code, msg, "server did not mint an SVID");
+                    }
+                }
+            }
+        }
+        if !out.is_empty() {
+            tracing::debug!(count = out.len(), "minted workload X509-SVIDs");
+        }
+        Ok(out)
+    }
+}
