@@ -404,28 +404,7 @@ pub fn begin(
         .certification_signature
         .as_deref()
         .ok_or(DevIdError::Missing("CertificationSignature"))?;
-    if cfg.compat_mode {
-        // SPIRE compares the name's digest only.
-        let attest =
-            wire::Attest::parse(certified).map_err(|e| DevIdError::BadCertify(e.to_string()))?;
-        wire::Signature::parse(sig)
-            .and_then(|s| s.verify(&ak_p, certified))
-            .map_err(|e| DevIdError::BadCertify(e.to_string()))?;
-        let wire::AttestBody::Certify { name, .. } = &attest.body else {
-            return Err(DevIdError::BadCertify("not a certify attestation".into()));
-        };
-        let want = devid_p
-            .name()
-            .map_err(|e| DevIdError::BadCertify(e.to_string()))?;
-        if name.get(2..) != want.get(2..) {
-            return Err(DevIdError::BadCertify(
-                "certified name does not match DevIDPub".into(),
-            ));
-        }
-    } else {
-        wire::attest::verify_certify(&ak_p, certified, sig, &devid_p, &[])
-            .map_err(|e| DevIdError::BadCertify(e.to_string()))?;
-    }
+    check_certify(cfg.compat_mode, &ak_p, &devid_p, certified, sig)?;
     // 10. Credential activation: a secret only the TPM holding the EK can recover for the AK.
     let secret = random(32)?;
     let ak_name = ak_p
@@ -457,6 +436,40 @@ pub fn begin(
         },
         challenge,
     ))
+}
+
+/// Step 9: the AK's certify of the DevID key, with SPIRE's check in `compat_mode` (the
+/// certified name's digest only) or the full one (the whole name, with the hash algorithm).
+fn check_certify(
+    compat_mode: bool,
+    ak_p: &Public,
+    devid_p: &Public,
+    certified: &[u8],
+    sig: &[u8],
+) -> Result<(), DevIdError> {
+    if compat_mode {
+        // SPIRE compares the name's digest only.
+        let attest =
+            wire::Attest::parse(certified).map_err(|e| DevIdError::BadCertify(e.to_string()))?;
+        wire::Signature::parse(sig)
+            .and_then(|s| s.verify(ak_p, certified))
+            .map_err(|e| DevIdError::BadCertify(e.to_string()))?;
+        let wire::AttestBody::Certify { name, .. } = &attest.body else {
+            return Err(DevIdError::BadCertify("not a certify attestation".into()));
+        };
+        let want = devid_p
+            .name()
+            .map_err(|e| DevIdError::BadCertify(e.to_string()))?;
+        if name.get(2..) != want.get(2..) {
+            return Err(DevIdError::BadCertify(
+                "certified name does not match DevIDPub".into(),
+            ));
+        }
+    } else {
+        wire::attest::verify_certify(ak_p, certified, sig, devid_p, &[])
+            .map_err(|e| DevIdError::BadCertify(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// The PCRs a v2 quote must cover: the policy's, else [`DEFAULT_QUOTE_PCRS`].
