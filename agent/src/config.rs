@@ -62,7 +62,10 @@ impl Config {
     }
 
     pub fn parse(text: &str, expand: bool) -> Result<Self, ConfigError> {
-        let mut root = kame_api::conf::parse_root(text, expand)?;
+        let mut root = {
+            let env = |k: &str| std::env::var(k).ok();
+            kame_api::conf::parse_root(text, expand.then_some(&env as kame_api::conf::Env<'_>))?
+        };
         let agent = root.section("agent")?.ok_or(ConfigError::Missing {
             key: "agent".into(),
         })?;

@@ -409,12 +409,14 @@ pub fn plugin_data(mut sec: Section) -> Result<Section, ConfigError> {
     }))
 }
 
-/// Parses HCL text (after `$VAR` expansion when `expand`) into the root [`Section`].
-pub fn parse_root(text: &str, expand: bool) -> Result<Section, ConfigError> {
-    let text = if expand {
-        expand_env(text, |k| std::env::var(k).ok())
-    } else {
-        text.to_string()
+/// Where `--expand-env` looks `$VAR` up (the caller's environment: this crate reads none).
+pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Parses HCL text (after `$VAR` expansion from `env`, when given) into the root [`Section`].
+pub fn parse_root(text: &str, env: Option<Env<'_>>) -> Result<Section, ConfigError> {
+    let text = match env {
+        Some(lookup) => expand_env(text, lookup),
+        None => text.to_string(),
     };
     let body = hcl::parse(&text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
     Section::from_body("", body)
@@ -479,7 +481,7 @@ mod tests {
 
     #[test]
     fn missing_key_names_a_near_miss_as_the_typo() {
-        let root = parse_root("database_typ = \"sqlite3\"\nother = 1\n", false).unwrap();
+        let root = parse_root("database_typ = \"sqlite3\"\nother = 1\n", None).unwrap();
         assert_eq!(
             root.missing("database_type").to_string(),
             "database_typ: unknown key (did you mean database_type?)"

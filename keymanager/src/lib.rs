@@ -287,10 +287,17 @@ pub async fn sign_checked(
     Ok(sig.bytes)
 }
 
-/// Fault injection for crash tests: when the environment variable `KAME_TEST_FAILPOINT`
-/// names `point`, the process aborts here (as a crash would). Points: `after_remote_create`
-/// (a remote backend created a key and has not named it yet), `after_key_create` (the CA got
-/// a key and has not journaled it). Unset in production; read once.
+/// Fault injection for crash tests (feature `failpoints`, which production builds leave off:
+/// without it this does nothing): when the environment variable `KAME_TEST_FAILPOINT` names
+/// `point`, the process aborts here (as a crash would). Points: `after_remote_create` (a
+/// remote backend created a key and has not named it yet), `after_key_create` (the CA got a
+/// key and has not journaled it). Read once.
+#[cfg(not(feature = "failpoints"))]
+#[inline(always)]
+pub fn failpoint(_point: &str) {}
+
+/// See the version without the `failpoints` feature.
+#[cfg(feature = "failpoints")]
 pub fn failpoint(point: &str) {
     static SET: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     if SET

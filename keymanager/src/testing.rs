@@ -114,15 +114,17 @@ pub fn venv_tool(name: &str) -> PathBuf {
     }
 }
 
-fn free_port() -> u16 {
+/// A TCP port on 127.0.0.1 nothing listens on now: the one place tests pick ports (the
+/// servers' and agents' harnesses use it too).
+pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("a free port")
 }
 
-/// Waits until something accepts connections on `port`.
-fn wait_port(port: u16, child: &mut std::process::Child, what: &str) {
+/// Waits until something accepts connections on `port` (panics when `child` exits first).
+pub fn wait_port(port: u16, child: &mut std::process::Child, what: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     while std::time::Instant::now() < deadline {
         if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {

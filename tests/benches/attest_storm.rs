@@ -343,7 +343,7 @@ async fn join_one(
         .await
         .unwrap();
     let key = kame_agent::keys::generate().unwrap();
-    kame_agent::attestation::NodeAttestor::JoinToken(Some(token))
+    kame_agent::attestation::NodeAttestor::JoinToken(Some(token.into()))
         .attest(ch, kame_agent::keys::csr(&key).unwrap())
         .await
         .unwrap();
@@ -375,11 +375,7 @@ async fn main() {
         "emulated {AGENTS} TPMs (EK, AK, DevID, certificates, certify) in {:.2} s",
         t.elapsed().as_secs_f64()
     );
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = kame_keymanager::testing::free_port();
     let conf = dir.path().join("server.conf");
     std::fs::write(
         &conf,

@@ -80,11 +80,7 @@ async fn kms_signs_per_1000(moto: &Moto, mode: &str) -> usize {
     relay.up();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = kame_keymanager::testing::free_port();
     let extra = if mode == "kms_rooted" {
         "signing_mode = \"kms_rooted\""
     } else {

@@ -16,13 +16,7 @@ use std::time::{Duration, Instant};
 
 const TD: &str = "example.org";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use kame_keymanager::testing::free_port;
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))

@@ -59,11 +59,7 @@ fn sid(td: &str, path: &str) -> Option<types::Spiffeid> {
 async fn spire_sdk_client_creates_gets_lists_deletes_entries_and_reads_bundle() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = kame_keymanager::testing::free_port();
     let cfg = kame_server::config::Config::parse(&config(dir.path(), port), false).unwrap();
     let server = kame_server::run::start(cfg).await.unwrap();
     let ch = connect(&dir.path().join("api.sock")).await;

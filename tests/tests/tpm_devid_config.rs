@@ -80,8 +80,11 @@ fn tpm_devid_server_configure_01_to_05_no_core_config_empty_td_bad_hcl_missing_p
         (ok.replace("plugins {", "plugins {{"), "not valid HCL"),
         (ok.replace(&format!("devid_ca_path = \"{pem}\""), ""), "devid_ca_path"),
         (ok.replace(&format!("endorsement_ca_path = \"{pem}\""), ""), "endorsement_ca_path"),
-        // A misspelt key: the required one is reported missing.
-        (ok.replace("devid_ca_path", "devid_ca_pth"), "devid_ca_path: missing required value"),
+        // A misspelt key: reported as the typo of the required one.
+        (
+            ok.replace("devid_ca_path", "devid_ca_pth"),
+            "plugins.NodeAttestor.tpm_devid.plugin_data.devid_ca_pth: unknown key (did you mean devid_ca_path?)",
+        ),
         (
             ok.replace(&format!("endorsement_ca_path = \"{pem}\""), &format!("endorsement_ca_path = \"{pem}\"\n            pcr_policy {{\n                sha256 = {{\n                    \"99\" = \"00\"\n                }}\n            }}")),
             "not a PCR index",

@@ -9,5 +9,6 @@
 pub mod device;
 #[cfg(any(test, feature = "soft-keys"))]
 pub mod soft;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod wire;

@@ -180,7 +180,7 @@ mod tests {
     #[test]
     fn tpm_devid_agent_configure_05_08_autodetect_succeeds_or_names_the_key() {
         let text = "plugins {\n NodeAttestor \"tpm_devid\" {\n plugin_data {\n devid_cert_path = \"c.pem\"\n devid_priv_path = \"k.priv\"\n devid_pub_path = \"k.pub\"\n }\n }\n}\n";
-        let mut root = kame_api::conf::parse_root(text, false).unwrap();
+        let mut root = kame_api::conf::parse_root(text, None).unwrap();
         let mut plugins = root.section("plugins").unwrap().unwrap();
         let (_, data) = single_plugin(&mut plugins, "NodeAttestor").unwrap();
         let dev = tempfile::tempdir().unwrap();
@@ -206,7 +206,7 @@ mod tests {
             let text = format!(
                 "plugins {{\n NodeAttestor \"tpm_devid\" {{\n plugin_data {{\n devid_cert_path = \"c.pem\"\n devid_priv_path = \"k.priv\"\n devid_pub_path = \"k.pub\"\n tcti = \"swtpm:port=1\"\n {extra}\n }}\n }}\n}}\n"
             );
-            let mut root = kame_api::conf::parse_root(&text, false).unwrap();
+            let mut root = kame_api::conf::parse_root(&text, None).unwrap();
             let mut plugins = root.section("plugins").unwrap().unwrap();
             let (_, data) = single_plugin(&mut plugins, "NodeAttestor").unwrap();
             tpm_devid_config_in(&data, Path::new("/nonexistent")).map_err(|e| e.to_string())

@@ -91,7 +91,7 @@ mod tests {
         let text = format!(
             "DataStore \"sql\" {{\n plugin_data {{\n database_type = \"sqlite3\"\n connection_string = {conn:?}\n }}\n }}"
         );
-        let mut root = kame_api::conf::parse_root(&text, false)?;
+        let mut root = kame_api::conf::parse_root(&text, None)?;
         let (_, data) = kame_api::conf::single_plugin(&mut root, "DataStore")?;
         let mut env = PluginEnv::new(kame_api::TrustDomain::parse("example.org").unwrap());
         env.data_dir = data_dir.to_path_buf();

@@ -40,13 +40,7 @@ pub struct TestServer {
     pub key_manager: Option<std::sync::Arc<dyn kame_keymanager::KeyManager>>,
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use kame_keymanager::testing::free_port;
 
 pub fn config_text(dir: &Path, port: u16, o: &Opts) -> String {
     let d = dir.display();

@@ -15,13 +15,7 @@ use tonic::transport::Channel;
 
 pub const TD: &str = "example.org";
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use kame_keymanager::testing::free_port;
 
 pub struct Env {
     pub dir: tempfile::TempDir,
