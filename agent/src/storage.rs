@@ -9,7 +9,6 @@ use base64::engine::general_purpose::STANDARD;
 use kame_api::pb::types;
 use prost::Message;
 use serde::{Deserialize, Serialize};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -30,28 +29,13 @@ pub enum StorageError {
     Corrupt { path: String, msg: String },
 }
 
-/// Writes `data` to `path` atomically with `mode` (the temp file has the mode before any byte
-/// is written, so a secret is never readable by others, even briefly).
+/// Writes `data` to `path` atomically with `mode` (the shared helper: the temp file has the
+/// mode before any byte is written, so a secret is never readable by others, even briefly).
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), StorageError> {
-    use std::os::unix::fs::PermissionsExt;
-    let err = |source| StorageError::Write {
-        path: path.display().to_string(),
-        source,
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).map_err(err)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".kame-")
-        .permissions(std::fs::Permissions::from_mode(mode))
-        .tempfile_in(dir)
-        .map_err(err)?;
-    tmp.write_all(data).map_err(err)?;
-    tmp.as_file().sync_all().map_err(err)?;
-    tmp.persist(path).map_err(|e| err(e.error))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    kame_keymanager::fs::write_atomic(path, data, mode).map_err(|e| StorageError::Write {
+        path: e.path,
+        source: e.source,
+    })
 }
 
 fn read_opt(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {

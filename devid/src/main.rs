@@ -239,7 +239,7 @@ fn read_all_pems(paths: &[PathBuf]) -> Result<Ders> {
 
 /// Writes a public file (a certificate, a public area) atomically, 0644.
 fn write_public(path: &Path, data: &[u8]) -> Result<()> {
-    kame_keymanager::disk::write_file_atomic(path, data, 0o644)
+    kame_keymanager::fs::write_atomic(path, data, 0o644)
         .with_context(|| format!("writing {}", path.display()))
 }
 

@@ -161,7 +161,7 @@ impl Registry {
             "sealed": sealed,
         }))
         .map_err(|e| self.corrupt(e))?;
-        kame_keymanager::disk::write_file_atomic(&self.path, &text, 0o644).map_err(|e| {
+        kame_keymanager::fs::write_atomic(&self.path, &text, 0o644).map_err(|e| {
             RegistryError::Io {
                 path: self.path.display().to_string(),
                 source: std::io::Error::other(e.to_string()),

@@ -10,7 +10,6 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use zeroize::Zeroizing;
@@ -97,41 +96,9 @@ impl DiskKeyManager {
             path: self.path.display().to_string(),
             reason: e.to_string(),
         })?);
-        write_secret_file(&self.path, &json)
+        crate::fs::write_secret(&self.path, &json)?;
+        Ok(())
     }
-}
-
-/// Writes `data` to `path` atomically with mode 0600 (temp file + fsync + rename + dir fsync).
-pub fn write_secret_file(path: &Path, data: &[u8]) -> Result<()> {
-    write_file_atomic(path, data, 0o600)
-}
-
-/// Writes `data` to `path` atomically with `mode`: the temp file has the mode before any byte
-/// is written, then fsync, rename over `path`, and fsync of the directory. A reader sees the
-/// old file or the new one, never a part.
-pub fn write_file_atomic(path: &Path, data: &[u8], mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let io = |source| Error::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(io)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".kame-tmp-")
-        .permissions(std::fs::Permissions::from_mode(mode))
-        .tempfile_in(&dir)
-        .map_err(io)?;
-    tmp.write_all(data).map_err(io)?;
-    tmp.as_file().sync_all().map_err(io)?;
-    tmp.persist(path).map_err(|e| io(e.error))?;
-    if let Ok(d) = std::fs::File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 #[async_trait]

@@ -23,6 +23,7 @@ pub mod conformance;
 #[cfg(feature = "disk")]
 pub mod disk;
 pub mod encoding;
+pub mod fs;
 #[cfg(feature = "hashicorp_vault")]
 pub mod hashicorp_vault;
 mod local;
@@ -168,6 +169,8 @@ pub enum Error {
     },
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("key store: {0}")]
+    Write(#[from] crate::fs::WriteError),
     /// The backend answered, but not as it should (refused, malformed, inconsistent).
     #[error("key backend: {0}")]
     Backend(String),

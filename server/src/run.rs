@@ -70,7 +70,8 @@ pub(crate) fn uuid_file(path: &Path) -> Result<String, RunError> {
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let id = uuid::Uuid::new_v4().to_string();
-            kame_keymanager::disk::write_secret_file(path, id.as_bytes())?;
+            kame_keymanager::fs::write_secret(path, id.as_bytes())
+                .map_err(kame_keymanager::Error::from)?;
             Ok(id)
         }
         Err(e) => Err(io("cannot read", path)(e)),

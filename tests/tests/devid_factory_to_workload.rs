@@ -177,7 +177,7 @@ async fn manufacture() -> Factory {
     )
     .unwrap();
     std::fs::write(p("devid.pub"), &key.public).unwrap();
-    kame_keymanager::disk::write_secret_file(&p("devid.priv"), &key.private).unwrap();
+    kame_keymanager::fs::write_secret(&p("devid.priv"), &key.private).unwrap();
     std::fs::write(p("iak.pub"), &iak_pub).unwrap();
     let iak_pem = p("iak.pem");
     std::fs::write(&iak_pem, pem_block("CERTIFICATE", &iak_cert)).unwrap();

@@ -362,7 +362,7 @@ pub(super) async fn enroll(args: EnrollArgs) -> Result<()> {
         // re-enrollment leaves the old certificate, which tpm_devid then refuses as
         // not the key's (DevIDPub mismatch), never a half-written file.
         // The TPM-wrapped private part: useless outside this TPM, still kept private.
-        kame_keymanager::disk::write_secret_file(&out_dir.join("devid.priv"), &key.private)?;
+        kame_keymanager::fs::write_secret(&out_dir.join("devid.priv"), &key.private)?;
         write_public(&out_dir.join("devid.pub"), &key.public)?;
         write_public(
             &out_dir.join("devid-ca.pem"),

@@ -102,7 +102,7 @@ pub async fn x509(cmd: X509Cmd) -> Result<(), CliError> {
             let w = |name: &str, data: &[u8], secret: bool| -> Result<(), CliError> {
                 let p = dir.join(name);
                 if secret {
-                    kame_keymanager::disk::write_secret_file(&p, data)
+                    kame_keymanager::fs::write_secret(&p, data)
                         .map_err(|e| CliError::Failed(e.to_string()))
                 } else {
                     std::fs::write(&p, data).map_err(|source| CliError::Io {
@@ -154,7 +154,7 @@ pub async fn jwt(cmd: JwtCmd) -> Result<(), CliError> {
         .svid
         .ok_or_else(|| CliError::Failed("no SVID returned".into()))?;
     match write {
-        Some(p) => kame_keymanager::disk::write_secret_file(&p, svid.token.as_bytes())
+        Some(p) => kame_keymanager::fs::write_secret(&p, svid.token.as_bytes())
             .map_err(|e| CliError::Failed(e.to_string()))?,
         None => print(
             common.output,
