@@ -26,6 +26,7 @@ pub mod encoding;
 pub mod fs;
 #[cfg(feature = "hashicorp_vault")]
 pub mod hashicorp_vault;
+#[cfg(any(feature = "memory", feature = "disk"))]
 mod local;
 #[cfg(feature = "memory")]
 pub mod memory;
@@ -336,6 +337,16 @@ pub fn fingerprint(spki_der: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(spki_der))
 }
 
+#[cfg_attr(
+    not(any(
+        feature = "memory",
+        feature = "disk",
+        feature = "aws_kms",
+        feature = "hashicorp_vault",
+        feature = "pkcs11"
+    )),
+    allow(dead_code)
+)]
 pub(crate) fn validate_key_id(id: &str) -> Result<()> {
     if id.is_empty()
         || id.len() > 256

@@ -6,6 +6,7 @@ use aws_lc_rs::encoding::AsDer;
 use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::rsa::KeySize;
 use aws_lc_rs::signature::{self, EcdsaKeyPair, KeyPair, RsaKeyPair};
+#[cfg(feature = "disk")]
 use zeroize::Zeroizing;
 
 pub(crate) enum Material {
@@ -80,6 +81,7 @@ impl LocalKey {
         })
     }
 
+    #[cfg(feature = "disk")]
     /// PKCS#8 v1 DER of the private key (secret: zeroized on drop).
     pub fn to_pkcs8(&self) -> Result<Zeroizing<Vec<u8>>> {
         let der = match &self.material {
@@ -97,6 +99,7 @@ impl LocalKey {
         Ok(Zeroizing::new(der))
     }
 
+    #[cfg(feature = "disk")]
     pub fn from_pkcs8(id: &str, kt: KeyType, pkcs8: &[u8]) -> Result<Self> {
         let bad = |why: &str| Error::Store {
             path: String::new(),

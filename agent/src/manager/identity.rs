@@ -22,8 +22,9 @@ impl Manager {
         let agent = self
             .state
             .read()
-            .ok()
-            .and_then(|s| s.agent.clone())
+            .map_err(|_| ManagerError::Poisoned("state"))?
+            .agent
+            .clone()
             .ok_or(ManagerError::NotAttested)?;
         let ch = client::connect(
             &self.cfg.server_address,
@@ -43,7 +44,7 @@ impl Manager {
             .attestor
             .lock()
             .map(|a| a.clone())
-            .map_err(|_| ManagerError::NotAttested)?;
+            .map_err(|_| ManagerError::Poisoned("attestor"))?;
         let key = keys::generate()?;
         let csr = keys::csr(&key)?;
         let ch = client::connect(

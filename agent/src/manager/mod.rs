@@ -46,6 +46,9 @@ pub enum ManagerError {
     BadAgentSvid(String),
     #[error("the agent has no SVID yet")]
     NotAttested,
+    /// A panic while the lock was held: a bug in the agent, not a state of the node.
+    #[error("internal error: the agent's {0} lock was poisoned by a panic")]
+    Poisoned(&'static str),
 }
 
 impl From<tonic::Status> for ManagerError {

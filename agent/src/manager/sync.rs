@@ -33,7 +33,10 @@ impl Manager {
             .await?
             .into_inner();
         {
-            let mut st = self.state.write().map_err(|_| ManagerError::NotAttested)?;
+            let mut st = self
+                .state
+                .write()
+                .map_err(|_| ManagerError::Poisoned("state"))?;
             if st.bundle.as_ref() != Some(&bundle) {
                 if let Ok(mut r) = self.roots.write() {
                     *r = bundle_roots(&bundle);
@@ -70,7 +73,10 @@ impl Manager {
         let roots = bundle_roots(&bundle);
         let taint = Taint::of(&bundle);
         let need: Vec<types::Entry> = {
-            let st = self.state.read().map_err(|_| ManagerError::NotAttested)?;
+            let st = self
+                .state
+                .read()
+                .map_err(|_| ManagerError::Poisoned("state"))?;
             entries
                 .values()
                 .filter(|e| match st.svids.get(&e.id) {
@@ -94,7 +100,10 @@ impl Manager {
         let minted = self.mint_x509(ch, &need).await?;
         // 5. Install.
         {
-            let mut st = self.state.write().map_err(|_| ManagerError::NotAttested)?;
+            let mut st = self
+                .state
+                .write()
+                .map_err(|_| ManagerError::Poisoned("state"))?;
             if st.entries != entries {
                 changed = true;
             }
