@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 const USER_HZ: f64 = 100.0;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum AttestorError {
     #[error("the caller's credentials are not available on this socket")]
     NoPeerCredentials,

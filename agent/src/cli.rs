@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use tonic::transport::Channel;
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CliError {
     #[error("bad socket address {0:?} (expected a path or unix:///path)")]
     BadAddress(String),

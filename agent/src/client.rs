@@ -12,9 +12,10 @@ use tonic::transport::Channel;
 pub type SharedRoots = Arc<RwLock<Vec<Vec<u8>>>>;
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     #[error("TLS configuration: {0}")]
-    Tls(String),
+    Tls(#[source] rustls::Error),
     #[error("cannot connect to the server at {addr}: {source}")]
     Connect {
         addr: String,
@@ -40,7 +41,7 @@ pub async fn connect(
     ));
     let b = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Tls(e.to_string()))?
+        .map_err(ClientError::Tls)?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
     let mut cfg = match client {
@@ -50,7 +51,7 @@ pub async fn connect(
                 chain.into_iter().map(CertificateDer::from).collect(),
                 PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
             )
-            .map_err(|e| ClientError::Tls(e.to_string()))?,
+            .map_err(ClientError::Tls)?,
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));

@@ -17,6 +17,7 @@ use tokio::task::JoinHandle;
 use tokio_stream::StreamExt;
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RunError {
     #[error(transparent)]
     Manager(#[from] ManagerError),

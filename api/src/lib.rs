@@ -75,6 +75,7 @@ pub mod pb {
 
 /// Errors of the wire-contract checks, one variant per kind of failure.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("invalid SPIFFE ID: {0}")]
     Id(#[from] IdError),

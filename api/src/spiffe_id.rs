@@ -19,6 +19,7 @@ const SCHEME_PREFIX: &str = "spiffe://";
 
 /// Why a string is not a SPIFFE ID, trust domain or path. Messages follow go-spiffe's.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum IdError {
     #[error("cannot be empty")]
     Empty,

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 /// Why the CA could not start or issue, one variant per failure.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CaError {
     #[error("key manager: {0}")]
     KeyManager(#[from] kame_keymanager::Error),

@@ -17,6 +17,7 @@ use x509_cert::ext::pkix::{
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ChainError {
     #[error("certificate {0} cannot be parsed: {1}")]
     Parse(usize, String),

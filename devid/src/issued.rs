@@ -10,6 +10,7 @@ use kame_api::keys::KeyInfo;
 
 /// Why the device refuses a certificate its CA sent, one variant per check.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum IssuedError {
     #[error("the {0:?} certificate does not chain to the CA certificate sent with it: {1}")]
     NotFromSentCa(DevIdKind, ChainError),

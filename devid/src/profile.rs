@@ -127,6 +127,7 @@ pub const NO_EXPIRY: u64 = 253_402_300_799;
 /// Why a DevID certificate could not be built or does not follow the profile, one variant per
 /// check.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProfileError {
     #[error("not a certificate: {0}")]
     Parse(String),

@@ -15,6 +15,7 @@ type Map = serde_json::Map<String, serde_json::Value>;
 
 /// Why a device may not be certified, or the record cannot be kept.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RegistryError {
     #[error("device serial {serial:?} was already certified for another TPM (EK {ek})")]
     SerialTaken { serial: String, ek: String },

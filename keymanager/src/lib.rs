@@ -136,6 +136,7 @@ pub struct Signature {
 
 /// Everything that can go wrong in a KeyManager, one variant per failed check.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("unknown key type {0:?} (expected ec-p256, ec-p384, rsa-2048 or rsa-4096)")]
     UnknownKeyType(String),

@@ -21,6 +21,7 @@ use tokio_stream::wrappers::UnixListenerStream;
 pub const MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum RunError {
     #[error("{what} {path}: {source}")]
     Io {

@@ -29,6 +29,7 @@ pub use jwt::*;
 const BATCH: usize = 50;
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ManagerError {
     #[error("trust bundle {path}: {msg}")]
     TrustBundle { path: String, msg: String },

@@ -57,6 +57,7 @@ pub struct CertifiedAk {
 }
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DevIdAgentError {
     #[error("cannot read {path}: {source}")]
     Read {

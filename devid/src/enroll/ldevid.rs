@@ -24,6 +24,7 @@ pub struct LdevidRequest {
 
 /// Why an LDevID request was refused (beyond the shared [`EnrollError`] checks).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum LdevidError {
     #[error("the {0} certificate does not chain to a trusted manufacturer CA: {1}")]
     Untrusted(&'static str, String),
@@ -72,8 +73,8 @@ pub fn verify_ldevid_request(
     crate::profile::check_certified_serial_number(&device.serial_number)
         .map_err(|e| LdevidError::Profile("IDevID", e.to_string()))?;
     let parse = |b: &[u8]| Public::parse(b);
-    let idevid = parse(&req.idevid_pub).map_err(|e| EnrollError::BadIdevid(e.to_string()))?;
-    let iak = parse(&req.iak_pub).map_err(|e| EnrollError::BadIak(e.to_string()))?;
+    let idevid = parse(&req.idevid_pub).map_err(EnrollError::BadIdevid)?;
+    let iak = parse(&req.iak_pub).map_err(EnrollError::BadIak)?;
     for (p, cert, what) in [
         (&idevid, &req.idevid_cert, "IDevID"),
         (&iak, &req.iak_cert, "IAK"),
@@ -91,12 +92,12 @@ pub fn verify_ldevid_request(
     {
         return Err(EnrollError::IakNotRestricted.into());
     }
-    let ldevid = parse(&req.ldevid_pub).map_err(|e| EnrollError::BadIdevid(e.to_string()))?;
+    let ldevid = parse(&req.ldevid_pub).map_err(EnrollError::BadIdevid)?;
     attest::verify_certify(&iak, &req.certify_info, &req.certify_sig, &ldevid, nonce)
-        .map_err(|e| EnrollError::IdevidNotCertified(e.to_string()))?;
+        .map_err(EnrollError::IdevidNotCertified)?;
     attest::Signature::parse(&req.idevid_sig)
         .and_then(|s| s.verify(&idevid, &req.certify_info))
-        .map_err(|e| EnrollError::BadRequestSignature(e.to_string()))?;
+        .map_err(EnrollError::BadRequestSignature)?;
     if ldevid.attributes & (attr::FIXED_TPM | attr::FIXED_PARENT)
         != attr::FIXED_TPM | attr::FIXED_PARENT
     {

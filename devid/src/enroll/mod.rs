@@ -39,6 +39,7 @@ const MAX_REQUEST: usize = 1024 * 1024;
 
 /// Why an enrollment request was refused, one variant per check.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EnrollError {
     #[error("malformed TCG-CSR-IDEVID: {0}")]
     Malformed(String),
@@ -47,21 +48,21 @@ pub enum EnrollError {
     #[error("the request lacks {0}")]
     Missing(&'static str),
     #[error("IAK public area: {0}")]
-    BadIak(String),
+    BadIak(#[source] wire::Error),
     #[error("the IAK is not a restricted signing key (TCG DevID §7.3.4.1: restricted, sign)")]
     IakNotRestricted,
     #[error("the IAK is not fixedTPM and fixedParent: it could leave the TPM")]
     IakNotFixed,
     #[error("IDevID public area: {0}")]
-    BadIdevid(String),
+    BadIdevid(#[source] wire::Error),
     #[error("the IDevID key is exportable (not fixedTPM and fixedParent)")]
     IdevidExportable,
     #[error("the IDevID key is not an unrestricted signing key")]
     IdevidNotSigning,
     #[error("the request is not signed by its IDevID key: {0}")]
-    BadRequestSignature(String),
+    BadRequestSignature(#[source] wire::Error),
     #[error("the IDevID is not certified by the IAK: {0}")]
-    IdevidNotCertified(String),
+    IdevidNotCertified(#[source] wire::Error),
     #[error("the EK certificate does not chain to a trusted TPM vendor CA: {0}")]
     EkUntrusted(String),
     #[error("the EK certificate's key is not a supported EK (RSA 2048 or ECC NIST P-256)")]
@@ -332,11 +333,11 @@ pub fn verify_idevid_request(
     crate::profile::check_serial_number(&request.prod_serial)
         .map_err(|e| EnrollError::BadSerial(e.to_string()))?;
     let idevid =
-        Public::parse(&request.signing_pub).map_err(|e| EnrollError::BadIdevid(e.to_string()))?;
+        Public::parse(&request.signing_pub).map_err(EnrollError::BadIdevid)?;
     // The request is the IDevID key's word before anything else is believed.
     attest::Signature::parse(&signature)
         .and_then(|s| s.verify(&idevid, &content))
-        .map_err(|e| EnrollError::BadRequestSignature(e.to_string()))?;
+        .map_err(EnrollError::BadRequestSignature)?;
     if idevid.attributes & (attr::FIXED_TPM | attr::FIXED_PARENT)
         != attr::FIXED_TPM | attr::FIXED_PARENT
     {
@@ -347,7 +348,7 @@ pub fn verify_idevid_request(
     {
         return Err(EnrollError::IdevidNotSigning);
     }
-    let iak = Public::parse(&request.attest_pub).map_err(|e| EnrollError::BadIak(e.to_string()))?;
+    let iak = Public::parse(&request.attest_pub).map_err(EnrollError::BadIak)?;
     if iak.attributes & (attr::RESTRICTED | attr::SIGN_ENCRYPT)
         != attr::RESTRICTED | attr::SIGN_ENCRYPT
         || iak.attributes & attr::DECRYPT != 0
@@ -366,7 +367,7 @@ pub fn verify_idevid_request(
         &idevid,
         &[],
     )
-    .map_err(|e| EnrollError::IdevidNotCertified(e.to_string()))?;
+    .map_err(EnrollError::IdevidNotCertified)?;
     let path = crate::chain::verify_path(&request.ek_cert, ek_intermediates, ek_roots, now)
         .map_err(|e| EnrollError::EkUntrusted(e.to_string()))?;
     let ek_spki = kame_api::x509svid::ParsedCert::parse(&request.ek_cert)

@@ -41,6 +41,7 @@ impl std::fmt::Display for Kind {
 
 /// Why an authority operation was refused, one variant per check.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuthorityError {
     #[error("no authority ID provided")]
     NoId,

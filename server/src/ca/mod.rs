@@ -40,6 +40,7 @@ const MAX_ACTIVATE_LEAD: Duration = Duration::from_secs(7 * 86400);
 const JOURNAL_MAX_PER_KIND: usize = 10;
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CaError {
     #[error("no active {0} authority yet (server is initializing)")]
     NotReady(&'static str),

@@ -26,6 +26,7 @@ pub use authority::{
 };
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CliError {
     #[error("{0}")]
     Usage(String),

@@ -80,6 +80,7 @@ impl AttestedNode {
 }
 
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DsError {
     #[error("{0} already exists")]
     AlreadyExists(String),

@@ -44,6 +44,7 @@ use tcg::*;
 
 /// One variant per failed step, so an operator knows which TPM command failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DeviceError {
     #[error("invalid TCTI {0:?}")]
     BadTcti(String),

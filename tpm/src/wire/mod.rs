@@ -42,6 +42,7 @@ pub mod curve {
 
 /// Why bytes are not the TPM structure they claim to be.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("{0}: input is truncated")]
     Truncated(&'static str),

@@ -30,6 +30,7 @@ pub const TYPE: &str = "tpm_devid";
 
 /// One variant per failed check, in the order they run.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DevIdError {
     #[error("malformed attestation data: {0}")]
     Malformed(String),
