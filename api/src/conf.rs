@@ -232,6 +232,11 @@ impl Section {
         self.attrs.keys().cloned().collect()
     }
 
+    /// Whether the section sets `k`, as a value or as one or more blocks.
+    pub fn has(&self, k: &str) -> bool {
+        self.attrs.contains_key(k) || self.blocks.iter().any(|(b, _, _)| b == k)
+    }
+
     pub fn take_bool(&self, k: &str) -> Result<Option<bool>, ConfigError> {
         match self.take_attr(k) {
             None => Ok(None),

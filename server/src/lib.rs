@@ -17,3 +17,4 @@ pub mod ratelimit;
 pub mod run;
 pub mod service;
 pub mod tls;
+pub mod upstream;

@@ -571,8 +571,13 @@ fn x509pop_configuration_errors_name_the_key_and_the_file() {
     server("mode = \"spiffe\"\n spiffe_prefix = \"/x\"").unwrap();
     let k = "plugins.NodeAttestor.x509pop.plugin_data";
     for (data, want) in [
+        // A typo of the one required key is named as the typo.
         (
             format!("ca_bundle_pth = \"{root}\""),
+            format!("{k}.ca_bundle_pth: unknown key (did you mean ca_bundle_path?)"),
+        ),
+        (
+            "mode = \"external_pki\"".to_string(),
             format!(
                 "{k}.ca_bundle_path: one of ca_bundle_path or ca_bundle_paths must be configured"
             ),

@@ -12,6 +12,7 @@
 //! attestation.
 
 pub mod config;
+pub mod sequence;
 
 /// The attestor's name on the wire and in configuration.
 pub const TYPE: &str = "tpm_devid";
@@ -114,7 +115,7 @@ pub struct Session {
     pub ek_alg: EkAlg,
     /// The DevID, EK and AK still loaded from message 1 (Kame's EK flow), when the answer
     /// comes over the same TPM connection; else the blobs are loaded again.
-    pub loaded: Option<kame_tpm::device::LoadedAttestation>,
+    pub loaded: Option<sequence::Loaded>,
 }
 
 impl Session {
@@ -297,7 +298,7 @@ fn made_ak_evidence(
     let ek_cert = d
         .ek_certificate(ek_alg)?
         .ok_or(DevIdAgentError::NoEkCertificate)?;
-    let loaded = d.begin_attestation(ek_alg, &devid, parent)?;
+    let loaded = sequence::begin(d, ek_alg, &devid, parent)?;
     let ak = loaded.ak_blob.clone();
     let (certified, sig) = loaded.certify.clone();
     let req = AttestationRequest {
@@ -354,7 +355,7 @@ pub fn answer(
     let r = answer_with(d, session, challenge);
     // Whatever the outcome, the objects loaded for message 1 are done with.
     if let Some(loaded) = &session.loaded {
-        d.end_attestation(loaded);
+        sequence::end(d, loaded);
     }
     r
 }
@@ -399,9 +400,10 @@ fn answer_with(
     };
     let (credential, secret) = (tpm2b(&cred.credential)?, tpm2b(&cred.secret)?);
     let v2 = c.version.is_some_and(|v| v >= 2);
-    if let Some(loaded) = session.loaded.as_ref().filter(|l| d.holds(l)) {
+    if let Some(loaded) = session.loaded.as_ref().filter(|l| sequence::holds(d, l)) {
         // Everything still loaded from message 1: no EK, AK or DevID to make or load again.
-        let a = d.answer_attestation(
+        let a = sequence::answer(
+            d,
             loaded,
             &session.devid.public,
             &nonce,

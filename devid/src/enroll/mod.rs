@@ -332,8 +332,7 @@ pub fn verify_idevid_request(
     // The serial becomes a subject attribute and a selector: a value, never syntax.
     crate::profile::check_serial_number(&request.prod_serial)
         .map_err(|e| EnrollError::BadSerial(e.to_string()))?;
-    let idevid =
-        Public::parse(&request.signing_pub).map_err(EnrollError::BadIdevid)?;
+    let idevid = Public::parse(&request.signing_pub).map_err(EnrollError::BadIdevid)?;
     // The request is the IDevID key's word before anything else is believed.
     attest::Signature::parse(&signature)
         .and_then(|s| s.verify(&idevid, &content))

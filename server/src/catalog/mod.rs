@@ -11,6 +11,7 @@
 use crate::attestation::NodeAttestor;
 use crate::datastore::sql::DataStorePlugin;
 use crate::keymanager::KeyManagerPlugin;
+use crate::upstream::UpstreamAuthority;
 use kame_api::TrustDomain;
 use kame_api::conf::{ConfigError, Section};
 use std::path::PathBuf;
@@ -133,6 +134,27 @@ pub type DataStoreBuilder = Builder<dyn DataStorePlugin>;
 pub const DATA_STORES: &[(&str, DataStoreBuilder)] =
     &[(crate::datastore::sql::TYPE, crate::datastore::sql::plugin)];
 
+/// Builds an UpstreamAuthority from its `plugin_data`.
+pub type UpstreamAuthorityBuilder = Builder<dyn UpstreamAuthority>;
+
+/// The built-in UpstreamAuthorities: none yet (the seam is defined in [`crate::upstream`]).
+pub const UPSTREAM_AUTHORITIES: &[(&str, UpstreamAuthorityBuilder)] = &[];
+
+/// At most one plugin of `kind` in `plugins` (none: `None`), built by `table`; more than one,
+/// or an unknown name, is an error as for [`single`].
+pub fn optional<P: ?Sized>(
+    plugins: &mut Section,
+    kind: &str,
+    table: &[(&str, Builder<P>)],
+    env: &PluginEnv,
+) -> Result<Option<Arc<P>>, ConfigError> {
+    if plugins.has(kind) {
+        single(plugins, kind, table, env).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 /// The one plugin of `kind` (`KeyManager`, `DataStore`) in `plugins`, built by `table`:
 /// none, more than one, or an unknown name is an error naming `plugins.<kind>` and, for an
 /// unknown name, the known ones.
@@ -146,10 +168,14 @@ pub fn single<P: ?Sized>(
     let build = kame_api::conf::builtin(table, &name).ok_or_else(|| {
         kame_api::conf::invalid(
             &plugins.key(kind),
-            format!(
-                "unknown {kind} {name:?} (expected one of {})",
-                kame_api::conf::builtin_names(&[], table)
-            ),
+            if table.is_empty() {
+                format!("unknown {kind} {name:?} (this kame-server has none built in)")
+            } else {
+                format!(
+                    "unknown {kind} {name:?} (expected one of {})",
+                    kame_api::conf::builtin_names(&[], table)
+                )
+            },
         )
     })?;
     build(env, data)

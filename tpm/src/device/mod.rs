@@ -8,7 +8,8 @@
 //! This module holds the device, its errors and the blob types; the commands are grouped in
 //! `ek` (endorsement key and its certificates), `nv`, `ak` (attestation keys, quotes,
 //! certify), `persistent` objects, `keys` under the SRK, `session`s, `tcg` device identity
-//! provisioning, and SPIRE's tpm_devid sequence (`attestation`).
+//! provisioning, and objects a caller keeps loaded between the steps of its own protocol
+//! (`held`: SPIRE's tpm_devid sequence runs in the agent on these primitives).
 
 use crate::wire::{self, Public};
 use std::str::FromStr;
@@ -31,13 +32,14 @@ use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
 
 mod ak;
-mod attestation;
 mod ek;
+mod held;
 mod keys;
 mod nv;
 mod persistent;
 mod session;
 mod tcg;
+pub use held::Held;
 use keys::*;
 pub use nv::*;
 use tcg::*;
@@ -182,40 +184,6 @@ pub struct PersistentAkProof {
     pub pcr_values: wire::attest::PcrValues,
 }
 
-/// One attestation with an EK and an AK made for it: the DevID key, the EK and the AK loaded
-/// once, from message 1 to the answer, as SPIRE keeps them (three transient objects, the most
-/// a TPM must hold). [`Device::begin_attestation`] makes it, [`Device::answer_attestation`]
-/// uses it and [`Device::end_attestation`] flushes it; objects a dead process left behind are
-/// flushed by the next [`Device::open`].
-#[derive(Debug)]
-pub struct LoadedAttestation {
-    /// The [`Device`] the handles belong to, and which of its attestations this is.
-    device: u64,
-    number: u64,
-    ek: KeyHandle,
-    ak: KeyHandle,
-    devid: KeyHandle,
-    devid_secret: bool,
-    pub ek_alg: EkAlg,
-    /// The AK made under the EK (its TPMT_PUBLIC is AKPub).
-    pub ak_blob: AkBlob,
-    /// The EK's TPMT_PUBLIC.
-    pub ek_public: Vec<u8>,
-    /// TPM2_Certify of the DevID by the AK with empty qualifying data: (TPMS_ATTEST,
-    /// TPMT_SIGNATURE).
-    pub certify: (Vec<u8>, Vec<u8>),
-}
-
-/// What [`Device::answer_attestation`] returns: the DevID's TPMT_SIGNATURE over the nonce,
-/// the activated credential, and with PCRs asked for (Kame v2) the certify and quote bound to
-/// the nonce and the PCR values.
-#[derive(Debug, Clone)]
-pub struct AttestationAnswer {
-    pub signature: Vec<u8>,
-    pub credential: Vec<u8>,
-    pub v2: Option<PersistentAkProof>,
-}
-
 /// Where an AK lives: under the EK (tss-esapi's AK, loaded with the EK policy) or under the
 /// SRK (SPIRE's: go-tpm-tools `AKTemplateRSA`, template `AK_RSA`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -233,12 +201,11 @@ pub struct Device {
     endorsement_auth: bool,
     /// ESYS handles of persistent objects opened so far (each open costs a TPM2_ReadPublic).
     persistents: std::collections::HashMap<u32, KeyHandle>,
-    /// This opening of the TPM, among the process's (see [`LoadedAttestation`]).
+    /// This opening of the TPM, among the process's (see [`Held`]).
     id: u64,
-    /// The attestation whose objects are loaded (its number and handles): one at a time, so
-    /// that one never answered cannot fill the TPM's object slots.
-    attestation: Option<(u64, [KeyHandle; 3])>,
-    attestations: u64,
+    /// Objects held for callers (their numbers and handles), and how many were ever held.
+    held: Vec<(u64, KeyHandle)>,
+    held_count: u64,
 }
 
 impl std::fmt::Debug for Device {
@@ -265,8 +232,8 @@ impl Device {
                 static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
                 NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
             },
-            attestation: None,
-            attestations: 0,
+            held: vec![],
+            held_count: 0,
         };
         d.flush_transients()?;
         Ok(d)

@@ -39,7 +39,7 @@ pub enum DevIdError {
     #[error("DevID certificate {0} cannot be parsed: {1}")]
     BadDevIdCert(usize, String),
     #[error("DevID certificate does not chain to devid_ca_path: {0}")]
-    UntrustedDevId(String),
+    UntrustedDevId(#[source] kame_devid::chain::ChainError),
     #[error("missing {0}")]
     Missing(&'static str),
     #[error("EK certificate cannot be parsed: {0}")]
@@ -49,7 +49,7 @@ pub enum DevIdError {
     #[error("EK public key does not match the EK certificate")]
     EkMismatch,
     #[error("EK certificate does not chain to endorsement_ca_path: {0}")]
-    UntrustedEk(String),
+    UntrustedEk(#[source] kame_devid::chain::ChainError),
     #[error("EK without a certificate is not on ek_allow_list (SPKI SHA-256 {0})")]
     EkNotAllowed(String),
     #[error("DevIDPub is not the DevID certificate's key")]
@@ -83,9 +83,9 @@ pub enum DevIdError {
     #[error("AK certificate {0} cannot be parsed: {1}")]
     BadAkCert(usize, String),
     #[error("AK certificate does not chain to attestation_key_ca_path: {0}")]
-    UntrustedAk(String),
+    UntrustedAk(#[source] kame_devid::chain::ChainError),
     #[error("AK certificate is not a TCG IAK/LAK certificate: {0}")]
-    AkCertProfile(String),
+    AkCertProfile(#[source] kame_devid::profile::ProfileError),
     #[error("AKPub is not the AK certificate's key")]
     AkCertMismatch,
     #[error("quote does not verify: {0}")]
@@ -327,7 +327,7 @@ pub fn begin(
     }
     // 3. DevID chain.
     let path = kame_devid::chain::verify_path(&leaf, &req.devid_cert[1..], &cfg.devid_roots, now)
-        .map_err(|e| DevIdError::UntrustedDevId(e.to_string()))?;
+        .map_err(DevIdError::UntrustedDevId)?;
     // 4. The DevID nonce.
     let nonce = random(32)?;
     if !req.ak_cert.is_empty() {
@@ -387,7 +387,7 @@ pub fn begin(
             if let Err(e) = kame_devid::chain::verify(der, &req.ek_cert_chain, &cfg.ek_roots, now)
                 && !allowed
             {
-                return Err(DevIdError::UntrustedEk(e.to_string()));
+                return Err(DevIdError::UntrustedEk(e));
             }
         }
         _ if allowed => {}
@@ -542,11 +542,11 @@ fn begin_certified_ak(
         _ => return Err(DevIdError::Missing("AKCert")),
     };
     kame_devid::chain::verify(ak_leaf, &req.ak_cert[1..], &cfg.ak_roots, now)
-        .map_err(|e| DevIdError::UntrustedAk(e.to_string()))?;
+        .map_err(DevIdError::UntrustedAk)?;
     // The issuer vouches for residency with a genuine EK and for a restricted key (TCG
     // certificate policies tcg-cap-verifiedTPMResidency and -Restricted).
     kame_devid::profile::check_devid_cert(ak_leaf, kame_devid::profile::DevIdKind::Iak)
-        .map_err(|e| DevIdError::AkCertProfile(e.to_string()))?;
+        .map_err(DevIdError::AkCertProfile)?;
     let devid_p = public("DevIDPub", devid_pub)?;
     let ak_p = public("AKPub", ak_pub)?;
     let ak_spki = ak_p.spki_der().map_err(|e| DevIdError::BadPublic {
