@@ -31,8 +31,11 @@ pub fn node_attestor_names() -> String {
     kame_api::conf::builtin_names(&["join_token"], NODE_ATTESTORS)
 }
 
+/// Builds a plugin's settings `T` from its `plugin_data` (with `data_dir`).
+pub type Builder<T> = fn(&Path, Section) -> Result<T, ConfigError>;
+
 /// Builds a KeyManager's settings from its `plugin_data` (with `data_dir`).
-pub type KeyManagerBuilder = fn(&Path, Section) -> Result<KeyManagerConfig, ConfigError>;
+pub type KeyManagerBuilder = Builder<KeyManagerConfig>;
 
 /// The built-in KeyManagers.
 pub const KEY_MANAGERS: &[(&str, KeyManagerBuilder)] = &[
@@ -41,7 +44,7 @@ pub const KEY_MANAGERS: &[(&str, KeyManagerBuilder)] = &[
 ];
 
 /// Builds a workload attestor's settings from its `plugin_data`.
-pub type WorkloadAttestorBuilder = fn(&Path, Section) -> Result<UnixAttestorConfig, ConfigError>;
+pub type WorkloadAttestorBuilder = Builder<UnixAttestorConfig>;
 
 /// The built-in workload attestors.
 pub const WORKLOAD_ATTESTORS: &[(&str, WorkloadAttestorBuilder)] =
@@ -52,7 +55,7 @@ pub const WORKLOAD_ATTESTORS: &[(&str, WorkloadAttestorBuilder)] =
 pub fn single<T>(
     plugins: &mut Section,
     kind: &str,
-    table: &[(&str, fn(&Path, Section) -> Result<T, ConfigError>)],
+    table: &[(&str, Builder<T>)],
     data_dir: &Path,
 ) -> Result<T, ConfigError> {
     let (name, data) = kame_api::conf::single_plugin(plugins, kind)?;

@@ -174,6 +174,45 @@ impl Config {
     }
 }
 
+/// `KeyManager "memory"`: no settings.
+pub fn memory_key_manager(_: &Path, data: Section) -> Result<KeyManagerConfig, ConfigError> {
+    data.finish()?;
+    Ok(KeyManagerConfig::Memory)
+}
+
+/// `KeyManager "disk"`: `directory`, by default `data_dir`.
+pub fn disk_key_manager(data_dir: &Path, data: Section) -> Result<KeyManagerConfig, ConfigError> {
+    let directory = data
+        .string("directory")?
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| data_dir.to_path_buf());
+    data.finish()?;
+    Ok(KeyManagerConfig::Disk { directory })
+}
+
+/// `WorkloadAttestor "unix"`: SPIRE's `discover_workload_path` and `workload_size_limit`.
+pub fn unix_workload_attestor(_: &Path, data: Section) -> Result<UnixAttestorConfig, ConfigError> {
+    let discover_workload_path = data
+        .take_bool("discover_workload_path")?
+        .unwrap_or_default();
+    let workload_size_limit = match data.int("workload_size_limit")? {
+        None => 0,
+        Some(n) if n < 0 => {
+            return Err(invalid(
+                &data.key("workload_size_limit"),
+                "must not be negative",
+            ));
+        }
+        Some(n) => n as u64,
+    };
+    data.finish()?;
+    Ok(UnixAttestorConfig {
+        discover_workload_path,
+        workload_size_limit,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,43 +311,4 @@ plugins {
         assert_eq!(c.key_manager, KeyManagerConfig::Memory);
         assert_eq!(c.join_token, None);
     }
-}
-
-/// `KeyManager "memory"`: no settings.
-pub fn memory_key_manager(_: &Path, data: Section) -> Result<KeyManagerConfig, ConfigError> {
-    data.finish()?;
-    Ok(KeyManagerConfig::Memory)
-}
-
-/// `KeyManager "disk"`: `directory`, by default `data_dir`.
-pub fn disk_key_manager(data_dir: &Path, data: Section) -> Result<KeyManagerConfig, ConfigError> {
-    let directory = data
-        .string("directory")?
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| data_dir.to_path_buf());
-    data.finish()?;
-    Ok(KeyManagerConfig::Disk { directory })
-}
-
-/// `WorkloadAttestor "unix"`: SPIRE's `discover_workload_path` and `workload_size_limit`.
-pub fn unix_workload_attestor(_: &Path, data: Section) -> Result<UnixAttestorConfig, ConfigError> {
-    let discover_workload_path = data
-        .take_bool("discover_workload_path")?
-        .unwrap_or_default();
-    let workload_size_limit = match data.int("workload_size_limit")? {
-        None => 0,
-        Some(n) if n < 0 => {
-            return Err(invalid(
-                &data.key("workload_size_limit"),
-                "must not be negative",
-            ));
-        }
-        Some(n) => n as u64,
-    };
-    data.finish()?;
-    Ok(UnixAttestorConfig {
-        discover_workload_path,
-        workload_size_limit,
-    })
 }
