@@ -54,12 +54,14 @@ fn ldevid_status(e: LdevidError) -> Status {
 pub fn enroll_status(e: EnrollError) -> Status {
     use EnrollError as E;
     match e {
-        E::Malformed(_) | E::Missing(_) | E::SealedMalformed(_) | E::BadSerial(_) => {
-            Status::invalid_argument(e.to_string())
-        }
+        E::Malformed(_)
+        | E::Missing(_)
+        | E::SealedMalformed(_)
+        | E::BadSerial(_)
+        | E::BadEkCert(_) => Status::invalid_argument(e.to_string()),
         E::UnknownChallenge => Status::failed_precondition(e.to_string()),
         E::TooManyPending(..) => Status::resource_exhausted(e.to_string()),
-        E::Credential(_) => Status::internal(e.to_string()),
+        E::Credential(_) | E::Crypto(_) => Status::internal(e.to_string()),
         E::BadIak(_)
         | E::IakNotRestricted
         | E::IakNotFixed

@@ -720,7 +720,7 @@ async fn tpm_devid_certified_ak_refusals() {
         ..rb
     };
     let e = finish(pb, &spliced).unwrap_err();
-    assert!(matches!(e, DevIdError::BadCertify(_)), "{e}");
+    assert!(matches!(e, DevIdError::BadBoundCertify(_)), "{e}");
     let e = finish(pc, &ChallengeResponse { quote: None, ..rc }).unwrap_err();
     assert!(matches!(e, DevIdError::MissingV2("Quote")), "{e}");
     let wrong_key = ChallengeResponse {
@@ -729,7 +729,7 @@ async fn tpm_devid_certified_ak_refusals() {
         ..rd
     };
     let e = finish(pd, &wrong_key).unwrap_err();
-    assert!(matches!(e, DevIdError::BadCertify(_)), "{e}");
+    assert!(matches!(e, DevIdError::BadBoundCertify(_)), "{e}");
     // The right signature and certify with a quote replayed from another round: its
     // qualifying data is that round's nonce.
     let replayed_quote = ChallengeResponse {

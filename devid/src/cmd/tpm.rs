@@ -51,22 +51,18 @@ pub(super) struct CsrArgs {
 
 pub(super) async fn create_iak(args: CreateIakArgs) -> Result<()> {
     let CreateIakArgs { tpm, handle, ecc } = args;
-    let mut d = Device::open(&tpm.tcti)?;
-    let public = d.provision_tcg_key(DevIdKey::Iak, ecc, handle)?;
-    println!(
-        "{}",
-        public
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    );
-    Ok(())
+    provision(&tpm, DevIdKey::Iak, ecc, handle)
 }
 
 pub(super) async fn create_idevid(args: CreateIdevidArgs) -> Result<()> {
     let CreateIdevidArgs { tpm, handle, ecc } = args;
+    provision(&tpm, DevIdKey::IDevId, ecc, handle)
+}
+
+/// Creates and persists `key` at `handle` and prints its public area (hex).
+fn provision(tpm: &TpmArgs, key: DevIdKey, ecc: bool, handle: u32) -> Result<()> {
     let mut d = Device::open(&tpm.tcti)?;
-    let public = d.provision_tcg_key(DevIdKey::IDevId, ecc, handle)?;
+    let public = d.provision_tcg_key(key, ecc, handle)?;
     println!(
         "{}",
         public

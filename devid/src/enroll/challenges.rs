@@ -147,7 +147,7 @@ impl std::fmt::Debug for Challenges {
 pub(super) fn random(n: usize) -> Result<Vec<u8>, EnrollError> {
     let mut b = vec![0u8; n];
     aws_lc_rs::rand::fill(&mut b)
-        .map_err(|_| EnrollError::Credential("the random number generator failed".into()))?;
+        .map_err(|_| EnrollError::Crypto("the random number generator"))?;
     Ok(b)
 }
 
@@ -180,16 +180,10 @@ impl Challenges {
     pub fn issue(&self, request: VerifiedRequest, peer: &str) -> Result<Challenge, EnrollError> {
         self.has_room(peer)?;
         let secret = random(32)?;
-        let iak_name = request
-            .iak
-            .name()
-            .map_err(|e| EnrollError::Credential(e.to_string()))?;
+        let iak_name = request.iak.name().map_err(EnrollError::Credential)?;
         let cred = credential::make_credential(&request.ek, &secret, &iak_name)
-            .map_err(|e| EnrollError::Credential(e.to_string()))?;
-        let ek = request
-            .ek
-            .spki_der()
-            .map_err(|e| EnrollError::Credential(e.to_string()))?;
+            .map_err(EnrollError::Credential)?;
+        let ek = request.ek.spki_der().map_err(EnrollError::Credential)?;
         let id = hex_id(&random(16)?);
         self.table()
             .insert(id.clone(), Pending { secret, request }, peer, ek)?;

@@ -64,11 +64,17 @@ pub enum EnrollError {
     #[error("the IDevID is not certified by the IAK: {0}")]
     IdevidNotCertified(#[source] wire::Error),
     #[error("the EK certificate does not chain to a trusted TPM vendor CA: {0}")]
-    EkUntrusted(String),
+    EkUntrusted(#[source] crate::chain::ChainError),
+    #[error("the EK certificate cannot be read: {0}")]
+    BadEkCert(#[source] kame_api::Error),
     #[error("the EK certificate's key is not a supported EK (RSA 2048 or ECC NIST P-256)")]
     EkUnsupported,
     #[error("credential activation: {0}")]
-    Credential(String),
+    Credential(#[source] wire::Error),
+    /// A local cryptographic step failed (the RNG, the sealing cipher): our fault, not the
+    /// request's.
+    #[error("credential activation: {0} failed")]
+    Crypto(&'static str),
     #[error("unknown, expired or already answered enrollment challenge")]
     UnknownChallenge,
     #[error("the challenge answer is wrong: the IAK is not resident with the EK")]
@@ -368,10 +374,10 @@ pub fn verify_idevid_request(
     )
     .map_err(EnrollError::IdevidNotCertified)?;
     let path = crate::chain::verify_path(&request.ek_cert, ek_intermediates, ek_roots, now)
-        .map_err(|e| EnrollError::EkUntrusted(e.to_string()))?;
+        .map_err(EnrollError::EkUntrusted)?;
     let ek_spki = kame_api::x509svid::ParsedCert::parse(&request.ek_cert)
         .and_then(|c| c.spki_der())
-        .map_err(|e| EnrollError::EkUntrusted(e.to_string()))?;
+        .map_err(EnrollError::BadEkCert)?;
     let ek = ek_public_from_spki(&ek_spki)?;
     Ok(VerifiedRequest {
         request,

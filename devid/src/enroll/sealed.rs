@@ -28,25 +28,22 @@ impl Sealed {
     pub fn seal(request: &VerifiedRequest, certs: &[&[u8]]) -> Result<Sealed, EnrollError> {
         use aws_lc_rs::aead::{AES_256_GCM, Aad, LessSafeKey, Nonce, UnboundKey};
         let key = zeroize::Zeroizing::new(random(32)?);
-        let iak_name = request
-            .iak
-            .name()
-            .map_err(|e| EnrollError::Credential(e.to_string()))?;
+        let iak_name = request.iak.name().map_err(EnrollError::Credential)?;
         let cred = credential::make_credential(&request.ek, &key, &iak_name)
-            .map_err(|e| EnrollError::Credential(e.to_string()))?;
+            .map_err(EnrollError::Credential)?;
         let mut plain = vec![];
         for c in certs {
             put_tpm2b(&mut plain, c)?;
         }
         let nonce = random(12)?;
         let n = Nonce::try_assume_unique_for_key(&nonce)
-            .map_err(|_| EnrollError::Credential("GCM nonce".into()))?;
+            .map_err(|_| EnrollError::Crypto("the GCM nonce"))?;
         let sealing = UnboundKey::new(&AES_256_GCM, &key)
             .map(LessSafeKey::new)
-            .map_err(|_| EnrollError::Credential("AES key".into()))?;
+            .map_err(|_| EnrollError::Crypto("the AES key"))?;
         sealing
             .seal_in_place_append_tag(n, Aad::from(SEALED_MAGIC), &mut plain)
-            .map_err(|_| EnrollError::Credential("AES-GCM seal failed".into()))?;
+            .map_err(|_| EnrollError::Crypto("AES-GCM sealing"))?;
         Ok(Sealed {
             credential_blob: cred.credential_blob,
             encrypted_secret: cred.secret,

@@ -33,17 +33,19 @@ pub const TYPE: &str = "tpm_devid";
 #[non_exhaustive]
 pub enum DevIdError {
     #[error("malformed attestation data: {0}")]
-    Malformed(String),
+    Malformed(#[source] kame_api::Error),
     #[error("no DevID certificate was sent")]
     NoDevIdCert,
     #[error("DevID certificate {0} cannot be parsed: {1}")]
-    BadDevIdCert(usize, String),
+    BadDevIdCert(usize, #[source] kame_api::Error),
     #[error("DevID certificate does not chain to devid_ca_path: {0}")]
     UntrustedDevId(#[source] kame_devid::chain::ChainError),
     #[error("missing {0}")]
     Missing(&'static str),
     #[error("EK certificate cannot be parsed: {0}")]
-    BadEkCert(String),
+    BadEkCert(#[source] kame_api::Error),
+    #[error("the EK certificate's key is not a supported key")]
+    UnsupportedEkCertKey,
     #[error("{field} is not a TPMT_PUBLIC: {msg}")]
     BadPublic { field: &'static str, msg: String },
     #[error("EK public key does not match the EK certificate")]
@@ -59,13 +61,29 @@ pub enum DevIdError {
     #[error("DevID key attributes do not show a TPM-resident key: {0}")]
     DevIdAttributes(String),
     #[error("certification of the DevID by the AK does not verify: {0}")]
-    BadCertify(String),
+    BadCertify(#[source] wire::Error),
+    #[error("certification of the DevID by the AK does not verify: not a certify attestation")]
+    NotCertify,
+    #[error(
+        "certification of the DevID by the AK does not verify: the certified name is not DevIDPub's"
+    )]
+    CertifiedNameMismatch,
+    #[error("the certification of the DevID bound to the nonce does not verify: {0}")]
+    BadBoundCertify(#[source] wire::Error),
     #[error("cannot make the credential-activation challenge: {0}")]
-    Challenge(String),
+    Challenge(#[source] wire::Error),
+    #[error("the random number generator failed")]
+    Rng,
     #[error("malformed challenge response: {0}")]
-    BadResponse(String),
+    BadResponse(#[source] kame_api::Error),
+    #[error("malformed challenge response: no DevID signature")]
+    NoNonceSignature,
+    #[error("malformed challenge response: PCRValues names PCR {0} twice")]
+    DuplicatePcr(u32),
     #[error("DevID nonce signature does not verify: {0}")]
-    BadNonceSignature(String),
+    BadNonceSignature(#[source] kame_api::Error),
+    #[error("DevID nonce signature does not verify: unsupported DevID key")]
+    UnsupportedDevIdKey,
     #[error("credential activation failed: the secret does not match")]
     CredentialMismatch,
     #[error(
@@ -81,7 +99,7 @@ pub enum DevIdError {
     #[error("an AK certificate needs Kame's v2 (certify and quote bound to the nonce)")]
     CertifiedAkNeedsV2,
     #[error("AK certificate {0} cannot be parsed: {1}")]
-    BadAkCert(usize, String),
+    BadAkCert(usize, #[source] kame_api::Error),
     #[error("AK certificate does not chain to attestation_key_ca_path: {0}")]
     UntrustedAk(#[source] kame_devid::chain::ChainError),
     #[error("AK certificate is not a TCG IAK/LAK certificate: {0}")]
@@ -89,7 +107,11 @@ pub enum DevIdError {
     #[error("AKPub is not the AK certificate's key")]
     AkCertMismatch,
     #[error("quote does not verify: {0}")]
-    BadQuote(String),
+    BadQuote(#[source] wire::Error),
+    #[error("quote does not verify: PCR sha256:{0} was not quoted")]
+    PcrNotQuoted(u32),
+    #[error("cannot make the agent ID: {0}")]
+    AgentId(#[source] kame_api::IdError),
     #[error("PCR sha256:{index} is {got}, the policy requires {want}")]
     PcrPolicy {
         index: u32,
@@ -119,6 +141,8 @@ impl DevIdError {
                 | DevIdError::BadEkCert(_)
                 | DevIdError::BadPublic { .. }
                 | DevIdError::BadResponse(_)
+                | DevIdError::NoNonceSignature
+                | DevIdError::DuplicatePcr(_)
                 | DevIdError::MissingV2(_)
                 | DevIdError::CertifiedAkNeedsV2
                 | DevIdError::BadAkCert(..)
@@ -215,7 +239,9 @@ pub fn plugin(
 impl From<DevIdError> for super::AttestError {
     fn from(e: DevIdError) -> Self {
         let m = e.to_string();
-        if e.is_bad_input() {
+        if matches!(e, DevIdError::Rng) {
+            super::AttestError::Internal(m)
+        } else if e.is_bad_input() {
             super::AttestError::BadInput(m)
         } else if e.is_precondition() {
             super::AttestError::Precondition(m)
@@ -278,7 +304,7 @@ impl std::fmt::Debug for Pending {
 
 fn random(n: usize) -> Result<Vec<u8>, DevIdError> {
     let mut b = vec![0u8; n];
-    aws_lc_rs::rand::fill(&mut b).map_err(|_| DevIdError::Challenge("RNG failed".into()))?;
+    aws_lc_rs::rand::fill(&mut b).map_err(|_| DevIdError::Rng)?;
     Ok(b)
 }
 
@@ -295,10 +321,7 @@ fn key_of_spki(spki: &[u8]) -> Option<kame_api::keys::KeyInfo> {
 
 fn strip_tpm2b(b: &[u8]) -> Result<Vec<u8>, DevIdError> {
     let mut r = wire::Reader::new(b, "TPM2B");
-    let inner = r
-        .tpm2b()
-        .map_err(|e| DevIdError::Challenge(e.to_string()))?
-        .to_vec();
+    let inner = r.tpm2b().map_err(DevIdError::Challenge)?.to_vec();
     Ok(inner)
 }
 
@@ -308,8 +331,7 @@ pub fn begin(
     payload: &[u8],
     now: u64,
 ) -> Result<(Pending, ChallengeRequest), DevIdError> {
-    let req =
-        AttestationRequest::decode(payload).map_err(|e| DevIdError::Malformed(e.to_string()))?;
+    let req = AttestationRequest::decode(payload).map_err(DevIdError::Malformed)?;
     let v2 = req.version.is_some_and(|v| v >= 2);
     // A PCR policy is checked on a quote, which only v2 agents make: a policy without a
     // quote must not pass (an agent leaving out "Version" would skip it).
@@ -320,10 +342,9 @@ pub fn begin(
     let Some(leaf) = req.devid_cert.first().cloned() else {
         return Err(DevIdError::NoDevIdCert);
     };
-    let leaf_cert =
-        ParsedCert::parse(&leaf).map_err(|e| DevIdError::BadDevIdCert(0, e.to_string()))?;
+    let leaf_cert = ParsedCert::parse(&leaf).map_err(|e| DevIdError::BadDevIdCert(0, e))?;
     for (i, c) in req.devid_cert.iter().enumerate().skip(1) {
-        ParsedCert::parse(c).map_err(|e| DevIdError::BadDevIdCert(i, e.to_string()))?;
+        ParsedCert::parse(c).map_err(|e| DevIdError::BadDevIdCert(i, e))?;
     }
     // 3. DevID chain.
     let path = kame_devid::chain::verify_path(&leaf, &req.devid_cert[1..], &cfg.devid_roots, now)
@@ -346,7 +367,7 @@ pub fn begin(
     let ek_pub = ek_pub.ok_or(DevIdError::Missing("EKPub"))?;
     // 6. Parse.
     let ek_cert_p = ek_cert
-        .map(|c| ParsedCert::parse(c).map_err(|e| DevIdError::BadEkCert(e.to_string())))
+        .map(|c| ParsedCert::parse(c).map_err(DevIdError::BadEkCert))
         .transpose()?;
     let devid_p = public("DevIDPub", devid_pub)?;
     let ak_p = public("AKPub", ak_pub)?;
@@ -377,7 +398,7 @@ pub fn begin(
                 .spki_der()
                 .ok()
                 .and_then(|s| key_of_spki(&s))
-                .ok_or_else(|| DevIdError::BadEkCert("unsupported EK certificate key".into()))?;
+                .ok_or(DevIdError::UnsupportedEkCertKey)?;
             if cert_key != pub_key {
                 return Err(DevIdError::EkMismatch);
             }
@@ -408,11 +429,9 @@ pub fn begin(
     check_certify(cfg.compat_mode, &ak_p, &devid_p, certified, sig)?;
     // 10. Credential activation: a secret only the TPM holding the EK can recover for the AK.
     let secret = random(32)?;
-    let ak_name = ak_p
-        .name()
-        .map_err(|e| DevIdError::Challenge(e.to_string()))?;
+    let ak_name = ak_p.name().map_err(DevIdError::Challenge)?;
     let cred = wire::credential::make_credential(&ek_p, &secret, &ak_name)
-        .map_err(|e| DevIdError::Challenge(e.to_string()))?;
+        .map_err(DevIdError::Challenge)?;
     let pcrs = quote_pcrs(cfg);
     let challenge = ChallengeRequest {
         devid: Some(nonce.clone()),
@@ -450,25 +469,20 @@ fn check_certify(
 ) -> Result<(), DevIdError> {
     if compat_mode {
         // SPIRE compares the name's digest only.
-        let attest =
-            wire::Attest::parse(certified).map_err(|e| DevIdError::BadCertify(e.to_string()))?;
+        let attest = wire::Attest::parse(certified).map_err(DevIdError::BadCertify)?;
         wire::Signature::parse(sig)
             .and_then(|s| s.verify(ak_p, certified))
-            .map_err(|e| DevIdError::BadCertify(e.to_string()))?;
+            .map_err(DevIdError::BadCertify)?;
         let wire::AttestBody::Certify { name, .. } = &attest.body else {
-            return Err(DevIdError::BadCertify("not a certify attestation".into()));
+            return Err(DevIdError::NotCertify);
         };
-        let want = devid_p
-            .name()
-            .map_err(|e| DevIdError::BadCertify(e.to_string()))?;
+        let want = devid_p.name().map_err(DevIdError::BadCertify)?;
         if name.get(2..) != want.get(2..) {
-            return Err(DevIdError::BadCertify(
-                "certified name does not match DevIDPub".into(),
-            ));
+            return Err(DevIdError::CertifiedNameMismatch);
         }
     } else {
         wire::attest::verify_certify(ak_p, certified, sig, devid_p, &[])
-            .map_err(|e| DevIdError::BadCertify(e.to_string()))?;
+            .map_err(DevIdError::BadCertify)?;
     }
     Ok(())
 }
@@ -535,7 +549,7 @@ fn begin_certified_ak(
     let devid_pub = devid_pub.ok_or(DevIdError::Missing("DevIDPub"))?;
     let mut ak_certs = vec![];
     for (i, c) in req.ak_cert.iter().enumerate() {
-        ak_certs.push(ParsedCert::parse(c).map_err(|e| DevIdError::BadAkCert(i, e.to_string()))?);
+        ak_certs.push(ParsedCert::parse(c).map_err(|e| DevIdError::BadAkCert(i, e))?);
     }
     let (ak_leaf, ak_leaf_cert) = match (req.ak_cert.first(), ak_certs.first()) {
         (Some(d), Some(p)) => (d, p),
@@ -596,16 +610,12 @@ fn first_cn(cert: &ParsedCert, issuer: bool) -> Option<String> {
 
 /// Step 2: checks message 3 and returns the agent's ID and selectors (§1.4 steps 12–14).
 pub fn finish(td: &TrustDomain, pending: Pending, response: &[u8]) -> Result<Attested, DevIdError> {
-    let resp =
-        ChallengeResponse::decode(response).map_err(|e| DevIdError::BadResponse(e.to_string()))?;
-    let sig = resp
-        .devid
-        .ok_or_else(|| DevIdError::BadResponse("no DevID signature".into()))?;
-    let leaf =
-        ParsedCert::parse(&pending.leaf).map_err(|e| DevIdError::BadDevIdCert(0, e.to_string()))?;
+    let resp = ChallengeResponse::decode(response).map_err(DevIdError::BadResponse)?;
+    let sig = resp.devid.ok_or(DevIdError::NoNonceSignature)?;
+    let leaf = ParsedCert::parse(&pending.leaf).map_err(|e| DevIdError::BadDevIdCert(0, e))?;
     let spki = leaf
         .spki_der()
-        .map_err(|e| DevIdError::BadDevIdCert(0, e.to_string()))?;
+        .map_err(|e| DevIdError::BadDevIdCert(0, e))?;
     // 12. Proof of possession: SHA256WithRSA or ECDSAWithSHA256, as SPIRE; with SHA-384 when
     // the DevID key's TPM scheme signs with it (P-384 DevIDs, supported on purpose).
     use kame_api::keys::{
@@ -617,13 +627,11 @@ pub fn finish(td: &TrustDomain, pending: Pending, response: &[u8]) -> Result<Att
         (Some(_), false) => OID_ECDSA_SHA256,
         (Some(_), true) => OID_ECDSA_SHA384,
         (None, _) => {
-            return Err(DevIdError::BadNonceSignature(
-                "unsupported DevID key".into(),
-            ));
+            return Err(DevIdError::UnsupportedDevIdKey);
         }
     };
     kame_api::keys::verify_x509_signature(&spki, &alg, None, &pending.nonce, &sig)
-        .map_err(|e| DevIdError::BadNonceSignature(e.to_string()))?;
+        .map_err(DevIdError::BadNonceSignature)?;
     // 13. Proof of residency, compared in constant time (a certified AK proves it with the
     // nonce-bound certify below instead).
     if let Some(secret) = &pending.secret {
@@ -646,7 +654,7 @@ pub fn finish(td: &TrustDomain, pending: Pending, response: &[u8]) -> Result<Att
             .as_deref()
             .ok_or(DevIdError::MissingV2("CertificationSignature"))?;
         wire::attest::verify_certify(ak, certified, csig, devid, &pending.nonce)
-            .map_err(|e| DevIdError::BadCertify(format!("nonce-bound certify: {e}")))?;
+            .map_err(DevIdError::BadBoundCertify)?;
         let quote = resp
             .quote
             .as_deref()
@@ -659,17 +667,15 @@ pub fn finish(td: &TrustDomain, pending: Pending, response: &[u8]) -> Result<Att
         for (i, v) in &resp.pcr_values {
             // "7" and "07" are one PCR: a second value for it is not a quote's.
             if values.insert((wire::alg::SHA256, *i), v.clone()).is_some() {
-                return Err(DevIdError::BadResponse(format!(
-                    "PCRValues names PCR {i} twice"
-                )));
+                return Err(DevIdError::DuplicatePcr(*i));
             }
         }
         let attest = wire::attest::verify_quote(ak, quote, qsig, &pending.nonce, &values)
-            .map_err(|e| DevIdError::BadQuote(e.to_string()))?;
+            .map_err(DevIdError::BadQuote)?;
         for i in pcrs {
             let got = values
                 .get(&(wire::alg::SHA256, *i))
-                .ok_or_else(|| DevIdError::BadQuote(format!("PCR sha256:{i} was not quoted")))?;
+                .ok_or(DevIdError::PcrNotQuoted(*i))?;
             if let Some(want) = pending.policy.get(i)
                 && want != got
             {
@@ -690,7 +696,7 @@ pub fn finish(td: &TrustDomain, pending: Pending, response: &[u8]) -> Result<Att
     let fp = sha1_hex(&pending.leaf);
     let agent_id = td
         .id_from_segments(&["spire", "agent", TYPE, &fp])
-        .map_err(|e| DevIdError::Malformed(e.to_string()))?;
+        .map_err(DevIdError::AgentId)?;
     let mut selectors = vec![];
     if let Some(cn) = first_cn(&leaf, false).filter(|c| !c.is_empty()) {
         selectors.push(Selector::new(TYPE, format!("subject:cn:{cn}")));

@@ -3,6 +3,7 @@
 //! evidence from real swtpm TPMs, tampered where the case says. Every refusal is checked for
 //! the check that failed, and nothing is attested.
 
+#[path = "../common/mod.rs"]
 mod common;
 
 use common::devid::{ek_cas, opts, provision};
@@ -14,6 +15,9 @@ use kame_tpm::device::Device;
 use kame_tpm::testing::SwTpm;
 use kame_tpm::wire::public::templates;
 use tonic::Code;
+
+mod certs;
+mod pcr;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpm_devid_genuine_evidence_attests_positive_control() {
@@ -462,101 +466,6 @@ async fn tpm_devid_ek_allow_list_admits_ek_without_certificate_and_nothing_else(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_v2_pcr_policy_passes_refuses_after_extend_and_reports_reboot() {
-    let mut tpm = SwTpm::start().unwrap();
-    let devid = provision(&tpm, "node");
-    let ek_ca = ek_cas(&tpm, devid.dir.path());
-    // Policy: PCR 7 as it is now (a fresh TPM: zero); v1 agents refused.
-    let mut o = opts(&tpm, &devid, &devid.ca, &ek_ca);
-    o.agent_attestor = None;
-    o.server_plugins = o.server_plugins.replace(
-        "endorsement_ca_path",
-        &format!(
-            "require_quote = true\n            pcr_policy {{\n                sha256 = {{\n                    \"7\" = \"{}\"\n                }}\n            }}\n            endorsement_ca_path",
-            "00".repeat(32)
-        ),
-    );
-    let env = Env::start(o).await;
-    let attempt = |tcti: String| {
-        let devid_key = devid.key.clone();
-        let leaf = devid.leaf_der.clone();
-        move || {
-            let mut d = Device::open(&tcti).unwrap();
-            evidence(&mut d, vec![leaf], devid_key).unwrap()
-        }
-    };
-    // 1. Matching PCRs: attested, with the PCR selector.
-    let (req, s) = tokio::task::block_in_place(attempt(tpm.tcti.clone()));
-    assert_eq!(req.version, Some(2));
-    let (tx, rx, c) = begin(&env, req.encode()).await.unwrap();
-    let ch = kame_api::tpm_devid::ChallengeRequest::decode(&c).unwrap();
-    assert_eq!((ch.version, ch.pcrs.clone()), (Some(2), vec![7]));
-    let resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &c));
-    let id = finish(tx, rx, resp.encode()).await.unwrap();
-    let node = env
-        .server
-        .as_ref()
-        .unwrap()
-        .ctx
-        .ds
-        .fetch_node(&id)
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(
-        node.selectors
-            .iter()
-            .any(|s| s.value == format!("pcr:sha256:7:{}", "00".repeat(32))),
-        "{:?}",
-        node.selectors
-    );
-    assert_eq!(node.tpm_reboots, 0);
-    let boot = node.tpm_boot.expect("clockInfo recorded");
-    // 2. A v1 message (no Version) is refused: require_quote.
-    let mut v1 = req.clone();
-    v1.version = None;
-    refused(
-        begin(&env, v1.encode()).await.map(|_| ()),
-        Code::PermissionDenied,
-        "requires a PCR quote",
-    );
-    // 3. PCR 7 extended (e.g. Secure Boot state changed): refused, naming the PCR.
-    tpm.tpm2(
-        "tpm2_pcrextend",
-        &[&format!("7:sha256={}", "ab".repeat(32))],
-    )
-    .unwrap();
-    let (req, s) = tokio::task::block_in_place(attempt(tpm.tcti.clone()));
-    let (tx, rx, c) = begin(&env, req.encode()).await.unwrap();
-    let resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &c));
-    refused(
-        finish(tx, rx, resp.encode()).await,
-        Code::PermissionDenied,
-        "PCR sha256:7 is",
-    );
-    // 4. Reboot (swtpm power cycle): PCRs are back to the policy, the reset is counted.
-    tpm.restart().unwrap();
-    let (req, s) = tokio::task::block_in_place(attempt(tpm.tcti.clone()));
-    let (tx, rx, c) = begin(&env, req.encode()).await.unwrap();
-    let resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &c));
-    let id2 = finish(tx, rx, resp.encode()).await.unwrap();
-    assert_eq!(id2, id);
-    let node = env
-        .server
-        .as_ref()
-        .unwrap()
-        .ctx
-        .ds
-        .fetch_node(&id)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(node.tpm_reboots, 1, "reboot reported");
-    assert!(node.tpm_boot.unwrap().0 > boot.0);
-    env.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tpm_devid_spire_agent_message_from_byte_level_facts_is_accepted_in_compat_mode() {
     // Message 1 as SPIRE's agent builds it (tpm_devid.md §1.2, §1.9): EK from template L-1,
     // AK from AK_RSA under SRK_HIGH_RSA, certify with empty qualifying data, RSASSA/SHA-256;
@@ -823,151 +732,6 @@ async fn tpm_devid_agent_03_server_stream_fails_before_the_challenge() {
         }
         other => panic!("{other:?}"),
     }
-    no_agents(&env).await;
-    env.stop().await;
-}
-
-/// SPIRE's gap §3.3 #10: the EK certificate needs the vendor intermediate, which only the
-/// server's endorsement bundle holds (SPIRE's only way; the agent sends none). Without it in
-/// the bundle the EK is untrusted; with it the same message passes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_spire_gap_10_ek_intermediate_only_in_the_endorsement_bundle() {
-    use kame_server::attestation::tpm_devid::{DevIdConfig, DevIdError, begin as verify_begin};
-    let tpm = SwTpm::start().unwrap();
-    let devid = provision(&tpm, "node");
-    let (req, _) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
-    assert!(req.ek_cert_chain.is_empty(), "the agent sends no EK chain");
-    let pem = |n: &str| {
-        kame_api::bundle::certs_from_pem(&std::fs::read_to_string(tpm.dir().join(n)).unwrap())
-            .unwrap()
-    };
-    let cfg = |ek_roots| DevIdConfig {
-        devid_roots: vec![devid.ca_der.clone()],
-        ek_roots,
-        compat_mode: false,
-        ek_allow_list: vec![],
-        require_quote: false,
-        pcr_policy: Default::default(),
-        ak_roots: vec![],
-    };
-    let now = kame_agent::manager::now_secs();
-    let root = pem("ek-root-ca.pem");
-    let mut both = root.clone();
-    both.extend(pem("ek-intermediate-ca.pem"));
-    assert!(matches!(
-        verify_begin(&cfg(root), &req.encode(), now),
-        Err(DevIdError::UntrustedEk(_))
-    ));
-    assert!(verify_begin(&cfg(both), &req.encode(), now).is_ok());
-}
-
-/// SPIRE's gap §3.3 #11: an ECC DevID on P-384, supported on purpose. With an ECDSA/SHA-256
-/// key scheme the nonce is signed over SHA-256 as SPIRE verifies it (a compat_mode server
-/// accepts it too); with ECDSA/SHA-384 Kame verifies over SHA-384 as the key's scheme says,
-/// which SPIRE (SHA-256 only) cannot, so compat_mode refuses that one.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_spire_gap_11_p384_devid_with_sha256_and_sha384_schemes() {
-    const P384_SHA256: &str = "0023000b00040072000000100018000b0004001000000000";
-    const P384_SHA384: &str = "0023000b00040072000000100018000c0004001000000000";
-    let tpm = SwTpm::start().unwrap();
-    for (template, compat_ok) in [(P384_SHA256, true), (P384_SHA384, false)] {
-        let devid = common::devid::provision_template(&tpm, template, "/CN=p384", None);
-        let public = kame_tpm::wire::Public::parse(&devid.key.public).unwrap();
-        let spki = public.spki_der().unwrap();
-        assert!(
-            matches!(
-                kame_api::keys::KeyInfo::from_spki_der(&spki),
-                Ok(kame_api::keys::KeyInfo::EcP384(_))
-            ),
-            "a P-384 key"
-        );
-        for compat in [false, true] {
-            let env = server(&tpm, &devid, compat).await;
-            let (req, s) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
-            let (tx, rx, c) = begin(&env, req.encode()).await.unwrap();
-            let resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &c));
-            let r = finish(tx, rx, resp.encode()).await;
-            if compat && !compat_ok {
-                refused(r, Code::PermissionDenied, "nonce signature does not verify");
-            } else {
-                let id = r.unwrap_or_else(|e| panic!("{template} compat={compat}: {e:?}"));
-                assert!(id.contains("/spire/agent/tpm_devid/"), "{id}");
-            }
-            env.stop().await;
-        }
-    }
-}
-
-/// A server with a `pcr_policy` of PCR 7 = zero (a fresh swtpm's value), no `require_quote`.
-async fn pcr7_policy_server(tpm: &SwTpm, devid: &common::devid::DevId) -> Env {
-    let ek_ca = ek_cas(tpm, devid.dir.path());
-    let mut o = opts(tpm, devid, &devid.ca, &ek_ca);
-    o.agent_attestor = None;
-    o.server_plugins = o.server_plugins.replace(
-        "endorsement_ca_path",
-        &format!(
-            "pcr_policy {{\n                sha256 = {{\n                    \"7\" = \"{}\"\n                }}\n            }}\n            endorsement_ca_path",
-            "00".repeat(32)
-        ),
-    );
-    Env::start(o).await
-}
-
-/// Issue 19 item 2, on a real TPM: the node's PCR 7 is not the golden value, but PCR 23 is
-/// (here both are zero at power-on; on a real machine PCR 23 is loaded by replaying a good
-/// boot's event log). The agent quotes PCRs 1, 7 and 23 and claims PCR1 = R1‖R7, PCR7 = the
-/// golden value and PCR23 = empty: the same bytes in the same order, so the same digest.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_pcr_values_of_wrong_length_are_refused() {
-    let tpm = SwTpm::start().unwrap();
-    let devid = provision(&tpm, "node");
-    let env = pcr7_policy_server(&tpm, &devid).await;
-    tpm.tpm2(
-        "tpm2_pcrextend",
-        &[&format!("7:sha256={}", "ab".repeat(32))],
-    )
-    .unwrap();
-    let (req, s) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
-    assert_eq!(req.version, Some(2));
-    let (tx, rx, c) = begin(&env, req.encode()).await.unwrap();
-    let mut ch = kame_api::tpm_devid::ChallengeRequest::decode(&c).unwrap();
-    assert_eq!(ch.pcrs, vec![7]);
-    ch.pcrs = vec![1, 7, 23];
-    let mut resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &ch.encode()));
-    let real: std::collections::BTreeMap<u32, Vec<u8>> = resp.pcr_values.iter().cloned().collect();
-    assert_eq!(real[&23], vec![0; 32], "PCR 23 holds the golden value");
-    assert_ne!(real[&7], vec![0; 32], "PCR 7 does not");
-    resp.pcr_values = vec![
-        (1, [real[&1].clone(), real[&7].clone()].concat()),
-        (7, real[&23].clone()),
-        (23, vec![]),
-    ];
-    refused(
-        finish(tx, rx, resp.encode()).await,
-        Code::PermissionDenied,
-        "PCR sha256:1",
-    );
-    no_agents(&env).await;
-    env.stop().await;
-}
-
-/// Issue 19 item 6: with a `pcr_policy` (and no `require_quote`), an agent that leaves out
-/// `"Version": 2` is refused instead of attested without a quote.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tpm_devid_pcr_policy_is_not_skipped_by_a_v1_downgrade() {
-    let tpm = SwTpm::start().unwrap();
-    let devid = provision(&tpm, "node");
-    let env = pcr7_policy_server(&tpm, &devid).await;
-    let (mut req, s) = tokio::task::block_in_place(|| tpm_evidence(&tpm, &devid));
-    req.version = None;
-    let r = match begin(&env, req.encode()).await {
-        Err(e) => Err(e),
-        Ok((tx, rx, c)) => {
-            let resp = tokio::task::block_in_place(|| tpm_answer(&tpm, &s, &c));
-            finish(tx, rx, resp.encode()).await
-        }
-    };
-    refused(r, Code::PermissionDenied, "requires a PCR quote");
     no_agents(&env).await;
     env.stop().await;
 }
