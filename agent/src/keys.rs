@@ -15,7 +15,9 @@ pub enum KeyError {
     #[error("stored key is not a P-256 PKCS#8 key")]
     BadKey,
     #[error("building the CSR failed: {0}")]
-    Csr(String),
+    Csr(#[source] kame_api::Error),
+    #[error("building the CSR failed: the key did not sign")]
+    CsrSignature,
 }
 
 /// A fresh P-256 key as PKCS#8 DER.
@@ -42,16 +44,14 @@ pub fn csr(pkcs8: &[u8]) -> Result<Vec<u8>, KeyError> {
     let k = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8)
         .map_err(|_| KeyError::BadKey)?;
     let spki = spki(pkcs8)?;
-    let info =
-        kame_api::csr::request_info(&spki, &[], &[]).map_err(|e| KeyError::Csr(e.to_string()))?;
+    let info = kame_api::csr::request_info(&spki, &[], &[]).map_err(KeyError::Csr)?;
     let sig = k
         .sign(&SystemRandom::new(), &info)
-        .map_err(|_| KeyError::Csr("signing failed".into()))?;
+        .map_err(|_| KeyError::CsrSignature)?;
     let alg = kame_api::keys::KeyInfo::from_spki_der(&spki)
-        .map_err(|e| KeyError::Csr(e.to_string()))?
+        .map_err(KeyError::Csr)?
         .x509_signature_algorithm();
-    kame_api::x509svid::assemble(&info, &alg, sig.as_ref())
-        .map_err(|e| KeyError::Csr(e.to_string()))
+    kame_api::x509svid::assemble(&info, &alg, sig.as_ref()).map_err(KeyError::Csr)
 }
 
 /// Whether `pkcs8` holds the private half of the certificate's public key.

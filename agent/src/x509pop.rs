@@ -36,7 +36,9 @@ pub enum X509PopAgentError {
     #[error("the private key at {0} is not the key of the certificate")]
     KeyMismatch(String),
     #[error("unable to unmarshal challenge: {0}")]
-    Challenge(String),
+    Challenge(#[source] kame_api::Error),
+    #[error("loading the certificate and key failed: {0}")]
+    Load(#[source] tokio::task::JoinError),
     #[error("failed to calculate challenge response: {0}")]
     Response(String),
 }
@@ -213,8 +215,7 @@ struct KeyResponder {
 
 impl KeyResponder {
     fn answer(&self, challenge: &[u8]) -> Result<Vec<u8>, X509PopAgentError> {
-        let c = Challenge::decode(challenge)
-            .map_err(|e| X509PopAgentError::Challenge(e.to_string()))?;
+        let c = Challenge::decode(challenge).map_err(X509PopAgentError::Challenge)?;
         let failed = |m: &str| X509PopAgentError::Response(m.to_string());
         let mut nonce = vec![0u8; NONCE_LEN];
         aws_lc_rs::rand::fill(&mut nonce)
@@ -284,7 +285,7 @@ impl AgentAttestor for X509PopConfig {
         let cfg = self.clone();
         let loaded = tokio::task::spawn_blocking(move || cfg.load())
             .await
-            .map_err(|e| plugin_error(X509PopAgentError::Response(e.to_string())))?
+            .map_err(|e| plugin_error(X509PopAgentError::Load(e)))?
             .map_err(plugin_error)?;
         let payload = AttestationData {
             certificates: loaded.chain,

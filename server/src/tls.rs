@@ -75,11 +75,11 @@ impl ServerSvid {
             return Ok(());
         }
         let kp = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
-            .map_err(|_| CaError::Journal("cannot generate server SVID key".into()))?;
+            .map_err(|_| CaError::ServerSvidKey("cannot generate it".into()))?;
         let spki = kp
             .public_key()
             .as_der()
-            .map_err(|_| CaError::Journal("cannot encode server SVID key".into()))?;
+            .map_err(|_| CaError::ServerSvidKey("cannot encode it".into()))?;
         let chain = self
             .ca
             .sign_x509_svid(spki.as_ref(), &self.id, &[], self.ttl)
@@ -88,14 +88,14 @@ impl ServerSvid {
         let authority = chain_authority(&chain);
         let pkcs8 = kp
             .to_pkcs8v1()
-            .map_err(|_| CaError::Journal("cannot encode server SVID key".into()))?;
+            .map_err(|_| CaError::ServerSvidKey("cannot encode it".into()))?;
         let signing_key = self
             .provider
             .key_provider
             .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
                 pkcs8.as_ref().to_vec(),
             )))
-            .map_err(|e| CaError::Journal(format!("server SVID key: {e}")))?;
+            .map_err(|e| CaError::ServerSvidKey(format!("rustls refused it: {e}")))?;
         let certs = chain.into_iter().map(CertificateDer::from).collect();
         let cur = Current {
             key: Arc::new(CertifiedKey::new(certs, signing_key)),

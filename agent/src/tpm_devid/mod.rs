@@ -79,9 +79,11 @@ pub enum DevIdAgentError {
     #[error("received empty DevID nonce from server")]
     EmptyNonce,
     #[error("the server's challenge is malformed: {0}")]
-    BadChallenge(String),
+    BadChallenge(#[source] kame_api::Error),
+    #[error("the server's challenge is malformed: its credential is over 65,535 bytes")]
+    CredentialTooLarge,
     #[error("DevID signature: {0}")]
-    Signature(String),
+    Signature(#[source] wire::Error),
     #[error("the key at attestation_key_handle {handle:#010x} is not the key of {path}")]
     AkCertMismatch { handle: u32, path: String },
     #[error("the public area at attestation_key_handle {handle:#010x} is not a usable key: {msg}")]
@@ -365,8 +367,7 @@ fn answer_with(
     session: &Session,
     challenge: &[u8],
 ) -> Result<ChallengeResponse, DevIdAgentError> {
-    let c = ChallengeRequest::decode(challenge)
-        .map_err(|e| DevIdAgentError::BadChallenge(e.to_string()))?;
+    let c = ChallengeRequest::decode(challenge).map_err(DevIdAgentError::BadChallenge)?;
     let nonce = c
         .devid
         .filter(|n| !n.is_empty())
@@ -394,8 +395,7 @@ fn answer_with(
     };
     let cred = c.cred_activation.ok_or(DevIdAgentError::EmptyCredential)?;
     let tpm2b = |b: &[u8]| -> Result<Vec<u8>, DevIdAgentError> {
-        let n = u16::try_from(b.len())
-            .map_err(|_| DevIdAgentError::BadChallenge("credential too large".into()))?;
+        let n = u16::try_from(b.len()).map_err(|_| DevIdAgentError::CredentialTooLarge)?;
         Ok([n.to_be_bytes().as_slice(), b].concat())
     };
     let (credential, secret) = (tpm2b(&cred.credential)?, tpm2b(&cred.secret)?);
@@ -459,9 +459,7 @@ fn with_v2(resp: ChallengeResponse, p: kame_tpm::device::PersistentAkProof) -> C
 /// A TPMT_SIGNATURE as Go's CheckSignature expects it: RSA raw, ECDSA DER SEQUENCE { r, s }.
 pub fn signature_for_server(tpm_sig: &[u8]) -> Result<Vec<u8>, DevIdAgentError> {
     Ok(
-        match wire::Signature::parse(tpm_sig)
-            .map_err(|e| DevIdAgentError::Signature(e.to_string()))?
-        {
+        match wire::Signature::parse(tpm_sig).map_err(DevIdAgentError::Signature)? {
             wire::Signature::RsaSsa { sig, .. } | wire::Signature::RsaPss { sig, .. } => sig,
             wire::Signature::Ecdsa { r, s, .. } => {
                 let body = [der_int(&r), der_int(&s)].concat();

@@ -9,8 +9,7 @@ impl Ca {
         let Some(data) = self.ds.fetch_ca_journal(&self.settings.server_id).await? else {
             return Ok(());
         };
-        let journal: Journal =
-            serde_json::from_slice(&data).map_err(|e| CaError::Journal(e.to_string()))?;
+        let journal: Journal = serde_json::from_slice(&data).map_err(CaError::Journal)?;
         let bundle = self.bundle();
         let now = now_secs();
         let mut x509: Vec<Arc<X509Authority>> = vec![];

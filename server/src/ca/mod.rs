@@ -53,7 +53,10 @@ pub enum CaError {
     #[error("invalid TTL: {0}")]
     InvalidTtl(String),
     #[error("CA journal: {0}")]
-    Journal(String),
+    Journal(#[source] serde_json::Error),
+    /// The server's own SVID key could not be made or loaded (step named).
+    #[error("server SVID key: {0}")]
+    ServerSvidKey(String),
     #[error("the system random number generator failed")]
     Random,
 }
