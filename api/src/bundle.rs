@@ -38,7 +38,10 @@ pub fn to_spiffe_json(bundle: &Bundle) -> Result<String, Error> {
         doc.insert("spiffe_refresh_hint".into(), bundle.refresh_hint.into());
     }
     doc.insert("spiffe_sequence".into(), bundle.sequence_number.into());
-    serde_json::to_string_pretty(&Value::Object(doc)).map_err(|e| Error::Encode(e.to_string()))
+    serde_json::to_string_pretty(&Value::Object(doc)).map_err(|source| Error::Json {
+        what: "encoding failed",
+        source,
+    })
 }
 
 /// Decodes a SPIFFE bundle for trust domain `td`. JWKs with an unknown `kty` or `use`, and
@@ -47,7 +50,12 @@ pub fn from_spiffe_json(td: &TrustDomain, data: &[u8]) -> Result<Bundle, Error> 
     let doc: Map<String, Value> = match serde_json::from_slice(data) {
         Ok(Value::Object(m)) => m,
         Ok(_) => return Err(Error::BadBundle("bundle is not a JSON object".into())),
-        Err(e) => return Err(Error::BadBundle(format!("bundle is not JSON: {e}"))),
+        Err(source) => {
+            return Err(Error::Json {
+                what: "bad bundle: bundle is not JSON",
+                source,
+            });
+        }
     };
     let keys = match doc.get("keys") {
         Some(Value::Array(k)) => k,
@@ -196,7 +204,10 @@ pub fn jwt_jwks(bundle: &Bundle) -> Result<Vec<u8>, Error> {
         m.insert("kid".into(), k.key_id.clone().into());
         keys.push(Value::Object(m));
     }
-    serde_json::to_vec(&json!({ "keys": keys })).map_err(|e| Error::Encode(e.to_string()))
+    serde_json::to_vec(&json!({ "keys": keys })).map_err(|source| Error::Json {
+        what: "encoding failed",
+        source,
+    })
 }
 
 #[cfg(test)]

@@ -31,17 +31,19 @@ pub fn parse(der: &[u8]) -> Result<Csr, Error> {
             "CSR is larger than {MAX_CSR_LEN} bytes"
         )));
     }
-    let req = CertReq::from_der(der).map_err(|e| Error::BadCsr(format!("malformed CSR: {e}")))?;
-    let spki_der = req
-        .info
-        .public_key
-        .to_der()
-        .map_err(|e| Error::BadCsr(e.to_string()))?;
-    let key = KeyInfo::from_spki_der(&spki_der).map_err(|e| Error::BadCsr(e.to_string()))?;
-    let info_der = req
-        .info
-        .to_der()
-        .map_err(|e| Error::BadCsr(e.to_string()))?;
+    let req = CertReq::from_der(der).map_err(|source| Error::Der {
+        what: "bad CSR: malformed CSR",
+        source,
+    })?;
+    let spki_der = req.info.public_key.to_der().map_err(|source| Error::Der {
+        what: "bad CSR",
+        source,
+    })?;
+    let key = KeyInfo::from_spki_der(&spki_der).map_err(|e| Error::CsrKey(Box::new(e)))?;
+    let info_der = req.info.to_der().map_err(|source| Error::Der {
+        what: "bad CSR",
+        source,
+    })?;
     let sig = req
         .signature
         .as_bytes()
@@ -53,7 +55,7 @@ pub fn parse(der: &[u8]) -> Result<Csr, Error> {
         &info_der,
         sig,
     )
-    .map_err(|e| Error::BadCsr(format!("CSR signature check failed: {e}")))?;
+    .map_err(|e| Error::CsrSignature(Box::new(e)))?;
     let mut uris = vec![];
     let mut dns_names = vec![];
     for attr in req.info.attributes.iter() {
@@ -61,15 +63,21 @@ pub fn parse(der: &[u8]) -> Result<Csr, Error> {
             continue;
         }
         for v in attr.values.iter() {
-            let ext_req: ExtensionReq = v
-                .decode_as()
-                .map_err(|e| Error::BadCsr(format!("bad extension request: {e}")))?;
+            let ext_req: ExtensionReq = v.decode_as().map_err(|source| Error::Der {
+                what: "bad CSR: bad extension request",
+                source,
+            })?;
             for ext in ext_req.0 {
                 if ext.extn_id != <SubjectAltName as const_oid::AssociatedOid>::OID {
                     continue;
                 }
-                let san = SubjectAltName::from_der(ext.extn_value.as_bytes())
-                    .map_err(|e| Error::BadCsr(format!("bad SAN: {e}")))?;
+                let san =
+                    SubjectAltName::from_der(ext.extn_value.as_bytes()).map_err(|source| {
+                        Error::Der {
+                            what: "bad CSR: bad SAN",
+                            source,
+                        }
+                    })?;
                 for n in san.0 {
                     match n {
                         GeneralName::UniformResourceIdentifier(u) => uris.push(u.to_string()),
@@ -98,7 +106,10 @@ pub fn request_info(
 ) -> Result<Vec<u8>, Error> {
     use crate::keys::der_tlv;
     use der::asn1::{Ia5String, OctetString};
-    let enc = |e: der::Error| Error::Encode(e.to_string());
+    let enc = |source: der::Error| Error::Der {
+        what: "encoding failed",
+        source,
+    };
     let mut names = vec![];
     for u in uris {
         names.push(GeneralName::UniformResourceIdentifier(

@@ -40,8 +40,10 @@ pub enum KeyInfo {
 impl KeyInfo {
     /// Parses a DER SubjectPublicKeyInfo.
     pub fn from_spki_der(der: &[u8]) -> Result<Self, Error> {
-        let spki = SubjectPublicKeyInfoRef::from_der(der)
-            .map_err(|e| Error::BadPublicKey(format!("not a SubjectPublicKeyInfo: {e}")))?;
+        let spki = SubjectPublicKeyInfoRef::from_der(der).map_err(|source| Error::Der {
+            what: "bad public key: not a SubjectPublicKeyInfo",
+            source,
+        })?;
         let bits = spki
             .subject_public_key
             .as_bytes()
@@ -81,7 +83,10 @@ impl KeyInfo {
                     let e = UintRef::decode(r)?;
                     Ok((n.as_bytes().to_vec(), e.as_bytes().to_vec()))
                 })
-                .map_err(|e: der::Error| Error::BadPublicKey(format!("bad RSA key: {e}")))?;
+                .map_err(|source: der::Error| Error::Der {
+                    what: "bad public key: bad RSA key",
+                    source,
+                })?;
             if n.len() < 256 {
                 return Err(Error::BadPublicKey(format!(
                     "RSA key of {} bits is too small (minimum 2048)",
@@ -99,7 +104,10 @@ impl KeyInfo {
 
     /// Encodes as a DER SubjectPublicKeyInfo.
     pub fn to_spki_der(&self) -> Result<Vec<u8>, Error> {
-        let enc = |e: der::Error| Error::Encode(e.to_string());
+        let enc = |source: der::Error| Error::Der {
+            what: "encoding failed",
+            source,
+        };
         let (alg, bits) = match self {
             KeyInfo::EcP256(p) | KeyInfo::EcP384(p) => {
                 let curve = if matches!(self, KeyInfo::EcP256(_)) {
@@ -223,7 +231,7 @@ impl KeyInfo {
                 };
                 // Round-trip through SPKI parsing to check the point is on the curve.
                 KeyInfo::from_spki_der(&info.to_spki_der()?)
-                    .map_err(|e| Error::BadBundle(e.to_string()))?;
+                    .map_err(|e| Error::BundleKey(Box::new(e)))?;
                 Ok(Some(info))
             }
             Some("RSA") => {
@@ -236,7 +244,7 @@ impl KeyInfo {
                     e: strip(bytes("e")?),
                 };
                 KeyInfo::from_spki_der(&info.to_spki_der()?)
-                    .map_err(|e| Error::BadBundle(e.to_string()))?;
+                    .map_err(|e| Error::BundleKey(Box::new(e)))?;
                 Ok(Some(info))
             }
             Some(_) => Ok(None),

@@ -109,6 +109,36 @@ pub enum Error {
     BadJwt(String),
     #[error("bad attestation message: {0}")]
     BadAttestation(String),
+    /// A DER structure that does not decode or encode; `what` says which, as the message.
+    #[error("{what}: {source}")]
+    Der {
+        what: &'static str,
+        #[source]
+        source: der::Error,
+    },
+    /// A JSON document that does not parse or serialize.
+    #[error("{what}: {source}")]
+    Json {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A distinguished name that does not parse.
+    #[error("bad distinguished name {name:?}: {source}")]
+    NameSyntax {
+        name: String,
+        #[source]
+        source: der::Error,
+    },
+    /// The CSR's public key fails its check.
+    #[error("bad CSR: {0}")]
+    CsrKey(#[source] Box<Error>),
+    /// The CSR's signature does not verify.
+    #[error("bad CSR: CSR signature check failed: {0}")]
+    CsrSignature(#[source] Box<Error>),
+    /// A bundle key fails its check.
+    #[error("bad bundle: {0}")]
+    BundleKey(#[source] Box<Error>),
     #[error("{field} holds {got} certificates; at most {max} are accepted")]
     TooManyCertificates {
         field: String,

@@ -25,6 +25,12 @@ pub enum CaError {
     KeyMismatch(String),
     #[error("the system random number generator failed")]
     Random,
+    /// The device's hardwareModuleName type is not an object identifier.
+    #[error("the hardwareModuleName type is not an OID: {0}")]
+    HardwareModuleType(#[source] der::oid::Error),
+    /// A device key's TPMT_PUBLIC that has no SubjectPublicKeyInfo form.
+    #[error("bad public key: {0}")]
+    Key(#[source] kame_tpm::wire::Error),
 }
 
 /// A CA whose key is the KeyManager key `key.id`.
@@ -135,10 +141,7 @@ impl DevIdCa {
         v: &VerifiedRequest,
         subject: &str,
     ) -> Result<(Vec<u8>, Vec<u8>), CaError> {
-        let spki = |k: &kame_tpm::wire::public::Public| {
-            k.spki_der()
-                .map_err(|e| CaError::Api(kame_api::Error::BadPublicKey(e.to_string())))
-        };
+        let spki = |k: &kame_tpm::wire::public::Public| k.spki_der().map_err(CaError::Key);
         let (iak_spki, idevid_spki) = (spki(&v.iak)?, spki(&v.idevid)?);
         let params = |kind, spki_der| DevIdParams {
             kind,
@@ -163,12 +166,9 @@ impl DevIdCa {
         v: &VerifiedLdevid,
         subject: &str,
     ) -> Result<Vec<u8>, CaError> {
-        let spki = v
-            .ldevid
-            .spki_der()
-            .map_err(|e| CaError::Api(kame_api::Error::BadPublicKey(e.to_string())))?;
+        let spki = v.ldevid.spki_der().map_err(CaError::Key)?;
         let hw_type = der::asn1::ObjectIdentifier::new(&v.device.hardware_module_name.0)
-            .map_err(|e| CaError::Api(kame_api::Error::Encode(e.to_string())))?;
+            .map_err(CaError::HardwareModuleType)?;
         self.issue(&DevIdParams {
             kind: DevIdKind::LDevId,
             subject,

@@ -20,7 +20,7 @@ use x509_cert::ext::pkix::{
 #[non_exhaustive]
 pub enum ChainError {
     #[error("certificate {0} cannot be parsed: {1}")]
-    Parse(usize, String),
+    Parse(usize, #[source] der::Error),
     #[error("certificate {0} is not valid yet")]
     NotYetValid(usize),
     #[error("certificate {0} has expired")]
@@ -58,16 +58,16 @@ struct Parsed {
 }
 
 fn parse(i: usize, der: &[u8]) -> Result<Parsed, ChainError> {
-    let cert = Certificate::from_der(der).map_err(|e| ChainError::Parse(i, e.to_string()))?;
+    let cert = Certificate::from_der(der).map_err(|e| ChainError::Parse(i, e))?;
     let tbs = cert
         .tbs_certificate()
         .to_der()
-        .map_err(|e| ChainError::Parse(i, e.to_string()))?;
+        .map_err(|e| ChainError::Parse(i, e))?;
     let spki = cert
         .tbs_certificate()
         .subject_public_key_info()
         .to_der()
-        .map_err(|e| ChainError::Parse(i, e.to_string()))?;
+        .map_err(|e| ChainError::Parse(i, e))?;
     let t = cert.tbs_certificate();
     let ski = match t.get_extension::<SubjectKeyIdentifier>() {
         Ok(Some((_, k))) => Some(k.0.as_bytes().to_vec()),

@@ -130,9 +130,12 @@ pub const NO_EXPIRY: u64 = 253_402_300_799;
 #[non_exhaustive]
 pub enum ProfileError {
     #[error("not a certificate: {0}")]
-    Parse(String),
+    Parse(#[source] der::Error),
     #[error("encoding failed: {0}")]
-    Encode(String),
+    Encode(#[source] der::Error),
+    /// The serial number cannot be a PrintableString or UTF8String.
+    #[error("the device serial number cannot be encoded: {0}")]
+    SerialNumberEncoding(#[source] der::Error),
     #[error("the subject has no serialNumber attribute (IEEE 802.1AR §8.6)")]
     NoSerialNumber,
     #[error("the subjectAltName has no hardwareModuleName (IEEE 802.1AR §8.9)")]
@@ -152,7 +155,7 @@ pub enum ProfileError {
 }
 
 fn enc(e: der::Error) -> ProfileError {
-    ProfileError::Encode(e.to_string())
+    ProfileError::Encode(e)
 }
 
 /// What goes into a DevID certificate.
@@ -239,7 +242,7 @@ fn subject_with_serial(subject: &str, serial: &str) -> Result<Vec<u8>, ProfileEr
     use x509_cert::name::{RdnSequence, RelativeDistinguishedName};
     check_certified_serial_number(serial)?;
     let mut rdns: RdnSequence = x509svid::parse_name(subject)?.into();
-    let bad = |e: der::Error| ProfileError::BadSerialNumber(e.to_string());
+    let bad = ProfileError::SerialNumberEncoding;
     let value = if serial.chars().all(is_printable) {
         Any::encode_from(&der::asn1::PrintableStringRef::new(serial).map_err(bad)?)
     } else {
@@ -335,7 +338,7 @@ pub struct DevIdInfo {
 /// cRLSign, and the kind's TCG certificate policies. (Chain and signature checks are
 /// [`crate::chain`]'s.)
 pub fn check_devid_cert(cert_der: &[u8], kind: DevIdKind) -> Result<DevIdInfo, ProfileError> {
-    let cert = Certificate::from_der(cert_der).map_err(|e| ProfileError::Parse(e.to_string()))?;
+    let cert = Certificate::from_der(cert_der).map_err(ProfileError::Parse)?;
     let tbs = cert.tbs_certificate();
     let serial_number = subject_serial_numbers(cert_der)
         .into_iter()

@@ -29,6 +29,8 @@ pub enum RegistryError {
     },
     #[error("the registry {path} is corrupt: {msg}")]
     Corrupt { path: String, msg: String },
+    #[error("the registry: {0}")]
+    Write(#[from] kame_keymanager::fs::WriteError),
 }
 
 /// A registry file (created on first use).
@@ -162,12 +164,7 @@ impl Registry {
             "sealed": sealed,
         }))
         .map_err(|e| self.corrupt(e))?;
-        kame_keymanager::fs::write_atomic(&self.path, &text, 0o644).map_err(|e| {
-            RegistryError::Io {
-                path: self.path.display().to_string(),
-                source: std::io::Error::other(e.to_string()),
-            }
-        })?;
+        kame_keymanager::fs::write_atomic(&self.path, &text, 0o644)?;
         Ok(())
     }
 }

@@ -39,7 +39,7 @@ fn registry_status(e: crate::registry::RegistryError) -> Status {
     match e {
         R::SerialTaken { .. } | R::EkTaken { .. } => Status::already_exists(e.to_string()),
         R::Corrupt { .. } => Status::failed_precondition(e.to_string()),
-        R::Io { .. } => Status::unavailable(e.to_string()),
+        R::Io { .. } | R::Write(_) => Status::unavailable(e.to_string()),
     }
 }
 
@@ -55,8 +55,10 @@ pub fn enroll_status(e: EnrollError) -> Status {
     use EnrollError as E;
     match e {
         E::Malformed(_)
+        | E::MalformedField(_)
         | E::Missing(_)
         | E::SealedMalformed(_)
+        | E::SealedFormat(_)
         | E::BadSerial(_)
         | E::BadEkCert(_) => Status::invalid_argument(e.to_string()),
         E::UnknownChallenge => Status::failed_precondition(e.to_string()),

@@ -95,7 +95,7 @@ impl ServerSvid {
             .load_private_key(PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
                 pkcs8.as_ref().to_vec(),
             )))
-            .map_err(|e| CaError::ServerSvidKey(format!("rustls refused it: {e}")))?;
+            .map_err(CaError::ServerSvidKeyLoad)?;
         let certs = chain.into_iter().map(CertificateDer::from).collect();
         let cur = Current {
             key: Arc::new(CertifiedKey::new(certs, signing_key)),

@@ -74,8 +74,7 @@ impl Manager {
         reattestable: bool,
     ) -> Result<(), ManagerError> {
         let roots = self.roots.read().map(|r| r.clone()).unwrap_or_default();
-        let v = verify_chain(&chain, &roots, now_secs())
-            .map_err(|e| ManagerError::BadAgentSvid(e.to_string()))?;
+        let v = verify_chain(&chain, &roots, now_secs()).map_err(ManagerError::AgentSvidChain)?;
         if !v.id.path().starts_with("/spire/agent/") || !v.id.is_member_of(&self.cfg.trust_domain) {
             return Err(ManagerError::BadAgentSvid(format!(
                 "{} is not an agent ID of {}",

@@ -45,6 +45,10 @@ pub enum ManagerError {
     Server { code: tonic::Code, message: String },
     #[error("the server returned an agent SVID that is not valid: {0}")]
     BadAgentSvid(String),
+    #[error("the server returned an agent SVID that is not valid: {0}")]
+    AgentSvidChain(#[source] kame_api::Error),
+    #[error("the trust domain gives no server SPIFFE ID: {0}")]
+    ServerId(#[source] kame_api::IdError),
     #[error("the agent has no SVID yet")]
     NotAttested,
     /// A panic while the lock was held: a bug in the agent, not a state of the node.
@@ -253,7 +257,7 @@ impl Manager {
         attestor: NodeAttestor,
     ) -> Result<Arc<Self>, ManagerError> {
         let server_id = SpiffeId::parse(&format!("spiffe://{}/spire/server", cfg.trust_domain))
-            .map_err(|e| ManagerError::BadAgentSvid(e.to_string()))?;
+            .map_err(ManagerError::ServerId)?;
         let now = now_secs();
         let mut st = State::default();
         let cached_bundle = storage.load_bundle()?;

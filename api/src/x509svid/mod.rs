@@ -30,8 +30,10 @@ pub const BACKDATE: Duration = Duration::from_secs(10);
 /// Subject Key Identifier as RFC 5280 method 1: SHA-1 of the subjectPublicKey bits. Lower-case
 /// hex of this is an X.509 authority's ID (as in SPIRE).
 pub fn subject_key_id(spki_der: &[u8]) -> Result<Vec<u8>, Error> {
-    let spki = spki::SubjectPublicKeyInfoRef::from_der(spki_der)
-        .map_err(|e| Error::BadPublicKey(e.to_string()))?;
+    let spki = spki::SubjectPublicKeyInfoRef::from_der(spki_der).map_err(|source| Error::Der {
+        what: "bad public key",
+        source,
+    })?;
     Ok(sha1::Sha1::digest(spki.subject_public_key.raw_bytes()).to_vec())
 }
 
@@ -45,7 +47,10 @@ pub fn parse_name(s: &str) -> Result<Name, Error> {
         .filter(|p| !p.is_empty())
         .collect();
     let rfc4514 = parts.iter().rev().copied().collect::<Vec<_>>().join(",");
-    Name::from_str(&rfc4514).map_err(|e| Error::BadName(format!("{s:?}: {e}")))
+    Name::from_str(&rfc4514).map_err(|source| Error::NameSyntax {
+        name: s.to_string(),
+        source,
+    })
 }
 
 /// The signing certificate that issues a certificate.
@@ -75,7 +80,7 @@ impl IssuerInfo {
                 .tbs_certificate()
                 .subject()
                 .to_der()
-                .map_err(|e| Error::Encode(e.to_string()))?,
+                .map_err(enc_err)?,
             key_id: match p.subject_key_id()? {
                 Some(k) => k,
                 None => subject_key_id(&p.spki_der()?)?,
@@ -190,8 +195,11 @@ pub struct LeafParams<'a> {
     pub not_after: u64,
 }
 
-fn enc_err(e: der::Error) -> Error {
-    Error::Encode(e.to_string())
+fn enc_err(source: der::Error) -> Error {
+    Error::Der {
+        what: "encoding failed",
+        source,
+    }
 }
 
 /// RFC 5280 time: UTCTime through 2049, GeneralizedTime from 2050 (built directly: hot path).
@@ -454,12 +462,17 @@ pub struct ParsedCert {
 
 impl ParsedCert {
     pub fn parse(der: &[u8]) -> Result<Self, Error> {
-        let cert = Certificate::from_der(der)
-            .map_err(|e| Error::BadCertificate(format!("cannot parse certificate: {e}")))?;
+        let cert = Certificate::from_der(der).map_err(|source| Error::Der {
+            what: "bad certificate: cannot parse certificate",
+            source,
+        })?;
         let tbs_raw = cert
             .tbs_certificate()
             .to_der()
-            .map_err(|e| Error::BadCertificate(e.to_string()))?;
+            .map_err(|source| Error::Der {
+                what: "bad certificate",
+                source,
+            })?;
         Ok(ParsedCert { cert, tbs_raw })
     }
 

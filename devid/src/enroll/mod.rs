@@ -43,8 +43,10 @@ const MAX_REQUEST: usize = 1024 * 1024;
 pub enum EnrollError {
     #[error("malformed TCG-CSR-IDEVID: {0}")]
     Malformed(String),
+    #[error("malformed TCG-CSR-IDEVID: {0}")]
+    MalformedField(#[source] wire::Error),
     #[error("prodSerial: {0}")]
-    BadSerial(String),
+    BadSerial(#[source] crate::profile::ProfileError),
     #[error("the request lacks {0}")]
     Missing(&'static str),
     #[error("IAK public area: {0}")]
@@ -81,6 +83,8 @@ pub enum EnrollError {
     WrongAnswer,
     #[error("not a sealed certificate file: {0}")]
     SealedMalformed(String),
+    #[error("not a sealed certificate file: {0}")]
+    SealedFormat(#[source] wire::Error),
     #[error(
         "the sealed certificates do not open with this TPM's answer: sealed for another TPM, or altered"
     )]
@@ -91,8 +95,8 @@ pub enum EnrollError {
     TooManyPending(&'static str, u64),
 }
 
-fn malformed(e: impl std::fmt::Display) -> EnrollError {
-    EnrollError::Malformed(e.to_string())
+fn malformed(e: wire::Error) -> EnrollError {
+    EnrollError::MalformedField(e)
 }
 
 /// The fields of a TCG-CSR-IDEVID.
@@ -336,8 +340,7 @@ pub fn verify_idevid_request(
         }
     }
     // The serial becomes a subject attribute and a selector: a value, never syntax.
-    crate::profile::check_serial_number(&request.prod_serial)
-        .map_err(|e| EnrollError::BadSerial(e.to_string()))?;
+    crate::profile::check_serial_number(&request.prod_serial).map_err(EnrollError::BadSerial)?;
     let idevid = Public::parse(&request.signing_pub).map_err(EnrollError::BadIdevid)?;
     // The request is the IDevID key's word before anything else is believed.
     attest::Signature::parse(&signature)

@@ -21,7 +21,7 @@ pub struct Sealed {
 pub(super) const SEALED_MAGIC: &[u8] = b"KAMESEAL1";
 
 pub(super) fn put_tpm2b(out: &mut Vec<u8>, b: &[u8]) -> Result<(), EnrollError> {
-    wire::put_tpm2b(out, b).map_err(|e| EnrollError::SealedMalformed(e.to_string()))
+    wire::put_tpm2b(out, b).map_err(EnrollError::SealedFormat)
 }
 impl Sealed {
     /// Seals `certs` (DER) for the TPM that made `request`.
@@ -67,11 +67,7 @@ impl Sealed {
         let mut r = wire::Reader::new(plain, "sealed certificates");
         let mut out = vec![];
         while r.remaining() > 0 {
-            out.push(
-                r.tpm2b()
-                    .map_err(|e| EnrollError::SealedMalformed(e.to_string()))?
-                    .to_vec(),
-            );
+            out.push(r.tpm2b().map_err(EnrollError::SealedFormat)?.to_vec());
         }
         Ok(out)
     }
@@ -93,7 +89,7 @@ impl Sealed {
         let body = bytes
             .strip_prefix(SEALED_MAGIC)
             .ok_or_else(|| EnrollError::SealedMalformed("no KAMESEAL1 header".into()))?;
-        let bad = |e: wire::Error| EnrollError::SealedMalformed(e.to_string());
+        let bad = EnrollError::SealedFormat;
         let mut r = wire::Reader::new(body, "sealed certificates");
         let mut field = || r.tpm2b().map(|b| b.to_vec()).map_err(bad);
         let s = Sealed {

@@ -57,6 +57,8 @@ pub enum CaError {
     /// The server's own SVID key could not be made or loaded (step named).
     #[error("server SVID key: {0}")]
     ServerSvidKey(String),
+    #[error("server SVID key: rustls refused it: {0}")]
+    ServerSvidKeyLoad(#[source] rustls::Error),
     #[error("the system random number generator failed")]
     Random,
 }

@@ -68,6 +68,9 @@ pub enum DeviceError {
     Wire(#[from] wire::Error),
     #[error("{0}")]
     Invalid(String),
+    /// The blocking task that ran the TPM operation was cancelled or panicked.
+    #[error("TPM task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
     #[error("the public area given for persistent handle {0:#010x} is not the key there")]
     PublicMismatch(u32),
 }
@@ -291,7 +294,7 @@ impl SharedDevice {
         let tcti = tcti.to_string();
         let d = tokio::task::spawn_blocking(move || Device::open(&tcti))
             .await
-            .map_err(|e| DeviceError::Invalid(format!("TPM task failed: {e}")))??;
+            .map_err(DeviceError::Task)??;
         Ok(SharedDevice {
             inner: std::sync::Arc::new(std::sync::Mutex::new(d)),
         })
@@ -310,6 +313,6 @@ impl SharedDevice {
             f(&mut d)
         })
         .await
-        .map_err(|e| DeviceError::Invalid(format!("TPM task failed: {e}")))?
+        .map_err(DeviceError::Task)?
     }
 }

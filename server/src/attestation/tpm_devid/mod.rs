@@ -57,9 +57,9 @@ pub enum DevIdError {
     #[error("DevIDPub is not the DevID certificate's key")]
     DevIdPubMismatch,
     #[error("AK attributes are not those of an attestation key: {0}")]
-    AkAttributes(String),
+    AkAttributes(#[source] wire::Error),
     #[error("DevID key attributes do not show a TPM-resident key: {0}")]
-    DevIdAttributes(String),
+    DevIdAttributes(#[source] wire::Error),
     #[error("certification of the DevID by the AK does not verify: {0}")]
     BadCertify(#[source] wire::Error),
     #[error("certification of the DevID by the AK does not verify: not a certify attestation")]
@@ -513,14 +513,14 @@ fn check_keys(leaf_cert: &ParsedCert, devid_p: &Public, ak_p: &Public) -> Result
             | attr::SENSITIVE_DATA_ORIGIN,
         attr::DECRYPT,
     )
-    .map_err(|e| DevIdError::AkAttributes(e.to_string()))?;
+    .map_err(DevIdError::AkAttributes)?;
     // 24. The DevID key was made in, and cannot leave, the TPM.
     devid_p
         .check_attributes(
             attr::SIGN_ENCRYPT | attr::FIXED_TPM | attr::FIXED_PARENT | attr::SENSITIVE_DATA_ORIGIN,
             attr::RESTRICTED,
         )
-        .map_err(|e| DevIdError::DevIdAttributes(e.to_string()))
+        .map_err(DevIdError::DevIdAttributes)
 }
 
 /// Step 1 with a certified AK (the agent sent `AKCert`): the AK certificate replaces the EK,
