@@ -189,9 +189,16 @@ fn csr_round_trip_and_bad_signature() {
     assert_eq!(parsed.uris, vec!["spiffe://example.org/w".to_string()]);
     assert_eq!(parsed.dns_names, vec!["a.example".to_string()]);
     let forged = assemble(&info, &alg, &Key::new().sign(&info)).unwrap();
-    assert!(matches!(crate::csr::parse(&forged), Err(Error::BadCsr(_))));
-    assert!(matches!(
-        crate::csr::parse(b"\x30\x03\x02\x01\x00"),
-        Err(Error::BadCsr(_))
-    ));
+    let e = crate::csr::parse(&forged).unwrap_err();
+    assert!(matches!(e, Error::CsrSignature(_)), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("bad CSR: CSR signature check failed"),
+        "{e}"
+    );
+    let e = crate::csr::parse(b"\x30\x03\x02\x01\x00").unwrap_err();
+    assert!(
+        matches!(e, Error::Der { .. }) && e.to_string().starts_with("bad CSR: malformed CSR"),
+        "{e}"
+    );
 }
