@@ -458,10 +458,15 @@ fn tcg_enroll_request_encoding_round_trips_and_refuses_garbage() {
     assert_eq!(content.len() % 16, 0, "padded to 16 bytes");
     assert_eq!(sig, b"sig");
     for bad in [&bytes[..bytes.len() - 1], &[0u8; 3][..], &[]] {
-        assert!(matches!(
-            IdevidRequest::decode(bad),
-            Err(EnrollError::Malformed(_))
-        ));
+        let e = IdevidRequest::decode(bad).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                EnrollError::Malformed(_) | EnrollError::MalformedField(_)
+            ),
+            "{e}"
+        );
+        assert!(e.to_string().starts_with("malformed TCG-CSR-IDEVID"), "{e}");
     }
     let mut trailing = bytes.clone();
     trailing.push(0);
