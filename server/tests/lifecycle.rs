@@ -329,6 +329,83 @@ async fn join_token_attestation_authorization_renewal_and_ban() {
     let first = sync.message().await.unwrap().unwrap();
     assert_eq!(first.entries.len(), 2);
     assert!(!first.more);
+    // SPIRE's checks on the first request.
+    for (req, want) in [
+        (
+            pb::entry::SyncAuthorizedEntriesRequest {
+                output_mask: None,
+                ids: vec![workload_id.clone()],
+            },
+            "specifying IDs on initial request is not supported",
+        ),
+        (
+            pb::entry::SyncAuthorizedEntriesRequest {
+                output_mask: Some(pb::types::EntryMask::default()),
+                ids: vec![],
+            },
+            "revision number cannot be masked",
+        ),
+    ] {
+        let mut s = pb::entry::entry_client::EntryClient::new(agent.clone())
+            .sync_authorized_entries(tokio_stream::iter(vec![req]))
+            .await
+            .unwrap()
+            .into_inner();
+        let e = s.message().await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+        assert_eq!(e.message(), want);
+    }
+    // Exactly one page (500 entries) comes whole, as SPIRE sends it; one more switches to
+    // revisions.
+    let sync_first = |agent: tonic::transport::Channel| async move {
+        pb::entry::entry_client::EntryClient::new(agent)
+            .sync_authorized_entries(tokio_stream::iter(vec![
+                pb::entry::SyncAuthorizedEntriesRequest {
+                    output_mask: None,
+                    ids: vec![],
+                },
+            ]))
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    let more: Vec<_> = (0..498)
+        .map(|i| mk(&format!("/page/{i}"), "/node/alias"))
+        .collect();
+    let res = entries
+        .batch_create_entry(pb::entry::BatchCreateEntryRequest {
+            entries: more,
+            output_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert!(res.iter().all(|r| r.status.as_ref().unwrap().code == 0));
+    let whole = sync_first(agent.clone()).await;
+    assert_eq!(
+        (whole.entries.len(), whole.entry_revisions.len(), whole.more),
+        (500, 0, false)
+    );
+    let res = entries
+        .batch_create_entry(pb::entry::BatchCreateEntryRequest {
+            entries: vec![mk("/page/498", "/node/alias")],
+            output_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results;
+    assert_eq!(res[0].status.as_ref().unwrap().code, 0);
+    let paged = sync_first(agent.clone()).await;
+    assert_eq!(
+        (paged.entries.len(), paged.entry_revisions.len(), paged.more),
+        (0, 500, true)
+    );
 
     // The SVID's ID comes from the entry, never from the CSR.
     let wkey = TestKey::new();

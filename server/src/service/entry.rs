@@ -432,6 +432,28 @@ impl Entry for EntryService {
                     return;
                 }
             };
+            // SPIRE's checks on the first request: IDs come only after revisions were sent,
+            // and revisions are what the agent compares.
+            if !first.ids.is_empty() {
+                let _ = tx
+                    .send(Err(Status::invalid_argument(
+                        "specifying IDs on initial request is not supported",
+                    )))
+                    .await;
+                return;
+            }
+            if first
+                .output_mask
+                .as_ref()
+                .is_some_and(|m| !m.revision_number)
+            {
+                let _ = tx
+                    .send(Err(Status::invalid_argument(
+                        "revision number cannot be masked",
+                    )))
+                    .await;
+                return;
+            }
             let mask = first.output_mask;
             let entries = match authorized_entries(&ctx, &node).await {
                 Ok(e) => e,
@@ -440,7 +462,8 @@ impl Entry for EntryService {
                     return;
                 }
             };
-            if entries.len() < PAGE_SIZE {
+            // Up to a page is sent whole (SPIRE: `len(entries) <= entryPageSize`).
+            if entries.len() <= PAGE_SIZE {
                 let _ = tx
                     .send(Ok(pb::SyncAuthorizedEntriesResponse {
                         entry_revisions: vec![],
