@@ -58,15 +58,6 @@ pub fn single<T>(
     table: &[(&str, Builder<T>)],
     data_dir: &Path,
 ) -> Result<T, ConfigError> {
-    let (name, data) = kame_api::conf::single_plugin(plugins, kind)?;
-    let build = kame_api::conf::builtin(table, &name).ok_or_else(|| {
-        kame_api::conf::invalid(
-            &plugins.key(kind),
-            format!(
-                "unknown {kind} {name:?} (expected one of {})",
-                kame_api::conf::builtin_names(&[], table)
-            ),
-        )
-    })?;
+    let (build, data) = kame_api::conf::single_builtin("kame-agent", plugins, kind, table)?;
     build(data_dir, data)
 }

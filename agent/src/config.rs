@@ -74,12 +74,7 @@ impl Config {
         })?;
         root.finish()?;
 
-        let required = |s: &Section, k: &str| -> Result<String, ConfigError> {
-            s.string(k)?
-                .filter(|v| !v.is_empty())
-                .ok_or_else(|| s.missing(k))
-        };
-        let td_s = required(&agent, "trust_domain")?;
+        let td_s = agent.required("trust_domain")?;
         if td_s.contains(':') {
             return Err(invalid(
                 "agent.trust_domain",
@@ -88,7 +83,7 @@ impl Config {
         }
         let trust_domain =
             TrustDomain::parse(&td_s).map_err(|e| invalid("agent.trust_domain", e.to_string()))?;
-        let server_address = required(&agent, "server_address")?;
+        let server_address = agent.required("server_address")?;
         let server_port = match agent.int("server_port")? {
             None => 8081,
             Some(p) => u16::try_from(p)
@@ -104,7 +99,7 @@ impl Config {
             return Err(invalid("agent.socket_path", "must be an absolute path"));
         }
         let data_dir = PathBuf::from(agent.string("data_dir")?.unwrap_or_else(|| ".".into()));
-        let trust_bundle_path = PathBuf::from(required(&agent, "trust_bundle_path")?);
+        let trust_bundle_path = PathBuf::from(agent.required("trust_bundle_path")?);
         let join_token = agent
             .string("join_token")?
             .filter(|t| !t.is_empty())

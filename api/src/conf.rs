@@ -339,6 +339,17 @@ impl Section {
         Ok(out)
     }
 
+    /// The string under `k`, an empty one counting as unset (Go's zero value, as SPIRE reads
+    /// its configuration).
+    pub fn nonempty(&self, k: &str) -> Result<Option<String>, ConfigError> {
+        Ok(self.string(k)?.filter(|v| !v.is_empty()))
+    }
+
+    /// The non-empty string under `k`; unset is [`Section::missing`].
+    pub fn required(&self, k: &str) -> Result<String, ConfigError> {
+        self.nonempty(k)?.ok_or_else(|| self.missing(k))
+    }
+
     /// The error for the required key `k` not being set: when the section holds an unread
     /// key that is a near miss of `k` (a typo), that key is named as unknown instead, so the
     /// operator sees the line to fix.
@@ -462,6 +473,32 @@ pub fn single_plugin(plugins: &mut Section, kind: &str) -> Result<(String, Secti
     }
     let (name, sec) = all.pop().ok_or(ConfigError::Missing { key })?;
     Ok((name, plugin_data(sec)?))
+}
+
+/// The one plugin of `kind` in `plugins` with its builder from `binary`'s catalogue `table`:
+/// none, more than one, or an unknown name is an error naming `plugins.<kind>` (an unknown
+/// name lists the known ones).
+pub fn single_builtin<B: Copy>(
+    binary: &str,
+    plugins: &mut Section,
+    kind: &str,
+    table: &[(&str, B)],
+) -> Result<(B, Section), ConfigError> {
+    let (name, data) = single_plugin(plugins, kind)?;
+    let build = builtin(table, &name).ok_or_else(|| {
+        invalid(
+            &plugins.key(kind),
+            if table.is_empty() {
+                format!("unknown {kind} {name:?} (this {binary} has none built in)")
+            } else {
+                format!(
+                    "unknown {kind} {name:?} (expected one of {})",
+                    builtin_names(&[], table)
+                )
+            },
+        )
+    })?;
+    Ok((build, data))
 }
 
 /// The built-in named `name` in a plugin catalogue's table (name, builder).

@@ -469,6 +469,37 @@ fn tpm_devid_tpmutil_04_full_object_slots_are_reclaimed_at_open() {
     assert_eq!(transients(), 0, "attestation leaves no object loaded");
 }
 
+/// Message 1 holds the DevID, the AK and the EK for the answer: every object slot swtpm has.
+/// A second message 1 over the same connection, the first never answered, releases the
+/// first's objects (else it would fail for want of a slot); the first session then no longer
+/// holds them and would load its blobs again.
+#[test]
+fn tpm_devid_unanswered_message_1_releases_its_objects_for_the_next() {
+    use kame_agent::tpm_devid::sequence;
+    let tpm = SwTpm::start().unwrap();
+    let devid = provision(&tpm, "node");
+    let mut d = Device::open(&tpm.tcti).unwrap();
+    let (_, first) = evidence(&mut d, vec![devid.leaf_der.clone()], devid.key.clone()).unwrap();
+    let held = |d: &Device, s: &kame_agent::tpm_devid::Session| {
+        s.loaded.as_ref().is_some_and(|l| sequence::holds(d, l))
+    };
+    assert!(held(&d, &first), "message 1 keeps its objects loaded");
+    let (_, second) = evidence(&mut d, vec![devid.leaf_der.clone()], devid.key.clone())
+        .expect("the unanswered attestation's objects were released");
+    assert!(
+        !held(&d, &first),
+        "the first attestation's objects are gone"
+    );
+    assert!(held(&d, &second));
+    drop(d);
+    let o = tpm.raw("tpm2_getcap", &["handles-transient"]).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).lines().count(),
+        0,
+        "nothing is left loaded"
+    );
+}
+
 /// SPIRE's tpmutil cases 14–17 (GetEKCert): the certificate is read from NV 0x01c00002; NV
 /// padding after the DER is cut off; unparsable content and an undefined index are errors.
 #[test]

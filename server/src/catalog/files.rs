@@ -10,10 +10,7 @@ use std::path::PathBuf;
 
 /// The non-empty path under `key`, if set.
 pub fn optional_path(data: &Section, key: &str) -> Result<Option<PathBuf>, ConfigError> {
-    Ok(data
-        .string(key)?
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from))
+    Ok(data.nonempty(key)?.map(PathBuf::from))
 }
 
 /// The non-empty path under `key`.

@@ -164,19 +164,6 @@ pub fn single<P: ?Sized>(
     table: &[(&str, Builder<P>)],
     env: &PluginEnv,
 ) -> Result<Arc<P>, ConfigError> {
-    let (name, data) = kame_api::conf::single_plugin(plugins, kind)?;
-    let build = kame_api::conf::builtin(table, &name).ok_or_else(|| {
-        kame_api::conf::invalid(
-            &plugins.key(kind),
-            if table.is_empty() {
-                format!("unknown {kind} {name:?} (this kame-server has none built in)")
-            } else {
-                format!(
-                    "unknown {kind} {name:?} (expected one of {})",
-                    kame_api::conf::builtin_names(&[], table)
-                )
-            },
-        )
-    })?;
+    let (build, data) = kame_api::conf::single_builtin("kame-server", plugins, kind, table)?;
     build(env, data)
 }

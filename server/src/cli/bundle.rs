@@ -184,11 +184,7 @@ pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
                 })
                 .await?
                 .into_inner();
-            let r = r
-                .results
-                .first()
-                .ok_or_else(|| CliError::Failed("no result".into()))?;
-            check_status(&r.status)?;
+            check_first(r.results.iter().map(|x| &x.status))?;
             print(
                 common.output,
                 json!({"trust_domain": td.as_str()}),
@@ -211,11 +207,7 @@ pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
                 })
                 .await?
                 .into_inner();
-            let r = r
-                .results
-                .first()
-                .ok_or_else(|| CliError::Failed("no result".into()))?;
-            check_status(&r.status)?;
+            check_first(r.results.iter().map(|x| &x.status))?;
             print(
                 common.output,
                 json!({"trust_domain": td.as_str()}),

@@ -320,11 +320,7 @@ async fn delete(entry_id: String, common: Common) -> Result<(), CliError> {
         })
         .await?
         .into_inner();
-    let r = resp
-        .results
-        .first()
-        .ok_or_else(|| CliError::Failed("no result".into()))?;
-    check_status(&r.status)?;
+    check_first(resp.results.iter().map(|x| &x.status))?;
     print(
         common.output,
         json!({"id": entry_id}),

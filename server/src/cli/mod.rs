@@ -153,6 +153,17 @@ fn check_status(s: &Option<types::Status>) -> Result<(), CliError> {
     }
 }
 
+/// The status of a batch call's first (only) result.
+fn check_first<'a>(
+    mut statuses: impl Iterator<Item = &'a Option<types::Status>>,
+) -> Result<(), CliError> {
+    check_status(
+        statuses
+            .next()
+            .ok_or_else(|| CliError::Failed("no result".into()))?,
+    )
+}
+
 fn print(out: Output, json_v: Value, pretty: String) {
     match out {
         Output::Json => println!("{json_v}"),

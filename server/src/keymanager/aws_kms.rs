@@ -2,7 +2,7 @@
 //! KMS-compatible service). `key_policy_file` is read when the configuration loads; the
 //! secret access key, when given, is never printed.
 
-use super::{KeyIdentifier, KeyManagerPlugin, OpenContext, SecretSource, optional, required};
+use super::{KeyIdentifier, KeyManagerPlugin, OpenContext, SecretSource};
 use crate::catalog::PluginEnv;
 use crate::run::RunError;
 use kame_api::conf::{ConfigError, Section, invalid};
@@ -32,9 +32,10 @@ pub fn plugin(env: &PluginEnv, data: Section) -> Result<Arc<dyn KeyManagerPlugin
 }
 
 fn config(env: &PluginEnv, mut data: Section) -> Result<AwsKms, ConfigError> {
-    let region = required(&data, "region")?;
-    let access_key_id = optional(&data, "access_key_id")?;
-    let secret_access_key = optional(&data, "secret_access_key")?
+    let region = data.required("region")?;
+    let access_key_id = data.nonempty("access_key_id")?;
+    let secret_access_key = data
+        .nonempty("secret_access_key")?
         .map(|v| SecretSource::Value(kame_api::Secret::new(v)));
     if access_key_id.is_some() != secret_access_key.is_some() {
         return Err(invalid(
@@ -51,8 +52,8 @@ fn config(env: &PluginEnv, mut data: Section) -> Result<AwsKms, ConfigError> {
     }
     kame_keymanager::aws_kms::check_user_tags(&key_tags)
         .map_err(|e| invalid(&data.key("key_tags"), e.to_string()))?;
-    let endpoint = optional(&data, "endpoint")?;
-    let key_policy = match optional(&data, "key_policy_file")?.map(PathBuf::from) {
+    let endpoint = data.nonempty("endpoint")?;
+    let key_policy = match data.nonempty("key_policy_file")?.map(PathBuf::from) {
         None => None,
         Some(p) => Some(crate::catalog::files::read_text(
             &data.key("key_policy_file"),

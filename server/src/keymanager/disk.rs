@@ -20,7 +20,7 @@ pub struct Disk {
 
 /// Builds `KeyManager "disk"` from its `plugin_data`.
 pub fn plugin(env: &PluginEnv, data: Section) -> Result<Arc<dyn KeyManagerPlugin>, ConfigError> {
-    let keys_path = PathBuf::from(super::required(&data, "keys_path")?);
+    let keys_path = PathBuf::from(data.required("keys_path")?);
     crate::catalog::files::creatable(&data.key("keys_path"), &keys_path, &env.data_dir)?;
     data.finish()?;
     Ok(Arc::new(Disk { keys_path }))

@@ -3,7 +3,7 @@
 //! key, a service account token) must be readable when the configuration loads; secrets are
 //! never printed.
 
-use super::{KeyIdentifier, KeyManagerPlugin, OpenContext, optional, required};
+use super::{KeyIdentifier, KeyManagerPlugin, OpenContext};
 use crate::catalog::PluginEnv;
 use crate::catalog::files::readable;
 use crate::run::RunError;
@@ -35,7 +35,7 @@ pub fn plugin(env: &PluginEnv, data: Section) -> Result<Arc<dyn KeyManagerPlugin
 
 /// A path under `key` in `data` that must be a readable file.
 fn readable_path(data: &Section, key: &str) -> Result<PathBuf, ConfigError> {
-    let p = PathBuf::from(required(data, key)?);
+    let p = PathBuf::from(data.required(key)?);
     readable(&data.key(key), &p)?;
     Ok(p)
 }
@@ -44,21 +44,25 @@ fn readable_path(data: &Section, key: &str) -> Result<PathBuf, ConfigError> {
 fn auth(data: &mut Section) -> Result<VaultAuth, ConfigError> {
     let mut auths = vec![];
     if let Some(a) = data.section("token_auth")? {
-        auths.push(VaultAuth::Token(Secret::new(required(&a, "token")?)));
+        auths.push(VaultAuth::Token(Secret::new(a.required("token")?)));
         a.finish()?;
     }
     if let Some(a) = data.section("approle_auth")? {
         auths.push(VaultAuth::AppRole {
-            mount: optional(&a, "approle_auth_mount_point")?.unwrap_or_else(|| "approle".into()),
-            role_id: required(&a, "approle_id")?,
-            secret_id: Secret::new(required(&a, "approle_secret_id")?),
+            mount: a
+                .nonempty("approle_auth_mount_point")?
+                .unwrap_or_else(|| "approle".into()),
+            role_id: a.required("approle_id")?,
+            secret_id: Secret::new(a.required("approle_secret_id")?),
         });
         a.finish()?;
     }
     if let Some(a) = data.section("cert_auth")? {
         auths.push(VaultAuth::Cert {
-            mount: optional(&a, "cert_auth_mount_point")?.unwrap_or_else(|| "cert".into()),
-            role_name: optional(&a, "cert_auth_role_name")?.unwrap_or_default(),
+            mount: a
+                .nonempty("cert_auth_mount_point")?
+                .unwrap_or_else(|| "cert".into()),
+            role_name: a.nonempty("cert_auth_role_name")?.unwrap_or_default(),
             client_cert_path: readable_path(&a, "client_cert_path")?,
             client_key_path: readable_path(&a, "client_key_path")?,
         });
@@ -66,8 +70,10 @@ fn auth(data: &mut Section) -> Result<VaultAuth, ConfigError> {
     }
     if let Some(a) = data.section("k8s_auth")? {
         auths.push(VaultAuth::Kubernetes {
-            mount: optional(&a, "k8s_auth_mount_point")?.unwrap_or_else(|| "kubernetes".into()),
-            role: required(&a, "k8s_auth_role_name")?,
+            mount: a
+                .nonempty("k8s_auth_mount_point")?
+                .unwrap_or_else(|| "kubernetes".into()),
+            role: a.required("k8s_auth_role_name")?,
             token_path: readable_path(&a, "token_path")?,
         });
         a.finish()?;
@@ -82,15 +88,16 @@ fn auth(data: &mut Section) -> Result<VaultAuth, ConfigError> {
 }
 
 fn config(env: &PluginEnv, mut data: Section) -> Result<HashicorpVault, ConfigError> {
-    let vault_addr = required(&data, "vault_addr")?;
-    let namespace = optional(&data, "namespace")?;
-    let ca_cert_path = match optional(&data, "ca_cert_path")? {
+    let vault_addr = data.required("vault_addr")?;
+    let namespace = data.nonempty("namespace")?;
+    let ca_cert_path = match data.nonempty("ca_cert_path")? {
         None => None,
         Some(_) => Some(readable_path(&data, "ca_cert_path")?),
     };
     let insecure_skip_verify = data.take_bool("insecure_skip_verify")?.unwrap_or(false);
-    let transit_engine_path =
-        optional(&data, "transit_engine_path")?.unwrap_or_else(|| "transit".into());
+    let transit_engine_path = data
+        .nonempty("transit_engine_path")?
+        .unwrap_or_else(|| "transit".into());
     let key_identifier = KeyIdentifier::parse(&data, &env.data_dir)?;
     let auth = auth(&mut data)?;
     data.finish()?;

@@ -50,12 +50,8 @@ impl KeyIdentifier {
     /// SPIRE's keys; `key_identifier_value` only letters, digits, `/`, `_`, `-`, at most 256;
     /// `key_identifier_file`'s directory must exist (the file is created on first start).
     pub fn parse(data: &Section, data_dir: &std::path::Path) -> Result<Self, ConfigError> {
-        let file = data
-            .string("key_identifier_file")?
-            .filter(|v| !v.is_empty());
-        let value = data
-            .string("key_identifier_value")?
-            .filter(|v| !v.is_empty());
+        let file = data.nonempty("key_identifier_file")?;
+        let value = data.nonempty("key_identifier_value")?;
         match (file, value) {
             (Some(_), Some(_)) => Err(invalid(
                 &data.key("key_identifier_value"),
@@ -111,12 +107,10 @@ pub enum SecretSource {
 impl SecretSource {
     /// Exactly one of `<name>`, `<name>_file`, `<name>_env`.
     pub fn parse(data: &Section, name: &str) -> Result<Self, ConfigError> {
-        let v = data.string(name)?.filter(|v| !v.is_empty());
+        let v = data.nonempty(name)?;
         let file_key = format!("{name}_file");
-        let f = data.string(&file_key)?.filter(|v| !v.is_empty());
-        let e = data
-            .string(&format!("{name}_env"))?
-            .filter(|v| !v.is_empty());
+        let f = data.nonempty(&file_key)?;
+        let e = data.nonempty(&format!("{name}_env"))?;
         match (v, f, e) {
             (Some(v), None, None) => Ok(SecretSource::Value(Secret::new(v))),
             (None, Some(f), None) => {
@@ -145,16 +139,6 @@ impl SecretSource {
                 .map_err(|_| format!("environment variable {v} is not set")),
         }
     }
-}
-
-/// The non-empty string under `key`, if set.
-pub(crate) fn optional(data: &Section, key: &str) -> Result<Option<String>, ConfigError> {
-    Ok(data.string(key)?.filter(|v| !v.is_empty()))
-}
-
-/// The non-empty string under `key`.
-pub(crate) fn required(data: &Section, key: &str) -> Result<String, ConfigError> {
-    optional(data, key)?.ok_or_else(|| data.missing(key))
 }
 
 /// How long one call to a remote KeyManager may take.

@@ -2,7 +2,7 @@
 //! must be a readable file when the configuration loads; the user PIN comes from the
 //! configuration, a file or an environment variable and is never printed.
 
-use super::{KeyIdentifier, KeyManagerPlugin, OpenContext, SecretSource, required};
+use super::{KeyIdentifier, KeyManagerPlugin, OpenContext, SecretSource};
 use crate::catalog::PluginEnv;
 use crate::run::RunError;
 use kame_api::conf::{ConfigError, Section};
@@ -23,9 +23,9 @@ pub struct Pkcs11 {
 
 /// Builds `KeyManager "pkcs11"` from its `plugin_data`.
 pub fn plugin(env: &PluginEnv, data: Section) -> Result<Arc<dyn KeyManagerPlugin>, ConfigError> {
-    let module_path = PathBuf::from(required(&data, "module_path")?);
+    let module_path = PathBuf::from(data.required("module_path")?);
     crate::catalog::files::readable(&data.key("module_path"), &module_path)?;
-    let token_label = required(&data, "token_label")?;
+    let token_label = data.required("token_label")?;
     let user_pin = SecretSource::parse(&data, "user_pin")?;
     let key_identifier = KeyIdentifier::parse(&data, &env.data_dir)?;
     data.finish()?;
