@@ -33,6 +33,22 @@ pub async fn connect(
     roots: SharedRoots,
     client: Option<(Vec<Vec<u8>>, Vec<u8>)>,
 ) -> Result<Channel, ClientError> {
+    connect_any(&[(address.to_string(), port)], server_id, roots, client).await
+}
+
+/// How long one address may take to accept a TCP connection before the next is tried.
+const ADDRESS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// A channel to the first of `targets` (each a host and port; a host may resolve to several
+/// addresses) that accepts a connection and completes the TLS handshake, starting with the
+/// one that answered last. Every reconnection of the channel goes through the list again, so
+/// when a server dies the next connection goes to another.
+pub async fn connect_any(
+    targets: &[(String, u16)],
+    server_id: &SpiffeId,
+    roots: SharedRoots,
+    client: Option<(Vec<Vec<u8>>, Vec<u8>)>,
+) -> Result<Channel, ClientError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let verifier = Arc::new(kame_api::tls::SpiffeServerVerifier::new(
         Arc::new(move || roots.read().map(|r| r.clone()).unwrap_or_default()),
@@ -55,28 +71,97 @@ pub async fn connect(
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     let connector = tokio_rustls::TlsConnector::from(Arc::new(cfg));
-    let host = address.to_string();
-    let addr = format!("{address}:{port}");
-    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .map_err(|source| ClientError::Connect {
-            addr: addr.clone(),
-            source,
-        })?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .timeout(std::time::Duration::from_secs(30));
+    let targets: Arc<Vec<(String, u16)>> = Arc::new(targets.to_vec());
+    let shown = targets
+        .iter()
+        .map(|(h, p)| format!("{h}:{p}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let last_good = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let endpoint = tonic::transport::Endpoint::from_shared(format!(
+        "http://{}",
+        targets
+            .first()
+            .map(|(h, p)| format!("{h}:{p}"))
+            .unwrap_or_else(|| "kame-server".into())
+    ))
+    .map_err(|source| ClientError::Connect {
+        addr: shown.clone(),
+        source,
+    })?
+    .connect_timeout(std::time::Duration::from_secs(5))
+    .timeout(std::time::Duration::from_secs(30));
     endpoint
         .connect_with_connector(tower::service_fn(move |_| {
             let connector = connector.clone();
-            let host = host.clone();
-            async move {
-                let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await?;
-                // The server is authenticated by its SPIFFE ID, not its DNS name.
-                let name = rustls::pki_types::ServerName::try_from("kame-server")
-                    .map_err(std::io::Error::other)?;
-                let tls = connector.connect(name, tcp).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
-            }
+            let targets = targets.clone();
+            let last_good = last_good.clone();
+            async move { dial(&targets, &last_good, &connector).await }
         }))
         .await
-        .map_err(|source| ClientError::Connect { addr, source })
+        .map_err(|source| ClientError::Connect {
+            addr: shown,
+            source,
+        })
+}
+
+/// One connection: each target in turn from the last good one, each address it resolves to.
+async fn dial(
+    targets: &[(String, u16)],
+    last_good: &std::sync::atomic::AtomicUsize,
+    connector: &tokio_rustls::TlsConnector,
+) -> std::io::Result<hyper_util::rt::TokioIo<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>>
+{
+    use std::sync::atomic::Ordering;
+    let n = targets.len();
+    let start = last_good.load(Ordering::Relaxed);
+    let mut last_err = std::io::Error::other("no server address configured");
+    for i in 0..n {
+        let at = (start + i) % n;
+        let (host, port) = &targets[at];
+        let addrs = match tokio::net::lookup_host((host.as_str(), *port)).await {
+            Ok(a) => a.collect::<Vec<_>>(),
+            Err(e) => {
+                last_err = std::io::Error::new(e.kind(), format!("{host}: {e}"));
+                continue;
+            }
+        };
+        for addr in addrs {
+            let tcp =
+                match tokio::time::timeout(ADDRESS_TIMEOUT, tokio::net::TcpStream::connect(addr))
+                    .await
+                {
+                    Ok(Ok(t)) => {
+                        // Small gRPC frames must not wait for delayed ACKs (Nagle).
+                        let _ = t.set_nodelay(true);
+                        t
+                    }
+                    Ok(Err(e)) => {
+                        last_err = std::io::Error::new(e.kind(), format!("{addr}: {e}"));
+                        continue;
+                    }
+                    Err(_) => {
+                        last_err = std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!("{addr}: no answer within {ADDRESS_TIMEOUT:?}"),
+                        );
+                        continue;
+                    }
+                };
+            // The server is authenticated by its SPIFFE ID, not its DNS name.
+            let name = rustls::pki_types::ServerName::try_from("kame-server")
+                .map_err(std::io::Error::other)?;
+            match connector.connect(name, tcp).await {
+                Ok(tls) => {
+                    if at != start && n > 1 {
+                        tracing::info!(server = %format!("{host}:{port}"), "connected to another server");
+                    }
+                    last_good.store(at, Ordering::Relaxed);
+                    return Ok(hyper_util::rt::TokioIo::new(tls));
+                }
+                Err(e) => last_err = std::io::Error::new(e.kind(), format!("{addr}: {e}")),
+            }
+        }
+    }
+    Err(last_err)
 }

@@ -39,6 +39,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub server_address: String,
     pub server_port: u16,
+    /// Every server to try, in order: `server_address:server_port` first, then the entries
+    /// of `server_addresses` (ours), each `host:port` or a host on `server_port`.
+    pub servers: Vec<(String, u16)>,
     pub socket_path: PathBuf,
     pub trust_bundle_path: PathBuf,
     pub trust_domain: TrustDomain,
@@ -50,6 +53,38 @@ pub struct Config {
     pub node_attestor: NodeAttestorConfig,
     pub key_manager: KeyManagerConfig,
     pub unix: UnixAttestorConfig,
+}
+
+/// `host:port`, `[v6]:port` or a bare host on `default_port`.
+fn host_port(s: &str, default_port: u16) -> Result<(String, u16), String> {
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{p:?} is not a port number"))
+    };
+    if let Some(rest) = s.strip_prefix('[') {
+        let (host, after) = rest
+            .split_once(']')
+            .ok_or_else(|| "unclosed \"[\"".to_string())?;
+        return match after.strip_prefix(':') {
+            Some(p) => Ok((host.to_string(), port(p)?)),
+            None if after.is_empty() => Ok((host.to_string(), default_port)),
+            None => Err("expected \":port\" after \"]\"".into()),
+        };
+    }
+    let (host, p) = match s.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, Some(p)),
+        Some(_) => return Err("an IPv6 address needs brackets: [addr]:port".into()),
+        None => (s, None),
+    };
+    if host.is_empty() || host.contains(char::is_whitespace) {
+        return Err("not a host name or address".into());
+    }
+    Ok((
+        host.to_string(),
+        p.map(port).transpose()?.unwrap_or(default_port),
+    ))
 }
 
 impl Config {
@@ -83,7 +118,12 @@ impl Config {
         }
         let trust_domain =
             TrustDomain::parse(&td_s).map_err(|e| invalid("agent.trust_domain", e.to_string()))?;
-        let server_address = agent.required("server_address")?;
+        let more = agent.strings("server_addresses")?.unwrap_or_default();
+        let server_address = match agent.nonempty("server_address")? {
+            Some(a) => a,
+            None if !more.is_empty() => String::new(),
+            None => agent.required("server_address")?,
+        };
         let server_port = match agent.int("server_port")? {
             None => 8081,
             Some(p) => u16::try_from(p)
@@ -91,6 +131,17 @@ impl Config {
                 .filter(|p| *p != 0)
                 .ok_or_else(|| invalid("agent.server_port", format!("{p} is not a port number")))?,
         };
+        let mut servers = vec![];
+        if !server_address.is_empty() {
+            servers.push((server_address.clone(), server_port));
+        }
+        for a in &more {
+            let t = host_port(a, server_port)
+                .map_err(|m| invalid("agent.server_addresses", format!("{a:?}: {m}")))?;
+            if !servers.contains(&t) {
+                servers.push(t);
+            }
+        }
         let socket_path = agent
             .string("socket_path")?
             .map(PathBuf::from)
@@ -155,6 +206,7 @@ impl Config {
             data_dir,
             server_address,
             server_port,
+            servers,
             socket_path,
             trust_bundle_path,
             trust_domain,
@@ -256,6 +308,45 @@ plugins {
         assert!(c.unix.discover_workload_path);
         assert_eq!(c.unix.workload_size_limit, 1 << 20);
         assert_eq!(c.sync_interval, Duration::from_secs(5));
+    }
+
+    /// `server_addresses` (ours) adds servers after `server_address`, each `host:port`,
+    /// `[v6]:port` or a host on `server_port`; it may stand alone; bad entries name the key.
+    #[test]
+    fn config_server_addresses_for_failover() {
+        let c = Config::parse(GOOD, false).unwrap();
+        assert_eq!(c.servers, vec![("127.0.0.1".to_string(), 8081)]);
+        let more = GOOD.replace(
+            "server_port = \"8081\"",
+            "server_port = \"8081\"\n    server_addresses = [\"b.example:9000\", \"c.example\", \"[::1]:7\", \"127.0.0.1:8081\"]",
+        );
+        let c = Config::parse(&more, false).unwrap();
+        assert_eq!(
+            c.servers,
+            vec![
+                ("127.0.0.1".to_string(), 8081),
+                ("b.example".to_string(), 9000),
+                ("c.example".to_string(), 8081),
+                ("::1".to_string(), 7),
+            ]
+        );
+        let alone = more.replace("server_address = \"127.0.0.1\"", "");
+        assert_eq!(Config::parse(&alone, false).unwrap().servers.len(), 4);
+        let none = GOOD.replace("server_address = \"127.0.0.1\"", "");
+        assert!(
+            Config::parse(&none, false)
+                .unwrap_err()
+                .to_string()
+                .contains("agent.server_address")
+        );
+        for bad in ["b:0", "b:x", "::1:80", "[::1", "a b"] {
+            let t = GOOD.replace(
+                "server_port = \"8081\"",
+                &format!("server_addresses = [\"{bad}\"]"),
+            );
+            let e = Config::parse(&t, false).unwrap_err().to_string();
+            assert!(e.contains("agent.server_addresses"), "{bad}: {e}");
+        }
     }
 
     #[test]

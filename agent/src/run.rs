@@ -103,8 +103,7 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
     let manager = Manager::new(
         ManagerConfig {
             trust_domain: cfg.trust_domain.clone(),
-            server_address: cfg.server_address.clone(),
-            server_port: cfg.server_port,
+            servers: cfg.servers.clone(),
             trust_bundle_path: cfg.trust_bundle_path.clone(),
             sync_interval: cfg.sync_interval,
         },

@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod datastore;
+pub mod entrycache;
 pub mod keymanager;
 pub mod metrics;
 pub mod ratelimit;

@@ -195,10 +195,25 @@ async fn build_context(
         .trust_domain
         .id_from_segments(&["spire", "server"])
         .map_err(|e| CaError::Profile(e.into()))?;
+    let started = std::time::Instant::now();
+    let entries =
+        crate::entrycache::EntryCache::load(ds.clone(), server_spiffe_id.to_string()).await?;
+    entries.spawn_follower(crate::entrycache::POLL_INTERVAL);
+    let nodes = crate::entrycache::NodeCache::load(ds.clone()).await?;
+    nodes.spawn_follower(crate::entrycache::POLL_INTERVAL);
+    tracing::info!(
+        entries = entries.len(),
+        agents = nodes.len(),
+        seconds = started.elapsed().as_secs_f64(),
+        "entry and node caches loaded"
+    );
     let ctx = Arc::new(Context {
         td: cfg.trust_domain.clone(),
         ca: ca.clone(),
         ds: ds.clone(),
+        entries,
+        nodes,
+        last_good: Default::default(),
         default_x509_svid_ttl: cfg.default_x509_svid_ttl,
         default_jwt_svid_ttl: cfg.default_jwt_svid_ttl,
         agent_ttl: cfg.agent_ttl.unwrap_or(cfg.default_x509_svid_ttl),
@@ -356,6 +371,8 @@ pub async fn start_with(
                 _ = stopped(&mut rx_accept) => break,
                 r = tcp.accept() => {
                     let Ok((stream, peer)) = r else { continue };
+                    // Small gRPC frames must not wait for delayed ACKs (Nagle).
+                    let _ = stream.set_nodelay(true);
                     let acceptor = acceptor.clone();
                     let tx = conn_tx.clone();
                     tokio::spawn(async move {

@@ -443,12 +443,30 @@ async fn localauthority_cli_runs_the_whole_sequence_and_revoke_destroys_the_key(
 /// A second server on `first`'s datastore (its own keys, server id and admin socket): two
 /// servers of one trust domain sharing state, as in HA.
 async fn peer_of(first: &TestServer, o: Opts) -> TestServer {
+    let shared = first.dir.path().join("data/datastore.sqlite3");
+    on_datastore(
+        o,
+        &format!(
+            "database_type = \"sqlite3\"\n            connection_string = \"{}\"",
+            shared.display()
+        ),
+    )
+    .await
+}
+
+/// A server whose DataStore `plugin_data` is `datastore`.
+async fn on_datastore(o: Opts, datastore: &str) -> TestServer {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
-    let shared = first.dir.path().join("data/datastore.sqlite3");
     let own = dir.path().join("data/datastore.sqlite3");
-    let text = config_text(dir.path(), port, &o)
-        .replace(&own.display().to_string(), &shared.display().to_string());
+    let text = config_text(dir.path(), port, &o).replace(
+        &format!(
+            "database_type = \"sqlite3\"\n            connection_string = \"{}\"",
+            own.display()
+        ),
+        datastore,
+    );
+    assert!(text.contains(datastore));
     let config_path = dir.path().join("server.conf");
     std::fs::write(&config_path, text).unwrap();
     let mut s = TestServer {
@@ -467,16 +485,41 @@ fn holds_key(s: &TestServer, id: &str) -> bool {
     keys_json_fingerprints(s).contains(&id.to_string())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn localauthority_ha_taint_and_revoke_of_a_peers_authority_reach_the_peer() {
-    // ca_ttl 2m: the rotation tick (ca_ttl/24) is 5 s.
-    let o = || Opts {
+// ca_ttl 2m: the rotation tick (ca_ttl/24) is 5 s.
+fn ha_opts() -> Opts {
+    Opts {
         ca_ttl: "2m",
         x509_ttl: "10s",
         ..Default::default()
-    };
-    let s1 = TestServer::start(o()).await;
-    let s2 = peer_of(&s1, o()).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn localauthority_ha_taint_and_revoke_of_a_peers_authority_reach_the_peer() {
+    let s1 = TestServer::start(ha_opts()).await;
+    let s2 = peer_of(&s1, ha_opts()).await;
+    ha_taint_and_revoke(s1, s2).await;
+}
+
+/// The same with both servers on one PostgreSQL cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn localauthority_ha_on_postgres_taint_and_revoke_of_a_peers_authority_reach_the_peer() {
+    let pg = kame_server::datastore::testing::PgCluster::start();
+    let ds = format!(
+        "database_type = \"postgres\"\n            connection_string = \"{}\"",
+        pg.create_database("kame")
+    );
+    let s1 = on_datastore(ha_opts(), &ds).await;
+    let s2 = on_datastore(ha_opts(), &ds).await;
+    assert_eq!(
+        s1.bundle().await.x509_authorities.len(),
+        2,
+        "one bundle, both CAs"
+    );
+    ha_taint_and_revoke(s1, s2).await;
+}
+
+async fn ha_taint_and_revoke(s1: TestServer, s2: TestServer) {
     // The peer rotates: its first authority becomes OLD.
     let old2 = ids(s2.admin().await, K::X509).await.0;
     let p2 = call(s2.admin().await, K::X509, Op::Prepare { force: false }, "")

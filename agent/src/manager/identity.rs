@@ -26,9 +26,8 @@ impl Manager {
             .agent
             .clone()
             .ok_or(ManagerError::NotAttested)?;
-        let ch = client::connect(
-            &self.cfg.server_address,
-            self.cfg.server_port,
+        let ch = client::connect_any(
+            &self.cfg.servers,
             &self.server_id,
             self.roots.clone(),
             Some((agent.chain.clone(), agent.key_pkcs8.to_vec())),
@@ -47,14 +46,8 @@ impl Manager {
             .map_err(|_| ManagerError::Poisoned("attestor"))?;
         let key = keys::generate()?;
         let csr = keys::csr(&key)?;
-        let ch = client::connect(
-            &self.cfg.server_address,
-            self.cfg.server_port,
-            &self.server_id,
-            self.roots.clone(),
-            None,
-        )
-        .await?;
+        let ch = client::connect_any(&self.cfg.servers, &self.server_id, self.roots.clone(), None)
+            .await?;
         let res = attestor.attest(ch, csr).await?;
         if let NodeAttestor::JoinToken(_) = attestor
             && let Ok(mut a) = self.attestor.lock()

@@ -196,8 +196,8 @@ pub struct WorkloadView {
 #[derive(Debug, Clone)]
 pub struct ManagerConfig {
     pub trust_domain: TrustDomain,
-    pub server_address: String,
-    pub server_port: u16,
+    /// The servers to try, in order (see `Config::servers`).
+    pub servers: Vec<(String, u16)>,
     pub trust_bundle_path: std::path::PathBuf,
     pub sync_interval: Duration,
 }

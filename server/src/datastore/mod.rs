@@ -1,7 +1,8 @@
 //! The server's persistent state behind one trait: registration entries, attested nodes and
 //! their selectors, join tokens, bundles (one versioned document per trust domain; every change
 //! bumps its sequence number) and the CA journal keyed by server id. Implementations: SQLite
-//! ([`sqlite`]). Private keys are never stored here; they live in the KeyManager.
+//! ([`sqlite`]) and PostgreSQL ([`postgres`]), which share their queries ([`sqlstore`]).
+//! Private keys are never stored here; they live in the KeyManager.
 //!
 //! Every mutation is one transaction, so a failed call persists nothing.
 
@@ -9,8 +10,14 @@ use async_trait::async_trait;
 use kame_api::pb::types::Bundle;
 use serde::{Deserialize, Serialize};
 
+#[cfg(test)]
+mod conformance;
+pub mod postgres;
 pub mod sql;
 pub mod sqlite;
+mod sqlstore;
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Selector {
@@ -96,6 +103,35 @@ pub enum DsError {
     Db(#[from] sqlx::Error),
     #[error("datastore migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("datastore connection string: {0}")]
+    Config(String),
+    #[error("datastore schema: {0}")]
+    Schema(String),
+}
+
+impl DsError {
+    /// The database cannot be reached or is shutting down (not a fault in what was asked):
+    /// the caller may retry.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            DsError::Db(e) => match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed
+                | sqlx::Error::BeginFailed => true,
+                // PostgreSQL: connection exceptions (08xxx), shutdown and not yet accepting
+                // connections (57P01-57P03); SQLite: the database is busy (5) or locked (6).
+                sqlx::Error::Database(d) => d.code().is_some_and(|c| {
+                    c.starts_with("08")
+                        || matches!(c.as_ref(), "57P01" | "57P02" | "57P03" | "5" | "6")
+                }),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
 }
 
 pub type DsResult<T> = Result<T, DsError>;
@@ -174,7 +210,7 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     // CA journal (every server's, for authorities other servers hold)
     async fn list_ca_journals(&self) -> DsResult<Vec<(String, Vec<u8>)>>;
 
-    // Revocation readiness (see migrations/0003_agent_authorities.sql).
+    // Revocation readiness (see migrations/sqlite/0003_agent_authorities.sql).
     /// Records the authorities (lower-case hex SKIDs) an agent's SVIDs chain to, seen at
     /// `seen_at` (unix seconds).
     async fn record_agent_authorities(
@@ -186,10 +222,52 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     /// Agents still attested and seen at or after `since`, with what they reported.
     async fn list_agent_authorities(&self, since: i64) -> DsResult<Vec<AgentAuthorities>>;
 
-    // Key intents (see migrations/0002_key_intents.sql).
+    // Key intents (see migrations/sqlite/0002_key_intents.sql).
     async fn put_key_intent(&self, intent: &KeyIntent) -> DsResult<()>;
     async fn list_key_intents(&self, server_id: &str) -> DsResult<Vec<KeyIntent>>;
     async fn delete_key_intent(&self, intent_id: &str) -> DsResult<()>;
+
+    // Change events (see migrations/sqlite/0005_change_events.sql): ids follow commit order
+    // with no gaps, so a reader that has seen event N has seen every event before it.
+    /// The id of the last event of `kind` committed (0 before the first).
+    async fn last_event(&self, kind: EventKind) -> DsResult<i64>;
+    /// Up to `limit` events of `kind` with ids above `after`, in id order.
+    async fn list_events(&self, kind: EventKind, after: i64, limit: i64) -> DsResult<Vec<Event>>;
+    /// Deletes the events of `kind` created before `before` (unix seconds); returns how many.
+    async fn prune_events(&self, kind: EventKind, before: i64) -> DsResult<u64>;
+    /// The entries entry events `after < id <= upto` name, as they are now (deleted ones
+    /// absent).
+    async fn fetch_changed_entries(
+        &self,
+        after: i64,
+        upto: i64,
+    ) -> DsResult<Vec<RegistrationEntry>>;
+    /// Up to `limit` entries with ids above `after_id`, in id order (keyset paging).
+    async fn list_entries_after(
+        &self,
+        after_id: &str,
+        limit: i64,
+    ) -> DsResult<Vec<RegistrationEntry>>;
+    /// The agents node events `after < id <= upto` name, as they are now.
+    async fn fetch_changed_nodes(&self, after: i64, upto: i64) -> DsResult<Vec<AttestedNode>>;
+    /// Up to `limit` agents with SPIFFE IDs above `after`, in order (keyset paging).
+    async fn list_nodes_after(&self, after: &str, limit: i64) -> DsResult<Vec<AttestedNode>>;
+}
+
+/// What a change event is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A registration entry (created, updated or deleted).
+    Entry,
+    /// An attested node (attested, renewed, banned or evicted).
+    Node,
+}
+
+/// One change: the entry id or agent SPIFFE ID it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub id: i64,
+    pub key: String,
 }
 
 /// Merges `add` into `base` (by content), returning whether anything changed.

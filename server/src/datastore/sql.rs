@@ -1,7 +1,10 @@
 //! `DataStore "sql"` (SPIRE's name): its `plugin_data`, checked when the configuration loads,
-//! and how the store is opened at start. Today `database_type = "sqlite3"`, whose file must
-//! sit in a directory that exists or is `data_dir`, so a typo does not start the server on a
-//! fresh, empty datastore. It reads and writes no state itself.
+//! and how the store is opened at start. `database_type = "sqlite3"` (the embedded default),
+//! whose file must sit in a directory that exists or is `data_dir`, so a typo does not start
+//! the server on a fresh, empty datastore; or `"postgres"` with SPIRE's keys
+//! (`connection_string`, `ro_connection_string`, `max_open_conns`, `max_idle_conns`,
+//! `conn_max_lifetime`, `disable_migration`), whose connection strings are parsed here so a
+//! mistake is a configuration error. It reads and writes no state itself.
 
 use super::DataStore;
 use crate::catalog::PluginEnv;
@@ -23,9 +26,11 @@ pub trait DataStorePlugin: Send + Sync + std::fmt::Debug {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Sql {
-    pub database_type: String,
-    pub connection_string: String,
+pub enum Sql {
+    /// A SQLite file (or `sqlite:` URL).
+    Sqlite { connection_string: String },
+    /// A PostgreSQL database, shared by every server of the trust domain.
+    Postgres(super::postgres::PgSettings),
 }
 
 /// Builds `DataStore "sql"` from its `plugin_data`.
@@ -34,10 +39,10 @@ pub fn plugin(env: &PluginEnv, data: Section) -> Result<Arc<dyn DataStorePlugin>
     let database_type = data
         .string("database_type")?
         .ok_or_else(|| data.missing("database_type"))?;
-    if database_type != "sqlite3" {
+    if database_type != "sqlite3" && database_type != "postgres" {
         return Err(invalid(
             &key("database_type"),
-            format!("{database_type:?} is not supported (expected \"sqlite3\")"),
+            format!("{database_type:?} is not supported (expected \"sqlite3\" or \"postgres\")"),
         ));
     }
     let connection_string = data
@@ -46,18 +51,72 @@ pub fn plugin(env: &PluginEnv, data: Section) -> Result<Arc<dyn DataStorePlugin>
     if connection_string.is_empty() {
         return Err(invalid(&key("connection_string"), "must not be empty"));
     }
-    if let Some(path) = sqlite_path(&connection_string) {
-        crate::catalog::files::creatable(
-            &key("connection_string"),
-            std::path::Path::new(path),
-            &env.data_dir,
-        )?;
-    }
+    let sql = if database_type == "postgres" {
+        Sql::Postgres(postgres(&data, connection_string)?)
+    } else {
+        if let Some(path) = sqlite_path(&connection_string) {
+            crate::catalog::files::creatable(
+                &key("connection_string"),
+                std::path::Path::new(path),
+                &env.data_dir,
+            )?;
+        }
+        // SPIRE accepts its pool keys for SQLite too; they are checked and do not apply.
+        let _ = postgres_pool_keys(&data)?;
+        Sql::Sqlite { connection_string }
+    };
     data.finish()?;
-    Ok(Arc::new(Sql {
-        database_type,
-        connection_string,
-    }))
+    Ok(Arc::new(sql))
+}
+
+/// The PostgreSQL keys, each checked.
+fn postgres(
+    data: &Section,
+    connection_string: String,
+) -> Result<super::postgres::PgSettings, ConfigError> {
+    let key = |k: &str| data.key(k);
+    let check = |k: &str, s: &str| {
+        super::postgres::connect_options(s)
+            .map(|_| ())
+            .map_err(|m| invalid(&key(k), m))
+    };
+    check("connection_string", &connection_string)?;
+    let ro_connection_string = data.nonempty("ro_connection_string")?;
+    if let Some(ro) = &ro_connection_string {
+        check("ro_connection_string", ro)?;
+    }
+    let (max_open_conns, max_idle_conns, conn_max_lifetime, disable_migration) =
+        postgres_pool_keys(data)?;
+    Ok(super::postgres::PgSettings {
+        connection_string: connection_string.into(),
+        ro_connection_string: ro_connection_string.map(Into::into),
+        max_open_conns,
+        max_idle_conns,
+        conn_max_lifetime,
+        disable_migration,
+    })
+}
+
+type PoolKeys = (Option<u32>, Option<u32>, Option<std::time::Duration>, bool);
+
+fn postgres_pool_keys(data: &Section) -> Result<PoolKeys, ConfigError> {
+    let key = |k: &str| data.key(k);
+    let count = |k: &str| -> Result<Option<u32>, ConfigError> {
+        data.int(k)?
+            .map(|n| {
+                u32::try_from(n)
+                    .ok()
+                    .filter(|n| *n >= 1 || k == "max_idle_conns")
+                    .ok_or_else(|| invalid(&key(k), format!("{n} is not a valid count")))
+            })
+            .transpose()
+    };
+    Ok((
+        count("max_open_conns")?,
+        count("max_idle_conns")?,
+        data.duration("conn_max_lifetime")?,
+        data.take_bool("disable_migration")?.unwrap_or(false),
+    ))
 }
 
 /// The database file a SQLite connection string names (None: in memory).
@@ -73,9 +132,12 @@ fn sqlite_path(connection_string: &str) -> Option<&str> {
 #[async_trait::async_trait]
 impl DataStorePlugin for Sql {
     async fn open(&self) -> Result<Arc<dyn DataStore>, RunError> {
-        Ok(Arc::new(
-            super::sqlite::SqliteStore::open(&self.connection_string).await?,
-        ))
+        Ok(match self {
+            Sql::Sqlite { connection_string } => {
+                Arc::new(super::sqlite::SqliteStore::open(connection_string).await?)
+            }
+            Sql::Postgres(pg) => Arc::new(super::postgres::PgStore::open(pg).await?),
+        })
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

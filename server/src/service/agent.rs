@@ -180,6 +180,10 @@ impl AgentService {
                 node
             }
         };
+        // A re-attested agent's previous SVID stops working here at once.
+        if let Err(e) = self.ctx.nodes.refresh().await {
+            tracing::warn!(error = %e, "cannot refresh the node cache after a write");
+        }
         tracing::info!(agent_id = %node.spiffe_id, attestor = %attestation_type, "agent attested");
         let resp = pb::AttestAgentResponse {
             step: Some(pb::attest_agent_response::Step::Result(
@@ -253,6 +257,10 @@ impl Agent for AgentService {
             .delete_node(&id.to_string())
             .await
             .map_err(ds_status)?;
+        // This server stops serving it at once (the others within a poll).
+        if let Err(e) = self.ctx.nodes.refresh().await {
+            tracing::warn!(error = %e, "cannot refresh the node cache after a write");
+        }
         tracing::info!(agent_id = %id, "agent evicted");
         Ok(Response::new(()))
     }
@@ -265,6 +273,10 @@ impl Agent for AgentService {
             .ban_node(&id.to_string())
             .await
             .map_err(ds_status)?;
+        // This server stops serving it at once (the others within a poll).
+        if let Err(e) = self.ctx.nodes.refresh().await {
+            tracing::warn!(error = %e, "cannot refresh the node cache after a write");
+        }
         tracing::info!(agent_id = %id, "agent banned");
         Ok(Response::new(()))
     }
@@ -473,6 +485,9 @@ impl Agent for AgentService {
                 let _ = self.ctx.ds.take_join_token(&token).await;
                 return Err(ds_status(e));
             }
+        }
+        if let Err(e) = self.ctx.entries.refresh().await {
+            tracing::warn!(error = %e, "cannot refresh the entry cache after a write");
         }
         tracing::info!(expires_at, "join token created");
         Ok(Response::new(types::JoinToken {

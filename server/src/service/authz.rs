@@ -64,6 +64,14 @@ pub async fn caller<T>(ctx: &Context, req: &Request<T>) -> Result<Caller, Status
     }
     let id_s = id.to_string();
     if id.path().starts_with("/spire/agent/") {
+        // The node cache answers the common case (the agent's current SVID) without the
+        // datastore, also while it is unreachable; anything else is read from the datastore.
+        if let Some(n) = ctx.nodes.get(&id_s)
+            && !n.banned()
+            && serial == n.serial_number
+        {
+            return Ok(Caller::Agent(Box::new((*n).clone())));
+        }
         let node = ctx
             .ds
             .fetch_node(&id_s)
@@ -103,6 +111,10 @@ pub async fn caller<T>(ctx: &Context, req: &Request<T>) -> Result<Caller, Status
                     )),
                     e => ds_status(e),
                 })?;
+            // The retired SVID stops working here at once (on other servers within a poll).
+            if let Err(e) = ctx.nodes.refresh().await {
+                tracing::warn!(error = %e, "cannot refresh the node cache after a write");
+            }
             return Ok(Caller::Agent(Box::new(n)));
         }
         return Err(Status::permission_denied(format!(

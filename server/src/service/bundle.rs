@@ -113,13 +113,26 @@ impl BundleApi for BundleService {
         &self,
         req: Request<pb::GetBundleRequest>,
     ) -> Result<Response<Bundle>, Status> {
-        let b = self
-            .ctx
-            .ds
-            .fetch_bundle(self.ctx.td.as_str())
-            .await
-            .map_err(ds_status)?
-            .ok_or_else(|| Status::not_found("bundle not found"))?;
+        // Agents (over TCP) may get a read up to a second old; the admin socket reads the
+        // datastore.
+        let local = req
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .is_some();
+        let b = if local {
+            self.ctx.ds.fetch_bundle(self.ctx.td.as_str()).await
+        } else {
+            self.ctx
+                .last_good
+                .bundle(
+                    &*self.ctx.ds,
+                    self.ctx.td.as_str(),
+                    self.ctx.ca.bundle().sequence_number,
+                )
+                .await
+        }
+        .map_err(ds_status)?
+        .ok_or_else(|| Status::not_found("bundle not found"))?;
         Ok(Response::new(apply_mask(
             b,
             req.get_ref().output_mask.as_ref(),
@@ -371,6 +384,9 @@ impl BundleApi for BundleService {
                 }),
                 trust_domain: t.clone(),
             });
+        }
+        if let Err(e) = self.ctx.entries.refresh().await {
+            tracing::warn!(error = %e, "cannot refresh the entry cache after a write");
         }
         Ok(Response::new(pb::BatchDeleteFederatedBundleResponse {
             results,

@@ -337,6 +337,7 @@ impl Entry for EntryService {
             );
             results.push(res);
         }
+        caught_up(&self.ctx).await;
         Ok(Response::new(pb::BatchCreateEntryResponse { results }))
     }
 
@@ -369,6 +370,7 @@ impl Entry for EntryService {
                 },
             );
         }
+        caught_up(&self.ctx).await;
         Ok(Response::new(pb::BatchUpdateEntryResponse { results }))
     }
 
@@ -398,6 +400,7 @@ impl Entry for EntryService {
                 id: id.clone(),
             });
         }
+        caught_up(&self.ctx).await;
         Ok(Response::new(pb::BatchDeleteEntryResponse { results }))
     }
 
@@ -406,7 +409,7 @@ impl Entry for EntryService {
         req: Request<pb::GetAuthorizedEntriesRequest>,
     ) -> Result<Response<pb::GetAuthorizedEntriesResponse>, Status> {
         let node = require_agent(&self.ctx, &req).await?;
-        let entries = authorized_entries(&self.ctx, &node).await?;
+        let entries = authorized_entries(&self.ctx, &node);
         let mask = req.get_ref().output_mask.as_ref();
         Ok(Response::new(pb::GetAuthorizedEntriesResponse {
             entries: entries.iter().map(|e| entry_to_proto(e, mask)).collect(),
@@ -455,13 +458,7 @@ impl Entry for EntryService {
                 return;
             }
             let mask = first.output_mask;
-            let entries = match authorized_entries(&ctx, &node).await {
-                Ok(e) => e,
-                Err(s) => {
-                    let _ = tx.send(Err(s)).await;
-                    return;
-                }
-            };
+            let entries = authorized_entries(&ctx, &node);
             // Up to a page is sent whole (SPIRE: `len(entries) <= entryPageSize`).
             if entries.len() <= PAGE_SIZE {
                 let _ = tx
@@ -499,7 +496,7 @@ impl Entry for EntryService {
                 }
             }
             let by_id: std::collections::HashMap<&str, &RegistrationEntry> =
-                entries.iter().map(|e| (e.id.as_str(), e)).collect();
+                entries.iter().map(|e| (e.id.as_str(), &**e)).collect();
             loop {
                 let ask = match inbound.message().await {
                     Ok(Some(m)) => m,
@@ -540,6 +537,13 @@ impl Entry for EntryService {
             }
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// After a write, this server's cache takes it in at once (other servers within a poll).
+async fn caught_up(ctx: &Context) {
+    if let Err(e) = ctx.entries.refresh().await {
+        tracing::warn!(error = %e, "cannot refresh the entry cache after a write");
     }
 }
 

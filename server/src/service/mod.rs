@@ -26,6 +26,12 @@ pub struct Context {
     pub td: TrustDomain,
     pub ca: Arc<Ca>,
     pub ds: Arc<dyn DataStore>,
+    /// Every registration entry, following the datastore's entry events.
+    pub entries: Arc<crate::entrycache::EntryCache>,
+    /// Every attested node, following the datastore's node events.
+    pub nodes: Arc<crate::entrycache::NodeCache>,
+    /// The bundle as last read, served to agents while the datastore is unreachable.
+    pub last_good: LastGood,
     pub default_x509_svid_ttl: Duration,
     pub default_jwt_svid_ttl: Duration,
     pub agent_ttl: Duration,
@@ -44,6 +50,116 @@ pub struct Context {
     /// on the blocking pool, at most this many at once, so that attestations cannot occupy
     /// the async workers every other API needs.
     pub attest_checks: Arc<tokio::sync::Semaphore>,
+}
+
+/// The trust domain's bundle as the datastore last gave it, served while the database is
+/// unreachable (restarting, failing over), with the node and entry caches: agents keep
+/// syncing, and nothing is written meanwhile.
+#[derive(Debug, Default)]
+pub struct LastGood {
+    bundle: std::sync::Mutex<Option<(types::Bundle, std::time::Instant)>>,
+    /// Until when the datastore counts as down: answers come from what was last read without
+    /// waiting for a connection each time.
+    down_until: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+/// How long a bundle read is served again to agents without asking the datastore.
+pub const BUNDLE_FRESH: Duration = Duration::from_secs(1);
+
+/// How long an agent's GetBundle waits for the datastore before it is answered with the
+/// bundle as last read.
+pub const BUNDLE_WAIT: Duration = Duration::from_millis(500);
+
+/// How long the datastore counts as down after a call found it unavailable.
+const DOWN_FOR: Duration = Duration::from_secs(5);
+
+impl LastGood {
+    /// Whether a call found the datastore unavailable within the last [`DOWN_FOR`].
+    pub fn datastore_down(&self) -> bool {
+        self.down_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| std::time::Instant::now() < t)
+    }
+
+    /// Notes the outcome of a datastore call.
+    pub fn saw<T>(&self, r: &Result<T, DsError>) {
+        let mut d = self.down_until.lock().unwrap_or_else(|p| p.into_inner());
+        match r {
+            Err(e) if e.is_unavailable() => {
+                if d.is_none() {
+                    tracing::warn!(error = %e, "datastore unavailable: agents are served from what was last read");
+                }
+                *d = Some(std::time::Instant::now() + DOWN_FOR);
+            }
+            Ok(_) if d.is_some() => {
+                tracing::info!("datastore available again");
+                *d = None;
+            }
+            _ => {}
+        }
+    }
+
+    /// The bundle of `trust_domain` for agents, who fetch it on every sync. A read made
+    /// within the last [`BUNDLE_FRESH`] is answered again unless this server's CA already
+    /// holds a newer one (its own rotation or taint is seen at once; other servers' within
+    /// that time). While the datastore is down, or slower than [`BUNDLE_WAIT`], agents get
+    /// the bundle as last read instead of waiting.
+    pub async fn bundle(
+        &self,
+        ds: &dyn DataStore,
+        trust_domain: &str,
+        newer_than: u64,
+    ) -> Result<Option<types::Bundle>, DsError> {
+        let cached = self
+            .bundle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(b, _)| b.trust_domain == trust_domain)
+            .map(|(b, at)| {
+                let fresh = at.elapsed() < BUNDLE_FRESH && b.sequence_number >= newer_than;
+                (b.clone(), fresh)
+            });
+        let Some((b, fresh)) = cached else {
+            return self.read_bundle(ds, trust_domain).await;
+        };
+        if fresh || self.datastore_down() {
+            return Ok(Some(b));
+        }
+        match tokio::time::timeout(BUNDLE_WAIT, self.read_bundle(ds, trust_domain)).await {
+            Ok(Err(e)) if e.is_unavailable() => Ok(Some(b)),
+            Ok(r) => r,
+            Err(_) => {
+                self.slow();
+                Ok(Some(b))
+            }
+        }
+    }
+
+    /// The datastore did not answer in time: count it as down for a while.
+    fn slow(&self) {
+        tracing::warn!("datastore slow to answer: agents are served from what was last read");
+        *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now() + DOWN_FOR);
+    }
+
+    async fn read_bundle(
+        &self,
+        ds: &dyn DataStore,
+        trust_domain: &str,
+    ) -> Result<Option<types::Bundle>, DsError> {
+        let fetched = ds.fetch_bundle(trust_domain).await;
+        self.saw(&fetched);
+        let mut b = self.bundle.lock().unwrap_or_else(|p| p.into_inner());
+        match fetched {
+            Ok(Some(x)) => {
+                *b = Some((x.clone(), std::time::Instant::now()));
+                Ok(Some(x))
+            }
+            other => other,
+        }
+    }
 }
 
 /// Node attestation checks that may run at once: one per core, at least two.
@@ -102,6 +218,9 @@ pub async fn record_svid_authorities<T>(
     let Some(v) = req.metadata().get(SVID_AUTHORITIES_HEADER) else {
         return;
     };
+    if ctx.last_good.datastore_down() {
+        return;
+    }
     let Ok(v) = v.to_str() else {
         tracing::warn!(agent = %node.spiffe_id, "unreadable SVID authority report ignored");
         return;
@@ -157,6 +276,10 @@ pub fn ds_status(e: DsError) -> Status {
         DsError::NotFound(m) => Status::not_found(format!("{m} not found")),
         DsError::FailedPrecondition(m) => Status::failed_precondition(m),
         DsError::Banned => Status::permission_denied("agent is banned"),
+        other if other.is_unavailable() => {
+            tracing::warn!(error = %other, "datastore unavailable");
+            Status::unavailable("datastore unavailable; try again later")
+        }
         other => {
             tracing::error!(error = %other, "datastore failure");
             Status::internal(format!("datastore failure: {other}"))
@@ -484,44 +607,33 @@ pub fn agent_to_proto(n: &AttestedNode, mask: Option<&types::AgentMask>) -> type
     }
 }
 
-/// The entries an agent may obtain SVIDs for: those parented to the agent, to node entries
-/// (parented to the server) whose selectors are a subset of the agent's, and, recursively, to
-/// any entry already authorized.
-pub async fn authorized_entries(
+/// The entries an agent may obtain SVIDs for (see [`crate::entrycache::EntryCache::authorized`]),
+/// from the server's entry cache.
+pub fn authorized_entries(ctx: &Context, agent: &AttestedNode) -> Vec<Arc<RegistrationEntry>> {
+    ctx.entries.authorized(
+        &agent.spiffe_id,
+        &agent.selectors,
+        crate::ca::now_secs() as i64,
+    )
+}
+
+/// The authorized entry `id` for signing: when the cache does not have it (it may have been
+/// created on another server since the last poll), the cache catches up once and looks again.
+pub async fn authorized_entry(
     ctx: &Context,
     agent: &AttestedNode,
-) -> Result<Vec<RegistrationEntry>, Status> {
-    let all = ctx
-        .ds
-        .list_entries(&Default::default())
-        .await
-        .map_err(ds_status)?;
-    let server_id = ctx.server_spiffe_id.to_string();
-    let now = crate::ca::now_secs() as i64;
-    let agent_selectors: HashSet<&Selector> = agent.selectors.iter().collect();
-    let mut parents: HashSet<String> = HashSet::new();
-    parents.insert(agent.spiffe_id.clone());
-    for e in &all {
-        if e.parent_id == server_id && e.selectors.iter().all(|s| agent_selectors.contains(s)) {
-            parents.insert(e.spiffe_id.clone());
-        }
+    id: &str,
+) -> Result<Arc<RegistrationEntry>, Status> {
+    let find = || {
+        authorized_entries(ctx, agent)
+            .into_iter()
+            .find(|e| e.id == id)
+    };
+    if let Some(e) = find() {
+        return Ok(e);
     }
-    let mut out: Vec<RegistrationEntry> = vec![];
-    let mut seen: HashSet<String> = HashSet::new();
-    let mut frontier: Vec<String> = parents.into_iter().collect();
-    while let Some(p) = frontier.pop() {
-        for e in all.iter().filter(|e| e.parent_id == p) {
-            if e.expires_at != 0 && e.expires_at < now {
-                continue;
-            }
-            if seen.insert(e.id.clone()) {
-                frontier.push(e.spiffe_id.clone());
-                out.push(e.clone());
-            }
-        }
-    }
-    out.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(out)
+    ctx.entries.refresh().await.map_err(ds_status)?;
+    find().ok_or_else(|| Status::not_found(format!("entry {id:?} not found or not authorized")))
 }
 
 /// One page of `all` for a List RPC: `page_size` 0 means everything; the token is the offset

@@ -154,19 +154,13 @@ impl Svid for SvidService {
         }
         crate::ratelimit::Limits::limit(&self.ctx.limits.x509_signing, &req, r.params.len())
             .await?;
-        let entries = authorized_entries(&self.ctx, &node).await?;
         let mut results = vec![];
         for p in &r.params {
             let res = async {
                 if p.entry_id.is_empty() {
                     return Err(Status::invalid_argument("entry_id: missing"));
                 }
-                let e = entries.iter().find(|e| e.id == p.entry_id).ok_or_else(|| {
-                    Status::not_found(format!(
-                        "entry {:?} not found or not authorized",
-                        p.entry_id
-                    ))
-                })?;
+                let e = authorized_entry(&self.ctx, &node, &p.entry_id).await?;
                 let csr = parse_csr(&p.csr)?;
                 let id =
                     SpiffeId::parse(&e.spiffe_id).map_err(|e| Status::internal(e.to_string()))?;
@@ -209,13 +203,7 @@ impl Svid for SvidService {
         }
         crate::ratelimit::Limits::limit(&self.ctx.limits.jwt_signing, &req, 1).await?;
         let aud = audience(&r.audience)?;
-        let entries = authorized_entries(&self.ctx, &node).await?;
-        let e = entries.iter().find(|e| e.id == r.entry_id).ok_or_else(|| {
-            Status::not_found(format!(
-                "entry {:?} not found or not authorized",
-                r.entry_id
-            ))
-        })?;
+        let e = authorized_entry(&self.ctx, &node, &r.entry_id).await?;
         let id = SpiffeId::parse(&e.spiffe_id).map_err(|e| Status::internal(e.to_string()))?;
         let ttl = ttl_or_default(
             "jwt_svid_ttl",
