@@ -6,7 +6,7 @@
 //! ```text
 //! cargo bench -p kame-server --bench sync_load -- [--agents 5000] [--entries 10000]
 //!     [--interval 5] [--duration 60] [--servers 1] [--db sqlite|postgres] [--probes 50]
-//!     [--pg-outage SECONDS]
+//!     [--pg-outage SECONDS] [--kill-one] [--baseline-entries 10000]
 //! cargo bench -p kame-server --bench sync_load -- --startup [--entries 100000] [--agents 10000] [--db sqlite]
 //! ```
 
@@ -58,7 +58,29 @@ async fn main() {
         attest_concurrency: num(&args, "--attest-concurrency", 32),
         pg_outage: arg(&args, "--pg-outage")
             .map(|v| Duration::from_secs(v.parse().expect("seconds"))),
+        kill_one: args.iter().any(|a| a == "--kill-one"),
+    };
+    // A baseline in the same run: the same load over another number of entries. Sync cost independent of
+    // the trust domain's size shows as a ratio near 1.
+    let baseline = match arg(&args, "--baseline-entries") {
+        Some(n) => {
+            let b = loadgen::LoadConfig {
+                entries: n.parse().expect("a number"),
+                ..cfg.clone()
+            };
+            let r = loadgen::run(&bin, &b).await;
+            r.print(&b);
+            Some((b.entries, r))
+        }
+        None => None,
     };
     let report = loadgen::run(&bin, &cfg).await;
     report.print(&cfg);
+    if let Some((n, b)) = baseline {
+        println!(
+            "ratio to the baseline over {n} entries: CPU per sync {:.2}, p99 latency {:.2}",
+            report.cpu_ms_per_sync() / b.cpu_ms_per_sync(),
+            report.p99.as_secs_f64() / b.p99.as_secs_f64().max(1e-9)
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! High availability on PostgreSQL with real agents: two kame-server processes share one
 //! database (a throwaway cluster); Kame agents (in this process) list both servers. An entry
 //! made on one server reaches an agent attested through the other; entries written on both
-//! in turn are seen by both; after `kill -9` of a server its agent keeps its SVIDs and gets
+//! in turn are seen by both (and, past 500, reach the agent through revision mode); after
+//! `kill -9` of a server its agent keeps its SVIDs and gets
 //! new entries through the other.
 
 #[path = "../benches/loadgen/mod.rs"]
@@ -187,6 +188,25 @@ async fn ha_two_servers_on_postgres_share_entries_and_agents_fail_over_after_kil
     let mut many = made.clone();
     many.retain(|e| *e != e1);
     wait_for("200 entries at the agent", Duration::from_secs(20), || {
+        held(&ag1, 1002) == many
+    })
+    .await;
+    // Past a page (500): the agent syncs in revision mode (revisions in pages, then the
+    // entries it asks for, in pages) and ends up with every one.
+    let more: Vec<pb::types::Entry> = (200..620)
+        .map(|i| pb::types::Entry {
+            spiffe_id: Some(sid(&format!("/w/many/{i}"))),
+            parent_id: Some(sid(&id1)),
+            selectors: vec![pb::types::Selector {
+                r#type: "unix".into(),
+                value: "uid:1002".into(),
+            }],
+            ..Default::default()
+        })
+        .collect();
+    many.extend(loadgen::create_entries(a.admin().await, more).await);
+    many.sort();
+    wait_for("620 entries at the agent", Duration::from_secs(60), || {
         held(&ag1, 1002) == many
     })
     .await;

@@ -44,6 +44,10 @@ pub struct LoadConfig {
     /// PostgreSQL stopped this long in the middle of the window: syncs must go on, a write
     /// must be refused as Unavailable, and one made after it comes back must propagate.
     pub pg_outage: Option<Duration>,
+    /// `kill -9` of the first server in the middle of the window: its agents must move to
+    /// another server (each lists every server, as `server_addresses`), and entries made
+    /// afterwards must reach them.
+    pub kill_one: bool,
 }
 
 #[derive(Debug, Default)]
@@ -64,6 +68,8 @@ pub struct Report {
     pub probes_seen: usize,
     /// Probes made (one more after an outage).
     pub probes_made: usize,
+    /// Failed syncs after the kill (each agent of the killed server may lose one).
+    pub errors_after_kill: u64,
     /// The gRPC code of the write tried during the outage.
     pub outage_write: Option<tonic::Code>,
     pub setup: Duration,
@@ -88,10 +94,11 @@ impl Report {
             self.setup.as_secs_f64()
         );
         println!(
-            "  syncs {} ({:.0}/s), errors {}, wrong answers {}, wrong at the end {}",
+            "  syncs {} ({:.0}/s), errors {} ({} after the kill), wrong answers {}, wrong at the end {}",
             self.syncs,
             self.syncs as f64 / self.window.as_secs_f64().max(0.001),
             self.errors,
+            self.errors_after_kill,
             self.wrong,
             self.final_wrong
         );
@@ -443,6 +450,7 @@ pub async fn run(bin: &Path, cfg: &LoadConfig) -> Report {
             .collect(),
     ));
     let ports: Vec<u16> = servers.iter().map(|s| s.port).collect();
+    let all_ports = ports.clone();
     let sem = Arc::new(tokio::sync::Semaphore::new(cfg.attest_concurrency.max(1)));
     let mut joins = vec![];
     for (i, token) in tokens.into_iter().enumerate() {
@@ -450,20 +458,23 @@ pub async fn run(bin: &Path, cfg: &LoadConfig) -> Report {
         let roots = roots.clone();
         let port = ports[i % ports.len()];
         let path = paths[i].clone();
+        // Its own server first, then the others (as an agent's server_addresses).
+        let mut targets = vec![("127.0.0.1".to_string(), port)];
+        targets.extend(
+            all_ports
+                .iter()
+                .filter(|p| **p != port)
+                .map(|p| ("127.0.0.1".to_string(), *p)),
+        );
         joins.push(tokio::spawn(async move {
             let _p = sem.acquire().await.unwrap();
             let (chain, key) = attest(port, roots.clone(), token).await;
             let server_id =
                 kame_api::SpiffeId::parse(&format!("spiffe://{TD}/spire/server")).unwrap();
-            let channel = kame_agent::client::connect(
-                "127.0.0.1",
-                port,
-                &server_id,
-                roots,
-                Some((chain, key)),
-            )
-            .await
-            .unwrap();
+            let channel =
+                kame_agent::client::connect_any(&targets, &server_id, roots, Some((chain, key)))
+                    .await
+                    .unwrap();
             Agent { path, channel }
         }));
     }
@@ -604,10 +615,29 @@ pub async fn run(bin: &Path, cfg: &LoadConfig) -> Report {
         }
         probes_made += 1;
     }
+    let mut errors_at_kill = None;
+    if cfg.kill_one && servers.len() > 1 {
+        tokio::time::sleep((cfg.duration / 2).saturating_sub(t0.elapsed())).await;
+        errors_at_kill = Some(errors.load(std::sync::atomic::Ordering::Relaxed));
+        servers[0].kill();
+        // Entries made on a surviving server reach every agent, the killed one's too.
+        for k in 0..2 {
+            let (a, e) = probe(cfg.probes + 10 + k);
+            expect.probes[a]
+                .lock()
+                .unwrap()
+                .insert(e.id.clone(), Some(Instant::now()));
+            create_entries(admins[1].clone(), vec![e]).await;
+            probes_made += 1;
+        }
+    }
     let left = cfg.duration.saturating_sub(t0.elapsed());
     tokio::time::sleep(left).await;
     let elapsed = t0.elapsed();
     let cpu1: Duration = servers.iter().map(|s| s.cpu()).sum();
+    let errors_after_kill = errors_at_kill
+        .map(|e0| errors.load(std::sync::atomic::Ordering::Relaxed) - e0)
+        .unwrap_or(0);
     let in_window = lat.lock().unwrap().len();
     let rss = servers.iter().map(|s| s.rss_kib()).collect();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -654,6 +684,7 @@ pub async fn run(bin: &Path, cfg: &LoadConfig) -> Report {
         propagation_max: prop.last().copied().unwrap_or_default(),
         probes_seen: prop.len(),
         probes_made,
+        errors_after_kill,
         outage_write,
         setup,
         window: elapsed,

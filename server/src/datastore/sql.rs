@@ -186,3 +186,86 @@ mod tests {
         assert!(e.contains("does not exist"), "{e}");
     }
 }
+
+#[cfg(test)]
+mod postgres_config_tests {
+    use super::*;
+
+    fn parse(body: &str) -> Result<Arc<dyn DataStorePlugin>, ConfigError> {
+        let text = format!("DataStore \"sql\" {{\n plugin_data {{\n {body}\n }}\n }}");
+        let mut root = kame_api::conf::parse_root(&text, None)?;
+        let (_, data) = kame_api::conf::single_plugin(&mut root, "DataStore")?;
+        plugin(
+            &PluginEnv::new(kame_api::TrustDomain::parse("example.org").unwrap()),
+            data,
+        )
+    }
+
+    /// SPIRE's PostgreSQL keys, each read and checked; a bad value names its key and never
+    /// echoes a password.
+    #[test]
+    fn postgres_config_reads_spire_keys_and_names_the_bad_one() {
+        let p = parse(
+            r#"database_type = "postgres"
+            connection_string = "dbname=kame user=kame password='s3cret pw' host=db port=5433 sslmode=verify-full sslrootcert=/etc/ca.pem"
+            ro_connection_string = "postgres://kame@replica/kame"
+            max_open_conns = 20
+            max_idle_conns = 4
+            conn_max_lifetime = "30m"
+            disable_migration = true"#,
+        )
+        .unwrap();
+        let Some(Sql::Postgres(pg)) = p.as_any().downcast_ref::<Sql>() else {
+            panic!("not postgres: {p:?}");
+        };
+        assert_eq!(pg.max_open_conns, Some(20));
+        assert_eq!(pg.max_idle_conns, Some(4));
+        assert_eq!(
+            pg.conn_max_lifetime,
+            Some(std::time::Duration::from_secs(1800))
+        );
+        assert!(pg.disable_migration);
+        assert!(pg.ro_connection_string.is_some());
+        assert!(
+            !format!("{p:?}").contains("s3cret"),
+            "passwords never printed"
+        );
+        for (body, key) in [
+            (
+                r#"database_type = "postgres"
+                connection_string = "dbname=kame password=s3cret sslmode=sometimes""#,
+                "connection_string",
+            ),
+            (
+                r#"database_type = "postgres"
+                connection_string = "dbname=kame"
+                ro_connection_string = "dbname=kame bogus=1""#,
+                "ro_connection_string",
+            ),
+            (
+                r#"database_type = "postgres"
+                connection_string = "dbname=kame"
+                max_open_conns = 0"#,
+                "max_open_conns",
+            ),
+            (
+                r#"database_type = "postgres"
+                connection_string = "dbname=kame"
+                conn_max_lifetime = "soon""#,
+                "conn_max_lifetime",
+            ),
+            (
+                r#"database_type = "mysql"
+                connection_string = "x""#,
+                "database_type",
+            ),
+        ] {
+            let e = parse(body).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("DataStore.sql.plugin_data.{key}")),
+                "{key}: {e}"
+            );
+            assert!(!e.contains("s3cret"), "{e}");
+        }
+    }
+}

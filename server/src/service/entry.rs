@@ -424,115 +424,27 @@ impl Entry for EntryService {
     ) -> Result<Response<SyncStream>, Status> {
         let node = require_agent(&self.ctx, &req).await?;
         record_svid_authorities(&self.ctx, &node, &req).await;
-        let ctx = self.ctx.clone();
-        let mut inbound = req.into_inner();
-        let stream = async_stream(move |tx| async move {
-            let first = match inbound.message().await {
-                Ok(Some(m)) => m,
-                Ok(None) => return,
-                Err(s) => {
-                    let _ = tx.send(Err(s)).await;
-                    return;
-                }
-            };
-            // SPIRE's checks on the first request: IDs come only after revisions were sent,
-            // and revisions are what the agent compares.
-            if !first.ids.is_empty() {
-                let _ = tx
-                    .send(Err(Status::invalid_argument(
-                        "specifying IDs on initial request is not supported",
-                    )))
-                    .await;
-                return;
-            }
-            if first
-                .output_mask
-                .as_ref()
-                .is_some_and(|m| !m.revision_number)
-            {
-                let _ = tx
-                    .send(Err(Status::invalid_argument(
-                        "revision number cannot be masked",
-                    )))
-                    .await;
-                return;
-            }
-            let mask = first.output_mask;
-            let entries = authorized_entries(&ctx, &node);
-            // Up to a page is sent whole (SPIRE: `len(entries) <= entryPageSize`).
-            if entries.len() <= PAGE_SIZE {
-                let _ = tx
-                    .send(Ok(pb::SyncAuthorizedEntriesResponse {
-                        entry_revisions: vec![],
-                        entries: entries
-                            .iter()
-                            .map(|e| entry_to_proto(e, mask.as_ref()))
-                            .collect(),
-                        more: false,
-                    }))
-                    .await;
-                return;
-            }
-            let chunks: Vec<_> = entries.chunks(PAGE_SIZE).collect();
-            for (i, chunk) in chunks.iter().enumerate() {
-                let revs = chunk
-                    .iter()
-                    .map(|e| pb::EntryRevision {
-                        id: e.id.clone(),
-                        revision_number: e.revision_number,
-                        created_at: e.created_at,
-                    })
-                    .collect();
-                if tx
-                    .send(Ok(pb::SyncAuthorizedEntriesResponse {
-                        entry_revisions: revs,
-                        entries: vec![],
-                        more: i + 1 < chunks.len(),
-                    }))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            let by_id: std::collections::HashMap<&str, &RegistrationEntry> =
-                entries.iter().map(|e| (e.id.as_str(), &**e)).collect();
+        let entries = authorized_entries(&self.ctx, &node);
+        let start = SyncState {
+            inbound: req.into_inner(),
+            entries,
+            mask: None,
+            pending: std::collections::VecDeque::new(),
+            phase: SyncPhase::First,
+        };
+        // A state machine polled by the response stream itself: no task or channel per sync.
+        let stream = futures::stream::unfold(start, |mut st| async move {
             loop {
-                let ask = match inbound.message().await {
-                    Ok(Some(m)) => m,
-                    _ => return,
-                };
-                let wanted: Vec<&RegistrationEntry> = ask
-                    .ids
-                    .iter()
-                    .filter_map(|id| by_id.get(id.as_str()).copied())
-                    .collect();
-                let pages: Vec<_> = wanted.chunks(PAGE_SIZE).collect();
-                if pages.is_empty() {
-                    let _ = tx
-                        .send(Ok(pb::SyncAuthorizedEntriesResponse {
-                            entry_revisions: vec![],
-                            entries: vec![],
-                            more: false,
-                        }))
-                        .await;
-                    continue;
-                }
-                for (i, page) in pages.iter().enumerate() {
-                    if tx
-                        .send(Ok(pb::SyncAuthorizedEntriesResponse {
-                            entry_revisions: vec![],
-                            entries: page
-                                .iter()
-                                .map(|e| entry_to_proto(e, mask.as_ref()))
-                                .collect(),
-                            more: i + 1 < pages.len(),
-                        }))
-                        .await
-                        .is_err()
-                    {
-                        return;
+                if let Some(item) = st.pending.pop_front() {
+                    if item.is_err() {
+                        st.phase = SyncPhase::Done;
                     }
+                    return Some((item, st));
+                }
+                match st.phase {
+                    SyncPhase::Done => return None,
+                    SyncPhase::First => st.first().await,
+                    SyncPhase::Asks => st.asked().await,
                 }
             }
         });
@@ -544,6 +456,126 @@ impl Entry for EntryService {
 async fn caught_up(ctx: &Context) {
     if let Err(e) = ctx.entries.refresh().await {
         tracing::warn!(error = %e, "cannot refresh the entry cache after a write");
+    }
+}
+
+enum SyncPhase {
+    /// Waiting for the first request.
+    First,
+    /// Revisions were sent: answering requests for entries by id.
+    Asks,
+    Done,
+}
+
+/// One SyncAuthorizedEntries call (SPIRE's protocol): up to a page of entries is sent whole;
+/// more are sent as revisions in pages, and then the entries the agent asks for, in pages.
+struct SyncState {
+    inbound: Streaming<pb::SyncAuthorizedEntriesRequest>,
+    entries: Vec<std::sync::Arc<RegistrationEntry>>,
+    mask: Option<types::EntryMask>,
+    pending: std::collections::VecDeque<Result<pb::SyncAuthorizedEntriesResponse, Status>>,
+    phase: SyncPhase,
+}
+
+impl SyncState {
+    fn push(&mut self, r: Result<pb::SyncAuthorizedEntriesResponse, Status>) {
+        self.pending.push_back(r);
+    }
+
+    async fn first(&mut self) {
+        self.phase = SyncPhase::Done;
+        let first = match self.inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => return,
+            Err(s) => return self.push(Err(s)),
+        };
+        // SPIRE's checks on the first request: IDs come only after revisions were sent, and
+        // revisions are what the agent compares.
+        if !first.ids.is_empty() {
+            return self.push(Err(Status::invalid_argument(
+                "specifying IDs on initial request is not supported",
+            )));
+        }
+        if first
+            .output_mask
+            .as_ref()
+            .is_some_and(|m| !m.revision_number)
+        {
+            return self.push(Err(Status::invalid_argument(
+                "revision number cannot be masked",
+            )));
+        }
+        self.mask = first.output_mask;
+        // Up to a page is sent whole (SPIRE: `len(entries) <= entryPageSize`).
+        if self.entries.len() <= PAGE_SIZE {
+            let entries = self
+                .entries
+                .iter()
+                .map(|e| entry_to_proto(e, self.mask.as_ref()))
+                .collect();
+            return self.push(Ok(pb::SyncAuthorizedEntriesResponse {
+                entry_revisions: vec![],
+                entries,
+                more: false,
+            }));
+        }
+        let pages: Vec<Vec<pb::EntryRevision>> = self
+            .entries
+            .chunks(PAGE_SIZE)
+            .map(|chunk| {
+                chunk
+                    .iter()
+                    .map(|e| pb::EntryRevision {
+                        id: e.id.clone(),
+                        revision_number: e.revision_number,
+                        created_at: e.created_at,
+                    })
+                    .collect()
+            })
+            .collect();
+        let n = pages.len();
+        for (i, revs) in pages.into_iter().enumerate() {
+            self.push(Ok(pb::SyncAuthorizedEntriesResponse {
+                entry_revisions: revs,
+                entries: vec![],
+                more: i + 1 < n,
+            }));
+        }
+        self.phase = SyncPhase::Asks;
+    }
+
+    async fn asked(&mut self) {
+        let ask = match self.inbound.message().await {
+            Ok(Some(m)) => m,
+            _ => {
+                self.phase = SyncPhase::Done;
+                return;
+            }
+        };
+        let by_id: std::collections::HashMap<&str, &RegistrationEntry> =
+            self.entries.iter().map(|e| (e.id.as_str(), &**e)).collect();
+        let wanted: Vec<types::Entry> = ask
+            .ids
+            .iter()
+            .filter_map(|id| by_id.get(id.as_str()))
+            .map(|e| entry_to_proto(e, self.mask.as_ref()))
+            .collect();
+        if wanted.is_empty() {
+            return self.push(Ok(pb::SyncAuthorizedEntriesResponse {
+                entry_revisions: vec![],
+                entries: vec![],
+                more: false,
+            }));
+        }
+        let n = wanted.len().div_ceil(PAGE_SIZE);
+        let mut it = wanted.into_iter();
+        for i in 0..n {
+            self.push(Ok(pb::SyncAuthorizedEntriesResponse {
+                entry_revisions: vec![],
+                entries: it.by_ref().take(PAGE_SIZE).collect(),
+                more: i + 1 < n,
+            }));
+        }
     }
 }
 
