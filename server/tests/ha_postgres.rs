@@ -9,17 +9,11 @@
 mod loadgen;
 
 use kame_api::pb;
+use loadgen::sid;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 const TD: &str = loadgen::TD;
-
-fn sid(path: &str) -> pb::types::Spiffeid {
-    pb::types::Spiffeid {
-        trust_domain: TD.into(),
-        path: path.into(),
-    }
-}
 
 async fn create(server: &loadgen::ServerProc, parent: &str, path: &str, uid: u32) -> String {
     let e = pb::types::Entry {
@@ -37,16 +31,7 @@ async fn create(server: &loadgen::ServerProc, parent: &str, path: &str, uid: u32
 }
 
 async fn token(server: &loadgen::ServerProc) -> String {
-    pb::agent::agent_client::AgentClient::new(server.admin().await)
-        .create_join_token(pb::agent::CreateJoinTokenRequest {
-            ttl: 600,
-            token: String::new(),
-            agent_id: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .value
+    loadgen::join_token(server.admin().await).await
 }
 
 /// A Kame agent trying `servers` in order.

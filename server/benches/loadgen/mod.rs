@@ -252,11 +252,25 @@ plugins {{
     }
 }
 
-fn sid(path: &str) -> pb::types::Spiffeid {
+pub fn sid(path: &str) -> pb::types::Spiffeid {
     pb::types::Spiffeid {
         trust_domain: TD.into(),
         path: path.into(),
     }
+}
+
+/// A new join token (valid for an hour) made through `admin`.
+pub async fn join_token(admin: Channel) -> String {
+    pb::agent::agent_client::AgentClient::new(admin)
+        .create_join_token(pb::agent::CreateJoinTokenRequest {
+            ttl: 3600,
+            token: String::new(),
+            agent_id: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .value
 }
 
 fn entry(parent: &str, path: &str) -> pb::types::Entry {
@@ -397,18 +411,7 @@ pub async fn run(bin: &Path, cfg: &LoadConfig) -> Report {
     // Tokens and entries.
     let mut tokens = vec![];
     for _ in 0..cfg.agents {
-        tokens.push(
-            pb::agent::agent_client::AgentClient::new(admins[0].clone())
-                .create_join_token(pb::agent::CreateJoinTokenRequest {
-                    ttl: 3600,
-                    token: String::new(),
-                    agent_id: None,
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .value,
-        );
+        tokens.push(join_token(admins[0].clone()).await);
     }
     let paths: Vec<String> = tokens
         .iter()

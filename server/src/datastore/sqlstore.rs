@@ -38,6 +38,18 @@ pub(super) fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
 
+/// An entry write refused by the unique key (SPIFFE ID, parent ID and selectors) is
+/// AlreadyExists.
+pub(super) fn similar_entry<T>(res: Result<T, sqlx::Error>) -> DsResult<()> {
+    match res {
+        Ok(_) => Ok(()),
+        Err(err) if is_unique_violation(&err) => Err(DsError::AlreadyExists(
+            "a similar registration entry".into(),
+        )),
+        Err(err) => Err(err.into()),
+    }
+}
+
 #[derive(Serialize, Deserialize)]
 struct NodeRow {
     attestation_type: String,
@@ -176,15 +188,7 @@ impl $crate::datastore::DataStore for $store {
         .bind(data)
         .execute(&mut *tx)
         .await;
-        match res {
-            Ok(_) => {}
-            Err(err) if is_unique_violation(&err) => {
-                return Err(DsError::AlreadyExists(
-                    "a similar registration entry".into(),
-                ));
-            }
-            Err(err) => return Err(err.into()),
-        }
+        similar_entry(res)?;
         record_event!(tx, entry, &e.id);
         tx.commit().await?;
         Ok(e)
@@ -239,15 +243,7 @@ impl $crate::datastore::DataStore for $store {
         .bind(&e.id)
         .execute(&mut *tx)
         .await;
-        match res {
-            Ok(_) => {}
-            Err(err) if is_unique_violation(&err) => {
-                return Err(DsError::AlreadyExists(
-                    "a similar registration entry".into(),
-                ));
-            }
-            Err(err) => return Err(err.into()),
-        }
+        similar_entry(res)?;
         record_event!(tx, entry, &e.id);
         tx.commit().await?;
         Ok(e)

@@ -238,19 +238,26 @@ impl PgCluster {
             .output();
     }
 
+    /// A PostgreSQL client program, connecting to this cluster as `postgres` over TCP.
+    fn client(&self, program: &str) -> Command {
+        let mut c = Self::as_owner(&self.bin.join(program), self.dir.path());
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &self.port.to_string(),
+            "-U",
+            "postgres",
+        ]);
+        c
+    }
+
     /// Creates database `name` and returns a keyword-form connection string for it, over
     /// TCP without TLS.
     pub fn create_database(&self, name: &str) -> String {
-        let out = Self::as_owner(&self.bin.join("createdb"), self.dir.path())
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-                name,
-            ])
+        let out = self
+            .client("createdb")
+            .arg(name)
             .output()
             .expect("createdb runs");
         assert!(
@@ -271,15 +278,8 @@ impl PgCluster {
 
     /// Runs one SQL statement through psql and returns its output (unaligned, tuples only).
     pub fn psql(&self, db: &str, sql: &str) -> String {
-        let out = Self::as_owner(&self.bin.join("psql"), self.dir.path())
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
+        let out = self
+            .client("psql")
             .args(["-d", db, "-At", "-c", sql])
             .output()
             .expect("psql runs");
