@@ -407,7 +407,10 @@ pub async fn run(bin: &Path, cfg: &LoadConfig) -> Report {
         let d = dir.path().join(format!("server{i}"));
         servers.push(start_server(bin, &d, &datastore).await);
     }
-    let admins: Vec<Channel> = futures_join(servers.iter().map(|s| s.admin())).await;
+    let mut admins: Vec<Channel> = vec![];
+    for s in &servers {
+        admins.push(s.admin().await);
+    }
     // Tokens and entries.
     let mut tokens = vec![];
     for _ in 0..cfg.agents {
@@ -720,16 +723,6 @@ fn check(expect: &Expect, agent: usize, got: &[String], exact: bool) -> bool {
         ok = false;
     }
     ok
-}
-
-async fn futures_join<F: std::future::Future<Output = Channel>>(
-    fs: impl Iterator<Item = F>,
-) -> Vec<Channel> {
-    let mut out = vec![];
-    for f in fs {
-        out.push(f.await);
-    }
-    out
 }
 
 /// Server start-up time with `entries` entries and `agents` attested agents in the datastore:
