@@ -315,7 +315,9 @@ pub async fn start_with(
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut tasks = vec![];
 
-    let router = || {
+    let ctx_r = ctx.clone();
+    let router = move || {
+        let ctx = &ctx_r;
         let m = MAX_MESSAGE_SIZE;
         tonic::transport::Server::builder()
             .layer(tower::util::MapResponseLayer::new(
@@ -361,44 +363,102 @@ pub async fn start_with(
         }
     }));
 
-    // TCP with TLS: handshakes run in their own tasks so a slow client cannot stall accepts.
+    // TCP with TLS. Each connection is owned by one of a few single-threaded runtimes, one per
+    // core (the worker model of Envoy and other proxies): its handshake, reads, request handlers
+    // and writes all run on one thread. Under one multi-threaded runtime every request spawned a
+    // task that woke another worker to steal it, which cost a quarter of the server's CPU per
+    // agent sync. Connections are dealt out in turn; agents hold theirs for hours, so the
+    // threads share the agents evenly.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
+    let mut to_workers = vec![];
+    for i in 0..workers {
+        let (to_worker, mut accepted) = tokio::sync::mpsc::channel::<std::net::TcpStream>(256);
+        to_workers.push(to_worker);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(io(
+                "cannot start a runtime for",
+                Path::new("the TCP listener"),
+            ))?;
+        let router = router.clone();
+        let acceptor = acceptor.clone();
+        let stop = shutdown_rx.clone();
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name(format!("kame-tcp-{i}"))
+            .spawn(move || {
+                rt.block_on(async move {
+                    let (conn_tx, conn_rx) = tokio::sync::mpsc::channel(64);
+                    // Handshakes run in their own tasks so a slow client cannot stall others.
+                    tokio::spawn(async move {
+                        while let Some(std_stream) = accepted.recv().await {
+                            let Ok(stream) = tokio::net::TcpStream::from_std(std_stream) else {
+                                continue;
+                            };
+                            let peer = stream.peer_addr().ok();
+                            let acceptor = acceptor.clone();
+                            let tx = conn_tx.clone();
+                            tokio::spawn(async move {
+                                match tokio::time::timeout(
+                                    std::time::Duration::from_secs(10),
+                                    acceptor.accept(stream),
+                                )
+                                .await
+                                {
+                                    Ok(Ok(tls)) => {
+                                        let _ = tx
+                                            .send(Ok::<_, std::io::Error>(crate::tls::Coalesced(
+                                                tls,
+                                            )))
+                                            .await;
+                                    }
+                                    Ok(Err(e)) => {
+                                        tracing::debug!(?peer, error = %e, "TLS handshake failed")
+                                    }
+                                    Err(_) => tracing::debug!(?peer, "TLS handshake timed out"),
+                                }
+                            });
+                        }
+                    });
+                    if let Err(e) = router()
+                        .serve_with_incoming_shutdown(
+                            tokio_stream::wrappers::ReceiverStream::new(conn_rx),
+                            stop_signal(stop),
+                        )
+                        .await
+                    {
+                        tracing::error!(error = %e, "TCP server failed");
+                    }
+                });
+                let _ = done.send(());
+            })
+            .map_err(io(
+                "cannot start a thread for",
+                Path::new("the TCP listener"),
+            ))?;
+        tasks.push(tokio::spawn(async move {
+            let _ = finished.await;
+        }));
+    }
     let mut rx_accept = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
+        let mut next = 0usize;
         loop {
             tokio::select! {
                 _ = stopped(&mut rx_accept) => break,
                 r = tcp.accept() => {
-                    let Ok((stream, peer)) = r else { continue };
+                    let Ok((stream, _)) = r else { continue };
                     // Small gRPC frames must not wait for delayed ACKs (Nagle).
                     let _ = stream.set_nodelay(true);
-                    let acceptor = acceptor.clone();
-                    let tx = conn_tx.clone();
-                    tokio::spawn(async move {
-                        match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
-                            Ok(Ok(tls)) => {
-                                let _ = tx.send(Ok::<_, std::io::Error>(tls)).await;
-                            }
-                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                        }
-                    });
+                    // Handed over as a plain socket: the worker registers it with its own
+                    // reactor, so its readiness never wakes this thread.
+                    let Ok(std_stream) = stream.into_std() else { continue };
+                    let _ = to_workers[next % to_workers.len()].send(std_stream).await;
+                    next = next.wrapping_add(1);
                 }
             }
-        }
-    }));
-    let tcp_router = router();
-    let rx = shutdown_rx.clone();
-    tasks.push(tokio::spawn(async move {
-        if let Err(e) = tcp_router
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::ReceiverStream::new(conn_rx),
-                stop_signal(rx),
-            )
-            .await
-        {
-            tracing::error!(error = %e, "TCP server failed");
         }
     }));
 

@@ -140,3 +140,58 @@ pub fn server_config(
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }
+
+/// A TLS connection as the gRPC server writes to it: reported as not supporting vectored
+/// writes, so HTTP/2 copies payloads under 1 KiB into its buffer instead of chaining them.
+/// A chained payload has to be flushed before the next frame can be encoded, which wrote every
+/// small response as two TLS records and two system calls (headers and message, then the
+/// trailers); copied, a whole response goes out in one. TLS copies the bytes into a record
+/// anyway, so vectored writes gained nothing.
+pub struct Coalesced<S>(pub S);
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Coalesced<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Coalesced<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
+}
+
+/// The peer's address and certificates, as tonic reads them from the TLS stream.
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected for Coalesced<S> {
+    type ConnectInfo = S::ConnectInfo;
+
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.0.connect_info()
+    }
+}

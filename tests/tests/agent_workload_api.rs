@@ -501,6 +501,65 @@ async fn agent_rotates_10s_svids_in_the_stream_and_entry_delete_removes_the_svid
     env.stop().await;
 }
 
+/// More than a page (500) of entries: the server answers a sync with revisions, the agent asks
+/// for the entries it lacks (all of them at first, then only the one that changed) on a call it
+/// keeps open, and the workload sees the change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_sync_revisions_mode_over_a_page_asks_for_changed_entries() {
+    let env = Env::start(Opts::default()).await;
+    let parent = sid(
+        TD,
+        env.agent_id.trim_start_matches(&format!("spiffe://{TD}")),
+    );
+    let others: Vec<pb::types::Entry> = (0..500)
+        .map(|i| pb::types::Entry {
+            spiffe_id: Some(sid(TD, &format!("/other/{i}"))),
+            parent_id: Some(parent.clone()),
+            selectors: vec![pb::types::Selector {
+                r#type: "unix".into(),
+                value: format!("uid:{}", 100_000 + i),
+            }],
+            ..Default::default()
+        })
+        .collect();
+    let r = pb::entry::entry_client::EntryClient::new(env.admin().await)
+        .batch_create_entry(pb::entry::BatchCreateEntryRequest {
+            entries: others,
+            output_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        r.results
+            .iter()
+            .all(|x| x.status.as_ref().is_some_and(|s| s.code == 0))
+    );
+    let mine = env.register("/mine", &[&uid_selector()], |_| {}).await;
+    env.wait_for_svids(&["/mine"]).await;
+
+    // One entry changes: only it is asked for, and the workload gets its new identity.
+    let r = pb::entry::entry_client::EntryClient::new(env.admin().await)
+        .batch_update_entry(pb::entry::BatchUpdateEntryRequest {
+            entries: vec![pb::types::Entry {
+                id: mine,
+                spiffe_id: Some(sid(TD, "/mine-renamed")),
+                ..Default::default()
+            }],
+            input_mask: Some(pb::types::EntryMask {
+                spiffe_id: true,
+                ..Default::default()
+            }),
+            output_mask: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results[0].status.as_ref().map(|s| s.code), Some(0));
+    env.wait_for_svids(&["/mine-renamed"]).await;
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_serves_cached_svids_with_server_down_and_after_restart() {
     let mut env = Env::start(Opts::default()).await;

@@ -51,6 +51,8 @@ pub enum ManagerError {
     ServerId(#[source] kame_api::IdError),
     #[error("the agent has no SVID yet")]
     NotAttested,
+    #[error("the server broke the sync protocol: {0}")]
+    SyncProtocol(&'static str),
     /// A panic while the lock was held: a bug in the agent, not a state of the node.
     #[error("internal error: the agent's {0} lock was poisoned by a panic")]
     Poisoned(&'static str),

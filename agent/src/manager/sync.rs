@@ -27,11 +27,17 @@ impl Manager {
 
     pub(super) async fn sync_with(&self, ch: Channel) -> Result<(), ManagerError> {
         let mut changed = false;
-        // 1. Bundle.
-        let bundle = pb::bundle::bundle_client::BundleClient::new(ch.clone())
-            .get_bundle(pb::bundle::GetBundleRequest { output_mask: None })
-            .await?
-            .into_inner();
+        // 1. Bundle and 2. entries, asked for together (one round trip, and the server reads
+        // both requests at once).
+        let bundle = async {
+            Ok::<_, ManagerError>(
+                pb::bundle::bundle_client::BundleClient::new(ch.clone())
+                    .get_bundle(pb::bundle::GetBundleRequest { output_mask: None })
+                    .await?
+                    .into_inner(),
+            )
+        };
+        let (bundle, entries) = tokio::try_join!(bundle, self.sync_entries(ch.clone()))?;
         {
             let mut st = self
                 .state
@@ -48,8 +54,6 @@ impl Manager {
         if changed {
             self.storage.save_bundle(&bundle)?;
         }
-        // 2. Entries.
-        let entries = self.sync_entries(ch.clone()).await?;
         // 3. Federated bundles of the trust domains entries federate with.
         let tds: BTreeSet<String> = entries.values().flat_map(federated_tds).collect();
         let mut federated = BTreeMap::new();
@@ -157,58 +161,34 @@ impl Manager {
     }
 
     /// SyncAuthorizedEntries as SPIRE's agent does it: a full list, or revisions first and
-    /// then only the entries whose revision changed.
+    /// then only the entries whose revision changed. The first call sends its one request and
+    /// half-closes, so the usual exchange is one message each way (the server ends the call
+    /// after its listing). Only when revisions come back and some are new does a second call
+    /// stay open to ask for those entries.
     pub(super) async fn sync_entries(
         &self,
         ch: Channel,
     ) -> Result<BTreeMap<String, types::Entry>, ManagerError> {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let _ = tx
-            .send(pb::entry::SyncAuthorizedEntriesRequest {
-                output_mask: None,
-                ids: vec![],
-            })
-            .await;
-        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        if let Ok(v) = self.held_authorities().join(",").parse() {
-            req.metadata_mut().insert(SVID_AUTHORITIES_HEADER, v);
-        }
-        let mut stream = pb::entry::entry_client::EntryClient::new(ch)
-            .sync_authorized_entries(req)
-            .await?
-            .into_inner();
-        let mut out = BTreeMap::new();
-        let mut revisions = vec![];
-        loop {
-            let Some(m) = stream.message().await? else {
-                break;
-            };
-            for e in m.entries {
-                out.insert(e.id.clone(), e);
-            }
-            revisions.extend(m.entry_revisions);
-            if !m.more {
-                break;
-            }
-        }
-        if revisions.is_empty() {
+        let first = || pb::entry::SyncAuthorizedEntriesRequest {
+            output_mask: None,
+            ids: vec![],
+        };
+        let mut stream = self
+            .open_sync(ch.clone(), tokio_stream::once(first()))
+            .await?;
+        let (mut out, revisions) = read_listing(&mut stream).await?;
+        read_end(&mut stream).await?;
+        if revisions.is_empty() || self.keep_unchanged(&revisions, &mut out)?.is_empty() {
             return Ok(out);
         }
-        // Revisions mode: keep what is current, ask for the rest.
-        let cached = self
-            .state
-            .read()
-            .map(|s| s.entries.clone())
-            .unwrap_or_default();
-        let mut ask = vec![];
-        for r in &revisions {
-            match cached.get(&r.id) {
-                Some(e) if e.revision_number == r.revision_number => {
-                    out.insert(r.id.clone(), e.clone());
-                }
-                _ => ask.push(r.id.clone()),
-            }
-        }
+        // Some entries changed: a call that stays open to ask for them.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let _ = tx.send(first()).await;
+        let mut stream = self
+            .open_sync(ch, tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?;
+        let (mut out, revisions) = read_listing(&mut stream).await?;
+        let ask = self.keep_unchanged(&revisions, &mut out)?;
         for chunk in ask.chunks(BATCH) {
             let _ = tx
                 .send(pb::entry::SyncAuthorizedEntriesRequest {
@@ -216,10 +196,7 @@ impl Manager {
                     ids: chunk.to_vec(),
                 })
                 .await;
-            loop {
-                let Some(m) = stream.message().await? else {
-                    break;
-                };
+            while let Some(m) = stream.message().await? {
                 for e in m.entries {
                     out.insert(e.id.clone(), e);
                 }
@@ -229,7 +206,50 @@ impl Manager {
             }
         }
         drop(tx);
+        read_end(&mut stream).await?;
         Ok(out)
+    }
+
+    /// Starts a SyncAuthorizedEntries call with the authorities the agent holds in its header.
+    async fn open_sync<S>(
+        &self,
+        ch: Channel,
+        requests: S,
+    ) -> Result<tonic::Streaming<pb::entry::SyncAuthorizedEntriesResponse>, ManagerError>
+    where
+        S: tokio_stream::Stream<Item = pb::entry::SyncAuthorizedEntriesRequest> + Send + 'static,
+    {
+        let mut req = tonic::Request::new(requests);
+        if let Ok(v) = self.held_authorities().join(",").parse() {
+            req.metadata_mut().insert(SVID_AUTHORITIES_HEADER, v);
+        }
+        Ok(pb::entry::entry_client::EntryClient::new(ch)
+            .sync_authorized_entries(req)
+            .await?
+            .into_inner())
+    }
+
+    /// Of `revisions`, the entries the cache holds at the same revision go into `out`; the
+    /// ids of the others are returned, to be asked for.
+    fn keep_unchanged(
+        &self,
+        revisions: &[pb::entry::EntryRevision],
+        out: &mut BTreeMap<String, types::Entry>,
+    ) -> Result<Vec<String>, ManagerError> {
+        let st = self
+            .state
+            .read()
+            .map_err(|_| ManagerError::Poisoned("state"))?;
+        let mut ask = vec![];
+        for r in revisions {
+            match st.entries.get(&r.id) {
+                Some(e) if e.revision_number == r.revision_number => {
+                    out.insert(r.id.clone(), e.clone());
+                }
+                _ => ask.push(r.id.clone()),
+            }
+        }
+        Ok(ask)
     }
 
     /// The authorities the agent's SVIDs chain to (its own and its workloads'), and the key
@@ -301,5 +321,43 @@ impl Manager {
             tracing::debug!(count = out.len(), "minted workload X509-SVIDs");
         }
         Ok(out)
+    }
+}
+
+/// The server's first answer to a sync: entries sent whole, or revisions, up to the page
+/// marked as the last.
+async fn read_listing(
+    stream: &mut tonic::Streaming<pb::entry::SyncAuthorizedEntriesResponse>,
+) -> Result<
+    (
+        BTreeMap<String, types::Entry>,
+        Vec<pb::entry::EntryRevision>,
+    ),
+    ManagerError,
+> {
+    let mut out = BTreeMap::new();
+    let mut revisions = vec![];
+    while let Some(m) = stream.message().await? {
+        for e in m.entries {
+            out.insert(e.id.clone(), e);
+        }
+        revisions.extend(m.entry_revisions);
+        if !m.more {
+            break;
+        }
+    }
+    Ok((out, revisions))
+}
+
+/// Reads a sync call to its end, so that its status is checked and the call closes cleanly
+/// (no reset). A server that goes on talking after its last page breaks the protocol.
+async fn read_end(
+    stream: &mut tonic::Streaming<pb::entry::SyncAuthorizedEntriesResponse>,
+) -> Result<(), ManagerError> {
+    match stream.message().await? {
+        None => Ok(()),
+        Some(_) => Err(ManagerError::SyncProtocol(
+            "SyncAuthorizedEntries sent a message after its last page",
+        )),
     }
 }

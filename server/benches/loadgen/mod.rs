@@ -354,27 +354,37 @@ async fn attest(
     unreachable!()
 }
 
-/// One sync as a Kame agent does it; the entry ids it was given.
+/// One sync as a Kame agent does it (the bundle and the entries asked for together); the entry
+/// ids it was given.
 async fn sync(ch: Channel) -> Result<Vec<String>, tonic::Status> {
-    pb::bundle::bundle_client::BundleClient::new(ch.clone())
-        .get_bundle(pb::bundle::GetBundleRequest { output_mask: None })
-        .await?;
-    let req = pb::entry::SyncAuthorizedEntriesRequest {
-        output_mask: None,
-        ids: vec![],
+    let bundle = async {
+        pb::bundle::bundle_client::BundleClient::new(ch.clone())
+            .get_bundle(pb::bundle::GetBundleRequest { output_mask: None })
+            .await
     };
-    let mut s = pb::entry::entry_client::EntryClient::new(ch)
-        .sync_authorized_entries(tokio_stream::once(req))
-        .await?
-        .into_inner();
-    let mut ids = vec![];
-    while let Some(m) = s.message().await? {
-        ids.extend(m.entries.into_iter().map(|e| e.id));
-        ids.extend(m.entry_revisions.into_iter().map(|r| r.id));
-        if !m.more {
-            break;
+    let entries = async {
+        let req = pb::entry::SyncAuthorizedEntriesRequest {
+            output_mask: None,
+            ids: vec![],
+        };
+        let mut s = pb::entry::entry_client::EntryClient::new(ch.clone())
+            .sync_authorized_entries(tokio_stream::once(req))
+            .await?
+            .into_inner();
+        let mut ids = vec![];
+        // Read to the end (the trailers carry the status), unless revisions were sent: then the
+        // server waits for asks, which this generator does not send.
+        while let Some(m) = s.message().await? {
+            let revisions = !m.entry_revisions.is_empty();
+            ids.extend(m.entries.into_iter().map(|e| e.id));
+            ids.extend(m.entry_revisions.into_iter().map(|r| r.id));
+            if revisions && !m.more {
+                break;
+            }
         }
-    }
+        Ok(ids)
+    };
+    let (_, ids) = tokio::try_join!(bundle, entries)?;
     Ok(ids)
 }
 
