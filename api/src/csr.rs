@@ -15,6 +15,8 @@ pub const MAX_CSR_LEN: usize = 32 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Csr {
+    /// DER of the requested subject Name.
+    pub subject_der: Vec<u8>,
     pub spki_der: Vec<u8>,
     pub key: KeyInfo,
     pub uris: Vec<String>,
@@ -88,7 +90,12 @@ pub fn parse(der: &[u8]) -> Result<Csr, Error> {
             }
         }
     }
+    let subject_der = req.info.subject.to_der().map_err(|source| Error::Der {
+        what: "bad CSR",
+        source,
+    })?;
     Ok(Csr {
+        subject_der,
         spki_der,
         key,
         uris,
@@ -100,6 +107,16 @@ pub fn parse(der: &[u8]) -> Result<Csr, Error> {
 /// request holding `uris` and `dns_names`. Sign it and finish with
 /// [`crate::x509svid::assemble`].
 pub fn request_info(
+    spki_der: &[u8],
+    uris: &[String],
+    dns_names: &[String],
+) -> Result<Vec<u8>, Error> {
+    request_info_for(&[0x30, 0x00], spki_der, uris, dns_names)
+}
+
+/// As [`request_info`], with the subject Name `subject_der` (DER).
+pub fn request_info_for(
+    subject_der: &[u8],
     spki_der: &[u8],
     uris: &[String],
     dns_names: &[String],
@@ -140,7 +157,7 @@ pub fn request_info(
     }
     let body = [
         vec![0x02, 0x01, 0x00], // version 0
-        vec![0x30, 0x00],       // empty subject
+        subject_der.to_vec(),
         spki_der.to_vec(),
         der_tlv(0xa0, &attrs), // [0] IMPLICIT SET OF Attribute
     ]

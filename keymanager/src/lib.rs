@@ -30,6 +30,8 @@ pub mod hashicorp_vault;
 mod local;
 #[cfg(feature = "memory")]
 pub mod memory;
+#[cfg(feature = "memory")]
+pub mod pem;
 #[cfg(feature = "pkcs11")]
 pub mod pkcs11;
 #[cfg(any(test, feature = "testing"))]

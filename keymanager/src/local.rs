@@ -53,7 +53,7 @@ impl LocalKey {
         Self::from_material(id, kt, material)
     }
 
-    fn from_material(id: &str, kt: KeyType, material: Material) -> Result<Self> {
+    pub(crate) fn from_material(id: &str, kt: KeyType, material: Material) -> Result<Self> {
         let spki_der = match &material {
             Material::Ec(k) => k
                 .public_key()

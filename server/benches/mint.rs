@@ -46,6 +46,7 @@ fn fixture() -> Fixture {
                 ca_subject_dn: "C=US, O=SPIFFE".into(),
                 jwt_issuer: None,
                 signing_mode: kame_server::ca::SigningMode::Direct,
+                upstream: None,
             },
             km.clone() as Arc<dyn KeyManager>,
             ds,

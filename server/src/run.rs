@@ -175,6 +175,7 @@ async fn build_context(
             ca_subject_dn: cfg.ca_subject.to_dn_string(),
             jwt_issuer: cfg.jwt_issuer.clone(),
             signing_mode: cfg.signing_mode,
+            upstream: cfg.upstream_authority.clone(),
         },
         km,
         ds.clone(),

@@ -1,73 +1,36 @@
-//! The UpstreamAuthority seam (SPIRE's `spire.plugin.server.upstreamauthority.v1`): an
-//! authority above this trust domain's CA that signs its X.509 CA, publishes its JWT keys, and
-//! tells it the trust bundle it holds for this trust domain. This module is the contract only:
-//! the catalogue has no built-in backend yet, so a configuration naming one is refused (the
-//! disk, Vault PKI and nested backends come with their own issue). It signs nothing itself.
+//! The server's UpstreamAuthority plugins (SPIRE's `UpstreamAuthority "<name>" { plugin_data
+//! { … } }`): each reads its keys and builds its backend from the `kame-upstream` crate, which
+//! holds the seam and the backends. This module reads configuration only; what an upstream
+//! answers is checked by the CA (`ca::upstream`).
 
-use futures::stream::BoxStream;
-use kame_api::pb::types::JwtKey;
-use std::time::Duration;
+pub use kame_upstream::{LocalBundle, MintedX509Ca, Updates, UpstreamAuthority, UpstreamError};
 
-/// What `MintX509CAAndSubscribe`'s first message carries.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MintedX509Ca {
-    /// DER: first the newly minted CA, then the intermediates up to a root.
-    pub chain: Vec<Vec<u8>>,
-    /// DER: the upstream roots this trust domain's bundle must hold.
-    pub upstream_roots: Vec<Vec<u8>>,
-}
+use crate::catalog::PluginEnv;
+use crate::catalog::files::{optional_path, required_path};
+use kame_api::conf::{ConfigError, Section};
+use std::sync::Arc;
 
-/// The trust bundle of this trust domain as the upstream sees it (`SubscribeToLocalBundle`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct LocalBundle {
-    pub x509_roots: Vec<Vec<u8>>,
-    pub jwt_keys: Vec<JwtKey>,
-}
+/// `UpstreamAuthority "disk"`: `cert_file_path`, `key_file_path`, `bundle_file_path`.
+pub mod disk {
+    use super::*;
+    pub use kame_upstream::disk::TYPE;
+    use kame_upstream::disk::{DiskConfig, DiskUpstream};
 
-/// Later messages of a subscription; the stream ends when the upstream closes it.
-pub type Updates<T> = BoxStream<'static, Result<T, UpstreamError>>;
-
-/// One variant per way an upstream call fails, so the CA knows whether to retry.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum UpstreamError {
-    /// The upstream could not be reached or did not answer in time: retry later.
-    #[error("upstream authority unavailable: {0}")]
-    Unavailable(String),
-    /// The upstream refused the request (its policy, our credentials).
-    #[error("upstream authority refused: {0}")]
-    Refused(String),
-    /// The upstream answered something that fails our checks.
-    #[error("upstream authority answered badly: {0}")]
-    BadAnswer(String),
-    /// This backend does not offer the call (SPIRE's `Unimplemented`).
-    #[error("not supported by this upstream authority")]
-    Unimplemented,
-}
-
-/// An authority above this trust domain's CA.
-#[async_trait::async_trait]
-pub trait UpstreamAuthority: Send + Sync + std::fmt::Debug {
-    /// Signs the CA for `csr` (PKCS#10 DER; `preferred_ttl` zero: the upstream decides) and
-    /// streams later root updates. The stream is kept until the next X.509 CA rotation.
-    async fn mint_x509_ca(
-        &self,
-        csr: &[u8],
-        preferred_ttl: Duration,
-    ) -> Result<(MintedX509Ca, Updates<Vec<Vec<u8>>>), UpstreamError>;
-
-    /// Publishes this server's JWT key upstream; the upstream's JWT keys, then updates.
-    /// Backends that cannot answer [`UpstreamError::Unimplemented`] (then the key only goes
-    /// into the local bundle, as SPIRE does).
-    async fn publish_jwt_key(
-        &self,
-        _key: JwtKey,
-    ) -> Result<(Vec<JwtKey>, Updates<Vec<JwtKey>>), UpstreamError> {
-        Err(UpstreamError::Unimplemented)
-    }
-
-    /// This trust domain's bundle as the upstream holds it, then updates.
-    async fn subscribe_to_local_bundle(&self) -> Result<Updates<LocalBundle>, UpstreamError> {
-        Err(UpstreamError::Unimplemented)
+    /// Builds the plugin; the files are read and checked now, so a bad one refuses the
+    /// configuration with the reason.
+    pub fn plugin(
+        env: &PluginEnv,
+        data: Section,
+    ) -> Result<Arc<dyn UpstreamAuthority>, ConfigError> {
+        let cfg = DiskConfig {
+            cert_file_path: required_path(&data, "cert_file_path")?,
+            key_file_path: required_path(&data, "key_file_path")?,
+            bundle_file_path: optional_path(&data, "bundle_file_path")?,
+        };
+        let key = data.key("cert_file_path");
+        data.finish()?;
+        let up = DiskUpstream::open(cfg, env.trust_domain.clone())
+            .map_err(|e| kame_api::conf::invalid(&key, e.to_string()))?;
+        Ok(Arc::new(up))
     }
 }

@@ -235,7 +235,7 @@ async fn localauthority_every_precondition_violation_has_its_code_and_persists_n
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{}", e.message());
-    assert!(e.message().contains("no upstream authority"));
+    assert_eq!(e.message(), "upstream authority is not configured");
     let e = c
         .revoke_x509_upstream_authority(la::RevokeX509UpstreamAuthorityRequest {
             subject_key_id: "ab".into(),

@@ -560,6 +560,80 @@ async fn agent_sync_revisions_mode_over_a_page_asks_for_changed_entries() {
     env.stop().await;
 }
 
+/// The server's CA signed by an openssl-made root (`UpstreamAuthority "disk"`): the agent
+/// attests and syncs over TLS with the intermediate in its chain, and the workload's SVID
+/// chain (leaf, server CA) verifies with openssl against the root alone, which is the only
+/// X.509 authority workloads are given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_under_disk_upstream_serves_svids_that_chain_to_the_upstream_root() {
+    let up = tempfile::tempdir().unwrap();
+    let o = std::process::Command::new("openssl")
+        .current_dir(up.path())
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "root.key",
+            "-out",
+            "root.pem",
+            "-subj",
+            "/O=Upstream/CN=root",
+            "-days",
+            "1",
+            "-addext",
+            "basicConstraints=critical,CA:true",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let d = up.path().display();
+    let env = Env::start(Opts {
+        server_plugins: format!(
+            "UpstreamAuthority \"disk\" {{\n        plugin_data {{\n            cert_file_path = \"{d}/root.pem\"\n            key_file_path = \"{d}/root.key\"\n        }}\n    }}"
+        ),
+        ..Default::default()
+    })
+    .await;
+    env.register("/chained", &[&uid_selector()], |_| {}).await;
+    let m = env.wait_for_svids(&["/chained"]).await;
+    let chain = split(&m.svids[0].x509_svid);
+    assert_eq!(chain.len(), 2, "leaf and the server's CA");
+    let root_pem = std::fs::read_to_string(up.path().join("root.pem")).unwrap();
+    let root = kame_api::bundle::certs_from_pem(&root_pem)
+        .unwrap()
+        .remove(0);
+    assert_eq!(split(&m.svids[0].bundle), vec![root.clone()]);
+    let pem: String = chain
+        .iter()
+        .map(|c| kame_api::bundle::pem_block("CERTIFICATE", c))
+        .collect();
+    let svid = up.path().join("svid.pem");
+    std::fs::write(&svid, pem).unwrap();
+    let v = std::process::Command::new("openssl")
+        .arg("verify")
+        .arg("-CAfile")
+        .arg(up.path().join("root.pem"))
+        .arg("-untrusted")
+        .arg(&svid)
+        .arg(&svid)
+        .output()
+        .unwrap();
+    assert!(
+        v.status.success(),
+        "openssl verify: {}{}",
+        String::from_utf8_lossy(&v.stdout),
+        String::from_utf8_lossy(&v.stderr)
+    );
+    env.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_serves_cached_svids_with_server_down_and_after_restart() {
     let mut env = Env::start(Opts::default()).await;

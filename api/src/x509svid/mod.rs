@@ -663,14 +663,56 @@ pub fn verify_chain(
     roots: &[Vec<u8>],
     now: u64,
 ) -> Result<VerifiedChain, Error> {
-    let parsed: Vec<ParsedCert> = chain
-        .iter()
-        .map(|c| ParsedCert::parse(c))
-        .collect::<Result<_, _>>()?;
+    let parsed = parse_chain(chain)?;
     let leaf = parsed
         .first()
         .ok_or_else(|| Error::BadSvid("empty certificate chain".into()))?;
     let id = check_leaf(leaf)?;
+    let root_index = path_to_root(&parsed, chain, roots, now)?;
+    Ok(VerifiedChain {
+        id,
+        root_index,
+        leaf_not_after: leaf.not_after(),
+        leaf_serial_hex: leaf.serial_hex(),
+    })
+}
+
+/// Path validation of a signing certificate's chain (the CA first, then the certificates that
+/// issued it) against `roots`: the same checks as [`verify_chain`], with a CA in place of the
+/// leaf. A chain of one certificate that is itself among `roots` is valid. Returns the index
+/// of the root the chain ends at.
+pub fn verify_ca_chain(chain: &[Vec<u8>], roots: &[Vec<u8>], now: u64) -> Result<usize, Error> {
+    let parsed = parse_chain(chain)?;
+    let first = parsed
+        .first()
+        .ok_or_else(|| Error::BadSvid("empty certificate chain".into()))?;
+    check_signing_cert(first)?;
+    if let [only] = chain
+        && let Some(ri) = roots.iter().position(|r| r == only)
+    {
+        if now < first.not_before() {
+            return Err(Error::NotYetValid(0));
+        }
+        if now > first.not_after() {
+            return Err(Error::Expired(0));
+        }
+        return Ok(ri);
+    }
+    path_to_root(&parsed, chain, roots, now)
+}
+
+fn parse_chain(chain: &[Vec<u8>]) -> Result<Vec<ParsedCert>, Error> {
+    chain.iter().map(|c| ParsedCert::parse(c)).collect()
+}
+
+/// Validity at `now` of every certificate, each signed by the next, and the last signed by
+/// (or equal to) one of `roots`: the index of that root.
+fn path_to_root(
+    parsed: &[ParsedCert],
+    chain: &[Vec<u8>],
+    roots: &[Vec<u8>],
+    now: u64,
+) -> Result<usize, Error> {
     for (i, c) in parsed.iter().enumerate() {
         if now < c.not_before() {
             return Err(Error::NotYetValid(i));
@@ -698,12 +740,7 @@ pub fn verify_chain(
         };
         // The chain may end with the root itself.
         if parsed.len() > 1 && chain.last() == Some(root_der) {
-            return Ok(VerifiedChain {
-                id,
-                root_index: ri,
-                leaf_not_after: leaf.not_after(),
-                leaf_serial_hex: leaf.serial_hex(),
-            });
+            return Ok(ri);
         }
         if root.cert.tbs_certificate().subject() != last_issuer {
             continue;
@@ -713,12 +750,7 @@ pub fn verify_chain(
         }
         let Ok(spki) = root.spki_der() else { continue };
         if last.check_signed_by(&spki).is_ok() {
-            return Ok(VerifiedChain {
-                id,
-                root_index: ri,
-                leaf_not_after: leaf.not_after(),
-                leaf_serial_hex: leaf.serial_hex(),
-            });
+            return Ok(ri);
         }
     }
     Err(Error::UntrustedChain(

@@ -76,8 +76,25 @@ pub enum AuthorityError {
         count: usize,
         window_secs: u64,
     },
-    #[error("no upstream authority is configured")]
+    #[error("upstream authority is not configured")]
     NoUpstream,
+    /// SPIRE's checks of the subject key ID named for an upstream taint or revoke.
+    #[error("{prefix}: {reason}")]
+    UpstreamId {
+        prefix: &'static str,
+        reason: &'static str,
+    },
+    #[error("{0}: no root CA found with provided subject key ID")]
+    UpstreamRootUnknown(&'static str),
+    #[error("failed to taint upstream authority: root CA is already tainted")]
+    UpstreamRootTainted,
+    #[error(
+        "failed to revoke X.509 upstream authority: it is not possible to revoke an untainted root CA"
+    )]
+    UpstreamRootNotTainted,
+    /// SPIRE's rule: with an upstream, X.509 authorities are tainted and revoked upstream.
+    #[error("local authority can't be {0} if there is an upstream authority")]
+    LocalWithUpstream(&'static str),
     #[error(transparent)]
     Ca(#[from] CaError),
 }
@@ -97,6 +114,8 @@ pub struct AuthorityView {
     pub tainted: bool,
     /// Agents seen within [`READINESS_WINDOW`] that hold SVIDs under it.
     pub agents_holding: usize,
+    /// The SKID (hex) of the upstream CA that signed it; empty when self-signed.
+    pub upstream_authority_id: String,
 }
 
 /// The state of one kind: active, prepared, and the OLD ones (newest first).
@@ -112,6 +131,9 @@ pub struct KindState {
 enum BundleKey {
     Cert(Vec<u8>),
     Kid(String),
+    /// An upstream-signed CA and the chain after it: in the bundle through the root it
+    /// chains to (whose taint it shares); never tainted or removed itself.
+    Chain(Vec<Vec<u8>>),
 }
 
 impl BundleKey {
@@ -128,6 +150,14 @@ impl BundleKey {
                 .iter()
                 .find(|k| &k.key_id == kid)
                 .map(|k| k.tainted),
+            BundleKey::Chain(chain) => {
+                let roots: Vec<Vec<u8>> =
+                    b.x509_authorities.iter().map(|c| c.asn1.clone()).collect();
+                kame_api::x509svid::verify_ca_chain(chain, &roots, now_secs())
+                    .ok()
+                    .and_then(|i| b.x509_authorities.get(i))
+                    .map(|c| c.tainted)
+            }
         }
     }
 
@@ -146,6 +176,7 @@ impl BundleKey {
                     k.tainted = true;
                 }
             }
+            BundleKey::Chain(_) => {}
         }
         changed
     }
@@ -155,6 +186,7 @@ impl BundleKey {
         match self {
             BundleKey::Cert(der) => b.x509_authorities.retain(|c| &c.asn1 != der),
             BundleKey::Kid(kid) => b.jwt_authorities.retain(|k| &k.key_id != kid),
+            BundleKey::Chain(_) => {}
         }
         before != (b.x509_authorities.len(), b.jwt_authorities.len())
     }
@@ -172,20 +204,31 @@ struct Target {
     key: Option<(String, String)>,
     /// This server's authority (else another server's, from its journal).
     local: bool,
+    /// The SKID (hex) of the upstream CA that signed it; empty when self-signed.
+    upstream_id: String,
 }
 
 /// What the operation code needs of an authority of either kind.
 trait Managed: Authority {
     fn bundle_key(&self) -> BundleKey;
     fn key_ref(&self) -> (String, String);
+    fn upstream_id(&self) -> String {
+        String::new()
+    }
 }
 
 impl Managed for X509Authority {
     fn bundle_key(&self) -> BundleKey {
+        if self.is_upstream_signed() {
+            return BundleKey::Chain(self.chain_tail());
+        }
         BundleKey::Cert(self.cert_der.clone())
     }
     fn key_ref(&self) -> (String, String) {
         (self.key.id.clone(), self.key.fingerprint.clone())
+    }
+    fn upstream_id(&self) -> String {
+        self.upstream_authority_id.clone()
     }
 }
 
@@ -206,6 +249,7 @@ fn target_of<T: Managed>(a: &T) -> Target {
         bundle_key: a.bundle_key(),
         key: Some(a.key_ref()),
         local: true,
+        upstream_id: a.upstream_id(),
     }
 }
 
@@ -245,13 +289,25 @@ impl Ca {
                         let Ok(issuer) = kame_api::x509svid::IssuerInfo::from_cert_der(&der) else {
                             continue;
                         };
+                        let bundle_key = if e.upstream_authority_id.is_empty() {
+                            BundleKey::Cert(der)
+                        } else {
+                            let mut chain = vec![der];
+                            chain.extend(
+                                e.upstream_chain
+                                    .iter()
+                                    .filter_map(|c| STANDARD.decode(c).ok()),
+                            );
+                            BundleKey::Chain(chain)
+                        };
                         out.push(Target {
                             id: hex::encode(&issuer.key_id),
                             status: e.status,
                             expires_at: e.not_after,
-                            bundle_key: BundleKey::Cert(der),
+                            bundle_key,
                             key: None,
                             local: false,
+                            upstream_id: e.upstream_authority_id,
                         });
                     }
                 }
@@ -264,6 +320,7 @@ impl Ca {
                             bundle_key: BundleKey::Kid(e.kid),
                             key: None,
                             local: false,
+                            upstream_id: String::new(),
                         });
                     }
                 }
@@ -321,6 +378,7 @@ impl Ca {
             let v = AuthorityView {
                 tainted: t.bundle_key.find(&bundle).unwrap_or(false),
                 agents_holding: holding.get(&t.id).copied().unwrap_or(0),
+                upstream_authority_id: t.upstream_id.clone(),
                 authority_id: t.id,
                 expires_at: t.expires_at,
                 status: t.status,
@@ -344,6 +402,7 @@ impl Ca {
             status,
             tainted,
             agents_holding: 0,
+            upstream_authority_id: t.upstream_id.clone(),
         }
     }
 
@@ -444,6 +503,9 @@ impl Ca {
         kind: Kind,
         id: &str,
     ) -> Result<AuthorityView, AuthorityError> {
+        if kind == Kind::X509 && self.settings.upstream.is_some() {
+            return Err(AuthorityError::LocalWithUpstream("tainted"));
+        }
         let _g = self.rotation.lock().await;
         let t = self.find(kind, id).await?;
         self.check_old(kind, &t)?;
@@ -482,6 +544,9 @@ impl Ca {
         id: &str,
         force: bool,
     ) -> Result<(AuthorityView, usize), AuthorityError> {
+        if kind == Kind::X509 && self.settings.upstream.is_some() {
+            return Err(AuthorityError::LocalWithUpstream("revoked"));
+        }
         let _g = self.rotation.lock().await;
         let t = self.find(kind, id).await?;
         self.check_old(kind, &t)?;
@@ -519,6 +584,138 @@ impl Ca {
             self.forget_revoked().await;
         }
         Ok((Self::view(&t, SlotStatus::Old, true), count))
+    }
+
+    /// SPIRE's checks of `skid` (any case) for an upstream taint or revoke: an upstream is
+    /// configured, the ID is given, it did not sign the active authority, and it signed an OLD
+    /// one (the next slot's, or an older one this server remembers). The lower-case ID.
+    fn check_upstream_skid(
+        &self,
+        skid: &str,
+        prefix: &'static str,
+    ) -> Result<String, AuthorityError> {
+        if self.settings.upstream.is_none() {
+            return Err(AuthorityError::NoUpstream);
+        }
+        let bad = |reason| AuthorityError::UpstreamId { prefix, reason };
+        let skid = skid.to_ascii_lowercase();
+        if skid.is_empty() {
+            return Err(bad("no subject key ID provided"));
+        }
+        let st = self.read();
+        if st
+            .x509
+            .current
+            .as_ref()
+            .is_some_and(|c| c.upstream_authority_id == skid)
+        {
+            return Err(bad(
+                "unable to use upstream authority singing current authority",
+            ));
+        }
+        let mut signed = st
+            .x509
+            .next
+            .iter()
+            .chain(st.x509.older.iter())
+            .filter(|a| a.upstream_authority_id == skid);
+        match signed.next() {
+            None => Err(bad(
+                "upstream authority didn't sign the old local authority",
+            )),
+            Some(a) if a.status == SlotStatus::Prepared => Err(bad(
+                "only upstream authorities signing an old authority can be used",
+            )),
+            Some(_) => Ok(skid),
+        }
+    }
+
+    /// Marks the upstream root with subject key ID `skid` tainted in the bundle (SPIRE's
+    /// `TaintX509UpstreamAuthority`): agents and servers re-issue what chains to it.
+    pub async fn taint_upstream_authority(&self, skid: &str) -> Result<String, AuthorityError> {
+        let _g = self.rotation.lock().await;
+        let skid = self.check_upstream_skid(skid, "provided subject key id is not valid")?;
+        let td = self.settings.trust_domain.as_str().to_string();
+        let want = skid.clone();
+        let r = self
+            .ds
+            .modify_bundle(&td, &move |b| {
+                let mut found = false;
+                for c in b
+                    .x509_authorities
+                    .iter_mut()
+                    .filter(|c| root_skid(&c.asn1) == want)
+                {
+                    if c.tainted {
+                        return Err(DsError::AlreadyExists("tainted".into()));
+                    }
+                    c.tainted = true;
+                    found = true;
+                }
+                if !found {
+                    return Err(DsError::NotFound("root".into()));
+                }
+                Ok(true)
+            })
+            .await;
+        let b = match r {
+            Ok(b) => b,
+            Err(DsError::AlreadyExists(_)) => return Err(AuthorityError::UpstreamRootTainted),
+            Err(DsError::NotFound(_)) => {
+                return Err(AuthorityError::UpstreamRootUnknown(
+                    "failed to taint upstream authority",
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.set_bundle(b);
+        self.taint_notify.notify_one();
+        info!(subject_key_id = %skid, "X.509 upstream authority tainted");
+        Ok(skid)
+    }
+
+    /// Removes the tainted upstream root with subject key ID `skid` from the bundle (SPIRE's
+    /// `RevokeX509UpstreamAuthority`).
+    pub async fn revoke_upstream_authority(&self, skid: &str) -> Result<String, AuthorityError> {
+        let _g = self.rotation.lock().await;
+        let skid = self.check_upstream_skid(skid, "invalid subject key ID")?;
+        let td = self.settings.trust_domain.as_str().to_string();
+        let want = skid.clone();
+        let r = self
+            .ds
+            .modify_bundle(&td, &move |b| {
+                let hits: Vec<bool> = b
+                    .x509_authorities
+                    .iter()
+                    .filter(|c| root_skid(&c.asn1) == want)
+                    .map(|c| c.tainted)
+                    .collect();
+                if hits.is_empty() {
+                    return Err(DsError::NotFound("root".into()));
+                }
+                if hits.iter().any(|t| !t) {
+                    return Err(DsError::FailedPrecondition("untainted".into()));
+                }
+                b.x509_authorities.retain(|c| root_skid(&c.asn1) != want);
+                Ok(true)
+            })
+            .await;
+        let b = match r {
+            Ok(b) => b,
+            Err(DsError::FailedPrecondition(_)) => {
+                return Err(AuthorityError::UpstreamRootNotTainted);
+            }
+            Err(DsError::NotFound(_)) => {
+                return Err(AuthorityError::UpstreamRootUnknown(
+                    "failed to revoke X.509 upstream authority",
+                ));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        self.set_bundle(b);
+        self.forget_revoked().await;
+        info!(subject_key_id = %skid, "X.509 upstream authority revoked");
+        Ok(skid)
     }
 
     fn check_old(&self, kind: Kind, t: &Target) -> Result<(), AuthorityError> {
@@ -636,4 +833,11 @@ impl<T: Authority> Slots<T> {
         }
         self.older.retain(|o| o.authority_id() != id);
     }
+}
+
+/// The subject key ID (lower-case hex) of a bundle root; empty if it cannot be read.
+fn root_skid(der: &[u8]) -> String {
+    kame_api::x509svid::IssuerInfo::from_cert_der(der)
+        .map(|i| hex::encode(i.key_id))
+        .unwrap_or_default()
 }

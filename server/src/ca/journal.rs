@@ -17,7 +17,26 @@ impl Ca {
             let Ok(cert_der) = STANDARD.decode(&e.cert) else {
                 continue;
             };
-            if e.not_after <= now || !bundle.x509_authorities.iter().any(|c| c.asn1 == cert_der) {
+            let upstream_chain: Vec<Vec<u8>> = e
+                .upstream_chain
+                .iter()
+                .filter_map(|c| STANDARD.decode(c).ok())
+                .collect();
+            // A self-signed authority is in the bundle; an upstream-signed one chains to a
+            // root in it.
+            let in_bundle = if e.upstream_authority_id.is_empty() {
+                bundle.x509_authorities.iter().any(|c| c.asn1 == cert_der)
+            } else {
+                let roots: Vec<Vec<u8>> = bundle
+                    .x509_authorities
+                    .iter()
+                    .map(|c| c.asn1.clone())
+                    .collect();
+                let mut chain = vec![cert_der.clone()];
+                chain.extend(upstream_chain.iter().cloned());
+                x509svid::verify_ca_chain(&chain, &roots, now).is_ok()
+            };
+            if e.not_after <= now || !in_bundle {
                 // Expired, or revoked while this server was down: its key serves nothing.
                 self.dispose_unused(&x509_key_id(&e.slot), &e.key_fingerprint)
                     .await;
@@ -55,6 +74,8 @@ impl Ca {
                 issuer,
                 issued_at_ms: e.issued_at_ms,
                 not_after: e.not_after,
+                upstream_chain,
+                upstream_authority_id: e.upstream_authority_id,
             }));
         }
         let mut jwt: Vec<Arc<JwtAuthority>> = vec![];
@@ -126,6 +147,12 @@ impl Ca {
                     key_fingerprint: a.key.fingerprint.clone(),
                     issued_at_ms: a.issued_at_ms,
                     not_after: a.not_after,
+                    upstream_chain: a
+                        .upstream_chain
+                        .iter()
+                        .map(|c| STANDARD.encode(c))
+                        .collect(),
+                    upstream_authority_id: a.upstream_authority_id.clone(),
                 });
             }
             for a in st.jwt.all() {

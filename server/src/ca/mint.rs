@@ -1,5 +1,6 @@
 //! Minting: X509-SVIDs signed by the active X.509 authority (directly, or through an in-memory
-//! intermediate it certifies in `kms_rooted` mode) and JWT-SVIDs signed by the active JWT key.
+//! intermediate it certifies in `kms_rooted` mode; with an upstream authority the chain goes on
+//! with the CA and the upstream's chain) and JWT-SVIDs signed by the active JWT key.
 //! Every signature goes through the KeyManager.
 
 use super::*;
@@ -44,10 +45,12 @@ impl Ca {
                 SignOpts::for_key(inter.key.key_type),
             )
             .await?;
-            return Ok(vec![
+            let mut chain = vec![
                 x509svid::assemble_der(&tbs, &inter.issuer.signature_algorithm_der, &sig)?,
                 inter.cert_der.clone(),
-            ]);
+            ];
+            chain.extend(ca.chain_tail());
+            return Ok(chain);
         }
         let tbs = x509svid::leaf_tbs(&params, &ca.issuer)?;
         let sig = sign_checked(
@@ -57,11 +60,13 @@ impl Ca {
             SignOpts::for_key(ca.key.key_type),
         )
         .await?;
-        Ok(vec![x509svid::assemble_der(
+        let mut chain = vec![x509svid::assemble_der(
             &tbs,
             &ca.issuer.signature_algorithm_der,
             &sig,
-        )?])
+        )?];
+        chain.extend(ca.chain_tail());
+        Ok(chain)
     }
 
     /// The `kms_rooted` intermediate under the current authority: the cached one while it has

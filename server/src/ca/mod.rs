@@ -61,6 +61,10 @@ pub enum CaError {
     ServerSvidKeyLoad(#[source] rustls::Error),
     #[error("the system random number generator failed")]
     Random,
+    #[error("upstream authority: {0}")]
+    Upstream(#[from] kame_upstream::UpstreamError),
+    #[error("X509 CA minted by upstream authority is invalid: {0}")]
+    BadUpstreamCa(String),
 }
 
 pub fn now_ms() -> u64 {
@@ -94,6 +98,31 @@ pub struct X509Authority {
     pub authority_id: String,
     pub issued_at_ms: u64,
     pub not_after: u64,
+    /// With an upstream authority: the certificates that issued `cert_der`, as the upstream
+    /// returned them (empty when `cert_der` is self-signed).
+    pub upstream_chain: Vec<Vec<u8>>,
+    /// With an upstream authority: the authority key id of `cert_der` (the upstream CA's
+    /// SKID, lower-case hex); empty when self-signed.
+    pub upstream_authority_id: String,
+}
+
+impl X509Authority {
+    /// Whether an upstream authority signed this CA (it is then not in the bundle).
+    pub fn is_upstream_signed(&self) -> bool {
+        !self.upstream_authority_id.is_empty()
+    }
+
+    /// What follows a certificate this authority signs in a chain: nothing when it is a
+    /// root of the bundle; itself and the upstream's chain when an upstream signed it.
+    pub fn chain_tail(&self) -> Vec<Vec<u8>> {
+        if !self.is_upstream_signed() {
+            return vec![];
+        }
+        let mut out = Vec::with_capacity(1 + self.upstream_chain.len());
+        out.push(self.cert_der.clone());
+        out.extend(self.upstream_chain.iter().cloned());
+        out
+    }
 }
 
 /// A JWT signing key in a slot.
@@ -189,6 +218,8 @@ pub struct CaSettings {
     pub ca_subject_dn: String,
     pub jwt_issuer: Option<String>,
     pub signing_mode: SigningMode,
+    /// `UpstreamAuthority`: signs the X.509 CA from a CSR; its roots are the bundle's.
+    pub upstream: Option<Arc<dyn kame_upstream::UpstreamAuthority>>,
 }
 
 /// How X509-SVIDs are signed.
@@ -278,6 +309,12 @@ struct JournalX509 {
     key_fingerprint: String,
     issued_at_ms: u64,
     not_after: u64,
+    /// Base64 DER of the certificates an upstream returned after `cert` (absent: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    upstream_chain: Vec<String>,
+    /// The upstream CA's SKID (hex) when an upstream signed `cert`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    upstream_authority_id: String,
 }
 
 #[derive(Serialize, Deserialize, Clone)]

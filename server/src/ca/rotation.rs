@@ -103,41 +103,37 @@ impl Ca {
             .await?;
         let issued_at_ms = now_ms();
         let now = issued_at_ms / 1000;
-        let not_after = now + self.settings.ca_ttl.as_secs().max(1);
         // The configured ca_subject, as SPIRE names its X.509 authorities.
         let subject = x509svid::parse_name(&self.settings.ca_subject_dn)?;
-        let serial = random_serial()?;
-        let tbs = x509svid::ca_tbs(
-            &x509svid::CaParams {
-                trust_domain: &self.settings.trust_domain,
-                subject: &subject,
-                spki_der: &key.spki_der,
-                serial: &serial,
-                not_before: now.saturating_sub(x509svid::BACKDATE.as_secs()),
-                not_after,
-            },
-            None,
-        )?;
-        let info = KeyInfo::from_spki_der(&key.spki_der)?;
-        let sig = sign_checked(
-            self.km.as_ref(),
-            &key,
-            &tbs,
-            SignOpts::for_key(self.settings.ca_key_type),
-        )
-        .await?;
-        let cert_der = x509svid::assemble(&tbs, &info.x509_signature_algorithm(), &sig)?;
-        // Self-check: the new certificate verifies with its own key before anyone trusts it.
-        x509svid::ParsedCert::parse(&cert_der)?.check_signed_by(&key.spki_der)?;
+        let (cert_der, upstream_chain, roots) = match &self.settings.upstream {
+            None => {
+                let cert_der = self.self_signed_ca(&key, &subject, now).await?;
+                (cert_der.clone(), vec![], vec![cert_der])
+            }
+            Some(up) => self.upstream_signed_ca(up.as_ref(), &key, &subject).await?,
+        };
+        let parsed = x509svid::ParsedCert::parse(&cert_der)?;
+        let upstream_authority_id = if upstream_chain.is_empty() && roots.contains(&cert_der) {
+            String::new()
+        } else {
+            parsed
+                .authority_key_id()?
+                .map(hex::encode)
+                .unwrap_or_default()
+        };
+        let not_after = parsed.not_after();
         let issuer = IssuerInfo::from_cert_der(&cert_der)?;
         let bundle = self
             .ds
             .append_bundle(&Bundle {
                 trust_domain: self.settings.trust_domain.as_str().to_string(),
-                x509_authorities: vec![X509Certificate {
-                    asn1: cert_der.clone(),
-                    tainted: false,
-                }],
+                x509_authorities: roots
+                    .into_iter()
+                    .map(|asn1| X509Certificate {
+                        asn1,
+                        tainted: false,
+                    })
+                    .collect(),
                 ..Default::default()
             })
             .await?;
@@ -151,7 +147,175 @@ impl Ca {
             issuer,
             issued_at_ms,
             not_after,
+            upstream_chain,
+            upstream_authority_id,
         }))
+    }
+
+    /// A self-signed CA certificate for `key` (no upstream authority).
+    async fn self_signed_ca(
+        &self,
+        key: &PublicKey,
+        subject: &x509_cert::name::Name,
+        now: u64,
+    ) -> Result<Vec<u8>, CaError> {
+        let not_after = now + self.settings.ca_ttl.as_secs().max(1);
+        let serial = random_serial()?;
+        let tbs = x509svid::ca_tbs(
+            &x509svid::CaParams {
+                trust_domain: &self.settings.trust_domain,
+                subject,
+                spki_der: &key.spki_der,
+                serial: &serial,
+                not_before: now.saturating_sub(x509svid::BACKDATE.as_secs()),
+                not_after,
+            },
+            None,
+        )?;
+        let info = KeyInfo::from_spki_der(&key.spki_der)?;
+        let sig = sign_checked(
+            self.km.as_ref(),
+            key,
+            &tbs,
+            SignOpts::for_key(self.settings.ca_key_type),
+        )
+        .await?;
+        let cert_der = x509svid::assemble(&tbs, &info.x509_signature_algorithm(), &sig)?;
+        // Self-check: the new certificate verifies with its own key before anyone trusts it.
+        x509svid::ParsedCert::parse(&cert_der)?.check_signed_by(&key.spki_der)?;
+        Ok(cert_der)
+    }
+
+    /// The CA certificate for `key` as `up` signs it from a CSR (SPIRE's: the ca_subject and
+    /// the trust domain ID, signed by `key` through the KeyManager), checked before it is
+    /// used: the CA certificate, the chain after it, and the upstream roots.
+    async fn upstream_signed_ca(
+        &self,
+        up: &dyn kame_upstream::UpstreamAuthority,
+        key: &PublicKey,
+        subject: &x509_cert::name::Name,
+    ) -> Result<(Vec<u8>, Vec<Vec<u8>>, Vec<Vec<u8>>), CaError> {
+        use der::Encode;
+        let subject_der = subject
+            .to_der()
+            .map_err(|e| CaError::Profile(kame_api::Error::BadName(e.to_string())))?;
+        let info = kame_api::csr::request_info_for(
+            &subject_der,
+            &key.spki_der,
+            &[self.settings.trust_domain.id_string()],
+            &[],
+        )?;
+        let sig = sign_checked(
+            self.km.as_ref(),
+            key,
+            &info,
+            SignOpts::for_key(self.settings.ca_key_type),
+        )
+        .await?;
+        let alg = KeyInfo::from_spki_der(&key.spki_der)?.x509_signature_algorithm();
+        let csr = x509svid::assemble(&info, &alg, &sig)?;
+        let (minted, _updates) = up.mint_x509_ca(&csr, self.settings.ca_ttl).await?;
+        self.check_upstream_ca(key, &minted.chain, &minted.upstream_roots)
+            .await?;
+        let mut chain = minted.chain;
+        let cert_der = chain.remove(0);
+        Ok((cert_der, chain, minted.upstream_roots))
+    }
+
+    /// SPIRE's checks of an upstream-signed CA: the chain and roots are present, the CA is
+    /// ours (our key), a CA (cA, keyCertSign, only CA key usages), for this trust domain (no
+    /// URI SAN, or the trust domain ID), valid now, and a throwaway leaf it signs verifies
+    /// through the chain to the upstream roots.
+    pub(super) async fn check_upstream_ca(
+        &self,
+        key: &PublicKey,
+        chain: &[Vec<u8>],
+        roots: &[Vec<u8>],
+    ) -> Result<(), CaError> {
+        let bad = |m: String| CaError::BadUpstreamCa(m);
+        let first = chain
+            .first()
+            .ok_or_else(|| bad("plugin response missing X.509 CA chain".into()))?;
+        if roots.is_empty() {
+            return Err(bad("plugin response missing upstream X.509 roots".into()));
+        }
+        for (i, r) in roots.iter().enumerate() {
+            x509svid::ParsedCert::parse(r)
+                .map_err(|e| bad(format!("upstream X.509 root {i} is malformed: {e}")))?;
+        }
+        let ca = x509svid::ParsedCert::parse(first)
+            .map_err(|e| bad(format!("malformed X.509 CA: {e}")))?;
+        let ca_key = ca
+            .spki_der()
+            .and_then(|s| KeyInfo::from_spki_der(&s))
+            .map_err(|e| bad(format!("X.509 CA key: {e}")))?;
+        if ca_key != KeyInfo::from_spki_der(&key.spki_der)? {
+            return Err(bad(
+                "the X.509 CA does not hold the key this server asked to certify".into(),
+            ));
+        }
+        x509svid::check_signing_cert(&ca).map_err(|e| bad(format!("invalid X509 CA: {e}")))?;
+        if let Some((_, ku)) = ca.key_usage()? {
+            let extra = ku.0.bits()
+                & !(x509_cert::ext::pkix::KeyUsages::KeyCertSign
+                    | x509_cert::ext::pkix::KeyUsages::CRLSign
+                    | x509_cert::ext::pkix::KeyUsages::DigitalSignature)
+                    .bits();
+            if extra != 0 {
+                return Err(bad(
+                    "invalid X509 CA: only keyCertSign, cRLSign, or digitalSignature key usage can be set"
+                        .into(),
+                ));
+            }
+        }
+        if let Some((_, uris, _)) = ca.sans()? {
+            let want = self.settings.trust_domain.id_string();
+            if !uris.is_empty() && uris != [want.clone()] {
+                return Err(bad(format!(
+                    "invalid X509 CA: expected URI SAN {want:?} but got {uris:?}"
+                )));
+            }
+        }
+        // A throwaway leaf signed by the new CA key must verify through the chain.
+        let now = now_secs();
+        let issuer = IssuerInfo::from_cert_der(first)?;
+        let throwaway = SpiffeId::parse(&format!(
+            "{}/spire/throwaway",
+            self.settings.trust_domain.id_string()
+        ))
+        .map_err(|e| bad(e.to_string()))?;
+        let leaf_spki = {
+            use aws_lc_rs::encoding::AsDer;
+            use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+            EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING)
+                .ok()
+                .and_then(|k| k.public_key().as_der().ok().map(|d| d.as_ref().to_vec()))
+                .ok_or(CaError::Random)?
+        };
+        let tbs = x509svid::leaf_tbs(
+            &x509svid::LeafParams {
+                id: &throwaway,
+                dns_names: &[],
+                spki_der: &leaf_spki,
+                serial: &[1],
+                not_before: ca.not_before(),
+                not_after: ca.not_after(),
+            },
+            &issuer,
+        )?;
+        let sig = sign_checked(
+            self.km.as_ref(),
+            key,
+            &tbs,
+            SignOpts::for_key(self.settings.ca_key_type),
+        )
+        .await?;
+        let leaf = x509svid::assemble_der(&tbs, &issuer.signature_algorithm_der, &sig)?;
+        let mut full = vec![leaf];
+        full.extend(chain.iter().cloned());
+        x509svid::verify_chain(&full, roots, now)
+            .map_err(|e| bad(format!("X509 CA produced an invalid X509-SVID chain: {e}")))?;
+        Ok(())
     }
 
     pub(super) async fn prepare_jwt(

@@ -137,8 +137,9 @@ pub const DATA_STORES: &[(&str, DataStoreBuilder)] =
 /// Builds an UpstreamAuthority from its `plugin_data`.
 pub type UpstreamAuthorityBuilder = Builder<dyn UpstreamAuthority>;
 
-/// The built-in UpstreamAuthorities: none yet (the seam is defined in [`crate::upstream`]).
-pub const UPSTREAM_AUTHORITIES: &[(&str, UpstreamAuthorityBuilder)] = &[];
+/// The built-in UpstreamAuthorities (the seam and backends are the `kame-upstream` crate).
+pub const UPSTREAM_AUTHORITIES: &[(&str, UpstreamAuthorityBuilder)] =
+    &[(crate::upstream::disk::TYPE, crate::upstream::disk::plugin)];
 
 /// At most one plugin of `kind` in `plugins` (none: `None`), built by `table`; more than one,
 /// or an unknown name, is an error as for [`single`].

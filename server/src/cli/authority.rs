@@ -362,7 +362,7 @@ pub async fn upstreamauthority(cmd: UpstreamAuthorityCmd) -> Result<(), CliError
                 a.common.output,
                 json!({"upstream_authority_subject_key_id": r.upstream_authority_subject_key_id}),
                 format!(
-                    "Tainted upstream authority: {}\n",
+                    "Tainted X.509 upstream authority:\n  Subject Key ID: {}\n",
                     r.upstream_authority_subject_key_id
                 ),
             );
@@ -380,7 +380,7 @@ pub async fn upstreamauthority(cmd: UpstreamAuthorityCmd) -> Result<(), CliError
                 a.common.output,
                 json!({"upstream_authority_subject_key_id": r.upstream_authority_subject_key_id}),
                 format!(
-                    "Revoked upstream authority: {}\n",
+                    "Revoked X.509 upstream authority:\n  Subject Key ID: {}\n",
                     r.upstream_authority_subject_key_id
                 ),
             );

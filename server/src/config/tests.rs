@@ -228,20 +228,45 @@ fn km_pkcs11_config_spire_keys_and_refusals() {
     ]);
 }
 
-/// The UpstreamAuthority seam is in the catalogue with no built-in yet: configuring one
-/// is refused with the plugin type named, not as an unknown key.
+/// UpstreamAuthority is optional; an unknown one is refused naming the built-in ones, and
+/// `disk` refuses unknown and missing keys by their full path.
 #[test]
-fn upstream_authority_none_built_in_yet() {
+fn upstream_authority_unknown_name_and_disk_keys() {
     let c = Config::parse(GOOD, false).unwrap();
     assert!(c.upstream_authority.is_none());
-    let with = GOOD.replace(
+    let with = |block: &str| {
+        GOOD.replace(
             "    NodeAttestor \"join_token\"",
-            "    UpstreamAuthority \"disk\" {\n        plugin_data {}\n    }\n    NodeAttestor \"join_token\"",
-        );
-    let e = Config::parse(&with, false).unwrap_err().to_string();
+            &format!("{block}\n    NodeAttestor \"join_token\""),
+        )
+    };
+    let e = Config::parse(
+        &with("    UpstreamAuthority \"vault\" {\n        plugin_data {}\n    }"),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("unknown UpstreamAuthority \"vault\""), "{e}");
+    assert!(e.contains("disk"), "{e}");
+    let e = Config::parse(
+        &with("    UpstreamAuthority \"disk\" {\n        plugin_data {\n            cert_file_path = \"/a\"\n            key_file_path = \"/b\"\n            bundle_path = \"/c\"\n        }\n    }"),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
     assert_eq!(
         e,
-        "plugins.UpstreamAuthority: unknown UpstreamAuthority \"disk\" (this kame-server has none built in)"
+        "plugins.UpstreamAuthority.disk.plugin_data.bundle_path: unknown key"
+    );
+    let e = Config::parse(
+        &with("    UpstreamAuthority \"disk\" {\n        plugin_data {\n            key_file_path = \"/b\"\n        }\n    }"),
+        false,
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        e,
+        "plugins.UpstreamAuthority.disk.plugin_data.cert_file_path: missing required value"
     );
 }
 

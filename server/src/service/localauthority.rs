@@ -21,7 +21,10 @@ pub struct LocalAuthorityService {
 pub fn authority_status(e: AuthorityError) -> Status {
     use AuthorityError as E;
     match e {
-        E::NoId | E::Unknown { .. } => Status::invalid_argument(e.to_string()),
+        E::NoId | E::Unknown { .. } | E::UpstreamId { .. } => {
+            Status::invalid_argument(e.to_string())
+        }
+        E::UpstreamRootUnknown(_) => Status::not_found(e.to_string()),
         E::Initializing(_) => Status::unavailable(e.to_string()),
         E::AlreadyPrepared { .. }
         | E::AlreadyActive { .. }
@@ -32,7 +35,10 @@ pub fn authority_status(e: AuthorityError) -> Status {
         | E::NotTainted { .. }
         | E::NotInBundle { .. }
         | E::AgentsHolding { .. }
-        | E::NoUpstream => Status::failed_precondition(e.to_string()),
+        | E::NoUpstream
+        | E::LocalWithUpstream(_)
+        | E::UpstreamRootTainted
+        | E::UpstreamRootNotTainted => Status::failed_precondition(e.to_string()),
         E::Ca(c) => ca_status(c),
     }
 }
@@ -41,7 +47,7 @@ fn state(v: &AuthorityView) -> pb::AuthorityState {
     pb::AuthorityState {
         authority_id: v.authority_id.clone(),
         expires_at: v.expires_at as i64,
-        upstream_authority_subject_key_id: String::new(),
+        upstream_authority_subject_key_id: v.upstream_authority_id.clone(),
         tainted: v.tainted,
         agents_holding: v.agents_holding as u32,
     }
@@ -196,10 +202,6 @@ impl LocalAuthorityService {
     }
 }
 
-fn no_upstream() -> Status {
-    authority_status(AuthorityError::NoUpstream)
-}
-
 fn no_wit() -> Status {
     Status::unimplemented("WIT-SVID functionality is not implemented")
 }
@@ -316,9 +318,13 @@ impl LocalAuthorityApi for LocalAuthorityService {
         req: Request<pb::TaintX509UpstreamAuthorityRequest>,
     ) -> Result<Response<pb::TaintX509UpstreamAuthorityResponse>, Status> {
         let caller = require_admin(&self.ctx, &req).await?;
-        // No UpstreamAuthority exists yet: with none configured, SPIRE's precondition.
-        let r: Result<(), Status> = Err(no_upstream());
         let skid = req.get_ref().subject_key_id.clone();
+        let r = self
+            .ctx
+            .ca
+            .taint_upstream_authority(&skid)
+            .await
+            .map_err(authority_status);
         audit(
             &who(&caller, &req),
             "taint upstream",
@@ -327,7 +333,9 @@ impl LocalAuthorityApi for LocalAuthorityService {
             false,
             &r,
         );
-        Err(no_upstream())
+        Ok(Response::new(pb::TaintX509UpstreamAuthorityResponse {
+            upstream_authority_subject_key_id: r?,
+        }))
     }
 
     async fn revoke_x509_authority(
@@ -346,9 +354,14 @@ impl LocalAuthorityApi for LocalAuthorityService {
         req: Request<pb::RevokeX509UpstreamAuthorityRequest>,
     ) -> Result<Response<pb::RevokeX509UpstreamAuthorityResponse>, Status> {
         let caller = require_admin(&self.ctx, &req).await?;
-        let r: Result<(), Status> = Err(no_upstream());
         let skid = req.get_ref().subject_key_id.clone();
         let force = req.get_ref().force;
+        let r = self
+            .ctx
+            .ca
+            .revoke_upstream_authority(&skid)
+            .await
+            .map_err(authority_status);
         audit(
             &who(&caller, &req),
             "revoke upstream",
@@ -357,7 +370,9 @@ impl LocalAuthorityApi for LocalAuthorityService {
             force,
             &r,
         );
-        Err(no_upstream())
+        Ok(Response::new(pb::RevokeX509UpstreamAuthorityResponse {
+            upstream_authority_subject_key_id: r?,
+        }))
     }
 
     async fn get_wit_authority_state(

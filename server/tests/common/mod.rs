@@ -17,6 +17,8 @@ pub struct Opts {
     pub x509_ttl: &'static str,
     pub key_manager: &'static str,
     pub extra_server: &'static str,
+    /// More plugin blocks (an UpstreamAuthority).
+    pub extra_plugins: String,
 }
 
 impl Default for Opts {
@@ -26,6 +28,7 @@ impl Default for Opts {
             x509_ttl: "1h",
             key_manager: "disk",
             extra_server: "",
+            extra_plugins: String::new(),
         }
     }
 }
@@ -73,8 +76,10 @@ plugins {{
     NodeAttestor "join_token" {{
         plugin_data {{}}
     }}
+    {plugins}
 }}
 "#,
+        plugins = o.extra_plugins,
         ca_ttl = o.ca_ttl,
         x509_ttl = o.x509_ttl,
         extra = o.extra_server,
