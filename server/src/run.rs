@@ -456,8 +456,13 @@ pub async fn start_with(
                     // Handed over as a plain socket: the worker registers it with its own
                     // reactor, so its readiness never wakes this thread.
                     let Ok(std_stream) = stream.into_std() else { continue };
-                    let _ = to_workers[next % to_workers.len()].send(std_stream).await;
+                    let i = next % to_workers.len();
                     next = next.wrapping_add(1);
+                    if to_workers[i].send(std_stream).await.is_err() {
+                        // Its thread ended (a bug, or shutdown under way): the connection is
+                        // dropped and the peer reconnects.
+                        tracing::error!(worker = i, "a TCP worker thread is gone; connection dropped");
+                    }
                 }
             }
         }

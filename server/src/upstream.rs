@@ -1,7 +1,7 @@
 //! The server's UpstreamAuthority plugins (SPIRE's `UpstreamAuthority "<name>" { plugin_data
 //! { … } }`): each reads its keys and builds its backend from the `kame-upstream` crate, which
 //! holds the seam and the backends. This module reads configuration only; what an upstream
-//! answers is checked by the CA (`ca::upstream`).
+//! answers is checked by the CA (`ca::rotation`).
 
 pub use kame_upstream::{LocalBundle, MintedX509Ca, Updates, UpstreamAuthority, UpstreamError};
 

@@ -64,10 +64,12 @@ fn issued(dir: &Path, name: &str, ca: bool) -> (PathBuf, PathBuf) {
     let csr = format!("{name}.csr");
     let pem = format!("{name}.pem");
     let ext = format!("{name}.ext");
-    let text = if ca {
-        CA_EXT
-    } else {
-        "basicConstraints=critical,CA:false\nkeyUsage=critical,digitalSignature\n"
+    let text = match (ca, name.contains("pathlen0")) {
+        (true, true) => CA_EXT.replace("CA:true", "CA:true,pathlen:0"),
+        (true, false) => CA_EXT.to_string(),
+        (false, _) => {
+            "basicConstraints=critical,CA:false\nkeyUsage=critical,digitalSignature\n".to_string()
+        }
     };
     std::fs::write(dir.join(&ext), text).unwrap();
     openssl(
@@ -322,6 +324,7 @@ fn upstream_disk_refuses_bad_files_with_the_reason() {
         .concat(),
     )
     .unwrap();
+    let (p0_pem, p0_key) = issued(d, "pathlen0", true);
     let missing_key =
         "UpstreamAuthority \"disk\" {\n plugin_data {\n cert_file_path = \"/x\"\n }\n }"
             .to_string();
@@ -347,6 +350,11 @@ fn upstream_disk_refuses_bad_files_with_the_reason() {
         (
             missing_key,
             "plugins.UpstreamAuthority.disk.plugin_data.key_file_path: missing",
+        ),
+        // An issuing CA limited to leaves (pathlen:0) cannot sign the server's CA.
+        (
+            disk_block(&p0_pem, &p0_key, Some(&root_pem)),
+            "pathLenConstraint",
         ),
     ];
     let _ = root_key;
@@ -513,5 +521,76 @@ async fn upstream_authority_taint_and_revoke_after_moving_to_a_new_root() {
     let out = s.dir.path().join("out");
     mint(&s, &out).await;
     verify_with_openssl(&b_pem, &out.join("svid.pem"));
+    s.stop().await;
+}
+
+/// `kms_rooted` under an upstream: SVIDs carry leaf, the in-memory intermediate, the server's
+/// CA (upstream-signed), and verify with openssl against the upstream root alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_disk_with_kms_rooted_signing_chains_through_both_intermediates() {
+    let up = tempfile::tempdir().unwrap();
+    let (root_pem, root_key) = root(up.path(), "1");
+    let s = TestServer::start(Opts {
+        extra_server: "signing_mode = \"kms_rooted\"",
+        extra_plugins: disk_block(&root_pem, &root_key, None),
+        ..Default::default()
+    })
+    .await;
+    let out = s.dir.path().join("out");
+    let chain = mint(&s, &out).await;
+    assert_eq!(
+        chain.len(),
+        3,
+        "leaf, kms_rooted intermediate, the server's CA"
+    );
+    assert!(!chain.contains(&der_of(&root_pem)));
+    verify_with_openssl(&root_pem, &out.join("svid.pem"));
+    s.stop().await;
+}
+
+/// A root as `openssl req -x509` makes it with the stock configuration (basicConstraints, no
+/// key usage extension) is accepted, as Go and SPIRE accept it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_disk_accepts_a_root_without_key_usage() {
+    let up = tempfile::tempdir().unwrap();
+    openssl(
+        up.path(),
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "root.key",
+            "-out",
+            "root.pem",
+            "-subj",
+            "/CN=plain-root",
+            "-days",
+            "1",
+            "-addext",
+            "basicConstraints=critical,CA:true",
+        ],
+    );
+    let (root_pem, root_key) = (up.path().join("root.pem"), up.path().join("root.key"));
+    assert!(
+        ParsedCert::parse(&der_of(&root_pem))
+            .unwrap()
+            .key_usage()
+            .unwrap()
+            .is_none(),
+        "the test root must carry no key usage"
+    );
+    let s = TestServer::start(Opts {
+        extra_plugins: disk_block(&root_pem, &root_key, None),
+        ..Default::default()
+    })
+    .await;
+    let out = s.dir.path().join("out");
+    mint(&s, &out).await;
+    verify_with_openssl(&root_pem, &out.join("svid.pem"));
     s.stop().await;
 }

@@ -502,8 +502,9 @@ async fn agent_rotates_10s_svids_in_the_stream_and_entry_delete_removes_the_svid
 }
 
 /// More than a page (500) of entries: the server answers a sync with revisions, the agent asks
-/// for the entries it lacks (all of them at first, then only the one that changed) on a call it
-/// keeps open, and the workload sees the change.
+/// for the entries it lacks on a call it keeps open (all of them at first, then the changed
+/// one), and the workload sees the change. (Which ids are asked is not observed here; the test
+/// fails when the ask path is broken.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_sync_revisions_mode_over_a_page_asks_for_changed_entries() {
     let env = Env::start(Opts::default()).await;

@@ -144,7 +144,7 @@ impl DiskConfig {
             index: 0,
             source,
         })?;
-        x509svid::check_signing_cert(&parsed).map_err(|source| DiskError::NotCa {
+        x509svid::check_ca_lenient(&parsed).map_err(|source| DiskError::NotCa {
             path: cert_path.clone(),
             source,
         })?;
@@ -170,13 +170,13 @@ impl DiskConfig {
                     .check_signed_by(&key.public().spki_der)
                     .map_err(DiskError::Unverified)?;
                 let roots = vec![ca.clone()];
-                x509svid::verify_ca_chain(&file_certs, &roots, now)
+                x509svid::verify_ca_chain(&file_certs, &roots, now, 1)
                     .map_err(DiskError::Unverified)?;
                 (vec![], roots)
             }
             Some(bundle) => {
                 let roots = certs(bundle)?;
-                x509svid::verify_ca_chain(&file_certs, &roots, now)
+                x509svid::verify_ca_chain(&file_certs, &roots, now, 1)
                     .map_err(DiskError::Unverified)?;
                 (file_certs.clone(), roots)
             }

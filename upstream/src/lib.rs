@@ -65,7 +65,7 @@ pub enum UpstreamError {
 #[async_trait::async_trait]
 pub trait UpstreamAuthority: Send + Sync + std::fmt::Debug {
     /// Signs the CA for `csr` (PKCS#10 DER; `preferred_ttl` zero: the upstream decides) and
-    /// streams later root updates. The stream is kept until the next X.509 CA rotation.
+    /// streams later root updates (the CA does not consume them yet: `disk` sends none).
     async fn mint_x509_ca(
         &self,
         csr: &[u8],

@@ -37,7 +37,10 @@ impl Manager {
                     .into_inner(),
             )
         };
-        let (bundle, entries) = tokio::try_join!(bundle, self.sync_entries(ch.clone()))?;
+        let (bundle, entries) = tokio::join!(bundle, self.sync_entries(ch.clone()));
+        // A bundle that arrived is applied even when the entries failed: new roots and taints
+        // must not wait for the entry sync to recover.
+        let bundle = bundle?;
         {
             let mut st = self
                 .state
@@ -54,6 +57,7 @@ impl Manager {
         if changed {
             self.storage.save_bundle(&bundle)?;
         }
+        let entries = entries?;
         // 3. Federated bundles of the trust domains entries federate with.
         let tds: BTreeSet<String> = entries.values().flat_map(federated_tds).collect();
         let mut federated = BTreeMap::new();
@@ -196,7 +200,12 @@ impl Manager {
                     ids: chunk.to_vec(),
                 })
                 .await;
-            while let Some(m) = stream.message().await? {
+            loop {
+                let Some(m) = stream.message().await? else {
+                    return Err(ManagerError::SyncProtocol(
+                        "SyncAuthorizedEntries ended before answering an ask",
+                    ));
+                };
                 for e in m.entries {
                     out.insert(e.id.clone(), e);
                 }
@@ -337,16 +346,21 @@ async fn read_listing(
 > {
     let mut out = BTreeMap::new();
     let mut revisions = vec![];
-    while let Some(m) = stream.message().await? {
+    loop {
+        let Some(m) = stream.message().await? else {
+            // The call ended before the page marked as the last: the listing is incomplete.
+            return Err(ManagerError::SyncProtocol(
+                "SyncAuthorizedEntries ended before its last page",
+            ));
+        };
         for e in m.entries {
             out.insert(e.id.clone(), e);
         }
         revisions.extend(m.entry_revisions);
         if !m.more {
-            break;
+            return Ok((out, revisions));
         }
     }
-    Ok((out, revisions))
 }
 
 /// Reads a sync call to its end, so that its status is checked and the call closes cleanly

@@ -645,6 +645,36 @@ pub fn check_signing_cert(cert: &ParsedCert) -> Result<(), Error> {
     }
 }
 
+/// Go's rule for a certificate that signs another (`CheckSignatureFrom`), which trust anchors
+/// and upstream CAs are held to: cA=true (a v1 certificate has no extensions and passes), and
+/// keyCertSign when a key usage extension is present. Stock `openssl req -x509` roots carry
+/// no key usage, and SPIRE accepts them.
+pub fn check_ca_lenient(cert: &ParsedCert) -> Result<(), Error> {
+    let v1 = cert.cert.tbs_certificate().version() == x509_cert::Version::V1;
+    match cert.basic_constraints()? {
+        Some((_, bc)) if bc.ca => {}
+        None if v1 => {}
+        _ => {
+            return Err(Error::BadSvid(
+                "signing certificate is not a CA (X509-06)".into(),
+            ));
+        }
+    }
+    match cert.key_usage()? {
+        Some((_, ku)) if !ku.key_cert_sign() => Err(Error::BadSvid(
+            "signing certificate lacks keyCertSign (X509-06)".into(),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The pathLenConstraint of a CA certificate, if it sets one.
+fn path_len(cert: &ParsedCert) -> Result<Option<u8>, Error> {
+    Ok(cert
+        .basic_constraints()?
+        .and_then(|(_, bc)| bc.path_len_constraint))
+}
+
 /// The outcome of [`verify_chain`].
 #[derive(Debug, Clone)]
 pub struct VerifiedChain {
@@ -668,7 +698,7 @@ pub fn verify_chain(
         .first()
         .ok_or_else(|| Error::BadSvid("empty certificate chain".into()))?;
     let id = check_leaf(leaf)?;
-    let root_index = path_to_root(&parsed, chain, roots, now)?;
+    let root_index = path_to_root(&parsed, chain, roots, now, 0)?;
     Ok(VerifiedChain {
         id,
         root_index,
@@ -679,17 +709,28 @@ pub fn verify_chain(
 
 /// Path validation of a signing certificate's chain (the CA first, then the certificates that
 /// issued it) against `roots`: the same checks as [`verify_chain`], with a CA in place of the
-/// leaf. A chain of one certificate that is itself among `roots` is valid. Returns the index
-/// of the root the chain ends at.
-pub fn verify_ca_chain(chain: &[Vec<u8>], roots: &[Vec<u8>], now: u64) -> Result<usize, Error> {
+/// leaf, which will have `depth` CA levels below it (0: it signs leaves only). A chain of one
+/// certificate that is itself among `roots` is valid (held to [`check_ca_lenient`], as a trust
+/// anchor). Returns the index of the root the chain ends at.
+pub fn verify_ca_chain(
+    chain: &[Vec<u8>],
+    roots: &[Vec<u8>],
+    now: u64,
+    depth: usize,
+) -> Result<usize, Error> {
     let parsed = parse_chain(chain)?;
     let first = parsed
         .first()
         .ok_or_else(|| Error::BadSvid("empty certificate chain".into()))?;
-    check_signing_cert(first)?;
+    if path_len(first)?.is_some_and(|p| (p as usize) < depth) {
+        return Err(Error::UntrustedChain(format!(
+            "certificate 0 allows fewer than {depth} CA levels below it (pathLenConstraint)"
+        )));
+    }
     if let [only] = chain
         && let Some(ri) = roots.iter().position(|r| r == only)
     {
+        check_ca_lenient(first)?;
         if now < first.not_before() {
             return Err(Error::NotYetValid(0));
         }
@@ -698,7 +739,8 @@ pub fn verify_ca_chain(chain: &[Vec<u8>], roots: &[Vec<u8>], now: u64) -> Result
         }
         return Ok(ri);
     }
-    path_to_root(&parsed, chain, roots, now)
+    check_signing_cert(first)?;
+    path_to_root(&parsed, chain, roots, now, 1 + depth)
 }
 
 fn parse_chain(chain: &[Vec<u8>]) -> Result<Vec<ParsedCert>, Error> {
@@ -706,13 +748,28 @@ fn parse_chain(chain: &[Vec<u8>]) -> Result<Vec<ParsedCert>, Error> {
 }
 
 /// Validity at `now` of every certificate, each signed by the next, and the last signed by
-/// (or equal to) one of `roots`: the index of that root.
+/// (or equal to) one of `roots`: the index of that root. Every signer's pathLenConstraint
+/// holds: the CA certificates below certificate `j` are `j - 1 + extra` (`extra` 0 when the
+/// chain starts with a leaf; 1 plus the levels it will sign when it starts with a CA).
+/// Trust anchors are held to [`check_ca_lenient`], the certificates between to
+/// [`check_signing_cert`].
 fn path_to_root(
     parsed: &[ParsedCert],
     chain: &[Vec<u8>],
     roots: &[Vec<u8>],
     now: u64,
+    extra: usize,
 ) -> Result<usize, Error> {
+    let below = |j: usize| (j + extra).saturating_sub(1);
+    let path_ok = |c: &ParsedCert, j: usize| -> Result<(), Error> {
+        match path_len(c)? {
+            Some(p) if (p as usize) < below(j) => Err(Error::UntrustedChain(format!(
+                "certificate {j} allows {p} CA levels below it, the chain has {}",
+                below(j)
+            ))),
+            _ => Ok(()),
+        }
+    };
     for (i, c) in parsed.iter().enumerate() {
         if now < c.not_before() {
             return Err(Error::NotYetValid(i));
@@ -721,7 +778,12 @@ fn path_to_root(
             return Err(Error::Expired(i));
         }
         if i > 0 {
-            check_signing_cert(c)?;
+            if i + 1 == parsed.len() && roots.iter().any(|r| r == &chain[i]) {
+                check_ca_lenient(c)?;
+            } else {
+                check_signing_cert(c)?;
+            }
+            path_ok(c, i)?;
             let child = &parsed[i - 1];
             if child.cert.tbs_certificate().issuer() != c.cert.tbs_certificate().subject() {
                 return Err(Error::UntrustedChain(format!(
@@ -745,7 +807,11 @@ fn path_to_root(
         if root.cert.tbs_certificate().subject() != last_issuer {
             continue;
         }
-        if check_signing_cert(&root).is_err() || now > root.not_after() || now < root.not_before() {
+        if check_ca_lenient(&root).is_err()
+            || path_ok(&root, parsed.len()).is_err()
+            || now > root.not_after()
+            || now < root.not_before()
+        {
             continue;
         }
         let Ok(spki) = root.spki_der() else { continue };

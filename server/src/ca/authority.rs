@@ -153,7 +153,7 @@ impl BundleKey {
             BundleKey::Chain(chain) => {
                 let roots: Vec<Vec<u8>> =
                     b.x509_authorities.iter().map(|c| c.asn1.clone()).collect();
-                kame_api::x509svid::verify_ca_chain(chain, &roots, now_secs())
+                kame_api::x509svid::verify_ca_chain(chain, &roots, now_secs(), 0)
                     .ok()
                     .and_then(|i| b.x509_authorities.get(i))
                     .map(|c| c.tainted)
@@ -289,7 +289,7 @@ impl Ca {
                         let Ok(issuer) = kame_api::x509svid::IssuerInfo::from_cert_der(&der) else {
                             continue;
                         };
-                        let bundle_key = if e.upstream_authority_id.is_empty() {
+                        let bundle_key = if !e.upstream_signed {
                             BundleKey::Cert(der)
                         } else {
                             let mut chain = vec![der];
@@ -377,7 +377,15 @@ impl Ca {
         for t in self.local_targets(kind) {
             let v = AuthorityView {
                 tainted: t.bundle_key.find(&bundle).unwrap_or(false),
-                agents_holding: holding.get(&t.id).copied().unwrap_or(0),
+                // Agents report the root their chains end at: under an upstream, its SKID.
+                agents_holding: holding
+                    .get(if t.upstream_id.is_empty() {
+                        &t.id
+                    } else {
+                        &t.upstream_id
+                    })
+                    .copied()
+                    .unwrap_or(0),
                 upstream_authority_id: t.upstream_id.clone(),
                 authority_id: t.id,
                 expires_at: t.expires_at,
@@ -675,10 +683,31 @@ impl Ca {
     }
 
     /// Removes the tainted upstream root with subject key ID `skid` from the bundle (SPIRE's
-    /// `RevokeX509UpstreamAuthority`).
-    pub async fn revoke_upstream_authority(&self, skid: &str) -> Result<String, AuthorityError> {
+    /// `RevokeX509UpstreamAuthority`). Refused while an agent seen within
+    /// [`READINESS_WINDOW`] still holds SVIDs under it, unless `force` (Kame's readiness
+    /// check, as for local authorities).
+    pub async fn revoke_upstream_authority(
+        &self,
+        skid: &str,
+        force: bool,
+    ) -> Result<(String, usize), AuthorityError> {
         let _g = self.rotation.lock().await;
         let skid = self.check_upstream_skid(skid, "invalid subject key ID")?;
+        let count = self.holding().await?.get(&skid).copied().unwrap_or(0);
+        let tainted = self
+            .refresh_bundle()
+            .await?
+            .x509_authorities
+            .iter()
+            .any(|c| c.tainted && root_skid(&c.asn1) == skid);
+        if count > 0 && !force && tainted {
+            return Err(AuthorityError::AgentsHolding {
+                kind: Kind::X509,
+                id: skid,
+                count,
+                window_secs: READINESS_WINDOW.as_secs(),
+            });
+        }
         let td = self.settings.trust_domain.as_str().to_string();
         let want = skid.clone();
         let r = self
@@ -714,8 +743,8 @@ impl Ca {
         };
         self.set_bundle(b);
         self.forget_revoked().await;
-        info!(subject_key_id = %skid, "X.509 upstream authority revoked");
-        Ok(skid)
+        info!(subject_key_id = %skid, forced = force && count > 0, "X.509 upstream authority revoked");
+        Ok((skid, count))
     }
 
     fn check_old(&self, kind: Kind, t: &Target) -> Result<(), AuthorityError> {

@@ -24,7 +24,7 @@ impl Ca {
                 .collect();
             // A self-signed authority is in the bundle; an upstream-signed one chains to a
             // root in it.
-            let in_bundle = if e.upstream_authority_id.is_empty() {
+            let in_bundle = if !e.upstream_signed {
                 bundle.x509_authorities.iter().any(|c| c.asn1 == cert_der)
             } else {
                 let roots: Vec<Vec<u8>> = bundle
@@ -34,7 +34,7 @@ impl Ca {
                     .collect();
                 let mut chain = vec![cert_der.clone()];
                 chain.extend(upstream_chain.iter().cloned());
-                x509svid::verify_ca_chain(&chain, &roots, now).is_ok()
+                x509svid::verify_ca_chain(&chain, &roots, now, 0).is_ok()
             };
             if e.not_after <= now || !in_bundle {
                 // Expired, or revoked while this server was down: its key serves nothing.
@@ -76,6 +76,7 @@ impl Ca {
                 not_after: e.not_after,
                 upstream_chain,
                 upstream_authority_id: e.upstream_authority_id,
+                upstream_signed: e.upstream_signed,
             }));
         }
         let mut jwt: Vec<Arc<JwtAuthority>> = vec![];
@@ -153,6 +154,7 @@ impl Ca {
                         .map(|c| STANDARD.encode(c))
                         .collect(),
                     upstream_authority_id: a.upstream_authority_id.clone(),
+                    upstream_signed: a.upstream_signed,
                 });
             }
             for a in st.jwt.all() {

@@ -101,15 +101,17 @@ pub struct X509Authority {
     /// With an upstream authority: the certificates that issued `cert_der`, as the upstream
     /// returned them (empty when `cert_der` is self-signed).
     pub upstream_chain: Vec<Vec<u8>>,
-    /// With an upstream authority: the authority key id of `cert_der` (the upstream CA's
-    /// SKID, lower-case hex); empty when self-signed.
+    /// With an upstream authority: the SKID (lower-case hex) of the upstream CA that signed
+    /// `cert_der`; empty when self-signed.
     pub upstream_authority_id: String,
+    /// An upstream signed `cert_der` (it is not in the bundle; its chain ends at a root there).
+    pub upstream_signed: bool,
 }
 
 impl X509Authority {
     /// Whether an upstream authority signed this CA (it is then not in the bundle).
     pub fn is_upstream_signed(&self) -> bool {
-        !self.upstream_authority_id.is_empty()
+        self.upstream_signed
     }
 
     /// What follows a certificate this authority signs in a chain: nothing when it is a
@@ -315,6 +317,9 @@ struct JournalX509 {
     /// The upstream CA's SKID (hex) when an upstream signed `cert`.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     upstream_authority_id: String,
+    /// An upstream signed `cert` (absent: self-signed).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    upstream_signed: bool,
 }
 
 #[derive(Serialize, Deserialize, Clone)]

@@ -9,23 +9,28 @@ impl Ca {
     pub async fn rotate(&self) -> Result<(), CaError> {
         let _g = self.rotation.lock().await;
         let now = now_ms();
+        // Each kind rotates even when the other fails (an upstream that cannot sign must not
+        // stop the JWT key from rotating).
         let x509 = self
             .rotate_kind(
                 now,
                 |st| &mut st.x509,
                 |slot, status| self.prepare_x509(slot, status),
             )
-            .await?;
+            .await;
         let jwt = self
             .rotate_kind(
                 now,
                 |st| &mut st.jwt,
                 |slot, status| self.prepare_jwt(slot, status),
             )
-            .await?;
-        if (x509 || jwt) && self.save_journal().await {
+            .await;
+        let changed = matches!(x509, Ok(true)) || matches!(jwt, Ok(true));
+        if changed && self.save_journal().await {
             self.clear_saved_intents().await;
         }
+        x509?;
+        jwt?;
         Ok(())
     }
 
@@ -113,12 +118,26 @@ impl Ca {
             Some(up) => self.upstream_signed_ca(up.as_ref(), &key, &subject).await?,
         };
         let parsed = x509svid::ParsedCert::parse(&cert_der)?;
-        let upstream_authority_id = if upstream_chain.is_empty() && roots.contains(&cert_der) {
+        // Signed by an upstream when it is not itself one of the roots. Its upstream
+        // authority ID is its AKID, or (without one) the SKID of the certificate that issued
+        // it: the next in the chain, else the root it verifies under.
+        let upstream_signed = !roots.contains(&cert_der);
+        let upstream_authority_id = if !upstream_signed {
             String::new()
+        } else if let Some(aki) = parsed.authority_key_id()? {
+            hex::encode(aki)
         } else {
-            parsed
-                .authority_key_id()?
-                .map(hex::encode)
+            let mut chain = vec![cert_der.clone()];
+            chain.extend(upstream_chain.iter().cloned());
+            let issuer_der = match upstream_chain.first() {
+                Some(c) => Some(c.clone()),
+                None => x509svid::verify_ca_chain(&chain, &roots, now, 0)
+                    .ok()
+                    .and_then(|i| roots.get(i).cloned()),
+            };
+            issuer_der
+                .and_then(|d| IssuerInfo::from_cert_der(&d).ok())
+                .map(|i| hex::encode(i.key_id))
                 .unwrap_or_default()
         };
         let not_after = parsed.not_after();
@@ -149,6 +168,7 @@ impl Ca {
             not_after,
             upstream_chain,
             upstream_authority_id,
+            upstream_signed,
         }))
     }
 
@@ -315,6 +335,14 @@ impl Ca {
         full.extend(chain.iter().cloned());
         x509svid::verify_chain(&full, roots, now)
             .map_err(|e| bad(format!("X509 CA produced an invalid X509-SVID chain: {e}")))?;
+        // kms_rooted puts one more CA below it: the upstream's path length must allow it.
+        if let SigningMode::KmsRooted { .. } = self.settings.signing_mode {
+            x509svid::verify_ca_chain(chain, roots, now, 1).map_err(|e| {
+                bad(format!(
+                    "X509 CA cannot certify the kms_rooted intermediate: {e}"
+                ))
+            })?;
+        }
         Ok(())
     }
 

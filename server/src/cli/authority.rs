@@ -62,7 +62,16 @@ pub enum UpstreamAuthorityCmd {
     /// Taints the upstream authority that signed the old local authority.
     Taint(SkidArgs),
     /// Revokes the upstream authority that signed the old local authority.
-    Revoke(SkidArgs),
+    Revoke(RevokeSkidArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RevokeSkidArgs {
+    #[command(flatten)]
+    pub skid: SkidArgs,
+    /// Revoke even while agents seen recently still hold SVIDs under it (Kame's).
+    #[arg(long)]
+    pub force: bool,
 }
 
 #[derive(Debug, Args)]
@@ -367,12 +376,12 @@ pub async fn upstreamauthority(cmd: UpstreamAuthorityCmd) -> Result<(), CliError
                 ),
             );
         }
-        UpstreamAuthorityCmd::Revoke(a) => {
+        UpstreamAuthorityCmd::Revoke(RevokeSkidArgs { skid: a, force }) => {
             let r = client(&a.common)
                 .await?
                 .revoke_x509_upstream_authority(pb::RevokeX509UpstreamAuthorityRequest {
                     subject_key_id: a.subject_key_id,
-                    force: false,
+                    force,
                 })
                 .await?
                 .into_inner();

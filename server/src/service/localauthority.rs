@@ -359,8 +359,9 @@ impl LocalAuthorityApi for LocalAuthorityService {
         let r = self
             .ctx
             .ca
-            .revoke_upstream_authority(&skid)
+            .revoke_upstream_authority(&skid, force)
             .await
+            .map(|(id, _)| id)
             .map_err(authority_status);
         audit(
             &who(&caller, &req),
