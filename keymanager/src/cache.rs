@@ -43,6 +43,7 @@ impl<E: Cached> KeyCache<E> {
 
     /// Changes the entry under `id` in place with `f`, under the lock (a compare-and-swap:
     /// `f` checks the entry is still the one it means and returns whether it changed it).
+    #[cfg(feature = "pkcs11")]
     pub fn update_if(&self, id: &str, f: impl FnOnce(&mut E) -> bool) -> bool {
         self.write().get_mut(id).is_some_and(f)
     }

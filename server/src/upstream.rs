@@ -34,3 +34,32 @@ pub mod disk {
         Ok(Arc::new(up))
     }
 }
+
+/// `UpstreamAuthority "vault"`: `pki_mount_point` and the connection and auth keys of `KeyManager
+/// "hashicorp_vault"`. Files it names must be readable now; Vault is first contacted at the
+/// first CSR.
+#[cfg(feature = "hashicorp_vault")]
+pub mod vault {
+    use super::*;
+    pub use kame_upstream::vault::TYPE;
+    use kame_upstream::vault::{VaultPkiConfig, VaultUpstream};
+
+    pub fn plugin(
+        env: &PluginEnv,
+        mut data: Section,
+    ) -> Result<Arc<dyn UpstreamAuthority>, ConfigError> {
+        let pki_mount_point = data
+            .nonempty("pki_mount_point")?
+            .unwrap_or_else(|| "pki".into());
+        let connection = crate::keymanager::hashicorp_vault::connection(&mut data)?;
+        data.finish()?;
+        Ok(Arc::new(VaultUpstream::new(
+            VaultPkiConfig {
+                connection,
+                pki_mount_point,
+            },
+            env.trust_domain.clone(),
+            env.vault_sessions.clone(),
+        )))
+    }
+}

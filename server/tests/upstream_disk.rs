@@ -7,25 +7,13 @@
 
 mod common;
 
+use common::upstream::*;
 use common::*;
 use kame_api::pb::localauthority as la;
 use kame_api::x509svid::ParsedCert;
 use la::local_authority_client::LocalAuthorityClient;
 use std::path::{Path, PathBuf};
 use tonic::Code;
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let o = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 const CA_EXT: &str = "basicConstraints=critical,CA:true\nkeyUsage=critical,keyCertSign,cRLSign\nsubjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n";
 
@@ -122,53 +110,6 @@ fn disk_block(cert: &Path, key: &Path, bundle: Option<&Path>) -> String {
         cert.display(),
         key.display()
     )
-}
-
-fn der_of(pem: &Path) -> Vec<u8> {
-    kame_api::bundle::certs_from_pem(&std::fs::read_to_string(pem).unwrap()).unwrap()[0].clone()
-}
-
-/// Mints an X509-SVID with the CLI into `out`; the chain in svid.pem (leaf first).
-async fn mint(s: &TestServer, out: &Path) -> Vec<Vec<u8>> {
-    let o = s
-        .cli(&[
-            "x509",
-            "mint",
-            "--spiffe-id",
-            "spiffe://example.org/w",
-            "--write",
-            out.to_str().unwrap(),
-        ])
-        .await;
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    kame_api::bundle::certs_from_pem(&std::fs::read_to_string(out.join("svid.pem")).unwrap())
-        .unwrap()
-}
-
-fn verify_with_openssl(ca_file: &Path, svid: &Path) {
-    let o = std::process::Command::new("openssl")
-        .arg("verify")
-        .arg("-CAfile")
-        .arg(ca_file)
-        .arg("-untrusted")
-        .arg(svid)
-        .arg(svid)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "openssl verify: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-async fn x509_state(s: &TestServer) -> la::GetX509AuthorityStateResponse {
-    LocalAuthorityClient::new(s.admin().await)
-        .get_x509_authority_state(la::GetX509AuthorityStateRequest {})
-        .await
-        .unwrap()
-        .into_inner()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -392,16 +333,6 @@ async fn upstream_call(s: &TestServer, id: String, taint: bool) -> Result<String
         .await
         .map(|r| r.into_inner().upstream_authority_subject_key_id)
     }
-}
-
-fn skid_of(pem: &Path) -> String {
-    hex::encode(
-        ParsedCert::parse(&der_of(pem))
-            .unwrap()
-            .subject_key_id()
-            .unwrap()
-            .unwrap(),
-    )
 }
 
 /// SPIRE's upstream rotation: the operator replaces the upstream CA files (root A → root B),

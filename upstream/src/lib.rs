@@ -11,6 +11,8 @@ use std::time::Duration;
 
 pub mod disk;
 pub mod mint;
+#[cfg(feature = "vault")]
+pub mod vault;
 
 /// What `MintX509CAAndSubscribe`'s first message carries.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,27 +39,28 @@ pub fn no_updates<T: Send + 'static>() -> Updates<T> {
     Box::pin(futures::stream::empty())
 }
 
-/// One variant per way an upstream call fails, so the CA knows whether to retry.
+/// One variant per way an upstream call fails, so the CA knows whether to retry. Messages
+/// read after "upstream authority: ".
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum UpstreamError {
     /// The upstream could not be reached or did not answer in time: retry later.
-    #[error("upstream authority unavailable: {0}")]
+    #[error("unavailable: {0}")]
     Unavailable(String),
     /// The upstream refused the request (its policy, our credentials).
-    #[error("upstream authority refused: {0}")]
+    #[error("refused: {0}")]
     Refused(String),
     /// The CSR breaks the upstream's rules (SPIRE's checks).
     #[error("unable to sign CSR: {0}")]
     BadCsr(#[from] mint::CsrError),
     /// The upstream's own CA could not sign (its key, its certificate).
-    #[error("upstream authority cannot sign: {0}")]
+    #[error("cannot sign: {0}")]
     Signing(String),
     /// The upstream answered something that fails our checks.
-    #[error("upstream authority answered badly: {0}")]
+    #[error("answered badly: {0}")]
     BadAnswer(String),
     /// This backend does not offer the call (SPIRE's `Unimplemented`).
-    #[error("not supported by this upstream authority")]
+    #[error("not supported by this plugin")]
     Unimplemented,
 }
 

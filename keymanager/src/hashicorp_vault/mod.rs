@@ -29,9 +29,10 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 
+mod client;
 mod naming;
-mod session;
 mod sweep;
+pub use client::{VaultConnection, VaultSession, VaultSessions};
 pub use naming::*;
 
 /// Liveness markers are named `kame-liveness-<server id>`.
@@ -95,18 +96,9 @@ pub struct Leftover {
     pub name: String,
 }
 
-struct Session {
-    client: Arc<VaultClient>,
-    /// When to renew (two thirds of the TTL), if the token expires.
-    renew_at: Option<tokio::time::Instant>,
-    renewable: bool,
-}
-
 pub struct VaultKeyManager {
     cfg: VaultConfig,
-    session: RwLock<Arc<Session>>,
-    /// Serializes logins (never taken on the signing path unless Vault refused the token).
-    login: tokio::sync::Mutex<()>,
+    session: Arc<VaultSession>,
     keys: crate::cache::KeyCache<Entry>,
     leftovers: RwLock<Vec<Leftover>>,
     /// Signing requests in flight at most.
@@ -166,59 +158,66 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+impl VaultConfig {
+    /// The part of the settings that says how to reach and log in to Vault.
+    pub fn connection(&self) -> VaultConnection {
+        VaultConnection {
+            vault_addr: self.vault_addr.clone(),
+            namespace: self.namespace.clone(),
+            ca_cert_path: self.ca_cert_path.clone(),
+            insecure_skip_verify: self.insecure_skip_verify,
+            auth: self.auth.clone(),
+            call_timeout: self.call_timeout,
+        }
+    }
+}
+
 impl VaultKeyManager {
-    /// Logs in, loads this server's keys, and starts token renewal.
+    /// Logs in (a session of its own), loads this server's keys.
     pub async fn open(cfg: VaultConfig) -> Result<Arc<Self>> {
+        let session = VaultSession::open(cfg.connection()).await?;
+        Self::open_with(cfg, session).await
+    }
+
+    /// Loads this server's keys through `session` (shared with other users of the same Vault,
+    /// e.g. [`VaultSessions::get_or_open`]); the connection settings of `cfg` are not used.
+    pub async fn open_with(cfg: VaultConfig, session: Arc<VaultSession>) -> Result<Arc<Self>> {
         if cfg.server_id.is_empty() || cfg.server_id.contains(char::is_whitespace) {
             return Err(Error::Config(
                 "hashicorp_vault: a server id is required".into(),
             ));
         }
-        let session = Self::login_with(&cfg).await?;
         let km = Arc::new(VaultKeyManager {
             cfg,
-            session: RwLock::new(Arc::new(session)),
-            login: tokio::sync::Mutex::new(()),
+            session,
             keys: crate::cache::KeyCache::new(),
             leftovers: RwLock::new(vec![]),
             inflight: tokio::sync::Semaphore::new(crate::MAX_INFLIGHT_SIGNS),
         });
         km.load().await?;
-        let weak = Arc::downgrade(&km);
-        tokio::spawn(async move {
-            // After a failure, wait with a growing pause (5 s up to 5 min) before trying again.
-            let mut backoff = Duration::from_secs(5);
-            loop {
-                let wait = match weak.upgrade() {
-                    None => return,
-                    Some(km) => km.renew_due(),
-                };
-                tokio::time::sleep(wait).await;
-                let Some(km) = weak.upgrade() else { return };
-                if !km.renew_due().is_zero() {
-                    continue;
-                }
-                match km.renew().await {
-                    Ok(()) => backoff = Duration::from_secs(5),
-                    Err(e) => {
-                        if matches!(km.cfg.auth, VaultAuth::Token(_))
-                            && !km.current().map(|s| s.renewable).unwrap_or(false)
-                        {
-                            tracing::warn!(
-                                error = %e,
-                                "the Vault token cannot be renewed and token_auth cannot log in again; it will expire"
-                            );
-                            return;
-                        }
-                        tracing::warn!(error = %e, retry_in = ?backoff, "Vault token renewal failed");
-                        drop(km);
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(300));
-                    }
-                }
-            }
-        });
         Ok(km)
+    }
+
+    /// Runs a Vault call through the session (see [`VaultSession::call`]).
+    pub(super) async fn call<T, F, Fut>(&self, f: F) -> Result<T>
+    where
+        F: Fn(Arc<VaultClient>) -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
+        self.session.call(f).await
+    }
+
+    pub(super) async fn post(
+        &self,
+        path: String,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value> {
+        self.session.post(path, body).await
+    }
+
+    /// The session this key manager uses.
+    pub fn session(&self) -> &Arc<VaultSession> {
+        &self.session
     }
 }
 

@@ -9,53 +9,6 @@ impl VaultKeyManager {
         format!("{MARKER_PREFIX}{}", self.cfg.server_id)
     }
 
-    pub(super) async fn post(
-        &self,
-        path: String,
-        body: serde_json::Value,
-    ) -> Result<serde_json::Value> {
-        let ns = self.cfg.namespace.clone();
-        let addr = self.cfg.vault_addr.trim_end_matches('/').to_string();
-        self.call(|c| {
-            let (path, body, ns, addr) = (path.clone(), body.clone(), ns.clone(), addr.clone());
-            async move {
-                let mut req = c
-                    .http
-                    .http
-                    .post(format!("{addr}/v1/{path}"))
-                    .header("X-Vault-Token", c.settings.token.clone())
-                    .header("Content-Type", "application/json")
-                    .body(serde_json::to_vec(&body).unwrap_or_default());
-                if let Some(ns) = ns {
-                    req = req.header("X-Vault-Namespace", ns);
-                }
-                let resp = req
-                    .send()
-                    .await
-                    .map_err(|e| Error::Unavailable(format!("Vault POST {path}: {e}")))?;
-                let status = resp.status().as_u16();
-                let bytes = resp
-                    .bytes()
-                    .await
-                    .map_err(|e| Error::Unavailable(format!("Vault POST {path}: {e}")))?;
-                let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
-                if status >= 500 || status == 429 {
-                    return Err(Error::Unavailable(format!(
-                        "Vault POST {path}: HTTP {status}"
-                    )));
-                }
-                if status >= 400 {
-                    return Err(Error::Backend(format!(
-                        "Vault POST {path}: HTTP {status}: {}",
-                        v.get("errors").map(|e| e.to_string()).unwrap_or_default()
-                    )));
-                }
-                Ok(v)
-            }
-        })
-        .await
-    }
-
     /// Deletes a transit key of this server (deletion must be allowed first).
     pub async fn delete_transit_key(&self, name: &str) -> Result<()> {
         if !name.starts_with(&self.prefix()) {

@@ -172,14 +172,21 @@ async fn vault_approle_renews_its_token_and_logs_in_again_when_refused() {
         .await
         .unwrap();
     km.generate_key("k", KeyType::EcP256).await.unwrap();
-    let token = km.current().unwrap().client.settings.token.clone();
+    let token = km
+        .session()
+        .current()
+        .unwrap()
+        .client
+        .settings
+        .token
+        .clone();
     // Past the 3 s TTL: renewed, same token.
     tokio::time::sleep(Duration::from_secs(5)).await;
     km.sign("k", b"m", SignOpts::for_key(KeyType::EcP256))
         .await
         .expect("the token was renewed");
     assert_eq!(
-        km.current().unwrap().client.settings.token,
+        km.session().current().unwrap().client.settings.token,
         token,
         "renewed, not replaced"
     );
@@ -188,7 +195,7 @@ async fn vault_approle_renews_its_token_and_logs_in_again_when_refused() {
     km.sign("k", b"m", SignOpts::for_key(KeyType::EcP256))
         .await
         .expect("logged in again");
-    assert_ne!(km.current().unwrap().client.settings.token, token);
+    assert_ne!(km.session().current().unwrap().client.settings.token, token);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

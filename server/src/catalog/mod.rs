@@ -28,6 +28,9 @@ pub struct PluginEnv {
     /// The trust domain's X.509 authorities as the server holds them now: set when the CA
     /// starts, read by plugins that verify against the server's own bundle.
     pub trust_bundle: TrustBundle,
+    /// Vault sessions shared by the plugins that reach the same Vault the same way.
+    #[cfg(feature = "hashicorp_vault")]
+    pub vault_sessions: kame_keymanager::hashicorp_vault::VaultSessions,
 }
 
 impl PluginEnv {
@@ -36,6 +39,8 @@ impl PluginEnv {
             trust_domain,
             data_dir: PathBuf::from("."),
             trust_bundle: TrustBundle::default(),
+            #[cfg(feature = "hashicorp_vault")]
+            vault_sessions: Default::default(),
         }
     }
 }
@@ -138,8 +143,11 @@ pub const DATA_STORES: &[(&str, DataStoreBuilder)] =
 pub type UpstreamAuthorityBuilder = Builder<dyn UpstreamAuthority>;
 
 /// The built-in UpstreamAuthorities (the seam and backends are the `kame-upstream` crate).
-pub const UPSTREAM_AUTHORITIES: &[(&str, UpstreamAuthorityBuilder)] =
-    &[(crate::upstream::disk::TYPE, crate::upstream::disk::plugin)];
+pub const UPSTREAM_AUTHORITIES: &[(&str, UpstreamAuthorityBuilder)] = &[
+    (crate::upstream::disk::TYPE, crate::upstream::disk::plugin),
+    #[cfg(feature = "hashicorp_vault")]
+    (crate::upstream::vault::TYPE, crate::upstream::vault::plugin),
+];
 
 /// At most one plugin of `kind` in `plugins` (none: `None`), built by `table`; more than one,
 /// or an unknown name, is an error as for [`single`].

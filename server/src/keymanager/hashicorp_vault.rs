@@ -10,7 +10,9 @@ use crate::run::RunError;
 use kame_api::Secret;
 use kame_api::conf::{ConfigError, Section, invalid};
 use kame_keymanager::KeyManager;
-use kame_keymanager::hashicorp_vault::{VaultAuth, VaultConfig, VaultKeyManager};
+use kame_keymanager::hashicorp_vault::{
+    VaultAuth, VaultConfig, VaultConnection, VaultKeyManager, VaultSessions,
+};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -26,6 +28,9 @@ pub struct HashicorpVault {
     pub transit_engine_path: String,
     pub auth: VaultAuth,
     pub key_identifier: KeyIdentifier,
+    /// The server's Vault sessions (one login shared with an UpstreamAuthority "vault" that
+    /// reaches the same Vault the same way).
+    pub sessions: VaultSessions,
 }
 
 /// Builds `KeyManager "hashicorp_vault"` from its `plugin_data`.
@@ -87,35 +92,51 @@ fn auth(data: &mut Section) -> Result<VaultAuth, ConfigError> {
     }
 }
 
-fn config(env: &PluginEnv, mut data: Section) -> Result<HashicorpVault, ConfigError> {
+/// The keys that say how to reach and log in to Vault, shared by `KeyManager
+/// "hashicorp_vault"` and `UpstreamAuthority "vault"`: `vault_addr`, `namespace`,
+/// `ca_cert_path`, `insecure_skip_verify` and exactly one auth block.
+pub(crate) fn connection(data: &mut Section) -> Result<VaultConnection, ConfigError> {
     let vault_addr = data.required("vault_addr")?;
     let namespace = data.nonempty("namespace")?;
     let ca_cert_path = match data.nonempty("ca_cert_path")? {
         None => None,
-        Some(_) => Some(readable_path(&data, "ca_cert_path")?),
+        Some(_) => Some(readable_path(data, "ca_cert_path")?),
     };
     let insecure_skip_verify = data.take_bool("insecure_skip_verify")?.unwrap_or(false);
-    let transit_engine_path = data
-        .nonempty("transit_engine_path")?
-        .unwrap_or_else(|| "transit".into());
-    let key_identifier = KeyIdentifier::parse(&data, &env.data_dir)?;
-    let auth = auth(&mut data)?;
-    data.finish()?;
-    Ok(HashicorpVault {
+    let auth = auth(data)?;
+    Ok(VaultConnection {
         vault_addr,
         namespace,
         ca_cert_path,
         insecure_skip_verify,
-        transit_engine_path,
         auth,
+        call_timeout: super::CALL_TIMEOUT,
+    })
+}
+
+fn config(env: &PluginEnv, mut data: Section) -> Result<HashicorpVault, ConfigError> {
+    let transit_engine_path = data
+        .nonempty("transit_engine_path")?
+        .unwrap_or_else(|| "transit".into());
+    let key_identifier = KeyIdentifier::parse(&data, &env.data_dir)?;
+    let c = connection(&mut data)?;
+    data.finish()?;
+    Ok(HashicorpVault {
+        vault_addr: c.vault_addr,
+        namespace: c.namespace,
+        ca_cert_path: c.ca_cert_path,
+        insecure_skip_verify: c.insecure_skip_verify,
+        transit_engine_path,
+        auth: c.auth,
         key_identifier,
+        sessions: env.vault_sessions.clone(),
     })
 }
 
 #[async_trait::async_trait]
 impl KeyManagerPlugin for HashicorpVault {
     async fn open(&self, ctx: OpenContext<'_>) -> Result<Arc<dyn KeyManager>, RunError> {
-        Ok(VaultKeyManager::open(VaultConfig {
+        let cfg = VaultConfig {
             vault_addr: self.vault_addr.clone(),
             namespace: self.namespace.clone(),
             ca_cert_path: self.ca_cert_path.clone(),
@@ -124,8 +145,9 @@ impl KeyManagerPlugin for HashicorpVault {
             auth: self.auth.clone(),
             server_id: self.key_identifier.resolve(ctx.server_id)?,
             call_timeout: super::CALL_TIMEOUT,
-        })
-        .await?)
+        };
+        let session = self.sessions.get_or_open(&cfg.connection()).await?;
+        Ok(VaultKeyManager::open_with(cfg, session).await?)
     }
 
     fn as_any(&self) -> &dyn std::any::Any {

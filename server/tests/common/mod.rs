@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tonic::transport::Channel;
 
+pub mod upstream;
+
 pub const TD: &str = "example.org";
 
 pub struct Opts {
@@ -19,6 +21,8 @@ pub struct Opts {
     pub extra_server: &'static str,
     /// More plugin blocks (an UpstreamAuthority).
     pub extra_plugins: String,
+    /// A whole `KeyManager "…" { … }` block in place of `key_manager`'s.
+    pub key_manager_block: String,
 }
 
 impl Default for Opts {
@@ -29,6 +33,7 @@ impl Default for Opts {
             key_manager: "disk",
             extra_server: "",
             extra_plugins: String::new(),
+            key_manager_block: String::new(),
         }
     }
 }
@@ -48,6 +53,7 @@ pub use kame_keymanager::testing::free_port;
 pub fn config_text(dir: &Path, port: u16, o: &Opts) -> String {
     let d = dir.display();
     let km = match o.key_manager {
+        _ if !o.key_manager_block.is_empty() => o.key_manager_block.clone(),
         "memory" => "KeyManager \"memory\" {}".to_string(),
         _ => format!(
             "KeyManager \"disk\" {{\n        plugin_data {{\n            keys_path = \"{d}/data/keys.json\"\n        }}\n    }}"
