@@ -53,32 +53,17 @@ pub fn socket_path(addr: &str) -> Result<PathBuf, CliError> {
 /// A channel to the Workload API socket.
 pub async fn connect(addr: &str) -> Result<Channel, CliError> {
     let path = socket_path(addr)?;
-    let p2 = path.clone();
-    tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p2.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
+    kame_api::channel::workload(&path)
         .await
-        .map_err(|source| CliError::Connect {
-            path: path.display().to_string(),
-            source,
+        .map_err(|e| match e {
+            kame_api::channel::ClientError::Workload { path, source } => {
+                CliError::Connect { path, source }
+            }
+            other => CliError::Failed(other.to_string()),
         })
 }
 
-/// Adds the Workload API's security header.
-pub fn with_header<T>(msg: T) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut().insert(
-        "workload.spiffe.io",
-        tonic::metadata::MetadataValue::from_static("true"),
-    );
-    r
-}
+pub use kame_api::channel::with_workload_header as with_header;
 
 fn client(ch: Channel) -> wl::spiffe_workload_api_client::SpiffeWorkloadApiClient<Channel> {
     wl::spiffe_workload_api_client::SpiffeWorkloadApiClient::new(ch)

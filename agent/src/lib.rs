@@ -9,7 +9,8 @@ pub mod attestation;
 pub mod attestor;
 pub mod catalog;
 pub mod cli;
-pub mod client;
+/// Channels to the server (shared with downstream servers: `kame_api::channel`).
+pub use kame_api::channel as client;
 pub mod config;
 pub mod h2fix;
 pub mod keys;

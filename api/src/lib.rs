@@ -4,6 +4,8 @@
 //! [`jwtsvid`]), CSRs ([`csr`]) and the bundle codec ([`bundle`]). This crate does no I/O.
 
 pub mod bundle;
+#[cfg(feature = "client")]
+pub mod channel;
 pub mod conf;
 pub mod csr;
 mod gojson;

@@ -14,6 +14,7 @@ use kame_keymanager::KeyManager;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::{TcpListener, UnixListener};
 use tokio_stream::wrappers::UnixListenerStream;
 
@@ -289,6 +290,61 @@ async fn rotation_loop(
     }
 }
 
+/// How long after start the upstream's view of the bundle is first asked for (SPIRE's).
+const UPSTREAM_SUBSCRIBE_DELAY: Duration = Duration::from_secs(5);
+
+/// Follows the upstream authority's view of this trust domain's bundle (SPIRE's
+/// `SubscribeToLocalBundle`) into the local bundle, until shutdown. An upstream that does not
+/// offer it ends this at once; a stream that fails or ends is opened again after a pause.
+async fn upstream_loop(
+    ca: Arc<Ca>,
+    up: Arc<dyn kame_upstream::UpstreamAuthority>,
+    mut shutdown_rx: tokio::sync::watch::Receiver<bool>,
+) {
+    use futures::StreamExt;
+    tokio::select! {
+        _ = stopped(&mut shutdown_rx) => return,
+        _ = tokio::time::sleep(UPSTREAM_SUBSCRIBE_DELAY) => {}
+    }
+    let mut pause = Duration::from_secs(5);
+    loop {
+        let opened = tokio::select! {
+            _ = stopped(&mut shutdown_rx) => return,
+            r = up.subscribe_to_local_bundle() => r,
+        };
+        match opened {
+            Err(kame_upstream::UpstreamError::Unimplemented) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?pause, "cannot subscribe to the upstream's bundle")
+            }
+            Ok(mut updates) => loop {
+                let next = tokio::select! {
+                    _ = stopped(&mut shutdown_rx) => return,
+                    n = updates.next() => n,
+                };
+                match next {
+                    None => break,
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "upstream bundle update failed");
+                        break;
+                    }
+                    Some(Ok(b)) => {
+                        pause = Duration::from_secs(5);
+                        if let Err(e) = ca.sync_upstream_bundle(&b).await {
+                            tracing::error!(error = %e, "cannot apply the upstream's bundle");
+                        }
+                    }
+                }
+            },
+        }
+        tokio::select! {
+            _ = stopped(&mut shutdown_rx) => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(Duration::from_secs(60));
+    }
+}
+
 /// Starts everything and returns once the listeners accept connections.
 pub async fn start(cfg: Config) -> Result<Running, RunError> {
     start_with(cfg, None).await
@@ -486,6 +542,13 @@ pub async fn start_with(
         )));
     }
 
+    if let Some(up) = ca.settings().upstream.clone() {
+        tasks.push(tokio::spawn(upstream_loop(
+            ca.clone(),
+            up,
+            shutdown_rx.clone(),
+        )));
+    }
     tasks.push(tokio::spawn(rotation_loop(ca, svid, shutdown_rx.clone())));
 
     tracing::info!(

@@ -63,3 +63,60 @@ pub mod vault {
         )))
     }
 }
+
+/// `UpstreamAuthority "spire"` (nested): `server_address`, `server_port`, `workload_api_socket`
+/// and SPIRE's `experimental { }` block (`require_pq_kem = true` and Windows named pipes are
+/// refused: not supported). Nothing is contacted until the CA is signed at start.
+pub mod spire {
+    use super::*;
+    pub use kame_upstream::spire::TYPE;
+    use kame_upstream::spire::{SpireConfig, SpireUpstream};
+
+    pub fn plugin(
+        env: &PluginEnv,
+        mut data: Section,
+    ) -> Result<Arc<dyn UpstreamAuthority>, ConfigError> {
+        let server_address = data.required("server_address")?;
+        let port_key = data.key("server_port");
+        let server_port = match data.int("server_port")? {
+            None => return Err(data.missing("server_port")),
+            Some(p) => u16::try_from(p)
+                .ok()
+                .filter(|p| *p != 0)
+                .ok_or_else(|| kame_api::conf::invalid(&port_key, format!("{p} is not a port")))?,
+        };
+        let workload_api_socket = std::path::PathBuf::from(data.required("workload_api_socket")?);
+        if !workload_api_socket.is_absolute() {
+            return Err(kame_api::conf::invalid(
+                &data.key("workload_api_socket"),
+                "must be an absolute path",
+            ));
+        }
+        if let Some(x) = data.section("experimental")? {
+            if x.nonempty("workload_api_named_pipe_name")?.is_some() {
+                return Err(kame_api::conf::invalid(
+                    &x.key("workload_api_named_pipe_name"),
+                    "named pipes are Windows only; use workload_api_socket",
+                ));
+            }
+            if x.take_bool("require_pq_kem")?.unwrap_or(false) {
+                return Err(kame_api::conf::invalid(
+                    &x.key("require_pq_kem"),
+                    "post-quantum key exchange is not supported",
+                ));
+            }
+            x.finish()?;
+        }
+        data.finish()?;
+        let up = SpireUpstream::new(
+            SpireConfig {
+                server_address,
+                server_port,
+                workload_api_socket,
+            },
+            &env.trust_domain,
+        )
+        .map_err(|e| kame_api::conf::invalid(&port_key, e.to_string()))?;
+        Ok(Arc::new(up))
+    }
+}

@@ -6,11 +6,12 @@
 //! CSR it signed through its KeyManager. It keeps no state on disk.
 
 use futures::stream::BoxStream;
-use kame_api::pb::types::JwtKey;
+use kame_api::pb::types::{JwtKey, X509Certificate};
 use std::time::Duration;
 
 pub mod disk;
 pub mod mint;
+pub mod spire;
 #[cfg(feature = "vault")]
 pub mod vault;
 
@@ -24,10 +25,11 @@ pub struct MintedX509Ca {
     pub upstream_roots: Vec<Vec<u8>>,
 }
 
-/// The trust bundle of this trust domain as the upstream sees it (`SubscribeToLocalBundle`).
+/// The trust bundle of this trust domain as the upstream sees it (`SubscribeToLocalBundle`),
+/// with the upstream's taint flags.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LocalBundle {
-    pub x509_roots: Vec<Vec<u8>>,
+    pub x509_roots: Vec<X509Certificate>,
     pub jwt_keys: Vec<JwtKey>,
 }
 
@@ -75,13 +77,12 @@ pub trait UpstreamAuthority: Send + Sync + std::fmt::Debug {
         preferred_ttl: Duration,
     ) -> Result<(MintedX509Ca, Updates<Vec<Vec<u8>>>), UpstreamError>;
 
-    /// Publishes this server's JWT key upstream; the upstream's JWT keys, then updates.
-    /// Backends that cannot answer [`UpstreamError::Unimplemented`] (then the key only goes
-    /// into the local bundle, as SPIRE does).
-    async fn publish_jwt_key(
-        &self,
-        _key: JwtKey,
-    ) -> Result<(Vec<JwtKey>, Updates<Vec<JwtKey>>), UpstreamError> {
+    /// Publishes a JWT key of this trust domain upstream (this server's, or one a downstream
+    /// server published here); the upstream's JWT keys. Later changes arrive through
+    /// [`UpstreamAuthority::subscribe_to_local_bundle`]. Backends that cannot answer
+    /// [`UpstreamError::Unimplemented`] (then the key only goes into the local bundle, as
+    /// SPIRE does).
+    async fn publish_jwt_key(&self, _key: JwtKey) -> Result<Vec<JwtKey>, UpstreamError> {
         Err(UpstreamError::Unimplemented)
     }
 

@@ -30,8 +30,10 @@ mod journal;
 mod keys;
 mod mint;
 mod rotation;
+mod upstream;
 use keys::*;
 use rotation::*;
+pub use upstream::{MAX_JWT_KEYS, UpstreamDiff};
 
 pub use authority::{AuthorityError, AuthorityView, Kind, KindState, READINESS_WINDOW};
 
@@ -65,6 +67,10 @@ pub enum CaError {
     Upstream(#[from] kame_upstream::UpstreamError),
     #[error("X509 CA minted by upstream authority is invalid: {0}")]
     BadUpstreamCa(String),
+    #[error("the bundle already holds {0} JWT keys")]
+    TooManyJwtKeys(usize),
+    #[error("rotation: {0}")]
+    Rotation(String),
 }
 
 pub fn now_ms() -> u64 {
@@ -276,6 +282,8 @@ pub struct Ca {
     /// Signalled when an authority is tainted here, so the rotation loop re-issues the
     /// server's own SVID at once instead of at its next tick.
     taint_notify: tokio::sync::Notify,
+    /// The upstream does not take JWT keys, and the operator has been told.
+    jwt_unpublished_warned: std::sync::atomic::AtomicBool,
 }
 
 /// What a reconcile pass found and did (logged as the key inventory).
@@ -404,6 +412,7 @@ impl Ca {
             minting: tokio::sync::Mutex::new(()),
             metrics: Default::default(),
             taint_notify: tokio::sync::Notify::new(),
+            jwt_unpublished_warned: Default::default(),
         });
         ca.load_journal().await?;
         ca.rotate().await?;

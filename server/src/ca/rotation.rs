@@ -358,20 +358,14 @@ impl Ca {
         let issued_at_ms = now_ms();
         let not_after = issued_at_ms / 1000 + self.settings.ca_ttl.as_secs().max(1);
         let kid = random_kid()?;
-        let bundle = self
-            .ds
-            .append_bundle(&Bundle {
-                trust_domain: self.settings.trust_domain.as_str().to_string(),
-                jwt_authorities: vec![JwtKey {
-                    public_key: key.spki_der.clone(),
-                    key_id: kid.clone(),
-                    expires_at: not_after as i64,
-                    tainted: false,
-                }],
-                ..Default::default()
-            })
-            .await?;
-        *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(bundle);
+        // Into the local bundle, and up the topology when the upstream takes JWT keys.
+        self.publish_jwt_key(JwtKey {
+            public_key: key.spki_der.clone(),
+            key_id: kid.clone(),
+            expires_at: not_after as i64,
+            tainted: false,
+        })
+        .await?;
         Ok(Arc::new(JwtAuthority {
             slot: slot.to_string(),
             status,

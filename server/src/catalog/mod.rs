@@ -145,6 +145,7 @@ pub type UpstreamAuthorityBuilder = Builder<dyn UpstreamAuthority>;
 /// The built-in UpstreamAuthorities (the seam and backends are the `kame-upstream` crate).
 pub const UPSTREAM_AUTHORITIES: &[(&str, UpstreamAuthorityBuilder)] = &[
     (crate::upstream::disk::TYPE, crate::upstream::disk::plugin),
+    (crate::upstream::spire::TYPE, crate::upstream::spire::plugin),
     #[cfg(feature = "hashicorp_vault")]
     (crate::upstream::vault::TYPE, crate::upstream::vault::plugin),
 ];

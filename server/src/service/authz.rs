@@ -20,6 +20,8 @@ pub enum Caller {
     Agent(Box<AttestedNode>),
     /// A workload whose entry is marked admin.
     Admin(SpiffeId),
+    /// A workload whose entry is marked downstream (a nested server), not admin.
+    Downstream(SpiffeId),
     /// A TLS client without a certificate.
     Anonymous,
 }
@@ -132,9 +134,41 @@ pub async fn caller<T>(ctx: &Context, req: &Request<T>) -> Result<Caller, Status
     if entries.iter().any(|e| e.admin) {
         return Ok(Caller::Admin(id));
     }
+    if entries.iter().any(|e| e.downstream) {
+        return Ok(Caller::Downstream(id));
+    }
     Err(Status::permission_denied(format!(
         "{id} is neither an agent nor an admin"
     )))
+}
+
+/// A workload whose registration entry is marked `downstream` (SPIRE's `allow_downstream`):
+/// a nested server asking for its CA or publishing its JWT key.
+pub async fn require_downstream<T>(ctx: &Context, req: &Request<T>) -> Result<SpiffeId, Status> {
+    let refused = || Status::permission_denied("caller is not a downstream workload");
+    match caller(ctx, req).await {
+        Ok(Caller::Downstream(id)) => Ok(id),
+        // An admin entry may be downstream too.
+        Ok(Caller::Admin(id)) => {
+            let entries = ctx
+                .ds
+                .list_entries(&EntryFilter {
+                    spiffe_id: Some(id.to_string()),
+                    downstream: Some(true),
+                    ..Default::default()
+                })
+                .await
+                .map_err(ds_status)?;
+            if entries.is_empty() {
+                Err(refused())
+            } else {
+                Ok(id)
+            }
+        }
+        Ok(_) => Err(refused()),
+        Err(s) if s.code() == tonic::Code::PermissionDenied => Err(refused()),
+        Err(s) => Err(s),
+    }
 }
 
 pub async fn require_admin<T>(ctx: &Context, req: &Request<T>) -> Result<Caller, Status> {

@@ -34,6 +34,9 @@ pub fn apply_mask(mut b: Bundle, mask: Option<&types::BundleMask>) -> Bundle {
     b
 }
 
+/// The longest JWT key ID a downstream server may publish.
+pub const MAX_KEY_ID_LEN: usize = 256;
+
 /// Checks the authorities of a bundle from the wire (parseable certificates that are CAs,
 /// parseable public keys, non-empty distinct key IDs).
 pub fn validate_authorities(b: &Bundle) -> Result<(), Status> {
@@ -177,11 +180,36 @@ impl BundleApi for BundleService {
         &self,
         req: Request<pb::PublishJwtAuthorityRequest>,
     ) -> Result<Response<pb::PublishJwtAuthorityResponse>, Status> {
-        // Only downstream servers may publish; Kame has no downstream servers yet.
-        caller(&self.ctx, &req).await?;
-        Err(Status::permission_denied(
-            "caller must present a downstream X509-SVID",
-        ))
+        let who = super::authz::require_downstream(&self.ctx, &req).await?;
+        crate::ratelimit::Limits::limit(&self.ctx.limits.jwt_signing, &req, 1).await?;
+        let mut key = req
+            .get_ref()
+            .jwt_authority
+            .clone()
+            .ok_or_else(|| Status::invalid_argument("missing JWT authority"))?;
+        validate_authorities(&Bundle {
+            jwt_authorities: vec![key.clone()],
+            ..Default::default()
+        })
+        .map_err(|s| Status::invalid_argument(format!("invalid JWT authority: {}", s.message())))?;
+        if key.key_id.len() > MAX_KEY_ID_LEN {
+            return Err(Status::invalid_argument(format!(
+                "invalid JWT authority: key ID longer than {MAX_KEY_ID_LEN} bytes"
+            )));
+        }
+        if key.expires_at != 0 && key.expires_at <= crate::ca::now_secs() as i64 {
+            return Err(Status::invalid_argument(
+                "invalid JWT authority: already expired",
+            ));
+        }
+        // Only this trust domain's operators taint keys.
+        key.tainted = false;
+        let kid = key.key_id.clone();
+        let jwt_authorities = self.ctx.ca.publish_jwt_key(key).await.map_err(ca_status)?;
+        tracing::info!(caller = %who, key_id = %kid, "downstream JWT authority published");
+        Ok(Response::new(pb::PublishJwtAuthorityResponse {
+            jwt_authorities,
+        }))
     }
 
     async fn publish_wit_authority(

@@ -64,7 +64,7 @@ fn who<T>(caller: &Caller, req: &Request<T>) -> String {
             Some(c) => format!("local uid={}", c.uid()),
             None => "local".to_string(),
         },
-        Caller::Admin(id) => id.to_string(),
+        Caller::Admin(id) | Caller::Downstream(id) => id.to_string(),
         Caller::Agent(n) => n.spiffe_id.clone(),
         Caller::Anonymous => "anonymous".to_string(),
     }

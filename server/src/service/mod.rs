@@ -300,6 +300,14 @@ pub fn ca_status(e: CaError) -> Status {
             tracing::warn!(error = %m, "key backend unavailable");
             Status::unavailable("key backend unavailable; try again later")
         }
+        CaError::TooManyJwtKeys(_) => Status::failed_precondition(e.to_string()),
+        // A nested server's upstream: its state passes through to the caller.
+        CaError::Upstream(kame_upstream::UpstreamError::Unavailable(_)) => {
+            Status::unavailable(e.to_string())
+        }
+        CaError::Upstream(kame_upstream::UpstreamError::Refused(_)) => {
+            Status::failed_precondition(e.to_string())
+        }
         other => {
             tracing::error!(error = %other, "CA failure");
             Status::internal(other.to_string())

@@ -9,6 +9,8 @@ use kame_api::pb::svid::svid_server::Svid;
 use kame_api::x509svid::ParsedCert;
 use tonic::{Request, Response};
 
+use std::time::Duration;
+
 /// Most SVIDs one BatchNewX509SVID call may request.
 pub const MAX_BATCH: usize = 500;
 
@@ -238,9 +240,29 @@ impl Svid for SvidService {
         &self,
         req: Request<pb::NewDownstreamX509caRequest>,
     ) -> Result<Response<pb::NewDownstreamX509caResponse>, Status> {
-        super::authz::caller(&self.ctx, &req).await?;
-        Err(Status::permission_denied(
-            "caller must present a downstream X509-SVID",
-        ))
+        let caller = super::authz::require_downstream(&self.ctx, &req).await?;
+        crate::ratelimit::Limits::limit(&self.ctx.limits.x509_signing, &req, 1).await?;
+        let r = req.get_ref();
+        let csr = parse_csr(&r.csr)?;
+        let ttl = Duration::from_secs(u64::try_from(r.preferred_ttl.max(0)).unwrap_or(0));
+        let chain = self
+            .ctx
+            .ca
+            .sign_downstream_ca(&csr.spki_der, ttl)
+            .await
+            .map_err(ca_status)?;
+        let x509_authorities = self
+            .ctx
+            .ca
+            .bundle()
+            .x509_authorities
+            .iter()
+            .map(|c| c.asn1.clone())
+            .collect();
+        tracing::info!(caller = %caller, "signed a downstream X.509 CA");
+        Ok(Response::new(pb::NewDownstreamX509caResponse {
+            ca_cert_chain: chain,
+            x509_authorities,
+        }))
     }
 }

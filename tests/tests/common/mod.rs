@@ -71,6 +71,14 @@ pub fn my_uid() -> u32 {
 
 impl Env {
     pub async fn start(o: Opts) -> Env {
+        match Env::try_start(o).await {
+            Ok(e) => e,
+            Err(e) => panic!("the server did not start: {e}"),
+        }
+    }
+
+    /// As [`Env::start`]; a server that refuses to start is the error (its message).
+    pub async fn try_start(o: Opts) -> Result<Env, String> {
         let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_path_buf();
@@ -125,7 +133,13 @@ plugins {{
             agent: None,
             agent_id: String::new(),
         };
-        env.start_server().await;
+        let cfg = kame_server::config::Config::load(&env.server_conf, false)
+            .map_err(|e| e.to_string())?;
+        env.server = Some(
+            kame_server::run::start(cfg)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
         let (attestor_block, token) = match &o.agent_attestor {
             Some((block, agent_id)) => {
                 env.agent_id = agent_id.clone();
@@ -186,7 +200,7 @@ plugins {{
         )
         .unwrap();
         env.start_agent().await;
-        env
+        Ok(env)
     }
 
     /// A channel to the server's TCP port as an agent before attestation has one: no client

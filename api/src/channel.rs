@@ -1,9 +1,10 @@
-//! gRPC channels from the agent to the server over TLS: the server must present an X509-SVID
-//! for `spiffe://<td>/spire/server` that chains to the agent's current bundle (read at every
-//! handshake, so rotations apply at once); the agent presents its own SVID once it has one.
-//! It holds no state beyond what the caller passes in.
+//! gRPC channels to a server over TLS, for agents and for downstream servers: the server must
+//! present an X509-SVID for `spiffe://<td>/spire/server` that chains to the caller's current
+//! bundle (read at every handshake, so rotations apply at once); the caller presents its own
+//! SVID once it has one. Also a channel to a Workload API socket. It holds no state beyond
+//! what the caller passes in.
 
-use kame_api::SpiffeId;
+use crate::SpiffeId;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use std::sync::{Arc, RwLock};
 use tonic::transport::Channel;
@@ -22,6 +23,42 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("cannot connect to the Workload API at {path}: {source}")]
+    Workload {
+        path: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// A channel to the Workload API on the Unix socket `path` (requests need the
+/// `workload.spiffe.io: true` header: [`with_workload_header`]).
+pub async fn workload(path: &std::path::Path) -> Result<Channel, ClientError> {
+    let p2 = path.to_path_buf();
+    tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let p = p2.clone();
+            async move {
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                    tokio::net::UnixStream::connect(p).await?,
+                ))
+            }
+        }))
+        .await
+        .map_err(|source| ClientError::Workload {
+            path: path.display().to_string(),
+            source,
+        })
+}
+
+/// `msg` with the Workload API's security header.
+pub fn with_workload_header<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    r
 }
 
 /// A channel to `address:port`, verifying the server against `roots` and presenting
@@ -50,7 +87,7 @@ pub async fn connect_any(
     client: Option<(Vec<Vec<u8>>, Vec<u8>)>,
 ) -> Result<Channel, ClientError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = Arc::new(kame_api::tls::SpiffeServerVerifier::new(
+    let verifier = Arc::new(crate::tls::SpiffeServerVerifier::new(
         Arc::new(move || roots.read().map(|r| r.clone()).unwrap_or_default()),
         server_id.clone(),
         provider.clone(),
