@@ -53,14 +53,10 @@ pub fn socket_path(addr: &str) -> Result<PathBuf, CliError> {
 /// A channel to the Workload API socket.
 pub async fn connect(addr: &str) -> Result<Channel, CliError> {
     let path = socket_path(addr)?;
-    kame_api::channel::workload(&path)
-        .await
-        .map_err(|e| match e {
-            kame_api::channel::ClientError::Workload { path, source } => {
-                CliError::Connect { path, source }
-            }
-            other => CliError::Failed(other.to_string()),
-        })
+    kame_api::channel::unix(&path).await.map_err(|e| match e {
+        kame_api::channel::ClientError::Unix { path, source } => CliError::Connect { path, source },
+        other => CliError::Failed(other.to_string()),
+    })
 }
 
 pub use kame_api::channel::with_workload_header as with_header;

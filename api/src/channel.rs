@@ -23,17 +23,17 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
-    #[error("cannot connect to the Workload API at {path}: {source}")]
-    Workload {
+    #[error("cannot connect to {path}: {source}")]
+    Unix {
         path: String,
         #[source]
         source: tonic::transport::Error,
     },
 }
 
-/// A channel to the Workload API on the Unix socket `path` (requests need the
-/// `workload.spiffe.io: true` header: [`with_workload_header`]).
-pub async fn workload(path: &std::path::Path) -> Result<Channel, ClientError> {
+/// A channel to a gRPC server on the Unix socket `path`: a Workload API (its requests need
+/// the `workload.spiffe.io: true` header: [`with_workload_header`]) or a server's admin API.
+pub async fn unix(path: &std::path::Path) -> Result<Channel, ClientError> {
     let p2 = path.to_path_buf();
     tonic::transport::Endpoint::from_static("http://localhost")
         .connect_with_connector(tower::service_fn(move |_| {
@@ -45,7 +45,7 @@ pub async fn workload(path: &std::path::Path) -> Result<Channel, ClientError> {
             }
         }))
         .await
-        .map_err(|source| ClientError::Workload {
+        .map_err(|source| ClientError::Unix {
             path: path.display().to_string(),
             source,
         })

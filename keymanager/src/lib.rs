@@ -16,6 +16,8 @@ use std::str::FromStr;
 
 #[cfg(feature = "aws_kms")]
 pub mod aws_kms;
+#[cfg(feature = "aws_sdk")]
+pub mod aws_sdk;
 #[cfg(any(feature = "aws_kms", feature = "hashicorp_vault", feature = "pkcs11"))]
 mod cache;
 #[cfg(any(test, feature = "conformance"))]

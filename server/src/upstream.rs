@@ -120,3 +120,64 @@ pub mod spire {
         Ok(Arc::new(up))
     }
 }
+
+/// `UpstreamAuthority "aws_pca"`: `region`, `certificate_authority_arn`,
+/// `ca_signing_template_arn`, `signing_algorithm`, `assume_role_arn`, `endpoint`,
+/// `supplemental_bundle_path` (read now), and (Kame's addition, as for the aws_kms KeyManager)
+/// `access_key_id` with `secret_access_key`. AWS is first contacted when the CA is signed.
+#[cfg(feature = "aws_pca")]
+pub mod aws_pca {
+    use super::*;
+    pub use kame_upstream::aws_pca::TYPE;
+    use kame_upstream::aws_pca::{AwsPcaConfig, AwsPcaUpstream};
+
+    pub fn plugin(
+        _env: &PluginEnv,
+        data: Section,
+    ) -> Result<Arc<dyn UpstreamAuthority>, ConfigError> {
+        let region = data.required("region")?;
+        let certificate_authority_arn = data.required("certificate_authority_arn")?;
+        let access_key_id = data.nonempty("access_key_id")?;
+        let secret_access_key = data
+            .nonempty("secret_access_key")?
+            .map(kame_api::Secret::new);
+        if access_key_id.is_some() != secret_access_key.is_some() {
+            return Err(kame_api::conf::invalid(
+                &data.key("secret_access_key"),
+                "give both access_key_id and secret_access_key, or neither (the default AWS credential chain)",
+            ));
+        }
+        let supplemental_bundle_path = optional_path(&data, "supplemental_bundle_path")?;
+        let supplemental_roots = match &supplemental_bundle_path {
+            None => vec![],
+            Some(p) => {
+                let key = data.key("supplemental_bundle_path");
+                let text = crate::catalog::files::read_text(&key, p)?;
+                let certs = kame_api::bundle::certs_from_pem(&text)
+                    .map_err(|e| kame_api::conf::invalid(&key, format!("{}: {e}", p.display())))?;
+                if certs.is_empty() {
+                    return Err(kame_api::conf::invalid(
+                        &key,
+                        format!("{}: no certificate", p.display()),
+                    ));
+                }
+                certs
+            }
+        };
+        let cfg = AwsPcaConfig {
+            region,
+            certificate_authority_arn,
+            ca_signing_template_arn: data.nonempty("ca_signing_template_arn")?,
+            signing_algorithm: data.nonempty("signing_algorithm")?,
+            assume_role_arn: data.nonempty("assume_role_arn")?,
+            endpoint: data.nonempty("endpoint")?,
+            supplemental_roots,
+            supplemental_bundle_path,
+            access_key_id,
+            secret_access_key,
+            call_timeout: crate::keymanager::CALL_TIMEOUT,
+        };
+        data.finish()?;
+        Ok(Arc::new(AwsPcaUpstream::new(cfg)))
+    }
+}

@@ -296,21 +296,7 @@ fn upstream_vault_configuration_needs_exactly_one_auth_and_an_address() {
             "pki_mount",
         ),
     ] {
-        let text = config_text(
-            dir.path(),
-            free_port(),
-            &Opts {
-                extra_plugins: format!(
-                    "UpstreamAuthority \"vault\" {{\n plugin_data {{\n {plugin_data}\n }}\n }}"
-                ),
-                ..Default::default()
-            },
-        );
-        let path = dir.path().join("server.conf");
-        std::fs::write(&path, text).unwrap();
-        let e = kame_server::config::Config::load(&path, false)
-            .unwrap_err()
-            .to_string();
+        let e = upstream_config_error(dir.path(), "vault", plugin_data);
         assert!(e.contains(want), "{plugin_data}: {e}");
     }
 }

@@ -18,6 +18,15 @@ fn uid_selector() -> String {
     format!("unix:uid:{}", my_uid())
 }
 
+/// `UpstreamAuthority "spire"` pointing at `parent`'s server through `parent`'s agent.
+fn spire_block(parent: &Env) -> String {
+    format!(
+        "UpstreamAuthority \"spire\" {{\n plugin_data {{\n server_address = \"127.0.0.1\"\n server_port = {}\n workload_api_socket = \"{}\"\n }}\n }}",
+        parent.tcp_port,
+        parent.agent_socket.display()
+    )
+}
+
 /// A level below `parent`: its server's CA comes from `parent`'s server through `parent`'s
 /// agent; `name` is the SPIFFE ID path the downstream entry at `parent` gives it.
 async fn downstream_of(parent: &Env, name: &str) -> Env {
@@ -26,11 +35,7 @@ async fn downstream_of(parent: &Env, name: &str) -> Env {
         .await;
     parent.wait_for_svids(&[name]).await;
     Env::start(Opts {
-        server_plugins: format!(
-            "UpstreamAuthority \"spire\" {{\n plugin_data {{\n server_address = \"127.0.0.1\"\n server_port = {}\n workload_api_socket = \"{}\"\n }}\n }}",
-            parent.tcp_port,
-            parent.agent_socket.display()
-        ),
+        server_plugins: spire_block(parent),
         ..Default::default()
     })
     .await
@@ -292,11 +297,7 @@ async fn nested_caller_without_a_downstream_entry_is_refused() {
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
     // A downstream server configured with that identity does not start, and says why.
     let bad = match Env::try_start(Opts {
-        server_plugins: format!(
-            "UpstreamAuthority \"spire\" {{\n plugin_data {{\n server_address = \"127.0.0.1\"\n server_port = {}\n workload_api_socket = \"{}\"\n }}\n }}",
-            root.tcp_port,
-            root.agent_socket.display()
-        ),
+        server_plugins: spire_block(&root),
         ..Default::default()
     })
     .await

@@ -9,9 +9,13 @@ use futures::stream::BoxStream;
 use kame_api::pb::types::{JwtKey, X509Certificate};
 use std::time::Duration;
 
+#[cfg(feature = "aws_pca")]
+pub mod aws_pca;
 pub mod disk;
 pub mod mint;
 pub mod spire;
+#[cfg(test)]
+mod testutil;
 #[cfg(feature = "vault")]
 pub mod vault;
 

@@ -120,7 +120,7 @@ async fn watch_svids(
     let mut pause = Duration::from_millis(500);
     loop {
         let r = async {
-            let ch = kame_api::channel::workload(&socket)
+            let ch = kame_api::channel::unix(&socket)
                 .await
                 .map_err(|e| e.to_string())?;
             let mut stream =

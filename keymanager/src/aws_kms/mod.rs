@@ -189,27 +189,16 @@ impl AwsKmsKeyManager {
             ));
         }
         check_user_tags(&cfg.key_tags)?;
-        let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-            .region(aws_config::Region::new(cfg.region.clone()))
-            .timeout_config(
-                aws_config::timeout::TimeoutConfig::builder()
-                    .operation_timeout(cfg.call_timeout)
-                    .connect_timeout(cfg.call_timeout.min(Duration::from_secs(5)))
-                    .build(),
-            );
-        if let (Some(id), Some(secret)) = (&cfg.access_key_id, &cfg.secret_access_key) {
-            loader = loader.credentials_provider(aws_sdk_kms::config::Credentials::new(
-                id.clone(),
-                secret.expose().to_string(),
-                None,
-                None,
-                "kame-config",
-            ));
-        }
-        if let Some(e) = &cfg.endpoint {
-            loader = loader.endpoint_url(e.clone());
-        }
-        let shared = loader.load().await;
+        let shared = crate::aws_sdk::sdk_config(&crate::aws_sdk::AwsSettings {
+            region: &cfg.region,
+            static_credentials: cfg
+                .access_key_id
+                .as_deref()
+                .zip(cfg.secret_access_key.as_ref().map(|s| s.expose())),
+            endpoint: cfg.endpoint.as_deref(),
+            call_timeout: cfg.call_timeout,
+        })
+        .await;
         let km = AwsKmsKeyManager {
             kms: aws_sdk_kms::Client::new(&shared),
             tagging: aws_sdk_resourcegroupstagging::Client::new(&shared),

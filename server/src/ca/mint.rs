@@ -118,6 +118,41 @@ impl Ca {
         }
     }
 
+    /// A CA certificate for `spki_der` (this trust domain's ID as URI SAN) signed by `ca`'s
+    /// key through the KeyManager, from `now` (backdated) to `not_after`, checked against
+    /// that key before it is returned.
+    pub(super) async fn certify_ca(
+        &self,
+        ca: &X509Authority,
+        subject: &x509_cert::name::Name,
+        spki_der: &[u8],
+        now: u64,
+        not_after: u64,
+    ) -> Result<Vec<u8>, CaError> {
+        let serial = random_serial()?;
+        let tbs = x509svid::ca_tbs(
+            &x509svid::CaParams {
+                trust_domain: &self.settings.trust_domain,
+                subject,
+                spki_der,
+                serial: &serial,
+                not_before: now.saturating_sub(x509svid::BACKDATE.as_secs()),
+                not_after,
+            },
+            Some(&ca.issuer),
+        )?;
+        let sig = sign_checked(
+            self.km.as_ref(),
+            &ca.key,
+            &tbs,
+            SignOpts::for_key(ca.key.key_type),
+        )
+        .await?;
+        let cert_der = x509svid::assemble_der(&tbs, &ca.issuer.signature_algorithm_der, &sig)?;
+        x509svid::ParsedCert::parse(&cert_der)?.check_signed_by(&ca.key.spki_der)?;
+        Ok(cert_der)
+    }
+
     pub(super) async fn mint_intermediate(
         &self,
         ca: &X509Authority,
@@ -135,27 +170,9 @@ impl Ca {
             "{}, OU=kms_rooted intermediate",
             self.settings.ca_subject_dn
         ))?;
-        let serial = random_serial()?;
-        let tbs = x509svid::ca_tbs(
-            &x509svid::CaParams {
-                trust_domain: &self.settings.trust_domain,
-                subject: &subject,
-                spki_der: &key.spki_der,
-                serial: &serial,
-                not_before: now.saturating_sub(x509svid::BACKDATE.as_secs()),
-                not_after,
-            },
-            Some(&ca.issuer),
-        )?;
-        let sig = sign_checked(
-            self.km.as_ref(),
-            &ca.key,
-            &tbs,
-            SignOpts::for_key(ca.key.key_type),
-        )
-        .await?;
-        let cert_der = x509svid::assemble_der(&tbs, &ca.issuer.signature_algorithm_der, &sig)?;
-        x509svid::ParsedCert::parse(&cert_der)?.check_signed_by(&ca.key.spki_der)?;
+        let cert_der = self
+            .certify_ca(ca, &subject, &key.spki_der, now, not_after)
+            .await?;
         let issuer = IssuerInfo::from_cert_der(&cert_der)?;
         let inter = Arc::new(Intermediate {
             parent: ca.authority_id.clone(),

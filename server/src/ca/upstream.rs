@@ -123,27 +123,10 @@ impl Ca {
             ttl
         };
         let now = now_secs();
-        let serial = random_serial()?;
-        let tbs = x509svid::ca_tbs(
-            &x509svid::CaParams {
-                trust_domain: &self.settings.trust_domain,
-                subject: &subject,
-                spki_der,
-                serial: &serial,
-                not_before: now.saturating_sub(x509svid::BACKDATE.as_secs()),
-                not_after: now.saturating_add(ttl.as_secs().max(1)).min(ca.not_after),
-            },
-            Some(&ca.issuer),
-        )?;
-        let sig = sign_checked(
-            self.km.as_ref(),
-            &ca.key,
-            &tbs,
-            SignOpts::for_key(ca.key.key_type),
-        )
-        .await?;
-        let cert = x509svid::assemble_der(&tbs, &ca.issuer.signature_algorithm_der, &sig)?;
-        x509svid::ParsedCert::parse(&cert)?.check_signed_by(&ca.key.spki_der)?;
+        let not_after = now.saturating_add(ttl.as_secs().max(1)).min(ca.not_after);
+        let cert = self
+            .certify_ca(&ca, &subject, spki_der, now, not_after)
+            .await?;
         let mut chain = vec![cert];
         chain.extend(tail);
         Ok(chain)

@@ -146,6 +146,11 @@ pub type UpstreamAuthorityBuilder = Builder<dyn UpstreamAuthority>;
 pub const UPSTREAM_AUTHORITIES: &[(&str, UpstreamAuthorityBuilder)] = &[
     (crate::upstream::disk::TYPE, crate::upstream::disk::plugin),
     (crate::upstream::spire::TYPE, crate::upstream::spire::plugin),
+    #[cfg(feature = "aws_pca")]
+    (
+        crate::upstream::aws_pca::TYPE,
+        crate::upstream::aws_pca::plugin,
+    ),
     #[cfg(feature = "hashicorp_vault")]
     (crate::upstream::vault::TYPE, crate::upstream::vault::plugin),
 ];

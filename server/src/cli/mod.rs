@@ -9,7 +9,7 @@ use kame_api::pb::{self, types};
 use kame_api::{SpiffeId, TrustDomain};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 mod agent;
 mod bundle;
@@ -78,21 +78,10 @@ pub struct Common {
 pub async fn connect(socket: &Path) -> Result<Channel, CliError> {
     let s = socket.to_string_lossy();
     let path = PathBuf::from(s.strip_prefix("unix://").unwrap_or(&s));
-    let p2 = path.clone();
-    Endpoint::from_static("http://kame.invalid")
-        .connect_with_connector(tower::service_fn(move |_| {
-            let p = p2.clone();
-            async move {
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
-                    tokio::net::UnixStream::connect(p).await?,
-                ))
-            }
-        }))
-        .await
-        .map_err(|source| CliError::Connect {
-            path: path.display().to_string(),
-            source,
-        })
+    kame_api::channel::unix(&path).await.map_err(|e| match e {
+        kame_api::channel::ClientError::Unix { path, source } => CliError::Connect { path, source },
+        other => CliError::Usage(other.to_string()),
+    })
 }
 
 fn parse_id(flag: &str, s: &str) -> Result<SpiffeId, CliError> {

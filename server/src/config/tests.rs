@@ -241,13 +241,15 @@ fn upstream_authority_unknown_name_and_disk_keys() {
         )
     };
     let e = Config::parse(
-        &with("    UpstreamAuthority \"vault\" {\n        plugin_data {}\n    }"),
+        &with("    UpstreamAuthority \"awssecret\" {\n        plugin_data {}\n    }"),
         false,
     )
     .unwrap_err()
     .to_string();
-    assert!(e.contains("unknown UpstreamAuthority \"vault\""), "{e}");
-    assert!(e.contains("disk"), "{e}");
+    assert!(e.contains("unknown UpstreamAuthority \"awssecret\""), "{e}");
+    for known in ["disk", "spire", "vault", "aws_pca"] {
+        assert!(e.contains(known), "{known}: {e}");
+    }
     let e = Config::parse(
         &with("    UpstreamAuthority \"disk\" {\n        plugin_data {\n            cert_file_path = \"/a\"\n            key_file_path = \"/b\"\n            bundle_path = \"/c\"\n        }\n    }"),
         false,

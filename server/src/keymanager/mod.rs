@@ -142,5 +142,5 @@ impl SecretSource {
 }
 
 /// How long one call to a remote KeyManager may take.
-#[cfg(any(feature = "aws_kms", feature = "hashicorp_vault"))]
+#[cfg(any(feature = "aws_kms", feature = "hashicorp_vault", feature = "aws_pca"))]
 pub(crate) const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

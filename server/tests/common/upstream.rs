@@ -76,3 +76,23 @@ pub fn skid_of(pem: &Path) -> String {
             .unwrap(),
     )
 }
+
+/// Why the configuration with `UpstreamAuthority "<name>" { plugin_data { <data> } }` is
+/// refused (written in `dir`).
+pub fn upstream_config_error(dir: &Path, name: &str, data: &str) -> String {
+    let text = super::config_text(
+        dir,
+        super::free_port(),
+        &super::Opts {
+            extra_plugins: format!(
+                "UpstreamAuthority \"{name}\" {{\n plugin_data {{\n {data}\n }}\n }}"
+            ),
+            ..Default::default()
+        },
+    );
+    let path = dir.join("server.conf");
+    std::fs::write(&path, text).unwrap();
+    kame_server::config::Config::load(&path, false)
+        .unwrap_err()
+        .to_string()
+}
