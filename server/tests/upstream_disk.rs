@@ -525,3 +525,55 @@ async fn upstream_disk_accepts_a_root_without_key_usage() {
     verify_with_openssl(&root_pem, &out.join("svid.pem"));
     s.stop().await;
 }
+
+/// The CA key in the `memory` KeyManager and in a PKCS#11 token (SoftHSM2): the CSR is signed
+/// through the KeyManager, and the SVIDs chain to the upstream root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_disk_signs_a_ca_whose_key_is_in_memory_or_in_a_pkcs11_token() {
+    let Some(hsm) = kame_keymanager::testing::SoftHsm::child(
+        "upstream_disk_signs_a_ca_whose_key_is_in_memory_or_in_a_pkcs11_token",
+    ) else {
+        return;
+    };
+    let up = tempfile::tempdir().unwrap();
+    let (root_pem, root_key) = root(up.path(), "1");
+    let pkcs11 = format!(
+        "KeyManager \"pkcs11\" {{\n plugin_data {{\n module_path = \"{}\"\n token_label = \"{}\"\n user_pin = \"{}\"\n key_identifier_value = \"upstream-hsm\"\n }}\n }}",
+        hsm.module.display(),
+        hsm.token_label,
+        hsm.pin
+    );
+    for (name, opts) in [
+        (
+            "memory",
+            Opts {
+                key_manager: "memory",
+                extra_plugins: disk_block(&root_pem, &root_key, None),
+                ..Default::default()
+            },
+        ),
+        (
+            "pkcs11",
+            Opts {
+                key_manager_block: pkcs11,
+                extra_plugins: disk_block(&root_pem, &root_key, None),
+                ..Default::default()
+            },
+        ),
+    ] {
+        let s = TestServer::start(opts).await;
+        let out = s.dir.path().join("out");
+        let chain = mint(&s, &out).await;
+        assert_eq!(chain.len(), 2, "{name}");
+        verify_with_openssl(&root_pem, &out.join("svid.pem"));
+        let roots: Vec<Vec<u8>> = s
+            .bundle()
+            .await
+            .x509_authorities
+            .iter()
+            .map(|c| c.asn1.clone())
+            .collect();
+        assert_eq!(roots, vec![der_of(&root_pem)], "{name}");
+        s.stop().await;
+    }
+}
