@@ -104,6 +104,11 @@ pub fn read_issued(
     supplemental: &[Vec<u8>],
 ) -> Result<MintedX509Ca, UpstreamError> {
     let bad = |w: &str, e: kame_api::Error| UpstreamError::BadAnswer(format!("{w}: {e}"));
+    if cert_pem.trim().is_empty() {
+        return Err(UpstreamError::BadAnswer(
+            "expected one certificate, found 0".into(),
+        ));
+    }
     let cert = kame_api::bundle::certs_from_pem(cert_pem).map_err(|e| bad("certificate", e))?;
     let [cert] = cert.as_slice() else {
         return Err(UpstreamError::BadAnswer(format!(
@@ -111,6 +116,11 @@ pub fn read_issued(
             cert.len()
         )));
     };
+    if chain_pem.trim().is_empty() {
+        return Err(UpstreamError::BadAnswer(
+            "GetCertificate returned no certificate chain".into(),
+        ));
+    }
     let mut chain =
         kame_api::bundle::certs_from_pem(chain_pem).map_err(|e| bad("certificate chain", e))?;
     let root = chain.pop().ok_or_else(|| {
