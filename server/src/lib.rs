@@ -2,7 +2,8 @@
 //! Modules: [`config`] (HCL), [`datastore`] (sqlx), [`ca`] (slots, rotation, journal, minting),
 //! [`service`] (SPIRE-compatible gRPC APIs and their authorization), [`attestation`] (node
 //! attestors), [`keymanager`] (KeyManager plugins' configuration), [`catalog`] (plugins by
-//! name), [`run`] (wiring and listeners) and [`cli`]. It must not link libtss2: TPM
+//! name), [`federation`] (bundle endpoint and federated bundles), [`run`] (wiring and
+//! listeners) and [`cli`]. It must not link libtss2: TPM
 //! evidence is verified with the pure-Rust half of the tpm crate.
 
 pub mod attestation;
@@ -12,6 +13,8 @@ pub mod cli;
 pub mod config;
 pub mod datastore;
 pub mod entrycache;
+pub mod federation;
+pub mod httpmini;
 pub mod keymanager;
 pub mod metrics;
 pub mod ratelimit;

@@ -5,7 +5,6 @@
 //! counters and gauges; it must not expose key material, identities or addresses.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -75,35 +74,23 @@ pub async fn serve(
         let Ok((mut s, _)) = conn else { continue };
         let render = render.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut got = 0;
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while got < buf.len() {
-                    match s.read(&mut buf[got..]).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => got += n,
-                    }
-                    if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-                        break;
-                    }
+            match crate::httpmini::request_line(&mut s, std::time::Duration::from_secs(5)).await {
+                Some((m, p)) if m == "GET" && p == "/metrics" => {
+                    let body = render();
+                    crate::httpmini::respond(
+                        &mut s,
+                        "200 OK",
+                        "text/plain; version=0.0.4",
+                        body.as_bytes(),
+                        "",
+                    )
+                    .await
                 }
-            })
-            .await;
-            if read.is_err() {
-                return;
+                Some(_) => {
+                    crate::httpmini::respond(&mut s, "404 Not Found", "text/plain", b"", "").await
+                }
+                None => {}
             }
-            let head = String::from_utf8_lossy(&buf[..got]);
-            let line = head.lines().next().unwrap_or_default();
-            let resp = if line.starts_with("GET /metrics ") {
-                let body = render();
-                format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
-            };
-            let _ = s.write_all(resp.as_bytes()).await;
         });
     }
 }

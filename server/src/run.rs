@@ -43,6 +43,8 @@ pub enum RunError {
     Serve(#[from] tonic::transport::Error),
     #[error("server id file {0} is corrupt (expected a UUID)")]
     BadServerId(String),
+    #[error("federation: {0}")]
+    Federation(#[from] crate::federation::endpoint::EndpointError),
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RunError + 'a {
@@ -227,6 +229,7 @@ async fn build_context(
         attest_checks: Arc::new(tokio::sync::Semaphore::new(
             crate::service::attest_check_permits(),
         )),
+        federation_triggers: Default::default(),
     });
     let svid = ServerSvid::new(
         ca.clone(),
@@ -524,6 +527,63 @@ pub async fn start_with(
         }
     }));
 
+    // Federation: the bundle endpoint, and the federated trust domains' bundles.
+    let federation_metrics = Arc::new(crate::federation::refresher::FederationMetrics::default());
+    if let Some(ep) = &cfg.federation.bundle_endpoint {
+        use crate::federation::endpoint;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let (tls_cfg, file_cert) = endpoint::tls_config(ep, svid.clone(), provider)?;
+        let addr = std::net::SocketAddr::new(ep.address, ep.port);
+        let listener = TcpListener::bind(addr).await.map_err(|e| RunError::Io {
+            what: "cannot bind the bundle endpoint",
+            path: addr.to_string(),
+            source: e,
+        })?;
+        let source = Arc::new(endpoint::BundleSource::new(
+            cfg.trust_domain.clone(),
+            ctx.ds.clone(),
+            ep.refresh_hint,
+        ));
+        tasks.push(tokio::spawn(endpoint::serve(
+            listener,
+            tls_cfg,
+            source,
+            shutdown_rx.clone(),
+        )));
+        if let (
+            Some(f),
+            crate::federation::EndpointProfile::HttpsWebFiles {
+                file_sync_interval, ..
+            },
+        ) = (file_cert, &ep.profile)
+        {
+            let (every, mut stop) = (*file_sync_interval, shutdown_rx.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stopped(&mut stop) => return,
+                        _ = tokio::time::sleep(every) => f.reload(),
+                    }
+                }
+            }));
+        }
+        tracing::info!(address = %addr, "bundle endpoint serving");
+    }
+    if !cfg.federation.federates_with.is_empty() {
+        let refresher = crate::federation::refresher::Refresher::new(
+            ctx.ds.clone(),
+            federation_metrics.clone(),
+        );
+        for rel in cfg.federation.federates_with.iter().cloned() {
+            let now = ctx.federation_triggers.register(rel.trust_domain.as_str());
+            tasks.push(tokio::spawn(refresher.clone().run(
+                rel,
+                now,
+                shutdown_rx.clone(),
+            )));
+        }
+    }
+
     // Prometheus metrics (`telemetry { Prometheus { host port } }`).
     if let Some((host, port)) = &cfg.prometheus {
         let listener = tokio::net::TcpListener::bind((host.as_str(), *port))
@@ -535,9 +595,10 @@ pub async fn start_with(
             })?;
         let ca_m = ca.clone();
         let ctx_m = ctx.clone();
+        let fed_m = federation_metrics.clone();
         tasks.push(tokio::spawn(crate::metrics::serve(
             listener,
-            Arc::new(move || ca_m.render_metrics() + &ctx_m.limits.render()),
+            Arc::new(move || ca_m.render_metrics() + &ctx_m.limits.render() + &fed_m.render()),
             shutdown_rx.clone(),
         )));
     }

@@ -78,6 +78,8 @@ pub struct Config {
     pub plugin_env: crate::catalog::PluginEnv,
     /// `server.ratelimit { attestation, signing }` (SPIRE's; both on by default).
     pub ratelimit: crate::ratelimit::RateLimitConfig,
+    /// `server.federation`: the bundle endpoint and the federated trust domains.
+    pub federation: crate::federation::FederationConfig,
 }
 
 /// `server.ca_subject` (SPIRE's default C=US, O=SPIFFE), checked as a DN.
@@ -334,6 +336,7 @@ impl Config {
         let ratelimit = ratelimit(&mut server)?;
         let jwt_issuer = server.string("jwt_issuer")?.filter(|s| !s.is_empty());
         let signing_mode = signing_mode(&server)?;
+        let federation = crate::federation::parse(&mut server, &trust_domain)?;
         server.finish()?;
 
         let mut plugin_env = crate::catalog::PluginEnv::new(trust_domain.clone());
@@ -376,6 +379,7 @@ impl Config {
             node_attestors,
             plugin_env,
             ratelimit,
+            federation,
         })
     }
 

@@ -278,6 +278,10 @@ impl BundleApi for BundleService {
                 Err(s) => Err(s),
                 Ok(b) => self.ctx.ds.create_bundle(&b).await.map_err(ds_status),
             };
+            if let Ok(b) = &res {
+                // A bundle an https_spiffe relationship needed: fetch from its endpoint now.
+                self.ctx.federation_triggers.trigger(&b.trust_domain);
+            }
             results.push(bundle_result(res, r.output_mask.as_ref()));
         }
         Ok(Response::new(pb::BatchCreateFederatedBundleResponse {
@@ -321,6 +325,10 @@ impl BundleApi for BundleService {
                 self.ctx.ds.update_bundle(&cur).await.map_err(ds_status)
             }
             .await;
+            if let Ok(b) = &res {
+                // A bundle an https_spiffe relationship needed: fetch from its endpoint now.
+                self.ctx.federation_triggers.trigger(&b.trust_domain);
+            }
             results.push(bundle_result(res, r.output_mask.as_ref()));
         }
         Ok(Response::new(pb::BatchUpdateFederatedBundleResponse {
@@ -352,6 +360,10 @@ impl BundleApi for BundleService {
                 }
             }
             .await;
+            if let Ok(b) = &res {
+                // A bundle an https_spiffe relationship needed: fetch from its endpoint now.
+                self.ctx.federation_triggers.trigger(&b.trust_domain);
+            }
             results.push(bundle_result(res, r.output_mask.as_ref()));
         }
         Ok(Response::new(pb::BatchSetFederatedBundleResponse {

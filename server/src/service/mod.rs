@@ -50,6 +50,8 @@ pub struct Context {
     /// on the blocking pool, at most this many at once, so that attestations cannot occupy
     /// the async workers every other API needs.
     pub attest_checks: Arc<tokio::sync::Semaphore>,
+    /// Wakes a federated trust domain's refresher (after its bundle is set here).
+    pub federation_triggers: crate::federation::refresher::Triggers,
 }
 
 /// The trust domain's bundle as the datastore last gave it, served while the database is

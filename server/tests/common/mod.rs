@@ -23,6 +23,7 @@ pub struct Opts {
     pub extra_plugins: String,
     /// A whole `KeyManager "…" { … }` block in place of `key_manager`'s.
     pub key_manager_block: String,
+    pub trust_domain: &'static str,
 }
 
 impl Default for Opts {
@@ -34,6 +35,7 @@ impl Default for Opts {
             extra_server: "",
             extra_plugins: String::new(),
             key_manager_block: String::new(),
+            trust_domain: TD,
         }
     }
 }
@@ -64,7 +66,7 @@ pub fn config_text(dir: &Path, port: u16, o: &Opts) -> String {
     bind_address = "127.0.0.1"
     bind_port = "{port}"
     socket_path = "{d}/sock/api.sock"
-    trust_domain = "{TD}"
+    trust_domain = "{td}"
     data_dir = "{d}/data"
     log_level = "WARN"
     ca_ttl = "{ca_ttl}"
@@ -86,6 +88,7 @@ plugins {{
 }}
 "#,
         plugins = o.extra_plugins,
+        td = o.trust_domain,
         ca_ttl = o.ca_ttl,
         x509_ttl = o.x509_ttl,
         extra = o.extra_server,

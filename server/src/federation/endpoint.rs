@@ -1,0 +1,267 @@
+//! The bundle endpoint (SPIFFE Federation §4, SPIRE's `bundle_endpoint`): `GET /` over HTTPS
+//! answers this trust domain's bundle as SPIFFE bundle JSON with `spiffe_refresh_hint` (the
+//! configured hint) and `spiffe_sequence` (the stored bundle's sequence number); other paths
+//! are 404, other methods 405. TLS with the server's own X509-SVID (`https_spiffe`) or a Web
+//! PKI certificate from files re-read every `file_sync_interval` (`https_web`).
+//!
+//! It never serves what it cannot vouch for: only the local trust domain's bundle, read from
+//! the datastore at most a second ago, or (while the datastore cannot be read) a read younger
+//! than the refresh hint; a bundle without an unexpired X.509 authority, or older, is answered
+//! 503. Unauthenticated peers get a bounded share: at most [`MAX_CONNECTIONS`] connections at
+//! once (more are closed at once), [`REQUEST_TIME`] for the handshake and the request head,
+//! whose size is capped; no request body is read.
+
+use super::{EndpointConfig, EndpointProfile};
+use crate::datastore::DataStore;
+use kame_api::TrustDomain;
+use kame_api::pb::types::Bundle;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+/// Connections served at once; more are closed without a handshake.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// How long a peer has for the TLS handshake and then for its request head.
+pub const REQUEST_TIME: Duration = Duration::from_secs(10);
+
+/// How long a datastore read is served again.
+const FRESH: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum EndpointError {
+    #[error("bundle endpoint certificate {path}: {reason}")]
+    ServingCert { path: String, reason: String },
+    #[error("bundle endpoint TLS: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// A Web PKI certificate and key from files, re-read on a timer; a bad re-read keeps the last
+/// good pair and is logged.
+#[derive(Debug)]
+pub struct FileCert {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    current: RwLock<Arc<CertifiedKey>>,
+}
+
+impl FileCert {
+    pub fn load(
+        cert: &Path,
+        key: &Path,
+        provider: Arc<rustls::crypto::CryptoProvider>,
+    ) -> Result<Arc<Self>, EndpointError> {
+        let ck = Self::read(cert, key, &provider)?;
+        Ok(Arc::new(FileCert {
+            cert: cert.to_path_buf(),
+            key: key.to_path_buf(),
+            provider,
+            current: RwLock::new(Arc::new(ck)),
+        }))
+    }
+
+    fn read(
+        cert: &Path,
+        key: &Path,
+        provider: &rustls::crypto::CryptoProvider,
+    ) -> Result<CertifiedKey, EndpointError> {
+        let bad = |p: &Path, reason: String| EndpointError::ServingCert {
+            path: p.display().to_string(),
+            reason,
+        };
+        let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+            .map_err(|e| bad(cert, e.to_string()))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(cert, e.to_string()))?;
+        if chain.is_empty() {
+            return Err(bad(cert, "no certificate".into()));
+        }
+        let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
+        let signing = provider
+            .key_provider
+            .load_private_key(key_der)
+            .map_err(|e| bad(key, e.to_string()))?;
+        let ck = CertifiedKey::new(chain, signing);
+        ck.keys_match().map_err(|e| bad(key, e.to_string()))?;
+        Ok(ck)
+    }
+
+    /// Reads the files again.
+    pub fn reload(&self) {
+        match Self::read(&self.cert, &self.key, &self.provider) {
+            Ok(ck) => *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(ck),
+            Err(e) => {
+                tracing::warn!(error = %e, "bundle endpoint certificate no longer loads; serving the last good one")
+            }
+        }
+    }
+}
+
+impl ResolvesServerCert for FileCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone(),
+        )
+    }
+}
+
+/// What the endpoint serves, and from where.
+#[derive(Debug)]
+pub struct BundleSource {
+    td: TrustDomain,
+    ds: Arc<dyn DataStore>,
+    refresh_hint: Duration,
+    last: Mutex<Option<(Bundle, Instant)>>,
+}
+
+impl BundleSource {
+    pub fn new(td: TrustDomain, ds: Arc<dyn DataStore>, refresh_hint: Duration) -> Self {
+        BundleSource {
+            td,
+            ds,
+            refresh_hint,
+            last: Mutex::new(None),
+        }
+    }
+
+    fn cached(&self, max_age: Duration) -> Option<Bundle> {
+        self.last
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .filter(|(_, at)| at.elapsed() < max_age)
+            .map(|(b, _)| b.clone())
+    }
+
+    /// The SPIFFE bundle JSON to serve, or why not.
+    pub async fn document(&self, now: u64) -> Result<Vec<u8>, String> {
+        let b = match self.cached(FRESH) {
+            Some(b) => b,
+            None => match self.ds.fetch_bundle(self.td.as_str()).await {
+                Ok(Some(b)) => {
+                    *self.last.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some((b.clone(), Instant::now()));
+                    b
+                }
+                Ok(None) => return Err("no bundle yet".into()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "bundle endpoint: cannot read the bundle");
+                    self.cached(self.refresh_hint)
+                        .ok_or_else(|| "the bundle cannot be read".to_string())?
+                }
+            },
+        };
+        if b.trust_domain != self.td.as_str() {
+            return Err(format!(
+                "refusing to serve the bundle of {}",
+                b.trust_domain
+            ));
+        }
+        let live = b.x509_authorities.iter().any(|c| {
+            kame_api::x509svid::ParsedCert::parse(&c.asn1).is_ok_and(|p| p.not_after() > now)
+        });
+        if !live {
+            return Err("the bundle has no unexpired X.509 authority".into());
+        }
+        let mut out = b;
+        out.refresh_hint = self.refresh_hint.as_secs() as i64;
+        kame_api::bundle::to_spiffe_json(&out)
+            .map(String::into_bytes)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The endpoint's TLS configuration: the server SVID or the file certificate (with its reload
+/// task), no client authentication, HTTP/1.1.
+pub fn tls_config(
+    cfg: &EndpointConfig,
+    svid: Arc<crate::tls::ServerSvid>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<(rustls::ServerConfig, Option<Arc<FileCert>>), EndpointError> {
+    let b = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth();
+    let (mut c, file) = match &cfg.profile {
+        EndpointProfile::HttpsSpiffe => (b.with_cert_resolver(svid), None),
+        EndpointProfile::HttpsWebFiles {
+            cert_file_path,
+            key_file_path,
+            ..
+        } => {
+            let f = FileCert::load(cert_file_path, key_file_path, provider)?;
+            (b.with_cert_resolver(f.clone()), Some(f))
+        }
+    };
+    c.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((c, file))
+}
+
+/// Serves `listener` until `shutdown`.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: rustls::ServerConfig,
+    source: Arc<BundleSource>,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let conn = tokio::select! {
+            _ = shutdown.changed() => return,
+            c = listener.accept() => c,
+        };
+        let Ok((tcp, _)) = conn else { continue };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(tcp);
+            continue;
+        };
+        let (acceptor, source) = (acceptor.clone(), source.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let Ok(Ok(mut s)) = tokio::time::timeout(REQUEST_TIME, acceptor.accept(tcp)).await
+            else {
+                return;
+            };
+            let Some((method, path)) = crate::httpmini::request_line(&mut s, REQUEST_TIME).await
+            else {
+                return;
+            };
+            use crate::httpmini::respond;
+            if path != "/" {
+                return respond(&mut s, "404 Not Found", "text/plain", b"not found\n", "").await;
+            }
+            if method != "GET" {
+                return respond(
+                    &mut s,
+                    "405 Method Not Allowed",
+                    "text/plain",
+                    b"method not allowed\n",
+                    "Allow: GET\r\n",
+                )
+                .await;
+            }
+            match source.document(crate::ca::now_secs()).await {
+                Ok(body) => respond(&mut s, "200 OK", "application/json", &body, "").await,
+                Err(why) => {
+                    tracing::warn!(reason = %why, "bundle endpoint: not serving");
+                    respond(
+                        &mut s,
+                        "503 Service Unavailable",
+                        "text/plain",
+                        b"bundle unavailable\n",
+                        "",
+                    )
+                    .await
+                }
+            }
+        });
+    }
+}

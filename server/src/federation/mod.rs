@@ -1,0 +1,225 @@
+//! SPIFFE federation (SPIFFE Federation standard, SPIRE's `server.federation` block): the
+//! bundle endpoint that publishes this trust domain's bundle (`endpoint`), and the refresher
+//! that keeps the bundles of the trust domains this one federates with (`refresher`). This
+//! module reads the configuration; neither half touches the local CA.
+
+use kame_api::conf::{ConfigError, Section, invalid};
+use kame_api::{SpiffeId, TrustDomain};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub mod endpoint;
+pub mod refresher;
+
+/// SPIRE's default `refresh_hint` for the bundle endpoint.
+pub const DEFAULT_REFRESH_HINT: Duration = Duration::from_secs(300);
+
+/// `server.federation`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FederationConfig {
+    pub bundle_endpoint: Option<EndpointConfig>,
+    pub federates_with: Vec<Relationship>,
+}
+
+/// `federation.bundle_endpoint`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointConfig {
+    pub address: IpAddr,
+    pub port: u16,
+    /// Published as `spiffe_refresh_hint`.
+    pub refresh_hint: Duration,
+    pub profile: EndpointProfile,
+}
+
+/// How the bundle endpoint authenticates itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EndpointProfile {
+    /// The server's own X509-SVID (`spiffe://<td>/spire/server`).
+    HttpsSpiffe,
+    /// A Web PKI certificate from files, read again every `file_sync_interval`.
+    HttpsWebFiles {
+        cert_file_path: PathBuf,
+        key_file_path: PathBuf,
+        file_sync_interval: Duration,
+    },
+}
+
+/// `federates_with "<td>" { … }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relationship {
+    pub trust_domain: TrustDomain,
+    pub bundle_endpoint_url: String,
+    pub profile: RelationshipProfile,
+}
+
+/// How a federated bundle endpoint is authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RelationshipProfile {
+    /// Web PKI: the system's roots and the URL's host name.
+    HttpsWeb,
+    /// The endpoint's X509-SVID, which must be `endpoint_spiffe_id` and chain to the bundle
+    /// held for that ID's trust domain.
+    HttpsSpiffe { endpoint_spiffe_id: SpiffeId },
+}
+
+fn one_profile(sec: &mut Section, key: &str) -> Result<(String, Section), ConfigError> {
+    let mut all = sec.labeled(key)?;
+    match (all.pop(), all.is_empty()) {
+        (Some(p), true) => Ok(p),
+        (None, _) => Err(sec.missing(key)),
+        (Some(_), false) => Err(invalid(&sec.key(key), "give exactly one profile")),
+    }
+}
+
+fn endpoint(mut e: Section) -> Result<EndpointConfig, ConfigError> {
+    let address = match e.string("address")? {
+        None => "0.0.0.0"
+            .parse()
+            .map_err(|_| invalid(&e.key("address"), "bad default"))?,
+        Some(s) => s
+            .parse()
+            .map_err(|_| invalid(&e.key("address"), format!("{s:?} is not an IP address")))?,
+    };
+    let port = match e.int("port")? {
+        None => 443,
+        Some(p) => u16::try_from(p)
+            .map_err(|_| invalid(&e.key("port"), format!("{p} is not a port number")))?,
+    };
+    let refresh_hint = match e.duration("refresh_hint")? {
+        None => DEFAULT_REFRESH_HINT,
+        Some(d) if d.is_zero() => return Err(invalid(&e.key("refresh_hint"), "must be positive")),
+        Some(d) => d,
+    };
+    if let Some(a) = e.section("acme")? {
+        drop(a);
+        return Err(invalid(
+            &e.key("acme"),
+            "the legacy acme block is not supported: use profile \"https_web\" { serving_cert_file { … } }",
+        ));
+    }
+    let (name, mut p) = one_profile(&mut e, "profile")?;
+    let profile = match name.as_str() {
+        "https_spiffe" => EndpointProfile::HttpsSpiffe,
+        "https_web" => {
+            if let Some(a) = p.section("acme")? {
+                drop(a);
+                return Err(invalid(
+                    &p.key("acme"),
+                    "ACME is not supported yet: use serving_cert_file",
+                ));
+            }
+            let f = p
+                .section("serving_cert_file")?
+                .ok_or_else(|| p.missing("serving_cert_file"))?;
+            let cert_file_path = PathBuf::from(f.required("cert_file_path")?);
+            let key_file_path = PathBuf::from(f.required("key_file_path")?);
+            crate::catalog::files::readable(&f.key("cert_file_path"), &cert_file_path)?;
+            crate::catalog::files::readable(&f.key("key_file_path"), &key_file_path)?;
+            let file_sync_interval = f
+                .duration("file_sync_interval")?
+                .unwrap_or(Duration::from_secs(3600))
+                .max(Duration::from_secs(1));
+            f.finish()?;
+            EndpointProfile::HttpsWebFiles {
+                cert_file_path,
+                key_file_path,
+                file_sync_interval,
+            }
+        }
+        other => {
+            return Err(invalid(
+                &e.key("profile"),
+                format!("unknown profile {other:?} (https_web, https_spiffe)"),
+            ));
+        }
+    };
+    p.finish()?;
+    e.finish()?;
+    Ok(EndpointConfig {
+        address,
+        port,
+        refresh_hint,
+        profile,
+    })
+}
+
+fn relationship(td: &str, mut r: Section, own: &TrustDomain) -> Result<Relationship, ConfigError> {
+    let trust_domain = TrustDomain::parse(td)
+        .map_err(|e| invalid(&r.key("trust_domain"), format!("{td:?}: {e}")))?;
+    if &trust_domain == own {
+        return Err(invalid(
+            &r.key("trust_domain"),
+            "a trust domain does not federate with itself",
+        ));
+    }
+    let bundle_endpoint_url = r.required("bundle_endpoint_url")?;
+    check_url(&bundle_endpoint_url).map_err(|m| invalid(&r.key("bundle_endpoint_url"), m))?;
+    let (name, p) = one_profile(&mut r, "bundle_endpoint_profile")?;
+    let profile = match name.as_str() {
+        "https_web" => RelationshipProfile::HttpsWeb,
+        "https_spiffe" => {
+            let s = p.required("endpoint_spiffe_id")?;
+            let endpoint_spiffe_id = SpiffeId::parse(&s)
+                .map_err(|e| invalid(&p.key("endpoint_spiffe_id"), format!("{s:?}: {e}")))?;
+            RelationshipProfile::HttpsSpiffe { endpoint_spiffe_id }
+        }
+        other => {
+            return Err(invalid(
+                &r.key("bundle_endpoint_profile"),
+                format!("unknown profile {other:?} (https_web, https_spiffe)"),
+            ));
+        }
+    };
+    p.finish()?;
+    r.finish()?;
+    Ok(Relationship {
+        trust_domain,
+        bundle_endpoint_url,
+        profile,
+    })
+}
+
+/// A bundle endpoint URL: `https://host[:port][/path]`, no user info, query or fragment.
+pub fn check_url(url: &str) -> Result<(), String> {
+    let rest = url
+        .strip_prefix("https://")
+        .ok_or_else(|| format!("{url:?} is not an https URL"))?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    if authority.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    if authority.contains('@') || url.contains('?') || url.contains('#') {
+        return Err(format!(
+            "{url:?}: user info, query and fragment are not allowed"
+        ));
+    }
+    Ok(())
+}
+
+/// Reads `server.federation`.
+pub fn parse(server: &mut Section, own: &TrustDomain) -> Result<FederationConfig, ConfigError> {
+    let Some(mut f) = server.section("federation")? else {
+        return Ok(FederationConfig::default());
+    };
+    let bundle_endpoint = f.section("bundle_endpoint")?.map(endpoint).transpose()?;
+    let mut federates_with: Vec<Relationship> = vec![];
+    for (td, r) in f.labeled("federates_with")? {
+        let rel = relationship(&td, r, own)?;
+        if federates_with
+            .iter()
+            .any(|x| x.trust_domain == rel.trust_domain)
+        {
+            return Err(invalid(
+                &f.key("federates_with"),
+                format!("{} is given more than once", rel.trust_domain),
+            ));
+        }
+        federates_with.push(rel);
+    }
+    f.finish()?;
+    Ok(FederationConfig {
+        bundle_endpoint,
+        federates_with,
+    })
+}
