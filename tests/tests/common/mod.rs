@@ -27,6 +27,8 @@ pub struct Env {
     pub agent_conf: PathBuf,
     pub agent_socket: PathBuf,
     pub agent_id: String,
+    /// The trust domain of the server and the agent.
+    pub td: &'static str,
 }
 
 pub struct Opts {
@@ -41,6 +43,7 @@ pub struct Opts {
     pub agent_attestor: Option<(String, String)>,
     /// The server's KeyManager block; None: `disk` in the server's data_dir.
     pub server_key_manager: Option<String>,
+    pub trust_domain: &'static str,
 }
 
 impl Default for Opts {
@@ -53,6 +56,7 @@ impl Default for Opts {
             server_plugins: String::new(),
             agent_attestor: None,
             server_key_manager: None,
+            trust_domain: TD,
         }
     }
 }
@@ -91,7 +95,7 @@ impl Env {
     bind_address = "127.0.0.1"
     bind_port = "{port}"
     socket_path = "{d}/srv/api.sock"
-    trust_domain = "{TD}"
+    trust_domain = "{td}"
     data_dir = "{d}/srv"
     log_level = "WARN"
     default_x509_svid_ttl = "{ttl}"
@@ -112,6 +116,7 @@ plugins {{
 }}
 "#,
                 d = d.display(),
+                td = o.trust_domain,
                 plugins = o.server_plugins,
                 server_km = o.server_key_manager.clone().unwrap_or_else(|| format!(
                     "KeyManager \"disk\" {{\n        plugin_data {{\n            keys_path = \"{}/srv/keys.json\"\n        }}\n    }}",
@@ -132,6 +137,7 @@ plugins {{
             tcp_port: port,
             agent: None,
             agent_id: String::new(),
+            td: o.trust_domain,
         };
         let cfg = kame_server::config::Config::load(&env.server_conf, false)
             .map_err(|e| e.to_string())?;
@@ -156,7 +162,7 @@ plugins {{
                     .unwrap()
                     .into_inner()
                     .value;
-                env.agent_id = format!("spiffe://{TD}/spire/agent/join_token/{token}");
+                env.agent_id = format!("spiffe://{}/spire/agent/join_token/{token}", env.td);
                 (
                     "NodeAttestor \"join_token\" {\n        plugin_data {}\n    }".to_string(),
                     token,
@@ -178,7 +184,7 @@ plugins {{
     server_port = "{port}"
     socket_path = "{sock}"
     trust_bundle_path = "{d}/bundle.pem"
-    trust_domain = "{TD}"
+    trust_domain = "{td}"
     join_token = "{token}"
     log_level = "WARN"
     sync_interval = "{sync}"
@@ -194,6 +200,7 @@ plugins {{
 }}
 "#,
                 d = d.display(),
+                td = env.td,
                 sock = env.agent_socket.display(),
                 sync = o.sync,
             ),
@@ -216,7 +223,7 @@ plugins {{
         kame_agent::client::connect(
             "127.0.0.1",
             self.tcp_port,
-            &kame_api::SpiffeId::parse(&format!("spiffe://{TD}/spire/server")).unwrap(),
+            &kame_api::SpiffeId::parse(&format!("spiffe://{}/spire/server", self.td)).unwrap(),
             std::sync::Arc::new(std::sync::RwLock::new(roots)),
             None,
         )
@@ -271,10 +278,11 @@ plugins {{
         f: impl FnOnce(&mut pb::types::Entry),
     ) -> String {
         let mut e = pb::types::Entry {
-            spiffe_id: Some(sid(TD, path)),
+            spiffe_id: Some(sid(self.td, path)),
             parent_id: Some(sid(
-                TD,
-                self.agent_id.trim_start_matches(&format!("spiffe://{TD}")),
+                self.td,
+                self.agent_id
+                    .trim_start_matches(&format!("spiffe://{}", self.td)),
             )),
             selectors: selectors
                 .iter()
@@ -326,7 +334,10 @@ plugins {{
 
     /// Waits until the Workload API gives this process SVIDs for exactly `ids` (sorted).
     pub async fn wait_for_svids(&self, ids: &[&str]) -> pb::workload::X509svidResponse {
-        let mut want: Vec<String> = ids.iter().map(|i| format!("spiffe://{TD}{i}")).collect();
+        let mut want: Vec<String> = ids
+            .iter()
+            .map(|i| format!("spiffe://{}{i}", self.td))
+            .collect();
         want.sort();
         // Generous: on a loaded 2-core machine a software TPM's key generation takes seconds.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
