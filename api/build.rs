@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/spire/api/server/svid.proto",
         "proto/spire/api/server/agent.proto",
         "proto/spire/api/server/localauthority.proto",
+        "proto/spire/api/server/trustdomain.proto",
         "proto/workload/workload.proto",
         "proto/kame/devid/enrollment.proto",
     ];

@@ -56,6 +56,11 @@ pub mod pb {
                         tonic::include_proto!("spire.api.server.localauthority.v1");
                     }
                 }
+                pub mod trustdomain {
+                    pub mod v1 {
+                        tonic::include_proto!("spire.api.server.trustdomain.v1");
+                    }
+                }
             }
         }
     }
@@ -72,6 +77,7 @@ pub mod pb {
     pub use spire::api::server::entry::v1 as entry;
     pub use spire::api::server::localauthority::v1 as localauthority;
     pub use spire::api::server::svid::v1 as svid;
+    pub use spire::api::server::trustdomain::v1 as trustdomain;
     pub use spire::api::types;
 }
 

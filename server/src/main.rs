@@ -67,6 +67,9 @@ enum Cmd {
     /// Taint or revoke the upstream authority that signed an old local authority.
     #[command(subcommand)]
     Upstreamauthority(cli::UpstreamAuthorityCmd),
+    /// Federation relationships (the TrustDomain API).
+    #[command(subcommand)]
+    Federation(cli::FederationCmd),
 }
 
 fn init_logging(level: &str, format: LogFormat) {
@@ -112,6 +115,7 @@ async fn real_main() -> anyhow::Result<()> {
         Cmd::Jwt(c) => cli::jwt(c).await?,
         Cmd::Localauthority(c) => cli::localauthority(c).await?,
         Cmd::Upstreamauthority(c) => cli::upstreamauthority(c).await?,
+        Cmd::Federation(c) => cli::federation(c).await?,
     }
     Ok(())
 }

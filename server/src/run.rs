@@ -405,6 +405,12 @@ pub async fn start_with(
                 )
                 .max_decoding_message_size(m),
             )
+            .add_service(
+                pb::trustdomain::trust_domain_server::TrustDomainServer::new(
+                    crate::service::trustdomain::TrustDomainService { ctx: ctx.clone() },
+                )
+                .max_decoding_message_size(m),
+            )
     };
 
     let stop_signal = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -539,10 +545,12 @@ pub async fn start_with(
             path: addr.to_string(),
             source: e,
         })?;
+        let ca_l = ca.clone();
         let source = Arc::new(endpoint::BundleSource::new(
             cfg.trust_domain.clone(),
             ctx.ds.clone(),
             ep.refresh_hint,
+            Arc::new(move || ca_l.bundle().sequence_number),
         ));
         tasks.push(tokio::spawn(endpoint::serve(
             listener,
@@ -569,20 +577,14 @@ pub async fn start_with(
         }
         tracing::info!(address = %addr, "bundle endpoint serving");
     }
-    if !cfg.federation.federates_with.is_empty() {
-        let refresher = crate::federation::refresher::Refresher::new(
-            ctx.ds.clone(),
-            federation_metrics.clone(),
-        );
-        for rel in cfg.federation.federates_with.iter().cloned() {
-            let now = ctx.federation_triggers.register(rel.trust_domain.as_str());
-            tasks.push(tokio::spawn(refresher.clone().run(
-                rel,
-                now,
-                shutdown_rx.clone(),
-            )));
-        }
-    }
+    // The federated trust domains: configured, and made through the TrustDomain API.
+    tasks.push(tokio::spawn(crate::federation::refresher::manage(
+        crate::federation::refresher::Refresher::new(ctx.ds.clone(), federation_metrics.clone()),
+        cfg.federation.federates_with.clone(),
+        cfg.trust_domain.clone(),
+        ctx.federation_triggers.clone(),
+        shutdown_rx.clone(),
+    )));
 
     // Prometheus metrics (`telemetry { Prometheus { host port } }`).
     if let Some((host, port)) = &cfg.prometheus {

@@ -250,6 +250,7 @@ async fn federation_https_spiffe_both_ways_after_one_bundle_set_rotation_and_jwt
         kame_api::TrustDomain::parse(TD).unwrap(),
         ds.clone(),
         Duration::from_secs(60),
+        std::sync::Arc::new(|| 0),
     );
     assert!(src.document(kame_server::ca::now_secs()).await.is_ok());
     let e = src.document(u64::MAX / 2).await.unwrap_err();
@@ -258,6 +259,7 @@ async fn federation_https_spiffe_both_ways_after_one_bundle_set_rotation_and_jwt
         kame_api::TrustDomain::parse("nobody.org").unwrap(),
         ds,
         Duration::from_secs(60),
+        std::sync::Arc::new(|| 0),
     );
     assert!(none.document(kame_server::ca::now_secs()).await.is_err());
 
@@ -316,4 +318,154 @@ fn federation_configuration_errors_name_the_key() {
             .to_string();
         assert!(e.contains(want), "{block}: {e}");
     }
+}
+
+/// The TrustDomain API and `federation` CLI: a relationship made at run time (with its
+/// bundle, the https_spiffe bootstrap), listed, shown, refreshed on demand, updated and
+/// deleted; bad input refused with the right code and nothing stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn federation_trustdomain_api_and_cli_manage_relationships_at_run_time() {
+    use kame_api::pb::trustdomain as td;
+    use td::trust_domain_client::TrustDomainClient;
+    let pb_ = free_port();
+    let a = TestServer::start(Opts::default()).await;
+    let b = TestServer::start(Opts {
+        trust_domain: OTHER,
+        extra_server: leak(format!(
+            "federation {{\n bundle_endpoint {{\n address = \"127.0.0.1\"\n port = {pb_}\n refresh_hint = \"1m\"\n profile \"https_spiffe\" {{}}\n }}\n }}"
+        )),
+        ..Default::default()
+    })
+    .await;
+    let show = b.cli(&["bundle", "show", "--format", "spiffe"]).await;
+    assert!(show.status.success());
+    let bundle_file = a.dir.path().join("other.json");
+    std::fs::write(&bundle_file, &show.stdout).unwrap();
+    let url = format!("https://127.0.0.1:{pb_}/");
+    let o = a
+        .cli(&[
+            "federation",
+            "create",
+            "--trust-domain",
+            OTHER,
+            "--bundle-endpoint-url",
+            &url,
+            "--bundle-endpoint-profile",
+            "https_spiffe",
+            "--endpoint-spiffe-id",
+            &format!("spiffe://{OTHER}/spire/server"),
+            "--trust-domain-bundle-path",
+            bundle_file.to_str().unwrap(),
+            "--trust-domain-bundle-format",
+            "spiffe",
+        ])
+        .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("https_spiffe"));
+    let list = a.cli(&["federation", "list", "--output", "json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(v["federation_relationships"][0]["trust_domain"], OTHER);
+    assert_eq!(
+        v["federation_relationships"][0]["endpoint_spiffe_id"],
+        format!("spiffe://{OTHER}/spire/server")
+    );
+    assert_eq!(
+        roots(&federated(&a, OTHER).await.unwrap()),
+        roots(&b.bundle().await),
+        "the bundle given with the relationship is stored"
+    );
+
+    // A rotation at B, then `federation refresh`: A's copy follows at once.
+    prepare(&b).await;
+    let want = roots(&b.bundle().await);
+    let o = a.cli(&["federation", "refresh", "--id", OTHER]).await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let t = Instant::now();
+    while federated(&a, OTHER).await.is_none_or(|x| roots(&x) != want) {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "refresh did not fetch at once"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Refusals, nothing stored.
+    let mut c = TrustDomainClient::new(a.admin().await);
+    let rel = |tdn: &str, url: &str| kame_api::pb::types::FederationRelationship {
+        trust_domain: tdn.into(),
+        bundle_endpoint_url: url.into(),
+        bundle_endpoint_profile: Some(
+            kame_api::pb::types::federation_relationship::BundleEndpointProfile::HttpsWeb(
+                kame_api::pb::types::HttpsWebProfile {},
+            ),
+        ),
+        trust_domain_bundle: None,
+    };
+    for (r, code) in [
+        (rel(OTHER, &url), 6),              // AlreadyExists
+        (rel("third.org", "http://x/"), 3), // InvalidArgument
+        (rel(TD, "https://x/"), 3),         // its own trust domain
+        (rel("Bad_TD", "https://x/"), 3),
+    ] {
+        let res = c
+            .batch_create_federation_relationship(td::BatchCreateFederationRelationshipRequest {
+                federation_relationships: vec![r.clone()],
+                output_mask: None,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(res.results[0].status.as_ref().unwrap().code, code, "{r:?}");
+    }
+    let e = c
+        .get_federation_relationship(td::GetFederationRelationshipRequest {
+            trust_domain: "third.org".into(),
+            output_mask: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    let e = c
+        .refresh_bundle(td::RefreshBundleRequest {
+            trust_domain: "third.org".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+
+    // Update (the URL only), then delete.
+    let o = a
+        .cli(&[
+            "federation",
+            "update",
+            "--trust-domain",
+            OTHER,
+            "--bundle-endpoint-url",
+            "https://127.0.0.1:1/",
+        ])
+        .await;
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let shown = a
+        .cli(&["federation", "show", "--id", OTHER, "--output", "json"])
+        .await;
+    let v: serde_json::Value = serde_json::from_slice(&shown.stdout).unwrap();
+    assert_eq!(v["bundle_endpoint_url"], "https://127.0.0.1:1/");
+    assert_eq!(
+        v["bundle_endpoint_profile"], "https_spiffe",
+        "the profile kept"
+    );
+    let o = a.cli(&["federation", "delete", "--id", OTHER]).await;
+    assert!(o.status.success());
+    let o = a.cli(&["federation", "delete", "--id", OTHER]).await;
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("NotFound"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let list = a.cli(&["federation", "list", "--output", "json"]).await;
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(v["federation_relationships"], serde_json::json!([]));
+    a.stop().await;
+    b.stop().await;
 }

@@ -66,7 +66,7 @@ pub(super) fn render_bundle(b: &types::Bundle, format: BundleFormat) -> Result<S
 }
 
 /// The bundle for `td` from `path` (or standard input) in `format`.
-fn read_bundle(
+pub(super) fn read_bundle(
     td: &TrustDomain,
     path: Option<&Path>,
     format: BundleFormat,

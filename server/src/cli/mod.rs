@@ -14,10 +14,12 @@ use tonic::transport::Channel;
 mod agent;
 mod bundle;
 mod entry;
+mod federation;
 mod svid;
 pub use agent::*;
 pub use bundle::*;
 pub use entry::*;
+pub use federation::*;
 pub use svid::*;
 
 mod authority;

@@ -357,3 +357,81 @@ pub async fn bundle_reads_see_writes_at_once(s: &dyn DataStore) {
     s.delete_bundle("td").await.unwrap();
     assert!(s.fetch_bundle("td").await.unwrap().is_none());
 }
+
+/// Federation relationships: created once, read back without their bundle, listed by trust
+/// domain, updated and deleted; NotFound and AlreadyExists where they apply.
+pub async fn federation_relationships_crud(s: &dyn DataStore) {
+    use kame_api::pb::types::{
+        FederationRelationship, HttpsWebProfile, HttpsspiffeProfile,
+        federation_relationship::BundleEndpointProfile as P,
+    };
+    let web = FederationRelationship {
+        trust_domain: "b.org".into(),
+        bundle_endpoint_url: "https://b.org/bundle".into(),
+        bundle_endpoint_profile: Some(P::HttpsWeb(HttpsWebProfile {})),
+        trust_domain_bundle: Some(Bundle {
+            trust_domain: "b.org".into(),
+            ..Default::default()
+        }),
+    };
+    let spiffe = FederationRelationship {
+        trust_domain: "a.org".into(),
+        bundle_endpoint_url: "https://a.org:8443/".into(),
+        bundle_endpoint_profile: Some(P::HttpsSpiffe(HttpsspiffeProfile {
+            endpoint_spiffe_id: "spiffe://a.org/spire/server".into(),
+        })),
+        trust_domain_bundle: None,
+    };
+    s.create_federation_relationship(&web).await.unwrap();
+    s.create_federation_relationship(&spiffe).await.unwrap();
+    assert!(matches!(
+        s.create_federation_relationship(&web).await,
+        Err(DsError::AlreadyExists(_))
+    ));
+    let got = s
+        .fetch_federation_relationship("b.org")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.bundle_endpoint_url, web.bundle_endpoint_url);
+    assert!(
+        got.trust_domain_bundle.is_none(),
+        "bundles are not stored here"
+    );
+    let tds: Vec<String> = s
+        .list_federation_relationships()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.trust_domain)
+        .collect();
+    assert_eq!(tds, vec!["a.org".to_string(), "b.org".to_string()]);
+    let mut moved = web.clone();
+    moved.bundle_endpoint_url = "https://b.org/v2".into();
+    s.update_federation_relationship(&moved).await.unwrap();
+    assert_eq!(
+        s.fetch_federation_relationship("b.org")
+            .await
+            .unwrap()
+            .unwrap()
+            .bundle_endpoint_url,
+        "https://b.org/v2"
+    );
+    let mut absent = web.clone();
+    absent.trust_domain = "c.org".into();
+    assert!(matches!(
+        s.update_federation_relationship(&absent).await,
+        Err(DsError::NotFound(_))
+    ));
+    s.delete_federation_relationship("b.org").await.unwrap();
+    assert!(matches!(
+        s.delete_federation_relationship("b.org").await,
+        Err(DsError::NotFound(_))
+    ));
+    assert!(
+        s.fetch_federation_relationship("b.org")
+            .await
+            .unwrap()
+            .is_none()
+    );
+}

@@ -222,6 +222,26 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     /// Agents still attested and seen at or after `since`, with what they reported.
     async fn list_agent_authorities(&self, since: i64) -> DsResult<Vec<AgentAuthorities>>;
 
+    // Federation relationships (see migrations/sqlite/0006_federation_relationships.sql),
+    // stored without their bundle. AlreadyExists / NotFound as the names say.
+    async fn create_federation_relationship(
+        &self,
+        r: &kame_api::pb::types::FederationRelationship,
+    ) -> DsResult<()>;
+    async fn fetch_federation_relationship(
+        &self,
+        trust_domain: &str,
+    ) -> DsResult<Option<kame_api::pb::types::FederationRelationship>>;
+    /// Every relationship, by trust domain.
+    async fn list_federation_relationships(
+        &self,
+    ) -> DsResult<Vec<kame_api::pb::types::FederationRelationship>>;
+    async fn update_federation_relationship(
+        &self,
+        r: &kame_api::pb::types::FederationRelationship,
+    ) -> DsResult<()>;
+    async fn delete_federation_relationship(&self, trust_domain: &str) -> DsResult<()>;
+
     // Key intents (see migrations/sqlite/0002_key_intents.sql).
     async fn put_key_intent(&self, intent: &KeyIntent) -> DsResult<()>;
     async fn list_key_intents(&self, server_id: &str) -> DsResult<Vec<KeyIntent>>;

@@ -252,6 +252,7 @@ mod tests {
         let pg = PgCluster::start();
         for db in [
             "ban", "crud", "tokens", "bundles", "events", "gaps", "cache", "nodes", "bcache",
+            "fedrel",
         ] {
             pg.create_database(db);
         }
@@ -276,6 +277,7 @@ mod tests {
         )
         .await;
         c::bundle_reads_see_writes_at_once(&*open(&pg, "bcache").await).await;
+        c::federation_relationships_crud(&*open(&pg, "fedrel").await).await;
     }
 
     /// Servers starting together on an empty database: migrations run once, every server
@@ -350,7 +352,10 @@ mod tests {
         let mut s = settings(conn);
         s.disable_migration = true;
         let e = PgStore::open(&s).await.unwrap_err().to_string();
-        assert!(e.contains("disable_migration") && e.contains("[1]"), "{e}");
+        assert!(
+            e.contains("disable_migration") && e.contains("[1, 2]"),
+            "{e}"
+        );
         assert_eq!(
             pg.psql("kame", "SELECT to_regclass('registered_entries') IS NULL"),
             "t"

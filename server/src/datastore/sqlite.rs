@@ -120,6 +120,11 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sqlite_federation_relationships_crud() {
+        c::federation_relationships_crud(&*store().await.1).await;
+    }
+
+    #[tokio::test]
     async fn sqlite_bundle_reads_see_writes_at_once() {
         c::bundle_reads_see_writes_at_once(&*store().await.1).await;
     }

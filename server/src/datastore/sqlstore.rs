@@ -602,6 +602,99 @@ impl $crate::datastore::DataStore for $store {
         .collect()
     }
 
+    async fn create_federation_relationship(
+        &self,
+        r: &kame_api::pb::types::FederationRelationship,
+    ) -> DsResult<()> {
+        let mut stored = r.clone();
+        stored.trust_domain_bundle = None;
+        let now = crate::ca::now_secs() as i64;
+        let res = sqlx::query(
+            "INSERT INTO federation_relationships (trust_domain, data, created_at, updated_at)
+             VALUES ($1, $2, $3, $3)",
+        )
+        .bind(&r.trust_domain)
+        .bind(stored.encode_to_vec())
+        .bind(now)
+        .execute(&self.pool)
+        .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if is_unique_violation(&e) => Err(DsError::AlreadyExists(format!(
+                "federation relationship with {}",
+                r.trust_domain
+            ))),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn fetch_federation_relationship(
+        &self,
+        trust_domain: &str,
+    ) -> DsResult<Option<kame_api::pb::types::FederationRelationship>> {
+        sqlx::query("SELECT data FROM federation_relationships WHERE trust_domain = $1")
+            .bind(trust_domain)
+            .fetch_optional(self.read_pool())
+            .await?
+            .map(|r| {
+                let data: Vec<u8> = r.try_get("data")?;
+                kame_api::pb::types::FederationRelationship::decode(data.as_slice())
+                    .map_err(corrupt)
+            })
+            .transpose()
+    }
+
+    async fn list_federation_relationships(
+        &self,
+    ) -> DsResult<Vec<kame_api::pb::types::FederationRelationship>> {
+        sqlx::query("SELECT data FROM federation_relationships ORDER BY trust_domain")
+            .fetch_all(self.read_pool())
+            .await?
+            .iter()
+            .map(|r| {
+                let data: Vec<u8> = r.try_get("data")?;
+                kame_api::pb::types::FederationRelationship::decode(data.as_slice())
+                    .map_err(corrupt)
+            })
+            .collect()
+    }
+
+    async fn update_federation_relationship(
+        &self,
+        r: &kame_api::pb::types::FederationRelationship,
+    ) -> DsResult<()> {
+        let mut stored = r.clone();
+        stored.trust_domain_bundle = None;
+        let done = sqlx::query(
+            "UPDATE federation_relationships SET data = $1, updated_at = $2 WHERE trust_domain = $3",
+        )
+        .bind(stored.encode_to_vec())
+        .bind(crate::ca::now_secs() as i64)
+        .bind(&r.trust_domain)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() == 0 {
+            return Err(DsError::NotFound(format!(
+                "federation relationship with {}",
+                r.trust_domain
+            )));
+        }
+        Ok(())
+    }
+
+    async fn delete_federation_relationship(&self, trust_domain: &str) -> DsResult<()> {
+        let done = sqlx::query("DELETE FROM federation_relationships WHERE trust_domain = $1")
+            .bind(trust_domain)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Err(DsError::NotFound(format!(
+                "federation relationship with {trust_domain}"
+            )));
+        }
+        Ok(())
+    }
+
     async fn put_key_intent(&self, i: &super::KeyIntent) -> DsResult<()> {
         sqlx::query(
             "INSERT INTO key_intents (intent_id, server_id, key_id, key_type, created_at)

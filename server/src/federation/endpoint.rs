@@ -113,21 +113,41 @@ impl ResolvesServerCert for FileCert {
     }
 }
 
+/// The sequence number of the bundle this server's CA holds now.
+pub type LatestFn = Arc<dyn Fn() -> u64 + Send + Sync>;
+
 /// What the endpoint serves, and from where.
-#[derive(Debug)]
 pub struct BundleSource {
     td: TrustDomain,
     ds: Arc<dyn DataStore>,
     refresh_hint: Duration,
+    /// A read is served again only while this server's CA holds nothing newer (its own
+    /// rotation and taint are published at once).
+    latest: LatestFn,
     last: Mutex<Option<(Bundle, Instant)>>,
 }
 
+impl std::fmt::Debug for BundleSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BundleSource")
+            .field("td", &self.td)
+            .field("refresh_hint", &self.refresh_hint)
+            .finish_non_exhaustive()
+    }
+}
+
 impl BundleSource {
-    pub fn new(td: TrustDomain, ds: Arc<dyn DataStore>, refresh_hint: Duration) -> Self {
+    pub fn new(
+        td: TrustDomain,
+        ds: Arc<dyn DataStore>,
+        refresh_hint: Duration,
+        latest: LatestFn,
+    ) -> Self {
         BundleSource {
             td,
             ds,
             refresh_hint,
+            latest,
             last: Mutex::new(None),
         }
     }
@@ -143,7 +163,10 @@ impl BundleSource {
 
     /// The SPIFFE bundle JSON to serve, or why not.
     pub async fn document(&self, now: u64) -> Result<Vec<u8>, String> {
-        let b = match self.cached(FRESH) {
+        let fresh = self
+            .cached(FRESH)
+            .filter(|b| b.sequence_number >= (self.latest)());
+        let b = match fresh {
             Some(b) => b,
             None => match self.ds.fetch_bundle(self.td.as_str()).await {
                 Ok(Some(b)) => {

@@ -223,3 +223,52 @@ pub fn parse(server: &mut Section, own: &TrustDomain) -> Result<FederationConfig
         federates_with,
     })
 }
+
+impl Relationship {
+    /// A relationship from the TrustDomain API's message, checked as the configuration is
+    /// (`own` is this server's trust domain); the message's bundle is not part of it.
+    pub fn from_proto(
+        r: &kame_api::pb::types::FederationRelationship,
+        own: &TrustDomain,
+    ) -> Result<Relationship, String> {
+        use kame_api::pb::types::federation_relationship::BundleEndpointProfile as P;
+        let trust_domain =
+            TrustDomain::parse(&r.trust_domain).map_err(|e| format!("trust_domain: {e}"))?;
+        if &trust_domain == own {
+            return Err("trust_domain: a trust domain does not federate with itself".into());
+        }
+        check_url(&r.bundle_endpoint_url).map_err(|m| format!("bundle_endpoint_url: {m}"))?;
+        let profile = match &r.bundle_endpoint_profile {
+            None => return Err("bundle_endpoint_profile: missing".into()),
+            Some(P::HttpsWeb(_)) => RelationshipProfile::HttpsWeb,
+            Some(P::HttpsSpiffe(p)) => RelationshipProfile::HttpsSpiffe {
+                endpoint_spiffe_id: SpiffeId::parse(&p.endpoint_spiffe_id)
+                    .map_err(|e| format!("endpoint_spiffe_id: {e}"))?,
+            },
+        };
+        Ok(Relationship {
+            trust_domain,
+            bundle_endpoint_url: r.bundle_endpoint_url.clone(),
+            profile,
+        })
+    }
+
+    /// The TrustDomain API's message (without a bundle).
+    pub fn to_proto(&self) -> kame_api::pb::types::FederationRelationship {
+        use kame_api::pb::types::federation_relationship::BundleEndpointProfile as P;
+        use kame_api::pb::types::{HttpsWebProfile, HttpsspiffeProfile};
+        kame_api::pb::types::FederationRelationship {
+            trust_domain: self.trust_domain.as_str().to_string(),
+            bundle_endpoint_url: self.bundle_endpoint_url.clone(),
+            bundle_endpoint_profile: Some(match &self.profile {
+                RelationshipProfile::HttpsWeb => P::HttpsWeb(HttpsWebProfile {}),
+                RelationshipProfile::HttpsSpiffe { endpoint_spiffe_id } => {
+                    P::HttpsSpiffe(HttpsspiffeProfile {
+                        endpoint_spiffe_id: endpoint_spiffe_id.to_string(),
+                    })
+                }
+            }),
+            trust_domain_bundle: None,
+        }
+    }
+}

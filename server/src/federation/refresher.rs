@@ -1,6 +1,8 @@
 //! Keeps the bundles of federated trust domains (SPIFFE Federation §5, SPIRE's bundle client):
-//! for each `federates_with` relationship, fetch the endpoint's SPIFFE bundle, check it, and
-//! store it when it changed; then wait as the publisher's refresh hint says (SPIRE's bounds).
+//! for each relationship (`federates_with` in the configuration, or made through the
+//! TrustDomain API: [`manage`]), fetch the endpoint's SPIFFE bundle, check it, and store it
+//! when it changed; then wait as the publisher's refresh hint says (SPIRE's bounds), or until
+//! woken ([`Triggers`]: a bundle set by an operator, `RefreshBundle`).
 //!
 //! An `https_spiffe` endpoint must present an X509-SVID for exactly `endpoint_spiffe_id` that
 //! chains to the bundle already held for that ID's trust domain (the previous fetch, or a
@@ -128,11 +130,19 @@ impl FederationMetrics {
 }
 
 /// Wakes a trust domain's refresher now (its bundle was set by an operator, or a refresh
-/// was asked for).
+/// was asked for), and the manager when relationships changed.
 #[derive(Debug, Clone, Default)]
-pub struct Triggers(Arc<Mutex<BTreeMap<String, Arc<tokio::sync::Notify>>>>);
+pub struct Triggers(
+    Arc<Mutex<BTreeMap<String, Arc<tokio::sync::Notify>>>>,
+    Arc<tokio::sync::Notify>,
+);
 
 impl Triggers {
+    /// Relationships changed through the API: the manager reads them again now.
+    pub fn reload(&self) {
+        self.1.notify_one();
+    }
+
     /// The wake-up for `td`'s refresher.
     pub fn register(&self, td: &str) -> Arc<tokio::sync::Notify> {
         self.0
@@ -141,6 +151,11 @@ impl Triggers {
             .entry(td.to_string())
             .or_default()
             .clone()
+    }
+
+    /// `td` has no refresher any more.
+    pub fn forget(&self, td: &str) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(td);
     }
 
     /// Wakes `td`'s refresher; whether there is one.
@@ -359,6 +374,75 @@ impl Refresher {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+    }
+}
+
+/// How often the manager reads the relationships made through the API (SPIRE's).
+pub const RELOAD_EVERY: Duration = Duration::from_secs(10);
+
+/// Runs one refresher per federated trust domain: those of the configuration, and those
+/// made through the TrustDomain API (read every [`RELOAD_EVERY`], or at once after a change),
+/// the configuration's winning for a trust domain in both, as SPIRE's static relationships
+/// do. A relationship that changed restarts its refresher; one that went stops it.
+pub async fn manage(
+    refresher: Arc<Refresher>,
+    configured: Vec<Relationship>,
+    own: kame_api::TrustDomain,
+    triggers: Triggers,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut running: BTreeMap<String, (Relationship, tokio::task::JoinHandle<()>)> =
+        BTreeMap::new();
+    loop {
+        let mut want: BTreeMap<String, Relationship> = BTreeMap::new();
+        match refresher.ds.list_federation_relationships().await {
+            Ok(list) => {
+                for r in list {
+                    match Relationship::from_proto(&r, &own) {
+                        Ok(rel) => {
+                            want.insert(rel.trust_domain.as_str().to_string(), rel);
+                        }
+                        Err(e) => {
+                            tracing::warn!(trust_domain = %r.trust_domain, error = %e, "ignoring a stored federation relationship")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read federation relationships; keeping the running ones");
+                want = running
+                    .iter()
+                    .map(|(k, (r, _))| (k.clone(), r.clone()))
+                    .collect();
+            }
+        }
+        for rel in &configured {
+            want.insert(rel.trust_domain.as_str().to_string(), rel.clone());
+        }
+        running.retain(|td, (rel, h)| {
+            let keep = want.get(td) == Some(rel);
+            if !keep {
+                h.abort();
+                triggers.forget(td);
+            }
+            keep
+        });
+        for (td, rel) in want {
+            if running.contains_key(&td) {
+                continue;
+            }
+            let now = triggers.register(&td);
+            let h = tokio::spawn(refresher.clone().run(rel.clone(), now, shutdown.clone()));
+            running.insert(td, (rel, h));
+        }
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            _ = triggers.1.notified() => {}
+            _ = tokio::time::sleep(RELOAD_EVERY) => {}
+        }
+    }
+    for (_, (_, h)) in running {
+        h.abort();
     }
 }
 

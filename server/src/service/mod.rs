@@ -10,6 +10,7 @@ pub mod bundle;
 pub mod entry;
 pub mod localauthority;
 pub mod svid;
+pub mod trustdomain;
 
 use crate::ca::{Ca, CaError};
 use crate::datastore::{AttestedNode, DataStore, DsError, RegistrationEntry, Selector};
