@@ -53,6 +53,8 @@ pub struct Config {
     pub node_attestor: NodeAttestorConfig,
     pub key_manager: KeyManagerConfig,
     pub unix: UnixAttestorConfig,
+    /// `agent.sds` (Envoy SDS on the Workload API socket).
+    pub sds: crate::sds::SdsConfig,
 }
 
 /// `host:port`, `[v6]:port` or a bare host on `default_port`.
@@ -101,7 +103,7 @@ impl Config {
             let env = |k: &str| std::env::var(k).ok();
             kame_api::conf::parse_root(text, expand.then_some(&env as kame_api::conf::Env<'_>))?
         };
-        let agent = root.section("agent")?.ok_or(ConfigError::Missing {
+        let mut agent = root.section("agent")?.ok_or(ConfigError::Missing {
             key: "agent".into(),
         })?;
         let mut plugins = root.section("plugins")?.ok_or(ConfigError::Missing {
@@ -164,6 +166,28 @@ impl Config {
             }
             Some(d) => d,
         };
+        let sds = match agent.section("sds")? {
+            None => crate::sds::SdsConfig::default(),
+            Some(x) => {
+                let d = crate::sds::SdsConfig::default();
+                let name = |k: &str, default: String| -> Result<String, ConfigError> {
+                    Ok(x.nonempty(k)?.unwrap_or(default))
+                };
+                let c = crate::sds::SdsConfig {
+                    default_svid_name: name("default_svid_name", d.default_svid_name)?,
+                    default_bundle_name: name("default_bundle_name", d.default_bundle_name)?,
+                    default_all_bundles_name: name(
+                        "default_all_bundles_name",
+                        d.default_all_bundles_name,
+                    )?,
+                    disable_spiffe_cert_validation: x
+                        .take_bool("disable_spiffe_cert_validation")?
+                        .unwrap_or(false),
+                };
+                x.finish()?;
+                c
+            }
+        };
         // SPIRE keys that have no meaning here are refused as unknown by `finish`.
         agent.finish()?;
 
@@ -203,6 +227,7 @@ impl Config {
         plugins.finish()?;
 
         Ok(Config {
+            sds,
             data_dir,
             server_address,
             server_port,

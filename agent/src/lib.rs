@@ -16,6 +16,7 @@ pub mod h2fix;
 pub mod keys;
 pub mod manager;
 pub mod run;
+pub mod sds;
 pub mod storage;
 pub mod tpm_devid;
 pub mod workload;

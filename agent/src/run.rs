@@ -117,12 +117,16 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = vec![];
     let api = WorkloadApi::new(manager.clone(), UnixAttestor::new(cfg.unix.clone()));
+    let sds = crate::sds::Sds::new(api.clone(), cfg.sds.clone());
     let incoming =
         tokio_stream::wrappers::UnixListenerStream::new(listener).map(|r| r.map(WorkloadConn::new));
     let mut srx = rx.clone();
     tasks.push(tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
             .add_service(SpiffeWorkloadApiServer::new(api))
+            .add_service(
+                envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer::new(sds),
+            )
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = srx.changed().await;
             })

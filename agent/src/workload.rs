@@ -197,8 +197,16 @@ impl WorkloadApi {
         }
     }
 
+    /// The agent's state (shared with the SDS service).
+    pub(crate) fn manager(&self) -> &Arc<Manager> {
+        &self.manager
+    }
+
     /// The caller's selectors, from the kernel's facts about the connection.
-    async fn selectors<T>(&self, req: &Request<T>) -> Result<Vec<types::Selector>, Status> {
+    pub(crate) async fn selectors<T>(
+        &self,
+        req: &Request<T>,
+    ) -> Result<Vec<types::Selector>, Status> {
         let peer = req
             .extensions()
             .get::<ConnInfo>()

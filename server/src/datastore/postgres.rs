@@ -298,7 +298,8 @@ mod tests {
         }
         assert_eq!(
             pg.psql("kame", "SELECT count(*) FROM _sqlx_migrations"),
-            "1"
+            "2",
+            "each migration applied once"
         );
         for t in 0..10 {
             stores[0]
