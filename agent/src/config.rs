@@ -333,6 +333,36 @@ plugins {
         assert!(c.unix.discover_workload_path);
         assert_eq!(c.unix.workload_size_limit, 1 << 20);
         assert_eq!(c.sync_interval, Duration::from_secs(5));
+        assert_eq!(c.sds, crate::sds::SdsConfig::default());
+    }
+
+    /// `agent.sds` takes SPIRE's four keys; others are refused by name.
+    #[test]
+    fn config_sds_block_spire_keys() {
+        let with = |block: &str| {
+            GOOD.replace(
+                "    log_level = \"DEBUG\"",
+                &format!("    log_level = \"DEBUG\"\n{block}"),
+            )
+        };
+        let c = Config::parse(
+            &with("    sds {\n default_svid_name = \"svid\"\n default_bundle_name = \"CA\"\n default_all_bundles_name = \"EVERY\"\n disable_spiffe_cert_validation = true\n }"),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            c.sds,
+            crate::sds::SdsConfig {
+                default_svid_name: "svid".into(),
+                default_bundle_name: "CA".into(),
+                default_all_bundles_name: "EVERY".into(),
+                disable_spiffe_cert_validation: true,
+            }
+        );
+        let e = Config::parse(&with("    sds {\n default_name = \"x\"\n }"), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("agent.sds.default_name"), "{e}");
     }
 
     /// `server_addresses` (ours) adds servers after `server_address`, each `host:port`,

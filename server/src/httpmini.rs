@@ -18,11 +18,13 @@ pub async fn request_line<S: AsyncRead + Unpin>(
     let mut got = 0;
     let done = tokio::time::timeout(limit, async {
         while got < buf.len() {
+            let from = got.saturating_sub(3);
             match s.read(&mut buf[got..]).await {
                 Ok(0) | Err(_) => return false,
                 Ok(n) => got += n,
             }
-            if buf[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+            // Only the new bytes (and the three before them) can complete the blank line.
+            if buf[from..got].windows(4).any(|w| w == b"\r\n\r\n") {
                 return true;
             }
         }
@@ -38,7 +40,11 @@ pub async fn request_line<S: AsyncRead + Unpin>(
     Some((method.to_string(), path.to_string()))
 }
 
-/// Writes one response and flushes it (errors are the peer's problem: it went away).
+/// How long a peer has to take a response.
+pub const WRITE_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Writes one response and flushes it within [`WRITE_TIME`] (errors are the peer's problem:
+/// it went away or stopped reading).
 pub async fn respond<S: AsyncWrite + Unpin>(
     s: &mut S,
     status: &str,
@@ -52,7 +58,10 @@ pub async fn respond<S: AsyncWrite + Unpin>(
     );
     let mut out = head.into_bytes();
     out.extend_from_slice(body);
-    let _ = s.write_all(&out).await;
-    let _ = s.flush().await;
-    let _ = s.shutdown().await;
+    let _ = tokio::time::timeout(WRITE_TIME, async {
+        let _ = s.write_all(&out).await;
+        let _ = s.flush().await;
+        let _ = s.shutdown().await;
+    })
+    .await;
 }

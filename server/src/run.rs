@@ -332,10 +332,13 @@ async fn upstream_loop(
                         break;
                     }
                     Some(Ok(b)) => {
-                        pause = Duration::from_secs(5);
                         if let Err(e) = ca.sync_upstream_bundle(&b).await {
-                            tracing::error!(error = %e, "cannot apply the upstream's bundle");
+                            // The subscription sends only changes: open it again, so this
+                            // state (a taint, a revocation) is offered once more.
+                            tracing::error!(error = %e, "cannot apply the upstream's bundle; subscribing again");
+                            break;
                         }
+                        pause = Duration::from_secs(5);
                     }
                 }
             },

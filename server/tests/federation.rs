@@ -454,6 +454,16 @@ async fn federation_trustdomain_api_and_cli_manage_relationships_at_run_time() {
         v["bundle_endpoint_profile"], "https_spiffe",
         "the profile kept"
     );
+    // Nothing answers there: `refresh` says so, and the bundle held stays.
+    let held = federated(&a, OTHER).await.unwrap();
+    let o = a.cli(&["federation", "refresh", "--id", OTHER]).await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(
+        err.contains("Unavailable") && err.contains("127.0.0.1:1"),
+        "{err}"
+    );
+    assert_eq!(federated(&a, OTHER).await.unwrap(), held);
     let o = a.cli(&["federation", "delete", "--id", OTHER]).await;
     assert!(o.status.success());
     let o = a.cli(&["federation", "delete", "--id", OTHER]).await;

@@ -172,6 +172,55 @@ async fn nested_three_levels_chain_jwt_and_upstream_taint_reach_the_leaf_workloa
     )
     .await;
 
+    // PublishJWTAuthority as the middle server (its SVID from the root's agent): keys that
+    // would never leave the bundle are refused; a bounded one is taken.
+    let m = root.wait_for_svids(&["/middle-server"]).await;
+    let s = &m.svids[0];
+    let ch = kame_agent::client::connect(
+        "127.0.0.1",
+        root.tcp_port,
+        &kame_api::SpiffeId::parse(&format!("spiffe://{TD}/spire/server")).unwrap(),
+        std::sync::Arc::new(std::sync::RwLock::new(split(&s.bundle))),
+        Some((split(&s.x509_svid), s.x509_svid_key.clone())),
+    )
+    .await
+    .unwrap();
+    let spki = kame_api::pb::types::JwtKey {
+        public_key: root_bundle.jwt_authorities[0].public_key.clone(),
+        key_id: "published-by-test".into(),
+        expires_at: 0,
+        tainted: false,
+    };
+    let now = kame_server::ca::now_secs() as i64;
+    for expires_at in [0, now - 1, now + 400 * 86400] {
+        let e = pb::bundle::bundle_client::BundleClient::new(ch.clone())
+            .publish_jwt_authority(pb::bundle::PublishJwtAuthorityRequest {
+                jwt_authority: Some(kame_api::pb::types::JwtKey {
+                    expires_at,
+                    ..spki.clone()
+                }),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(
+            e.code(),
+            tonic::Code::InvalidArgument,
+            "{expires_at}: {e:?}"
+        );
+    }
+    let keys = pb::bundle::bundle_client::BundleClient::new(ch)
+        .publish_jwt_authority(pb::bundle::PublishJwtAuthorityRequest {
+            jwt_authority: Some(kame_api::pb::types::JwtKey {
+                expires_at: now + 3600,
+                ..spki.clone()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .jwt_authorities;
+    assert!(keys.iter().any(|k| k.key_id == "published-by-test"));
+
     // Root rotation: prepare (the new root reaches the leaf), activate, taint the old one.
     let mut c = LocalAuthorityClient::new(root.admin().await);
     let old = c

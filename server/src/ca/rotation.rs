@@ -359,12 +359,15 @@ impl Ca {
         let not_after = issued_at_ms / 1000 + self.settings.ca_ttl.as_secs().max(1);
         let kid = random_kid()?;
         // Into the local bundle, and up the topology when the upstream takes JWT keys.
-        self.publish_jwt_key(JwtKey {
-            public_key: key.spki_der.clone(),
-            key_id: kid.clone(),
-            expires_at: not_after as i64,
-            tainted: false,
-        })
+        self.publish_jwt_key(
+            JwtKey {
+                public_key: key.spki_der.clone(),
+                key_id: kid.clone(),
+                expires_at: not_after as i64,
+                tainted: false,
+            },
+            false,
+        )
         .await?;
         Ok(Arc::new(JwtAuthority {
             slot: slot.to_string(),

@@ -7,8 +7,12 @@
 use super::*;
 use kame_upstream::{LocalBundle, UpstreamError};
 
-/// Most JWT keys the bundle may hold before downstream publications are refused.
+/// Most unexpired JWT keys the bundle may hold before downstream publications are refused.
 pub const MAX_JWT_KEYS: usize = 1000;
+
+/// How long after it expires a JWT key stays in the bundle (tokens it signed are past their
+/// expiry by then, give or take clock skew).
+pub const JWT_PRUNE_AFTER: Duration = Duration::from_secs(3600);
 
 /// What an upstream update changes in the local bundle.
 #[derive(Debug, Default, PartialEq)]
@@ -135,9 +139,33 @@ impl Ca {
     /// Publishes a JWT key of this trust domain (SPIRE's `PublishJWTKey`): with an upstream
     /// that takes keys, the key goes up and the upstream's keys come back into the local
     /// bundle; otherwise (no upstream, or one that does not take keys: warned once) the key
-    /// is appended to the local bundle. Returns the bundle's JWT keys.
-    pub async fn publish_jwt_key(&self, key: JwtKey) -> Result<Vec<JwtKey>, CaError> {
-        let td = self.settings.trust_domain.as_str().to_string();
+    /// is appended to the local bundle. Keys that expired more than [`JWT_PRUNE_AFTER`] ago
+    /// leave the bundle on the way. A key a downstream server publishes (`from_downstream`)
+    /// is refused, before anything is sent upstream, while the bundle holds
+    /// [`MAX_JWT_KEYS`] unexpired keys; this server's own keys are never refused. Returns the
+    /// bundle's JWT keys.
+    pub async fn publish_jwt_key(
+        &self,
+        key: JwtKey,
+        from_downstream: bool,
+    ) -> Result<Vec<JwtKey>, CaError> {
+        let now = now_secs() as i64;
+        if from_downstream {
+            let live = self
+                .bundle()
+                .jwt_authorities
+                .iter()
+                .filter(|k| k.expires_at == 0 || k.expires_at > now)
+                .count();
+            let known = self
+                .bundle()
+                .jwt_authorities
+                .iter()
+                .any(|k| k.key_id == key.key_id);
+            if live >= MAX_JWT_KEYS && !known {
+                return Err(CaError::TooManyJwtKeys(MAX_JWT_KEYS));
+            }
+        }
         let mut add = vec![key.clone()];
         if let Some(up) = &self.settings.upstream {
             match up.publish_jwt_key(key.clone()).await {
@@ -155,24 +183,39 @@ impl Ca {
                 Err(e) => return Err(e.into()),
             }
         }
-        let known = self.bundle().jwt_authorities.len();
-        if known >= MAX_JWT_KEYS
-            && !self
-                .bundle()
-                .jwt_authorities
-                .iter()
-                .any(|k| k.key_id == key.key_id)
-        {
-            return Err(CaError::TooManyJwtKeys(MAX_JWT_KEYS));
-        }
-        let b = self
+        let td = self.settings.trust_domain.as_str().to_string();
+        let prune_before = now - JWT_PRUNE_AFTER.as_secs() as i64;
+        let adding = &add;
+        let r = self
             .ds
-            .append_bundle(&Bundle {
-                trust_domain: td,
-                jwt_authorities: add,
-                ..Default::default()
+            .modify_bundle(&td, &move |b| {
+                let before = b.jwt_authorities.len();
+                b.jwt_authorities
+                    .retain(|k| k.expires_at == 0 || k.expires_at >= prune_before);
+                let mut changed = b.jwt_authorities.len() != before;
+                for k in adding {
+                    if !b.jwt_authorities.iter().any(|x| x.key_id == k.key_id) {
+                        b.jwt_authorities.push(k.clone());
+                        changed = true;
+                    }
+                }
+                Ok(changed)
             })
-            .await?;
+            .await;
+        let b = match r {
+            Ok(b) => b,
+            // No bundle yet (the first X.509 authority could not be made): create it.
+            Err(DsError::NotFound(_)) => {
+                self.ds
+                    .append_bundle(&Bundle {
+                        trust_domain: td,
+                        jwt_authorities: add,
+                        ..Default::default()
+                    })
+                    .await?
+            }
+            Err(e) => return Err(e.into()),
+        };
         let keys = b.jwt_authorities.clone();
         *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(b);
         Ok(keys)
@@ -184,6 +227,28 @@ impl Ca {
     /// from it, no longer chains to the tainted root by the time anyone sees the taint here).
     /// Returns what changed.
     pub async fn sync_upstream_bundle(&self, up: &LocalBundle) -> Result<UpstreamDiff, CaError> {
+        // What cannot be parsed never enters the bundle (agents and the bundle endpoint
+        // would choke on it).
+        let checked = LocalBundle {
+            x509_roots: up
+                .x509_roots
+                .iter()
+                .filter(|c| x509svid::ParsedCert::parse(&c.asn1).is_ok())
+                .cloned()
+                .collect(),
+            jwt_keys: up
+                .jwt_keys
+                .iter()
+                .filter(|k| !k.key_id.is_empty() && KeyInfo::from_spki_der(&k.public_key).is_ok())
+                .cloned()
+                .collect(),
+        };
+        if checked != *up {
+            warn!(
+                "the upstream's bundle holds authorities that cannot be parsed; they are left out"
+            );
+        }
+        let up = &checked;
         let local = self.refresh_bundle().await?;
         let diff = UpstreamDiff::of(&local, up);
         if diff.is_empty() {

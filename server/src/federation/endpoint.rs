@@ -9,7 +9,8 @@
 //! than the refresh hint; a bundle without an unexpired X.509 authority, or older, is answered
 //! 503. Unauthenticated peers get a bounded share: at most [`MAX_CONNECTIONS`] connections at
 //! once (more are closed at once), [`REQUEST_TIME`] for the handshake and the request head,
-//! whose size is capped; no request body is read.
+//! whose size is capped, and `httpmini::WRITE_TIME` to take the response; no request body is
+//! read.
 
 use super::{EndpointConfig, EndpointProfile};
 use crate::datastore::DataStore;

@@ -129,11 +129,14 @@ impl FederationMetrics {
     }
 }
 
+/// A wake-up for a refresher: fetch now, and answer the outcome when asked to.
+pub type Wake = Option<tokio::sync::oneshot::Sender<Result<(), String>>>;
+
 /// Wakes a trust domain's refresher now (its bundle was set by an operator, or a refresh
 /// was asked for), and the manager when relationships changed.
 #[derive(Debug, Clone, Default)]
 pub struct Triggers(
-    Arc<Mutex<BTreeMap<String, Arc<tokio::sync::Notify>>>>,
+    Arc<Mutex<BTreeMap<String, tokio::sync::mpsc::Sender<Wake>>>>,
     Arc<tokio::sync::Notify>,
 );
 
@@ -143,14 +146,14 @@ impl Triggers {
         self.1.notify_one();
     }
 
-    /// The wake-up for `td`'s refresher.
-    pub fn register(&self, td: &str) -> Arc<tokio::sync::Notify> {
+    /// The wake-ups for `td`'s (new) refresher.
+    pub fn register(&self, td: &str) -> tokio::sync::mpsc::Receiver<Wake> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
         self.0
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(td.to_string())
-            .or_default()
-            .clone()
+            .insert(td.to_string(), tx);
+        rx
     }
 
     /// `td` has no refresher any more.
@@ -158,15 +161,38 @@ impl Triggers {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).remove(td);
     }
 
-    /// Wakes `td`'s refresher; whether there is one.
+    fn sender(&self, td: &str) -> Option<tokio::sync::mpsc::Sender<Wake>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(td)
+            .cloned()
+    }
+
+    /// Wakes `td`'s refresher without waiting; whether there is one.
     pub fn trigger(&self, td: &str) -> bool {
-        match self.0.lock().unwrap_or_else(|p| p.into_inner()).get(td) {
-            Some(n) => {
-                n.notify_one();
+        match self.sender(td) {
+            // A full queue already holds a wake-up.
+            Some(tx) => {
+                let _ = tx.try_send(None);
                 true
             }
             None => false,
         }
+    }
+
+    /// Has `td`'s refresher fetch now and waits for the outcome (at most `limit`); `None`
+    /// when there is no refresher for `td`.
+    pub async fn refresh_now(&self, td: &str, limit: Duration) -> Option<Result<(), String>> {
+        let tx = self.sender(td)?;
+        let (rtx, rrx) = tokio::sync::oneshot::channel();
+        if tx.send(Some(rtx)).await.is_err() {
+            return None;
+        }
+        Some(match tokio::time::timeout(limit, rrx).await {
+            Ok(Ok(r)) => r,
+            _ => Err("the refresh did not finish in time".into()),
+        })
     }
 }
 
@@ -175,9 +201,17 @@ impl Triggers {
 pub struct Refresher {
     ds: Arc<dyn DataStore>,
     metrics: Arc<FederationMetrics>,
-    /// The highest `spiffe_sequence` accepted per trust domain in this run.
-    seen: Mutex<BTreeMap<String, u64>>,
+    /// The last `spiffe_sequence` accepted per trust domain since its refresher started, and
+    /// the authorities it came with.
+    seen: Mutex<BTreeMap<String, Accepted>>,
 }
+
+/// What a fetch was accepted with.
+type Accepted = (
+    u64,
+    Vec<kame_api::pb::types::X509Certificate>,
+    Vec<kame_api::pb::types::JwtKey>,
+);
 
 /// The trust domain a CA certificate names in a SPIFFE URI SAN, if any.
 fn cert_trust_domain(der: &[u8]) -> Option<String> {
@@ -307,22 +341,22 @@ impl Refresher {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(td)
-            .copied();
+            .cloned();
         let stored = self.ds.fetch_bundle(td).await.map_err(ds_err)?;
         let same = |a: &Bundle, b: &Bundle| {
             a.x509_authorities == b.x509_authorities && a.jwt_authorities == b.jwt_authorities
         };
-        if let Some(seen) = seen
+        if let Some((seen, x509, jwt)) = &seen
             && seq > 0
         {
-            if seq < seen {
+            if seq < *seen {
                 return Err(RefreshError::SequenceBackwards {
                     url,
                     got: seq,
-                    seen,
+                    seen: *seen,
                 });
             }
-            if seq == seen && !stored.as_ref().is_some_and(|s| same(s, &got)) {
+            if seq == *seen && (&got.x509_authorities != x509 || &got.jwt_authorities != jwt) {
                 return Err(RefreshError::SequenceReused { url, seq });
             }
         }
@@ -339,22 +373,40 @@ impl Refresher {
                 b
             }
         };
-        self.seen
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(td.to_string(), seq);
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(
+            td.to_string(),
+            (
+                seq,
+                got.x509_authorities.clone(),
+                got.jwt_authorities.clone(),
+            ),
+        );
         Ok(held)
     }
 
-    /// Refreshes `rel` on SPIRE's schedule until `shutdown`; `now` wakes it early.
+    /// Forgets the sequence accepted for `td` (its relationship starts anew).
+    pub fn reset(&self, td: &str) {
+        self.seen
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(td);
+    }
+
+    /// Refreshes `rel` on SPIRE's schedule until `shutdown`; a wake-up fetches at once (and
+    /// answers the outcome when asked to).
     pub async fn run(
         self: Arc<Self>,
         rel: Relationship,
-        now: Arc<tokio::sync::Notify>,
+        mut wake: tokio::sync::mpsc::Receiver<Wake>,
         mut shutdown: tokio::sync::watch::Receiver<bool>,
     ) {
+        let mut reply: Wake = None;
         loop {
-            let wait = match self.refresh(&rel).await {
+            let r = self.refresh(&rel).await;
+            if let Some(tx) = reply.take() {
+                let _ = tx.send(r.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+            }
+            let wait = match r {
                 Ok(b) => next_refresh(b.refresh_hint),
                 Err(e) => {
                     tracing::warn!(
@@ -370,7 +422,11 @@ impl Refresher {
             };
             tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = now.notified() => {}
+                w = wake.recv() => match w {
+                    Some(w) => reply = w,
+                    // No one can wake it any more: wait out the schedule.
+                    None => tokio::time::sleep(wait).await,
+                },
                 _ = tokio::time::sleep(wait) => {}
             }
         }
@@ -431,8 +487,9 @@ pub async fn manage(
             if running.contains_key(&td) {
                 continue;
             }
-            let now = triggers.register(&td);
-            let h = tokio::spawn(refresher.clone().run(rel.clone(), now, shutdown.clone()));
+            let wake = triggers.register(&td);
+            refresher.reset(&td);
+            let h = tokio::spawn(refresher.clone().run(rel.clone(), wake, shutdown.clone()));
             running.insert(td, (rel, h));
         }
         tokio::select! {

@@ -197,15 +197,29 @@ impl BundleApi for BundleService {
                 "invalid JWT authority: key ID longer than {MAX_KEY_ID_LEN} bytes"
             )));
         }
-        if key.expires_at != 0 && key.expires_at <= crate::ca::now_secs() as i64 {
+        // A key that never expires, or outlives anything this server makes, could never
+        // leave the bundle.
+        let now = crate::ca::now_secs() as i64;
+        let longest = (2 * self.ctx.ca.settings().ca_ttl.as_secs()).max(30 * 86400) as i64;
+        if key.expires_at <= now {
             return Err(Status::invalid_argument(
-                "invalid JWT authority: already expired",
+                "invalid JWT authority: expires_at is missing or in the past",
             ));
+        }
+        if key.expires_at > now + longest {
+            return Err(Status::invalid_argument(format!(
+                "invalid JWT authority: expires more than {longest} s from now"
+            )));
         }
         // Only this trust domain's operators taint keys.
         key.tainted = false;
         let kid = key.key_id.clone();
-        let jwt_authorities = self.ctx.ca.publish_jwt_key(key).await.map_err(ca_status)?;
+        let jwt_authorities = self
+            .ctx
+            .ca
+            .publish_jwt_key(key, true)
+            .await
+            .map_err(ca_status)?;
         tracing::info!(caller = %who, key_id = %kid, "downstream JWT authority published");
         Ok(Response::new(pb::PublishJwtAuthorityResponse {
             jwt_authorities,
@@ -279,7 +293,9 @@ impl BundleApi for BundleService {
                 Ok(b) => self.ctx.ds.create_bundle(&b).await.map_err(ds_status),
             };
             if let Ok(b) = &res {
-                // A bundle an https_spiffe relationship needed: fetch from its endpoint now.
+                // The relationship's refresher (if any) fetches now: an https_spiffe one can
+                // authenticate its endpoint with this bundle; an https_web one replaces it
+                // with what the endpoint publishes.
                 self.ctx.federation_triggers.trigger(&b.trust_domain);
             }
             results.push(bundle_result(res, r.output_mask.as_ref()));
@@ -326,7 +342,9 @@ impl BundleApi for BundleService {
             }
             .await;
             if let Ok(b) = &res {
-                // A bundle an https_spiffe relationship needed: fetch from its endpoint now.
+                // The relationship's refresher (if any) fetches now: an https_spiffe one can
+                // authenticate its endpoint with this bundle; an https_web one replaces it
+                // with what the endpoint publishes.
                 self.ctx.federation_triggers.trigger(&b.trust_domain);
             }
             results.push(bundle_result(res, r.output_mask.as_ref()));
@@ -361,7 +379,9 @@ impl BundleApi for BundleService {
             }
             .await;
             if let Ok(b) = &res {
-                // A bundle an https_spiffe relationship needed: fetch from its endpoint now.
+                // The relationship's refresher (if any) fetches now: an https_spiffe one can
+                // authenticate its endpoint with this bundle; an https_web one replaces it
+                // with what the endpoint publishes.
                 self.ctx.federation_triggers.trigger(&b.trust_domain);
             }
             results.push(bundle_result(res, r.output_mask.as_ref()));

@@ -111,12 +111,15 @@ impl TrustDomainApi for TrustDomainService {
             0 => MAX_PAGE,
             n => (n as usize).min(MAX_PAGE),
         };
-        let all = self
+        let mut all = self
             .ctx
             .ds
             .list_federation_relationships()
             .await
             .map_err(ds_status)?;
+        // Pages follow byte order (the page token is compared so), whatever the database's
+        // collation.
+        all.sort_by(|a, b| a.trust_domain.cmp(&b.trust_domain));
         let after: Vec<FederationRelationship> = all
             .into_iter()
             .filter(|x| r.page_token.is_empty() || x.trust_domain > r.page_token)
@@ -297,11 +300,42 @@ impl TrustDomainApi for TrustDomainService {
         require_admin(&self.ctx, &req).await?;
         let td = kame_api::TrustDomain::parse(&req.get_ref().trust_domain)
             .map_err(|e| Status::invalid_argument(format!("trust_domain: {e}")))?;
-        if !self.ctx.federation_triggers.trigger(td.as_str()) {
-            return Err(Status::not_found(format!(
-                "no relationship with trust domain {:?}",
-                td.as_str()
-            )));
+        let triggers = &self.ctx.federation_triggers;
+        let limit = crate::federation::refresher::FETCH_TIMEOUT + std::time::Duration::from_secs(5);
+        let mut outcome = triggers.refresh_now(td.as_str(), limit).await;
+        if outcome.is_none()
+            && self
+                .ctx
+                .ds
+                .fetch_federation_relationship(td.as_str())
+                .await
+                .map_err(ds_status)?
+                .is_some()
+        {
+            // Made a moment ago: its refresher is being started.
+            triggers.reload();
+            for _ in 0..20 {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                outcome = triggers.refresh_now(td.as_str(), limit).await;
+                if outcome.is_some() {
+                    break;
+                }
+            }
+        }
+        match outcome {
+            None => {
+                return Err(Status::not_found(format!(
+                    "no relationship with trust domain {:?}",
+                    td.as_str()
+                )));
+            }
+            Some(Err(e)) => {
+                return Err(Status::unavailable(format!(
+                    "failed to refresh the bundle of {}: {e}",
+                    td.as_str()
+                )));
+            }
+            Some(Ok(())) => {}
         }
         Ok(Response::new(()))
     }
