@@ -7,21 +7,13 @@
 
 mod common;
 
+use common::upstream::openssl;
 use common::*;
 use kame_api::pb;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 const OTHER: &str = "other.org";
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let o = std::process::Command::new("openssl")
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
 
 /// A Web CA and two certificates for localhost/127.0.0.1 it signed: valid, and expired.
 fn web_pki(dir: &Path) {

@@ -69,9 +69,17 @@ impl UpstreamDiff {
     fn apply(&self, b: &mut Bundle) -> bool {
         let mut changed = false;
         for r in &self.new_roots {
-            if !b.x509_authorities.iter().any(|c| c.asn1 == r.asn1) {
-                b.x509_authorities.push(r.clone());
-                changed = true;
+            match b.x509_authorities.iter_mut().find(|c| c.asn1 == r.asn1) {
+                None => {
+                    b.x509_authorities.push(r.clone());
+                    changed = true;
+                }
+                // Added meanwhile (by a rotation): the upstream's taint flag still applies.
+                Some(c) if r.tainted && !c.tainted => {
+                    c.tainted = true;
+                    changed = true;
+                }
+                Some(_) => {}
             }
         }
         for c in b.x509_authorities.iter_mut() {
@@ -254,25 +262,6 @@ impl Ca {
         if diff.is_empty() {
             return Ok(diff);
         }
-        if !diff.new_roots.is_empty() {
-            // New roots first: the authority a forced rotation mints may chain to one.
-            let b = self
-                .ds
-                .append_bundle(&Bundle {
-                    trust_domain: self.settings.trust_domain.as_str().to_string(),
-                    x509_authorities: diff
-                        .new_roots
-                        .iter()
-                        .map(|r| X509Certificate {
-                            asn1: r.asn1.clone(),
-                            tainted: false,
-                        })
-                        .collect(),
-                    ..Default::default()
-                })
-                .await?;
-            *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(b);
-        }
         let mut tainted: Vec<Vec<u8>> = diff.tainted_roots.clone();
         tainted.extend(
             diff.new_roots
@@ -289,17 +278,10 @@ impl Ca {
         let d = &diff;
         let b = self
             .ds
-            .modify_bundle(self.settings.trust_domain.as_str(), &move |b| {
-                let mut changed = d.apply(b);
-                // New roots were appended untainted above; the upstream's flag applies now.
-                for c in b.x509_authorities.iter_mut() {
-                    if !c.tainted && d.new_roots.iter().any(|r| r.tainted && r.asn1 == c.asn1) {
-                        c.tainted = true;
-                        changed = true;
-                    }
-                }
-                Ok(changed)
-            })
+            .modify_bundle(
+                self.settings.trust_domain.as_str(),
+                &move |b| Ok(d.apply(b)),
+            )
             .await?;
         *self.bundle.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(b);
         if !tainted.is_empty() || !diff.tainted_keys.is_empty() {
@@ -402,5 +384,14 @@ mod tests {
         // Applied: nothing left to do.
         assert!(UpstreamDiff::of(&local, &up).is_empty());
         assert!(!d.apply(&mut local));
+        // A new root added meanwhile (by a forced rotation) untainted takes the upstream's flag.
+        let mut rotated = local.clone();
+        rotated.x509_authorities.push(cert(5, false));
+        let late = UpstreamDiff {
+            new_roots: vec![cert(5, true)],
+            ..Default::default()
+        };
+        assert!(late.apply(&mut rotated));
+        assert!(rotated.x509_authorities.contains(&cert(5, true)));
     }
 }
