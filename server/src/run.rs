@@ -541,7 +541,10 @@ pub async fn start_with(
     if let Some(ep) = &cfg.federation.bundle_endpoint {
         use crate::federation::endpoint;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        let (tls_cfg, file_cert) = endpoint::tls_config(ep, svid.clone(), provider)?;
+        if let Some(d) = ep.deprecation {
+            tracing::warn!("{d}");
+        }
+        let tls = endpoint::tls_config(ep, svid.clone(), provider, &cfg.data_dir)?;
         let addr = std::net::SocketAddr::new(ep.address, ep.port);
         let listener = TcpListener::bind(addr).await.map_err(|e| RunError::Io {
             what: "cannot bind the bundle endpoint",
@@ -557,16 +560,20 @@ pub async fn start_with(
         ));
         tasks.push(tokio::spawn(endpoint::serve(
             listener,
-            tls_cfg,
+            tls.main,
+            tls.validation,
             source,
             shutdown_rx.clone(),
         )));
+        if let Some(a) = tls.acme {
+            tasks.push(tokio::spawn(a.run(shutdown_rx.clone())));
+        }
         if let (
             Some(f),
             crate::federation::EndpointProfile::HttpsWebFiles {
                 file_sync_interval, ..
             },
-        ) = (file_cert, &ep.profile)
+        ) = (tls.file, &ep.profile)
         {
             let (every, mut stop) = (*file_sync_interval, shutdown_rx.clone());
             tasks.push(tokio::spawn(async move {
@@ -632,7 +639,7 @@ pub async fn start_with(
     })
 }
 
-async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await;
 }
 

@@ -279,12 +279,36 @@ fn federation_configuration_errors_name_the_key() {
     let dir = tempfile::tempdir().unwrap();
     for (block, want) in [
         (
-            "federation {\n bundle_endpoint {\n port = 1\n }\n }",
-            "federation.bundle_endpoint.profile",
+            "federation {\n bundle_endpoint {\n profile \"https_web\" {\n acme {\n domain_name = \"x.org\"\n }\n }\n }\n }",
+            "federation.bundle_endpoint.profile.https_web.acme.email: missing",
         ),
         (
-            "federation {\n bundle_endpoint {\n profile \"https_web\" {\n acme {\n domain_name = \"x\"\n }\n }\n }\n }",
-            "ACME is not supported yet",
+            "federation {\n bundle_endpoint {\n profile \"https_web\" {\n acme {\n email = \"a@x.org\"\n }\n }\n }\n }",
+            "federation.bundle_endpoint.profile.https_web.acme.domain_name: missing",
+        ),
+        (
+            "federation {\n bundle_endpoint {\n profile \"https_web\" {\n acme {\n domain_name = \"*.x.org\"\n email = \"a@x.org\"\n }\n }\n }\n }",
+            "is not a DNS name a certificate can be issued for",
+        ),
+        (
+            "federation {\n bundle_endpoint {\n profile \"https_web\" {\n acme {\n domain_name = \"x.org\"\n email = \"a@x.org\"\n directory_url = \"http://acme.x.org/dir\"\n }\n }\n }\n }",
+            "an ACME directory is served over https",
+        ),
+        (
+            "federation {\n bundle_endpoint {\n profile \"https_web\" {\n acme {\n domain_name = \"x.org\"\n email = \"a@x.org\"\n tos_acepted = true\n }\n }\n }\n }",
+            "tos_acepted",
+        ),
+        (
+            "federation {\n bundle_endpoint {\n profile \"https_web\" {}\n }\n }",
+            "'acme' or 'serving_cert_file' is required",
+        ),
+        (
+            "federation {\n bundle_endpoint {\n profile \"https_web\" {\n acme {\n domain_name = \"x.org\"\n email = \"a@x.org\"\n }\n serving_cert_file {\n cert_file_path = \"/x\"\n key_file_path = \"/y\"\n }\n }\n }\n }",
+            "give acme or serving_cert_file, not both",
+        ),
+        (
+            "federation {\n bundle_endpoint {\n acme {\n domain_name = \"x.org\"\n email = \"a@x.org\"\n }\n profile \"https_spiffe\" {}\n }\n }",
+            "either bundle endpoint 'acme' or 'profile' can be set, but not both",
         ),
         (
             "federation {\n federates_with \"example.org\" {\n bundle_endpoint_url = \"https://x/\"\n bundle_endpoint_profile \"https_web\" {}\n }\n }",
@@ -317,6 +341,58 @@ fn federation_configuration_errors_name_the_key() {
             .unwrap_err()
             .to_string();
         assert!(e.contains(want), "{block}: {e}");
+    }
+}
+
+/// SPIRE's accepted forms: `acme` in the `https_web` profile (defaults: Let's Encrypt, terms
+/// not accepted), the deprecated `acme` right in `bundle_endpoint`, and the deprecated block
+/// without a profile (https_spiffe); the deprecated ones carry the warning logged at start.
+#[test]
+fn federation_bundle_endpoint_acme_and_spire_legacy_forms_parse() {
+    use kame_server::federation::EndpointProfile;
+    use kame_server::federation::acme::{AcmeConfig, DEFAULT_DIRECTORY_URL};
+    let dir = tempfile::tempdir().unwrap();
+    let want = AcmeConfig {
+        domain_name: "bundle.example.org".into(),
+        email: "ops@example.org".into(),
+        directory_url: DEFAULT_DIRECTORY_URL.into(),
+        tos_accepted: false,
+    };
+    for (block, profile, deprecated) in [
+        (
+            "federation {\n bundle_endpoint {\n profile \"https_web\" {\n acme {\n domain_name = \"Bundle.Example.org\"\n email = \"ops@example.org\"\n }\n }\n }\n }",
+            EndpointProfile::HttpsWebAcme(want.clone()),
+            false,
+        ),
+        (
+            "federation {\n bundle_endpoint {\n acme {\n domain_name = \"bundle.example.org\"\n email = \"ops@example.org\"\n directory_url = \"https://acme.example.org/dir\"\n tos_accepted = true\n }\n }\n }",
+            EndpointProfile::HttpsWebAcme(AcmeConfig {
+                directory_url: "https://acme.example.org/dir".into(),
+                tos_accepted: true,
+                ..want.clone()
+            }),
+            true,
+        ),
+        (
+            "federation {\n bundle_endpoint {\n port = 8443\n }\n }",
+            EndpointProfile::HttpsSpiffe,
+            true,
+        ),
+    ] {
+        let text = config_text(
+            dir.path(),
+            free_port(),
+            &Opts {
+                extra_server: block,
+                ..Default::default()
+            },
+        );
+        let path = dir.path().join("server.conf");
+        std::fs::write(&path, text).unwrap();
+        let cfg = kame_server::config::Config::load(&path, false).unwrap();
+        let ep = cfg.federation.bundle_endpoint.unwrap();
+        assert_eq!(ep.profile, profile, "{block}");
+        assert_eq!(ep.deprecation.is_some(), deprecated, "{block}");
     }
 }
 

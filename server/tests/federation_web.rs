@@ -7,122 +7,12 @@
 
 mod common;
 
-use common::upstream::openssl;
+use common::web::{ChildServer, metrics, web_pki};
 use common::*;
 use kame_api::pb;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 const OTHER: &str = "other.org";
-
-/// A Web CA and two certificates for localhost/127.0.0.1 it signed: valid, and expired.
-fn web_pki(dir: &Path) {
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "ca.key",
-            "-out",
-            "ca.pem",
-            "-subj",
-            "/CN=Test Web CA",
-            "-days",
-            "2",
-        ],
-    );
-    std::fs::write(
-        dir.join("ext"),
-        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    for (name, days) in [("good", "1"), ("expired", "-1")] {
-        openssl(
-            dir,
-            &[
-                "req",
-                "-new",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &format!("{name}.key"),
-                "-out",
-                &format!("{name}.csr"),
-                "-subj",
-                "/CN=localhost",
-            ],
-        );
-        openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &format!("{name}.csr"),
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-CAcreateserial",
-                "-out",
-                &format!("{name}.pem"),
-                "-days",
-                days,
-                "-extfile",
-                "ext",
-            ],
-        );
-    }
-}
-
-/// A kame-server process, killed when dropped.
-struct ChildServer<'a> {
-    socket: std::path::PathBuf,
-    child: &'a mut std::process::Child,
-}
-
-impl ChildServer<'_> {
-    async fn federated(&self, td: &str) -> Option<pb::types::Bundle> {
-        let ch = kame_server::cli::connect(&self.socket).await.ok()?;
-        pb::bundle::bundle_client::BundleClient::new(ch)
-            .get_federated_bundle(pb::bundle::GetFederatedBundleRequest {
-                trust_domain: td.into(),
-                output_mask: None,
-            })
-            .await
-            .ok()
-            .map(|r| r.into_inner())
-    }
-}
-
-impl Drop for ChildServer<'_> {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn metrics(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return String::new();
-    };
-    let _ = s
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await;
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out).await;
-    out
-}
 
 fn roots(b: &pb::types::Bundle) -> Vec<Vec<u8>> {
     b.x509_authorities.iter().map(|c| c.asn1.clone()).collect()
@@ -189,21 +79,8 @@ async fn federation_https_web_serving_cert_file_fetched_with_system_roots_and_ex
         + &format!(
             "telemetry {{\n Prometheus {{\n host = \"127.0.0.1\"\n port = {metrics_port}\n }}\n}}\n"
         );
-    let conf = adir.path().join("server.conf");
-    std::fs::write(&conf, text).unwrap();
-    let log = adir.path().join("a.log");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kame-server"))
-        .args(["run", "--config"])
-        .arg(&conf)
-        .env("SSL_CERT_FILE", pki.path().join("ca.pem"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let a = ChildServer {
-        socket: adir.path().join("sock/api.sock"),
-        child: &mut child,
-    };
+    let a = ChildServer::spawn(adir.path(), &text, &pki.path().join("ca.pem"));
+    let log = adir.path().join("server.log");
 
     // No bootstrap needed with Web PKI: A fetches B's bundle at start.
     let want = roots(&b.bundle().await);

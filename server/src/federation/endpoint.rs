@@ -1,8 +1,9 @@
 //! The bundle endpoint (SPIFFE Federation §4, SPIRE's `bundle_endpoint`): `GET /` over HTTPS
 //! answers this trust domain's bundle as SPIFFE bundle JSON with `spiffe_refresh_hint` (the
 //! configured hint) and `spiffe_sequence` (the stored bundle's sequence number); other paths
-//! are 404, other methods 405. TLS with the server's own X509-SVID (`https_spiffe`) or a Web
-//! PKI certificate from files re-read every `file_sync_interval` (`https_web`).
+//! are 404, other methods 405. TLS with the server's own X509-SVID (`https_spiffe`), or a Web
+//! PKI certificate (`https_web`) from files re-read every `file_sync_interval` or from ACME
+//! (`acme`; its tls-alpn-01 validation handshakes are answered on this port).
 //!
 //! It never serves what it cannot vouch for: only the local trust domain's bundle, read from
 //! the datastore at most a second ago, or (while the datastore cannot be read) a read younger
@@ -203,39 +204,85 @@ impl BundleSource {
     }
 }
 
-/// The endpoint's TLS configuration: the server SVID or the file certificate (with its reload
-/// task), no client authentication, HTTP/1.1.
+/// The endpoint's TLS: the configuration for HTTPS, the one for ACME validation handshakes
+/// (`acme-tls/1`) when the certificate comes from ACME, and what keeps the certificate current.
+pub struct EndpointTls {
+    pub main: Arc<rustls::ServerConfig>,
+    pub validation: Option<Arc<rustls::ServerConfig>>,
+    pub file: Option<Arc<FileCert>>,
+    pub acme: Option<Arc<super::acme::AcmeCert>>,
+}
+
+/// The endpoint's TLS configuration: the server SVID, the file certificate or the ACME one;
+/// no client authentication, HTTP/1.1.
 pub fn tls_config(
     cfg: &EndpointConfig,
     svid: Arc<crate::tls::ServerSvid>,
     provider: Arc<rustls::crypto::CryptoProvider>,
-) -> Result<(rustls::ServerConfig, Option<Arc<FileCert>>), EndpointError> {
+    data_dir: &Path,
+) -> Result<EndpointTls, EndpointError> {
     let b = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth();
-    let (mut c, file) = match &cfg.profile {
-        EndpointProfile::HttpsSpiffe => (b.with_cert_resolver(svid), None),
+    let (mut c, file, acme) = match &cfg.profile {
+        EndpointProfile::HttpsSpiffe => (b.with_cert_resolver(svid), None, None),
         EndpointProfile::HttpsWebFiles {
             cert_file_path,
             key_file_path,
             ..
         } => {
             let f = FileCert::load(cert_file_path, key_file_path, provider)?;
-            (b.with_cert_resolver(f.clone()), Some(f))
+            (b.with_cert_resolver(f.clone()), Some(f), None)
+        }
+        EndpointProfile::HttpsWebAcme(a) => {
+            let a = super::acme::AcmeCert::new(a.clone(), data_dir, provider);
+            (b.with_cert_resolver(a.clone()), None, Some(a))
         }
     };
     c.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok((c, file))
+    let validation = acme
+        .as_ref()
+        .map(|a| a.validation_config().map(Arc::new))
+        .transpose()?;
+    Ok(EndpointTls {
+        main: Arc::new(c),
+        validation,
+        file,
+        acme,
+    })
+}
+
+/// The TLS handshake: `acme-tls/1` handshakes get the validation configuration (or are
+/// closed) and yield no stream.
+async fn handshake(
+    tcp: tokio::net::TcpStream,
+    main: Arc<rustls::ServerConfig>,
+    validation: Option<Arc<rustls::ServerConfig>>,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    let start = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp)
+        .await
+        .ok()?;
+    let acme = start
+        .client_hello()
+        .alpn()
+        .is_some_and(|mut protos| protos.any(|p| p == super::acme::ACME_TLS_ALPN));
+    if acme {
+        if let Some(v) = validation {
+            let _ = start.into_stream(v).await;
+        }
+        return None;
+    }
+    start.into_stream(main).await.ok()
 }
 
 /// Serves `listener` until `shutdown`.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    tls: rustls::ServerConfig,
+    main: Arc<rustls::ServerConfig>,
+    validation: Option<Arc<rustls::ServerConfig>>,
     source: Arc<BundleSource>,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
     let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let conn = tokio::select! {
@@ -247,10 +294,11 @@ pub async fn serve(
             drop(tcp);
             continue;
         };
-        let (acceptor, source) = (acceptor.clone(), source.clone());
+        let (main, validation, source) = (main.clone(), validation.clone(), source.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            let Ok(Ok(mut s)) = tokio::time::timeout(REQUEST_TIME, acceptor.accept(tcp)).await
+            let Ok(Some(mut s)) =
+                tokio::time::timeout(REQUEST_TIME, handshake(tcp, main, validation)).await
             else {
                 return;
             };

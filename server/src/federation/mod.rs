@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod acme;
 pub mod endpoint;
 pub mod refresher;
 
@@ -30,6 +31,8 @@ pub struct EndpointConfig {
     /// Published as `spiffe_refresh_hint`.
     pub refresh_hint: Duration,
     pub profile: EndpointProfile,
+    /// A deprecated form SPIRE still accepts was used: logged at start.
+    pub deprecation: Option<&'static str>,
 }
 
 /// How the bundle endpoint authenticates itself.
@@ -43,6 +46,8 @@ pub enum EndpointProfile {
         key_file_path: PathBuf,
         file_sync_interval: Duration,
     },
+    /// A Web PKI certificate obtained and renewed through ACME.
+    HttpsWebAcme(acme::AcmeConfig),
 }
 
 /// `federates_with "<td>" { … }`.
@@ -91,40 +96,122 @@ fn endpoint(mut e: Section) -> Result<EndpointConfig, ConfigError> {
         Some(d) if d.is_zero() => return Err(invalid(&e.key("refresh_hint"), "must be positive")),
         Some(d) => d,
     };
-    if let Some(a) = e.section("acme")? {
-        drop(a);
+    // SPIRE's legacy form: `acme { }` right in the block (deprecated), or no profile at all
+    // (https_spiffe, deprecated).
+    let legacy = e.section("acme")?;
+    let mut profiles = e.labeled("profile")?;
+    if profiles.len() > 1 {
+        return Err(invalid(&e.key("profile"), "give exactly one profile"));
+    }
+    let (profile, deprecation) = match (legacy, profiles.pop()) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                &e.key("acme"),
+                "either bundle endpoint 'acme' or 'profile' can be set, but not both",
+            ));
+        }
+        (Some(a), None) => (
+            EndpointProfile::HttpsWebAcme(acme_block(a)?),
+            Some(
+                "ACME configuration within the bundle_endpoint is deprecated; use profile \"https_web\" { acme { … } }",
+            ),
+        ),
+        (None, None) => (
+            EndpointProfile::HttpsSpiffe,
+            Some(
+                "the bundle endpoint has no profile; using https_spiffe, as SPIRE does: configure a profile explicitly",
+            ),
+        ),
+        (None, Some((name, p))) => (endpoint_profile(&e, &name, p)?, None),
+    };
+    e.finish()?;
+    Ok(EndpointConfig {
+        address,
+        port,
+        refresh_hint,
+        profile,
+        deprecation,
+    })
+}
+
+fn acme_block(a: Section) -> Result<acme::AcmeConfig, ConfigError> {
+    let domain_name = a.required("domain_name")?;
+    match rustls::pki_types::ServerName::try_from(domain_name.as_str()) {
+        Ok(rustls::pki_types::ServerName::DnsName(_))
+            if !domain_name.ends_with('.') && !domain_name.contains('*') => {}
+        _ => {
+            return Err(invalid(
+                &a.key("domain_name"),
+                format!("{domain_name:?} is not a DNS name a certificate can be issued for"),
+            ));
+        }
+    }
+    let email = a.required("email")?;
+    if email.contains(char::is_whitespace) || !email.contains('@') {
         return Err(invalid(
-            &e.key("acme"),
-            "the legacy acme block is not supported: use profile \"https_web\" { serving_cert_file { … } }",
+            &a.key("email"),
+            format!("{email:?} is not an email address"),
         ));
     }
-    let (name, mut p) = one_profile(&mut e, "profile")?;
-    let profile = match name.as_str() {
+    let directory_url = a
+        .nonempty("directory_url")?
+        .unwrap_or_else(|| acme::DEFAULT_DIRECTORY_URL.to_string());
+    if !directory_url.starts_with("https://") {
+        return Err(invalid(
+            &a.key("directory_url"),
+            format!("{directory_url:?}: an ACME directory is served over https"),
+        ));
+    }
+    let tos_accepted = a.take_bool("tos_accepted")?.unwrap_or(false);
+    a.finish()?;
+    Ok(acme::AcmeConfig {
+        domain_name: domain_name.to_ascii_lowercase(),
+        email,
+        directory_url,
+        tos_accepted,
+    })
+}
+
+fn endpoint_profile(
+    e: &Section,
+    name: &str,
+    mut p: Section,
+) -> Result<EndpointProfile, ConfigError> {
+    let profile = match name {
         "https_spiffe" => EndpointProfile::HttpsSpiffe,
         "https_web" => {
-            if let Some(a) = p.section("acme")? {
-                drop(a);
-                return Err(invalid(
-                    &p.key("acme"),
-                    "ACME is not supported yet: use serving_cert_file",
-                ));
-            }
-            let f = p
-                .section("serving_cert_file")?
-                .ok_or_else(|| p.missing("serving_cert_file"))?;
-            let cert_file_path = PathBuf::from(f.required("cert_file_path")?);
-            let key_file_path = PathBuf::from(f.required("key_file_path")?);
-            crate::catalog::files::readable(&f.key("cert_file_path"), &cert_file_path)?;
-            crate::catalog::files::readable(&f.key("key_file_path"), &key_file_path)?;
-            let file_sync_interval = f
-                .duration("file_sync_interval")?
-                .unwrap_or(Duration::from_secs(3600))
-                .max(Duration::from_secs(1));
-            f.finish()?;
-            EndpointProfile::HttpsWebFiles {
-                cert_file_path,
-                key_file_path,
-                file_sync_interval,
+            let acme = p.section("acme")?;
+            let file = p.section("serving_cert_file")?;
+            match (acme, file) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        &p.key("acme"),
+                        "give acme or serving_cert_file, not both",
+                    ));
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        &e.key("profile"),
+                        "malformed https_web profile configuration: 'acme' or 'serving_cert_file' is required",
+                    ));
+                }
+                (Some(a), None) => EndpointProfile::HttpsWebAcme(acme_block(a)?),
+                (None, Some(f)) => {
+                    let cert_file_path = PathBuf::from(f.required("cert_file_path")?);
+                    let key_file_path = PathBuf::from(f.required("key_file_path")?);
+                    crate::catalog::files::readable(&f.key("cert_file_path"), &cert_file_path)?;
+                    crate::catalog::files::readable(&f.key("key_file_path"), &key_file_path)?;
+                    let file_sync_interval = f
+                        .duration("file_sync_interval")?
+                        .unwrap_or(Duration::from_secs(3600))
+                        .max(Duration::from_secs(1));
+                    f.finish()?;
+                    EndpointProfile::HttpsWebFiles {
+                        cert_file_path,
+                        key_file_path,
+                        file_sync_interval,
+                    }
+                }
             }
         }
         other => {
@@ -135,13 +222,7 @@ fn endpoint(mut e: Section) -> Result<EndpointConfig, ConfigError> {
         }
     };
     p.finish()?;
-    e.finish()?;
-    Ok(EndpointConfig {
-        address,
-        port,
-        refresh_hint,
-        profile,
-    })
+    Ok(profile)
 }
 
 fn relationship(td: &str, mut r: Section, own: &TrustDomain) -> Result<Relationship, ConfigError> {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tonic::transport::Channel;
 
 pub mod upstream;
+pub mod web;
 
 pub const TD: &str = "example.org";
 
