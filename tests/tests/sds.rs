@@ -3,8 +3,10 @@
 //! from FetchSecrets; the SPIFFE validator config lists both trust domains; the stream sends
 //! a version and nonce, stays quiet on an ACK, ignores a stale nonce, and pushes a new
 //! version when the SVID is re-issued; unknown names are InvalidArgument, a caller without
-//! entries gets PermissionDenied, DeltaSecrets is Unimplemented, and the node metadata
-//! switches to `trusted_ca`.
+//! entries gets PermissionDenied, and the node metadata switches to `trusted_ca`. The
+//! incremental stream (DeltaSecrets) sends versioned resources, names what does not exist as
+//! removed, is quiet on an ACK or an unsubscribe, pushes only the secret that changed, and on a
+//! reconnect sends only what the client does not hold.
 
 mod common;
 
@@ -13,7 +15,9 @@ use envoy_types::pb::envoy::config::core::v3::{Node, data_source::Specifier};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     Secret, SpiffeCertValidatorConfig, secret,
 };
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use kame_api::pb;
 use prost::Message;
@@ -31,6 +35,38 @@ fn request(names: &[&str]) -> DiscoveryRequest {
         type_url: SECRET_TYPE.into(),
         ..Default::default()
     }
+}
+
+fn delta_request(subscribe: &[&str], unsubscribe: &[&str], nonce: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: SECRET_TYPE.into(),
+        resource_names_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+        resource_names_unsubscribe: unsubscribe.iter().map(|s| s.to_string()).collect(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+/// (name, version) of each resource of a delta response, and its removed names.
+fn delta_names(r: &DeltaDiscoveryResponse) -> (Vec<(String, String)>, Vec<String>) {
+    let named = r
+        .resources
+        .iter()
+        .map(|x| {
+            let a = x.resource.as_ref().unwrap();
+            assert_eq!(a.type_url, SECRET_TYPE);
+            assert_eq!(Secret::decode(a.value.as_slice()).unwrap().name, x.name);
+            (x.name.clone(), x.version.clone())
+        })
+        .collect();
+    (named, r.removed_resources.clone())
+}
+
+async fn next<T>(s: &mut tonic::Streaming<T>, wait: Duration) -> Option<T> {
+    tokio::time::timeout(wait, s.message())
+        .await
+        .ok()
+        .map(|m| m.unwrap().unwrap())
 }
 
 fn secrets(r: &DiscoveryResponse) -> Vec<Secret> {
@@ -249,6 +285,46 @@ async fn sds_fetch_and_stream_secrets_as_envoy_sees_them() {
             .is_err(),
         "no answer to an ACK or a stale request"
     );
+    // The incremental stream: versioned resources, an unknown name removed at once.
+    let (dtx, drx) = tokio::sync::mpsc::channel::<DeltaDiscoveryRequest>(4);
+    let mut delta = c
+        .delta_secrets(tokio_stream::wrappers::ReceiverStream::new(drx))
+        .await
+        .unwrap()
+        .into_inner();
+    dtx.send(delta_request(
+        &["default", "ROOTCA", "spiffe://nobody.org"],
+        &[],
+        "",
+    ))
+    .await
+    .unwrap();
+    let d1 = next(&mut delta, Duration::from_secs(10)).await.unwrap();
+    let (named, removed) = delta_names(&d1);
+    assert_eq!(
+        named.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        vec!["ROOTCA", "default"]
+    );
+    assert!(named.iter().all(|(_, v)| v.len() == 16), "{named:?}");
+    assert_eq!(removed, vec!["spiffe://nobody.org".to_string()]);
+    assert_eq!(d1.system_version_info, "1");
+    assert_eq!(d1.type_url, SECRET_TYPE);
+    let default_v1 = named[1].1.clone();
+    // An ACK, then an unsubscribe: nothing to say.
+    dtx.send(delta_request(&[], &[], &d1.nonce)).await.unwrap();
+    dtx.send(delta_request(&[], &["ROOTCA"], "")).await.unwrap();
+    assert!(next(&mut delta, Duration::from_secs(1)).await.is_none());
+    // A new subscription: only that secret.
+    dtx.send(delta_request(&["spiffe://other.org"], &[], ""))
+        .await
+        .unwrap();
+    let d2 = next(&mut delta, Duration::from_secs(10)).await.unwrap();
+    let (named, removed) = delta_names(&d2);
+    assert_eq!(named.len(), 1);
+    assert_eq!(named[0].0, "spiffe://other.org");
+    assert!(removed.is_empty());
+    let other_v = named[0].1.clone();
+
     // The entry changes (a DNS name): the agent re-issues, the stream pushes.
     let mut e = pb::entry::entry_client::EntryClient::new(env.admin().await)
         .get_entry(pb::entry::GetEntryRequest {
@@ -279,14 +355,58 @@ async fn sds_fetch_and_stream_secrets_as_envoy_sees_them() {
     };
     assert_ne!(inline(&t2.certificate_chain), inline(&t.certificate_chain));
     drop(tx);
-
-    // DeltaSecrets is SPIRE's Unimplemented.
-    let (_dtx, drx) = tokio::sync::mpsc::channel(1);
-    let e = c
-        .delta_secrets(tokio_stream::wrappers::ReceiverStream::new(drx))
+    // The incremental stream pushes the new SVID alone (the bundles did not change).
+    let d3 = next(&mut delta, Duration::from_secs(20))
         .await
+        .expect("a delta update pushed");
+    let (named, removed) = delta_names(&d3);
+    assert_eq!(named.len(), 1, "{named:?}");
+    assert_eq!(named[0].0, "default");
+    assert_ne!(named[0].1, default_v1);
+    assert!(removed.is_empty());
+    assert_eq!(d3.system_version_info, "3");
+    drop(dtx);
+    // A reconnect that holds the bundle and an old SVID is sent the SVID only.
+    let (rtx, rrx) = tokio::sync::mpsc::channel::<DeltaDiscoveryRequest>(4);
+    let mut again = c
+        .delta_secrets(tokio_stream::wrappers::ReceiverStream::new(rrx))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut first = delta_request(&["default", "spiffe://other.org"], &[], "");
+    first.initial_resource_versions = [
+        ("default".to_string(), default_v1.clone()),
+        ("spiffe://other.org".to_string(), other_v),
+    ]
+    .into_iter()
+    .collect();
+    rtx.send(first).await.unwrap();
+    let r1 = next(&mut again, Duration::from_secs(10)).await.unwrap();
+    let (named, removed) = delta_names(&r1);
+    assert_eq!(
+        named.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
+        vec!["default"]
+    );
+    assert!(removed.is_empty());
+    drop(rtx);
+    // A stream subscribing to more names than it may hold is refused.
+    let (htx, hrx) = tokio::sync::mpsc::channel::<DeltaDiscoveryRequest>(1);
+    let mut hostile = c
+        .delta_secrets(tokio_stream::wrappers::ReceiverStream::new(hrx))
+        .await
+        .unwrap()
+        .into_inner();
+    let many: Vec<String> = (0..=kame_agent::sds::MAX_SUBSCRIBED)
+        .map(|i| format!("spiffe://x{i}.org"))
+        .collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    htx.send(delta_request(&many, &[], "")).await.unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(10), hostile.message())
+        .await
+        .unwrap()
         .unwrap_err();
-    assert_eq!(e.code(), tonic::Code::Unimplemented);
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    drop(htx);
     env.stop().await;
 
     // A caller no entry matches gets nothing.
