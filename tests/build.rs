@@ -1,4 +1,5 @@
-//! Generates a client from SPIRE's own protos (tests/proto/spire-api-sdk), independent of ours.
+//! Generates a client from SPIRE's own protos (tests/proto/spire-api-sdk), independent of ours,
+//! and their descriptor set (for clients built in other languages).
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = "proto/spire-api-sdk";
     let files = [
@@ -9,6 +10,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     println!("cargo:rerun-if-changed={root}");
     let fds = protox::compile(files, [root])?;
+    // The same protos as a descriptor set, for clients in other languages (Python's grpcio).
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(
+        out.join("spire_sdk.fds"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
     tonic_prost_build::configure()
         .build_server(false)
         .build_client(true)

@@ -123,8 +123,93 @@ fn write(path: &Path, data: &[u8], mode: u32) -> Result<(), CliError> {
     crate::storage::write_atomic(path, data, mode).map_err(|e| CliError::Failed(e.to_string()))
 }
 
-/// `api fetch x509`: prints each SVID's ID, chain and bundle size, and writes SPIRE's files.
+/// A duration as Go prints one (`3.210123ms`, `1.5s`, `2m3s`): SPIRE's response times.
+pub fn go_duration(d: std::time::Duration) -> String {
+    fn frac(whole: u128, rem: u128, digits: u32) -> String {
+        let mut s = whole.to_string();
+        if rem != 0 {
+            let f = format!("{rem:0width$}", width = digits as usize);
+            s.push('.');
+            s.push_str(f.trim_end_matches('0'));
+        }
+        s
+    }
+    let ns = d.as_nanos();
+    if ns == 0 {
+        return "0s".into();
+    }
+    if ns < 1_000 {
+        return format!("{ns}ns");
+    }
+    if ns < 1_000_000 {
+        return format!("{}\u{b5}s", frac(ns / 1_000, ns % 1_000, 3));
+    }
+    if ns < 1_000_000_000 {
+        return format!("{}ms", frac(ns / 1_000_000, ns % 1_000_000, 6));
+    }
+    let secs = ns / 1_000_000_000;
+    let s = frac(secs % 60, ns % 1_000_000_000, 9);
+    match (secs / 3600, secs / 60 % 60) {
+        (0, 0) => format!("{s}s"),
+        (0, m) => format!("{m}m{s}s"),
+        (h, m) => format!("{h}h{m}m{s}s"),
+    }
+}
+
+/// SPIRE's `printX509SVIDResponse`: the count and the response time, then per SVID its ID,
+/// hint, validity, intermediates' and CAs' validity (federated CAs marked with their trust
+/// domain, in name order), dates in UTC.
+pub fn x509_report(msg: &wl::X509svidResponse, took: std::time::Duration) -> String {
+    use kame_api::timefmt::utc;
+    use kame_api::x509svid::ParsedCert;
+    let n = msg.svids.len();
+    let mut out = format!(
+        "Received {n} svid{} after {}\n",
+        if n == 1 { "" } else { "s" },
+        go_duration(took)
+    );
+    let validity = |out: &mut String, label: &str, der: &[u8]| {
+        if let Ok(c) = ParsedCert::parse(der) {
+            out.push_str(&format!(
+                "{label} Valid After:\t{}\n{label} Valid Until:\t{}\n",
+                utc(c.not_before() as i64),
+                utc(c.not_after() as i64)
+            ));
+        }
+    };
+    let mut federated: Vec<(&String, &Vec<u8>)> = msg.federated_bundles.iter().collect();
+    federated.sort();
+    for svid in &msg.svids {
+        out.push('\n');
+        out.push_str(&format!("SPIFFE ID:\t\t{}\n", svid.spiffe_id));
+        if !svid.hint.is_empty() {
+            out.push_str(&format!("Hint:\t\t\t{}\n", svid.hint));
+        }
+        let chain = certs(&svid.x509_svid);
+        if let Some(leaf) = chain.first() {
+            validity(&mut out, "SVID", leaf);
+        }
+        for (i, c) in chain.iter().skip(1).enumerate() {
+            validity(&mut out, &format!("Intermediate #{}", i + 1), c);
+        }
+        for (i, c) in certs(&svid.bundle).iter().enumerate() {
+            validity(&mut out, &format!("CA #{}", i + 1), c);
+        }
+        for (td, b) in &federated {
+            let td = td.trim_start_matches("spiffe://");
+            for (i, c) in certs(b).iter().enumerate() {
+                validity(&mut out, &format!("[{td}] CA #{}", i + 1), c);
+            }
+        }
+    }
+    out.push('\n');
+    out
+}
+
+/// `api fetch x509`: SPIRE's report, and with `--write` SPIRE's files (`svid.N.pem`,
+/// `svid.N.key`, `bundle.N.pem`, `federated_bundle.N.M.pem`), each one announced.
 pub async fn fetch_x509(addr: &str, write_dir: Option<&Path>) -> Result<(), CliError> {
+    let start = std::time::Instant::now();
     let mut s = client(connect(addr).await?)
         .fetch_x509svid(with_header(wl::X509svidRequest {}))
         .await?
@@ -133,51 +218,35 @@ pub async fn fetch_x509(addr: &str, write_dir: Option<&Path>) -> Result<(), CliE
         .message()
         .await?
         .ok_or_else(|| CliError::Failed("the stream ended without an SVID".into()))?;
-    println!("Received {} svid(s)", msg.svids.len());
+    print!("{}", x509_report(&msg, start.elapsed()));
+    let Some(dir) = write_dir else {
+        return Ok(());
+    };
+    let mut federated: Vec<(&String, &Vec<u8>)> = msg.federated_bundles.iter().collect();
+    federated.sort();
     for (i, svid) in msg.svids.iter().enumerate() {
-        let chain = certs(&svid.x509_svid);
-        println!();
-        println!("SPIFFE ID:\t\t{}", svid.spiffe_id);
-        if !svid.hint.is_empty() {
-            println!("Hint:\t\t\t{}", svid.hint);
+        let path = dir.join(format!("svid.{i}.pem"));
+        println!("Writing SVID #{i} to file {}.", path.display());
+        write(&path, pem_certs(&svid.x509_svid).as_bytes(), 0o644)?;
+        let path = dir.join(format!("svid.{i}.key"));
+        println!("Writing key #{i} to file {}.", path.display());
+        let key = zeroize::Zeroizing::new(kame_api::bundle::pem_block(
+            "PRIVATE KEY",
+            &svid.x509_svid_key,
+        ));
+        write(&path, key.as_bytes(), 0o600)?;
+        let path = dir.join(format!("bundle.{i}.pem"));
+        println!("Writing bundle #{i} to file {}.", path.display());
+        write(&path, pem_certs(&svid.bundle).as_bytes(), 0o644)?;
+        for (j, (td, b)) in federated.iter().enumerate() {
+            let path = dir.join(format!("federated_bundle.{i}.{j}.pem"));
+            println!(
+                "Writing federated bundle #{j} for trust domain {} to file {}.",
+                td.trim_start_matches("spiffe://"),
+                path.display()
+            );
+            write(&path, pem_certs(b).as_bytes(), 0o644)?;
         }
-        if let Some(leaf) = chain
-            .first()
-            .and_then(|c| kame_api::x509svid::ParsedCert::parse(c).ok())
-        {
-            println!("SVID Valid After:\t{}", leaf.not_before());
-            println!("SVID Valid Until:\t{}", leaf.not_after());
-        }
-        println!("CA certificates:\t{}", certs(&svid.bundle).len());
-        if let Some(dir) = write_dir {
-            write(
-                &dir.join(format!("svid.{i}.pem")),
-                pem_certs(&svid.x509_svid).as_bytes(),
-                0o644,
-            )?;
-            let key = zeroize::Zeroizing::new(kame_api::bundle::pem_block(
-                "PRIVATE KEY",
-                &svid.x509_svid_key,
-            ));
-            write(&dir.join(format!("svid.{i}.key")), key.as_bytes(), 0o600)?;
-            write(
-                &dir.join(format!("bundle.{i}.pem")),
-                pem_certs(&svid.bundle).as_bytes(),
-                0o644,
-            )?;
-            for (td, b) in &msg.federated_bundles {
-                let name = td.trim_start_matches("spiffe://");
-                write(
-                    &dir.join(format!("federated_bundle.{i}.{name}.pem")),
-                    pem_certs(b).as_bytes(),
-                    0o644,
-                )?;
-            }
-        }
-    }
-    if let Some(dir) = write_dir {
-        println!();
-        println!("Writing SVID(s) to {}", dir.display());
     }
     Ok(())
 }
@@ -220,19 +289,18 @@ pub async fn validate_jwt(addr: &str, audience: &str, svid: &str) -> Result<(), 
     Ok(())
 }
 
-/// `api watch`: prints every X509-SVID update until interrupted or the stream ends.
+/// `api watch`: prints every X509-SVID update (SPIRE's report) until interrupted or the
+/// stream ends.
 pub async fn watch(addr: &str) -> Result<(), CliError> {
     let mut s = client(connect(addr).await?)
         .fetch_x509svid(with_header(wl::X509svidRequest {}))
         .await?
         .into_inner();
+    // As SPIRE's: each update's report, timed from the previous one.
+    let mut since = std::time::Instant::now();
     while let Some(msg) = s.message().await? {
-        let ids: Vec<&str> = msg.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
-        println!(
-            "Received {} svid(s) after update: {}",
-            ids.len(),
-            ids.join(", ")
-        );
+        print!("{}", x509_report(&msg, since.elapsed()));
+        since = std::time::Instant::now();
     }
     Ok(())
 }
@@ -254,6 +322,17 @@ pub async fn healthcheck(addr: &str) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cli_durations_print_as_go_prints_them() {
+        use std::time::Duration;
+        assert_eq!(go_duration(Duration::from_nanos(3_210_123)), "3.210123ms");
+        assert_eq!(go_duration(Duration::from_micros(850)), "850\u{b5}s");
+        assert_eq!(go_duration(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(go_duration(Duration::from_secs(123)), "2m3s");
+        assert_eq!(go_duration(Duration::from_secs(3600)), "1h0m0s");
+        assert_eq!(go_duration(Duration::from_nanos(12)), "12ns");
+    }
 
     #[test]
     fn cli_socket_addresses_accept_paths_and_unix_urls() {

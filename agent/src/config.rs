@@ -48,6 +48,10 @@ pub struct Config {
     pub join_token: Option<kame_api::Secret>,
     pub log_level: String,
     pub log_format: LogFormat,
+    /// `log_file`: logs appended to this file instead of stderr.
+    pub log_file: Option<std::path::PathBuf>,
+    /// SPIRE's `health_checks` listener, when enabled.
+    pub health: Option<kame_api::serving::health::HealthConfig>,
     /// How often the agent syncs with the server (ours; SPIRE's is fixed at 5 s).
     pub sync_interval: Duration,
     pub node_attestor: NodeAttestorConfig,
@@ -109,6 +113,7 @@ impl Config {
         let mut plugins = root.section("plugins")?.ok_or(ConfigError::Missing {
             key: "plugins".into(),
         })?;
+        let health = kame_api::serving::health::parse(&mut root)?;
         root.finish()?;
 
         let td_s = agent.required("trust_domain")?;
@@ -159,6 +164,7 @@ impl Config {
             .map(kame_api::Secret::new);
         let log_level = kame_api::conf::log_level(&agent)?;
         let log_format = kame_api::conf::log_format(&agent)?;
+        let log_file = agent.nonempty("log_file")?.map(std::path::PathBuf::from);
         let sync_interval = match agent.duration("sync_interval")? {
             None => Duration::from_secs(5),
             Some(d) if d < Duration::from_millis(100) => {
@@ -238,6 +244,8 @@ impl Config {
             join_token,
             log_level,
             log_format,
+            log_file,
+            health,
             sync_interval,
             node_attestor,
             key_manager,

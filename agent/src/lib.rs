@@ -12,7 +12,6 @@ pub mod cli;
 /// Channels to the server (shared with downstream servers: `kame_api::channel`).
 pub use kame_api::channel as client;
 pub mod config;
-pub mod h2fix;
 pub mod keys;
 pub mod manager;
 pub mod run;

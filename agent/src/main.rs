@@ -13,11 +13,23 @@ use std::path::PathBuf;
 #[command(
     name = "kame-agent",
     version,
-    about = "Kame SPIFFE agent (SPIRE-compatible)"
+    about = "Kame SPIFFE agent (SPIRE-compatible)",
+    long_about = "Kame SPIFFE agent (SPIRE-compatible). SPIRE's spellings work too: \
+                  `-socketPath s` is read as `--socket-path s`, `api fetch` alone as \
+                  `api fetch x509`; a flag given twice keeps the last value.",
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Deadline for `healthcheck`, `api fetch` and `api validate` (a Go-style duration such as
+    /// 5s; default 5s, as SPIRE's). `run`, `validate` and `api watch` ignore it.
+    #[arg(long, global = true, value_parser = duration)]
+    timeout: Option<std::time::Duration>,
+}
+
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    kame_api::conf::parse_duration(s)
 }
 
 #[derive(Subcommand)]
@@ -42,8 +54,14 @@ enum Cmd {
     },
     /// Checks that the agent serves the Workload API.
     Healthcheck {
-        #[arg(long, default_value = DEFAULT_SOCKET_PATH)]
+        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
         socket_path: String,
+        /// Accepted for SPIRE's scripts; the check is always the same.
+        #[arg(long)]
+        shallow: bool,
+        /// Accepted for SPIRE's scripts; the check is always the same.
+        #[arg(long)]
+        verbose: bool,
     },
     /// Workload API client.
     #[command(subcommand)]
@@ -98,7 +116,22 @@ enum ValidateCmd {
     },
 }
 
-fn init_logging(level: &str, format: LogFormat) {
+fn init_logging(
+    level: &str,
+    format: LogFormat,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    // `log_file`: appended to, never truncated; otherwise stderr.
+    let writer = match file {
+        Some(p) => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open log_file {}", p.display()))?,
+        )),
+        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    };
     // tss-esapi logs every context and handle it closes at INFO: kept to warnings unless the
     // operator asks for debug.
     let level = level.to_lowercase();
@@ -110,15 +143,57 @@ fn init_logging(level: &str, format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tss_esapi=warn"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        // Colour only for a person at a terminal, never in files or journals.
+        .with_ansi(file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(writer);
     match format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
     }
+    Ok(())
 }
 
 async fn real_main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+    let args = Cli::parse_from(spire_args());
+    match args.cmd {
+        cmd @ (Cmd::Run { .. } | Cmd::Validate { .. }) => daemon(cmd).await,
+        cmd => {
+            // Output piped into `head` ends the command by SIGPIPE, as C and Go tools end.
+            sigpipe::reset();
+            if matches!(cmd, Cmd::Api(ApiCmd::Watch { .. })) {
+                return client(cmd).await;
+            }
+            let deadline = args.timeout.unwrap_or(std::time::Duration::from_secs(5));
+            tokio::time::timeout(deadline, client(cmd))
+                .await
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "no answer from the agent within {deadline:?} (is it running, or stopped?); --timeout sets the deadline"
+                    )
+                })?
+        }
+    }
+}
+
+/// The arguments, SPIRE's flag spellings read as Kame's and `api fetch` alone as
+/// `api fetch x509` (arguments that are not UTF-8 are left as they are).
+fn spire_args() -> Vec<std::ffi::OsString> {
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match raw
+        .iter()
+        .map(|a| a.clone().into_string())
+        .collect::<Result<Vec<String>, _>>()
+    {
+        Ok(args) => kame_api::spire_cli::rewrite(args, &[(&["api", "fetch"], "x509")])
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+        Err(_) => raw,
+    }
+}
+
+async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Run {
             config,
             expand_env,
@@ -129,24 +204,36 @@ async fn real_main() -> anyhow::Result<()> {
             if join_token.is_some() {
                 cfg.join_token = join_token.map(kame_api::Secret::new);
             }
-            init_logging(&cfg.log_level, cfg.log_format);
-            let running = kame_agent::run::start(&cfg).await?;
+            init_logging(&cfg.log_level, cfg.log_format, cfg.log_file.as_deref())?;
+            let mut running = kame_agent::run::start(&cfg).await?;
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                     .context("installing the SIGTERM handler")?;
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+            let fatal = tokio::select! {
+                _ = tokio::signal::ctrl_c() => None,
+                _ = term.recv() => None,
+                why = running.fatal() => Some(why),
+            };
             tracing::info!("stopping");
             running.stop().await;
+            if let Some(why) = fatal {
+                anyhow::bail!("{why}");
+            }
         }
         Cmd::Validate { config, expand_env } => {
             Config::load(&config, expand_env)
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
             println!("Configuration is valid.");
         }
-        Cmd::Healthcheck { socket_path } => cli::healthcheck(&socket_path).await?,
+        _ => anyhow::bail!("not a daemon command"),
+    }
+    Ok(())
+}
+
+async fn client(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Run { .. } | Cmd::Validate { .. } => anyhow::bail!("not a client command"),
+        Cmd::Healthcheck { socket_path, .. } => cli::healthcheck(&socket_path).await?,
         Cmd::Api(ApiCmd::Fetch(FetchCmd::X509 { socket_path, write })) => {
             cli::fetch_x509(&socket_path, write.as_deref()).await?
         }

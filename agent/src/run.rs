@@ -1,7 +1,7 @@
 //! Starts an agent from its [`Config`]: storage, the manager and its sync loop, and the
 //! Workload API on its Unix socket; [`Running::stop`] ends them and removes the socket. It makes
-//! the socket's directory if missing and refuses to replace anything at the socket path that is
-//! not a socket.
+//! the socket's directory if missing, refuses a socket another process answers on and anything
+//! at the socket path that is not a socket, and holds the `data_dir` lock while it runs.
 
 use crate::attestation::NodeAttestor;
 use crate::attestor::UnixAttestor;
@@ -29,8 +29,8 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-    #[error("socket_path {0} exists and is not a socket")]
-    NotASocket(String),
+    #[error("socket_path: {0}")]
+    Socket(#[from] kame_api::serving::UdsError),
     #[error("cannot listen on {path}: {source}")]
     Listen {
         path: String,
@@ -44,6 +44,10 @@ pub struct Running {
     pub socket_path: PathBuf,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Held while running: a second agent on this data_dir is refused.
+    _lock: kame_api::serving::DataDirLock,
+    /// Why the agent cannot continue, once it cannot.
+    fatal: watch::Receiver<Option<String>>,
 }
 
 impl std::fmt::Debug for Running {
@@ -55,25 +59,14 @@ impl std::fmt::Debug for Running {
 }
 
 fn bind_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener, RunError> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-    let dir_err = |source| RunError::Dir {
-        path: path.display().to_string(),
-        source,
-    };
+    use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(dir_err)?;
+        std::fs::create_dir_all(dir).map_err(|source| RunError::Dir {
+            path: dir.display().to_string(),
+            source,
+        })?;
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_socket() => {
-            let _ = std::fs::remove_file(path);
-        }
-        Ok(_) => return Err(RunError::NotASocket(path.display().to_string())),
-        Err(_) => {}
-    }
-    let l = tokio::net::UnixListener::bind(path).map_err(|source| RunError::Listen {
-        path: path.display().to_string(),
-        source,
-    })?;
+    let l = kame_api::serving::claim_socket(path, "kame-agent")?;
     // Any local process may ask who it is: the answer depends on who it is.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o777)).map_err(|source| {
         RunError::Listen {
@@ -90,6 +83,9 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
         path: cfg.data_dir.display().to_string(),
         source,
     })?;
+    // One agent per data_dir and per socket, checked before anything is opened.
+    let lock = kame_api::serving::lock_data_dir(&cfg.data_dir, "kame-agent")?;
+    let listener = bind_socket(&cfg.socket_path)?;
     let key_dir = match &cfg.key_manager {
         KeyManagerConfig::Memory => None,
         KeyManagerConfig::Disk { directory } => Some(directory.clone()),
@@ -113,7 +109,6 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
     if manager.agent_id().is_none() && !can_attest {
         return Err(RunError::NoWayToAttest);
     }
-    let listener = bind_socket(&cfg.socket_path)?;
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = vec![];
     let api = WorkloadApi::new(manager.clone(), UnixAttestor::new(cfg.unix.clone()));
@@ -135,17 +130,61 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
             tracing::error!(error = %e, "Workload API server failed");
         }
     }));
-    tasks.push(tokio::spawn(manager.clone().run(rx)));
+    let (fatal_tx, fatal) = watch::channel(None);
+    let (m, mrx) = (manager.clone(), rx.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = m.run(mrx).await {
+            let _ = fatal_tx.send(Some(kame_api::errors::chain(&e)));
+        }
+    }));
+    // SPIRE's health checks: live while this process serves, ready once attested.
+    if let Some(h) = &cfg.health {
+        let addr = format!("{}:{}", h.bind_address, h.bind_port);
+        let listener = tokio::net::TcpListener::bind((h.bind_address.as_str(), h.bind_port))
+            .await
+            .map_err(|source| RunError::Listen {
+                path: addr.clone(),
+                source,
+            })?;
+        let m = manager.clone();
+        let ready: kame_api::serving::health::Check = Arc::new(move || {
+            let id = m.agent_id();
+            (
+                id.is_some(),
+                serde_json::json!({"agent": {"attested": id.is_some(), "spiffe_id": id.unwrap_or_default()}}),
+            )
+        });
+        tasks.push(tokio::spawn(kame_api::serving::health::serve(
+            listener,
+            h.clone(),
+            Arc::new(|| (true, serde_json::json!({}))),
+            ready,
+            rx.clone(),
+        )));
+        tracing::info!(address = %addr, "serving health checks");
+    }
     tracing::info!(socket_path = %cfg.socket_path.display(), "Workload API listening");
     Ok(Running {
         manager,
         socket_path: cfg.socket_path.clone(),
         shutdown,
         tasks,
+        _lock: lock,
+        fatal,
     })
 }
 
 impl Running {
+    /// Waits until the agent meets an error retrying cannot fix, and returns it (one line,
+    /// with its causes). Pending forever while the agent can go on.
+    pub async fn fatal(&mut self) -> String {
+        match self.fatal.wait_for(|f| f.is_some()).await {
+            Ok(f) => f.clone().unwrap_or_default(),
+            // The sender is gone: the sync loop ended without a fatal error (shutdown).
+            Err(_) => std::future::pending().await,
+        }
+    }
+
     /// Stops the sync loop and the Workload API, and removes the socket.
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status};
 /// A Workload API connection with what the kernel said about its peer when it was accepted.
 #[derive(Debug)]
 pub struct WorkloadConn {
-    inner: crate::h2fix::AuthorityFix<UnixStream>,
+    inner: kame_api::serving::h2fix::AuthorityFix<UnixStream>,
     info: ConnInfo,
 }
 
@@ -45,7 +45,7 @@ impl WorkloadConn {
             })
         });
         WorkloadConn {
-            inner: crate::h2fix::AuthorityFix::new(inner),
+            inner: kame_api::serving::h2fix::AuthorityFix::new(inner),
             info: ConnInfo { peer },
         }
     }

@@ -20,6 +20,9 @@ pub enum ConfigError {
     Syntax(String),
     #[error("{key}: unknown key")]
     UnknownKey { key: String },
+    /// A key SPIRE reads that Kame does not implement: not a typo, a missing feature.
+    #[error("{key}: a SPIRE setting Kame does not support")]
+    SpireOnly { key: String },
     /// An unknown key next to a required one it is a misspelling of.
     #[error("{key}: unknown key (did you mean {expected}?)")]
     Misspelt { key: String, expected: String },
@@ -371,17 +374,112 @@ impl Section {
             })
     }
 
-    /// Fails on any key that was not read.
+    /// Fails on any key that was not read: named as a SPIRE setting Kame lacks when SPIRE
+    /// reads it in this section, as unknown otherwise.
     pub fn finish(self) -> Result<(), ConfigError> {
         let used = self.used.borrow();
-        if let Some(k) = self.attrs.keys().find(|k| !used.contains(*k)) {
-            return Err(ConfigError::UnknownKey { key: self.key(k) });
+        let unread = self
+            .attrs
+            .keys()
+            .chain(self.blocks.iter().map(|(k, _, _)| k))
+            .find(|k| !used.contains(*k));
+        match unread {
+            None => Ok(()),
+            Some(k) if spire_only(&self.path, k) => {
+                Err(ConfigError::SpireOnly { key: self.key(k) })
+            }
+            Some(k) => Err(ConfigError::UnknownKey { key: self.key(k) }),
         }
-        if let Some((k, _, _)) = self.blocks.iter().find(|(k, _, _)| !used.contains(k)) {
-            return Err(ConfigError::UnknownKey { key: self.key(k) });
-        }
-        Ok(())
     }
+}
+
+/// SPIRE's keys (its server and agent `run` configuration, its plugin blocks and telemetry)
+/// that Kame does not implement; a section reads what it supports before this is asked.
+fn spire_only(path: &str, key: &str) -> bool {
+    const SERVER: &[&str] = &[
+        "admin_ids",
+        "audit_log_enabled",
+        "disable_jwt_svids",
+        "experimental",
+        "log_source_location",
+        "prune_attested_nodes_expired_for",
+        "prune_attested_nodes_batch_size",
+        "prune_tofu_nodes",
+        "proxy_protocol_trusted_cidrs",
+        "max_attested_node_info_staleness",
+        "profiling_enabled",
+        "profiling_port",
+        "profiling_freq",
+        "profiling_names",
+        "cache_reload_interval",
+        "allow_agentless_node_attestors",
+    ];
+    const AGENT: &[&str] = &[
+        "admin_socket_path",
+        "insecure_bootstrap",
+        "rebootstrap_mode",
+        "rebootstrap_delay",
+        "retry_bootstrap",
+        "join_token_file",
+        "log_selectors",
+        "log_source_location",
+        "disable_workload_api",
+        "disable_sds_api",
+        "workload_x509_svid_key_type",
+        "trust_bundle_format",
+        "trust_bundle_spiffe_workload_api",
+        "trust_bundle_unix_socket",
+        "trust_bundle_url",
+        "allow_unauthenticated_verifiers",
+        "allowed_foreign_jwt_claims",
+        "availability_target",
+        "x509_svid_cache_max_size",
+        "jwt_svid_cache_max_size",
+        "authorized_delegates",
+        "profiling_enabled",
+        "profiling_port",
+        "profiling_freq",
+        "profiling_names",
+        "experimental",
+    ];
+    const ROOT: &[&str] = &["health_checks", "telemetry"];
+    const PLUGIN: &[&str] = &[
+        "plugin_cmd",
+        "plugin_args",
+        "plugin_checksum",
+        "plugin_data_file",
+        "enabled",
+    ];
+    const PLUGIN_TYPES: &[&str] = &[
+        "Notifier",
+        "BundlePublisher",
+        "CredentialComposer",
+        "SVIDStore",
+    ];
+    const TELEMETRY: &[&str] = &[
+        "DogStatsd",
+        "Statsd",
+        "M3",
+        "InMem",
+        "MetricPrefix",
+        "EnableTrustDomainLabel",
+        "EnableHostnameLabel",
+        "AllowedPrefixes",
+        "BlockedPrefixes",
+        "AllowedLabels",
+        "BlockedLabels",
+    ];
+    let list: &[&str] = match path {
+        "" => ROOT,
+        "server" => SERVER,
+        "agent" => AGENT,
+        "plugins" => PLUGIN_TYPES,
+        "telemetry" => TELEMETRY,
+        "telemetry.Prometheus" => &["tls"],
+        p if p.starts_with("plugins.") && p.matches('.').count() == 2 => PLUGIN,
+        _ => &[],
+    };
+    list.contains(&key)
 }
 
 /// Whether `a` is within two single-character edits of `b` (a typo of it).
@@ -416,7 +514,7 @@ pub fn plugin_data(mut sec: Section) -> Result<Section, ConfigError> {
     let data = sec.section("plugin_data")?;
     let path = sec.key("plugin_data");
     // SPIRE's plugin blocks may also carry `enabled`, `plugin_cmd`, `plugin_checksum`: external
-    // plugins are not supported, so those keys are refused as unknown.
+    // plugins are not supported, so those keys are refused as SPIRE settings Kame lacks.
     sec.finish()?;
     Ok(data.unwrap_or(Section {
         path,
@@ -435,8 +533,131 @@ pub fn parse_root(text: &str, env: Option<Env<'_>>) -> Result<Section, ConfigErr
         Some(lookup) => expand_env(text, lookup),
         None => text.to_string(),
     };
-    let body = hcl::parse(&text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
+    let body = match hcl::parse(&text) {
+        Ok(b) => b,
+        // HCL1 forms SPIRE's parser takes and HCL2 does not (nested blocks on one line, commas
+        // between a block's attributes): read again with those laid out on lines; an error
+        // still names the text as written.
+        Err(first) => {
+            hcl::parse(&hcl1_layout(&text)).map_err(|_| ConfigError::Syntax(first.to_string()))?
+        }
+    };
     Section::from_body("", body)
+}
+
+/// `text` with a line break after every `{`, before every `}`, and in place of every comma
+/// directly inside braces, outside strings, comments and heredocs: HCL1's one-line blocks and
+/// comma-separated attributes in HCL2's layout. Commas inside brackets and parentheses stay.
+pub fn hcl1_layout(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + text.len() / 8);
+    let mut stack: Vec<char> = vec![];
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                out.push(c);
+                // A string, with escapes and `${ }` / `%{ }` templates (which may hold strings).
+                let mut depth = 0usize;
+                let mut prev = '\0';
+                while let Some(d) = chars.next() {
+                    out.push(d);
+                    match d {
+                        '\\' => {
+                            if let Some(e) = chars.next() {
+                                out.push(e);
+                            }
+                            prev = '\0';
+                            continue;
+                        }
+                        '{' if prev == '$' || prev == '%' => depth += 1,
+                        '}' if depth > 0 => depth -= 1,
+                        '"' if depth == 0 => break,
+                        _ => {}
+                    }
+                    prev = d;
+                }
+            }
+            '#' => {
+                out.push(c);
+                for d in chars.by_ref() {
+                    out.push(d);
+                    if d == '\n' {
+                        break;
+                    }
+                }
+            }
+            '/' if chars.peek() == Some(&'/') => {
+                out.push(c);
+                for d in chars.by_ref() {
+                    out.push(d);
+                    if d == '\n' {
+                        break;
+                    }
+                }
+            }
+            '/' if chars.peek() == Some(&'*') => {
+                out.push(c);
+                let mut prev = '\0';
+                for d in chars.by_ref() {
+                    out.push(d);
+                    if prev == '*' && d == '/' {
+                        break;
+                    }
+                    prev = d;
+                }
+            }
+            '<' if chars.peek() == Some(&'<') => {
+                // A heredoc: copied to the line holding only its marker.
+                out.push(c);
+                if let Some(d) = chars.next() {
+                    out.push(d);
+                }
+                let mut header = String::new();
+                for d in chars.by_ref() {
+                    out.push(d);
+                    if d == '\n' {
+                        break;
+                    }
+                    header.push(d);
+                }
+                let marker = header.trim().trim_start_matches('-').to_string();
+                if marker.is_empty() {
+                    continue;
+                }
+                let mut line = String::new();
+                for d in chars.by_ref() {
+                    out.push(d);
+                    if d == '\n' {
+                        if line.trim() == marker {
+                            break;
+                        }
+                        line.clear();
+                    } else {
+                        line.push(d);
+                    }
+                }
+            }
+            '{' => {
+                stack.push('{');
+                out.push_str("{\n");
+            }
+            '[' | '(' => {
+                stack.push(c);
+                out.push(c);
+            }
+            '}' => {
+                stack.pop();
+                out.push_str("\n}");
+            }
+            ']' | ')' => {
+                stack.pop();
+                out.push(c);
+            }
+            ',' if stack.last() == Some(&'{') => out.push('\n'),
+            _ => out.push(c),
+        }
+    }
+    out
 }
 
 /// Parses `log_level` (DEBUG | INFO | WARN | ERROR | TRACE, any case).
@@ -520,6 +741,63 @@ pub fn builtin_names<B>(always: &[&str], table: &[(&str, B)]) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn spire_keys_kame_lacks_are_named_as_such_not_as_typos() {
+        let mut root = parse_root(
+            "server {\n admin_ids = [\"spiffe://x/y\"]\n}\nplugins {\n KeyManager \"disk\" {\n plugin_cmd = \"/bin/x\"\n }\n}\n",
+            None,
+        )
+        .unwrap();
+        let server = root.section("server").unwrap().unwrap();
+        assert_eq!(
+            server.finish().unwrap_err().to_string(),
+            "server.admin_ids: a SPIRE setting Kame does not support"
+        );
+        let mut plugins = root.section("plugins").unwrap().unwrap();
+        let (_, km) = plugins.labeled("KeyManager").unwrap().pop().unwrap();
+        assert_eq!(
+            plugin_data(km).err().unwrap().to_string(),
+            "plugins.KeyManager.disk.plugin_cmd: a SPIRE setting Kame does not support"
+        );
+        let other = parse_root("server {\n admin_idz = 1\n}\n", None)
+            .unwrap()
+            .section("server")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            other.finish().unwrap_err().to_string(),
+            "server.admin_idz: unknown key"
+        );
+    }
+
+    #[test]
+    fn hcl1_one_line_blocks_and_commas_parse_as_spire_reads_them() {
+        let text = r#"plugins { KeyManager "disk" { plugin_data { keys_path = "/k, {x}" } } }
+server { bind_port = "8081", log_level = "INFO", ca_subject = { country = ["US", "FR"], organization = ["${X}"] } }
+# a comment with { braces, and commas }
+"#;
+        let mut root = parse_root(text, None).unwrap();
+        let mut plugins = root.section("plugins").unwrap().unwrap();
+        let (name, mut km) = plugins.labeled("KeyManager").unwrap().pop().unwrap();
+        assert_eq!(name, "disk");
+        let data = km.section("plugin_data").unwrap().unwrap();
+        assert_eq!(data.string("keys_path").unwrap().unwrap(), "/k, {x}");
+        let mut server = root.section("server").unwrap().unwrap();
+        assert_eq!(server.int("bind_port").unwrap(), Some(8081));
+        assert_eq!(server.string("log_level").unwrap().unwrap(), "INFO");
+        let subject = server.section("ca_subject").unwrap().unwrap();
+        assert_eq!(
+            subject.strings("country").unwrap().unwrap(),
+            vec!["US".to_string(), "FR".to_string()]
+        );
+        // Still not HCL: the error is about the text as written.
+        let e = parse_root("server { a = }", None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("not valid HCL"), "{e}");
+    }
+
     use super::*;
 
     #[test]

@@ -8,11 +8,16 @@ pub mod bundle;
 pub mod channel;
 pub mod conf;
 pub mod csr;
+pub mod errors;
 mod gojson;
 pub mod jwtsvid;
 pub mod keys;
 pub mod secret;
+#[cfg(feature = "serving")]
+pub mod serving;
 pub mod spiffe_id;
+pub mod spire_cli;
+pub mod timefmt;
 pub mod tls;
 pub mod tpm_devid;
 pub mod x509pop;

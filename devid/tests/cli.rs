@@ -404,7 +404,46 @@ fn devid_cli_ca_issue_offline_seals_certificates_only_the_requesting_tpm_opens()
     let (tpm, req) = manufactured(d, "SN-OFFLINE-1");
     let keys = d.join("ca-keys.json");
     let ca_pem = d.join("ca.pem");
-    devid(&["ca", "init", "--keys-path", &s(&keys), "--out", &s(&ca_pem)]);
+    let said = devid(&["ca", "init", "--keys-path", &s(&keys), "--out", &s(&ca_pem)]);
+    assert!(said.contains(&s(&ca_pem)), "says what it wrote: {said}");
+    // An initialised CA is not replaced by accident: not its certificate, not its key.
+    let before = (
+        std::fs::read(&keys).unwrap(),
+        std::fs::read(&ca_pem).unwrap(),
+    );
+    let e = devid_fails(&["ca", "init", "--keys-path", &s(&keys), "--out", &s(&ca_pem)]);
+    assert!(e.contains("exists") && e.contains("--force"), "{e}");
+    let other = d.join("other-ca.pem");
+    let e = devid_fails(&["ca", "init", "--keys-path", &s(&keys), "--out", &s(&other)]);
+    assert!(e.contains("already holds a CA key"), "{e}");
+    assert!(!other.exists());
+    assert_eq!(
+        (
+            std::fs::read(&keys).unwrap(),
+            std::fs::read(&ca_pem).unwrap()
+        ),
+        before
+    );
+    let forced = d.join("forced");
+    std::fs::create_dir(&forced).unwrap();
+    let fk = forced.join("keys.json");
+    let fc = forced.join("ca.pem");
+    devid(&["ca", "init", "--keys-path", &s(&fk), "--out", &s(&fc)]);
+    let first = std::fs::read(&fc).unwrap();
+    devid(&[
+        "ca",
+        "init",
+        "--force",
+        "--keys-path",
+        &s(&fk),
+        "--out",
+        &s(&fc),
+    ]);
+    assert_ne!(
+        std::fs::read(&fc).unwrap(),
+        first,
+        "--force replaces the CA"
+    );
     let issue = |ek_root: &Path, out: &Path| {
         vec![
             "ca".to_string(),

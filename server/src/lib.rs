@@ -14,7 +14,6 @@ pub mod config;
 pub mod datastore;
 pub mod entrycache;
 pub mod federation;
-pub mod httpmini;
 pub mod keymanager;
 pub mod metrics;
 pub mod ratelimit;

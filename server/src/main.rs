@@ -7,16 +7,29 @@ use clap::{Parser, Subcommand};
 use kame_server::cli;
 use kame_server::config::{Config, LogFormat};
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
     name = "kame-server",
     version,
-    about = "Kame SPIFFE server (SPIRE-compatible)"
+    about = "Kame SPIFFE server (SPIRE-compatible)",
+    long_about = "Kame SPIFFE server (SPIRE-compatible). SPIRE's spellings work too: \
+                  `-spiffeID x`, `-x509SVIDTTL=60`, `-admin=true` are read as `--spiffe-id x`, \
+                  `--x509-svid-ttl=60`, `--admin`; a flag given twice keeps the last value.",
+    args_override_self = true
 )]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Deadline for an admin command (a Go-style duration such as 5s or 1m; default 5s for
+    /// healthcheck, 30s for the others). `run` and `validate` ignore it.
+    #[arg(long, global = true, value_parser = duration)]
+    timeout: Option<std::time::Duration>,
+}
+
+fn duration(s: &str) -> Result<std::time::Duration, String> {
+    kame_api::conf::parse_duration(s)
 }
 
 #[derive(Subcommand)]
@@ -38,10 +51,15 @@ enum Cmd {
     },
     /// Checks that the server answers on its admin socket.
     Healthcheck {
+        /// Path to the server's admin API socket.
         #[arg(long, default_value = kame_server::config::DEFAULT_SOCKET_PATH)]
         socket_path: PathBuf,
+        /// Also print the bundle sequence number.
         #[arg(long)]
         verbose: bool,
+        /// Accepted for SPIRE's scripts; the check is always the same.
+        #[arg(long)]
+        shallow: bool,
     },
     /// Registration entries.
     #[command(subcommand)]
@@ -72,27 +90,82 @@ enum Cmd {
     Federation(cli::FederationCmd),
 }
 
-fn init_logging(level: &str, format: LogFormat) {
+fn init_logging(
+    level: &str,
+    format: LogFormat,
+    file: Option<&std::path::Path>,
+) -> anyhow::Result<()> {
+    // `log_file`: appended to, never truncated; otherwise stderr.
+    let writer = match file {
+        Some(p) => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .with_context(|| format!("cannot open log_file {}", p.display()))?,
+        )),
+        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
+    };
     // Audit events (local authority operations) are written whatever the log level.
     let filter =
         tracing_subscriber::EnvFilter::try_new(format!("{},kame_audit=info", level.to_lowercase()))
             .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        // Colour only for a person at a terminal, never in files or journals.
+        .with_ansi(file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(writer);
     match format {
         LogFormat::Json => b.json().init(),
         LogFormat::Text => b.init(),
     }
+    Ok(())
 }
 
 async fn real_main() -> anyhow::Result<()> {
-    let args = Cli::parse();
-    match args.cmd {
+    let args = Cli::parse_from(spire_args());
+    let deadline = match &args.cmd {
+        Cmd::Run { .. } | Cmd::Validate { .. } => None,
+        Cmd::Healthcheck { .. } => Some(args.timeout.unwrap_or(Duration::from_secs(5))),
+        _ => Some(args.timeout.unwrap_or(Duration::from_secs(30))),
+    };
+    let Some(deadline) = deadline else {
+        return daemon(args.cmd).await;
+    };
+    // A command's output piped into `head` ends it as it ends C and Go tools: by SIGPIPE.
+    sigpipe::reset();
+    tokio::time::timeout(deadline, admin(args.cmd))
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "no answer from the server within {deadline:?} (is it running, or stopped?); --timeout sets the deadline"
+            )
+        })?
+}
+
+/// The arguments, SPIRE's flag spellings read as Kame's (arguments that are not UTF-8 are
+/// left as they are).
+fn spire_args() -> Vec<std::ffi::OsString> {
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match raw
+        .iter()
+        .map(|a| a.clone().into_string())
+        .collect::<Result<Vec<String>, _>>()
+    {
+        Ok(args) => kame_api::spire_cli::rewrite(args, &[])
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+        Err(_) => raw,
+    }
+}
+
+async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Run { config, expand_env } => {
             let cfg = Config::load(&config, expand_env)
                 .with_context(|| format!("invalid configuration {}", config.display()))?;
-            init_logging(&cfg.log_level, cfg.log_format);
+            init_logging(&cfg.log_level, cfg.log_format, cfg.log_file.as_deref())?;
             kame_server::run::run(cfg).await?;
         }
         Cmd::Validate { config, expand_env } => {
@@ -103,9 +176,18 @@ async fn real_main() -> anyhow::Result<()> {
             }
             println!("Configuration is valid.");
         }
+        other => admin(other).await?,
+    }
+    Ok(())
+}
+
+async fn admin(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Run { .. } | Cmd::Validate { .. } => anyhow::bail!("not an admin command"),
         Cmd::Healthcheck {
             socket_path,
             verbose,
+            ..
         } => cli::healthcheck(&socket_path, verbose).await?,
         Cmd::Entry(c) => cli::entry(c).await?,
         Cmd::Bundle(c) => cli::bundle(c).await?,

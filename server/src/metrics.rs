@@ -74,10 +74,15 @@ pub async fn serve(
         let Ok((mut s, _)) = conn else { continue };
         let render = render.clone();
         tokio::spawn(async move {
-            match crate::httpmini::request_line(&mut s, std::time::Duration::from_secs(5)).await {
+            match kame_api::serving::httpmini::request_line(
+                &mut s,
+                std::time::Duration::from_secs(5),
+            )
+            .await
+            {
                 Some((m, p)) if m == "GET" && p == "/metrics" => {
                     let body = render();
-                    crate::httpmini::respond(
+                    kame_api::serving::httpmini::respond(
                         &mut s,
                         "200 OK",
                         "text/plain; version=0.0.4",
@@ -87,7 +92,14 @@ pub async fn serve(
                     .await
                 }
                 Some(_) => {
-                    crate::httpmini::respond(&mut s, "404 Not Found", "text/plain", b"", "").await
+                    kame_api::serving::httpmini::respond(
+                        &mut s,
+                        "404 Not Found",
+                        "text/plain",
+                        b"",
+                        "",
+                    )
+                    .await
                 }
                 None => {}
             }

@@ -45,6 +45,8 @@ pub enum RunError {
     BadServerId(String),
     #[error("federation: {0}")]
     Federation(#[from] crate::federation::endpoint::EndpointError),
+    #[error(transparent)]
+    InUse(#[from] kame_api::serving::UdsError),
 }
 
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RunError + 'a {
@@ -89,6 +91,8 @@ pub struct Running {
     pub tcp_addr: std::net::SocketAddr,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// Held while running: a second server on this data_dir is refused.
+    _lock: kame_api::serving::DataDirLock,
 }
 
 impl Running {
@@ -112,12 +116,7 @@ fn prepare_socket(path: &Path) -> Result<UnixListener, RunError> {
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o770))
             .map_err(io("cannot set permissions on", dir))?;
     }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io("cannot remove stale socket", path)(e)),
-    }
-    let l = UnixListener::bind(path).map_err(io("cannot bind admin socket", path))?;
+    let l = kame_api::serving::claim_socket(path, "kame-server")?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o770))
         .map_err(io("cannot set permissions on", path))?;
     Ok(l)
@@ -362,10 +361,12 @@ pub async fn start_with(
     cfg: Config,
     key_manager: Option<Arc<dyn KeyManager>>,
 ) -> Result<Running, RunError> {
+    // One server per data_dir and per socket, checked before anything is opened.
+    std::fs::create_dir_all(&cfg.data_dir).map_err(io("cannot create data_dir", &cfg.data_dir))?;
+    let lock = kame_api::serving::lock_data_dir(&cfg.data_dir, "kame-server")?;
+    let uds = prepare_socket(&cfg.socket_path)?;
     let (ctx, svid, tls) = build_context(&cfg, key_manager).await?;
     let ca = ctx.ca.clone();
-
-    let uds = prepare_socket(&cfg.socket_path)?;
     let tcp_addr = std::net::SocketAddr::new(cfg.bind_address, cfg.bind_port);
     let tcp = TcpListener::bind(tcp_addr)
         .await
@@ -425,7 +426,13 @@ pub async fn start_with(
     let rx = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(e) = uds_router
-            .serve_with_incoming_shutdown(UnixListenerStream::new(uds), stop_signal(rx))
+            .serve_with_incoming_shutdown(
+                tokio_stream::StreamExt::map(
+                    UnixListenerStream::new(uds),
+                    kame_api::serving::h2fix::AuthorityFix::wrap,
+                ),
+                stop_signal(rx),
+            )
             .await
         {
             tracing::error!(error = %e, "admin socket server failed");
@@ -615,6 +622,44 @@ pub async fn start_with(
         )));
     }
 
+    // SPIRE's health checks: live while this process serves, ready while the CA holds an
+    // unexpired X.509 authority.
+    if let Some(h) = &cfg.health {
+        let addr = format!("{}:{}", h.bind_address, h.bind_port);
+        let listener = tokio::net::TcpListener::bind((h.bind_address.as_str(), h.bind_port))
+            .await
+            .map_err(|e| RunError::Io {
+                what: "cannot bind the health check listener",
+                path: addr.clone(),
+                source: e,
+            })?;
+        let ca_h = ca.clone();
+        let ready: kame_api::serving::health::Check = Arc::new(move || {
+            let now = crate::ca::now_secs();
+            let live = ca_h
+                .bundle()
+                .x509_authorities
+                .iter()
+                .filter(|a| {
+                    kame_api::x509svid::ParsedCert::parse(&a.asn1)
+                        .is_ok_and(|c| c.not_after() > now)
+                })
+                .count();
+            (
+                live > 0,
+                serde_json::json!({"ca": {"unexpired_x509_authorities": live}}),
+            )
+        });
+        tasks.push(tokio::spawn(kame_api::serving::health::serve(
+            listener,
+            h.clone(),
+            Arc::new(|| (true, serde_json::json!({}))),
+            ready,
+            shutdown_rx.clone(),
+        )));
+        tracing::info!(address = %addr, "serving health checks");
+    }
+
     if let Some(up) = ca.settings().upstream.clone() {
         tasks.push(tokio::spawn(upstream_loop(
             ca.clone(),
@@ -636,6 +681,7 @@ pub async fn start_with(
         tcp_addr,
         shutdown,
         tasks,
+        _lock: lock,
     })
 }
 

@@ -1,6 +1,7 @@
 //! A client generated from SPIRE's own protos (spire-api-sdk, not Kame's) manages entries and
 //! reads the bundle over Kame's admin socket: wire compatibility of packages, method paths,
-//! field numbers, and per-entry statuses.
+//! field numbers, and per-entry statuses. A Python grpcio client (gRPC C-core, which sends the
+//! socket path as `:authority`) built at run time from the same protos does the same.
 
 use kame_tests::spire_sdk::spire::api::server::bundle::v1 as bundlev1;
 use kame_tests::spire_sdk::spire::api::server::entry::v1 as entryv1;
@@ -178,5 +179,71 @@ async fn spire_sdk_client_creates_gets_lists_deletes_entries_and_reads_bundle() 
         .into_inner()
         .count;
     assert_eq!(n, 0);
+    server.stop().await;
+}
+
+/// gRPC C-core on the admin socket: Python's grpcio, its messages built from SPIRE's protos
+/// (the descriptor set), creates an entry, lists it and reads the bundle; a bad entry gets
+/// its per-entry InvalidArgument.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spire_sdk_python_grpcio_client_on_the_admin_socket() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let dir = tempfile::tempdir().unwrap();
+    let port = kame_keymanager::testing::free_port();
+    let cfg = kame_server::config::Config::parse(&config(dir.path(), port), false).unwrap();
+    let server = kame_server::run::start(cfg).await.unwrap();
+    let fds = dir.path().join("spire.fds");
+    std::fs::write(&fds, kame_tests::SPIRE_SDK_FDS).unwrap();
+    let script = r#"
+import sys, grpc
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+fds = descriptor_pb2.FileDescriptorSet.FromString(open(sys.argv[1], 'rb').read())
+pool = descriptor_pool.DescriptorPool()
+for f in fds.file:
+    pool.Add(f)
+def cls(name):
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName(name))
+E = 'spire.api.server.entry.v1.'
+ch = grpc.insecure_channel('unix:' + sys.argv[2])
+def call(method, req, resp):
+    return ch.unary_unary(method, request_serializer=cls(req).SerializeToString,
+                          response_deserializer=cls(resp).FromString)
+Entry = cls('spire.api.types.Entry')
+good = Entry(spiffe_id={'trust_domain': 'example.org', 'path': '/py/workload'},
+             parent_id={'trust_domain': 'example.org', 'path': '/spire/agent/x'},
+             selectors=[{'type': 'unix', 'value': 'uid:1000'}], x509_svid_ttl=300)
+bad = Entry(spiffe_id={'trust_domain': 'example.org', 'path': 'no-slash'},
+            parent_id={'trust_domain': 'example.org', 'path': '/spire/agent/x'},
+            selectors=[{'type': 'unix', 'value': 'uid:1000'}])
+created = call('/spire.api.server.entry.v1.Entry/BatchCreateEntry', E + 'BatchCreateEntryRequest',
+               E + 'BatchCreateEntryResponse')(cls(E + 'BatchCreateEntryRequest')(entries=[good, bad]), timeout=10)
+print('create', created.results[0].status.code, created.results[1].status.code)
+listed = call('/spire.api.server.entry.v1.Entry/ListEntries', E + 'ListEntriesRequest',
+              E + 'ListEntriesResponse')(cls(E + 'ListEntriesRequest')(), timeout=10)
+print('list', ' '.join(e.spiffe_id.path for e in listed.entries), listed.entries[0].x509_svid_ttl)
+B = 'spire.api.server.bundle.v1.'
+bundle = call('/spire.api.server.bundle.v1.Bundle/GetBundle', B + 'GetBundleRequest',
+              'spire.api.types.Bundle')(cls(B + 'GetBundleRequest')(), timeout=10)
+print('bundle', bundle.trust_domain, len(bundle.x509_authorities))
+"#;
+    let o = tokio::process::Command::new(kame_keymanager::testing::venv_tool("python"))
+        .arg("-c")
+        .arg(script)
+        .arg(&fds)
+        .arg(dir.path().join("api.sock"))
+        .output()
+        .await
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        vec![
+            "create 0 3",
+            "list /py/workload 300",
+            "bundle example.org 1"
+        ],
+        "{out}"
+    );
     server.stop().await;
 }

@@ -56,7 +56,9 @@ impl Manager {
             *a = NodeAttestor::JoinToken(None);
         }
         self.install_agent_svid(res.chain, key, res.reattestable)?;
-        tracing::info!(agent_id = ?self.agent_id(), "node attested");
+        if let Some(id) = self.agent_id() {
+            tracing::info!(agent_id = %id, "node attested");
+        }
         Ok(())
     }
 

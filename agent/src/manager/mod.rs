@@ -58,6 +58,37 @@ pub enum ManagerError {
     Poisoned(&'static str),
 }
 
+impl ManagerError {
+    /// Whether retrying cannot help (SPIRE ends the agent on these): the server refused the
+    /// attestation evidence (an unknown or spent join token, a rejected certificate or
+    /// quote), no way to attest is left, the server sent an agent SVID for another trust
+    /// domain or one that does not chain to our bundle, or the agent is banned. `bootstrap`:
+    /// the agent has no SVID yet, so a server certificate or identity refused in the TLS
+    /// handshake (another trust domain, the wrong bundle) is a configuration error too.
+    pub fn is_fatal(&self, bootstrap: bool) -> bool {
+        use crate::attestation::AttestError;
+        use tonic::Code;
+        match self {
+            ManagerError::Attest(AttestError::NoToken) => true,
+            ManagerError::Attest(AttestError::Refused { code, .. }) => matches!(
+                code,
+                Code::PermissionDenied
+                    | Code::InvalidArgument
+                    | Code::Unauthenticated
+                    | Code::NotFound
+                    | Code::FailedPrecondition
+                    | Code::AlreadyExists
+            ),
+            ManagerError::BadAgentSvid(_) | ManagerError::AgentSvidChain(_) => true,
+            ManagerError::Server { code, message } => {
+                *code == Code::PermissionDenied && message.contains("banned")
+            }
+            ManagerError::Client(c) => bootstrap && kame_api::errors::certificate_refused(c),
+            _ => false,
+        }
+    }
+}
+
 impl From<tonic::Status> for ManagerError {
     fn from(s: tonic::Status) -> Self {
         ManagerError::Server {
@@ -381,16 +412,29 @@ impl Manager {
     }
 
     /// Syncs now and then every `sync_interval` until `shutdown` fires. Failures are logged
-    /// and retried at the next tick; the cache keeps serving meanwhile.
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// with their causes and retried at the next tick, the cache serving meanwhile; a failure
+    /// retrying cannot fix ([`ManagerError::is_fatal`]) ends the loop with that error.
+    pub async fn run(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), ManagerError> {
         loop {
+            let bootstrap = self.agent_id().is_none();
             match self.sync_once().await {
                 Ok(()) => {}
-                Err(e) => tracing::warn!(error = %e, "sync with the server failed"),
+                Err(e) if e.is_fatal(bootstrap) => {
+                    tracing::error!(error = %kame_api::errors::chain(&e), "the agent cannot continue");
+                    return Err(e);
+                }
+                Err(e) => tracing::warn!(
+                    error = %kame_api::errors::chain(&e),
+                    retry_in = ?self.cfg.sync_interval,
+                    "sync with the server failed"
+                ),
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.cfg.sync_interval) => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => return Ok(()),
             }
         }
     }

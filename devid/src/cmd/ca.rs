@@ -13,9 +13,13 @@ pub(super) struct InitArgs {
     subject: String,
     #[arg(long, default_value_t = 3650)]
     ttl_days: u64,
-    /// Where to write the output.
+    /// Where to write the CA certificate (PEM).
     #[arg(long)]
     out: PathBuf,
+    /// Replace an existing CA: a new key in place of the one held, and a new certificate over
+    /// `--out`. Everything the old CA issued stops chaining to the new one.
+    #[arg(long)]
+    force: bool,
 }
 
 // `issue`'s flags.
@@ -95,8 +99,22 @@ pub(super) async fn ca_init(args: InitArgs) -> Result<()> {
         subject,
         ttl_days,
         out,
+        force,
     } = args;
     let km = key_manager(&key).await?;
+    if !force {
+        if out.exists() {
+            bail!(
+                "{} exists: a CA is already initialised there (--force replaces it, and what it issued stops chaining)",
+                out.display()
+            );
+        }
+        if km.public_key(CA_KEY_ID).await.is_ok() {
+            bail!(
+                "the key store already holds a CA key ({CA_KEY_ID}); --force replaces it, and what it issued stops chaining"
+            );
+        }
+    }
     let ca = DevIdCa::init(
         km,
         CA_KEY_ID,
@@ -106,6 +124,10 @@ pub(super) async fn ca_init(args: InitArgs) -> Result<()> {
     )
     .await?;
     write_public(&out, pem(ca.certificate()).as_bytes())?;
+    println!(
+        "CA initialised: key {CA_KEY_ID} in the key store, certificate in {}",
+        out.display()
+    );
     Ok(())
 }
 

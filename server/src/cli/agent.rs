@@ -16,20 +16,25 @@ pub(super) fn agent_json(a: &types::Agent) -> Value {
     })
 }
 
+/// SPIRE's `printAgents`: the expiry as a date, `Banned` in place of the serial number.
 pub(super) fn agent_pretty(a: &types::Agent) -> String {
     let mut s = format!(
-        "SPIFFE ID         : {}\nAttestation type  : {}\nExpiration time   : {}\nSerial number     : {}\nCan re-attest     : {}\n",
+        "SPIFFE ID         : {}\nAttestation type  : {}\nExpiration time   : {}\n",
         id_str(&a.id),
         a.attestation_type,
-        a.x509svid_expires_at,
-        a.x509svid_serial_number,
-        a.can_reattest
+        kame_api::timefmt::utc(a.x509svid_expires_at),
     );
     if a.banned {
         s += "Banned            : true\n";
+    } else {
+        s += &format!("Serial number     : {}\n", a.x509svid_serial_number);
+    }
+    s += &format!("Can re-attest     : {}\n", a.can_reattest);
+    if !a.agent_version.is_empty() {
+        s += &format!("Agent version     : {}\n", a.agent_version);
     }
     for sel in &a.selectors {
-        s += &format!("Selector          : {}:{}\n", sel.r#type, sel.value);
+        s += &format!("Selectors         : {}:{}\n", sel.r#type, sel.value);
     }
     s
 }
@@ -41,8 +46,8 @@ pub enum TokenCmd {
         /// Also register this SPIFFE ID for the agent that uses the token.
         #[arg(long)]
         spiffe_id: Option<String>,
-        /// Token lifetime in seconds.
-        #[arg(long, default_value_t = 600)]
+        /// Token lifetime: seconds or a duration such as 10m.
+        #[arg(long, default_value = "600", value_parser = ttl_value)]
         ttl: i64,
         #[command(flatten)]
         common: Common,
@@ -79,8 +84,26 @@ pub async fn token(cmd: TokenCmd) -> Result<(), CliError> {
 
 #[derive(Debug, Subcommand)]
 pub enum AgentCmd {
-    /// Lists attested agents.
+    /// Lists attested agents (all, or those the filters match).
+    ///
+    /// Example: kame-server agent list --attestation-type tpm_devid --banned false
     List {
+        #[command(flatten)]
+        filter: AgentFilterArgs,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Deletes the records of agents whose SVID expired more than --expired-for ago and that
+    /// can re-attest (SPIRE's `agent purge`).
+    ///
+    /// Example: kame-server agent purge --expired-for 720h --dry-run
+    Purge {
+        /// How long ago the agent's SVID must have expired (a duration).
+        #[arg(long, default_value = "720h", value_parser = purge_age)]
+        expired_for: std::time::Duration,
+        /// Only say which agents would be purged.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -105,36 +128,121 @@ pub enum AgentCmd {
         #[command(flatten)]
         common: Common,
     },
-    /// Counts attested agents.
+    /// Counts attested agents (all, or those the filters match).
     Count {
+        #[command(flatten)]
+        filter: AgentFilterArgs,
         #[command(flatten)]
         common: Common,
     },
 }
 
+fn purge_age(s: &str) -> Result<std::time::Duration, String> {
+    kame_api::conf::parse_duration(s)
+}
+
+/// SPIRE's `agent list` / `agent count` filters.
+#[derive(Debug, Clone, Args)]
+pub struct AgentFilterArgs {
+    /// A selector `type:value` the agent must have; repeat for several.
+    #[arg(long = "selector")]
+    pub selectors: Vec<String>,
+    /// How the selectors match: exact, any, superset (the agent has all of them) or subset.
+    #[arg(long, default_value = "superset")]
+    pub match_selectors_on: String,
+    /// Only agents attested with this node attestor.
+    #[arg(long)]
+    pub attestation_type: Option<String>,
+    /// `true` or `false`: only agents that can (cannot) re-attest; anything else: all.
+    #[arg(long)]
+    pub can_reattest: Option<String>,
+    /// `true` or `false`: only banned (not banned) agents; anything else: all.
+    #[arg(long)]
+    pub banned: Option<String>,
+    /// Only agents whose SVID expires before this time (`2006-01-02 15:04:05 -0700 -07`, as
+    /// SPIRE's flag, or unix seconds).
+    #[arg(long)]
+    pub expires_before: Option<String>,
+}
+
+impl AgentFilterArgs {
+    fn filter(&self) -> Result<Option<pb::agent::AgentFilter>, CliError> {
+        use types::selector_match::MatchBehavior as M;
+        let tri = |v: &Option<String>| match v.as_deref() {
+            Some("true") => Some(true),
+            Some("false") => Some(false),
+            _ => None,
+        };
+        let by_selector_match = if self.selectors.is_empty() {
+            None
+        } else {
+            let m = match self.match_selectors_on.as_str() {
+                "exact" => M::MatchExact,
+                "any" => M::MatchAny,
+                "superset" => M::MatchSuperset,
+                "subset" => M::MatchSubset,
+                other => {
+                    return Err(CliError::Usage(format!(
+                        "--match-selectors-on: {other:?} is not exact, any, superset or subset"
+                    )));
+                }
+            };
+            Some(types::SelectorMatch {
+                selectors: self
+                    .selectors
+                    .iter()
+                    .map(|s| parse_selector(s))
+                    .collect::<Result<_, _>>()?,
+                r#match: m as i32,
+            })
+        };
+        if let Some(t) = &self.expires_before
+            && t.parse::<i64>().is_err()
+            && kame_api::timefmt::parse_go(t).is_none()
+        {
+            return Err(CliError::Usage(format!(
+                "--expires-before: {t:?} is not of the form \"2006-01-02 15:04:05 -0700 -07\""
+            )));
+        }
+        let f = pb::agent::AgentFilter {
+            by_attestation_type: self.attestation_type.clone().unwrap_or_default(),
+            by_selector_match,
+            by_banned: tri(&self.banned),
+            by_can_reattest: tri(&self.can_reattest),
+            by_expires_before: self.expires_before.clone().unwrap_or_default(),
+        };
+        Ok((f != pb::agent::AgentFilter::default()).then_some(f))
+    }
+}
+
 pub async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
     use pb::agent::agent_client::AgentClient;
     match cmd {
-        AgentCmd::List { common } => {
+        AgentCmd::List { filter, common } => {
+            let filter = filter.filter()?;
             let mut c = AgentClient::new(connect(&common.socket_path).await?);
             let r = c
                 .list_agents(pb::agent::ListAgentsRequest {
-                    filter: None,
+                    filter,
                     output_mask: None,
                     page_size: 0,
                     page_token: String::new(),
                 })
                 .await?
                 .into_inner();
-            let pretty = format!(
-                "Found {} attested agent{}:\n\n{}",
-                r.agents.len(),
-                if r.agents.len() == 1 { "" } else { "s" },
-                r.agents
-                    .iter()
-                    .map(|a| format!("{}\n", agent_pretty(a)))
-                    .collect::<String>()
-            );
+            let pretty = if r.agents.is_empty() {
+                "No attested agents found\n".to_string()
+            } else {
+                format!(
+                    "Found {} attested agent{}:\n\n{}",
+                    r.agents.len(),
+                    if r.agents.len() == 1 { "" } else { "s" },
+                    r.agents
+                        .iter()
+                        .map(|a| format!("{}\n", agent_pretty(a)))
+                        .collect::<String>()
+                )
+            };
             print(
                 common.output,
                 json!({"agents": r.agents.iter().map(agent_json).collect::<Vec<_>>()}),
@@ -179,10 +287,16 @@ pub async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
                 "Agent banned successfully\n".into(),
             );
         }
-        AgentCmd::Count { common } => {
+        AgentCmd::Purge {
+            expired_for,
+            dry_run,
+            common,
+        } => purge(expired_for, dry_run, common).await?,
+        AgentCmd::Count { filter, common } => {
+            let filter = filter.filter()?;
             let mut c = AgentClient::new(connect(&common.socket_path).await?);
             let n = c
-                .count_agents(pb::agent::CountAgentsRequest { filter: None })
+                .count_agents(pb::agent::CountAgentsRequest { filter })
                 .await?
                 .into_inner()
                 .count;
@@ -193,5 +307,84 @@ pub async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
             );
         }
     }
+    Ok(())
+}
+
+/// `agent purge`: SPIRE's selection (agents that can re-attest, their SVID expired longer ago
+/// than `expired_for`) and report; each deletion is its own call, a failure reported and the
+/// rest carried on.
+async fn purge(
+    expired_for: std::time::Duration,
+    dry_run: bool,
+    common: Common,
+) -> Result<(), CliError> {
+    use pb::agent::agent_client::AgentClient;
+    let mut c = AgentClient::new(connect(&common.socket_path).await?);
+    let agents = c
+        .list_agents(pb::agent::ListAgentsRequest {
+            filter: Some(pb::agent::AgentFilter {
+                by_can_reattest: Some(true),
+                ..Default::default()
+            }),
+            output_mask: None,
+            page_size: 0,
+            page_token: String::new(),
+        })
+        .await?
+        .into_inner()
+        .agents;
+    let cutoff = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+        - i64::try_from(expired_for.as_secs()).unwrap_or(i64::MAX);
+    let mut results = vec![];
+    for a in agents.iter().filter(|a| a.x509svid_expires_at < cutoff) {
+        let error = if dry_run {
+            None
+        } else {
+            c.delete_agent(pb::agent::DeleteAgentRequest { id: a.id.clone() })
+                .await
+                .err()
+                .map(|s| s.message().to_string())
+        };
+        results.push((id_str(&a.id), !dry_run && error.is_none(), error));
+    }
+    let json_v = json!({"expired_agents": results.iter().map(|(id, deleted, error)| {
+        json!({"agent_id": id, "deleted": deleted, "error": error.clone().unwrap_or_default()})
+    }).collect::<Vec<_>>()});
+    let mut pretty = String::new();
+    if results.is_empty() {
+        pretty += "No agents to purge.\n";
+    } else {
+        let n = results.len();
+        pretty += &format!(
+            "Found {n} expired agent{}\n\n",
+            if n == 1 { "" } else { "s" }
+        );
+        if dry_run {
+            pretty += "\nAgents that can be purged:\n";
+            for (id, _, _) in &results {
+                pretty += &format!("SPIFFE ID         : {id}\n");
+            }
+        } else {
+            if results.iter().any(|r| r.1) {
+                pretty += "Agents purged:\n";
+                for (id, _, _) in results.iter().filter(|r| r.1) {
+                    pretty += &format!("SPIFFE ID         : {id}\n");
+                }
+            }
+            if results.iter().any(|r| !r.1) {
+                pretty += "Agents not purged:\n";
+                for (id, _, e) in results.iter().filter(|r| !r.1) {
+                    pretty += &format!(
+                        "SPIFFE ID         : {id}\nError             : {}\n",
+                        e.clone().unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    print(common.output, json_v, pretty);
     Ok(())
 }

@@ -83,27 +83,7 @@ pub struct SkidArgs {
     pub common: Common,
 }
 
-/// Unix seconds as `YYYY-MM-DD hh:mm:ss +0000 UTC` (SPIRE's format).
-fn utc(secs: i64) -> String {
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} +0000 UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
+use kame_api::timefmt::utc;
 
 fn state_json(s: &pb::AuthorityState) -> Value {
     json!({
@@ -396,16 +376,4 @@ pub async fn upstreamauthority(cmd: UpstreamAuthorityCmd) -> Result<(), CliError
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::utc;
-
-    #[test]
-    fn utc_formats_like_spire() {
-        assert_eq!(utc(0), "1970-01-01 00:00:00 +0000 UTC");
-        assert_eq!(utc(951_782_400), "2000-02-29 00:00:00 +0000 UTC");
-        assert_eq!(utc(1_714_679_856), "2024-05-02 19:57:36 +0000 UTC");
-    }
 }

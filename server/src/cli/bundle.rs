@@ -45,6 +45,11 @@ pub enum BundleCmd {
         #[command(flatten)]
         common: Common,
     },
+    /// Counts bundles (the server's own and the federated ones).
+    Count {
+        #[command(flatten)]
+        common: Common,
+    },
     /// Deletes a federated bundle.
     Delete {
         #[arg(long)]
@@ -117,6 +122,19 @@ pub(super) fn read_bundle(
 pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
     use pb::bundle::bundle_client::BundleClient;
     match cmd {
+        BundleCmd::Count { common } => {
+            let mut c = BundleClient::new(connect(&common.socket_path).await?);
+            let n = c
+                .count_bundles(pb::bundle::CountBundlesRequest {})
+                .await?
+                .into_inner()
+                .count;
+            print(
+                common.output,
+                json!({"count": n}),
+                format!("{n} bundle{}\n", if n == 1 { "" } else { "s" }),
+            );
+        }
         BundleCmd::Show { format, common } => {
             let mut c = BundleClient::new(connect(&common.socket_path).await?);
             let b = c

@@ -23,6 +23,7 @@ pub(super) fn entry_json(e: &types::Entry) -> Value {
     })
 }
 
+/// SPIRE's `printEntry`: labels in 24 columns, in its order, optional lines only when set.
 pub(super) fn entry_pretty(e: &types::Entry) -> String {
     let ttl = |t: i32| {
         if t == 0 {
@@ -31,38 +32,44 @@ pub(super) fn entry_pretty(e: &types::Entry) -> String {
             t.to_string()
         }
     };
+    let id = if e.id.is_empty() { "(none)" } else { &e.id };
     let mut s = format!(
-        "Entry ID         : {}\nSPIFFE ID        : {}\nParent ID        : {}\nRevision         : {}\nX509-SVID TTL    : {}\nJWT-SVID TTL     : {}\n",
-        e.id,
+        "Entry ID                : {id}\nSPIFFE ID               : {}\nParent ID               : {}\nRevision                : {}\n",
         id_str(&e.spiffe_id),
         id_str(&e.parent_id),
         e.revision_number,
+    );
+    if e.downstream {
+        s += "Downstream              : true\n";
+    }
+    s += &format!(
+        "X509-SVID TTL           : {}\nJWT-SVID TTL            : {}\n",
         ttl(e.x509_svid_ttl),
         ttl(e.jwt_svid_ttl)
     );
     if e.expires_at != 0 {
-        s += &format!("Expiration time  : {}\n", e.expires_at);
+        s += &format!(
+            "Expiration time         : {}\n",
+            kame_api::timefmt::utc(e.expires_at)
+        );
     }
     for sel in &e.selectors {
-        s += &format!("Selector         : {}:{}\n", sel.r#type, sel.value);
+        s += &format!("Selector                : {}:{}\n", sel.r#type, sel.value);
     }
     for f in &e.federates_with {
-        s += &format!("FederatesWith    : {f}\n");
+        s += &format!("FederatesWith           : {f}\n");
     }
     for d in &e.dns_names {
-        s += &format!("DNS name         : {d}\n");
+        s += &format!("DNS name                : {d}\n");
     }
     if e.admin {
-        s += "Admin            : true\n";
-    }
-    if e.downstream {
-        s += "Downstream       : true\n";
+        s += "Admin                   : true\n";
     }
     if e.store_svid {
-        s += "StoreSvid        : true\n";
+        s += "StoreSvid               : true\n";
     }
     if !e.hint.is_empty() {
-        s += &format!("Hint             : {}\n", e.hint);
+        s += &format!("Hint                    : {}\n", e.hint);
     }
     s
 }
@@ -75,10 +82,17 @@ pub enum EntryCmd {
     Show(EntryShow),
     /// Updates a registration entry (every field is replaced by the flags given).
     Update(EntryUpdate),
-    /// Deletes a registration entry.
+    /// Deletes registration entries: one by `--entry-id`, or those in SPIRE's JSON file
+    /// (`{"ids": ["…"]}`) with `--file` (`-` for stdin).
+    ///
+    /// Example: kame-server entry delete --entry-id 9c3e…
     Delete {
+        /// The ID of the entry to delete.
+        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        entry_id: Option<String>,
+        /// SPIRE's JSON file of IDs to delete (`-`: stdin).
         #[arg(long)]
-        entry_id: String,
+        file: Option<PathBuf>,
         #[command(flatten)]
         common: Common,
     },
@@ -100,11 +114,11 @@ pub struct EntryFields {
     /// A selector `type:value`; repeat for several.
     #[arg(long = "selector")]
     pub selectors: Vec<String>,
-    /// X509-SVID TTL in seconds (0 = server default).
-    #[arg(long)]
+    /// X509-SVID TTL: seconds or a duration such as 1h (0 = server default).
+    #[arg(long, value_parser = ttl_value)]
     pub x509_svid_ttl: Option<i64>,
-    /// JWT-SVID TTL in seconds (0 = server default).
-    #[arg(long)]
+    /// JWT-SVID TTL: seconds or a duration such as 5m (0 = server default).
+    #[arg(long, value_parser = ttl_value)]
     pub jwt_svid_ttl: Option<i64>,
     /// A DNS name for the X509-SVID; repeat for several.
     #[arg(long = "dns-name")]
@@ -139,18 +153,238 @@ pub struct EntryCreate {
     /// A custom entry ID.
     #[arg(long)]
     pub entry_id: Option<String>,
+    /// SPIRE's JSON file of entries (`{"entries": [ … ]}`; `-`: stdin), created in one batch;
+    /// the entry flags are not given with it.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
     #[command(flatten)]
     pub common: Common,
 }
 
 #[derive(Debug, Args)]
 pub struct EntryUpdate {
-    #[arg(long)]
-    pub entry_id: String,
+    /// The ID of the entry to update (required unless --data is given).
+    #[arg(long, required_unless_present = "data")]
+    pub entry_id: Option<String>,
     #[command(flatten)]
     pub fields: EntryFields,
+    /// SPIRE's JSON file of entries, each with its `entry_id` (`-`: stdin).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
     #[command(flatten)]
     pub common: Common,
+}
+
+impl EntryFields {
+    /// Whether any entry flag was given (they do not go with `--data`).
+    fn any(&self) -> bool {
+        self.spiffe_id.is_some()
+            || self.parent_id.is_some()
+            || !self.selectors.is_empty()
+            || self.x509_svid_ttl.is_some()
+            || self.jwt_svid_ttl.is_some()
+            || !self.dns_names.is_empty()
+            || !self.federates_with.is_empty()
+            || self.admin
+            || self.downstream
+            || self.store_svid
+            || self.entry_expiry.is_some()
+            || self.hint.is_some()
+    }
+}
+
+/// `path`'s bytes, or stdin's for `-`.
+fn read_input(path: &Path) -> Result<String, CliError> {
+    use std::io::Read;
+    let mut text = String::new();
+    if path == Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map_err(|source| CliError::Io {
+                what: "cannot read",
+                path: "stdin".into(),
+                source,
+            })?;
+    } else {
+        text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
+            what: "cannot read",
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    Ok(text)
+}
+
+/// The member `k` of a JSON object, its name matched as Go's encoding/json matches it
+/// (ignoring case).
+fn member<'a>(v: &'a Value, k: &str) -> Option<&'a Value> {
+    v.as_object()?
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(k))
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_null())
+}
+
+/// One entry of SPIRE's JSON format (`proto/spire/common` RegistrationEntry: snake_case keys,
+/// `entryExpiry`, IDs as strings, `federates_with` as trust domains with or without
+/// `spiffe://`); unknown keys are ignored, as SPIRE ignores them.
+fn entry_from_json(v: &Value) -> Result<types::Entry, String> {
+    if !v.is_object() {
+        return Err("expected an object".into());
+    }
+    let text = |k: &str| -> Result<String, String> {
+        match member(v, k) {
+            None => Ok(String::new()),
+            Some(Value::String(s)) => Ok(s.clone()),
+            Some(_) => Err(format!("{k}: expected a string")),
+        }
+    };
+    let int = |k: &str| -> Result<i64, String> {
+        match member(v, k) {
+            None => Ok(0),
+            Some(n) => n
+                .as_i64()
+                .ok_or_else(|| format!("{k}: expected an integer")),
+        }
+    };
+    let flag = |k: &str| -> Result<bool, String> {
+        match member(v, k) {
+            None => Ok(false),
+            Some(b) => b
+                .as_bool()
+                .ok_or_else(|| format!("{k}: expected true or false")),
+        }
+    };
+    let strings = |k: &str| -> Result<Vec<String>, String> {
+        match member(v, k) {
+            None => Ok(vec![]),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_str()
+                        .map(String::from)
+                        .ok_or_else(|| format!("{k}: expected strings"))
+                })
+                .collect(),
+            Some(_) => Err(format!("{k}: expected a list of strings")),
+        }
+    };
+    let id = |k: &str| -> Result<Option<types::Spiffeid>, String> {
+        let s = text(k)?;
+        if s.is_empty() {
+            return Err(format!("{k}: missing"));
+        }
+        loose_id(k, &s).map(Some).map_err(|e| e.to_string())
+    };
+    let selectors = match member(v, "selectors") {
+        None => vec![],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|s| match (member(s, "type"), member(s, "value")) {
+                (Some(Value::String(t)), Some(Value::String(val))) => Ok(types::Selector {
+                    r#type: t.clone(),
+                    value: val.clone(),
+                }),
+                _ => Err("selectors: each needs a type and a value".to_string()),
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err("selectors: expected a list".into()),
+    };
+    let ttl = |k: &str| -> Result<i32, String> {
+        i32::try_from(int(k)?).map_err(|_| format!("{k}: out of range"))
+    };
+    let mut x509_svid_ttl = ttl("x509_svid_ttl")?;
+    if x509_svid_ttl == 0 {
+        // SPIRE's older name for it.
+        x509_svid_ttl = ttl("ttl")?;
+    }
+    Ok(types::Entry {
+        id: text("entry_id")?,
+        spiffe_id: id("spiffe_id")?,
+        parent_id: id("parent_id")?,
+        selectors,
+        x509_svid_ttl,
+        jwt_svid_ttl: ttl("jwt_svid_ttl")?,
+        federates_with: strings("federates_with")?
+            .into_iter()
+            .map(|t| t.trim_start_matches("spiffe://").to_string())
+            .collect(),
+        admin: flag("admin")?,
+        downstream: flag("downstream")?,
+        expires_at: int("entryExpiry")?,
+        dns_names: strings("dns_names")?,
+        revision_number: int("revision_number")?,
+        store_svid: flag("store_svid")?,
+        hint: text("hint")?,
+        created_at: 0,
+        additional_attributes: None,
+    })
+}
+
+/// The entries of SPIRE's `-data` file.
+fn entries_from_file(path: &Path) -> Result<Vec<types::Entry>, CliError> {
+    let shown = path.display().to_string();
+    let v: Value = serde_json::from_str(&read_input(path)?)
+        .map_err(|e| CliError::Usage(format!("--data {shown}: not JSON: {e}")))?;
+    let list = member(&v, "entries")
+        .and_then(Value::as_array)
+        .ok_or_else(|| {
+            CliError::Usage(format!("--data {shown}: expected {{\"entries\": [ … ]}}"))
+        })?;
+    list.iter()
+        .enumerate()
+        .map(|(i, e)| {
+            entry_from_json(e)
+                .map_err(|m| CliError::Usage(format!("--data {shown}: entries[{i}]: {m}")))
+        })
+        .collect()
+}
+
+/// Prints a batch's results as SPIRE does: each entry made, then each failure on stderr with
+/// its code and message (for a duplicate, the entry that exists, with its ID); an error when
+/// any failed.
+fn print_batch(
+    verb: &str,
+    out: Output,
+    results: Vec<(Option<types::Status>, Option<types::Entry>)>,
+    sent: &[types::Entry],
+) -> Result<(), CliError> {
+    let mut failed = 0;
+    let mut json_results = vec![];
+    let mut pretty = String::new();
+    for (i, (status, entry)) in results.into_iter().enumerate() {
+        let (code, message) = status
+            .map(|s| (s.code, s.message))
+            .unwrap_or((2, "no status".into()));
+        let shown = entry.or_else(|| sent.get(i).cloned()).unwrap_or_default();
+        json_results.push(json!({
+            "status": {"code": code, "message": message},
+            "entry": entry_json(&shown),
+        }));
+        if code == 0 {
+            pretty += &entry_pretty(&shown);
+            pretty.push('\n');
+        } else {
+            failed += 1;
+            eprint!(
+                "Failed to {verb} the following entry (code: {:?}, msg: {message:?}):\n{}\n",
+                tonic::Code::from_i32(code),
+                entry_pretty(&shown)
+            );
+        }
+    }
+    // One entry made from flags prints as the entry; a batch as its results.
+    let json_v = match json_results.as_slice() {
+        [one] if failed == 0 && sent.len() == 1 => one["entry"].clone(),
+        _ => json!({ "results": json_results }),
+    };
+    print(out, json_v, pretty);
+    if failed > 0 {
+        return Err(CliError::Failed(format!(
+            "failed to {verb} one or more entries"
+        )));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Args)]
@@ -229,7 +463,11 @@ pub async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
     match cmd {
         EntryCmd::Create(c) => create(c).await,
         EntryCmd::Update(u) => update(u).await,
-        EntryCmd::Delete { entry_id, common } => delete(entry_id, common).await,
+        EntryCmd::Delete {
+            entry_id,
+            file,
+            common,
+        } => delete(entry_id, file, common).await,
         EntryCmd::Count { common } => {
             let mut client = Client::new(connect(&common.socket_path).await?);
             let n = client
@@ -240,7 +478,10 @@ pub async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
             print(
                 common.output,
                 json!({"count": n}),
-                format!("{n} registration entries\n"),
+                format!(
+                    "{n} registration {}\n",
+                    if n == 1 { "entry" } else { "entries" }
+                ),
             );
             Ok(())
         }
@@ -248,84 +489,158 @@ pub async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
     }
 }
 
-/// The one entry of a batch result, or the error its status carries.
-fn one_entry(
-    results: Vec<(Option<types::Status>, Option<types::Entry>)>,
-) -> Result<types::Entry, CliError> {
-    let (status, entry) = results
-        .into_iter()
-        .next()
-        .ok_or_else(|| CliError::Failed("no result".into()))?;
-    check_status(&status)?;
-    entry.ok_or_else(|| CliError::Failed("no entry returned".into()))
-}
-
 async fn create(c: EntryCreate) -> Result<(), CliError> {
-    let parent = if c.node {
-        let id = c
-            .fields
-            .spiffe_id
-            .as_deref()
-            .ok_or_else(|| CliError::Usage("--spiffe-id is required".into()))?;
-        let td = loose_id("--spiffe-id", id)?.trust_domain;
-        Some(format!("spiffe://{td}/spire/server"))
-    } else {
-        None
+    let entries = match &c.data {
+        Some(path) => {
+            if c.fields.any() || c.node || c.entry_id.is_some() {
+                return Err(CliError::Usage(
+                    "give --data or the entry flags, not both".into(),
+                ));
+            }
+            entries_from_file(path)?
+        }
+        None => {
+            let parent = if c.node {
+                let id = c
+                    .fields
+                    .spiffe_id
+                    .as_deref()
+                    .ok_or_else(|| CliError::Usage("--spiffe-id is required".into()))?;
+                let td = loose_id("--spiffe-id", id)?.trust_domain;
+                Some(format!("spiffe://{td}/spire/server"))
+            } else {
+                None
+            };
+            vec![entry_from_fields(
+                &c.fields,
+                c.entry_id.clone().unwrap_or_default(),
+                parent,
+            )?]
+        }
     };
-    let e = entry_from_fields(&c.fields, c.entry_id.clone().unwrap_or_default(), parent)?;
     let mut client = Client::new(connect(&c.common.socket_path).await?);
     let resp = client
         .batch_create_entry(pb::entry::BatchCreateEntryRequest {
-            entries: vec![e],
+            entries: entries.clone(),
             output_mask: None,
         })
         .await?
         .into_inner();
-    let e = one_entry(
+    print_batch(
+        "create",
+        c.common.output,
         resp.results
             .into_iter()
             .map(|r| (r.status, r.entry))
             .collect(),
-    )?;
-    print(c.common.output, entry_json(&e), entry_pretty(&e));
-    Ok(())
+        &entries,
+    )
 }
 
 async fn update(u: EntryUpdate) -> Result<(), CliError> {
-    let e = entry_from_fields(&u.fields, u.entry_id.clone(), None)?;
+    let entries = match (&u.data, &u.entry_id) {
+        (Some(path), None) if !u.fields.any() => entries_from_file(path)?,
+        (Some(_), _) => {
+            return Err(CliError::Usage(
+                "give --data or the entry flags, not both".into(),
+            ));
+        }
+        (None, Some(id)) => vec![entry_from_fields(&u.fields, id.clone(), None)?],
+        (None, None) => return Err(CliError::Usage("--entry-id is required".into())),
+    };
+    if let Some(i) = entries.iter().position(|e| e.id.is_empty()) {
+        return Err(CliError::Usage(format!(
+            "entries[{i}]: entry_id is required to update"
+        )));
+    }
     let mut client = Client::new(connect(&u.common.socket_path).await?);
     let resp = client
         .batch_update_entry(pb::entry::BatchUpdateEntryRequest {
-            entries: vec![e],
+            entries: entries.clone(),
             input_mask: None,
             output_mask: None,
         })
         .await?
         .into_inner();
-    let e = one_entry(
+    print_batch(
+        "update",
+        u.common.output,
         resp.results
             .into_iter()
             .map(|r| (r.status, r.entry))
             .collect(),
-    )?;
-    print(u.common.output, entry_json(&e), entry_pretty(&e));
-    Ok(())
+        &entries,
+    )
 }
 
-async fn delete(entry_id: String, common: Common) -> Result<(), CliError> {
+async fn delete(
+    entry_id: Option<String>,
+    file: Option<PathBuf>,
+    common: Common,
+) -> Result<(), CliError> {
+    let ids = match (entry_id, file) {
+        (Some(id), None) => vec![id],
+        (None, Some(path)) => {
+            let shown = path.display().to_string();
+            let v: Value = serde_json::from_str(&read_input(&path)?)
+                .map_err(|e| CliError::Usage(format!("--file {shown}: not JSON: {e}")))?;
+            member(&v, "ids")
+                .and_then(Value::as_array)
+                .and_then(|a| {
+                    a.iter()
+                        .map(|x| x.as_str().map(String::from))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .ok_or_else(|| {
+                    CliError::Usage(format!("--file {shown}: expected {{\"ids\": [\"…\"]}}"))
+                })?
+        }
+        _ => {
+            return Err(CliError::Usage("give --entry-id or --file".into()));
+        }
+    };
     let mut client = Client::new(connect(&common.socket_path).await?);
     let resp = client
-        .batch_delete_entry(pb::entry::BatchDeleteEntryRequest {
-            ids: vec![entry_id.clone()],
-        })
+        .batch_delete_entry(pb::entry::BatchDeleteEntryRequest { ids: ids.clone() })
         .await?
         .into_inner();
-    check_first(resp.results.iter().map(|x| &x.status))?;
-    print(
-        common.output,
-        json!({"id": entry_id}),
-        format!("Deleted entry with ID: {entry_id}\n"),
-    );
+    let (mut pretty, mut done, mut failed, mut results) = (String::new(), 0, 0, vec![]);
+    for (i, r) in resp.results.iter().enumerate() {
+        let id = if r.id.is_empty() {
+            &ids[i.min(ids.len() - 1)]
+        } else {
+            &r.id
+        };
+        let (code, message) = r
+            .status
+            .as_ref()
+            .map(|s| (s.code, s.message.clone()))
+            .unwrap_or((2, "no status".into()));
+        results.push(json!({"id": id, "status": {"code": code, "message": message}}));
+        if code == 0 {
+            done += 1;
+            pretty += &format!("Deleted entry with ID: {id}\n");
+        } else {
+            failed += 1;
+            eprintln!(
+                "Failed to delete entry with ID {id} (code: {:?}, msg: {message:?})",
+                tonic::Code::from_i32(code)
+            );
+        }
+    }
+    if ids.len() > 1 {
+        pretty += &format!("\nDeleted {done} entries successfully\n");
+    }
+    let json_v = match ids.as_slice() {
+        [one] if failed == 0 => json!({ "id": one }),
+        _ => json!({ "results": results }),
+    };
+    print(common.output, json_v, pretty);
+    if failed > 0 {
+        return Err(CliError::Failed(
+            "failed to delete one or more entries".into(),
+        ));
+    }
     Ok(())
 }
 

@@ -62,7 +62,8 @@ pub enum FederationCmd {
     },
     /// Shows one relationship.
     Show {
-        #[arg(long)]
+        /// The trust domain (SPIRE's `-trustDomain`).
+        #[arg(long, alias = "trust-domain")]
         id: String,
         #[command(flatten)]
         common: Common,

@@ -162,6 +162,17 @@ fn print(out: Output, json_v: Value, pretty: String) {
     }
 }
 
+/// A TTL flag's value: seconds (SPIRE's entry flags) or a Go duration such as `1h` (SPIRE's
+/// mint flags); either is accepted everywhere.
+pub fn ttl_value(s: &str) -> Result<i64, String> {
+    if let Ok(n) = s.parse::<i64>() {
+        return Ok(n);
+    }
+    let d = kame_api::conf::parse_duration(s)
+        .map_err(|e| format!("{s:?} is neither seconds nor a duration (1h, 30m, 90s): {e}"))?;
+    i64::try_from(d.as_secs()).map_err(|_| format!("{s:?} is too long"))
+}
+
 fn ttl_arg(flag: &str, v: Option<i64>) -> Result<i32, CliError> {
     match v {
         None => Ok(0),

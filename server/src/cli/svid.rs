@@ -10,8 +10,8 @@ pub enum X509Cmd {
     Mint {
         #[arg(long)]
         spiffe_id: String,
-        /// TTL in seconds (0 = server default).
-        #[arg(long, default_value_t = 0)]
+        /// TTL: a duration such as 1h, or seconds (0 = server default).
+        #[arg(long, default_value = "0", value_parser = ttl_value)]
         ttl: i64,
         #[arg(long = "dns-name")]
         dns_names: Vec<String>,
@@ -32,8 +32,8 @@ pub enum JwtCmd {
         /// An audience; repeat for several.
         #[arg(long = "audience", required = true)]
         audience: Vec<String>,
-        /// TTL in seconds (0 = server default).
-        #[arg(long, default_value_t = 0)]
+        /// TTL: a duration such as 1h, or seconds (0 = server default).
+        #[arg(long, default_value = "0", value_parser = ttl_value)]
         ttl: i64,
         /// Write the token to this file instead of standard output.
         #[arg(long)]

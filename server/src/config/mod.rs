@@ -51,6 +51,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub log_level: String,
     pub log_format: LogFormat,
+    /// `log_file`: logs appended to this file instead of stderr.
+    pub log_file: Option<std::path::PathBuf>,
     pub ca_ttl: Duration,
     pub default_x509_svid_ttl: Duration,
     pub default_jwt_svid_ttl: Duration,
@@ -64,6 +66,8 @@ pub struct Config {
     pub signing_mode: crate::ca::SigningMode,
     /// `telemetry { Prometheus { host port } }`: where to serve `/metrics`.
     pub prometheus: Option<(String, u16)>,
+    /// SPIRE's `health_checks` listener, when enabled.
+    pub health: Option<kame_api::serving::health::HealthConfig>,
     /// `plugins.DataStore`, built from its `plugin_data` (opened at start).
     pub datastore: Arc<dyn crate::datastore::sql::DataStorePlugin>,
     /// `plugins.UpstreamAuthority`, when configured (none is built in yet).
@@ -260,6 +264,7 @@ impl Config {
             }
             t.finish()?;
         }
+        let health = kame_api::serving::health::parse(&mut root)?;
         root.finish()?;
         let mut server = server;
 
@@ -297,6 +302,7 @@ impl Config {
         let data_dir = PathBuf::from(server.string("data_dir")?.unwrap_or_else(|| ".".into()));
         let log_level = kame_api::conf::log_level(&server)?;
         let log_format = kame_api::conf::log_format(&server)?;
+        let log_file = server.nonempty("log_file")?.map(std::path::PathBuf::from);
         let nonzero =
             |k: &str, d: Option<Duration>, default: Duration| -> Result<Duration, ConfigError> {
                 match d {
@@ -362,6 +368,7 @@ impl Config {
             data_dir,
             log_level,
             log_format,
+            log_file,
             ca_ttl,
             default_x509_svid_ttl,
             default_jwt_svid_ttl,
@@ -372,6 +379,7 @@ impl Config {
             jwt_issuer,
             signing_mode,
             prometheus,
+            health,
             datastore,
             key_manager,
             upstream_authority,

@@ -302,11 +302,12 @@ pub async fn serve(
             else {
                 return;
             };
-            let Some((method, path)) = crate::httpmini::request_line(&mut s, REQUEST_TIME).await
+            let Some((method, path)) =
+                kame_api::serving::httpmini::request_line(&mut s, REQUEST_TIME).await
             else {
                 return;
             };
-            use crate::httpmini::respond;
+            use kame_api::serving::httpmini::respond;
             if path != "/" {
                 return respond(&mut s, "404 Not Found", "text/plain", b"not found\n", "").await;
             }

@@ -64,9 +64,18 @@ async fn filtered_agents(
     let expires_before = if f.by_expires_before.is_empty() {
         None
     } else {
-        Some(f.by_expires_before.parse::<i64>().map_err(|_| {
-            Status::invalid_argument("filter.by_expires_before: expected unix seconds")
-        })?)
+        // SPIRE's layout (what its CLI sends), or unix seconds.
+        Some(
+            f.by_expires_before
+                .parse::<i64>()
+                .ok()
+                .or_else(|| kame_api::timefmt::parse_go(&f.by_expires_before))
+                .ok_or_else(|| {
+                    Status::invalid_argument(
+                        "filter.by_expires_before: expected \"2006-01-02 15:04:05 -0700 -07\" or unix seconds",
+                    )
+                })?,
+        )
     };
     Ok(all
         .into_iter()
@@ -101,6 +110,132 @@ fn agent_id_arg(ctx: &Context, id: Option<&types::Spiffeid>) -> Result<SpiffeId,
 }
 
 impl AgentService {
+    /// Attestation itself; `attestor` is set as soon as the agent names it (for the log).
+    async fn attest_steps(
+        &self,
+        req: Request<Streaming<pb::AttestAgentRequest>>,
+        peer: &str,
+        attestor: &mut String,
+    ) -> Result<Response<AttestStream>, Status> {
+        Limits::limit(&self.ctx.limits.attestation, &req, 1).await?;
+        let mut inbound = req.into_inner();
+        let first = inbound.message().await?.ok_or_else(|| {
+            Status::invalid_argument("stream closed before attestation parameters")
+        })?;
+        let params = match first.step {
+            Some(pb::attest_agent_request::Step::Params(p)) => p,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message must carry params",
+                ));
+            }
+        };
+        let data = params
+            .data
+            .ok_or_else(|| Status::invalid_argument("params.data: missing attestation data"))?;
+        attestor.clone_from(&data.r#type);
+        let csr_bytes = params
+            .params
+            .map(|p| p.csr)
+            .ok_or_else(|| Status::invalid_argument("params.params: missing CSR"))?;
+        // Validate everything before consuming single-use evidence.
+        let csr = parse_csr(&csr_bytes)?;
+        let attested = match data.r#type.as_str() {
+            join_token::TYPE if self.ctx.join_token_enabled => {
+                let id =
+                    join_token::agent_id(&self.ctx.td, &data.payload).map_err(attest_status)?;
+                let prior = self
+                    .ctx
+                    .ds
+                    .fetch_node(&id.to_string())
+                    .await
+                    .map_err(ds_status)?;
+                if prior.is_some_and(|n| n.banned()) {
+                    return Err(Status::permission_denied("agent is banned"));
+                }
+                join_token::attest(
+                    self.ctx.ds.as_ref(),
+                    &self.ctx.td,
+                    &data.payload,
+                    crate::ca::now_secs() as i64,
+                )
+                .await
+                .map_err(attest_status)?
+            }
+            name if self.ctx.node_attestors.contains_key(name) => {
+                let name = name.to_string();
+                let attestor = self.ctx.node_attestors[&name].clone();
+                let payload = data.payload;
+                let a = attestor.clone();
+                let step =
+                    attest_check(&self.ctx, move || a.begin(&payload, crate::ca::now_secs()))
+                        .await?
+                        .map_err(|e| plugin_status(&name, e))?;
+                let (challenge, pending) = match step {
+                    Step::Done(attested) => {
+                        let resp = self.complete_attestation(attested, &csr, &name).await?;
+                        return Ok(Response::new(Box::pin(tokio_stream::once(Ok(resp)))));
+                    }
+                    Step::Challenge { challenge, pending } => (challenge, pending),
+                };
+                // One challenge round: send it, then finish on the agent's response.
+                let svc = self.clone();
+                let peer = peer.to_string();
+                let stream = super::entry::async_stream(move |tx| async move {
+                    let first = pb::AttestAgentResponse {
+                        step: Some(pb::attest_agent_response::Step::Challenge(challenge)),
+                    };
+                    if tx.send(Ok(first)).await.is_err() {
+                        return;
+                    }
+                    let result = async {
+                        // An agent that never answers must not hold the attempt open.
+                        let msg = tokio::time::timeout(CHALLENGE_TIMEOUT, inbound.message())
+                            .await
+                            .map_err(|_| {
+                                Status::deadline_exceeded("no challenge response in time")
+                            })??
+                            .ok_or_else(|| {
+                                Status::invalid_argument(
+                                    "stream closed before the challenge response",
+                                )
+                            })?;
+                        let Some(pb::attest_agent_request::Step::ChallengeResponse(r)) = msg.step
+                        else {
+                            return Err(Status::invalid_argument("expected a challenge response"));
+                        };
+                        let attested = attest_check(&svc.ctx, move || {
+                            attestor.finish(pending, &r, crate::ca::now_secs())
+                        })
+                        .await?
+                        .map_err(|e| plugin_status(&name, e))?;
+                        svc.complete_attestation(attested, &csr, &name).await
+                    }
+                    .await;
+                    if let Err(s) = &result {
+                        log_refusal(&name, &peer, s);
+                    }
+                    let _ = tx.send(result).await;
+                });
+                return Ok(Response::new(Box::pin(stream)));
+            }
+            "" => {
+                return Err(Status::invalid_argument(
+                    "params.data.type: missing attestor type",
+                ));
+            }
+            other => {
+                return Err(Status::invalid_argument(format!(
+                    "params.data.type: node attestor {other:?} is not configured"
+                )));
+            }
+        };
+        let resp = self
+            .complete_attestation(attested, &csr, &data.r#type)
+            .await?;
+        Ok(Response::new(Box::pin(tokio_stream::once(Ok(resp)))))
+    }
+
     async fn sign_agent_svid(
         &self,
         id: &SpiffeId,
@@ -199,6 +334,17 @@ impl AgentService {
 
 type AttestStream = Pin<Box<dyn Stream<Item = Result<pb::AttestAgentResponse, Status>> + Send>>;
 
+/// A refused attestation, at INFO with the attestor, the peer and the reason (rate-limited
+/// attempts at DEBUG: a flood must not flood the log).
+fn log_refusal(attestor: &str, peer: &str, s: &Status) {
+    let attestor = if attestor.is_empty() { "-" } else { attestor };
+    if s.code() == tonic::Code::ResourceExhausted {
+        tracing::debug!(attestor = %attestor, peer = %peer, reason = %s.message(), "attestation throttled");
+    } else {
+        tracing::info!(attestor = %attestor, peer = %peer, code = ?s.code(), reason = %s.message(), "attestation refused");
+    }
+}
+
 #[tonic::async_trait]
 impl Agent for AgentService {
     async fn count_agents(
@@ -287,121 +433,16 @@ impl Agent for AgentService {
         &self,
         req: Request<Streaming<pb::AttestAgentRequest>>,
     ) -> Result<Response<AttestStream>, Status> {
-        Limits::limit(&self.ctx.limits.attestation, &req, 1).await?;
-        let mut inbound = req.into_inner();
-        let first = inbound.message().await?.ok_or_else(|| {
-            Status::invalid_argument("stream closed before attestation parameters")
-        })?;
-        let params = match first.step {
-            Some(pb::attest_agent_request::Step::Params(p)) => p,
-            _ => {
-                return Err(Status::invalid_argument(
-                    "the first message must carry params",
-                ));
-            }
-        };
-        let data = params
-            .data
-            .ok_or_else(|| Status::invalid_argument("params.data: missing attestation data"))?;
-        let csr_bytes = params
-            .params
-            .map(|p| p.csr)
-            .ok_or_else(|| Status::invalid_argument("params.params: missing CSR"))?;
-        // Validate everything before consuming single-use evidence.
-        let csr = parse_csr(&csr_bytes)?;
-        let attested = match data.r#type.as_str() {
-            join_token::TYPE if self.ctx.join_token_enabled => {
-                let id =
-                    join_token::agent_id(&self.ctx.td, &data.payload).map_err(attest_status)?;
-                let prior = self
-                    .ctx
-                    .ds
-                    .fetch_node(&id.to_string())
-                    .await
-                    .map_err(ds_status)?;
-                if prior.is_some_and(|n| n.banned()) {
-                    return Err(Status::permission_denied("agent is banned"));
-                }
-                join_token::attest(
-                    self.ctx.ds.as_ref(),
-                    &self.ctx.td,
-                    &data.payload,
-                    crate::ca::now_secs() as i64,
-                )
-                .await
-                .map_err(attest_status)?
-            }
-            name if self.ctx.node_attestors.contains_key(name) => {
-                let name = name.to_string();
-                let attestor = self.ctx.node_attestors[&name].clone();
-                let payload = data.payload;
-                let a = attestor.clone();
-                let step =
-                    attest_check(&self.ctx, move || a.begin(&payload, crate::ca::now_secs()))
-                        .await?
-                        .map_err(|e| plugin_status(&name, e))?;
-                let (challenge, pending) = match step {
-                    Step::Done(attested) => {
-                        let resp = self.complete_attestation(attested, &csr, &name).await?;
-                        return Ok(Response::new(Box::pin(tokio_stream::once(Ok(resp)))));
-                    }
-                    Step::Challenge { challenge, pending } => (challenge, pending),
-                };
-                // One challenge round: send it, then finish on the agent's response.
-                let svc = self.clone();
-                let stream = super::entry::async_stream(move |tx| async move {
-                    let first = pb::AttestAgentResponse {
-                        step: Some(pb::attest_agent_response::Step::Challenge(challenge)),
-                    };
-                    if tx.send(Ok(first)).await.is_err() {
-                        return;
-                    }
-                    let result = async {
-                        // An agent that never answers must not hold the attempt open.
-                        let msg = tokio::time::timeout(CHALLENGE_TIMEOUT, inbound.message())
-                            .await
-                            .map_err(|_| {
-                                Status::deadline_exceeded("no challenge response in time")
-                            })??
-                            .ok_or_else(|| {
-                                Status::invalid_argument(
-                                    "stream closed before the challenge response",
-                                )
-                            })?;
-                        let Some(pb::attest_agent_request::Step::ChallengeResponse(r)) = msg.step
-                        else {
-                            return Err(Status::invalid_argument("expected a challenge response"));
-                        };
-                        let attested = attest_check(&svc.ctx, move || {
-                            attestor.finish(pending, &r, crate::ca::now_secs())
-                        })
-                        .await?
-                        .map_err(|e| plugin_status(&name, e))?;
-                        svc.complete_attestation(attested, &csr, &name).await
-                    }
-                    .await;
-                    if let Err(s) = &result {
-                        tracing::info!(attestor = %name, error = %s.message(), "attestation refused");
-                    }
-                    let _ = tx.send(result).await;
-                });
-                return Ok(Response::new(Box::pin(stream)));
-            }
-            "" => {
-                return Err(Status::invalid_argument(
-                    "params.data.type: missing attestor type",
-                ));
-            }
-            other => {
-                return Err(Status::invalid_argument(format!(
-                    "params.data.type: node attestor {other:?} is not configured"
-                )));
-            }
-        };
-        let resp = self
-            .complete_attestation(attested, &csr, &data.r#type)
-            .await?;
-        Ok(Response::new(Box::pin(tokio_stream::once(Ok(resp)))))
+        let peer = req
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "local".into());
+        let mut attestor = String::new();
+        let r = self.attest_steps(req, &peer, &mut attestor).await;
+        if let Err(s) = &r {
+            log_refusal(&attestor, &peer, s);
+        }
+        r
     }
 
     async fn renew_agent(

@@ -1,5 +1,5 @@
-//! Makes the Workload API socket accept gRPC clients built on gRPC C-core (py-spiffe, and any
-//! grpcio client) unmodified. Over a Unix socket C-core sends the socket path, percent-encoded,
+//! Makes a Unix-socket gRPC server (the agent's Workload API, the server's admin socket) accept
+//! clients built on gRPC C-core (py-spiffe, and any grpcio client) unmodified. Over a Unix socket C-core sends the socket path, percent-encoded,
 //! as the HTTP/2 `:authority`; the HTTP/2 server under tonic rejects such a value and resets the
 //! stream, where Go's server (SPIRE's) accepts it. This adapter sits between the socket and the
 //! HTTP/2 server, HPACK-decodes each client header block and re-encodes it with
@@ -61,6 +61,17 @@ pub struct AuthorityFix<S> {
     encoder: fluke_hpack::Encoder<'static>,
 }
 
+/// The connection's peer facts are the wrapped stream's (for a Unix socket, tonic's
+/// `UdsConnectInfo` with the peer's credentials).
+impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
+    for AuthorityFix<S>
+{
+    type ConnectInfo = S::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
 impl<S> std::fmt::Debug for AuthorityFix<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("AuthorityFix")
@@ -85,6 +96,11 @@ impl<S> AuthorityFix<S> {
 
     pub fn get_ref(&self) -> &S {
         &self.inner
+    }
+
+    /// Wraps each connection a listener stream yields.
+    pub fn wrap<E>(r: Result<S, E>) -> Result<Self, E> {
+        r.map(Self::new)
     }
 
     fn go_raw(&mut self) {

@@ -1,0 +1,575 @@
+//! Issue 24, driven through the real binaries as an operator drives them: a second `run` on a
+//! live server's socket or data_dir is refused with the reason and the first stays healthy; a
+//! stopped (SIGSTOP) server makes `healthcheck` fail within its deadline instead of hanging;
+//! output piped into `head -1` ends quietly; an agent given a join token the server does not
+//! know exits non-zero within 30 s saying why, and the server logs the refusal with the
+//! attestor and the peer.
+//!
+//! The agent binary is the workspace's `target/<profile>/kame-agent`, built by
+//! `cargo test --workspace` (and `scripts/test`) before any test runs.
+
+mod common;
+
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn server_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_kame-server")
+}
+
+/// The `kame-agent` binary next to `kame-server`.
+fn agent_bin() -> PathBuf {
+    let p = Path::new(server_bin()).with_file_name("kame-agent");
+    assert!(
+        p.exists(),
+        "{} is missing: build it first (cargo build -p kame-agent)",
+        p.display()
+    );
+    p
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_server(dir: &Path, conf: &Path, log: &str) -> Child {
+    Child(
+        Command::new(server_bin())
+            .args(["run", "--config"])
+            .arg(conf)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(log)).unwrap())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn cli(args: &[&str]) -> Output {
+    Command::new(server_bin()).args(args).output().unwrap()
+}
+
+fn healthy(socket: &Path) -> bool {
+    cli(&[
+        "healthcheck",
+        "--socket-path",
+        &socket.display().to_string(),
+    ])
+    .status
+    .success()
+}
+
+fn wait_healthy(socket: &Path) {
+    let t = Instant::now();
+    while !healthy(socket) {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "server never healthy"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits for `child` to exit within `limit`; its status.
+fn exits_within(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let t = Instant::now();
+    loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(t.elapsed() < limit, "still running after {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn server_dir() -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("server.conf");
+    std::fs::write(
+        &conf,
+        config_text(dir.path(), free_port(), &Opts::default())
+            .replace("log_level = \"WARN\"", "log_level = \"INFO\""),
+    )
+    .unwrap();
+    let socket = dir.path().join("sock/api.sock");
+    (dir, conf, socket)
+}
+
+#[test]
+fn operator_second_run_refused_on_live_data_dir_or_socket_first_stays_healthy() {
+    let (dir, conf, socket) = server_dir();
+    let _first = spawn_server(dir.path(), &conf, "first.log");
+    wait_healthy(&socket);
+
+    // The same configuration: its data_dir is held.
+    let mut second = spawn_server(dir.path(), &conf, "second.log");
+    assert!(!exits_within(&mut second, Duration::from_secs(20)).success());
+    let err = std::fs::read_to_string(dir.path().join("second.log")).unwrap();
+    assert!(
+        err.contains("data_dir") && err.contains("in use by another process"),
+        "{err}"
+    );
+    assert!(healthy(&socket), "the first server still answers");
+
+    // Another data_dir, the same socket: the live socket is not taken.
+    let other = tempfile::tempdir().unwrap();
+    let text = config_text(other.path(), free_port(), &Opts::default()).replace(
+        &format!("{}/sock/api.sock", other.path().display()),
+        &socket.display().to_string(),
+    );
+    let conf2 = other.path().join("server.conf");
+    std::fs::write(&conf2, text).unwrap();
+    let mut third = spawn_server(other.path(), &conf2, "third.log");
+    assert!(!exits_within(&mut third, Duration::from_secs(20)).success());
+    let err = std::fs::read_to_string(other.path().join("third.log")).unwrap();
+    assert!(
+        err.contains(&socket.display().to_string()) && err.contains("another kame-server"),
+        "{err}"
+    );
+    assert!(healthy(&socket), "the first server still answers");
+}
+
+#[test]
+fn operator_healthcheck_of_a_stopped_server_fails_within_15s() {
+    let (dir, conf, socket) = server_dir();
+    let server = spawn_server(dir.path(), &conf, "server.log");
+    wait_healthy(&socket);
+    let pid = server.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-STOP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let t = Instant::now();
+    let o = cli(&[
+        "healthcheck",
+        "--socket-path",
+        &socket.display().to_string(),
+    ]);
+    let took = t.elapsed();
+    assert!(!o.status.success());
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("no answer from the server within 5s"), "{err}");
+    // --timeout sets the deadline for any admin command.
+    let t = Instant::now();
+    let o = cli(&[
+        "entry",
+        "show",
+        "--timeout",
+        "1s",
+        "--socket-path",
+        &socket.display().to_string(),
+    ]);
+    assert!(!o.status.success());
+    assert!(t.elapsed() < Duration::from_secs(10));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("within 1s"));
+    assert!(
+        Command::new("kill")
+            .args(["-CONT", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    wait_healthy(&socket);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_output_piped_into_head_ends_quietly() {
+    let (dir, conf, socket) = server_dir();
+    let _server = spawn_server(dir.path(), &conf, "server.log");
+    wait_healthy(&socket);
+    // Enough entries that the output outgrows the pipe once `head` has gone.
+    let mut c = kame_api::pb::entry::entry_client::EntryClient::new(
+        kame_server::cli::connect(&socket).await.unwrap(),
+    );
+    for batch in 0..8 {
+        let entries = (0..100)
+            .map(|i| kame_api::pb::types::Entry {
+                spiffe_id: Some(spiffe_id(TD, &format!("/w/{batch}/{i}"))),
+                parent_id: Some(spiffe_id(TD, "/spire/agent/x")),
+                selectors: vec![kame_api::pb::types::Selector {
+                    r#type: "unix".into(),
+                    value: format!("uid:{i}"),
+                }],
+                ..Default::default()
+            })
+            .collect();
+        c.batch_create_entry(kame_api::pb::entry::BatchCreateEntryRequest {
+            entries,
+            output_mask: None,
+        })
+        .await
+        .unwrap();
+    }
+    let err = dir.path().join("cli.err");
+    let o = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "\"$0\" entry show --socket-path {s} 2>{e} | head -1; echo \"status=${{PIPESTATUS[0]}}\"",
+            s = socket.display(),
+            e = err.display()
+        ))
+        .arg(server_bin())
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    let status = out
+        .lines()
+        .find_map(|l| l.strip_prefix("status="))
+        .unwrap_or_default()
+        .to_string();
+    assert!(status == "0" || status == "141", "{out}");
+    let e = std::fs::read_to_string(&err).unwrap();
+    assert!(!e.contains("panicked"), "{e}");
+    assert!(e.is_empty(), "nothing on stderr: {e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_agent_with_an_unknown_join_token_exits_nonzero_with_the_reason() {
+    let (dir, conf, socket) = server_dir();
+    let _server = spawn_server(dir.path(), &conf, "server.log");
+    wait_healthy(&socket);
+    let bundle = cli(&[
+        "bundle",
+        "show",
+        "--socket-path",
+        &socket.display().to_string(),
+    ]);
+    assert!(bundle.status.success());
+    let port = std::fs::read_to_string(&conf)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("bind_port = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let a = dir.path().join("agent");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::write(a.join("bundle.pem"), &bundle.stdout).unwrap();
+    std::fs::write(
+        a.join("agent.conf"),
+        format!(
+            r#"agent {{
+    data_dir = "{d}/data"
+    server_address = "127.0.0.1"
+    server_port = "{port}"
+    socket_path = "{d}/api.sock"
+    trust_bundle_path = "{d}/bundle.pem"
+    trust_domain = "{TD}"
+    join_token = "00000000-0000-4000-8000-000000000000"
+    log_level = "INFO"
+}}
+plugins {{
+    NodeAttestor "join_token" {{
+        plugin_data {{}}
+    }}
+    KeyManager "memory" {{}}
+    WorkloadAttestor "unix" {{
+        plugin_data {{}}
+    }}
+}}
+"#,
+            d = a.display()
+        ),
+    )
+    .unwrap();
+    let mut agent = Child(
+        Command::new(agent_bin())
+            .args(["run", "--config"])
+            .arg(a.join("agent.conf"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(a.join("agent.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let status = exits_within(&mut agent, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1));
+    let log = std::fs::read_to_string(a.join("agent.log")).unwrap();
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("Error: ")
+            && last.contains("join token does not exist or has already been used"),
+        "{log}"
+    );
+    assert!(!log.contains("\u{1b}["), "no colour in a file: {log}");
+    // The server says who was refused, with what, and why.
+    let slog = std::fs::read_to_string(dir.path().join("server.log")).unwrap();
+    assert!(
+        slog.lines().any(|l| l.contains("attestation refused")
+            && l.contains("attestor=join_token")
+            && l.contains("peer=127.0.0.1:")
+            && l.contains("has already been used")),
+        "{slog}"
+    );
+}
+
+async fn http_get(port: u16, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// SPIRE's `health_checks` listener and `log_file`, from a config SPIRE would take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_health_checks_listener_and_log_file_as_spire_configures_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let hp = free_port();
+    let log = dir.path().join("kame.log");
+    let conf = dir.path().join("server.conf");
+    std::fs::write(
+        &conf,
+        config_text(dir.path(), free_port(), &Opts::default()).replace(
+            "log_level = \"WARN\"",
+            &format!("log_level = \"INFO\"\n    log_file = \"{}\"", log.display()),
+        ) + &format!(
+            "health_checks {{\n    listener_enabled = true\n    bind_address = \"127.0.0.1\"\n    bind_port = \"{hp}\"\n    live_path = \"/live\"\n    ready_path = \"/ready\"\n}}\n"
+        ),
+    )
+    .unwrap();
+    let socket = dir.path().join("sock/api.sock");
+    let _server = spawn_server(dir.path(), &conf, "stderr.log");
+    wait_healthy(&socket);
+    let live = http_get(hp, "/live").await;
+    assert!(live.starts_with("HTTP/1.1 200"), "{live}");
+    let ready = http_get(hp, "/ready").await;
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    assert!(
+        ready.contains("\"unexpired_x509_authorities\":1"),
+        "{ready}"
+    );
+    assert!(http_get(hp, "/other").await.starts_with("HTTP/1.1 404"));
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(text.contains("kame-server started"), "{text}");
+    assert!(text.contains("serving health checks"), "{text}");
+    assert!(!text.contains('\u{1b}'), "no colour in a log file");
+}
+
+fn run_cli(args: &[&str]) -> (bool, String, String) {
+    let o = cli(args);
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// A SPIRE user's commands and files, unchanged: single-dash camelCase flags, `-flag=value`,
+/// switches given `=true`/`=false`, durations for mint TTLs, `entry create -data` and
+/// `entry delete -file` in SPIRE's JSON, a duplicate answered with the entry that exists, and
+/// an HCL1-style configuration (nested blocks on one line) that validates.
+#[test]
+fn operator_spire_flags_files_and_hcl1_config_work_unchanged() {
+    let (dir, conf, socket) = server_dir();
+    let _server = spawn_server(dir.path(), &conf, "server.log");
+    wait_healthy(&socket);
+    let sock = socket.display().to_string();
+    let create = [
+        "entry",
+        "create",
+        "-socketPath",
+        &sock,
+        "-spiffeID",
+        "spiffe://example.org/spire-script/web",
+        "-parentID=spiffe://example.org/spire/agent/x",
+        "-selector",
+        "unix:uid:1000",
+        "-x509SVIDTTL",
+        "3600",
+        "-dns",
+        "web.example.org",
+        "-admin=true",
+        "-downstream=false",
+    ];
+    let (ok, out, err) = run_cli(&create);
+    assert!(ok, "{err}");
+    assert!(out.contains("X509-SVID TTL           : 3600"), "{out}");
+    assert!(
+        out.contains("DNS name                : web.example.org"),
+        "{out}"
+    );
+    assert!(out.contains("Admin                   : true"), "{out}");
+    assert!(!out.contains("Downstream"), "{out}");
+    let id = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Entry ID                : "))
+        .unwrap()
+        .to_string();
+    // The same again: refused, naming the entry that exists.
+    let (ok, _, err) = run_cli(&create);
+    assert!(!ok);
+    assert!(
+        err.contains("Failed to create the following entry (code: AlreadyExists")
+            && err.contains(&id),
+        "{err}"
+    );
+
+    // SPIRE's -data file: two entries in one batch.
+    let data = dir.path().join("entries.json");
+    std::fs::write(
+        &data,
+        r#"{"entries": [
+            {"spiffe_id": "spiffe://example.org/spire-script/a", "parent_id": "spiffe://example.org/spire/agent/x",
+             "selectors": [{"type": "unix", "value": "uid:1"}], "x509_svid_ttl": 600, "federates_with": [],
+             "entryExpiry": 4102444800, "hint": "a"},
+            {"spiffe_id": "spiffe://example.org/spire-script/b", "parent_id": "spiffe://example.org/spire/agent/x",
+             "selectors": [{"type": "unix", "value": "uid:2"}], "dns_names": ["b.example.org"]}
+        ]}"#,
+    )
+    .unwrap();
+    let (ok, out, err) = run_cli(&[
+        "entry",
+        "create",
+        "-data",
+        &data.display().to_string(),
+        "-socketPath",
+        &sock,
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.matches("Entry ID").count(), 2, "{out}");
+    assert!(
+        out.contains("Expiration time         : 2100-01-01 00:00:00 +0000 UTC"),
+        "{out}"
+    );
+    let ids: Vec<String> = out
+        .lines()
+        .filter_map(|l| l.strip_prefix("Entry ID                : "))
+        .map(String::from)
+        .collect();
+    let (ok, out, _) = run_cli(&["entry", "count", "-socketPath", &sock]);
+    assert!(ok);
+    assert_eq!(out.trim(), "3 registration entries");
+    let (ok, out, _) = run_cli(&["entry", "show", "-socketPath", &sock, "-output", "json"]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(v.is_object() || v.is_array(), "{out}");
+
+    // SPIRE's -file for delete.
+    let file = dir.path().join("ids.json");
+    std::fs::write(&file, serde_json::json!({"ids": ids}).to_string()).unwrap();
+    let (ok, out, err) = run_cli(&[
+        "entry",
+        "delete",
+        "-file",
+        &file.display().to_string(),
+        "-socketPath",
+        &sock,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("Deleted 2 entries successfully"), "{out}");
+    let (_, out, _) = run_cli(&["entry", "count", "-socketPath", &sock]);
+    assert_eq!(out.trim(), "1 registration entry");
+
+    // Mint with a duration TTL, as SPIRE's `x509 mint -ttl 1h`.
+    let (ok, _, err) = run_cli(&[
+        "x509",
+        "mint",
+        "-spiffeID",
+        "spiffe://example.org/minted",
+        "-ttl",
+        "1h",
+        "-socketPath",
+        &sock,
+    ]);
+    assert!(ok, "{err}");
+
+    // SPIRE's agent filters, purge and bundle count.
+    let (ok, out, err) = run_cli(&[
+        "agent",
+        "list",
+        "-socketPath",
+        &sock,
+        "-attestationType",
+        "join_token",
+        "-banned",
+        "false",
+        "-expiresBefore",
+        "2100-01-01 00:00:00 +0000 UTC",
+        "-selector",
+        "join_token:x",
+        "-matchSelectorsOn",
+        "any",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "No attested agents found\n");
+    let (ok, _, err) = run_cli(&[
+        "agent",
+        "list",
+        "-socketPath",
+        &sock,
+        "-expiresBefore",
+        "tomorrow",
+    ]);
+    assert!(!ok);
+    assert!(err.contains("2006-01-02 15:04:05 -0700 -07"), "{err}");
+    let (ok, out, err) = run_cli(&[
+        "agent",
+        "purge",
+        "-socketPath",
+        &sock,
+        "-expiredFor",
+        "1h",
+        "-dryRun",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "No agents to purge.\n");
+    let (ok, out, _) = run_cli(&["bundle", "count", "-socketPath", &sock]);
+    assert!(ok);
+    assert_eq!(out, "1 bundle\n");
+
+    // HCL1: nested blocks on one line, commas between a block's attributes.
+    let d = dir.path().display();
+    let hcl1 = dir.path().join("hcl1.conf");
+    std::fs::write(
+        &hcl1,
+        format!(
+            r#"server {{ bind_address = "127.0.0.1", bind_port = "8081", trust_domain = "example.org", data_dir = "{d}/hcl1", socket_path = "{d}/hcl1.sock" }}
+plugins {{
+    DataStore "sql" {{ plugin_data {{ database_type = "sqlite3", connection_string = "{d}/hcl1/ds.sqlite3" }} }}
+    KeyManager "disk" {{ plugin_data {{ keys_path = "{d}/hcl1/keys.json" }} }}
+    NodeAttestor "join_token" {{ plugin_data {{}} }}
+}}
+"#
+        ),
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.path().join("hcl1")).unwrap();
+    let (ok, out, err) = run_cli(&["validate", "-config", &hcl1.display().to_string()]);
+    assert!(ok, "{err}");
+    assert!(out.contains("valid"), "{out}");
+    // A SPIRE setting Kame lacks is named as such.
+    let spire_only = dir.path().join("spire-only.conf");
+    std::fs::write(
+        &spire_only,
+        std::fs::read_to_string(&hcl1).unwrap().replace(
+            "trust_domain = \"example.org\"",
+            "trust_domain = \"example.org\", admin_ids = [\"spiffe://example.org/admin\"]",
+        ),
+    )
+    .unwrap();
+    let (ok, _, err) = run_cli(&["validate", "-config", &spire_only.display().to_string()]);
+    assert!(!ok);
+    assert!(
+        err.contains("server.admin_ids: a SPIRE setting Kame does not support"),
+        "{err}"
+    );
+}
