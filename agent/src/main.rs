@@ -36,6 +36,7 @@ fn duration(s: &str) -> Result<std::time::Duration, String> {
 enum Cmd {
     /// Runs the agent.
     Run {
+        /// The configuration file (HCL, SPIRE's keys).
         #[arg(long, default_value = "agent.conf")]
         config: PathBuf,
         /// Expand $VAR and ${VAR} in the configuration from the environment.
@@ -47,13 +48,16 @@ enum Cmd {
     },
     /// Checks a configuration file and exits.
     Validate {
+        /// The configuration file (HCL, SPIRE's keys).
         #[arg(long, default_value = "agent.conf")]
         config: PathBuf,
+        /// Expand $VAR and ${VAR} in the configuration from the environment.
         #[arg(long)]
         expand_env: bool,
     },
     /// Checks that the agent serves the Workload API.
     Healthcheck {
+        /// The Workload API socket: a path or unix:///path.
         #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
         socket_path: String,
         /// Accepted for SPIRE's scripts; the check is always the same.
@@ -64,20 +68,38 @@ enum Cmd {
         verbose: bool,
     },
     /// Workload API client.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  kame-agent api fetch x509 --write /tmp/svids\n  kame-agent api fetch jwt --audience api\n  kame-agent api validate jwt --audience api --svid TOKEN\n  kame-agent api watch"
+    )]
     Api(ApiCmd),
+    /// Prints a shell completion script.
+    ///
+    /// Example: kame-agent completion bash > /etc/bash_completion.d/kame-agent
+    Completion {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 #[derive(Subcommand)]
 enum ApiCmd {
     /// Fetches SVIDs.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  kame-agent api fetch x509 --socket-path unix:///tmp/kame-agent/public/api.sock\n  kame-agent api fetch jwt --audience api --spiffe-id spiffe://example.org/web"
+    )]
     Fetch(FetchCmd),
     /// Validates SVIDs.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:\n  kame-agent api validate jwt --audience api --svid \"$TOKEN\""
+    )]
     Validate(ValidateCmd),
     /// Prints X509-SVID updates as they arrive.
     Watch {
+        /// The Workload API socket: a path or unix:///path.
         #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
         socket_path: String,
     },
@@ -87,17 +109,22 @@ enum ApiCmd {
 enum FetchCmd {
     /// X509-SVIDs (writes svid.N.pem, svid.N.key, bundle.N.pem with --write).
     X509 {
+        /// The Workload API socket: a path or unix:///path.
         #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
         socket_path: String,
+        /// Write svid.N.pem, svid.N.key, bundle.N.pem and federated_bundle.N.M.pem here.
         #[arg(long)]
         write: Option<PathBuf>,
     },
     /// JWT-SVIDs.
     Jwt {
+        /// The Workload API socket: a path or unix:///path.
         #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
         socket_path: String,
+        /// An audience for the tokens; repeat for several.
         #[arg(long, required = true)]
         audience: Vec<String>,
+        /// Only the token of this SPIFFE ID (default: one per identity).
         #[arg(long)]
         spiffe_id: Option<String>,
     },
@@ -107,10 +134,13 @@ enum FetchCmd {
 enum ValidateCmd {
     /// Validates a JWT-SVID.
     Jwt {
+        /// The Workload API socket: a path or unix:///path.
         #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
         socket_path: String,
+        /// The audience the token must carry.
         #[arg(long)]
         audience: String,
+        /// The JWT-SVID to validate.
         #[arg(long)]
         svid: String,
     },
@@ -157,6 +187,16 @@ async fn real_main() -> anyhow::Result<()> {
     let args = Cli::parse_from(spire_args());
     match args.cmd {
         cmd @ (Cmd::Run { .. } | Cmd::Validate { .. }) => daemon(cmd).await,
+        Cmd::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "kame-agent",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
         cmd => {
             // Output piped into `head` ends the command by SIGPIPE, as C and Go tools end.
             sigpipe::reset();
@@ -232,7 +272,9 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
 
 async fn client(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Run { .. } | Cmd::Validate { .. } => anyhow::bail!("not a client command"),
+        Cmd::Run { .. } | Cmd::Validate { .. } | Cmd::Completion { .. } => {
+            anyhow::bail!("not a client command")
+        }
         Cmd::Healthcheck { socket_path, .. } => cli::healthcheck(&socket_path).await?,
         Cmd::Api(ApiCmd::Fetch(FetchCmd::X509 { socket_path, write })) => {
             cli::fetch_x509(&socket_path, write.as_deref()).await?
@@ -257,7 +299,50 @@ async fn main() {
     // One rustls provider for the whole process, installed before any TLS use.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     if let Err(e) = real_main().await {
-        eprintln!("Error: {e:#}");
+        // The error and its causes, each said once.
+        eprintln!("Error: {}", kame_api::errors::chain(e.as_ref()));
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every command says what it does and every flag has help text.
+    #[test]
+    fn cli_every_command_and_flag_has_help() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for s in c.get_subcommands() {
+                let p = format!("{path} {}", s.get_name());
+                if s.get_name() != "help" && s.get_about().is_none() {
+                    missing.push(p.clone());
+                }
+                // A command group shows how it is used.
+                if s.has_subcommands()
+                    && !s
+                        .get_after_help()
+                        .is_some_and(|h| h.to_string().contains("Example"))
+                {
+                    missing.push(format!("{p}: no example"));
+                }
+                walk(s, &p, missing);
+            }
+        }
+        let cmd = Cli::command();
+        let mut missing = vec![];
+        walk(&cmd, cmd.get_name(), &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+        cmd.debug_assert();
     }
 }

@@ -48,7 +48,10 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Keys in the TPM.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  kame-devid tpm create-iak --tcti swtpm:port=2321\n  kame-devid tpm create-idevid --tcti swtpm:port=2321 --ecc"
+    )]
     Tpm(TpmCmd),
     /// Builds the TCG-CSR-IDEVID enrollment request (signed by the IDevID key in the TPM).
     Csr(CsrArgs),
@@ -66,7 +69,10 @@ enum Cmd {
     /// iak.pem, idevid.pem, ca.pem and iak.pub to --out-dir.
     Activate(ActivateArgs),
     /// The manufacturer CA (or an owner CA).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  kame-devid ca init --keys-path ca-keys.json --out ca.pem\n  kame-devid ca serve --keys-path ca-keys.json --ca-cert ca.pem --ek-root ek-root.pem --listen 0.0.0.0:8443"
+    )]
     Ca(CaCmd),
 }
 
@@ -138,8 +144,10 @@ struct CaKey {
     /// The CA key in a PKCS#11 token: the module, token label and a file with the user PIN.
     #[arg(long, requires_all = ["token_label", "pin_file"])]
     pkcs11_module: Option<PathBuf>,
+    /// The PKCS#11 token's label (with --pkcs11-module).
     #[arg(long)]
     token_label: Option<String>,
+    /// A file holding the token's user PIN (with --pkcs11-module).
     #[arg(long)]
     pin_file: Option<PathBuf>,
 }
@@ -269,7 +277,50 @@ async fn main() {
         .with_writer(std::io::stderr)
         .init();
     if let Err(e) = run(Cli::parse()).await {
-        eprintln!("Error: {e:#}");
+        // The error and its causes, each said once.
+        eprintln!("Error: {}", kame_api::errors::chain(e.as_ref()));
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every command says what it does and every flag has help text.
+    #[test]
+    fn cli_every_command_and_flag_has_help() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for s in c.get_subcommands() {
+                let p = format!("{path} {}", s.get_name());
+                if s.get_name() != "help" && s.get_about().is_none() {
+                    missing.push(p.clone());
+                }
+                // A command group shows how it is used.
+                if s.has_subcommands()
+                    && !s
+                        .get_after_help()
+                        .is_some_and(|h| h.to_string().contains("Example"))
+                {
+                    missing.push(format!("{p}: no example"));
+                }
+                walk(s, &p, missing);
+            }
+        }
+        let cmd = Cli::command();
+        let mut missing = vec![];
+        walk(&cmd, cmd.get_name(), &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+        cmd.debug_assert();
     }
 }

@@ -36,6 +36,7 @@ fn duration(s: &str) -> Result<std::time::Duration, String> {
 enum Cmd {
     /// Runs the server.
     Run {
+        /// The configuration file (HCL, SPIRE's keys).
         #[arg(long, default_value = "server.conf")]
         config: PathBuf,
         /// Expand $VAR and ${VAR} in the configuration from the environment.
@@ -44,8 +45,10 @@ enum Cmd {
     },
     /// Checks a configuration file and exits.
     Validate {
+        /// The configuration file (HCL, SPIRE's keys).
         #[arg(long, default_value = "server.conf")]
         config: PathBuf,
+        /// Expand $VAR and ${VAR} in the configuration from the environment.
         #[arg(long)]
         expand_env: bool,
     },
@@ -62,31 +65,89 @@ enum Cmd {
         shallow: bool,
     },
     /// Registration entries.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  kame-server entry create --parent-id spiffe://example.org/spire/agent/join_token/T \\
+      --spiffe-id spiffe://example.org/web --selector unix:uid:1000 --x509-svid-ttl 1h
+  kame-server entry create --data entries.json     # SPIRE's {\"entries\": [...]}
+  kame-server entry show --selector unix:uid:1000
+  kame-server entry delete --entry-id ID"
+    )]
     Entry(cli::EntryCmd),
     /// The trust bundle and federated bundles.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  kame-server bundle show --format spiffe > example.org.json
+  kame-server bundle set --id other.org --path other.json --format spiffe
+  kame-server bundle list"
+    )]
     Bundle(cli::BundleCmd),
     /// Join tokens.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:
+  kame-server token generate --spiffe-id spiffe://example.org/node1 --ttl 1h"
+    )]
     Token(cli::TokenCmd),
     /// Attested agents.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  kame-server agent list --attestation-type tpm_devid
+  kame-server agent ban --spiffe-id spiffe://example.org/spire/agent/join_token/T
+  kame-server agent purge --expired-for 720h --dry-run"
+    )]
     Agent(cli::AgentCmd),
     /// X509-SVIDs.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:
+  kame-server x509 mint --spiffe-id spiffe://example.org/batch --ttl 1h --write out/"
+    )]
     X509(cli::X509Cmd),
     /// JWT-SVIDs.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:
+  kame-server jwt mint --spiffe-id spiffe://example.org/batch --audience api --ttl 5m"
+    )]
     Jwt(cli::JwtCmd),
     /// Forced rotation and revocation of the server's X.509 and JWT authorities.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  kame-server localauthority x509 prepare
+  kame-server localauthority x509 activate --authority-id NEW
+  kame-server localauthority x509 taint --authority-id OLD
+  kame-server localauthority x509 revoke --authority-id OLD"
+    )]
     Localauthority(cli::LocalAuthorityCmd),
     /// Taint or revoke the upstream authority that signed an old local authority.
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example:
+  kame-server upstreamauthority taint --subject-key-id SKID"
+    )]
     Upstreamauthority(cli::UpstreamAuthorityCmd),
+    /// Prints a shell completion script.
+    ///
+    /// Example: kame-server completion bash > /etc/bash_completion.d/kame-server
+    Completion {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Federation relationships (the TrustDomain API).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  kame-server federation create --trust-domain other.org \\
+      --bundle-endpoint-url https://bundles.other.org:8443/ --bundle-endpoint-profile https_web
+  kame-server federation list
+  kame-server federation refresh --id other.org"
+    )]
     Federation(cli::FederationCmd),
 }
 
@@ -125,7 +186,7 @@ fn init_logging(
 async fn real_main() -> anyhow::Result<()> {
     let args = Cli::parse_from(spire_args());
     let deadline = match &args.cmd {
-        Cmd::Run { .. } | Cmd::Validate { .. } => None,
+        Cmd::Run { .. } | Cmd::Validate { .. } | Cmd::Completion { .. } => None,
         Cmd::Healthcheck { .. } => Some(args.timeout.unwrap_or(Duration::from_secs(5))),
         _ => Some(args.timeout.unwrap_or(Duration::from_secs(30))),
     };
@@ -176,6 +237,15 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
             }
             println!("Configuration is valid.");
         }
+        Cmd::Completion { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "kame-server",
+                &mut std::io::stdout(),
+            );
+        }
         other => admin(other).await?,
     }
     Ok(())
@@ -183,7 +253,9 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
 
 async fn admin(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Run { .. } | Cmd::Validate { .. } => anyhow::bail!("not an admin command"),
+        Cmd::Run { .. } | Cmd::Validate { .. } | Cmd::Completion { .. } => {
+            anyhow::bail!("not an admin command")
+        }
         Cmd::Healthcheck {
             socket_path,
             verbose,
@@ -207,7 +279,50 @@ async fn main() {
     // One rustls provider for the whole process, installed before any TLS use.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     if let Err(e) = real_main().await {
-        eprintln!("Error: {e:#}");
+        // The error and its causes, each said once.
+        eprintln!("Error: {}", kame_api::errors::chain(e.as_ref()));
         std::process::exit(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every command says what it does and every flag has help text.
+    #[test]
+    fn cli_every_command_and_flag_has_help() {
+        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for a in c.get_arguments() {
+                let id = a.get_id().as_str();
+                if a.is_hide_set() || id == "help" || id == "version" {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    missing.push(format!("{path} --{id}"));
+                }
+            }
+            for s in c.get_subcommands() {
+                let p = format!("{path} {}", s.get_name());
+                if s.get_name() != "help" && s.get_about().is_none() {
+                    missing.push(p.clone());
+                }
+                // A command group shows how it is used.
+                if s.has_subcommands()
+                    && !s
+                        .get_after_help()
+                        .is_some_and(|h| h.to_string().contains("Example"))
+                {
+                    missing.push(format!("{p}: no example"));
+                }
+                walk(s, &p, missing);
+            }
+        }
+        let cmd = Cli::command();
+        let mut missing = vec![];
+        walk(&cmd, cmd.get_name(), &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+        cmd.debug_assert();
     }
 }

@@ -380,10 +380,14 @@ pub async fn start_with(
     let mut tasks = vec![];
 
     let ctx_r = ctx.clone();
+    let rpc_metrics = Arc::new(crate::metrics::rpc::RpcMetrics::default());
+    let rpc_m = rpc_metrics.clone();
     let router = move || {
         let ctx = &ctx_r;
         let m = MAX_MESSAGE_SIZE;
         tonic::transport::Server::builder()
+            // Outermost: it sees each call's final status.
+            .layer(crate::metrics::rpc::RpcMetricsLayer(rpc_m.clone()))
             .layer(tower::util::MapResponseLayer::new(
                 oversized_is_resource_exhausted,
             ))
@@ -617,7 +621,23 @@ pub async fn start_with(
         let fed_m = federation_metrics.clone();
         tasks.push(tokio::spawn(crate::metrics::serve(
             listener,
-            Arc::new(move || ca_m.render_metrics() + &ctx_m.limits.render() + &fed_m.render()),
+            Arc::new(move || {
+                ca_m.render_metrics()
+                    + &ctx_m.limits.render()
+                    + &fed_m.render()
+                    + &rpc_metrics.render()
+                    + &format!(
+                        "# HELP kame_entry_cache_entries Registration entries held in memory.\n\
+                         # TYPE kame_entry_cache_entries gauge\n\
+                         kame_entry_cache_entries {}\n\
+                         # HELP kame_entry_cache_agents Attested agents held in memory.\n\
+                         # TYPE kame_entry_cache_agents gauge\n\
+                         kame_entry_cache_agents {}\n",
+                        ctx_m.entries.len(),
+                        ctx_m.nodes.len()
+                    )
+                    + &crate::metrics::build_info()
+            }),
             shutdown_rx.clone(),
         )));
     }

@@ -536,6 +536,15 @@ fn operator_spire_flags_files_and_hcl1_config_work_unchanged() {
     assert!(ok);
     assert_eq!(out, "1 bundle\n");
 
+    // Completions from the CLI library; SPIRE's help layout with examples per group.
+    let (ok, out, _) = run_cli(&["completion", "bash"]);
+    assert!(
+        ok && out.contains("complete -F") && out.contains("kame-server"),
+        "{out}"
+    );
+    let (ok, out, _) = run_cli(&["entry", "--help"]);
+    assert!(ok && out.contains("Examples:"), "{out}");
+
     // HCL1: nested blocks on one line, commas between a block's attributes.
     let d = dir.path().display();
     let hcl1 = dir.path().join("hcl1.conf");
@@ -572,4 +581,194 @@ plugins {{
         err.contains("server.admin_ids: a SPIRE setting Kame does not support"),
         "{err}"
     );
+}
+
+/// `/metrics` as Prometheus reads it (its Python client's parser): after an agent attests
+/// (the real binary, a join token) and SVIDs are minted, the series users expect are there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_metrics_parse_as_prometheus_and_carry_the_expected_series() {
+    let (dir, conf, socket) = server_dir();
+    let mp = free_port();
+    std::fs::write(
+        &conf,
+        std::fs::read_to_string(&conf).unwrap()
+            + &format!("telemetry {{\n    Prometheus {{\n        host = \"127.0.0.1\"\n        port = {mp}\n    }}\n}}\n"),
+    )
+    .unwrap();
+    let _server = spawn_server(dir.path(), &conf, "server.log");
+    wait_healthy(&socket);
+    let sock = socket.display().to_string();
+    let (ok, out, err) = run_cli(&["token", "generate", "-socketPath", &sock]);
+    assert!(ok, "{err}");
+    let token = out.trim().strip_prefix("Token: ").unwrap().to_string();
+    let bundle = cli(&["bundle", "show", "--socket-path", &sock]);
+    let port = std::fs::read_to_string(&conf)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("bind_port = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let a = dir.path().join("agent");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::write(a.join("bundle.pem"), &bundle.stdout).unwrap();
+    std::fs::write(
+        a.join("agent.conf"),
+        format!(
+            "agent {{\n data_dir = \"{d}/data\"\n server_address = \"127.0.0.1\"\n server_port = \"{port}\"\n socket_path = \"{d}/api.sock\"\n trust_bundle_path = \"{d}/bundle.pem\"\n trust_domain = \"{TD}\"\n join_token = \"{token}\"\n}}\nplugins {{\n NodeAttestor \"join_token\" {{}}\n KeyManager \"memory\" {{}}\n WorkloadAttestor \"unix\" {{}}\n}}\n",
+            d = a.display()
+        ),
+    )
+    .unwrap();
+    let _agent = Child(
+        Command::new(agent_bin())
+            .args(["run", "--config"])
+            .arg(a.join("agent.conf"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let t = Instant::now();
+    while !run_cli(&["agent", "count", "-socketPath", &sock])
+        .1
+        .starts_with("1 ")
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the agent never attested"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(
+        run_cli(&[
+            "x509",
+            "mint",
+            "-spiffeID",
+            "spiffe://example.org/m",
+            "-socketPath",
+            &sock
+        ])
+        .0
+    );
+    assert!(
+        run_cli(&[
+            "jwt",
+            "mint",
+            "-spiffeID",
+            "spiffe://example.org/m",
+            "-audience",
+            "a",
+            "-socketPath",
+            &sock
+        ])
+        .0
+    );
+
+    let scrape = || {
+        let o = Command::new(kame_keymanager::testing::venv_tool("python"))
+        .arg("-c")
+        .arg(
+            "import json, sys, urllib.request\n\
+             from prometheus_client.parser import text_string_to_metric_families\n\
+             text = urllib.request.urlopen(sys.argv[1]).read().decode()\n\
+             out = {}\n\
+             for fam in text_string_to_metric_families(text):\n\
+             \x20   out[fam.name] = {'type': fam.type, 'samples': [[s.name, s.labels, s.value] for s in fam.samples]}\n\
+             print(json.dumps(out))",
+        )
+        .arg(format!("http://127.0.0.1:{mp}/metrics"))
+        .output()
+        .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let fams = scrape();
+    let value = |fams: &serde_json::Value, fam: &str, name: &str, labels: &[(&str, &str)]| -> f64 {
+        fams[fam]["samples"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no family {fam}: {fams}"))
+            .iter()
+            .find(|s| s[0] == name && labels.iter().all(|(k, v)| s[1][*k] == *v))
+            .and_then(|s| s[2].as_f64())
+            .unwrap_or_else(|| panic!("no {name}{labels:?} in {}", fams[fam]))
+    };
+    let sample = |fam: &str, name: &str, labels: &[(&str, &str)]| value(&fams, fam, name, labels);
+    // Prometheus' parser strips `_total` from counter family names.
+    assert_eq!(fams["kame_rpc_requests"]["type"], "counter");
+    assert!(
+        sample(
+            "kame_rpc_requests",
+            "kame_rpc_requests_total",
+            &[("method", "AttestAgent"), ("grpc_code", "OK")]
+        ) >= 1.0
+    );
+    assert!(
+        sample(
+            "kame_rpc_requests",
+            "kame_rpc_requests_total",
+            &[("method", "MintX509SVID"), ("grpc_code", "OK")]
+        ) >= 1.0
+    );
+    assert_eq!(fams["kame_rpc_duration_seconds"]["type"], "histogram");
+    assert!(
+        sample(
+            "kame_rpc_duration_seconds",
+            "kame_rpc_duration_seconds_count",
+            &[("method", "SyncAuthorizedEntries")]
+        ) >= 1.0,
+        "the agent's sync is timed"
+    );
+    assert!(
+        sample(
+            "kame_svids_issued",
+            "kame_svids_issued_total",
+            &[("type", "x509")]
+        ) >= 2.0
+    );
+    assert!(
+        sample(
+            "kame_svids_issued",
+            "kame_svids_issued_total",
+            &[("type", "jwt")]
+        ) >= 1.0
+    );
+    assert_eq!(
+        sample(
+            "kame_node_attestations",
+            "kame_node_attestations_total",
+            &[("attestor", "join_token"), ("result", "ok")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        sample("kame_entry_cache_agents", "kame_entry_cache_agents", &[]),
+        1.0
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        sample(
+            "kame_ca_authority_expiry_timestamp_seconds",
+            "kame_ca_authority_expiry_timestamp_seconds",
+            &[("kind", "x509"), ("slot", "current")]
+        ) > now
+    );
+    assert_eq!(sample("kame_build_info", "kame_build_info", &[]), 1.0);
+    assert!(fams.get("kame_keymanager_keys").is_some());
+    assert!(fams.get("kame_ratelimit_refused").is_some(), "{fams}");
+    // The key gauge follows a new key at once, not at the next hourly reconcile.
+    let named = |f: &serde_json::Value| {
+        value(
+            f,
+            "kame_keymanager_keys",
+            "kame_keymanager_keys",
+            &[("state", "named")],
+        )
+    };
+    let before = named(&fams);
+    assert!(run_cli(&["localauthority", "x509", "prepare", "-socketPath", &sock]).0);
+    assert_eq!(named(&scrape()), before + 1.0);
 }

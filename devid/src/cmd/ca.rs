@@ -9,8 +9,10 @@ use super::*;
 pub(super) struct InitArgs {
     #[command(flatten)]
     key: CaKey,
+    /// The CA certificate's subject.
     #[arg(long, default_value = "O=Kame, CN=Kame Manufacturer CA")]
     subject: String,
+    /// The CA certificate's lifetime in days.
     #[arg(long, default_value_t = 3650)]
     ttl_days: u64,
     /// Where to write the CA certificate (PEM).
@@ -54,6 +56,7 @@ pub(super) struct ServeArgs {
     /// for LDevID enrollment.
     #[arg(long)]
     idevid_ca: Vec<PathBuf>,
+    /// Where the enrollment service listens (port 0: any free port, printed).
     #[arg(long, default_value = "127.0.0.1:0")]
     listen: std::net::SocketAddr,
     /// TLS certificate chain (PEM) of the endpoint; with --tls-key, serves over TLS.

@@ -9,6 +9,7 @@ use super::*;
 pub(super) struct CreateIakArgs {
     #[command(flatten)]
     tpm: TpmArgs,
+    /// The persistent handle to create the IAK at (hex).
     #[arg(long, default_value = IAK_HANDLE, value_parser = handle)]
     handle: u32,
     /// ECC NIST P-256 instead of RSA 2048.
@@ -21,8 +22,10 @@ pub(super) struct CreateIakArgs {
 pub(super) struct CreateIdevidArgs {
     #[command(flatten)]
     tpm: TpmArgs,
+    /// The persistent handle to create the IDevID key at (hex).
     #[arg(long, default_value = IDEVID_HANDLE, value_parser = handle)]
     handle: u32,
+    /// ECC NIST P-256 instead of RSA 2048.
     #[arg(long)]
     ecc: bool,
 }

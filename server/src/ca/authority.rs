@@ -789,7 +789,8 @@ impl Ca {
             if let Some((key_id, fp)) = &t.key {
                 match self.km.delete_key(key_id, fp).await {
                     Ok(true) => {
-                        info!(kind = %kind, authority_id = %t.id, backend = self.km.name(), "key of a revoked authority disposed of")
+                        info!(kind = %kind, authority_id = %t.id, backend = self.km.name(), "key of a revoked authority disposed of");
+                        self.refresh_key_gauge().await;
                     }
                     Ok(false) => {}
                     Err(e) => {

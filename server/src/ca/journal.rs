@@ -125,10 +125,13 @@ impl Ca {
     /// preparation replaces the key anyway.
     pub(super) async fn dispose_unused(&self, key_id: &str, fingerprint: &str) {
         match self.km.delete_key(key_id, fingerprint).await {
-            Ok(true) => info!(
-                key_id,
-                "disposed of the key of an expired or revoked authority"
-            ),
+            Ok(true) => {
+                info!(
+                    key_id,
+                    "disposed of the key of an expired or revoked authority"
+                );
+                self.refresh_key_gauge().await;
+            }
             Ok(false) => {}
             Err(e) => {
                 warn!(key_id, error = %e, "cannot dispose of an expired or revoked authority's key")

@@ -81,7 +81,16 @@ impl Ca {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(intent);
+        self.refresh_key_gauge().await;
         Ok(pk)
+    }
+
+    /// Brings the named-keys gauge up to date after a key is made or disposed of (the
+    /// reconcile pass updates the rest of the inventory).
+    pub(super) async fn refresh_key_gauge(&self) {
+        if let Ok(keys) = self.km.public_keys().await {
+            self.metrics.set_named_keys(keys.len());
+        }
     }
 
     /// Converges the KeyManager to the keys this server names: orphans (keys of this server

@@ -50,6 +50,7 @@ impl Ca {
                 inter.cert_der.clone(),
             ];
             chain.extend(ca.chain_tail());
+            self.metrics.svid_issued(crate::metrics::SvidKind::X509);
             return Ok(chain);
         }
         let tbs = x509svid::leaf_tbs(&params, &ca.issuer)?;
@@ -66,6 +67,7 @@ impl Ca {
             &sig,
         )?];
         chain.extend(ca.chain_tail());
+        self.metrics.svid_issued(crate::metrics::SvidKind::X509);
         Ok(chain)
     }
 
@@ -225,6 +227,8 @@ impl Ca {
             SignOpts::for_key(key.key.key_type),
         )
         .await?;
-        Ok((jwtsvid::assemble(&key.key_info, &input, &sig)?, iat, exp))
+        let token = jwtsvid::assemble(&key.key_info, &input, &sig)?;
+        self.metrics.svid_issued(crate::metrics::SvidKind::Jwt);
+        Ok((token, iat, exp))
     }
 }

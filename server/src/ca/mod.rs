@@ -428,8 +428,35 @@ impl Ca {
     }
 
     /// The Prometheus text of this CA's key inventory.
+    /// The counters the API services add to (attestations).
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// The CA's metrics: the key inventory, SVIDs issued, and when the authorities expire.
     pub fn render_metrics(&self) -> String {
+        let expiry = |slot: &str, kind: &str, at: Option<u64>| {
+            at.map(|t| {
+                format!("kame_ca_authority_expiry_timestamp_seconds{{kind=\"{kind}\",slot=\"{slot}\"}} {t}\n")
+            })
+            .unwrap_or_default()
+        };
+        let (x_cur, x_next, j_cur, j_next) = {
+            let st = self.read();
+            (
+                st.x509.current.as_ref().map(|a| a.not_after),
+                st.x509.next.as_ref().map(|a| a.not_after),
+                st.jwt.current.as_ref().map(|a| a.not_after),
+                st.jwt.next.as_ref().map(|a| a.not_after),
+            )
+        };
         self.metrics.render(self.km.name())
+            + "# HELP kame_ca_authority_expiry_timestamp_seconds When each X.509 and JWT authority of this server expires (unix seconds), by slot.\n\
+               # TYPE kame_ca_authority_expiry_timestamp_seconds gauge\n"
+            + &expiry("current", "x509", x_cur)
+            + &expiry("next", "x509", x_next)
+            + &expiry("current", "jwt", j_cur)
+            + &expiry("next", "jwt", j_next)
     }
 
     pub fn settings(&self) -> &CaSettings {

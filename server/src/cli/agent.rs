@@ -109,6 +109,7 @@ pub enum AgentCmd {
     },
     /// Shows one agent.
     Show {
+        /// The agent's SPIFFE ID.
         #[arg(long)]
         spiffe_id: String,
         #[command(flatten)]
@@ -116,6 +117,7 @@ pub enum AgentCmd {
     },
     /// Deletes an agent's attestation record; it must attest again.
     Evict {
+        /// The agent's SPIFFE ID.
         #[arg(long)]
         spiffe_id: String,
         #[command(flatten)]
@@ -123,6 +125,7 @@ pub enum AgentCmd {
     },
     /// Bans an agent: it can neither renew nor attest again until evicted.
     Ban {
+        /// The agent's SPIFFE ID.
         #[arg(long)]
         spiffe_id: String,
         #[command(flatten)]

@@ -12,10 +12,16 @@ use serde_json::{Value, json};
 #[derive(Debug, Subcommand)]
 pub enum LocalAuthorityCmd {
     /// The X.509 authority (the CA that signs X509-SVIDs).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example (the whole rotation):\n  kame-server localauthority x509 prepare\n  kame-server localauthority x509 activate --authority-id NEW\n  kame-server localauthority x509 taint --authority-id OLD\n  kame-server localauthority x509 revoke --authority-id OLD"
+    )]
     X509(AuthorityCmd),
     /// The JWT authority (the key that signs JWT-SVIDs).
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Example (the whole rotation):\n  kame-server localauthority jwt prepare\n  kame-server localauthority jwt activate --authority-id NEW\n  kame-server localauthority jwt taint --authority-id OLD\n  kame-server localauthority jwt revoke --authority-id OLD"
+    )]
     Jwt(AuthorityCmd),
 }
 

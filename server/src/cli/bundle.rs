@@ -20,6 +20,7 @@ pub enum DeleteMode {
 pub enum BundleCmd {
     /// Prints the server's own bundle.
     Show {
+        /// pem (certificates) or spiffe (the SPIFFE bundle JSON).
         #[arg(long, value_enum, default_value = "pem")]
         format: BundleFormat,
         #[command(flatten)]
@@ -27,8 +28,10 @@ pub enum BundleCmd {
     },
     /// Lists federated bundles (or one with --id).
     List {
+        /// Only this trust domain's bundle.
         #[arg(long)]
         id: Option<String>,
+        /// pem (certificates) or spiffe (the SPIFFE bundle JSON).
         #[arg(long, value_enum, default_value = "pem")]
         format: BundleFormat,
         #[command(flatten)]
@@ -36,10 +39,13 @@ pub enum BundleCmd {
     },
     /// Creates or replaces a federated bundle (from --path, else standard input).
     Set {
+        /// The federated trust domain.
         #[arg(long)]
         id: String,
+        /// The bundle file (default: standard input).
         #[arg(long)]
         path: Option<PathBuf>,
+        /// pem (certificates) or spiffe (the SPIFFE bundle JSON).
         #[arg(long, value_enum, default_value = "pem")]
         format: BundleFormat,
         #[command(flatten)]
@@ -52,8 +58,11 @@ pub enum BundleCmd {
     },
     /// Deletes a federated bundle.
     Delete {
+        /// The federated trust domain.
         #[arg(long)]
         id: String,
+        /// restrict: refuse while entries federate with it; delete: delete those entries too;
+        /// dissociate: remove it from those entries.
         #[arg(long, value_enum, default_value = "restrict")]
         mode: DeleteMode,
         #[command(flatten)]

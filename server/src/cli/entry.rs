@@ -389,14 +389,19 @@ fn print_batch(
 
 #[derive(Debug, Args)]
 pub struct EntryShow {
+    /// Only the entry with this ID.
     #[arg(long)]
     pub entry_id: Option<String>,
+    /// Only entries with this SPIFFE ID.
     #[arg(long)]
     pub spiffe_id: Option<String>,
+    /// Only entries with this parent.
     #[arg(long)]
     pub parent_id: Option<String>,
+    /// Only entries with these selectors (and maybe more); repeat for several.
     #[arg(long = "selector")]
     pub selectors: Vec<String>,
+    /// Only entries with this hint.
     #[arg(long)]
     pub hint: Option<String>,
     #[command(flatten)]

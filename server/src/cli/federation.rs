@@ -35,6 +35,7 @@ pub struct RelationshipArgs {
     /// The trust domain's bundle, stored now (an https_spiffe relationship needs one).
     #[arg(long)]
     pub trust_domain_bundle_path: Option<PathBuf>,
+    /// pem or spiffe: the format of --trust-domain-bundle-path.
     #[arg(long, value_enum, default_value = "pem")]
     pub trust_domain_bundle_format: BundleFormat,
 }
@@ -70,6 +71,7 @@ pub enum FederationCmd {
     },
     /// Deletes a relationship (the federated bundle stays).
     Delete {
+        /// The federated trust domain.
         #[arg(long)]
         id: String,
         #[command(flatten)]
@@ -77,6 +79,7 @@ pub enum FederationCmd {
     },
     /// Fetches a federated trust domain's bundle now.
     Refresh {
+        /// The federated trust domain.
         #[arg(long)]
         id: String,
         #[command(flatten)]

@@ -8,11 +8,13 @@ use super::*;
 pub enum X509Cmd {
     /// Mints an X509-SVID (the key is generated here and never leaves this process).
     Mint {
+        /// The SPIFFE ID of the SVID.
         #[arg(long)]
         spiffe_id: String,
         /// TTL: a duration such as 1h, or seconds (0 = server default).
         #[arg(long, default_value = "0", value_parser = ttl_value)]
         ttl: i64,
+        /// A DNS name for the SVID; repeat for several.
         #[arg(long = "dns-name")]
         dns_names: Vec<String>,
         /// Write svid.pem, key.pem (0600) and bundle.pem into this directory.
@@ -27,6 +29,7 @@ pub enum X509Cmd {
 pub enum JwtCmd {
     /// Mints a JWT-SVID and prints the token.
     Mint {
+        /// The SPIFFE ID of the token.
         #[arg(long)]
         spiffe_id: String,
         /// An audience; repeat for several.

@@ -213,7 +213,7 @@ impl AgentService {
                     }
                     .await;
                     if let Err(s) = &result {
-                        log_refusal(&name, &peer, s);
+                        log_refusal(&svc.ctx, &name, &peer, s);
                     }
                     let _ = tx.send(result).await;
                 });
@@ -320,6 +320,7 @@ impl AgentService {
             tracing::warn!(error = %e, "cannot refresh the node cache after a write");
         }
         tracing::info!(agent_id = %node.spiffe_id, attestor = %attestation_type, "agent attested");
+        self.ctx.ca.metrics().attestation(attestation_type, false);
         let resp = pb::AttestAgentResponse {
             step: Some(pb::attest_agent_response::Step::Result(
                 pb::attest_agent_response::Result {
@@ -334,15 +335,22 @@ impl AgentService {
 
 type AttestStream = Pin<Box<dyn Stream<Item = Result<pb::AttestAgentResponse, Status>> + Send>>;
 
-/// A refused attestation, at INFO with the attestor, the peer and the reason (rate-limited
-/// attempts at DEBUG: a flood must not flood the log).
-fn log_refusal(attestor: &str, peer: &str, s: &Status) {
-    let attestor = if attestor.is_empty() { "-" } else { attestor };
+/// A refused attestation, at INFO with the attestor, the peer and the reason, and counted
+/// (rate-limited attempts at DEBUG and not counted here: a flood must not flood the log, and
+/// the rate limits count their own). The count's attestor label is a configured attestor or
+/// `unknown`: the peer chooses what it sends.
+fn log_refusal(ctx: &Context, attestor: &str, peer: &str, s: &Status) {
+    let shown = if attestor.is_empty() { "-" } else { attestor };
     if s.code() == tonic::Code::ResourceExhausted {
-        tracing::debug!(attestor = %attestor, peer = %peer, reason = %s.message(), "attestation throttled");
-    } else {
-        tracing::info!(attestor = %attestor, peer = %peer, code = ?s.code(), reason = %s.message(), "attestation refused");
+        tracing::debug!(attestor = %shown, peer = %peer, reason = %s.message(), "attestation throttled");
+        return;
     }
+    tracing::info!(attestor = %shown, peer = %peer, code = ?s.code(), reason = %s.message(), "attestation refused");
+    let known = ctx.node_attestors.contains_key(attestor)
+        || (attestor == join_token::TYPE && ctx.join_token_enabled);
+    ctx.ca
+        .metrics()
+        .attestation(if known { attestor } else { "unknown" }, true);
 }
 
 #[tonic::async_trait]
@@ -440,7 +448,7 @@ impl Agent for AgentService {
         let mut attestor = String::new();
         let r = self.attest_steps(req, &peer, &mut attestor).await;
         if let Err(s) = &r {
-            log_refusal(&attestor, &peer, s);
+            log_refusal(&self.ctx, &attestor, &peer, s);
         }
         r
     }
