@@ -52,6 +52,8 @@ pub struct Config {
     pub log_file: Option<std::path::PathBuf>,
     /// SPIRE's `health_checks` listener, when enabled.
     pub health: Option<kame_api::serving::health::HealthConfig>,
+    /// `telemetry { Prometheus { host port } }`: where to serve `/metrics`.
+    pub prometheus: Option<(String, u16)>,
     /// How often the agent syncs with the server (ours; SPIRE's is fixed at 5 s).
     pub sync_interval: Duration,
     pub node_attestor: NodeAttestorConfig,
@@ -114,6 +116,7 @@ impl Config {
             key: "plugins".into(),
         })?;
         let health = kame_api::serving::health::parse(&mut root)?;
+        let prometheus = kame_api::serving::prometheus::parse(&mut root)?;
         root.finish()?;
 
         let td_s = agent.required("trust_domain")?;
@@ -246,6 +249,7 @@ impl Config {
             log_format,
             log_file,
             health,
+            prometheus,
             sync_interval,
             node_attestor,
             key_manager,

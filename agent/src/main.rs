@@ -224,10 +224,13 @@ fn spire_args() -> Vec<std::ffi::OsString> {
         .map(|a| a.clone().into_string())
         .collect::<Result<Vec<String>, _>>()
     {
-        Ok(args) => kame_api::spire_cli::rewrite(args, &[(&["api", "fetch"], "x509")])
-            .into_iter()
-            .map(Into::into)
-            .collect(),
+        Ok(args) => kame_api::spire_cli::rewrite(
+            args,
+            &[(&["api", "fetch"], "x509", &["x509", "jwt", "help"])],
+        )
+        .into_iter()
+        .map(Into::into)
+        .collect(),
         Err(_) => raw,
     }
 }

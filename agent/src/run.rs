@@ -44,8 +44,9 @@ pub struct Running {
     pub socket_path: PathBuf,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
-    /// Held while running: a second agent on this data_dir is refused.
+    /// Held while running: a second agent on this data_dir, or on this socket, is refused.
     _lock: kame_api::serving::DataDirLock,
+    _socket_lock: std::fs::File,
     /// Why the agent cannot continue, once it cannot.
     fatal: watch::Receiver<Option<String>>,
 }
@@ -58,7 +59,7 @@ impl std::fmt::Debug for Running {
     }
 }
 
-fn bind_socket(path: &std::path::Path) -> Result<tokio::net::UnixListener, RunError> {
+fn bind_socket(path: &std::path::Path) -> Result<kame_api::serving::ClaimedSocket, RunError> {
     use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| RunError::Dir {
@@ -85,7 +86,10 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
     })?;
     // One agent per data_dir and per socket, checked before anything is opened.
     let lock = kame_api::serving::lock_data_dir(&cfg.data_dir, "kame-agent")?;
-    let listener = bind_socket(&cfg.socket_path)?;
+    let kame_api::serving::ClaimedSocket {
+        listener,
+        lock: socket_lock,
+    } = bind_socket(&cfg.socket_path)?;
     let key_dir = match &cfg.key_manager {
         KeyManagerConfig::Memory => None,
         KeyManagerConfig::Disk { directory } => Some(directory.clone()),
@@ -137,6 +141,21 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
             let _ = fatal_tx.send(Some(kame_api::errors::chain(&e)));
         }
     }));
+    // Prometheus metrics (`telemetry { Prometheus { host port } }`).
+    if let Some((host, port)) = &cfg.prometheus {
+        let listener = tokio::net::TcpListener::bind((host.as_str(), *port))
+            .await
+            .map_err(|source| RunError::Listen {
+                path: format!("{host}:{port}"),
+                source,
+            })?;
+        let m = manager.clone();
+        tasks.push(tokio::spawn(kame_api::serving::prometheus::serve(
+            listener,
+            Arc::new(move || m.render_metrics()),
+            rx.clone(),
+        )));
+    }
     // SPIRE's health checks: live while this process serves, ready once attested.
     if let Some(h) = &cfg.health {
         let addr = format!("{}:{}", h.bind_address, h.bind_port);
@@ -170,6 +189,7 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
         shutdown,
         tasks,
         _lock: lock,
+        _socket_lock: socket_lock,
         fatal,
     })
 }
@@ -180,8 +200,10 @@ impl Running {
     pub async fn fatal(&mut self) -> String {
         match self.fatal.wait_for(|f| f.is_some()).await {
             Ok(f) => f.clone().unwrap_or_default(),
-            // The sender is gone: the sync loop ended without a fatal error (shutdown).
-            Err(_) => std::future::pending().await,
+            // The sync loop ended without a fatal error: at shutdown that is expected; else it
+            // died (a bug), and an agent that no longer syncs must not go on serving.
+            Err(_) if *self.shutdown.borrow() => std::future::pending().await,
+            Err(_) => "the sync loop ended unexpectedly".into(),
         }
     }
 

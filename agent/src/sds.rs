@@ -516,6 +516,12 @@ impl DeltaState {
                 .filter(|(_, v)| !v.is_empty())
                 .collect();
         }
+        // Bounded before anything is kept.
+        if self.subscribed.len() + r.resource_names_subscribe.len() > MAX_SUBSCRIBED {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_SUBSCRIBED} secrets per stream"
+            )));
+        }
         for n in r.resource_names_subscribe {
             if n == "*" {
                 self.wildcard = true;

@@ -41,21 +41,33 @@ pub fn tls_cause<'a>(e: &'a (dyn Error + 'static)) -> Option<&'a rustls::Error> 
 }
 
 /// Whether the peer's certificate or identity was refused in a TLS handshake (ours refusing
-/// theirs, or theirs refusing ours): a configuration mismatch that retrying does not fix.
+/// theirs, or theirs refusing ours): a configuration mismatch that retrying does not fix. A
+/// certificate refused only for its validity period (clocks apart) does not count.
 pub fn certificate_refused(e: &(dyn Error + 'static)) -> bool {
+    let Some(t) = tls_cause(e) else {
+        return false;
+    };
+    if let rustls::Error::General(m) = t
+        && (m.contains("has expired") || m.contains("is not valid yet"))
+    {
+        return false;
+    }
     matches!(
-        tls_cause(e),
-        Some(
-            rustls::Error::InvalidCertificate(_)
-                | rustls::Error::General(_)
-                | rustls::Error::AlertReceived(
-                    rustls::AlertDescription::BadCertificate
-                        | rustls::AlertDescription::UnknownCA
-                        | rustls::AlertDescription::CertificateUnknown
-                        | rustls::AlertDescription::CertificateExpired
-                        | rustls::AlertDescription::AccessDenied
-                )
-        )
+        t,
+        rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer
+                | rustls::CertificateError::BadSignature
+                | rustls::CertificateError::NotValidForName
+                | rustls::CertificateError::NotValidForNameContext { .. }
+                | rustls::CertificateError::InvalidPurpose
+                | rustls::CertificateError::ApplicationVerificationFailure
+        ) | rustls::Error::General(_)
+            | rustls::Error::AlertReceived(
+                rustls::AlertDescription::BadCertificate
+                    | rustls::AlertDescription::UnknownCA
+                    | rustls::AlertDescription::CertificateUnknown
+                    | rustls::AlertDescription::AccessDenied
+            )
     )
 }
 
@@ -90,6 +102,13 @@ mod tests {
         assert_eq!(s.matches("transport error").count(), 1, "{s}");
         assert!(s.contains("UnknownIssuer"), "{s}");
         assert!(certificate_refused(&e));
+        let expired = Outer::Connect {
+            addr: "x".into(),
+            source: Middle(std::io::Error::other(rustls::Error::General(
+                "peer X509-SVID rejected: certificate 0 of the chain has expired".into(),
+            ))),
+        };
+        assert!(!certificate_refused(&expired), "a clock apart is retried");
         let refused = Outer::Connect {
             addr: "x".into(),
             source: Middle(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),

@@ -80,54 +80,96 @@ fn go_flag(token: &str) -> Option<(&str, Option<&str>)> {
     (ok && !ours).then_some((name, value))
 }
 
-/// The arguments (program name first) with SPIRE's flag spellings in Kame's. `subcommand_default`
-/// inserts a subcommand where SPIRE has a default one: given `(["api", "fetch"], "x509")`,
-/// `api fetch -socketPath s` becomes `api fetch x509 --socket-path s`.
-pub fn rewrite(args: Vec<String>, subcommand_defaults: &[(&[&str], &str)]) -> Vec<String> {
+/// Kame's switches (flags that take no value); every other flag takes one.
+const KAME_SWITCHES: &[&str] = &[
+    "help",
+    "version",
+    "node",
+    "admin",
+    "downstream",
+    "store-svid",
+    "disable-x509-svid-prefetch",
+    "jwt-svid-include-jti",
+    "verbose",
+    "shallow",
+    "silent",
+    "dry-run",
+    "expand-env",
+    "force",
+    "ecc",
+];
+
+/// A default subcommand: after the command path `path`, when the next word is none of
+/// `known`, `sub` is inserted (`api fetch` is `api fetch x509`).
+pub type SubcommandDefault<'a> = (&'a [&'a str], &'a str, &'a [&'a str]);
+
+/// The arguments (program name first) with SPIRE's flag spellings in Kame's. A flag that
+/// takes a value keeps the next argument as it is (a value may start with `-`), everything
+/// after `--` is left alone, and the default subcommands are inserted where SPIRE has them.
+pub fn rewrite(args: Vec<String>, defaults: &[SubcommandDefault<'_>]) -> Vec<String> {
     let mut out: Vec<String> = Vec::with_capacity(args.len() + 1);
-    let mut words: Vec<String> = vec![];
-    let mut in_flags = false;
-    for (i, a) in args.into_iter().enumerate() {
-        if i == 0 {
+    // Words (not flags, not flag values) with their positions in `out`.
+    let mut words: Vec<(usize, String)> = vec![];
+    let mut args = args.into_iter();
+    if let Some(program) = args.next() {
+        out.push(program);
+    }
+    let mut value_next = false;
+    while let Some(a) = args.next() {
+        if value_next {
+            value_next = false;
             out.push(a);
             continue;
         }
         if a == "--" {
-            in_flags = true;
+            out.push(a);
+            out.extend(args.by_ref());
+            break;
+        }
+        if !a.starts_with('-') || a == "-" {
+            words.push((out.len(), a.clone()));
             out.push(a);
             continue;
-        }
-        if !in_flags && !a.starts_with('-') {
-            words.push(a.clone());
-            out.push(a);
-            continue;
-        }
-        if !in_flags {
-            // The first flag: the command path is complete; add a default subcommand.
-            in_flags = true;
-            for (path, sub) in subcommand_defaults {
-                if words.iter().map(String::as_str).eq(path.iter().copied()) {
-                    out.push((*sub).to_string());
-                }
-            }
         }
         match go_flag(&a) {
             Some((name, value)) => {
-                let long = format!("--{}", kebab(name));
+                let kebab_name = kebab(name);
+                let long = format!("--{kebab_name}");
+                let switch =
+                    SWITCHES.contains(&name) || KAME_SWITCHES.contains(&kebab_name.as_str());
                 match value {
-                    Some("true") if SWITCHES.contains(&name) => out.push(long),
-                    Some("false") if SWITCHES.contains(&name) => {}
+                    Some("true") if switch => out.push(long),
+                    Some("false") if switch => {}
                     Some(v) => out.push(format!("{long}={v}")),
-                    None => out.push(long),
+                    None => {
+                        value_next = !switch;
+                        out.push(long);
+                    }
                 }
             }
-            None => out.push(a),
+            None => {
+                // Kame's own spelling (or a short flag): the next argument is its value unless
+                // it is a switch or carries `=value`.
+                let name = a.trim_start_matches('-');
+                value_next =
+                    a.starts_with("--") && !name.contains('=') && !KAME_SWITCHES.contains(&name);
+                out.push(a);
+            }
         }
     }
-    if !in_flags {
-        for (path, sub) in subcommand_defaults {
-            if words.iter().map(String::as_str).eq(path.iter().copied()) {
-                out.push((*sub).to_string());
+    for (path, sub, known) in defaults {
+        let n = path.len();
+        let matches =
+            n > 0 && words.len() >= n && words.iter().zip(path.iter()).all(|((_, w), p)| w == p);
+        if !matches {
+            continue;
+        }
+        match words.get(n) {
+            Some((_, next)) if known.contains(&next.as_str()) => {}
+            Some((at, _)) => out.insert(*at, (*sub).to_string()),
+            None => {
+                let at = words[n - 1].0 + 1;
+                out.insert(at, (*sub).to_string());
             }
         }
     }
@@ -141,7 +183,7 @@ mod tests {
     fn rw(s: &str) -> String {
         rewrite(
             s.split(' ').map(String::from).collect(),
-            &[(&["api", "fetch"], "x509")],
+            &[(&["api", "fetch"], "x509", &["x509", "jwt", "help"])],
         )
         .join(" ")
     }
@@ -180,6 +222,24 @@ mod tests {
         assert_eq!(
             rw("a api fetch jwt -audience x"),
             "a api fetch jwt --audience x"
+        );
+        // A value may start with a dash; `--` ends the rewriting; flags before the path.
+        assert_eq!(
+            rw("k entry show -hint -canary -spiffeID x"),
+            "k entry show --hint -canary --spiffe-id x"
+        );
+        assert_eq!(
+            rw("k entry show --hint -canary"),
+            "k entry show --hint -canary"
+        );
+        assert_eq!(rw("k run -- -spiffeID"), "k run -- -spiffeID");
+        assert_eq!(
+            rw("a --timeout 3s api fetch -socketPath /s"),
+            "a --timeout 3s api fetch x509 --socket-path /s"
+        );
+        assert_eq!(
+            rw("a api fetch -silent -write /tmp"),
+            "a api fetch x509 --silent --write /tmp"
         );
     }
 }

@@ -40,24 +40,29 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 pub fn parse_go(s: &str) -> Option<i64> {
     let mut parts = s.split_whitespace();
     let (date, time, offset) = (parts.next()?, parts.next()?, parts.next()?);
-    let num = |v: Option<&str>, lo: i64, hi: i64| -> Option<i64> {
+    // Fixed widths and ranges, as Go's layout demands.
+    let num = |v: Option<&str>, width: usize, lo: i64, hi: i64| -> Option<i64> {
         let v = v?;
-        if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
+        if v.len() != width || !v.bytes().all(|b| b.is_ascii_digit()) {
             return None;
         }
         v.parse::<i64>().ok().filter(|n| (lo..=hi).contains(n))
     };
     let mut d = date.split('-');
-    let (y, mo, da) = (
-        num(d.next(), 0, 9999)?,
-        num(d.next(), 1, 12)?,
-        num(d.next(), 1, 31)?,
-    );
+    let (y, mo) = (num(d.next(), 4, 0, 9999)?, num(d.next(), 2, 1, 12)?);
+    let leap = (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let days_in_month = match mo {
+        2 if leap => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    let da = num(d.next(), 2, 1, days_in_month)?;
     let mut t = time.split(':');
     let (h, mi, se) = (
-        num(t.next(), 0, 23)?,
-        num(t.next(), 0, 59)?,
-        num(t.next(), 0, 60)?,
+        num(t.next(), 2, 0, 23)?,
+        num(t.next(), 2, 0, 59)?,
+        num(t.next(), 2, 0, 59)?,
     );
     if d.next().is_some() || t.next().is_some() {
         return None;
@@ -70,7 +75,8 @@ pub fn parse_go(s: &str) -> Option<i64> {
     if hhmm.len() != 4 {
         return None;
     }
-    let off = sign * (num(Some(&hhmm[..2]), 0, 23)? * 3600 + num(Some(&hhmm[2..]), 0, 59)? * 60);
+    let off =
+        sign * (num(Some(&hhmm[..2]), 2, 0, 23)? * 3600 + num(Some(&hhmm[2..]), 2, 0, 59)? * 60);
     Some(days_from_civil(y, mo, da) * 86_400 + h * 3600 + mi * 60 + se - off)
 }
 
@@ -93,6 +99,10 @@ mod tests {
             Some(951_782_400 + 7 * 3600)
         );
         assert_eq!(parse_go("2024-13-02 19:57:36 +0000 UTC"), None);
+        assert_eq!(parse_go("2024-02-31 00:00:00 +0000 UTC"), None);
+        assert_eq!(parse_go("2023-02-29 00:00:00 +0000 UTC"), None);
+        assert_eq!(parse_go("2024-2-01 00:00:00 +0000 UTC"), None);
+        assert_eq!(parse_go("2024-02-01 00:00:60 +0000 UTC"), None);
         assert_eq!(parse_go("yesterday"), None);
         for t in [0, 951_782_400, 1_714_679_856, 4_102_444_800] {
             assert_eq!(parse_go(&utc(t)), Some(t));

@@ -15,7 +15,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, UnixListener};
+use tokio::net::TcpListener;
 use tokio_stream::wrappers::UnixListenerStream;
 
 /// Largest gRPC message accepted (bytes).
@@ -91,8 +91,9 @@ pub struct Running {
     pub tcp_addr: std::net::SocketAddr,
     shutdown: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// Held while running: a second server on this data_dir is refused.
+    /// Held while running: a second server on this data_dir, or on this socket, is refused.
     _lock: kame_api::serving::DataDirLock,
+    _socket_lock: std::fs::File,
 }
 
 impl Running {
@@ -106,7 +107,7 @@ impl Running {
     }
 }
 
-fn prepare_socket(path: &Path) -> Result<UnixListener, RunError> {
+fn prepare_socket(path: &Path) -> Result<kame_api::serving::ClaimedSocket, RunError> {
     if let Some(dir) = path.parent()
         && !dir.exists()
     {
@@ -364,7 +365,10 @@ pub async fn start_with(
     // One server per data_dir and per socket, checked before anything is opened.
     std::fs::create_dir_all(&cfg.data_dir).map_err(io("cannot create data_dir", &cfg.data_dir))?;
     let lock = kame_api::serving::lock_data_dir(&cfg.data_dir, "kame-server")?;
-    let uds = prepare_socket(&cfg.socket_path)?;
+    let kame_api::serving::ClaimedSocket {
+        listener: uds,
+        lock: socket_lock,
+    } = prepare_socket(&cfg.socket_path)?;
     let (ctx, svid, tls) = build_context(&cfg, key_manager).await?;
     let ca = ctx.ca.clone();
     let tcp_addr = std::net::SocketAddr::new(cfg.bind_address, cfg.bind_port);
@@ -619,7 +623,7 @@ pub async fn start_with(
         let ca_m = ca.clone();
         let ctx_m = ctx.clone();
         let fed_m = federation_metrics.clone();
-        tasks.push(tokio::spawn(crate::metrics::serve(
+        tasks.push(tokio::spawn(kame_api::serving::prometheus::serve(
             listener,
             Arc::new(move || {
                 ca_m.render_metrics()
@@ -642,8 +646,8 @@ pub async fn start_with(
         )));
     }
 
-    // SPIRE's health checks: live while this process serves, ready while the CA holds an
-    // unexpired X.509 authority.
+    // SPIRE's health checks: live while this process serves, ready while the CA's active
+    // X.509 authority is unexpired.
     if let Some(h) = &cfg.health {
         let addr = format!("{}:{}", h.bind_address, h.bind_port);
         let listener = tokio::net::TcpListener::bind((h.bind_address.as_str(), h.bind_port))
@@ -656,18 +660,10 @@ pub async fn start_with(
         let ca_h = ca.clone();
         let ready: kame_api::serving::health::Check = Arc::new(move || {
             let now = crate::ca::now_secs();
-            let live = ca_h
-                .bundle()
-                .x509_authorities
-                .iter()
-                .filter(|a| {
-                    kame_api::x509svid::ParsedCert::parse(&a.asn1)
-                        .is_ok_and(|c| c.not_after() > now)
-                })
-                .count();
+            let until = ca_h.current_x509().map(|a| a.not_after).unwrap_or(0);
             (
-                live > 0,
-                serde_json::json!({"ca": {"unexpired_x509_authorities": live}}),
+                until > now,
+                serde_json::json!({"ca": {"x509_authority_expires_at": until}}),
             )
         });
         tasks.push(tokio::spawn(kame_api::serving::health::serve(
@@ -702,6 +698,7 @@ pub async fn start_with(
         shutdown,
         tasks,
         _lock: lock,
+        _socket_lock: socket_lock,
     })
 }
 

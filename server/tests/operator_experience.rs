@@ -354,7 +354,7 @@ async fn operator_health_checks_listener_and_log_file_as_spire_configures_them()
     let ready = http_get(hp, "/ready").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
     assert!(
-        ready.contains("\"unexpired_x509_authorities\":1"),
+        ready.contains("\"x509_authority_expires_at\":"),
         "{ready}"
     );
     assert!(http_get(hp, "/other").await.starts_with("HTTP/1.1 404"));
@@ -458,6 +458,35 @@ fn operator_spire_flags_files_and_hcl1_config_work_unchanged() {
     let (ok, out, _) = run_cli(&["entry", "count", "-socketPath", &sock]);
     assert!(ok);
     assert_eq!(out.trim(), "3 registration entries");
+    // SPIRE's filters on show and count.
+    let (ok, out, _) = run_cli(&[
+        "entry",
+        "count",
+        "-socketPath",
+        &sock,
+        "-selector",
+        "unix:uid:1",
+        "-selector",
+        "unix:uid:2",
+        "-matchSelectorsOn",
+        "any",
+    ]);
+    assert!(ok);
+    assert_eq!(out.trim(), "2 registration entries");
+    let (ok, out, _) = run_cli(&["entry", "show", "-socketPath", &sock, "-hint", "a"]);
+    assert!(ok);
+    assert_eq!(out.matches("Entry ID").count(), 1, "{out}");
+    let (ok, _, err) = run_cli(&[
+        "entry",
+        "show",
+        "-socketPath",
+        &sock,
+        "-entryID",
+        &ids[0],
+        "-hint",
+        "a",
+    ]);
+    assert!(!ok && err.contains("cannot be combined"), "{err}");
     let (ok, out, _) = run_cli(&["entry", "show", "-socketPath", &sock, "-output", "json"]);
     assert!(ok);
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
@@ -610,12 +639,13 @@ async fn operator_metrics_parse_as_prometheus_and_carry_the_expected_series() {
         .trim_matches('"')
         .to_string();
     let a = dir.path().join("agent");
+    let amp = free_port();
     std::fs::create_dir_all(&a).unwrap();
     std::fs::write(a.join("bundle.pem"), &bundle.stdout).unwrap();
     std::fs::write(
         a.join("agent.conf"),
         format!(
-            "agent {{\n data_dir = \"{d}/data\"\n server_address = \"127.0.0.1\"\n server_port = \"{port}\"\n socket_path = \"{d}/api.sock\"\n trust_bundle_path = \"{d}/bundle.pem\"\n trust_domain = \"{TD}\"\n join_token = \"{token}\"\n}}\nplugins {{\n NodeAttestor \"join_token\" {{}}\n KeyManager \"memory\" {{}}\n WorkloadAttestor \"unix\" {{}}\n}}\n",
+            "agent {{\n data_dir = \"{d}/data\"\n server_address = \"127.0.0.1\"\n server_port = \"{port}\"\n socket_path = \"{d}/api.sock\"\n trust_bundle_path = \"{d}/bundle.pem\"\n trust_domain = \"{TD}\"\n join_token = \"{token}\"\n}}\ntelemetry {{\n Prometheus {{\n host = \"127.0.0.1\"\n port = {amp}\n }}\n}}\nplugins {{\n NodeAttestor \"join_token\" {{}}\n KeyManager \"memory\" {{}}\n WorkloadAttestor \"unix\" {{}}\n}}\n",
             d = a.display()
         ),
     )
@@ -665,7 +695,7 @@ async fn operator_metrics_parse_as_prometheus_and_carry_the_expected_series() {
         .0
     );
 
-    let scrape = || {
+    let scrape_at = |port: u16| {
         let o = Command::new(kame_keymanager::testing::venv_tool("python"))
         .arg("-c")
         .arg(
@@ -677,12 +707,13 @@ async fn operator_metrics_parse_as_prometheus_and_carry_the_expected_series() {
              \x20   out[fam.name] = {'type': fam.type, 'samples': [[s.name, s.labels, s.value] for s in fam.samples]}\n\
              print(json.dumps(out))",
         )
-        .arg(format!("http://127.0.0.1:{mp}/metrics"))
+        .arg(format!("http://127.0.0.1:{port}/metrics"))
         .output()
         .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
     };
+    let scrape = || scrape_at(mp);
     let fams = scrape();
     let value = |fams: &serde_json::Value, fam: &str, name: &str, labels: &[(&str, &str)]| -> f64 {
         fams[fam]["samples"]
@@ -771,4 +802,27 @@ async fn operator_metrics_parse_as_prometheus_and_carry_the_expected_series() {
     let before = named(&fams);
     assert!(run_cli(&["localauthority", "x509", "prepare", "-socketPath", &sock]).0);
     assert_eq!(named(&scrape()), before + 1.0);
+
+    // The agent's own /metrics (SPIRE's agent telemetry block).
+    let agent = scrape_at(amp);
+    assert_eq!(
+        value(&agent, "kame_agent_attested", "kame_agent_attested", &[]),
+        1.0
+    );
+    assert!(
+        value(
+            &agent,
+            "kame_agent_syncs",
+            "kame_agent_syncs_total",
+            &[("result", "ok")]
+        ) >= 1.0
+    );
+    assert!(
+        value(
+            &agent,
+            "kame_agent_svid_expiry_timestamp_seconds",
+            "kame_agent_svid_expiry_timestamp_seconds",
+            &[]
+        ) > now
+    );
 }

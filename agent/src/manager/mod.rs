@@ -60,26 +60,23 @@ pub enum ManagerError {
 
 impl ManagerError {
     /// Whether retrying cannot help (SPIRE ends the agent on these): the server refused the
-    /// attestation evidence (an unknown or spent join token, a rejected certificate or
-    /// quote), no way to attest is left, the server sent an agent SVID for another trust
-    /// domain or one that does not chain to our bundle, or the agent is banned. `bootstrap`:
-    /// the agent has no SVID yet, so a server certificate or identity refused in the TLS
-    /// handshake (another trust domain, the wrong bundle) is a configuration error too.
+    /// attestation evidence (PermissionDenied or InvalidArgument: an unknown or spent join
+    /// token, a rejected certificate or quote), no way to attest is left, the server sent an
+    /// SVID that is not an agent ID of our trust domain, or the agent is banned. Races in the
+    /// server's records (AlreadyExists, NotFound, FailedPrecondition) and an SVID that does not
+    /// chain to the bundle held (which may be stale) are retried. `bootstrap`: the agent has
+    /// no SVID yet, so a server certificate or identity refused in the TLS handshake (another
+    /// trust domain, not signed by the bundle held) is a configuration error too, unless only
+    /// its validity period failed (a clock apart).
     pub fn is_fatal(&self, bootstrap: bool) -> bool {
         use crate::attestation::AttestError;
         use tonic::Code;
         match self {
             ManagerError::Attest(AttestError::NoToken) => true,
-            ManagerError::Attest(AttestError::Refused { code, .. }) => matches!(
-                code,
-                Code::PermissionDenied
-                    | Code::InvalidArgument
-                    | Code::Unauthenticated
-                    | Code::NotFound
-                    | Code::FailedPrecondition
-                    | Code::AlreadyExists
-            ),
-            ManagerError::BadAgentSvid(_) | ManagerError::AgentSvidChain(_) => true,
+            ManagerError::Attest(AttestError::Refused { code, .. }) => {
+                matches!(code, Code::PermissionDenied | Code::InvalidArgument)
+            }
+            ManagerError::BadAgentSvid(_) => true,
             ManagerError::Server { code, message } => {
                 *code == Code::PermissionDenied && message.contains("banned")
             }
@@ -246,6 +243,10 @@ pub struct Manager {
     version: watch::Sender<u64>,
     /// Serializes sync passes and on-demand JWT minting against agent SVID changes.
     sync_lock: tokio::sync::Mutex<()>,
+    /// Sync passes done and failed, and when the last one succeeded (for `/metrics`).
+    syncs_ok: std::sync::atomic::AtomicU64,
+    syncs_failed: std::sync::atomic::AtomicU64,
+    last_sync: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Manager {
@@ -343,7 +344,55 @@ impl Manager {
             channel: Mutex::new(None),
             version,
             sync_lock: tokio::sync::Mutex::new(()),
+            syncs_ok: Default::default(),
+            syncs_failed: Default::default(),
+            last_sync: Default::default(),
         }))
+    }
+
+    /// The agent's metrics in the Prometheus text format: attested or not, the agent SVID's
+    /// expiry, X509-SVIDs cached, sync passes by result and the last good one.
+    pub fn render_metrics(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (attested, expiry, svids) = match self.state.read() {
+            Ok(st) => (
+                st.agent.is_some(),
+                st.agent
+                    .as_ref()
+                    .and_then(|a| a.chain.first())
+                    .and_then(|c| ParsedCert::parse(c).ok())
+                    .map(|c| c.not_after())
+                    .unwrap_or(0),
+                st.svids.len(),
+            ),
+            Err(_) => (false, 0, 0),
+        };
+        format!(
+            "# HELP kame_agent_attested Whether the agent holds an agent SVID.\n\
+             # TYPE kame_agent_attested gauge\n\
+             kame_agent_attested {}\n\
+             # HELP kame_agent_svid_expiry_timestamp_seconds When the agent's own SVID expires.\n\
+             # TYPE kame_agent_svid_expiry_timestamp_seconds gauge\n\
+             kame_agent_svid_expiry_timestamp_seconds {expiry}\n\
+             # HELP kame_agent_workload_svids X509-SVIDs the agent holds for workloads.\n\
+             # TYPE kame_agent_workload_svids gauge\n\
+             kame_agent_workload_svids {svids}\n\
+             # HELP kame_agent_syncs_total Sync passes with the server, by result.\n\
+             # TYPE kame_agent_syncs_total counter\n\
+             kame_agent_syncs_total{{result=\"ok\"}} {}\n\
+             kame_agent_syncs_total{{result=\"error\"}} {}\n\
+             # HELP kame_agent_last_sync_timestamp_seconds When the last sync pass succeeded.\n\
+             # TYPE kame_agent_last_sync_timestamp_seconds gauge\n\
+             kame_agent_last_sync_timestamp_seconds {}\n\
+             # HELP kame_build_info Kame's version.\n\
+             # TYPE kame_build_info gauge\n\
+             kame_build_info{{version=\"{}\"}} 1\n",
+            u8::from(attested),
+            self.syncs_ok.load(Relaxed),
+            self.syncs_failed.load(Relaxed),
+            self.last_sync.load(Relaxed),
+            env!("CARGO_PKG_VERSION"),
+        )
     }
 
     /// A receiver that changes whenever entries, SVIDs or bundles change.
@@ -420,7 +469,16 @@ impl Manager {
     ) -> Result<(), ManagerError> {
         loop {
             let bootstrap = self.agent_id().is_none();
-            match self.sync_once().await {
+            let r = self.sync_once().await;
+            let counter = if r.is_ok() {
+                self.last_sync
+                    .store(now_secs(), std::sync::atomic::Ordering::Relaxed);
+                &self.syncs_ok
+            } else {
+                &self.syncs_failed
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            match r {
                 Ok(()) => {}
                 Err(e) if e.is_fatal(bootstrap) => {
                     tracing::error!(error = %kame_api::errors::chain(&e), "the agent cannot continue");

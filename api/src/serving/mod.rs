@@ -1,12 +1,14 @@
 //! What the server and the agent share to serve: claiming a Unix socket path without taking
 //! it from a live process, the lock that keeps two daemons off one `data_dir`, the HTTP/2
 //! `:authority` adapter that lets gRPC C-core clients in (`h2fix`), the smallest HTTP/1.1 for
-//! read-only endpoints (`httpmini`) and SPIRE's health-check listener (`health`). It decides
+//! read-only endpoints (`httpmini`), SPIRE's health-check listener (`health`) and its Prometheus
+//! endpoint (`prometheus`). It decides
 //! no permissions (the callers set them) and knows nothing of what it serves.
 
 pub mod h2fix;
 pub mod health;
 pub mod httpmini;
+pub mod prometheus;
 
 use std::path::Path;
 
@@ -40,20 +42,59 @@ pub enum UdsError {
     },
 }
 
-/// Binds a listener at `path`. A socket file no process answers on (left by a crash) is
-/// replaced; one a process answers on is refused, naming `what` (the daemon) as the likely
-/// owner; anything that is not a socket is refused. Must run inside a Tokio runtime.
-pub fn claim_socket(path: &Path, what: &str) -> Result<tokio::net::UnixListener, UdsError> {
+/// A bound socket and the lock on `<path>.lock` that keeps another daemon from claiming the
+/// same path while this one runs (held until dropped).
+#[derive(Debug)]
+pub struct ClaimedSocket {
+    pub listener: tokio::net::UnixListener,
+    pub lock: std::fs::File,
+}
+
+/// Binds a listener at `path`. First the lock on `<path>.lock` (another daemon holding it:
+/// [`UdsError::InUse`]); then a socket file no process answers on (connection refused: left
+/// by a crash) is replaced, one a process answers on is refused, naming `what` (the daemon)
+/// as the likely owner, and one that cannot be tried (permissions) is refused with why;
+/// anything that is not a socket is refused. Must run inside a Tokio runtime.
+pub fn claim_socket(path: &Path, what: &str) -> Result<ClaimedSocket, UdsError> {
     use std::os::unix::fs::FileTypeExt;
     let shown = path.display().to_string();
+    let in_use = || UdsError::InUse {
+        path: shown.clone(),
+        what: what.to_string(),
+    };
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push(".lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| UdsError::Bind {
+            path: std::path::PathBuf::from(&lock_path).display().to_string(),
+            source,
+        })?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(in_use()),
+        Err(std::fs::TryLockError::Error(source)) => {
+            return Err(UdsError::Bind {
+                path: shown,
+                source,
+            });
+        }
+    }
     match std::fs::symlink_metadata(path) {
         Ok(m) if m.file_type().is_socket() => {
             // A listening socket accepts the connection even when its process is stopped.
-            if std::os::unix::net::UnixStream::connect(path).is_ok() {
-                return Err(UdsError::InUse {
-                    path: shown,
-                    what: what.to_string(),
-                });
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => return Err(in_use()),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                Err(source) => {
+                    return Err(UdsError::Bind {
+                        path: shown,
+                        source,
+                    });
+                }
             }
             match std::fs::remove_file(path) {
                 Ok(()) => {}
@@ -69,10 +110,11 @@ pub fn claim_socket(path: &Path, what: &str) -> Result<tokio::net::UnixListener,
         Ok(_) => return Err(UdsError::NotASocket { path: shown }),
         Err(_) => {}
     }
-    tokio::net::UnixListener::bind(path).map_err(|source| UdsError::Bind {
+    let listener = tokio::net::UnixListener::bind(path).map_err(|source| UdsError::Bind {
         path: shown,
         source,
-    })
+    })?;
+    Ok(ClaimedSocket { listener, lock })
 }
 
 /// An exclusive lock on `data_dir/.lock`, held until dropped (or the process ends, however
@@ -117,7 +159,12 @@ mod tests {
         let e = claim_socket(&p, "test daemon").unwrap_err();
         assert!(matches!(e, UdsError::InUse { .. }), "{e}");
         assert!(e.to_string().contains("another test daemon"), "{e}");
-        drop(live);
+        // Without the lock (a daemon that predates it), a live socket is still refused.
+        let ClaimedSocket { listener, lock } = live;
+        drop(lock);
+        let e = claim_socket(&p, "test daemon").unwrap_err();
+        assert!(matches!(e, UdsError::InUse { .. }), "{e}");
+        drop(listener);
         // The file stays behind, nobody answers: replaced.
         assert!(p.exists());
         let again = claim_socket(&p, "test daemon").unwrap();

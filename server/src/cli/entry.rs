@@ -96,8 +96,10 @@ pub enum EntryCmd {
         #[command(flatten)]
         common: Common,
     },
-    /// Counts registration entries.
+    /// Counts registration entries (all, or those the filters match).
     Count {
+        #[command(flatten)]
+        filter: EntryFilterArgs,
         #[command(flatten)]
         common: Common,
     },
@@ -193,26 +195,29 @@ impl EntryFields {
     }
 }
 
-/// `path`'s bytes, or stdin's for `-`.
-fn read_input(path: &Path) -> Result<String, CliError> {
-    use std::io::Read;
-    let mut text = String::new();
+/// `path`'s bytes, or stdin's for `-` (read off the async threads, so `--timeout` holds).
+async fn read_input(path: &Path) -> Result<String, CliError> {
     if path == Path::new("-") {
-        std::io::stdin()
-            .read_to_string(&mut text)
-            .map_err(|source| CliError::Io {
-                what: "cannot read",
-                path: "stdin".into(),
-                source,
-            })?;
-    } else {
-        text = std::fs::read_to_string(path).map_err(|source| CliError::Io {
-            what: "cannot read",
-            path: path.display().to_string(),
-            source,
-        })?;
+        return tokio::task::spawn_blocking(|| {
+            use std::io::Read;
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map(|_| text)
+                .map_err(|source| CliError::Io {
+                    what: "cannot read",
+                    path: "stdin".into(),
+                    source,
+                })
+        })
+        .await
+        .map_err(|e| CliError::Failed(format!("reading stdin: {e}")))?;
     }
-    Ok(text)
+    std::fs::read_to_string(path).map_err(|source| CliError::Io {
+        what: "cannot read",
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 /// The member `k` of a JSON object, its name matched as Go's encoding/json matches it
@@ -322,9 +327,9 @@ fn entry_from_json(v: &Value) -> Result<types::Entry, String> {
 }
 
 /// The entries of SPIRE's `-data` file.
-fn entries_from_file(path: &Path) -> Result<Vec<types::Entry>, CliError> {
+async fn entries_from_file(path: &Path) -> Result<Vec<types::Entry>, CliError> {
     let shown = path.display().to_string();
-    let v: Value = serde_json::from_str(&read_input(path)?)
+    let v: Value = serde_json::from_str(&read_input(path).await?)
         .map_err(|e| CliError::Usage(format!("--data {shown}: not JSON: {e}")))?;
     let list = member(&v, "entries")
         .and_then(Value::as_array)
@@ -389,23 +394,43 @@ fn print_batch(
 
 #[derive(Debug, Args)]
 pub struct EntryShow {
-    /// Only the entry with this ID.
+    /// Only the entry with this ID (no other filter goes with it).
     #[arg(long)]
     pub entry_id: Option<String>,
+    #[command(flatten)]
+    pub filter: EntryFilterArgs,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// SPIRE's `entry show` / `entry count` filters.
+#[derive(Debug, Args)]
+pub struct EntryFilterArgs {
     /// Only entries with this SPIFFE ID.
     #[arg(long)]
     pub spiffe_id: Option<String>,
     /// Only entries with this parent.
     #[arg(long)]
     pub parent_id: Option<String>,
-    /// Only entries with these selectors (and maybe more); repeat for several.
+    /// A selector `type:value`; repeat for several (matched per --match-selectors-on).
     #[arg(long = "selector")]
     pub selectors: Vec<String>,
+    /// How the selectors match: exact, any, superset (the entry has all of them, the default)
+    /// or subset.
+    #[arg(long, default_value = "superset")]
+    pub match_selectors_on: String,
+    /// A trust domain; repeat for several (matched per --match-federates-with-on).
+    #[arg(long = "federates-with")]
+    pub federates_with: Vec<String>,
+    /// How the trust domains match: exact, any, superset (the default) or subset.
+    #[arg(long, default_value = "superset")]
+    pub match_federates_with_on: String,
+    /// Only downstream entries.
+    #[arg(long)]
+    pub downstream: bool,
     /// Only entries with this hint.
     #[arg(long)]
     pub hint: Option<String>,
-    #[command(flatten)]
-    pub common: Common,
 }
 
 pub(super) fn entry_from_fields(
@@ -473,10 +498,13 @@ pub async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
             file,
             common,
         } => delete(entry_id, file, common).await,
-        EntryCmd::Count { common } => {
+        EntryCmd::Count { filter, common } => {
+            let filter = show_filter(&filter)?;
             let mut client = Client::new(connect(&common.socket_path).await?);
             let n = client
-                .count_entries(pb::entry::CountEntriesRequest { filter: None })
+                .count_entries(pb::entry::CountEntriesRequest {
+                    filter: Some(filter),
+                })
                 .await?
                 .into_inner()
                 .count;
@@ -502,7 +530,7 @@ async fn create(c: EntryCreate) -> Result<(), CliError> {
                     "give --data or the entry flags, not both".into(),
                 ));
             }
-            entries_from_file(path)?
+            entries_from_file(path).await?
         }
         None => {
             let parent = if c.node {
@@ -544,7 +572,7 @@ async fn create(c: EntryCreate) -> Result<(), CliError> {
 
 async fn update(u: EntryUpdate) -> Result<(), CliError> {
     let entries = match (&u.data, &u.entry_id) {
-        (Some(path), None) if !u.fields.any() => entries_from_file(path)?,
+        (Some(path), None) if !u.fields.any() => entries_from_file(path).await?,
         (Some(_), _) => {
             return Err(CliError::Usage(
                 "give --data or the entry flags, not both".into(),
@@ -587,7 +615,7 @@ async fn delete(
         (Some(id), None) => vec![id],
         (None, Some(path)) => {
             let shown = path.display().to_string();
-            let v: Value = serde_json::from_str(&read_input(&path)?)
+            let v: Value = serde_json::from_str(&read_input(&path).await?)
                 .map_err(|e| CliError::Usage(format!("--file {shown}: not JSON: {e}")))?;
             member(&v, "ids")
                 .and_then(Value::as_array)
@@ -609,6 +637,13 @@ async fn delete(
         .batch_delete_entry(pb::entry::BatchDeleteEntryRequest { ids: ids.clone() })
         .await?
         .into_inner();
+    if resp.results.len() != ids.len() {
+        return Err(CliError::Failed(format!(
+            "the server answered {} results for {} IDs",
+            resp.results.len(),
+            ids.len()
+        )));
+    }
     let (mut pretty, mut done, mut failed, mut results) = (String::new(), 0, 0, vec![]);
     for (i, r) in resp.results.iter().enumerate() {
         let id = if r.id.is_empty() {
@@ -650,7 +685,26 @@ async fn delete(
 }
 
 /// `entry show`'s filter flags as the API's filter.
-fn show_filter(s: &EntryShow) -> Result<pb::entry::EntryFilter, CliError> {
+/// SPIRE's match names (`exact`, `any`, `superset`, `subset`) as the wire's numbers, which
+/// differ between selector and federation matches.
+fn match_on(flag: &str, v: &str, numbers: [i32; 4]) -> Result<i32, CliError> {
+    Ok(match v {
+        "exact" => numbers[0],
+        "any" => numbers[1],
+        "superset" => numbers[2],
+        "subset" => numbers[3],
+        other => {
+            return Err(CliError::Usage(format!(
+                "{flag}: {other:?} is not exact, any, superset or subset"
+            )));
+        }
+    })
+}
+
+/// The filter flags as the API's filter.
+fn show_filter(s: &EntryFilterArgs) -> Result<pb::entry::EntryFilter, CliError> {
+    use types::federates_with_match::MatchBehavior as F;
+    use types::selector_match::MatchBehavior as S;
     Ok(pb::entry::EntryFilter {
         by_spiffe_id: s
             .spiffe_id
@@ -671,16 +725,57 @@ fn show_filter(s: &EntryShow) -> Result<pb::entry::EntryFilter, CliError> {
                     .iter()
                     .map(|x| parse_selector(x))
                     .collect::<Result<_, _>>()?,
-                r#match: types::selector_match::MatchBehavior::MatchSuperset as i32,
+                r#match: match_on(
+                    "--match-selectors-on",
+                    &s.match_selectors_on,
+                    [
+                        S::MatchExact as i32,
+                        S::MatchAny as i32,
+                        S::MatchSuperset as i32,
+                        S::MatchSubset as i32,
+                    ],
+                )?,
             })
         },
-        by_federates_with: None,
+        by_federates_with: if s.federates_with.is_empty() {
+            None
+        } else {
+            Some(types::FederatesWithMatch {
+                trust_domains: s
+                    .federates_with
+                    .iter()
+                    .map(|t| t.trim_start_matches("spiffe://").to_string())
+                    .collect(),
+                r#match: match_on(
+                    "--match-federates-with-on",
+                    &s.match_federates_with_on,
+                    [
+                        F::MatchExact as i32,
+                        F::MatchAny as i32,
+                        F::MatchSuperset as i32,
+                        F::MatchSubset as i32,
+                    ],
+                )?,
+            })
+        },
         by_hint: s.hint.clone(),
-        by_downstream: None,
+        by_downstream: s.downstream.then_some(true),
     })
 }
 
 async fn show(s: EntryShow) -> Result<(), CliError> {
+    let f = &s.filter;
+    let filtered = f.spiffe_id.is_some()
+        || f.parent_id.is_some()
+        || !f.selectors.is_empty()
+        || !f.federates_with.is_empty()
+        || f.downstream
+        || f.hint.is_some();
+    if s.entry_id.is_some() && filtered {
+        return Err(CliError::Usage(
+            "--entry-id cannot be combined with other filters".into(),
+        ));
+    }
     let mut client = Client::new(connect(&s.common.socket_path).await?);
     let entries = if let Some(id) = &s.entry_id {
         vec![
@@ -693,7 +788,7 @@ async fn show(s: EntryShow) -> Result<(), CliError> {
                 .into_inner(),
         ]
     } else {
-        let filter = show_filter(&s)?;
+        let filter = show_filter(&s.filter)?;
         let mut out = vec![];
         let mut token = String::new();
         loop {

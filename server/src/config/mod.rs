@@ -249,21 +249,7 @@ impl Config {
             key: "plugins".into(),
         })?;
         // SPIRE's `telemetry { Prometheus { host, port } }`; other sinks are refused.
-        let mut prometheus = None;
-        if let Some(mut t) = root.section("telemetry")? {
-            if let Some(p) = t.section("Prometheus")? {
-                let host = p.string("host")?.unwrap_or_else(|| "localhost".into());
-                let port = p
-                    .int("port")?
-                    .and_then(|n| u16::try_from(n).ok())
-                    .ok_or_else(|| {
-                        invalid("telemetry.Prometheus.port", "a TCP port is required")
-                    })?;
-                p.finish()?;
-                prometheus = Some((host, port));
-            }
-            t.finish()?;
-        }
+        let prometheus = kame_api::serving::prometheus::parse(&mut root)?;
         let health = kame_api::serving::health::parse(&mut root)?;
         root.finish()?;
         let mut server = server;

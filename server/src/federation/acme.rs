@@ -71,6 +71,9 @@ pub enum AcmeError {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct StoredAccount {
     directory_url: String,
+    /// The contact it was registered with: another `email` registers a new account.
+    #[serde(default)]
+    email: String,
     credentials: AccountCredentials,
 }
 
@@ -267,7 +270,7 @@ impl AcmeCert {
             }
         };
         let account = match stored {
-            Some(s) if s.directory_url == self.cfg.directory_url => {
+            Some(s) if s.directory_url == self.cfg.directory_url && s.email == self.cfg.email => {
                 Account::builder()?.from_credentials(s.credentials).await?
             }
             _ => {
@@ -285,6 +288,7 @@ impl AcmeCert {
                     .await?;
                 let doc = StoredAccount {
                     directory_url: self.cfg.directory_url.clone(),
+                    email: self.cfg.email.clone(),
                     credentials,
                 };
                 let bytes = serde_json::to_vec(&doc).map_err(|e| AcmeError::StoredAccount {

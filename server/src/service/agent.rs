@@ -340,14 +340,22 @@ type AttestStream = Pin<Box<dyn Stream<Item = Result<pb::AttestAgentResponse, St
 /// the rate limits count their own). The count's attestor label is a configured attestor or
 /// `unknown`: the peer chooses what it sends.
 fn log_refusal(ctx: &Context, attestor: &str, peer: &str, s: &Status) {
-    let shown = if attestor.is_empty() { "-" } else { attestor };
+    let known = ctx.node_attestors.contains_key(attestor)
+        || (attestor == join_token::TYPE && ctx.join_token_enabled);
+    // What a peer sent is logged escaped and cut short, never as it came.
+    let shown = if known {
+        attestor.to_string()
+    } else {
+        format!(
+            "unknown {:?}",
+            attestor.chars().take(64).collect::<String>()
+        )
+    };
     if s.code() == tonic::Code::ResourceExhausted {
         tracing::debug!(attestor = %shown, peer = %peer, reason = %s.message(), "attestation throttled");
         return;
     }
     tracing::info!(attestor = %shown, peer = %peer, code = ?s.code(), reason = %s.message(), "attestation refused");
-    let known = ctx.node_attestors.contains_key(attestor)
-        || (attestor == join_token::TYPE && ctx.join_token_enabled);
     ctx.ca
         .metrics()
         .attestation(if known { attestor } else { "unknown" }, true);
