@@ -184,7 +184,11 @@ fn init_logging(
 }
 
 async fn real_main() -> anyhow::Result<()> {
-    let args = Cli::parse_from(spire_args());
+    let args = Cli::parse_from(kame_api::spire_cli::args_os(&[(
+        &["api", "fetch"],
+        "x509",
+        &["x509", "jwt", "help"],
+    )]));
     match args.cmd {
         cmd @ (Cmd::Run { .. } | Cmd::Validate { .. }) => daemon(cmd).await,
         Cmd::Completion { shell } => {
@@ -212,26 +216,6 @@ async fn real_main() -> anyhow::Result<()> {
                     )
                 })?
         }
-    }
-}
-
-/// The arguments, SPIRE's flag spellings read as Kame's and `api fetch` alone as
-/// `api fetch x509` (arguments that are not UTF-8 are left as they are).
-fn spire_args() -> Vec<std::ffi::OsString> {
-    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    match raw
-        .iter()
-        .map(|a| a.clone().into_string())
-        .collect::<Result<Vec<String>, _>>()
-    {
-        Ok(args) => kame_api::spire_cli::rewrite(
-            args,
-            &[(&["api", "fetch"], "x509", &["x509", "jwt", "help"])],
-        )
-        .into_iter()
-        .map(Into::into)
-        .collect(),
-        Err(_) => raw,
     }
 }
 
@@ -313,38 +297,11 @@ mod tests {
     use super::Cli;
     use clap::CommandFactory;
 
-    /// Every command says what it does and every flag has help text.
+    /// Every command says what it does, every flag has help text, every group an example.
     #[test]
     fn cli_every_command_and_flag_has_help() {
-        fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
-            for a in c.get_arguments() {
-                let id = a.get_id().as_str();
-                if a.is_hide_set() || id == "help" || id == "version" {
-                    continue;
-                }
-                if a.get_help().is_none() && a.get_long_help().is_none() {
-                    missing.push(format!("{path} --{id}"));
-                }
-            }
-            for s in c.get_subcommands() {
-                let p = format!("{path} {}", s.get_name());
-                if s.get_name() != "help" && s.get_about().is_none() {
-                    missing.push(p.clone());
-                }
-                // A command group shows how it is used.
-                if s.has_subcommands()
-                    && !s
-                        .get_after_help()
-                        .is_some_and(|h| h.to_string().contains("Example"))
-                {
-                    missing.push(format!("{p}: no example"));
-                }
-                walk(s, &p, missing);
-            }
-        }
         let cmd = Cli::command();
-        let mut missing = vec![];
-        walk(&cmd, cmd.get_name(), &mut missing);
+        let missing = kame_api::spire_cli::missing_help(&cmd);
         assert!(missing.is_empty(), "no help text: {missing:#?}");
         cmd.debug_assert();
     }

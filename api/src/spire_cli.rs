@@ -176,6 +176,57 @@ pub fn rewrite(args: Vec<String>, defaults: &[SubcommandDefault<'_>]) -> Vec<Str
     out
 }
 
+/// The process's arguments, rewritten by [`rewrite`]; arguments that are not UTF-8 are left
+/// as they are (and nothing is rewritten).
+pub fn args_os(defaults: &[SubcommandDefault<'_>]) -> Vec<std::ffi::OsString> {
+    let raw: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    match raw
+        .iter()
+        .map(|a| a.clone().into_string())
+        .collect::<Result<Vec<String>, _>>()
+    {
+        Ok(args) => rewrite(args, defaults)
+            .into_iter()
+            .map(Into::into)
+            .collect(),
+        Err(_) => raw,
+    }
+}
+
+/// What a command tree lacks for its users: commands without a description, flags without
+/// help, command groups without an example in their after-help. Empty when complete.
+#[cfg(feature = "cli")]
+pub fn missing_help(cmd: &clap::Command) -> Vec<String> {
+    fn walk(c: &clap::Command, path: &str, missing: &mut Vec<String>) {
+        for a in c.get_arguments() {
+            let id = a.get_id().as_str();
+            if a.is_hide_set() || id == "help" || id == "version" {
+                continue;
+            }
+            if a.get_help().is_none() && a.get_long_help().is_none() {
+                missing.push(format!("{path} --{id}"));
+            }
+        }
+        for s in c.get_subcommands() {
+            let p = format!("{path} {}", s.get_name());
+            if s.get_name() != "help" && s.get_about().is_none() {
+                missing.push(p.clone());
+            }
+            if s.has_subcommands()
+                && !s
+                    .get_after_help()
+                    .is_some_and(|h| h.to_string().contains("Example"))
+            {
+                missing.push(format!("{p}: no example"));
+            }
+            walk(s, &p, missing);
+        }
+    }
+    let mut missing = vec![];
+    walk(cmd, cmd.get_name(), &mut missing);
+    missing
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

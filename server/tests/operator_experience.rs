@@ -353,10 +353,7 @@ async fn operator_health_checks_listener_and_log_file_as_spire_configures_them()
     assert!(live.starts_with("HTTP/1.1 200"), "{live}");
     let ready = http_get(hp, "/ready").await;
     assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
-    assert!(
-        ready.contains("\"x509_authority_expires_at\":"),
-        "{ready}"
-    );
+    assert!(ready.contains("\"x509_authority_expires_at\":"), "{ready}");
     assert!(http_get(hp, "/other").await.starts_with("HTTP/1.1 404"));
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("kame-server started"), "{text}");
