@@ -385,7 +385,8 @@ pub async fn start_with(
 
     let ctx_r = ctx.clone();
     let rpc_metrics = Arc::new(crate::metrics::rpc::RpcMetrics::default());
-    let rpc_m = rpc_metrics.clone();
+    // Per-call metrics only when they are served.
+    let rpc_m = cfg.prometheus.is_some().then(|| rpc_metrics.clone());
     let router = move || {
         let ctx = &ctx_r;
         let m = MAX_MESSAGE_SIZE;

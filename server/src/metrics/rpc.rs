@@ -4,7 +4,6 @@
 //! are bounded: a call the server does not serve (Unimplemented) is counted under `unknown`,
 //! so a peer cannot mint series by sending made-up method names.
 
-use std::collections::BTreeMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -43,10 +42,17 @@ struct Hist {
     count: u64,
 }
 
+/// One method's counts by status code and its time histogram.
+struct PathStats {
+    codes: [u64; CODES.len()],
+    hist: Hist,
+}
+
+/// Calls by request path (`/package.Service/Method`, or `unknown`); looked up without
+/// allocating once a path has been seen.
 #[derive(Default)]
 struct Inner {
-    calls: BTreeMap<(String, String, &'static str), u64>,
-    times: BTreeMap<(String, String), Hist>,
+    paths: std::collections::HashMap<String, PathStats>,
 }
 
 /// The counters and histograms the layer fills.
@@ -63,22 +69,35 @@ impl std::fmt::Debug for RpcMetrics {
 
 impl RpcMetrics {
     fn record(&self, path: &str, code: i32, secs: f64) {
-        let code_name = usize::try_from(code)
+        let code = usize::try_from(code)
             .ok()
-            .and_then(|c| CODES.get(c))
-            .copied()
-            .unwrap_or("Unknown");
-        let (service, method) = match path.trim_start_matches('/').split_once('/') {
-            Some((s, m)) if code != 12 && !s.is_empty() && !m.is_empty() => {
-                (s.to_string(), m.to_string())
-            }
-            _ => ("unknown".to_string(), "unknown".to_string()),
+            .filter(|c| *c < CODES.len())
+            .unwrap_or(2);
+        // A path the server does not serve is not a label of its own.
+        let well_formed = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .is_some_and(|(s, m)| !s.is_empty() && !m.is_empty() && !m.contains('/'));
+        let key = if code == 12 || !well_formed {
+            "unknown"
+        } else {
+            path
         };
         let mut g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        *g.calls
-            .entry((service.clone(), method.clone(), code_name))
-            .or_default() += 1;
-        let h = g.times.entry((service, method)).or_default();
+        if !g.paths.contains_key(key) {
+            g.paths.insert(
+                key.to_string(),
+                PathStats {
+                    codes: [0; CODES.len()],
+                    hist: Hist::default(),
+                },
+            );
+        }
+        let Some(st) = g.paths.get_mut(key) else {
+            return;
+        };
+        st.codes[code] += 1;
+        let h = &mut st.hist;
         for (i, b) in BUCKETS.iter().enumerate() {
             if secs <= *b {
                 h.buckets[i] += 1;
@@ -91,18 +110,32 @@ impl RpcMetrics {
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let g = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut paths: Vec<(&String, &PathStats)> = g.paths.iter().collect();
+        paths.sort_by(|a, b| a.0.cmp(b.0));
+        let labels = |path: &str| -> (String, String) {
+            match path.trim_start_matches('/').split_once('/') {
+                Some((s, m)) => (s.to_string(), m.to_string()),
+                None => ("unknown".into(), "unknown".into()),
+            }
+        };
         let mut out = String::from(
             "# HELP kame_rpc_requests_total gRPC calls answered, by service, method and status code.\n\
              # TYPE kame_rpc_requests_total counter\n",
         );
-        for ((s, m, c), n) in &g.calls {
-            out += &format!(
-                "kame_rpc_requests_total{{service=\"{s}\",method=\"{m}\",grpc_code=\"{c}\"}} {n}\n"
-            );
+        for (path, st) in &paths {
+            let (s, m) = labels(path);
+            for (c, n) in st.codes.iter().enumerate().filter(|(_, n)| **n > 0) {
+                out += &format!(
+                    "kame_rpc_requests_total{{service=\"{s}\",method=\"{m}\",grpc_code=\"{}\"}} {n}\n",
+                    CODES[c]
+                );
+            }
         }
         out += "# HELP kame_rpc_duration_seconds Time from a call's arrival to its last byte, by service and method.\n\
                 # TYPE kame_rpc_duration_seconds histogram\n";
-        for ((s, m), h) in &g.times {
+        for (path, st) in &paths {
+            let (s, m) = labels(path);
+            let h = &st.hist;
             for (i, b) in BUCKETS.iter().enumerate() {
                 out += &format!(
                     "kame_rpc_duration_seconds_bucket{{service=\"{s}\",method=\"{m}\",le=\"{b}\"}} {}\n",
@@ -121,9 +154,10 @@ impl RpcMetrics {
     }
 }
 
-/// The layer over a gRPC router.
+/// The layer over a gRPC router; with `None` (no Prometheus configured) it records nothing
+/// and costs nothing per call.
 #[derive(Clone, Debug)]
-pub struct RpcMetricsLayer(pub Arc<RpcMetrics>);
+pub struct RpcMetricsLayer(pub Option<Arc<RpcMetrics>>);
 
 impl<S> tower::Layer<S> for RpcMetricsLayer {
     type Service = RpcMetricsService<S>;
@@ -138,13 +172,14 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
 #[derive(Clone, Debug)]
 pub struct RpcMetricsService<S> {
     inner: S,
-    metrics: Arc<RpcMetrics>,
+    metrics: Option<Arc<RpcMetrics>>,
 }
 
 /// What one call records when its response ends (or is dropped unfinished: Canceled).
 struct Pending {
     metrics: Arc<RpcMetrics>,
-    path: String,
+    /// Shares the request's bytes: no copy per call.
+    path: Option<http::uri::PathAndQuery>,
     start: Instant,
     code: Option<i32>,
 }
@@ -152,8 +187,9 @@ struct Pending {
 impl Pending {
     fn finish(self, code: Option<i32>) {
         let code = code.or(self.code).unwrap_or(1);
+        let path = self.path.as_ref().map(|p| p.path()).unwrap_or("");
         self.metrics
-            .record(&self.path, code, self.start.elapsed().as_secs_f64());
+            .record(path, code, self.start.elapsed().as_secs_f64());
     }
 }
 
@@ -177,25 +213,25 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
-        let pending = Pending {
-            metrics: self.metrics.clone(),
-            path: req.uri().path().to_string(),
+        let pending = self.metrics.clone().map(|metrics| Pending {
+            metrics,
+            path: req.uri().path_and_query().cloned(),
             start: Instant::now(),
             code: None,
-        };
+        });
         let fut = self.inner.call(req);
         Box::pin(async move {
             let resp = fut.await?;
             let (parts, body) = resp.into_parts();
-            let pending = Pending {
+            let pending = pending.map(|p| Pending {
                 code: grpc_status(&parts.headers),
-                ..pending
-            };
+                ..p
+            });
             Ok(http::Response::from_parts(
                 parts,
                 CountedBody {
                     inner: body,
-                    pending: Some(pending),
+                    pending,
                 },
             ))
         })
