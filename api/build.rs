@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/spire/api/server/agent.proto",
         "proto/spire/api/server/localauthority.proto",
         "proto/spire/api/server/trustdomain.proto",
+        "proto/spire/api/server/logger.proto",
         "proto/workload/workload.proto",
         "proto/kame/devid/enrollment.proto",
     ];

@@ -20,6 +20,8 @@ pub enum CliError {
     },
     #[error("Workload API error ({code:?}): {message}")]
     Api { code: tonic::Code, message: String },
+    #[error("SVID is not valid: {0}")]
+    InvalidSvid(String),
     #[error("{0}")]
     Failed(String),
 }
@@ -208,7 +210,7 @@ pub fn x509_report(msg: &wl::X509svidResponse, took: std::time::Duration) -> Str
 
 /// `api fetch x509`: SPIRE's report, and with `--write` SPIRE's files (`svid.N.pem`,
 /// `svid.N.key`, `bundle.N.pem`, `federated_bundle.N.M.pem`), each one announced.
-pub async fn fetch_x509(addr: &str, write_dir: Option<&Path>) -> Result<(), CliError> {
+pub async fn fetch_x509(addr: &str, write_dir: Option<&Path>, json: bool) -> Result<(), CliError> {
     let start = std::time::Instant::now();
     let mut s = client(connect(addr).await?)
         .fetch_x509svid(with_header(wl::X509svidRequest {}))
@@ -218,7 +220,11 @@ pub async fn fetch_x509(addr: &str, write_dir: Option<&Path>) -> Result<(), CliE
         .message()
         .await?
         .ok_or_else(|| CliError::Failed("the stream ended without an SVID".into()))?;
-    print!("{}", x509_report(&msg, start.elapsed()));
+    if json {
+        println!("{}", x509_json(&msg));
+    } else {
+        print!("{}", x509_report(&msg, start.elapsed()));
+    }
     let Some(dir) = write_dir else {
         return Ok(());
     };
@@ -251,41 +257,137 @@ pub async fn fetch_x509(addr: &str, write_dir: Option<&Path>) -> Result<(), CliE
     Ok(())
 }
 
-/// `api fetch jwt`: prints each token.
+/// Bytes as protobuf JSON writes them (standard padded base64).
+fn b64(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// The X509-SVID response in SPIRE's `-output json` shape (protobuf JSON with field names
+/// as in the proto and every field present).
+pub fn x509_json(msg: &wl::X509svidResponse) -> serde_json::Value {
+    use serde_json::json;
+    let federated: serde_json::Map<String, serde_json::Value> = msg
+        .federated_bundles
+        .iter()
+        .map(|(td, b)| (td.clone(), json!(b64(b))))
+        .collect();
+    json!({
+        "svids": msg.svids.iter().map(|s| json!({
+            "spiffe_id": s.spiffe_id,
+            "x509_svid": b64(&s.x509_svid),
+            "x509_svid_key": b64(&s.x509_svid_key),
+            "bundle": b64(&s.bundle),
+            "hint": s.hint,
+        })).collect::<Vec<_>>(),
+        "crl": msg.crl.iter().map(|c| b64(c)).collect::<Vec<_>>(),
+        "federated_bundles": federated,
+    })
+}
+
+/// A protobuf `Struct` value as JSON.
+fn proto_value(v: &prost_types::Value) -> serde_json::Value {
+    use prost_types::value::Kind;
+    match &v.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(*n)
+            .map_or(serde_json::Value::Null, serde_json::Value::Number),
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s.clone()),
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(*b),
+        Some(Kind::StructValue(st)) => proto_struct(st),
+        Some(Kind::ListValue(l)) => l.values.iter().map(proto_value).collect(),
+    }
+}
+
+fn proto_struct(st: &prost_types::Struct) -> serde_json::Value {
+    serde_json::Value::Object(
+        st.fields
+            .iter()
+            .map(|(k, v)| (k.clone(), proto_value(v)))
+            .collect(),
+    )
+}
+
+/// `api fetch jwt`: each token, then the JWT bundles (SPIRE's report); with `json`, the two
+/// responses as SPIRE prints them with `-output json`.
 pub async fn fetch_jwt(
     addr: &str,
     audience: &[String],
     spiffe_id: Option<&str>,
+    json: bool,
 ) -> Result<(), CliError> {
-    let r = client(connect(addr).await?)
+    let mut c = client(connect(addr).await?);
+    let bundles = c
+        .fetch_jwt_bundles(with_header(wl::JwtBundlesRequest {}))
+        .await?
+        .into_inner()
+        .message()
+        .await?
+        .ok_or_else(|| CliError::Failed("the JWT bundle stream ended without bundles".into()))?;
+    let r = c
         .fetch_jwtsvid(with_header(wl::JwtsvidRequest {
             audience: audience.to_vec(),
             spiffe_id: spiffe_id.unwrap_or_default().to_string(),
         }))
         .await?
         .into_inner();
-    for s in r.svids {
+    let mut tds: Vec<(&String, &Vec<u8>)> = bundles.bundles.iter().collect();
+    tds.sort();
+    if json {
+        let v = serde_json::json!([
+            {"svids": r.svids.iter().map(|s| serde_json::json!({
+                "spiffe_id": s.spiffe_id, "svid": s.svid, "hint": s.hint,
+            })).collect::<Vec<_>>()},
+            {"bundles": tds.iter().map(|(td, b)| ((*td).clone(), serde_json::json!(b64(b))))
+                .collect::<serde_json::Map<_, _>>()},
+        ]);
+        println!("{v}");
+        return Ok(());
+    }
+    for s in &r.svids {
         println!("token({}):\n\t{}", s.spiffe_id, s.svid);
+        if !s.hint.is_empty() {
+            println!("hint({}):\n\t{}", s.spiffe_id, s.hint);
+        }
+    }
+    for (td, jwks) in tds {
+        println!("bundle({td}):\n\t{}", String::from_utf8_lossy(jwks));
     }
     Ok(())
 }
 
-/// `api validate jwt`.
-pub async fn validate_jwt(addr: &str, audience: &str, svid: &str) -> Result<(), CliError> {
+/// `api validate jwt`: SPIRE's report (the claims as JSON), or the response as JSON.
+pub async fn validate_jwt(
+    addr: &str,
+    audience: &str,
+    svid: &str,
+    json: bool,
+) -> Result<(), CliError> {
     let r = client(connect(addr).await?)
         .validate_jwtsvid(with_header(wl::ValidateJwtsvidRequest {
             audience: audience.into(),
             svid: svid.into(),
         }))
-        .await?
+        .await
+        .map_err(|s| match s.code() {
+            tonic::Code::InvalidArgument => CliError::InvalidSvid(s.message().to_string()),
+            _ => s.into(),
+        })?
         .into_inner();
+    let claims = r
+        .claims
+        .as_ref()
+        .map_or(serde_json::json!({}), proto_struct);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"spiffe_id": r.spiffe_id, "claims": claims})
+        );
+        return Ok(());
+    }
     println!("SVID is valid.");
     println!("SPIFFE ID : {}", r.spiffe_id);
-    if let Some(c) = r.claims {
-        let mut keys: Vec<_> = c.fields.keys().cloned().collect();
-        keys.sort();
-        println!("Claims    : {}", keys.join(", "));
-    }
+    println!("Claims    : {claims}");
     Ok(())
 }
 

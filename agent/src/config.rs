@@ -3,6 +3,7 @@
 //! (`agent.server_port: ...`). Parsing has no side effects: nothing is created on disk here.
 
 use kame_api::TrustDomain;
+pub use kame_api::conf::Overrides;
 use kame_api::conf::{ConfigError, LogFormat, Section, invalid, single_plugin};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -46,10 +47,12 @@ pub struct Config {
     pub trust_bundle_path: PathBuf,
     pub trust_domain: TrustDomain,
     pub join_token: Option<kame_api::Secret>,
-    pub log_level: String,
+    pub log_level: kame_api::conf::Level,
     pub log_format: LogFormat,
     /// `log_file`: logs appended to this file instead of stderr.
     pub log_file: Option<std::path::PathBuf>,
+    /// `log_source_location`: each event's file and line.
+    pub log_source_location: bool,
     /// SPIRE's `health_checks` listener, when enabled.
     pub health: Option<kame_api::serving::health::HealthConfig>,
     /// `telemetry { Prometheus { host port } }`: where to serve `/metrics`.
@@ -101,10 +104,24 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text, expand)
+        Self::parse_with(&text, expand, &Overrides::default())
+    }
+
+    /// As [`Config::load`], with the command line's values (`run` flags) over the file's.
+    pub fn load_with(path: &Path, expand: bool, flags: &Overrides) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse_with(&text, expand, flags)
     }
 
     pub fn parse(text: &str, expand: bool) -> Result<Self, ConfigError> {
+        Self::parse_with(text, expand, &Overrides::default())
+    }
+
+    /// As [`Config::parse`], with `flags` in place of the `agent` section's keys they name.
+    pub fn parse_with(text: &str, expand: bool, flags: &Overrides) -> Result<Self, ConfigError> {
         let mut root = {
             let env = |k: &str| std::env::var(k).ok();
             kame_api::conf::parse_root(text, expand.then_some(&env as kame_api::conf::Env<'_>))?
@@ -112,6 +129,7 @@ impl Config {
         let mut agent = root.section("agent")?.ok_or(ConfigError::Missing {
             key: "agent".into(),
         })?;
+        agent.apply(flags);
         let mut plugins = root.section("plugins")?.ok_or(ConfigError::Missing {
             key: "plugins".into(),
         })?;
@@ -161,13 +179,39 @@ impl Config {
         }
         let data_dir = PathBuf::from(agent.string("data_dir")?.unwrap_or_else(|| ".".into()));
         let trust_bundle_path = PathBuf::from(agent.required("trust_bundle_path")?);
-        let join_token = agent
-            .string("join_token")?
-            .filter(|t| !t.is_empty())
-            .map(kame_api::Secret::new);
+        let join_token = agent.string("join_token")?.filter(|t| !t.is_empty());
+        // SPIRE's `join_token_file`: the token read from a file (kept out of the command line
+        // and the configuration); one of the two at most.
+        let join_token = match (join_token, agent.nonempty("join_token_file")?) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "agent.join_token_file",
+                    "only one of join_token or join_token_file can be specified, not both",
+                ));
+            }
+            (t, None) => t,
+            (None, Some(f)) => {
+                let t = std::fs::read_to_string(&f).map_err(|e| {
+                    invalid(
+                        "agent.join_token_file",
+                        format!("unable to read join token file {f:?}: {e}"),
+                    )
+                })?;
+                let t = t.trim().to_string();
+                if t.is_empty() {
+                    return Err(invalid(
+                        "agent.join_token_file",
+                        format!("{f:?} holds no token"),
+                    ));
+                }
+                Some(t)
+            }
+        }
+        .map(kame_api::Secret::new);
         let log_level = kame_api::conf::log_level(&agent)?;
         let log_format = kame_api::conf::log_format(&agent)?;
         let log_file = agent.nonempty("log_file")?.map(std::path::PathBuf::from);
+        let log_source_location = agent.take_bool("log_source_location")?.unwrap_or(false);
         let sync_interval = match agent.duration("sync_interval")? {
             None => Duration::from_secs(5),
             Some(d) if d < Duration::from_millis(100) => {
@@ -248,6 +292,7 @@ impl Config {
             log_level,
             log_format,
             log_file,
+            log_source_location,
             health,
             prometheus,
             sync_interval,
@@ -414,6 +459,61 @@ plugins {
             let e = Config::parse(&t, false).unwrap_err().to_string();
             assert!(e.contains("agent.server_addresses"), "{bad}: {e}");
         }
+    }
+
+    /// SPIRE's `join_token_file` (the token trimmed), never with `join_token`; the command
+    /// line's values win over the file's and are checked as the file's are.
+    #[test]
+    fn config_join_token_file_and_command_line_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "tok-123\n").unwrap();
+        let with_file = GOOD.replace(
+            "join_token = \"abc\"",
+            &format!("join_token_file = \"{}\"", f.display()),
+        );
+        let c = Config::parse(&with_file, false).unwrap();
+        assert_eq!(c.join_token.as_ref().map(|t| t.expose()), Some("tok-123"));
+        let both = GOOD.replace(
+            "join_token = \"abc\"",
+            &format!(
+                "join_token = \"abc\"\n    join_token_file = \"{}\"",
+                f.display()
+            ),
+        );
+        let e = Config::parse(&both, false).unwrap_err().to_string();
+        assert!(
+            e.contains("only one of join_token or join_token_file"),
+            "{e}"
+        );
+        let missing = GOOD.replace(
+            "join_token = \"abc\"",
+            "join_token_file = \"/nonexistent/t\"",
+        );
+        let e = Config::parse(&missing, false).unwrap_err().to_string();
+        assert!(
+            e.contains("agent.join_token_file") && e.contains("unable to read"),
+            "{e}"
+        );
+
+        let mut o = Overrides::default();
+        o.string("log_level", Some("warn"))
+            .int("server_port", Some(9000))
+            .string("data_dir", Some("/d"))
+            .switch("log_source_location", true);
+        let c = Config::parse_with(GOOD, false, &o).unwrap();
+        assert_eq!(c.server_port, 9000);
+        assert_eq!(c.log_level, kame_api::conf::Level::Warn);
+        assert_eq!(c.data_dir, PathBuf::from("/d"));
+        assert!(c.log_source_location);
+        let mut o = Overrides::default();
+        o.int("server_port", Some(70000));
+        let e = Config::parse_with(GOOD, false, &o).unwrap_err().to_string();
+        assert!(e.contains("agent.server_port"), "{e}");
+        let mut o = Overrides::default();
+        o.switch("insecure_bootstrap", true);
+        let e = Config::parse_with(GOOD, false, &o).unwrap_err().to_string();
+        assert!(e.contains("agent.insecure_bootstrap"), "{e}");
     }
 
     #[test]

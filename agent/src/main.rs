@@ -6,7 +6,6 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kame_agent::cli;
 use kame_agent::config::{Config, DEFAULT_SOCKET_PATH};
-use kame_api::conf::LogFormat;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -35,31 +34,13 @@ fn duration(s: &str) -> Result<std::time::Duration, String> {
 #[derive(Subcommand)]
 enum Cmd {
     /// Runs the agent.
-    Run {
-        /// The configuration file (HCL, SPIRE's keys).
-        #[arg(long, default_value = "agent.conf")]
-        config: PathBuf,
-        /// Expand $VAR and ${VAR} in the configuration from the environment.
-        #[arg(long)]
-        expand_env: bool,
-        /// Overrides agent.join_token.
-        #[arg(long)]
-        join_token: Option<String>,
-    },
-    /// Checks a configuration file and exits.
-    Validate {
-        /// The configuration file (HCL, SPIRE's keys).
-        #[arg(long, default_value = "agent.conf")]
-        config: PathBuf,
-        /// Expand $VAR and ${VAR} in the configuration from the environment.
-        #[arg(long)]
-        expand_env: bool,
-    },
+    Run(RunFlags),
+    /// Checks a configuration file (with the same flags as `run`) and exits.
+    Validate(RunFlags),
     /// Checks that the agent serves the Workload API.
     Healthcheck {
-        /// The Workload API socket: a path or unix:///path.
-        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
-        socket_path: String,
+        #[command(flatten)]
+        socket: SocketArgs,
         /// Accepted for SPIRE's scripts; the check is always the same.
         #[arg(long)]
         shallow: bool,
@@ -99,9 +80,8 @@ enum ApiCmd {
     Validate(ValidateCmd),
     /// Prints X509-SVID updates as they arrive.
     Watch {
-        /// The Workload API socket: a path or unix:///path.
-        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
-        socket_path: String,
+        #[command(flatten)]
+        socket: SocketArgs,
     },
 }
 
@@ -109,24 +89,28 @@ enum ApiCmd {
 enum FetchCmd {
     /// X509-SVIDs (writes svid.N.pem, svid.N.key, bundle.N.pem with --write).
     X509 {
-        /// The Workload API socket: a path or unix:///path.
-        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
-        socket_path: String,
+        #[command(flatten)]
+        socket: SocketArgs,
         /// Write svid.N.pem, svid.N.key, bundle.N.pem and federated_bundle.N.M.pem here.
         #[arg(long)]
         write: Option<PathBuf>,
+        /// Output format: pretty (SPIRE's report) or json (SPIRE's protobuf JSON).
+        #[arg(long, value_enum, default_value = "pretty")]
+        output: Output,
     },
     /// JWT-SVIDs.
     Jwt {
-        /// The Workload API socket: a path or unix:///path.
-        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
-        socket_path: String,
+        #[command(flatten)]
+        socket: SocketArgs,
         /// An audience for the tokens; repeat for several.
         #[arg(long, required = true)]
         audience: Vec<String>,
         /// Only the token of this SPIFFE ID (default: one per identity).
         #[arg(long)]
         spiffe_id: Option<String>,
+        /// Output format: pretty (SPIRE's report) or json (SPIRE's protobuf JSON).
+        #[arg(long, value_enum, default_value = "pretty")]
+        output: Output,
     },
 }
 
@@ -134,53 +118,160 @@ enum FetchCmd {
 enum ValidateCmd {
     /// Validates a JWT-SVID.
     Jwt {
-        /// The Workload API socket: a path or unix:///path.
-        #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", default_value = DEFAULT_SOCKET_PATH)]
-        socket_path: String,
+        #[command(flatten)]
+        socket: SocketArgs,
         /// The audience the token must carry.
         #[arg(long)]
         audience: String,
         /// The JWT-SVID to validate.
         #[arg(long)]
         svid: String,
+        /// Output format: pretty (SPIRE's report) or json (SPIRE's protobuf JSON).
+        #[arg(long, value_enum, default_value = "pretty")]
+        output: Output,
     },
 }
 
-fn init_logging(
-    level: &str,
-    format: LogFormat,
-    file: Option<&std::path::Path>,
-) -> anyhow::Result<()> {
-    // `log_file`: appended to, never truncated; otherwise stderr.
-    let writer = match file {
-        Some(p) => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("cannot open log_file {}", p.display()))?,
-        )),
-        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
-    };
-    // tss-esapi logs every context and handle it closes at INFO: kept to warnings unless the
-    // operator asks for debug.
-    let level = level.to_lowercase();
-    let directive = match level.as_str() {
-        "debug" | "trace" => level.clone(),
-        _ => format!("{level},tss_esapi=warn"),
-    };
-    let filter = tracing_subscriber::EnvFilter::try_new(directive)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tss_esapi=warn"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        // Colour only for a person at a terminal, never in files or journals.
-        .with_ansi(file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(writer);
-    match format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Text => b.init(),
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Pretty,
+    Json,
+}
+
+/// Which Workload API socket: SPIRE's `-socketPath`, or `-instance` in
+/// `$SPIRE_AGENT_PUBLIC_SOCKET_TEMPLATE`, or `$SPIRE_AGENT_PUBLIC_SOCKET`, or
+/// `$SPIFFE_ENDPOINT_SOCKET`, or the default.
+#[derive(clap::Args)]
+struct SocketArgs {
+    /// The Workload API socket, a path or unix:///path [default:
+    /// /tmp/spire-agent/public/api.sock, or $SPIRE_AGENT_PUBLIC_SOCKET, or
+    /// $SPIFFE_ENDPOINT_SOCKET].
+    #[arg(long)]
+    socket_path: Option<String>,
+    /// Instance name to put in place of %i in $SPIRE_AGENT_PUBLIC_SOCKET_TEMPLATE.
+    #[arg(long)]
+    instance: Option<String>,
+}
+
+impl SocketArgs {
+    fn addr(&self) -> anyhow::Result<String> {
+        Ok(kame_api::spire_cli::resolve_socket(
+            self.socket_path.as_deref(),
+            self.instance.as_deref(),
+            "SPIRE_AGENT_PUBLIC_SOCKET",
+            &["SPIFFE_ENDPOINT_SOCKET"],
+            DEFAULT_SOCKET_PATH,
+            |k| std::env::var(k).ok(),
+        )?)
     }
-    Ok(())
+}
+
+/// `run` and `validate`: the configuration file, and SPIRE's flags that override its keys
+/// (those SPIRE has and Kame does not are refused by name).
+#[derive(clap::Args)]
+struct RunFlags {
+    /// The configuration file (HCL, SPIRE's keys).
+    #[arg(long, default_value = "agent.conf")]
+    config: PathBuf,
+    /// Expand $VAR and ${VAR} in the configuration from the environment.
+    #[arg(long)]
+    expand_env: bool,
+    /// A join token from the server (overrides agent.join_token).
+    #[arg(long)]
+    join_token: Option<String>,
+    /// A file holding the join token (overrides agent.join_token_file).
+    #[arg(long)]
+    join_token_file: Option<String>,
+    /// Directory for runtime data (overrides agent.data_dir).
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// The server's address (overrides agent.server_address).
+    #[arg(long)]
+    server_address: Option<String>,
+    /// The server's port (overrides agent.server_port).
+    #[arg(long)]
+    server_port: Option<i64>,
+    /// The trust domain (overrides agent.trust_domain).
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// The bootstrap trust bundle file (overrides agent.trust_bundle_path).
+    #[arg(long)]
+    trust_bundle: Option<String>,
+    /// SPIRE's agent.trust_bundle_url (Kame does not support it: refused by name).
+    #[arg(long)]
+    trust_bundle_url: Option<String>,
+    /// SPIRE's agent.trust_bundle_format (Kame does not support it: refused by name).
+    #[arg(long)]
+    trust_bundle_format: Option<String>,
+    /// The Workload API socket path (overrides agent.socket_path).
+    #[arg(long)]
+    socket_path: Option<String>,
+    /// File to append logs to (overrides agent.log_file).
+    #[arg(long)]
+    log_file: Option<String>,
+    /// text or json (overrides agent.log_format).
+    #[arg(long)]
+    log_format: Option<String>,
+    /// debug, info, warn or error (overrides agent.log_level).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Include each event's source file and line (sets agent.log_source_location).
+    #[arg(long)]
+    log_source_location: bool,
+    /// SPIRE's agent.insecure_bootstrap (Kame does not support it: refused by name).
+    #[arg(long)]
+    insecure_bootstrap: bool,
+    /// SPIRE's agent.allow_unauthenticated_verifiers (Kame does not support it: refused by
+    /// name).
+    #[arg(long)]
+    allow_unauthenticated_verifiers: bool,
+    /// SPIRE's agent.disable_workload_api (Kame does not support it: refused by name).
+    #[arg(long)]
+    disable_workload_api: bool,
+    /// SPIRE's agent.disable_sds_api (Kame does not support it: refused by name).
+    #[arg(long)]
+    disable_sds_api: bool,
+    /// SPIRE's agent.rebootstrap_mode (Kame does not support it: refused by name).
+    #[arg(long)]
+    rebootstrap_mode: Option<String>,
+    /// SPIRE's agent.rebootstrap_delay (Kame does not support it: refused by name).
+    #[arg(long)]
+    rebootstrap_delay: Option<String>,
+}
+
+impl RunFlags {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut o = kame_agent::config::Overrides::default();
+        o.string("join_token", self.join_token.as_deref())
+            .string("join_token_file", self.join_token_file.as_deref())
+            .string("data_dir", self.data_dir.as_deref())
+            .string("server_address", self.server_address.as_deref())
+            .int("server_port", self.server_port)
+            .string("trust_domain", self.trust_domain.as_deref())
+            .string("trust_bundle_path", self.trust_bundle.as_deref())
+            .string("trust_bundle_url", self.trust_bundle_url.as_deref())
+            .string("trust_bundle_format", self.trust_bundle_format.as_deref())
+            .string("socket_path", self.socket_path.as_deref())
+            .string("log_file", self.log_file.as_deref())
+            .string("log_format", self.log_format.as_deref())
+            .string("log_level", self.log_level.as_deref())
+            .switch("log_source_location", self.log_source_location)
+            .switch("insecure_bootstrap", self.insecure_bootstrap)
+            .switch(
+                "allow_unauthenticated_verifiers",
+                self.allow_unauthenticated_verifiers,
+            )
+            .switch("disable_workload_api", self.disable_workload_api)
+            .switch("disable_sds_api", self.disable_sds_api)
+            .string("rebootstrap_mode", self.rebootstrap_mode.as_deref())
+            .string("rebootstrap_delay", self.rebootstrap_delay.as_deref());
+        Config::load_with(&self.config, self.expand_env, &o).with_context(|| {
+            format!(
+                "Kame agent configuration file {} is invalid",
+                self.config.display()
+            )
+        })
+    }
 }
 
 async fn real_main() -> anyhow::Result<()> {
@@ -190,7 +281,7 @@ async fn real_main() -> anyhow::Result<()> {
         &["x509", "jwt", "help"],
     )]));
     match args.cmd {
-        cmd @ (Cmd::Run { .. } | Cmd::Validate { .. }) => daemon(cmd).await,
+        cmd @ (Cmd::Run(_) | Cmd::Validate(_)) => daemon(cmd).await,
         Cmd::Completion { shell } => {
             use clap::CommandFactory;
             clap_complete::generate(
@@ -221,17 +312,21 @@ async fn real_main() -> anyhow::Result<()> {
 
 async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Run {
-            config,
-            expand_env,
-            join_token,
-        } => {
-            let mut cfg = Config::load(&config, expand_env)
-                .with_context(|| format!("invalid configuration {}", config.display()))?;
-            if join_token.is_some() {
-                cfg.join_token = join_token.map(kame_api::Secret::new);
-            }
-            init_logging(&cfg.log_level, cfg.log_format, cfg.log_file.as_deref())?;
+        Cmd::Run(flags) => {
+            // Each TPM error logged once, by the agent (not also by the C library).
+            kame_tpm::device::quiet_esys_stderr();
+            let cfg = flags.load()?;
+            kame_api::serving::logging::init(kame_api::serving::logging::Settings {
+                level: cfg.log_level,
+                format: cfg.log_format,
+                file: cfg.log_file.as_deref(),
+                source_location: cfg.log_source_location,
+                always: &[],
+                // tss-esapi logs every context and handle it closes at INFO, and each failed
+                // TPM command at ERROR, which the agent reports itself with its context:
+                // silent unless the operator asks for debug.
+                quiet: &["tss_esapi=off"],
+            })?;
             let mut running = kame_agent::run::start(&cfg).await?;
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
@@ -247,10 +342,10 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
                 anyhow::bail!("{why}");
             }
         }
-        Cmd::Validate { config, expand_env } => {
-            Config::load(&config, expand_env)
-                .with_context(|| format!("invalid configuration {}", config.display()))?;
-            println!("Configuration is valid.");
+        Cmd::Validate(flags) => {
+            flags.load()?;
+            // SPIRE's wording, which scripts look for.
+            println!("Kame agent configuration file is valid.");
         }
         _ => anyhow::bail!("not a daemon command"),
     }
@@ -259,24 +354,36 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
 
 async fn client(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Run { .. } | Cmd::Validate { .. } | Cmd::Completion { .. } => {
+        Cmd::Run(_) | Cmd::Validate(_) | Cmd::Completion { .. } => {
             anyhow::bail!("not a client command")
         }
-        Cmd::Healthcheck { socket_path, .. } => cli::healthcheck(&socket_path).await?,
-        Cmd::Api(ApiCmd::Fetch(FetchCmd::X509 { socket_path, write })) => {
-            cli::fetch_x509(&socket_path, write.as_deref()).await?
-        }
+        Cmd::Healthcheck { socket, .. } => cli::healthcheck(&socket.addr()?).await?,
+        Cmd::Api(ApiCmd::Fetch(FetchCmd::X509 {
+            socket,
+            write,
+            output,
+        })) => cli::fetch_x509(&socket.addr()?, write.as_deref(), output == Output::Json).await?,
         Cmd::Api(ApiCmd::Fetch(FetchCmd::Jwt {
-            socket_path,
+            socket,
             audience,
             spiffe_id,
-        })) => cli::fetch_jwt(&socket_path, &audience, spiffe_id.as_deref()).await?,
+            output,
+        })) => {
+            cli::fetch_jwt(
+                &socket.addr()?,
+                &audience,
+                spiffe_id.as_deref(),
+                output == Output::Json,
+            )
+            .await?
+        }
         Cmd::Api(ApiCmd::Validate(ValidateCmd::Jwt {
-            socket_path,
+            socket,
             audience,
             svid,
-        })) => cli::validate_jwt(&socket_path, &audience, &svid).await?,
-        Cmd::Api(ApiCmd::Watch { socket_path }) => cli::watch(&socket_path).await?,
+            output,
+        })) => cli::validate_jwt(&socket.addr()?, &audience, &svid, output == Output::Json).await?,
+        Cmd::Api(ApiCmd::Watch { socket }) => cli::watch(&socket.addr()?).await?,
     }
     Ok(())
 }

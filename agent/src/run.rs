@@ -113,6 +113,30 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
     if manager.agent_id().is_none() && !can_attest {
         return Err(RunError::NoWayToAttest);
     }
+    // Every listener is bound before anything starts: one that cannot be leaves nothing
+    // running behind the error.
+    let prometheus_listener = match &cfg.prometheus {
+        None => None,
+        Some((host, port)) => Some(
+            tokio::net::TcpListener::bind((host.as_str(), *port))
+                .await
+                .map_err(|source| RunError::Listen {
+                    path: format!("{host}:{port}"),
+                    source,
+                })?,
+        ),
+    };
+    let health_listener = match &cfg.health {
+        None => None,
+        Some(h) => Some(
+            tokio::net::TcpListener::bind((h.bind_address.as_str(), h.bind_port))
+                .await
+                .map_err(|source| RunError::Listen {
+                    path: format!("{}:{}", h.bind_address, h.bind_port),
+                    source,
+                })?,
+        ),
+    };
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = vec![];
     let api = WorkloadApi::new(manager.clone(), UnixAttestor::new(cfg.unix.clone()));
@@ -142,13 +166,7 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
         }
     }));
     // Prometheus metrics (`telemetry { Prometheus { host port } }`).
-    if let Some((host, port)) = &cfg.prometheus {
-        let listener = tokio::net::TcpListener::bind((host.as_str(), *port))
-            .await
-            .map_err(|source| RunError::Listen {
-                path: format!("{host}:{port}"),
-                source,
-            })?;
+    if let Some(listener) = prometheus_listener {
         let m = manager.clone();
         tasks.push(tokio::spawn(kame_api::serving::prometheus::serve(
             listener,
@@ -157,14 +175,8 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
         )));
     }
     // SPIRE's health checks: live while this process serves, ready once attested.
-    if let Some(h) = &cfg.health {
+    if let (Some(h), Some(listener)) = (&cfg.health, health_listener) {
         let addr = format!("{}:{}", h.bind_address, h.bind_port);
-        let listener = tokio::net::TcpListener::bind((h.bind_address.as_str(), h.bind_port))
-            .await
-            .map_err(|source| RunError::Listen {
-                path: addr.clone(),
-                source,
-            })?;
         let m = manager.clone();
         let ready: kame_api::serving::health::Check = Arc::new(move || {
             let id = m.agent_id();

@@ -45,6 +45,88 @@ pub enum LogFormat {
     Json,
 }
 
+/// SPIRE's (logrus's) levels, as its Logger API names them. `panic` and `fatal` log what
+/// `error` logs: this process has no messages above errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Panic,
+    Fatal,
+    Error,
+    Warn,
+    Info,
+    Debug,
+    Trace,
+}
+
+impl Level {
+    pub const ALL: [Level; 7] = [
+        Level::Panic,
+        Level::Fatal,
+        Level::Error,
+        Level::Warn,
+        Level::Info,
+        Level::Debug,
+        Level::Trace,
+    ];
+
+    /// A level by its name in any case (`warning` too, as logrus reads it).
+    pub fn parse(s: &str) -> Option<Level> {
+        let l = s.to_ascii_lowercase();
+        if l == "warning" {
+            return Some(Level::Warn);
+        }
+        Level::ALL.into_iter().find(|v| v.name() == l)
+    }
+
+    /// The lower-case name SPIRE prints.
+    pub fn name(self) -> &'static str {
+        match self {
+            Level::Panic => "panic",
+            Level::Fatal => "fatal",
+            Level::Error => "error",
+            Level::Warn => "warn",
+            Level::Info => "info",
+            Level::Debug => "debug",
+            Level::Trace => "trace",
+        }
+    }
+
+    /// The number of `spire.api.types.LogLevel` (UNSPECIFIED is 0).
+    pub fn api(self) -> i32 {
+        match self {
+            Level::Panic => 1,
+            Level::Fatal => 2,
+            Level::Error => 3,
+            Level::Warn => 4,
+            Level::Info => 5,
+            Level::Debug => 6,
+            Level::Trace => 7,
+        }
+    }
+
+    /// The level of a `spire.api.types.LogLevel` number; `None` for UNSPECIFIED and unknown.
+    pub fn from_api(n: i32) -> Option<Level> {
+        Level::ALL.into_iter().find(|v| v.api() == n)
+    }
+
+    /// The `tracing` filter directive that logs what this level logs.
+    pub fn directive(self) -> &'static str {
+        match self {
+            Level::Panic | Level::Fatal | Level::Error => "error",
+            Level::Warn => "warn",
+            Level::Info => "info",
+            Level::Debug => "debug",
+            Level::Trace => "trace",
+        }
+    }
+}
+
+impl std::fmt::Display for Level {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Expands `$VAR` and `${VAR}` like Go's `os.ExpandEnv` (unset variables become empty).
 pub fn expand_env(input: &str, lookup: impl Fn(&str) -> Option<String>) -> String {
     let b = input.as_bytes();
@@ -131,6 +213,42 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(total))
 }
 
+/// Values given on the command line for keys of one section (SPIRE's `run` flags such as
+/// `-logLevel`, `-dataDir`): they replace the file's values before the section is read, so
+/// they are checked, and refused, exactly as the file's would be.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides(Vec<(&'static str, Expression)>);
+
+impl Overrides {
+    /// `key = "value"` when the flag was given.
+    pub fn string(&mut self, key: &'static str, v: Option<&str>) -> &mut Self {
+        if let Some(v) = v {
+            self.0.push((key, Expression::String(v.to_string())));
+        }
+        self
+    }
+
+    /// `key = n` when the flag was given.
+    pub fn int(&mut self, key: &'static str, v: Option<i64>) -> &mut Self {
+        if let Some(v) = v {
+            self.0.push((key, Expression::Number(v.into())));
+        }
+        self
+    }
+
+    /// `key = true` when the switch was given (an absent switch leaves the file's value).
+    pub fn switch(&mut self, key: &'static str, on: bool) -> &mut Self {
+        if on {
+            self.0.push((key, Expression::Bool(true)));
+        }
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// One HCL body or object, with every key it holds and a record of what was read.
 pub struct Section {
     path: String,
@@ -191,6 +309,13 @@ impl Section {
             blocks: vec![],
             used: Default::default(),
         })
+    }
+
+    /// Puts the command line's values in place of the file's.
+    pub fn apply(&mut self, o: &Overrides) {
+        for (k, v) in &o.0 {
+            self.attrs.insert((*k).to_string(), v.clone());
+        }
     }
 
     pub fn key(&self, k: &str) -> String {
@@ -398,10 +523,8 @@ impl Section {
 fn spire_only(path: &str, key: &str) -> bool {
     const SERVER: &[&str] = &[
         "admin_ids",
-        "audit_log_enabled",
         "disable_jwt_svids",
         "experimental",
-        "log_source_location",
         "prune_attested_nodes_expired_for",
         "prune_attested_nodes_batch_size",
         "prune_tofu_nodes",
@@ -420,9 +543,7 @@ fn spire_only(path: &str, key: &str) -> bool {
         "rebootstrap_mode",
         "rebootstrap_delay",
         "retry_bootstrap",
-        "join_token_file",
         "log_selectors",
-        "log_source_location",
         "disable_workload_api",
         "disable_sds_api",
         "workload_x509_svid_key_type",
@@ -660,16 +781,18 @@ pub fn hcl1_layout(text: &str) -> String {
     out
 }
 
-/// Parses `log_level` (DEBUG | INFO | WARN | ERROR | TRACE, any case).
-pub fn log_level(sec: &Section) -> Result<String, ConfigError> {
-    let log_level = sec.string("log_level")?.unwrap_or_else(|| "INFO".into());
-    if !["DEBUG", "INFO", "WARN", "ERROR", "TRACE"].contains(&log_level.to_uppercase().as_str()) {
-        return Err(invalid(
-            &sec.key("log_level"),
-            format!("{log_level:?} is not one of DEBUG, INFO, WARN, ERROR"),
-        ));
+/// Parses `log_level`: SPIRE's levels (panic, fatal, error, warn, info, debug, trace) in any
+/// case; `info` when absent.
+pub fn log_level(sec: &Section) -> Result<Level, ConfigError> {
+    match sec.string("log_level")? {
+        None => Ok(Level::Info),
+        Some(s) => Level::parse(&s).ok_or_else(|| {
+            invalid(
+                &sec.key("log_level"),
+                format!("{s:?} is not one of DEBUG, INFO, WARN, ERROR (or TRACE, FATAL, PANIC)"),
+            )
+        }),
     }
-    Ok(log_level)
 }
 
 /// Parses `log_format` (text | json).

@@ -66,6 +66,11 @@ pub mod pb {
                         tonic::include_proto!("spire.api.server.trustdomain.v1");
                     }
                 }
+                pub mod logger {
+                    pub mod v1 {
+                        tonic::include_proto!("spire.api.server.logger.v1");
+                    }
+                }
             }
         }
     }
@@ -81,6 +86,7 @@ pub mod pb {
     pub use spire::api::server::bundle::v1 as bundle;
     pub use spire::api::server::entry::v1 as entry;
     pub use spire::api::server::localauthority::v1 as localauthority;
+    pub use spire::api::server::logger::v1 as logger;
     pub use spire::api::server::svid::v1 as svid;
     pub use spire::api::server::trustdomain::v1 as trustdomain;
     pub use spire::api::types;

@@ -16,6 +16,7 @@ const RENAMED: &[(&str, &str)] = &[
     ("bundleEndpointURL", "bundle-endpoint-url"),
     ("endpointSpiffeID", "endpoint-spiffe-id"),
     ("trustBundleUrl", "trust-bundle-url"),
+    ("disableSDSAPI", "disable-sds-api"),
 ];
 
 /// SPIRE's switches (boolean flags): `-admin=false` drops the flag, `-admin=true` keeps it.
@@ -32,6 +33,11 @@ const SWITCHES: &[&str] = &[
     "dryRun",
     "expandEnv",
     "force",
+    "logSourceLocation",
+    "disableWorkloadAPI",
+    "disableSDSAPI",
+    "allowUnauthenticatedVerifiers",
+    "insecureBootstrap",
 ];
 
 /// `camelCase` (with runs of capitals as one word: `parentID`, `bundleEndpointURL`) as
@@ -97,6 +103,11 @@ const KAME_SWITCHES: &[&str] = &[
     "expand-env",
     "force",
     "ecc",
+    "log-source-location",
+    "disable-workload-api",
+    "disable-sds-api",
+    "allow-unauthenticated-verifiers",
+    "insecure-bootstrap",
 ];
 
 /// A default subcommand: after the command path `path`, when the next word is none of
@@ -193,6 +204,56 @@ pub fn args_os(defaults: &[SubcommandDefault<'_>]) -> Vec<std::ffi::OsString> {
     }
 }
 
+/// Why SPIRE's `-instance` flag cannot name a socket.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SocketError {
+    #[error("{var} must be set to use -instance (a path with %i where the instance goes)")]
+    TemplateUnset { var: String },
+    #[error("{var} has no %i to put the instance in: {template:?}")]
+    NoPlaceholder { var: String, template: String },
+}
+
+/// The socket a client command talks to, chosen as SPIRE chooses: `-socketPath` when given;
+/// else `-instance` put in place of `%i` in `$<var>_TEMPLATE`; else `$<var>`; else the first
+/// of `fallbacks` that is set (environment variables); else `default`. `env` reads the
+/// environment (this crate reads none itself).
+pub fn resolve_socket(
+    flag: Option<&str>,
+    instance: Option<&str>,
+    var: &str,
+    fallbacks: &[&str],
+    default: &str,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<String, SocketError> {
+    let template_var = format!("{var}_TEMPLATE");
+    let set = |k: &str| env(k).filter(|v| !v.is_empty());
+    let instance = instance.filter(|i| !i.is_empty());
+    let from_template = match instance {
+        None => None,
+        Some(i) => {
+            let template = set(&template_var).ok_or_else(|| SocketError::TemplateUnset {
+                var: template_var.clone(),
+            })?;
+            if !template.contains("%i") {
+                return Err(SocketError::NoPlaceholder {
+                    var: template_var,
+                    template,
+                });
+            }
+            Some(template.replace("%i", i))
+        }
+    };
+    Ok(flag
+        .map(str::to_string)
+        .or(from_template)
+        .or_else(|| {
+            std::iter::once(var)
+                .chain(fallbacks.iter().copied())
+                .find_map(set)
+        })
+        .unwrap_or_else(|| default.to_string()))
+}
+
 /// What a command tree lacks for its users: commands without a description, flags without
 /// help, command groups without an example in their after-help. Empty when complete.
 #[cfg(feature = "cli")]
@@ -237,6 +298,41 @@ mod tests {
             &[(&["api", "fetch"], "x509", &["x509", "jwt", "help"])],
         )
         .join(" ")
+    }
+
+    #[test]
+    fn spire_cli_instance_flag_picks_socket_from_template() {
+        let env = |k: &str| match k {
+            "SPIRE_SERVER_PRIVATE_SOCKET_TEMPLATE" => Some("/run/spire-%i/api.sock".to_string()),
+            "SPIRE_SERVER_PRIVATE_SOCKET" => Some("/run/env.sock".to_string()),
+            _ => None,
+        };
+        let v = "SPIRE_SERVER_PRIVATE_SOCKET";
+        let r = |f: Option<&str>, i: Option<&str>| resolve_socket(f, i, v, &[], "/d.sock", env);
+        assert_eq!(r(Some("/f.sock"), Some("a")).unwrap(), "/f.sock");
+        assert_eq!(r(None, Some("a")).unwrap(), "/run/spire-a/api.sock");
+        assert_eq!(r(None, None).unwrap(), "/run/env.sock");
+        let none = |_: &str| None;
+        assert_eq!(
+            resolve_socket(None, None, v, &["SPIFFE_ENDPOINT_SOCKET"], "/d.sock", none).unwrap(),
+            "/d.sock"
+        );
+        assert_eq!(
+            resolve_socket(None, Some("a"), v, &[], "/d.sock", none),
+            Err(SocketError::TemplateUnset {
+                var: "SPIRE_SERVER_PRIVATE_SOCKET_TEMPLATE".into()
+            })
+        );
+        let bad = |k: &str| k.ends_with("_TEMPLATE").then(|| "/run/x.sock".to_string());
+        assert!(matches!(
+            resolve_socket(None, Some("a"), v, &[], "/d.sock", bad),
+            Err(SocketError::NoPlaceholder { .. })
+        ));
+        let fallback = |k: &str| (k == "SPIFFE_ENDPOINT_SOCKET").then(|| "unix:///w".to_string());
+        assert_eq!(
+            resolve_socket(None, None, v, &["SPIFFE_ENDPOINT_SOCKET"], "/d", fallback).unwrap(),
+            "unix:///w"
+        );
     }
 
     #[test]

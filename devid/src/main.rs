@@ -267,11 +267,16 @@ async fn run(cli: Cli) -> Result<()> {
 
 #[tokio::main]
 async fn main() {
+    // Each TPM error printed once, by us (not also by the C library).
+    kame_tpm::device::quiet_esys_stderr();
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tss_esapi=warn")),
+                // tss-esapi logs each failed TPM command itself; the error this command
+                // returns says it again with its context, so the library's copy is off
+                // (RUST_LOG=tss_esapi=debug brings it back).
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tss_esapi=off")),
         )
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)

@@ -706,3 +706,34 @@ async fn devid_ca_holds_one_challenge_per_ek_and_nothing_for_ldevid_nonces() {
     drop(tpm);
     let _ = serve.kill().await;
 }
+
+/// A TPM error is reported once, decoded (the response code's meaning, not only its number),
+/// on one `Error:` line.
+#[test]
+fn devid_tpm_error_prints_the_decoded_response_code_once() {
+    let tpm = SwTpm::start().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // No IDevID key was made: the TPM refuses the handle.
+    let o = Command::new(env!("CARGO_BIN_EXE_kame-devid"))
+        .args(["csr", "--tcti", &tpm.tcti, "--model", "m", "--serial", "1"])
+        .arg("--out")
+        .arg(dir.path().join("req.bin"))
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    // What the TPM said, decoded, and its number: each once.
+    let decoded = "the handle is not correct for the use";
+    assert_eq!(err.matches(decoded).count(), 1, "{err}");
+    assert_eq!(err.matches("0x18b").count(), 1, "{err}");
+    let lines: Vec<&str> = err
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with("WARNING:esys"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].starts_with("Error: ") && lines[0].contains("persistent handle"),
+        "{err}"
+    );
+}

@@ -5,7 +5,7 @@
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use kame_server::cli;
-use kame_server::config::{Config, LogFormat};
+use kame_server::config::Config;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -35,28 +35,13 @@ fn duration(s: &str) -> Result<std::time::Duration, String> {
 #[derive(Subcommand)]
 enum Cmd {
     /// Runs the server.
-    Run {
-        /// The configuration file (HCL, SPIRE's keys).
-        #[arg(long, default_value = "server.conf")]
-        config: PathBuf,
-        /// Expand $VAR and ${VAR} in the configuration from the environment.
-        #[arg(long)]
-        expand_env: bool,
-    },
-    /// Checks a configuration file and exits.
-    Validate {
-        /// The configuration file (HCL, SPIRE's keys).
-        #[arg(long, default_value = "server.conf")]
-        config: PathBuf,
-        /// Expand $VAR and ${VAR} in the configuration from the environment.
-        #[arg(long)]
-        expand_env: bool,
-    },
+    Run(RunFlags),
+    /// Checks a configuration file (with the same flags as `run`) and exits.
+    Validate(RunFlags),
     /// Checks that the server answers on its admin socket.
     Healthcheck {
-        /// Path to the server's admin API socket.
-        #[arg(long, default_value = kame_server::config::DEFAULT_SOCKET_PATH)]
-        socket_path: PathBuf,
+        #[command(flatten)]
+        socket: cli::SocketArgs,
         /// Also print the bundle sequence number.
         #[arg(long)]
         verbose: bool,
@@ -149,44 +134,80 @@ enum Cmd {
   kame-server federation refresh --id other.org"
     )]
     Federation(cli::FederationCmd),
+    /// The running server's log level (the Logger API).
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  kame-server logger get
+  kame-server logger set --level debug
+  kame-server logger reset"
+    )]
+    Logger(cli::LoggerCmd),
 }
 
-fn init_logging(
-    level: &str,
-    format: LogFormat,
-    file: Option<&std::path::Path>,
-) -> anyhow::Result<()> {
-    // `log_file`: appended to, never truncated; otherwise stderr.
-    let writer = match file {
-        Some(p) => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::sync::Mutex::new(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(p)
-                .with_context(|| format!("cannot open log_file {}", p.display()))?,
-        )),
-        None => tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr),
-    };
-    // Audit events (local authority operations) are written whatever the log level.
-    let filter =
-        tracing_subscriber::EnvFilter::try_new(format!("{},kame_audit=info", level.to_lowercase()))
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        // Colour only for a person at a terminal, never in files or journals.
-        .with_ansi(file.is_none() && std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(writer);
-    match format {
-        LogFormat::Json => b.json().init(),
-        LogFormat::Text => b.init(),
+/// `run` and `validate`: the configuration file, and SPIRE's flags that override its keys.
+#[derive(clap::Args)]
+struct RunFlags {
+    /// The configuration file (HCL, SPIRE's keys).
+    #[arg(long, default_value = "server.conf")]
+    config: PathBuf,
+    /// Expand $VAR and ${VAR} in the configuration from the environment.
+    #[arg(long)]
+    expand_env: bool,
+    /// IP address to serve agents and workloads on (overrides server.bind_address).
+    #[arg(long)]
+    bind_address: Option<String>,
+    /// Port to serve agents and workloads on (overrides server.bind_port).
+    #[arg(long)]
+    server_port: Option<i64>,
+    /// Path of the admin API socket (overrides server.socket_path).
+    #[arg(long)]
+    socket_path: Option<String>,
+    /// Directory for runtime data (overrides server.data_dir).
+    #[arg(long)]
+    data_dir: Option<String>,
+    /// The trust domain (overrides server.trust_domain).
+    #[arg(long)]
+    trust_domain: Option<String>,
+    /// File to append logs to (overrides server.log_file).
+    #[arg(long)]
+    log_file: Option<String>,
+    /// text or json (overrides server.log_format).
+    #[arg(long)]
+    log_format: Option<String>,
+    /// debug, info, warn or error (overrides server.log_level).
+    #[arg(long)]
+    log_level: Option<String>,
+    /// Include each event's source file and line (sets server.log_source_location).
+    #[arg(long)]
+    log_source_location: bool,
+}
+
+impl RunFlags {
+    fn load(&self) -> anyhow::Result<Config> {
+        let mut o = kame_server::config::Overrides::default();
+        o.string("bind_address", self.bind_address.as_deref())
+            .int("bind_port", self.server_port)
+            .string("socket_path", self.socket_path.as_deref())
+            .string("data_dir", self.data_dir.as_deref())
+            .string("trust_domain", self.trust_domain.as_deref())
+            .string("log_file", self.log_file.as_deref())
+            .string("log_format", self.log_format.as_deref())
+            .string("log_level", self.log_level.as_deref())
+            .switch("log_source_location", self.log_source_location);
+        Config::load_with(&self.config, self.expand_env, &o).with_context(|| {
+            format!(
+                "Kame server configuration file {} is invalid",
+                self.config.display()
+            )
+        })
     }
-    Ok(())
 }
 
 async fn real_main() -> anyhow::Result<()> {
     let args = Cli::parse_from(kame_api::spire_cli::args_os(&[]));
     let deadline = match &args.cmd {
-        Cmd::Run { .. } | Cmd::Validate { .. } | Cmd::Completion { .. } => None,
+        Cmd::Run(_) | Cmd::Validate(_) | Cmd::Completion { .. } => None,
         Cmd::Healthcheck { .. } => Some(args.timeout.unwrap_or(Duration::from_secs(5))),
         _ => Some(args.timeout.unwrap_or(Duration::from_secs(30))),
     };
@@ -206,19 +227,27 @@ async fn real_main() -> anyhow::Result<()> {
 
 async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Run { config, expand_env } => {
-            let cfg = Config::load(&config, expand_env)
-                .with_context(|| format!("invalid configuration {}", config.display()))?;
-            init_logging(&cfg.log_level, cfg.log_format, cfg.log_file.as_deref())?;
+        Cmd::Run(flags) => {
+            let cfg = flags.load()?;
+            kame_api::serving::logging::init(kame_api::serving::logging::Settings {
+                level: cfg.log_level,
+                format: cfg.log_format,
+                file: cfg.log_file.as_deref(),
+                source_location: cfg.log_source_location,
+                // Audit events (local authority operations, and with audit_log_enabled every
+                // API call) are written whatever the level.
+                always: &["kame_audit=info"],
+                quiet: &[],
+            })?;
             kame_server::run::run(cfg).await?;
         }
-        Cmd::Validate { config, expand_env } => {
-            let cfg = Config::load(&config, expand_env)
-                .with_context(|| format!("invalid configuration {}", config.display()))?;
+        Cmd::Validate(flags) => {
+            let cfg = flags.load()?;
             for w in cfg.warnings() {
                 eprintln!("warning: {w}");
             }
-            println!("Configuration is valid.");
+            // SPIRE's wording, which scripts look for.
+            println!("Kame server configuration file is valid.");
         }
         Cmd::Completion { shell } => {
             use clap::CommandFactory;
@@ -236,14 +265,12 @@ async fn daemon(cmd: Cmd) -> anyhow::Result<()> {
 
 async fn admin(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Run { .. } | Cmd::Validate { .. } | Cmd::Completion { .. } => {
+        Cmd::Run(_) | Cmd::Validate(_) | Cmd::Completion { .. } => {
             anyhow::bail!("not an admin command")
         }
         Cmd::Healthcheck {
-            socket_path,
-            verbose,
-            ..
-        } => cli::healthcheck(&socket_path, verbose).await?,
+            socket, verbose, ..
+        } => cli::healthcheck(&socket, verbose).await?,
         Cmd::Entry(c) => cli::entry(c).await?,
         Cmd::Bundle(c) => cli::bundle(c).await?,
         Cmd::Token(c) => cli::token(c).await?,
@@ -253,6 +280,7 @@ async fn admin(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Localauthority(c) => cli::localauthority(c).await?,
         Cmd::Upstreamauthority(c) => cli::upstreamauthority(c).await?,
         Cmd::Federation(c) => cli::federation(c).await?,
+        Cmd::Logger(c) => cli::logger(c).await?,
     }
     Ok(())
 }

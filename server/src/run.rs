@@ -380,6 +380,52 @@ pub async fn start_with(
         Path::new(&tcp_addr.to_string()),
     ))?;
 
+    // Every listener is bound before anything starts: one that cannot be leaves nothing
+    // running behind the error.
+    let prometheus_listener = match &cfg.prometheus {
+        None => None,
+        Some((host, port)) => Some(
+            tokio::net::TcpListener::bind((host.as_str(), *port))
+                .await
+                .map_err(|e| RunError::Io {
+                    what: "cannot bind the Prometheus listener",
+                    path: format!("{host}:{port}"),
+                    source: e,
+                })?,
+        ),
+    };
+    // The bundle endpoint: its listener, and its TLS (serving certificate, ACME account).
+    let endpoint_ready = match &cfg.federation.bundle_endpoint {
+        None => None,
+        Some(ep) => {
+            let addr = std::net::SocketAddr::new(ep.address, ep.port);
+            let listener = TcpListener::bind(addr).await.map_err(|e| RunError::Io {
+                what: "cannot bind the bundle endpoint",
+                path: addr.to_string(),
+                source: e,
+            })?;
+            if let Some(d) = ep.deprecation {
+                tracing::warn!("{d}");
+            }
+            let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+            let tls =
+                crate::federation::endpoint::tls_config(ep, svid.clone(), provider, &cfg.data_dir)?;
+            Some((listener, tls))
+        }
+    };
+    let health_listener = match &cfg.health {
+        None => None,
+        Some(h) => Some(
+            tokio::net::TcpListener::bind((h.bind_address.as_str(), h.bind_port))
+                .await
+                .map_err(|e| RunError::Io {
+                    what: "cannot bind the health check listener",
+                    path: format!("{}:{}", h.bind_address, h.bind_port),
+                    source: e,
+                })?,
+        ),
+    };
+
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut tasks = vec![];
 
@@ -387,12 +433,16 @@ pub async fn start_with(
     let rpc_metrics = Arc::new(crate::metrics::rpc::RpcMetrics::default());
     // Per-call metrics only when they are served.
     let rpc_m = cfg.prometheus.is_some().then(|| rpc_metrics.clone());
+    let audit = cfg.audit_log_enabled;
     let router = move || {
         let ctx = &ctx_r;
         let m = MAX_MESSAGE_SIZE;
         tonic::transport::Server::builder()
             // Outermost: it sees each call's final status.
-            .layer(crate::metrics::rpc::RpcMetricsLayer(rpc_m.clone()))
+            .layer(crate::metrics::rpc::RpcMetricsLayer {
+                metrics: rpc_m.clone(),
+                audit,
+            })
             .layer(tower::util::MapResponseLayer::new(
                 oversized_is_resource_exhausted,
             ))
@@ -421,6 +471,12 @@ pub async fn start_with(
             .add_service(
                 pb::trustdomain::trust_domain_server::TrustDomainServer::new(
                     crate::service::trustdomain::TrustDomainService { ctx: ctx.clone() },
+                )
+                .max_decoding_message_size(m),
+            )
+            .add_service(
+                pb::logger::logger_server::LoggerServer::new(
+                    crate::service::logger::LoggerService { ctx: ctx.clone() },
                 )
                 .max_decoding_message_size(m),
             )
@@ -554,19 +610,9 @@ pub async fn start_with(
 
     // Federation: the bundle endpoint, and the federated trust domains' bundles.
     let federation_metrics = Arc::new(crate::federation::refresher::FederationMetrics::default());
-    if let Some(ep) = &cfg.federation.bundle_endpoint {
+    if let (Some(ep), Some((listener, tls))) = (&cfg.federation.bundle_endpoint, endpoint_ready) {
         use crate::federation::endpoint;
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-        if let Some(d) = ep.deprecation {
-            tracing::warn!("{d}");
-        }
-        let tls = endpoint::tls_config(ep, svid.clone(), provider, &cfg.data_dir)?;
         let addr = std::net::SocketAddr::new(ep.address, ep.port);
-        let listener = TcpListener::bind(addr).await.map_err(|e| RunError::Io {
-            what: "cannot bind the bundle endpoint",
-            path: addr.to_string(),
-            source: e,
-        })?;
         let ca_l = ca.clone();
         let source = Arc::new(endpoint::BundleSource::new(
             cfg.trust_domain.clone(),
@@ -613,14 +659,7 @@ pub async fn start_with(
     )));
 
     // Prometheus metrics (`telemetry { Prometheus { host port } }`).
-    if let Some((host, port)) = &cfg.prometheus {
-        let listener = tokio::net::TcpListener::bind((host.as_str(), *port))
-            .await
-            .map_err(|e| RunError::Io {
-                what: "cannot bind the Prometheus listener",
-                path: format!("{host}:{port}"),
-                source: e,
-            })?;
+    if let Some(listener) = prometheus_listener {
         let ca_m = ca.clone();
         let ctx_m = ctx.clone();
         let fed_m = federation_metrics.clone();
@@ -649,15 +688,8 @@ pub async fn start_with(
 
     // SPIRE's health checks: live while this process serves, ready while the CA's active
     // X.509 authority is unexpired.
-    if let Some(h) = &cfg.health {
+    if let (Some(h), Some(listener)) = (&cfg.health, health_listener) {
         let addr = format!("{}:{}", h.bind_address, h.bind_port);
-        let listener = tokio::net::TcpListener::bind((h.bind_address.as_str(), h.bind_port))
-            .await
-            .map_err(|e| RunError::Io {
-                what: "cannot bind the health check listener",
-                path: addr.clone(),
-                source: e,
-            })?;
         let ca_h = ca.clone();
         let ready: kame_api::serving::health::Check = Arc::new(move || {
             let now = crate::ca::now_secs();

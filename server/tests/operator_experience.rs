@@ -3,7 +3,10 @@
 //! stopped (SIGSTOP) server makes `healthcheck` fail within its deadline instead of hanging;
 //! output piped into `head -1` ends quietly; an agent given a join token the server does not
 //! know exits non-zero within 30 s saying why, and the server logs the refusal with the
-//! attestor and the peer.
+//! attestor and the peer. SPIRE's `run` flags override the configuration of both daemons,
+//! `logger get|set|reset` changes the running server's level, `audit_log_enabled` writes one
+//! event per call with the caller, `-instance` picks the socket from SPIRE's template
+//! variable, and the agent's `api` commands print SPIRE's JSON with `-output json`.
 //!
 //! The agent binary is the workspace's `target/<profile>/kame-agent`, built by
 //! `cargo test --workspace` (and `scripts/test`) before any test runs.
@@ -822,4 +825,378 @@ async fn operator_metrics_parse_as_prometheus_and_carry_the_expected_series() {
             &[]
         ) > now
     );
+}
+
+/// SPIRE's `run` flags over the configuration file (`-logLevel`, `-logFile`, `-socketPath`,
+/// `-serverPort`, `-dataDir`), `logger get|set|reset` on the running server (SPIRE's output,
+/// bad levels refused), `audit_log_enabled` writing one event per call with the caller, and
+/// `-instance` choosing the socket from SPIRE's template variable.
+#[test]
+fn operator_run_flags_logger_commands_audit_log_and_instance_socket() {
+    use std::os::unix::fs::MetadataExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let conf = d.join("server.conf");
+    // The file says WARN, another socket, port and data_dir: the flags win.
+    std::fs::write(
+        &conf,
+        config_text(d, 1, &Opts::default()).replace(
+            "log_level = \"WARN\"",
+            "log_level = \"WARN\"\n    audit_log_enabled = true",
+        ),
+    )
+    .unwrap();
+    // The datastore and keys stay where the file puts them.
+    std::fs::create_dir_all(d.join("data")).unwrap();
+    let log = d.join("flags.log");
+    let socket = d.join("inst-a/api.sock");
+    let port = free_port().to_string();
+    let _server = Child(
+        Command::new(server_bin())
+            .args(["run", "-config"])
+            .arg(&conf)
+            .args(["-logLevel", "INFO", "-logFile"])
+            .arg(&log)
+            .arg("-socketPath")
+            .arg(&socket)
+            .args(["-serverPort", &port, "-dataDir"])
+            .arg(d.join("data2"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join("stderr.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_healthy(&socket);
+    assert!(d.join("data2").is_dir(), "-dataDir used");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).is_ok(),
+        "-serverPort used"
+    );
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("kame-server started"),
+        "-logLevel INFO: {text}"
+    );
+
+    let s = socket.display().to_string();
+    let (ok, out, err) = run_cli(&["logger", "get", "-socketPath", &s]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "Logger Level : info\nLaunch Level : info\n\n");
+    let (ok, out, err) = run_cli(&["logger", "set", "-level", "debug", "-socketPath", &s]);
+    assert!(ok, "{err}");
+    assert_eq!(out, "Logger Level : debug\nLaunch Level : info\n\n");
+    let (ok, out, _) = run_cli(&["logger", "get", "-output", "json", "-socketPath", &s]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!({"current_level": "DEBUG", "launch_level": "INFO"})
+    );
+    let (ok, _, err) = run_cli(&["logger", "set", "-level", "LOUD", "-socketPath", &s]);
+    assert!(
+        !ok && err.contains("\"LOUD\" is not a valid setting"),
+        "{err}"
+    );
+    let (ok, out, _) = run_cli(&["logger", "reset", "-socketPath", &s]);
+    assert!(ok);
+    assert_eq!(out, "Logger Level : info\nLaunch Level : info\n\n");
+
+    // Audit events: who called what, and how it ended.
+    let (ok, _, _) = run_cli(&["entry", "show", "-socketPath", &s]);
+    assert!(ok);
+    let (ok, _, err) = run_cli(&["entry", "show", "-entryID", "nope", "-socketPath", &s]);
+    assert!(!ok && err.contains("NotFound"), "{err}");
+    let uid = std::fs::metadata(d).unwrap().uid().to_string();
+    let text = std::fs::read_to_string(&log).unwrap();
+    let audit: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("kame_audit") && l.contains("API accessed"))
+        .collect();
+    assert!(
+        audit.iter().any(|l| l.contains("method=\"ListEntries\"")
+            && l.contains("status=\"success\"")
+            && l.contains(&format!("caller_uid={uid}"))
+            && l.contains("caller_path=")
+            && l.contains("kame-server")
+            && l.contains("request_id=")),
+        "{text}"
+    );
+    assert!(
+        audit.iter().any(|l| l.contains("method=\"GetEntry\"")
+            && l.contains("status=\"error\"")
+            && l.contains("status_code=\"NotFound\"")),
+        "{text}"
+    );
+    assert!(
+        audit.iter().any(|l| l.contains("method=\"SetLogLevel\"")),
+        "{text}"
+    );
+
+    // -instance: the socket from SPIRE's template variable; without it, the variable named.
+    let o = Command::new(server_bin())
+        .args(["healthcheck", "-instance", "a"])
+        .env(
+            "SPIRE_SERVER_PRIVATE_SOCKET_TEMPLATE",
+            d.join("inst-%i/api.sock"),
+        )
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(server_bin())
+        .args(["healthcheck"])
+        .env("SPIRE_SERVER_PRIVATE_SOCKET", &socket)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(server_bin())
+        .args(["healthcheck", "-instance", "a"])
+        .env_remove("SPIRE_SERVER_PRIVATE_SOCKET_TEMPLATE")
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("SPIRE_SERVER_PRIVATE_SOCKET_TEMPLATE must be set"),
+        "{e}"
+    );
+    // A flag SPIRE has and a bad value: refused before anything starts, naming the key.
+    let (ok, _, err) = run_cli(&[
+        "validate",
+        "-config",
+        &conf.display().to_string(),
+        "-logLevel",
+        "LOUD",
+    ]);
+    assert!(!ok && err.contains("server.log_level"), "{err}");
+}
+
+/// The agent as SPIRE's users run it: `run` with SPIRE's flags over its file (`-joinToken`,
+/// `-serverPort`, `-socketPath`, `-dataDir`, `-logLevel`), SPIRE's flags it lacks refused by
+/// name, `api fetch jwt` printing the JWT bundles too, `-output json` on `api fetch` and
+/// `api validate` in SPIRE's shape, and `-instance` from SPIRE's template variable.
+#[test]
+fn operator_agent_run_flags_and_api_output_as_spire_prints_it() {
+    use std::os::unix::fs::MetadataExt as _;
+    let (dir, conf, socket) = server_dir();
+    let _server = spawn_server(dir.path(), &conf, "server.log");
+    wait_healthy(&socket);
+    let s = socket.display().to_string();
+    let bundle = cli(&["bundle", "show", "-socketPath", &s]);
+    assert!(bundle.status.success());
+    let (ok, out, err) = run_cli(&["token", "generate", "-socketPath", &s]);
+    assert!(ok, "{err}");
+    let token = out
+        .split_whitespace()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    let uid = std::fs::metadata(dir.path()).unwrap().uid();
+    let (ok, _, err) = run_cli(&[
+        "entry",
+        "create",
+        "-socketPath",
+        &s,
+        "-parentID",
+        &format!("spiffe://{TD}/spire/agent/join_token/{token}"),
+        "-spiffeID",
+        &format!("spiffe://{TD}/me"),
+        "-selector",
+        &format!("unix:uid:{uid}"),
+    ]);
+    assert!(ok, "{err}");
+    let port = std::fs::read_to_string(&conf)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("bind_port = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let a = dir.path().join("agent");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::write(a.join("bundle.pem"), &bundle.stdout).unwrap();
+    // The file points elsewhere; the flags say where things are.
+    std::fs::write(
+        a.join("agent.conf"),
+        format!(
+            r#"agent {{
+    data_dir = "{d}/unused"
+    server_address = "127.0.0.1"
+    server_port = "1"
+    socket_path = "{d}/unused.sock"
+    trust_bundle_path = "{d}/bundle.pem"
+    trust_domain = "{TD}"
+    log_level = "ERROR"
+}}
+plugins {{
+    NodeAttestor "join_token" {{
+        plugin_data {{}}
+    }}
+    KeyManager "memory" {{}}
+    WorkloadAttestor "unix" {{
+        plugin_data {{}}
+    }}
+}}
+"#,
+            d = a.display()
+        ),
+    )
+    .unwrap();
+    let agent_conf = a.join("agent.conf").display().to_string();
+    let o = Command::new(agent_bin())
+        .args(["validate", "-config", &agent_conf, "-insecureBootstrap"])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && e.contains("agent.insecure_bootstrap") && e.contains("SPIRE"),
+        "{e}"
+    );
+    let wl = a.join("inst-w/api.sock");
+    let _agent = Child(
+        Command::new(agent_bin())
+            .args(["run", "-config", &agent_conf, "-joinToken", &token])
+            .args(["-serverPort", &port, "-socketPath"])
+            .arg(&wl)
+            .arg("-dataDir")
+            .arg(a.join("data"))
+            .args(["-logLevel", "INFO"])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(a.join("agent.log")).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let w = wl.display().to_string();
+    let agent = |args: &[&str]| {
+        let o = Command::new(agent_bin()).args(args).output().unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let t = Instant::now();
+    let x509 = loop {
+        let (ok, out, err) = agent(&["api", "fetch", "x509", "-socketPath", &w, "-output", "json"]);
+        if ok {
+            break out;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{err}\n{}",
+            std::fs::read_to_string(a.join("agent.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(a.join("data").is_dir(), "-dataDir used");
+    let log = std::fs::read_to_string(a.join("agent.log")).unwrap();
+    assert!(
+        log.contains(" INFO "),
+        "-logLevel INFO over the file's ERROR: {log}"
+    );
+    let v: serde_json::Value = serde_json::from_str(&x509).unwrap();
+    assert_eq!(v["svids"][0]["spiffe_id"], format!("spiffe://{TD}/me"));
+    for k in ["x509_svid", "x509_svid_key", "bundle"] {
+        let b = v["svids"][0][k].as_str().unwrap();
+        assert!(
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, b).is_ok(),
+            "{k}"
+        );
+    }
+    assert!(
+        v["federated_bundles"].is_object() && v["crl"].is_array(),
+        "{v}"
+    );
+
+    let (ok, out, err) = agent(&["api", "fetch", "jwt", "-audience", "aud", "-socketPath", &w]);
+    assert!(ok, "{err}");
+    let token_line = out.lines().nth(1).unwrap_or_default().trim().to_string();
+    assert!(
+        out.starts_with(&format!("token(spiffe://{TD}/me):\n\t")),
+        "{out}"
+    );
+    let bundle_at = out
+        .find(&format!("bundle(spiffe://{TD}):\n\t"))
+        .unwrap_or_else(|| panic!("no JWT bundle printed: {out}"));
+    let jwks: serde_json::Value =
+        serde_json::from_str(out[bundle_at..].lines().nth(1).unwrap().trim()).unwrap();
+    assert!(jwks["keys"].is_array(), "{jwks}");
+    let (ok, out, _) = agent(&[
+        "api",
+        "fetch",
+        "jwt",
+        "-audience",
+        "aud",
+        "-socketPath",
+        &w,
+        "-output",
+        "json",
+    ]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["svids"][0]["spiffe_id"], format!("spiffe://{TD}/me"));
+    assert!(v[1]["bundles"][format!("spiffe://{TD}")].is_string(), "{v}");
+
+    let (ok, out, err) = agent(&[
+        "api",
+        "validate",
+        "jwt",
+        "-audience",
+        "aud",
+        "-svid",
+        &token_line,
+        "-socketPath",
+        &w,
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("SVID is valid.\nSPIFFE ID : "), "{out}");
+    let claims = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Claims    : "))
+        .unwrap();
+    let claims: serde_json::Value = serde_json::from_str(claims).unwrap();
+    assert_eq!(claims["sub"], format!("spiffe://{TD}/me"));
+    let (ok, out, _) = agent(&[
+        "api",
+        "validate",
+        "jwt",
+        "-audience",
+        "aud",
+        "-svid",
+        &token_line,
+        "-socketPath",
+        &w,
+        "-output",
+        "json",
+    ]);
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["spiffe_id"], format!("spiffe://{TD}/me"));
+    let (ok, _, err) = agent(&[
+        "api",
+        "validate",
+        "jwt",
+        "-audience",
+        "other",
+        "-svid",
+        &token_line,
+        "-socketPath",
+        &w,
+    ]);
+    assert!(!ok && err.contains("SVID is not valid"), "{err}");
+
+    // -instance, and SPIRE's socket variable.
+    let o = Command::new(agent_bin())
+        .args(["healthcheck", "-instance", "w"])
+        .env(
+            "SPIRE_AGENT_PUBLIC_SOCKET_TEMPLATE",
+            a.join("inst-%i/api.sock"),
+        )
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = Command::new(agent_bin())
+        .args(["healthcheck"])
+        .env("SPIRE_AGENT_PUBLIC_SOCKET", &wl)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -78,7 +78,7 @@ async fn issue_and_verify(env: &Env) -> Vec<Vec<u8>> {
         .await;
     let resp = env.wait_for_svids(&["/km-workload"]).await;
     let out = tempfile::tempdir().unwrap();
-    kame_agent::cli::fetch_x509(&env.socket_url(), Some(out.path()))
+    kame_agent::cli::fetch_x509(&env.socket_url(), Some(out.path()), false)
         .await
         .unwrap();
     // The SVID file holds the chain (leaf, then any intermediate).
@@ -109,7 +109,7 @@ async fn issue_and_verify(env: &Env) -> Vec<Vec<u8>> {
         .svids
         .remove(0)
         .svid;
-    kame_agent::cli::validate_jwt(&env.socket_url(), "km-audience", &token)
+    kame_agent::cli::validate_jwt(&env.socket_url(), "km-audience", &token, false)
         .await
         .expect("the JWT-SVID signed by the backend key validates");
     assert!(!resp.svids.is_empty());

@@ -2,12 +2,13 @@
 //! it from a live process, the lock that keeps two daemons off one `data_dir`, the HTTP/2
 //! `:authority` adapter that lets gRPC C-core clients in (`h2fix`), the smallest HTTP/1.1 for
 //! read-only endpoints (`httpmini`), SPIRE's health-check listener (`health`) and its Prometheus
-//! endpoint (`prometheus`). It decides
+//! endpoint (`prometheus`), and the logger (`logging`). It decides
 //! no permissions (the callers set them) and knows nothing of what it serves.
 
 pub mod h2fix;
 pub mod health;
 pub mod httpmini;
+pub mod logging;
 pub mod prometheus;
 
 use std::path::Path;

@@ -65,7 +65,7 @@ pub async fn token(cmd: TokenCmd) -> Result<(), CliError> {
         .as_deref()
         .map(|s| parse_id("--spiffe-id", s).map(|i| id_proto(&i)))
         .transpose()?;
-    let mut c = pb::agent::agent_client::AgentClient::new(connect(&common.socket_path).await?);
+    let mut c = pb::agent::agent_client::AgentClient::new(common.connect().await?);
     let t = c
         .create_join_token(pb::agent::CreateJoinTokenRequest {
             ttl,
@@ -223,7 +223,7 @@ pub async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
     match cmd {
         AgentCmd::List { filter, common } => {
             let filter = filter.filter()?;
-            let mut c = AgentClient::new(connect(&common.socket_path).await?);
+            let mut c = AgentClient::new(common.connect().await?);
             let r = c
                 .list_agents(pb::agent::ListAgentsRequest {
                     filter,
@@ -254,7 +254,7 @@ pub async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
         }
         AgentCmd::Show { spiffe_id, common } => {
             let id = parse_id("--spiffe-id", &spiffe_id)?;
-            let mut c = AgentClient::new(connect(&common.socket_path).await?);
+            let mut c = AgentClient::new(common.connect().await?);
             let a = c
                 .get_agent(pb::agent::GetAgentRequest {
                     id: Some(id_proto(&id)),
@@ -266,7 +266,7 @@ pub async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
         }
         AgentCmd::Evict { spiffe_id, common } => {
             let id = parse_id("--spiffe-id", &spiffe_id)?;
-            let mut c = AgentClient::new(connect(&common.socket_path).await?);
+            let mut c = AgentClient::new(common.connect().await?);
             c.delete_agent(pb::agent::DeleteAgentRequest {
                 id: Some(id_proto(&id)),
             })
@@ -279,7 +279,7 @@ pub async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
         }
         AgentCmd::Ban { spiffe_id, common } => {
             let id = parse_id("--spiffe-id", &spiffe_id)?;
-            let mut c = AgentClient::new(connect(&common.socket_path).await?);
+            let mut c = AgentClient::new(common.connect().await?);
             c.ban_agent(pb::agent::BanAgentRequest {
                 id: Some(id_proto(&id)),
             })
@@ -297,7 +297,7 @@ pub async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
         } => purge(expired_for, dry_run, common).await?,
         AgentCmd::Count { filter, common } => {
             let filter = filter.filter()?;
-            let mut c = AgentClient::new(connect(&common.socket_path).await?);
+            let mut c = AgentClient::new(common.connect().await?);
             let n = c
                 .count_agents(pb::agent::CountAgentsRequest { filter })
                 .await?
@@ -322,7 +322,7 @@ async fn purge(
     common: Common,
 ) -> Result<(), CliError> {
     use pb::agent::agent_client::AgentClient;
-    let mut c = AgentClient::new(connect(&common.socket_path).await?);
+    let mut c = AgentClient::new(common.connect().await?);
     let agents = c
         .list_agents(pb::agent::ListAgentsRequest {
             filter: Some(pb::agent::AgentFilter {

@@ -3,7 +3,7 @@
 //! printed as SPIRE's CLI prints it (plus taint and readiness). It only calls the API; every
 //! check is the server's.
 
-use super::{CliError, Common, Output, connect, print};
+use super::{CliError, Common, Output, print};
 use clap::{Args, Subcommand};
 use kame_api::pb::localauthority as pb;
 use pb::local_authority_client::LocalAuthorityClient;
@@ -174,9 +174,7 @@ pub async fn localauthority(cmd: LocalAuthorityCmd) -> Result<(), CliError> {
 async fn client(
     common: &Common,
 ) -> Result<LocalAuthorityClient<tonic::transport::Channel>, CliError> {
-    Ok(LocalAuthorityClient::new(
-        connect(&common.socket_path).await?,
-    ))
+    Ok(LocalAuthorityClient::new(common.connect().await?))
 }
 
 async fn x509(cmd: AuthorityCmd) -> Result<(), CliError> {

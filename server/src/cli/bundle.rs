@@ -132,7 +132,7 @@ pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
     use pb::bundle::bundle_client::BundleClient;
     match cmd {
         BundleCmd::Count { common } => {
-            let mut c = BundleClient::new(connect(&common.socket_path).await?);
+            let mut c = BundleClient::new(common.connect().await?);
             let n = c
                 .count_bundles(pb::bundle::CountBundlesRequest {})
                 .await?
@@ -145,7 +145,7 @@ pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
             );
         }
         BundleCmd::Show { format, common } => {
-            let mut c = BundleClient::new(connect(&common.socket_path).await?);
+            let mut c = BundleClient::new(common.connect().await?);
             let b = c
                 .get_bundle(pb::bundle::GetBundleRequest { output_mask: None })
                 .await?
@@ -158,7 +158,7 @@ pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
             );
         }
         BundleCmd::List { id, format, common } => {
-            let mut c = BundleClient::new(connect(&common.socket_path).await?);
+            let mut c = BundleClient::new(common.connect().await?);
             let bundles = match id {
                 Some(id) => {
                     let td = TrustDomain::parse(&id)
@@ -203,7 +203,7 @@ pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
         } => {
             let td = TrustDomain::parse(&id).map_err(|e| CliError::Usage(format!("--id: {e}")))?;
             let bundle = read_bundle(&td, path.as_deref(), format)?;
-            let mut c = BundleClient::new(connect(&common.socket_path).await?);
+            let mut c = BundleClient::new(common.connect().await?);
             let r = c
                 .batch_set_federated_bundle(pb::bundle::BatchSetFederatedBundleRequest {
                     bundle: vec![bundle],
@@ -226,7 +226,7 @@ pub async fn bundle(cmd: BundleCmd) -> Result<(), CliError> {
                 DeleteMode::Delete => Mode::Delete,
                 DeleteMode::Dissociate => Mode::Dissociate,
             };
-            let mut c = BundleClient::new(connect(&common.socket_path).await?);
+            let mut c = BundleClient::new(common.connect().await?);
             let r = c
                 .batch_delete_federated_bundle(pb::bundle::BatchDeleteFederatedBundleRequest {
                     trust_domains: vec![td.as_str().into()],

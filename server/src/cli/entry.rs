@@ -500,7 +500,7 @@ pub async fn entry(cmd: EntryCmd) -> Result<(), CliError> {
         } => delete(entry_id, file, common).await,
         EntryCmd::Count { filter, common } => {
             let filter = show_filter(&filter)?;
-            let mut client = Client::new(connect(&common.socket_path).await?);
+            let mut client = Client::new(common.connect().await?);
             let n = client
                 .count_entries(pb::entry::CountEntriesRequest {
                     filter: Some(filter),
@@ -551,7 +551,7 @@ async fn create(c: EntryCreate) -> Result<(), CliError> {
             )?]
         }
     };
-    let mut client = Client::new(connect(&c.common.socket_path).await?);
+    let mut client = Client::new(c.common.connect().await?);
     let resp = client
         .batch_create_entry(pb::entry::BatchCreateEntryRequest {
             entries: entries.clone(),
@@ -586,7 +586,7 @@ async fn update(u: EntryUpdate) -> Result<(), CliError> {
             "entries[{i}]: entry_id is required to update"
         )));
     }
-    let mut client = Client::new(connect(&u.common.socket_path).await?);
+    let mut client = Client::new(u.common.connect().await?);
     let resp = client
         .batch_update_entry(pb::entry::BatchUpdateEntryRequest {
             entries: entries.clone(),
@@ -632,7 +632,7 @@ async fn delete(
             return Err(CliError::Usage("give --entry-id or --file".into()));
         }
     };
-    let mut client = Client::new(connect(&common.socket_path).await?);
+    let mut client = Client::new(common.connect().await?);
     let resp = client
         .batch_delete_entry(pb::entry::BatchDeleteEntryRequest { ids: ids.clone() })
         .await?
@@ -776,7 +776,7 @@ async fn show(s: EntryShow) -> Result<(), CliError> {
             "--entry-id cannot be combined with other filters".into(),
         ));
     }
-    let mut client = Client::new(connect(&s.common.socket_path).await?);
+    let mut client = Client::new(s.common.connect().await?);
     let entries = if let Some(id) = &s.entry_id {
         vec![
             client

@@ -176,7 +176,7 @@ pub async fn federation(cmd: FederationCmd) -> Result<(), CliError> {
                     "create needs --bundle-endpoint-url and --bundle-endpoint-profile".into(),
                 ));
             }
-            let mut c = TrustDomainClient::new(connect(&common.socket_path).await?);
+            let mut c = TrustDomainClient::new(common.connect().await?);
             let res = c
                 .batch_create_federation_relationship(
                     pb::trustdomain::BatchCreateFederationRelationshipRequest {
@@ -195,7 +195,7 @@ pub async fn federation(cmd: FederationCmd) -> Result<(), CliError> {
         }
         FederationCmd::Update { rel, common } => {
             let (r, mask) = relationship(&rel)?;
-            let mut c = TrustDomainClient::new(connect(&common.socket_path).await?);
+            let mut c = TrustDomainClient::new(common.connect().await?);
             let res = c
                 .batch_update_federation_relationship(
                     pb::trustdomain::BatchUpdateFederationRelationshipRequest {
@@ -214,7 +214,7 @@ pub async fn federation(cmd: FederationCmd) -> Result<(), CliError> {
             print(common.output, rel_json(&got), rel_pretty(&got));
         }
         FederationCmd::List { common } => {
-            let mut c = TrustDomainClient::new(connect(&common.socket_path).await?);
+            let mut c = TrustDomainClient::new(common.connect().await?);
             let mut all = vec![];
             let mut page_token = String::new();
             loop {
@@ -246,7 +246,7 @@ pub async fn federation(cmd: FederationCmd) -> Result<(), CliError> {
             );
         }
         FederationCmd::Show { id, common } => {
-            let mut c = TrustDomainClient::new(connect(&common.socket_path).await?);
+            let mut c = TrustDomainClient::new(common.connect().await?);
             let r = c
                 .get_federation_relationship(pb::trustdomain::GetFederationRelationshipRequest {
                     trust_domain: id,
@@ -257,7 +257,7 @@ pub async fn federation(cmd: FederationCmd) -> Result<(), CliError> {
             print(common.output, rel_json(&r), rel_pretty(&r));
         }
         FederationCmd::Delete { id, common } => {
-            let mut c = TrustDomainClient::new(connect(&common.socket_path).await?);
+            let mut c = TrustDomainClient::new(common.connect().await?);
             let r = c
                 .batch_delete_federation_relationship(
                     pb::trustdomain::BatchDeleteFederationRelationshipRequest {
@@ -274,7 +274,7 @@ pub async fn federation(cmd: FederationCmd) -> Result<(), CliError> {
             );
         }
         FederationCmd::Refresh { id, common } => {
-            let mut c = TrustDomainClient::new(connect(&common.socket_path).await?);
+            let mut c = TrustDomainClient::new(common.connect().await?);
             c.refresh_bundle(pb::trustdomain::RefreshBundleRequest {
                 trust_domain: id.clone(),
             })

@@ -15,11 +15,13 @@ mod agent;
 mod bundle;
 mod entry;
 mod federation;
+mod logger;
 mod svid;
 pub use agent::*;
 pub use bundle::*;
 pub use entry::*;
 pub use federation::*;
+pub use logger::{LoggerCmd, logger};
 pub use svid::*;
 
 mod authority;
@@ -68,12 +70,53 @@ pub enum Output {
 
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// Path to the server's admin API socket.
-    #[arg(long, default_value = DEFAULT_SOCKET_PATH)]
-    pub socket_path: PathBuf,
+    #[command(flatten)]
+    pub socket: SocketArgs,
     /// Output format.
     #[arg(long, value_enum, default_value = "pretty")]
     pub output: Output,
+}
+
+impl Common {
+    /// A channel to the admin socket these flags name.
+    pub async fn connect(&self) -> Result<Channel, CliError> {
+        self.socket.connect().await
+    }
+}
+
+/// Which admin socket: SPIRE's `-socketPath`, or `-instance` in
+/// `$SPIRE_SERVER_PRIVATE_SOCKET_TEMPLATE`, or `$SPIRE_SERVER_PRIVATE_SOCKET`, or the default.
+#[derive(Debug, Clone, Args)]
+pub struct SocketArgs {
+    /// Path to the server's admin API socket [default: /tmp/spire-server/private/api.sock,
+    /// or $SPIRE_SERVER_PRIVATE_SOCKET].
+    #[arg(long)]
+    pub socket_path: Option<PathBuf>,
+    /// Instance name to put in place of %i in $SPIRE_SERVER_PRIVATE_SOCKET_TEMPLATE.
+    #[arg(long)]
+    pub instance: Option<String>,
+}
+
+impl SocketArgs {
+    /// The socket path these flags and the environment choose.
+    pub fn path(&self) -> Result<PathBuf, CliError> {
+        let flag = self.socket_path.as_ref().map(|p| p.to_string_lossy());
+        kame_api::spire_cli::resolve_socket(
+            flag.as_deref(),
+            self.instance.as_deref(),
+            "SPIRE_SERVER_PRIVATE_SOCKET",
+            &[],
+            DEFAULT_SOCKET_PATH,
+            |k| std::env::var(k).ok(),
+        )
+        .map(PathBuf::from)
+        .map_err(|e| CliError::Usage(e.to_string()))
+    }
+
+    /// A channel to the chosen socket.
+    pub async fn connect(&self) -> Result<Channel, CliError> {
+        connect(&self.path()?).await
+    }
 }
 
 /// Connects to the admin socket (`/path` or `unix:///path`).
@@ -195,8 +238,8 @@ fn ttl_arg(flag: &str, v: Option<i64>) -> Result<i32, CliError> {
 // ---------------------------------------------------------------- x509 / jwt mint
 
 /// `healthcheck`: the server answers on its admin socket and has a bundle.
-pub async fn healthcheck(socket: &Path, verbose: bool) -> Result<(), CliError> {
-    let mut c = pb::bundle::bundle_client::BundleClient::new(connect(socket).await?);
+pub async fn healthcheck(socket: &SocketArgs, verbose: bool) -> Result<(), CliError> {
+    let mut c = pb::bundle::bundle_client::BundleClient::new(socket.connect().await?);
     let b = c
         .get_bundle(pb::bundle::GetBundleRequest { output_mask: None })
         .await?

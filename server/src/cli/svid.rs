@@ -74,7 +74,7 @@ pub async fn x509(cmd: X509Cmd) -> Result<(), CliError> {
         .x509_signature_algorithm();
     let csr = kame_api::x509svid::assemble(&info, &alg, sig.as_ref())
         .map_err(|e| CliError::Failed(e.to_string()))?;
-    let channel = connect(&common.socket_path).await?;
+    let channel = common.connect().await?;
     let svid = pb::svid::svid_client::SvidClient::new(channel.clone())
         .mint_x509svid(pb::svid::MintX509svidRequest { csr, ttl })
         .await?
@@ -146,7 +146,7 @@ pub async fn jwt(cmd: JwtCmd) -> Result<(), CliError> {
     } = cmd;
     let id = parse_id("--spiffe-id", &spiffe_id)?;
     let ttl = ttl_arg("--ttl", Some(ttl))?;
-    let svid = pb::svid::svid_client::SvidClient::new(connect(&common.socket_path).await?)
+    let svid = pb::svid::svid_client::SvidClient::new(common.connect().await?)
         .mint_jwtsvid(pb::svid::MintJwtsvidRequest {
             id: Some(id_proto(&id)),
             audience,

@@ -14,8 +14,9 @@ use std::time::Duration;
 
 pub const DEFAULT_SOCKET_PATH: &str = "/tmp/kame-server/private/api.sock";
 
-pub use kame_api::conf::{ConfigError, LogFormat, expand_env, parse_duration};
+pub use kame_api::conf::{ConfigError, LogFormat, Overrides, expand_env, parse_duration};
 use kame_api::conf::{invalid, plugin_data};
+use std::path::Path;
 
 /// `ca_subject { country = [..] organization = [..] common_name = ".." }`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,10 +50,14 @@ pub struct Config {
     pub socket_path: PathBuf,
     pub trust_domain: TrustDomain,
     pub data_dir: PathBuf,
-    pub log_level: String,
+    pub log_level: kame_api::conf::Level,
     pub log_format: LogFormat,
     /// `log_file`: logs appended to this file instead of stderr.
     pub log_file: Option<std::path::PathBuf>,
+    /// `log_source_location`: each event's file and line.
+    pub log_source_location: bool,
+    /// `audit_log_enabled`: one `kame_audit` event per API call (caller, method, status).
+    pub audit_log_enabled: bool,
     pub ca_ttl: Duration,
     pub default_x509_svid_ttl: Duration,
     pub default_jwt_svid_ttl: Duration,
@@ -229,15 +234,29 @@ fn node_attestor_configs(
 }
 
 impl Config {
-    pub fn load(path: &std::path::Path, expand: bool) -> Result<Self, ConfigError> {
+    pub fn load(path: &Path, expand: bool) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
         })?;
-        Self::parse(&text, expand)
+        Self::parse_with(&text, expand, &Overrides::default())
+    }
+
+    /// As [`Config::load`], with the command line's values (`run` flags) over the file's.
+    pub fn load_with(path: &Path, expand: bool, flags: &Overrides) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse_with(&text, expand, flags)
     }
 
     pub fn parse(text: &str, expand: bool) -> Result<Self, ConfigError> {
+        Self::parse_with(text, expand, &Overrides::default())
+    }
+
+    /// As [`Config::parse`], with `flags` in place of the `server` section's keys they name.
+    pub fn parse_with(text: &str, expand: bool, flags: &Overrides) -> Result<Self, ConfigError> {
         let mut root = {
             let env = |k: &str| std::env::var(k).ok();
             kame_api::conf::parse_root(text, expand.then_some(&env as kame_api::conf::Env<'_>))?
@@ -253,6 +272,7 @@ impl Config {
         let health = kame_api::serving::health::parse(&mut root)?;
         root.finish()?;
         let mut server = server;
+        server.apply(flags);
 
         let trust_domain_s = server
             .string("trust_domain")?
@@ -289,6 +309,8 @@ impl Config {
         let log_level = kame_api::conf::log_level(&server)?;
         let log_format = kame_api::conf::log_format(&server)?;
         let log_file = server.nonempty("log_file")?.map(std::path::PathBuf::from);
+        let log_source_location = server.take_bool("log_source_location")?.unwrap_or(false);
+        let audit_log_enabled = server.take_bool("audit_log_enabled")?.unwrap_or(false);
         let nonzero =
             |k: &str, d: Option<Duration>, default: Duration| -> Result<Duration, ConfigError> {
                 match d {
@@ -355,6 +377,8 @@ impl Config {
             log_level,
             log_format,
             log_file,
+            log_source_location,
+            audit_log_enabled,
             ca_ttl,
             default_x509_svid_ttl,
             default_jwt_svid_ttl,

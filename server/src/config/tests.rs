@@ -431,3 +431,29 @@ fn go_durations() {
     assert!(parse_duration("h").is_err());
     assert!(parse_duration("99999999h").is_err());
 }
+
+/// SPIRE's `audit_log_enabled` and `log_source_location`, off by default; the `run` flags'
+/// values win over the file's and are checked as the file's are.
+#[test]
+fn config_audit_log_source_location_and_run_flag_overrides() {
+    let c = Config::parse(GOOD, false).unwrap();
+    assert!(!c.audit_log_enabled && !c.log_source_location);
+    let on = GOOD.replace(
+        "log_level = \"DEBUG\"",
+        "log_level = \"DEBUG\"\n    audit_log_enabled = true\n    log_source_location = true",
+    );
+    let c = Config::parse(&on, false).unwrap();
+    assert!(c.audit_log_enabled && c.log_source_location);
+    let mut o = Overrides::default();
+    o.string("log_level", Some("ERROR"))
+        .int("bind_port", Some(9999))
+        .string("trust_domain", Some("other.org"));
+    let c = Config::parse_with(GOOD, false, &o).unwrap();
+    assert_eq!(c.log_level, kame_api::conf::Level::Error);
+    assert_eq!(c.bind_port, 9999);
+    assert_eq!(c.trust_domain.as_str(), "other.org");
+    let mut o = Overrides::default();
+    o.string("trust_domain", Some("spiffe://x"));
+    let e = Config::parse_with(GOOD, false, &o).unwrap_err().to_string();
+    assert!(e.contains("server.trust_domain"), "{e}");
+}

@@ -1,8 +1,11 @@
-//! Per-call gRPC metrics for the server's APIs (both listeners): a tower layer that counts each
-//! call by service, method and status code and times it to its last byte (the status of a
-//! streamed or unary success arrives in the trailers, an early failure in the headers). Labels
+//! Per-call observation of the server's gRPC APIs (both listeners): a tower layer that counts
+//! each call by service, method and status code and times it to its last byte (the status of a
+//! streamed or unary success arrives in the trailers, an early failure in the headers; a call
+//! dropped before its end, the caller gone, is Canceled), and with `audit_log_enabled` writes
+//! one `kame_audit` event per call (caller, method, status), as SPIRE's audit log does. Labels
 //! are bounded: a call the server does not serve (Unimplemented) is counted under `unknown`,
-//! so a peer cannot mint series by sending made-up method names.
+//! so a peer cannot mint series by sending made-up method names. It decides nothing about the
+//! calls it sees.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -154,17 +157,22 @@ impl RpcMetrics {
     }
 }
 
-/// The layer over a gRPC router; with `None` (no Prometheus configured) it records nothing
-/// and costs nothing per call.
+/// The layer over a gRPC router. With no metrics (no Prometheus configured) and no audit it
+/// records nothing and costs nothing per call.
 #[derive(Clone, Debug)]
-pub struct RpcMetricsLayer(pub Option<Arc<RpcMetrics>>);
+pub struct RpcMetricsLayer {
+    pub metrics: Option<Arc<RpcMetrics>>,
+    /// One `kame_audit` event per call (`audit_log_enabled`).
+    pub audit: bool,
+}
 
 impl<S> tower::Layer<S> for RpcMetricsLayer {
     type Service = RpcMetricsService<S>;
     fn layer(&self, inner: S) -> Self::Service {
         RpcMetricsService {
             inner,
-            metrics: self.0.clone(),
+            metrics: self.metrics.clone(),
+            audit: self.audit,
         }
     }
 }
@@ -173,28 +181,169 @@ impl<S> tower::Layer<S> for RpcMetricsLayer {
 pub struct RpcMetricsService<S> {
     inner: S,
     metrics: Option<Arc<RpcMetrics>>,
+    audit: bool,
 }
 
-/// What one call records when its response ends (or is dropped unfinished: Canceled).
+/// Who made a call, as the audit log names them (SPIRE's fields).
+enum AuditCaller {
+    /// On the admin socket: the peer process's credentials and executable.
+    Local {
+        uid: String,
+        gid: String,
+        path: String,
+    },
+    /// Over TLS: the client SVID's SPIFFE ID (empty without one) and the peer address.
+    Remote { id: String, addr: String },
+}
+
+struct Audit {
+    request_id: String,
+    caller: AuditCaller,
+}
+
+impl Audit {
+    fn of<B>(req: &http::Request<B>) -> Audit {
+        use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
+        let ext = req.extensions();
+        let caller = if let Some(u) = ext.get::<UdsConnectInfo>() {
+            let cred = u.peer_cred;
+            let path = cred
+                .and_then(|c| c.pid())
+                .and_then(|pid| std::fs::read_link(format!("/proc/{pid}/exe")).ok())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            AuditCaller::Local {
+                uid: cred.map(|c| c.uid().to_string()).unwrap_or_default(),
+                gid: cred.map(|c| c.gid().to_string()).unwrap_or_default(),
+                path,
+            }
+        } else if let Some(t) = ext.get::<TlsConnectInfo<TcpConnectInfo>>() {
+            let id = t
+                .peer_certs()
+                .and_then(|c| c.first().cloned())
+                .and_then(|leaf| kame_api::x509svid::ParsedCert::parse(leaf.as_ref()).ok())
+                .and_then(|p| kame_api::x509svid::check_leaf(&p).ok())
+                .map(|id| id.to_string())
+                .unwrap_or_default();
+            AuditCaller::Remote {
+                id,
+                addr: t
+                    .get_ref()
+                    .remote_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_default(),
+            }
+        } else {
+            AuditCaller::Remote {
+                id: String::new(),
+                addr: String::new(),
+            }
+        };
+        Audit {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            caller,
+        }
+    }
+
+    fn log(&self, path: &str, code: usize, message: &str) {
+        let (service, method) = path
+            .trim_start_matches('/')
+            .split_once('/')
+            .unwrap_or(("", path));
+        let status = if code == 0 { "success" } else { "error" };
+        let status_code = CODES.get(code).copied().unwrap_or("Unknown");
+        match &self.caller {
+            AuditCaller::Local { uid, gid, path } => tracing::info!(
+                target: "kame_audit",
+                r#type = "audit",
+                request_id = %self.request_id,
+                service,
+                method,
+                status,
+                status_code,
+                status_message = message,
+                caller_uid = %uid,
+                caller_gid = %gid,
+                caller_path = %path,
+                "API accessed"
+            ),
+            AuditCaller::Remote { id, addr } => tracing::info!(
+                target: "kame_audit",
+                r#type = "audit",
+                request_id = %self.request_id,
+                service,
+                method,
+                status,
+                status_code,
+                status_message = message,
+                caller_id = %id,
+                caller_addr = %addr,
+                "API accessed"
+            ),
+        }
+    }
+}
+
+/// What one call records when its response ends, or when it is dropped unfinished (the
+/// caller went away: Canceled unless a status was already sent).
 struct Pending {
-    metrics: Arc<RpcMetrics>,
+    metrics: Option<Arc<RpcMetrics>>,
+    audit: Option<Box<Audit>>,
     /// Shares the request's bytes: no copy per call.
     path: Option<http::uri::PathAndQuery>,
     start: Instant,
     code: Option<i32>,
+    message: Option<String>,
+    done: bool,
 }
 
 impl Pending {
-    fn finish(self, code: Option<i32>) {
+    fn finish(&mut self, code: Option<i32>, message: Option<String>) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
         let code = code.or(self.code).unwrap_or(1);
         let path = self.path.as_ref().map(|p| p.path()).unwrap_or("");
-        self.metrics
-            .record(path, code, self.start.elapsed().as_secs_f64());
+        if let Some(m) = &self.metrics {
+            m.record(path, code, self.start.elapsed().as_secs_f64());
+        }
+        if let Some(a) = &self.audit {
+            let c = usize::try_from(code).unwrap_or(2);
+            let message = message.or_else(|| self.message.take()).unwrap_or_default();
+            a.log(path, c, &message);
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.finish(None, None);
     }
 }
 
 fn grpc_status(h: &http::HeaderMap) -> Option<i32> {
     h.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// `grpc-message`, percent-decoded as gRPC encodes it.
+fn grpc_message(h: &http::HeaderMap) -> Option<String> {
+    let raw = h.get("grpc-message")?.as_bytes();
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (raw[i], raw.get(i + 1).copied(), raw.get(i + 2).copied()) {
+            (b'%', Some(a), Some(b)) if hex(a).is_some() && hex(b).is_some() => {
+                out.push((hex(a).unwrap_or(0) * 16 + hex(b).unwrap_or(0)) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    Some(String::from_utf8_lossy(&out).into_owned())
 }
 
 impl<S, ReqB, ResB> tower::Service<http::Request<ReqB>> for RpcMetricsService<S>
@@ -213,20 +362,25 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqB>) -> Self::Future {
-        let pending = self.metrics.clone().map(|metrics| Pending {
-            metrics,
+        let pending = (self.metrics.is_some() || self.audit).then(|| Pending {
+            metrics: self.metrics.clone(),
+            audit: self.audit.then(|| Box::new(Audit::of(&req))),
             path: req.uri().path_and_query().cloned(),
             start: Instant::now(),
             code: None,
+            message: None,
+            done: false,
         });
         let fut = self.inner.call(req);
         Box::pin(async move {
+            // Dropped here (the caller gone before an answer): recorded as Canceled.
+            let mut pending = pending;
             let resp = fut.await?;
             let (parts, body) = resp.into_parts();
-            let pending = pending.map(|p| Pending {
-                code: grpc_status(&parts.headers),
-                ..p
-            });
+            if let Some(p) = pending.as_mut() {
+                p.code = grpc_status(&parts.headers);
+                p.message = grpc_message(&parts.headers);
+            }
             Ok(http::Response::from_parts(
                 parts,
                 CountedBody {
@@ -255,20 +409,21 @@ impl<B: http_body::Body + Unpin> http_body::Body for CountedBody<B> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(code) = frame.trailers_ref().and_then(grpc_status)
-                    && let Some(p) = self.pending.take()
+                if let Some(t) = frame.trailers_ref()
+                    && let Some(code) = grpc_status(t)
+                    && let Some(p) = self.pending.as_mut()
                 {
-                    p.finish(Some(code));
+                    p.finish(Some(code), grpc_message(t));
                 }
             }
             Poll::Ready(None) => {
-                if let Some(p) = self.pending.take() {
-                    p.finish(None);
+                if let Some(p) = self.pending.as_mut() {
+                    p.finish(None, None);
                 }
             }
             Poll::Ready(Some(Err(_))) => {
-                if let Some(p) = self.pending.take() {
-                    p.finish(Some(13));
+                if let Some(p) = self.pending.as_mut() {
+                    p.finish(Some(13), None);
                 }
             }
             Poll::Pending => {}
@@ -285,19 +440,40 @@ impl<B: http_body::Body + Unpin> http_body::Body for CountedBody<B> {
     }
 }
 
-impl<B> Drop for CountedBody<B> {
-    fn drop(&mut self) {
-        // A response dropped before its end: the peer went away (Canceled) unless the headers
-        // already carried the status.
-        if let Some(p) = self.pending.take() {
-            p.finish(None);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A call whose caller leaves before any answer is counted, as Canceled.
+    #[tokio::test]
+    async fn rpc_metrics_count_a_call_dropped_before_its_headers_as_canceled() {
+        use tower::{Layer as _, Service as _};
+        let m = Arc::new(RpcMetrics::default());
+        let never = tower::service_fn(|_req: http::Request<()>| {
+            std::future::pending::<
+                Result<http::Response<tonic::body::Body>, std::convert::Infallible>,
+            >()
+        });
+        let mut svc = RpcMetricsLayer {
+            metrics: Some(m.clone()),
+            audit: false,
+        }
+        .layer(never);
+        let req = http::Request::builder()
+            .uri("/spire.api.server.agent.v1.Agent/AttestAgent")
+            .body(())
+            .unwrap();
+        let fut = svc.call(req);
+        let r = tokio::time::timeout(std::time::Duration::from_millis(20), fut).await;
+        assert!(r.is_err(), "the call never answers");
+        let text = m.render();
+        assert!(
+            text.contains(
+                "kame_rpc_requests_total{service=\"spire.api.server.agent.v1.Agent\",method=\"AttestAgent\",grpc_code=\"Canceled\"} 1"
+            ),
+            "{text}"
+        );
+    }
 
     #[test]
     fn rpc_metrics_labels_are_bounded_by_what_the_server_serves() {

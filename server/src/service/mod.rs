@@ -9,6 +9,7 @@ pub mod authz;
 pub mod bundle;
 pub mod entry;
 pub mod localauthority;
+pub mod logger;
 pub mod svid;
 pub mod trustdomain;
 

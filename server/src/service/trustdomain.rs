@@ -324,10 +324,7 @@ impl TrustDomainApi for TrustDomainService {
         }
         match outcome {
             None => {
-                return Err(Status::not_found(format!(
-                    "no relationship with trust domain {:?}",
-                    td.as_str()
-                )));
+                return Err(Self::not_found(td.as_str()));
             }
             Some(Err(e)) => {
                 return Err(Status::unavailable(format!(

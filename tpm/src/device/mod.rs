@@ -316,3 +316,28 @@ impl SharedDevice {
         .map_err(DeviceError::Task)?
     }
 }
+
+/// The ESYS C library under tss-esapi prints every failed TPM command to stderr, and only
+/// its `TSS2_LOG` environment variable (read by the library itself) quiets it; the errors
+/// this crate returns carry the same response code, decoded, with their context. Unless the
+/// operator set `TSS2_LOG`, this replaces the process with itself (same pid, arguments and
+/// environment) with `TSS2_LOG=all+NONE`, so each TPM error is printed once. Call it first
+/// thing in `main` of a binary that opens a TPM; it returns only when it cannot re-execute
+/// (then the library's lines stay). Nothing else is changed.
+pub fn quiet_esys_stderr() {
+    use std::os::unix::process::CommandExt as _;
+    if std::env::var_os("TSS2_LOG").is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let mut args = std::env::args_os();
+    let arg0 = args.next().unwrap_or_else(|| exe.clone().into_os_string());
+    // exec returns only on failure: the process then goes on as it is.
+    let _ = std::process::Command::new(&exe)
+        .arg0(arg0)
+        .args(args)
+        .env("TSS2_LOG", "all+NONE")
+        .exec();
+}
