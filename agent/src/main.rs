@@ -206,18 +206,8 @@ struct RunFlags {
     /// The Workload API socket path (overrides agent.socket_path).
     #[arg(long)]
     socket_path: Option<String>,
-    /// File to append logs to (overrides agent.log_file).
-    #[arg(long)]
-    log_file: Option<String>,
-    /// text or json (overrides agent.log_format).
-    #[arg(long)]
-    log_format: Option<String>,
-    /// debug, info, warn or error (overrides agent.log_level).
-    #[arg(long)]
-    log_level: Option<String>,
-    /// Include each event's source file and line (sets agent.log_source_location).
-    #[arg(long)]
-    log_source_location: bool,
+    #[command(flatten)]
+    log: kame_api::spire_cli::LogFlags,
     /// SPIRE's agent.insecure_bootstrap (Kame does not support it: refused by name).
     #[arg(long)]
     insecure_bootstrap: bool,
@@ -252,10 +242,6 @@ impl RunFlags {
             .string("trust_bundle_url", self.trust_bundle_url.as_deref())
             .string("trust_bundle_format", self.trust_bundle_format.as_deref())
             .string("socket_path", self.socket_path.as_deref())
-            .string("log_file", self.log_file.as_deref())
-            .string("log_format", self.log_format.as_deref())
-            .string("log_level", self.log_level.as_deref())
-            .switch("log_source_location", self.log_source_location)
             .switch("insecure_bootstrap", self.insecure_bootstrap)
             .switch(
                 "allow_unauthenticated_verifiers",
@@ -265,6 +251,7 @@ impl RunFlags {
             .switch("disable_sds_api", self.disable_sds_api)
             .string("rebootstrap_mode", self.rebootstrap_mode.as_deref())
             .string("rebootstrap_delay", self.rebootstrap_delay.as_deref());
+        self.log.apply(&mut o);
         Config::load_with(&self.config, self.expand_env, &o).with_context(|| {
             format!(
                 "Kame agent configuration file {} is invalid",

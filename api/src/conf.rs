@@ -645,6 +645,14 @@ pub fn plugin_data(mut sec: Section) -> Result<Section, ConfigError> {
     }))
 }
 
+/// A configuration file's text (a daemon's `-config`).
+pub fn read_file(path: &std::path::Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
 /// Where `--expand-env` looks `$VAR` up (the caller's environment: this crate reads none).
 pub type Env<'a> = &'a dyn Fn(&str) -> Option<String>;
 

@@ -204,6 +204,36 @@ pub fn args_os(defaults: &[SubcommandDefault<'_>]) -> Vec<std::ffi::OsString> {
     }
 }
 
+/// SPIRE's logging flags of `run` and `validate` (`-logFile`, `-logFormat`, `-logLevel`,
+/// `-logSourceLocation`), each overriding the daemon section's key of the same meaning.
+#[cfg(feature = "cli")]
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogFlags {
+    /// File to append logs to (overrides log_file).
+    #[arg(long)]
+    pub log_file: Option<String>,
+    /// text or json (overrides log_format).
+    #[arg(long)]
+    pub log_format: Option<String>,
+    /// debug, info, warn or error (overrides log_level).
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// Include each event's source file and line (sets log_source_location).
+    #[arg(long)]
+    pub log_source_location: bool,
+}
+
+#[cfg(feature = "cli")]
+impl LogFlags {
+    /// Adds the flags given to `o`.
+    pub fn apply(&self, o: &mut crate::conf::Overrides) {
+        o.string("log_file", self.log_file.as_deref())
+            .string("log_format", self.log_format.as_deref())
+            .string("log_level", self.log_level.as_deref())
+            .switch("log_source_location", self.log_source_location);
+    }
+}
+
 /// Why SPIRE's `-instance` flag cannot name a socket.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SocketError {

@@ -169,18 +169,8 @@ struct RunFlags {
     /// The trust domain (overrides server.trust_domain).
     #[arg(long)]
     trust_domain: Option<String>,
-    /// File to append logs to (overrides server.log_file).
-    #[arg(long)]
-    log_file: Option<String>,
-    /// text or json (overrides server.log_format).
-    #[arg(long)]
-    log_format: Option<String>,
-    /// debug, info, warn or error (overrides server.log_level).
-    #[arg(long)]
-    log_level: Option<String>,
-    /// Include each event's source file and line (sets server.log_source_location).
-    #[arg(long)]
-    log_source_location: bool,
+    #[command(flatten)]
+    log: kame_api::spire_cli::LogFlags,
 }
 
 impl RunFlags {
@@ -190,11 +180,8 @@ impl RunFlags {
             .int("bind_port", self.server_port)
             .string("socket_path", self.socket_path.as_deref())
             .string("data_dir", self.data_dir.as_deref())
-            .string("trust_domain", self.trust_domain.as_deref())
-            .string("log_file", self.log_file.as_deref())
-            .string("log_format", self.log_format.as_deref())
-            .string("log_level", self.log_level.as_deref())
-            .switch("log_source_location", self.log_source_location);
+            .string("trust_domain", self.trust_domain.as_deref());
+        self.log.apply(&mut o);
         Config::load_with(&self.config, self.expand_env, &o).with_context(|| {
             format!(
                 "Kame server configuration file {} is invalid",

@@ -108,6 +108,52 @@ fn server_dir() -> (tempfile::TempDir, PathBuf, PathBuf) {
     (dir, conf, socket)
 }
 
+/// The `bind_port` of a server configuration written by `server_dir`.
+fn port_of(conf: &Path) -> String {
+    std::fs::read_to_string(conf)
+        .unwrap()
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("bind_port = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string()
+}
+
+/// `<dir>/agent` with the server's bundle and an `agent.conf` (join_token attestor, memory
+/// keys, unix workload attestor) whose `agent` block holds `lines` (`{d}` stands for the
+/// agent's directory) besides the server address, bundle and trust domain, followed by
+/// `root` (more top-level blocks).
+fn agent_dir(dir: &Path, bundle: &[u8], lines: &str, root: &str) -> PathBuf {
+    let a = dir.join("agent");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::write(a.join("bundle.pem"), bundle).unwrap();
+    let d = a.display().to_string();
+    std::fs::write(
+        a.join("agent.conf"),
+        format!(
+            r#"agent {{
+    server_address = "127.0.0.1"
+    trust_bundle_path = "{d}/bundle.pem"
+    trust_domain = "{TD}"
+{lines}
+}}
+plugins {{
+    NodeAttestor "join_token" {{
+        plugin_data {{}}
+    }}
+    KeyManager "memory" {{}}
+    WorkloadAttestor "unix" {{
+        plugin_data {{}}
+    }}
+}}
+{root}"#,
+            lines = lines.replace("{d}", &d)
+        ),
+    )
+    .unwrap();
+    a
+}
+
 #[test]
 fn operator_second_run_refused_on_live_data_dir_or_socket_first_stays_healthy() {
     let (dir, conf, socket) = server_dir();
@@ -252,43 +298,15 @@ async fn operator_agent_with_an_unknown_join_token_exits_nonzero_with_the_reason
         &socket.display().to_string(),
     ]);
     assert!(bundle.status.success());
-    let port = std::fs::read_to_string(&conf)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("bind_port = "))
-        .unwrap()
-        .trim_matches('"')
-        .to_string();
-    let a = dir.path().join("agent");
-    std::fs::create_dir_all(&a).unwrap();
-    std::fs::write(a.join("bundle.pem"), &bundle.stdout).unwrap();
-    std::fs::write(
-        a.join("agent.conf"),
-        format!(
-            r#"agent {{
-    data_dir = "{d}/data"
-    server_address = "127.0.0.1"
-    server_port = "{port}"
-    socket_path = "{d}/api.sock"
-    trust_bundle_path = "{d}/bundle.pem"
-    trust_domain = "{TD}"
-    join_token = "00000000-0000-4000-8000-000000000000"
-    log_level = "INFO"
-}}
-plugins {{
-    NodeAttestor "join_token" {{
-        plugin_data {{}}
-    }}
-    KeyManager "memory" {{}}
-    WorkloadAttestor "unix" {{
-        plugin_data {{}}
-    }}
-}}
-"#,
-            d = a.display()
+    let a = agent_dir(
+        dir.path(),
+        &bundle.stdout,
+        &format!(
+            "    data_dir = \"{{d}}/data\"\n    server_port = \"{}\"\n    socket_path = \"{{d}}/api.sock\"\n    join_token = \"00000000-0000-4000-8000-000000000000\"\n    log_level = \"INFO\"",
+            port_of(&conf)
         ),
-    )
-    .unwrap();
+        "",
+    );
     let mut agent = Child(
         Command::new(agent_bin())
             .args(["run", "--config"])
@@ -631,25 +649,18 @@ async fn operator_metrics_parse_as_prometheus_and_carry_the_expected_series() {
     assert!(ok, "{err}");
     let token = out.trim().strip_prefix("Token: ").unwrap().to_string();
     let bundle = cli(&["bundle", "show", "--socket-path", &sock]);
-    let port = std::fs::read_to_string(&conf)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("bind_port = "))
-        .unwrap()
-        .trim_matches('"')
-        .to_string();
-    let a = dir.path().join("agent");
     let amp = free_port();
-    std::fs::create_dir_all(&a).unwrap();
-    std::fs::write(a.join("bundle.pem"), &bundle.stdout).unwrap();
-    std::fs::write(
-        a.join("agent.conf"),
-        format!(
-            "agent {{\n data_dir = \"{d}/data\"\n server_address = \"127.0.0.1\"\n server_port = \"{port}\"\n socket_path = \"{d}/api.sock\"\n trust_bundle_path = \"{d}/bundle.pem\"\n trust_domain = \"{TD}\"\n join_token = \"{token}\"\n}}\ntelemetry {{\n Prometheus {{\n host = \"127.0.0.1\"\n port = {amp}\n }}\n}}\nplugins {{\n NodeAttestor \"join_token\" {{}}\n KeyManager \"memory\" {{}}\n WorkloadAttestor \"unix\" {{}}\n}}\n",
-            d = a.display()
+    let a = agent_dir(
+        dir.path(),
+        &bundle.stdout,
+        &format!(
+            "    data_dir = \"{{d}}/data\"\n    server_port = \"{}\"\n    socket_path = \"{{d}}/api.sock\"\n    join_token = \"{token}\"",
+            port_of(&conf)
         ),
-    )
-    .unwrap();
+        &format!(
+            "telemetry {{\n    Prometheus {{\n        host = \"127.0.0.1\"\n        port = {amp}\n    }}\n}}\n"
+        ),
+    );
     let _agent = Child(
         Command::new(agent_bin())
             .args(["run", "--config"])
@@ -1003,43 +1014,14 @@ fn operator_agent_run_flags_and_api_output_as_spire_prints_it() {
         &format!("unix:uid:{uid}"),
     ]);
     assert!(ok, "{err}");
-    let port = std::fs::read_to_string(&conf)
-        .unwrap()
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("bind_port = "))
-        .unwrap()
-        .trim_matches('"')
-        .to_string();
-    let a = dir.path().join("agent");
-    std::fs::create_dir_all(&a).unwrap();
-    std::fs::write(a.join("bundle.pem"), &bundle.stdout).unwrap();
+    let port = port_of(&conf);
     // The file points elsewhere; the flags say where things are.
-    std::fs::write(
-        a.join("agent.conf"),
-        format!(
-            r#"agent {{
-    data_dir = "{d}/unused"
-    server_address = "127.0.0.1"
-    server_port = "1"
-    socket_path = "{d}/unused.sock"
-    trust_bundle_path = "{d}/bundle.pem"
-    trust_domain = "{TD}"
-    log_level = "ERROR"
-}}
-plugins {{
-    NodeAttestor "join_token" {{
-        plugin_data {{}}
-    }}
-    KeyManager "memory" {{}}
-    WorkloadAttestor "unix" {{
-        plugin_data {{}}
-    }}
-}}
-"#,
-            d = a.display()
-        ),
-    )
-    .unwrap();
+    let a = agent_dir(
+        dir.path(),
+        &bundle.stdout,
+        "    data_dir = \"{d}/unused\"\n    server_port = \"1\"\n    socket_path = \"{d}/unused.sock\"\n    log_level = \"ERROR\"",
+        "",
+    );
     let agent_conf = a.join("agent.conf").display().to_string();
     let o = Command::new(agent_bin())
         .args(["validate", "-config", &agent_conf, "-insecureBootstrap"])

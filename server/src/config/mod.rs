@@ -235,20 +235,12 @@ fn node_attestor_configs(
 
 impl Config {
     pub fn load(path: &Path, expand: bool) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::parse_with(&text, expand, &Overrides::default())
+        Self::load_with(path, expand, &Overrides::default())
     }
 
     /// As [`Config::load`], with the command line's values (`run` flags) over the file's.
     pub fn load_with(path: &Path, expand: bool, flags: &Overrides) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        Self::parse_with(&text, expand, flags)
+        Self::parse_with(&kame_api::conf::read_file(path)?, expand, flags)
     }
 
     pub fn parse(text: &str, expand: bool) -> Result<Self, ConfigError> {
