@@ -375,15 +375,32 @@ async fn client(cmd: Cmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() {
-    // One rustls provider for the whole process, installed before any TLS use.
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-    if let Err(e) = real_main().await {
-        // The error and its causes, each said once.
-        eprintln!("Error: {}", kame_api::errors::chain(e.as_ref()));
-        std::process::exit(1);
-    }
+/// Threads for blocking work (workload attestation reads /proc): a burst of callers queues
+/// for these instead of starting hundreds of threads, and idle ones end after a second.
+const BLOCKING_THREADS: usize = 8;
+
+fn main() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
+        .thread_keep_alive(std::time::Duration::from_secs(1))
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("Error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    rt.block_on(async {
+        // One rustls provider for the whole process, installed before any TLS use.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+        if let Err(e) = real_main().await {
+            // The error and its causes, each said once.
+            eprintln!("Error: {}", kame_api::errors::chain(e.as_ref()));
+            std::process::exit(1);
+        }
+    });
 }
 
 #[cfg(test)]

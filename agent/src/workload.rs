@@ -89,6 +89,131 @@ impl AsyncWrite for WorkloadConn {
 pub struct WorkloadApi {
     manager: Arc<Manager>,
     attestor: Arc<UnixAttestor>,
+    x509: Arc<Fanout<wl::X509svidResponse>>,
+    x509_bundles: Arc<Fanout<wl::X509BundlesResponse>>,
+    jwt_bundles: Arc<Fanout<wl::JwtBundlesResponse>>,
+}
+
+/// How a stream's message is made from what the caller's selectors match: `Ok(None)` while
+/// there is nothing to send yet, an error to end the stream.
+type Make<T> = fn(&WorkloadView) -> Result<Option<T>, Status>;
+
+/// The messages of one stream kind, made once per change of the agent's state for every
+/// stream whose caller has the same selectors: streams keep a pointer to the shared message,
+/// not a copy, and thousands of watchers of one identity cost one message to make.
+pub(crate) struct Fanout<T> {
+    make: Make<T>,
+    slots: std::sync::Mutex<HashMap<String, std::sync::Weak<Slot<T>>>>,
+}
+
+impl<T> std::fmt::Debug for Fanout<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Fanout")
+    }
+}
+
+/// What the streams of one selector set share.
+struct Slot<T> {
+    selectors: Vec<types::Selector>,
+    made: std::sync::Mutex<Option<Made<T>>>,
+}
+
+struct Made<T> {
+    /// The manager's state version it was made from.
+    version: u64,
+    /// Made again from this second on (the earliest expiry of the SVIDs it was made from).
+    until: u64,
+    msg: Result<Option<Arc<T>>, Status>,
+}
+
+impl<T> Clone for Made<T> {
+    fn clone(&self) -> Self {
+        Made {
+            version: self.version,
+            until: self.until,
+            msg: self.msg.clone(),
+        }
+    }
+}
+
+impl<T: PartialEq> Fanout<T> {
+    fn new(make: Make<T>) -> Arc<Self> {
+        Arc::new(Fanout {
+            make,
+            slots: Default::default(),
+        })
+    }
+
+    /// The slot of `selectors`, shared with every live stream that has the same ones.
+    fn slot(&self, selectors: Vec<types::Selector>) -> Arc<Slot<T>> {
+        let mut key = selectors
+            .iter()
+            .map(|s| format!("{}:{}", s.r#type, s.value))
+            .collect::<Vec<_>>();
+        key.sort();
+        let key = key.join("\n");
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = slots.get(&key).and_then(std::sync::Weak::upgrade) {
+            return s;
+        }
+        // Slots nobody watches any more go when a new one comes.
+        slots.retain(|_, w| w.strong_count() > 0);
+        let s = Arc::new(Slot {
+            selectors,
+            made: std::sync::Mutex::new(None),
+        });
+        slots.insert(key, Arc::downgrade(&s));
+        s
+    }
+}
+
+impl<T: PartialEq> Slot<T> {
+    /// The message for the manager's state `version`, made by the first stream to ask.
+    fn current(&self, manager: &Manager, version: u64, make: Make<T>) -> Made<T> {
+        let now = now_secs();
+        let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = made.as_ref()
+            && m.version == version
+            && now < m.until
+        {
+            return m.clone();
+        }
+        let view = manager.view(&self.selectors);
+        let until = view
+            .identities
+            .iter()
+            .map(|i| i.svid.not_after)
+            .min()
+            .unwrap_or(u64::MAX);
+        let msg = match make(&view) {
+            Ok(Some(m)) => {
+                // The same content keeps the same pointer: streams compare pointers only.
+                match made.as_ref().map(|p| &p.msg) {
+                    Some(Ok(Some(prev))) if **prev == m => Ok(Some(prev.clone())),
+                    _ => Ok(Some(Arc::new(m))),
+                }
+            }
+            Ok(None) => Ok(None),
+            Err(s) => Err(s),
+        };
+        let m = Made {
+            version,
+            until,
+            msg,
+        };
+        *made = Some(m.clone());
+        m
+    }
+}
+
+/// One stream's state: its slot, the manager's change signal, and what it sent last.
+struct Watcher<T> {
+    slot: Arc<Slot<T>>,
+    manager: Arc<Manager>,
+    make: Make<T>,
+    changes: tokio::sync::watch::Receiver<u64>,
+    last: Option<Arc<T>>,
+    ended: bool,
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -194,6 +319,34 @@ impl WorkloadApi {
         WorkloadApi {
             manager,
             attestor: Arc::new(attestor),
+            x509: Fanout::new(|v| {
+                if v.matched == 0 {
+                    return Err(no_identity());
+                }
+                let now = now_secs();
+                let mut v = v.clone();
+                v.identities.retain(|i| i.svid.not_after > now);
+                if v.identities.is_empty() {
+                    // Entries match but SVIDs are not minted yet (or all expired): wait.
+                    return Ok(None);
+                }
+                Ok(Some(x509_response(&v)))
+            }),
+            x509_bundles: Fanout::new(|v| {
+                if v.matched == 0 {
+                    return Err(no_identity());
+                }
+                Ok(v.bundle.as_ref().map(|_| x509_bundles_response(v)))
+            }),
+            jwt_bundles: Fanout::new(|v| {
+                if v.matched == 0 {
+                    return Err(no_identity());
+                }
+                match &v.bundle {
+                    None => Ok(None),
+                    Some(_) => jwt_bundles_response(v).map(Some),
+                }
+            }),
         }
     }
 
@@ -233,51 +386,56 @@ impl WorkloadApi {
         Ok(selectors)
     }
 
-    /// A stream that sends `make(view)` at once and again whenever it changes. `make` returns
-    /// `Ok(None)` while there is nothing to send yet, and an error to end the stream.
-    fn watch<T, F>(&self, selectors: Vec<types::Selector>, make: F) -> BoxStream<T>
+    /// A stream that sends its fan-out's message for `selectors` at once and again whenever
+    /// it changes (an SVID's expiry is a change). No task and no buffer of its own: it waits
+    /// on the manager's change signal and sends the shared message.
+    fn watch<T>(
+        fan: &Fanout<T>,
+        manager: &Arc<Manager>,
+        selectors: Vec<types::Selector>,
+    ) -> BoxStream<T>
     where
-        T: PartialEq + Clone + Send + 'static,
-        F: Fn(&WorkloadView) -> Result<Option<T>, Status> + Send + 'static,
+        T: PartialEq + Clone + Send + Sync + 'static,
     {
-        let manager = self.manager.clone();
-        let mut rx = manager.subscribe();
-        let (tx, out) = tokio::sync::mpsc::channel::<Result<T, Status>>(4);
-        tokio::spawn(async move {
-            let mut last: Option<T> = None;
-            // Expiry is an event too: re-check when the earliest SVID expires.
+        let w = Watcher {
+            slot: fan.slot(selectors),
+            manager: manager.clone(),
+            make: fan.make,
+            changes: manager.subscribe(),
+            last: None,
+            ended: false,
+        };
+        Box::pin(futures::stream::unfold(w, |mut w| async move {
+            if w.ended {
+                return None;
+            }
             loop {
-                let view = manager.view(&selectors);
-                match make(&view) {
+                let version = *w.changes.borrow_and_update();
+                let made = w.slot.current(&w.manager, version, w.make);
+                match made.msg {
+                    Err(s) => {
+                        w.ended = true;
+                        return Some((Err(s), w));
+                    }
                     Ok(Some(m)) => {
-                        if last.as_ref() != Some(&m) {
-                            if tx.send(Ok(m.clone())).await.is_err() {
-                                return;
-                            }
-                            last = Some(m);
+                        if !w.last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &m)) {
+                            let out = (*m).clone();
+                            w.last = Some(m);
+                            return Some((Ok(out), w));
                         }
                     }
                     Ok(None) => {}
-                    Err(s) => {
-                        let _ = tx.send(Err(s)).await;
-                        return;
-                    }
                 }
-                let next_expiry = view
-                    .identities
-                    .iter()
-                    .map(|i| i.svid.not_after)
-                    .min()
-                    .map(|t| t.saturating_sub(now_secs()) + 1)
-                    .unwrap_or(3600);
+                let wait = match made.until {
+                    u64::MAX => 3600,
+                    t => t.saturating_sub(now_secs()).max(1),
+                };
                 tokio::select! {
-                    r = rx.changed() => if r.is_err() { return },
-                    _ = tx.closed() => return,
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(next_expiry)) => {}
+                    r = w.changes.changed() => if r.is_err() { return None },
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(wait)) => {}
                 }
             }
-        });
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(out))
+        }))
     }
 }
 
@@ -298,19 +456,11 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         req: Request<wl::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let selectors = self.entitled(&req).await?;
-        Ok(Response::new(self.watch(selectors, |v| {
-            if v.matched == 0 {
-                return Err(no_identity());
-            }
-            let now = now_secs();
-            let mut v = v.clone();
-            v.identities.retain(|i| i.svid.not_after > now);
-            if v.identities.is_empty() {
-                // Entries match but SVIDs are not minted yet (or all expired): wait.
-                return Ok(None);
-            }
-            Ok(Some(x509_response(&v)))
-        })))
+        Ok(Response::new(Self::watch(
+            &self.x509,
+            &self.manager,
+            selectors,
+        )))
     }
 
     async fn fetch_x509_bundles(
@@ -318,12 +468,11 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         req: Request<wl::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let selectors = self.entitled(&req).await?;
-        Ok(Response::new(self.watch(selectors, |v| {
-            if v.matched == 0 {
-                return Err(no_identity());
-            }
-            Ok(v.bundle.as_ref().map(|_| x509_bundles_response(v)))
-        })))
+        Ok(Response::new(Self::watch(
+            &self.x509_bundles,
+            &self.manager,
+            selectors,
+        )))
     }
 
     async fn fetch_jwtsvid(
@@ -365,15 +514,11 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
         req: Request<wl::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let selectors = self.entitled(&req).await?;
-        Ok(Response::new(self.watch(selectors, |v| {
-            if v.matched == 0 {
-                return Err(no_identity());
-            }
-            match &v.bundle {
-                None => Ok(None),
-                Some(_) => jwt_bundles_response(v).map(Some),
-            }
-        })))
+        Ok(Response::new(Self::watch(
+            &self.jwt_bundles,
+            &self.manager,
+            selectors,
+        )))
     }
 
     async fn validate_jwtsvid(

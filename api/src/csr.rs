@@ -3,7 +3,7 @@
 //! caller decides which names to honour (for SVIDs the SPIFFE ID comes from the entry). No I/O.
 
 use crate::Error;
-use crate::keys::{KeyInfo, verify_x509_signature};
+use crate::keys::{KeyInfo, check_x509_signature};
 use const_oid::db::rfc5912::ID_EXTENSION_REQ;
 use der::{Decode, Encode};
 use x509_cert::ext::pkix::SubjectAltName;
@@ -23,6 +23,40 @@ pub struct Csr {
     pub dns_names: Vec<String>,
 }
 
+/// Slices of a CSR's DER: the CertificationRequestInfo (the signed bytes), its subject Name
+/// and its SubjectPublicKeyInfo.
+struct RawParts<'a> {
+    info: &'a [u8],
+    subject: &'a [u8],
+    spki: &'a [u8],
+}
+
+impl<'a> RawParts<'a> {
+    fn of(der: &'a [u8]) -> der::Result<Self> {
+        use der::Reader as _;
+        let mut r = der::SliceReader::new(der)?;
+        r.sequence(|outer: &mut der::SliceReader<'a>| -> der::Result<_> {
+            let info = outer.tlv_bytes()?;
+            let mut ir = der::SliceReader::new(info)?;
+            let (subject, spki) =
+                ir.sequence(|i: &mut der::SliceReader<'a>| -> der::Result<_> {
+                    let _version = i.tlv_bytes()?;
+                    let subject = i.tlv_bytes()?;
+                    let spki = i.tlv_bytes()?;
+                    let _attributes = i.read_slice(i.remaining_len())?;
+                    Ok((subject, spki))
+                })?;
+            let _algorithm = outer.tlv_bytes()?;
+            let _signature = outer.tlv_bytes()?;
+            Ok(RawParts {
+                info,
+                subject,
+                spki,
+            })
+        })
+    }
+}
+
 /// Parses a DER CSR and verifies its signature with its own key.
 pub fn parse(der: &[u8]) -> Result<Csr, Error> {
     if der.is_empty() {
@@ -37,12 +71,9 @@ pub fn parse(der: &[u8]) -> Result<Csr, Error> {
         what: "bad CSR: malformed CSR",
         source,
     })?;
-    let spki_der = req.info.public_key.to_der().map_err(|source| Error::Der {
-        what: "bad CSR",
-        source,
-    })?;
-    let key = KeyInfo::from_spki_der(&spki_der).map_err(|e| Error::CsrKey(Box::new(e)))?;
-    let info_der = req.info.to_der().map_err(|source| Error::Der {
+    // The signed bytes, the subject and the key exactly as sent (the structure was checked
+    // by the decoding above): nothing is encoded again.
+    let raw = RawParts::of(der).map_err(|source| Error::Der {
         what: "bad CSR",
         source,
     })?;
@@ -50,14 +81,20 @@ pub fn parse(der: &[u8]) -> Result<Csr, Error> {
         .signature
         .as_bytes()
         .ok_or_else(|| Error::BadCsr("signature is not octet-aligned".into()))?;
-    verify_x509_signature(
-        &spki_der,
+    // The key is parsed once, for its own checks and the signature's.
+    let key = check_x509_signature(
+        raw.spki,
         &req.algorithm.oid,
         req.algorithm.parameters.as_ref().map(|p| p.into()),
-        &info_der,
+        raw.info,
         sig,
     )
-    .map_err(|e| Error::CsrSignature(Box::new(e)))?;
+    .map_err(|e| match e {
+        Error::BadSignature | Error::UnsupportedSignatureAlgorithm(_) => {
+            Error::CsrSignature(Box::new(e))
+        }
+        other => Error::CsrKey(Box::new(other)),
+    })?;
     let mut uris = vec![];
     let mut dns_names = vec![];
     for attr in req.info.attributes.iter() {
@@ -90,13 +127,9 @@ pub fn parse(der: &[u8]) -> Result<Csr, Error> {
             }
         }
     }
-    let subject_der = req.info.subject.to_der().map_err(|source| Error::Der {
-        what: "bad CSR",
-        source,
-    })?;
     Ok(Csr {
-        subject_der,
-        spki_der,
+        subject_der: raw.subject.to_vec(),
+        spki_der: raw.spki.to_vec(),
         key,
         uris,
         dns_names,

@@ -38,8 +38,25 @@ pub enum KeyInfo {
 }
 
 impl KeyInfo {
-    /// Parses a DER SubjectPublicKeyInfo.
+    /// Parses a DER SubjectPublicKeyInfo (an EC point is checked to be on its curve).
     pub fn from_spki_der(der: &[u8]) -> Result<Self, Error> {
+        let info = Self::describe(der)?;
+        if let KeyInfo::EcP256(_) | KeyInfo::EcP384(_) = info {
+            // aws-lc checks the point is on the curve.
+            let alg: &dyn VerificationAlgorithm = match info {
+                KeyInfo::EcP256(_) => &signature::ECDSA_P256_SHA256_ASN1,
+                _ => &signature::ECDSA_P384_SHA384_ASN1,
+            };
+            UnparsedPublicKey::new(alg, der)
+                .parse()
+                .map_err(|_| Error::BadPublicKey("EC point is not on the curve".into()))?;
+        }
+        Ok(info)
+    }
+
+    /// The key's type and public numbers from its SubjectPublicKeyInfo, every structural
+    /// check made but the point-on-curve one (left to whoever parses the key for use).
+    fn describe(der: &[u8]) -> Result<Self, Error> {
         let spki = SubjectPublicKeyInfoRef::from_der(der).map_err(|source| Error::Der {
             what: "bad public key: not a SubjectPublicKeyInfo",
             source,
@@ -65,14 +82,6 @@ impl KeyInfo {
             if bits.len() != len || bits[0] != 4 {
                 return Err(Error::BadPublicKey("EC point is not uncompressed".into()));
             }
-            // aws-lc checks the point is on the curve.
-            let alg: &dyn VerificationAlgorithm = match info {
-                KeyInfo::EcP256(_) => &signature::ECDSA_P256_SHA256_ASN1,
-                _ => &signature::ECDSA_P384_SHA384_ASN1,
-            };
-            UnparsedPublicKey::new(alg, der)
-                .parse()
-                .map_err(|_| Error::BadPublicKey("EC point is not on the curve".into()))?;
             Ok(info)
         } else if spki.algorithm.oid == OID_RSA_ENCRYPTION {
             let mut r =
@@ -282,7 +291,19 @@ pub fn verify_x509_signature(
     message: &[u8],
     sig: &[u8],
 ) -> Result<(), Error> {
-    let key = KeyInfo::from_spki_der(spki_der)?;
+    check_x509_signature(spki_der, alg, params, message, sig).map(|_| ())
+}
+
+/// As [`verify_x509_signature`], returning the key: it is parsed once, for its checks (an EC
+/// point on its curve) and the signature's.
+pub fn check_x509_signature(
+    spki_der: &[u8],
+    alg: &ObjectIdentifier,
+    params: Option<AnyRef<'_>>,
+    message: &[u8],
+    sig: &[u8],
+) -> Result<KeyInfo, Error> {
+    let key = KeyInfo::describe(spki_der)?;
     let null_ok = params.is_none_or(|p| p.is_null());
     let va: &dyn VerificationAlgorithm = match (&key, *alg) {
         (KeyInfo::EcP256(_), OID_ECDSA_SHA256) => &signature::ECDSA_P256_SHA256_ASN1,
@@ -294,9 +315,16 @@ pub fn verify_x509_signature(
         (KeyInfo::Rsa { .. }, OID_RSA_SHA512) if null_ok => &signature::RSA_PKCS1_2048_8192_SHA512,
         _ => return Err(Error::UnsupportedSignatureAlgorithm(alg.to_string())),
     };
-    UnparsedPublicKey::new(va, spki_der)
-        .verify(message, sig)
-        .map_err(|_| Error::BadSignature)
+    let parsed = UnparsedPublicKey::new(va, spki_der)
+        .parse()
+        .map_err(|_| match key {
+            KeyInfo::Rsa { .. } => Error::BadPublicKey("bad RSA key".into()),
+            _ => Error::BadPublicKey("EC point is not on the curve".into()),
+        })?;
+    parsed
+        .verify_sig(message, sig)
+        .map_err(|_| Error::BadSignature)?;
+    Ok(key)
 }
 
 /// Converts an ASN.1 DER ECDSA signature to the fixed-width r||s form JWS uses.

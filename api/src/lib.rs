@@ -6,6 +6,7 @@
 pub mod bundle;
 #[cfg(feature = "client")]
 pub mod channel;
+pub mod codec;
 pub mod conf;
 pub mod csr;
 pub mod errors;
