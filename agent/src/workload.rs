@@ -179,10 +179,12 @@ impl<T: PartialEq> Slot<T> {
             return m.clone();
         }
         let view = manager.view(&self.selectors);
+        // The next SVID to expire changes the message; one already expired does not again.
         let until = view
             .identities
             .iter()
             .map(|i| i.svid.not_after)
+            .filter(|t| *t > now)
             .min()
             .unwrap_or(u64::MAX);
         let msg = match make(&view) {
