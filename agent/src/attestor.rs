@@ -136,6 +136,10 @@ fn name_for(file: &Path, id: u32) -> Option<String> {
     })
 }
 
+/// Workload attestations run at once, at most (each reads /proc and may hash the caller's
+/// binary on a blocking thread): more callers wait their turn.
+pub const CONCURRENT: usize = 8;
+
 /// Where the attestor looks: `/proc` and `/etc` normally; tests point it elsewhere.
 #[derive(Debug)]
 pub struct UnixAttestor {

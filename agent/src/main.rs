@@ -144,7 +144,7 @@ enum Output {
 #[derive(clap::Args)]
 struct SocketArgs {
     /// The Workload API socket, a path or unix:///path [default:
-    /// /tmp/spire-agent/public/api.sock, or $SPIRE_AGENT_PUBLIC_SOCKET, or
+    /// /tmp/kame-agent/public/api.sock, or $SPIRE_AGENT_PUBLIC_SOCKET, or
     /// $SPIFFE_ENDPOINT_SOCKET].
     #[arg(long)]
     socket_path: Option<String>,
@@ -375,9 +375,11 @@ async fn client(cmd: Cmd) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Threads for blocking work (workload attestation reads /proc): a burst of callers queues
+/// Threads for blocking work (TPM calls, key files, workload attestation): a burst queues
 /// for these instead of starting hundreds of threads, and idle ones end after a second.
-const BLOCKING_THREADS: usize = 8;
+/// Workload attestation has a smaller share of its own (`attestor::CONCURRENT`), so callers
+/// cannot hold every thread.
+const BLOCKING_THREADS: usize = 32;
 
 fn main() {
     let rt = match tokio::runtime::Builder::new_multi_thread()

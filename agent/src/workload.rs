@@ -89,6 +89,8 @@ impl AsyncWrite for WorkloadConn {
 pub struct WorkloadApi {
     manager: Arc<Manager>,
     attestor: Arc<UnixAttestor>,
+    /// Permits for attestations in progress ([`crate::attestor::CONCURRENT`]).
+    attesting: Arc<tokio::sync::Semaphore>,
     x509: Arc<Fanout<wl::X509svidResponse>>,
     x509_bundles: Arc<Fanout<wl::X509BundlesResponse>>,
     jwt_bundles: Arc<Fanout<wl::JwtBundlesResponse>>,
@@ -103,7 +105,7 @@ type Make<T> = fn(&WorkloadView) -> Result<Option<T>, Status>;
 /// not a copy, and thousands of watchers of one identity cost one message to make.
 pub(crate) struct Fanout<T> {
     make: Make<T>,
-    slots: std::sync::Mutex<HashMap<String, std::sync::Weak<Slot<T>>>>,
+    slots: std::sync::Mutex<HashMap<SelectorKey, std::sync::Weak<Slot<T>>>>,
 }
 
 impl<T> std::fmt::Debug for Fanout<T> {
@@ -111,6 +113,9 @@ impl<T> std::fmt::Debug for Fanout<T> {
         f.write_str("Fanout")
     }
 }
+
+/// A selector set as a map key: its (type, value) pairs, sorted.
+type SelectorKey = Vec<(String, String)>;
 
 /// What the streams of one selector set share.
 struct Slot<T> {
@@ -148,10 +153,9 @@ impl<T: PartialEq> Fanout<T> {
     fn slot(&self, selectors: Vec<types::Selector>) -> Arc<Slot<T>> {
         let mut key = selectors
             .iter()
-            .map(|s| format!("{}:{}", s.r#type, s.value))
+            .map(|s| (s.r#type.clone(), s.value.clone()))
             .collect::<Vec<_>>();
         key.sort();
-        let key = key.join("\n");
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = slots.get(&key).and_then(std::sync::Weak::upgrade) {
             return s;
@@ -321,6 +325,7 @@ impl WorkloadApi {
         WorkloadApi {
             manager,
             attestor: Arc::new(attestor),
+            attesting: Arc::new(tokio::sync::Semaphore::new(crate::attestor::CONCURRENT)),
             x509: Fanout::new(|v| {
                 if v.matched == 0 {
                     return Err(no_identity());
@@ -368,6 +373,11 @@ impl WorkloadApi {
             .and_then(|c| c.peer)
             .ok_or_else(|| Status::permission_denied("caller credentials are not available"))?;
         let attestor = self.attestor.clone();
+        let _turn = self
+            .attesting
+            .acquire()
+            .await
+            .map_err(|_| Status::unavailable("the agent is stopping"))?;
         let r = tokio::task::spawn_blocking(move || attestor.attest(&peer))
             .await
             .map_err(|e| Status::internal(format!("attestation task failed: {e}")))?;

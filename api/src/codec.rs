@@ -1,7 +1,7 @@
 //! The protobuf codec of the Workload API (its generated client and server use it through
 //! `codec_path`): tonic's prost codec gives every call an 8 KiB encode buffer up front, which
 //! each of thousands of long-lived watcher streams keeps for its whole life; this one starts
-//! empty and reserves exactly what each message needs, so a stream holds no more than the
+//! at 64 bytes and reserves exactly what each message needs, so a stream holds no more than the
 //! message it last sent. The wire format is protobuf's, unchanged. No I/O.
 
 use prost::Message;
@@ -11,6 +11,9 @@ use tonic::codec::{BufferSettings, Codec, EncodeBuf, Encoder};
 
 /// Bytes a response stream gathers before handing them to HTTP/2 (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
+
+/// Initial encode buffer: the message's own size is reserved when it is encoded.
+const ENCODE_BUFFER: usize = 64;
 
 /// Initial decode buffer: Workload API requests are a few hundred bytes at most.
 const DECODE_BUFFER: usize = 1024;
@@ -62,6 +65,7 @@ impl<T: Message> Encoder for LeanEncoder<T> {
     }
 
     fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(0, YIELD_THRESHOLD)
+        // Not zero: tonic grows compression buffers in steps of this size.
+        BufferSettings::new(ENCODE_BUFFER, YIELD_THRESHOLD)
     }
 }

@@ -55,6 +55,8 @@ impl Manager {
             }
         }
         if changed {
+            // Watchers see the new bundle now, even if what follows fails.
+            self.bump();
             self.storage.save_bundle(&bundle)?;
         }
         let entries = entries?;

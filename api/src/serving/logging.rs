@@ -119,14 +119,17 @@ pub fn init(s: Settings<'_>) -> Result<&'static LogControl, LoggingError> {
         always,
         quiet,
     };
-    if CONTROL.set(control).is_err() {
-        return Err(LoggingError::AlreadyInstalled);
-    }
     tracing_subscriber::registry()
         .with(filter_layer)
         .with(fmt)
         .try_init()
         .map_err(|_| LoggingError::AlreadyInstalled)?;
+    // Libraries that log through the `log` crate are filtered by the reloadable filter too,
+    // not capped at the launch level.
+    log::set_max_level(log::LevelFilter::Trace);
+    if CONTROL.set(control).is_err() {
+        return Err(LoggingError::AlreadyInstalled);
+    }
     CONTROL.get().ok_or(LoggingError::AlreadyInstalled)
 }
 

@@ -88,7 +88,7 @@ impl Common {
 /// `$SPIRE_SERVER_PRIVATE_SOCKET_TEMPLATE`, or `$SPIRE_SERVER_PRIVATE_SOCKET`, or the default.
 #[derive(Debug, Clone, Args)]
 pub struct SocketArgs {
-    /// Path to the server's admin API socket [default: /tmp/spire-server/private/api.sock,
+    /// Path to the server's admin API socket [default: /tmp/kame-server/private/api.sock,
     /// or $SPIRE_SERVER_PRIVATE_SOCKET].
     #[arg(long)]
     pub socket_path: Option<PathBuf>,
