@@ -944,21 +944,13 @@ fn operator_run_flags_logger_commands_audit_log_and_instance_socket() {
     );
 
     // -instance: the socket from SPIRE's template variable; without it, the variable named.
-    let o = Command::new(server_bin())
-        .args(["healthcheck", "-instance", "a"])
-        .env(
-            "SPIRE_SERVER_PRIVATE_SOCKET_TEMPLATE",
-            d.join("inst-%i/api.sock"),
-        )
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new(server_bin())
-        .args(["healthcheck"])
-        .env("SPIRE_SERVER_PRIVATE_SOCKET", &socket)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    healthcheck_finds_socket_as_spire_does(
+        Path::new(server_bin()),
+        "SPIRE_SERVER_PRIVATE_SOCKET",
+        &d.join("inst-%i/api.sock"),
+        "a",
+        &socket,
+    );
     let o = Command::new(server_bin())
         .args(["healthcheck", "-instance", "a"])
         .env_remove("SPIRE_SERVER_PRIVATE_SOCKET_TEMPLATE")
@@ -1166,18 +1158,33 @@ fn operator_agent_run_flags_and_api_output_as_spire_prints_it() {
     assert!(!ok && err.contains("SVID is not valid"), "{err}");
 
     // -instance, and SPIRE's socket variable.
-    let o = Command::new(agent_bin())
-        .args(["healthcheck", "-instance", "w"])
-        .env(
-            "SPIRE_AGENT_PUBLIC_SOCKET_TEMPLATE",
-            a.join("inst-%i/api.sock"),
-        )
+    healthcheck_finds_socket_as_spire_does(
+        &agent_bin(),
+        "SPIRE_AGENT_PUBLIC_SOCKET",
+        &a.join("inst-%i/api.sock"),
+        "w",
+        &wl,
+    );
+}
+
+/// `bin healthcheck` finds `socket` through SPIRE's variables: `-instance` in `<var>_TEMPLATE`
+/// (`template` holds `%i`), and `<var>` itself.
+fn healthcheck_finds_socket_as_spire_does(
+    bin: &Path,
+    var: &str,
+    template: &Path,
+    instance: &str,
+    socket: &Path,
+) {
+    let o = Command::new(bin)
+        .args(["healthcheck", "-instance", instance])
+        .env(format!("{var}_TEMPLATE"), template)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = Command::new(agent_bin())
+    let o = Command::new(bin)
         .args(["healthcheck"])
-        .env("SPIRE_AGENT_PUBLIC_SOCKET", &wl)
+        .env(var, socket)
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
