@@ -8,6 +8,10 @@ use kame_agent::cli;
 use kame_agent::config::{Config, DEFAULT_SOCKET_PATH};
 use std::path::PathBuf;
 
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "kame-agent",

@@ -9,7 +9,6 @@ use crate::config::{Config, KeyManagerConfig, NodeAttestorConfig};
 use crate::manager::{Manager, ManagerConfig, ManagerError};
 use crate::storage::Storage;
 use crate::workload::{WorkloadApi, WorkloadConn};
-use kame_api::pb::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -146,7 +145,7 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
     let mut srx = rx.clone();
     tasks.push(tokio::spawn(async move {
         let r = tonic::transport::Server::builder()
-            .add_service(SpiffeWorkloadApiServer::new(api))
+            .add_service(api.into_service())
             .add_service(
                 envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryServiceServer::new(sds),
             )

@@ -3,19 +3,25 @@
 //! (InvalidArgument otherwise); the caller is identified from the socket's SO_PEERCRED by the
 //! unix workload attestor, and gets only what its entries entitle it to (PermissionDenied when
 //! none match). Streams send the full state, the first message at once, then a message at every
-//! change. It never talks to the server itself: the manager does.
+//! change. The three watch streams (FetchX509SVID, FetchX509Bundles, FetchJWTBundles) are
+//! served by [`WorkloadService`] itself, so that every stream sends the one encoded frame its
+//! selector set shares; the other methods by the generated server. It never talks to the
+//! server itself: the manager does.
 
 use crate::attestor::{Peer, UnixAttestor};
 use crate::manager::{Manager, WorkloadView, entry_spiffe_id, now_secs};
+use bytes::Bytes;
 use futures::Stream;
 use kame_api::pb::types;
 use kame_api::pb::workload as wl;
+use kame_api::pb::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::UnixStream;
+use tonic::server::NamedService;
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
 
@@ -100,12 +106,13 @@ pub struct WorkloadApi {
 /// there is nothing to send yet, an error to end the stream.
 type Make<T> = fn(&WorkloadView) -> Result<Option<T>, Status>;
 
-/// The messages of one stream kind, made once per change of the agent's state for every
-/// stream whose caller has the same selectors: streams keep a pointer to the shared message,
-/// not a copy, and thousands of watchers of one identity cost one message to make.
+/// The messages of one stream kind, made and encoded once per change of the agent's state for
+/// every stream whose caller has the same selectors: streams hand HTTP/2 the shared encoded
+/// frame (a reference-counted pointer), not a copy, and thousands of watchers of one identity
+/// cost one message to make and encode.
 pub(crate) struct Fanout<T> {
     make: Make<T>,
-    slots: std::sync::Mutex<HashMap<SelectorKey, std::sync::Weak<Slot<T>>>>,
+    slots: std::sync::Mutex<HashMap<SelectorKey, std::sync::Weak<Slot>>>,
 }
 
 impl<T> std::fmt::Debug for Fanout<T> {
@@ -118,30 +125,22 @@ impl<T> std::fmt::Debug for Fanout<T> {
 type SelectorKey = Vec<(String, String)>;
 
 /// What the streams of one selector set share.
-struct Slot<T> {
+struct Slot {
     selectors: Vec<types::Selector>,
-    made: std::sync::Mutex<Option<Made<T>>>,
+    made: std::sync::Mutex<Option<Made>>,
 }
 
-struct Made<T> {
+#[derive(Clone)]
+struct Made {
     /// The manager's state version it was made from.
     version: u64,
     /// Made again from this second on (the earliest expiry of the SVIDs it was made from).
     until: u64,
-    msg: Result<Option<Arc<T>>, Status>,
+    /// The message as one gRPC frame (flag, length, protobuf).
+    msg: Result<Option<Bytes>, Status>,
 }
 
-impl<T> Clone for Made<T> {
-    fn clone(&self) -> Self {
-        Made {
-            version: self.version,
-            until: self.until,
-            msg: self.msg.clone(),
-        }
-    }
-}
-
-impl<T: PartialEq> Fanout<T> {
+impl<T> Fanout<T> {
     fn new(make: Make<T>) -> Arc<Self> {
         Arc::new(Fanout {
             make,
@@ -150,7 +149,7 @@ impl<T: PartialEq> Fanout<T> {
     }
 
     /// The slot of `selectors`, shared with every live stream that has the same ones.
-    fn slot(&self, selectors: Vec<types::Selector>) -> Arc<Slot<T>> {
+    fn slot(&self, selectors: Vec<types::Selector>) -> Arc<Slot> {
         let mut key = selectors
             .iter()
             .map(|s| (s.r#type.clone(), s.value.clone()))
@@ -171,9 +170,23 @@ impl<T: PartialEq> Fanout<T> {
     }
 }
 
-impl<T: PartialEq> Slot<T> {
-    /// The message for the manager's state `version`, made by the first stream to ask.
-    fn current(&self, manager: &Manager, version: u64, make: Make<T>) -> Made<T> {
+/// `m` as one uncompressed gRPC message frame: a zero flag byte, its length (4 bytes, big
+/// endian), then its protobuf encoding.
+fn grpc_frame<T: prost::Message>(m: &T) -> Result<Bytes, Status> {
+    let len = m.encoded_len();
+    let prefix = u32::try_from(len)
+        .map_err(|_| Status::internal(format!("a {len}-byte message does not fit a gRPC frame")))?;
+    let mut buf = Vec::with_capacity(5 + len);
+    buf.push(0);
+    buf.extend_from_slice(&prefix.to_be_bytes());
+    m.encode(&mut buf)
+        .map_err(|e| Status::internal(format!("cannot encode the message: {e}")))?;
+    Ok(Bytes::from(buf))
+}
+
+impl Slot {
+    /// The frame for the manager's state `version`, made by the first stream to ask.
+    fn current<T: prost::Message>(&self, manager: &Manager, version: u64, make: Make<T>) -> Made {
         let now = now_secs();
         let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = made.as_ref()
@@ -191,16 +204,15 @@ impl<T: PartialEq> Slot<T> {
             .filter(|t| *t > now)
             .min()
             .unwrap_or(u64::MAX);
-        let msg = match make(&view) {
-            Ok(Some(m)) => {
-                // The same content keeps the same pointer: streams compare pointers only.
+        let msg = match make(&view).and_then(|m| m.as_ref().map(grpc_frame).transpose()) {
+            Ok(Some(frame)) => {
+                // The same content keeps the same frame: streams compare pointers only.
                 match made.as_ref().map(|p| &p.msg) {
-                    Some(Ok(Some(prev))) if **prev == m => Ok(Some(prev.clone())),
-                    _ => Ok(Some(Arc::new(m))),
+                    Some(Ok(Some(prev))) if *prev == frame => Ok(Some(prev.clone())),
+                    _ => Ok(Some(frame)),
                 }
             }
-            Ok(None) => Ok(None),
-            Err(s) => Err(s),
+            other => other,
         };
         let m = Made {
             version,
@@ -212,14 +224,157 @@ impl<T: PartialEq> Slot<T> {
     }
 }
 
-/// One stream's state: its slot, the manager's change signal, and what it sent last.
+/// One stream's state: its slot, the manager's change signal, and the frame it sent last
+/// (held, so that its address cannot be reused by a later frame).
 struct Watcher<T> {
-    slot: Arc<Slot<T>>,
+    slot: Arc<Slot>,
     manager: Arc<Manager>,
     make: Make<T>,
     changes: tokio::sync::watch::Receiver<u64>,
-    last: Option<Arc<T>>,
+    last: Option<Bytes>,
     ended: bool,
+}
+
+/// A watch stream's frames; an error ends it.
+type FrameStream = Pin<Box<dyn Stream<Item = Result<Bytes, Status>> + Send + 'static>>;
+
+/// A gRPC response body of a stream's frames, ended by the status trailers: what tonic's
+/// encoder would send, without a per-stream encode buffer (each frame is the shared one).
+struct FrameBody {
+    frames: Option<FrameStream>,
+}
+
+impl http_body::Body for FrameBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Status>>> {
+        let Some(frames) = self.frames.as_mut() else {
+            return Poll::Ready(None);
+        };
+        let end = match frames.as_mut().poll_next(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                return Poll::Ready(Some(Ok(http_body::Frame::data(frame))));
+            }
+            Poll::Ready(Some(Err(status))) => status,
+            Poll::Ready(None) => Status::ok(""),
+        };
+        self.frames = None;
+        let mut trailers = http::HeaderMap::new();
+        Poll::Ready(Some(
+            end.add_header(&mut trailers)
+                .map(|()| http_body::Frame::trailers(trailers)),
+        ))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.frames.is_none()
+    }
+}
+
+/// The largest request message a watch stream reads (its requests are empty).
+const MAX_WATCH_REQUEST: usize = 16 * 1024;
+
+const FETCH_X509_SVID: &str = "/SpiffeWorkloadAPI/FetchX509SVID";
+const FETCH_X509_BUNDLES: &str = "/SpiffeWorkloadAPI/FetchX509Bundles";
+const FETCH_JWT_BUNDLES: &str = "/SpiffeWorkloadAPI/FetchJWTBundles";
+
+type ServiceFuture = Pin<
+    Box<
+        dyn std::future::Future<
+                Output = Result<http::Response<tonic::body::Body>, std::convert::Infallible>,
+            > + Send,
+    >,
+>;
+
+/// The caller's credentials, taken by [`WorkloadConn`] when the connection was accepted.
+fn peer_of(ext: &http::Extensions) -> Result<Peer, Status> {
+    ext.get::<ConnInfo>()
+        .and_then(|c| c.peer)
+        .ok_or_else(|| Status::permission_denied("caller credentials are not available"))
+}
+
+/// What a watch call's headers decide: the security header, no request compression, and the
+/// caller's credentials.
+fn watch_call_checks(req: &http::Request<tonic::body::Body>) -> Result<Peer, Status> {
+    match req.headers().get("workload.spiffe.io") {
+        Some(v) if v.as_bytes() == b"true" => {}
+        _ => {
+            return Err(Status::invalid_argument(
+                "security header missing from request",
+            ));
+        }
+    }
+    if let Some(enc) = req.headers().get("grpc-encoding")
+        && enc.as_bytes() != b"identity"
+    {
+        return Err(Status::unimplemented(format!(
+            "request compression {} is not supported",
+            String::from_utf8_lossy(enc.as_bytes())
+        )));
+    }
+    peer_of(req.extensions())
+}
+
+/// Reads a server-streaming call's one request message (at most [`MAX_WATCH_REQUEST`] bytes)
+/// and its end.
+async fn read_request<Req>(body: tonic::body::Body) -> Result<Req, Status>
+where
+    Req: prost::Message + Default + Send + 'static,
+{
+    use tonic::codec::Codec;
+    let mut messages = tonic::codec::Streaming::new_request(
+        kame_api::codec::LeanCodec::<Req, Req>::default().decoder(),
+        body,
+        None,
+        Some(MAX_WATCH_REQUEST),
+    );
+    let message = messages
+        .message()
+        .await?
+        .ok_or_else(|| Status::invalid_argument("the request has no message"))?;
+    messages.trailers().await?;
+    Ok(message)
+}
+
+/// The Workload API as served: the three watch streams ([`WorkloadApi::serve_watch`]) here,
+/// every other method by the generated server.
+#[derive(Debug, Clone)]
+pub struct WorkloadService {
+    api: WorkloadApi,
+    generated: SpiffeWorkloadApiServer<WorkloadApi>,
+}
+
+impl NamedService for WorkloadService {
+    const NAME: &'static str = <SpiffeWorkloadApiServer<WorkloadApi> as NamedService>::NAME;
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for WorkloadService {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = ServiceFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        let api = self.api.clone();
+        match req.uri().path() {
+            FETCH_X509_SVID => api.serve_watch::<wl::X509svidRequest, _>(req, |a| &a.x509),
+            FETCH_X509_BUNDLES => {
+                api.serve_watch::<wl::X509BundlesRequest, _>(req, |a| &a.x509_bundles)
+            }
+            FETCH_JWT_BUNDLES => {
+                api.serve_watch::<wl::JwtBundlesRequest, _>(req, |a| &a.jwt_bundles)
+            }
+            _ => self.generated.call(req),
+        }
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -367,11 +522,12 @@ impl WorkloadApi {
         &self,
         req: &Request<T>,
     ) -> Result<Vec<types::Selector>, Status> {
-        let peer = req
-            .extensions()
-            .get::<ConnInfo>()
-            .and_then(|c| c.peer)
-            .ok_or_else(|| Status::permission_denied("caller credentials are not available"))?;
+        self.attest(peer_of(req.extensions())?).await
+    }
+
+    /// The selectors of `peer`: at most [`crate::attestor::CONCURRENT`] attestations run at
+    /// once, on the blocking pool.
+    async fn attest(&self, peer: Peer) -> Result<Vec<types::Selector>, Status> {
         let attestor = self.attestor.clone();
         let _turn = self
             .attesting
@@ -387,27 +543,60 @@ impl WorkloadApi {
         })
     }
 
-    /// The header check, the caller's selectors, and PermissionDenied when no entry matches:
-    /// how every streaming RPC starts.
-    async fn entitled<T>(&self, req: &Request<T>) -> Result<Vec<types::Selector>, Status> {
-        require_header(req)?;
-        let selectors = self.selectors(req).await?;
-        if self.manager.view(&selectors).matched == 0 {
-            return Err(no_identity());
-        }
-        Ok(selectors)
+    /// Everything [`WorkloadService`] serves itself. What the headers decide is checked before
+    /// anything is awaited, and only the caller's credentials and the request body are kept:
+    /// a burst of callers waiting for attestation holds little each. Then the request is read
+    /// as tonic reads a server-streaming request (one message, bounded), the caller attested,
+    /// and the stream's frames sent as the body; or a trailers-only error.
+    fn serve_watch<Req, T>(
+        self,
+        req: http::Request<tonic::body::Body>,
+        fan: fn(&WorkloadApi) -> &Fanout<T>,
+    ) -> ServiceFuture
+    where
+        Req: prost::Message + Default + Send + 'static,
+        T: prost::Message + 'static,
+    {
+        let peer = match watch_call_checks(&req) {
+            Ok(p) => p,
+            Err(status) => return Box::pin(std::future::ready(Ok(status.into_http()))),
+        };
+        let body = req.into_body();
+        Box::pin(async move {
+            let opened = async {
+                Box::pin(read_request::<Req>(body)).await?;
+                let selectors = self.attest(peer).await?;
+                if self.manager.view(&selectors).matched == 0 {
+                    return Err(no_identity());
+                }
+                Ok(Self::watch(fan(&self), &self.manager, selectors))
+            };
+            Ok(match opened.await {
+                Ok(frames) => {
+                    let mut res = http::Response::new(tonic::body::Body::new(FrameBody {
+                        frames: Some(frames),
+                    }));
+                    res.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        http::HeaderValue::from_static("application/grpc"),
+                    );
+                    res
+                }
+                Err(status) => status.into_http(),
+            })
+        })
     }
 
-    /// A stream that sends its fan-out's message for `selectors` at once and again whenever
-    /// it changes (an SVID's expiry is a change). No task and no buffer of its own: it waits
-    /// on the manager's change signal and sends the shared message.
+    /// A stream that yields its fan-out's frame for `selectors` at once and again whenever it
+    /// changes (an SVID's expiry is a change). No task and no buffer of its own: it waits on
+    /// the manager's change signal and yields the shared frame.
     fn watch<T>(
         fan: &Fanout<T>,
         manager: &Arc<Manager>,
         selectors: Vec<types::Selector>,
-    ) -> BoxStream<T>
+    ) -> FrameStream
     where
-        T: PartialEq + Clone + Send + Sync + 'static,
+        T: prost::Message + 'static,
     {
         let w = Watcher {
             slot: fan.slot(selectors),
@@ -430,10 +619,9 @@ impl WorkloadApi {
                         return Some((Err(s), w));
                     }
                     Ok(Some(m)) => {
-                        if !w.last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &m)) {
-                            let out = (*m).clone();
-                            w.last = Some(m);
-                            return Some((Ok(out), w));
+                        if w.last.as_ref().is_none_or(|l| l.as_ptr() != m.as_ptr()) {
+                            w.last = Some(m.clone());
+                            return Some((Ok(m), w));
                         }
                     }
                     Ok(None) => {}
@@ -449,6 +637,19 @@ impl WorkloadApi {
             }
         }))
     }
+
+    /// The Workload API service to mount.
+    pub fn into_service(self) -> WorkloadService {
+        WorkloadService {
+            generated: SpiffeWorkloadApiServer::new(self.clone()),
+            api: self,
+        }
+    }
+}
+
+/// What the generated server's watch methods answer: [`WorkloadService`] serves them.
+fn served_by_service() -> Status {
+    Status::internal("this method is served by the agent's WorkloadService")
 }
 
 fn no_identity() -> Status {
@@ -465,26 +666,16 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
 
     async fn fetch_x509svid(
         &self,
-        req: Request<wl::X509svidRequest>,
+        _req: Request<wl::X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let selectors = self.entitled(&req).await?;
-        Ok(Response::new(Self::watch(
-            &self.x509,
-            &self.manager,
-            selectors,
-        )))
+        Err(served_by_service())
     }
 
     async fn fetch_x509_bundles(
         &self,
-        req: Request<wl::X509BundlesRequest>,
+        _req: Request<wl::X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let selectors = self.entitled(&req).await?;
-        Ok(Response::new(Self::watch(
-            &self.x509_bundles,
-            &self.manager,
-            selectors,
-        )))
+        Err(served_by_service())
     }
 
     async fn fetch_jwtsvid(
@@ -523,14 +714,9 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
 
     async fn fetch_jwt_bundles(
         &self,
-        req: Request<wl::JwtBundlesRequest>,
+        _req: Request<wl::JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let selectors = self.entitled(&req).await?;
-        Ok(Response::new(Self::watch(
-            &self.jwt_bundles,
-            &self.manager,
-            selectors,
-        )))
+        Err(served_by_service())
     }
 
     async fn validate_jwtsvid(

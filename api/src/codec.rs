@@ -1,8 +1,9 @@
 //! The protobuf codec of the Workload API (its generated client and server use it through
-//! `codec_path`): tonic's prost codec gives every call an 8 KiB encode buffer up front, which
-//! each of thousands of long-lived watcher streams keeps for its whole life; this one starts
-//! at 64 bytes and reserves exactly what each message needs, so a stream holds no more than the
-//! message it last sent. The wire format is protobuf's, unchanged. No I/O.
+//! `codec_path`): tonic's prost codec gives every call an 8 KiB encode buffer up front; this
+//! one starts at 64 bytes and reserves exactly what each message needs. (The agent's watch
+//! streams, thousands of them long-lived, do not encode per stream at all: they send one
+//! shared frame per selector set, see the agent's `workload` module.) The wire format is
+//! protobuf's, unchanged. No I/O.
 
 use prost::Message;
 use std::marker::PhantomData;

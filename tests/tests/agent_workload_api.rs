@@ -887,3 +887,82 @@ async fn workload_api_exec_after_connect_is_refused() {
     let _ = child.kill().await;
     env.stop().await;
 }
+
+/// The watch streams are served without tonic's per-stream encoder; the request side must still
+/// behave as a gRPC server's: a request that says it is compressed is refused (Unimplemented),
+/// a request message over the bound is refused (OutOfRange) before the caller is attested, a
+/// request larger than an empty one but within the bound is read (unknown fields ignored), and
+/// a stream whose last entry is deleted ends with PermissionDenied in its trailers. The
+/// connection serves on after each refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_api_watch_streams_bound_the_request_and_end_with_status_trailers() {
+    let env = Env::start(Opts::default()).await;
+    let entry = env.register("/watched", &[&uid_selector()], |_| {}).await;
+    env.wait_for_svids(&["/watched"]).await;
+    let channel = kame_agent::cli::connect(&env.socket_url()).await.unwrap();
+    // Any message type encodes as a request: its fields are unknown to X509SVIDRequest.
+    async fn call(
+        channel: &tonic::transport::Channel,
+        method: &'static str,
+        audience: String,
+        encoding: Option<&'static str>,
+    ) -> Result<tonic::codec::Streaming<pb::workload::X509svidResponse>, tonic::Status> {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let mut req = kame_agent::cli::with_header(pb::workload::JwtsvidRequest {
+            audience: vec![audience],
+            spiffe_id: String::new(),
+        });
+        if let Some(e) = encoding {
+            req.metadata_mut()
+                .insert("grpc-encoding", e.parse().unwrap());
+        }
+        let codec = tonic_prost::ProstCodec::<
+            pb::workload::JwtsvidRequest,
+            pb::workload::X509svidResponse,
+        >::default();
+        grpc.server_streaming(
+            req,
+            tonic::codegen::http::uri::PathAndQuery::from_static(method),
+            codec,
+        )
+        .await
+        .map(|r| r.into_inner())
+    }
+    const X509: &str = "/SpiffeWorkloadAPI/FetchX509SVID";
+    let e = call(&channel, X509, "a".into(), Some("gzip"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    let e = call(&channel, X509, "a".repeat(64 * 1024), None)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    for method in [
+        "/SpiffeWorkloadAPI/FetchX509Bundles",
+        "/SpiffeWorkloadAPI/FetchJWTBundles",
+    ] {
+        let e = call(&channel, method, "a".repeat(64 * 1024), None)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::OutOfRange, "{method}: {e:?}");
+    }
+    let mut s = call(&channel, X509, "a".repeat(1000), None).await.unwrap();
+    let first = s.message().await.unwrap().unwrap();
+    assert_eq!(first.svids.len(), 1);
+    assert!(first.svids[0].spiffe_id.ends_with("/watched"));
+    env.delete_entry(&entry).await;
+    let end = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            match s.message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await
+    .expect("the stream ends once the entry is gone");
+    let e = end.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    env.stop().await;
+}
