@@ -45,6 +45,9 @@ pub struct Config {
     pub servers: Vec<(String, u16)>,
     pub socket_path: PathBuf,
     pub trust_bundle_path: PathBuf,
+    /// `transparency_log_keys` (ours): PEM files of transparency log public keys; with any,
+    /// the server's X509-SVID must carry a valid SCT from one of those logs.
+    pub transparency_log_keys: Vec<Vec<u8>>,
     pub trust_domain: TrustDomain,
     pub join_token: Option<kame_api::Secret>,
     pub log_level: kame_api::conf::Level,
@@ -171,6 +174,12 @@ impl Config {
         }
         let data_dir = PathBuf::from(agent.string("data_dir")?.unwrap_or_else(|| ".".into()));
         let trust_bundle_path = PathBuf::from(agent.required("trust_bundle_path")?);
+        let transparency_log_keys = agent
+            .strings("transparency_log_keys")?
+            .unwrap_or_default()
+            .iter()
+            .map(|p| log_key(std::path::Path::new(p)))
+            .collect::<Result<Vec<_>, _>>()?;
         let join_token = agent.string("join_token")?.filter(|t| !t.is_empty());
         // SPIRE's `join_token_file`: the token read from a file (kept out of the command line
         // and the configuration); one of the two at most.
@@ -279,6 +288,7 @@ impl Config {
             servers,
             socket_path,
             trust_bundle_path,
+            transparency_log_keys,
             trust_domain,
             join_token,
             log_level,
@@ -332,6 +342,33 @@ pub fn unix_workload_attestor(_: &Path, data: Section) -> Result<UnixAttestorCon
         discover_workload_path,
         workload_size_limit,
     })
+}
+
+/// A transparency log's public key from a PEM file (`PUBLIC KEY`), as SubjectPublicKeyInfo
+/// DER; only keys a log can have (P-256).
+fn log_key(path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
+    use base64::Engine;
+    let key = "agent.transparency_log_keys";
+    let text = kame_api::conf::read_file(path)?;
+    let body: String = text
+        .lines()
+        .skip_while(|l| l.trim() != "-----BEGIN PUBLIC KEY-----")
+        .skip(1)
+        .take_while(|l| l.trim() != "-----END PUBLIC KEY-----")
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .ok()
+        .filter(|d| !d.is_empty())
+        .ok_or_else(|| invalid(key, format!("{}: not a PEM PUBLIC KEY", path.display())))?;
+    match kame_api::keys::KeyInfo::from_spki_der(&der) {
+        Ok(kame_api::keys::KeyInfo::EcP256(_)) => Ok(der),
+        Ok(_) => Err(invalid(
+            key,
+            format!("{}: a transparency log key is P-256", path.display()),
+        )),
+        Err(e) => Err(invalid(key, format!("{}: {e}", path.display()))),
+    }
 }
 
 #[cfg(test)]
@@ -555,5 +592,54 @@ plugins {
         let c = Config::parse(&text, true).unwrap();
         assert_eq!(c.key_manager, KeyManagerConfig::Memory);
         assert_eq!(c.join_token, None);
+    }
+
+    /// `transparency_log_keys`: PEM P-256 public keys; anything else is refused naming the key
+    /// and the file.
+    #[test]
+    fn config_transparency_log_keys_are_p256_pem_public_keys() {
+        use aws_lc_rs::encoding::AsDer;
+        use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+        use base64::Engine;
+        let dir = tempfile::tempdir().unwrap();
+        let k = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
+        let der = k.public_key().as_der().unwrap().as_ref().to_vec();
+        let good = dir.path().join("log.pem");
+        std::fs::write(
+            &good,
+            format!(
+                "-----BEGIN PUBLIC KEY-----\n{}\n-----END PUBLIC KEY-----\n",
+                base64::engine::general_purpose::STANDARD.encode(&der)
+            ),
+        )
+        .unwrap();
+        let bad = dir.path().join("bad.pem");
+        std::fs::write(&bad, "not a key\n").unwrap();
+        let with = |p: &std::path::Path| {
+            GOOD.replace(
+                "trust_bundle_path = \"/etc/kame/bundle.pem\"",
+                &format!(
+                    "trust_bundle_path = \"/etc/kame/bundle.pem\"\n    transparency_log_keys = [\"{}\"]",
+                    p.display()
+                ),
+            )
+        };
+        let c = Config::parse(&with(&good), false).unwrap();
+        assert_eq!(c.transparency_log_keys, vec![der]);
+        assert!(
+            Config::parse(GOOD, false)
+                .unwrap()
+                .transparency_log_keys
+                .is_empty()
+        );
+        let e = Config::parse(&with(&bad), false).unwrap_err().to_string();
+        assert!(
+            e.contains("agent.transparency_log_keys") && e.contains("not a PEM PUBLIC KEY"),
+            "{e}"
+        );
+        let e = Config::parse(&with(&dir.path().join("none.pem")), false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("none.pem"), "{e}");
     }
 }

@@ -105,6 +105,7 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
             servers: cfg.servers.clone(),
             trust_bundle_path: cfg.trust_bundle_path.clone(),
             sync_interval: cfg.sync_interval,
+            transparency_log_keys: cfg.transparency_log_keys.clone(),
         },
         storage,
         attestor,

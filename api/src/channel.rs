@@ -86,12 +86,28 @@ pub async fn connect_any(
     roots: SharedRoots,
     client: Option<(Vec<Vec<u8>>, Vec<u8>)>,
 ) -> Result<Channel, ClientError> {
+    connect_any_requiring_sct(targets, server_id, roots, client, vec![]).await
+}
+
+/// As [`connect_any`]; with `log_keys` (transparency log public keys, SubjectPublicKeyInfo
+/// DER) not empty, the server's X509-SVID must also carry a valid SCT from one of them.
+pub async fn connect_any_requiring_sct(
+    targets: &[(String, u16)],
+    server_id: &SpiffeId,
+    roots: SharedRoots,
+    client: Option<(Vec<Vec<u8>>, Vec<u8>)>,
+    log_keys: Vec<Vec<u8>>,
+) -> Result<Channel, ClientError> {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    let verifier = Arc::new(crate::tls::SpiffeServerVerifier::new(
+    let mut verifier = crate::tls::SpiffeServerVerifier::new(
         Arc::new(move || roots.read().map(|r| r.clone()).unwrap_or_default()),
         server_id.clone(),
         provider.clone(),
-    ));
+    );
+    if !log_keys.is_empty() {
+        verifier = verifier.requiring_sct(Arc::new(move || log_keys.clone()));
+    }
+    let verifier = Arc::new(verifier);
     let b = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(ClientError::Tls)?

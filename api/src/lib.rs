@@ -9,6 +9,7 @@ pub mod channel;
 pub mod codec;
 pub mod conf;
 pub mod csr;
+pub mod ct;
 pub mod errors;
 mod gojson;
 pub mod jwtsvid;

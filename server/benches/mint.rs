@@ -7,7 +7,9 @@
 //! - `mint_x509_svid_from_csr`: as above plus parsing and verifying the CSR (what an RPC does).
 //!
 //! The ratios printed at the end: mint rate / raw sign rate, and mint-from-CSR rate /
-//! 1/(sign + verify), the physical limit of issuing from a CSR (goal >= 0.8 for both).
+//! 1/(sign + verify), the physical limit of issuing from a CSR (goal >= 0.8 for both). Then
+//! issuance with the transparency log off and on (SQLite), one at a time and 64 at once
+//! (`-- --transparency-only` runs just that).
 
 use criterion::{Criterion, criterion_group};
 use kame_keymanager::{KeyManager, SignOpts, memory::MemoryKeyManager};
@@ -53,6 +55,7 @@ fn fixture() -> Fixture {
                 jwt_issuer: None,
                 signing_mode: kame_server::ca::SigningMode::Direct,
                 upstream: None,
+                transparency: None,
             },
             km.clone() as Arc<dyn KeyManager>,
             ds,
@@ -170,7 +173,112 @@ criterion_group! {
     targets = bench
 }
 
+/// A CA on `rt` with a SQLite datastore in `dir` and, with `log`, the transparency log.
+fn ca_on(rt: &tokio::runtime::Runtime, dir: &std::path::Path, log: bool) -> Arc<Ca> {
+    rt.block_on(async {
+        let km = Arc::new(MemoryKeyManager::new()) as Arc<dyn KeyManager>;
+        let ds: Arc<dyn kame_server::datastore::DataStore> = Arc::new(
+            SqliteStore::open(dir.join("ds.sqlite3").to_str().unwrap())
+                .await
+                .unwrap(),
+        );
+        let transparency = if log {
+            Some(
+                kame_server::transparency::TransparencyLog::open(
+                    ds.clone(),
+                    km.clone(),
+                    kame_server::transparency::Settings::default(),
+                )
+                .await
+                .unwrap(),
+            )
+        } else {
+            None
+        };
+        Ca::start(
+            CaSettings {
+                trust_domain: kame_api::TrustDomain::parse("example.org").unwrap(),
+                server_id: "bench".into(),
+                ca_ttl: Duration::from_secs(86400),
+                ca_key_type: kame_keymanager::KeyType::EcP256,
+                jwt_key_type: kame_keymanager::KeyType::EcP256,
+                ca_subject_dn: "C=US, O=SPIFFE".into(),
+                jwt_issuer: None,
+                signing_mode: kame_server::ca::SigningMode::Direct,
+                upstream: None,
+                transparency,
+            },
+            km,
+            ds,
+        )
+        .await
+        .unwrap()
+    })
+}
+
+/// Issuance with the transparency log off and on, in one run: one mint at a time (each
+/// waits for its own append), and 64 at once on two worker threads (appends share
+/// transactions), as agents' BatchNewX509SVID calls arrive.
+fn transparency_ratio() {
+    use aws_lc_rs::encoding::AsDer;
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+    let wk = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
+    let spki = Arc::new(wk.public_key().as_der().unwrap().as_ref().to_vec());
+    let id = kame_api::SpiffeId::parse("spiffe://example.org/w").unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut rates = vec![];
+    for log in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca_on(&rt, dir.path(), log);
+        let one = 500;
+        let t = Instant::now();
+        for _ in 0..one {
+            rt.block_on(ca.sign_x509_svid(&spki, &id, &[], Duration::from_secs(3600)))
+                .unwrap();
+        }
+        let seq = one as f64 / t.elapsed().as_secs_f64();
+        let (tasks, each) = (64, 150);
+        let t = Instant::now();
+        rt.block_on(async {
+            let mut js = vec![];
+            for _ in 0..tasks {
+                let (ca, spki, id) = (ca.clone(), spki.clone(), id.clone());
+                js.push(tokio::spawn(async move {
+                    for _ in 0..each {
+                        ca.sign_x509_svid(&spki, &id, &[], Duration::from_secs(3600))
+                            .await
+                            .unwrap();
+                    }
+                }));
+            }
+            for j in js {
+                j.await.unwrap();
+            }
+        });
+        let conc = (tasks * each) as f64 / t.elapsed().as_secs_f64();
+        rates.push((seq, conc));
+    }
+    println!(
+        "transparency log: one at a time {:.0}/s off, {:.0}/s on ({:.3}); 64 at once {:.0}/s off, {:.0}/s on ({:.3})",
+        rates[0].0,
+        rates[1].0,
+        rates[1].0 / rates[0].0,
+        rates[0].1,
+        rates[1].1,
+        rates[1].1 / rates[0].1
+    );
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "--transparency-only") {
+        transparency_ratio();
+        return;
+    }
     benches();
+    transparency_ratio();
     Criterion::default().configure_from_args().final_summary();
 }

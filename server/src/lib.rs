@@ -20,4 +20,5 @@ pub mod ratelimit;
 pub mod run;
 pub mod service;
 pub mod tls;
+pub mod transparency;
 pub mod upstream;

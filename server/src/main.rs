@@ -143,6 +143,19 @@ enum Cmd {
   kame-server logger reset"
     )]
     Logger(cli::LoggerCmd),
+    /// The issuance transparency log, through its RFC 6962 read API: every answer checked
+    /// with the log's public key.
+    #[command(
+        subcommand,
+        after_help = "Examples:
+  kame-server log sth --url http://127.0.0.1:8085 --log-key /var/lib/kame/server/transparency_log_key.pem
+  kame-server log proof --url http://127.0.0.1:8085 --log-key key.pem --cert svid-and-issuer.pem
+  kame-server log sth --url http://127.0.0.1:8085 --log-key key.pem --save sth-monday.json
+  kame-server log consistency --url http://127.0.0.1:8085 --log-key key.pem --from-sth sth-monday.json
+  kame-server log get --url http://127.0.0.1:8085 --log-key key.pem --start 0 --end 9
+  kame-server log verify --url http://127.0.0.1:8085 --log-key key.pem"
+    )]
+    Log(cli::LogCmd),
 }
 
 /// `run` and `validate`: the configuration file, and SPIRE's flags that override its keys.
@@ -268,6 +281,7 @@ async fn admin(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::Upstreamauthority(c) => cli::upstreamauthority(c).await?,
         Cmd::Federation(c) => cli::federation(c).await?,
         Cmd::Logger(c) => cli::logger(c).await?,
+        Cmd::Log(c) => cli::log(c).await?,
     }
     Ok(())
 }

@@ -168,6 +168,33 @@ async fn build_context(
     for w in cfg.warnings() {
         tracing::warn!("{w}");
     }
+    let transparency = match &cfg.transparency {
+        None => None,
+        Some(t) => {
+            let log = crate::transparency::TransparencyLog::open(ds.clone(), km.clone(), t.clone())
+                .await
+                .map_err(CaError::Transparency)?;
+            // Verifiers are given the log's public key: it is written next to the server's data.
+            let b64 = base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                log.public_key_der(),
+            );
+            let mut pem = String::from("-----BEGIN PUBLIC KEY-----\n");
+            for line in b64.as_bytes().chunks(64) {
+                pem.push_str(&String::from_utf8_lossy(line));
+                pem.push('\n');
+            }
+            pem.push_str("-----END PUBLIC KEY-----\n");
+            let key_file = cfg.data_dir.join("transparency_log_key.pem");
+            std::fs::write(&key_file, pem).map_err(io("cannot write", &key_file))?;
+            tracing::info!(
+                log_id = %base64::Engine::encode(&base64::engine::general_purpose::STANDARD, log.log_id()),
+                required = t.required,
+                "issuance transparency log open"
+            );
+            Some(log)
+        }
+    };
     let ca = Ca::start(
         CaSettings {
             trust_domain: cfg.trust_domain.clone(),
@@ -179,6 +206,7 @@ async fn build_context(
             jwt_issuer: cfg.jwt_issuer.clone(),
             signing_mode: cfg.signing_mode,
             upstream: cfg.upstream_authority.clone(),
+            transparency: transparency.clone(),
         },
         km,
         ds.clone(),
@@ -426,8 +454,40 @@ pub async fn start_with(
         ),
     };
 
+    let transparency_listener = match cfg.transparency.as_ref().and_then(|t| t.listen.as_ref()) {
+        None => None,
+        Some((address, port)) => Some(
+            tokio::net::TcpListener::bind((address.as_str(), *port))
+                .await
+                .map_err(|e| RunError::Io {
+                    what: "cannot bind the transparency log listener",
+                    path: format!("{address}:{port}"),
+                    source: e,
+                })?,
+        ),
+    };
+
     let (shutdown, shutdown_rx) = tokio::sync::watch::channel(false);
     let mut tasks = vec![];
+    if let Some(log) = ctx.ca.settings().transparency.clone() {
+        tasks.push(tokio::spawn(log.clone().run(shutdown_rx.clone())));
+        if let Some(listener) = transparency_listener {
+            let ca = ctx.ca.clone();
+            let roots: crate::transparency::http::Roots = Arc::new(move || {
+                ca.bundle()
+                    .x509_authorities
+                    .iter()
+                    .map(|a| a.asn1.clone())
+                    .collect()
+            });
+            tasks.push(tokio::spawn(crate::transparency::http::serve(
+                listener,
+                log,
+                roots,
+                shutdown_rx.clone(),
+            )));
+        }
+    }
 
     let ctx_r = ctx.clone();
     let rpc_metrics = Arc::new(crate::metrics::rpc::RpcMetrics::default());

@@ -26,11 +26,12 @@ impl Manager {
             .agent
             .clone()
             .ok_or(ManagerError::NotAttested)?;
-        let ch = client::connect_any(
+        let ch = client::connect_any_requiring_sct(
             &self.cfg.servers,
             &self.server_id,
             self.roots.clone(),
             Some((agent.chain.clone(), agent.key_pkcs8.to_vec())),
+            self.cfg.transparency_log_keys.clone(),
         )
         .await?;
         self.set_channel(Some(ch.clone()));
@@ -46,8 +47,14 @@ impl Manager {
             .map_err(|_| ManagerError::Poisoned("attestor"))?;
         let key = keys::generate()?;
         let csr = keys::csr(&key)?;
-        let ch = client::connect_any(&self.cfg.servers, &self.server_id, self.roots.clone(), None)
-            .await?;
+        let ch = client::connect_any_requiring_sct(
+            &self.cfg.servers,
+            &self.server_id,
+            self.roots.clone(),
+            None,
+            self.cfg.transparency_log_keys.clone(),
+        )
+        .await?;
         let res = attestor.attest(ch, csr).await?;
         if let NodeAttestor::JoinToken(_) = attestor
             && let Ok(mut a) = self.attestor.lock()

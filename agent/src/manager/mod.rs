@@ -230,6 +230,9 @@ pub struct ManagerConfig {
     pub servers: Vec<(String, u16)>,
     pub trust_bundle_path: std::path::PathBuf,
     pub sync_interval: Duration,
+    /// Transparency log keys (SubjectPublicKeyInfo DER): when any, the server's X509-SVID
+    /// must carry a valid SCT from one of them.
+    pub transparency_log_keys: Vec<Vec<u8>>,
 }
 
 pub struct Manager {

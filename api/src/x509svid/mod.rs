@@ -253,6 +253,21 @@ pub fn ext_der(
     .map_err(enc_err)
 }
 
+/// One X.509 extension whose value (the extnValue contents) is already DER.
+pub fn raw_ext_der(
+    oid: ObjectIdentifier,
+    critical: bool,
+    value_der: &[u8],
+) -> Result<Vec<u8>, Error> {
+    Extension {
+        extn_id: oid,
+        critical,
+        extn_value: OctetString::new(value_der.to_vec()).map_err(enc_err)?,
+    }
+    .to_der()
+    .map_err(enc_err)
+}
+
 fn san_der(uri: &str, dns_names: &[String], critical: bool) -> Result<Vec<u8>, Error> {
     let mut names = vec![GeneralName::UniformResourceIdentifier(
         Ia5String::new(uri).map_err(enc_err)?,
@@ -382,6 +397,17 @@ fn default_leaf_subject() -> Result<&'static [u8], Error> {
 /// keyCertSign/cRLSign (X509-07..09), EKU serverAuth+clientAuth (X509-12), SKI, AKI. Subject is
 /// `C=US, O=SPIRE` plus CN = the first DNS name, as SPIRE's. notAfter is capped at the issuer's.
 pub fn leaf_tbs(p: &LeafParams<'_>, issuer: &IssuerInfo) -> Result<Vec<u8>, Error> {
+    leaf_tbs_with(p, issuer, &[])
+}
+
+/// As [`leaf_tbs`], with `extra` extensions (DER) after the profile's: removing them gives
+/// exactly [`leaf_tbs`]'s bytes (how a certificate with an SCT list relates to its
+/// precertificate entry).
+pub fn leaf_tbs_with(
+    p: &LeafParams<'_>,
+    issuer: &IssuerInfo,
+    extra: &[Vec<u8>],
+) -> Result<Vec<u8>, Error> {
     if p.id.is_root() {
         return Err(Error::BadSvid(
             "an X509-SVID needs a SPIFFE ID with a path (X509-03)".into(),
@@ -407,12 +433,13 @@ pub fn leaf_tbs(p: &LeafParams<'_>, issuer: &IssuerInfo) -> Result<Vec<u8>, Erro
     } else {
         issuer.aki_ext_der.clone()
     };
-    let exts = vec![
+    let mut exts = vec![
         static_leaf_exts()?.to_vec(),
         ski_ext(p.spki_der)?,
         aki,
         san_ext_fast(&p.id.to_string(), p.dns_names, false)?,
     ];
+    exts.extend_from_slice(extra);
     let alg_der = if issuer.signature_algorithm_der.is_empty() {
         issuer.signature_algorithm.to_der().map_err(enc_err)?
     } else {

@@ -37,7 +37,9 @@ impl Ca {
         };
         if let SigningMode::KmsRooted { intermediate_ttl } = self.settings.signing_mode {
             let inter = self.intermediate(&ca, intermediate_ttl).await?;
-            let tbs = x509svid::leaf_tbs(&params, &inter.issuer)?;
+            let tbs = self
+                .logged_leaf_tbs(&params, &inter.issuer, &inter.cert_der)
+                .await?;
             let sig = sign_checked(
                 &inter.km,
                 &inter.key,
@@ -53,7 +55,9 @@ impl Ca {
             self.metrics.svid_issued(crate::metrics::SvidKind::X509);
             return Ok(chain);
         }
-        let tbs = x509svid::leaf_tbs(&params, &ca.issuer)?;
+        let tbs = self
+            .logged_leaf_tbs(&params, &ca.issuer, &ca.cert_der)
+            .await?;
         let sig = sign_checked(
             self.km.as_ref(),
             &ca.key,
@@ -69,6 +73,49 @@ impl Ca {
         chain.extend(ca.chain_tail());
         self.metrics.svid_issued(crate::metrics::SvidKind::X509);
         Ok(chain)
+    }
+
+    /// The TBSCertificate of an X509-SVID. With a transparency log: the TBS without an SCT is
+    /// recorded there as a precertificate entry, and the TBS returned carries the log's SCT
+    /// (the SCT list extension, last). When the log cannot record, issuance fails if the log
+    /// is `required`, else the SVID goes without an SCT and the failure is logged.
+    async fn logged_leaf_tbs(
+        &self,
+        params: &x509svid::LeafParams<'_>,
+        issuer: &x509svid::IssuerInfo,
+        issuer_cert_der: &[u8],
+    ) -> Result<Vec<u8>, CaError> {
+        let precert = x509svid::leaf_tbs(params, issuer)?;
+        let Some(log) = &self.settings.transparency else {
+            return Ok(precert);
+        };
+        let entry = kame_api::ct::Entry::Precert {
+            issuer_key_hash: crate::transparency::issuer_key_hash(issuer_cert_der)?,
+            tbs: precert,
+        };
+        match log.record(&entry, vec![]).await {
+            Ok((_, sct)) => {
+                let value = kame_api::ct::sct_list_extension_value(&[sct])
+                    .map_err(crate::transparency::LogError::from)?;
+                Ok(x509svid::leaf_tbs_with(
+                    params,
+                    issuer,
+                    &[x509svid::raw_ext_der(
+                        kame_api::ct::SCT_LIST_OID,
+                        false,
+                        &value,
+                    )?],
+                )?)
+            }
+            Err(e) if log.settings().required => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "transparency log cannot record; SVID issued without an SCT");
+                match entry {
+                    kame_api::ct::Entry::Precert { tbs, .. } => Ok(tbs),
+                    _ => Ok(x509svid::leaf_tbs(params, issuer)?),
+                }
+            }
+        }
     }
 
     /// The `kms_rooted` intermediate under the current authority: the cached one while it has

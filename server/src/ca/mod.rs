@@ -71,6 +71,9 @@ pub enum CaError {
     TooManyJwtKeys(usize),
     #[error("rotation: {0}")]
     Rotation(String),
+    /// The transparency log could not record an SVID while `required` is set.
+    #[error("transparency log: {0}")]
+    Transparency(#[from] crate::transparency::LogError),
 }
 
 pub fn now_ms() -> u64 {
@@ -228,6 +231,8 @@ pub struct CaSettings {
     pub signing_mode: SigningMode,
     /// `UpstreamAuthority`: signs the X.509 CA from a CSR; its roots are the bundle's.
     pub upstream: Option<Arc<dyn kame_upstream::UpstreamAuthority>>,
+    /// The issuance transparency log: X509-SVIDs are recorded there and carry its SCT.
+    pub transparency: Option<Arc<crate::transparency::TransparencyLog>>,
 }
 
 /// How X509-SVIDs are signed.

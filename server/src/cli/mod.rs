@@ -15,12 +15,14 @@ mod agent;
 mod bundle;
 mod entry;
 mod federation;
+mod log;
 mod logger;
 mod svid;
 pub use agent::*;
 pub use bundle::*;
 pub use entry::*;
 pub use federation::*;
+pub use log::{LogArgs, LogCmd, log};
 pub use logger::{LoggerCmd, logger};
 pub use svid::*;
 

@@ -87,6 +87,8 @@ pub struct Config {
     pub plugin_env: crate::catalog::PluginEnv,
     /// `server.ratelimit { attestation, signing }` (SPIRE's; both on by default).
     pub ratelimit: crate::ratelimit::RateLimitConfig,
+    /// `server.transparency { ... }` (ours): the issuance transparency log; off when absent.
+    pub transparency: Option<crate::transparency::Settings>,
     /// `server.federation`: the bundle endpoint and the federated trust domains.
     pub federation: crate::federation::FederationConfig,
 }
@@ -150,6 +152,54 @@ fn ratelimit(
         }
     };
     Ok(ratelimit)
+}
+
+/// `server.transparency { required, tree_head_interval }` (ours): the issuance transparency
+/// log, off without the block.
+fn transparency(
+    server: &mut kame_api::conf::Section,
+) -> Result<Option<crate::transparency::Settings>, ConfigError> {
+    let Some(t) = server.section("transparency")? else {
+        return Ok(None);
+    };
+    let d = crate::transparency::Settings::default();
+    let tree_head_interval = match t.duration("tree_head_interval")? {
+        None => d.tree_head_interval,
+        Some(i) if i < Duration::from_millis(100) || i > Duration::from_secs(3600) => {
+            return Err(invalid(
+                "server.transparency.tree_head_interval",
+                "must be from 100ms to 1h",
+            ));
+        }
+        Some(i) => i,
+    };
+    let port = match t.int("bind_port")? {
+        None => None,
+        Some(p) => Some(u16::try_from(p).map_err(|_| {
+            invalid(
+                "server.transparency.bind_port",
+                format!("{p} is not a port number"),
+            )
+        })?),
+    };
+    let listen = match (t.string("bind_address")?, port) {
+        (None, None) => None,
+        (Some(a), Some(p)) => Some((a, p)),
+        (Some(_), None) => {
+            return Err(invalid(
+                "server.transparency.bind_port",
+                "give bind_port with bind_address",
+            ));
+        }
+        (None, Some(p)) => Some(("127.0.0.1".to_string(), p)),
+    };
+    let s = crate::transparency::Settings {
+        required: t.take_bool("required")?.unwrap_or(d.required),
+        tree_head_interval,
+        listen,
+    };
+    t.finish()?;
+    Ok(Some(s))
 }
 
 /// `server.signing_mode` and `signing_intermediate_ttl` (ours).
@@ -340,6 +390,7 @@ impl Config {
             key_type("server.jwt_key_type", server.string("jwt_key_type")?)?.unwrap_or(ca_key_type);
         let ca_subject = ca_subject(&mut server)?;
         let ratelimit = ratelimit(&mut server)?;
+        let transparency = transparency(&mut server)?;
         let jwt_issuer = server.string("jwt_issuer")?.filter(|s| !s.is_empty());
         let signing_mode = signing_mode(&server)?;
         let federation = crate::federation::parse(&mut server, &trust_domain)?;
@@ -389,6 +440,7 @@ impl Config {
             node_attestors,
             plugin_env,
             ratelimit,
+            transparency,
             federation,
         })
     }

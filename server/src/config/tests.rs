@@ -457,3 +457,52 @@ fn config_audit_log_source_location_and_run_flag_overrides() {
     let e = Config::parse_with(GOOD, false, &o).unwrap_err().to_string();
     assert!(e.contains("server.trust_domain"), "{e}");
 }
+
+/// `server.transparency`: off without the block; its keys read and checked, each refusal
+/// naming its key.
+#[test]
+fn config_transparency_block_keys_and_refusals() {
+    assert_eq!(Config::parse(GOOD, false).unwrap().transparency, None);
+    let with = |block: &str| {
+        GOOD.replace(
+            "    default_x509_svid_ttl = \"1h\"\n",
+            &format!("    default_x509_svid_ttl = \"1h\"\n    transparency {{\n{block}\n    }}\n"),
+        )
+    };
+    let t = Config::parse(&with(""), false)
+        .unwrap()
+        .transparency
+        .unwrap();
+    assert_eq!(t, crate::transparency::Settings::default());
+    assert!(t.required, "fails closed by default");
+    let t = Config::parse(
+        &with("required = false\ntree_head_interval = \"5s\"\nbind_port = 8085"),
+        false,
+    )
+    .unwrap()
+    .transparency
+    .unwrap();
+    assert!(!t.required);
+    assert_eq!(t.tree_head_interval, Duration::from_secs(5));
+    assert_eq!(t.listen, Some(("127.0.0.1".to_string(), 8085)));
+    for (block, key) in [
+        (
+            "tree_head_interval = \"10ms\"",
+            "server.transparency.tree_head_interval",
+        ),
+        (
+            "tree_head_interval = \"2h\"",
+            "server.transparency.tree_head_interval",
+        ),
+        (
+            "bind_address = \"0.0.0.0\"",
+            "server.transparency.bind_port",
+        ),
+        ("bind_port = 70000", "server.transparency.bind_port"),
+        ("required = \"maybe\"", "required"),
+        ("mmd = \"24h\"", "mmd"),
+    ] {
+        let e = Config::parse(&with(block), false).unwrap_err().to_string();
+        assert!(e.contains(key), "{block}: {e}");
+    }
+}

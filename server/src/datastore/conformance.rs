@@ -221,6 +221,90 @@ pub async fn concurrent_writers_leave_no_gap_in_entry_events(
     assert_eq!(names.len(), 40);
 }
 
+/// Transparency log appends through two stores (two servers on one database) at once: one
+/// log, numbered from 0 with no gaps or duplicates, every append's rows consecutive and where
+/// its first number says; tree heads are kept per log key and size.
+pub async fn transparency_log_appends_from_two_stores_form_one_gapless_log(
+    a: Arc<dyn DataStore>,
+    b: Arc<dyn DataStore>,
+) {
+    use crate::datastore::{LogRow, StoredTreeHead};
+    let row = |i: usize, j: usize| {
+        let input = format!("append {i} row {j}").into_bytes();
+        LogRow {
+            leaf_hash: kame_api::ct::leaf_hash(&input),
+            leaf_input: input,
+            extra: vec![j as u8],
+        }
+    };
+    let mut tasks = vec![];
+    for i in 0..40 {
+        let s = if i % 2 == 0 { a.clone() } else { b.clone() };
+        tasks.push(tokio::spawn(async move {
+            let rows: Vec<LogRow> = (0..1 + i % 3).map(|j| row(i, j)).collect();
+            let first = s.append_log_entries(&rows).await.unwrap();
+            (i, first, rows.len())
+        }));
+    }
+    let mut total = 0;
+    let mut placed = vec![];
+    for t in tasks {
+        let (i, first, n) = t.await.unwrap();
+        total += n;
+        placed.push((i, first, n));
+    }
+    assert_eq!(a.log_size().await.unwrap(), total as u64);
+    assert_eq!(b.log_size().await.unwrap(), total as u64);
+    let stored = b.list_log_entries(0, total as u64 + 5).await.unwrap();
+    let seqs: Vec<u64> = stored.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        seqs,
+        (0..total as u64).collect::<Vec<_>>(),
+        "no gaps, no duplicates"
+    );
+    for (i, first, n) in placed {
+        for j in 0..n {
+            let (seq, r) = &stored[first as usize + j];
+            assert_eq!(*r, row(i, j), "append {i} row {j} at {seq}");
+        }
+        assert_eq!(
+            a.find_log_leaf(&row(i, 0).leaf_hash).await.unwrap(),
+            Some(first)
+        );
+    }
+    let hashes = a.log_leaf_hashes(0, total as u64).await.unwrap();
+    assert_eq!(
+        hashes,
+        stored.iter().map(|(_, r)| r.leaf_hash).collect::<Vec<_>>()
+    );
+    assert_eq!(a.find_log_leaf(&[0u8; 32]).await.unwrap(), None);
+    // Tree heads: per log key; a second for the same key and size is ignored.
+    let head = |log: u8, size: u64, sig: u8| StoredTreeHead {
+        log_id: [log; 32],
+        tree_size: size,
+        timestamp: 1000 + size,
+        root_hash: [size as u8; 32],
+        signature: vec![sig],
+    };
+    a.put_tree_head(&head(1, 5, 1)).await.unwrap();
+    b.put_tree_head(&head(1, 5, 2)).await.unwrap();
+    b.put_tree_head(&head(1, 9, 1)).await.unwrap();
+    a.put_tree_head(&head(2, 7, 1)).await.unwrap();
+    assert_eq!(
+        a.fetch_tree_head(&[1; 32], None).await.unwrap(),
+        Some(head(1, 9, 1))
+    );
+    assert_eq!(
+        a.fetch_tree_head(&[1; 32], Some(5)).await.unwrap(),
+        Some(head(1, 5, 1))
+    );
+    assert_eq!(
+        b.fetch_tree_head(&[2; 32], None).await.unwrap(),
+        Some(head(2, 7, 1))
+    );
+    assert_eq!(b.fetch_tree_head(&[3; 32], None).await.unwrap(), None);
+}
+
 /// A cache on one store sees writes made through another once it refreshes; it survives
 /// pruning past its cursor by reloading; `authorized` follows aliases and descendants.
 pub async fn entry_cache_follows_writes_and_reloads_after_pruning(

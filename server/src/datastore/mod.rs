@@ -272,6 +272,48 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     async fn fetch_changed_nodes(&self, after: i64, upto: i64) -> DsResult<Vec<AttestedNode>>;
     /// Up to `limit` agents with SPIFFE IDs above `after`, in order (keyset paging).
     async fn list_nodes_after(&self, after: &str, limit: i64) -> DsResult<Vec<AttestedNode>>;
+
+    // The transparency log (see migrations/sqlite/0007_transparency_log.sql).
+    /// Appends `entries` in one transaction, numbered on from the log's size at commit (no
+    /// gaps or duplicates whichever server appends); returns the first one's sequence number.
+    async fn append_log_entries(&self, entries: &[LogRow]) -> DsResult<u64>;
+    /// The number of entries in the log.
+    async fn log_size(&self) -> DsResult<u64>;
+    /// The entries with sequence numbers `start..end`, in order.
+    async fn list_log_entries(&self, start: u64, end: u64) -> DsResult<Vec<(u64, LogRow)>>;
+    /// The leaf hashes of entries `start..end`, in order.
+    async fn log_leaf_hashes(&self, start: u64, end: u64) -> DsResult<Vec<[u8; 32]>>;
+    /// The sequence number of the first entry with this leaf hash.
+    async fn find_log_leaf(&self, leaf_hash: &[u8; 32]) -> DsResult<Option<u64>>;
+    /// Stores a signed tree head (one per log key and tree size: another is ignored).
+    async fn put_tree_head(&self, head: &StoredTreeHead) -> DsResult<()>;
+    /// The tree head the log key `log_id` signed for the largest tree, or for exactly `size`.
+    async fn fetch_tree_head(
+        &self,
+        log_id: &[u8; 32],
+        size: Option<u64>,
+    ) -> DsResult<Option<StoredTreeHead>>;
+}
+
+/// One transparency log entry as stored: the `MerkleTreeLeaf` encoding, its leaf hash, and
+/// the extra data `get-entries` returns with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRow {
+    pub leaf_input: Vec<u8>,
+    pub leaf_hash: [u8; 32],
+    pub extra: Vec<u8>,
+}
+
+/// A signed tree head as stored: the log key's ID, size, timestamp (ms), root hash and the
+/// TLS-encoded signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredTreeHead {
+    /// The signing log key's ID (SHA-256 of its SubjectPublicKeyInfo).
+    pub log_id: [u8; 32],
+    pub tree_size: u64,
+    pub timestamp: u64,
+    pub root_hash: [u8; 32],
+    pub signature: Vec<u8>,
 }
 
 /// What a change event is about.

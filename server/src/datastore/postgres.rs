@@ -252,7 +252,7 @@ mod tests {
         let pg = PgCluster::start();
         for db in [
             "ban", "crud", "tokens", "bundles", "events", "gaps", "cache", "nodes", "bcache",
-            "fedrel",
+            "fedrel", "ctlog",
         ] {
             pg.create_database(db);
         }
@@ -264,6 +264,11 @@ mod tests {
         c::concurrent_writers_leave_no_gap_in_entry_events(
             open(&pg, "gaps").await,
             open(&pg, "gaps").await,
+        )
+        .await;
+        c::transparency_log_appends_from_two_stores_form_one_gapless_log(
+            open(&pg, "ctlog").await,
+            open(&pg, "ctlog").await,
         )
         .await;
         c::entry_cache_follows_writes_and_reloads_after_pruning(
@@ -298,7 +303,7 @@ mod tests {
         }
         assert_eq!(
             pg.psql("kame", "SELECT count(*) FROM _sqlx_migrations"),
-            "2",
+            "3",
             "each migration applied once"
         );
         for t in 0..10 {
@@ -354,7 +359,7 @@ mod tests {
         s.disable_migration = true;
         let e = PgStore::open(&s).await.unwrap_err().to_string();
         assert!(
-            e.contains("disable_migration") && e.contains("[1, 2]"),
+            e.contains("disable_migration") && e.contains("[1, 2, 3]"),
             "{e}"
         );
         assert_eq!(

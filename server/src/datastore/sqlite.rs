@@ -108,6 +108,18 @@ mod tests {
         c::concurrent_writers_leave_no_gap_in_entry_events(a, b).await;
     }
 
+    /// Two connections to one file appending to the transparency log at once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sqlite_transparency_log_appends_from_two_stores_form_one_gapless_log() {
+        let (dir, a) = store().await;
+        let b: Arc<dyn DataStore> = Arc::new(
+            SqliteStore::open(dir.path().join("ds.sqlite3").to_str().unwrap())
+                .await
+                .unwrap(),
+        );
+        c::transparency_log_appends_from_two_stores_form_one_gapless_log(a, b).await;
+    }
+
     #[tokio::test]
     async fn sqlite_node_events_and_cache_follow_attest_renew_ban_evict() {
         let (dir, a) = store().await;

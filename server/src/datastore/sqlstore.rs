@@ -837,6 +837,151 @@ impl $crate::datastore::DataStore for $store {
             .map(entry_from_row)
             .collect()
     }
+
+    async fn append_log_entries(&self, entries: &[$crate::datastore::LogRow]) -> DsResult<u64> {
+        let n = i64::try_from(entries.len()).map_err(corrupt)?;
+        let now = crate::ca::now_secs() as i64;
+        let mut tx = self.write_tx().await?;
+        // The counter's row stays locked until commit: appenders on other servers wait, so
+        // numbers follow commit order with no gaps.
+        let size: i64 = sqlx::query(
+            "UPDATE ct_log_counter SET size = size + $1 WHERE only_row = 1 RETURNING size",
+        )
+        .bind(n)
+        .fetch_one(&mut *tx)
+        .await?
+        .try_get("size")?;
+        let first = size - n;
+        // One statement per 512 rows (5 parameters each: within both databases' limits).
+        for (c, chunk) in entries.chunks(512).enumerate() {
+            let mut q = sqlx::QueryBuilder::new(
+                "INSERT INTO ct_log_entries (seq, leaf_input, leaf_hash, extra, created_at) ",
+            );
+            q.push_values(chunk.iter().enumerate(), |mut b, (i, e)| {
+                b.push_bind(first + (c * 512 + i) as i64)
+                    .push_bind(e.leaf_input.as_slice())
+                    .push_bind(&e.leaf_hash[..])
+                    .push_bind(e.extra.as_slice())
+                    .push_bind(now);
+            });
+            q.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        u64::try_from(first).map_err(corrupt)
+    }
+
+    async fn log_size(&self) -> DsResult<u64> {
+        let size: i64 = sqlx::query("SELECT size FROM ct_log_counter WHERE only_row = 1")
+            .fetch_one(&self.pool)
+            .await?
+            .try_get("size")?;
+        u64::try_from(size).map_err(corrupt)
+    }
+
+    async fn list_log_entries(
+        &self,
+        start: u64,
+        end: u64,
+    ) -> DsResult<Vec<(u64, $crate::datastore::LogRow)>> {
+        sqlx::query(
+            "SELECT seq, leaf_input, leaf_hash, extra FROM ct_log_entries
+             WHERE seq >= $1 AND seq < $2 ORDER BY seq",
+        )
+        .bind(i64::try_from(start).map_err(corrupt)?)
+        .bind(i64::try_from(end).map_err(corrupt)?)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            let seq: i64 = r.try_get("seq")?;
+            let hash: Vec<u8> = r.try_get("leaf_hash")?;
+            Ok((
+                u64::try_from(seq).map_err(corrupt)?,
+                $crate::datastore::LogRow {
+                    leaf_input: r.try_get("leaf_input")?,
+                    leaf_hash: hash.try_into().map_err(|_| corrupt("a leaf hash is not 32 bytes"))?,
+                    extra: r.try_get("extra")?,
+                },
+            ))
+        })
+        .collect()
+    }
+
+    async fn log_leaf_hashes(&self, start: u64, end: u64) -> DsResult<Vec<[u8; 32]>> {
+        sqlx::query(
+            "SELECT leaf_hash FROM ct_log_entries WHERE seq >= $1 AND seq < $2 ORDER BY seq",
+        )
+        .bind(i64::try_from(start).map_err(corrupt)?)
+        .bind(i64::try_from(end).map_err(corrupt)?)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            let hash: Vec<u8> = r.try_get("leaf_hash")?;
+            hash.try_into().map_err(|_| corrupt("a leaf hash is not 32 bytes"))
+        })
+        .collect()
+    }
+
+    async fn find_log_leaf(&self, leaf_hash: &[u8; 32]) -> DsResult<Option<u64>> {
+        sqlx::query("SELECT MIN(seq) AS seq FROM ct_log_entries WHERE leaf_hash = $1")
+            .bind(&leaf_hash[..])
+            .fetch_one(&self.pool)
+            .await?
+            .try_get::<Option<i64>, _>("seq")?
+            .map(|s| u64::try_from(s).map_err(corrupt))
+            .transpose()
+    }
+
+    async fn put_tree_head(&self, h: &$crate::datastore::StoredTreeHead) -> DsResult<()> {
+        sqlx::query(
+            "INSERT INTO ct_tree_heads (log_id, tree_size, timestamp, root_hash, signature)
+             VALUES ($5, $1, $2, $3, $4) ON CONFLICT (log_id, tree_size) DO NOTHING",
+        )
+        .bind(i64::try_from(h.tree_size).map_err(corrupt)?)
+        .bind(i64::try_from(h.timestamp).map_err(corrupt)?)
+        .bind(&h.root_hash[..])
+        .bind(&h.signature)
+        .bind(&h.log_id[..])
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn fetch_tree_head(
+        &self,
+        log_id: &[u8; 32],
+        size: Option<u64>,
+    ) -> DsResult<Option<$crate::datastore::StoredTreeHead>> {
+        let q = match size {
+            None => sqlx::query(
+                "SELECT tree_size, timestamp, root_hash, signature FROM ct_tree_heads
+                 WHERE log_id = $1 ORDER BY tree_size DESC LIMIT 1",
+            )
+            .bind(&log_id[..]),
+            Some(s) => sqlx::query(
+                "SELECT tree_size, timestamp, root_hash, signature FROM ct_tree_heads
+                 WHERE log_id = $1 AND tree_size = $2",
+            )
+            .bind(&log_id[..])
+            .bind(i64::try_from(s).map_err(corrupt)?),
+        };
+        q.fetch_optional(&self.pool)
+            .await?
+            .map(|r| {
+                let size: i64 = r.try_get("tree_size")?;
+                let ts: i64 = r.try_get("timestamp")?;
+                let root: Vec<u8> = r.try_get("root_hash")?;
+                Ok($crate::datastore::StoredTreeHead {
+                    log_id: *log_id,
+                    tree_size: u64::try_from(size).map_err(corrupt)?,
+                    timestamp: u64::try_from(ts).map_err(corrupt)?,
+                    root_hash: root.try_into().map_err(|_| corrupt("a root hash is not 32 bytes"))?,
+                    signature: r.try_get("signature")?,
+                })
+            })
+            .transpose()
+    }
 }
 
     };

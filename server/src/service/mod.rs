@@ -305,6 +305,11 @@ pub fn ca_status(e: CaError) -> Status {
             Status::unavailable("key backend unavailable; try again later")
         }
         CaError::TooManyJwtKeys(_) => Status::failed_precondition(e.to_string()),
+        // The log cannot record: nothing was issued; the caller may retry.
+        CaError::Transparency(ref t) => {
+            tracing::warn!(error = %t, "transparency log cannot record; SVID not issued");
+            Status::unavailable("the transparency log cannot record the SVID; try again later")
+        }
         // A nested server's upstream: its state passes through to the caller.
         CaError::Upstream(kame_upstream::UpstreamError::Unavailable(_)) => {
             Status::unavailable(e.to_string())

@@ -44,6 +44,8 @@ pub struct Opts {
     /// The server's KeyManager block; None: `disk` in the server's data_dir.
     pub server_key_manager: Option<String>,
     pub trust_domain: &'static str,
+    /// Extra lines for the agent's `agent { }` block (`$DIR` stands for the test's directory).
+    pub extra_agent: &'static str,
 }
 
 impl Default for Opts {
@@ -57,6 +59,7 @@ impl Default for Opts {
             agent_attestor: None,
             server_key_manager: None,
             trust_domain: TD,
+            extra_agent: "",
         }
     }
 }
@@ -188,6 +191,7 @@ plugins {{
     join_token = "{token}"
     log_level = "WARN"
     sync_interval = "{sync}"
+    {extra_agent}
 }}
 plugins {{
     {attestor_block}
@@ -203,6 +207,7 @@ plugins {{
                 td = env.td,
                 sock = env.agent_socket.display(),
                 sync = o.sync,
+                extra_agent = o.extra_agent.replace("$DIR", &d.display().to_string()),
             ),
         )
         .unwrap();

@@ -1,0 +1,410 @@
+//! `kame-server log sth|proof|consistency|get|verify`: a client of the transparency log's
+//! RFC 6962 read API (`server.transparency { bind_port }`), checking everything it is given
+//! with the log's public key (`transparency_log_key.pem` in the server's data_dir): tree head
+//! signatures, SCTs, inclusion and consistency proofs, and with `verify` every entry of the
+//! signed tree. It trusts nothing the server says without a check, and writes nothing but the
+//! tree head files it is asked to save.
+
+use super::{CliError, Output, print};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::{Args, Subcommand};
+use kame_api::ct::{self, Hash, SignedTreeHead, TreeHead};
+use serde_json::json;
+use std::path::PathBuf;
+
+/// Where the log is and how to check it.
+#[derive(Debug, Clone, Args)]
+pub struct LogArgs {
+    /// The log's read API, e.g. http://127.0.0.1:8085 (`server.transparency` bind address and
+    /// port).
+    #[arg(long)]
+    pub url: String,
+    /// The log's public key, PEM (`transparency_log_key.pem` in the server's data_dir).
+    #[arg(long)]
+    pub log_key: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "pretty")]
+    pub output: Output,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LogCmd {
+    /// Prints the log's latest signed tree head, once its signature verifies.
+    Sth {
+        #[command(flatten)]
+        log: LogArgs,
+        /// Also save it (JSON, as get-sth returns it), for `consistency --from-sth`.
+        #[arg(long)]
+        save: Option<PathBuf>,
+    },
+    /// Checks that an X509-SVID is in the log: its SCT's signature, then its inclusion proof
+    /// in the latest signed tree head.
+    Proof {
+        #[command(flatten)]
+        log: LogArgs,
+        /// The SVID, PEM, followed by the certificate that issued it.
+        #[arg(long)]
+        cert: PathBuf,
+    },
+    /// Checks that the latest signed tree head extends a saved one (`sth --save`).
+    Consistency {
+        #[command(flatten)]
+        log: LogArgs,
+        /// A tree head saved earlier.
+        #[arg(long)]
+        from_sth: PathBuf,
+    },
+    /// Prints entries `start..=end` (at most 256 per call to the server).
+    Get {
+        #[command(flatten)]
+        log: LogArgs,
+        #[arg(long)]
+        start: u64,
+        #[arg(long)]
+        end: u64,
+    },
+    /// Re-checks the whole log: every entry of the latest signed tree, re-hashed, must give
+    /// its root.
+    Verify {
+        #[command(flatten)]
+        log: LogArgs,
+    },
+}
+
+fn failed(m: impl std::fmt::Display) -> CliError {
+    CliError::Failed(m.to_string())
+}
+
+async fn get(
+    url: &str,
+    path: &str,
+    query: &[(&str, String)],
+) -> Result<serde_json::Value, CliError> {
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .map_err(failed)?;
+    let mut target = format!("{}{path}", url.trim_end_matches('/'));
+    for (i, (k, v)) in query.iter().enumerate() {
+        target.push(if i == 0 { '?' } else { '&' });
+        target.push_str(k);
+        target.push('=');
+        for b in v.bytes() {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                target.push(b as char);
+            } else {
+                target.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    let r = client
+        .get(target)
+        .send()
+        .await
+        .map_err(|e| failed(format!("cannot reach the log at {url}: {e}")))?;
+    let status = r.status();
+    let body = r.bytes().await.map_err(failed)?;
+    let v: serde_json::Value = serde_json::from_slice(&body)
+        .map_err(|e| failed(format!("{path}: the answer is not JSON: {e}")))?;
+    if !status.is_success() {
+        return Err(failed(format!("{path}: {status}: {}", v["error"])));
+    }
+    Ok(v)
+}
+
+fn b64_field(v: &serde_json::Value, k: &str) -> Result<Vec<u8>, CliError> {
+    v[k].as_str()
+        .and_then(|s| B64.decode(s).ok())
+        .ok_or_else(|| failed(format!("{k} is missing or not base64")))
+}
+
+fn u64_field(v: &serde_json::Value, k: &str) -> Result<u64, CliError> {
+    v[k].as_u64()
+        .ok_or_else(|| failed(format!("{k} is missing or not a number")))
+}
+
+fn hash_of(b: Vec<u8>, what: &str) -> Result<Hash, CliError> {
+    b.try_into()
+        .map_err(|_| failed(format!("{what} is not a SHA-256 hash")))
+}
+
+fn read_key(p: &std::path::Path) -> Result<Vec<u8>, CliError> {
+    let text = std::fs::read_to_string(p).map_err(|source| CliError::Io {
+        what: "cannot read the log key",
+        path: p.display().to_string(),
+        source,
+    })?;
+    let b64: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
+    B64.decode(b64.trim())
+        .map_err(|_| failed(format!("{}: not a PEM public key", p.display())))
+}
+
+/// A tree head from get-sth's JSON, once its signature verifies with `key`.
+fn checked_sth(v: &serde_json::Value, key: &[u8]) -> Result<SignedTreeHead, CliError> {
+    let sth = SignedTreeHead {
+        head: TreeHead {
+            tree_size: u64_field(v, "tree_size")?,
+            timestamp: u64_field(v, "timestamp")?,
+            root_hash: hash_of(b64_field(v, "sha256_root_hash")?, "sha256_root_hash")?,
+        },
+        signature: SignedTreeHead::decode_signature(&b64_field(v, "tree_head_signature")?)
+            .map_err(failed)?,
+    };
+    sth.verify(key)
+        .map_err(|e| failed(format!("the tree head's signature: {e}")))?;
+    Ok(sth)
+}
+
+async fn latest(
+    log: &LogArgs,
+    key: &[u8],
+) -> Result<(serde_json::Value, SignedTreeHead), CliError> {
+    let v = get(&log.url, "/ct/v1/get-sth", &[]).await?;
+    let sth = checked_sth(&v, key)?;
+    Ok((v, sth))
+}
+
+fn hashes(v: &serde_json::Value, k: &str) -> Result<Vec<Hash>, CliError> {
+    v[k].as_array()
+        .ok_or_else(|| failed(format!("{k} is missing")))?
+        .iter()
+        .map(|h| {
+            h.as_str()
+                .and_then(|s| B64.decode(s).ok())
+                .ok_or_else(|| failed(format!("{k} holds a value that is not base64")))
+                .and_then(|b| hash_of(b, k))
+        })
+        .collect()
+}
+
+fn describe(leaf_input: &[u8]) -> serde_json::Value {
+    match ct::Leaf::decode(leaf_input) {
+        Err(e) => json!({ "error": e.to_string() }),
+        Ok(l) => {
+            let kind = l.entry.entry_type();
+            let detail = match &l.entry {
+                ct::Entry::Precert { tbs, .. } => svid_of(tbs),
+                ct::Entry::X509(c) => json!({ "certificate_bytes": c.len() }),
+                ct::Entry::Kame { body, .. } => {
+                    json!({ "body": String::from_utf8_lossy(body) })
+                }
+            };
+            json!({ "timestamp": l.timestamp, "type": format!("{kind:?}"), "entry": detail })
+        }
+    }
+}
+
+/// The serial number and SPIFFE ID (the URI SAN) of a precertificate entry's TBS.
+fn svid_of(tbs: &[u8]) -> serde_json::Value {
+    use der::Decode;
+    use x509_cert::ext::pkix::{SubjectAltName, name::GeneralName};
+    let tbs = match x509_cert::TbsCertificate::from_der(tbs) {
+        Ok(t) => t,
+        Err(e) => return json!({ "error": e.to_string() }),
+    };
+    let uri = tbs
+        .extensions()
+        .into_iter()
+        .flatten()
+        .filter(|e| e.extn_id == const_oid::db::rfc5280::ID_CE_SUBJECT_ALT_NAME)
+        .filter_map(|e| SubjectAltName::from_der(e.extn_value.as_bytes()).ok())
+        .flat_map(|s| s.0)
+        .find_map(|n| match n {
+            GeneralName::UniformResourceIdentifier(u) => Some(u.to_string()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    json!({
+        "spiffe_id": uri,
+        "serial": hex::encode(tbs.serial_number().as_bytes()),
+    })
+}
+
+pub async fn log(cmd: LogCmd) -> Result<(), CliError> {
+    match cmd {
+        LogCmd::Sth { log, save } => {
+            let key = read_key(&log.log_key)?;
+            let (v, sth) = latest(&log, &key).await?;
+            if let Some(p) = save {
+                std::fs::write(&p, v.to_string()).map_err(|source| CliError::Io {
+                    what: "cannot write",
+                    path: p.display().to_string(),
+                    source,
+                })?;
+            }
+            print(
+                log.output,
+                v.clone(),
+                format!(
+                    "Tree size : {}\nTimestamp : {}\nRoot hash : {}\nSignature : verified\n",
+                    sth.head.tree_size,
+                    sth.head.timestamp,
+                    B64.encode(sth.head.root_hash)
+                ),
+            );
+        }
+        LogCmd::Proof { log, cert } => {
+            let key = read_key(&log.log_key)?;
+            let text = std::fs::read_to_string(&cert).map_err(|source| CliError::Io {
+                what: "cannot read",
+                path: cert.display().to_string(),
+                source,
+            })?;
+            let chain = kame_api::bundle::certs_from_pem(&text)
+                .map_err(|e| failed(format!("{}: {e}", cert.display())))?;
+            if chain.len() < 2 {
+                return Err(CliError::Usage(format!(
+                    "{}: give the SVID followed by the certificate that issued it",
+                    cert.display()
+                )));
+            }
+            let issuer = kame_api::x509svid::ParsedCert::parse(&chain[1])
+                .and_then(|p| p.spki_der())
+                .map_err(failed)?;
+            let (scts, entry) = ct::precert_entry(&chain[0], &issuer).map_err(failed)?;
+            let log_id = ct::log_id(&key);
+            let sct = scts
+                .iter()
+                .find(|s| s.log_id == log_id)
+                .ok_or_else(|| failed("the SVID has no SCT from this log"))?;
+            sct.verify(&key, &entry)
+                .map_err(|e| failed(format!("the SCT: {e}")))?;
+            let leaf = ct::leaf_hash(&ct::leaf_input(sct.timestamp, &entry).map_err(failed)?);
+            let (_, sth) = latest(&log, &key).await?;
+            let v = get(
+                &log.url,
+                "/ct/v1/get-proof-by-hash",
+                &[
+                    ("hash", B64.encode(leaf)),
+                    ("tree_size", sth.head.tree_size.to_string()),
+                ],
+            )
+            .await?;
+            let index = u64_field(&v, "leaf_index")?;
+            ct::verify_inclusion(
+                &leaf,
+                index,
+                sth.head.tree_size,
+                &hashes(&v, "audit_path")?,
+                &sth.head.root_hash,
+            )
+            .map_err(|e| failed(format!("the inclusion proof: {e}")))?;
+            print(
+                log.output,
+                json!({ "leaf_index": index, "tree_size": sth.head.tree_size, "sct_timestamp": sct.timestamp }),
+                format!(
+                    "SCT       : verified (timestamp {})\nLeaf index: {index}\nIncluded  : in the tree of {} entries\n",
+                    sct.timestamp, sth.head.tree_size
+                ),
+            );
+        }
+        LogCmd::Consistency { log, from_sth } => {
+            let key = read_key(&log.log_key)?;
+            let text = std::fs::read(&from_sth).map_err(|source| CliError::Io {
+                what: "cannot read",
+                path: from_sth.display().to_string(),
+                source,
+            })?;
+            let old_v: serde_json::Value = serde_json::from_slice(&text)
+                .map_err(|e| failed(format!("{}: {e}", from_sth.display())))?;
+            let old = checked_sth(&old_v, &key)?;
+            let (_, new) = latest(&log, &key).await?;
+            let v = get(
+                &log.url,
+                "/ct/v1/get-sth-consistency",
+                &[
+                    ("first", old.head.tree_size.to_string()),
+                    ("second", new.head.tree_size.to_string()),
+                ],
+            )
+            .await?;
+            ct::verify_consistency(
+                old.head.tree_size,
+                new.head.tree_size,
+                &old.head.root_hash,
+                &new.head.root_hash,
+                &hashes(&v, "consistency")?,
+            )
+            .map_err(|e| {
+                failed(format!(
+                    "the log's tree of {} entries does not extend the saved one of {}: {e}",
+                    new.head.tree_size, old.head.tree_size
+                ))
+            })?;
+            print(
+                log.output,
+                json!({ "first": old.head.tree_size, "second": new.head.tree_size, "consistent": true }),
+                format!(
+                    "Consistent: the tree of {} entries extends the saved one of {}\n",
+                    new.head.tree_size, old.head.tree_size
+                ),
+            );
+        }
+        LogCmd::Get { log, start, end } => {
+            let v = get(
+                &log.url,
+                "/ct/v1/get-entries",
+                &[("start", start.to_string()), ("end", end.to_string())],
+            )
+            .await?;
+            let entries = v["entries"]
+                .as_array()
+                .ok_or_else(|| failed("entries is missing"))?;
+            let mut out = vec![];
+            for (i, e) in entries.iter().enumerate() {
+                let mut d = describe(&b64_field(e, "leaf_input")?);
+                d["index"] = json!(start + i as u64);
+                out.push(d);
+            }
+            let text: String = out.iter().map(|d| format!("{d}\n")).collect();
+            print(log.output, json!({ "entries": out }), text);
+        }
+        LogCmd::Verify { log } => {
+            let key = read_key(&log.log_key)?;
+            let (_, sth) = latest(&log, &key).await?;
+            let mut f = ct::Frontier::default();
+            while f.size() < sth.head.tree_size {
+                let start = f.size();
+                let v = get(
+                    &log.url,
+                    "/ct/v1/get-entries",
+                    &[
+                        ("start", start.to_string()),
+                        ("end", (sth.head.tree_size - 1).to_string()),
+                    ],
+                )
+                .await?;
+                let entries = v["entries"]
+                    .as_array()
+                    .filter(|e| !e.is_empty())
+                    .ok_or_else(|| failed(format!("no entries from {start}")))?;
+                for (i, e) in entries.iter().enumerate() {
+                    let input = b64_field(e, "leaf_input")?;
+                    ct::Leaf::decode(&input)
+                        .map_err(|err| failed(format!("entry {}: {err}", start + i as u64)))?;
+                    f.push(ct::leaf_hash(&input));
+                    if f.size() == sth.head.tree_size {
+                        break;
+                    }
+                }
+            }
+            if f.root() != sth.head.root_hash {
+                return Err(failed(format!(
+                    "the log's entries do not give the signed tree head's root: the log has been altered (tree of {} entries)",
+                    sth.head.tree_size
+                )));
+            }
+            print(
+                log.output,
+                json!({ "tree_size": sth.head.tree_size, "verified": true }),
+                format!(
+                    "Verified  : all {} entries give the signed root {}\n",
+                    sth.head.tree_size,
+                    B64.encode(sth.head.root_hash)
+                ),
+            );
+        }
+    }
+    Ok(())
+}
