@@ -138,6 +138,9 @@ struct Made {
     until: u64,
     /// The message as one gRPC frame (flag, length, protobuf).
     msg: Result<Option<Bytes>, Status>,
+    /// The message the frame encodes, to compare the next one with: equal content keeps the
+    /// same frame (its encoding alone may differ, as protobuf maps have no fixed order).
+    decoded: Option<Arc<dyn std::any::Any + Send + Sync>>,
 }
 
 impl<T> Fanout<T> {
@@ -186,7 +189,10 @@ fn grpc_frame<T: prost::Message>(m: &T) -> Result<Bytes, Status> {
 
 impl Slot {
     /// The frame for the manager's state `version`, made by the first stream to ask.
-    fn current<T: prost::Message>(&self, manager: &Manager, version: u64, make: Make<T>) -> Made {
+    fn current<T>(&self, manager: &Manager, version: u64, make: Make<T>) -> Made
+    where
+        T: prost::Message + PartialEq + Send + Sync + 'static,
+    {
         let now = now_secs();
         let mut made = self.made.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = made.as_ref()
@@ -204,20 +210,34 @@ impl Slot {
             .filter(|t| *t > now)
             .min()
             .unwrap_or(u64::MAX);
-        let msg = match make(&view).and_then(|m| m.as_ref().map(grpc_frame).transpose()) {
-            Ok(Some(frame)) => {
+        let (msg, decoded) = match make(&view) {
+            Ok(Some(m)) => {
                 // The same content keeps the same frame: streams compare pointers only.
-                match made.as_ref().map(|p| &p.msg) {
-                    Some(Ok(Some(prev))) if *prev == frame => Ok(Some(prev.clone())),
-                    _ => Ok(Some(frame)),
+                let same = made.as_ref().and_then(|p| match (&p.msg, &p.decoded) {
+                    (Ok(Some(frame)), Some(d)) if d.downcast_ref::<T>() == Some(&m) => {
+                        Some((frame.clone(), d.clone()))
+                    }
+                    _ => None,
+                });
+                match same {
+                    Some((frame, d)) => (Ok(Some(frame)), Some(d)),
+                    None => match grpc_frame(&m) {
+                        Ok(frame) => {
+                            let d: Arc<dyn std::any::Any + Send + Sync> = Arc::new(m);
+                            (Ok(Some(frame)), Some(d))
+                        }
+                        Err(e) => (Err(e), None),
+                    },
                 }
             }
-            other => other,
+            Ok(None) => (Ok(None), None),
+            Err(e) => (Err(e), None),
         };
         let m = Made {
             version,
             until,
             msg,
+            decoded,
         };
         *made = Some(m.clone());
         m
@@ -312,10 +332,15 @@ fn watch_call_checks(req: &http::Request<tonic::body::Body>) -> Result<Peer, Sta
     if let Some(enc) = req.headers().get("grpc-encoding")
         && enc.as_bytes() != b"identity"
     {
-        return Err(Status::unimplemented(format!(
+        let mut status = Status::unimplemented(format!(
             "request compression {} is not supported",
             String::from_utf8_lossy(enc.as_bytes())
-        )));
+        ));
+        status.metadata_mut().insert(
+            "grpc-accept-encoding",
+            tonic::metadata::MetadataValue::from_static("identity"),
+        );
+        return Err(status);
     }
     peer_of(req.extensions())
 }
@@ -555,7 +580,7 @@ impl WorkloadApi {
     ) -> ServiceFuture
     where
         Req: prost::Message + Default + Send + 'static,
-        T: prost::Message + 'static,
+        T: prost::Message + PartialEq + Send + Sync + 'static,
     {
         let peer = match watch_call_checks(&req) {
             Ok(p) => p,
@@ -596,7 +621,7 @@ impl WorkloadApi {
         selectors: Vec<types::Selector>,
     ) -> FrameStream
     where
-        T: prost::Message + 'static,
+        T: prost::Message + PartialEq + Send + Sync + 'static,
     {
         let w = Watcher {
             slot: fan.slot(selectors),

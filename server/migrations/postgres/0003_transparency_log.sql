@@ -7,7 +7,7 @@ CREATE TABLE ct_log_counter (
 );
 INSERT INTO ct_log_counter (only_row, size) VALUES (1, 0);
 -- One row per entry: the MerkleTreeLeaf (leaf input), its leaf hash, and the extra data
--- get-entries returns (for an X509-SVID, the certificate as issued).
+-- get-entries returns (empty so far: an X509-SVID is known by its TBSCertificate in the leaf).
 CREATE TABLE ct_log_entries (
     seq BIGINT PRIMARY KEY NOT NULL,
     leaf_input BYTEA NOT NULL,

@@ -59,8 +59,10 @@ pub enum LogCmd {
     Get {
         #[command(flatten)]
         log: LogArgs,
+        /// The first entry's index (from 0).
         #[arg(long)]
         start: u64,
+        /// The last entry's index (included).
         #[arg(long)]
         end: u64,
     },

@@ -305,6 +305,14 @@ pub fn ca_status(e: CaError) -> Status {
             Status::unavailable("key backend unavailable; try again later")
         }
         CaError::TooManyJwtKeys(_) => Status::failed_precondition(e.to_string()),
+        // The log key is not usable: the operator must act.
+        CaError::Transparency(
+            crate::transparency::LogError::KeyChanged(_)
+            | crate::transparency::LogError::KeyType(_),
+        ) => {
+            tracing::error!(error = %e, "transparency log key; SVID not issued");
+            Status::failed_precondition(e.to_string())
+        }
         // The log cannot record: nothing was issued; the caller may retry.
         CaError::Transparency(ref t) => {
             tracing::warn!(error = %t, "transparency log cannot record; SVID not issued");

@@ -35,9 +35,17 @@ pub async fn serve(
             _ = shutdown.wait_for(|v| *v) => return,
             c = listener.accept() => c,
         };
-        let Ok((mut s, _)) = conn else { continue };
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
+        let Ok((mut s, _)) = conn else {
+            // Out of descriptors, most likely: wait instead of spinning.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let permit = tokio::select! {
+            _ = shutdown.wait_for(|v| *v) => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
         };
         let (log, roots) = (log.clone(), roots.clone());
         tokio::spawn(async move {
@@ -58,6 +66,10 @@ pub async fn serve(
             let (status, body) = match answer(&log, &roots, &target).await {
                 Ok(v) => ("200 OK", v),
                 Err(Refusal::NotFound) => ("404 Not Found", json!({"error": "not found"})),
+                Err(Refusal::Busy) => (
+                    "503 Service Unavailable",
+                    json!({"error": "too many proofs at once; try again"}),
+                ),
                 Err(Refusal::Bad(m)) => ("400 Bad Request", json!({ "error": m })),
                 Err(Refusal::Log(e)) => {
                     tracing::warn!(error = %e, "transparency log read API");
@@ -76,6 +88,7 @@ pub async fn serve(
 
 enum Refusal {
     NotFound,
+    Busy,
     Bad(String),
     Log(LogError),
 }
@@ -86,6 +99,7 @@ impl From<LogError> for Refusal {
             LogError::BeyondLog { .. } | LogError::NoSuchLeaf(..) | LogError::Entry(_) => {
                 Refusal::Bad(e.to_string())
             }
+            LogError::Busy => Refusal::Busy,
             e => Refusal::Log(e),
         }
     }
@@ -135,10 +149,13 @@ fn get<'a>(p: &'a [(String, String)], key: &str) -> Result<&'a str, Refusal> {
         .ok_or_else(|| Refusal::Bad(format!("parameter {key} is missing")))
 }
 
+/// A non-negative number below 2^63 (what the datastore numbers entries with).
 fn number(p: &[(String, String)], key: &str) -> Result<u64, Refusal> {
     get(p, key)?
-        .parse()
-        .map_err(|_| Refusal::Bad(format!("parameter {key} is not a number")))
+        .parse::<u64>()
+        .ok()
+        .filter(|n| *n <= i64::MAX as u64)
+        .ok_or_else(|| Refusal::Bad(format!("parameter {key} is not a number below 2^63")))
 }
 
 fn b64_hashes(h: &[kame_api::ct::Hash]) -> Vec<String> {

@@ -72,7 +72,26 @@ pub enum LogError {
     BeyondLog { requested: u64, size: u64 },
     #[error("no entry with leaf hash {0} in the first {1} entries")]
     NoSuchLeaf(String, u64),
+    #[error(
+        "the log in the datastore has {now} entries, fewer than the {seen} this server has seen: it was rolled back or restored; no tree head is signed"
+    )]
+    Shrank { seen: u64, now: u64 },
+    #[error("the log did not record the entry within {0:?}")]
+    Timeout(Duration),
+    #[error("the log's datastore returned {got} leaf hashes for a tree of {size}")]
+    ShortRead { got: usize, size: u64 },
+    #[error("too many proofs are being computed; try again later")]
+    Busy,
 }
+
+/// How long a mint waits for its entry to be recorded.
+const RECORD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A tree head is signed again when the latest is this old, even if the log has not grown.
+const MAX_HEAD_AGE: Duration = Duration::from_secs(3600);
+
+/// How long a proof waits for its turn.
+const PROOF_WAIT: Duration = Duration::from_secs(5);
 
 struct Append {
     row: LogRow,
@@ -188,14 +207,21 @@ impl TransparencyLog {
             extra,
         };
         let (done, appended) = oneshot::channel();
-        self.queue
-            .send(Append { row, done })
-            .await
-            .map_err(|_| LogError::Stopped)?;
-        let (seq, signature) = tokio::join!(appended, self.sign(&signed));
-        let seq = seq
-            .map_err(|_| LogError::Stopped)?
-            .map_err(LogError::Append)?;
+        let append = async {
+            self.queue
+                .send(Append { row, done })
+                .await
+                .map_err(|_| LogError::Stopped)?;
+            appended
+                .await
+                .map_err(|_| LogError::Stopped)?
+                .map_err(LogError::Append)
+        };
+        let (seq, signature) = tokio::join!(
+            tokio::time::timeout(RECORD_TIMEOUT, append),
+            self.sign(&signed)
+        );
+        let seq = seq.map_err(|_| LogError::Timeout(RECORD_TIMEOUT))??;
         Ok((
             seq,
             Sct {
@@ -210,9 +236,12 @@ impl TransparencyLog {
     async fn frontier_at(&self, size: u64) -> Result<Hash, LogError> {
         let mut f = self.frontier.lock().await;
         if f.size() > size {
-            // An older size: recompute from the start (rare: proofs use the stored heads).
-            let hashes = self.ds.log_leaf_hashes(0, size).await?;
-            return Ok(ct::root(&hashes));
+            // The datastore holds fewer entries than this server has seen (a restore, or a
+            // replica behind its primary): the log has forked. Sign nothing.
+            return Err(LogError::Shrank {
+                seen: f.size(),
+                now: size,
+            });
         }
         while f.size() < size {
             let end = size.min(f.size() + 65_536);
@@ -236,6 +265,7 @@ impl TransparencyLog {
         let size = self.ds.log_size().await?;
         if let Some(h) = self.ds.fetch_tree_head(&self.log_id, None).await?
             && h.tree_size >= size
+            && now_ms().saturating_sub(h.timestamp) < MAX_HEAD_AGE.as_millis() as u64
         {
             return stored_to_sth(&h);
         }
@@ -300,9 +330,11 @@ impl TransparencyLog {
             Some(i) if i < tree_size => i,
             _ => return Err(LogError::NoSuchLeaf(hex::encode(leaf_hash), tree_size)),
         };
-        let _turn = self.proofs.acquire().await.map_err(|_| LogError::Stopped)?;
-        let hashes = self.ds.log_leaf_hashes(0, tree_size).await?;
-        Ok((index, ct::inclusion_proof(index, &hashes)?))
+        let hashes = self.leaf_hashes_for_proof(tree_size).await?;
+        let proof = tokio::task::spawn_blocking(move || ct::inclusion_proof(index, &hashes))
+            .await
+            .map_err(|_| LogError::Stopped)??;
+        Ok((index, proof))
     }
 
     /// Entries `start..end` as stored (fewer when the log is shorter).
@@ -319,9 +351,29 @@ impl TransparencyLog {
                 size,
             });
         }
-        let _turn = self.proofs.acquire().await.map_err(|_| LogError::Stopped)?;
-        let hashes = self.ds.log_leaf_hashes(0, second).await?;
-        Ok(ct::consistency_proof(first, &hashes)?)
+        let hashes = self.leaf_hashes_for_proof(second).await?;
+        Ok(
+            tokio::task::spawn_blocking(move || ct::consistency_proof(first, &hashes))
+                .await
+                .map_err(|_| LogError::Stopped)??,
+        )
+    }
+
+    /// The leaf hashes of the tree of `size` entries, for a proof: one proof's read at a
+    /// time per [`PROOFS`] permit, waiting at most [`PROOF_WAIT`] for one.
+    async fn leaf_hashes_for_proof(&self, size: u64) -> Result<Vec<Hash>, LogError> {
+        let _turn = tokio::time::timeout(PROOF_WAIT, self.proofs.acquire())
+            .await
+            .map_err(|_| LogError::Busy)?
+            .map_err(|_| LogError::Stopped)?;
+        let hashes = self.ds.log_leaf_hashes(0, size).await?;
+        if hashes.len() as u64 != size {
+            return Err(LogError::ShortRead {
+                got: hashes.len(),
+                size,
+            });
+        }
+        Ok(hashes)
     }
 }
 
