@@ -249,30 +249,11 @@ mod tests {
     use super::*;
     use crate::TrustDomain;
     use crate::ct::{self, DigitallySigned, Entry, Sct};
+    use crate::x509svid::tests::Key;
     use crate::x509svid::{
         CaParams, IssuerInfo, LeafParams, assemble, ca_tbs, leaf_tbs, leaf_tbs_with, parse_name,
         raw_ext_der,
     };
-    use aws_lc_rs::encoding::AsDer;
-    use aws_lc_rs::rand::SystemRandom;
-    use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
-
-    struct Key(EcdsaKeyPair);
-    impl Key {
-        fn new() -> Self {
-            Key(EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap())
-        }
-        fn spki(&self) -> Vec<u8> {
-            self.0.public_key().as_der().unwrap().as_ref().to_vec()
-        }
-        fn sign(&self, m: &[u8]) -> Vec<u8> {
-            self.0
-                .sign(&SystemRandom::new(), m)
-                .unwrap()
-                .as_ref()
-                .to_vec()
-        }
-    }
 
     fn alg(spki: &[u8]) -> x509_cert::spki::AlgorithmIdentifierOwned {
         crate::keys::KeyInfo::from_spki_der(spki)

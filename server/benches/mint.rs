@@ -37,32 +37,7 @@ fn fixture() -> Fixture {
         .enable_all()
         .build()
         .unwrap();
-    let km = Arc::new(MemoryKeyManager::new());
-    let ca = rt.block_on(async {
-        let ds = Arc::new(
-            SqliteStore::open(dir.path().join("ds.sqlite3").to_str().unwrap())
-                .await
-                .unwrap(),
-        );
-        Ca::start(
-            CaSettings {
-                trust_domain: kame_api::TrustDomain::parse("example.org").unwrap(),
-                server_id: "bench".into(),
-                ca_ttl: Duration::from_secs(86400),
-                ca_key_type: kame_keymanager::KeyType::EcP256,
-                jwt_key_type: kame_keymanager::KeyType::EcP256,
-                ca_subject_dn: "C=US, O=SPIFFE".into(),
-                jwt_issuer: None,
-                signing_mode: kame_server::ca::SigningMode::Direct,
-                upstream: None,
-                transparency: None,
-            },
-            km.clone() as Arc<dyn KeyManager>,
-            ds,
-        )
-        .await
-        .unwrap()
-    });
+    let (ca, km) = ca_on(&rt, dir.path(), false);
     use aws_lc_rs::encoding::AsDer;
     use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
     let wk = EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap();
@@ -174,9 +149,14 @@ criterion_group! {
 }
 
 /// A CA on `rt` with a SQLite datastore in `dir` and, with `log`, the transparency log.
-fn ca_on(rt: &tokio::runtime::Runtime, dir: &std::path::Path, log: bool) -> Arc<Ca> {
+fn ca_on(
+    rt: &tokio::runtime::Runtime,
+    dir: &std::path::Path,
+    log: bool,
+) -> (Arc<Ca>, Arc<MemoryKeyManager>) {
     rt.block_on(async {
-        let km = Arc::new(MemoryKeyManager::new()) as Arc<dyn KeyManager>;
+        let memory = Arc::new(MemoryKeyManager::new());
+        let km = memory.clone() as Arc<dyn KeyManager>;
         let ds: Arc<dyn kame_server::datastore::DataStore> = Arc::new(
             SqliteStore::open(dir.join("ds.sqlite3").to_str().unwrap())
                 .await
@@ -212,6 +192,7 @@ fn ca_on(rt: &tokio::runtime::Runtime, dir: &std::path::Path, log: bool) -> Arc<
             ds,
         )
         .await
+        .map(|ca| (ca, memory))
         .unwrap()
     })
 }
@@ -233,7 +214,7 @@ fn transparency_ratio() {
     let mut rates = vec![];
     for log in [false, true] {
         let dir = tempfile::tempdir().unwrap();
-        let ca = ca_on(&rt, dir.path(), log);
+        let (ca, _) = ca_on(&rt, dir.path(), log);
         let one = 500;
         let t = Instant::now();
         for _ in 0..one {

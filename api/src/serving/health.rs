@@ -99,14 +99,7 @@ pub async fn serve(
                 return respond(&mut s, "404 Not Found", "text/plain", b"not found\n", "").await;
             };
             if method != "GET" {
-                return respond(
-                    &mut s,
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    b"method not allowed\n",
-                    "Allow: GET\r\n",
-                )
-                .await;
+                return super::httpmini::get_only(&mut s).await;
             }
             let (ok, details) = check();
             let status = if ok {

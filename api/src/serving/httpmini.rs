@@ -65,3 +65,15 @@ pub async fn respond<S: AsyncWrite + Unpin>(
     })
     .await;
 }
+
+/// Answers a request whose method is not GET (405, `Allow: GET`).
+pub async fn get_only<S: AsyncWrite + Unpin>(s: &mut S) {
+    respond(
+        s,
+        "405 Method Not Allowed",
+        "text/plain",
+        b"method not allowed\n",
+        "Allow: GET\r\n",
+    )
+    .await
+}

@@ -852,4 +852,4 @@ fn path_to_root(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

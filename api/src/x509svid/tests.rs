@@ -4,15 +4,16 @@ use aws_lc_rs::rand::SystemRandom;
 use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
 use x509_cert::time::Time;
 
-struct Key(EcdsaKeyPair);
+/// A P-256 key for building test certificates (also used by other modules' tests).
+pub(crate) struct Key(EcdsaKeyPair);
 impl Key {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Key(EcdsaKeyPair::generate(&ECDSA_P256_SHA256_ASN1_SIGNING).unwrap())
     }
-    fn spki(&self) -> Vec<u8> {
+    pub(crate) fn spki(&self) -> Vec<u8> {
         self.0.public_key().as_der().unwrap().as_ref().to_vec()
     }
-    fn sign(&self, m: &[u8]) -> Vec<u8> {
+    pub(crate) fn sign(&self, m: &[u8]) -> Vec<u8> {
         self.0
             .sign(&SystemRandom::new(), m)
             .unwrap()

@@ -312,14 +312,7 @@ pub async fn serve(
                 return respond(&mut s, "404 Not Found", "text/plain", b"not found\n", "").await;
             }
             if method != "GET" {
-                return respond(
-                    &mut s,
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    b"method not allowed\n",
-                    "Allow: GET\r\n",
-                )
-                .await;
+                return kame_api::serving::httpmini::get_only(&mut s).await;
             }
             match source.document(crate::ca::now_secs()).await {
                 Ok(body) => respond(&mut s, "200 OK", "application/json", &body, "").await,

@@ -54,14 +54,7 @@ pub async fn serve(
                 return;
             };
             if method != "GET" {
-                return respond(
-                    &mut s,
-                    "405 Method Not Allowed",
-                    "text/plain",
-                    b"method not allowed\n",
-                    "Allow: GET\r\n",
-                )
-                .await;
+                return kame_api::serving::httpmini::get_only(&mut s).await;
             }
             let (status, body) = match answer(&log, &roots, &target).await {
                 Ok(v) => ("200 OK", v),
