@@ -344,31 +344,14 @@ pub fn unix_workload_attestor(_: &Path, data: Section) -> Result<UnixAttestorCon
     })
 }
 
-/// A transparency log's public key from a PEM file (`PUBLIC KEY`), as SubjectPublicKeyInfo
-/// DER; only keys a log can have (P-256).
+/// A transparency log's public key from a PEM file, as SubjectPublicKeyInfo DER.
 fn log_key(path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
-    use base64::Engine;
-    let key = "agent.transparency_log_keys";
-    let text = kame_api::conf::read_file(path)?;
-    let body: String = text
-        .lines()
-        .skip_while(|l| l.trim() != "-----BEGIN PUBLIC KEY-----")
-        .skip(1)
-        .take_while(|l| l.trim() != "-----END PUBLIC KEY-----")
-        .collect();
-    let der = base64::engine::general_purpose::STANDARD
-        .decode(body.trim())
-        .ok()
-        .filter(|d| !d.is_empty())
-        .ok_or_else(|| invalid(key, format!("{}: not a PEM PUBLIC KEY", path.display())))?;
-    match kame_api::keys::KeyInfo::from_spki_der(&der) {
-        Ok(kame_api::keys::KeyInfo::EcP256(_)) => Ok(der),
-        Ok(_) => Err(invalid(
-            key,
-            format!("{}: a transparency log key is P-256", path.display()),
-        )),
-        Err(e) => Err(invalid(key, format!("{}: {e}", path.display()))),
-    }
+    kame_api::ct::log_key_from_pem(&kame_api::conf::read_file(path)?).map_err(|e| {
+        invalid(
+            "agent.transparency_log_keys",
+            format!("{}: {e}", path.display()),
+        )
+    })
 }
 
 #[cfg(test)]

@@ -71,6 +71,8 @@ pub enum CtError {
     Certificate(String),
     #[error("the certificate carries no SCT")]
     NoSct,
+    #[error("{0}")]
+    LogKey(String),
     #[error("the SCT is from log {0}, which is not a trusted log")]
     UnknownLog(String),
 }
@@ -650,7 +652,7 @@ pub fn precert_entry(
     if tag != 0x30 {
         return Err(bad("the TBSCertificate is not a SEQUENCE"));
     }
-    let sct_oid = der_tlv(0x06, SCT_LIST_OID.as_bytes());
+    let sct_oid = crate::keys::der_tlv(0x06, SCT_LIST_OID.as_bytes());
     let mut body = Vec::with_capacity(tbs.len());
     let mut scts = None;
     let mut rest = tbs;
@@ -683,7 +685,10 @@ pub fn precert_entry(
             scts = Some(parse_sct_list_extension(value)?);
         }
         if !kept.is_empty() {
-            body.extend(der_tlv(0xa3, &der_tlv(0x30, &kept)));
+            body.extend(crate::keys::der_tlv(
+                0xa3,
+                &crate::keys::der_tlv(0x30, &kept),
+            ));
         }
     }
     let scts = scts.ok_or(CtError::NoSct)?;
@@ -691,9 +696,31 @@ pub fn precert_entry(
         scts,
         Entry::Precert {
             issuer_key_hash: key_hash(issuer_spki_der),
-            tbs: der_tlv(0x30, &body),
+            tbs: crate::keys::der_tlv(0x30, &body),
         },
     ))
+}
+
+/// A log's public key from PEM text (a `PUBLIC KEY` block), as SubjectPublicKeyInfo DER; only
+/// P-256, the key type a log signs with.
+pub fn log_key_from_pem(text: &str) -> Result<Vec<u8>, CtError> {
+    use base64::Engine;
+    let body: String = text
+        .lines()
+        .skip_while(|l| l.trim() != "-----BEGIN PUBLIC KEY-----")
+        .skip(1)
+        .take_while(|l| l.trim() != "-----END PUBLIC KEY-----")
+        .collect();
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(body.trim())
+        .ok()
+        .filter(|d| !d.is_empty())
+        .ok_or(CtError::LogKey("not a PEM PUBLIC KEY".into()))?;
+    match crate::keys::KeyInfo::from_spki_der(&der) {
+        Ok(crate::keys::KeyInfo::EcP256(_)) => Ok(der),
+        Ok(_) => Err(CtError::LogKey("a transparency log key is P-256".into())),
+        Err(e) => Err(CtError::LogKey(e.to_string())),
+    }
 }
 
 /// Checks that `leaf_der`, issued by the certificate whose SubjectPublicKeyInfo is
@@ -740,22 +767,6 @@ pub(crate) fn tlv(b: &[u8]) -> Option<(u8, &[u8], &[u8])> {
     };
     let end = head.checked_add(len)?;
     Some((tag, b.get(head..end)?, b.get(..end)?))
-}
-
-fn der_tlv(tag: u8, content: &[u8]) -> Vec<u8> {
-    let n = content.len();
-    let mut out = Vec::with_capacity(n + 6);
-    out.push(tag);
-    if n < 0x80 {
-        out.push(n as u8);
-    } else {
-        let bytes = (n as u32).to_be_bytes();
-        let skip = bytes.iter().take_while(|b| **b == 0).count();
-        out.push(0x80 | (4 - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
-    }
-    out.extend_from_slice(content);
-    out
 }
 
 /// A tree head: what a signed tree head (STH) signs.

@@ -175,16 +175,7 @@ async fn build_context(
                 .await
                 .map_err(CaError::Transparency)?;
             // Verifiers are given the log's public key: it is written next to the server's data.
-            let b64 = base64::Engine::encode(
-                &base64::engine::general_purpose::STANDARD,
-                log.public_key_der(),
-            );
-            let mut pem = String::from("-----BEGIN PUBLIC KEY-----\n");
-            for line in b64.as_bytes().chunks(64) {
-                pem.push_str(&String::from_utf8_lossy(line));
-                pem.push('\n');
-            }
-            pem.push_str("-----END PUBLIC KEY-----\n");
+            let pem = kame_api::bundle::pem_block("PUBLIC KEY", log.public_key_der());
             let key_file = cfg.data_dir.join("transparency_log_key.pem");
             std::fs::write(&key_file, pem).map_err(io("cannot write", &key_file))?;
             tracing::info!(

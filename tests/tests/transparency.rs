@@ -15,17 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 fn pem(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let lines: Vec<&str> = b64
-        .as_bytes()
-        .chunks(64)
-        .map(|c| std::str::from_utf8(c).unwrap())
-        .collect();
-    format!(
-        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
-        lines.join("\n")
-    )
+    kame_api::bundle::pem_block("CERTIFICATE", der)
 }
 
 fn python() -> std::path::PathBuf {
@@ -102,15 +92,9 @@ async fn transparency_svids_carry_an_sct_that_an_independent_rfc6962_verifier_ac
     tokio::time::sleep(Duration::from_millis(800)).await;
 
     // openssl sees the SCT, from this log.
-    let key_pem = std::fs::read(env.dir.path().join("srv/transparency_log_key.pem")).unwrap();
-    let key_der = {
-        use base64::Engine;
-        let text = String::from_utf8(key_pem).unwrap();
-        let b64: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
-        base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .unwrap()
-    };
+    let key_pem =
+        std::fs::read_to_string(env.dir.path().join("srv/transparency_log_key.pem")).unwrap();
+    let key_der = kame_api::ct::log_key_from_pem(&key_pem).unwrap();
     let log_id = kame_api::ct::log_id(&key_der);
     let out = std::process::Command::new("openssl")
         .args(["x509", "-noout", "-text", "-in"])

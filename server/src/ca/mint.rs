@@ -38,7 +38,7 @@ impl Ca {
         if let SigningMode::KmsRooted { intermediate_ttl } = self.settings.signing_mode {
             let inter = self.intermediate(&ca, intermediate_ttl).await?;
             let tbs = self
-                .logged_leaf_tbs(&params, &inter.issuer, &inter.cert_der)
+                .logged_leaf_tbs(&params, &inter.issuer, &inter.key.spki_der)
                 .await?;
             let sig = sign_checked(
                 &inter.km,
@@ -56,7 +56,7 @@ impl Ca {
             return Ok(chain);
         }
         let tbs = self
-            .logged_leaf_tbs(&params, &ca.issuer, &ca.cert_der)
+            .logged_leaf_tbs(&params, &ca.issuer, &ca.key.spki_der)
             .await?;
         let sig = sign_checked(
             self.km.as_ref(),
@@ -83,14 +83,14 @@ impl Ca {
         &self,
         params: &x509svid::LeafParams<'_>,
         issuer: &x509svid::IssuerInfo,
-        issuer_cert_der: &[u8],
+        issuer_spki_der: &[u8],
     ) -> Result<Vec<u8>, CaError> {
         let precert = x509svid::leaf_tbs(params, issuer)?;
         let Some(log) = &self.settings.transparency else {
             return Ok(precert);
         };
         let entry = kame_api::ct::Entry::Precert {
-            issuer_key_hash: crate::transparency::issuer_key_hash(issuer_cert_der)?,
+            issuer_key_hash: kame_api::ct::key_hash(issuer_spki_der),
             tbs: precert,
         };
         match log.record(&entry, vec![]).await {

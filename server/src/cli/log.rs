@@ -137,9 +137,7 @@ fn read_key(p: &std::path::Path) -> Result<Vec<u8>, CliError> {
         path: p.display().to_string(),
         source,
     })?;
-    let b64: String = text.lines().filter(|l| !l.starts_with("-----")).collect();
-    B64.decode(b64.trim())
-        .map_err(|_| failed(format!("{}: not a PEM public key", p.display())))
+    ct::log_key_from_pem(&text).map_err(|e| failed(format!("{}: {e}", p.display())))
 }
 
 /// A tree head from get-sth's JSON, once its signature verifies with `key`.

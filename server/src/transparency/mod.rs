@@ -407,10 +407,3 @@ async fn writer(ds: Arc<dyn DataStore>, mut rx: mpsc::Receiver<Append>) {
         }
     }
 }
-
-/// SHA-256 of the issuing certificate's SubjectPublicKeyInfo: a precertificate entry's
-/// `issuer_key_hash`.
-pub fn issuer_key_hash(issuer_cert_der: &[u8]) -> Result<Hash, kame_api::Error> {
-    let spki = kame_api::x509svid::ParsedCert::parse(issuer_cert_der)?.spki_der()?;
-    Ok(ct::key_hash(&spki))
-}
