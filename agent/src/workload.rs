@@ -772,6 +772,17 @@ impl wl::spiffe_workload_api_server::SpiffeWorkloadApi for WorkloadApi {
             )
         })
         .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        // With transparency log keys configured, a token of this trust domain must also carry
+        // a valid SCT from one of those logs (one minted outside the log is refused).
+        let keys = self.manager.transparency_log_keys();
+        if !keys.is_empty()
+            && v.sub.trust_domain() == self.manager.trust_domain()
+            && let Err(e) = kame_api::ct::check_jwt_sct(&r.svid, keys)
+        {
+            return Err(Status::invalid_argument(format!(
+                "the JWT-SVID has no valid SCT from a trusted transparency log: {e}"
+            )));
+        }
         Ok(Response::new(wl::ValidateJwtsvidResponse {
             spiffe_id: v.sub.to_string(),
             claims: Some(prost_types::Struct {

@@ -75,6 +75,10 @@ pub enum CtError {
     LogKey(String),
     #[error("the SCT is from log {0}, which is not a trusted log")]
     UnknownLog(String),
+    #[error("JWT-SVID: {0}")]
+    Jwt(String),
+    #[error("a frontier of a tree of {size} entries does not have {count} hashes")]
+    Frontier { size: u64, count: usize },
 }
 
 fn sha256(parts: &[&[u8]]) -> Hash {
@@ -313,6 +317,23 @@ impl Frontier {
 
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The roots of the perfect subtrees, largest first (one per set bit of the size): with
+    /// the size, all a monitor keeps to go on from a tree head.
+    pub fn hashes(&self) -> &[Hash] {
+        &self.hashes
+    }
+
+    /// The frontier of a tree of `size` leaves from its [`Frontier::hashes`].
+    pub fn from_parts(size: u64, hashes: Vec<Hash>) -> Result<Self, CtError> {
+        if hashes.len() != size.count_ones() as usize {
+            return Err(CtError::Frontier {
+                size,
+                count: hashes.len(),
+            });
+        }
+        Ok(Frontier { size, hashes })
     }
 
     /// Appends a leaf (by its leaf hash).
@@ -609,14 +630,8 @@ impl Sct {
 /// The value (extnValue contents) of the SCT list extension: a DER OCTET STRING holding the
 /// TLS-encoded `SignedCertificateTimestampList`.
 pub fn sct_list_extension_value(scts: &[Sct]) -> Result<Vec<u8>, CtError> {
-    let mut list = vec![];
-    for s in scts {
-        put_u16(&mut list, "SCT", &s.encode()?)?;
-    }
-    let mut tls = Vec::with_capacity(list.len() + 2);
-    put_u16(&mut tls, "SCT list", &list)?;
     use der::Encode;
-    der::asn1::OctetString::new(tls)
+    der::asn1::OctetString::new(sct_list(scts)?)
         .and_then(|o| o.to_der())
         .map_err(|_| CtError::ExtensionEncoding)
 }
@@ -625,7 +640,22 @@ pub fn sct_list_extension_value(scts: &[Sct]) -> Result<Vec<u8>, CtError> {
 pub fn parse_sct_list_extension(value: &[u8]) -> Result<Vec<Sct>, CtError> {
     use der::Decode;
     let octets = der::asn1::OctetString::from_der(value).map_err(|_| CtError::ExtensionEncoding)?;
-    let mut r = Reader::new(octets.as_bytes(), "SCT list");
+    parse_sct_list(octets.as_bytes())
+}
+
+/// RFC 6962's TLS-encoded `SignedCertificateTimestampList`.
+fn sct_list(scts: &[Sct]) -> Result<Vec<u8>, CtError> {
+    let mut list = vec![];
+    for s in scts {
+        put_u16(&mut list, "SCT", &s.encode()?)?;
+    }
+    let mut tls = Vec::with_capacity(list.len() + 2);
+    put_u16(&mut tls, "SCT list", &list)?;
+    Ok(tls)
+}
+
+fn parse_sct_list(tls: &[u8]) -> Result<Vec<Sct>, CtError> {
+    let mut r = Reader::new(tls, "SCT list");
     let list = r.u16_bytes()?;
     r.end()?;
     let mut r = Reader::new(list, "SCT list");
@@ -634,6 +664,117 @@ pub fn parse_sct_list_extension(value: &[u8]) -> Result<Vec<Sct>, CtError> {
         out.push(Sct::decode(r.u16_bytes()?)?);
     }
     Ok(out)
+}
+
+/// The claim that carries a JWT-SVID's SCTs: base64 (standard alphabet, padded) of RFC 6962's
+/// TLS-encoded `SignedCertificateTimestampList`. A claim, not a header: JWT-SVIDs allow no
+/// header but `alg`, `kid` and `typ` (JWT-02), and other claims are allowed (JWT-09).
+pub const JWT_SCT_CLAIM: &str = "kame_scts";
+
+/// The log entry of a JWT-SVID: its JWS signing input (`b64(header).b64(claims)`) before the
+/// SCT claim is added, as bytes.
+pub fn jwt_entry(signing_input: &str) -> Entry {
+    Entry::Kame {
+        kind: EntryType::JwtSvid,
+        body: signing_input.as_bytes().to_vec(),
+    }
+}
+
+fn jwt_bad(m: &str) -> CtError {
+    CtError::Jwt(m.to_string())
+}
+
+/// Adds the SCT claim to a JWT-SVID's signing input: the claims' closing brace becomes
+/// `,"kame_scts":"<base64>"}`, so that a verifier gets the logged claims back by taking that
+/// suffix off, byte for byte, without re-encoding any JSON.
+pub fn jwt_input_with_scts(signing_input: &str, scts: &[Sct]) -> Result<String, CtError> {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    let (header, payload) = signing_input
+        .split_once('.')
+        .ok_or_else(|| jwt_bad("the signing input has no claims"))?;
+    let mut claims = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| jwt_bad("the claims are not base64url"))?;
+    if claims.first() != Some(&b'{') || claims.pop() != Some(b'}') {
+        return Err(jwt_bad("the claims are not a JSON object"));
+    }
+    if claims.len() > 1 {
+        claims.push(b',');
+    }
+    claims.extend_from_slice(
+        format!(
+            "\"{JWT_SCT_CLAIM}\":\"{}\"}}",
+            STANDARD.encode(sct_list(scts)?)
+        )
+        .as_bytes(),
+    );
+    Ok(format!("{header}.{}", URL_SAFE_NO_PAD.encode(claims)))
+}
+
+/// What a JWT-SVID (`header.claims.signature`, or its signing input) was logged as: its SCTs,
+/// and the signing input without the SCT claim. The claim must be the last member of the
+/// claims object, as [`jwt_input_with_scts`] writes it.
+pub fn jwt_logged_input(token: &str) -> Result<(Vec<Sct>, String), CtError> {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    let mut parts = token.split('.');
+    let (Some(header), Some(payload)) = (parts.next(), parts.next()) else {
+        return Err(jwt_bad("not a JWS compact serialization"));
+    };
+    let claims = URL_SAFE_NO_PAD
+        .decode(payload)
+        .map_err(|_| jwt_bad("the claims are not base64url"))?;
+    let claims = std::str::from_utf8(&claims).map_err(|_| jwt_bad("the claims are not UTF-8"))?;
+    let marker = format!("\"{JWT_SCT_CLAIM}\":\"");
+    let Some(at) = claims.rfind(&marker) else {
+        return Err(CtError::NoSct);
+    };
+    let value = claims[at + marker.len()..]
+        .strip_suffix("\"}")
+        .ok_or_else(|| jwt_bad("the SCT claim is not the last claim"))?;
+    let list = STANDARD
+        .decode(value)
+        .map_err(|_| jwt_bad("the SCT claim is not base64"))?;
+    let before = &claims[..at];
+    let logged = if let Some(rest) = before.strip_suffix(',') {
+        format!("{rest}}}")
+    } else if before == "{" {
+        "{}".to_string()
+    } else {
+        return Err(jwt_bad(
+            "the SCT claim is not a member of the claims object",
+        ));
+    };
+    Ok((
+        parse_sct_list(&list)?,
+        format!("{header}.{}", URL_SAFE_NO_PAD.encode(logged)),
+    ))
+}
+
+/// Checks that a JWT-SVID carries an SCT from one of the logs whose public keys are
+/// `log_keys` that verifies over the token as logged: what a validator that requires issuance
+/// transparency checks (after, not instead of, the JWT-SVID's own validation). Returns that
+/// SCT; else the reason the last candidate failed ([`CtError::NoSct`] without any).
+pub fn check_jwt_sct(token: &str, log_keys: &[Vec<u8>]) -> Result<Sct, CtError> {
+    let (scts, input) = jwt_logged_input(token)?;
+    check_scts(scts, &jwt_entry(&input), log_keys)
+}
+
+/// The first of `scts` from one of `log_keys` whose signature verifies over `entry`.
+fn check_scts(scts: Vec<Sct>, entry: &Entry, log_keys: &[Vec<u8>]) -> Result<Sct, CtError> {
+    let mut last = CtError::NoSct;
+    for sct in scts {
+        let Some(key) = log_keys.iter().find(|k| log_id(k) == sct.log_id) else {
+            last = CtError::UnknownLog(hex::encode(sct.log_id));
+            continue;
+        };
+        match sct.verify(key, entry) {
+            Ok(()) => return Ok(sct),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
 }
 
 /// What a certificate with embedded SCTs was logged as: its SCTs, and its precertificate entry
@@ -734,18 +875,7 @@ pub fn check_embedded_sct(
     log_keys: &[Vec<u8>],
 ) -> Result<Sct, CtError> {
     let (scts, entry) = precert_entry(leaf_der, issuer_spki_der)?;
-    let mut last = CtError::NoSct;
-    for sct in scts {
-        let Some(key) = log_keys.iter().find(|k| log_id(k) == sct.log_id) else {
-            last = CtError::UnknownLog(hex::encode(sct.log_id));
-            continue;
-        };
-        match sct.verify(key, &entry) {
-            Ok(()) => return Ok(sct),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
+    check_scts(scts, &entry, log_keys)
 }
 
 /// One DER TLV with a definite length: (tag, contents, the whole TLV).

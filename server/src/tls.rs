@@ -119,12 +119,19 @@ impl ResolvesServerCert for ServerSvid {
     }
 }
 
-/// rustls server configuration: our SVID, optional client SVIDs of the trust domain, ALPN h2.
+/// rustls server configuration: our SVID, optional client SVIDs of the trust domain (with
+/// `transparency { require_agent_scts = true }`, only those carrying an SCT from a log of the
+/// servers sharing the datastore), ALPN h2.
 pub fn server_config(
     svid: Arc<ServerSvid>,
     ca: Arc<Ca>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<rustls::ServerConfig, rustls::Error> {
+    let log = ca
+        .settings()
+        .transparency
+        .clone()
+        .filter(|l| l.settings().require_agent_scts);
     let roots: RootsFn = Arc::new(move || {
         ca.bundle()
             .x509_authorities
@@ -132,7 +139,11 @@ pub fn server_config(
             .map(|c| c.asn1.clone())
             .collect()
     });
-    let verifier = Arc::new(SpiffeClientVerifier::new(roots, provider.clone()));
+    let mut verifier = SpiffeClientVerifier::new(roots, provider.clone());
+    if let Some(log) = log {
+        verifier = verifier.requiring_sct(Arc::new(move || log.known_keys().as_ref().clone()));
+    }
+    let verifier = Arc::new(verifier);
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)

@@ -4,9 +4,12 @@
 //! (`cryptography` and the standard library, none of Kame's code) checks each SCT's signature
 //! with the log's public key, each SVID's inclusion in the signed tree head through the read
 //! API, the tree head's signature, and consistency between an earlier and a later tree head.
-//! The agent requires the server's SVID to carry the log's SCT (`transparency_log_keys`); the
-//! `kame-server log` commands check the same with Kame's verifier, and `log verify` finds an
-//! entry altered in the database.
+//! The same verifier checks a JWT-SVID's SCT (its `kame_scts` claim). The agent requires the
+//! server's SVID to carry the log's SCT (`transparency_log_keys`), and its ValidateJWTSVID
+//! refuses a token signed with a stolen copy of the JWT key outside the log; the
+//! `kame-server log` commands check the same with Kame's verifier, `log monitor` reports the
+//! SVIDs of a watched ID, authority changes and attestations pass by pass, and `log verify`
+//! and a monitor without a saved frontier find an entry altered in the database.
 
 mod common;
 
@@ -67,6 +70,111 @@ fn write_svids(
         .collect()
 }
 
+/// A JWT-SVID for `path` with audience "db", from the Workload API.
+async fn fetch_jwt(env: &Env, path: &str) -> String {
+    use kame_agent::cli::with_header as h;
+    let mut c = env.workload_client().await;
+    c.fetch_jwtsvid(h(kame_api::pb::workload::JwtsvidRequest {
+        audience: vec!["db".into()],
+        spiffe_id: format!("spiffe://{}{path}", env.td),
+    }))
+    .await
+    .unwrap()
+    .into_inner()
+    .svids[0]
+        .svid
+        .clone()
+}
+
+async fn validate_jwt(
+    env: &Env,
+    token: String,
+) -> Result<kame_api::pb::workload::ValidateJwtsvidResponse, tonic::Status> {
+    use kame_agent::cli::with_header as h;
+    let mut c = env.workload_client().await;
+    c.validate_jwtsvid(h(kame_api::pb::workload::ValidateJwtsvidRequest {
+        audience: "db".into(),
+        svid: token,
+    }))
+    .await
+    .map(|r| r.into_inner())
+}
+
+/// A copy of the server's KeyManager file, and in it the key whose public key is `spki`.
+async fn stolen_key(
+    env: &Env,
+    spki: &[u8],
+) -> (
+    kame_keymanager::disk::DiskKeyManager,
+    kame_keymanager::PublicKey,
+) {
+    use kame_keymanager::KeyManager;
+    let copy = env.dir.path().join("stolen-keys.json");
+    std::fs::copy(env.dir.path().join("srv/keys.json"), &copy).unwrap();
+    let stolen = kame_keymanager::disk::DiskKeyManager::open(&copy).unwrap();
+    let key = stolen
+        .public_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|k| k.spki_der == spki)
+        .unwrap();
+    (stolen, key)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+/// A JWT-SVID for `path` signed with a copy of the server's JWT key (the one that signed
+/// `genuine`), outside the log: what a thief of the key file could make.
+async fn forge_jwt(env: &Env, genuine: &str, path: &str) -> String {
+    use base64::Engine;
+    use kame_keymanager::KeyManager;
+    let header: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(genuine.split('.').next().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let kid = header["kid"].as_str().unwrap().to_string();
+    let bundle = env.bundle().await;
+    let spki = &bundle
+        .jwt_authorities
+        .iter()
+        .find(|k| k.key_id == kid)
+        .unwrap()
+        .public_key;
+    let (stolen, key) = stolen_key(env, spki).await;
+    let info = kame_api::keys::KeyInfo::from_spki_der(&key.spki_der).unwrap();
+    let now = now_secs();
+    let sub = kame_api::SpiffeId::parse(&format!("spiffe://{}{path}", env.td)).unwrap();
+    let input = kame_api::jwtsvid::signing_input(
+        &info,
+        &kid,
+        &kame_api::jwtsvid::Claims {
+            sub: &sub,
+            aud: &["db".to_string()],
+            exp: now + 300,
+            iat: now,
+            iss: None,
+        },
+    )
+    .unwrap();
+    let sig = stolen
+        .sign(
+            &key.id,
+            input.as_bytes(),
+            kame_keymanager::SignOpts::for_key(key.key_type),
+        )
+        .await
+        .unwrap();
+    kame_api::jwtsvid::assemble(&info, &input, &sig.bytes).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transparency_svids_carry_an_sct_that_an_independent_rfc6962_verifier_accepts() {
     let port = free_port();
@@ -111,8 +219,79 @@ async fn transparency_svids_carry_an_sct_that_an_independent_rfc6962_verifier_ac
         id_hex.join(":")
     );
 
-    let report = ct_check(&env, &base, &first).await;
+    // A JWT-SVID carries the log's SCT as its last claim; the independent verifier checks it
+    // and its inclusion.
+    let token = fetch_jwt(&env, "/first").await;
+    let jwt_file = env.dir.path().join("first.jwt");
+    std::fs::write(&jwt_file, &token).unwrap();
+    let mut checked = first.clone();
+    checked.push(jwt_file);
+    let report = ct_check(&env, &base, &checked).await;
     assert!(report.contains("sct ok"), "{report}");
+    assert!(report.contains("jwt sct ok"), "{report}");
+
+    // The agent (transparency_log_keys) validates the token, and refuses one signed with a
+    // copy of the server's JWT key outside the log (no SCT).
+    let v = validate_jwt(&env, token.clone()).await.unwrap();
+    assert_eq!(v.spiffe_id, format!("spiffe://{}/first", env.td));
+    let forged = forge_jwt(&env, &token, "/first").await;
+    let e = validate_jwt(&env, forged).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("no valid SCT"), "{}", e.message());
+
+    // A monitor watching /first: its first pass reads the log from the start and reports the
+    // X509- and JWT-SVIDs of /first and the authorities prepared, nothing of other IDs.
+    let margs = kame_server::cli::LogArgs {
+        url: base.clone(),
+        log_key: env.dir.path().join("srv/transparency_log_key.pem"),
+        output: kame_server::cli::Output::Json,
+    };
+    let state = env.dir.path().join("monitor.json");
+    let watch = vec![format!("spiffe://{}/first", env.td)];
+    let r = kame_server::cli::monitor_pass(&margs, &state, &watch)
+        .await
+        .unwrap();
+    let kinds = |r: &serde_json::Value| -> Vec<String> {
+        r["matches"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| {
+                format!(
+                    "{} {}",
+                    m["type"].as_str().unwrap(),
+                    m["spiffe_id"].as_str().unwrap_or("")
+                )
+            })
+            .collect()
+    };
+    let seen = kinds(&r);
+    let first_id = format!("spiffe://{}/first", env.td);
+    assert!(seen.contains(&format!("Precert {first_id}")), "{seen:?}");
+    assert!(seen.contains(&format!("JwtSvid {first_id}")), "{seen:?}");
+    assert!(
+        seen.iter().filter(|k| k.starts_with("Authority")).count() >= 2,
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter()
+            .all(|k| k.starts_with("Authority") || k.ends_with(&first_id)),
+        "{seen:?}"
+    );
+    assert_eq!(r["from"], 0, "{r}");
+    let first_size = r["to"].as_u64().unwrap();
+    // The agent's attestation is in the log too: a monitor watching agents sees it.
+    let agents = vec![format!("spiffe://{}/spire/agent", env.td)];
+    let state_agents = env.dir.path().join("monitor-agents.json");
+    let r = kame_server::cli::monitor_pass(&margs, &state_agents, &agents)
+        .await
+        .unwrap();
+    assert!(
+        kinds(&r)
+            .iter()
+            .any(|k| k.starts_with("Attestation spiffe://")),
+        "{r}"
+    );
 
     // More SVIDs: the later tree head is consistent with the earlier one, and every SVID is in
     // it.
@@ -139,6 +318,8 @@ async fn transparency_svids_carry_an_sct_that_an_independent_rfc6962_verifier_ac
     })
     .await
     .unwrap();
+    let saved_copy = env.dir.path().join("sth-cli-copy.json");
+    std::fs::copy(&saved, &saved_copy).unwrap();
     for cert in &all {
         log(LogCmd::Proof {
             log: args.clone(),
@@ -158,6 +339,14 @@ async fn transparency_svids_carry_an_sct_that_an_independent_rfc6962_verifier_ac
     .await
     .unwrap();
     log(LogCmd::Verify { log: args.clone() }).await.unwrap();
+    // The monitor's next pass goes on from its saved frontier: only the new entries, none of
+    // them under /first.
+    let r = kame_server::cli::monitor_pass(&margs, &state, &watch)
+        .await
+        .unwrap();
+    assert_eq!(r["from"].as_u64().unwrap(), first_size, "{r}");
+    assert!(r["to"].as_u64().unwrap() > first_size, "{r}");
+    assert!(kinds(&r).iter().all(|k| k.starts_with("Authority")), "{r}");
     // A certificate not from this log is refused.
     let other = env.dir.path().join("other.pem");
     let bundle = kame_agent::cli::certs(&m.svids[0].bundle);
@@ -193,5 +382,144 @@ async fn transparency_svids_carry_an_sct_that_an_independent_rfc6962_verifier_ac
         .unwrap_err()
         .to_string();
     assert!(e.contains("altered"), "{e}");
+    // A monitor starting from a tree head without its frontier finds the change too (the
+    // consistency proof, made from the altered entries, fails; else re-hashing the entries
+    // would); its state file is left as it was.
+    let bare = env.dir.path().join("bare-sth.json");
+    std::fs::copy(&saved_copy, &bare).unwrap();
+    let e = kame_server::cli::monitor_pass(&margs, &bare, &watch)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("does not extend") || e.contains("altered"),
+        "{e}"
+    );
+    assert_eq!(
+        std::fs::read(&bare).unwrap(),
+        std::fs::read(&saved_copy).unwrap()
+    );
+    env.stop().await;
+}
+
+/// An X509-SVID for `id` with serial number `serial` signed with a copy of the server's CA
+/// key, outside the log, with a new key: (chain, PKCS#8 key).
+async fn forge_svid(env: &Env, id: &str, serial: &[u8]) -> (Vec<Vec<u8>>, Vec<u8>) {
+    use aws_lc_rs::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair, KeyPair};
+    use kame_api::x509svid::{IssuerInfo, LeafParams, ParsedCert, assemble_der, leaf_tbs};
+    use kame_keymanager::KeyManager;
+    let root = env.bundle().await.x509_authorities[0].asn1.clone();
+    let root_spki = ParsedCert::parse(&root).unwrap().spki_der().unwrap();
+    let (stolen, key) = stolen_key(env, &root_spki).await;
+    let rng = aws_lc_rs::rand::SystemRandom::new();
+    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+    let pair = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref()).unwrap();
+    let spki = kame_api::keys::KeyInfo::EcP256(pair.public_key().as_ref().to_vec())
+        .to_spki_der()
+        .unwrap();
+    let issuer = IssuerInfo::from_cert_der(&root).unwrap();
+    let now = now_secs();
+    let tbs = leaf_tbs(
+        &LeafParams {
+            id: &kame_api::SpiffeId::parse(id).unwrap(),
+            dns_names: &[],
+            spki_der: &spki,
+            serial,
+            not_before: now - 60,
+            not_after: now + 600,
+        },
+        &issuer,
+    )
+    .unwrap();
+    let sig = stolen
+        .sign(
+            &key.id,
+            &tbs,
+            kame_keymanager::SignOpts::for_key(key.key_type),
+        )
+        .await
+        .unwrap();
+    let leaf = assemble_der(&tbs, &issuer.signature_algorithm_der, &sig.bytes).unwrap();
+    // It is a valid SVID of the trust domain in every way but the log.
+    kame_api::x509svid::verify_chain(std::slice::from_ref(&leaf), &[root], now).unwrap();
+    (vec![leaf], pkcs8.as_ref().to_vec())
+}
+
+/// GetAuthorizedEntries as the client `identity` (an agent's RPC).
+async fn authorized_entries(
+    env: &Env,
+    identity: (Vec<Vec<u8>>, Vec<u8>),
+) -> Result<usize, tonic::Status> {
+    let roots: Vec<Vec<u8>> = env
+        .bundle()
+        .await
+        .x509_authorities
+        .iter()
+        .map(|c| c.asn1.clone())
+        .collect();
+    let ch = kame_agent::client::connect(
+        "127.0.0.1",
+        env.tcp_port,
+        &kame_api::SpiffeId::parse(&format!("spiffe://{}/spire/server", env.td)).unwrap(),
+        std::sync::Arc::new(std::sync::RwLock::new(roots)),
+        Some(identity),
+    )
+    .await
+    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    kame_api::pb::entry::entry_client::EntryClient::new(ch)
+        .get_authorized_entries(kame_api::pb::entry::GetAuthorizedEntriesRequest::default())
+        .await
+        .map(|r| r.into_inner().entries.len())
+}
+
+/// With `require_agent_scts`, the server serves the agent (its SVID was minted in the log and
+/// carries the SCT) and refuses a client presenting an SVID for the same agent ID and serial
+/// number minted with a copy of the CA key outside the log; without it, the server takes that
+/// SVID (so it is the SCT that is missing, nothing else).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparency_server_requiring_agent_scts_refuses_svids_minted_outside_the_log() {
+    for require in [true, false] {
+        let extra: &'static str = Box::leak(
+            format!("transparency {{\n        require_agent_scts = {require}\n    }}")
+                .into_boxed_str(),
+        );
+        agent_with_forged_svid(
+            Env::start(Opts {
+                extra_server: extra,
+                ..Default::default()
+            })
+            .await,
+            require,
+        )
+        .await;
+    }
+}
+
+async fn agent_with_forged_svid(env: Env, require: bool) {
+    let uid = format!("unix:uid:{}", my_uid());
+    env.register("/w", &[&uid], |_| {}).await;
+    env.wait_for_svids(&["/w"]).await;
+    let data = env.dir.path().join("agent/data");
+    let agent = kame_agent::storage::Storage::new(data.clone(), Some(data))
+        .load_agent()
+        .unwrap()
+        .unwrap();
+    let n = authorized_entries(&env, (agent.chain.clone(), agent.key_pkcs8.to_vec()))
+        .await
+        .unwrap();
+    assert_eq!(n, 1);
+    let serial = kame_api::x509svid::ParsedCert::parse(&agent.chain[0])
+        .unwrap()
+        .serial_hex();
+    let forged = forge_svid(&env, &env.agent_id, &hex::decode(serial).unwrap()).await;
+    let r = authorized_entries(&env, forged).await;
+    if require {
+        assert!(r.is_err(), "{r:?}");
+    } else {
+        assert_eq!(r.unwrap(), 1);
+    }
+    // The agent itself goes on: a new entry still reaches the workload.
+    env.register("/w2", &[&uid], |_| {}).await;
+    env.wait_for_svids(&["/w", "/w2"]).await;
     env.stop().await;
 }

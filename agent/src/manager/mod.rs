@@ -231,7 +231,8 @@ pub struct ManagerConfig {
     pub trust_bundle_path: std::path::PathBuf,
     pub sync_interval: Duration,
     /// Transparency log keys (SubjectPublicKeyInfo DER): when any, the server's X509-SVID
-    /// must carry a valid SCT from one of them.
+    /// must carry a valid SCT from one of them, and so must the JWT-SVIDs of this trust domain
+    /// that ValidateJWTSVID accepts.
     pub transparency_log_keys: Vec<Vec<u8>>,
 }
 
@@ -449,6 +450,16 @@ impl Manager {
             bundle: st.bundle.clone(),
             federated,
         }
+    }
+
+    /// The transparency log keys this agent requires SCTs from (none: it requires none).
+    pub fn transparency_log_keys(&self) -> &[Vec<u8>] {
+        &self.cfg.transparency_log_keys
+    }
+
+    /// The agent's trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.cfg.trust_domain
     }
 
     /// Every bundle the agent knows, own trust domain first (for JWT validation).

@@ -54,7 +54,18 @@ fn ct_tree_roots_match_the_reference_vectors_and_the_frontier() {
     for n in 0..70 {
         let l = hashes(n);
         assert_eq!(Frontier::of(&l).root(), root(&l), "size {n}");
+        // Kept as (size, hashes) and taken up again, it goes on to the same roots.
+        let mut f = Frontier::of(&l[..n / 2]);
+        f = Frontier::from_parts(f.size(), f.hashes().to_vec()).unwrap();
+        for h in &l[n / 2..] {
+            f.push(*h);
+        }
+        assert_eq!(f.root(), root(&l), "size {n}");
     }
+    assert_eq!(
+        Frontier::from_parts(3, vec![[0; 32]]),
+        Err(CtError::Frontier { size: 3, count: 1 })
+    );
 }
 
 #[test]
@@ -296,4 +307,71 @@ fn ct_leaves_round_trip_and_tree_heads_sign_the_rfc6962_struct() {
     let mut moved = sth.clone();
     moved.head.tree_size = 9;
     assert_eq!(moved.verify(&spki), Err(CtError::BadSignature));
+}
+
+/// A JWT-SVID's SCT: logged over the signing input without the claim, carried in the
+/// `kame_scts` claim, checked by taking the claim off byte for byte; anything else refused.
+#[test]
+fn ct_jwt_svid_sct_claim_round_trips_and_binds_the_logged_claims() {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64U;
+    let (k, spki) = key();
+    let header = B64U.encode(r#"{"alg":"ES256","kid":"k1","typ":"JWT"}"#);
+    let claims = r#"{"aud":"db","exp":1700000600,"iat":1700000000,"sub":"spiffe://td/w"}"#;
+    let input = format!("{header}.{}", B64U.encode(claims));
+    let ts = 1_700_000_000_500;
+    let sct = Sct {
+        log_id: log_id(&spki),
+        timestamp: ts,
+        signature: sign(&k, &sct_signed_data(ts, &jwt_entry(&input)).unwrap()),
+    };
+    let with = jwt_input_with_scts(&input, std::slice::from_ref(&sct)).unwrap();
+    let (h, p) = with.split_once('.').unwrap();
+    assert_eq!(h, header, "the header is untouched (JWT-02)");
+    let payload = String::from_utf8(B64U.decode(p).unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&payload).unwrap();
+    assert_eq!(v["sub"], "spiffe://td/w");
+    assert!(v[JWT_SCT_CLAIM].is_string(), "{payload}");
+    let token = format!("{with}.c2ln");
+    let (scts, logged) = jwt_logged_input(&token).unwrap();
+    assert_eq!((scts, logged.as_str()), (vec![sct.clone()], input.as_str()));
+    assert_eq!(
+        check_jwt_sct(&token, std::slice::from_ref(&spki)).unwrap(),
+        sct
+    );
+    // Without the claim, from an unknown log, with a claim changed: refused.
+    assert_eq!(
+        check_jwt_sct(&format!("{input}.c2ln"), std::slice::from_ref(&spki)),
+        Err(CtError::NoSct)
+    );
+    let (_, other) = key();
+    assert!(matches!(
+        check_jwt_sct(&token, &[other]),
+        Err(CtError::UnknownLog(_))
+    ));
+    let forged = payload.replace("spiffe://td/w", "spiffe://td/x");
+    let forged = format!("{header}.{}.c2ln", B64U.encode(forged));
+    assert_eq!(
+        check_jwt_sct(&forged, std::slice::from_ref(&spki)),
+        Err(CtError::BadSignature)
+    );
+    // The claim moved away from the end is not the logged form.
+    let moved = format!(
+        "{{\"{JWT_SCT_CLAIM}\":{},{}",
+        v[JWT_SCT_CLAIM],
+        &claims[1..]
+    );
+    let moved = format!("{header}.{}.c2ln", B64U.encode(moved));
+    assert!(matches!(
+        check_jwt_sct(&moved, std::slice::from_ref(&spki)),
+        Err(CtError::Jwt(_))
+    ));
+    // An empty claims object gets the claim as its only member, and back.
+    let empty = format!("{header}.{}", B64U.encode("{}"));
+    let with = jwt_input_with_scts(&empty, std::slice::from_ref(&sct)).unwrap();
+    assert_eq!(jwt_logged_input(&with).unwrap().1, empty);
+    assert!(matches!(
+        jwt_input_with_scts(&format!("{header}.{}", B64U.encode("[1]")), &[sct]),
+        Err(CtError::Jwt(_))
+    ));
 }

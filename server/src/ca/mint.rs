@@ -118,6 +118,63 @@ impl Ca {
         }
     }
 
+    /// The signing input of a JWT-SVID. With a transparency log: the input is recorded there
+    /// and the log's SCT added as the last claim ([`kame_api::ct::jwt_input_with_scts`]);
+    /// when the log cannot record, as for X509-SVIDs.
+    async fn logged_jwt_input(&self, input: String) -> Result<String, CaError> {
+        let Some(log) = &self.settings.transparency else {
+            return Ok(input);
+        };
+        match log.record(&kame_api::ct::jwt_entry(&input), vec![]).await {
+            Ok((_, sct)) => Ok(kame_api::ct::jwt_input_with_scts(&input, &[sct])
+                .map_err(crate::transparency::LogError::from)?),
+            Err(e) if log.settings().required => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "transparency log cannot record; JWT-SVID issued without an SCT");
+                Ok(input)
+            }
+        }
+    }
+
+    /// Records an event (`kind`: an authority change or an attestation) in the transparency
+    /// log, when there is one. With `fail_closed` and a `required` log, a failure to record is
+    /// returned (the caller must not go on); else it is logged and the caller goes on: taint
+    /// and revoke must never wait for the log.
+    pub async fn log_event(
+        &self,
+        kind: kame_api::ct::EntryType,
+        body: serde_json::Value,
+        fail_closed: bool,
+    ) -> Result<(), CaError> {
+        let Some(log) = &self.settings.transparency else {
+            return Ok(());
+        };
+        match log.record_event(kind, &body).await {
+            Ok(_) => Ok(()),
+            Err(e) if fail_closed && log.settings().required => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, event = %body, "transparency log cannot record an event");
+                Ok(())
+            }
+        }
+    }
+
+    /// Records an authority change (`event`: prepare, activate, taint, revoke) best-effort.
+    pub(super) async fn log_authority_change(&self, event: &str, kind: &str, id: &str) {
+        let _ = self
+            .log_event(
+                kame_api::ct::EntryType::Authority,
+                serde_json::json!({
+                    "event": event,
+                    "kind": kind,
+                    "authority_id": id,
+                    "trust_domain": self.settings.trust_domain.as_str(),
+                }),
+                false,
+            )
+            .await;
+    }
+
     /// The `kms_rooted` intermediate under the current authority: the cached one while it has
     /// more than half of its lifetime left and the authority is the same, else a new one (a
     /// P-256 key made in memory, certified by one signature of the authority key). While one
@@ -267,6 +324,7 @@ impl Ca {
                 iss: self.settings.jwt_issuer.as_deref(),
             },
         )?;
+        let input = self.logged_jwt_input(input).await?;
         let sig = sign_checked(
             self.km.as_ref(),
             &key.key,

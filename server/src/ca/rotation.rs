@@ -65,14 +65,18 @@ impl Ca {
                 }
             };
             info!(kind = T::KIND, authority_id = %a.authority_id(), slot = %a.slot(), "authority activated");
-            let mut st = self.write();
-            let s = slots(&mut st);
-            s.current = Some(a);
-            if let Some(n) = s.next.take()
-                && n.status() == SlotStatus::Old
+            let id = a.authority_id().to_string();
             {
-                s.remember(n);
+                let mut st = self.write();
+                let s = slots(&mut st);
+                s.current = Some(a);
+                if let Some(n) = s.next.take()
+                    && n.status() == SlotStatus::Old
+                {
+                    s.remember(n);
+                }
             }
+            self.log_authority_change("activate", T::KIND, &id).await;
             return Ok(true);
         };
         let mut changed = false;
@@ -88,11 +92,15 @@ impl Ca {
         if let Some(n) = next.filter(|n| prepared(n))
             && c.should_activate_next(now)
         {
-            let mut st = self.write();
-            let s = slots(&mut st);
-            s.current = Some(Arc::new(n.with_status(SlotStatus::Active)));
-            s.next = Some(Arc::new(c.with_status(SlotStatus::Old)));
+            {
+                let mut st = self.write();
+                let s = slots(&mut st);
+                s.current = Some(Arc::new(n.with_status(SlotStatus::Active)));
+                s.next = Some(Arc::new(c.with_status(SlotStatus::Old)));
+            }
             info!(kind = T::KIND, authority_id = %n.authority_id(), slot = %n.slot(), "authority activated");
+            self.log_authority_change("activate", T::KIND, n.authority_id())
+                .await;
             changed = true;
         }
         Ok(changed)
@@ -142,6 +150,21 @@ impl Ca {
         };
         let not_after = parsed.not_after();
         let issuer = IssuerInfo::from_cert_der(&cert_der)?;
+        // Logged before it is published: a CA the log cannot record does not go out.
+        self.log_event(
+            kame_api::ct::EntryType::Authority,
+            serde_json::json!({
+                "event": "prepare",
+                "kind": "X.509",
+                "authority_id": hex::encode(&issuer.key_id),
+                "trust_domain": self.settings.trust_domain.as_str(),
+                "certificate": STANDARD.encode(&cert_der),
+                "upstream_authority_id": upstream_authority_id,
+                "not_after": not_after,
+            }),
+            true,
+        )
+        .await?;
         let bundle = self
             .ds
             .append_bundle(&Bundle {
@@ -358,6 +381,19 @@ impl Ca {
         let issued_at_ms = now_ms();
         let not_after = issued_at_ms / 1000 + self.settings.ca_ttl.as_secs().max(1);
         let kid = random_kid()?;
+        self.log_event(
+            kame_api::ct::EntryType::Authority,
+            serde_json::json!({
+                "event": "prepare",
+                "kind": "JWT",
+                "authority_id": kid,
+                "trust_domain": self.settings.trust_domain.as_str(),
+                "public_key": STANDARD.encode(&key.spki_der),
+                "not_after": not_after,
+            }),
+            true,
+        )
+        .await?;
         // Into the local bundle, and up the topology when the upstream takes JWT keys.
         self.publish_jwt_key(
             JwtKey {

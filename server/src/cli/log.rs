@@ -1,4 +1,4 @@
-//! `kame-server log sth|proof|consistency|get|verify`: a client of the transparency log's
+//! `kame-server log sth|proof|consistency|get|verify|monitor`: a client of the transparency log's
 //! RFC 6962 read API (`server.transparency { bind_port }`), checking everything it is given
 //! with the log's public key (`transparency_log_key.pem` in the server's data_dir): tree head
 //! signatures, SCTs, inclusion and consistency proofs, and with `verify` every entry of the
@@ -71,6 +71,27 @@ pub enum LogCmd {
     Verify {
         #[command(flatten)]
         log: LogArgs,
+    },
+    /// Watches the log: each pass checks that the latest signed tree head extends the saved
+    /// one (consistency proof), re-hashes every new entry into the saved tree (its root must
+    /// be the signed one), reports each new SVID or attestation whose SPIFFE ID is under a
+    /// watched prefix and every change of a signing authority, then saves the new tree head.
+    /// Fails, saving nothing, when the log does not extend what was seen.
+    Monitor {
+        #[command(flatten)]
+        log: LogArgs,
+        /// The state file: a tree head saved by `sth --save` or by an earlier pass (which adds
+        /// the tree's frontier, so a pass reads only new entries). Absent: the first pass
+        /// starts from the empty tree and creates it.
+        #[arg(long)]
+        from_sth: PathBuf,
+        /// A SPIFFE ID prefix to report (repeatable): the ID itself and everything under it
+        /// (`spiffe://example.org/ns/prod` matches `.../ns/prod/db`, not `.../ns/production`).
+        #[arg(long = "watch", required = true)]
+        watch: Vec<String>,
+        /// Run a pass every this long (e.g. 30s) until stopped, instead of once.
+        #[arg(long, value_parser = kame_api::conf::parse_duration)]
+        interval: Option<std::time::Duration>,
     },
 }
 
@@ -186,12 +207,56 @@ fn describe(leaf_input: &[u8]) -> serde_json::Value {
             let detail = match &l.entry {
                 ct::Entry::Precert { tbs, .. } => svid_of(tbs),
                 ct::Entry::X509(c) => json!({ "certificate_bytes": c.len() }),
-                ct::Entry::Kame { body, .. } => {
-                    json!({ "body": String::from_utf8_lossy(body) })
-                }
+                ct::Entry::Kame {
+                    kind: ct::EntryType::JwtSvid,
+                    body,
+                } => json!({ "claims": jwt_claims(body) }),
+                ct::Entry::Kame { body, .. } => serde_json::from_slice(body)
+                    .unwrap_or_else(|_| json!({ "body": String::from_utf8_lossy(body) })),
             };
             json!({ "timestamp": l.timestamp, "type": format!("{kind:?}"), "entry": detail })
         }
+    }
+}
+
+/// The SPIFFE ID an entry is about: an SVID's (the URI SAN of an X509-SVID, `sub` of a
+/// JWT-SVID), the attested agent's; none for other entries.
+fn subject_of(entry: &ct::Entry) -> Option<String> {
+    match entry {
+        ct::Entry::Precert { tbs, .. } => svid_of(tbs)["spiffe_id"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
+        ct::Entry::Kame {
+            kind: ct::EntryType::JwtSvid,
+            body,
+        } => jwt_claims(body)["sub"].as_str().map(str::to_string),
+        ct::Entry::Kame {
+            kind: ct::EntryType::Attestation,
+            body,
+        } => serde_json::from_slice::<serde_json::Value>(body).ok()?["agent_id"]
+            .as_str()
+            .map(str::to_string),
+        _ => None,
+    }
+}
+
+/// The claims of a logged JWT-SVID (its signing input, `header.claims`).
+fn jwt_claims(body: &[u8]) -> serde_json::Value {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    std::str::from_utf8(body)
+        .ok()
+        .and_then(|s| s.split('.').nth(1))
+        .and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| json!({ "error": "not a JWT signing input" }))
+}
+
+/// Whether `id` is `prefix` or under it, path segment by segment.
+fn under(id: &str, prefix: &str) -> bool {
+    match id.strip_prefix(prefix) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'),
+        None => false,
     }
 }
 
@@ -219,6 +284,200 @@ fn svid_of(tbs: &[u8]) -> serde_json::Value {
         "spiffe_id": uri,
         "serial": hex::encode(tbs.serial_number().as_bytes()),
     })
+}
+
+/// A monitor's saved state: the last tree head it checked (get-sth's JSON) and that tree's
+/// frontier.
+struct Seen {
+    sth: Option<(serde_json::Value, SignedTreeHead)>,
+    frontier: ct::Frontier,
+}
+
+fn read_seen(path: &std::path::Path, key: &[u8]) -> Result<Option<Seen>, CliError> {
+    let text = match std::fs::read(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(CliError::Io {
+                what: "cannot read",
+                path: path.display().to_string(),
+                source,
+            });
+        }
+    };
+    let v: serde_json::Value =
+        serde_json::from_slice(&text).map_err(|e| failed(format!("{}: {e}", path.display())))?;
+    let sth = checked_sth(&v, key)?;
+    let frontier = match v.get("frontier") {
+        None => ct::Frontier::default(),
+        Some(_) => {
+            let f = ct::Frontier::from_parts(sth.head.tree_size, hashes(&v, "frontier")?)
+                .map_err(|e| failed(format!("{}: {e}", path.display())))?;
+            if f.root() != sth.head.root_hash {
+                return Err(failed(format!(
+                    "{}: the saved frontier does not give the saved root",
+                    path.display()
+                )));
+            }
+            f
+        }
+    };
+    Ok(Some(Seen {
+        sth: Some((v, sth)),
+        frontier,
+    }))
+}
+
+/// Entries `start..end` of the log, each as (index, leaf input), read through get-entries in
+/// as many calls as the server needs.
+async fn read_entries(
+    url: &str,
+    start: u64,
+    end: u64,
+    mut each: impl FnMut(u64, Vec<u8>) -> Result<(), CliError>,
+) -> Result<(), CliError> {
+    let mut next = start;
+    while next < end {
+        let v = get(
+            url,
+            "/ct/v1/get-entries",
+            &[("start", next.to_string()), ("end", (end - 1).to_string())],
+        )
+        .await?;
+        let entries = v["entries"]
+            .as_array()
+            .filter(|e| !e.is_empty())
+            .ok_or_else(|| failed(format!("no entries from {next}")))?;
+        for e in entries.iter().take((end - next) as usize) {
+            each(next, b64_field(e, "leaf_input")?)?;
+            next += 1;
+        }
+    }
+    Ok(())
+}
+
+/// One `log monitor` pass with the state in `state`; returns its report as `--output json`
+/// prints it: `from`, `to` (tree sizes), `matches` (the entries reported).
+pub async fn monitor_pass(
+    log: &LogArgs,
+    state: &std::path::Path,
+    watch: &[String],
+) -> Result<serde_json::Value, CliError> {
+    let key = read_key(&log.log_key)?;
+    monitor_pass_with(log, &key, state, watch).await
+}
+
+async fn monitor_pass_with(
+    log: &LogArgs,
+    key: &[u8],
+    state: &std::path::Path,
+    watch: &[String],
+) -> Result<serde_json::Value, CliError> {
+    let seen = read_seen(state, key)?.unwrap_or(Seen {
+        sth: None,
+        frontier: ct::Frontier::default(),
+    });
+    let (new_v, new) = latest(log, key).await?;
+    let mut frontier = seen.frontier;
+    let from = match &seen.sth {
+        None => 0,
+        Some((_, old)) => {
+            let (o, n) = (old.head.tree_size, new.head.tree_size);
+            if n < o {
+                return Err(failed(format!(
+                    "the log's latest tree head has {n} entries, fewer than the {o} seen: the log was rolled back"
+                )));
+            }
+            if new.head.timestamp < old.head.timestamp {
+                return Err(failed(format!(
+                    "the log's latest tree head (timestamp {}) is older than the one seen ({})",
+                    new.head.timestamp, old.head.timestamp
+                )));
+            }
+            let v = get(
+                &log.url,
+                "/ct/v1/get-sth-consistency",
+                &[("first", o.to_string()), ("second", n.to_string())],
+            )
+            .await?;
+            ct::verify_consistency(
+                o,
+                n,
+                &old.head.root_hash,
+                &new.head.root_hash,
+                &hashes(&v, "consistency")?,
+            )
+            .map_err(|e| {
+                failed(format!(
+                    "the log's tree of {n} entries does not extend the seen one of {o}: {e}"
+                ))
+            })?;
+            // A tree head saved without its frontier: rebuild the frontier from the entries,
+            // which must give the saved root.
+            if frontier.size() < o {
+                read_entries(&log.url, 0, o, |_, input| {
+                    frontier.push(ct::leaf_hash(&input));
+                    Ok(())
+                })
+                .await?;
+                if frontier.root() != old.head.root_hash {
+                    return Err(failed(format!(
+                        "the log's first {o} entries do not give the saved tree head's root: the log has been altered"
+                    )));
+                }
+            }
+            o
+        }
+    };
+    let mut matches = vec![];
+    read_entries(&log.url, from, new.head.tree_size, |index, input| {
+        frontier.push(ct::leaf_hash(&input));
+        let leaf = ct::Leaf::decode(&input)
+            .map_err(|e| failed(format!("entry {index} cannot be read: {e}")))?;
+        let subject = subject_of(&leaf.entry);
+        let authority = leaf.entry.entry_type() == ct::EntryType::Authority;
+        if authority
+            || subject
+                .as_deref()
+                .is_some_and(|id| watch.iter().any(|p| under(id, p)))
+        {
+            let mut d = describe(&input);
+            d["index"] = json!(index);
+            if let Some(id) = subject {
+                d["spiffe_id"] = json!(id);
+            }
+            matches.push(d);
+        }
+        Ok(())
+    })
+    .await?;
+    if frontier.root() != new.head.root_hash {
+        return Err(failed(format!(
+            "the log's entries do not give the signed tree head's root: the log has been altered (tree of {} entries)",
+            new.head.tree_size
+        )));
+    }
+    let mut save = new_v;
+    save["frontier"] = json!(
+        frontier
+            .hashes()
+            .iter()
+            .map(|h| B64.encode(h))
+            .collect::<Vec<_>>()
+    );
+    kame_keymanager::fs::write_atomic(state, save.to_string().as_bytes(), 0o644).map_err(|e| {
+        CliError::Io {
+            what: "cannot save the tree head",
+            path: state.display().to_string(),
+            source: e.source,
+        }
+    })?;
+    Ok(json!({
+        "from": from,
+        "to": new.head.tree_size,
+        "consistent": true,
+        "matches": matches,
+    }))
 }
 
 pub async fn log(cmd: LogCmd) -> Result<(), CliError> {
@@ -360,35 +619,44 @@ pub async fn log(cmd: LogCmd) -> Result<(), CliError> {
             let text: String = out.iter().map(|d| format!("{d}\n")).collect();
             print(log.output, json!({ "entries": out }), text);
         }
+        LogCmd::Monitor {
+            log,
+            from_sth,
+            watch,
+            interval,
+        } => {
+            let key = read_key(&log.log_key)?;
+            for w in &watch {
+                kame_api::SpiffeId::parse(w.trim_end_matches('/')).map_err(|e| {
+                    CliError::Usage(format!("--watch {w:?} is not a SPIFFE ID prefix: {e}"))
+                })?;
+            }
+            loop {
+                let r = monitor_pass_with(&log, &key, &from_sth, &watch).await?;
+                let mut text = format!(
+                    "Consistent: the tree of {} entries extends the one of {} seen\n",
+                    r["to"], r["from"]
+                );
+                for m in r["matches"].as_array().into_iter().flatten() {
+                    text.push_str(&format!("{m}\n"));
+                }
+                print(log.output, r, text);
+                match interval {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => break,
+                }
+            }
+        }
         LogCmd::Verify { log } => {
             let key = read_key(&log.log_key)?;
             let (_, sth) = latest(&log, &key).await?;
             let mut f = ct::Frontier::default();
-            while f.size() < sth.head.tree_size {
-                let start = f.size();
-                let v = get(
-                    &log.url,
-                    "/ct/v1/get-entries",
-                    &[
-                        ("start", start.to_string()),
-                        ("end", (sth.head.tree_size - 1).to_string()),
-                    ],
-                )
-                .await?;
-                let entries = v["entries"]
-                    .as_array()
-                    .filter(|e| !e.is_empty())
-                    .ok_or_else(|| failed(format!("no entries from {start}")))?;
-                for (i, e) in entries.iter().enumerate() {
-                    let input = b64_field(e, "leaf_input")?;
-                    ct::Leaf::decode(&input)
-                        .map_err(|err| failed(format!("entry {}: {err}", start + i as u64)))?;
-                    f.push(ct::leaf_hash(&input));
-                    if f.size() == sth.head.tree_size {
-                        break;
-                    }
-                }
-            }
+            read_entries(&log.url, 0, sth.head.tree_size, |i, input| {
+                ct::Leaf::decode(&input).map_err(|err| failed(format!("entry {i}: {err}")))?;
+                f.push(ct::leaf_hash(&input));
+                Ok(())
+            })
+            .await?;
             if f.root() != sth.head.root_hash {
                 return Err(failed(format!(
                     "the log's entries do not give the signed tree head's root: the log has been altered (tree of {} entries)",

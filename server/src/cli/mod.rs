@@ -22,7 +22,7 @@ pub use agent::*;
 pub use bundle::*;
 pub use entry::*;
 pub use federation::*;
-pub use log::{LogArgs, LogCmd, log};
+pub use log::{LogArgs, LogCmd, log, monitor_pass};
 pub use logger::{LoggerCmd, logger};
 pub use svid::*;
 

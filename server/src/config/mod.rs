@@ -154,8 +154,8 @@ fn ratelimit(
     Ok(ratelimit)
 }
 
-/// `server.transparency { required, tree_head_interval }` (ours): the issuance transparency
-/// log, off without the block.
+/// `server.transparency { required, require_agent_scts, tree_head_interval, bind_address,
+/// bind_port }` (ours): the issuance transparency log, off without the block.
 fn transparency(
     server: &mut kame_api::conf::Section,
 ) -> Result<Option<crate::transparency::Settings>, ConfigError> {
@@ -195,6 +195,9 @@ fn transparency(
     };
     let s = crate::transparency::Settings {
         required: t.take_bool("required")?.unwrap_or(d.required),
+        require_agent_scts: t
+            .take_bool("require_agent_scts")?
+            .unwrap_or(d.require_agent_scts),
         tree_head_interval,
         listen,
     };

@@ -475,14 +475,19 @@ fn config_transparency_block_keys_and_refusals() {
         .unwrap();
     assert_eq!(t, crate::transparency::Settings::default());
     assert!(t.required, "fails closed by default");
+    assert!(
+        !t.require_agent_scts,
+        "agents' SVIDs from before the log have no SCT"
+    );
     let t = Config::parse(
-        &with("required = false\ntree_head_interval = \"5s\"\nbind_port = 8085"),
+        &with("required = false\nrequire_agent_scts = true\ntree_head_interval = \"5s\"\nbind_port = 8085"),
         false,
     )
     .unwrap()
     .transparency
     .unwrap();
     assert!(!t.required);
+    assert!(t.require_agent_scts);
     assert_eq!(t.tree_head_interval, Duration::from_secs(5));
     assert_eq!(t.listen, Some(("127.0.0.1".to_string(), 8085)));
     for (block, key) in [

@@ -303,6 +303,13 @@ pub async fn transparency_log_appends_from_two_stores_form_one_gapless_log(
         Some(head(2, 7, 1))
     );
     assert_eq!(b.fetch_tree_head(&[3; 32], None).await.unwrap(), None);
+    // Log keys: what one server publishes the other lists; a key published again is kept.
+    a.put_log_key(&[1; 32], b"key one").await.unwrap();
+    b.put_log_key(&[2; 32], b"key two").await.unwrap();
+    b.put_log_key(&[1; 32], b"another").await.unwrap();
+    let mut keys = b.list_log_keys().await.unwrap();
+    keys.sort();
+    assert_eq!(keys, vec![b"key one".to_vec(), b"key two".to_vec()]);
 }
 
 /// A cache on one store sees writes made through another once it refreshes; it survives

@@ -273,7 +273,8 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     /// Up to `limit` agents with SPIFFE IDs above `after`, in order (keyset paging).
     async fn list_nodes_after(&self, after: &str, limit: i64) -> DsResult<Vec<AttestedNode>>;
 
-    // The transparency log (see migrations/sqlite/0007_transparency_log.sql).
+    // The transparency log (see migrations/sqlite/0007_transparency_log.sql and
+    // 0008_transparency_log_keys.sql).
     /// Appends `entries` in one transaction, numbered on from the log's size at commit (no
     /// gaps or duplicates whichever server appends); returns the first one's sequence number.
     async fn append_log_entries(&self, entries: &[LogRow]) -> DsResult<u64>;
@@ -293,6 +294,11 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
         log_id: &[u8; 32],
         size: Option<u64>,
     ) -> DsResult<Option<StoredTreeHead>>;
+    /// Publishes a log key (its ID and SubjectPublicKeyInfo) to the servers sharing the
+    /// database; a key already there is kept as it is.
+    async fn put_log_key(&self, log_id: &[u8; 32], public_key: &[u8]) -> DsResult<()>;
+    /// Every published log key (SubjectPublicKeyInfo DER), oldest first.
+    async fn list_log_keys(&self) -> DsResult<Vec<Vec<u8>>>;
 }
 
 /// One transparency log entry as stored: the `MerkleTreeLeaf` encoding, its leaf hash, and

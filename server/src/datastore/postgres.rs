@@ -303,7 +303,7 @@ mod tests {
         }
         assert_eq!(
             pg.psql("kame", "SELECT count(*) FROM _sqlx_migrations"),
-            "3",
+            "4",
             "each migration applied once"
         );
         for t in 0..10 {
@@ -359,7 +359,7 @@ mod tests {
         s.disable_migration = true;
         let e = PgStore::open(&s).await.unwrap_err().to_string();
         assert!(
-            e.contains("disable_migration") && e.contains("[1, 2, 3]"),
+            e.contains("disable_migration") && e.contains("[1, 2, 3, 4]"),
             "{e}"
         );
         assert_eq!(

@@ -982,6 +982,28 @@ impl $crate::datastore::DataStore for $store {
             })
             .transpose()
     }
+
+    async fn put_log_key(&self, log_id: &[u8; 32], public_key: &[u8]) -> DsResult<()> {
+        sqlx::query(
+            "INSERT INTO ct_log_keys (log_id, public_key, created_at) VALUES ($1, $2, $3)
+             ON CONFLICT (log_id) DO NOTHING",
+        )
+        .bind(&log_id[..])
+        .bind(public_key)
+        .bind(crate::ca::now_secs() as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn list_log_keys(&self) -> DsResult<Vec<Vec<u8>>> {
+        sqlx::query("SELECT public_key FROM ct_log_keys ORDER BY created_at, log_id")
+            .fetch_all(&self.pool)
+            .await?
+            .iter()
+            .map(|r| Ok(r.try_get("public_key")?))
+            .collect()
+    }
 }
 
     };

@@ -267,6 +267,27 @@ impl AgentService {
         if existing.as_ref().is_some_and(|n| n.banned()) {
             return Err(Status::permission_denied("agent is banned"));
         }
+        // Into the transparency log before the agent gets an SVID (fails closed as issuance
+        // does).
+        self.ctx
+            .ca
+            .log_event(
+                kame_api::ct::EntryType::Attestation,
+                serde_json::json!({
+                    "event": "attest",
+                    "agent_id": id_s,
+                    "attestation_type": attestation_type,
+                    "reattestation": existing.is_some(),
+                    "selectors": attested
+                        .selectors
+                        .iter()
+                        .map(|s| format!("{}:{}", s.kind, s.value))
+                        .collect::<Vec<_>>(),
+                }),
+                true,
+            )
+            .await
+            .map_err(ca_status)?;
         let (svid, serial, exp) = self.sign_agent_svid(&attested.agent_id, csr).await?;
         let reattest = |n: &mut AttestedNode| -> crate::datastore::DsResult<()> {
             n.attestation_type = attestation_type.to_string();

@@ -1,6 +1,8 @@
 //! The trust domain's issuance transparency log: every X509-SVID this server mints is recorded
 //! in a log kept in the datastore, as an RFC 6962 precertificate entry, before its certificate
-//! is signed, and the log's signed certificate timestamp (SCT) goes into the certificate. The
+//! is signed, and the log's signed certificate timestamp (SCT) goes into the certificate; every
+//! JWT-SVID likewise (its signing input, the SCT in a claim); every change of a signing
+//! authority and every agent attestation as a JSON entry. The
 //! structures are `kame_api::ct`'s. Servers sharing a database append to one tree (the
 //! datastore numbers entries with no gaps or duplicates); each server signs its SCTs and tree
 //! heads with its own log key, kept in its KeyManager under [`LOG_KEY_ID`] (so in KMS or an HSM
@@ -35,6 +37,10 @@ pub struct Settings {
     /// Issuance fails when the log cannot record (else the SVID is issued without an SCT, and
     /// the failure logged).
     pub required: bool,
+    /// Clients presenting an X509-SVID (agents, admins) must have one with a valid SCT from
+    /// the log of a server sharing the datastore (`require_agent_scts`; off by default, since
+    /// SVIDs issued before the log was on have none).
+    pub require_agent_scts: bool,
     /// How often a tree head is signed (when the log has grown).
     pub tree_head_interval: Duration,
     /// Where RFC 6962's read API is served (`bind_address`, `bind_port`); none without them.
@@ -45,6 +51,7 @@ impl Default for Settings {
     fn default() -> Self {
         Settings {
             required: true,
+            require_agent_scts: false,
             tree_head_interval: Duration::from_secs(1),
             listen: None,
         }
@@ -113,7 +120,13 @@ pub struct TransparencyLog {
     /// Proofs read every leaf hash of the tree they are for: at most [`PROOFS`] at once, so
     /// readers of the public API cannot make the server hold many copies.
     proofs: tokio::sync::Semaphore,
+    /// The log keys published in the datastore by the servers sharing it (this one's
+    /// included), refreshed every [`KEYS_REFRESH`].
+    known_keys: std::sync::RwLock<Arc<Vec<Vec<u8>>>>,
 }
+
+/// How often the published log keys are read again.
+const KEYS_REFRESH: Duration = Duration::from_secs(10);
 
 /// Proofs computed at once.
 const PROOFS: usize = 2;
@@ -149,10 +162,16 @@ impl TransparencyLog {
         if key.key_type != KeyType::EcP256 {
             return Err(LogError::KeyType(key.key_type));
         }
+        let log_id = ct::log_id(&key.spki_der);
+        // Published for the servers sharing the datastore, which may require agents' SVIDs
+        // to carry an SCT from any of them.
+        ds.put_log_key(&log_id, &key.spki_der).await?;
+        let known_keys = std::sync::RwLock::new(Arc::new(ds.list_log_keys().await?));
         let (queue, rx) = mpsc::channel(QUEUE);
         tokio::spawn(writer(ds.clone(), rx));
         Ok(Arc::new(TransparencyLog {
-            log_id: ct::log_id(&key.spki_der),
+            known_keys,
+            log_id,
             spki_der: key.spki_der,
             fingerprint: key.fingerprint,
             ds,
@@ -176,6 +195,22 @@ impl TransparencyLog {
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// The public keys (SubjectPublicKeyInfo DER) of the logs of every server sharing the
+    /// datastore, as last read.
+    pub fn known_keys(&self) -> Arc<Vec<Vec<u8>>> {
+        self.known_keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    async fn refresh_known_keys(&self) {
+        match self.ds.list_log_keys().await {
+            Ok(k) => *self.known_keys.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(k),
+            Err(e) => tracing::warn!(error = %e, "transparency log: cannot read the log keys"),
+        }
     }
 
     async fn sign(&self, message: &[u8]) -> Result<DigitallySigned, LogError> {
@@ -230,6 +265,20 @@ impl TransparencyLog {
                 signature: signature?,
             },
         ))
+    }
+
+    /// Records one of Kame's events (an authority change, an agent's attestation) as a JSON
+    /// entry of type `kind`; returns its index.
+    pub async fn record_event(
+        &self,
+        kind: ct::EntryType,
+        body: &serde_json::Value,
+    ) -> Result<u64, LogError> {
+        let entry = Entry::Kame {
+            kind,
+            body: body.to_string().into_bytes(),
+        };
+        Ok(self.record(&entry, vec![]).await?.0)
     }
 
     /// Brings the frontier to `size` entries, reading only the leaf hashes it lacks.
@@ -296,10 +345,13 @@ impl TransparencyLog {
         }
     }
 
-    /// Signs tree heads every `tree_head_interval` until `shutdown` turns true.
+    /// Signs tree heads every `tree_head_interval`, and reads the published log keys every
+    /// [`KEYS_REFRESH`], until `shutdown` turns true.
     pub async fn run(self: Arc<Self>, mut shutdown: tokio::sync::watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(self.settings.tree_head_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut keys = tokio::time::interval(KEYS_REFRESH);
+        keys.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {
@@ -307,6 +359,7 @@ impl TransparencyLog {
                         tracing::warn!(error = %e, "transparency log: cannot sign a tree head");
                     }
                 }
+                _ = keys.tick() => self.refresh_known_keys().await,
                 r = shutdown.changed() => if r.is_err() || *shutdown.borrow() { return },
             }
         }

@@ -1,9 +1,11 @@
 """An independent check of Kame's issuance transparency log, written from RFC 6962 and RFC 9162
 with Python's `cryptography` and the standard library (none of Kame's code).
 
-usage: ct_check.py LOG_KEY_PEM BASE_URL STH_FILE CERT_PEM...
+usage: ct_check.py LOG_KEY_PEM BASE_URL STH_FILE (CERT_PEM | TOKEN.jwt)...
 
-Each CERT_PEM holds an X509-SVID and the certificate that issued it. For each SVID it checks
+Each CERT_PEM holds an X509-SVID and the certificate that issued it. Each TOKEN.jwt holds a
+JWT-SVID whose last claim `kame_scts` is its SCT list (base64 of RFC 6962's TLS encoding); the
+logged entry (type 0x8001) is the token's signing input with that claim taken off the claims. For each SVID it checks
 the embedded SCT's signature over the RFC 6962 digitally-signed struct (the precertificate TBS
 is `cryptography`'s `tbs_precertificate_bytes`), rebuilds the MerkleTreeLeaf, and checks its
 inclusion in the log's current tree head through get-proof-by-hash. It checks the tree head's
@@ -136,6 +138,9 @@ def main():
     json.dump(sth, open(sth_file, "w"))
 
     for path in certs:
+        if path.endswith(".jwt"):
+            check_jwt(key, log_id, base, size, root, path)
+            continue
         chain = x509.load_pem_x509_certificates(open(path, "rb").read())
         cert, issuer = chain[0], chain[1]
         scts = cert.extensions.get_extension_for_class(
@@ -170,6 +175,55 @@ def main():
         if not verify_inclusion(leaf, r["leaf_index"], size, audit, root):
             fail("%s: inclusion proof does not verify" % path)
         print("sct ok, included at", r["leaf_index"], path)
+
+
+
+def b64u(s):
+    return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
+
+
+def check_jwt(key, log_id, base, size, root, path):
+    header, payload, _sig = open(path).read().strip().split(".")
+    claims = b64u(payload).decode()
+    if "kame_scts" not in json.loads(claims):
+        fail("%s: no kame_scts claim" % path)
+    marker = ',"kame_scts":"'
+    at = claims.rfind(marker)
+    if at < 0 or not claims.endswith('"}'):
+        fail("%s: kame_scts is not the last claim" % path)
+    scts = base64.b64decode(claims[at + len(marker) : -2])
+    logged = claims[:at] + "}"
+    body = (header + "." + base64.urlsafe_b64encode(logged.encode()).decode().rstrip("=")).encode()
+    # SignedCertificateTimestampList: u16 length, then u16-prefixed SCTs.
+    (total,) = struct.unpack(">H", scts[:2])
+    if total != len(scts) - 2:
+        fail("%s: bad SCT list length" % path)
+    (n,) = struct.unpack(">H", scts[2:4])
+    sct = scts[4 : 4 + n]
+    if len(scts) != 4 + n:
+        fail("%s: expected one SCT" % path)
+    if sct[0] != 0 or sct[1:33] != log_id:
+        fail("%s: SCT is not a v1 SCT of this log" % path)
+    (ts_ms,) = struct.unpack(">Q", sct[33:41])
+    (ext_len,) = struct.unpack(">H", sct[41:43])
+    rest = sct[43 + ext_len :]
+    if rest[0] != 4 or rest[1] != 3:
+        fail("%s: SCT signature is not SHA-256/ECDSA" % path)
+    (sig_len,) = struct.unpack(">H", rest[2:4])
+    signature = rest[4 : 4 + sig_len]
+    entry = struct.pack(">Q", ts_ms) + struct.pack(">H", 0x8001) + u24(body) + b"\x00\x00"
+    key.verify(signature, struct.pack(">BB", 0, 0) + entry, ec.ECDSA(hashes.SHA256()))
+    leaf = h(b"\x00" + struct.pack(">BB", 0, 0) + entry)
+    r = get(
+        base,
+        "/ct/v1/get-proof-by-hash",
+        hash=base64.b64encode(leaf).decode(),
+        tree_size=size,
+    )
+    audit = [base64.b64decode(p) for p in r["audit_path"]]
+    if not verify_inclusion(leaf, r["leaf_index"], size, audit, root):
+        fail("%s: inclusion proof does not verify" % path)
+    print("jwt sct ok, included at", r["leaf_index"], path)
 
 
 main()
