@@ -6,7 +6,9 @@
 //! ```text
 //! cargo bench -p kame-server --bench sync_load -- [--agents 5000] [--entries 10000]
 //!     [--interval 5] [--duration 60] [--servers 1] [--db sqlite|postgres] [--probes 50]
-//!     [--pg-outage SECONDS] [--kill-one] [--baseline-entries 10000]
+//!     [--pg-outage SECONDS] [--kill-one] [--baseline-entries 10000] [--transparency]
+//! cargo bench -p kame-server --bench sync_load -- --transparency-ratio [--agents 2000]
+//!     [--servers 2 --db postgres] [--duration 2]   # attestations/s with the log off, then on
 //! cargo bench -p kame-server --bench sync_load -- --startup [--entries 100000] [--agents 10000] [--db sqlite]
 //! ```
 
@@ -59,7 +61,31 @@ async fn main() {
         pg_outage: arg(&args, "--pg-outage")
             .map(|v| Duration::from_secs(v.parse().expect("seconds"))),
         kill_one: args.iter().any(|a| a == "--kill-one"),
+        transparency: args.iter().any(|a| a == "--transparency"),
     };
+    // Attestation (issuance as agents use it) with the transparency log off, then on, in one
+    // run: the ratio of the rates.
+    if args.iter().any(|a| a == "--transparency-ratio") {
+        let off = loadgen::LoadConfig {
+            transparency: false,
+            ..cfg.clone()
+        };
+        let r_off = loadgen::run(&bin, &off).await;
+        r_off.print(&off);
+        let on = loadgen::LoadConfig {
+            transparency: true,
+            ..cfg.clone()
+        };
+        let r_on = loadgen::run(&bin, &on).await;
+        r_on.print(&on);
+        println!(
+            "attestations with the transparency log on / off: {:.0}/s / {:.0}/s = {:.3}",
+            r_on.attest_rate,
+            r_off.attest_rate,
+            r_on.attest_rate / r_off.attest_rate.max(1e-9)
+        );
+        return;
+    }
     // A baseline in the same run: the same load over another number of entries. Sync cost independent of
     // the trust domain's size shows as a ratio near 1.
     let baseline = match arg(&args, "--baseline-entries") {

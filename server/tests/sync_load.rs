@@ -45,6 +45,7 @@ async fn sync_load_two_servers_on_postgres_every_agent_gets_exactly_its_entries_
         attest_concurrency: 8,
         pg_outage: Some(Duration::from_secs(5)),
         kill_one: false,
+        transparency: false,
     };
     let r = loadgen::run(&bin(), &cfg).await;
     assert_correct(&r, &cfg);
@@ -65,6 +66,7 @@ async fn sync_load_one_server_on_sqlite_every_agent_gets_exactly_its_entries() {
         attest_concurrency: 8,
         pg_outage: None,
         kill_one: false,
+        transparency: false,
     };
     assert_correct(&loadgen::run(&bin(), &cfg).await, &cfg);
 }
@@ -85,6 +87,7 @@ async fn sync_load_kill_9_of_one_server_agents_move_and_nothing_is_lost() {
         attest_concurrency: 8,
         pg_outage: None,
         kill_one: true,
+        transparency: false,
     };
     let r = loadgen::run(&bin(), &cfg).await;
     assert_correct(&r, &cfg);
@@ -94,4 +97,33 @@ async fn sync_load_kill_9_of_one_server_agents_move_and_nothing_is_lost() {
         r.errors_after_kill
     );
     assert_eq!(r.probes_made, cfg.probes + 2);
+}
+
+/// Two kame-server processes on one PostgreSQL, both with the transparency log, attesting
+/// agents at once: one log with no gaps or duplicates, whose tree heads signed by either
+/// server verify against the same entries; every attestation and agent SVID is in it once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparency_two_server_processes_on_postgres_append_one_log() {
+    let cfg = loadgen::LoadConfig {
+        agents: 24,
+        entries: 48,
+        interval: Duration::from_secs(1),
+        duration: Duration::from_secs(2),
+        servers: 2,
+        db: loadgen::Db::Postgres,
+        probes: 2,
+        attest_concurrency: 8,
+        pg_outage: None,
+        kill_one: false,
+        transparency: true,
+    };
+    let r = loadgen::run(&bin(), &cfg).await;
+    assert_correct(&r, &cfg);
+    let log = r.log.as_ref().unwrap();
+    assert_eq!(log.sizes.len(), 2);
+    assert!(log.cross_checked);
+    assert_eq!(log.attestations, cfg.agents, "{log:?}");
+    assert_eq!(log.agent_svids, cfg.agents, "{log:?}");
+    // Each server prepared and activated an X.509 and a JWT authority at start.
+    assert!(log.authority_changes >= 8, "{log:?}");
 }

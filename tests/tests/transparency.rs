@@ -224,6 +224,8 @@ async fn transparency_svids_carry_an_sct_that_an_independent_rfc6962_verifier_ac
     let token = fetch_jwt(&env, "/first").await;
     let jwt_file = env.dir.path().join("first.jwt");
     std::fs::write(&jwt_file, &token).unwrap();
+    // The SCT promises inclusion by the next tree head (every 200 ms here), not at once.
+    tokio::time::sleep(Duration::from_millis(800)).await;
     let mut checked = first.clone();
     checked.push(jwt_file);
     let report = ct_check(&env, &base, &checked).await;
@@ -248,7 +250,7 @@ async fn transparency_svids_carry_an_sct_that_an_independent_rfc6962_verifier_ac
     };
     let state = env.dir.path().join("monitor.json");
     let watch = vec![format!("spiffe://{}/first", env.td)];
-    let r = kame_server::cli::monitor_pass(&margs, &state, &watch)
+    let r = kame_server::cli::monitor_pass(&margs, &state, &watch, 1_000_000)
         .await
         .unwrap();
     let kinds = |r: &serde_json::Value| -> Vec<String> {
@@ -280,10 +282,27 @@ async fn transparency_svids_carry_an_sct_that_an_independent_rfc6962_verifier_ac
     );
     assert_eq!(r["from"], 0, "{r}");
     let first_size = r["to"].as_u64().unwrap();
+    // A pass may read at most --max-entries new entries; a trailing slash of a watched
+    // prefix changes nothing.
+    let e = kame_server::cli::monitor_pass(&margs, &env.dir.path().join("small.json"), &watch, 1)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--max-entries"), "{e}");
+    let slash = vec![format!("spiffe://{}/first/", env.td)];
+    let r2 = kame_server::cli::monitor_pass(
+        &margs,
+        &env.dir.path().join("slash.json"),
+        &slash,
+        1_000_000,
+    )
+    .await
+    .unwrap();
+    assert_eq!(kinds(&r2), seen);
     // The agent's attestation is in the log too: a monitor watching agents sees it.
     let agents = vec![format!("spiffe://{}/spire/agent", env.td)];
     let state_agents = env.dir.path().join("monitor-agents.json");
-    let r = kame_server::cli::monitor_pass(&margs, &state_agents, &agents)
+    let r = kame_server::cli::monitor_pass(&margs, &state_agents, &agents, 1_000_000)
         .await
         .unwrap();
     assert!(
@@ -341,7 +360,7 @@ async fn transparency_svids_carry_an_sct_that_an_independent_rfc6962_verifier_ac
     log(LogCmd::Verify { log: args.clone() }).await.unwrap();
     // The monitor's next pass goes on from its saved frontier: only the new entries, none of
     // them under /first.
-    let r = kame_server::cli::monitor_pass(&margs, &state, &watch)
+    let r = kame_server::cli::monitor_pass(&margs, &state, &watch, 1_000_000)
         .await
         .unwrap();
     assert_eq!(r["from"].as_u64().unwrap(), first_size, "{r}");
@@ -387,7 +406,7 @@ async fn transparency_svids_carry_an_sct_that_an_independent_rfc6962_verifier_ac
     // would); its state file is left as it was.
     let bare = env.dir.path().join("bare-sth.json");
     std::fs::copy(&saved_copy, &bare).unwrap();
-    let e = kame_server::cli::monitor_pass(&margs, &bare, &watch)
+    let e = kame_server::cli::monitor_pass(&margs, &bare, &watch, 1_000_000)
         .await
         .unwrap_err()
         .to_string();

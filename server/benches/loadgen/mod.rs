@@ -48,6 +48,25 @@ pub struct LoadConfig {
     /// another server (each lists every server, as `server_addresses`), and entries made
     /// afterwards must reach them.
     pub kill_one: bool,
+    /// Every server runs the issuance transparency log (its read API on a port of its own):
+    /// after the attestations the log is checked through each server ([`LogCheck`]).
+    pub transparency: bool,
+}
+
+/// The transparency log as checked through every server once the agents are attested: each
+/// server's latest signed tree head verifies with its key and is the root of the entries
+/// re-hashed (a `log monitor` pass from the empty tree), so all of them sign prefixes of one
+/// log (and each pair is checked with a consistency proof); what the pass through the last
+/// server found under `spiffe://example.org/spire/agent`.
+#[derive(Debug, Default)]
+pub struct LogCheck {
+    /// The tree size each server's latest tree head covers.
+    pub sizes: Vec<u64>,
+    pub attestations: usize,
+    pub agent_svids: usize,
+    pub authority_changes: usize,
+    /// The servers' tree heads were checked against each other (consistency proofs).
+    pub cross_checked: bool,
 }
 
 #[derive(Debug, Default)]
@@ -75,6 +94,10 @@ pub struct Report {
     pub setup: Duration,
     /// The measured window (syncs counted and CPU read over it).
     pub window: Duration,
+    /// Attestations per second (join token, SVID, mTLS channel), over the attestation phase.
+    pub attest_rate: f64,
+    /// With `transparency`: the log as checked.
+    pub log: Option<LogCheck>,
 }
 
 impl Report {
@@ -93,6 +116,21 @@ impl Report {
             cfg.duration,
             self.setup.as_secs_f64()
         );
+        println!(
+            "  attestations {:.0}/s{}",
+            self.attest_rate,
+            if cfg.transparency {
+                " (transparency log on)"
+            } else {
+                ""
+            }
+        );
+        if let Some(l) = &self.log {
+            println!(
+                "  transparency log: tree sizes {:?} each verified against the entries; {} attestations, {} agent SVIDs, {} authority changes",
+                l.sizes, l.attestations, l.agent_svids, l.authority_changes
+            );
+        }
         println!(
             "  syncs {} ({:.0}/s), errors {} ({} after the kill), wrong answers {}, wrong at the end {}",
             self.syncs,
@@ -137,6 +175,10 @@ pub struct ServerProc {
     pub port: u16,
     pub socket: PathBuf,
     pub pid: u32,
+    /// The transparency log's read API port, when the log is on.
+    pub log_port: Option<u16>,
+    /// The server's data_dir.
+    pub data_dir: PathBuf,
 }
 
 impl ServerProc {
@@ -181,8 +223,25 @@ impl Drop for ServerProc {
 /// Writes a server configuration under `dir` and starts `bin` with it; returns once its admin
 /// socket answers.
 pub async fn start_server(bin: &Path, dir: &Path, datastore: &str) -> ServerProc {
+    start_server_with(bin, dir, datastore, false).await
+}
+
+/// [`start_server`], with the transparency log on when `transparency`.
+pub async fn start_server_with(
+    bin: &Path,
+    dir: &Path,
+    datastore: &str,
+    transparency: bool,
+) -> ServerProc {
     std::fs::create_dir_all(dir.join("data")).unwrap();
     let port = kame_keymanager::testing::free_port();
+    let log_port = transparency.then(kame_keymanager::testing::free_port);
+    let log_block = match log_port {
+        None => String::new(),
+        Some(p) => format!(
+            "transparency {{\n        bind_address = \"127.0.0.1\"\n        bind_port = {p}\n        tree_head_interval = \"200ms\"\n    }}"
+        ),
+    };
     let d = dir.display();
     let conf = format!(
         r#"server {{
@@ -197,6 +256,7 @@ pub async fn start_server(bin: &Path, dir: &Path, datastore: &str) -> ServerProc
         attestation = false
         signing = false
     }}
+    {log_block}
 }}
 plugins {{
     DataStore "sql" {{
@@ -230,6 +290,8 @@ plugins {{
         port,
         socket: dir.join("api.sock"),
         pid,
+        log_port,
+        data_dir: dir.join("data"),
     };
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
@@ -415,7 +477,7 @@ pub async fn run(bin: &Path, cfg: &LoadConfig) -> Report {
     let mut servers = vec![];
     for i in 0..cfg.servers.max(1) {
         let d = dir.path().join(format!("server{i}"));
-        servers.push(start_server(bin, &d, &datastore).await);
+        servers.push(start_server_with(bin, &d, &datastore, cfg.transparency).await);
     }
     let mut admins: Vec<Channel> = vec![];
     for s in &servers {
@@ -468,6 +530,7 @@ pub async fn run(bin: &Path, cfg: &LoadConfig) -> Report {
     let ports: Vec<u16> = servers.iter().map(|s| s.port).collect();
     let all_ports = ports.clone();
     let sem = Arc::new(tokio::sync::Semaphore::new(cfg.attest_concurrency.max(1)));
+    let t_attest = Instant::now();
     let mut joins = vec![];
     for (i, token) in tokens.into_iter().enumerate() {
         let sem = sem.clone();
@@ -498,6 +561,11 @@ pub async fn run(bin: &Path, cfg: &LoadConfig) -> Report {
     for j in joins {
         agents.push(j.await.unwrap());
     }
+    let attest_rate = cfg.agents as f64 / t_attest.elapsed().as_secs_f64().max(1e-9);
+    let log = match cfg.transparency {
+        true => Some(check_log(&servers, dir.path(), cfg.agents).await),
+        false => None,
+    };
     // Other servers take in the entries within a poll of their caches: the answers are
     // checked against settled state (probes measure propagation).
     let settle = kame_server::entrycache::POLL_INTERVAL * 2;
@@ -704,7 +772,107 @@ pub async fn run(bin: &Path, cfg: &LoadConfig) -> Report {
         outage_write,
         setup,
         window: elapsed,
+        attest_rate,
+        log,
     }
+}
+
+/// Checks the transparency log through every server ([`LogCheck`]): a `log monitor` pass from
+/// the empty tree through each, until each server's latest tree head covers all `agents`
+/// attestations and their SVIDs (tree heads are signed every 200 ms), at most 30 s.
+async fn check_log(servers: &[ServerProc], dir: &Path, agents: usize) -> LogCheck {
+    let watch = vec![format!("spiffe://{TD}/spire/agent")];
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut check = LogCheck::default();
+    for (i, s) in servers.iter().enumerate() {
+        let args = kame_server::cli::LogArgs {
+            url: format!("http://127.0.0.1:{}", s.log_port.unwrap()),
+            log_key: s.data_dir.join("transparency_log_key.pem"),
+            output: kame_server::cli::Output::Json,
+        };
+        let state = dir.join(format!("monitor-{i}.json"));
+        loop {
+            let _ = std::fs::remove_file(&state);
+            let r = kame_server::cli::monitor_pass(&args, &state, &watch, 10_000_000)
+                .await
+                .unwrap_or_else(|e| panic!("the log through server {i}: {e}"));
+            let count = |t: &str| {
+                r["matches"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|m| m["type"] == t)
+                    .count()
+            };
+            let (att, svids) = (count("Attestation"), count("Precert"));
+            if (att >= agents && svids >= agents) || Instant::now() > deadline {
+                check.sizes.push(r["to"].as_u64().unwrap());
+                check.attestations = att;
+                check.agent_svids = svids;
+                check.authority_changes = count("Authority");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+    // Across servers: the tree heads each signed (as their monitor passes saved them) are
+    // consistent, by a proof from the server that signed the larger.
+    let head = |i: usize| -> (u64, Vec<u8>) {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join(format!("monitor-{i}.json"))).unwrap())
+                .unwrap();
+        (
+            v["tree_size"].as_u64().unwrap(),
+            b64(v["sha256_root_hash"].as_str().unwrap()),
+        )
+    };
+    for i in 1..servers.len() {
+        let (mut a, mut b) = (head(0), head(i));
+        let mut port = servers[i].log_port.unwrap();
+        if a.0 > b.0 {
+            std::mem::swap(&mut a, &mut b);
+            port = servers[0].log_port.unwrap();
+        }
+        let proof: Vec<[u8; 32]> = if a.0 == b.0 || a.0 == 0 {
+            vec![]
+        } else {
+            let body = reqwest::get(format!(
+                "http://127.0.0.1:{port}/ct/v1/get-sth-consistency?first={}&second={}",
+                a.0, b.0
+            ))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            v["consistency"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| b64(h.as_str().unwrap()).try_into().unwrap())
+                .collect()
+        };
+        if a.0 == b.0 {
+            assert_eq!(a.1, b.1, "two roots for one tree size");
+        } else if a.0 > 0 {
+            kame_api::ct::verify_consistency(
+                a.0,
+                b.0,
+                &a.1.clone().try_into().unwrap(),
+                &b.1.clone().try_into().unwrap(),
+                &proof,
+            )
+            .unwrap_or_else(|e| panic!("tree heads of servers 0 and {i}: {e}"));
+        }
+    }
+    check.cross_checked = true;
+    check
+}
+
+fn b64(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
 }
 
 /// Checks one answer: every base entry present, nothing that is neither base nor a probe of

@@ -501,8 +501,7 @@ impl Ca {
         }
         info!(kind = %kind, authority_id = %t.id, "authority activated on request");
         self.journal_changed().await;
-        self.log_authority_change("activate", &kind.to_string(), &t.id)
-            .await;
+        self.log_authority_change("activate", &kind.to_string(), &t.id);
         Ok(Self::view(&t, SlotStatus::Active, false))
     }
 
@@ -541,8 +540,7 @@ impl Ca {
         self.set_bundle(b);
         self.taint_notify.notify_one();
         info!(kind = %kind, authority_id = %t.id, local = t.local, "authority tainted");
-        self.log_authority_change("taint", &kind.to_string(), &t.id)
-            .await;
+        self.log_authority_change("taint", &kind.to_string(), &t.id);
         Ok(Self::view(&t, SlotStatus::Old, true))
     }
 
@@ -592,8 +590,7 @@ impl Ca {
             .await?;
         self.set_bundle(b);
         info!(kind = %kind, authority_id = %t.id, local = t.local, forced = force && count > 0, "authority revoked");
-        self.log_authority_change("revoke", &kind.to_string(), &t.id)
-            .await;
+        self.log_authority_change("revoke", &kind.to_string(), &t.id);
         if t.local {
             self.forget_revoked().await;
         }
@@ -685,8 +682,7 @@ impl Ca {
         self.set_bundle(b);
         self.taint_notify.notify_one();
         info!(subject_key_id = %skid, "X.509 upstream authority tainted");
-        self.log_authority_change("taint", "X.509 upstream", &skid)
-            .await;
+        self.log_authority_change("taint", "X.509 upstream", &skid);
         Ok(skid)
     }
 
@@ -752,8 +748,7 @@ impl Ca {
         self.set_bundle(b);
         self.forget_revoked().await;
         info!(subject_key_id = %skid, forced = force && count > 0, "X.509 upstream authority revoked");
-        self.log_authority_change("revoke", "X.509 upstream", &skid)
-            .await;
+        self.log_authority_change("revoke", "X.509 upstream", &skid);
         Ok((skid, count))
     }
 

@@ -126,8 +126,9 @@ impl Ca {
             return Ok(input);
         };
         match log.record(&kame_api::ct::jwt_entry(&input), vec![]).await {
-            Ok((_, sct)) => Ok(kame_api::ct::jwt_input_with_scts(&input, &[sct])
-                .map_err(crate::transparency::LogError::from)?),
+            // The input is ours: failing to add the claim is a bug, not the log's trouble.
+            Ok((_, sct)) => kame_api::ct::jwt_input_with_scts(&input, &[sct])
+                .map_err(|e| CaError::Internal(format!("adding the SCT claim: {e}"))),
             Err(e) if log.settings().required => Err(e.into()),
             Err(e) => {
                 tracing::warn!(error = %e, "transparency log cannot record; JWT-SVID issued without an SCT");
@@ -138,8 +139,7 @@ impl Ca {
 
     /// Records an event (`kind`: an authority change or an attestation) in the transparency
     /// log, when there is one. With `fail_closed` and a `required` log, a failure to record is
-    /// returned (the caller must not go on); else it is logged and the caller goes on: taint
-    /// and revoke must never wait for the log.
+    /// returned (the caller must not go on); else it is logged and the caller goes on.
     pub async fn log_event(
         &self,
         kind: kame_api::ct::EntryType,
@@ -159,20 +159,26 @@ impl Ca {
         }
     }
 
-    /// Records an authority change (`event`: prepare, activate, taint, revoke) best-effort.
-    pub(super) async fn log_authority_change(&self, event: &str, kind: &str, id: &str) {
-        let _ = self
-            .log_event(
-                kame_api::ct::EntryType::Authority,
-                serde_json::json!({
-                    "event": event,
-                    "kind": kind,
-                    "authority_id": id,
-                    "trust_domain": self.settings.trust_domain.as_str(),
-                }),
-                false,
-            )
-            .await;
+    /// Records an authority change (`event`: activate, taint, revoke) best-effort, in a task
+    /// of its own: the change (and the rotation lock) never waits for the log.
+    pub(super) fn log_authority_change(&self, event: &str, kind: &str, id: &str) {
+        let Some(log) = self.settings.transparency.clone() else {
+            return;
+        };
+        let body = serde_json::json!({
+            "event": event,
+            "kind": kind,
+            "authority_id": id,
+            "trust_domain": self.settings.trust_domain.as_str(),
+        });
+        tokio::spawn(async move {
+            if let Err(e) = log
+                .record_event(kame_api::ct::EntryType::Authority, &body)
+                .await
+            {
+                tracing::warn!(error = %e, event = %body, "transparency log cannot record an event");
+            }
+        });
     }
 
     /// The `kms_rooted` intermediate under the current authority: the cached one while it has

@@ -74,6 +74,9 @@ pub enum CaError {
     /// The transparency log could not record an SVID while `required` is set.
     #[error("transparency log: {0}")]
     Transparency(#[from] crate::transparency::LogError),
+    /// A step on the server's own data failed: a bug (Internal).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 pub fn now_ms() -> u64 {

@@ -76,7 +76,7 @@ impl Ca {
                     s.remember(n);
                 }
             }
-            self.log_authority_change("activate", T::KIND, &id).await;
+            self.log_authority_change("activate", T::KIND, &id);
             return Ok(true);
         };
         let mut changed = false;
@@ -99,8 +99,7 @@ impl Ca {
                 s.next = Some(Arc::new(c.with_status(SlotStatus::Old)));
             }
             info!(kind = T::KIND, authority_id = %n.authority_id(), slot = %n.slot(), "authority activated");
-            self.log_authority_change("activate", T::KIND, n.authority_id())
-                .await;
+            self.log_authority_change("activate", T::KIND, n.authority_id());
             changed = true;
         }
         Ok(changed)

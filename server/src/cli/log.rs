@@ -89,15 +89,31 @@ pub enum LogCmd {
         /// (`spiffe://example.org/ns/prod` matches `.../ns/prod/db`, not `.../ns/production`).
         #[arg(long = "watch", required = true)]
         watch: Vec<String>,
-        /// Run a pass every this long (e.g. 30s) until stopped, instead of once.
-        #[arg(long, value_parser = kame_api::conf::parse_duration)]
+        /// Run a pass every this long (at least 1s, e.g. 30s) until stopped, instead of once;
+        /// a pass that cannot reach the log is reported and retried at the next.
+        #[arg(long, value_parser = interval_arg)]
         interval: Option<std::time::Duration>,
+        /// The most new entries one pass reads; a log that has grown more is refused (a log
+        /// claiming an absurd size cannot keep the monitor busy).
+        #[arg(long, default_value_t = 1_000_000)]
+        max_entries: u64,
     },
+}
+
+fn interval_arg(s: &str) -> Result<std::time::Duration, String> {
+    let d = kame_api::conf::parse_duration(s)?;
+    if d < std::time::Duration::from_secs(1) {
+        return Err("the interval is at least 1s".into());
+    }
+    Ok(d)
 }
 
 fn failed(m: impl std::fmt::Display) -> CliError {
     CliError::Failed(m.to_string())
 }
+
+/// The largest answer read from the log (256 entries of X509-SVIDs are about 300 KiB).
+const MAX_ANSWER: usize = 16 << 20;
 
 async fn get(
     url: &str,
@@ -106,6 +122,7 @@ async fn get(
 ) -> Result<serde_json::Value, CliError> {
     let client = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(failed)?;
     let mut target = format!("{}{path}", url.trim_end_matches('/'));
@@ -121,13 +138,35 @@ async fn get(
             }
         }
     }
-    let r = client
+    let unreachable = |e: String| CliError::Unreachable(format!("the log at {url}: {e}"));
+    let mut r = client
         .get(target)
         .send()
         .await
-        .map_err(|e| failed(format!("cannot reach the log at {url}: {e}")))?;
+        .map_err(|e| unreachable(format!("cannot reach it: {e}")))?;
     let status = r.status();
-    let body = r.bytes().await.map_err(failed)?;
+    if status.is_server_error() {
+        return Err(unreachable(format!("{path}: {status}")));
+    }
+    let too_big = || {
+        failed(format!(
+            "{path}: the answer is larger than {MAX_ANSWER} bytes"
+        ))
+    };
+    if r.content_length().is_some_and(|n| n > MAX_ANSWER as u64) {
+        return Err(too_big());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = r
+        .chunk()
+        .await
+        .map_err(|e| unreachable(format!("{path}: {e}")))?
+    {
+        if body.len() + chunk.len() > MAX_ANSWER {
+            return Err(too_big());
+        }
+        body.extend_from_slice(&chunk);
+    }
     let v: serde_json::Value = serde_json::from_slice(&body)
         .map_err(|e| failed(format!("{path}: the answer is not JSON: {e}")))?;
     if !status.is_success() {
@@ -252,10 +291,11 @@ fn jwt_claims(body: &[u8]) -> serde_json::Value {
         .unwrap_or_else(|| json!({ "error": "not a JWT signing input" }))
 }
 
-/// Whether `id` is `prefix` or under it, path segment by segment.
+/// Whether `id` is `prefix` or under it, path segment by segment (a trailing `/` of the
+/// prefix does not count).
 fn under(id: &str, prefix: &str) -> bool {
-    match id.strip_prefix(prefix) {
-        Some(rest) => rest.is_empty() || rest.starts_with('/') || prefix.ends_with('/'),
+    match id.strip_prefix(prefix.trim_end_matches('/')) {
+        Some(rest) => rest.is_empty() || rest.starts_with('/'),
         None => false,
     }
 }
@@ -362,9 +402,21 @@ pub async fn monitor_pass(
     log: &LogArgs,
     state: &std::path::Path,
     watch: &[String],
+    max_entries: u64,
 ) -> Result<serde_json::Value, CliError> {
     let key = read_key(&log.log_key)?;
-    monitor_pass_with(log, &key, state, watch).await
+    check_watches(watch)?;
+    monitor_pass_with(log, &key, state, watch, max_entries).await
+}
+
+/// Each watched prefix must be a SPIFFE ID (a trailing `/` allowed).
+fn check_watches(watch: &[String]) -> Result<(), CliError> {
+    for w in watch {
+        kame_api::SpiffeId::parse(w.trim_end_matches('/')).map_err(|e| {
+            CliError::Usage(format!("--watch {w:?} is not a SPIFFE ID prefix: {e}"))
+        })?;
+    }
+    Ok(())
 }
 
 async fn monitor_pass_with(
@@ -372,6 +424,7 @@ async fn monitor_pass_with(
     key: &[u8],
     state: &std::path::Path,
     watch: &[String],
+    max_entries: u64,
 ) -> Result<serde_json::Value, CliError> {
     let seen = read_seen(state, key)?.unwrap_or(Seen {
         sth: None,
@@ -394,27 +447,46 @@ async fn monitor_pass_with(
                     new.head.timestamp, old.head.timestamp
                 )));
             }
-            let v = get(
-                &log.url,
-                "/ct/v1/get-sth-consistency",
-                &[("first", o.to_string()), ("second", n.to_string())],
-            )
-            .await?;
-            ct::verify_consistency(
-                o,
-                n,
-                &old.head.root_hash,
-                &new.head.root_hash,
-                &hashes(&v, "consistency")?,
-            )
-            .map_err(|e| {
-                failed(format!(
-                    "the log's tree of {n} entries does not extend the seen one of {o}: {e}"
-                ))
-            })?;
+            if n - o > max_entries {
+                return Err(failed(format!(
+                    "the log grew by {} entries since the tree head seen, more than --max-entries {max_entries}",
+                    n - o
+                )));
+            }
+            if o == n && old.head.root_hash != new.head.root_hash {
+                return Err(failed(format!(
+                    "the log signed two different roots for a tree of {n} entries: it has forked"
+                )));
+            }
+            // Nothing to prove from the empty tree or to the same size.
+            if o > 0 && o < n {
+                let v = get(
+                    &log.url,
+                    "/ct/v1/get-sth-consistency",
+                    &[("first", o.to_string()), ("second", n.to_string())],
+                )
+                .await?;
+                ct::verify_consistency(
+                    o,
+                    n,
+                    &old.head.root_hash,
+                    &new.head.root_hash,
+                    &hashes(&v, "consistency")?,
+                )
+                .map_err(|e| {
+                    failed(format!(
+                        "the log's tree of {n} entries does not extend the seen one of {o}: {e}"
+                    ))
+                })?;
+            }
             // A tree head saved without its frontier: rebuild the frontier from the entries,
             // which must give the saved root.
             if frontier.size() < o {
+                if o > max_entries {
+                    return Err(failed(format!(
+                        "rebuilding the saved tree of {o} entries is more than --max-entries {max_entries}"
+                    )));
+                }
                 read_entries(&log.url, 0, o, |_, input| {
                     frontier.push(ct::leaf_hash(&input));
                     Ok(())
@@ -429,11 +501,23 @@ async fn monitor_pass_with(
             o
         }
     };
+    if seen.sth.is_none() && new.head.tree_size > max_entries {
+        return Err(failed(format!(
+            "the log has {} entries, more than --max-entries {max_entries}",
+            new.head.tree_size
+        )));
+    }
     let mut matches = vec![];
     read_entries(&log.url, from, new.head.tree_size, |index, input| {
         frontier.push(ct::leaf_hash(&input));
         let leaf = ct::Leaf::decode(&input)
             .map_err(|e| failed(format!("entry {index} cannot be read: {e}")))?;
+        if leaf.timestamp > new.head.timestamp {
+            return Err(failed(format!(
+                "entry {index} (timestamp {}) is newer than the tree head that covers it ({})",
+                leaf.timestamp, new.head.timestamp
+            )));
+        }
         let subject = subject_of(&leaf.entry);
         let authority = leaf.entry.entry_type() == ct::EntryType::Authority;
         if authority
@@ -624,15 +708,24 @@ pub async fn log(cmd: LogCmd) -> Result<(), CliError> {
             from_sth,
             watch,
             interval,
+            max_entries,
         } => {
             let key = read_key(&log.log_key)?;
-            for w in &watch {
-                kame_api::SpiffeId::parse(w.trim_end_matches('/')).map_err(|e| {
-                    CliError::Usage(format!("--watch {w:?} is not a SPIFFE ID prefix: {e}"))
-                })?;
-            }
+            check_watches(&watch)?;
             loop {
-                let r = monitor_pass_with(&log, &key, &from_sth, &watch).await?;
+                let r = match monitor_pass_with(&log, &key, &from_sth, &watch, max_entries).await {
+                    Ok(r) => r,
+                    // Watching: a log that does not answer is reported and tried again; a log
+                    // that answers wrongly ends the monitor.
+                    Err(CliError::Unreachable(e)) if interval.is_some() => {
+                        eprintln!("log monitor: {e}; trying again at the next pass");
+                        if let Some(d) = interval {
+                            tokio::time::sleep(d).await;
+                        }
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 let mut text = format!(
                     "Consistent: the tree of {} entries extends the one of {} seen\n",
                     r["to"], r["from"]
@@ -675,4 +768,23 @@ pub async fn log(cmd: LogCmd) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::under;
+
+    /// A watched prefix matches the ID itself and what lies under it, segment by segment; a
+    /// trailing slash changes nothing.
+    #[test]
+    fn log_monitor_watch_prefix_matches_by_path_segment() {
+        for p in ["spiffe://td/ns/prod", "spiffe://td/ns/prod/"] {
+            assert!(under("spiffe://td/ns/prod", p));
+            assert!(under("spiffe://td/ns/prod/db", p));
+            assert!(!under("spiffe://td/ns/production", p));
+            assert!(!under("spiffe://td/ns", p));
+        }
+        assert!(under("spiffe://td/x", "spiffe://td"));
+        assert!(!under("spiffe://td2/x", "spiffe://td"));
+    }
 }

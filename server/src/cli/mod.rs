@@ -53,6 +53,9 @@ pub enum CliError {
     },
     #[error("{0}")]
     Failed(String),
+    /// A service the command reads could not be reached or did not answer (worth retrying).
+    #[error("{0}")]
+    Unreachable(String),
 }
 
 impl From<tonic::Status> for CliError {

@@ -277,6 +277,18 @@ pub async fn transparency_log_appends_from_two_stores_form_one_gapless_log(
         hashes,
         stored.iter().map(|(_, r)| r.leaf_hash).collect::<Vec<_>>()
     );
+    // With each leaf's timestamp: bytes 2..10 of its leaf input.
+    let times = b.log_leaf_times(3, 9).await.unwrap();
+    assert_eq!(
+        times,
+        stored[3..9]
+            .iter()
+            .map(|(_, r)| {
+                let ts: [u8; 8] = r.leaf_input[2..10].try_into().unwrap();
+                (r.leaf_hash, u64::from_be_bytes(ts))
+            })
+            .collect::<Vec<_>>()
+    );
     assert_eq!(a.find_log_leaf(&[0u8; 32]).await.unwrap(), None);
     // Tree heads: per log key; a second for the same key and size is ignored.
     let head = |log: u8, size: u64, sig: u8| StoredTreeHead {

@@ -284,6 +284,9 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     async fn list_log_entries(&self, start: u64, end: u64) -> DsResult<Vec<(u64, LogRow)>>;
     /// The leaf hashes of entries `start..end`, in order.
     async fn log_leaf_hashes(&self, start: u64, end: u64) -> DsResult<Vec<[u8; 32]>>;
+    /// The leaf hashes of entries `start..end` with each entry's timestamp (milliseconds, from
+    /// its leaf input), in order.
+    async fn log_leaf_times(&self, start: u64, end: u64) -> DsResult<Vec<([u8; 32], u64)>>;
     /// The sequence number of the first entry with this leaf hash.
     async fn find_log_leaf(&self, leaf_hash: &[u8; 32]) -> DsResult<Option<u64>>;
     /// Stores a signed tree head (one per log key and tree size: another is ignored).

@@ -923,6 +923,31 @@ impl $crate::datastore::DataStore for $store {
         .collect()
     }
 
+    async fn log_leaf_times(&self, start: u64, end: u64) -> DsResult<Vec<([u8; 32], u64)>> {
+        // A MerkleTreeLeaf's timestamp is its bytes 3..=10 (after version and leaf type).
+        sqlx::query(
+            "SELECT leaf_hash, substr(leaf_input, 3, 8) AS ts FROM ct_log_entries
+             WHERE seq >= $1 AND seq < $2 ORDER BY seq",
+        )
+        .bind(i64::try_from(start).map_err(corrupt)?)
+        .bind(i64::try_from(end).map_err(corrupt)?)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(|r| {
+            let hash: Vec<u8> = r.try_get("leaf_hash")?;
+            let ts: Vec<u8> = r.try_get("ts")?;
+            let ts: [u8; 8] = ts
+                .try_into()
+                .map_err(|_| corrupt("a leaf input is shorter than its timestamp"))?;
+            Ok((
+                hash.try_into().map_err(|_| corrupt("a leaf hash is not 32 bytes"))?,
+                u64::from_be_bytes(ts),
+            ))
+        })
+        .collect()
+    }
+
     async fn find_log_leaf(&self, leaf_hash: &[u8; 32]) -> DsResult<Option<u64>> {
         sqlx::query("SELECT MIN(seq) AS seq FROM ct_log_entries WHERE leaf_hash = $1")
             .bind(&leaf_hash[..])

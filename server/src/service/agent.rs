@@ -267,28 +267,26 @@ impl AgentService {
         if existing.as_ref().is_some_and(|n| n.banned()) {
             return Err(Status::permission_denied("agent is banned"));
         }
-        // Into the transparency log before the agent gets an SVID (fails closed as issuance
-        // does).
-        self.ctx
-            .ca
-            .log_event(
-                kame_api::ct::EntryType::Attestation,
-                serde_json::json!({
-                    "event": "attest",
-                    "agent_id": id_s,
-                    "attestation_type": attestation_type,
-                    "reattestation": existing.is_some(),
-                    "selectors": attested
-                        .selectors
-                        .iter()
-                        .map(|s| format!("{}:{}", s.kind, s.value))
-                        .collect::<Vec<_>>(),
-                }),
-                true,
-            )
-            .await
-            .map_err(ca_status)?;
-        let (svid, serial, exp) = self.sign_agent_svid(&attested.agent_id, csr).await?;
+        // Into the transparency log before the agent gets its SVID (fails closed as issuance
+        // does); recorded while the SVID is signed, so both entries can share a commit.
+        let logged = self.ctx.ca.log_event(
+            kame_api::ct::EntryType::Attestation,
+            serde_json::json!({
+                "event": "attest",
+                "agent_id": id_s,
+                "attestation_type": attestation_type,
+                "reattestation": existing.is_some(),
+                "selectors": attested
+                    .selectors
+                    .iter()
+                    .map(|s| format!("{}:{}", s.kind, s.value))
+                    .collect::<Vec<_>>(),
+            }),
+            true,
+        );
+        let (logged, signed) = tokio::join!(logged, self.sign_agent_svid(&attested.agent_id, csr));
+        logged.map_err(ca_status)?;
+        let (svid, serial, exp) = signed?;
         let reattest = |n: &mut AttestedNode| -> crate::datastore::DsResult<()> {
             n.attestation_type = attestation_type.to_string();
             n.serial_number = serial.clone();

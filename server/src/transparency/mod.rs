@@ -115,8 +115,9 @@ pub struct TransparencyLog {
     log_id: Hash,
     settings: Settings,
     queue: mpsc::Sender<Append>,
-    /// The tree as of the last tree head this server signed or checked.
-    frontier: tokio::sync::Mutex<Frontier>,
+    /// The tree as of the last tree head this server signed or checked, and the newest
+    /// timestamp among its entries.
+    frontier: tokio::sync::Mutex<(Frontier, u64)>,
     /// Proofs read every leaf hash of the tree they are for: at most [`PROOFS`] at once, so
     /// readers of the public API cannot make the server hold many copies.
     proofs: tokio::sync::Semaphore,
@@ -281,9 +282,11 @@ impl TransparencyLog {
         Ok(self.record(&entry, vec![]).await?.0)
     }
 
-    /// Brings the frontier to `size` entries, reading only the leaf hashes it lacks.
-    async fn frontier_at(&self, size: u64) -> Result<Hash, LogError> {
-        let mut f = self.frontier.lock().await;
+    /// Brings the frontier to `size` entries, reading only the leaf hashes it lacks; returns
+    /// the root and the newest timestamp among the entries.
+    async fn frontier_at(&self, size: u64) -> Result<(Hash, u64), LogError> {
+        let mut guard = self.frontier.lock().await;
+        let (f, newest) = &mut *guard;
         if f.size() > size {
             // The datastore holds fewer entries than this server has seen (a restore, or a
             // replica behind its primary): the log has forked. Sign nothing.
@@ -294,8 +297,9 @@ impl TransparencyLog {
         }
         while f.size() < size {
             let end = size.min(f.size() + 65_536);
-            for h in self.ds.log_leaf_hashes(f.size(), end).await? {
+            for (h, ts) in self.ds.log_leaf_times(f.size(), end).await? {
                 f.push(h);
+                *newest = (*newest).max(ts);
             }
             if f.size() < end {
                 return Err(LogError::Store(DsError::Corrupt(format!(
@@ -305,23 +309,30 @@ impl TransparencyLog {
                 ))));
             }
         }
-        Ok(f.root())
+        Ok((f.root(), *newest))
     }
 
     /// Signs a tree head for the log as it is now, unless this server already signed one for
     /// that size; returns the latest.
     pub async fn sign_tree_head(&self) -> Result<SignedTreeHead, LogError> {
         let size = self.ds.log_size().await?;
-        if let Some(h) = self.ds.fetch_tree_head(&self.log_id, None).await?
+        let last = self.ds.fetch_tree_head(&self.log_id, None).await?;
+        if let Some(h) = &last
             && h.tree_size >= size
             && now_ms().saturating_sub(h.timestamp) < MAX_HEAD_AGE.as_millis() as u64
         {
-            return stored_to_sth(&h);
+            return stored_to_sth(h);
         }
+        let (root_hash, newest) = self.frontier_at(size).await?;
+        // Never older than an entry it covers (RFC 6962 §3.5; an entry may come from a
+        // server whose clock runs ahead of this one's) or than this key's last tree head.
+        let timestamp = now_ms()
+            .max(newest)
+            .max(last.map(|h| h.timestamp).unwrap_or(0));
         let head = TreeHead {
             tree_size: size,
-            timestamp: now_ms(),
-            root_hash: self.frontier_at(size).await?,
+            timestamp,
+            root_hash,
         };
         let signature = self.sign(&head.signed_data()).await?;
         let sth = SignedTreeHead { head, signature };
