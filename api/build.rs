@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/spire/api/server/trustdomain.proto",
         "proto/spire/api/server/logger.proto",
         "proto/kame/devid/enrollment.proto",
+        "proto/kame/breakglass/breakglass.proto",
     ];
     let workload = ["proto/workload/workload.proto"];
     for f in files.iter().chain(&workload) {

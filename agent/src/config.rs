@@ -67,6 +67,11 @@ pub struct Config {
     pub unix: UnixAttestorConfig,
     /// `agent.sds` (Envoy SDS on the Workload API socket).
     pub sds: crate::sds::SdsConfig,
+    /// `admin_socket_path` (SPIRE's name): the admin socket (0600), where `kame-agent
+    /// break-glass` talks to the agent.
+    pub admin_socket_path: Option<PathBuf>,
+    /// `agent.break_glass { outage, max_duration, require_token }` (ours).
+    pub break_glass: Option<crate::breakglass::BreakGlassConfig>,
 }
 
 /// `host:port`, `[v6]:port` or a bare host on `default_port`.
@@ -242,6 +247,51 @@ impl Config {
                 c
             }
         };
+        let admin_socket_path = agent.nonempty("admin_socket_path")?.map(PathBuf::from);
+        if let Some(p) = &admin_socket_path {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    "agent.admin_socket_path",
+                    "must be an absolute path",
+                ));
+            }
+            if *p == socket_path {
+                return Err(invalid(
+                    "agent.admin_socket_path",
+                    "must not be the Workload API socket_path",
+                ));
+            }
+        }
+        let break_glass = match agent.section("break_glass")? {
+            None => None,
+            Some(b) => {
+                let d = crate::breakglass::BreakGlassConfig::default();
+                let outage = b.duration("outage")?.unwrap_or(d.outage);
+                if outage < Duration::from_secs(1) {
+                    return Err(invalid("agent.break_glass.outage", "must be at least 1s"));
+                }
+                let max_duration = b.duration("max_duration")?.unwrap_or(d.max_duration);
+                if max_duration.is_zero() || max_duration > Duration::from_secs(7 * 86400) {
+                    return Err(invalid(
+                        "agent.break_glass.max_duration",
+                        "must be from 1s to 168h",
+                    ));
+                }
+                let c = crate::breakglass::BreakGlassConfig {
+                    outage,
+                    max_duration,
+                    require_token: b.take_bool("require_token")?.unwrap_or(d.require_token),
+                };
+                b.finish()?;
+                if admin_socket_path.is_none() {
+                    return Err(invalid(
+                        "agent.break_glass",
+                        "needs agent.admin_socket_path (where kame-agent break-glass talks to the agent)",
+                    ));
+                }
+                Some(c)
+            }
+        };
         // SPIRE keys that have no meaning here are refused as unknown by `finish`.
         agent.finish()?;
 
@@ -282,6 +332,8 @@ impl Config {
 
         Ok(Config {
             sds,
+            admin_socket_path,
+            break_glass,
             data_dir,
             server_address,
             server_port,
@@ -403,6 +455,60 @@ plugins {
         assert_eq!(c.unix.workload_size_limit, 1 << 20);
         assert_eq!(c.sync_interval, Duration::from_secs(5));
         assert_eq!(c.sds, crate::sds::SdsConfig::default());
+    }
+
+    /// `admin_socket_path` and `agent.break_glass`: off without the block; defaults; each
+    /// refusal names its key.
+    #[test]
+    fn config_break_glass_block_needs_the_admin_socket() {
+        let with = |block: &str| {
+            GOOD.replace(
+                "    log_level = \"DEBUG\"",
+                &format!("    log_level = \"DEBUG\"\n{block}"),
+            )
+        };
+        let c = Config::parse(GOOD, false).unwrap();
+        assert_eq!((c.admin_socket_path, c.break_glass), (None, None));
+        let sock = "admin_socket_path = \"/run/kame/admin.sock\"\n";
+        let c = Config::parse(&with(&format!("{sock}break_glass {{}}")), false).unwrap();
+        assert_eq!(
+            c.break_glass,
+            Some(crate::breakglass::BreakGlassConfig::default())
+        );
+        let c = Config::parse(
+            &with(&format!(
+                "{sock}break_glass {{\n outage = \"30s\"\n max_duration = \"2h\"\n require_token = true\n }}"
+            )),
+            false,
+        )
+        .unwrap();
+        let b = c.break_glass.unwrap();
+        assert_eq!(b.outage, Duration::from_secs(30));
+        assert_eq!(b.max_duration, Duration::from_secs(7200));
+        assert!(b.require_token);
+        for (block, key) in [
+            ("break_glass {}".to_string(), "agent.break_glass"),
+            (
+                format!("{sock}break_glass {{ outage = \"0s\" }}"),
+                "agent.break_glass.outage",
+            ),
+            (
+                format!("{sock}break_glass {{ max_duration = \"720h\" }}"),
+                "agent.break_glass.max_duration",
+            ),
+            (format!("{sock}break_glass {{ reason = \"x\" }}"), "reason"),
+            (
+                "admin_socket_path = \"relative.sock\"".to_string(),
+                "agent.admin_socket_path",
+            ),
+            (
+                "admin_socket_path = \"/tmp/kame-agent/public/api.sock\"".to_string(),
+                "agent.admin_socket_path",
+            ),
+        ] {
+            let e = Config::parse(&with(&block), false).unwrap_err().to_string();
+            assert!(e.contains(key), "{block}: {e}");
+        }
     }
 
     /// `agent.sds` takes SPIRE's four keys; others are refused by name.

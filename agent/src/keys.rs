@@ -18,6 +18,8 @@ pub enum KeyError {
     Csr(#[source] kame_api::Error),
     #[error("building the CSR failed: the key did not sign")]
     CsrSignature,
+    #[error("the key did not sign")]
+    Sign,
 }
 
 /// A fresh P-256 key as PKCS#8 DER.
@@ -52,6 +54,16 @@ pub fn csr(pkcs8: &[u8]) -> Result<Vec<u8>, KeyError> {
         .map_err(KeyError::Csr)?
         .x509_signature_algorithm();
     kame_api::x509svid::assemble(&info, &alg, sig.as_ref()).map_err(KeyError::Csr)
+}
+
+/// An ECDSA P-256 SHA-256 signature (ASN.1 DER) by `pkcs8` over `message`.
+pub fn sign(pkcs8: &[u8], message: &[u8]) -> Result<Vec<u8>, KeyError> {
+    let k = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8)
+        .map_err(|_| KeyError::BadKey)?;
+    Ok(k.sign(&SystemRandom::new(), message)
+        .map_err(|_| KeyError::Sign)?
+        .as_ref()
+        .to_vec())
 }
 
 /// Whether `pkcs8` holds the private half of the certificate's public key.

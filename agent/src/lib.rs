@@ -5,8 +5,10 @@
 //! crate: it speaks to the server only over SPIRE's wire protocol.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod attestation;
 pub mod attestor;
+pub mod breakglass;
 pub mod catalog;
 pub mod cli;
 /// Channels to the server (shared with downstream servers: `kame_api::channel`).

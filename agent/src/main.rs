@@ -58,6 +58,26 @@ enum Cmd {
         after_help = "Examples:\n  kame-agent api fetch x509 --write /tmp/svids\n  kame-agent api fetch jwt --audience api\n  kame-agent api validate jwt --audience api --svid TOKEN\n  kame-agent api watch"
     )]
     Api(ApiCmd),
+    /// Breaks the glass during a server outage (serves reserve SVIDs, recorded), or shows
+    /// its state without --reason.
+    #[command(
+        after_help = "Examples:\n  kame-agent break-glass --reason \"INC-123 datastore lost\" --duration 4h\n  kame-agent break-glass --reason \"INC-123\" --duration 1h --token token.jwt\n  kame-agent break-glass   (state only)"
+    )]
+    BreakGlass {
+        /// The agent's admin socket (agent.admin_socket_path).
+        #[arg(long)]
+        admin_socket_path: PathBuf,
+        /// Why: goes into the record the server receives.
+        #[arg(long)]
+        reason: Option<String>,
+        /// How long (a Go-style duration such as 4h), at most agent.break_glass.max_duration.
+        #[arg(long, value_parser = duration)]
+        duration: Option<std::time::Duration>,
+        /// A file holding a break-glass token (a JWT-SVID for this agent's SPIFFE ID with
+        /// audience kame-break-glass, made in advance with `kame-server jwt mint`).
+        #[arg(long)]
+        token: Option<PathBuf>,
+    },
     /// Prints a shell completion script.
     ///
     /// Example: kame-agent completion bash > /etc/bash_completion.d/kame-agent
@@ -375,6 +395,29 @@ async fn client(cmd: Cmd) -> anyhow::Result<()> {
             output,
         })) => cli::validate_jwt(&socket.addr()?, &audience, &svid, output == Output::Json).await?,
         Cmd::Api(ApiCmd::Watch { socket }) => cli::watch(&socket.addr()?).await?,
+        Cmd::BreakGlass {
+            admin_socket_path,
+            reason,
+            duration,
+            token,
+        } => {
+            let open = match (reason, duration) {
+                (None, None) if token.is_none() => None,
+                (Some(r), Some(d)) => {
+                    let token = token
+                        .map(|p| {
+                            std::fs::read_to_string(&p)
+                                .map(|t| t.trim().to_string())
+                                .with_context(|| format!("reading the token {}", p.display()))
+                        })
+                        .transpose()?;
+                    Some((r, d, token))
+                }
+                _ => anyhow::bail!("give both --reason and --duration to break the glass"),
+            };
+            let s = kame_agent::admin::client(&admin_socket_path, open).await?;
+            print!("{}", kame_agent::admin::report(&s));
+        }
     }
     Ok(())
 }

@@ -46,6 +46,8 @@ pub struct Running {
     /// Held while running: a second agent on this data_dir, or on this socket, is refused.
     _lock: kame_api::serving::DataDirLock,
     _socket_lock: std::fs::File,
+    /// The admin socket's lock and path (removed at stop).
+    admin_lock: Option<(std::fs::File, PathBuf)>,
     /// Why the agent cannot continue, once it cannot.
     fatal: watch::Receiver<Option<String>>,
 }
@@ -106,6 +108,7 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
             trust_bundle_path: cfg.trust_bundle_path.clone(),
             sync_interval: cfg.sync_interval,
             transparency_log_keys: cfg.transparency_log_keys.clone(),
+            break_glass: cfg.break_glass.clone(),
         },
         storage,
         attestor,
@@ -137,8 +140,58 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
                 })?,
         ),
     };
+    // The admin socket: only the agent's user (0600) and root.
+    let admin = match &cfg.admin_socket_path {
+        None => None,
+        Some(p) => {
+            use std::os::unix::fs::PermissionsExt;
+            if let Some(dir) = p.parent() {
+                std::fs::create_dir_all(dir).map_err(|source| RunError::Dir {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
+            }
+            let claimed = kame_api::serving::claim_socket(p, "kame-agent")?;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).map_err(
+                |source| RunError::Listen {
+                    path: p.display().to_string(),
+                    source,
+                },
+            )?;
+            let uid = crate::admin::own_uid().map_err(|source| RunError::Listen {
+                path: "/proc/self".into(),
+                source,
+            })?;
+            Some((claimed, uid, p.clone()))
+        }
+    };
     let (shutdown, rx) = watch::channel(false);
     let mut tasks = vec![];
+    let mut admin_lock = None;
+    if let Some((claimed, uid, path)) = admin {
+        let kame_api::serving::ClaimedSocket { listener, lock } = claimed;
+        admin_lock = Some((lock, path));
+        let svc = crate::admin::AdminService {
+            manager: manager.clone(),
+            uid,
+        };
+        let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener)
+            .map(|r| r.map(WorkloadConn::new));
+        let mut arx = rx.clone();
+        tasks.push(tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(kame_api::pb::breakglass::admin_server::AdminServer::new(
+                    svc,
+                ))
+                .serve_with_incoming_shutdown(incoming, async move {
+                    let _ = arx.changed().await;
+                })
+                .await;
+            if let Err(e) = r {
+                tracing::error!(error = %e, "admin socket server failed");
+            }
+        }));
+    }
     let api = WorkloadApi::new(manager.clone(), UnixAttestor::new(cfg.unix.clone()));
     let sds = crate::sds::Sds::new(api.clone(), cfg.sds.clone());
     let incoming =
@@ -202,6 +255,7 @@ pub async fn start(cfg: &Config) -> Result<Running, RunError> {
         tasks,
         _lock: lock,
         _socket_lock: socket_lock,
+        admin_lock,
         fatal,
     })
 }
@@ -232,5 +286,8 @@ impl Running {
             }
         }
         let _ = std::fs::remove_file(&self.socket_path);
+        if let Some((_, p)) = &self.admin_lock {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }

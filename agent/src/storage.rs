@@ -165,6 +165,24 @@ impl Storage {
     }
 
     pub fn save_agent(&self, id: &AgentIdentity) -> Result<(), StorageError> {
+        self.save_identity("agent_svid.json", id)
+    }
+
+    pub fn load_agent(&self) -> Result<Option<AgentIdentity>, StorageError> {
+        self.load_identity("agent_svid.json")
+    }
+
+    /// The agent identity that signs the break-glass record: the last agent SVID and key,
+    /// kept after they expire (an outage may outlast them).
+    pub fn save_record_signer(&self, id: &AgentIdentity) -> Result<(), StorageError> {
+        self.save_identity("break_glass_signer.json", id)
+    }
+
+    pub fn load_record_signer(&self) -> Result<Option<AgentIdentity>, StorageError> {
+        self.load_identity("break_glass_signer.json")
+    }
+
+    fn save_identity(&self, name: &str, id: &AgentIdentity) -> Result<(), StorageError> {
         let Some(dir) = &self.key_dir else {
             return Ok(());
         };
@@ -173,18 +191,18 @@ impl Storage {
             key: b64(&id.key_pkcs8),
             reattestable: id.reattestable,
         };
-        let json =
-            zeroize::Zeroizing::new(serde_json::to_vec(&f).map_err(|e| {
-                Self::corrupt(&dir.join("agent_svid.json"), format!("encode: {e}"))
-            })?);
-        write_atomic(&dir.join("agent_svid.json"), &json, 0o600)
+        let json = zeroize::Zeroizing::new(
+            serde_json::to_vec(&f)
+                .map_err(|e| Self::corrupt(&dir.join(name), format!("encode: {e}")))?,
+        );
+        write_atomic(&dir.join(name), &json, 0o600)
     }
 
-    pub fn load_agent(&self) -> Result<Option<AgentIdentity>, StorageError> {
+    fn load_identity(&self, name: &str) -> Result<Option<AgentIdentity>, StorageError> {
         let Some(dir) = &self.key_dir else {
             return Ok(None);
         };
-        let p = dir.join("agent_svid.json");
+        let p = dir.join(name);
         let Some(bytes) = read_opt(&p)? else {
             return Ok(None);
         };
@@ -208,6 +226,36 @@ impl Storage {
         }
     }
 
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Reserve SVIDs (break-glass) and their keys, 0600, beside the SVID cache.
+    pub fn save_reserves(&self, r: &[CachedSvid]) -> Result<(), StorageError> {
+        let Some(dir) = &self.key_dir else {
+            return Ok(());
+        };
+        let f: Vec<SvidFile> = r.iter().map(svid_file).collect();
+        let p = dir.join("break_glass_reserves.json");
+        let json = zeroize::Zeroizing::new(
+            serde_json::to_vec(&f).map_err(|e| Self::corrupt(&p, format!("encode: {e}")))?,
+        );
+        write_atomic(&p, &json, 0o600)
+    }
+
+    pub fn load_reserves(&self) -> Result<Vec<CachedSvid>, StorageError> {
+        let Some(dir) = &self.key_dir else {
+            return Ok(vec![]);
+        };
+        let p = dir.join("break_glass_reserves.json");
+        let Some(bytes) = read_opt(&p)? else {
+            return Ok(vec![]);
+        };
+        let bytes = zeroize::Zeroizing::new(bytes);
+        let f: Vec<SvidFile> = serde_json::from_slice(&bytes).map_err(|e| Self::corrupt(&p, e))?;
+        f.iter().map(|s| Self::cached_svid(&p, s)).collect()
+    }
+
     pub fn save_cache(&self, c: &CacheSnapshot) -> Result<(), StorageError> {
         let Some(dir) = &self.key_dir else {
             return Ok(());
@@ -220,18 +268,7 @@ impl Storage {
                 .map(|b| b64(&b.encode_to_vec()))
                 .collect(),
             entries: c.entries.iter().map(|e| b64(&e.encode_to_vec())).collect(),
-            svids: c
-                .svids
-                .iter()
-                .map(|s| SvidFile {
-                    entry_id: s.entry_id.clone(),
-                    entry_revision: s.entry_revision,
-                    chain: s.chain.iter().map(|c| b64(c)).collect(),
-                    key: b64(&s.key_pkcs8),
-                    not_before: s.not_before,
-                    not_after: s.not_after,
-                })
-                .collect(),
+            svids: c.svids.iter().map(svid_file).collect(),
         };
         let p = dir.join("svid_cache.json");
         let json = zeroize::Zeroizing::new(
@@ -271,22 +308,35 @@ impl Storage {
             svids: f
                 .svids
                 .iter()
-                .map(|s| {
-                    Ok(CachedSvid {
-                        entry_id: s.entry_id.clone(),
-                        entry_revision: s.entry_revision,
-                        chain: s
-                            .chain
-                            .iter()
-                            .map(|c| Self::unb64(&p, c))
-                            .collect::<Result<_, _>>()?,
-                        key_pkcs8: zeroize::Zeroizing::new(Self::unb64(&p, &s.key)?),
-                        not_before: s.not_before,
-                        not_after: s.not_after,
-                    })
-                })
+                .map(|s| Self::cached_svid(&p, s))
                 .collect::<Result<_, StorageError>>()?,
         }))
+    }
+
+    fn cached_svid(p: &Path, s: &SvidFile) -> Result<CachedSvid, StorageError> {
+        Ok(CachedSvid {
+            entry_id: s.entry_id.clone(),
+            entry_revision: s.entry_revision,
+            chain: s
+                .chain
+                .iter()
+                .map(|c| Self::unb64(p, c))
+                .collect::<Result<_, _>>()?,
+            key_pkcs8: zeroize::Zeroizing::new(Self::unb64(p, &s.key)?),
+            not_before: s.not_before,
+            not_after: s.not_after,
+        })
+    }
+}
+
+fn svid_file(s: &CachedSvid) -> SvidFile {
+    SvidFile {
+        entry_id: s.entry_id.clone(),
+        entry_revision: s.entry_revision,
+        chain: s.chain.iter().map(|c| b64(c)).collect(),
+        key: b64(&s.key_pkcs8),
+        not_before: s.not_before,
+        not_after: s.not_after,
     }
 }
 

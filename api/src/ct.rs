@@ -374,6 +374,8 @@ pub enum EntryType {
     Authority,
     /// An agent's node attestation: JSON.
     Attestation,
+    /// A line of an agent's break-glass record, as the server received it: JSON.
+    BreakGlass,
 }
 
 impl EntryType {
@@ -384,6 +386,7 @@ impl EntryType {
             EntryType::JwtSvid => 0x8001,
             EntryType::Authority => 0x8002,
             EntryType::Attestation => 0x8003,
+            EntryType::BreakGlass => 0x8004,
         }
     }
 
@@ -394,6 +397,7 @@ impl EntryType {
             0x8001 => EntryType::JwtSvid,
             0x8002 => EntryType::Authority,
             0x8003 => EntryType::Attestation,
+            0x8004 => EntryType::BreakGlass,
             v => {
                 return Err(CtError::Unsupported {
                     what: "log entry type",

@@ -3,6 +3,7 @@
 //! X509-SVID and JWT-SVID profile rules used by issuers and validators alike ([`x509svid`],
 //! [`jwtsvid`]), CSRs ([`csr`]) and the bundle codec ([`bundle`]). This crate does no I/O.
 
+pub mod breakglass;
 pub mod bundle;
 #[cfg(feature = "client")]
 pub mod channel;
@@ -80,6 +81,16 @@ pub mod pb {
     pub mod devid {
         tonic::include_proto!("kame.devid.v1");
     }
+    /// Kame's break-glass (`kame.breakglass.v1`): reserve SVIDs, the record, the agent's
+    /// admin socket.
+    pub mod kame {
+        pub mod breakglass {
+            pub mod v1 {
+                tonic::include_proto!("kame.breakglass.v1");
+            }
+        }
+    }
+    pub use kame::breakglass::v1 as breakglass;
     /// The SPIFFE Workload API (no proto package).
     pub mod workload {
         tonic::include_proto!("_");

@@ -249,6 +249,7 @@ async fn build_context(
             crate::service::attest_check_permits(),
         )),
         federation_triggers: Default::default(),
+        break_glass: cfg.break_glass.clone(),
     });
     let svid = ServerSvid::new(
         ca.clone(),
@@ -522,6 +523,12 @@ pub async fn start_with(
             .add_service(
                 pb::trustdomain::trust_domain_server::TrustDomainServer::new(
                     crate::service::trustdomain::TrustDomainService { ctx: ctx.clone() },
+                )
+                .max_decoding_message_size(m),
+            )
+            .add_service(
+                pb::breakglass::break_glass_server::BreakGlassServer::new(
+                    crate::service::breakglass::BreakGlassService { ctx: ctx.clone() },
                 )
                 .max_decoding_message_size(m),
             )

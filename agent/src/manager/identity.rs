@@ -97,6 +97,14 @@ impl Manager {
             reattestable,
         };
         self.storage.save_agent(&id)?;
+        if self.glass.is_some() {
+            if let Err(e) = self.storage.save_record_signer(&id) {
+                tracing::warn!(error = %e, "cannot keep the break-glass record's signing key");
+            }
+            if let Ok(mut s) = self.record_signer.lock() {
+                *s = Some(id.clone());
+            }
+        }
         if let Ok(mut st) = self.state.write() {
             st.agent = Some(id);
         }

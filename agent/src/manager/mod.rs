@@ -22,8 +22,10 @@ use tonic::transport::Channel;
 
 mod identity;
 mod jwt;
+mod reserve;
 mod sync;
 pub use jwt::*;
+pub use reserve::GlassStatus;
 
 /// How many SVIDs one BatchNewX509SVID asks for.
 const BATCH: usize = 50;
@@ -189,6 +191,8 @@ struct State {
     entries: BTreeMap<String, types::Entry>,
     svids: BTreeMap<String, CachedSvid>,
     jwt: HashMap<(String, Vec<String>), JwtCached>,
+    /// Reserve SVIDs (break-glass) by entry ID, by slice.
+    reserves: BTreeMap<String, Vec<CachedSvid>>,
 }
 
 /// The entries whose selectors are a subset of `selectors`, in the Workload API's order (by
@@ -208,6 +212,8 @@ fn matching<'a>(st: &'a State, selectors: &[types::Selector]) -> Vec<&'a types::
 pub struct Identity {
     pub entry: types::Entry,
     pub svid: CachedSvid,
+    /// A reserve SVID served under break-glass.
+    pub reserve: bool,
 }
 
 /// What one workload is entitled to.
@@ -234,6 +240,8 @@ pub struct ManagerConfig {
     /// must carry a valid SCT from one of them, and so must the JWT-SVIDs of this trust domain
     /// that ValidateJWTSVID accepts.
     pub transparency_log_keys: Vec<Vec<u8>>,
+    /// `agent.break_glass`: reserve SVIDs are kept and the glass can be broken.
+    pub break_glass: Option<crate::breakglass::BreakGlassConfig>,
 }
 
 pub struct Manager {
@@ -251,6 +259,15 @@ pub struct Manager {
     syncs_ok: std::sync::atomic::AtomicU64,
     syncs_failed: std::sync::atomic::AtomicU64,
     last_sync: std::sync::atomic::AtomicU64,
+    /// Break-glass state and record (with `agent.break_glass`).
+    glass: Option<crate::breakglass::Glass>,
+    /// The server's reserve slice length and maximum extension, once told.
+    reserve_params: Mutex<Option<(u64, u64)>>,
+    /// Whether the server's refusal to mint reserves was already logged.
+    reserve_refused: std::sync::atomic::AtomicBool,
+    /// The identity that signs the break-glass record (the last agent SVID, kept past its
+    /// expiry: an outage may outlast it).
+    record_signer: Mutex<Option<AgentIdentity>>,
 }
 
 impl std::fmt::Debug for Manager {
@@ -332,13 +349,36 @@ impl Manager {
             for b in c.federated {
                 st.federated.insert(b.trust_domain.clone(), b);
             }
+            if cfg.break_glass.is_some() {
+                for r in storage.load_reserves()? {
+                    if r.not_after > now && st.entries.contains_key(&r.entry_id) {
+                        st.reserves.entry(r.entry_id.clone()).or_default().push(r);
+                    }
+                }
+            }
             if st.bundle.is_none() {
                 st.bundle = c.bundle;
             }
             tracing::info!(svids = st.svids.len(), "serving cached SVIDs from data_dir");
         }
         let (version, _) = watch::channel(0u64);
+        let glass = cfg
+            .break_glass
+            .clone()
+            .map(|c| crate::breakglass::Glass::new(c, storage.data_dir()));
+        let record_signer = if glass.is_some() {
+            match &st.agent {
+                Some(a) => Some(a.clone()),
+                None => storage.load_record_signer()?,
+            }
+        } else {
+            None
+        };
         Ok(Arc::new(Manager {
+            record_signer: Mutex::new(record_signer),
+            glass,
+            reserve_params: Mutex::new(None),
+            reserve_refused: Default::default(),
             cfg,
             server_id,
             storage,
@@ -420,6 +460,32 @@ impl Manager {
 
     /// What a workload with `selectors` is entitled to.
     pub fn view(&self, selectors: &[types::Selector]) -> WorkloadView {
+        let now = now_secs();
+        let open = self
+            .glass
+            .as_ref()
+            .is_some_and(|g| g.open_at(now).is_some());
+        let mut v = self.view_at(selectors, now, open);
+        if open {
+            // Under break-glass: every reserve served is recorded first, or not served.
+            let served: Vec<(types::Entry, CachedSvid)> = v
+                .identities
+                .iter()
+                .filter(|i| i.reserve)
+                .map(|i| (i.entry.clone(), i.svid.clone()))
+                .collect();
+            if !served.is_empty() {
+                let refused = self.record_deliveries(&served, selectors);
+                v.identities
+                    .retain(|i| !(i.reserve && refused.contains(&i.entry.id)));
+            }
+        }
+        v
+    }
+
+    /// The view at `now`; with the glass `open`, an entry whose SVID has expired gets the
+    /// reserve of the present slice.
+    fn view_at(&self, selectors: &[types::Selector], now: u64, open: bool) -> WorkloadView {
         let Ok(st) = self.state.read() else {
             return WorkloadView::default();
         };
@@ -433,7 +499,15 @@ impl Manager {
                     federated.insert(td, b.clone());
                 }
             }
-            if let Some(s) = st.svids.get(&e.id) {
+            let normal = st.svids.get(&e.id);
+            let chosen = match normal {
+                Some(s) if !open || s.not_after > now => Some((s, false)),
+                _ if open => Self::reserve_at(&st, &e.id, now)
+                    .map(|r| (r, true))
+                    .or(normal.map(|s| (s, false))),
+                _ => normal.map(|s| (s, false)),
+            };
+            if let Some((s, reserve)) = chosen {
                 // WA-09: hints unique within a response; later duplicates are dropped.
                 if !e.hint.is_empty() && !seen_hints.insert(e.hint.clone()) {
                     continue;
@@ -441,6 +515,7 @@ impl Manager {
                 identities.push(Identity {
                     entry: (*e).clone(),
                     svid: s.clone(),
+                    reserve,
                 });
             }
         }
@@ -484,6 +559,7 @@ impl Manager {
         loop {
             let bootstrap = self.agent_id().is_none();
             let r = self.sync_once().await;
+            self.after_sync(r.is_ok()).await;
             let counter = if r.is_ok() {
                 self.last_sync
                     .store(now_secs(), std::sync::atomic::Ordering::Relaxed);

@@ -107,7 +107,7 @@ impl Manager {
                 "re-issuing workload SVIDs (tainted authority, rotation or entry change)"
             );
         }
-        let minted = self.mint_x509(ch, &need).await?;
+        let minted = self.mint_x509(ch.clone(), &need).await?;
         // 5. Install.
         {
             let mut st = self
@@ -148,6 +148,7 @@ impl Manager {
             self.persist();
             self.bump();
         }
+        self.sync_reserves(ch, &roots, &taint).await;
         Ok(())
     }
 
@@ -302,29 +303,8 @@ impl Manager {
                 .await?
                 .into_inner();
             for ((e, k), r) in keys_by_entry.into_iter().zip(resp.results) {
-                match (r.status, r.svid) {
-                    (Some(s), Some(svid)) if s.code == 0 => {
-                        let leaf = svid
-                            .cert_chain
-                            .first()
-                            .and_then(|c| ParsedCert::parse(c).ok());
-                        let Some(leaf) = leaf else {
-                            tracing::warn!(entry_id = %e.id, "server returned an unparsable SVID");
-                            continue;
-                        };
-                        out.push(CachedSvid {
-                            entry_id: e.id.clone(),
-                            entry_revision: e.revision_number,
-                            not_before: leaf.not_before(),
-                            not_after: leaf.not_after(),
-                            chain: svid.cert_chain,
-                            key_pkcs8: k,
-                        });
-                    }
-                    (s, _) => {
-                        let (code, msg) = s.map(|s| (s.code, s.message)).unwrap_or_default();
-                        tracing::warn!(entry_id = %e.id, code, msg, "server did not mint an SVID");
-                    }
+                if let Some((s, _)) = minted_svid(e, k, r.status, r.svid, "an SVID", false) {
+                    out.push(s);
                 }
             }
         }
@@ -332,6 +312,51 @@ impl Manager {
             tracing::debug!(count = out.len(), "minted workload X509-SVIDs");
         }
         Ok(out)
+    }
+}
+
+/// One result of a batch the server minted for `e` (an SVID for the key `k`), with its leaf;
+/// a refusal or an unparsable SVID is logged (a refusal at debug level when `quiet`: reserves
+/// are asked for again at every sync) and gives nothing.
+pub(super) fn minted_svid(
+    e: &types::Entry,
+    k: zeroize::Zeroizing<Vec<u8>>,
+    status: Option<types::Status>,
+    svid: Option<types::X509svid>,
+    what: &str,
+    quiet: bool,
+) -> Option<(CachedSvid, ParsedCert)> {
+    match (status, svid) {
+        (Some(s), Some(svid)) if s.code == 0 => {
+            let Some(leaf) = svid
+                .cert_chain
+                .first()
+                .and_then(|c| ParsedCert::parse(c).ok())
+            else {
+                tracing::warn!(entry_id = %e.id, what, "server returned an unparsable SVID");
+                return None;
+            };
+            Some((
+                CachedSvid {
+                    entry_id: e.id.clone(),
+                    entry_revision: e.revision_number,
+                    not_before: leaf.not_before(),
+                    not_after: leaf.not_after(),
+                    chain: svid.cert_chain,
+                    key_pkcs8: k,
+                },
+                leaf,
+            ))
+        }
+        (s, _) => {
+            let (code, msg) = s.map(|s| (s.code, s.message)).unwrap_or_default();
+            if quiet {
+                tracing::debug!(entry_id = %e.id, code, msg, what, "server did not mint");
+            } else {
+                tracing::warn!(entry_id = %e.id, code, msg, what, "server did not mint");
+            }
+            None
+        }
     }
 }
 

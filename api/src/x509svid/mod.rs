@@ -624,6 +624,68 @@ impl ParsedCert {
     }
 }
 
+/// Kame's break-glass certificate policy: a UUID OID (ITU-T X.667, arc 2.25) carried in the
+/// certificatePolicies extension of reserve X509-SVIDs, the SVIDs an agent serves only under
+/// break-glass. SVIDs minted normally carry no certificate policy.
+pub const BREAK_GLASS_POLICY: &str = "2.25.161190094665278160941200676328092638606";
+const BREAK_GLASS_UUID: u128 = 161_190_094_665_278_160_941_200_676_328_092_638_606;
+const CERTIFICATE_POLICIES: ObjectIdentifier = ObjectIdentifier::new_unwrap("2.5.29.32");
+
+/// The contents octets of [`BREAK_GLASS_POLICY`]'s DER encoding (its last arc needs 128 bits,
+/// more than `const_oid` holds, so it is encoded here).
+fn break_glass_oid_content() -> Vec<u8> {
+    // First two arcs: 2 * 40 + 25; then the UUID in base 128, high groups first.
+    let mut groups = vec![];
+    let mut v = BREAK_GLASS_UUID;
+    loop {
+        groups.push((v & 0x7f) as u8);
+        v >>= 7;
+        if v == 0 {
+            break;
+        }
+    }
+    let mut out = vec![2 * 40 + 25];
+    let last = groups.len() - 1;
+    for (i, g) in groups.iter().rev().enumerate() {
+        out.push(if i < last { g | 0x80 } else { *g });
+    }
+    out
+}
+
+/// The certificatePolicies extension (non-critical) naming [`BREAK_GLASS_POLICY`], DER.
+pub fn break_glass_policy_ext() -> Result<Vec<u8>, Error> {
+    let oid = der_tlv(0x06, &break_glass_oid_content());
+    // CertificatePolicies ::= SEQUENCE OF PolicyInformation ::= SEQUENCE { policyIdentifier }
+    let value = der_tlv(0x30, &der_tlv(0x30, &oid));
+    raw_ext_der(CERTIFICATE_POLICIES, false, &value)
+}
+
+impl ParsedCert {
+    /// Whether the certificate names [`BREAK_GLASS_POLICY`] among its certificate policies (a
+    /// reserve SVID, served only under break-glass). A malformed certificatePolicies
+    /// extension is an error.
+    pub fn is_break_glass(&self) -> Result<bool, Error> {
+        let Some(exts) = self.cert.tbs_certificate().extensions() else {
+            return Ok(false);
+        };
+        let want = break_glass_oid_content();
+        let bad = |_| Error::BadCertificate("malformed certificatePolicies extension".into());
+        for e in exts.iter().filter(|e| e.extn_id == CERTIFICATE_POLICIES) {
+            let infos: Vec<der::Any> = Vec::from_der(e.extn_value.as_bytes()).map_err(bad)?;
+            for info in infos {
+                let parts: Vec<der::Any> = info.decode_as().map_err(bad)?;
+                if let Some(id) = parts.first()
+                    && der::Tagged::tag(id) == der::Tag::ObjectIdentifier
+                    && id.value() == want.as_slice()
+                {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+}
+
 /// Checks a leaf against the X509-SVID rules a validator enforces (X509-01, 02, 03, 05, 07, 08,
 /// 09) and returns its SPIFFE ID. No time or signature checks (X509-16).
 pub fn check_leaf(leaf: &ParsedCert) -> Result<SpiffeId, Error> {

@@ -203,3 +203,53 @@ fn csr_round_trip_and_bad_signature() {
         "{e}"
     );
 }
+
+/// A reserve SVID names the break-glass policy (the OID's 128-bit arc encoded by hand, checked
+/// here against its dotted form), still passes the validator's X509-SVID rules and chains to
+/// its CA; a normal SVID names no policy.
+#[test]
+fn break_glass_policy_marks_reserve_svids_only() {
+    // The dotted form, re-derived from the encoded contents.
+    let content = break_glass_oid_content();
+    assert_eq!(content[0], 2 * 40 + 25);
+    let mut arc: u128 = 0;
+    for b in &content[1..] {
+        arc = (arc << 7) | u128::from(b & 0x7f);
+    }
+    assert_eq!(content.last().unwrap() & 0x80, 0);
+    assert_eq!(format!("2.25.{arc}"), BREAK_GLASS_POLICY);
+
+    let td = TrustDomain::parse("example.org").unwrap();
+    let ck = Key::new();
+    let ca = root(&td, &ck);
+    let (normal, _) = leaf(&ca, &ck, "spiffe://example.org/w", 3_000_000_000);
+    assert!(
+        !ParsedCert::parse(&normal)
+            .unwrap()
+            .is_break_glass()
+            .unwrap()
+    );
+
+    let k = Key::new();
+    let spki = k.spki();
+    let issuer = IssuerInfo::from_cert_der(&ca).unwrap();
+    let id = SpiffeId::parse("spiffe://example.org/w").unwrap();
+    let tbs = leaf_tbs_with(
+        &LeafParams {
+            id: &id,
+            dns_names: &[],
+            spki_der: &spki,
+            serial: &[3],
+            not_before: 2_000,
+            not_after: 3_000_000_000,
+        },
+        &issuer,
+        &[break_glass_policy_ext().unwrap()],
+    )
+    .unwrap();
+    let reserve = assemble(&tbs, &issuer.signature_algorithm, &ck.sign(&tbs)).unwrap();
+    let p = ParsedCert::parse(&reserve).unwrap();
+    assert!(p.is_break_glass().unwrap());
+    check_leaf(&p).unwrap();
+    verify_chain(&[reserve], &[ca], 1_000_000_000).unwrap();
+}

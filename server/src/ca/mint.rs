@@ -24,21 +24,65 @@ impl Ca {
         if ttl.is_zero() {
             return Err(CaError::InvalidTtl("TTL must be positive".into()));
         }
-        let ca = self.current_x509().ok_or(CaError::NotReady("X.509"))?;
         let now = now_secs();
+        self.sign_leaf(
+            spki_der,
+            id,
+            dns_names,
+            now.saturating_sub(x509svid::BACKDATE.as_secs()),
+            now.saturating_add(ttl.as_secs().max(1)),
+            &[],
+        )
+        .await
+    }
+
+    /// Mints a reserve X509-SVID (break-glass): valid from `not_before` to `not_after` (capped
+    /// at the CA's notAfter), both possibly in the future, with the break-glass certificate
+    /// policy. The caller checks the agent's authorization and the window.
+    pub async fn sign_reserve_x509_svid(
+        &self,
+        spki_der: &[u8],
+        id: &SpiffeId,
+        dns_names: &[String],
+        not_before: u64,
+        not_after: u64,
+    ) -> Result<Vec<Vec<u8>>, CaError> {
+        if !id.is_member_of(&self.settings.trust_domain) {
+            return Err(CaError::Profile(kame_api::Error::BadSvid(format!(
+                "{id} is not in trust domain {}",
+                self.settings.trust_domain
+            ))));
+        }
+        let policy = x509svid::break_glass_policy_ext()?;
+        self.sign_leaf(spki_der, id, dns_names, not_before, not_after, &[policy])
+            .await
+    }
+
+    /// Signs a leaf with the active X.509 authority, `extra` extensions (DER) after the
+    /// profile's (and before the SCT list).
+    async fn sign_leaf(
+        &self,
+        spki_der: &[u8],
+        id: &SpiffeId,
+        dns_names: &[String],
+        not_before: u64,
+        not_after: u64,
+        extra: &[Vec<u8>],
+    ) -> Result<Vec<Vec<u8>>, CaError> {
+        let ca = self.current_x509().ok_or(CaError::NotReady("X.509"))?;
         let serial = random_serial()?;
         let params = x509svid::LeafParams {
             id,
             dns_names,
             spki_der,
             serial: &serial,
-            not_before: now.saturating_sub(x509svid::BACKDATE.as_secs()),
-            not_after: now.saturating_add(ttl.as_secs().max(1)),
+            not_before,
+            not_after,
         };
         if let SigningMode::KmsRooted { intermediate_ttl } = self.settings.signing_mode {
             let inter = self.intermediate(&ca, intermediate_ttl).await?;
             let tbs = self
-                .logged_leaf_tbs(&params, &inter.issuer, &inter.key.spki_der)
+                .logged_leaf_tbs(&params, &inter.issuer, &inter.key.spki_der, extra)
                 .await?;
             let sig = sign_checked(
                 &inter.km,
@@ -56,7 +100,7 @@ impl Ca {
             return Ok(chain);
         }
         let tbs = self
-            .logged_leaf_tbs(&params, &ca.issuer, &ca.key.spki_der)
+            .logged_leaf_tbs(&params, &ca.issuer, &ca.key.spki_der, extra)
             .await?;
         let sig = sign_checked(
             self.km.as_ref(),
@@ -84,8 +128,9 @@ impl Ca {
         params: &x509svid::LeafParams<'_>,
         issuer: &x509svid::IssuerInfo,
         issuer_spki_der: &[u8],
+        extra: &[Vec<u8>],
     ) -> Result<Vec<u8>, CaError> {
-        let precert = x509svid::leaf_tbs(params, issuer)?;
+        let precert = x509svid::leaf_tbs_with(params, issuer, extra)?;
         let Some(log) = &self.settings.transparency else {
             return Ok(precert);
         };
@@ -97,22 +142,20 @@ impl Ca {
             Ok((_, sct)) => {
                 let value = kame_api::ct::sct_list_extension_value(&[sct])
                     .map_err(crate::transparency::LogError::from)?;
-                Ok(x509svid::leaf_tbs_with(
-                    params,
-                    issuer,
-                    &[x509svid::raw_ext_der(
-                        kame_api::ct::SCT_LIST_OID,
-                        false,
-                        &value,
-                    )?],
-                )?)
+                let mut exts = extra.to_vec();
+                exts.push(x509svid::raw_ext_der(
+                    kame_api::ct::SCT_LIST_OID,
+                    false,
+                    &value,
+                )?);
+                Ok(x509svid::leaf_tbs_with(params, issuer, &exts)?)
             }
             Err(e) if log.settings().required => Err(e.into()),
             Err(e) => {
                 tracing::warn!(error = %e, "transparency log cannot record; SVID issued without an SCT");
                 match entry {
                     kame_api::ct::Entry::Precert { tbs, .. } => Ok(tbs),
-                    _ => Ok(x509svid::leaf_tbs(params, issuer)?),
+                    _ => Ok(x509svid::leaf_tbs_with(params, issuer, extra)?),
                 }
             }
         }

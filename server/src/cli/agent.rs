@@ -254,7 +254,8 @@ pub async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
         }
         AgentCmd::Show { spiffe_id, common } => {
             let id = parse_id("--spiffe-id", &spiffe_id)?;
-            let mut c = AgentClient::new(common.connect().await?);
+            let ch = common.connect().await?;
+            let mut c = AgentClient::new(ch.clone());
             let a = c
                 .get_agent(pb::agent::GetAgentRequest {
                     id: Some(id_proto(&id)),
@@ -262,7 +263,26 @@ pub async fn agent(cmd: AgentCmd) -> Result<(), CliError> {
                 })
                 .await?
                 .into_inner();
-            print(common.output, agent_json(&a), agent_pretty(&a));
+            // Kame's break-glass records (a SPIRE server has none: Unimplemented).
+            let lines = match pb::breakglass::break_glass_client::BreakGlassClient::new(ch)
+                .list_records(pb::breakglass::ListRecordsRequest {
+                    spiffe_id: id.to_string(),
+                    limit: 0,
+                })
+                .await
+            {
+                Ok(r) => r.into_inner().lines,
+                Err(s) if s.code() == tonic::Code::Unimplemented => vec![],
+                Err(s) => return Err(s.into()),
+            };
+            let mut j = agent_json(&a);
+            let mut p = agent_pretty(&a);
+            if !lines.is_empty() {
+                let (events, text) = break_glass_report(&lines);
+                j["break_glass"] = events;
+                p.push_str(&text);
+            }
+            print(common.output, j, p);
         }
         AgentCmd::Evict { spiffe_id, common } => {
             let id = parse_id("--spiffe-id", &spiffe_id)?;
@@ -390,4 +410,59 @@ async fn purge(
     }
     print(common.output, json_v, pretty);
     Ok(())
+}
+
+/// An agent's break-glass record lines as JSON events and as text (what `agent show` adds):
+/// each opening (when, why, until), each reserve SVID delivered, each closing.
+pub fn break_glass_report(lines: &[pb::breakglass::RecordLine]) -> (serde_json::Value, String) {
+    let mut events = vec![];
+    let mut text = String::from("\nBreak-glass record:\n");
+    for l in lines {
+        let body = serde_json::from_str::<kame_api::breakglass::Line>(&l.line)
+            .ok()
+            .and_then(|line| serde_json::from_str::<kame_api::breakglass::Body>(&line.body).ok());
+        let Some(b) = body else {
+            continue;
+        };
+        let when = kame_api::timefmt::utc(b.time as i64);
+        use kame_api::breakglass::Event;
+        let line = match &b.event {
+            Event::Open {
+                reason,
+                closes_at,
+                token,
+                ..
+            } => format!(
+                "  #{} {when} OPENED until {}: {reason:?}{}\n",
+                b.seq,
+                kame_api::timefmt::utc(*closes_at as i64),
+                token
+                    .as_ref()
+                    .map(|t| format!(" (token {t})"))
+                    .unwrap_or_default()
+            ),
+            Event::Deliver {
+                spiffe_id,
+                serial,
+                not_after,
+                selectors,
+                ..
+            } => format!(
+                "  #{} {when} delivered {spiffe_id} serial {serial} valid until {} to {}\n",
+                b.seq,
+                kame_api::timefmt::utc(*not_after as i64),
+                selectors.join(",")
+            ),
+            Event::Close { cause } => format!("  #{} {when} CLOSED: {cause}\n", b.seq),
+        };
+        text.push_str(&line);
+        let mut e = serde_json::to_value(&b.event).unwrap_or_default();
+        e["seq"] = json!(b.seq);
+        e["time"] = json!(b.time);
+        if let Some(o) = e.as_object_mut() {
+            o.remove("signer_chain");
+        }
+        events.push(e);
+    }
+    (serde_json::Value::Array(events), text)
 }

@@ -271,7 +271,7 @@ fn subject_of(entry: &ct::Entry) -> Option<String> {
             body,
         } => jwt_claims(body)["sub"].as_str().map(str::to_string),
         ct::Entry::Kame {
-            kind: ct::EntryType::Attestation,
+            kind: ct::EntryType::Attestation | ct::EntryType::BreakGlass,
             body,
         } => serde_json::from_slice::<serde_json::Value>(body).ok()?["agent_id"]
             .as_str()
@@ -519,7 +519,11 @@ async fn monitor_pass_with(
             )));
         }
         let subject = subject_of(&leaf.entry);
-        let authority = leaf.entry.entry_type() == ct::EntryType::Authority;
+        // Authority changes and break-glass use are always reported.
+        let authority = matches!(
+            leaf.entry.entry_type(),
+            ct::EntryType::Authority | ct::EntryType::BreakGlass
+        );
         if authority
             || subject
                 .as_deref()

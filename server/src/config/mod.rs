@@ -91,6 +91,8 @@ pub struct Config {
     pub transparency: Option<crate::transparency::Settings>,
     /// `server.federation`: the bundle endpoint and the federated trust domains.
     pub federation: crate::federation::FederationConfig,
+    /// `server.break_glass { ... }` (ours): reserve SVIDs for agents; off when absent.
+    pub break_glass: Option<crate::service::breakglass::Settings>,
 }
 
 /// `server.ca_subject` (SPIRE's default C=US, O=SPIFFE), checked as a DN.
@@ -203,6 +205,61 @@ fn transparency(
     };
     t.finish()?;
     Ok(Some(s))
+}
+
+/// `server.break_glass { max_extension, slice, node_attestors }` (ours): reserve SVIDs for
+/// agents, off without the block. Reserves need the authority to sign leaves directly: with
+/// `kms_rooted`, the short-lived intermediate would cap every future slice.
+fn break_glass(
+    server: &mut kame_api::conf::Section,
+    signing_mode: &crate::ca::SigningMode,
+) -> Result<Option<crate::service::breakglass::Settings>, ConfigError> {
+    let Some(b) = server.section("break_glass")? else {
+        return Ok(None);
+    };
+    let d = crate::service::breakglass::Settings::default();
+    let max_extension = b.duration("max_extension")?.unwrap_or(d.max_extension);
+    if max_extension < Duration::from_secs(60) || max_extension > Duration::from_secs(7 * 86400) {
+        return Err(invalid(
+            "server.break_glass.max_extension",
+            "must be from 1m to 168h",
+        ));
+    }
+    let slice = b.duration("slice")?.unwrap_or(d.slice.min(max_extension));
+    if slice < Duration::from_secs(60) || slice > max_extension {
+        return Err(invalid(
+            "server.break_glass.slice",
+            "must be at least 1m and at most max_extension",
+        ));
+    }
+    if max_extension.as_secs() / slice.as_secs() > crate::service::breakglass::MAX_SLICES {
+        return Err(invalid(
+            "server.break_glass.slice",
+            format!(
+                "at most {} slices per max_extension (each is a certificate per entry)",
+                crate::service::breakglass::MAX_SLICES
+            ),
+        ));
+    }
+    let node_attestors = b.strings("node_attestors")?.unwrap_or(d.node_attestors);
+    if node_attestors.is_empty() {
+        return Err(invalid(
+            "server.break_glass.node_attestors",
+            "name at least one node attestor",
+        ));
+    }
+    b.finish()?;
+    if matches!(signing_mode, crate::ca::SigningMode::KmsRooted { .. }) {
+        return Err(invalid(
+            "server.break_glass",
+            "needs signing_mode = \"direct\": with kms_rooted, the short-lived intermediate caps every reserve",
+        ));
+    }
+    Ok(Some(crate::service::breakglass::Settings {
+        max_extension,
+        slice,
+        node_attestors,
+    }))
 }
 
 /// `server.signing_mode` and `signing_intermediate_ttl` (ours).
@@ -396,6 +453,7 @@ impl Config {
         let transparency = transparency(&mut server)?;
         let jwt_issuer = server.string("jwt_issuer")?.filter(|s| !s.is_empty());
         let signing_mode = signing_mode(&server)?;
+        let break_glass = break_glass(&mut server, &signing_mode)?;
         let federation = crate::federation::parse(&mut server, &trust_domain)?;
         server.finish()?;
 
@@ -445,6 +503,7 @@ impl Config {
             ratelimit,
             transparency,
             federation,
+            break_glass,
         })
     }
 

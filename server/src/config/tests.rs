@@ -511,3 +511,71 @@ fn config_transparency_block_keys_and_refusals() {
         assert!(e.contains(key), "{block}: {e}");
     }
 }
+
+/// `server.break_glass`: off without the block; defaults (24h, 6h slices, tpm_devid agents);
+/// each refusal names its key; refused with `kms_rooted`.
+#[test]
+fn config_break_glass_block_keys_and_refusals() {
+    assert_eq!(Config::parse(GOOD, false).unwrap().break_glass, None);
+    let with = |block: &str| {
+        GOOD.replace(
+            "    default_x509_svid_ttl = \"1h\"\n",
+            &format!("    default_x509_svid_ttl = \"1h\"\n    break_glass {{\n{block}\n    }}\n"),
+        )
+    };
+    let b = Config::parse(&with(""), false)
+        .unwrap()
+        .break_glass
+        .unwrap();
+    assert_eq!(b, crate::service::breakglass::Settings::default());
+    assert_eq!(b.node_attestors, vec!["tpm_devid".to_string()]);
+    let b = Config::parse(
+        &with("max_extension = \"2h\"\nslice = \"30m\"\nnode_attestors = [\"tpm_devid\", \"x509pop\"]"),
+        false,
+    )
+    .unwrap()
+    .break_glass
+    .unwrap();
+    assert_eq!(b.max_extension, Duration::from_secs(7200));
+    assert_eq!(b.slice, Duration::from_secs(1800));
+    assert_eq!(b.node_attestors.len(), 2);
+    // A max_extension shorter than the default slice takes the slice down with it.
+    let b = Config::parse(&with("max_extension = \"1h\""), false)
+        .unwrap()
+        .break_glass
+        .unwrap();
+    assert_eq!(b.slice, Duration::from_secs(3600));
+    for (block, key) in [
+        (
+            "max_extension = \"30s\"",
+            "server.break_glass.max_extension",
+        ),
+        (
+            "max_extension = \"192h\"",
+            "server.break_glass.max_extension",
+        ),
+        ("slice = \"10s\"", "server.break_glass.slice"),
+        (
+            "max_extension = \"1h\"\nslice = \"2h\"",
+            "server.break_glass.slice",
+        ),
+        (
+            "max_extension = \"168h\"\nslice = \"1m\"",
+            "server.break_glass.slice",
+        ),
+        ("node_attestors = []", "server.break_glass.node_attestors"),
+        ("ttl = \"1h\"", "ttl"),
+    ] {
+        let e = Config::parse(&with(block), false).unwrap_err().to_string();
+        assert!(e.contains(key), "{block}: {e}");
+    }
+    let kms = with("").replace(
+        "    default_x509_svid_ttl = \"1h\"\n",
+        "    default_x509_svid_ttl = \"1h\"\n    signing_mode = \"kms_rooted\"\n",
+    );
+    let e = Config::parse(&kms, false).unwrap_err().to_string();
+    assert!(
+        e.contains("server.break_glass") && e.contains("kms_rooted"),
+        "{e}"
+    );
+}

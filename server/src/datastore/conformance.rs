@@ -538,3 +538,42 @@ pub async fn federation_relationships_crud(s: &dyn DataStore) {
             .is_none()
     );
 }
+
+/// Break-glass records: lines stored per agent in order, the last one and the latest `limit`
+/// read back, a sequence number stored twice refused with nothing of that batch kept.
+pub async fn break_glass_records_append_in_order_and_refuse_duplicates(s: &dyn DataStore) {
+    use crate::datastore::BreakGlassRow;
+    let row = |seq: u64, kind: &str| BreakGlassRow {
+        seq,
+        time: 1_000 + seq,
+        kind: kind.into(),
+        line: format!("{{\"line\":{seq}}}"),
+    };
+    let a = "spiffe://example.org/spire/agent/a";
+    assert_eq!(s.last_break_glass(a).await.unwrap(), None);
+    s.append_break_glass(a, &[row(1, "open"), row(2, "deliver")])
+        .await
+        .unwrap();
+    s.append_break_glass("spiffe://example.org/spire/agent/b", &[row(1, "open")])
+        .await
+        .unwrap();
+    assert_eq!(
+        s.last_break_glass(a).await.unwrap(),
+        Some(row(2, "deliver"))
+    );
+    let e = s
+        .append_break_glass(a, &[row(3, "deliver"), row(2, "close")])
+        .await
+        .unwrap_err();
+    assert!(matches!(e, DsError::AlreadyExists(_)), "{e:?}");
+    assert_eq!(
+        s.last_break_glass(a).await.unwrap(),
+        Some(row(2, "deliver"))
+    );
+    s.append_break_glass(a, &[row(3, "close")]).await.unwrap();
+    assert_eq!(
+        s.list_break_glass(a, 2).await.unwrap(),
+        vec![row(2, "deliver"), row(3, "close")]
+    );
+    assert_eq!(s.list_break_glass(a, 100).await.unwrap().len(), 3);
+}

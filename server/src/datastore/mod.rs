@@ -302,6 +302,26 @@ pub trait DataStore: Send + Sync + std::fmt::Debug {
     async fn put_log_key(&self, log_id: &[u8; 32], public_key: &[u8]) -> DsResult<()>;
     /// Every published log key (SubjectPublicKeyInfo DER), oldest first.
     async fn list_log_keys(&self) -> DsResult<Vec<Vec<u8>>>;
+
+    // Break-glass records (migrations/sqlite/0009_break_glass_records.sql).
+    /// Stores an agent's record lines in one transaction; a sequence number already stored
+    /// (another server took the same report) is AlreadyExists and nothing is stored.
+    async fn append_break_glass(&self, agent_id: &str, rows: &[BreakGlassRow]) -> DsResult<()>;
+    /// The agent's last stored line and the key of the opening in force there.
+    async fn last_break_glass(&self, agent_id: &str) -> DsResult<Option<BreakGlassRow>>;
+    /// The agent's last `limit` lines, in order.
+    async fn list_break_glass(&self, agent_id: &str, limit: i64) -> DsResult<Vec<BreakGlassRow>>;
+}
+
+/// One line of an agent's break-glass record, as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BreakGlassRow {
+    pub seq: u64,
+    pub time: u64,
+    /// `open`, `deliver` or `close`.
+    pub kind: String,
+    /// The line as the agent wrote and signed it.
+    pub line: String,
 }
 
 /// One transparency log entry as stored: the `MerkleTreeLeaf` encoding, its leaf hash, and

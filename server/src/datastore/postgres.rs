@@ -252,7 +252,7 @@ mod tests {
         let pg = PgCluster::start();
         for db in [
             "ban", "crud", "tokens", "bundles", "events", "gaps", "cache", "nodes", "bcache",
-            "fedrel", "ctlog",
+            "fedrel", "ctlog", "bglass",
         ] {
             pg.create_database(db);
         }
@@ -283,6 +283,8 @@ mod tests {
         .await;
         c::bundle_reads_see_writes_at_once(&*open(&pg, "bcache").await).await;
         c::federation_relationships_crud(&*open(&pg, "fedrel").await).await;
+        c::break_glass_records_append_in_order_and_refuse_duplicates(&*open(&pg, "bglass").await)
+            .await;
     }
 
     /// Servers starting together on an empty database: migrations run once, every server
@@ -303,7 +305,7 @@ mod tests {
         }
         assert_eq!(
             pg.psql("kame", "SELECT count(*) FROM _sqlx_migrations"),
-            "4",
+            "5",
             "each migration applied once"
         );
         for t in 0..10 {
@@ -359,7 +361,7 @@ mod tests {
         s.disable_migration = true;
         let e = PgStore::open(&s).await.unwrap_err().to_string();
         assert!(
-            e.contains("disable_migration") && e.contains("[1, 2, 3, 4]"),
+            e.contains("disable_migration") && e.contains("[1, 2, 3, 4, 5]"),
             "{e}"
         );
         assert_eq!(

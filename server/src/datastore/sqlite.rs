@@ -132,6 +132,11 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sqlite_break_glass_records_append_in_order_and_refuse_duplicates() {
+        c::break_glass_records_append_in_order_and_refuse_duplicates(&*store().await.1).await;
+    }
+
+    #[tokio::test]
     async fn sqlite_federation_relationships_crud() {
         c::federation_relationships_crud(&*store().await.1).await;
     }

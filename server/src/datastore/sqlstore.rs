@@ -34,6 +34,23 @@ pub(super) fn corrupt(e: impl std::fmt::Display) -> DsError {
     DsError::Corrupt(e.to_string())
 }
 
+/// A break-glass record row from `seq, time, kind, line`.
+pub(super) fn break_glass_row<R: sqlx::Row>(r: &R) -> DsResult<crate::datastore::BreakGlassRow>
+where
+    for<'a> &'a str: sqlx::ColumnIndex<R>,
+    for<'a> i64: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+    for<'a> String: sqlx::Decode<'a, R::Database> + sqlx::Type<R::Database>,
+{
+    let seq: i64 = r.try_get("seq")?;
+    let time: i64 = r.try_get("time")?;
+    Ok(crate::datastore::BreakGlassRow {
+        seq: u64::try_from(seq).map_err(|_| DsError::Corrupt("break-glass seq".into()))?,
+        time: u64::try_from(time).map_err(|_| DsError::Corrupt("break-glass time".into()))?,
+        kind: r.try_get("kind")?,
+        line: r.try_get("line")?,
+    })
+}
+
 pub(super) fn is_unique_violation(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.is_unique_violation())
 }
@@ -1028,6 +1045,88 @@ impl $crate::datastore::DataStore for $store {
             .iter()
             .map(|r| Ok(r.try_get("public_key")?))
             .collect()
+    }
+
+    async fn append_break_glass(
+        &self,
+        agent_id: &str,
+        rows: &[$crate::datastore::BreakGlassRow],
+    ) -> DsResult<()> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let now = crate::ca::now_secs() as i64;
+        let mut tx = self.write_tx().await?;
+        // One statement per 512 rows (6 parameters each: within both databases' limits).
+        for chunk in rows.chunks(512) {
+            let mut q = sqlx::QueryBuilder::new(
+                "INSERT INTO break_glass_records (agent_id, seq, time, kind, line, received_at) ",
+            );
+            let mut bad = None;
+            q.push_values(chunk, |mut b, r| {
+                let (seq, time) = match (i64::try_from(r.seq), i64::try_from(r.time)) {
+                    (Ok(s), Ok(t)) => (s, t),
+                    _ => {
+                        bad = Some(r.seq);
+                        (0, 0)
+                    }
+                };
+                b.push_bind(agent_id)
+                    .push_bind(seq)
+                    .push_bind(time)
+                    .push_bind(r.kind.as_str())
+                    .push_bind(r.line.as_str())
+                    .push_bind(now);
+            });
+            if let Some(seq) = bad {
+                return Err(DsError::FailedPrecondition(format!(
+                    "break-glass line {seq}: number out of range"
+                )));
+            }
+            match q.build().execute(&mut *tx).await {
+                Ok(_) => {}
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(DsError::AlreadyExists("break-glass record line".into()));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn last_break_glass(
+        &self,
+        agent_id: &str,
+    ) -> DsResult<Option<$crate::datastore::BreakGlassRow>> {
+        let r = sqlx::query(
+            "SELECT seq, time, kind, line FROM break_glass_records WHERE agent_id = $1
+             ORDER BY seq DESC LIMIT 1",
+        )
+        .bind(agent_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        r.map(|r| break_glass_row(&r)).transpose()
+    }
+
+    async fn list_break_glass(
+        &self,
+        agent_id: &str,
+        limit: i64,
+    ) -> DsResult<Vec<$crate::datastore::BreakGlassRow>> {
+        let mut rows = sqlx::query(
+            "SELECT seq, time, kind, line FROM break_glass_records WHERE agent_id = $1
+             ORDER BY seq DESC LIMIT $2",
+        )
+        .bind(agent_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?
+        .iter()
+        .map(break_glass_row)
+        .collect::<DsResult<Vec<_>>>()?;
+        rows.reverse();
+        Ok(rows)
     }
 }
 

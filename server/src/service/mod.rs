@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod authz;
+pub mod breakglass;
 pub mod bundle;
 pub mod entry;
 pub mod localauthority;
@@ -54,6 +55,8 @@ pub struct Context {
     pub attest_checks: Arc<tokio::sync::Semaphore>,
     /// Wakes a federated trust domain's refresher (after its bundle is set here).
     pub federation_triggers: crate::federation::refresher::Triggers,
+    /// `server.break_glass`: reserve SVIDs for agents (none when absent).
+    pub break_glass: Option<breakglass::Settings>,
 }
 
 /// The trust domain's bundle as the datastore last gave it, served while the database is

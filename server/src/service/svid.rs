@@ -205,6 +205,14 @@ impl Svid for SvidService {
         }
         crate::ratelimit::Limits::limit(&self.ctx.limits.jwt_signing, &req, 1).await?;
         let aud = audience(&r.audience)?;
+        // Break-glass tokens are minted by admins only (MintJWTSVID): a workload may not ask
+        // for one, whatever its entry's SPIFFE ID.
+        if aud.iter().any(|a| a == super::breakglass::TOKEN_AUDIENCE) {
+            return Err(Status::invalid_argument(format!(
+                "audience: {:?} is reserved for break-glass tokens, which only admins mint",
+                super::breakglass::TOKEN_AUDIENCE
+            )));
+        }
         let e = authorized_entry(&self.ctx, &node, &r.entry_id).await?;
         let id = SpiffeId::parse(&e.spiffe_id).map_err(|e| Status::internal(e.to_string()))?;
         let ttl = ttl_or_default(

@@ -1,0 +1,11 @@
+-- Break-glass records agents report when servers answer again: each line as the agent wrote
+-- and signed it (kame_api::breakglass), checked before it is stored, numbered per agent.
+CREATE TABLE break_glass_records (
+    agent_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    time BIGINT NOT NULL,
+    kind TEXT NOT NULL,
+    line TEXT NOT NULL,
+    received_at BIGINT NOT NULL,
+    PRIMARY KEY (agent_id, seq)
+);
