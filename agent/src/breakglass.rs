@@ -93,8 +93,8 @@ struct Inner {
     /// The key that signed the opening signs every line up to the closing (the agent's SVID
     /// may be renewed meanwhile).
     signer: Option<OwnedSigner>,
-    /// Serials already recorded as delivered during this opening.
-    delivered: BTreeSet<String>,
+    /// (serial, selector set) pairs already recorded as delivered during this opening.
+    delivered: BTreeSet<(String, Vec<String>)>,
     /// Where the record ends; `Err` when it does not verify.
     tip: Result<Tip, String>,
     /// The record file's length when the agent last wrote or checked it: a file of another
@@ -302,15 +302,19 @@ impl Glass {
         Ok(opening)
     }
 
-    /// Records a delivery, once per serial and opening, signed by the opening's key; returns
-    /// whether it was new.
+    /// Records a delivery, once per serial and workload selector set in an opening, signed by
+    /// the opening's key; returns whether it was new.
     pub fn deliver(&self, event: Event) -> Result<bool, BreakGlassError> {
-        let Event::Deliver { serial, .. } = &event else {
+        let Event::Deliver {
+            serial, selectors, ..
+        } = &event
+        else {
             return Ok(false);
         };
+        let key = (serial.clone(), selectors.clone());
         let signer = {
             let inner = self.lock();
-            if inner.delivered.contains(serial) {
+            if inner.delivered.contains(&key) {
                 return Ok(false);
             }
             inner.signer.as_ref().map(|s| OwnedSigner {
@@ -320,10 +324,9 @@ impl Glass {
             })
         };
         let signer = signer.ok_or(BreakGlassError::NotAttested)?;
-        let serial = serial.clone();
         self.append(&signer.borrow(), event)?;
         let mut inner = self.lock();
-        inner.delivered.insert(serial);
+        inner.delivered.insert(key);
         inner.delivered_total += 1;
         Ok(true)
     }
@@ -458,7 +461,23 @@ impl Glass {
             .unwrap_or(0)
     }
 
+    /// Stores how many lines a server acknowledged; more than the record holds is the
+    /// server holding another record under this agent's ID (refused: nothing is marked).
     pub fn set_reported(&self, n: u64) -> Result<(), BreakGlassError> {
+        let written = self
+            .lock()
+            .tip
+            .as_ref()
+            .map(|t| t.next_seq - 1)
+            .unwrap_or(0);
+        if n > written {
+            return Err(BreakGlassError::Io {
+                path: self.reported_path().display().to_string(),
+                source: std::io::Error::other(format!(
+                    "the server acknowledged {n} lines, but the record holds {written}: it holds another record for this agent"
+                )),
+            });
+        }
         let path = self.reported_path();
         crate::storage::write_atomic(&path, format!("{n}\n").as_bytes(), 0o600).map_err(|e| {
             BreakGlassError::Io {

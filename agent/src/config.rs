@@ -277,6 +277,12 @@ impl Config {
                         "must be from 1s to 168h",
                     ));
                 }
+                if outage <= sync_interval {
+                    return Err(invalid(
+                        "agent.break_glass.outage",
+                        "must be longer than agent.sync_interval (a sync must have failed)",
+                    ));
+                }
                 let c = crate::breakglass::BreakGlassConfig {
                     outage,
                     max_duration,
@@ -491,6 +497,10 @@ plugins {
             (
                 format!("{sock}break_glass {{ outage = \"0s\" }}"),
                 "agent.break_glass.outage",
+            ),
+            (
+                format!("{sock}break_glass {{ outage = \"5s\" }}"),
+                "longer than agent.sync_interval",
             ),
             (
                 format!("{sock}break_glass {{ max_duration = \"720h\" }}"),

@@ -112,6 +112,9 @@ type Make<T> = fn(&WorkloadView) -> Result<Option<T>, Status>;
 /// cost one message to make and encode.
 pub(crate) struct Fanout<T> {
     make: Make<T>,
+    /// Whether what it serves delivers X509-SVIDs (reserves served under break-glass are
+    /// recorded on the way).
+    delivers: bool,
     slots: std::sync::Mutex<HashMap<SelectorKey, std::sync::Weak<Slot>>>,
 }
 
@@ -127,6 +130,7 @@ type SelectorKey = Vec<(String, String)>;
 /// What the streams of one selector set share.
 struct Slot {
     selectors: Vec<types::Selector>,
+    delivers: bool,
     made: std::sync::Mutex<Option<Made>>,
 }
 
@@ -147,6 +151,16 @@ impl<T> Fanout<T> {
     fn new(make: Make<T>) -> Arc<Self> {
         Arc::new(Fanout {
             make,
+            delivers: false,
+            slots: Default::default(),
+        })
+    }
+
+    /// A fanout whose messages deliver X509-SVIDs.
+    fn delivering(make: Make<T>) -> Arc<Self> {
+        Arc::new(Fanout {
+            make,
+            delivers: true,
             slots: Default::default(),
         })
     }
@@ -166,6 +180,7 @@ impl<T> Fanout<T> {
         slots.retain(|_, w| w.strong_count() > 0);
         let s = Arc::new(Slot {
             selectors,
+            delivers: self.delivers,
             made: std::sync::Mutex::new(None),
         });
         slots.insert(key, Arc::downgrade(&s));
@@ -201,7 +216,11 @@ impl Slot {
         {
             return m.clone();
         }
-        let view = manager.view(&self.selectors);
+        let view = if self.delivers {
+            manager.view_delivering(&self.selectors)
+        } else {
+            manager.view(&self.selectors)
+        };
         // The next SVID to expire changes the message; one already expired does not again.
         let until = view
             .identities
@@ -506,7 +525,7 @@ impl WorkloadApi {
             manager,
             attestor: Arc::new(attestor),
             attesting: Arc::new(tokio::sync::Semaphore::new(crate::attestor::CONCURRENT)),
-            x509: Fanout::new(|v| {
+            x509: Fanout::delivering(|v| {
                 if v.matched == 0 {
                     return Err(no_identity());
                 }

@@ -152,6 +152,9 @@ pub fn verify(
         let bad = |msg: String| RecordError::Malformed { line: n, msg };
         let line: Line = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
         let body: Body = serde_json::from_str(&line.body).map_err(|e| bad(e.to_string()))?;
+        if body.seq > i64::MAX as u64 || body.time > i64::MAX as u64 {
+            return Err(bad("sequence number or time out of range".into()));
+        }
         if body.seq != tip.next_seq {
             return Err(RecordError::Sequence {
                 line: n,

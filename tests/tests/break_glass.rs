@@ -282,10 +282,10 @@ async fn break_glass_tpm_devid_reserves_serve_py_spiffe_past_expiry_recorded_and
         "{text}"
     );
     assert!(
-        text.contains(&format!("delivered spiffe://{TD}/bg")) && text.contains("unix:uid:"),
+        text.contains(&format!("delivered \"spiffe://{TD}/bg\"")) && text.contains("unix:uid:"),
         "{text}"
     );
-    assert!(text.contains("CLOSED: servers answered"), "{text}");
+    assert!(text.contains("CLOSED: \"servers answered\""), "{text}");
     assert_eq!(events.as_array().unwrap().len(), r.len());
     assert!(!status(&env).await.open);
     until(30, "a normal SVID again", || async {

@@ -88,6 +88,26 @@ impl ManagerError {
     }
 }
 
+/// Whether a sync pass heard from a server: it succeeded, or a server refused it (an answer,
+/// as a ban is). Transport failures and Unavailable are no answer.
+fn server_answered(r: &Result<(), ManagerError>) -> bool {
+    use tonic::Code;
+    let quiet = |c: &Code| {
+        matches!(
+            c,
+            Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Unknown
+        )
+    };
+    match r {
+        Ok(()) => true,
+        Err(ManagerError::Server { code, .. }) => !quiet(code),
+        Err(ManagerError::Attest(crate::attestation::AttestError::Refused { code, .. })) => {
+            !quiet(code)
+        }
+        Err(_) => false,
+    }
+}
+
 impl From<tonic::Status> for ManagerError {
     fn from(s: tonic::Status) -> Self {
         ManagerError::Server {
@@ -351,7 +371,11 @@ impl Manager {
             }
             if cfg.break_glass.is_some() {
                 for r in storage.load_reserves()? {
-                    if r.not_after > now && st.entries.contains_key(&r.entry_id) {
+                    let current = st
+                        .entries
+                        .get(&r.entry_id)
+                        .is_some_and(|e| e.revision_number == r.entry_revision);
+                    if r.not_after > now && current {
                         st.reserves.entry(r.entry_id.clone()).or_default().push(r);
                     }
                 }
@@ -465,6 +489,17 @@ impl Manager {
             .glass
             .as_ref()
             .is_some_and(|g| g.open_at(now).is_some());
+        self.view_at(selectors, now, open)
+    }
+
+    /// As [`Manager::view`], for a caller that delivers the X509-SVIDs it holds (the X.509
+    /// stream, SDS): under break-glass every reserve in it is recorded first, or left out.
+    pub fn view_delivering(&self, selectors: &[types::Selector]) -> WorkloadView {
+        let now = now_secs();
+        let open = self
+            .glass
+            .as_ref()
+            .is_some_and(|g| g.open_at(now).is_some());
         let mut v = self.view_at(selectors, now, open);
         if open {
             // Under break-glass: every reserve served is recorded first, or not served.
@@ -502,7 +537,7 @@ impl Manager {
             let normal = st.svids.get(&e.id);
             let chosen = match normal {
                 Some(s) if !open || s.not_after > now => Some((s, false)),
-                _ if open => Self::reserve_at(&st, &e.id, now)
+                _ if open => Self::reserve_at(&st, e, now)
                     .map(|r| (r, true))
                     .or(normal.map(|s| (s, false))),
                 _ => normal.map(|s| (s, false)),
@@ -559,7 +594,7 @@ impl Manager {
         loop {
             let bootstrap = self.agent_id().is_none();
             let r = self.sync_once().await;
-            self.after_sync(r.is_ok()).await;
+            self.after_sync(server_answered(&r)).await;
             let counter = if r.is_ok() {
                 self.last_sync
                     .store(now_secs(), std::sync::atomic::Ordering::Relaxed);

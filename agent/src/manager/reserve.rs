@@ -12,7 +12,7 @@ use kame_api::breakglass::Event;
 use kame_api::pb::breakglass as bg;
 
 /// Record lines sent in one report.
-const REPORT_CHUNK: usize = 500;
+const REPORT_CHUNK: usize = 200;
 
 /// Most reserve slices asked for in one sync pass (the rest wait for the next).
 const RESERVES_PER_PASS: usize = 500;
@@ -64,12 +64,15 @@ impl Manager {
         Some((id, a))
     }
 
-    /// The reserve of entry `id` valid at `now`, if any.
-    pub(super) fn reserve_at<'a>(st: &'a State, id: &str, now: u64) -> Option<&'a CachedSvid> {
-        st.reserves
-            .get(id)?
-            .iter()
-            .find(|r| r.not_before <= now && now < r.not_after)
+    /// The reserve of entry `e`, minted for its present revision, valid at `now`, if any.
+    pub(super) fn reserve_at<'a>(
+        st: &'a State,
+        e: &types::Entry,
+        now: u64,
+    ) -> Option<&'a CachedSvid> {
+        st.reserves.get(&e.id)?.iter().find(|r| {
+            r.entry_revision == e.revision_number && r.not_before <= now && now < r.not_after
+        })
     }
 
     /// Records the reserves in `served` as delivered to a workload with `selectors`; returns
@@ -83,10 +86,11 @@ impl Manager {
         let Some(g) = &self.glass else {
             return refused;
         };
-        let sel: Vec<String> = selectors
+        let mut sel: Vec<String> = selectors
             .iter()
             .map(|s| format!("{}:{}", s.r#type, s.value))
             .collect();
+        sel.sort();
         for (e, r) in served {
             let serial = r
                 .chain
@@ -217,8 +221,8 @@ impl Manager {
         }
     }
 
-    /// After each sync pass: a good one closes the glass and reports the record; the time
-    /// ending closes it too.
+    /// After each sync pass: one a server answered (even with a refusal, as a ban) closes the
+    /// glass and reports the record; the time ending closes it too.
     pub(super) async fn after_sync(&self, ok: bool) {
         let Some(g) = &self.glass else { return };
         if ok {
@@ -336,6 +340,35 @@ impl Manager {
         roots: &[Vec<u8>],
         taint: &Taint,
     ) -> Result<(), ManagerError> {
+        let now = now_secs();
+        // 1. Drop what is no longer good, whatever the server says next: reserves of deleted
+        // or changed entries, ended slices, revoked or tainted authorities.
+        let pruned = {
+            let mut st = self
+                .state
+                .write()
+                .map_err(|_| ManagerError::Poisoned("state"))?;
+            let st = &mut *st;
+            let before: usize = st.reserves.values().map(Vec::len).sum();
+            let entries = &st.entries;
+            for (id, rs) in st.reserves.iter_mut() {
+                rs.retain(|r| {
+                    let at = now.max(r.not_before + x509svid_backdate() + 1);
+                    entries
+                        .get(id)
+                        .is_some_and(|e| e.revision_number == r.entry_revision)
+                        && r.not_after > now
+                        && verify_chain(&r.chain, roots, at).is_ok()
+                        && !taint.taints(&r.chain, at)
+                });
+            }
+            st.reserves.retain(|_, rs| !rs.is_empty());
+            let after: usize = st.reserves.values().map(Vec::len).sum();
+            after != before
+        };
+        if pruned {
+            self.persist_reserves();
+        }
         let mut client = bg::break_glass_client::BreakGlassClient::new(ch);
         let params = *self
             .reserve_params
@@ -351,54 +384,23 @@ impl Manager {
                     })
                     .await?
                     .into_inner();
-                let p = (
-                    u64::try_from(r.slice_seconds).unwrap_or(0),
-                    u64::try_from(r.max_extension_seconds).unwrap_or(0),
-                );
-                if p.0 == 0 {
-                    return Err(ManagerError::SyncProtocol(
-                        "the server gave no reserve slice length",
-                    ));
-                }
-                if let Ok(mut g) = self.reserve_params.lock() {
-                    *g = Some(p);
-                }
-                p
+                self.note_reserve_params(&r)?
             }
         };
-        let now = now_secs();
         let first = now - now % len;
-        // Keep what is still good; list what is missing.
-        let (kept, want, changed) = {
+        // 2. The slices each entry lacks.
+        let want = {
             let st = self
                 .state
                 .read()
                 .map_err(|_| ManagerError::Poisoned("state"))?;
-            let mut kept: BTreeMap<String, Vec<CachedSvid>> = BTreeMap::new();
-            let mut changed = false;
-            for (id, rs) in &st.reserves {
-                for r in rs {
-                    let at = now.max(r.not_before + x509svid_backdate() + 1);
-                    let good = st
-                        .entries
-                        .get(id)
-                        .is_some_and(|e| e.revision_number == r.entry_revision)
-                        && r.not_after > now
-                        && verify_chain(&r.chain, roots, at).is_ok()
-                        && !taint.taints(&r.chain, at);
-                    if good {
-                        kept.entry(id.clone()).or_default().push(r.clone());
-                    } else {
-                        changed = true;
-                    }
-                }
-            }
             let mut want = vec![];
             for (id, s) in &st.svids {
                 let Some(e) = st.entries.get(id) else {
                     continue;
                 };
-                let have: BTreeSet<u64> = kept
+                let have: BTreeSet<u64> = st
+                    .reserves
                     .get(id)
                     .map(|v| v.iter().map(|r| slice_start(r, len)).collect())
                     .unwrap_or_default();
@@ -413,9 +415,9 @@ impl Manager {
                     t += len;
                 }
             }
-            (kept, want, changed)
+            want
         };
-        let mut minted: Vec<CachedSvid> = vec![];
+        // 3. Asked for a batch at a time; each batch is kept as it arrives.
         for chunk in want.chunks(BATCH) {
             let mut keys_by = vec![];
             let mut params = vec![];
@@ -432,6 +434,8 @@ impl Manager {
                 .batch_new_reserve_x509svid(bg::BatchNewReserveX509svidRequest { params })
                 .await?
                 .into_inner();
+            self.note_reserve_params(&resp)?;
+            let mut minted = vec![];
             for ((e, k), r) in keys_by.into_iter().zip(resp.results) {
                 let Some((svid, leaf)) =
                     super::sync::minted_svid(e, k, r.status, r.svid, "a reserve SVID", true)
@@ -444,33 +448,62 @@ impl Manager {
                 }
                 minted.push(svid);
             }
-        }
-        if !changed && minted.is_empty() {
-            return Ok(());
-        }
-        let count = minted.len();
-        let all: Vec<CachedSvid> = {
-            let mut st = self
-                .state
-                .write()
-                .map_err(|_| ManagerError::Poisoned("state"))?;
-            let mut kept = kept;
-            for r in minted {
-                kept.entry(r.entry_id.clone()).or_default().push(r);
+            if minted.is_empty() {
+                continue;
             }
-            for v in kept.values_mut() {
-                v.sort_by_key(|r| r.not_before);
+            tracing::debug!(count = minted.len(), "reserve SVIDs minted for break-glass");
+            {
+                let mut st = self
+                    .state
+                    .write()
+                    .map_err(|_| ManagerError::Poisoned("state"))?;
+                for r in minted {
+                    // An entry changed meanwhile keeps only reserves of its present revision.
+                    let current = st
+                        .entries
+                        .get(&r.entry_id)
+                        .is_some_and(|e| e.revision_number == r.entry_revision);
+                    if current {
+                        let v = st.reserves.entry(r.entry_id.clone()).or_default();
+                        v.push(r);
+                        v.sort_by_key(|r| r.not_before);
+                    }
+                }
             }
-            st.reserves = kept;
-            st.reserves.values().flatten().cloned().collect()
+            self.persist_reserves();
+        }
+        Ok(())
+    }
+
+    /// Takes the server's slice length and maximum extension from its answer (they may
+    /// change, or differ between servers): asking by the old ones would only be refused.
+    fn note_reserve_params(
+        &self,
+        r: &bg::BatchNewReserveX509svidResponse,
+    ) -> Result<(u64, u64), ManagerError> {
+        let p = (
+            u64::try_from(r.slice_seconds).unwrap_or(0),
+            u64::try_from(r.max_extension_seconds).unwrap_or(0),
+        );
+        if p.0 == 0 {
+            return Err(ManagerError::SyncProtocol(
+                "the server gave no reserve slice length",
+            ));
+        }
+        if let Ok(mut g) = self.reserve_params.lock() {
+            *g = Some(p);
+        }
+        Ok(p)
+    }
+
+    fn persist_reserves(&self) {
+        let all: Vec<CachedSvid> = match self.state.read() {
+            Ok(st) => st.reserves.values().flatten().cloned().collect(),
+            Err(_) => return,
         };
-        if count > 0 {
-            tracing::debug!(count, "reserve SVIDs minted for break-glass");
-        }
         if let Err(e) = self.storage.save_reserves(&all) {
             tracing::warn!(error = %e, "cannot persist the reserve SVIDs");
         }
-        Ok(())
     }
 }
 

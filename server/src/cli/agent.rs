@@ -438,7 +438,7 @@ pub fn break_glass_report(lines: &[pb::breakglass::RecordLine]) -> (serde_json::
                 kame_api::timefmt::utc(*closes_at as i64),
                 token
                     .as_ref()
-                    .map(|t| format!(" (token {t})"))
+                    .map(|t| format!(" (token {t:?})"))
                     .unwrap_or_default()
             ),
             Event::Deliver {
@@ -448,12 +448,12 @@ pub fn break_glass_report(lines: &[pb::breakglass::RecordLine]) -> (serde_json::
                 selectors,
                 ..
             } => format!(
-                "  #{} {when} delivered {spiffe_id} serial {serial} valid until {} to {}\n",
+                "  #{} {when} delivered {spiffe_id:?} serial {serial:?} valid until {} to {:?}\n",
                 b.seq,
                 kame_api::timefmt::utc(*not_after as i64),
                 selectors.join(",")
             ),
-            Event::Close { cause } => format!("  #{} {when} CLOSED: {cause}\n", b.seq),
+            Event::Close { cause } => format!("  #{} {when} CLOSED: {cause:?}\n", b.seq),
         };
         text.push_str(&line);
         let mut e = serde_json::to_value(&b.event).unwrap_or_default();

@@ -92,7 +92,8 @@ impl BreakGlassService {
             })?;
         let (first, last) = slice_window(s, crate::ca::now_secs(), ttl);
         if start < first || start > last {
-            return Err(Status::invalid_argument(format!(
+            // Which slices are open depends on the time: not a malformed request.
+            return Err(Status::failed_precondition(format!(
                 "slice_start: {start} is outside the slices this entry may reserve now ({first} to {last})"
             )));
         }
@@ -153,9 +154,9 @@ impl BreakGlass for BreakGlassService {
         }
         crate::ratelimit::Limits::limit(&self.ctx.limits.x509_signing, &req, r.params.len())
             .await?;
-        let mut results = vec![];
-        for p in &r.params {
-            results.push(match self.reserve(&s, &node, p).await {
+        // Minted together, as BatchNewX509SVID: log entries share one append.
+        let results = futures::future::join_all(r.params.iter().map(|p| async {
+            match self.reserve(&s, &node, p).await {
                 Ok(svid) => pb::batch_new_reserve_x509svid_response::Result {
                     status: Some(ok_status()),
                     svid: Some(svid),
@@ -164,8 +165,9 @@ impl BreakGlass for BreakGlassService {
                     status: Some(status_of(&st)),
                     svid: None,
                 },
-            });
-        }
+            }
+        }))
+        .await;
         Ok(Response::new(pb::BatchNewReserveX509svidResponse {
             results,
             slice_seconds: s.slice.as_secs() as i64,
@@ -197,22 +199,47 @@ impl BreakGlass for BreakGlassService {
             None => rec::Tip::default(),
             Some(row) => tip_after(row)?,
         };
-        // Lines the server already holds (an acknowledgement lost on the way) are skipped.
+        // Lines the server already holds (an acknowledgement lost on the way) are skipped, if
+        // they are those lines: a record started again under this agent's ID is refused.
         let mut fresh = vec![];
+        let mut held = vec![];
         for l in lines {
             let seq = serde_json::from_str::<rec::Line>(l)
                 .ok()
                 .and_then(|line| serde_json::from_str::<rec::Body>(&line.body).ok())
                 .map(|b| b.seq);
-            if seq.is_some_and(|s| s < tip.next_seq) {
-                continue;
+            match seq {
+                Some(s) if s < tip.next_seq => held.push((s, l)),
+                _ => fresh.push(l.clone()),
             }
-            fresh.push(l.clone());
+        }
+        if let Some(first) = held.iter().map(|(s, _)| *s).min() {
+            let stored = self
+                .ctx
+                .ds
+                .list_break_glass(&agent, (tip.next_seq - first) as i64)
+                .await
+                .map_err(ds_status)?;
+            for (seq, l) in &held {
+                if !stored.iter().any(|r| r.seq == *seq && r.line == **l) {
+                    tracing::warn!(
+                        target: "kame_audit",
+                        r#type = "audit",
+                        agent_id = %agent,
+                        seq,
+                        "BREAK-GLASS record refused: a line differs from the one the server holds"
+                    );
+                    return Err(Status::failed_precondition(format!(
+                        "break-glass record line {seq} differs from the line the server holds: \
+                         the record was started again or changed"
+                    )));
+                }
+            }
         }
         let (bodies, _) = rec::verify(&fresh, tip, Some(&agent))
             .map_err(|e| Status::invalid_argument(format!("break-glass record: {e}")))?;
-        // Each opening's key must be this agent's: its chain verifies against the bundle (at
-        // the time of the opening) and names the agent.
+        // Each opening's key must be this agent's: its chain names the agent and verifies
+        // against the bundle.
         let bundle = self.ctx.ds.fetch_bundle(&self.ctx.td.to_string()).await;
         let roots: Vec<Vec<u8>> = match bundle {
             Ok(Some(b)) => b.x509_authorities.iter().map(|c| c.asn1.clone()).collect(),
@@ -225,6 +252,25 @@ impl BreakGlass for BreakGlassService {
                     Status::invalid_argument(format!("break-glass record line {}: {m}", i + 1))
                 })?;
             }
+        }
+        // Into the transparency log first: a report that fails after this is sent again and
+        // logged twice, never not at all.
+        for b in &bodies {
+            let event = serde_json::to_value(&b.event).unwrap_or_default();
+            self.ctx
+                .ca
+                .log_event(
+                    kame_api::ct::EntryType::BreakGlass,
+                    serde_json::json!({
+                        "agent_id": agent,
+                        "seq": b.seq,
+                        "time": b.time,
+                        "event": event,
+                    }),
+                    true,
+                )
+                .await
+                .map_err(ca_status)?;
         }
         let rows: Vec<BreakGlassRow> = bodies
             .iter()
@@ -257,20 +303,6 @@ impl BreakGlass for BreakGlassService {
                 event = %event,
                 "BREAK-GLASS record line received"
             );
-            self.ctx
-                .ca
-                .log_event(
-                    kame_api::ct::EntryType::BreakGlass,
-                    serde_json::json!({
-                        "agent_id": agent,
-                        "seq": b.seq,
-                        "time": b.time,
-                        "event": event,
-                    }),
-                    false,
-                )
-                .await
-                .map_err(ca_status)?;
         }
         let acknowledged = bodies
             .last()
@@ -320,7 +352,7 @@ impl BreakGlass for BreakGlassService {
 
 /// Most record lines one report may carry (each is a signature check, an audit event and a
 /// transparency log entry).
-pub const MAX_REPORT: usize = 1_000;
+pub const MAX_REPORT: usize = 500;
 
 fn kind_of(e: &rec::Event) -> &'static str {
     match e {
@@ -344,7 +376,8 @@ fn tip_after(row: &BreakGlassRow) -> Result<rec::Tip, Status> {
 }
 
 /// Checks that an opening's key is the agent's: the chain's leaf holds the key, names the
-/// agent, and chains to `roots` at the opening's time.
+/// agent, and chains to `roots` at the opening's time (or the leaf's last second, when the
+/// opening came after it: an outage may outlast the agent's SVID).
 fn check_signer(
     agent: &str,
     body: &rec::Body,
@@ -370,9 +403,16 @@ fn check_signer(
     if id.to_string() != agent {
         return Err(format!("the signer chain is {id}'s, not this agent's"));
     }
-    let at = body
-        .time
-        .clamp(leaf.not_before(), leaf.not_after().saturating_sub(1));
+    let (nb, na) = (leaf.not_before(), leaf.not_after());
+    if nb >= na {
+        return Err("the signer certificate's validity is empty".into());
+    }
+    if body.time < nb {
+        return Err("the glass was broken before the signer certificate was valid".into());
+    }
+    // At the opening, or at the certificate's last second if the opening came after it (an
+    // outage may outlast the agent's SVID; its key stays the agent's).
+    let at = body.time.min(na - 1);
     kame_api::x509svid::verify_chain(&chain, roots, at)
         .map_err(|e| format!("the signer chain does not verify against the bundle: {e}"))?;
     Ok(())
