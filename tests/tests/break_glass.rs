@@ -482,16 +482,7 @@ async fn break_glass_refuses_missing_forged_expired_and_foreign_tokens_and_a_tam
             .unwrap()
             .public_key
             .clone();
-        let copy = env.dir.path().join("stolen-keys.json");
-        std::fs::copy(env.dir.path().join("srv/keys.json"), &copy).unwrap();
-        let stolen = kame_keymanager::disk::DiskKeyManager::open(&copy).unwrap();
-        let key = stolen
-            .public_keys()
-            .await
-            .unwrap()
-            .into_iter()
-            .find(|k| k.spki_der == spki)
-            .unwrap();
+        let (stolen, key) = stolen_key(&env, &spki).await;
         let info = kame_api::keys::KeyInfo::from_spki_der(&spki).unwrap();
         let sub = kame_api::SpiffeId::parse(&env.agent_id).unwrap();
         let input = kame_api::jwtsvid::signing_input(

@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{Env, Opts, free_port, my_uid};
+use common::{Env, Opts, free_port, my_uid, stolen_key};
 use std::path::Path;
 use std::time::Duration;
 
@@ -98,28 +98,6 @@ async fn validate_jwt(
     }))
     .await
     .map(|r| r.into_inner())
-}
-
-/// A copy of the server's KeyManager file, and in it the key whose public key is `spki`.
-async fn stolen_key(
-    env: &Env,
-    spki: &[u8],
-) -> (
-    kame_keymanager::disk::DiskKeyManager,
-    kame_keymanager::PublicKey,
-) {
-    use kame_keymanager::KeyManager;
-    let copy = env.dir.path().join("stolen-keys.json");
-    std::fs::copy(env.dir.path().join("srv/keys.json"), &copy).unwrap();
-    let stolen = kame_keymanager::disk::DiskKeyManager::open(&copy).unwrap();
-    let key = stolen
-        .public_keys()
-        .await
-        .unwrap()
-        .into_iter()
-        .find(|k| k.spki_der == spki)
-        .unwrap();
-    (stolen, key)
 }
 
 fn now_secs() -> u64 {

@@ -15,12 +15,6 @@ impl Ca {
         dns_names: &[String],
         ttl: Duration,
     ) -> Result<Vec<Vec<u8>>, CaError> {
-        if !id.is_member_of(&self.settings.trust_domain) {
-            return Err(CaError::Profile(kame_api::Error::BadSvid(format!(
-                "{id} is not in trust domain {}",
-                self.settings.trust_domain
-            ))));
-        }
         if ttl.is_zero() {
             return Err(CaError::InvalidTtl("TTL must be positive".into()));
         }
@@ -47,19 +41,13 @@ impl Ca {
         not_before: u64,
         not_after: u64,
     ) -> Result<Vec<Vec<u8>>, CaError> {
-        if !id.is_member_of(&self.settings.trust_domain) {
-            return Err(CaError::Profile(kame_api::Error::BadSvid(format!(
-                "{id} is not in trust domain {}",
-                self.settings.trust_domain
-            ))));
-        }
         let policy = x509svid::break_glass_policy_ext()?;
         self.sign_leaf(spki_der, id, dns_names, not_before, not_after, &[policy])
             .await
     }
 
-    /// Signs a leaf with the active X.509 authority, `extra` extensions (DER) after the
-    /// profile's (and before the SCT list).
+    /// Signs a leaf for a SPIFFE ID of the trust domain with the active X.509 authority,
+    /// `extra` extensions (DER) after the profile's (and before the SCT list).
     async fn sign_leaf(
         &self,
         spki_der: &[u8],
@@ -69,6 +57,12 @@ impl Ca {
         not_after: u64,
         extra: &[Vec<u8>],
     ) -> Result<Vec<Vec<u8>>, CaError> {
+        if !id.is_member_of(&self.settings.trust_domain) {
+            return Err(CaError::Profile(kame_api::Error::BadSvid(format!(
+                "{id} is not in trust domain {}",
+                self.settings.trust_domain
+            ))));
+        }
         let ca = self.current_x509().ok_or(CaError::NotReady("X.509"))?;
         let serial = random_serial()?;
         let params = x509svid::LeafParams {

@@ -401,3 +401,25 @@ pub async fn wait_agent(env: &Env) -> pb::types::Agent {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// A copy of the server's KeyManager file, and in it the key whose public key is `spki`.
+pub async fn stolen_key(
+    env: &Env,
+    spki: &[u8],
+) -> (
+    kame_keymanager::disk::DiskKeyManager,
+    kame_keymanager::PublicKey,
+) {
+    use kame_keymanager::KeyManager;
+    let copy = env.dir.path().join("stolen-keys.json");
+    std::fs::copy(env.dir.path().join("srv/keys.json"), &copy).unwrap();
+    let stolen = kame_keymanager::disk::DiskKeyManager::open(&copy).unwrap();
+    let key = stolen
+        .public_keys()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|k| k.spki_der == spki)
+        .unwrap();
+    (stolen, key)
+}
